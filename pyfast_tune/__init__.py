@@ -1,0 +1,33 @@
+"""pyfast-tune: fast, exact, reproducible fine-tuning of Hugging Face causal LMs.
+
+The data engine (``pack``, ``PackedDataset``) needs only numpy; training needs the
+``[train]`` extra (torch, transformers, peft, deepspeed). Names load lazily, so importing
+``pyfast_tune.kernels`` never loads the Rust extension and ``pyfast_tune.data`` never loads torch.
+
+>>> from pyfast_tune import pack, PackedDataset        # doctest: +SKIP
+>>> stats = pack(["data/"], "packed/", tokenizer="tok/", max_length=4096, template="qwen_chat")
+>>> ds = PackedDataset("packed/"); ds[0]["cu_seqlens"]
+"""
+
+__version__ = "0.1.0"
+
+_DATA_NAMES = (
+    "pack",
+    "fingerprint",
+    "PackedDataset",
+    "PackStats",
+    "PackError",
+    "DataFormatError",
+    "TokenizerError",
+    "FingerprintMismatch",
+)
+
+__all__ = [*_DATA_NAMES, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _DATA_NAMES:
+        from pyfast_tune import data
+
+        return getattr(data, name)
+    raise AttributeError(f"module 'pyfast_tune' has no attribute {name!r}")
