@@ -1,0 +1,389 @@
+"""Triton kernels for the fused LoRA linear ``y = x Wᵀ + bias + s · (dropout(x) Aᵀ) Bᵀ``.
+
+Three launches per training step, each one pass over its big operand:
+
+- ``_lora_fwd_kernel`` (grid M-tiles × N-tiles): the base matmul ``x Wᵀ`` and the low-rank
+  ``u = dropout(x) Aᵀ`` share the K loop, so x is read once; the epilogue adds ``s · u Bᵀ`` and
+  the bias. ``u`` is recomputed per N-tile (extra work ≈ r / BLOCK_N of the base matmul) instead
+  of costing a second pass over x; the first N-tile stores it for backward.
+- ``_lora_bwd_dx_kernel`` (grid M-tiles × K-tiles): ``dx = dy W + dropout(s · (dy B) A)``; the
+  ``dy B`` product shares the N loop with ``dy W``; the first K-tile stores ``du = s · dy B``.
+- ``_lora_bwd_dadb_kernel`` (grid K-tiles + N-tiles): ``dA = duᵀ dropout(x)`` and
+  ``dB = s · dyᵀ u``, reduced over M inside one program each (deterministic, no atomics).
+
+Dropout: element (m, k) is kept iff ``tl.rand(seed, m * K + k) > p`` (Philox-4x32, 10 rounds);
+the mask is regenerated in backward, never stored. ``philox_keep_mask`` reproduces that mask
+bit for bit in plain PyTorch on any device (tests use it to build the reference).
+
+Under ``TRITON_INTERPRET=1`` (no GPU) the tiles are cast to fp32 before ``tl.dot``: the
+interpreter's bf16 dot is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["lora_fwd", "lora_bwd", "philox_keep_mask", "INTERPRET"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _keep(seed, offs_m, offs_k, K, p):
+    # (BM, BK) bool; offsets are int64, so M * K may exceed 2**31.
+    return tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) > p
+
+
+@triton.jit
+def _lora_fwd_kernel(
+    X_ptr, W_ptr, A_ptr, B_ptr, BIAS_ptr, Y_ptr, U_ptr,
+    M, N, K, R,
+    stride_x_tok, stride_x_k, stride_w_n, stride_w_k, stride_a_r, stride_a_k,
+    stride_b_n, stride_b_r, stride_y_tok, stride_y_n, stride_u_tok, stride_u_r,
+    scaling, p, seed,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(
+            X_ptr + offs_m[:, None] * stride_x_tok + offs_k[None, :] * stride_x_k,
+            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+        )  # fmt: skip
+        w = tl.load(
+            W_ptr + offs_k[:, None] * stride_w_k + offs_n[None, :] * stride_w_n,
+            mask=mask_k[:, None] & mask_n[None, :], other=0.0,
+        )  # fmt: skip
+        a = tl.load(
+            A_ptr + offs_k[:, None] * stride_a_k + offs_r[None, :] * stride_a_r,
+            mask=mask_k[:, None] & mask_r[None, :], other=0.0,
+        )  # fmt: skip
+        if FP32_DOT:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+            a = a.to(tl.float32)
+        acc += tl.dot(x, w, input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            x = tl.where(_keep(seed, offs_m, offs_k, K, p), x, 0.0)
+        acc_u += tl.dot(x.to(a.dtype), a, input_precision=DOT_PRECISION)
+
+    if HAS_DROPOUT:
+        acc_u = acc_u * (1.0 / (1.0 - p))
+    # u is rounded to the adapter dtype exactly as the composed computation rounds it.
+    u = acc_u.to(U_ptr.dtype.element_ty)
+    b = tl.load(
+        B_ptr + offs_r[:, None] * stride_b_r + offs_n[None, :] * stride_b_n,
+        mask=mask_r[:, None] & mask_n[None, :], other=0.0,
+    )  # fmt: skip
+    if FP32_DOT:
+        u_dot = u.to(tl.float32)
+        b = b.to(tl.float32)
+    else:
+        u_dot = u
+    acc += scaling * tl.dot(u_dot, b, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(BIAS_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        Y_ptr + offs_m[:, None] * stride_y_tok + offs_n[None, :] * stride_y_n,
+        acc.to(Y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :],
+    )  # fmt: skip
+    if pid_n == 0:
+        tl.store(
+            U_ptr + offs_m[:, None] * stride_u_tok + offs_r[None, :] * stride_u_r,
+            u, mask=mask_m[:, None] & mask_r[None, :],
+        )  # fmt: skip
+
+
+@triton.jit
+def _lora_bwd_dx_kernel(
+    DY_ptr, W_ptr, A_ptr, B_ptr, DX_ptr, DU_ptr,
+    M, N, K, R,
+    stride_dy_tok, stride_dy_n, stride_w_n, stride_w_k, stride_a_r, stride_a_k,
+    stride_b_n, stride_b_r, stride_dx_tok, stride_dx_k, stride_du_tok, stride_du_r,
+    scaling, p, seed,
+    HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    mask_r = offs_r < R
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc_du = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        dy = tl.load(
+            DY_ptr + offs_m[:, None] * stride_dy_tok + offs_n[None, :] * stride_dy_n,
+            mask=mask_m[:, None] & mask_n[None, :], other=0.0,
+        )  # fmt: skip
+        w = tl.load(
+            W_ptr + offs_n[:, None] * stride_w_n + offs_k[None, :] * stride_w_k,
+            mask=mask_n[:, None] & mask_k[None, :], other=0.0,
+        )  # fmt: skip
+        b = tl.load(
+            B_ptr + offs_n[:, None] * stride_b_n + offs_r[None, :] * stride_b_r,
+            mask=mask_n[:, None] & mask_r[None, :], other=0.0,
+        )  # fmt: skip
+        if FP32_DOT:
+            dy = dy.to(tl.float32)
+            w = w.to(tl.float32)
+            b = b.to(tl.float32)
+        acc += tl.dot(dy, w, input_precision=DOT_PRECISION)
+        acc_du += tl.dot(dy.to(b.dtype), b, input_precision=DOT_PRECISION)
+
+    du = acc_du * scaling
+    a = tl.load(
+        A_ptr + offs_r[:, None] * stride_a_r + offs_k[None, :] * stride_a_k,
+        mask=mask_r[:, None] & mask_k[None, :], other=0.0,
+    ).to(tl.float32)  # fmt: skip
+    dxl = tl.dot(du, a, input_precision="ieee")
+    if HAS_DROPOUT:
+        dxl = tl.where(_keep(seed, offs_m, offs_k, K, p), dxl * (1.0 / (1.0 - p)), 0.0)
+    acc += dxl
+    tl.store(
+        DX_ptr + offs_m[:, None] * stride_dx_tok + offs_k[None, :] * stride_dx_k,
+        acc.to(DX_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :],
+    )  # fmt: skip
+    if pid_k == 0:
+        tl.store(
+            DU_ptr + offs_m[:, None] * stride_du_tok + offs_r[None, :] * stride_du_r,
+            du, mask=mask_m[:, None] & mask_r[None, :],
+        )  # fmt: skip
+
+
+@triton.jit
+def _lora_bwd_dadb_kernel(
+    X_ptr, DY_ptr, U_ptr, DU_ptr, DA_ptr, DB_ptr,
+    M, N, K, R,
+    stride_x_tok, stride_x_k, stride_dy_tok, stride_dy_n, stride_u_tok, stride_u_r,
+    stride_du_tok, stride_du_r, stride_da_r, stride_da_k, stride_db_n, stride_db_r,
+    scaling, p, seed,
+    HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    n_k_tiles = tl.cdiv(K, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    if pid < n_k_tiles:
+        # dA[:, k-tile] = duᵀ · dropout(x)[:, k-tile]
+        offs_k = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+            mask_m = offs_m < M
+            du = tl.load(
+                DU_ptr + offs_m[:, None] * stride_du_tok + offs_r[None, :] * stride_du_r,
+                mask=mask_m[:, None] & mask_r[None, :], other=0.0,
+            )  # fmt: skip
+            x = tl.load(
+                X_ptr + offs_m[:, None] * stride_x_tok + offs_k[None, :] * stride_x_k,
+                mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+            ).to(tl.float32)  # fmt: skip
+            if HAS_DROPOUT:
+                x = tl.where(_keep(seed, offs_m, offs_k, K, p), x, 0.0)
+            acc += tl.dot(tl.trans(du), x, input_precision="ieee")
+        if HAS_DROPOUT:
+            acc = acc * (1.0 / (1.0 - p))
+        tl.store(
+            DA_ptr + offs_r[:, None] * stride_da_r + offs_k[None, :] * stride_da_k,
+            acc.to(DA_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_k[None, :],
+        )  # fmt: skip
+    else:
+        # dB[n-tile, :] = s · dy[:, n-tile]ᵀ · u
+        offs_n = (pid - n_k_tiles).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+            mask_m = offs_m < M
+            dy = tl.load(
+                DY_ptr + offs_m[:, None] * stride_dy_tok + offs_n[None, :] * stride_dy_n,
+                mask=mask_m[:, None] & mask_n[None, :], other=0.0,
+            ).to(tl.float32)  # fmt: skip
+            u = tl.load(
+                U_ptr + offs_m[:, None] * stride_u_tok + offs_r[None, :] * stride_u_r,
+                mask=mask_m[:, None] & mask_r[None, :], other=0.0,
+            ).to(tl.float32)  # fmt: skip
+            acc += tl.dot(tl.trans(dy), u, input_precision="ieee")
+        tl.store(
+            DB_ptr + offs_n[:, None] * stride_db_n + offs_r[None, :] * stride_db_r,
+            (acc * scaling).to(DB_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_r[None, :],
+        )  # fmt: skip
+
+
+def _blocks(R: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R); tl.dot needs every dim >= 16."""
+    block_r = max(16, triton.next_power_of_2(R))
+    if INTERPRET:
+        # Fewer, larger programs: the interpreter's cost is per program, not per element.
+        return 64, 64, 64, block_r
+    return 64, 64, 32, block_r
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs would otherwise run as tf32 on GPU and lose to torch's fp32 matmul.
+    return "ieee" if (INTERPRET or dtype == torch.float32) else "tf32"
+
+
+def lora_fwd(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel.
+
+    Args:
+        x: (M, K) fp32/fp16/bf16, last dim contiguous or any strides.
+        W: (N, K) same dtype as x. A: (r, K), B: (N, r): the adapter dtype (may differ from x).
+        bias: (N,) or None.
+    Returns:
+        y: (M, N) x.dtype; u: (M, r) A.dtype, ``dropout(x) Aᵀ`` (saved for backward).
+    """
+    M, K = x.shape
+    N, R = B.shape
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    u = torch.empty((M, R), device=x.device, dtype=A.dtype)
+    if M == 0:
+        return y, u
+    BM, BN, BK, BR = _blocks(R)
+    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    _lora_fwd_kernel[grid](
+        x, W, A, B, bias if bias is not None else y, y, u,
+        M, N, K, R,
+        x.stride(0), x.stride(1), W.stride(0), W.stride(1), A.stride(0), A.stride(1),
+        B.stride(0), B.stride(1), y.stride(0), y.stride(1), u.stride(0), u.stride(1),
+        float(scaling), float(dropout_p), int(seed),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, FP32_DOT=INTERPRET,
+        DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BR,
+    )  # fmt: skip
+    return y, u
+
+
+def lora_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    W: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    u: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    need_dx: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernels.
+
+    Args:
+        dy: (M, N) x.dtype; x: (M, K); W: (N, K); A: (r, K); B: (N, r); u: (M, r) from forward.
+    Returns:
+        dx: (M, K) x.dtype or None when not needed; dA: (r, K) and dB: (N, r) in A.dtype.
+    """
+    M, K = x.shape
+    N, R = B.shape
+    BM, BN, BK, BR = _blocks(R)
+    du = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    dx = torch.empty_like(x) if need_dx else None
+    dA = torch.empty_like(A)
+    dB = torch.empty_like(B)
+    if M == 0:
+        return dx, dA.zero_(), dB.zero_()
+    # The dx kernel also produces du; when dx is not needed it still runs for du (one N pass).
+    dx_buf = dx if dx is not None else torch.empty((M, K), device=x.device, dtype=x.dtype)
+    _lora_bwd_dx_kernel[(triton.cdiv(M, BM), triton.cdiv(K, BK))](
+        dy, W, A, B, dx_buf, du,
+        M, N, K, R,
+        dy.stride(0), dy.stride(1), W.stride(0), W.stride(1), A.stride(0), A.stride(1),
+        B.stride(0), B.stride(1), dx_buf.stride(0), dx_buf.stride(1), du.stride(0), du.stride(1),
+        float(scaling), float(dropout_p), int(seed),
+        HAS_DROPOUT=dropout_p > 0.0, FP32_DOT=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BR,
+    )  # fmt: skip
+    _lora_bwd_dadb_kernel[(triton.cdiv(K, BK) + triton.cdiv(N, BN),)](
+        x, dy, u, du, dA, dB,
+        M, N, K, R,
+        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), u.stride(0), u.stride(1),
+        du.stride(0), du.stride(1), dA.stride(0), dA.stride(1), dB.stride(0), dB.stride(1),
+        float(scaling), float(dropout_p), int(seed),
+        HAS_DROPOUT=dropout_p > 0.0, FP32_DOT=INTERPRET,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BR,
+    )  # fmt: skip
+    return dx, dA, dB
+
+
+# --- Philox in plain PyTorch: the mask tl.rand(seed, m * K + k) > p, bit for bit -----------
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of a * b for uint32 values held in int64 (no int64 overflow)."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    p_hi, p_lo = a_hi * b, a_lo * b  # each < 2**48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
+    return hi, lo
+
+
+def philox_keep_mask(
+    seed: int, M: int, K: int, p: float, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The dropout keep-mask the Triton kernels use, computed with PyTorch integer ops.
+
+    Element (m, k) is kept iff Triton's ``tl.rand(seed, m * K + k) > p`` (Philox-4x32-10 on the
+    counter (offset_lo, offset_hi, 0, 0) with key (seed_lo, seed_hi); uniform = the first word
+    as int32, folded to non-negative and scaled by 4.6566127342e-10 in fp32).
+
+    Returns:
+        (M, K) bool, True where the element is kept.
+    Example:
+        >>> philox_keep_mask(0, 2, 3, 0.5).shape
+        torch.Size([2, 3])
+    """
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    off = torch.arange(M * K, device=device, dtype=torch.int64)
+    c0, c1 = off & _M32, (off >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi_b, lo_b = _mul32(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mul32(c0, 0xD2511F53)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + 0x9E3779B9) & _M32
+        k1 = (k1 + 0xBB67AE85) & _M32
+    signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    folded = torch.where(signed < 0, -signed - 1, signed)
+    uniform = folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+    return (uniform > torch.tensor(p, dtype=torch.float32)).reshape(M, K)

@@ -1,0 +1,435 @@
+"""Fused LoRA linear: ``y = x Wᵀ + bias + s · (dropout(x) Aᵀ) Bᵀ``, forward and backward.
+
+One autograd node replaces peft's five (base linear, dropout, lora_A, lora_B, scale-and-add).
+W (and bias) are frozen; backward returns dx, dA, dB. Saved for backward: x, ``u = dropout(x)
+Aᵀ`` (M × r) and the dropout RNG position (a seed or a generator state) — never the dropout
+mask nor the dropped-out copy of x, which backward regenerates.
+
+Backends (``backend=``):
+
+- ``"triton"``: the kernels of ``_lora_triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+  Dropout mask: element (m, k) kept iff ``tl.rand(seed, m*K + k) > p``;
+  ``lora_dropout_mask(..., backend="triton")`` reproduces it exactly on any device.
+- ``"torch"``: composed PyTorch (BLAS) with in-place epilogues. Dropout mask: the one
+  ``torch.nn.functional.dropout`` would draw, i.e. ``bernoulli_(1 - p)`` on a tensor shaped and
+  typed like x (cast to the adapter dtype) from a generator: the device's default generator
+  when ``seed is None`` (so a patched peft model draws the very masks peft's own ``nn.Dropout``
+  draws for the same ``torch.manual_seed``), else ``torch.Generator(device).manual_seed(seed)``.
+- ``"auto"``: triton on CUDA for dense weights, torch otherwise.
+
+"Same seed" therefore means the same mask *within* a backend; the two backends use different
+generators. QLoRA: pass a bitsandbytes ``Params4bit`` as W; the base product runs through
+bitsandbytes' own ``matmul_4bit`` and backward dequantizes W (as bitsandbytes does) — no
+Triton NF4 path yet, so 4-bit always uses the torch backend.
+
+>>> import torch
+>>> x, W = torch.randn(5, 32), torch.randn(24, 32)
+>>> A, B = torch.randn(8, 32, requires_grad=True), torch.zeros(24, 8, requires_grad=True)
+>>> y = lora_linear(x, W, A, B, scaling=2.0)
+>>> torch.allclose(y, lora_linear_ref(x, W, A, B, 2.0))
+True
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "lora_linear",
+    "lora_linear_ref",
+    "lora_dropout_mask",
+    "patch_peft_lora",
+    "unpatch_peft_lora",
+]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_BACKENDS = ("auto", "torch", "triton")
+
+
+def _is_4bit(W: Any) -> bool:
+    return getattr(W, "quant_state", None) is not None and not W.dtype.is_floating_point
+
+
+def _resolve_backend(backend: str, x: torch.Tensor, W: Any) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if x.is_cuda and not _is_4bit(W) else "torch"
+    if backend == "triton":
+        if _is_4bit(W):
+            raise NotImplementedError(
+                "backend='triton' has no 4-bit (NF4) weight path yet; use backend='torch' "
+                "(bitsandbytes matmul + fused low-rank path)"
+            )
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(
+                "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                f"pyfast_tune.kernels is imported (got x on {x.device})"
+            )
+    return backend
+
+
+def _validate(x, W, A, B, dropout_p, bias) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError("x must be a tensor of shape (..., in_features)")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x must be fp32/fp16/bf16, got {x.dtype}")
+    if A.dim() != 2 or B.dim() != 2:
+        raise ValueError(f"A must be (r, in), B (out, r); got {tuple(A.shape)}, {tuple(B.shape)}")
+    r, K = A.shape
+    N = B.shape[0]
+    if x.shape[-1] != K or B.shape[1] != r:
+        raise ValueError(
+            f"shape mismatch: x (..., {x.shape[-1]}), A {tuple(A.shape)}, B {tuple(B.shape)}; "
+            "expected x (..., in), A (r, in), B (out, r)"
+        )
+    if A.dtype not in _DTYPES or B.dtype != A.dtype:
+        raise TypeError(f"A and B must share one float dtype, got {A.dtype} and {B.dtype}")
+    if _is_4bit(W):
+        if tuple(W.quant_state.shape) != (N, K):
+            raise ValueError(f"4-bit W holds {tuple(W.quant_state.shape)}, expected ({N}, {K})")
+    else:
+        if W.dim() != 2 or tuple(W.shape) != (N, K):
+            raise ValueError(f"W must be (out, in) = ({N}, {K}), got {tuple(W.shape)}")
+        if W.dtype != x.dtype:
+            raise TypeError(f"W dtype {W.dtype} must equal x dtype {x.dtype}")
+        if W.requires_grad and torch.is_grad_enabled():
+            raise ValueError("W must be frozen (requires_grad=False): the op returns no dW")
+    if bias is not None:
+        if tuple(bias.shape) != (N,):
+            raise ValueError(f"bias must be ({N},), got {tuple(bias.shape)}")
+        if bias.requires_grad and torch.is_grad_enabled():
+            raise ValueError("bias must be frozen (requires_grad=False): the op returns no dbias")
+    devices = {t.device for t in (x, W, A, B) if isinstance(t, torch.Tensor)}
+    if len(devices) != 1:
+        raise ValueError(f"x, W, A, B must be on one device, got {sorted(map(str, devices))}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+# --- the torch (composed) backend -----------------------------------------------------------
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index or 0]
+    if device.type == "cpu":
+        return torch.default_generator
+    raise NotImplementedError(f"dropout on {device.type} tensors is not supported")
+
+
+def _torch_noise(
+    like: torch.Tensor, p: float, state: torch.Tensor, g: torch.Generator | None = None
+) -> torch.Tensor:
+    """``bernoulli(1-p)/(1-p)`` shaped like ``like``, drawn from a generator in ``state``.
+
+    The same two calls torch's own (non-fused) CPU dropout makes, so the default generator's
+    state yields nn.Dropout's mask. ``g``: draw from this generator (already in ``state``,
+    and advanced by the draw) instead of a private copy.
+    """
+    if g is None:
+        g = torch.Generator(device=like.device)
+        g.set_state(state)
+    return torch.empty_like(like).bernoulli_(1.0 - p, generator=g).div_(1.0 - p)
+
+
+def _base_matmul(x2: torch.Tensor, W: Any, bias: torch.Tensor | None) -> torch.Tensor:
+    """(M, K) @ Wᵀ (+ bias) -> (M, N) in x's dtype; W dense (N, K) or bitsandbytes 4-bit."""
+    if _is_4bit(W):
+        import bitsandbytes as bnb
+
+        with torch.no_grad():
+            return bnb.matmul_4bit(x2, W.t(), bias=bias, quant_state=W.quant_state)
+    if bias is not None:
+        return torch.addmm(bias, x2, W.t())
+    return x2 @ W.t()
+
+
+def _base_matmul_grad(dy: torch.Tensor, W: Any, quant_state: Any) -> torch.Tensor:
+    if quant_state is not None:
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dy @ dequantize_4bit(W, quant_state).to(dy.dtype)
+    return dy @ W
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, A, B, W, bias, scaling, p, rng, backend):
+        """x2: (M, K) -> y: (M, N) x2.dtype. rng: int seed (triton) or (state, generator)."""
+        if backend == "triton":
+            from pyfast_tune.kernels import _lora_triton
+
+            y, u = _lora_triton.lora_fwd(x2, W, A, B, scaling, p, rng, bias)
+        else:
+            xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
+            xd = xa * _torch_noise(xa, p, *rng) if p > 0.0 else xa
+            u = xd @ A.t()  # (M, r)
+            del xd
+            y = _base_matmul(x2, W, bias)
+            if A.dtype == x2.dtype:
+                y.addmm_(u, B.t(), alpha=scaling)
+            else:  # peft adds the adapter-dtype product to the upcast base output, then casts
+                y = torch.addmm(y.to(A.dtype), u, B.t(), alpha=scaling).to(x2.dtype)
+        ctx.save_for_backward(x2, u, A, B, W)
+        ctx.quant_state = W.quant_state if _is_4bit(W) else None
+        # backward regenerates the mask from the seed / the generator state, never the generator
+        ctx.rng = rng if backend == "triton" or rng is None else rng[0]
+        ctx.scaling, ctx.p, ctx.backend = scaling, p, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, u, A, B, W = ctx.saved_tensors
+        s, p, need_dx = ctx.scaling, ctx.p, ctx.needs_input_grad[0]
+        if ctx.backend == "triton":
+            from pyfast_tune.kernels import _lora_triton
+
+            dx, dA, dB = _lora_triton.lora_bwd(dy, x2, W, A, B, u, s, p, ctx.rng, need_dx)
+            return dx, dA, dB, None, None, None, None, None, None
+        dya = dy if dy.dtype == A.dtype else dy.to(A.dtype)
+        du = (dya @ B).mul_(s)  # (M, r)
+        dB = (dya.t() @ u).mul_(s)  # (N, r)
+        del dya
+        xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
+        noise = _torch_noise(xa, p, ctx.rng) if p > 0.0 else None
+        dA = du.t() @ (xa * noise if noise is not None else xa)  # (r, K)
+        dx = None
+        if need_dx:
+            dx = _base_matmul_grad(dy, W, ctx.quant_state)
+            if noise is None and A.dtype == dx.dtype:
+                dx.addmm_(du, A)
+            else:
+                dxl = du @ A
+                if noise is not None:
+                    dxl.mul_(noise)
+                dx.add_(dxl)
+        return dx, dA, dB, None, None, None, None, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Fused LoRA linear ``x Wᵀ + bias + scaling · (dropout(x) Aᵀ) Bᵀ`` with autograd.
+
+    Args:
+        x: (..., in) fp32/fp16/bf16.
+        W: (out, in) frozen base weight in x's dtype, or a bitsandbytes ``Params4bit``
+            (QLoRA) whose ``quant_state.shape`` is (out, in).
+        A: (r, in), B: (out, r): adapter weights, one float dtype (may differ from x's, as
+            with peft's fp32 adapters on a bf16 model: the low-rank path then runs in A's dtype).
+        scaling: lora_alpha / r (peft's ``scaling[adapter]``).
+        dropout_p: dropout on the adapter's input; 0 disables it (pass 0 in eval mode).
+        bias: (out,) frozen, or None.
+        backend: "auto" | "torch" | "triton" (see the module docstring).
+        seed: dropout seed; None draws from torch's default generator (see module docstring
+            for what a seed means per backend).
+    Returns:
+        (..., out) in x's dtype. Gradients flow to x, A and B.
+    Example:
+        >>> x = torch.randn(2, 3, 16); W = torch.randn(8, 16)
+        >>> A = torch.randn(4, 16); B = torch.randn(8, 4)
+        >>> lora_linear(x, W, A, B, 0.5, dropout_p=0.1, seed=0).shape
+        torch.Size([2, 3, 8])
+    """
+    _validate(x, W, A, B, dropout_p, bias)
+    backend = _resolve_backend(backend, x, W)
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    p = float(dropout_p)
+    rng: Any = 0 if backend == "triton" else None
+    if p > 0.0:
+        if backend == "triton":
+            rng = int(seed) if seed is not None else int(torch.randint(2**31 - 1, ()).item())
+        elif seed is None:  # forward draws from (and advances) the default generator
+            g = _default_generator(x.device)
+            rng = (g.get_state(), g)
+        else:
+            rng = (torch.Generator(device=x.device).manual_seed(int(seed)).get_state(), None)
+    y = _LoraLinearFn.apply(x2, A, B, W, bias, float(scaling), p, rng, backend)
+    return y.reshape(*lead, B.shape[0])
+
+
+def lora_dropout_mask(
+    shape: tuple[int, int],
+    dropout_p: float,
+    seed: int,
+    backend: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The keep-mask ``lora_linear(..., dropout_p, seed=seed, backend=backend)`` applies.
+
+    Args:
+        shape: (M, in), the flattened x.
+        dtype: the adapter dtype (torch backend: the draw is made on a tensor of that dtype).
+    Returns:
+        (M, in) bool, True where x is kept (then scaled by 1 / (1 - dropout_p)).
+    Example:
+        >>> lora_dropout_mask((4, 16), 0.1, seed=0, backend="triton").shape
+        torch.Size([4, 16])
+    """
+    if backend == "triton":
+        from pyfast_tune.kernels._lora_triton import philox_keep_mask
+
+        return philox_keep_mask(seed, shape[0], shape[1], dropout_p, device)
+    if backend == "torch":
+        state = torch.Generator(device=device).manual_seed(seed).get_state()
+        like = torch.empty(shape, dtype=dtype, device=device)
+        return _torch_noise(like, dropout_p, state) != 0
+    raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+
+
+def lora_linear_ref(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    bias: torch.Tensor | None = None,
+    keep_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pure-PyTorch LoRA linear, composed the way peft's ``lora.Linear.forward`` does it.
+
+    Args:
+        x: (..., in); W: (out, in) dense; A: (r, in); B: (out, r); bias: (out,) or None.
+        keep_mask: (..., in) bool, required when dropout_p > 0 (e.g. from lora_dropout_mask).
+    Returns:
+        (..., out) in x's dtype; differentiable in every input.
+    """
+    xa = x.to(A.dtype)
+    if dropout_p > 0.0:
+        if keep_mask is None:
+            raise ValueError("lora_linear_ref needs keep_mask when dropout_p > 0")
+        xa = xa * keep_mask.reshape(xa.shape).to(xa.dtype).div(1.0 - dropout_p)
+    y = F.linear(x, W, bias)
+    return (y + F.linear(F.linear(xa, A), B) * scaling).to(x.dtype)
+
+
+# --- peft wiring ----------------------------------------------------------------------------
+
+_ORIG = "_pyfast_tune_lora_backend"
+
+
+def _peft_lora_types() -> tuple[type, ...]:
+    from peft.tuners.lora import layer
+
+    found: list[type] = [layer.Linear]
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+
+        found.append(Linear4bit)
+    except ImportError:  # bitsandbytes absent: no QLoRA layers can exist
+        pass
+    return tuple(found)
+
+
+def _eligible(module: Any) -> bool:
+    """Vanilla LoRA on an nn.Linear / bnb Linear4bit base: no DoRA or other variant, no lora bias."""
+    base = module.get_base_layer()
+    if getattr(module, "fan_in_fan_out", False) or module.lora_variant:
+        return False
+    if any(module.lora_bias.values()) or any(getattr(module, "use_dora", {}).values()):
+        return False
+    return isinstance(base, torch.nn.Linear) or _is_4bit(getattr(base, "weight", None))
+
+
+def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft ``lora.Linear`` / ``Linear4bit`` forward through ``lora_linear``.
+
+    Cases the fused op does not cover (adapters disabled or merged, several active adapters,
+    mixed-adapter batches, extra arguments, autocast) go to peft's own forward.
+    """
+    adapters = [a for a in self.active_adapters if a in self.lora_A]
+    base = self.get_base_layer()
+    fallback = (
+        args
+        or kwargs
+        or self.disable_adapters
+        or self.merged
+        or len(adapters) != 1
+        or torch.is_autocast_enabled(x.device.type)
+    )
+    if not fallback:
+        A = self.lora_A[adapters[0]].weight
+        B = self.lora_B[adapters[0]].weight
+        if x.dtype != A.dtype and not getattr(self, "cast_input_dtype_enabled", True):
+            fallback = True
+    if not fallback and _is_4bit(base.weight):
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        fix_4bit_weight_quant_state_from_module(base)
+        if getattr(base.weight.quant_state, "packing_format_for_cpu", False):
+            fallback = True  # bitsandbytes repacked W for CPU inference: its own layout
+    elif not fallback and x.dtype != base.weight.dtype:
+        fallback = True
+    if fallback:
+        return type(self).forward(self, x, *args, **kwargs)
+
+    self._check_forward_args(x)
+    adapter = adapters[0]
+    drop = self.lora_dropout[adapter]
+    p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
+    backend = getattr(self, _ORIG)
+    if _is_4bit(base.weight):
+        if not base.compute_type_is_set:
+            base.set_compute_type(x)
+            base.compute_type_is_set = True
+        cdt = base.compute_dtype or x.dtype
+        bias = None if base.bias is None else base.bias.to(cdt)
+        y = lora_linear(x.to(cdt), base.weight, A, B, self.scaling[adapter], p, bias, backend)
+        return y.to(x.dtype)
+    return lora_linear(x, base.weight, A, B, self.scaling[adapter], p, base.bias, backend)
+
+
+def patch_peft_lora(model: torch.nn.Module, backend: str = "auto") -> int:
+    """Route every vanilla peft LoRA ``Linear`` / ``Linear4bit`` forward through ``lora_linear``.
+
+    Only the forward changes (an instance attribute shadows the class method); weights,
+    ``merge``/``unmerge`` and saved adapters are untouched. Idempotent.
+
+    Args:
+        model: any module tree holding peft LoRA layers (e.g. a ``PeftModel``).
+        backend: passed to ``lora_linear`` ("auto" | "torch" | "triton").
+    Returns:
+        the number of layers that run the fused forward after the call.
+    Example:
+        >>> n = patch_peft_lora(peft_model)          # doctest: +SKIP
+        >>> unpatch_peft_lora(peft_model) == n       # doctest: +SKIP
+        True
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    lora_types = _peft_lora_types()
+    count = 0
+    for module in model.modules():
+        if isinstance(module, lora_types) and _eligible(module):
+            setattr(module, _ORIG, backend)
+            module.forward = types.MethodType(_fused_forward, module)
+            count += 1
+    return count
+
+
+def unpatch_peft_lora(model: torch.nn.Module) -> int:
+    """Undo ``patch_peft_lora``: peft's own forward again. Returns the number of layers restored."""
+    count = 0
+    for module in model.modules():
+        if _ORIG in module.__dict__:
+            del module.__dict__[_ORIG]
+            module.__dict__.pop("forward", None)
+            count += 1
+    return count
