@@ -168,7 +168,7 @@ class _LoraLinearFn(torch.autograd.Function):
             y, u = _lora_triton.lora_fwd(x2, W, A, B, scaling, p, rng, bias)
         else:
             xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
-            xd = xa * _torch_noise(xa, p, *rng) if p > 0.0 else xa
+            xd = _torch_noise(xa, p, *rng).mul_(xa) if p > 0.0 else xa
             u = xd @ A.t()  # (M, r)
             del xd
             y = _base_matmul(x2, W, bias)
@@ -198,17 +198,17 @@ class _LoraLinearFn(torch.autograd.Function):
         del dya
         xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
         noise = _torch_noise(xa, p, ctx.rng) if p > 0.0 else None
-        dA = du.t() @ (xa * noise if noise is not None else xa)  # (r, K)
         dx = None
         if need_dx:
             dx = _base_matmul_grad(dy, W, ctx.quant_state)
             if noise is None and A.dtype == dx.dtype:
                 dx.addmm_(du, A)
+            elif noise is None:
+                dx.add_(du @ A)
             else:
-                dxl = du @ A
-                if noise is not None:
-                    dxl.mul_(noise)
-                dx.add_(dxl)
+                dx.addcmul_(du @ A, noise)  # dropout's backward, fused into the accumulate
+        xd = noise.mul_(xa) if noise is not None else xa  # noise is not needed any more
+        dA = du.t() @ xd  # (r, K)
         return dx, dA, dB, None, None, None, None, None, None
 
 
