@@ -1,0 +1,285 @@
+//! `pyfast_tune._packer`: the only Python binding of the `packer` crate. Arguments are
+//! extracted first, the work runs with the GIL released, results cross as JSON text; core
+//! errors become typed Python exceptions that carry `path`, `line` and `record`.
+
+use std::path::PathBuf;
+
+use packer::{Error, PackConfig, Progress};
+use pyo3::create_exception;
+use pyo3::exceptions::{
+    PyException, PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyPermissionError,
+};
+use pyo3::prelude::*;
+
+create_exception!(
+    _packer,
+    PackError,
+    PyException,
+    "Base class of pyfast-tune data errors."
+);
+create_exception!(
+    _packer,
+    DataFormatError,
+    PackError,
+    "A record or file is not what its format requires."
+);
+create_exception!(
+    _packer,
+    TokenizerError,
+    PackError,
+    "The tokenizer cannot be loaded or lacks a needed token."
+);
+create_exception!(
+    _packer,
+    PackConfigError,
+    PackError,
+    "An option or input selection is invalid."
+);
+create_exception!(
+    _packer,
+    CorruptDataError,
+    PackError,
+    "A packed directory is truncated, corrupt or foreign."
+);
+
+fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
+    let msg = e.to_string();
+    let (err, path, line, record) = match &e {
+        Error::Io { path, source } => {
+            let err = match source.kind() {
+                std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
+                std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),
+                _ => PyOSError::new_err(msg),
+            };
+            (err, Some(path.clone()), None, None)
+        }
+        Error::NoInputs(_) => (PyFileNotFoundError::new_err(msg), None, None, None),
+        Error::Json { path, line, .. } => (
+            DataFormatError::new_err(msg),
+            Some(path.clone()),
+            Some(*line),
+            None,
+        ),
+        Error::Record {
+            path, line, record, ..
+        } => (
+            DataFormatError::new_err(msg),
+            Some(path.clone()),
+            Some(*line),
+            Some(*record),
+        ),
+        Error::EmptyFile { path } => (
+            DataFormatError::new_err(msg),
+            Some(path.clone()),
+            None,
+            None,
+        ),
+        Error::DataOrder { path, line, .. } => (
+            DataFormatError::new_err(msg),
+            Some(path.clone()),
+            Some(*line),
+            None,
+        ),
+        Error::Tokenizer { path, .. } => {
+            (TokenizerError::new_err(msg), Some(path.clone()), None, None)
+        }
+        Error::Config(_) => (PackConfigError::new_err(msg), None, None, None),
+        Error::Corrupt { path, .. } => (
+            CorruptDataError::new_err(msg),
+            Some(path.clone()),
+            None,
+            None,
+        ),
+        Error::Interrupted => (PyKeyboardInterrupt::new_err(msg), None, None, None),
+    };
+    let value = err.value(py);
+    let _ = value.setattr("path", path.map(|p| p.to_string_lossy().into_owned()));
+    let _ = value.setattr("line", line);
+    let _ = value.setattr("record", record);
+    err
+}
+
+#[allow(clippy::too_many_arguments)]
+fn config(
+    inputs: Vec<String>,
+    out_dir: String,
+    tokenizer: String,
+    max_length: usize,
+    format: String,
+    template: String,
+    seed: u64,
+    threads: Option<usize>,
+    skip_bad: bool,
+    data_order: Option<String>,
+) -> PackConfig {
+    PackConfig {
+        inputs,
+        data_order: data_order.map(PathBuf::from),
+        out_dir: PathBuf::from(out_dir),
+        tokenizer: PathBuf::from(tokenizer),
+        max_length,
+        format,
+        template,
+        seed,
+        threads,
+        skip_bad,
+    }
+}
+
+/// Pack inputs into `out_dir`; returns the statistics as a JSON object string.
+/// `progress(stage, done, total)` is called now and then with the GIL held.
+#[pyfunction]
+#[pyo3(signature = (inputs, out_dir, tokenizer, max_length, format, template, seed, threads=None, skip_bad=false, data_order=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn pack(
+    py: Python<'_>,
+    inputs: Vec<String>,
+    out_dir: String,
+    tokenizer: String,
+    max_length: usize,
+    format: String,
+    template: String,
+    seed: u64,
+    threads: Option<usize>,
+    skip_bad: bool,
+    data_order: Option<String>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<String> {
+    let cfg = config(
+        inputs, out_dir, tokenizer, max_length, format, template, seed, threads, skip_bad,
+        data_order,
+    );
+    let result = py.detach(|| {
+        let report = |p: Progress<'_>| -> bool {
+            Python::attach(|py| {
+                if py.check_signals().is_err() {
+                    return false;
+                }
+                match &progress {
+                    Some(cb) => cb.call1(py, (p.stage, p.done, p.total)).is_ok(),
+                    None => true,
+                }
+            })
+        };
+        packer::pack(&cfg, &report)
+    });
+    let stats = result.map_err(|e| to_pyerr(py, e))?;
+    serde_json::to_string(&stats).map_err(|e| PackError::new_err(e.to_string()))
+}
+
+/// The fingerprint `pack` would record for these arguments (hashes every input).
+#[pyfunction]
+#[pyo3(signature = (inputs, tokenizer, max_length, format, template, seed, skip_bad=false, data_order=None))]
+#[allow(clippy::too_many_arguments)]
+fn fingerprint(
+    py: Python<'_>,
+    inputs: Vec<String>,
+    tokenizer: String,
+    max_length: usize,
+    format: String,
+    template: String,
+    seed: u64,
+    skip_bad: bool,
+    data_order: Option<String>,
+) -> PyResult<String> {
+    let cfg = config(
+        inputs,
+        String::new(),
+        tokenizer,
+        max_length,
+        format,
+        template,
+        seed,
+        None,
+        skip_bad,
+        data_order,
+    );
+    py.detach(|| packer::fingerprint(&cfg))
+        .map_err(|e| to_pyerr(py, e))
+}
+
+/// Hex BLAKE3 of a tokenizer's files, as recorded in `meta.json`.
+#[pyfunction]
+fn tokenizer_hash(py: Python<'_>, path: String) -> PyResult<String> {
+    py.detach(|| packer::tokenize::hash_files(std::path::Path::new(&path)))
+        .map_err(|e| to_pyerr(py, e))
+}
+
+/// All prompt templates as a JSON list of objects (name, system, instruction, suffix,
+/// suffix_as_eos, sep, stop_words).
+#[pyfunction]
+fn templates_json() -> String {
+    let list: Vec<_> = packer::template::TEMPLATES
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "name": t.name, "system": t.system, "instruction": t.instruction,
+                "suffix": t.suffix, "suffix_as_eos": t.suffix_as_eos, "sep": t.sep,
+                "stop_words": t.stop_words,
+            })
+        })
+        .collect();
+    serde_json::Value::Array(list).to_string()
+}
+
+/// Format names accepted by `pack`.
+#[pyfunction]
+fn format_names() -> Vec<&'static str> {
+    packer::format::Format::NAMES.to_vec()
+}
+
+/// The ordered list of input files `pack` would read, as (path, name) pairs.
+#[pyfunction]
+#[pyo3(signature = (inputs, data_order=None))]
+fn resolve_inputs(
+    py: Python<'_>,
+    inputs: Vec<String>,
+    data_order: Option<String>,
+) -> PyResult<Vec<(String, String)>> {
+    let cfg = config(
+        inputs,
+        String::new(),
+        String::new(),
+        1,
+        "auto".into(),
+        "none".into(),
+        0,
+        None,
+        false,
+        data_order,
+    );
+    let files = py
+        .detach(|| packer::pipeline::resolve(&cfg))
+        .map_err(|e| to_pyerr(py, e))?;
+    Ok(files
+        .into_iter()
+        .map(|f| (f.path.to_string_lossy().into_owned(), f.name))
+        .collect())
+}
+
+/// Recompute hashes and invariants of a packed directory; returns a JSON report.
+#[pyfunction]
+fn verify(py: Python<'_>, path: String) -> PyResult<String> {
+    py.detach(|| packer::verify::verify(std::path::Path::new(&path)))
+        .map(|v| v.to_string())
+        .map_err(|e| to_pyerr(py, e))
+}
+
+#[pymodule]
+fn _packer(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("PackError", py.get_type::<PackError>())?;
+    m.add("DataFormatError", py.get_type::<DataFormatError>())?;
+    m.add("TokenizerError", py.get_type::<TokenizerError>())?;
+    m.add("PackConfigError", py.get_type::<PackConfigError>())?;
+    m.add("CorruptDataError", py.get_type::<CorruptDataError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(pack, m)?)?;
+    m.add_function(wrap_pyfunction!(fingerprint, m)?)?;
+    m.add_function(wrap_pyfunction!(tokenizer_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(templates_json, m)?)?;
+    m.add_function(wrap_pyfunction!(format_names, m)?)?;
+    m.add_function(wrap_pyfunction!(resolve_inputs, m)?)?;
+    m.add_function(wrap_pyfunction!(verify, m)?)?;
+    Ok(())
+}

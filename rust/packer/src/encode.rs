@@ -1,0 +1,71 @@
+//! XTuner's `encode_fn`, token for token: each piece tokenized on its own without special
+//! tokens; BOS before a turn when the previous turn ended with EOS (or it is the first);
+//! input labels -100; output labels = ids (or -100 without `output_with_loss`); EOS after the
+//! output when `need_eos_token` (trained iff the output is); SEP after the turn, untrained;
+//! truncation to `max_length`.
+
+use crate::format::Turn;
+use crate::tokenize::TextTokenizer;
+
+/// One encoded sample: token ids and a per-token loss mask (1 = label is the id, 0 = -100).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Encoded {
+    /// Token ids, at most `max_length`.
+    pub ids: Vec<u32>,
+    /// 1 where the token is trained.
+    pub mask: Vec<u8>,
+    /// Tokens cut off by truncation.
+    pub truncated: u64,
+}
+
+impl Encoded {
+    fn push(&mut self, ids: &[u32], trained: bool) {
+        self.ids.extend_from_slice(ids);
+        self.mask
+            .extend(std::iter::repeat_n(trained as u8, ids.len()));
+    }
+
+    /// Number of trained tokens.
+    pub fn trained(&self) -> usize {
+        self.mask.iter().filter(|&&m| m != 0).count()
+    }
+}
+
+/// Encode templated turns. Errors only when the tokenizer fails or an EOS is required but the
+/// tokenizer has none.
+pub fn encode_turns(
+    tok: &TextTokenizer,
+    turns: &[Turn],
+    max_length: usize,
+) -> Result<Encoded, String> {
+    let mut enc = Encoded::default();
+    let mut needs_bos = true;
+    for turn in turns {
+        if needs_bos {
+            enc.push(&tok.bos, false);
+        }
+        enc.push(&tok.encode(&turn.input)?, false);
+        enc.push(&tok.encode(&turn.output)?, turn.output_with_loss);
+        if turn.need_eos_token {
+            if tok.eos.is_empty() {
+                return Err(
+                    "the template needs an EOS token but the tokenizer has none (eos_token in tokenizer_config.json)"
+                        .into(),
+                );
+            }
+            enc.push(&tok.eos, turn.output_with_loss);
+            needs_bos = true;
+        } else {
+            needs_bos = false;
+        }
+        if !turn.sep.is_empty() {
+            enc.push(&tok.encode(&turn.sep)?, false);
+        }
+    }
+    if enc.ids.len() > max_length {
+        enc.truncated = (enc.ids.len() - max_length) as u64;
+        enc.ids.truncate(max_length);
+        enc.mask.truncate(max_length);
+    }
+    Ok(enc)
+}

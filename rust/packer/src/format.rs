@@ -1,0 +1,342 @@
+//! Dataset formats: each maps one JSON record to XTuner's conversation (a list of turns),
+//! with the semantics of XTuner's `dataset_map_fns` (same fields, same defaults, same drops).
+
+use serde_json::{Map, Value};
+
+/// One turn of XTuner's `conversation` format after mapping (before the template).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Turn {
+    /// System text ("" = none).
+    pub system: String,
+    /// User text (no loss).
+    pub input: String,
+    /// Assistant text.
+    pub output: String,
+    /// Whether the output (and its EOS) is trained.
+    pub output_with_loss: bool,
+    /// Whether an EOS token follows the output (XTuner's `need_eos_token`, default true).
+    pub need_eos_token: bool,
+    /// Text appended after the turn without loss (XTuner's `sep`, default "").
+    pub sep: String,
+}
+
+impl Turn {
+    fn new(system: String, input: String, output: String) -> Self {
+        Turn {
+            system,
+            input,
+            output,
+            output_with_loss: true,
+            need_eos_token: true,
+            sep: String::new(),
+        }
+    }
+}
+
+/// A dataset format (`--format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Detect per file from the first record's keys.
+    Auto,
+    /// XTuner's own: `{"conversation": [{"system"?, "input", "output", "output_with_loss"?}]}`.
+    Conversation,
+    /// OpenAI chat: `{"messages": [{"role", "content", "loss"?}]}`.
+    OpenAi,
+    /// Alpaca: `{"instruction", "input", "output"}`.
+    Alpaca,
+    /// Plain text for (continued) pretraining: `{"text"}`.
+    Pretrain,
+}
+
+/// Alpaca's system prompt (XTuner `SYSTEM_TEMPLATE.alpaca`).
+pub const ALPACA_SYSTEM: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n";
+
+impl Format {
+    /// Every format name accepted by `--format`.
+    pub const NAMES: &'static [&'static str] =
+        &["auto", "conversation", "openai", "alpaca", "pretrain"];
+
+    /// Parse a `--format` value.
+    pub fn from_name(name: &str) -> Option<Format> {
+        Some(match name {
+            "auto" => Format::Auto,
+            "conversation" | "xtuner" => Format::Conversation,
+            "openai" | "messages" => Format::OpenAi,
+            "alpaca" => Format::Alpaca,
+            "pretrain" | "text" => Format::Pretrain,
+            _ => return None,
+        })
+    }
+
+    /// Canonical name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Auto => "auto",
+            Format::Conversation => "conversation",
+            Format::OpenAi => "openai",
+            Format::Alpaca => "alpaca",
+            Format::Pretrain => "pretrain",
+        }
+    }
+
+    /// The format whose keys a record has, if any.
+    pub fn detect(record: &Value) -> Option<Format> {
+        let obj = record.as_object()?;
+        if obj.contains_key("conversation") {
+            Some(Format::Conversation)
+        } else if obj.contains_key("messages") {
+            Some(Format::OpenAi)
+        } else if obj.contains_key("instruction") && obj.contains_key("output") {
+            Some(Format::Alpaca)
+        } else if obj.contains_key("text") {
+            Some(Format::Pretrain)
+        } else {
+            None
+        }
+    }
+
+    /// Map one record to turns. An empty list means "no conversation" (e.g. alpaca's
+    /// `<nooutput>`): the sample is dropped and counted, as XTuner filters it.
+    pub fn to_turns(self, record: &Value) -> Result<Vec<Turn>, String> {
+        let obj = record
+            .as_object()
+            .ok_or_else(|| format!("expected a JSON object, got {}", kind(record)))?;
+        match self {
+            Format::Auto => {
+                let f = Format::detect(record)
+                    .ok_or_else(|| format!("cannot detect the format from keys {:?}", keys(obj)))?;
+                f.to_turns(record)
+            }
+            Format::Conversation => conversation(obj),
+            Format::OpenAi => openai(obj),
+            Format::Alpaca => alpaca(obj),
+            Format::Pretrain => {
+                let text = req_str(obj, "text", "")?;
+                let mut t = Turn::new(String::new(), String::new(), py_strip(text).to_string());
+                t.need_eos_token = false;
+                Ok(vec![t])
+            }
+        }
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn keys(obj: &Map<String, Value>) -> Vec<&str> {
+    obj.keys().map(|k| k.as_str()).collect()
+}
+
+fn req_str<'a>(obj: &'a Map<String, Value>, key: &str, ctx: &str) -> Result<&'a str, String> {
+    match obj.get(key) {
+        Some(Value::String(s)) => Ok(s),
+        Some(v) => Err(format!("{ctx}{key:?}: expected a string, got {}", kind(v))),
+        None => Err(format!("{ctx}missing {key:?} (keys: {:?})", keys(obj))),
+    }
+}
+
+/// Optional string: absent or null → "".
+fn opt_str<'a>(obj: &'a Map<String, Value>, key: &str, ctx: &str) -> Result<&'a str, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(""),
+        Some(Value::String(s)) => Ok(s),
+        Some(v) => Err(format!(
+            "{ctx}{key:?}: expected a string or null, got {}",
+            kind(v)
+        )),
+    }
+}
+
+/// A loss flag: bool, or a string compared case-insensitively with "true" (XTuner's rule).
+fn loss_flag(v: Option<&Value>, ctx: &str, key: &str) -> Result<bool, String> {
+    match v {
+        None | Some(Value::Null) => Ok(true),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(Value::String(s)) => Ok(s.to_lowercase() == "true"),
+        Some(v) => Err(format!("{ctx}{key:?}: expected a boolean, got {}", kind(v))),
+    }
+}
+
+fn conversation(obj: &Map<String, Value>) -> Result<Vec<Turn>, String> {
+    let turns = match obj.get("conversation") {
+        Some(Value::Array(a)) => a,
+        Some(v) => {
+            return Err(format!(
+                "\"conversation\": expected an array, got {}",
+                kind(v)
+            ))
+        }
+        None => return Err(format!("missing \"conversation\" (keys: {:?})", keys(obj))),
+    };
+    let mut out = Vec::with_capacity(turns.len());
+    for (i, t) in turns.iter().enumerate() {
+        let ctx = format!("conversation[{i}].");
+        let t = t
+            .as_object()
+            .ok_or_else(|| format!("conversation[{i}]: expected an object, got {}", kind(t)))?;
+        let mut turn = Turn::new(
+            opt_str(t, "system", &ctx)?.to_string(),
+            opt_str(t, "input", &ctx)?.to_string(),
+            req_str(t, "output", &ctx)?.to_string(),
+        );
+        turn.output_with_loss = loss_flag(t.get("output_with_loss"), &ctx, "output_with_loss")?;
+        turn.need_eos_token = loss_flag(t.get("need_eos_token"), &ctx, "need_eos_token")?;
+        turn.sep = opt_str(t, "sep", &ctx)?.to_string();
+        out.push(turn);
+    }
+    Ok(out)
+}
+
+/// XTuner's `openai_map_fn`: leading assistant messages are skipped; consecutive user
+/// messages are concatenated; a system message applies to the next assistant turn; a
+/// trailing user message without an answer is not trained on (XTuner drops it too).
+fn openai(obj: &Map<String, Value>) -> Result<Vec<Turn>, String> {
+    let msgs = match obj.get("messages") {
+        Some(Value::Array(a)) => a,
+        Some(v) => return Err(format!("\"messages\": expected an array, got {}", kind(v))),
+        None => return Err(format!("missing \"messages\" (keys: {:?})", keys(obj))),
+    };
+    let mut parsed = Vec::with_capacity(msgs.len());
+    for (i, m) in msgs.iter().enumerate() {
+        let ctx = format!("messages[{i}].");
+        let m = m
+            .as_object()
+            .ok_or_else(|| format!("messages[{i}]: expected an object, got {}", kind(m)))?;
+        let role = req_str(m, "role", &ctx)?;
+        if !matches!(role, "system" | "user" | "assistant") {
+            return Err(format!(
+                "{ctx}\"role\": expected \"system\", \"user\" or \"assistant\", got {role:?}"
+            ));
+        }
+        let content = req_str(m, "content", &ctx)?;
+        let loss = loss_flag(m.get("loss"), &ctx, "loss")?;
+        parsed.push((role, content, loss));
+    }
+    let start = parsed
+        .iter()
+        .position(|m| m.0 != "assistant")
+        .unwrap_or(parsed.len());
+    let (mut system, mut input) = (String::new(), String::new());
+    let mut out = Vec::new();
+    for &(role, content, loss) in &parsed[start..] {
+        match role {
+            "system" => system = content.to_string(),
+            "user" => input.push_str(content),
+            _ => {
+                let mut t = Turn::new(
+                    std::mem::take(&mut system),
+                    std::mem::take(&mut input),
+                    content.to_string(),
+                );
+                t.output_with_loss = loss;
+                out.push(t);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// XTuner's `alpaca_map_fn`: `<nooutput>` drops the record; input is
+/// `f"{instruction}\n{input}"` with the alpaca system prompt.
+fn alpaca(obj: &Map<String, Value>) -> Result<Vec<Turn>, String> {
+    let output = req_str(obj, "output", "")?;
+    if output == "<nooutput>" {
+        return Ok(Vec::new());
+    }
+    let instruction = req_str(obj, "instruction", "")?;
+    let input = opt_str(obj, "input", "")?;
+    Ok(vec![Turn::new(
+        ALPACA_SYSTEM.to_string(),
+        format!("{instruction}\n{input}"),
+        output.to_string(),
+    )])
+}
+
+/// Python's `str.isspace` set: Unicode White_Space plus U+001C..U+001F (which Rust's
+/// `char::is_whitespace` does not include). `str.strip()` with no argument uses it.
+pub fn py_isspace(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// Python's `str.strip()`.
+pub fn py_strip(s: &str) -> &str {
+    s.trim_matches(py_isspace)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn openai_mapping_follows_xtuner() {
+        let r = json!({"messages": [
+            {"role": "assistant", "content": "skipped"},
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "a"},
+            {"role": "user", "content": "b"},
+            {"role": "assistant", "content": "A1", "loss": "False"},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "A2"},
+            {"role": "user", "content": "dangling"}
+        ]});
+        let t = Format::Auto.to_turns(&r).unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!((t[0].system.as_str(), t[0].input.as_str()), ("S", "ab"));
+        assert!(!t[0].output_with_loss);
+        assert_eq!(
+            (
+                t[1].system.as_str(),
+                t[1].input.as_str(),
+                t[1].output.as_str()
+            ),
+            ("", "c", "A2")
+        );
+        assert!(t[1].output_with_loss);
+    }
+
+    #[test]
+    fn alpaca_and_pretrain() {
+        let t = Format::Alpaca
+            .to_turns(&json!({"instruction": "I", "input": "x", "output": "O"}))
+            .unwrap();
+        assert_eq!(t[0].input, "I\nx");
+        assert_eq!(t[0].system, ALPACA_SYSTEM);
+        assert!(Format::Alpaca
+            .to_turns(&json!({"instruction": "I", "input": "", "output": "<nooutput>"}))
+            .unwrap()
+            .is_empty());
+        let t = Format::Pretrain
+            .to_turns(&json!({"text": "\u{1f} hi \n"}))
+            .unwrap();
+        assert_eq!(t[0].output, "hi");
+        assert!(!t[0].need_eos_token);
+    }
+
+    #[test]
+    fn wrong_shapes_say_what_was_expected() {
+        let e = Format::OpenAi
+            .to_turns(&json!({"messages": "x"}))
+            .unwrap_err();
+        assert!(e.contains("expected an array"), "{e}");
+        let e = Format::OpenAi
+            .to_turns(&json!({"messages": [{"role": "tool", "content": "x"}]}))
+            .unwrap_err();
+        assert!(e.contains("\"tool\""), "{e}");
+        let e = Format::Auto.to_turns(&json!({"foo": 1})).unwrap_err();
+        assert!(e.contains("cannot detect"), "{e}");
+        let e = Format::Conversation
+            .to_turns(&json!({"conversation": [{"input": "x"}]}))
+            .unwrap_err();
+        assert!(e.contains("\"output\""), "{e}");
+        assert!(Format::Pretrain.to_turns(&json!([1])).is_err());
+    }
+}

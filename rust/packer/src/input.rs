@@ -1,0 +1,388 @@
+//! Input resolution (files, directories, globs, data-order files) and record splitting
+//! (JSON arrays, JSONL; plain, `.gz`, `.zst`).
+//!
+//! Order is part of the output's identity, so it never depends on the filesystem: directories
+//! are walked recursively and sorted by relative path bytes, globs are sorted, data-order
+//! files are taken line by line.
+
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+use serde_json::value::RawValue;
+
+use crate::error::{Error, Result};
+
+/// File-name endings recognised as data when walking a directory.
+pub const DATA_EXTENSIONS: &[&str] = &[
+    ".jsonl",
+    ".json",
+    ".jsonl.gz",
+    ".json.gz",
+    ".jsonl.zst",
+    ".json.zst",
+];
+
+/// One input file, in the order it will be read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputFile {
+    /// Where to read it.
+    pub path: PathBuf,
+    /// Stable display name: relative to the directory or data root it came from, or the path
+    /// as given. Recorded in the output's file table and fingerprint.
+    pub name: String,
+}
+
+fn is_glob(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+fn has_data_extension(name: &str, extensions: &[&str]) -> bool {
+    extensions.iter().any(|e| name.ends_with(e))
+}
+
+fn rel_name(rel: &Path) -> String {
+    rel.components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Recursively list data files under `root`, sorted by relative path bytes. Hidden entries
+/// (leading `.`) are skipped; a symlink that resolves outside `root` is refused.
+pub fn walk_dir(root: &Path, extensions: &[&str]) -> Result<Vec<InputFile>> {
+    let canon_root = root.canonicalize().map_err(|e| Error::io(root, e))?;
+    let mut found: Vec<(Vec<u8>, InputFile)> = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel_dir) = stack.pop() {
+        let dir = root.join(&rel_dir);
+        let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&dir, e))?;
+            let fname = entry.file_name();
+            let fname_s = fname.to_string_lossy();
+            if fname_s.starts_with('.') {
+                continue;
+            }
+            let rel = rel_dir.join(&fname);
+            let full = root.join(&rel);
+            let ftype = entry.file_type().map_err(|e| Error::io(&full, e))?;
+            let is_dir = if ftype.is_symlink() {
+                let target = full.canonicalize().map_err(|e| Error::io(&full, e))?;
+                if !target.starts_with(&canon_root) {
+                    return Err(Error::Config(format!(
+                        "{}: symlink points outside the data root {} (to {})",
+                        full.display(),
+                        root.display(),
+                        target.display()
+                    )));
+                }
+                target.is_dir()
+            } else {
+                ftype.is_dir()
+            };
+            if is_dir {
+                stack.push(rel);
+            } else if has_data_extension(&fname_s, extensions) {
+                let name = rel_name(&rel);
+                found.push((name.as_bytes().to_vec(), InputFile { path: full, name }));
+            }
+        }
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(found.into_iter().map(|(_, f)| f).collect())
+}
+
+/// Resolve command-line inputs into an ordered file list. Files keep the order given;
+/// directories expand recursively in sorted order; globs expand sorted.
+pub fn resolve_inputs(inputs: &[String], extensions: &[&str]) -> Result<Vec<InputFile>> {
+    if inputs.is_empty() {
+        return Err(Error::NoInputs("no input paths given".into()));
+    }
+    let mut out = Vec::new();
+    for inp in inputs {
+        let p = Path::new(inp);
+        if p.is_dir() {
+            let files = walk_dir(p, extensions)?;
+            if files.is_empty() {
+                return Err(Error::NoInputs(format!(
+                    "directory {inp} holds no data files (looked for {})",
+                    extensions.join(", ")
+                )));
+            }
+            out.extend(files);
+        } else if p.exists() {
+            out.push(InputFile {
+                path: p.to_path_buf(),
+                name: inp.clone(),
+            });
+        } else if is_glob(inp) {
+            let paths = glob::glob(inp)
+                .map_err(|e| Error::Config(format!("bad glob pattern {inp:?}: {e}")))?;
+            let mut matched: Vec<PathBuf> = Vec::new();
+            for m in paths {
+                let m = m.map_err(|e| {
+                    let p = e.path().to_path_buf();
+                    Error::io(p, e.into())
+                })?;
+                if m.is_file() {
+                    matched.push(m);
+                }
+            }
+            if matched.is_empty() {
+                return Err(Error::NoInputs(format!("glob {inp:?} matched no files")));
+            }
+            matched.sort_by(|a, b| {
+                a.as_os_str()
+                    .as_encoded_bytes()
+                    .cmp(b.as_os_str().as_encoded_bytes())
+            });
+            out.extend(matched.into_iter().map(|m| InputFile {
+                name: m.to_string_lossy().into_owned(),
+                path: m,
+            }));
+        } else {
+            return Err(Error::io(
+                p,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Read a data-order file (one path per line, relative to `root`, as XTuner's
+/// `get_data_order.py` writes it). Blank lines are ignored; absolute paths, `..` and symlinks
+/// leading outside `root` are refused, as are duplicates.
+pub fn read_data_order(order_file: &Path, root: &Path) -> Result<Vec<InputFile>> {
+    let text = std::fs::read_to_string(order_file).map_err(|e| Error::io(order_file, e))?;
+    let canon_root = root.canonicalize().map_err(|e| Error::io(root, e))?;
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (i, raw) in text.split('\n').enumerate() {
+        let line = (i + 1) as u64;
+        let entry = raw.trim_end_matches('\r').trim();
+        if entry.is_empty() {
+            continue;
+        }
+        let bad = |msg: String| Error::DataOrder {
+            path: order_file.to_path_buf(),
+            line,
+            msg,
+        };
+        let rel = Path::new(entry);
+        if rel
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+        {
+            return Err(bad(format!(
+                "{entry:?} is not a relative path inside the data root {}",
+                root.display()
+            )));
+        }
+        let full = root.join(rel);
+        let canon = full
+            .canonicalize()
+            .map_err(|e| bad(format!("{}: {e}", full.display())))?;
+        if !canon.starts_with(&canon_root) {
+            return Err(bad(format!(
+                "{entry:?} resolves outside the data root {} (to {})",
+                root.display(),
+                canon.display()
+            )));
+        }
+        if !canon.is_file() {
+            return Err(bad(format!("{} is not a file", full.display())));
+        }
+        let name = rel_name(rel);
+        if !seen.insert(name.clone()) {
+            return Err(bad(format!("{entry:?} is listed twice")));
+        }
+        out.push(InputFile { path: full, name });
+    }
+    if out.is_empty() {
+        return Err(Error::NoInputs(format!(
+            "data-order file {} lists no files",
+            order_file.display()
+        )));
+    }
+    Ok(out)
+}
+
+/// Read a whole input file, returning (raw bytes' BLAKE3, raw size, decompressed bytes).
+pub fn read_input(path: &Path) -> Result<(blake3::Hash, u64, Vec<u8>)> {
+    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let hash = blake3::hash(&raw);
+    let size = raw.len() as u64;
+    let name = path.to_string_lossy();
+    let data = if name.ends_with(".gz") {
+        let mut out = Vec::with_capacity(raw.len() * 4);
+        flate2::read::MultiGzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(|e| Error::io(path, e))?;
+        out
+    } else if name.ends_with(".zst") {
+        zstd::stream::decode_all(&raw[..]).map_err(|e| Error::io(path, e))?
+    } else {
+        raw
+    };
+    Ok((hash, size, data))
+}
+
+/// One record's JSON text and where it came from.
+#[derive(Clone, Copy, Debug)]
+pub struct RawRecord<'a> {
+    /// 0-based index of the record in its file.
+    pub index: u64,
+    /// 1-based line where the record starts.
+    pub line: u64,
+    /// The record's JSON text.
+    pub text: &'a str,
+}
+
+fn utf8_error(path: &Path, data: &[u8], e: std::str::Utf8Error) -> Error {
+    let line = 1 + data[..e.valid_up_to()]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count() as u64;
+    Error::Json {
+        path: path.to_path_buf(),
+        line,
+        msg: format!("invalid UTF-8 at byte {}", e.valid_up_to()),
+    }
+}
+
+/// Split decompressed file contents into records: a JSON array when the first non-blank byte
+/// is `[`, else JSONL split on `\n` only (U+2028/U+2029 are valid inside JSON strings and
+/// must not end a record). Blank lines are skipped; a UTF-8 BOM is ignored.
+pub fn split_records<'a>(path: &Path, data: &'a [u8]) -> Result<Vec<RawRecord<'a>>> {
+    let data = data.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(data);
+    let first = data.iter().position(|b| !b.is_ascii_whitespace());
+    let Some(first) = first else {
+        return Err(Error::EmptyFile {
+            path: path.to_path_buf(),
+        });
+    };
+    let mut out = Vec::new();
+    if data[first] == b'[' {
+        let text = std::str::from_utf8(data).map_err(|e| utf8_error(path, data, e))?;
+        let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            line: e.line() as u64,
+            msg: format!("{e} (file is a JSON array)"),
+        })?;
+        let base = text.as_ptr() as usize;
+        let (mut line, mut pos) = (1u64, 0usize);
+        for (i, item) in items.into_iter().enumerate() {
+            let off = item.get().as_ptr() as usize - base;
+            line += text.as_bytes()[pos..off]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count() as u64;
+            pos = off;
+            out.push(RawRecord {
+                index: i as u64,
+                line,
+                text: item.get(),
+            });
+        }
+    } else {
+        let mut index = 0u64;
+        for (i, raw_line) in data.split(|&b| b == b'\n').enumerate() {
+            if raw_line.iter().all(|b| b.is_ascii_whitespace()) {
+                continue;
+            }
+            let text = std::str::from_utf8(raw_line).map_err(|e| Error::Json {
+                path: path.to_path_buf(),
+                line: (i + 1) as u64,
+                msg: format!("invalid UTF-8 at column {}", e.valid_up_to() + 1),
+            })?;
+            out.push(RawRecord {
+                index,
+                line: (i + 1) as u64,
+                text,
+            });
+            index += 1;
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::EmptyFile {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jsonl_splits_on_newline_only() {
+        let data = "{\"text\": \"a\u{2028}b\"}\n\n{\"text\": \"c\u{2029}\"}\r\n".as_bytes();
+        let recs = split_records(Path::new("x.jsonl"), data).unwrap();
+        assert_eq!(recs.len(), 2);
+        assert_eq!(recs[0].line, 1);
+        assert_eq!(recs[1].line, 3);
+        assert_eq!(recs[1].index, 1);
+        assert!(recs[0].text.contains('\u{2028}'));
+    }
+
+    #[test]
+    fn json_array_records_carry_lines() {
+        let data = b"[\n {\"text\": \"a\"},\n\n {\"text\": \"b\"}\n]";
+        let recs = split_records(Path::new("x.json"), data).unwrap();
+        assert_eq!(recs.len(), 2);
+        assert_eq!((recs[0].line, recs[1].line), (2, 4));
+        assert_eq!(recs[1].text, "{\"text\": \"b\"}");
+    }
+
+    #[test]
+    fn empty_and_blank_files_are_errors() {
+        for d in [&b""[..], b"  \n\n", b"[]"] {
+            let e = split_records(Path::new("e.jsonl"), d).unwrap_err();
+            assert!(matches!(e, Error::EmptyFile { .. }), "{e}");
+        }
+    }
+
+    #[test]
+    fn bad_utf8_names_line() {
+        let e = split_records(Path::new("u.jsonl"), b"{}\n{\"a\": \"\xff\"}\n").unwrap_err();
+        assert!(e.to_string().starts_with("u.jsonl:2:"), "{e}");
+    }
+
+    #[test]
+    fn directory_walk_is_sorted_and_data_order_refuses_escape() {
+        let d = tempfile::tempdir().unwrap();
+        for p in [
+            "b/z.jsonl",
+            "a.jsonl",
+            "b/a.json.gz",
+            ".hidden/x.jsonl",
+            "c/notes.txt",
+        ] {
+            let f = d.path().join(p);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(f, b"{}").unwrap();
+        }
+        let files = walk_dir(d.path(), DATA_EXTENSIONS).unwrap();
+        let names: Vec<_> = files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["a.jsonl", "b/a.json.gz", "b/z.jsonl"]);
+
+        let order = d.path().join("order.txt");
+        std::fs::write(&order, "b/z.jsonl\na.jsonl\n").unwrap();
+        let files = read_data_order(&order, d.path()).unwrap();
+        let names: Vec<_> = files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["b/z.jsonl", "a.jsonl"]);
+
+        for bad in [
+            "../etc/passwd",
+            "/etc/passwd",
+            "a.jsonl\na.jsonl",
+            "missing.jsonl",
+        ] {
+            std::fs::write(&order, bad).unwrap();
+            let e = read_data_order(&order, d.path()).unwrap_err();
+            assert!(matches!(e, Error::DataOrder { .. }), "{bad}: {e}");
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! pyfast-tune's data engine: read JSON/JSONL data, map dataset formats and prompt templates
+//! with XTuner's semantics, tokenize in parallel, and pack whole samples into an mmap-able
+//! directory — deterministically, whatever the thread count.
+//!
+//! The crate knows nothing of Python; `rust/packer-py` is its only binding.
+#![deny(missing_docs)]
+
+pub mod binpack;
+pub mod encode;
+pub mod error;
+pub mod format;
+pub mod input;
+pub mod output;
+pub mod pipeline;
+pub mod rng;
+pub mod template;
+pub mod tokenize;
+pub mod verify;
+
+pub use error::{Error, Result};
+pub use pipeline::{fingerprint, pack, PackConfig, PackStats, Progress};

@@ -1,0 +1,164 @@
+//! Full check of a packed directory: every file's size and BLAKE3 against `meta.json`, then
+//! the packing invariants (each sample in exactly one pack, whole, within capacity).
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::output;
+
+fn corrupt(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Corrupt {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+fn i64s(bytes: &[u8]) -> Vec<i64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("chunks_exact(8)")))
+        .collect()
+}
+
+/// Verify `dir`; returns a JSON report (files checked, samples, packs, max pack length).
+pub fn verify(dir: &Path) -> Result<Value> {
+    let meta_path = dir.join(output::META);
+    let text = std::fs::read_to_string(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
+    let meta: Value = serde_json::from_str(&text)
+        .map_err(|e| corrupt(&meta_path, format!("invalid JSON: {e}")))?;
+    let num = |k: &str| -> Result<u64> {
+        meta.get(k)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| corrupt(&meta_path, format!("missing or invalid {k:?}")))
+    };
+    let (n_tok, n_samp, n_pack, max_len) = (
+        num("num_tokens")?,
+        num("num_samples")?,
+        num("num_packs")?,
+        num("max_length")?,
+    );
+    let mut data = std::collections::HashMap::new();
+    for name in output::BINARY_FILES {
+        let p = dir.join(name);
+        let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+        let listed = &meta["outputs"][*name];
+        if listed["size"].as_u64() != Some(bytes.len() as u64) {
+            return Err(corrupt(
+                &p,
+                format!("{} bytes, meta.json lists {}", bytes.len(), listed["size"]),
+            ));
+        }
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        if listed["blake3"].as_str() != Some(hash.as_str()) {
+            return Err(corrupt(
+                &p,
+                "content hash differs from meta.json: the file was modified or corrupted",
+            ));
+        }
+        data.insert(*name, bytes);
+    }
+    let p_of = |n: &str| dir.join(n);
+    let ids = &data[output::INPUT_IDS];
+    let mask = &data[output::LOSS_MASK];
+    if ids.len() as u64 != 4 * n_tok || mask.len() as u64 != n_tok {
+        return Err(corrupt(
+            &p_of(output::INPUT_IDS),
+            "token count differs from meta.json num_tokens",
+        ));
+    }
+    if let Some(pos) = mask.iter().position(|&m| m > 1) {
+        return Err(corrupt(
+            &p_of(output::LOSS_MASK),
+            format!("byte {pos} is {}, expected 0 or 1", mask[pos]),
+        ));
+    }
+    let samples = i64s(&data[output::SAMPLES]);
+    let packs = i64s(&data[output::PACKS]);
+    let order = i64s(&data[output::PACK_SAMPLES]);
+    if samples.len() as u64 != 5 * n_samp
+        || order.len() as u64 != n_samp
+        || packs.len() as u64 != 2 * (n_pack + 1)
+    {
+        return Err(corrupt(
+            &p_of(output::SAMPLES),
+            "table sizes differ from meta.json counts",
+        ));
+    }
+    let mut seen = vec![false; n_samp as usize];
+    let mut max_pack = 0i64;
+    let ppath = p_of(output::PACKS);
+    if packs[0] != 0
+        || packs[1] != 0
+        || packs[2 * n_pack as usize] != n_tok as i64
+        || packs[2 * n_pack as usize + 1] != n_samp as i64
+    {
+        return Err(corrupt(
+            &ppath,
+            "pack boundaries do not span all tokens and samples",
+        ));
+    }
+    for p in 0..n_pack as usize {
+        let (t0, s0, t1, s1) = (
+            packs[2 * p],
+            packs[2 * p + 1],
+            packs[2 * p + 2],
+            packs[2 * p + 3],
+        );
+        if t1 <= t0 || s1 <= s0 {
+            return Err(corrupt(
+                &ppath,
+                format!("pack {p} is empty or out of order"),
+            ));
+        }
+        if t1 - t0 > max_len as i64 {
+            return Err(corrupt(
+                &ppath,
+                format!("pack {p} holds {} tokens > max_length {max_len}", t1 - t0),
+            ));
+        }
+        max_pack = max_pack.max(t1 - t0);
+        let mut pos = t0;
+        for &s in &order[s0 as usize..s1 as usize] {
+            let spath = p_of(output::PACK_SAMPLES);
+            if s < 0 || s as u64 >= n_samp {
+                return Err(corrupt(&spath, format!("sample id {s} out of range")));
+            }
+            if std::mem::replace(&mut seen[s as usize], true) {
+                return Err(corrupt(
+                    &spath,
+                    format!("sample {s} appears in more than one place"),
+                ));
+            }
+            let row = &samples[5 * s as usize..5 * s as usize + 5];
+            if row[0] != pos || row[2] != p as i64 || row[1] <= 0 {
+                return Err(corrupt(
+                    &p_of(output::SAMPLES),
+                    format!("sample {s} (start {}, length {}, pack {}) does not sit whole at token {pos} of pack {p}", row[0], row[1], row[2]),
+                ));
+            }
+            pos += row[1];
+        }
+        if pos != t1 {
+            return Err(corrupt(
+                &ppath,
+                format!(
+                    "pack {p}: samples cover {} tokens, pack has {}",
+                    pos - t0,
+                    t1 - t0
+                ),
+            ));
+        }
+    }
+    if let Some(s) = seen.iter().position(|&x| !x) {
+        return Err(corrupt(
+            &p_of(output::PACK_SAMPLES),
+            format!("sample {s} is in no pack"),
+        ));
+    }
+    Ok(json!({
+        "ok": true, "files": output::BINARY_FILES.len() + 1, "tokens": n_tok, "samples": n_samp,
+        "packs": n_pack, "max_pack_tokens": max_pack, "split_samples": 0,
+    }))
+}
