@@ -1,0 +1,219 @@
+"""Training configuration: a YAML file plus ``--key value`` overrides, validated into dataclasses.
+
+Every key has a command-line override; nested keys use dots::
+
+    deepspeed pyfast_tune/train.py --config run.yaml --lr 1e-4 --lora.r 16 --data.template default
+
+Values are parsed as YAML scalars (``--save_optimizer false`` is a bool, ``--lr 1e-4`` a float,
+``--lora.target_modules [q_proj,v_proj]`` a list).
+
+>>> cfg = load_config(None, ["--model", "m/", "--data", "packed/", "--lora.r", "4"])
+>>> cfg.lora.r, cfg.method
+(4, 'lora')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class LoraConfig:
+    """peft LoRA settings; ``target_modules`` is a list of module names or ``all-linear``."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"
+
+
+@dataclass
+class QuantConfig:
+    """bitsandbytes 4-bit settings for ``method: qlora``."""
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "auto"  # "auto" = the training dtype
+
+
+@dataclass
+class DataConfig:
+    """Either ``path`` (a packed directory) or ``inputs`` to pack at start-up into ``cache_dir``."""
+
+    path: str | None = None
+    inputs: list[str] | None = None
+    tokenizer: str | None = None
+    format: str = "auto"
+    template: str = "default"
+    pack_seed: int = 0
+    cache_dir: str | None = None  # default: <output_dir>/../.pyfast_cache
+    skip_bad: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """All training settings. See pyfast_tune/configs/*.yaml for commented examples."""
+
+    model: str = ""
+    tokenizer: str | None = None  # tokenizer files copied into checkpoints; default data's/model's
+    trust_remote_code: bool = False
+    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
+    method: str = "lora"  # full | lora | qlora
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    gradient_checkpointing: bool = True
+    attention: str = "ref"  # ref (PyTorch per-sample) | op (pyfast_tune.kernels) | sdpa/eager (HF)
+    fused_lora: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    max_length: int = 4096
+    deepspeed: str = "zero2"  # preset name (zero1 zero2 zero2_offload zero3 zero3_offload) or JSON
+    max_steps: int | None = None
+    epochs: int = 1
+    lr: float = 2e-5
+    lr_scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 1  # packs per rank per micro step, concatenated into one row
+    grad_accum: int | None = None  # default 1, or derived from global_batch_size
+    global_batch_size: int | None = None  # packs per optimizer step over all ranks
+    loss_reduction: str = "token"  # token: mean over trained tokens of the global batch | sample
+    seed: int = 0
+    output_dir: str = "runs/run"
+    save_steps: int = 0  # 0 = save only at the end
+    save_optimizer: bool = True
+    save_hf: bool = True  # HF-format weights/adapter + tokenizer in every checkpoint
+    resume: Any = False  # false | true/"auto" (latest in output_dir) | a checkpoint dir
+    log_steps: int = 1
+    tensorboard: bool = True
+    progress_bar: bool = True
+    peak_tflops: float | None = None  # per device, for MFU; default: a guess from the device
+    stop_after_steps: int | None = None  # end the run early after this step (tests, budgets)
+
+
+def _dataclass_from_dict(cls, values: dict, where: str = ""):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+            f"known: {', '.join(where + k for k in fields)}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        sub_cls = _NESTED.get((cls, name))
+        if sub_cls is not None:
+            if name == "data" and isinstance(value, str):
+                value = {"path": value}
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {where}{name} must be a mapping, got {value!r}")
+            value = _dataclass_from_dict(sub_cls, value, f"{where}{name}.")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+_NESTED = {
+    (TrainConfig, "lora"): LoraConfig,
+    (TrainConfig, "quant"): QuantConfig,
+    (TrainConfig, "data"): DataConfig,
+}
+
+
+def parse_overrides(argv: list[str]) -> dict:
+    """``["--lr", "1e-4", "--lora.r=16"]`` -> ``{"lr": 1e-4, "lora": {"r": 16}}``.
+
+    A flag without a value (followed by another flag or nothing) means true.
+    """
+    out: dict = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"expected --key value, got {arg!r}")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            raw = argv[i + 1]
+            i += 2
+        else:
+            raw = "true"
+            i += 1
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.replace("-", "_").split(".")
+        for part in parts[:-1]:
+            if part == "data" and isinstance(node.get(part), str):
+                node[part] = {"path": node[part]}
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--{key}: {part} is not a mapping")
+        if isinstance(value, str) and parts == ["data"] and isinstance(node.get("data"), dict):
+            node["data"]["path"] = value
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        elif isinstance(value, dict) and key == "data" and isinstance(merged.get(key), str):
+            merged[key] = _merge({"path": merged[key]}, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read the YAML at ``path`` (if any), apply ``--key value`` overrides, validate."""
+    values: dict = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: the config must be a YAML mapping")
+        values = loaded or {}
+    values = _merge(values, parse_overrides(overrides or []))
+    cfg = _dataclass_from_dict(TrainConfig, values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject inconsistent settings with a message naming the key."""
+    if not cfg.model:
+        raise ValueError("config key `model` (a local model directory) is required")
+    if cfg.method not in ("full", "lora", "qlora"):
+        raise ValueError(f"method must be full, lora or qlora, got {cfg.method!r}")
+    if cfg.loss_reduction not in ("token", "sample"):
+        raise ValueError(f"loss_reduction must be token or sample, got {cfg.loss_reduction!r}")
+    if cfg.lr_scheduler not in ("cosine", "linear", "constant"):
+        raise ValueError(
+            f"lr_scheduler must be cosine, linear or constant, got {cfg.lr_scheduler!r}"
+        )
+    if (cfg.data.path is None) == (cfg.data.inputs is None):
+        raise ValueError("set exactly one of data.path (packed dir) and data.inputs (raw files)")
+    if cfg.data.inputs is not None and not (cfg.data.tokenizer or cfg.tokenizer):
+        raise ValueError("data.inputs needs data.tokenizer (or tokenizer) to pack with")
+    if isinstance(cfg.data.inputs, str):
+        cfg.data.inputs = [cfg.data.inputs]
+    if cfg.micro_batch_size < 1:
+        raise ValueError("micro_batch_size must be >= 1")
+    if cfg.max_steps is None and cfg.epochs < 1:
+        raise ValueError("set max_steps or epochs >= 1")
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    """Plain dict of ``cfg`` (for saving next to checkpoints and metrics)."""
+    return dataclasses.asdict(cfg)

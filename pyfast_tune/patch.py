@@ -1,0 +1,224 @@
+"""Hugging Face wiring: packed (varlen) attention and the fused LoRA op for any HF decoder.
+
+Packed batches are one row holding several samples back to back, with position_ids restarting
+at 0 per sample and no attention mask. Stock ``sdpa``/``eager`` attention either attends across
+samples or depends on fragile packed-sequence detection (skipped when ``use_cache=True``), so we
+register our own attention under ``transformers.AttentionInterface`` and a matching mask
+function under ``AttentionMaskInterface`` (without the latter transformers builds no mask and
+never calls us with one; with it, the mask function returns None for unpadded input and our
+attention reads segment boundaries from ``cu_seq_lens_q/k``).
+
+>>> from pyfast_tune import patch                       # doctest: +SKIP
+>>> patch.apply(model, lora=False, attention_backend="ref")
+>>> out = model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+...             max_length_q=m, max_length_k=m, use_cache=False)
+>>> patch.revert(model)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+ATTENTION_NAMES = {"ref": "pyfast_varlen", "op": "pyfast_varlen_op"}
+_PREVIOUS_ATTN = "_pyfast_previous_attn_implementation"
+_LORA_PATCHED = "_pyfast_lora_patched"
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Sample boundaries of one packed row: a new sample starts wherever the position is 0.
+
+    position_ids: (T,) or (1, T) int64 -> cu_seqlens: (n_samples + 1,) int32, [0, ..., T].
+    A row whose first position is not 0 (a continuation) still starts a segment at index 0.
+    """
+    pos = position_ids.reshape(-1)
+    starts = torch.nonzero(pos == 0).reshape(-1)
+    if starts.numel() == 0 or starts[0] != 0:
+        starts = torch.cat([starts.new_zeros(1), starts])
+    end = torch.tensor([pos.numel()], device=pos.device, dtype=starts.dtype)
+    return torch.cat([starts, end]).to(torch.int32)
+
+
+def varlen_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    softmax_scale: float | None = None,
+    window: tuple[int, int] = (-1, -1),
+) -> torch.Tensor:
+    """Causal attention within each segment, none across segments: the reference path.
+
+    q: (total, H, D), k/v: (total, H_kv, D) with H % H_kv == 0 (GQA), cu_seqlens: (n+1,) int32.
+    Returns (total, H, D) in q's dtype. ``window`` = (left, right) as in flash-attention
+    (-1 = unbounded); only left matters for causal attention.
+    """
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end <= start:
+            continue
+        qs = q[start:end].transpose(0, 1)  # (H, L, D)
+        ks = k[start:end].transpose(0, 1)  # (H_kv, L, D)
+        vs = v[start:end].transpose(0, 1)
+        mask = None
+        if window[0] >= 0:
+            i = torch.arange(end - start, device=q.device)
+            dist = i[:, None] - i[None, :]
+            mask = (dist >= 0) & (dist <= window[0])
+        o = F.scaled_dot_product_attention(
+            qs,
+            ks,
+            vs,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=softmax_scale,
+            enable_gqa=ks.shape[0] != qs.shape[0],
+        )
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def _segments(
+    batch: int, seq_len: int, position_ids: torch.Tensor | None, kwargs: dict
+) -> tuple[torch.Tensor, int]:
+    """cu_seqlens and max length for the flattened (batch * seq_len) tokens of this call."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        cu_k = kwargs.get("cu_seq_lens_k")
+        if cu_k is not None and not torch.equal(cu.to(cu_k.dtype), cu_k):
+            raise ValueError("pyfast_varlen attention needs cu_seq_lens_q == cu_seq_lens_k")
+        max_len = kwargs.get("max_length_q")
+        if max_len is None:
+            max_len = int((cu[1:] - cu[:-1]).max())
+        return cu.to(torch.int32), int(max_len)
+    if batch == 1 and position_ids is not None and position_ids.shape[-1] == seq_len:
+        cu = cu_seqlens_from_position_ids(position_ids)
+        return cu, int((cu[1:] - cu[:-1]).max())
+    # Unpacked rows: each row is one sample.
+    cu = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32)
+    return cu, seq_len
+
+
+def _varlen_forward(backend: str):
+    def attention(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        sliding_window: int | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        # query: (B, H, T, D), key/value: (B, H_kv, T, D) -> output (B, T, H, D), as HF expects.
+        if attention_mask is not None:
+            raise ValueError(
+                "pyfast_varlen attention takes no attention mask: pass packed rows (position_ids "
+                "restarting per sample, cu_seq_lens_q/k) instead of padding"
+            )
+        if dropout:
+            raise ValueError("pyfast_varlen attention does not implement attention dropout")
+        if query.shape[2] != key.shape[2]:
+            raise ValueError(
+                "pyfast_varlen attention is for training: no KV cache (use_cache=False)"
+            )
+        batch, heads, seq_len, head_dim = query.shape
+        cu, max_len = _segments(batch, seq_len, kwargs.get("position_ids"), kwargs)
+        cu = cu.to(query.device)
+        q = query.transpose(1, 2).reshape(batch * seq_len, heads, head_dim)
+        k = key.transpose(1, 2).reshape(batch * seq_len, key.shape[1], head_dim)
+        v = value.transpose(1, 2).reshape(batch * seq_len, value.shape[1], value.shape[-1])
+        window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
+        if backend == "op":
+            from pyfast_tune.kernels import varlen_attention
+
+            out = varlen_attention(
+                q, k, v, cu, cu, max_len, max_len, causal=True, softmax_scale=scaling, window=window
+            )
+        else:
+            out = varlen_attention_ref(q, k, v, cu, softmax_scale=scaling, window=window)
+        return out.reshape(batch, seq_len, heads, -1), None
+
+    attention.__name__ = f"pyfast_varlen_{backend}_attention"
+    return attention
+
+
+def _no_mask(*args, **kwargs) -> None:
+    """Mask function for our attention: segments come from cu_seqlens, never from a mask."""
+    return None
+
+
+def register() -> None:
+    """Register our attention under ``ATTENTION_NAMES`` with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    for backend, name in ATTENTION_NAMES.items():
+        AttentionInterface.register(name, _varlen_forward(backend))
+        AttentionMaskInterface.register(name, _no_mask)
+
+
+def _set_attn(model: torch.nn.Module, name: str) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "set_attn_implementation"):
+        base.set_attn_implementation(name)
+    else:  # pragma: no cover - very old transformers
+        base.config._attn_implementation = name
+
+
+def _current_attn(model: torch.nn.Module) -> str | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.config, "_attn_implementation", None)
+
+
+def apply(
+    model: torch.nn.Module,
+    lora: bool = True,
+    attention: bool = True,
+    attention_backend: str = "ref",
+) -> torch.nn.Module:
+    """Switch ``model`` (HF or peft-wrapped) to packed varlen attention and the fused LoRA op.
+
+    attention_backend: "ref" = exact per-segment PyTorch SDPA (this module), "op" = the kernel
+    ``pyfast_tune.kernels.varlen_attention``. ``lora=True`` patches peft LoRA layers with
+    ``pyfast_tune.kernels.lora.patch_peft_lora`` when that module is installed, and logs and
+    skips otherwise. Returns the model; ``revert(model)`` undoes both.
+    """
+    if attention:
+        if attention_backend not in ATTENTION_NAMES:
+            raise ValueError(
+                f"attention_backend must be one of {sorted(ATTENTION_NAMES)}, got {attention_backend!r}"
+            )
+        register()
+        if not hasattr(model, _PREVIOUS_ATTN):
+            setattr(model, _PREVIOUS_ATTN, _current_attn(model))
+        _set_attn(model, ATTENTION_NAMES[attention_backend])
+    if lora:
+        try:
+            from pyfast_tune.kernels.lora import patch_peft_lora
+        except ImportError as e:
+            log.info("fused LoRA op not available (%s); peft's own LoRA layers stay in place", e)
+        else:
+            patch_peft_lora(model)
+            setattr(model, _LORA_PATCHED, True)
+    return model
+
+
+def revert(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo ``apply``: restore the previous attention implementation and peft's LoRA layers."""
+    previous = getattr(model, _PREVIOUS_ATTN, None)
+    if hasattr(model, _PREVIOUS_ATTN):
+        _set_attn(model, previous or "sdpa")
+        delattr(model, _PREVIOUS_ATTN)
+    if getattr(model, _LORA_PATCHED, False):
+        from pyfast_tune.kernels.lora import unpatch_peft_lora
+
+        unpatch_peft_lora(model)
+        delattr(model, _LORA_PATCHED)
+    return model

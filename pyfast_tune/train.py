@@ -1,0 +1,409 @@
+"""Train a Hugging Face causal LM on packed data under DeepSpeed.
+
+Entry points (all read the same YAML and accept ``--key value`` overrides of every key)::
+
+    deepspeed --num_gpus 2 pyfast_tune/train.py --config pyfast_tune/configs/lora.yaml --lr 1e-4
+    torchrun --nproc_per_node 2 pyfast_tune/train.py --config run.yaml --lora.r 16
+    srun python pyfast_tune/train.py --config run.yaml     # SLURM_PROCID/NTASKS/LOCALID
+    python pyfast_tune/train.py --config run.yaml          # one process
+    pyfast-tune train run.yaml --nproc 2 --deepspeed zero3 # the CLI, via ``launch``
+
+The step loop below reads top to bottom: global batch -> this rank's micro batches -> packed
+rows with per-sample shifted targets -> weighted loss -> DeepSpeed backward/step -> metrics
+-> checkpoint. See ``pyfast_tune.trainer.batches`` for the order and the loss definition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script by deepspeed/torchrun: Python put pyfast_tune/ first on sys.path, where
+    # kernels/ and config.py would shadow top-level modules of those names (bitsandbytes
+    # imports a `kernels` package); put the project root there instead.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+# DeepSpeed JIT-builds CPU ops with ninja, which lives next to this interpreter in a venv.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+log = logging.getLogger("pyfast_tune.train")
+
+
+def _distributed_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun/deepspeed, SLURM, or a single process."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")  # multi-node: export MASTER_ADDR in sbatch
+        env.setdefault("MASTER_PORT", "29500")
+    if "RANK" not in env:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        env.setdefault("MASTER_PORT", str(port))
+    return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
+
+
+def _lr_lambda(total_steps: int, warmup: int, kind: str, min_ratio: float):
+    import math
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1 - progress
+        return min_ratio + (1 - min_ratio) * decay
+
+    return factor
+
+
+def _resolve_resume(resume, output_dir: Path) -> Path | None:
+    from pyfast_tune.trainer.checkpoint import latest_checkpoint
+
+    if resume in (False, None, "false", ""):
+        return None
+    if resume in (True, "auto", "true", "latest"):
+        return latest_checkpoint(output_dir)
+    path = Path(resume)
+    if (path / "trainer_state.json").is_file():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"resume: no checkpoint at {path}")
+    return found
+
+
+def run(cfg) -> dict:
+    """Train with ``cfg`` (a ``TrainConfig``) in this process; returns a summary dict."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from tqdm import tqdm
+    from transformers import AutoConfig
+
+    from pyfast_tune import patch
+    from pyfast_tune.config import to_dict
+    from pyfast_tune.data import PackedDataset
+    from pyfast_tune.trainer.batches import PackOrder, collate, global_normalizer
+    from pyfast_tune.trainer.checkpoint import load_checkpoint, save_checkpoint, save_hf
+    from pyfast_tune.trainer.data_cache import prepare_packed_dir
+    from pyfast_tune.trainer.ds_config import deepspeed_config, zero_stage
+    from pyfast_tune.trainer.metrics import (
+        FlopCounter,
+        MetricsLog,
+        peak_flops_per_device,
+        plot_loss_curve,
+    )
+    from pyfast_tune.trainer.model import build_model, count_parameters, resolve_dtype
+    from pyfast_tune.trainer.step import batch_loss
+
+    rank, world, local_rank = _distributed_env()
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank{rank}] %(asctime)s %(name)s: %(message)s",
+    )
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    output_dir = Path(cfg.output_dir)
+
+    # Data: mmap a packed dir (packing raw inputs once per node, under a file lock).
+    cache_dir = Path(cfg.data.cache_dir or output_dir.parent / ".pyfast_cache")
+    tokenizer = cfg.tokenizer or cfg.data.tokenizer or cfg.model
+    packed_dir = prepare_packed_dir(cfg.data, cfg.max_length, tokenizer, cache_dir)
+    dataset = PackedDataset(packed_dir)
+
+    # Batch geometry: the global batch G (packs per optimizer step) is what resume keeps fixed.
+    micro = cfg.micro_batch_size
+    if cfg.global_batch_size:
+        if cfg.global_batch_size % (micro * world):
+            raise ValueError(
+                f"global_batch_size {cfg.global_batch_size} is not divisible by "
+                f"micro_batch_size {micro} x {world} processes"
+            )
+        grad_accum = cfg.global_batch_size // (micro * world)
+    else:
+        grad_accum = cfg.grad_accum or 1
+    global_batch = micro * grad_accum * world
+    order = PackOrder(len(dataset), global_batch, cfg.seed)
+    total_steps = cfg.max_steps or cfg.epochs * order.steps_per_epoch
+
+    # Model, our attention and LoRA op, FLOPs (before ZeRO partitions the weights).
+    dtype = resolve_dtype(cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, dtype, local_rank)
+    if cfg.attention in patch.ATTENTION_NAMES:
+        patch.apply(
+            model,
+            lora=cfg.fused_lora and cfg.method != "full",
+            attention=True,
+            attention_backend=cfg.attention,
+        )
+    flops = FlopCounter(model)
+    trainable, total = count_parameters(model)
+    log.info("model %s: %d trainable of %d parameters (%s)", cfg.model, trainable, total, dtype)
+
+    hidden = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    ds_cfg = deepspeed_config(
+        cfg.deepspeed,
+        micro_batch_size=micro,
+        grad_accum=grad_accum,
+        world_size=world,
+        lr=cfg.lr,
+        betas=tuple(cfg.adam_betas),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        dtype=dtype,
+        hidden_size=getattr(hidden, "hidden_size", 1024),
+    )
+    stage = zero_stage(ds_cfg)
+    scheduler = None
+    if "scheduler" not in ds_cfg:
+        lam = _lr_lambda(total_steps, cfg.warmup_steps, cfg.lr_scheduler, cfg.min_lr_ratio)
+
+        def scheduler(opt):
+            return torch.optim.lr_scheduler.LambdaLR(opt, lam)
+
+    engine, _, _, lr_scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_cfg,
+        lr_scheduler=scheduler,
+    )
+    exclude_frozen = cfg.method != "full"
+
+    start_step = 0
+    resume_from = _resolve_resume(cfg.resume, output_dir)
+    fingerprint = dataset.meta.get("fingerprint")
+    if resume_from is not None:
+        state = load_checkpoint(engine, resume_from, exclude_frozen)
+        if state["global_batch"] != global_batch:
+            raise ValueError(
+                f"{resume_from} was trained with a global batch of {state['global_batch']} packs; "
+                f"this run has {global_batch} (micro {micro} x accum {grad_accum} x {world} "
+                "processes): set global_batch_size to resume on the same batches"
+            )
+        if state.get("data_fingerprint") != fingerprint:
+            raise ValueError(f"{resume_from} was trained on different data ({packed_dir})")
+        start_step = state["step"]
+        log.info(
+            "resumed from %s at step %d (saved by %d processes)",
+            resume_from,
+            start_step,
+            state["world_size"],
+        )
+
+    metrics = None
+    if rank == 0:
+        metrics = MetricsLog(output_dir, start_step, cfg.tensorboard)
+    peak, peak_source = peak_flops_per_device(cfg.peak_tflops)
+    log.info("MFU peak per device: %.3g FLOP/s (%s)", peak, peak_source)
+    trainer_state = {
+        "global_batch": global_batch,
+        "world_size": world,
+        "seed": cfg.seed,
+        "data_fingerprint": fingerprint,
+        "packed_dir": str(packed_dir),
+        "config": to_dict(cfg),
+    }
+
+    def checkpoint(step: int) -> Path:
+        return save_checkpoint(
+            engine,
+            model,
+            output_dir,
+            step,
+            trainer_state,
+            zero_stage=stage,
+            save_optimizer=cfg.save_optimizer,
+            save_hf_output=cfg.save_hf,
+            exclude_frozen=exclude_frozen,
+            tokenizer=tokenizer,
+        )
+
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        disable=rank != 0 or not cfg.progress_bar,
+        desc="train",
+        dynamic_ncols=True,
+    )
+    engine.train()
+    last_saved = start_step if resume_from is not None else -1
+    losses = []
+    run_start = time.perf_counter()
+    step = start_step
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        normalizer = global_normalizer(dataset, order.global_batch(step), cfg.loss_reduction)
+        lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else cfg.lr
+        # [loss share, tokens, trained tokens, model FLOPs] of this rank, summed over ranks below.
+        totals = torch.zeros(4, dtype=torch.float64)
+        for accum_index, pack_ids in enumerate(order.micro_batches(step, rank, world, micro)):
+            row = accum_index * world + rank  # the row's index in the global batch
+            # Dropout masks depend on (seed, step, row) only: identical under any world size.
+            torch.manual_seed(hash((cfg.seed, step, row)) % (2**63))
+            batch = collate([dataset[int(i)] for i in pack_ids], cfg.loss_reduction, normalizer)
+            loss = batch_loss(engine, batch, device)
+            # DeepSpeed divides by grad_accum and averages gradients over ranks; undo both so
+            # the gradient is that of the global-batch loss (the sum of the rows' shares).
+            engine.backward(loss * (grad_accum * world))
+            engine.step()
+            totals += torch.tensor(
+                [
+                    float(loss.detach()),
+                    batch.num_tokens,
+                    batch.num_trained,
+                    flops.step_flops(batch.sample_lengths),
+                ],
+                dtype=torch.float64,
+            )
+        dist.all_reduce(totals)
+        seconds = time.perf_counter() - t0
+        loss_value, tokens, trained, step_flops = totals.tolist()
+        losses.append(loss_value)
+        if rank == 0:
+            grad_norm = engine.get_global_grad_norm()
+            record = {
+                "step": step + 1,
+                "epoch": order.epoch_of(step),
+                "loss": loss_value,
+                "lr": lr,
+                "tokens": int(tokens),
+                "trained_tokens": int(trained),
+                "seconds": seconds,
+                "elapsed": time.perf_counter() - run_start,
+                "tokens_per_s": tokens / seconds,
+                "trained_tokens_per_s": trained / seconds,
+                "mfu": step_flops / seconds / (peak * world) if peak else None,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            }
+            if (step + 1) % cfg.log_steps == 0 or step + 1 == total_steps:
+                metrics.log(record)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens / seconds:.0f}")
+            bar.update(1)
+        done = step + 1
+        if cfg.save_steps and done % cfg.save_steps == 0:
+            checkpoint(done)
+            last_saved = done
+        if cfg.stop_after_steps and done >= cfg.stop_after_steps:
+            log.info("stop_after_steps=%d reached: stopping without a final save", done)
+            break
+    else:
+        if total_steps > start_step and last_saved != total_steps:
+            checkpoint(total_steps)
+        if cfg.save_hf:
+            save_hf(engine, model, output_dir / "hf", stage, tokenizer)
+    bar.close()
+    if rank == 0:
+        metrics.close()
+        plot_loss_curve(metrics.path, output_dir / "loss.png")
+    engine.destroy() if hasattr(engine, "destroy") else None
+    dist.barrier()
+    return {"losses": losses, "start_step": start_step, "steps": step + 1 - start_step}
+
+
+def _parse(argv: list[str]) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="pyfast_tune/train.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config (see pyfast_tune/configs/)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    args, overrides = parser.parse_known_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    return args.config, overrides
+
+
+def train_main(argv: list[str]) -> int:
+    """Train in this process (one rank of a launch); returns the exit code.
+
+    >>> train_main(["--config", "pyfast_tune/configs/lora.yaml", "--max_steps", "2"])  # doctest: +SKIP
+    0
+    """
+    import torch.distributed as dist
+
+    from pyfast_tune.config import load_config
+
+    config_path, overrides = _parse(argv)
+    cfg = load_config(config_path, overrides)
+    try:
+        run(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def launch_command(
+    config_path: str | Path,
+    num_gpus: int | None = None,
+    nproc: int | None = None,
+    deepspeed: str | None = None,
+    extra_args: list[str] | tuple[str, ...] = (),
+) -> list[str]:
+    """The launcher command (an argument list, never a shell string) for ``launch``.
+
+    ``nproc`` -> torchrun with that many processes (CPU or GPU); otherwise the DeepSpeed
+    launcher (all visible GPUs, or ``num_gpus``). ``deepspeed`` overrides the config's preset.
+    """
+    script = str(Path(__file__).resolve())
+    args = ["--config", str(config_path)]
+    if deepspeed:
+        args += ["--deepspeed", deepspeed]
+    args += [str(a) for a in extra_args]
+    if nproc is not None:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                script, *args]  # fmt: skip
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    if num_gpus is not None:
+        cmd += ["--num_gpus", str(num_gpus)]
+    return [*cmd, script, *args]
+
+
+def launch(
+    config_path: str | Path,
+    num_gpus: int | None = None,
+    nproc: int | None = None,
+    deepspeed: str | None = None,
+    extra_args: list[str] | tuple[str, ...] = (),
+) -> int:
+    """Launch a training run in child processes and wait; returns their exit code.
+
+    >>> launch("pyfast_tune/configs/lora.yaml", nproc=2, deepspeed="zero2",
+    ...        extra_args=["--max_steps", "10"])  # doctest: +SKIP
+    0
+    """
+    cmd = launch_command(config_path, num_gpus, nproc, deepspeed, extra_args)
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault(
+        "TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".torch_extensions")
+    )
+    log.info("launching: %s", " ".join(cmd))
+    if shutil.which(cmd[0]) is None and not Path(cmd[0]).exists():
+        raise FileNotFoundError(cmd[0])
+    return subprocess.call(cmd, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(train_main(sys.argv[1:]))

@@ -1,0 +1,166 @@
+"""Checkpoints that are never half-read: temp dir, rename, then a ``latest`` pointer.
+
+Layout under ``output_dir/checkpoints/``::
+
+    step_00000010/
+        deepspeed/state/...   DeepSpeed engine state (module, optimizer unless save_optimizer:
+                              false, lr scheduler) for exact resume
+        hf/                   PEFT adapter or full safetensors weights + config + tokenizer files:
+                              loads with from_pretrained directly
+        trainer_state.json    step, global batch, world size, data fingerprint, config
+    latest                    name of the newest complete checkpoint, written last
+
+A crash at any point leaves either the previous ``latest`` or the new one, never a pointer to
+a partial directory; leftover ``.tmp-*`` directories are ignored and removed on the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+DS_TAG = "state"
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, from its ``latest`` pointer (None if none)."""
+    root = checkpoint_root(output_dir)
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
+    return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def copy_tokenizer_files(tokenizer: str | Path | None, dest: Path) -> list[str]:
+    """Copy the tokenizer files found at ``tokenizer`` (a directory or a tokenizer.json)."""
+    if tokenizer is None:
+        return []
+    src = Path(tokenizer)
+    files = [src] if src.is_file() else [src / n for n in TOKENIZER_FILES if (src / n).is_file()]
+    for f in files:
+        shutil.copy2(f, dest / f.name)
+    return [f.name for f in files]
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def save_hf(engine, model: torch.nn.Module, out: Path, zero_stage: int, tokenizer) -> None:
+    """HF-format output of the trained model at ``out`` (collective under ZeRO-3)."""
+    state_dict = None
+    if zero_stage == 3:
+        # Gathers the partitioned weights onto rank 0 (every rank must call it).
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    if _rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if state_dict is None:
+            state_dict = {k: v.detach() for k, v in model.state_dict().items()}
+        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        copy_tokenizer_files(tokenizer, out)
+
+
+def save_checkpoint(
+    engine,
+    model: torch.nn.Module,
+    output_dir: str | Path,
+    step: int,
+    trainer_state: dict,
+    *,
+    zero_stage: int,
+    save_optimizer: bool,
+    save_hf_output: bool,
+    exclude_frozen: bool,
+    tokenizer,
+) -> Path:
+    """Write checkpoint ``step`` atomically; every rank calls this (DeepSpeed saving is collective)."""
+    root = checkpoint_root(output_dir)
+    final = root / step_name(step)
+    tmp = root / f".tmp-{step_name(step)}"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    engine.save_checkpoint(
+        str(tmp / "deepspeed"),
+        tag=DS_TAG,
+        save_latest=False,
+        exclude_frozen_parameters=exclude_frozen,
+    )
+    _barrier()
+    if not save_optimizer and zero_stage < 3 and _rank() == 0:
+        # ZeRO-1/2 keep the module weights in mp_rank_*_model_states.pt; the optimizer
+        # partitions are only needed for an exact resume. (ZeRO-3 keeps weights in them.)
+        for f in (tmp / "deepspeed" / DS_TAG).glob("*optim_states.pt"):
+            f.unlink()
+    if save_hf_output:
+        save_hf(engine, model, tmp / "hf", zero_stage, tokenizer)
+    if _rank() == 0:
+        state = dict(trainer_state, step=step, has_optimizer=save_optimizer or zero_stage == 3)
+        _write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / "latest", final.name + "\n")
+    _barrier()
+    return final
+
+
+def load_checkpoint(engine, path: Path, exclude_frozen: bool) -> dict:
+    """Restore DeepSpeed state from checkpoint ``path``; returns its trainer_state."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    load_path, _ = engine.load_checkpoint(
+        str(path / "deepspeed"),
+        tag=DS_TAG,
+        load_module_strict=not exclude_frozen,
+        load_optimizer_states=bool(state.get("has_optimizer", True)),
+        load_lr_scheduler_states=True,
+    )
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed found no state under {path / 'deepspeed'}")
+    return state

@@ -1,0 +1,105 @@
+"""DeepSpeed JSON: presets by name or a user file, with ``"auto"`` values filled from our config.
+
+A user JSON passes through unchanged except its ``"auto"`` values; explicit batch sizes must
+agree with the config (DeepSpeed would otherwise fail later with a less helpful message).
+
+>>> ds = deepspeed_config("zero2", micro_batch_size=1, grad_accum=4, world_size=2, lr=1e-4,
+...                       betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, max_grad_norm=1.0,
+...                       dtype="float32", hidden_size=64)
+>>> ds["train_batch_size"], ds["zero_optimization"]["stage"]
+(8, 2)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+PRESETS = ("zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")
+
+
+def load_deepspeed_json(name_or_path: str) -> dict:
+    """A preset name (see ``PRESETS``) or a path to a DeepSpeed JSON file."""
+    if name_or_path in PRESETS:
+        path = PRESET_DIR / f"{name_or_path}.json"
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"deepspeed: {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a file"
+            )
+    return json.loads(path.read_text())
+
+
+def _fill(node, values: dict, path: str = ""):
+    if isinstance(node, dict):
+        return {k: _fill(v, values, f"{path}.{k}" if path else k) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fill(v, values, path) for v in node]
+    if node == "auto":
+        if path not in values:
+            raise ValueError(f"deepspeed config: no value for 'auto' at {path}")
+        return values[path]
+    return node
+
+
+def deepspeed_config(
+    name_or_path: str,
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    max_grad_norm: float,
+    dtype: str,
+    hidden_size: int,
+) -> dict:
+    """The DeepSpeed config dict for this run, every ``"auto"`` resolved."""
+    raw = load_deepspeed_json(name_or_path)
+    train_batch = micro_batch_size * grad_accum * world_size
+    values = {
+        "train_batch_size": train_batch,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": max_grad_norm,
+        "bf16.enabled": dtype == "bfloat16",
+        "fp16.enabled": dtype == "float16",
+        "optimizer.params.lr": lr,
+        "optimizer.params.betas": list(betas),
+        "optimizer.params.eps": eps,
+        "optimizer.params.weight_decay": weight_decay,
+        # The Hugging Face integration's rules for ZeRO-3 buckets.
+        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    ds = _fill(raw, values)
+    for key, want in (
+        ("train_batch_size", train_batch),
+        ("train_micro_batch_size_per_gpu", micro_batch_size),
+        ("gradient_accumulation_steps", grad_accum),
+    ):
+        if key in ds and ds[key] != want:
+            raise ValueError(
+                f"deepspeed config sets {key}={ds[key]} but the training config implies {want} "
+                f"(micro_batch_size={micro_batch_size}, grad_accum={grad_accum}, world={world_size})"
+            )
+    if "optimizer" in ds and "zero_optimization" in ds:
+        # Our optimizers are DeepSpeed's own (CPU Adam on offload); allow torch's elsewhere.
+        ds.setdefault("zero_allow_untested_optimizer", True)
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    """ZeRO stage of a resolved DeepSpeed config (0 when ZeRO is off)."""
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    """Whether optimizer state lives on the CPU (then the optimizer must be DeepSpeedCPUAdam)."""
+    off = ds.get("zero_optimization", {}).get("offload_optimizer", {})
+    return off.get("device", "none") == "cpu"

@@ -1,0 +1,98 @@
+"""Build the model to train: full weights, peft LoRA, or QLoRA (bitsandbytes nf4 + LoRA)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> str:
+    """``auto`` = bfloat16 on GPU, float32 on CPU (CPU half-precision training is slow and lossy)."""
+    if name == "auto":
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
+    return name
+
+
+def _quantization_config(cfg, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    compute = dtype if cfg.quant.compute_dtype == "auto" else DTYPES[cfg.quant.compute_dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant.quant_type,
+        bnb_4bit_use_double_quant=cfg.quant.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=dtype,  # so ZeRO sees one dtype across all parameters
+    )
+
+
+def build_model(cfg, dtype_name: str, local_rank: int = 0) -> torch.nn.Module:
+    """Load ``cfg.model`` with ``from_pretrained`` and prepare it for ``cfg.method``.
+
+    ``use_cache`` is off (a KV cache is useless in training and disables transformers' packed
+    handling); ``trust_remote_code`` only when the config asks for it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[dtype_name]
+    kwargs = {"dtype": dtype, "trust_remote_code": bool(cfg.trust_remote_code)}
+    if cfg.method == "qlora":
+        kwargs["quantization_config"] = _quantization_config(cfg, dtype)
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+    model.config.use_cache = False
+
+    if cfg.method == "full":
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        return model
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Frozen embeddings give activations without grad; checkpointed blocks need one.
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    if cfg.method == "qlora":
+        # prepare_model_for_kbit_training upcasts norms to fp32; keep trainable weights in dtype.
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count their unpacked elements."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if getattr(p, "quant_state", None) is not None or p.__class__.__name__ == "Params4bit":
+            n = int(torch.Size(p.quant_state.shape).numel()) if p.quant_state else n * 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

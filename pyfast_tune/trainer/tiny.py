@@ -1,0 +1,53 @@
+"""A tiny Llama-architecture model built from a config (never downloaded), for tests and benches.
+
+>>> make_tiny_llama("tiny/", "../shared/data/tokenizers/smollm2")  # doctest: +SKIP
+PosixPath('tiny')
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def tokenizer_vocab_size(tokenizer_dir: str | Path) -> int:
+    """Number of ids a model needs for this tokenizer (vocab + added tokens)."""
+    data = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())
+    ids = list(data["model"]["vocab"].values()) + [t["id"] for t in data.get("added_tokens", [])]
+    return max(ids) + 1
+
+
+def make_tiny_llama(
+    out_dir: str | Path,
+    tokenizer_dir: str | Path,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate_size: int = 128,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised LlamaForCausalLM (and the tokenizer files) at ``out_dir``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pyfast_tune.trainer.checkpoint import copy_tokenizer_files
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=tokenizer_vocab_size(tokenizer_dir),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        use_cache=False,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    copy_tokenizer_files(tokenizer_dir, out)
+    return out
