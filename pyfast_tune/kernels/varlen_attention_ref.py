@@ -99,3 +99,53 @@ def varlen_attention_ref(
         out = out.index_copy(0, index, torch.cat([o.to(q.dtype) for _, o in outs]))
         lse = lse.index_copy(1, index, torch.cat([x.to(lse_dt) for _, x in lses], dim=1))
     return (out, lse) if return_lse else out
+
+
+def varlen_attention_ref_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    window: tuple[int, int] = (-1, -1),
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``varlen_attention_ref`` w.r.t. q, k, v, written out (no autograd):
+    P = softmax(S), dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - rowsum(dO ∘ O)), dQ = s·dS K, dK = s·dSᵀ Q.
+
+    The "ref" backend's backward op uses it (custom-op kernels run below autograd).
+    Shapes as in ``varlen_attention_ref``; dout (total_q, H, D); returns dq, dk, dv in the
+    dtypes of q, k, v, computed in fp32 for fp16/bf16.
+    """
+    tq, h, d = q.shape
+    hkv = k.shape[1]
+    group = h // hkv
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    cdt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
+    dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
+    dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        lq, lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        if lq == 0 or lk == 0:
+            continue
+        qb = q[qs].to(cdt).transpose(0, 1)  # (H, lq, D)
+        kb = k[ks].to(cdt).repeat_interleave(group, dim=1).transpose(0, 1)  # (H, lk, D)
+        vb = v[ks].to(cdt).repeat_interleave(group, dim=1).transpose(0, 1)
+        dob = dout[qs].to(cdt).transpose(0, 1)  # (H, lq, D)
+        ok = visible_keys(lq, lk, causal, window, q.device)
+        s = ((qb * scale) @ kb.transpose(1, 2)).masked_fill(~ok, -math.inf)
+        p = torch.softmax(s, dim=-1).masked_fill(~ok.any(-1)[None, :, None], 0.0)  # (H, lq, lk)
+        ob = p @ vb
+        dp = dob @ vb.transpose(1, 2)
+        ds = p * (dp - (dob * ob).sum(-1, keepdim=True))
+        dq[qs] = (scale * ds @ kb).transpose(0, 1)
+        dkb = (scale * ds.transpose(1, 2) @ qb).transpose(0, 1)  # (lk, H, D)
+        dvb = (p.transpose(1, 2) @ dob).transpose(0, 1)
+        dk[ks] = dkb.reshape(lk, hkv, group, d).sum(2)
+        dv[ks] = dvb.reshape(lk, hkv, group, d).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
