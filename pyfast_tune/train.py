@@ -99,7 +99,14 @@ def run(cfg) -> dict:
     from pyfast_tune.config import to_dict
     from pyfast_tune.data import PackedDataset
     from pyfast_tune.trainer.batches import PackOrder, collate, global_normalizer
-    from pyfast_tune.trainer.checkpoint import load_checkpoint, save_checkpoint, save_hf
+    from pyfast_tune.trainer.checkpoint import (
+        DS_TAG,
+        load_checkpoint,
+        read_trainer_state,
+        save_checkpoint,
+        save_hf,
+        universal_tag,
+    )
     from pyfast_tune.trainer.data_cache import prepare_packed_dir
     from pyfast_tune.trainer.ds_config import deepspeed_config, zero_stage
     from pyfast_tune.trainer.metrics import (
@@ -144,21 +151,7 @@ def run(cfg) -> dict:
     order = PackOrder(len(dataset), global_batch, cfg.seed)
     total_steps = cfg.max_steps or cfg.epochs * order.steps_per_epoch
 
-    # Model, our attention and LoRA op, FLOPs (before ZeRO partitions the weights).
     dtype = resolve_dtype(cfg.dtype)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, dtype, local_rank)
-    if cfg.attention in patch.ATTENTION_NAMES:
-        patch.apply(
-            model,
-            lora=cfg.fused_lora and cfg.method != "full",
-            attention=True,
-            attention_backend=cfg.attention,
-        )
-    flops = FlopCounter(model)
-    trainable, total = count_parameters(model)
-    log.info("model %s: %d trainable of %d parameters (%s)", cfg.model, trainable, total, dtype)
-
     hidden = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     ds_cfg = deepspeed_config(
         cfg.deepspeed,
@@ -174,12 +167,38 @@ def run(cfg) -> dict:
         hidden_size=getattr(hidden, "hidden_size", 1024),
     )
     stage = zero_stage(ds_cfg)
+    # Model, our attention and LoRA op, FLOPs (before ZeRO partitions the weights).
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, dtype, local_rank, stage)
+    if cfg.attention in patch.ATTENTION_NAMES:
+        patch.apply(
+            model,
+            # The fused op reads 4-bit weights stored as uint8, not ZeRO-3's float storage.
+            lora=cfg.fused_lora
+            and cfg.method != "full"
+            and not (cfg.method == "qlora" and stage == 3),
+            attention=True,
+            attention_backend=cfg.attention,
+        )
+    flops = FlopCounter(model)
+    trainable, total = count_parameters(model)
+    log.info("model %s: %d trainable of %d parameters (%s)", cfg.model, trainable, total, dtype)
+
     scheduler = None
     if "scheduler" not in ds_cfg:
         lam = _lr_lambda(total_steps, cfg.warmup_steps, cfg.lr_scheduler, cfg.min_lr_ratio)
 
         def scheduler(opt):
             return torch.optim.lr_scheduler.LambdaLR(opt, lam)
+
+    # Resuming on another world size needs DeepSpeed's universal checkpoint format.
+    resume_from = _resolve_resume(cfg.resume, output_dir)
+    ds_tag = DS_TAG
+    if resume_from is not None:
+        saved = read_trainer_state(resume_from)
+        if saved["world_size"] != world and saved.get("has_optimizer", True):
+            ds_tag = universal_tag(resume_from)
+            ds_cfg["checkpoint"] = {"load_universal": True}
 
     engine, _, _, lr_scheduler = deepspeed.initialize(
         model=model,
@@ -190,10 +209,9 @@ def run(cfg) -> dict:
     exclude_frozen = cfg.method != "full"
 
     start_step = 0
-    resume_from = _resolve_resume(cfg.resume, output_dir)
     fingerprint = dataset.meta.get("fingerprint")
     if resume_from is not None:
-        state = load_checkpoint(engine, resume_from, exclude_frozen)
+        state = load_checkpoint(engine, resume_from, exclude_frozen, ds_tag)
         if state["global_batch"] != global_batch:
             raise ValueError(
                 f"{resume_from} was trained with a global batch of {state['global_batch']} packs; "

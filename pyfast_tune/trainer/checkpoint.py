@@ -151,12 +151,51 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(engine, path: Path, exclude_frozen: bool) -> dict:
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def universal_tag(path: Path) -> str:
+    """Convert checkpoint ``path`` to DeepSpeed's universal format once; returns its tag.
+
+    ZeRO shards optimizer state by world size and DeepSpeed refuses to load it on another
+    one; the universal format is per parameter and loads on any. Every rank calls this: the
+    first to take the file lock converts (into a temp dir, renamed when complete), the others
+    wait on the lock, so no collective can time out while it runs.
+    """
+    import fcntl
+    from argparse import Namespace
+
+    tag = f"{DS_TAG}_universal"
+    ds_dir = path / "deepspeed"
+    with open(ds_dir / ".universal.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (ds_dir / tag).is_dir():
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            tmp = ds_dir / f".tmp-{tag}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            ds_to_universal(
+                Namespace(
+                    input_folder=str(ds_dir / DS_TAG),
+                    output_folder=str(tmp),
+                    num_extract_workers=1,
+                    num_merge_workers=1,
+                    keep_temp_folder=False,
+                    strict=True,
+                    inject_missing_state=True,
+                )
+            )
+            os.replace(tmp, ds_dir / tag)
+    return tag
+
+
+def load_checkpoint(engine, path: Path, exclude_frozen: bool, tag: str = DS_TAG) -> dict:
     """Restore DeepSpeed state from checkpoint ``path``; returns its trainer_state."""
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = read_trainer_state(path)
     load_path, _ = engine.load_checkpoint(
         str(path / "deepspeed"),
-        tag=DS_TAG,
+        tag=tag,
         load_module_strict=not exclude_frozen,
         load_optimizer_states=bool(state.get("has_optimizer", True)),
         load_lr_scheduler_states=True,

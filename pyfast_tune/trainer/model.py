@@ -20,20 +20,24 @@ def resolve_dtype(name: str) -> str:
     return name
 
 
-def _quantization_config(cfg, dtype: torch.dtype):
+def _quantization_config(cfg, dtype: torch.dtype, float_storage: bool):
     from transformers import BitsAndBytesConfig
 
     compute = dtype if cfg.quant.compute_dtype == "auto" else DTYPES[cfg.quant.compute_dtype]
+    extra = {}
+    if float_storage:
+        # ZeRO-3 partitions every parameter and needs them in one float dtype.
+        extra["bnb_4bit_quant_storage"] = dtype
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.quant.quant_type,
         bnb_4bit_use_double_quant=cfg.quant.double_quant,
         bnb_4bit_compute_dtype=compute,
-        bnb_4bit_quant_storage=dtype,  # so ZeRO sees one dtype across all parameters
+        **extra,
     )
 
 
-def build_model(cfg, dtype_name: str, local_rank: int = 0) -> torch.nn.Module:
+def build_model(cfg, dtype_name: str, local_rank: int = 0, zero_stage: int = 0) -> torch.nn.Module:
     """Load ``cfg.model`` with ``from_pretrained`` and prepare it for ``cfg.method``.
 
     ``use_cache`` is off (a KV cache is useless in training and disables transformers' packed
@@ -44,7 +48,9 @@ def build_model(cfg, dtype_name: str, local_rank: int = 0) -> torch.nn.Module:
     dtype = DTYPES[dtype_name]
     kwargs = {"dtype": dtype, "trust_remote_code": bool(cfg.trust_remote_code)}
     if cfg.method == "qlora":
-        kwargs["quantization_config"] = _quantization_config(cfg, dtype)
+        kwargs["quantization_config"] = _quantization_config(
+            cfg, dtype, float_storage=zero_stage == 3
+        )
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
@@ -89,9 +95,8 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count their unpacked elements."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
-        if getattr(p, "quant_state", None) is not None or p.__class__.__name__ == "Params4bit":
-            n = int(torch.Size(p.quant_state.shape).numel()) if p.quant_state else n * 2
+        state = getattr(p, "quant_state", None)
+        n = int(torch.Size(state.shape).numel()) if state is not None else p.numel()
         total += n
         if p.requires_grad:
             trainable += n

@@ -51,3 +51,17 @@ def make_tiny_llama(
     model.save_pretrained(out, safe_serialization=True)
     copy_tokenizer_files(tokenizer_dir, out)
     return out
+
+
+def trimmed_conversations(src: str | Path, dst: str | Path, records: int, turns: int) -> Path:
+    """The first ``records`` OpenAI-style conversations of ``src`` cut to ``turns`` messages.
+
+    Real chats, short enough that a tiny model trains several samples per pack in seconds.
+    """
+    out = Path(dst)
+    with open(src) as fin, open(out, "w") as fout:
+        for _, line in zip(range(records), fin):
+            rec = json.loads(line)
+            rec["messages"] = rec["messages"][:turns]
+            fout.write(json.dumps(rec) + "\n")
+    return out
