@@ -116,8 +116,21 @@ def _dataclass_from_dict(cls, values: dict, where: str = ""):
             if not isinstance(value, dict):
                 raise ValueError(f"config key {where}{name} must be a mapping, got {value!r}")
             value = _dataclass_from_dict(sub_cls, value, f"{where}{name}.")
-        kwargs[name] = value
+        kwargs[name] = _coerce(value, str(fields[name].type), f"{where}{name}")
     return cls(**kwargs)
+
+
+def _coerce(value, annotation: str, key: str):
+    """YAML 1.1 reads ``1e-4`` as a string; numbers declared float/int are converted."""
+    if not isinstance(value, str) or value == "":
+        return value
+    for kind, convert in (("float", float), ("int", int)):
+        if annotation.split(" | ")[0] == kind:
+            try:
+                return convert(value)
+            except ValueError:
+                raise ValueError(f"config key {key} must be a {kind}, got {value!r}") from None
+    return value
 
 
 _NESTED = {

@@ -56,11 +56,12 @@ def build_model(cfg, dtype_name: str, local_rank: int = 0, zero_stage: int = 0) 
     model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
     model.config.use_cache = False
 
+    # transformers 5 renamed gradient checkpointing to activation checkpointing.
+    checkpointing = getattr(model, "activation_checkpointing_enable", None)
+    checkpointing = checkpointing or model.gradient_checkpointing_enable
     if cfg.method == "full":
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            checkpointing(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -72,7 +73,7 @@ def build_model(cfg, dtype_name: str, local_rank: int = 0, zero_stage: int = 0) 
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Frozen embeddings give activations without grad; checkpointed blocks need one.
         model.enable_input_require_grads()
     lora = LoraConfig(

@@ -26,6 +26,7 @@ def make_tiny_llama(
     kv_heads: int = 2,
     intermediate_size: int = 128,
     seed: int = 0,
+    init_std: float = 0.02,
 ) -> Path:
     """Save a randomly initialised LlamaForCausalLM (and the tokenizer files) at ``out_dir``."""
     import torch
@@ -44,6 +45,7 @@ def make_tiny_llama(
         max_position_embeddings=4096,
         use_cache=False,
         tie_word_embeddings=True,
+        initializer_range=init_std,
     )
     model = LlamaForCausalLM(config)
     out = Path(out_dir)
