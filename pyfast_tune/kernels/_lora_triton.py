@@ -43,7 +43,7 @@ def _keep(seed, offs_m, offs_k, K, p):
 def _cast(x, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
     # The interpreter converts fp32 -> bf16 by truncation; GPUs round to nearest even. Round
     # explicitly there so interpreter results carry the same rounding as the compiled kernel.
-    if INTERPRETED and DTYPE == tl.bfloat16:
+    if INTERPRETED and DTYPE == tl.bfloat16 and x.dtype == tl.float32:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -51,14 +51,33 @@ def _cast(x, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
+def _load_w(
+    W_ptr, CODE_ptr, ABSMAX_ptr, n_idx, k_idx, stride_w_n, stride_w_k, K, mask,
+    W_4BIT: tl.constexpr, QBLOCK: tl.constexpr,
+):  # fmt: skip
+    """Tile W[n_idx, k_idx] (index tensors broadcast to the tile's shape).
+
+    4-bit (bitsandbytes NF4/FP4): element e = n*K + k sits in byte e // 2 of the packed
+    weight (high nibble first); value = code[nibble] * absmax[e // QBLOCK], in fp32.
+    """
+    if W_4BIT:
+        e = n_idx * K + k_idx
+        byte = tl.load(W_ptr + (e >> 1), mask=mask, other=0).to(tl.int32)
+        nibble = tl.where((e & 1) == 0, byte >> 4, byte & 15)
+        code = tl.load(CODE_ptr + nibble, mask=mask, other=0.0)
+        return code * tl.load(ABSMAX_ptr + e // QBLOCK, mask=mask, other=0.0)
+    return tl.load(W_ptr + n_idx * stride_w_n + k_idx * stride_w_k, mask=mask, other=0.0)
+
+
+@triton.jit
 def _lora_fwd_kernel(
-    X_ptr, W_ptr, A_ptr, B_ptr, BIAS_ptr, Y_ptr, U_ptr,
+    X_ptr, W_ptr, CODE_ptr, ABSMAX_ptr, A_ptr, B_ptr, BIAS_ptr, Y_ptr, U_ptr,
     M, N, K, R,
     stride_x_tok, stride_x_k, stride_w_n, stride_w_k, stride_a_r, stride_a_k,
     stride_b_n, stride_b_r, stride_y_tok, stride_y_n, stride_u_tok, stride_u_r,
     scaling, p, seed,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, W_4BIT: tl.constexpr, QBLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -79,10 +98,11 @@ def _lora_fwd_kernel(
             X_ptr + offs_m[:, None] * stride_x_tok + offs_k[None, :] * stride_x_k,
             mask=mask_m[:, None] & mask_k[None, :], other=0.0,
         )  # fmt: skip
-        w = tl.load(
-            W_ptr + offs_k[:, None] * stride_w_k + offs_n[None, :] * stride_w_n,
-            mask=mask_k[:, None] & mask_n[None, :], other=0.0,
+        w = _load_w(
+            W_ptr, CODE_ptr, ABSMAX_ptr, offs_n[None, :], offs_k[:, None], stride_w_n,
+            stride_w_k, K, mask_k[:, None] & mask_n[None, :], W_4BIT, QBLOCK,
         )  # fmt: skip
+        w = _cast(w, X_ptr.dtype.element_ty, FP32_DOT)  # 4-bit: dequantized to x's dtype
         a = tl.load(
             A_ptr + offs_k[:, None] * stride_a_k + offs_r[None, :] * stride_a_r,
             mask=mask_k[:, None] & mask_r[None, :], other=0.0,
@@ -125,12 +145,13 @@ def _lora_fwd_kernel(
 
 @triton.jit
 def _lora_bwd_dx_kernel(
-    DY_ptr, W_ptr, A_ptr, B_ptr, DX_ptr, DU_ptr,
+    DY_ptr, W_ptr, CODE_ptr, ABSMAX_ptr, A_ptr, B_ptr, DX_ptr, DU_ptr,
     M, N, K, R,
     stride_dy_tok, stride_dy_n, stride_w_n, stride_w_k, stride_a_r, stride_a_k,
     stride_b_n, stride_b_r, stride_dx_tok, stride_dx_k, stride_du_tok, stride_du_r,
     scaling, p, seed,
     HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    W_4BIT: tl.constexpr, QBLOCK: tl.constexpr, NEED_DX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -151,34 +172,38 @@ def _lora_bwd_dx_kernel(
             DY_ptr + offs_m[:, None] * stride_dy_tok + offs_n[None, :] * stride_dy_n,
             mask=mask_m[:, None] & mask_n[None, :], other=0.0,
         )  # fmt: skip
-        w = tl.load(
-            W_ptr + offs_n[:, None] * stride_w_n + offs_k[None, :] * stride_w_k,
-            mask=mask_n[:, None] & mask_k[None, :], other=0.0,
-        )  # fmt: skip
+        if NEED_DX:
+            w = _load_w(
+                W_ptr, CODE_ptr, ABSMAX_ptr, offs_n[:, None], offs_k[None, :], stride_w_n,
+                stride_w_k, K, mask_n[:, None] & mask_k[None, :], W_4BIT, QBLOCK,
+            )  # fmt: skip
+            w = _cast(w, DY_ptr.dtype.element_ty, FP32_DOT)
         b = tl.load(
             B_ptr + offs_n[:, None] * stride_b_n + offs_r[None, :] * stride_b_r,
             mask=mask_n[:, None] & mask_r[None, :], other=0.0,
         )  # fmt: skip
         if FP32_DOT:
             dy = dy.to(tl.float32)
-            w = w.to(tl.float32)
             b = b.to(tl.float32)
-        acc += tl.dot(dy, w, input_precision=DOT_PRECISION)
+        if NEED_DX:
+            acc += tl.dot(dy, w.to(dy.dtype), input_precision=DOT_PRECISION)
         acc_du += tl.dot(dy.to(b.dtype), b, input_precision=DOT_PRECISION)
 
     du = acc_du * scaling
-    a = tl.load(
-        A_ptr + offs_r[:, None] * stride_a_r + offs_k[None, :] * stride_a_k,
-        mask=mask_r[:, None] & mask_k[None, :], other=0.0,
-    ).to(tl.float32)  # fmt: skip
-    dxl = tl.dot(du, a, input_precision="ieee")
-    if HAS_DROPOUT:
-        dxl = tl.where(_keep(seed, offs_m, offs_k, K, p), dxl * (1.0 / (1.0 - p)), 0.0)
-    acc += dxl
-    tl.store(
-        DX_ptr + offs_m[:, None] * stride_dx_tok + offs_k[None, :] * stride_dx_k,
-        _cast(acc, DX_ptr.dtype.element_ty, FP32_DOT), mask=mask_m[:, None] & mask_k[None, :],
-    )  # fmt: skip
+    if NEED_DX:
+        a = tl.load(
+            A_ptr + offs_r[:, None] * stride_a_r + offs_k[None, :] * stride_a_k,
+            mask=mask_r[:, None] & mask_k[None, :], other=0.0,
+        ).to(tl.float32)  # fmt: skip
+        dxl = tl.dot(du, a, input_precision="ieee")
+        if HAS_DROPOUT:
+            dxl = tl.where(_keep(seed, offs_m, offs_k, K, p), dxl * (1.0 / (1.0 - p)), 0.0)
+        acc += dxl
+        tl.store(
+            DX_ptr + offs_m[:, None] * stride_dx_tok + offs_k[None, :] * stride_dx_k,
+            _cast(acc, DX_ptr.dtype.element_ty, FP32_DOT), mask=mask_m[:, None] & mask_k[None, :],
+        )  # fmt: skip
+
     if pid_k == 0:
         tl.store(
             DU_ptr + offs_m[:, None] * stride_du_tok + offs_r[None, :] * stride_du_r,
@@ -263,6 +288,27 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if (INTERPRET or dtype == torch.float32) else "tf32"
 
 
+def _weight_args(W: torch.Tensor, quant_state) -> tuple:
+    """(W, code, absmax, stride_n, stride_k, W_4BIT, QBLOCK) kernel arguments.
+
+    4-bit: W is bitsandbytes' packed uint8 weight; code (16,) fp32 is the NF4/FP4 table and
+    absmax (ceil(N*K / blocksize),) fp32 the per-block scales, double-quantized ones expanded
+    here (a tiny tensor) exactly as ``bitsandbytes.functional.dequantize_4bit`` does.
+    """
+    if quant_state is None:
+        return W, W, W, W.stride(0), W.stride(1), False, 1
+    absmax = quant_state.absmax
+    if quant_state.nested:
+        from bitsandbytes.functional import dequantize_blockwise
+
+        absmax = dequantize_blockwise(quant_state.absmax, quant_state.state2)
+        absmax += quant_state.offset
+    packed = W.reshape(-1)
+    code = quant_state.code.to(device=W.device, dtype=torch.float32)
+    absmax = absmax.to(device=W.device, dtype=torch.float32)
+    return packed, code, absmax, 0, 0, True, quant_state.blocksize
+
+
 def lora_fwd(
     x: torch.Tensor,
     W: torch.Tensor,
@@ -272,18 +318,22 @@ def lora_fwd(
     dropout_p: float,
     seed: int,
     bias: torch.Tensor | None,
+    quant_state=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
     Args:
-        x: (M, K) fp32/fp16/bf16, last dim contiguous or any strides.
-        W: (N, K) same dtype as x. A: (r, K), B: (N, r): the adapter dtype (may differ from x).
+        x: (M, K) fp32/fp16/bf16, any strides.
+        W: (N, K) same dtype as x; or, with ``quant_state`` (bitsandbytes QuantState of shape
+            (N, K)), the packed 4-bit weight ((N*K+1)//2 uint8).
+        A: (r, K), B: (N, r): the adapter dtype (may differ from x's).
         bias: (N,) or None.
     Returns:
         y: (M, N) x.dtype; u: (M, r) A.dtype, ``dropout(x) Aᵀ`` (saved for backward).
     """
     M, K = x.shape
     N, R = B.shape
+    W, code, absmax, stride_w_n, stride_w_k, w_4bit, qblock = _weight_args(W, quant_state)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     u = torch.empty((M, R), device=x.device, dtype=A.dtype)
     if M == 0:
@@ -291,13 +341,13 @@ def lora_fwd(
     BM, BN, BK, BR = _blocks(R)
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
     _lora_fwd_kernel[grid](
-        x, W, A, B, bias if bias is not None else y, y, u,
+        x, W, code, absmax, A, B, bias if bias is not None else y, y, u,
         M, N, K, R,
-        x.stride(0), x.stride(1), W.stride(0), W.stride(1), A.stride(0), A.stride(1),
+        x.stride(0), x.stride(1), stride_w_n, stride_w_k, A.stride(0), A.stride(1),
         B.stride(0), B.stride(1), y.stride(0), y.stride(1), u.stride(0), u.stride(1),
         float(scaling), float(dropout_p), int(seed),
         HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, FP32_DOT=INTERPRET,
-        DOT_PRECISION=_dot_precision(x.dtype),
+        DOT_PRECISION=_dot_precision(x.dtype), W_4BIT=w_4bit, QBLOCK=qblock,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BR,
     )  # fmt: skip
     return y, u
@@ -314,16 +364,19 @@ def lora_bwd(
     dropout_p: float,
     seed: int,
     need_dx: bool,
+    quant_state=None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels.
 
     Args:
-        dy: (M, N) x.dtype; x: (M, K); W: (N, K); A: (r, K); B: (N, r); u: (M, r) from forward.
+        dy: (M, N) x.dtype; x: (M, K); W: (N, K) or packed 4-bit with ``quant_state`` (see
+            ``lora_fwd``); A: (r, K); B: (N, r); u: (M, r) from forward.
     Returns:
         dx: (M, K) x.dtype or None when not needed; dA: (r, K) and dB: (N, r) in A.dtype.
     """
     M, K = x.shape
     N, R = B.shape
+    W, code, absmax, stride_w_n, stride_w_k, w_4bit, qblock = _weight_args(W, quant_state)
     BM, BN, BK, BR = _blocks(R)
     du = torch.empty((M, R), device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if need_dx else None
@@ -331,15 +384,16 @@ def lora_bwd(
     dB = torch.empty_like(B)
     if M == 0:
         return dx, dA.zero_(), dB.zero_()
-    # The dx kernel also produces du; when dx is not needed it still runs for du (one N pass).
-    dx_buf = dx if dx is not None else torch.empty((M, K), device=x.device, dtype=x.dtype)
-    _lora_bwd_dx_kernel[(triton.cdiv(M, BM), triton.cdiv(K, BK))](
-        dy, W, A, B, dx_buf, du,
+    # The dx kernel also produces du; without dx it only computes du (grid of one K-tile).
+    dx_buf = dx if dx is not None else du
+    _lora_bwd_dx_kernel[(triton.cdiv(M, BM), triton.cdiv(K, BK) if need_dx else 1)](
+        dy, W, code, absmax, A, B, dx_buf, du,
         M, N, K, R,
-        dy.stride(0), dy.stride(1), W.stride(0), W.stride(1), A.stride(0), A.stride(1),
+        dy.stride(0), dy.stride(1), stride_w_n, stride_w_k, A.stride(0), A.stride(1),
         B.stride(0), B.stride(1), dx_buf.stride(0), dx_buf.stride(1), du.stride(0), du.stride(1),
         float(scaling), float(dropout_p), int(seed),
         HAS_DROPOUT=dropout_p > 0.0, FP32_DOT=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype),
+        W_4BIT=w_4bit, QBLOCK=qblock, NEED_DX=need_dx,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BR,
     )  # fmt: skip
     _lora_bwd_dadb_kernel[(triton.cdiv(K, BK) + triton.cdiv(N, BN),)](

@@ -18,9 +18,10 @@ Backends (``backend=``):
 - ``"auto"``: triton on CUDA for dense weights, torch otherwise.
 
 "Same seed" therefore means the same mask *within* a backend; the two backends use different
-generators. QLoRA: pass a bitsandbytes ``Params4bit`` as W; the base product runs through
-bitsandbytes' own ``matmul_4bit`` and backward dequantizes W (as bitsandbytes does) — no
-Triton NF4 path yet, so 4-bit always uses the torch backend.
+generators. QLoRA: pass a bitsandbytes ``Params4bit`` (NF4 or FP4, plain or double-quantized)
+as W. The Triton kernels dequantize it tile by tile while loading; the torch backend runs the
+base product through bitsandbytes' own ``matmul_4bit`` and backward dequantizes W once (as
+bitsandbytes' own backward does).
 
 >>> import torch
 >>> x, W = torch.randn(5, 32), torch.randn(24, 32)
@@ -59,13 +60,8 @@ def _resolve_backend(backend: str, x: torch.Tensor, W: Any) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if x.is_cuda and not _is_4bit(W) else "torch"
+        return "triton" if x.is_cuda else "torch"
     if backend == "triton":
-        if _is_4bit(W):
-            raise NotImplementedError(
-                "backend='triton' has no 4-bit (NF4) weight path yet; use backend='torch' "
-                "(bitsandbytes matmul + fused low-rank path)"
-            )
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
             raise RuntimeError(
                 "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
@@ -165,7 +161,8 @@ class _LoraLinearFn(torch.autograd.Function):
         if backend == "triton":
             from pyfast_tune.kernels import _lora_triton
 
-            y, u = _lora_triton.lora_fwd(x2, W, A, B, scaling, p, rng, bias)
+            qs = W.quant_state if _is_4bit(W) else None
+            y, u = _lora_triton.lora_fwd(x2, W, A, B, scaling, p, rng, bias, qs)
         else:
             xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
             xd = _torch_noise(xa, p, *rng).mul_(xa) if p > 0.0 else xa
@@ -190,7 +187,8 @@ class _LoraLinearFn(torch.autograd.Function):
         if ctx.backend == "triton":
             from pyfast_tune.kernels import _lora_triton
 
-            dx, dA, dB = _lora_triton.lora_bwd(dy, x2, W, A, B, u, s, p, ctx.rng, need_dx)
+            qs = ctx.quant_state
+            dx, dA, dB = _lora_triton.lora_bwd(dy, x2, W, A, B, u, s, p, ctx.rng, need_dx, qs)
             return dx, dA, dB, None, None, None, None, None, None
         dya = dy if dy.dtype == A.dtype else dy.to(A.dtype)
         du = (dya @ B).mul_(s)  # (M, r)
