@@ -56,12 +56,16 @@ def build_model(cfg, dtype_name: str, local_rank: int = 0, zero_stage: int = 0) 
     model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
     model.config.use_cache = False
 
-    # transformers 5 renamed gradient checkpointing to activation checkpointing.
-    checkpointing = getattr(model, "activation_checkpointing_enable", None)
-    checkpointing = checkpointing or model.gradient_checkpointing_enable
+    def checkpointing():
+        # Non-reentrant: works with frozen inputs and kwargs. transformers 5 renamed the API.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+
     if cfg.method == "full":
         if cfg.gradient_checkpointing:
-            checkpointing(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpointing()
         return model
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -73,7 +77,7 @@ def build_model(cfg, dtype_name: str, local_rank: int = 0, zero_stage: int = 0) 
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif cfg.gradient_checkpointing:
-        checkpointing(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing()
         # Frozen embeddings give activations without grad; checkpointed blocks need one.
         model.enable_input_require_grads()
     lora = LoraConfig(

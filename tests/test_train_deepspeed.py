@@ -1,0 +1,185 @@
+"""Multi-process DeepSpeed training on CPU (gloo): real chats, the SmolLM2 tokenizer, a tiny Llama.
+
+Default run: a 2-process ZeRO-2 LoRA run (loss falls, metrics, checkpoints, from_pretrained)
+and 1 process resuming it mid-run with the same losses. Slow (-m slow): ZeRO-3 full and LoRA,
+ZeRO-2 full, same-world resume, QLoRA under DeepSpeed.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyfast_tune.train import launch_command
+from pyfast_tune.trainer.metrics import read_metrics
+from tests.conftest import ROOT, shared_path
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Packed chitchat (short chats, 256-token packs), a tiny model and a base config."""
+    from pyfast_tune.data import pack
+    from pyfast_tune.trainer.tiny import make_tiny_llama, trimmed_conversations
+
+    tok = shared_path("tokenizers", "smollm2")
+    src = shared_path("chitchat.jsonl")
+    d = tmp_path_factory.mktemp("ds")
+    jsonl = trimmed_conversations(src, d / "chat.jsonl", records=150, turns=4)
+    pack([jsonl], d / "packed", tokenizer=tok, max_length=256, format="openai", template="default")
+    model = make_tiny_llama(d / "tiny", tok, seed=0, init_std=0.1)
+    config = d / "run.yaml"
+    config.write_text(
+        f"model: {model}\n"
+        f"data: {d / 'packed'}\n"
+        "max_length: 256\n"
+        "method: lora\n"
+        "lora: {r: 8, alpha: 16, dropout: 0.1}\n"
+        f"max_steps: {STEPS}\n"
+        "lr: 1.0e-2\n"
+        "warmup_steps: 1\n"
+        "micro_batch_size: 1\n"
+        "global_batch_size: 4\n"
+        "save_steps: 3\n"
+        "progress_bar: false\n"
+    )
+    return {"config": config, "model": model, "packed": d / "packed", "tok": tok}
+
+
+def train(setup, out: Path, nproc: int, *args: str) -> list[dict]:
+    """Run pyfast_tune/train.py under torchrun with ``nproc`` processes; its metrics."""
+    cmd = launch_command(setup["config"], nproc=nproc, extra_args=["--output_dir", str(out), *args])
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return read_metrics(out / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def zero2_lora(setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero2_lora")
+    return out, train(setup, out, 2, "--deepspeed", "zero2")
+
+
+def _assert_learns(metrics):
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    for m in metrics:
+        assert {"loss", "lr", "tokens", "trained_tokens", "seconds", "tokens_per_s", "mfu"} <= set(
+            m
+        )
+        assert 0 < m["trained_tokens"] < m["tokens"] <= 4 * 256
+        assert 0 < m["mfu"] < 1
+    losses = [m["loss"] for m in metrics]
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def _packed_loss(model, packed_dir) -> float:
+    from pyfast_tune.data import PackedDataset
+    from pyfast_tune.trainer.batches import collate, global_normalizer
+    from pyfast_tune.trainer.step import batch_loss
+
+    ds = PackedDataset(packed_dir)
+    ids = list(range(8))
+    with torch.no_grad():
+        batch = collate([ds[i] for i in ids], "token", global_normalizer(ds, ids, "token"))
+        return float(batch_loss(model, batch, "cpu"))
+
+
+def test_zero2_lora_two_processes(setup, zero2_lora):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, metrics = zero2_lora
+    _assert_learns(metrics)
+    root = out / "checkpoints"
+    assert (root / "latest").read_text().strip() == f"step_{STEPS:08d}"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003", "step_00000006"]
+    state = json.loads((root / "step_00000006" / "trainer_state.json").read_text())
+    assert state["step"] == STEPS and state["world_size"] == 2 and state["global_batch"] == 4
+    assert (out / "loss.png").stat().st_size > 1000
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+    # The adapter loads with from_pretrained and is the trained one: lower loss than the base.
+    hf = root / "step_00000006" / "hf"
+    base = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32)
+    base_loss = _packed_loss(base, setup["packed"])
+    tuned = PeftModel.from_pretrained(base, hf)
+    assert _packed_loss(tuned, setup["packed"]) < base_loss - 0.1
+    assert AutoTokenizer.from_pretrained(hf).eos_token == "<|im_end|>"
+
+
+def test_one_process_resumes_a_two_process_run(setup, zero2_lora, tmp_path):
+    """Stop a 2-process run after step 3, resume it with 1 process: steps 4-6 are unchanged."""
+    _, full = zero2_lora
+    out = tmp_path / "run"
+    first = train(setup, out, 2, "--deepspeed", "zero2", "--stop_after_steps", "3")
+    assert [m["step"] for m in first] == [1, 2, 3]
+    # A save killed half-way leaves a temp dir: resume must ignore it.
+    (out / "checkpoints" / ".tmp-step_00000006").mkdir()
+    resumed = train(setup, out, 1, "--deepspeed", "zero2", "--resume", "true")
+    assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(resumed, full):
+        assert a["tokens"] == b["tokens"] and a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
+    assert not (out / "checkpoints" / ".tmp-step_00000006").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_resume_on_two_processes(setup, zero2_lora, tmp_path):
+    _, full = zero2_lora
+    out = tmp_path / "run"
+    train(setup, out, 2, "--deepspeed", "zero2", "--stop_after_steps", "3")
+    resumed = train(setup, out, 2, "--deepspeed", "zero2", "--resume", "true")
+    for a, b in zip(resumed, full):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), (a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,method", [("zero3", "lora"), ("zero3", "full"), ("zero2", "full")])
+def test_zero_stages_and_methods(setup, tmp_path, preset, method):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    metrics = train(setup, out, 2, "--deepspeed", preset, "--method", method, "--lr", "3e-3")
+    _assert_learns(metrics)
+    hf = out / "checkpoints" / f"step_{STEPS:08d}" / "hf"
+    base = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32)
+    base_loss = _packed_loss(base, setup["packed"])
+    if method == "full":
+        tuned = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+        assert (hf / "model.safetensors").is_file()
+    else:
+        tuned = PeftModel.from_pretrained(base, hf)
+    assert _packed_loss(tuned, setup["packed"]) < base_loss - 0.1
+
+
+@pytest.mark.slow
+def test_qlora_under_deepspeed(setup, tmp_path):
+    metrics = train(setup, tmp_path / "run", 1, "--deepspeed", "zero2", "--method", "qlora")
+    _assert_learns(metrics)
+
+
+def test_packs_raw_inputs_once_into_a_fingerprinted_cache(setup, tmp_path):
+    """data.inputs: the first process packs under a lock; a second call reuses the directory."""
+    from pyfast_tune.config import load_config
+    from pyfast_tune.data import PackedDataset
+    from pyfast_tune.trainer.data_cache import prepare_packed_dir
+
+    jsonl = setup["packed"].parent / "chat.jsonl"
+    args = ["--model", "m", "--data.inputs", f"[{jsonl}]", "--data.format", "openai"]
+    args += ["--data.tokenizer", str(setup["tok"]), "--max_length", "256"]
+    cfg = load_config(None, args)
+    first = prepare_packed_dir(cfg.data, 256, None, tmp_path)
+    mtime = (first / "meta.json").stat().st_mtime_ns
+    again = prepare_packed_dir(cfg.data, 256, None, tmp_path)
+    assert again == first and (first / "meta.json").stat().st_mtime_ns == mtime
+    assert len(PackedDataset(first)) == len(PackedDataset(setup["packed"]))
+    cfg.data.template = "internlm2_chat"  # another template: another cache entry
+    assert prepare_packed_dir(cfg.data, 256, None, tmp_path) != first
+    shutil.rmtree(tmp_path)
