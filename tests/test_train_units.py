@@ -15,6 +15,7 @@ from pyfast_tune.trainer.batches import (
     shifted_targets,
 )
 from pyfast_tune.trainer.ds_config import PRESETS, deepspeed_config
+from tests.conftest import ROOT
 
 # ---------------------------------------------------------------- config and overrides
 
@@ -243,3 +244,19 @@ def test_launch_command_is_an_argument_list():
     cmd = launch_command("a b.yaml", num_gpus=8)
     assert cmd[1:5] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "8"]
     assert "a b.yaml" in cmd  # one argument, no shell quoting involved
+
+
+# ---------------------------------------------------------------- example configs
+
+CONFIGS = ROOT / "pyfast_tune" / "configs"
+
+
+@pytest.mark.parametrize("name", ["full", "lora", "qlora", "pretrain"])
+def test_example_configs_open_with_their_command_and_load(name):
+    path = CONFIGS / f"{name}.yaml"
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and "pyfast_tune/train.py" in first
+    assert f"configs/{name}.yaml" in first
+    cfg = load_config(path)
+    assert cfg.method == {"pretrain": "full"}.get(name, name)
+    deepspeed_config(cfg.deepspeed, **GEOMETRY)  # its preset resolves
