@@ -123,11 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     return cli(
         [
             "pack",
-            "--in", str(data),
-            "--out", str(out / "packed"),
-            "--tokenizer", str(tok),
-            "--max-length", str(args.max_length),
-            "--template", "internlm2_chat",
+            "--in",
+            str(data),
+            "--out",
+            str(out / "packed"),
+            "--tokenizer",
+            str(tok),
+            "--max-length",
+            str(args.max_length),
+            "--template",
+            "internlm2_chat",
         ]
     )
 

@@ -122,21 +122,32 @@ def test_chitchat_fill_and_no_split(tmp_path):
 # --- XTuner semantics on generated data (no ../shared needed) --------------------------------
 
 BRANCH_RECORDS = [
-    {"messages": [
-        {"role": "assistant", "content": "leading assistant is skipped"},
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi {round} {input}"},
-        {"role": "user", "content": " again"},
-        {"role": "assistant", "content": "Not trained", "loss": False},
-        {"role": "user", "content": "Q2"},
-        {"role": "assistant", "content": "Trained", "loss": "True"},
-        {"role": "user", "content": "dangling question"},
-    ]},
-    {"messages": [{"role": "user", "content": "only untrained"},
-                  {"role": "assistant", "content": "x", "loss": False}]},
+    {
+        "messages": [
+            {"role": "assistant", "content": "leading assistant is skipped"},
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi {round} {input}"},
+            {"role": "user", "content": " again"},
+            {"role": "assistant", "content": "Not trained", "loss": False},
+            {"role": "user", "content": "Q2"},
+            {"role": "assistant", "content": "Trained", "loss": "True"},
+            {"role": "user", "content": "dangling question"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "only untrained"},
+            {"role": "assistant", "content": "x", "loss": False},
+        ]
+    },
     {"messages": [{"role": "user", "content": "no answer"}]},
-    {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "e"},
-                  {"role": "assistant", "content": ""}]},
+    {
+        "messages": [
+            {"role": "system", "content": ""},
+            {"role": "user", "content": "e"},
+            {"role": "assistant", "content": ""},
+        ]
+    },
 ]
 
 
@@ -167,14 +178,23 @@ def test_alpaca_and_conversation_formats(tmp_path, tiny_tokenizer):
         {"instruction": "Add", "input": "1 and 2", "output": "3"},
         {"instruction": "Skip", "input": "", "output": "<nooutput>"},
     ]
-    conv = [{"conversation": [
-        {"system": "S", "input": "a", "output": "b", "output_with_loss": False},
-        {"input": "c", "output": "d"},
-    ]}]
+    conv = [
+        {
+            "conversation": [
+                {"system": "S", "input": "a", "output": "b", "output_with_loss": False},
+                {"input": "c", "output": "d"},
+            ]
+        }
+    ]
     write_jsonl(tmp_path / "d" / "a.jsonl", alpaca)
     write_jsonl(tmp_path / "d" / "b.jsonl", conv)
-    stats = pack(tmp_path / "d", tmp_path / "p", tokenizer=tiny_tokenizer, max_length=128,
-                 template="internlm2_chat")
+    stats = pack(
+        tmp_path / "d",
+        tmp_path / "p",
+        tokenizer=tiny_tokenizer,
+        max_length=128,
+        template="internlm2_chat",
+    )
     tok = RefTokenizer(tiny_tokenizer)
     expected = reference_samples(alpaca, "alpaca", "internlm2_chat", tok, 128)
     expected += reference_samples(conv, "conversation", "internlm2_chat", tok, 128)
@@ -189,6 +209,7 @@ def test_alpaca_and_conversation_formats(tmp_path, tiny_tokenizer):
 
 # --- determinism ------------------------------------------------------------------------------
 
+
 def dir_bytes(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
 
@@ -198,12 +219,25 @@ def test_threads_give_byte_identical_output(tmp_path, tiny_tokenizer):
     outs = []
     for threads in (1, 2, 3):
         out = tmp_path / f"p{threads}"
-        pack(data, out, tokenizer=tiny_tokenizer, max_length=512, template="qwen_chat",
-             threads=threads, seed=7)
+        pack(
+            data,
+            out,
+            tokenizer=tiny_tokenizer,
+            max_length=512,
+            template="qwen_chat",
+            threads=threads,
+            seed=7,
+        )
         outs.append(dir_bytes(out))
     assert outs[0] == outs[1] == outs[2]
-    assert set(outs[0]) == {"input_ids.bin", "loss_mask.bin", "samples.bin", "packs.bin",
-                            "pack_samples.bin", "meta.json"}
+    assert set(outs[0]) == {
+        "input_ids.bin",
+        "loss_mask.bin",
+        "samples.bin",
+        "packs.bin",
+        "pack_samples.bin",
+        "meta.json",
+    }
 
 
 def test_seed_changes_order_only(tmp_path, tiny_tokenizer):
@@ -211,7 +245,9 @@ def test_seed_changes_order_only(tmp_path, tiny_tokenizer):
     a = pack(data, tmp_path / "a", tokenizer=tiny_tokenizer, max_length=512, seed=0)
     b = pack(data, tmp_path / "b", tokenizer=tiny_tokenizer, max_length=512, seed=1)
     da, db = PackedDataset(tmp_path / "a"), PackedDataset(tmp_path / "b")
-    assert (tmp_path / "a/input_ids.bin").read_bytes() != (tmp_path / "b/input_ids.bin").read_bytes()
+    assert (tmp_path / "a/input_ids.bin").read_bytes() != (
+        tmp_path / "b/input_ids.bin"
+    ).read_bytes()
     assert a.tokens == b.tokens and a.samples == b.samples and a.fingerprint != b.fingerprint
     for j in range(0, da.num_samples, 37):
         np.testing.assert_array_equal(da.sample(j)["input_ids"], db.sample(j)["input_ids"])
@@ -220,16 +256,28 @@ def test_seed_changes_order_only(tmp_path, tiny_tokenizer):
 def test_fingerprint_matches_pack_and_tracks_inputs(tmp_path, tiny_tokenizer):
     data = write_jsonl(tmp_path / "d.jsonl", synth_conversations(50, seed=2))
     fp = fingerprint(data, tokenizer=tiny_tokenizer, max_length=256, template="qwen_chat")
-    stats = pack(data, tmp_path / "p", tokenizer=tiny_tokenizer, max_length=256, template="qwen_chat")
+    stats = pack(
+        data, tmp_path / "p", tokenizer=tiny_tokenizer, max_length=256, template="qwen_chat"
+    )
     assert stats.fingerprint == fp == PackedDataset(tmp_path / "p").meta["fingerprint"]
     with data.open("a") as f:
-        f.write(json.dumps({"messages": [{"role": "user", "content": "x"},
-                                         {"role": "assistant", "content": "y"}]}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "x"},
+                        {"role": "assistant", "content": "y"},
+                    ]
+                }
+            )
+            + "\n"
+        )
     assert fingerprint(data, tokenizer=tiny_tokenizer, max_length=256, template="qwen_chat") != fp
     assert fingerprint(data, tokenizer=tiny_tokenizer, max_length=255, template="qwen_chat") != fp
 
 
 # --- inputs ------------------------------------------------------------------------------------
+
 
 def test_inputs_dirs_globs_compression_arrays_and_order(tmp_path, tiny_tokenizer):
     recs = synth_conversations(40, seed=9)
@@ -242,7 +290,9 @@ def test_inputs_dirs_globs_compression_arrays_and_order(tmp_path, tiny_tokenizer
     import zstandard
 
     (root / "c.jsonl.zst").write_bytes(
-        zstandard.ZstdCompressor().compress("".join(json.dumps(r) + "\n" for r in recs[30:]).encode())
+        zstandard.ZstdCompressor().compress(
+            "".join(json.dumps(r) + "\n" for r in recs[30:]).encode()
+        )
     )
     pack(root, tmp_path / "p", tokenizer=tiny_tokenizer, max_length=4096)
     ds = PackedDataset(tmp_path / "p")
@@ -288,7 +338,9 @@ def test_malformed_line_names_file_and_line(tmp_path, tiny_tokenizer):
 
 def test_wrong_shape_record_names_record(tmp_path, tiny_tokenizer):
     data = write_jsonl(tmp_path / "w.jsonl", [GOOD, {"messages": [{"role": "user", "content": 5}]}])
-    with pytest.raises(DataFormatError, match=r"w\.jsonl:2 \(record 1\).*content.*expected a string"):
+    with pytest.raises(
+        DataFormatError, match=r"w\.jsonl:2 \(record 1\).*content.*expected a string"
+    ):
         pack(data, tmp_path / "p", tokenizer=tiny_tokenizer, format="openai")
     data = write_jsonl(tmp_path / "u.jsonl", [{"question": "?"}])
     with pytest.raises(DataFormatError, match="cannot detect the format"):
@@ -310,8 +362,12 @@ def test_empty_file_and_missing_tokenizer(tmp_path, tiny_tokenizer):
 
 
 def test_long_sample_truncated_and_counted(tmp_path, tiny_tokenizer):
-    long = {"messages": [{"role": "user", "content": "hi"},
-                         {"role": "assistant", "content": "word " * 500}]}
+    long = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "word " * 500},
+        ]
+    }
     data = write_jsonl(tmp_path / "l.jsonl", [GOOD, long])
     stats = pack(data, tmp_path / "p", tokenizer=tiny_tokenizer, max_length=64)
     ref = reference_samples([GOOD, long], "openai", "default", RefTokenizer(tiny_tokenizer), 10**9)
@@ -341,8 +397,21 @@ def test_skip_bad_counts(tmp_path, tiny_tokenizer):
 
 def test_cli_pack_summary_and_errors(tmp_path, tiny_tokenizer, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", synth_conversations(30, seed=1))
-    rc = cli(["pack", "--in", str(data), "--out", str(tmp_path / "p"), "--tokenizer",
-              str(tiny_tokenizer), "--max-length", "256", "--template", "qwen_chat"])
+    rc = cli(
+        [
+            "pack",
+            "--in",
+            str(data),
+            "--out",
+            str(tmp_path / "p"),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--max-length",
+            "256",
+            "--template",
+            "qwen_chat",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "30 samples" in out and "fill" in out and "tokens/s" in out
     assert cli(["verify", str(tmp_path / "p")]) == 0
@@ -353,6 +422,7 @@ def test_cli_pack_summary_and_errors(tmp_path, tiny_tokenizer, capsys):
 
 
 # --- the packed directory ----------------------------------------------------------------------
+
 
 def test_fingerprint_mismatch_and_corruption_refused(tmp_path, tiny_tokenizer):
     data = write_jsonl(tmp_path / "d.jsonl", synth_conversations(40, seed=4))

@@ -15,7 +15,9 @@ ALPACA_SYSTEM = (
 )
 
 TEMPLATES = {
-    "default": dict(SYSTEM="<|System|>:{system}\n", INSTRUCTION="<|User|>:{input}\n<|Bot|>:", SEP="\n"),
+    "default": dict(
+        SYSTEM="<|System|>:{system}\n", INSTRUCTION="<|User|>:{input}\n<|Bot|>:", SEP="\n"
+    ),
     "internlm2_chat": dict(
         SYSTEM="<|im_start|>system\n{system}<|im_end|>\n",
         INSTRUCTION="<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
@@ -57,7 +59,12 @@ def openai_map_fn(example):
             if isinstance(loss, str):
                 loss = loss.lower() == "true"
             conversation.append(
-                {"system": system, "input": input_, "output": msg["content"], "output_with_loss": loss}
+                {
+                    "system": system,
+                    "input": input_,
+                    "output": msg["content"],
+                    "output_with_loss": loss,
+                }
             )
             system, input_ = "", ""
         else:
@@ -80,11 +87,17 @@ def alpaca_map_fn(example):
 
 
 def pretrain_map_fn(example):
-    return {"conversation": [{"input": "", "output": example["text"].strip(), "need_eos_token": False}]}
+    return {
+        "conversation": [{"input": "", "output": example["text"].strip(), "need_eos_token": False}]
+    }
 
 
-MAP_FNS = {"openai": openai_map_fn, "alpaca": alpaca_map_fn, "pretrain": pretrain_map_fn,
-           "conversation": lambda e: {"conversation": [dict(t) for t in e["conversation"]]}}
+MAP_FNS = {
+    "openai": openai_map_fn,
+    "alpaca": alpaca_map_fn,
+    "pretrain": pretrain_map_fn,
+    "conversation": lambda e: {"conversation": [dict(t) for t in e["conversation"]]},
+}
 
 
 def template_map_fn(example, template):
@@ -121,7 +134,12 @@ class RefTokenizer:
                 v = v["content"]
             return None if v is None else self.tok.token_to_id(v)
 
-        qwen = cfg.get("tokenizer_class") in ("QWenTokenizer", "QWen2Tokenizer", "Qwen2Tokenizer", "Qwen2TokenizerFast")
+        qwen = cfg.get("tokenizer_class") in (
+            "QWenTokenizer",
+            "QWen2Tokenizer",
+            "Qwen2Tokenizer",
+            "Qwen2TokenizerFast",
+        )
         bos = None if qwen else tid("bos_token")
         eos = tid("eos_token")
         self.bos = [] if bos is None else [bos]
