@@ -332,12 +332,26 @@ def _train(model, steps=3):
 
 
 @pytest.mark.parametrize(
-    "backend,dropout,quantized",
-    [("torch", 0.1, False), ("triton", 0.0, False), ("torch", 0.1, True), ("triton", 0.0, True)],
-    ids=["torch-dropout", "triton", "qlora-torch-dropout", "qlora-triton"],
-)
-def test_swap_trains_like_peft(tmp_path, backend, dropout, quantized):
-    peft_model = _peft(_tiny_llama(tmp_path, quantized), dropout)
+    "backend,dropout,quantized,dtype",
+    [
+        ("torch", 0.1, False, torch.float32),
+        ("triton", 0.0, False, torch.float32),
+        ("torch", 0.1, True, torch.float32),
+        ("triton", 0.0, True, torch.float32),
+        ("torch", 0.1, False, torch.bfloat16),
+        ("triton", 0.0, False, torch.bfloat16),
+    ],
+    ids=["torch-dropout", "triton", "qlora-torch-dropout", "qlora-triton", "bf16-torch-dropout",
+         "bf16-triton"],
+)  # fmt: skip
+def test_swap_trains_like_peft(tmp_path, backend, dropout, quantized, dtype):
+    """Losses of a tiny Llama trained with the swap equal peft's own (dropout masks included).
+
+    bf16: peft keeps the adapters in fp32 (mixed-dtype op); the two computations round
+    differently, so losses agree to 1e-3 (a different dropout mask moves them by ~5e-3).
+    """
+    base = _tiny_llama(tmp_path, quantized)
+    peft_model = _peft(base if quantized else base.to(dtype), dropout)
     fused = copy.deepcopy(peft_model)
     assert patch_peft_lora(fused, backend=backend) == 2 * len(TARGETS)
     q_proj = fused.base_model.model.model.layers[0].self_attn.q_proj
@@ -345,14 +359,15 @@ def test_swap_trains_like_peft(tmp_path, backend, dropout, quantized):
 
     losses_peft, losses_fused = _train(peft_model), _train(fused)
     assert losses_fused[0] != losses_fused[-1]
-    torch.testing.assert_close(losses_fused, losses_peft, rtol=2e-5, atol=0)
+    rtol, atol = (2e-5, 1e-6) if dtype == torch.float32 else (1e-3, 1e-3)
+    torch.testing.assert_close(losses_fused, losses_peft, rtol=rtol, atol=0)
 
     # the trained adapters agree, and saving them is unaffected by the swap
     sd_peft = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
     sd_fused = {k: v for k, v in fused.state_dict().items() if "lora_" in k}
     assert sd_fused.keys() == sd_peft.keys()
     for k in sd_peft:
-        torch.testing.assert_close(sd_fused[k], sd_peft[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(sd_fused[k], sd_peft[k], rtol=100 * rtol, atol=atol)
 
 
 def test_patch_keeps_saved_adapters_and_merged_weights(tmp_path):

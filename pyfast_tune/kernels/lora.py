@@ -350,7 +350,8 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
     """peft ``lora.Linear`` / ``Linear4bit`` forward through ``lora_linear``.
 
     Cases the fused op does not cover (adapters disabled or merged, several active adapters,
-    mixed-adapter batches, extra arguments, autocast) go to peft's own forward.
+    mixed-adapter batches, extra arguments, autocast, ZeRO-3 partitioned weights) go to peft's
+    own forward.
     """
     adapters = [a for a in self.active_adapters if a in self.lora_A]
     base = self.get_base_layer()
@@ -366,6 +367,10 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
         A = self.lora_A[adapters[0]].weight
         B = self.lora_B[adapters[0]].weight
         if x.dtype != A.dtype and not getattr(self, "cast_input_dtype_enabled", True):
+            fallback = True
+        # DeepSpeed ZeRO-3 gathers a partitioned weight only when its own module runs; the
+        # fused op reads W, A and B directly, so it leaves those layers to peft.
+        if any(getattr(t, "ds_id", None) is not None for t in (A, B, base.weight)):
             fallback = True
     if not fallback and _is_4bit(base.weight):
         from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
