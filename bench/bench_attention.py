@@ -62,7 +62,10 @@ def _worker(method: str, tokens: int, segments: int, mode: str, repeat: int) -> 
             return varlen_attention(q, k, v, cu, cu, seg, seg, causal=True, backend="cpp")
         if method == "dense":
             o = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask
+                q.transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                attn_mask=mask,
             )
             return o[0].transpose(0, 1)
         outs = []
@@ -103,7 +106,16 @@ def measure(method: str, tokens: int, segments: int, mode: str, repeat: int) -> 
     """One measurement in a fresh interpreter (clean allocator, own peak RSS)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
-    args = [sys.executable, __file__, "--worker", method, str(tokens), str(segments), mode, str(repeat)]
+    args = [
+        sys.executable,
+        __file__,
+        "--worker",
+        method,
+        str(tokens),
+        str(segments),
+        mode,
+        str(repeat),
+    ]
     res = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{method} {tokens}/{segments} {mode} failed:\n{res.stderr[-3000:]}")
@@ -118,7 +130,9 @@ def run_all(shapes=SHAPES, repeat: int = 3, methods=METHODS) -> list[dict]:
         f"\nvarlen attention, CPU: {os.cpu_count()} cores, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}; H {HEADS}, D {HEAD_DIM}, fp32, causal, equal segments"
     )
-    print(f"{'tokens/segs':>12} {'pass':>8} {'method':>6} {'ms':>10} {'peak MiB':>9} {'ours is':>22}")
+    print(
+        f"{'tokens/segs':>12} {'pass':>8} {'method':>6} {'ms':>10} {'peak MiB':>9} {'ours is':>22}"
+    )
     rows = []
     for tokens, segments in shapes:
         for mode in PASSES:
@@ -150,7 +164,9 @@ def main() -> None:
         print(json.dumps(_worker(method, int(tokens), int(segments), mode, int(repeat))))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", nargs="*", default=[f"{t}x{s}" for t, s in SHAPES], help="TOKENSxSEGMENTS")
+    ap.add_argument(
+        "--shapes", nargs="*", default=[f"{t}x{s}" for t, s in SHAPES], help="TOKENSxSEGMENTS"
+    )
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
