@@ -93,12 +93,14 @@ def run_all() -> None:
             if name == "sdpa-loop" and segments > 64:
                 continue  # thousands of tiny launches: not a baseline anyone would run
 
-            def fwd(fn=fn):
-                with torch.no_grad():
-                    fn(q, k, v, cu, seg)
+            args = (q, k, v, cu, seg)
 
-            def fwd_bwd(fn=fn):
-                fn(q, k, v, cu, seg).backward(dout)
+            def fwd(fn=fn, args=args):
+                with torch.no_grad():
+                    fn(*args)
+
+            def fwd_bwd(fn=fn, args=args, dout=dout):
+                fn(*args).backward(dout)
 
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
