@@ -15,13 +15,17 @@ Backends (``backend=``):
   typed like x (cast to the adapter dtype) from a generator: the device's default generator
   when ``seed is None`` (so a patched peft model draws the very masks peft's own ``nn.Dropout``
   draws for the same ``torch.manual_seed``), else ``torch.Generator(device).manual_seed(seed)``.
-- ``"auto"``: triton on CUDA for dense weights, torch otherwise.
+- ``"auto"``: triton on CUDA (dense or 4-bit W), torch otherwise.
 
 "Same seed" therefore means the same mask *within* a backend; the two backends use different
 generators. QLoRA: pass a bitsandbytes ``Params4bit`` (NF4 or FP4, plain or double-quantized)
 as W. The Triton kernels dequantize it tile by tile while loading; the torch backend runs the
 base product through bitsandbytes' own ``matmul_4bit`` and backward dequantizes W once (as
-bitsandbytes' own backward does).
+bitsandbytes' own backward does). Caveat seen with bitsandbytes 0.50 on CPU: its C++ 4-bit
+dequantize/gemm mis-index the quantization blocks when in_features is even and not a multiple
+of the blocksize (64); the torch backend inherits that (it equals peft there), the Triton
+kernels read blocks as the quantizer wrote them (flat over out × in, as bitsandbytes' CUDA and
+pure-PyTorch paths do).
 
 >>> import torch
 >>> x, W = torch.randn(5, 32), torch.randn(24, 32)
@@ -64,8 +68,8 @@ def _resolve_backend(backend: str, x: torch.Tensor, W: Any) -> str:
     if backend == "triton":
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
             raise RuntimeError(
-                "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                f"pyfast_tune.kernels is imported (got x on {x.device})"
+                "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 in the environment "
+                f"before the first Triton call (got x on {x.device})"
             )
     return backend
 
