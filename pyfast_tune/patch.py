@@ -5,8 +5,9 @@ at 0 per sample and no attention mask. Stock ``sdpa``/``eager`` attention either
 samples or depends on fragile packed-sequence detection (skipped when ``use_cache=True``), so we
 register our own attention under ``transformers.AttentionInterface`` and a matching mask
 function under ``AttentionMaskInterface`` (without the latter transformers builds no mask and
-never calls us with one; with it, the mask function returns None for unpadded input and our
-attention reads segment boundaries from ``cu_seq_lens_q/k``).
+never passes us a padding mask). Segment boundaries come from the ``cu_seq_lens_q/k`` kwargs
+transformers forwards to attention, else from position_ids resets; a padded batch (2D mask)
+is unpadded into one segment per row. Cross-sample attention is zero by construction.
 
 >>> from pyfast_tune import patch                       # doctest: +SKIP
 >>> patch.apply(model, lora=False, attention_backend="ref")
@@ -104,6 +105,30 @@ def _segments(
     return cu, seq_len
 
 
+def _run_varlen(backend, q, k, v, cu, max_len, scaling, window):
+    if backend == "op":
+        from pyfast_tune.kernels import varlen_attention
+
+        return varlen_attention(
+            q, k, v, cu, cu, max_len, max_len, causal=True, softmax_scale=scaling, window=window
+        )
+    return varlen_attention_ref(q, k, v, cu, softmax_scale=scaling, window=window)
+
+
+def _unpad(padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Token indices, cu_seqlens and max length of a (B, T) padding mask, one sample per row."""
+    mask = padding_mask.bool()
+    lengths = mask.sum(1)  # (B,)
+    t = mask.shape[1]
+    first = mask.int().argmax(1)
+    last = t - 1 - mask.flip(1).int().argmax(1)
+    if not bool(((last - first + 1 == lengths) | (lengths == 0)).all()):
+        raise ValueError("pyfast_varlen attention: each row's unpadded tokens must be contiguous")
+    idx = mask.reshape(-1).nonzero().reshape(-1)
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+    return idx, cu, int(lengths.max())
+
+
 def _varlen_forward(backend: str):
     def attention(
         module: torch.nn.Module,
@@ -117,11 +142,6 @@ def _varlen_forward(backend: str):
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         # query: (B, H, T, D), key/value: (B, H_kv, T, D) -> output (B, T, H, D), as HF expects.
-        if attention_mask is not None:
-            raise ValueError(
-                "pyfast_varlen attention takes no attention mask: pass packed rows (position_ids "
-                "restarting per sample, cu_seq_lens_q/k) instead of padding"
-            )
         if dropout:
             raise ValueError("pyfast_varlen attention does not implement attention dropout")
         if query.shape[2] != key.shape[2]:
@@ -129,39 +149,35 @@ def _varlen_forward(backend: str):
                 "pyfast_varlen attention is for training: no KV cache (use_cache=False)"
             )
         batch, heads, seq_len, head_dim = query.shape
-        cu, max_len = _segments(batch, seq_len, kwargs.get("position_ids"), kwargs)
-        cu = cu.to(query.device)
         q = query.transpose(1, 2).reshape(batch * seq_len, heads, head_dim)
         k = key.transpose(1, 2).reshape(batch * seq_len, key.shape[1], head_dim)
         v = value.transpose(1, 2).reshape(batch * seq_len, value.shape[1], value.shape[-1])
         window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
-        if backend == "op":
-            from pyfast_tune.kernels import varlen_attention
-
-            out = varlen_attention(
-                q, k, v, cu, cu, max_len, max_len, causal=True, softmax_scale=scaling, window=window
-            )
+        if attention_mask is not None:
+            # A padded batch (the mask function passes the 2D mask only when there is padding):
+            # gather the real tokens, one segment per row, and leave zeros at the pads.
+            idx, cu, max_len = _unpad(attention_mask.to(query.device))
+            out = q.new_zeros(batch * seq_len, heads, v.shape[-1])
+            out[idx] = _run_varlen(backend, q[idx], k[idx], v[idx], cu, max_len, scaling, window)
         else:
-            out = varlen_attention_ref(q, k, v, cu, softmax_scale=scaling, window=window)
+            cu, max_len = _segments(batch, seq_len, kwargs.get("position_ids"), kwargs)
+            out = _run_varlen(backend, q, k, v, cu.to(query.device), max_len, scaling, window)
         return out.reshape(batch, seq_len, heads, -1), None
 
     attention.__name__ = f"pyfast_varlen_{backend}_attention"
     return attention
 
 
-def _no_mask(*args, **kwargs) -> None:
-    """Mask function for our attention: segments come from cu_seqlens, never from a mask."""
-    return None
-
-
 def register() -> None:
     """Register our attention under ``ATTENTION_NAMES`` with transformers (idempotent)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
     for backend, name in ATTENTION_NAMES.items():
         AttentionInterface.register(name, _varlen_forward(backend))
-        AttentionMaskInterface.register(name, _no_mask)
+        # Like flash-attention: None without padding (segments then come from cu_seq_lens or
+        # position_ids), else the 2D padding mask, which our attention unpads.
+        AttentionMaskInterface.register(name, flash_attention_mask)
 
 
 def _set_attn(model: torch.nn.Module, name: str) -> None:

@@ -260,3 +260,67 @@ def test_example_configs_open_with_their_command_and_load(name):
     cfg = load_config(path)
     assert cfg.method == {"pretrain": "full"}.get(name, name)
     deepspeed_config(cfg.deepspeed, **GEOMETRY)  # its preset resolves
+
+
+# ---------------------------------------------------------------- HF wiring and launch env
+
+
+def test_patch_apply_and_revert_on_a_peft_model():
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pyfast_tune import patch
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_cache=False,
+    )
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear"))
+    before = model.get_base_model().config._attn_implementation
+    patch.apply(model, lora=True, attention_backend="ref")
+    assert model.get_base_model().config._attn_implementation == "pyfast_varlen"
+    lora_layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert "forward" in lora_layer.__dict__  # the fused LoRA op is routed in
+    ids = torch.randint(0, 64, (1, 9))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]])
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos).logits  # boundaries from position_ids
+        # A left-padded batch is unpadded: row 1 = the 3 tokens of sample 2 after 6 pads.
+        rows = torch.stack([ids[0], torch.cat([torch.zeros(6, dtype=ids.dtype), ids[0, 4:7]])])
+        mask = torch.tensor([[1] * 9, [0] * 6 + [1] * 3])
+        padded = model(
+            input_ids=rows, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)
+        ).logits
+        patch.revert(model)
+        assert model.get_base_model().config._attn_implementation == before
+        assert "forward" not in lora_layer.__dict__
+        alone = model(input_ids=ids[:, 4:7]).logits
+    torch.testing.assert_close(packed[:, 4:7], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded[1:, 6:], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_cu_seqlens_from_position_ids():
+    import torch
+
+    from pyfast_tune.patch import cu_seqlens_from_position_ids
+
+    pos = torch.tensor([[0, 1, 2, 0, 0, 1]])
+    assert cu_seqlens_from_position_ids(pos).tolist() == [0, 3, 4, 6]
+    assert cu_seqlens_from_position_ids(torch.tensor([5, 6, 0])).tolist() == [0, 2, 3]
+
+
+def test_slurm_variables_become_torch_distributed_ones(monkeypatch):
+    from pyfast_tune.train import _distributed_env
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert _distributed_env() == (5, 8, 1)
