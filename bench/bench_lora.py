@@ -4,7 +4,8 @@ Run:  .venv/bin/python bench/bench_lora.py [--tokens 4096 --in 2048 --out 2048 -
   or: .venv/bin/python -m pytest bench/bench_lora.py -s
 
 Both sides get the same weights and input (x requires grad, as it does inside a model; W is
-frozen, A and B train). Time: median wall-clock of interleaved repetitions (ours, peft, ours,
+frozen, A and B train; the adapters are peft's own tensors, fp32 on a bf16 base as peft
+keeps them). Time: median wall-clock of interleaved repetitions (ours, peft, ours,
 ...) so that load from other processes hits both alike. Saved-activation bytes: distinct
 non-parameter storages handed to autograd's ``saved_tensors_hooks`` during the forward — what
 the graph keeps alive until backward.
@@ -74,6 +75,9 @@ def run(tokens=4096, d_in=2048, d_out=2048, r=16, dropout_p=0.0, dtype=torch.flo
     dy = torch.randn(tokens, d_out, generator=g).to(dtype)
     layer, s = _peft_layer(W, A, B, dropout_p, alpha=2 * r)
     peft_params = list(layer.parameters())
+    # peft keeps adapters in fp32 on a half-precision base (autocast_adapter_dtype): use its
+    # very tensors, so both sides run the same dtypes
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
 
     def ours():
         return lora_linear(x, W, A, B, s, dropout_p, backend="torch")
