@@ -1,11 +1,16 @@
 //! Tokenizer loading: any Hugging Face `tokenizer.json`, plus the BOS/EOS rules XTuner's
-//! `get_bos_eos_token_ids` derives from the tokenizer's config.
+//! `get_bos_eos_token_ids` derives from the tokenizer's config, and the choice of backend:
+//! the `tokenizers` crate, or [`fastbpe`] when it is proven to give the same ids (issue 7).
+
+pub mod fastbpe;
+pub mod split;
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use fastbpe::FastBpe;
 
 /// Tokenizer classes for which XTuner adds no BOS token.
 const NO_BOS_CLASSES: &[&str] = &[
@@ -15,9 +20,49 @@ const NO_BOS_CLASSES: &[&str] = &[
     "Qwen2TokenizerFast",
 ];
 
+/// Which encoder turns text into ids. Both give the same ids; only the speed differs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TokenizerBackend {
+    /// The fast path when the tokenizer qualifies, else the `tokenizers` crate.
+    #[default]
+    Auto,
+    /// Always the `tokenizers` crate.
+    Hf,
+    /// The fast path; loading fails (saying why) when the tokenizer does not qualify.
+    Fast,
+}
+
+impl TokenizerBackend {
+    /// Names accepted by [`TokenizerBackend::from_name`].
+    pub const NAMES: [&'static str; 3] = ["auto", "hf", "fast"];
+
+    /// Parse `auto`, `hf` or `fast`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "auto" => Some(Self::Auto),
+            "hf" => Some(Self::Hf),
+            "fast" => Some(Self::Fast),
+            _ => None,
+        }
+    }
+
+    /// The name of this backend.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Hf => "hf",
+            Self::Fast => "fast",
+        }
+    }
+}
+
 /// A loaded tokenizer with the special ids the encoder needs.
 pub struct TextTokenizer {
     hf: tokenizers::Tokenizer,
+    /// The fast path, when chosen.
+    fast: Option<FastBpe>,
+    /// Why the fast path was not used (None when it is).
+    pub fast_refused: Option<String>,
     /// Ids put before a turn that starts a new EOS-terminated segment (may be empty).
     pub bos: Vec<u32>,
     /// Ids put after an output when the template does not use its suffix as EOS.
@@ -70,8 +115,13 @@ pub fn hash_files(path: &Path) -> Result<String> {
 
 impl TextTokenizer {
     /// Load from a directory holding `tokenizer.json` (and usually `tokenizer_config.json`)
-    /// or from the `tokenizer.json` path itself.
+    /// or from the `tokenizer.json` path itself, with the [`TokenizerBackend::Auto`] backend.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, TokenizerBackend::Auto)
+    }
+
+    /// [`TextTokenizer::load`] with a chosen backend.
+    pub fn load_with(path: &Path, backend: TokenizerBackend) -> Result<Self> {
         let (json, cfg_path) = locate(path)?;
         let terr = |msg: String| Error::Tokenizer {
             path: json.clone(),
@@ -110,8 +160,22 @@ impl TextTokenizer {
             Some(t) => vec![id_of(&t, "eos_token")?],
             None => vec![],
         };
+        let (fast, fast_refused) = match backend {
+            TokenizerBackend::Hf => (None, Some("--tokenizer-backend hf".to_string())),
+            _ => match FastBpe::from_tokenizer(&hf, &bytes) {
+                Ok(f) => (Some(f), None),
+                Err(why) if backend == TokenizerBackend::Fast => {
+                    return Err(terr(format!(
+                        "the fast tokenizer backend cannot reproduce this tokenizer: {why}; use --tokenizer-backend auto or hf"
+                    )))
+                }
+                Err(why) => (None, Some(why)),
+            },
+        };
         Ok(TextTokenizer {
             hf,
+            fast,
+            fast_refused,
             bos,
             eos,
             hash: hash_files(path)?,
@@ -122,13 +186,50 @@ impl TextTokenizer {
     /// Ids of `text` without special tokens (`tokenizer.encode(text, add_special_tokens=False)`);
     /// added/special tokens written in the text are matched as in Hugging Face.
     pub fn encode(&self, text: &str) -> std::result::Result<Vec<u32>, String> {
+        let mut ids = Vec::new();
+        self.encode_into(text, &mut ids)?;
+        Ok(ids)
+    }
+
+    /// [`TextTokenizer::encode`], appending to `out`.
+    pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) -> std::result::Result<(), String> {
         if text.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
-        self.hf
+        if let Some(fast) = &self.fast {
+            return fast.encode_into(&self.hf, text, out);
+        }
+        let enc = self
+            .hf
             .encode_fast(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| format!("tokenizer failed: {e}"))
+            .map_err(|e| format!("tokenizer failed: {e}"))?;
+        out.extend_from_slice(enc.get_ids());
+        Ok(())
+    }
+
+    /// The backend in use: [`TokenizerBackend::Fast`] or [`TokenizerBackend::Hf`].
+    pub fn backend(&self) -> TokenizerBackend {
+        match self.fast {
+            Some(_) => TokenizerBackend::Fast,
+            None => TokenizerBackend::Hf,
+        }
+    }
+
+    /// Ids of `text` without special tokens and each token's byte span in `text` (the `hf`
+    /// chat template maps its trained character spans to tokens with them).
+    #[allow(clippy::type_complexity)]
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+    ) -> std::result::Result<(Vec<u32>, Vec<(usize, usize)>), String> {
+        if text.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let e = self
+            .hf
+            .encode(text, false)
+            .map_err(|e| format!("tokenizer failed: {e}"))?;
+        Ok((e.get_ids().to_vec(), e.get_offsets().to_vec()))
     }
 
     /// Id of a token string, if it is in the vocabulary.

@@ -1,0 +1,296 @@
+//! Hand-written equivalents of the pre-tokenizer regexes of byte-level BPE tokenizers.
+//!
+//! Hugging Face `tokenizers` runs these patterns with Oniguruma, which costs more than the BPE
+//! itself. Each pattern here is a fixed alternation, so its leftmost-first backtracking
+//! semantics can be written as a direct scan that returns, for a position, the end of the
+//! match Oniguruma would find there. Only the exact pattern strings in [`Splitter::from_pattern`]
+//! are recognised; `tests/fastbpe_identity.rs` checks the scanners against Oniguruma (the
+//! `tokenizers` crate) on real corpora and on random Unicode text, and checks the character
+//! classes used here against Oniguruma's on every code point.
+
+use std::sync::OnceLock;
+
+/// GPT-2's pattern, used by `ByteLevel { use_regex: true }` (SmolLM2, GPT-2, RoBERTa...).
+pub const GPT2_PATTERN: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+/// Qwen2/Qwen2.5/Qwen3's `Split` pattern (single digits).
+pub const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Llama-3's (and OpenAI cl100k's) `Split` pattern (digits in groups of up to three).
+pub const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Class bit: `\p{L}`.
+pub const LETTER: u8 = 1;
+/// Class bit: `\p{N}`.
+pub const NUMBER: u8 = 2;
+/// Class bit: `\s`.
+pub const SPACE: u8 = 4;
+
+/// One class byte per Unicode code point (1.1 MB, built once per process).
+fn classes() -> &'static [u8] {
+    static TABLE: OnceLock<Vec<u8>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = vec![0u8; 0x11_0000];
+        for (pat, bit) in [(r"\p{L}", LETTER), (r"\p{N}", NUMBER), (r"\s", SPACE)] {
+            for (lo, hi) in unicode_ranges(pat) {
+                for v in &mut t[lo as usize..=hi as usize] {
+                    *v |= bit;
+                }
+            }
+        }
+        t
+    })
+}
+
+fn unicode_ranges(pat: &str) -> Vec<(char, char)> {
+    use regex_syntax::hir::{Class, HirKind};
+    let hir = regex_syntax::Parser::new()
+        .parse(pat)
+        .expect("static class pattern parses");
+    match hir.kind() {
+        HirKind::Class(Class::Unicode(c)) => {
+            c.ranges().iter().map(|r| (r.start(), r.end())).collect()
+        }
+        other => unreachable!("{pat} is a Unicode class, got {other:?}"),
+    }
+}
+
+/// The class bits of `c` (the same table the scanners use).
+pub fn class_of(c: char) -> u8 {
+    classes()[c as usize]
+}
+
+/// What Oniguruma's case-insensitive match folds `c` to, for the letters of the contractions
+/// (`s t r e v m l d`); other characters are returned unchanged. U+017F LATIN SMALL LETTER
+/// LONG S is the only non-ASCII character that folds to one of them.
+#[inline]
+pub fn fold(c: char) -> char {
+    match c {
+        'A'..='Z' => c.to_ascii_lowercase(),
+        '\u{17F}' => 's',
+        _ => c,
+    }
+}
+
+/// A pre-tokenizer pattern with a hand-written scanner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Splitter {
+    /// [`GPT2_PATTERN`].
+    Gpt2,
+    /// [`QWEN2_PATTERN`] (`max_digits` 1) or [`LLAMA3_PATTERN`] (3).
+    Cl100k {
+        /// Longest run of `\p{N}` in one piece.
+        max_digits: usize,
+    },
+}
+
+struct Scan<'a> {
+    /// The text scanned.
+    s: &'a str,
+    cls: &'static [u8],
+}
+
+impl Scan<'_> {
+    /// The char at byte `i` (a char boundary), its byte length and class; None at the end.
+    #[inline]
+    fn at(&self, i: usize) -> Option<(char, usize, u8)> {
+        let b = *self.s.as_bytes().get(i)?;
+        if b < 0x80 {
+            return Some((b as char, 1, self.cls[b as usize]));
+        }
+        // `i` is a char boundary: pieces and runs only ever advance by whole chars.
+        let c = self.s[i..].chars().next()?;
+        Some((c, c.len_utf8(), self.cls[c as usize]))
+    }
+
+    /// End of the run of chars starting at `i` whose class satisfies `keep`.
+    #[inline]
+    fn run(&self, mut i: usize, keep: impl Fn(u8) -> bool) -> usize {
+        while let Some((_, n, k)) = self.at(i) {
+            if !keep(k) {
+                break;
+            }
+            i += n;
+        }
+        i
+    }
+
+    /// End of a run of `\r`/`\n` starting at `i`.
+    #[inline]
+    fn newlines(&self, mut i: usize) -> usize {
+        while matches!(self.s.as_bytes().get(i), Some(b'\r' | b'\n')) {
+            i += 1;
+        }
+        i
+    }
+
+    /// `\s+(?!\S)|\s+` at `i` (a whitespace char): the run, minus its last char when more
+    /// than one char is followed by a non-space.
+    #[inline]
+    fn spaces(&self, i: usize) -> usize {
+        let (mut j, mut last, mut count) = (i, i, 0usize);
+        while let Some((_, n, k)) = self.at(j) {
+            if k & SPACE == 0 {
+                break;
+            }
+            last = j;
+            j += n;
+            count += 1;
+        }
+        if j == self.s.len() || count == 1 {
+            j
+        } else {
+            last
+        }
+    }
+}
+
+impl Splitter {
+    /// The scanner for a `Split` regex pattern string, if it is one of the known ones.
+    pub fn from_pattern(pattern: &str) -> Option<Splitter> {
+        match pattern {
+            GPT2_PATTERN => Some(Splitter::Gpt2),
+            QWEN2_PATTERN => Some(Splitter::Cl100k { max_digits: 1 }),
+            LLAMA3_PATTERN => Some(Splitter::Cl100k { max_digits: 3 }),
+            _ => None,
+        }
+    }
+
+    /// The matches of the pattern in `s`, in order; together they cover `s`.
+    pub fn pieces(self, s: &str) -> Pieces<'_> {
+        Pieces {
+            scan: Scan { s, cls: classes() },
+            splitter: self,
+            pos: 0,
+        }
+    }
+}
+
+/// Iterator over the pieces of a string (see [`Splitter::pieces`]).
+pub struct Pieces<'a> {
+    scan: Scan<'a>,
+    splitter: Splitter,
+    pos: usize,
+}
+
+impl<'a> Iterator for Pieces<'a> {
+    type Item = &'a str;
+
+    #[inline]
+    fn next(&mut self) -> Option<&'a str> {
+        let i = self.pos;
+        if i >= self.scan.s.len() {
+            return None;
+        }
+        let j = match self.splitter {
+            Splitter::Gpt2 => self.scan.gpt2(i),
+            Splitter::Cl100k { max_digits } => self.scan.cl100k(i, max_digits),
+        };
+        debug_assert!(j > i, "every position starts a match");
+        self.pos = j;
+        Some(&self.scan.s[i..j])
+    }
+}
+
+impl Scan<'_> {
+    /// End of the match of [`GPT2_PATTERN`] at `i`.
+    fn gpt2(&self, i: usize) -> usize {
+        let Some((c, n, k)) = self.at(i) else {
+            return i;
+        };
+        if c == '\'' {
+            let b = self.s.as_bytes();
+            match (b.get(i + 1), b.get(i + 2)) {
+                (Some(b's' | b't' | b'm' | b'd'), _) => return i + 2,
+                (Some(b'r' | b'v'), Some(b'e')) | (Some(b'l'), Some(b'l')) => return i + 3,
+                _ => {}
+            }
+        }
+        // ` ?\p{L}+`, ` ?\p{N}+`, ` ?[^\s\p{L}\p{N}]+`: the optional space joins a run of
+        // whatever non-space class follows it.
+        let (start, k) = match (c, self.at(i + n)) {
+            (' ', Some((_, _, k2))) if k2 & SPACE == 0 => (i + n, k2),
+            _ => (i, k),
+        };
+        if k & LETTER != 0 {
+            self.run(start, |k| k & LETTER != 0)
+        } else if k & NUMBER != 0 {
+            self.run(start, |k| k & NUMBER != 0)
+        } else if k & SPACE == 0 {
+            self.run(start, |k| k & (LETTER | NUMBER | SPACE) == 0)
+        } else {
+            self.spaces(i)
+        }
+    }
+
+    /// End of the match of [`QWEN2_PATTERN`] / [`LLAMA3_PATTERN`] at `i`.
+    fn cl100k(&self, i: usize, max_digits: usize) -> usize {
+        let Some((c, n, k)) = self.at(i) else {
+            return i;
+        };
+        // (?i:'s|'t|'re|'ve|'m|'ll|'d)
+        if c == '\'' {
+            if let Some((c2, n2, _)) = self.at(i + 1) {
+                let j = i + 1 + n2;
+                match fold(c2) {
+                    's' | 't' | 'm' | 'd' => return j,
+                    f @ ('r' | 'v' | 'l') => {
+                        if let Some((c3, n3, _)) = self.at(j) {
+                            if fold(c3) == if f == 'l' { 'l' } else { 'e' } {
+                                return j + n3;
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // [^\r\n\p{L}\p{N}]?\p{L}+
+        if k & LETTER != 0 {
+            return self.run(i, |k| k & LETTER != 0);
+        }
+        if k & NUMBER == 0 && c != '\r' && c != '\n' {
+            if let Some((_, _, k2)) = self.at(i + n) {
+                if k2 & LETTER != 0 {
+                    return self.run(i + n, |k| k & LETTER != 0);
+                }
+            }
+        }
+        // \p{N}{1,max}
+        if k & NUMBER != 0 {
+            let mut j = i + n;
+            for _ in 1..max_digits {
+                match self.at(j) {
+                    Some((_, n2, k2)) if k2 & NUMBER != 0 => j += n2,
+                    _ => break,
+                }
+            }
+            return j;
+        }
+        //  ?[^\s\p{L}\p{N}]+[\r\n]*
+        let other = |k: u8| k & (LETTER | NUMBER | SPACE) == 0;
+        let start = match (c, self.at(i + n)) {
+            (' ', Some((_, _, k2))) if other(k2) => Some(i + n),
+            _ if other(k) => Some(i),
+            _ => None,
+        };
+        if let Some(start) = start {
+            return self.newlines(self.run(start, other));
+        }
+        // \s*[\r\n]+ : the whitespace run up to and including its last \r or \n.
+        let (mut j, mut after_nl) = (i, None);
+        while let Some((c2, n2, k2)) = self.at(j) {
+            if k2 & SPACE == 0 {
+                break;
+            }
+            j += n2;
+            if c2 == '\r' || c2 == '\n' {
+                after_nl = Some(j);
+            }
+        }
+        if let Some(end) = after_nl {
+            return end;
+        }
+        // \s+(?!\S)|\s+
+        self.spaces(i)
+    }
+}
