@@ -8,10 +8,12 @@
 // (at::native::cpublas::brgemm, exported by libtorch) and softmax runs online per row, so
 // memory stays linear in tokens: the largest temporary is one segment's dQ for the item.
 //
-// Inputs are copied once, head-major, into fp32 (fp64 for gradcheck) working buffers padded
-// with kPad zero rows: every brgemm call then has one of three fixed shapes per head dim
-// (no kernel generation per odd segment length) and may read past a segment's end into
-// finite data whose weight is exactly zero. q is pre-multiplied by softmax_scale.
+// GEMM operands are read in place from the (tokens, heads, D) inputs (ld = heads * D); only a
+// segment's last, partial block is copied into a zero-padded tile, and each item keeps a
+// block-transposed copy of its segment's K (and V in the backward). The softmax scale is
+// applied in the row kernels. fp16/bf16 are converted to fp32 once; fp64 serves gradcheck.
+// brgemm calls thus have a handful of fixed shapes per head dim (no kernel generation per
+// odd segment length).
 //
 // Masking follows flash-attn's varlen semantics: query i of a segment with lengths (Lq, Lk)
 // may see key j iff  i + Lk - Lq - left <= j <= i + Lk - Lq + right  (a negative bound means
@@ -31,7 +33,6 @@
 
 namespace {
 
-constexpr int64_t kPad = 64;  // largest block size: rows of zero padding after each head
 
 // Block size for a segment: short chat turns should not pay for 64 x 64 tiles.
 inline int64_t block_for(int64_t len) { return len <= 16 ? 16 : (len <= 32 ? 32 : 64); }
@@ -105,38 +106,111 @@ inline float exp_row(float x) {
 
 inline double exp_row(double x) { return std::exp(x); }
 
-// Row kernels of the online softmax. Kept out of line: inlined into the tile loops GCC 12
-// stopped vectorizing them (measured: scalar exp made the forward 2x slower).
+// Row kernels of the online softmax. float rows use GCC/Clang vector extensions: GCC 12 did
+// not auto-vectorize these loops here even under `omp simd` (measured: scalar exp cost more
+// than the tile GEMMs). Eight lanes = AVX2; wider CPUs run two per AVX-512 op or split it.
+
+typedef float vf8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 8;
+
+inline vf8 load8(const float* p) {
+  vf8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store8(float* p, vf8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Same Cephes polynomial as exp_row(float); rounding by the 1.5 * 2^23 trick.
+inline vf8 exp8(vf8 x) {
+  const vf8 zero = {};
+  const vf8 xc = x < -87.0f ? zero - 87.0f : x;
+  const vf8 n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const vf8 r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  vf8 y = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
+  const vf8 res = y * reinterpret_cast<const vf8&>(bits);
+  return x < -87.0f ? zero : res;
+}
+
+inline float hsum8(vf8 v) {
+  float t[kLanes];
+  store8(t, v);
+  return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+}
 
 // max(mx, s[0..n)).
-template <typename T>
-__attribute__((noinline)) T row_max(const T* s, int64_t n, T mx) {
-#pragma omp simd reduction(max : mx)
+inline float row_max(const float* s, int64_t n, float mx) {
+  vf8 m = vf8{} + mx;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vf8 x = load8(s + j);
+    m = x > m ? x : m;
+  }
+  float t[kLanes];
+  store8(t, m);
+  for (int64_t i = 0; i < kLanes; ++i) mx = std::max(mx, t[i]);
+  for (; j < n; ++j) mx = std::max(mx, s[j]);
+  return mx;
+}
+
+// s[j] = exp(s[j] * scale - mx) in place; returns the sum.
+inline float row_exp_sum(float* s, int64_t n, float scale, float mx) {
+  vf8 acc = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vf8 p = exp8(load8(s + j) * scale - mx);
+    store8(s + j, p);
+    acc += p;
+  }
+  if (j < n) {  // tail through a padded vector: exp(-inf) = 0 adds nothing
+    float t[kLanes];
+    for (int64_t i = 0; i < kLanes; ++i) t[i] = j + i < n ? s[j + i] * scale - mx : -INFINITY;
+    const vf8 p = exp8(load8(t));
+    store8(t, p);
+    for (int64_t i = 0; j + i < n; ++i) s[j + i] = t[i];
+    acc += p;
+  }
+  return hsum8(acc);
+}
+
+// Backward: p[j] = exp(s[j] * scale - lse) (s given in p), ds[j] = p[j] * (dp[j] - delta)
+// (dp given in ds).
+inline void row_p_ds(float* p, float* ds, int64_t n, float scale, float lse, float delta) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vf8 pj = exp8(load8(p + j) * scale - lse);
+    store8(p + j, pj);
+    store8(ds + j, pj * (load8(ds + j) - delta));
+  }
+  for (; j < n; ++j) {
+    const float pj = exp_row(p[j] * scale - lse);
+    p[j] = pj;
+    ds[j] = pj * (ds[j] - delta);
+  }
+}
+
+// float64 rows (gradcheck only): plain loops.
+inline double row_max(const double* s, int64_t n, double mx) {
   for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
   return mx;
 }
 
-// s[j] = exp(s[j] - mx) in place; returns the sum.
-template <typename T>
-__attribute__((noinline)) T row_exp_sum(T* s, int64_t n, T mx) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    const T p = exp_row(s[j] - mx);
-    s[j] = p;
-    sum += p;
-  }
+inline double row_exp_sum(double* s, int64_t n, double scale, double mx) {
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] * scale - mx));
   return sum;
 }
 
-// Backward: p[j] = exp(s[j] - lse) (s given in p), ds[j] = p[j] * (dp[j] - delta) (dp in ds).
-template <typename T>
-__attribute__((noinline)) void row_p_ds(T* p, T* ds, int64_t n, T lse, T delta) {
-#pragma omp simd
+inline void row_p_ds(double* p, double* ds, int64_t n, double scale, double lse, double delta) {
   for (int64_t j = 0; j < n; ++j) {
-    const T pj = exp_row(p[j] - lse);
-    p[j] = pj;
-    ds[j] = pj * (ds[j] - delta);
+    p[j] = std::exp(p[j] * scale - lse);
+    ds[j] = p[j] * (ds[j] - delta);
   }
 }
 
@@ -180,48 +254,68 @@ void run_items(const std::vector<Item>& items, const F& fn) {
   });
 }
 
-// (T, Hx, D) -> (Hx, T + kPad, D) working copy, zero padded, optionally scaled.
+// A (rows, ld) row-major matrix view of one head of a (tokens, heads, D) tensor.
 template <typename T>
-at::Tensor head_major(const at::Tensor& x, double scale) {
-  auto y = at::empty({x.size(1), x.size(0) + kPad, x.size(2)}, x.options().dtype(c10::CppTypeToScalarType<T>::value));
-  y.narrow(1, 0, x.size(0)).copy_(x.transpose(0, 1));
-  if (scale != 1.0) y.narrow(1, 0, x.size(0)).mul_(scale);
-  y.narrow(1, x.size(0), kPad).zero_();
-  return y;
+struct Rows {
+  const T* base;  // row 0 of the segment, this head
+  int64_t ld;     // elements between rows (heads * D)
+  int64_t n;      // valid rows in the segment
+};
+
+// Pointer to rows [r0, r0 + bs) of `m` for a GEMM operand: in place when all are valid,
+// else the valid ones copied into `tile` (bs x D, zero padded) so no read passes the segment.
+template <typename T>
+const T* block_rows(const Rows<T>& m, int64_t r0, int64_t bs, int64_t D, T* tile, int64_t* ld) {
+  if (r0 + bs <= m.n) {
+    *ld = m.ld;
+    return m.base + r0 * m.ld;
+  }
+  std::fill(tile, tile + bs * D, T(0));
+  for (int64_t r = 0; r < m.n - r0; ++r) std::copy_n(m.base + (r0 + r) * m.ld, D, tile + r * D);
+  *ld = D;
+  return tile;
 }
 
-// (T, Hx, D) -> (Hx, D, T + kPad) working copy, zero padded.
+// Block-transposed copy of a segment's rows: block j0 / bs is a (D, bs) matrix (zero padded),
+// the B operand of Q Kᵀ and dO Vᵀ with ld = bs (one brgemm shape whatever the segment
+// length). Per item, so memory is one segment's keys per thread.
 template <typename T>
-at::Tensor head_major_t(const at::Tensor& x) {
-  auto y = at::empty({x.size(1), x.size(2), x.size(0) + kPad}, x.options().dtype(c10::CppTypeToScalarType<T>::value));
-  y.narrow(2, 0, x.size(0)).copy_(x.permute({1, 2, 0}));
-  y.narrow(2, x.size(0), kPad).zero_();
-  return y;
+void transpose_rows(const Rows<T>& m, int64_t D, int64_t bs, std::vector<T>& out) {
+  const int64_t nblocks = (m.n + bs - 1) / bs;
+  out.assign(nblocks * D * bs, T(0));
+  for (int64_t r = 0; r < m.n; ++r) {
+    const T* row = m.base + r * m.ld;
+    T* dst = out.data() + (r / bs) * D * bs + (r % bs);
+    for (int64_t d = 0; d < D; ++d) dst[d * bs] = row[d];
+  }
+}
+
+// fp16/bf16 are computed in fp32: one conversion pass, then the fp32 kernel.
+template <typename T>
+at::Tensor as_compute(const at::Tensor& x) {
+  return x.to(c10::CppTypeToScalarType<T>::value).contiguous();
 }
 
 // ---------------------------------------------------------------------------------------
 // Forward
 
 template <typename T>
-std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                     const at::Tensor& cu_q, const at::Tensor& cu_k, double scale,
-                                     int64_t left, int64_t right) {
+std::vector<at::Tensor> forward_impl(const at::Tensor& q_in, const at::Tensor& k_in,
+                                     const at::Tensor& v_in, const at::Tensor& cu_q,
+                                     const at::Tensor& cu_k, double scale_d, int64_t left,
+                                     int64_t right) {
+  const at::Tensor q = as_compute<T>(q_in), k = as_compute<T>(k_in), v = as_compute<T>(v_in);
   const int64_t Tq = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t Tk = k.size(0), Hkv = k.size(1), group = H / Hkv;
+  const int64_t Hkv = k.size(1), group = H / Hkv;
   const int64_t B = cu_q.size(0) - 1;
-  const auto st = c10::CppTypeToScalarType<T>::value;
-
-  at::Tensor qh = head_major<T>(q, scale), kt = head_major_t<T>(k), vh = head_major<T>(v, 1.0);
-  at::Tensor out = at::empty({Tq, H, D}, q.options().dtype(st));
-  at::Tensor lse = at::empty({H, Tq}, q.options().dtype(st));
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({H, Tq}, q.options());
   const int32_t* cq = cu_q.data_ptr<int32_t>();
   const int32_t* ck = cu_k.data_ptr<int32_t>();
-  const T* Q = qh.data_ptr<T>();
-  const T* KT = kt.data_ptr<T>();
-  const T* V = vh.data_ptr<T>();
+  const T *Q = q.data_ptr<T>(), *K = k.data_ptr<T>(), *V = v.data_ptr<T>();
   T* O = out.data_ptr<T>();
   T* LSE = lse.data_ptr<T>();
-  const int64_t ldq = Tq + kPad, ldk = Tk + kPad;
+  const T scale = static_cast<T>(scale_d);
   const T inf = std::numeric_limits<T>::infinity();
 
   run_items(make_items(cq, ck, B, H), [&](const Item& it) {
@@ -229,20 +323,23 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
     const int64_t Lq = cq[it.b + 1] - sq, Lk = ck[it.b + 1] - sk;
     const int64_t h = it.h, hk = h / group, bs = block_for(std::max(Lq, Lk));
     const Mask mask{Lk - Lq, left, right, Lk};
-    std::vector<T> S(bs * bs), acc(bs * D), m(bs), l(bs);
-    const T* Qh = Q + h * ldq * D;
-    const T* KTh = KT + hk * D * ldk;
-    const T* Vh = V + hk * ldk * D;
+    const Rows<T> qr{Q + sq * H * D + h * D, H * D, Lq};
+    const Rows<T> kr{K + sk * Hkv * D + hk * D, Hkv * D, Lk};
+    const Rows<T> vr{V + sk * Hkv * D + hk * D, Hkv * D, Lk};
+    std::vector<T> S(bs * bs), acc(bs * D), m(bs), l(bs), q_tile(bs * D), v_tile(bs * D), kt;
+    transpose_rows(kr, D, bs, kt);
 
     for (int64_t i0 = 0; i0 < Lq; i0 += bs) {
       const int64_t bq = std::min(bs, Lq - i0);
-      std::fill(m.begin(), m.end(), -inf);
+      int64_t ldq;
+      const T* Qi = block_rows(qr, i0, bs, D, q_tile.data(), &ldq);
+      std::fill(m.begin(), m.end(), -inf);  // running max of scaled scores
       std::fill(l.begin(), l.end(), T(0));
       std::fill(acc.begin(), acc.end(), T(0));
       const int64_t jlo = mask.lo(i0), jhi = mask.hi(i0 + bq - 1);
       for (int64_t j0 = (jlo / bs) * bs; j0 <= jhi; j0 += bs) {
         const int64_t bk = std::min(bs, Lk - j0);
-        gemm(bs, bs, D, Qh + (sq + i0) * D, D, KTh + sk + j0, ldk, S.data(), bs, false);
+        gemm(bs, bs, D, Qi, ldq, kt.data() + j0 * D, bs, S.data(), bs, false);  // raw Q Kᵀ
         for (int64_t r = 0; r < bs; ++r) {
           T* s = S.data() + r * bs;
           const int64_t lo = std::max<int64_t>(mask.lo(i0 + r) - j0, 0);
@@ -251,20 +348,22 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
             std::fill(s, s + bs, T(0));
             continue;
           }
-          const T mx = row_max(s + lo, hi - lo, m[r]);
-          const T sum = row_exp_sum(s + lo, hi - lo, mx);
+          // scale > 0, so max(s) * scale = max(s * scale).
+          const T mx = std::max(m[r], row_max(s + lo, hi - lo, -inf) * scale);
+          const T sum = row_exp_sum(s + lo, hi - lo, scale, mx);
           std::fill(s, s + lo, T(0));
           std::fill(s + hi, s + bs, T(0));
           const T alpha = std::exp(m[r] - mx);  // 0 on the row's first visible block
           if (alpha != T(1)) {
             T* a = acc.data() + r * D;
-#pragma omp simd
             for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
           }
           l[r] = l[r] * alpha + sum;
           m[r] = mx;
         }
-        gemm(bs, D, bs, S.data(), bs, Vh + (sk + j0) * D, D, acc.data(), D, true);
+        int64_t ldv;
+        const T* Vj = block_rows(vr, j0, bs, D, v_tile.data(), &ldv);
+        gemm(bs, D, bs, S.data(), bs, Vj, ldv, acc.data(), D, true);  // acc += P V
       }
       for (int64_t r = 0; r < bq; ++r) {
         T* o = O + ((sq + i0 + r) * H + h) * D;
@@ -289,56 +388,61 @@ void transpose_tile(const T* x, T* y, int64_t n) {
 }
 
 template <typename T>
-std::vector<at::Tensor> backward_impl(const at::Tensor& dout, const at::Tensor& q,
-                                      const at::Tensor& k, const at::Tensor& v,
-                                      const at::Tensor& out, const at::Tensor& lse_in,
+std::vector<at::Tensor> backward_impl(const at::Tensor& dout_in, const at::Tensor& q_in,
+                                      const at::Tensor& k_in, const at::Tensor& v_in,
+                                      const at::Tensor& out_in, const at::Tensor& lse_in,
                                       const at::Tensor& cu_q, const at::Tensor& cu_k,
-                                      double scale, int64_t left, int64_t right) {
+                                      double scale_d, int64_t left, int64_t right) {
+  const at::Tensor q = as_compute<T>(q_in), k = as_compute<T>(k_in), v = as_compute<T>(v_in);
+  const at::Tensor dout = as_compute<T>(dout_in);
   const int64_t Tq = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t Tk = k.size(0), Hkv = k.size(1), group = H / Hkv;
   const int64_t B = cu_q.size(0) - 1;
-  const auto st = c10::CppTypeToScalarType<T>::value;
-
-  at::Tensor qh = head_major<T>(q, scale), kh = head_major<T>(k, 1.0);
-  at::Tensor kt = head_major_t<T>(k), vt = head_major_t<T>(v), doh = head_major<T>(dout, 1.0);
   // Delta = rowsum(dO * O): the FA2 pre-pass that turns softmax's backward into a row term.
-  at::Tensor delta = (dout.to(st) * out.to(st)).sum(-1).t().contiguous();  // (H, Tq)
-  at::Tensor lse = lse_in.to(st).contiguous();
-  at::Tensor dq = at::zeros({Tq, H, D}, q.options().dtype(st));
-  at::Tensor dk = at::zeros({Tk, H, D}, q.options().dtype(st));  // per q head; summed for GQA
-  at::Tensor dv = at::zeros({Tk, H, D}, q.options().dtype(st));
+  at::Tensor delta = (dout * as_compute<T>(out_in)).sum(-1).t().contiguous();  // (H, Tq)
+  at::Tensor lse = as_compute<T>(lse_in);
+  at::Tensor dq = at::zeros_like(q);
+  at::Tensor dk = at::zeros({Tk, H, D}, q.options());  // per q head; summed for GQA
+  at::Tensor dv = at::zeros({Tk, H, D}, q.options());
   const int32_t* cq = cu_q.data_ptr<int32_t>();
   const int32_t* ck = cu_k.data_ptr<int32_t>();
-  const T *Q = qh.data_ptr<T>(), *K = kh.data_ptr<T>(), *KT = kt.data_ptr<T>();
-  const T *VT = vt.data_ptr<T>(), *DO = doh.data_ptr<T>();
-  const T *DELTA = delta.data_ptr<T>(), *LSE = lse.data_ptr<T>();
+  const T *Q = q.data_ptr<T>(), *K = k.data_ptr<T>(), *V = v.data_ptr<T>();
+  const T *DO = dout.data_ptr<T>(), *DELTA = delta.data_ptr<T>(), *LSE = lse.data_ptr<T>();
   T *DQ = dq.data_ptr<T>(), *DK = dk.data_ptr<T>(), *DV = dv.data_ptr<T>();
-  const int64_t ldq = Tq + kPad, ldk = Tk + kPad;
+  const T scale = static_cast<T>(scale_d);
   const T inf = std::numeric_limits<T>::infinity();
 
   run_items(make_items(cq, ck, B, H), [&](const Item& it) {
     const int64_t sq = cq[it.b], sk = ck[it.b];
     const int64_t Lq = cq[it.b + 1] - sq, Lk = ck[it.b + 1] - sk;
     const int64_t h = it.h, hk = h / group, bs = block_for(std::max(Lq, Lk));
-    const Mask mask{Lk - Lq, left, right, Lk};
     const int64_t nq = (Lq + bs - 1) / bs;
+    const Mask mask{Lk - Lq, left, right, Lk};
+    const Rows<T> qr{Q + sq * H * D + h * D, H * D, Lq};
+    const Rows<T> dor{DO + sq * H * D + h * D, H * D, Lq};
+    const Rows<T> kr{K + sk * Hkv * D + hk * D, Hkv * D, Lk};
+    const Rows<T> vr{V + sk * Hkv * D + hk * D, Hkv * D, Lk};
     std::vector<T> P(bs * bs), dS(bs * bs), tile_t(bs * bs), dk_acc(bs * D), dv_acc(bs * D);
+    std::vector<T> q_tile(bs * D), do_tile(bs * D), k_tile(bs * D), kt, vt;
     std::vector<T> dq_acc(nq * bs * D, T(0));
-    const T *Qh = Q + h * ldq * D, *DOh = DO + h * ldq * D;
-    const T *Kh = K + hk * ldk * D, *KTh = KT + hk * D * ldk, *VTh = VT + hk * D * ldk;
+    transpose_rows(kr, D, bs, kt);
+    transpose_rows(vr, D, bs, vt);
     const T *lse_h = LSE + h * Tq + sq, *delta_h = DELTA + h * Tq + sq;
 
     for (int64_t j0 = 0; j0 < Lk; j0 += bs) {
       const int64_t bk = std::min(bs, Lk - j0);
       std::fill(dk_acc.begin(), dk_acc.end(), T(0));
       std::fill(dv_acc.begin(), dv_acc.end(), T(0));
+      int64_t ldk;
+      const T* Kj = block_rows(kr, j0, bs, D, k_tile.data(), &ldk);
       for (int64_t i0 = 0; i0 < Lq; i0 += bs) {
         const int64_t bq = std::min(bs, Lq - i0);
         if (mask.lo(i0) > j0 + bk - 1 || mask.hi(i0 + bq - 1) < j0) continue;
-        const T* Qi = Qh + (sq + i0) * D;
-        const T* DOi = DOh + (sq + i0) * D;
-        gemm(bs, bs, D, Qi, D, KTh + sk + j0, ldk, P.data(), bs, false);    // S
-        gemm(bs, bs, D, DOi, D, VTh + sk + j0, ldk, dS.data(), bs, false);  // dP
+        int64_t ldq, lddo;
+        const T* Qi = block_rows(qr, i0, bs, D, q_tile.data(), &ldq);
+        const T* DOi = block_rows(dor, i0, bs, D, do_tile.data(), &lddo);
+        gemm(bs, bs, D, Qi, ldq, kt.data() + j0 * D, bs, P.data(), bs, false);    // raw S
+        gemm(bs, bs, D, DOi, lddo, vt.data() + j0 * D, bs, dS.data(), bs, false);  // dP
         for (int64_t r = 0; r < bs; ++r) {
           T* p = P.data() + r * bs;
           T* ds = dS.data() + r * bs;
@@ -349,29 +453,29 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, const at::Tensor& 
             std::fill(ds, ds + bs, T(0));
             continue;
           }
-          const T lse_r = lse_h[i0 + r], delta_r = delta_h[i0 + r];
+          row_p_ds(p + lo, ds + lo, hi - lo, scale, lse_h[i0 + r], delta_h[i0 + r]);
           std::fill(p, p + lo, T(0));
           std::fill(ds, ds + lo, T(0));
-          row_p_ds(p + lo, ds + lo, hi - lo, lse_r, delta_r);
           std::fill(p + hi, p + bs, T(0));
           std::fill(ds + hi, ds + bs, T(0));
         }
         transpose_tile(P.data(), tile_t.data(), bs);
-        gemm(bs, D, bs, tile_t.data(), bs, DOi, D, dv_acc.data(), D, true);  // dV += P^T dO
+        gemm(bs, D, bs, tile_t.data(), bs, DOi, lddo, dv_acc.data(), D, true);  // dV += Pᵀ dO
         transpose_tile(dS.data(), tile_t.data(), bs);
-        gemm(bs, D, bs, tile_t.data(), bs, Qi, D, dk_acc.data(), D, true);  // dK += dS^T q'
-        gemm(bs, D, bs, dS.data(), bs, Kh + (sk + j0) * D, D, dq_acc.data() + i0 * D, D,
-             true);  // dQ += dS K
+        gemm(bs, D, bs, tile_t.data(), bs, Qi, ldq, dk_acc.data(), D, true);  // dK += dSᵀ Q
+        gemm(bs, D, bs, dS.data(), bs, Kj, ldk, dq_acc.data() + i0 * D, D, true);  // dQ += dS K
       }
       for (int64_t r = 0; r < bk; ++r) {
-        std::copy_n(dk_acc.data() + r * D, D, DK + ((sk + j0 + r) * H + h) * D);
+        T* dk_row = DK + ((sk + j0 + r) * H + h) * D;
+        const T* a = dk_acc.data() + r * D;
+        for (int64_t d = 0; d < D; ++d) dk_row[d] = a[d] * scale;
         std::copy_n(dv_acc.data() + r * D, D, DV + ((sk + j0 + r) * H + h) * D);
       }
     }
     for (int64_t r = 0; r < Lq; ++r) {
       T* o = DQ + ((sq + r) * H + h) * D;
       const T* a = dq_acc.data() + r * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = a[d] * static_cast<T>(scale);
+      for (int64_t d = 0; d < D; ++d) o[d] = a[d] * scale;
     }
   });
   if (group > 1) {
