@@ -166,8 +166,10 @@ def test_torch_backend_mask_is_nn_dropout():
     y_peft = torch.nn.functional.linear(x, W, bias) + (drop(x) @ A.t() @ B.t()) * 2.0
     torch.testing.assert_close(torch.rand(3), after)  # generator advanced identically
     torch.testing.assert_close(y, y_peft)
+    # backward folds 1/(1-p) into (M, r) instead of (M, K): rounding-level differences only;
+    # a different mask would move these gradients by O(1)
     for g, g_peft in zip(grads, torch.autograd.grad(y_peft.square().sum(), (x, A, B))):
-        torch.testing.assert_close(g, g_peft)
+        torch.testing.assert_close(g, g_peft, rtol=1e-4, atol=1e-4)
 
 
 def _saved_bytes(fn, params):

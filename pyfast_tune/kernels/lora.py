@@ -124,18 +124,23 @@ def _default_generator(device: torch.device) -> torch.Generator:
 
 
 def _torch_noise(
-    like: torch.Tensor, p: float, state: torch.Tensor, g: torch.Generator | None = None
+    like: torch.Tensor,
+    p: float,
+    state: torch.Tensor,
+    g: torch.Generator | None = None,
+    scaled: bool = True,
 ) -> torch.Tensor:
     """``bernoulli(1-p)/(1-p)`` shaped like ``like``, drawn from a generator in ``state``.
 
     The same two calls torch's own (non-fused) CPU dropout makes, so the default generator's
     state yields nn.Dropout's mask. ``g``: draw from this generator (already in ``state``,
-    and advanced by the draw) instead of a private copy.
+    and advanced by the draw) instead of a private copy. ``scaled=False``: the 0/1 mask only.
     """
     if g is None:
         g = torch.Generator(device=like.device)
         g.set_state(state)
-    return torch.empty_like(like).bernoulli_(1.0 - p, generator=g).div_(1.0 - p)
+    mask = torch.empty_like(like).bernoulli_(1.0 - p, generator=g)
+    return mask.div_(1.0 - p) if scaled else mask
 
 
 def _base_matmul(x2: torch.Tensor, W: Any, bias: torch.Tensor | None) -> torch.Tensor:
@@ -195,21 +200,22 @@ class _LoraLinearFn(torch.autograd.Function):
             dx, dA, dB = _lora_triton.lora_bwd(dy, x2, W, A, B, u, s, p, ctx.rng, need_dx, qs)
             return dx, dA, dB, None, None, None, None, None, None
         dya = dy if dy.dtype == A.dtype else dy.to(A.dtype)
-        du = (dya @ B).mul_(s)  # (M, r)
+        # du = s · dy B, with dropout's 1 / (1 - p) folded in: (M, r) instead of (M, K) work
+        du = (dya @ B).mul_(s / (1.0 - p))
         dB = (dya.t() @ u).mul_(s)  # (N, r)
         del dya
         xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
-        noise = _torch_noise(xa, p, ctx.rng) if p > 0.0 else None
+        mask = _torch_noise(xa, p, ctx.rng, scaled=False) if p > 0.0 else None  # 0/1
         dx = None
         if need_dx:
             dx = _base_matmul_grad(dy, W, ctx.quant_state)
-            if noise is None and A.dtype == dx.dtype:
+            if mask is None and A.dtype == dx.dtype:
                 dx.addmm_(du, A)
-            elif noise is None:
+            elif mask is None:
                 dx.add_(du @ A)
             else:
-                dx.addcmul_(du @ A, noise)  # dropout's backward, fused into the accumulate
-        xd = noise.mul_(xa) if noise is not None else xa  # noise is not needed any more
+                dx.addcmul_(du @ A, mask)  # dropout's backward, fused into the accumulate
+        xd = mask.mul_(xa) if mask is not None else xa  # (x · mask); the mask is done with
         dA = du.t() @ xd  # (r, K)
         return dx, dA, dB, None, None, None, None, None, None
 
