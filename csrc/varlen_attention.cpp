@@ -283,10 +283,12 @@ template <typename T>
 void transpose_rows(const Rows<T>& m, int64_t D, int64_t bs, std::vector<T>& out) {
   const int64_t nblocks = (m.n + bs - 1) / bs;
   out.assign(nblocks * D * bs, T(0));
-  for (int64_t r = 0; r < m.n; ++r) {
-    const T* row = m.base + r * m.ld;
-    T* dst = out.data() + (r / bs) * D * bs + (r % bs);
-    for (int64_t d = 0; d < D; ++d) dst[d * bs] = row[d];
+  for (int64_t blk = 0; blk < nblocks; ++blk) {  // contiguous writes; a block's rows sit in L1
+    const int64_t rows = std::min(bs, m.n - blk * bs);
+    const T* src = m.base + blk * bs * m.ld;
+    T* dst = out.data() + blk * D * bs;
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t r = 0; r < rows; ++r) dst[d * bs + r] = src[r * m.ld + d];
   }
 }
 
