@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -87,6 +86,42 @@ def _resolve_resume(resume, output_dir: Path) -> Path | None:
     return found
 
 
+def _optimizer_step(engine, dataset, order, step, rank, world, normalizer, flops, cfg, device):
+    """This rank's micro batches of optimizer step ``step``, forward/backward/step each.
+
+    Returns float64 [loss share, tokens, trained tokens, model FLOPs] of this rank; their sum
+    over ranks is the step's global figures (the loss share sums to the global-batch loss).
+    """
+    import numpy as np
+    import torch
+
+    from pyfast_tune.trainer.batches import collate
+    from pyfast_tune.trainer.step import batch_loss
+
+    micro_batches = order.micro_batches(step, rank, world, cfg.micro_batch_size)
+    totals = torch.zeros(4, dtype=torch.float64)
+    for accum_index, pack_ids in enumerate(micro_batches):
+        row = accum_index * world + rank  # the row's index in the global batch
+        # Dropout masks depend on (seed, step, row) only: identical under any world size.
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, row]).generate_state(1)[0]))
+        batch = collate([dataset[int(i)] for i in pack_ids], cfg.loss_reduction, normalizer)
+        loss = batch_loss(engine, batch, device)
+        # DeepSpeed divides by grad_accum and averages gradients over ranks; undo both so the
+        # gradient is that of the global-batch loss (the sum of the rows' shares).
+        engine.backward(loss * (len(micro_batches) * world))
+        engine.step()
+        totals += torch.tensor(
+            [
+                float(loss.detach()),
+                batch.num_tokens,
+                batch.num_trained,
+                flops.step_flops(batch.sample_lengths),
+            ],
+            dtype=torch.float64,
+        )
+    return totals
+
+
 def run(cfg) -> dict:
     """Train with ``cfg`` (a ``TrainConfig``) in this process; returns a summary dict."""
     import deepspeed
@@ -98,7 +133,7 @@ def run(cfg) -> dict:
     from pyfast_tune import patch
     from pyfast_tune.config import to_dict
     from pyfast_tune.data import PackedDataset
-    from pyfast_tune.trainer.batches import PackOrder, collate, global_normalizer
+    from pyfast_tune.trainer.batches import PackOrder, global_normalizer
     from pyfast_tune.trainer.checkpoint import (
         DS_TAG,
         load_checkpoint,
@@ -116,7 +151,6 @@ def run(cfg) -> dict:
         plot_loss_curve,
     )
     from pyfast_tune.trainer.model import build_model, count_parameters, resolve_dtype
-    from pyfast_tune.trainer.step import batch_loss
 
     rank, world, local_rank = _distributed_env()
     logging.basicConfig(
@@ -272,27 +306,9 @@ def run(cfg) -> dict:
         t0 = time.perf_counter()
         normalizer = global_normalizer(dataset, order.global_batch(step), cfg.loss_reduction)
         lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else cfg.lr
-        # [loss share, tokens, trained tokens, model FLOPs] of this rank, summed over ranks below.
-        totals = torch.zeros(4, dtype=torch.float64)
-        for accum_index, pack_ids in enumerate(order.micro_batches(step, rank, world, micro)):
-            row = accum_index * world + rank  # the row's index in the global batch
-            # Dropout masks depend on (seed, step, row) only: identical under any world size.
-            torch.manual_seed(hash((cfg.seed, step, row)) % (2**63))
-            batch = collate([dataset[int(i)] for i in pack_ids], cfg.loss_reduction, normalizer)
-            loss = batch_loss(engine, batch, device)
-            # DeepSpeed divides by grad_accum and averages gradients over ranks; undo both so
-            # the gradient is that of the global-batch loss (the sum of the rows' shares).
-            engine.backward(loss * (grad_accum * world))
-            engine.step()
-            totals += torch.tensor(
-                [
-                    float(loss.detach()),
-                    batch.num_tokens,
-                    batch.num_trained,
-                    flops.step_flops(batch.sample_lengths),
-                ],
-                dtype=torch.float64,
-            )
+        totals = _optimizer_step(
+            engine, dataset, order, step, rank, world, normalizer, flops, cfg, device
+        )
         dist.all_reduce(totals)
         seconds = time.perf_counter() - t0
         loss_value, tokens, trained, step_flops = totals.tolist()
@@ -333,7 +349,8 @@ def run(cfg) -> dict:
     if rank == 0:
         metrics.close()
         plot_loss_curve(metrics.path, output_dir / "loss.png")
-    engine.destroy() if hasattr(engine, "destroy") else None
+    if hasattr(engine, "destroy"):
+        engine.destroy()
     dist.barrier()
     return {"losses": losses, "start_step": start_step, "steps": step + 1 - start_step}
 
@@ -414,12 +431,10 @@ def launch(
     cmd = launch_command(config_path, num_gpus, nproc, deepspeed, extra_args)
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.setdefault(
-        "TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".torch_extensions")
-    )
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file():  # a source checkout: reuse its built CPU ops
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(root / ".torch_extensions"))
     log.info("launching: %s", " ".join(cmd))
-    if shutil.which(cmd[0]) is None and not Path(cmd[0]).exists():
-        raise FileNotFoundError(cmd[0])
     return subprocess.call(cmd, env=env)
 
 

@@ -140,6 +140,33 @@ def test_two_processes_resume_on_two_processes(setup, zero2_lora, tmp_path):
 
 
 @pytest.mark.slow
+def test_zero3_full_resumes_on_another_world_size(setup, tmp_path):
+    """ZeRO-3 shards weights too: 1 process continues a 2-process run via the universal format."""
+    args = ("--deepspeed", "zero3", "--method", "full", "--lr", "3e-3")
+    full = train(setup, tmp_path / "full", 2, *args)
+    out = tmp_path / "run"
+    train(setup, out, 2, *args, "--stop_after_steps", "3")
+    resumed = train(setup, out, 1, *args, "--resume", "true")
+    assert (out / "checkpoints" / "step_00000003" / "deepspeed" / "state_universal").is_dir()
+    for a, b in zip(resumed, full):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
+
+
+@pytest.mark.slow
+def test_resume_without_optimizer_state(setup, zero2_lora, tmp_path):
+    """save_optimizer: false keeps weights and schedule; Adam restarts, so step 5 differs."""
+    _, full = zero2_lora
+    out = tmp_path / "run"
+    args = ("--deepspeed", "zero2", "--save_optimizer", "false")
+    train(setup, out, 2, *args, "--stop_after_steps", "3")
+    assert not list((out / "checkpoints").glob("step_*/deepspeed/state/*optim_states.pt"))
+    resumed = train(setup, out, 1, *args, "--resume", "true")
+    assert resumed[3]["loss"] == pytest.approx(full[3]["loss"], rel=1e-5)  # same weights
+    assert resumed[3]["lr"] == pytest.approx(full[3]["lr"])
+    assert resumed[4]["loss"] != pytest.approx(full[4]["loss"], rel=1e-6)  # fresh moments
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,method", [("zero3", "lora"), ("zero3", "full"), ("zero2", "full")])
 def test_zero_stages_and_methods(setup, tmp_path, preset, method):
     from peft import PeftModel
