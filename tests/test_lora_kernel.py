@@ -8,6 +8,7 @@ flash-attention: against a float64 reference, our error must be at most 2x (outp
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -418,3 +419,64 @@ def test_patch_keeps_saved_adapters_and_merged_weights(tmp_path):
     assert w_plain.keys() == w_fused.keys()
     for k in w_plain:
         assert torch.equal(w_plain[k], w_fused[k]), k
+
+
+# --- GPU compile check: no GPU here, but Triton can still compile for a CUDA target ---------
+
+_COMPILE = r"""
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pyfast_tune.kernels import _lora_triton as L
+
+arch, act, adt, w4, r_block = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1", int(sys.argv[5])
+ptr = {"X": act, "W": "u8" if w4 else act, "Y": act, "BIAS": act, "DY": act, "DX": act,
+       "A": adt, "B": adt, "U": adt, "DA": adt, "DB": adt, "DU": "fp32", "CODE": "fp32",
+       "ABSMAX": "fp32"}
+consts = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_R=r_block, FP32_DOT=False,
+              HAS_BIAS=True, HAS_DROPOUT=True, W_4BIT=w4, QBLOCK=64, NEED_DX=True,
+              DOT_PRECISION="ieee" if act == "fp32" else "tf32")
+for fn in (L._lora_fwd_kernel, L._lora_bwd_dx_kernel, L._lora_bwd_dadb_kernel):
+    names = list(inspect.signature(fn.fn).parameters)
+    sig = {n: "constexpr" if n in consts else "*" + ptr[n[:-4]] if n.endswith("_ptr")
+           else "fp32" if n in ("scaling", "p") else "i64" if n == "seed" else "i32"
+           for n in names}
+    cx = {(names.index(n),): v for n, v in consts.items() if n in names}
+    kernel = triton.compile(ASTSource(fn, sig, constexprs=cx), target=GPUTarget("cuda", arch, 32))
+    assert ".entry" in kernel.asm["ptx"], fn
+print("compiled")
+"""
+
+
+def _compile_for_gpu(arch, act, adt, w4, r_block):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [str(arch), act, adt, "1" if w4 else "0", str(r_block)]
+    out = subprocess.run(
+        [sys.executable, "-c", _COMPILE, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=str(Path(__file__).resolve().parents[1]),
+        timeout=600,
+    )
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+
+
+def test_kernels_compile_for_gpu_qlora_bf16():
+    """Compiled-mode only errors (types across branches, constexpr returns) show up here."""
+    _compile_for_gpu(80, "bf16", "fp32", True, 16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arch,act,adt,w4,r_block",
+    [(80, "bf16", "bf16", False, 16), (80, "fp16", "fp16", False, 64),
+     (90, "fp32", "fp32", False, 16), (90, "bf16", "bf16", True, 128)],
+)  # fmt: skip
+def test_kernels_compile_for_gpu(arch, act, adt, w4, r_block):
+    _compile_for_gpu(arch, act, adt, w4, r_block)

@@ -46,8 +46,10 @@ def _cast(x, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
     if INTERPRETED and DTYPE == tl.bfloat16 and x.dtype == tl.float32:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return x.to(DTYPE)
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(DTYPE)
+    return y
 
 
 @triton.jit
@@ -60,13 +62,15 @@ def _load_w(
     4-bit (bitsandbytes NF4/FP4): element e = n*K + k sits in byte e // 2 of the packed
     weight (high nibble first); value = code[nibble] * absmax[e // QBLOCK], in fp32.
     """
-    if W_4BIT:
+    if W_4BIT:  # constexpr: only one branch is compiled (the two return different dtypes)
         e = n_idx * K + k_idx
         byte = tl.load(W_ptr + (e >> 1), mask=mask, other=0).to(tl.int32)
         nibble = tl.where((e & 1) == 0, byte >> 4, byte & 15)
         code = tl.load(CODE_ptr + nibble, mask=mask, other=0.0)
-        return code * tl.load(ABSMAX_ptr + e // QBLOCK, mask=mask, other=0.0)
-    return tl.load(W_ptr + n_idx * stride_w_n + k_idx * stride_w_k, mask=mask, other=0.0)
+        w = code * tl.load(ABSMAX_ptr + e // QBLOCK, mask=mask, other=0.0)
+    else:
+        w = tl.load(W_ptr + n_idx * stride_w_n + k_idx * stride_w_k, mask=mask, other=0.0)
+    return w
 
 
 @triton.jit
@@ -221,6 +225,7 @@ def _lora_bwd_dadb_kernel(
     HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
+    # The two branches name their values apart: Triton types every name bound in both.
     pid = tl.program_id(0)
     n_k_tiles = tl.cdiv(K, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
@@ -229,7 +234,7 @@ def _lora_bwd_dadb_kernel(
         # dA[:, k-tile] = duᵀ · dropout(x)[:, k-tile]
         offs_k = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        acc_da = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
             mask_m = offs_m < M
@@ -243,18 +248,18 @@ def _lora_bwd_dadb_kernel(
             ).to(tl.float32)  # fmt: skip
             if HAS_DROPOUT:
                 x = tl.where(_keep(seed, offs_m, offs_k, K, p), x, 0.0)
-            acc += tl.dot(tl.trans(du), x, input_precision="ieee")
+            acc_da += tl.dot(tl.trans(du), x, input_precision="ieee")
         if HAS_DROPOUT:
-            acc = acc * (1.0 / (1.0 - p))
+            acc_da = acc_da * (1.0 / (1.0 - p))
         tl.store(
             DA_ptr + offs_r[:, None] * stride_da_r + offs_k[None, :] * stride_da_k,
-            _cast(acc, DA_ptr.dtype.element_ty, FP32_DOT), mask=mask_r[:, None] & mask_k[None, :],
+            _cast(acc_da, DA_ptr.dtype.element_ty, FP32_DOT), mask=mask_r[:, None] & mask_k[None, :],
         )  # fmt: skip
     else:
         # dB[n-tile, :] = s · dy[:, n-tile]ᵀ · u
         offs_n = (pid - n_k_tiles).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        acc_db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
             mask_m = offs_m < M
@@ -266,10 +271,10 @@ def _lora_bwd_dadb_kernel(
                 U_ptr + offs_m[:, None] * stride_u_tok + offs_r[None, :] * stride_u_r,
                 mask=mask_m[:, None] & mask_r[None, :], other=0.0,
             ).to(tl.float32)  # fmt: skip
-            acc += tl.dot(tl.trans(dy), u, input_precision="ieee")
+            acc_db += tl.dot(tl.trans(dy), u, input_precision="ieee")
         tl.store(
             DB_ptr + offs_n[:, None] * stride_db_n + offs_r[None, :] * stride_db_r,
-            _cast(acc * scaling, DB_ptr.dtype.element_ty, FP32_DOT), mask=mask_n[:, None] & mask_r[None, :],
+            _cast(acc_db * scaling, DB_ptr.dtype.element_ty, FP32_DOT), mask=mask_n[:, None] & mask_r[None, :],
         )  # fmt: skip
 
 
