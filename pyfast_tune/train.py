@@ -331,7 +331,12 @@ def run(cfg) -> dict:
             }
             if (step + 1) % cfg.log_steps == 0 or step + 1 == total_steps:
                 metrics.log(record)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens / seconds:.0f}")
+            bar.set_postfix(
+                loss=f"{loss_value:.4f}",
+                lr=f"{lr:.2e}",
+                tok_s=f"{tokens / seconds:.0f}",
+                trained_tok_s=f"{trained / seconds:.0f}",
+            )
             bar.update(1)
         done = step + 1
         if cfg.save_steps and done % cfg.save_steps == 0:
