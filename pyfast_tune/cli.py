@@ -12,6 +12,8 @@ import json
 import sys
 from collections.abc import Callable
 
+from pyfast_tune.cli_workflow import REGISTRARS as _workflow_registrars
+
 EPILOG_PACK = """examples:
   pyfast-tune pack data/ --out packed/ --tokenizer tok/ --max-length 4096 --template qwen_chat
   pyfast-tune pack --in data/ --out packed/ --tokenizer tok/tokenizer.json --format openai
@@ -139,6 +141,8 @@ def _cmd_formats(args) -> int:
 
 
 REGISTRARS: list[Callable] = [_add_pack, _add_verify, _add_lists]
+# inspect, train, convert, merge, chat (issue 5) live in cli_workflow.py.
+REGISTRARS += _workflow_registrars
 
 
 def build_parser() -> argparse.ArgumentParser:

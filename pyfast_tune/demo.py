@@ -2,6 +2,8 @@
 (with the ``[train]`` extra) a tiny model — so the whole workflow runs with no download.
 
     python -m pyfast_tune.demo --out demo_out        # what `make demo` runs
+
+prints and runs: pack -> inspect -> train (LoRA, one CPU process) -> convert -> merge -> chat.
 """
 
 from __future__ import annotations
@@ -106,35 +108,86 @@ def prepare(out: Path, n: int = 2000, seed: int = 0) -> tuple[Path, Path]:
     return data.parent, tok
 
 
+DEMO_QUESTION = "What does the cat do?"
+
+
+def _run(args: list[str]) -> None:
+    """Print ``pyfast-tune ARGS`` as a shell line, run it in this process, fail loudly."""
+    import shlex
+
+    from pyfast_tune.cli import main as cli
+
+    print(f"\n$ pyfast-tune {shlex.join(args)}", flush=True)
+    code = cli(args)
+    if code != 0:
+        raise SystemExit(f"demo: `pyfast-tune {args[0]}` exited with {code}")
+
+
+def write_run_config(out: Path, model: Path, packed: Path, steps: int) -> Path:
+    """The demo's training config: LoRA on every linear layer of the tiny model, one process."""
+    config = out / "run.yaml"
+    config.write_text(
+        "# pyfast-tune train demo_out/run.yaml --nproc 1   (written by python -m pyfast_tune.demo)\n"
+        f"model: {model}\n"
+        f"data: {packed}\n"
+        "max_length: 1024\n"
+        "method: lora\n"
+        "lora: {r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear}\n"
+        "deepspeed: zero2\n"
+        f"max_steps: {steps}\n"
+        "lr: 2.0e-2\n"
+        "warmup_steps: 2\n"
+        "micro_batch_size: 2\n"
+        "global_batch_size: 2\n"
+        "gradient_checkpointing: false\n"
+        "tensorboard: false\n"
+        "progress_bar: false\n"
+        "log_steps: 10\n"
+        f"output_dir: {out / 'run'}\n"
+    )
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m pyfast_tune.demo",
-        description="Run pyfast-tune end to end on generated data (no download).",
+        description="Run pyfast-tune end to end on generated data (no download): pack -> inspect "
+        "-> train a tiny model with LoRA -> convert -> merge -> chat. Needs the [train] extra "
+        "for everything after inspect.",
     )
     p.add_argument("--out", default="demo_out", help="working directory (default demo_out)")
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=60, help="LoRA training steps (default 60)")
+    p.add_argument("--pack-only", action="store_true", help="stop after pack and inspect")
     args = p.parse_args(argv)
-    from pyfast_tune.cli import main as cli
 
     out = Path(args.out)
     data, tok = prepare(out, n=args.samples)
     print(f"demo: {args.samples} generated chats in {data}, tokenizer in {tok}")
-    return cli(
-        [
-            "pack",
-            "--in",
-            str(data),
-            "--out",
-            str(out / "packed"),
-            "--tokenizer",
-            str(tok),
-            "--max-length",
-            str(args.max_length),
-            "--template",
-            "internlm2_chat",
-        ]
+    packed = out / "packed"
+    _run(["pack", "--in", str(data), "--out", str(packed), "--tokenizer", str(tok),
+          "--max-length", str(args.max_length), "--template", "internlm2_chat"])  # fmt: skip
+    _run(["inspect", str(packed), "--sample", "0", "--plot", str(out / "lengths.png")])
+    if args.pack_only:
+        return 0
+
+    from pyfast_tune.trainer.tiny import make_tiny_llama
+
+    model = out / "tiny"
+    print(f"\n# a tiny Llama (hidden 128, 2 layers) built from a config, saved to {model}")
+    make_tiny_llama(model, tok, hidden_size=128, layers=2, heads=4, kv_heads=2,
+                    intermediate_size=256, init_std=0.05)  # fmt: skip
+    config = write_run_config(out, model, packed, args.steps)
+    _run(["train", str(config), "--nproc", "1"])
+    _run(["convert", str(out / "run"), str(out / "adapter")])
+    _run(["merge", str(model), str(out / "adapter"), str(out / "merged")])
+    _run(["chat", str(out / "merged"), "--prompt", DEMO_QUESTION, "--max-new-tokens", "40"])
+    print(
+        f"\ndemo: done. Try `pyfast-tune chat {out / 'merged'}` (interactive), or "
+        f"`pyfast-tune chat {model} --adapter {out / 'adapter'}` (base + adapter)."
     )
+    return 0
 
 
 if __name__ == "__main__":

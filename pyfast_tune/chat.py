@@ -1,0 +1,379 @@
+"""Chat with a trained model, its turns formatted exactly as training encoded them.
+
+    pyfast-tune chat merged/ --template default
+    pyfast-tune chat models/base --adapter adapter/ --prompt "Hi there" --temperature 0
+
+With an XTuner template the prompt is built like XTuner's ``encode_fn`` builds a training
+sample (and like ``pack`` does, token for token): each piece tokenized alone without special
+tokens; BOS before a turn when the previous one ended with EOS (and before the first);
+``SYSTEM`` before the first input; ``INSTRUCTION`` around each input with its 1-based round;
+``SUFFIX`` after each past answer, then EOS unless ``SUFFIX_AS_EOS``, then ``SEP``. With
+``--template hf`` it is the tokenizer's own ``apply_chat_template``. Generation stops at EOS
+or at the template's stop words, and streams text as soon as it can no longer turn into a
+stop word.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Tokenizer classes for which XTuner (and `pack`) add no BOS token (get_bos_eos_token_ids).
+NO_BOS_CLASSES = {"QWenTokenizer", "QWen2Tokenizer", "Qwen2Tokenizer", "Qwen2TokenizerFast"}
+
+
+def py_format(fmt: str, **fields: str) -> str:
+    """Python's ``str.format`` for the named fields in one pass (a ``{round}`` inside user
+    text stays as is), ``{{``/``}}`` escapes, unknown ``{x}`` left alone — as ``pack`` does."""
+
+    def sub(m: re.Match) -> str:
+        if m.group(0) in ("{{", "}}"):
+            return m.group(0)[0]
+        key = m.group(1)
+        return fields[key] if key in fields else m.group(0)
+
+    return re.sub(r"\{\{|\}\}|\{([^{}]*)\}", sub, fmt)
+
+
+def _token_string(value) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value or None
+
+
+@dataclass
+class TemplateFormat:
+    """Builds prompt ids for one XTuner template and a tokenizer directory."""
+
+    tokenizer_dir: Path
+    template: dict
+    system: str | None = None
+    bos: list[int] = field(default_factory=list)
+    eos: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from tokenizers import Tokenizer
+
+        d = Path(self.tokenizer_dir)
+        self.tok = Tokenizer.from_file(str(d / "tokenizer.json" if d.is_dir() else d))
+        cfg_path = (d if d.is_dir() else d.parent) / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        bos, eos = _token_string(cfg.get("bos_token")), _token_string(cfg.get("eos_token"))
+        if bos and cfg.get("tokenizer_class") not in NO_BOS_CLASSES:
+            self.bos = [self._id(bos)]
+        if eos:
+            self.eos = [self._id(eos)]
+
+    def _id(self, token: str) -> int:
+        i = self.tok.token_to_id(token)
+        if i is None:
+            raise ValueError(f"{token!r} from tokenizer_config.json is not in the vocabulary")
+        return i
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids if text else []
+
+    def encode_conversation(
+        self, turns: list[tuple[str, str | None]]
+    ) -> tuple[list[int], list[bool]]:
+        """(ids, trained) of ``turns`` = [(input, output), ...]; an output of None ends the
+        ids at the open assistant turn (the generation prompt)."""
+        t = self.template
+        ids: list[int] = []
+        trained: list[bool] = []
+
+        def push(xs: list[int], loss: bool) -> None:
+            ids.extend(xs)
+            trained.extend([loss] * len(xs))
+
+        needs_bos = True
+        for i, (query, answer) in enumerate(turns):
+            text = py_format(t["instruction"], input=query, round=str(i + 1))
+            if i == 0 and self.system:
+                text = py_format(t["system"], system=self.system) + text
+            if needs_bos:
+                push(self.bos, False)
+            push(self.encode(text), False)
+            if answer is None:
+                break
+            push(self.encode(answer + t["suffix"]), True)
+            if t["suffix_as_eos"]:
+                needs_bos = False
+            else:
+                if not self.eos:
+                    raise ValueError("the template needs an EOS token but the tokenizer has none")
+                push(self.eos, True)
+                needs_bos = True
+            if t["sep"]:
+                push(self.encode(t["sep"]), False)
+        return ids, trained
+
+    def prompt_ids(self, history: list[tuple[str, str]], query: str) -> list[int]:
+        return self.encode_conversation([*history, (query, None)])[0]
+
+    @property
+    def stop_words(self) -> list[str]:
+        return list(self.template["stop_words"])
+
+
+class RawFormat(TemplateFormat):
+    """``--template none``: no template, the text continued as is (a base or pretrained model).
+    Pretraining samples are encoded as BOS + text, so the prompt is BOS + the text so far."""
+
+    def __init__(self, tokenizer_dir: Path) -> None:
+        none = {"system": "", "instruction": "", "suffix": "", "suffix_as_eos": True, "sep": "",
+                "stop_words": []}  # fmt: skip
+        super().__init__(tokenizer_dir, none)
+
+    def prompt_ids(self, history: list[tuple[str, str]], query: str) -> list[int]:
+        return self.bos + self.encode("".join(q + a for q, a in history) + query)
+
+
+class HfFormat:
+    """Prompt ids from the tokenizer's own chat template (``--template hf``)."""
+
+    def __init__(self, tokenizer_dir: Path, system: str | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        self.hf = AutoTokenizer.from_pretrained(tokenizer_dir)
+        if not self.hf.chat_template:
+            raise ValueError(
+                f"{tokenizer_dir}: the tokenizer has no chat_template; pass --template"
+            )
+        self.system = system
+        self.eos = [self.hf.eos_token_id] if self.hf.eos_token_id is not None else []
+
+    def prompt_ids(self, history: list[tuple[str, str]], query: str) -> list[int]:
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        for q, a in history:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": query})
+        out = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return list(out)
+
+    stop_words: list[str] = []
+
+
+def _holdback(text: str, stop_words: list[str]) -> int:
+    """Characters at the end of ``text`` not to print yet: a partial stop word, or an
+    incomplete UTF-8 sequence (decoded as U+FFFD)."""
+    keep = 0
+    for w in stop_words:
+        for k in range(min(len(w) - 1, len(text)), 0, -1):
+            if text.endswith(w[:k]):
+                keep = max(keep, k)
+                break
+    if text.endswith("\ufffd"):
+        keep = max(keep, 1)
+    return keep
+
+
+def generate(
+    model,
+    prompt_ids: list[int],
+    decode: Callable[[list[int]], str],
+    *,
+    stop_ids: set[int],
+    stop_words: list[str] = (),
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    on_text: Callable[[str], None] | None = None,
+) -> tuple[str, list[int]]:
+    """Decode from ``model`` with a KV cache; returns (answer text, generated ids).
+
+    Greedy when ``temperature`` is 0, else sampling from ``softmax(logits / T)`` restricted to
+    the smallest set of tokens whose probability reaches ``top_p``. Stops at a ``stop_ids``
+    token (not included) or at the first stop word (cut off), or after ``max_new_tokens``.
+    ``on_text`` receives the answer piece by piece as it becomes final.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    inputs = torch.tensor([prompt_ids], device=device)
+    past, out_ids, shown, text = None, [], 0, ""
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            out = model(input_ids=inputs, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[0, -1].float().cpu()
+            if temperature <= 0:
+                token = int(torch.argmax(logits))
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                if top_p < 1.0:
+                    sorted_p, order = torch.sort(probs, descending=True)
+                    # Keep tokens until the mass before them reaches top_p (always >= 1 token).
+                    keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
+                    probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+                token = int(torch.multinomial(probs, 1, generator=gen))
+            if token in stop_ids:
+                break
+            out_ids.append(token)
+            text = decode(out_ids)
+            hits = [i for i in (text.find(w) for w in stop_words) if i >= 0]
+            if hits:
+                text = text[: min(hits)]
+                break
+            final = len(text) - _holdback(text, list(stop_words))
+            if on_text and final > shown:
+                on_text(text[shown:final])
+                shown = final
+            inputs = torch.tensor([[token]], device=device)
+    text = text.removesuffix("\ufffd") if text.endswith("\ufffd") else text
+    if on_text and len(text) > shown:
+        on_text(text[shown:])
+    return text, out_ids
+
+
+def default_template(*dirs: Path | None) -> str:
+    """The template recorded by ``convert``/``merge`` (pyfast_tune.json), else ``hf``."""
+    from pyfast_tune.export import RUN_FILE
+
+    for d in dirs:
+        if d is not None and (Path(d) / RUN_FILE).is_file():
+            template = json.loads((Path(d) / RUN_FILE).read_text()).get("template")
+            if template:
+                return template
+    return "hf"
+
+
+def load_model(model_dir: str | Path, adapter: str | Path | None, dtype: str | None,
+               trust_remote_code: bool = False):  # fmt: skip
+    """``from_pretrained`` the model (CPU: float32 unless ``dtype``), plus a PEFT adapter."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pyfast_tune.export import parse_dtype
+
+    torch_dtype = parse_dtype(dtype) or (
+        torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    )
+    kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if torch.cuda.is_available():
+        kwargs["device_map"] = "auto"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    return model
+
+
+class ChatSession:
+    """A model, a prompt format and the history; :meth:`ask` answers one message."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        adapter: str | Path | None = None,
+        template: str | None = None,
+        system: str | None = None,
+        tokenizer: str | Path | None = None,
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        from pyfast_tune.data import templates
+
+        model_dir = Path(model_dir)
+        adapter = Path(adapter) if adapter else None
+        tok_dir = Path(tokenizer) if tokenizer else None
+        if tok_dir is None:
+            tok_dir = adapter if adapter and (adapter / "tokenizer.json").is_file() else model_dir
+        if not (tok_dir / "tokenizer.json").is_file() and not tok_dir.is_file():
+            raise FileNotFoundError(f"{tok_dir}: no tokenizer.json; pass --tokenizer DIR")
+        self.template = template or default_template(adapter, model_dir)
+        if self.template == "hf":
+            self.format = HfFormat(tok_dir, system)
+        elif self.template == "none":
+            self.format = RawFormat(tok_dir)
+        else:
+            by_name = {t["name"]: t for t in templates()}
+            if self.template not in by_name:
+                raise ValueError(
+                    f"unknown template {self.template!r}: see `pyfast-tune templates` (or hf, none)"
+                )
+            self.format = TemplateFormat(tok_dir, by_name[self.template], system)
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+        self.model = load_model(model_dir, adapter, dtype, trust_remote_code)
+        self.stop_ids = set(self.format.eos)
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if self.template == "hf" and gen_eos is not None:
+            self.stop_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        for w in self.format.stop_words:  # a stop word that is one token stops by id too
+            i = self.tok.token_to_id(w)
+            if i is not None:
+                self.stop_ids.add(i)
+        self.history: list[tuple[str, str]] = []
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def ask(self, message: str, on_text=None, **gen_kwargs) -> str:
+        ids = self.format.prompt_ids(self.history, message)
+        answer, _ = generate(
+            self.model,
+            ids,
+            self.decode,
+            stop_ids=self.stop_ids,
+            stop_words=self.format.stop_words,
+            on_text=on_text,
+            **gen_kwargs,
+        )
+        self.history.append((message, answer))
+        return answer
+
+
+def _stream(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def chat_main(args) -> int:
+    """``pyfast-tune chat``: one answer for ``--prompt``, else an interactive loop."""
+    session = ChatSession(
+        args.model,
+        adapter=args.adapter,
+        template=args.template,
+        system=args.system,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
+    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+           "top_p": args.top_p, "seed": args.seed}  # fmt: skip
+    if args.prompt is not None:
+        session.ask(args.prompt, on_text=_stream, **gen)
+        print()
+        return 0
+    print(
+        f"chat with {args.model}{' + ' + args.adapter if args.adapter else ''} "
+        f"(template {session.template}); /reset clears the history, /exit or Ctrl-D quits",
+        file=sys.stderr,
+    )
+    while True:
+        try:
+            message = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        if message.strip() in ("/exit", "/quit", "exit"):
+            return 0
+        if message.strip() == "/reset":
+            session.history.clear()
+            continue
+        if not message.strip():
+            continue
+        session.ask(message, on_text=_stream, **gen)
+        print()
