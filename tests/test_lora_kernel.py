@@ -381,6 +381,30 @@ def test_swap_trains_like_peft(tmp_path, backend, dropout, quantized, dtype):
         torch.testing.assert_close(sd_fused[k], sd_peft[k], rtol=100 * rtol, atol=atol)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_swap_under_gradient_checkpointing(tmp_path, backend):
+    """Recomputed forwards redraw the same dropout masks (checkpoint restores the RNG state)."""
+    model = _peft(_tiny_llama(tmp_path), 0.1)
+    patch_peft_lora(model, backend=backend)
+    model.train()
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(4))
+
+    def lora_grads():
+        torch.manual_seed(5)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return grads
+
+    plain = lora_grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    checkpointed = lora_grads()
+    assert plain.keys() == checkpointed.keys() and len(plain) == 4 * len(TARGETS)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
 def test_patch_keeps_saved_adapters_and_merged_weights(tmp_path):
     from peft.tuners.lora import layer as lora_layer
 
