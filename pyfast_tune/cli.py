@@ -48,6 +48,11 @@ def _add_pack(sub) -> None:
                    help="file listing input paths (relative to the single INPUT dir), one per line")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip and count bad records/files instead of failing")
+    p.add_argument("--tokenizer-backend", choices=["auto", "hf", "fast"], default="auto",
+                   help="text encoder: the fast byte-level BPE path when it provably "
+                        "gives the ids of Hugging Face tokenizers (auto), always tokenizers "
+                        "(hf), or fast (fail if the tokenizer does not qualify); never "
+                        "changes the output")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pack)
@@ -67,6 +72,7 @@ def _cmd_pack(args) -> int:
         seed=args.seed,
         threads=args.threads,
         skip_bad=args.skip_bad,
+        tokenizer_backend=args.tokenizer_backend,
         data_order=args.data_order,
         progress=not args.quiet and sys.stderr.isatty(),
     )

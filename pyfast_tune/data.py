@@ -111,6 +111,7 @@ def pack(
     skip_bad: bool = False,
     data_order: str | os.PathLike | None = None,
     progress: bool = False,
+    tokenizer_backend: str = "auto",
 ) -> PackStats:
     """Read, template, tokenize and pack ``inputs`` into ``out_dir`` (written atomically).
 
@@ -120,7 +121,11 @@ def pack(
       or the ``tokenizer.json`` itself.
     format: auto, conversation, openai, alpaca, pretrain. template: an XTuner template name
       (``pyfast-tune templates``) or ``none``; pretraining text is never templated.
-    The output bytes depend only on the inputs and settings, never on ``threads``.
+    tokenizer_backend: ``auto`` (the fast byte-level BPE path when it provably gives the ids
+      of Hugging Face ``tokenizers``, else ``tokenizers``), ``hf``, or ``fast`` (fails, saying
+      why, when the tokenizer does not qualify). It changes the speed, never the output.
+    The output bytes depend only on the inputs and settings, never on ``threads`` or
+    ``tokenizer_backend``.
 
     >>> pack("chats.jsonl", "packed/", tokenizer="tok/", max_length=2048,
     ...      template="qwen_chat").fill > 0.99                              # doctest: +SKIP
@@ -140,6 +145,7 @@ def pack(
             skip_bad,
             None if data_order is None else os.fspath(data_order),
             report,
+            tokenizer_backend=tokenizer_backend,
         )
     finally:
         close()
@@ -155,6 +161,7 @@ def fingerprint(
     seed: int = 0,
     skip_bad: bool = False,
     data_order: str | os.PathLike | None = None,
+    tokenizer_backend: str = "auto",
 ) -> str:
     """The fingerprint ``pack`` would write for these arguments, without packing (it hashes
     every input). Key a cache of packed directories with it.
@@ -171,6 +178,7 @@ def fingerprint(
         int(seed),
         skip_bad,
         None if data_order is None else os.fspath(data_order),
+        tokenizer_backend=tokenizer_backend,
     )
 
 

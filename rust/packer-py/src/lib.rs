@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use packer::tokenize::TokenizerBackend;
 use packer::{Error, PackConfig, Progress};
 use pyo3::create_exception;
 use pyo3::exceptions::{
@@ -123,13 +124,24 @@ fn config(
         seed,
         threads,
         skip_bad,
+        tokenizer_backend: TokenizerBackend::Auto,
     }
+}
+
+/// Parse a `tokenizer_backend` argument (`auto`, `hf`, `fast`).
+fn backend(name: &str) -> PyResult<TokenizerBackend> {
+    TokenizerBackend::from_name(name).ok_or_else(|| {
+        PackConfigError::new_err(format!(
+            "unknown tokenizer backend {name:?}; known: {}",
+            TokenizerBackend::NAMES.join(", ")
+        ))
+    })
 }
 
 /// Pack inputs into `out_dir`; returns the statistics as a JSON object string.
 /// `progress(stage, done, total)` is called now and then with the GIL held.
 #[pyfunction]
-#[pyo3(signature = (inputs, out_dir, tokenizer, max_length, format, template, seed, threads=None, skip_bad=false, data_order=None, progress=None))]
+#[pyo3(signature = (inputs, out_dir, tokenizer, max_length, format, template, seed, threads=None, skip_bad=false, data_order=None, progress=None, tokenizer_backend=String::from("auto")))]
 #[allow(clippy::too_many_arguments)]
 fn pack(
     py: Python<'_>,
@@ -144,11 +156,16 @@ fn pack(
     skip_bad: bool,
     data_order: Option<String>,
     progress: Option<Py<PyAny>>,
+    tokenizer_backend: String,
 ) -> PyResult<String> {
     let cfg = config(
         inputs, out_dir, tokenizer, max_length, format, template, seed, threads, skip_bad,
         data_order,
     );
+    let cfg = PackConfig {
+        tokenizer_backend: backend(&tokenizer_backend)?,
+        ..cfg
+    };
     let result = py.detach(|| {
         let report = |p: Progress<'_>| -> bool {
             Python::attach(|py| {
@@ -169,7 +186,7 @@ fn pack(
 
 /// The fingerprint `pack` would record for these arguments (hashes every input).
 #[pyfunction]
-#[pyo3(signature = (inputs, tokenizer, max_length, format, template, seed, skip_bad=false, data_order=None))]
+#[pyo3(signature = (inputs, tokenizer, max_length, format, template, seed, skip_bad=false, data_order=None, tokenizer_backend=String::from("auto")))]
 #[allow(clippy::too_many_arguments)]
 fn fingerprint(
     py: Python<'_>,
@@ -181,6 +198,7 @@ fn fingerprint(
     seed: u64,
     skip_bad: bool,
     data_order: Option<String>,
+    tokenizer_backend: String,
 ) -> PyResult<String> {
     let cfg = config(
         inputs,
@@ -194,6 +212,8 @@ fn fingerprint(
         skip_bad,
         data_order,
     );
+    // Checked for the caller's sake; the backend never changes the fingerprint.
+    backend(&tokenizer_backend)?;
     py.detach(|| packer::fingerprint(&cfg))
         .map_err(|e| to_pyerr(py, e))
 }

@@ -25,6 +25,15 @@ impl Encoded {
             .extend(std::iter::repeat_n(trained as u8, ids.len()));
     }
 
+    /// Tokenize `text` straight into the sample: no vector per piece (issue 7 profile).
+    fn push_text(&mut self, tok: &TextTokenizer, text: &str, trained: bool) -> Result<(), String> {
+        let start = self.ids.len();
+        tok.encode_into(text, &mut self.ids)?;
+        let n = self.ids.len() - start;
+        self.mask.extend(std::iter::repeat_n(trained as u8, n));
+        Ok(())
+    }
+
     /// Number of trained tokens.
     pub fn trained(&self) -> usize {
         self.mask.iter().filter(|&&m| m != 0).count()
@@ -44,8 +53,8 @@ pub fn encode_turns(
         if needs_bos {
             enc.push(&tok.bos, false);
         }
-        enc.push(&tok.encode(&turn.input)?, false);
-        enc.push(&tok.encode(&turn.output)?, turn.output_with_loss);
+        enc.push_text(tok, &turn.input, false)?;
+        enc.push_text(tok, &turn.output, turn.output_with_loss)?;
         if turn.need_eos_token {
             if tok.eos.is_empty() {
                 return Err(
@@ -59,7 +68,7 @@ pub fn encode_turns(
             needs_bos = false;
         }
         if !turn.sep.is_empty() {
-            enc.push(&tok.encode(&turn.sep)?, false);
+            enc.push_text(tok, &turn.sep, false)?;
         }
     }
     if enc.ids.len() > max_length {

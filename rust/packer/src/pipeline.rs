@@ -20,7 +20,7 @@ use crate::input::{
 };
 use crate::output::{self, HashedWriter, StagingDir};
 use crate::template::{self, Template};
-use crate::tokenize::{self, TextTokenizer};
+use crate::tokenize::{self, TextTokenizer, TokenizerBackend};
 
 /// Records encoded per parallel batch: large enough to amortise scheduling, small enough
 /// to bound memory and report progress often.
@@ -51,6 +51,9 @@ pub struct PackConfig {
     pub threads: Option<usize>,
     /// Skip (and count) bad records instead of failing.
     pub skip_bad: bool,
+    /// Text encoder (`auto`, `hf`, `fast`). Every backend gives the same ids, so it never
+    /// changes the output bytes and is not part of the fingerprint.
+    pub tokenizer_backend: TokenizerBackend,
 }
 
 /// What a pack run did. Token accounting: tokens + truncated_tokens + dropped_tokens is every
@@ -268,7 +271,7 @@ pub fn pack(cfg: &PackConfig, progress: &dyn Fn(Progress<'_>) -> bool) -> Result
     let start = Instant::now();
     let (format, template) = parse_names(cfg)?;
     let files = resolve(cfg)?;
-    let tok = TextTokenizer::load(&cfg.tokenizer)?;
+    let tok = TextTokenizer::load_with(&cfg.tokenizer, cfg.tokenizer_backend)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(thread_count(cfg))
         .build()

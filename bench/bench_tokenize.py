@@ -1,0 +1,186 @@
+"""Tokenizer-bound packing speed (issue 7): end-to-end ``pyfast-tune pack`` tokens/s against
+the raw encoders on the same texts.
+
+    pytest bench/bench_tokenize.py -s          # or
+    python bench/bench_tokenize.py [--repeat 3] [--threads 2]
+
+For each shared tokenizer (Qwen3, SmolLM2) and corpus (chitchat: openai messages with the
+qwen_chat template, max_length 4096; pydoc: pretraining text, max_length 32768) it measures:
+
+- ``pack fast`` / ``pack hf``: the whole CLI run (interpreter start, tokenizer load, read, JSON,
+  template, encode, pack, write, commit) as a subprocess, ``--tokenizer-backend fast|hf``;
+  tokens = every token encoded (written + truncated + dropped), over the wall time;
+- ``encode_batch``: Hugging Face ``tokenizers`` on the message/document texts, all threads,
+  tokenizer already loaded;
+- ``tiktoken``: tiktoken's rank-based encoder built from the same vocabulary and pattern
+  (``encode_ordinary_batch``, same thread count, added tokens ignored), when installed. Its
+  ids are not always Hugging Face's (the vocabularies list one merge per token, tiktoken merges
+  any pair whose concatenation is a token); the share of texts that differ is printed.
+
+Best of ``--repeat`` runs each; the machine and its load are printed with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+CASES = [
+    ("chitchat.jsonl", "qwen_chat", 4096),
+    ("pydoc.jsonl", "none", 32768),
+]
+TOKENIZERS = ["qwen3", "smollm2"]
+
+
+def texts_of(path: Path) -> list[str]:
+    out = []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if "messages" in rec:
+            out.extend(m["content"] for m in rec["messages"])
+        else:
+            out.append(rec["text"])
+    return out
+
+
+def best(fn, repeat: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return min(times), result
+
+
+def pack_cli(data: Path, tok: Path, template: str, max_length: int, backend: str,
+             threads: int) -> dict:
+    exe = Path(sys.executable).with_name("pyfast-tune")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pyfast_tune.cli"]
+    with tempfile.TemporaryDirectory() as d:
+        out = subprocess.run(
+            cmd + ["pack", str(data), "--out", f"{d}/p", "--tokenizer", str(tok),
+                   "--template", template, "--max-length", str(max_length),
+                   "--threads", str(threads), "--tokenizer-backend", backend,
+                   "--json", "--quiet"],
+            check=True, capture_output=True, text=True,
+        ).stdout
+    return json.JSONDecoder().raw_decode(out[out.index("{"):])[0]
+
+
+def tiktoken_encoding(tok_json: Path):
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    spec = json.loads(tok_json.read_text())
+    char_byte = {c: b for b, c in enumerate(_bytes_to_unicode())}
+    ranks = {bytes(char_byte[c] for c in t): i for t, i in spec["model"]["vocab"].items()
+             if all(c in char_byte for c in t)}
+    pre = spec["pre_tokenizer"]
+    steps = pre.get("pretokenizers", [pre])
+    split = next((s for s in steps if s["type"] == "Split"), None)
+    pattern = (split["pattern"]["Regex"] if split else
+               r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
+    return tiktoken.Encoding(name=tok_json.parent.name, pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens={})
+
+
+def _bytes_to_unicode() -> list[str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs, n = {}, 0
+    for b in range(256):
+        if b in bs:
+            cs[b] = chr(b)
+        else:
+            cs[b] = chr(256 + n)
+            n += 1
+    return [cs[b] for b in range(256)]
+
+
+def conditions(threads: int) -> str:
+    load = os.getloadavg()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                if ln.startswith("model name")), "?")
+    return (f"{os.cpu_count()} cores ({cpu}), load average {load[0]:.1f}/{load[1]:.1f}, "
+            f"--threads {threads}")
+
+
+def run(repeat: int = 3, threads: int = 2) -> list[dict]:
+    from tokenizers import Tokenizer
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+    print(f"\nbench_tokenize: best of {repeat}; {conditions(threads)}")
+    rows = []
+    for tok_name in TOKENIZERS:
+        tok_dir = SHARED / "tokenizers" / tok_name
+        hf = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+        enc_tt = tiktoken_encoding(tok_dir / "tokenizer.json")
+        for data_name, template, max_length in CASES:
+            data = SHARED / data_name
+            texts = texts_of(data)
+            row = {"tokenizer": tok_name, "data": data_name}
+            for backend in ("fast", "hf"):
+                secs, stats = best(
+                    partial(pack_cli, data, tok_dir, template, max_length, backend, threads),
+                    repeat if backend == "fast" else 1,
+                )
+                n = stats["tokens"] + stats["truncated_tokens"] + stats["dropped_tokens"]
+                row[f"pack_{backend}"] = n / secs
+                row[f"pack_{backend}_inproc"] = n / stats["seconds"]
+            secs, encs = best(partial(hf.encode_batch, texts, add_special_tokens=False), repeat)
+            hf_ids = [e.ids for e in encs]
+            row["encode_batch"] = sum(map(len, hf_ids)) / secs
+            if enc_tt is not None:
+                secs, tt_ids = best(
+                    partial(enc_tt.encode_ordinary_batch, texts, num_threads=threads), repeat
+                )
+                row["tiktoken"] = sum(map(len, tt_ids)) / secs
+                row["tiktoken_differs"] = sum(a != b for a, b in zip(hf_ids, tt_ids)) / len(texts)
+            rows.append(row)
+            print_row(row)
+    return rows
+
+
+def print_row(r: dict) -> None:
+    m = 1e6
+    line = (f"{r['tokenizer']:8s} {r['data']:15s} pack fast {r['pack_fast'] / m:5.2f} M tok/s "
+            f"(in-process {r['pack_fast_inproc'] / m:5.2f}) | pack hf {r['pack_hf'] / m:5.2f} | "
+            f"encode_batch {r['encode_batch'] / m:5.2f}")
+    if "tiktoken" in r:
+        line += (f" | tiktoken {r['tiktoken'] / m:5.2f} "
+                 f"(ids differ from HF on {100 * r['tiktoken_differs']:.2f}% of texts)")
+    line += f" || fast/encode_batch {r['pack_fast'] / r['encode_batch']:4.2f}x"
+    if "tiktoken" in r:
+        line += f", fast/tiktoken {r['pack_fast'] / r['tiktoken']:4.2f}x"
+    line += f", fast/hf {r['pack_fast'] / r['pack_hf']:4.2f}x"
+    print(line, flush=True)
+
+
+def test_bench_tokenize():
+    import pytest
+
+    if not (SHARED / "tokenizers").exists():
+        pytest.skip(f"{SHARED} is absent: the benchmark needs the shared tokenizers and data")
+    rows = run(repeat=int(os.environ.get("BENCH_REPEAT", "3")))
+    for r in rows:
+        assert r["pack_fast"] > r["pack_hf"], f"fast backend slower than hf: {r}"
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if not (SHARED / "tokenizers").exists():
+        sys.exit(f"{SHARED} is absent: the benchmark needs the shared tokenizers and data")
+    run(args.repeat, args.threads)
