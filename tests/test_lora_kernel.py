@@ -381,7 +381,7 @@ def test_swap_trains_like_peft(tmp_path, backend, dropout, quantized, dtype):
         torch.testing.assert_close(sd_fused[k], sd_peft[k], rtol=100 * rtol, atol=atol)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
 def test_swap_under_gradient_checkpointing(tmp_path, backend):
     """Recomputed forwards redraw the same dropout masks (checkpoint restores the RNG state)."""
     model = _peft(_tiny_llama(tmp_path), 0.1)
