@@ -62,7 +62,10 @@ pub fn verify(dir: &Path) -> Result<Value> {
     let p_of = |n: &str| dir.join(n);
     let ids = &data[output::INPUT_IDS];
     let mask = &data[output::LOSS_MASK];
-    if ids.len() as u64 != 4 * n_tok || mask.len() as u64 != n_tok {
+    // Counts come from a file that may be corrupt: compare in u128 so no product overflows
+    // (found by tests/fuzz_verify.rs).
+    let (n_tok128, n_samp128, n_pack128) = (n_tok as u128, n_samp as u128, n_pack as u128);
+    if ids.len() as u128 != 4 * n_tok128 || mask.len() as u128 != n_tok128 {
         return Err(corrupt(
             &p_of(output::INPUT_IDS),
             "token count differs from meta.json num_tokens",
@@ -77,9 +80,9 @@ pub fn verify(dir: &Path) -> Result<Value> {
     let samples = i64s(&data[output::SAMPLES]);
     let packs = i64s(&data[output::PACKS]);
     let order = i64s(&data[output::PACK_SAMPLES]);
-    if samples.len() as u64 != 5 * n_samp
-        || order.len() as u64 != n_samp
-        || packs.len() as u64 != 2 * (n_pack + 1)
+    if samples.len() as u128 != 5 * n_samp128
+        || order.len() as u128 != n_samp128
+        || packs.len() as u128 != 2 * (n_pack128 + 1)
     {
         return Err(corrupt(
             &p_of(output::SAMPLES),
@@ -106,16 +109,19 @@ pub fn verify(dir: &Path) -> Result<Value> {
             packs[2 * p + 2],
             packs[2 * p + 3],
         );
-        if t1 <= t0 || s1 <= s0 {
+        if t1 <= t0 || s1 <= s0 || s0 < 0 || s1 as u64 > n_samp {
             return Err(corrupt(
                 &ppath,
                 format!("pack {p} is empty or out of order"),
             ));
         }
-        if t1 - t0 > max_len as i64 {
+        if (t1 as i128 - t0 as i128) > max_len as i128 {
             return Err(corrupt(
                 &ppath,
-                format!("pack {p} holds {} tokens > max_length {max_len}", t1 - t0),
+                format!(
+                    "pack {p} holds {} tokens > max_length {max_len}",
+                    t1 as i128 - t0 as i128
+                ),
             ));
         }
         max_pack = max_pack.max(t1 - t0);
@@ -138,7 +144,12 @@ pub fn verify(dir: &Path) -> Result<Value> {
                     format!("sample {s} (start {}, length {}, pack {}) does not sit whole at token {pos} of pack {p}", row[0], row[1], row[2]),
                 ));
             }
-            pos += row[1];
+            pos = pos.checked_add(row[1]).ok_or_else(|| {
+                corrupt(
+                    &p_of(output::SAMPLES),
+                    format!("sample {s}: length overflows"),
+                )
+            })?;
         }
         if pos != t1 {
             return Err(corrupt(
