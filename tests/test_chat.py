@@ -172,3 +172,30 @@ def test_template_none_prompt_is_the_pretraining_encoding(tmp_path):
     raw = RawFormat(tok)  # the history is the text so far
     joined = raw.prompt_ids([], "def fibonacci(n):\n    return")
     assert raw.prompt_ids([("def fib", "onacci(n):")], "\n    return") == joined
+
+
+def test_interactive_loop_keeps_history_until_reset(tiny_model, monkeypatch, capsys):
+    """The loop answers each line, /reset forgets the history, Ctrl-D (EOF) ends it."""
+    import pyfast_tune.chat as chat_mod
+    from pyfast_tune.cli import main as cli
+
+    lines = iter(["What does the cat do?", "", "And the robot?", "/reset", "Hi"])
+    prompts = []
+    real = chat_mod.TemplateFormat.prompt_ids
+
+    def spy(self, history, query):
+        prompts.append((len(history), query))
+        return real(self, history, query)
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(chat_mod.TemplateFormat, "prompt_ids", spy)
+    monkeypatch.setattr("builtins.input", fake_input)
+    args = ["chat", str(tiny_model), "--template", "default", "--max-new-tokens", "4"]
+    assert cli(args) == 0
+    assert prompts == [(0, "What does the cat do?"), (1, "And the robot?"), (0, "Hi")]
+    assert "template default" in capsys.readouterr().err
