@@ -241,15 +241,20 @@ class PackedDataset:
             ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CorruptDataError(f"{meta_path}: unreadable meta.json: {e}") from None
+        if not isinstance(self.meta, dict):
+            raise CorruptDataError(f"{meta_path}: expected a JSON object, got {type(self.meta).__name__}")
         version = self.meta.get("format_version")
         if version != FORMAT_VERSION:
             raise CorruptDataError(
                 f"{meta_path}: format version {version!r}, this pyfast-tune reads {FORMAT_VERSION}"
             )
         self._check_expectations(tokenizer, max_length, template, format, seed)
-        self.num_packs = int(self.meta["num_packs"])
-        self.num_samples = int(self.meta["num_samples"])
-        self.num_tokens = int(self.meta["num_tokens"])
+        try:
+            self.num_packs = int(self.meta["num_packs"])
+            self.num_samples = int(self.meta["num_samples"])
+            self.num_tokens = int(self.meta["num_tokens"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptDataError(f"{meta_path}: missing or invalid count {e}") from None
         expected = {
             "input_ids.bin": 4 * self.num_tokens,
             "loss_mask.bin": self.num_tokens,
