@@ -4,15 +4,15 @@ The same real conversations (../shared/data/chitchat.jsonl, OpenAI format, SmolL
 template ``default``) train a tiny Llama (built from a config, fp32, full fine-tuning, AdamW)
 for one pass in two ways, measured in the same run:
 
-- ``padded``: what a plain HF loop does: batches of ``--batch`` samples (in the packed order,
-  so batches mix lengths as a shuffled loader would), right-padded to the longest sample,
-  attention mask, HF ``sdpa`` attention, HF's own loss;
+- ``padded``: what a plain HF loop does: batches of ``--batch`` samples in a shuffled order,
+  right-padded to the longest sample, attention mask, HF ``sdpa`` attention, HF's own loss;
 - ``packed``: our path: each optimizer step one pack of up to ``--max-length`` tokens
   (whole samples back to back), position_ids restarting per sample, varlen attention
   (``ref`` = PyTorch per sample, ``op`` = pyfast_tune.kernels), per-sample shifted labels.
 
-Both see the same samples and the same number of optimizer steps' worth of real tokens;
-throughput counts real (non-pad) tokens only. Packing can at best remove the padding, so the
+``--packs`` packs spread over the packed dataset supply the samples. Both train on exactly the
+same samples once (one optimizer step per pack, or per padded batch); throughput counts real
+(non-pad) tokens only. Packing can at best remove the padding, so the
 ideal speed-up is 1/(1 - padding fraction) of the padded batches; the ratio is printed next
 to it.
 
@@ -33,15 +33,26 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def _samples_of_packs(ds, n_packs: int) -> list[tuple]:
-    """(input_ids, labels) of every sample of the first ``n_packs`` packs, in pack order."""
+def _spread_packs(ds, n_packs: int) -> list[int]:
+    """``n_packs`` pack indices spread evenly over the dataset (packs are made longest-first,
+    so the first packs alone would hold only the longest, truncated conversations)."""
+    import numpy as np
+
+    return np.linspace(0, len(ds) - 1, n_packs).round().astype(int).tolist()
+
+
+def _samples_of_packs(ds, pack_ids: list[int], seed: int = 0) -> list[tuple]:
+    """(input_ids, labels) of every sample of these packs, shuffled as a random loader would."""
+    import numpy as np
+
     out = []
-    for i in range(n_packs):
+    for i in pack_ids:
         p = ds[i]
         cu = p["cu_seqlens"]
         for a, b in zip(cu[:-1], cu[1:]):
             out.append((p["input_ids"][a:b], p["labels"][a:b]))
-    return out
+    order = np.random.default_rng(seed).permutation(len(out))
+    return [out[i] for i in order]
 
 
 def _padded_batches(samples, batch: int, pad_id: int):
@@ -75,7 +86,7 @@ def _time_padded(model, samples, batch: int, pad_id: int) -> tuple[float, int, i
     return time.perf_counter() - start, real, slots
 
 
-def _time_packed(model, ds, n_packs: int) -> tuple[float, int]:
+def _time_packed(model, ds, pack_ids: list[int]) -> tuple[float, int]:
     import torch
 
     from pyfast_tune.trainer.batches import collate, global_normalizer
@@ -84,7 +95,7 @@ def _time_packed(model, ds, n_packs: int) -> tuple[float, int]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     start = time.perf_counter()
     tokens = 0
-    for i in range(n_packs):
+    for i in pack_ids:
         batch = collate([ds[i]], "token", global_normalizer(ds, [i], "token"))
         loss = batch_loss(model, batch, "cpu")
         loss.backward()
@@ -125,13 +136,14 @@ def run(packs: int, batch: int, max_length: int, threads: int, backends: list[st
     base.set_attn_implementation("sdpa")
     pad_id = base.config.eos_token_id or 0
 
-    samples = _samples_of_packs(ds, packs)
+    pack_ids = _spread_packs(ds, packs)
+    samples = _samples_of_packs(ds, pack_ids)
     seconds, real, slots = _time_padded(copy.deepcopy(base), samples, batch, pad_id)
     padding = 1 - real / slots
     results = {"padded": {"seconds": seconds, "tokens": real, "tok_s": real / seconds}}
     for backend in backends:
         model = patch.apply(copy.deepcopy(base), lora=False, attention_backend=backend)
-        seconds, tokens = _time_packed(model, ds, packs)
+        seconds, tokens = _time_packed(model, ds, pack_ids)
         assert tokens == real, "both paths must train the same tokens"
         results[f"packed+varlen[{backend}]"] = {
             "seconds": seconds,
