@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,10 +157,10 @@ class HfFormat:
             out = out["input_ids"]
         return list(out)
 
-    stop_words: list[str] = []
+    stop_words: tuple[str, ...] = ()  # EOS (and generation_config eos ids) only
 
 
-def _holdback(text: str, stop_words: list[str]) -> int:
+def _holdback(text: str, stop_words: Sequence[str]) -> int:
     """Characters at the end of ``text`` not to print yet: a partial stop word, or an
     incomplete UTF-8 sequence (decoded as U+FFFD)."""
     keep = 0
@@ -180,7 +180,7 @@ def generate(
     decode: Callable[[list[int]], str],
     *,
     stop_ids: set[int],
-    stop_words: list[str] = (),
+    stop_words: Sequence[str] = (),
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -223,12 +223,12 @@ def generate(
             if hits:
                 text = text[: min(hits)]
                 break
-            final = len(text) - _holdback(text, list(stop_words))
+            final = len(text) - _holdback(text, stop_words)
             if on_text and final > shown:
                 on_text(text[shown:final])
                 shown = final
             inputs = torch.tensor([[token]], device=device)
-    text = text.removesuffix("\ufffd") if text.endswith("\ufffd") else text
+    text = text.removesuffix("\ufffd")  # an unfinished UTF-8 sequence at max_new_tokens
     if on_text and len(text) > shown:
         on_text(text[shown:])
     return text, out_ids

@@ -8,10 +8,11 @@ adapter into its base model. No GPU, no process group, and no more memory than t
 ``convert`` rebuilds the weights from the DeepSpeed state itself (the fp32 master weights of
 the optimizer partitions when they were saved, else the module weights), as DeepSpeed's
 ``zero_to_fp32`` does, but with ``torch.load(weights_only=True, mmap=True)``: the files are
-read lazily and nothing in them is executed. The model is built on the meta device and the
-weights are assigned into it, so a full model costs one copy of its weights. LoRA/QLoRA runs
-saved only the trainable weights (``exclude_frozen_parameters``): they become a PEFT adapter
-folder for the run's base model.
+read lazily (Adam's moments are never touched) and nothing in them is executed. The model's
+parameters are built on the meta device and the rebuilt tensors assigned into them, so a full
+model costs one fp32 copy of its weights (plus the cast copy with ``--dtype bf16|fp16``).
+LoRA/QLoRA runs saved only the trainable weights (``exclude_frozen_parameters``): they become
+a PEFT adapter folder for the run's base model.
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from pyfast_tune.data import IMAGE_TOKEN_INDEX, PackedDataset
+from pyfast_tune.data import PackedDataset
+
+IMAGE_TOKEN_INDEX = -200  # XTuner's <image> placeholder in LLaVA samples (not a vocabulary id)
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"  # marks text whose tokens carry loss
 _GREEN, _RESET = "\x1b[32m", "\x1b[0m"

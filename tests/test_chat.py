@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pyfast_tune.chat import ChatSession, HfFormat, TemplateFormat, generate, py_format
-from pyfast_tune.data import PackedDataset, pack, render_chat, templates
+from pyfast_tune.data import PackedDataset, pack, templates
 from tests.conftest import shared_path
 
 TEMPLATES = {t["name"]: t for t in templates()}
@@ -56,19 +56,19 @@ def test_prompt_encoding_equals_the_packed_training_sample(tmp_path, template, s
         assert trained[len(prompt)] and not trained[len(prompt) - 1]  # the answer starts there
 
 
-def test_hf_prompt_is_the_prefix_of_the_hf_training_render():
-    """--template hf: the generation prompt of turn k + the answer is how `pack --template hf`
-    renders the conversation (the engine's own Jinja renderer)."""
+def test_hf_prompt_is_the_prefix_of_the_hf_training_sample(tmp_path):
+    """--template hf: the generation prompt of the last turn is how `pack --template hf`
+    encodes the conversation up to that answer (the engine's own Jinja renderer)."""
     tok = shared_path("tokenizers", "smollm2")
-    fmt = HfFormat(tok, SYSTEM)
+    src = tmp_path / "c.jsonl"
+    src.write_text(json.dumps(next(_records(SYSTEM))) + "\n")
+    pack([src], tmp_path / "p", tokenizer=tok, max_length=4096, format="openai", template="hf")
+    sample = PackedDataset(tmp_path / "p").sample(0)
+    ids, trained = sample["input_ids"].tolist(), (sample["labels"] != -100).tolist()
     history, q = CONVERSATIONS[0][:-1], CONVERSATIONS[0][-1][0]
-    prompt = fmt.prompt_ids(history, q)
-    messages = [{"role": "system", "content": SYSTEM}]
-    for u, b in CONVERSATIONS[0]:
-        messages += [{"role": "user", "content": u}, {"role": "assistant", "content": b}]
-    _, ids, mask = render_chat(tok, messages)
+    prompt = HfFormat(tok, SYSTEM).prompt_ids(history, q)
     assert ids[: len(prompt)] == prompt
-    assert mask[len(prompt)] and not mask[len(prompt) - 1]  # the answer starts right there
+    assert trained[len(prompt)] and not trained[len(prompt) - 1]  # the answer starts there
 
 
 class ScriptedLM(torch.nn.Module):
