@@ -88,8 +88,8 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_cmd_train)
 
 
-def _train_launch_options(p) -> None:
-    group = p.add_mutually_exclusive_group()
+def _train_launch_options(p, exclusive: bool = True) -> None:
+    group = p.add_mutually_exclusive_group() if exclusive else p
     group.add_argument("--num-gpus", type=int, default=None, help="DeepSpeed launcher GPUs")
     group.add_argument("--nproc", type=int, default=None, help="torchrun processes")
     p.add_argument(
@@ -104,7 +104,7 @@ def _cmd_train(args) -> int:
 
     # Launch options may also follow RUN.yaml, where REMAINDER swallowed them.
     late = argparse.ArgumentParser(add_help=False)
-    _train_launch_options(late)
+    _train_launch_options(late, exclusive=False)  # both given: our error below, not an exit
     found, overrides = late.parse_known_args(args.overrides)
     num_gpus = args.num_gpus if args.num_gpus is not None else found.num_gpus
     nproc = args.nproc if args.nproc is not None else found.nproc

@@ -123,3 +123,29 @@ def test_demo_walkthrough(tmp_path, capsys):
         assert f"$ pyfast-tune {command} " in out
     assert (tmp_path / "demo" / "merged" / "model.safetensors").is_file()
     assert (tmp_path / "demo" / "lengths.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "run.yaml", "--nproc", "2", "--deepspeed", "zero3", "--lr", "1e-4"],
+        ["train", "--nproc", "2", "--deepspeed", "zero3", "run.yaml", "--lr", "1e-4"],
+        ["train", "--nproc", "2", "run.yaml", "--lr", "1e-4", "--deepspeed", "zero3"],
+    ],
+)
+def test_train_command_passes_launch_options_and_overrides(argv, monkeypatch):
+    import pyfast_tune.train as train_mod
+
+    calls = []
+    monkeypatch.setattr(train_mod, "launch", lambda *a, **k: calls.append((a, k)) or 0)
+    assert cli(argv) == 0
+    expected = {"num_gpus": None, "nproc": 2, "deepspeed": "zero3", "extra_args": ["--lr", "1e-4"]}
+    assert calls == [(("run.yaml",), expected)]
+
+
+def test_train_command_refuses_both_launchers(monkeypatch, capsys):
+    import pyfast_tune.train as train_mod
+
+    monkeypatch.setattr(train_mod, "launch", lambda *a, **k: 0)
+    assert cli(["train", "run.yaml", "--nproc", "2", "--num-gpus", "8"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
