@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -19,6 +20,11 @@ EPILOG_PACK = """examples:
   pyfast-tune pack --in data/ --out packed/ --tokenizer tok/tokenizer.json --format openai
   pyfast-tune pack 'shards/*.jsonl.zst' --out packed/ --tokenizer tok/ --skip-bad --threads 8
   pyfast-tune pack data/ --data-order data/order.txt --out packed/ --tokenizer tok/
+  pyfast-tune pack qa.jsonl --format alpaca --columns instruction=question,output=answer \
+      --out packed/ --tokenizer tok/
+  pyfast-tune pack chats.jsonl --template hf --out packed/ --tokenizer tok/
+  pyfast-tune pack internevo/ --file-type .bin --min-length 50 --out packed/ --tokenizer tok/
+  pyfast-tune pack data/ --shard 0/3 --out part0/ --tokenizer tok/   # then merge-packs
 """
 
 
@@ -39,9 +45,22 @@ def _add_pack(sub) -> None:
     p.add_argument("--tokenizer", required=True,
                    help="directory with tokenizer.json (+ tokenizer_config.json), or the json")
     p.add_argument("--max-length", type=int, default=4096, help="pack capacity (default 4096)")
-    p.add_argument("--format", default="auto", help="auto|conversation|openai|alpaca|pretrain")
+    p.add_argument("--format", default="auto",
+                   help="dataset format (see `pyfast-tune formats`; default auto: by keys)")
     p.add_argument("--template", default="default",
-                   help="XTuner prompt template name or 'none' (see `pyfast-tune templates`)")
+                   help="XTuner prompt template name, 'hf' (the tokenizer's chat template) or "
+                   "'none' (see `pyfast-tune templates`)")
+    p.add_argument("--columns", default="",
+                   help="remap columns to the format's fields: instruction=question,output=answer")
+    p.add_argument("--file-type", default=None,
+                   help="file-name ending of data files in directories (e.g. .bin for "
+                   "pre-tokenized InternEVO data; default: JSON/JSONL endings)")
+    p.add_argument("--min-length", type=int, default=0,
+                   help="skip pre-tokenized .bin rows shorter than this (XTuner min_length)")
+    p.add_argument("--rebuild-meta", action="store_true",
+                   help="rebuild a missing or inconsistent X.bin.meta from X.bin")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="encode part I of N (0-based) into --out; join parts with merge-packs")
     p.add_argument("--seed", type=int, default=0, help="seed of the pack order (default 0)")
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all)")
     p.add_argument("--data-order", default=None,
@@ -75,13 +94,32 @@ def _cmd_pack(args) -> int:
         tokenizer_backend=args.tokenizer_backend,
         data_order=args.data_order,
         progress=not args.quiet and sys.stderr.isatty(),
+        columns=args.columns,
+        min_length=args.min_length,
+        file_type=args.file_type,
+        rebuild_meta=args.rebuild_meta,
+        shard=_parse_shard(args.shard),
     )
     for msg in stats.skipped_examples:
         print(f"skipped: {msg}", file=sys.stderr)
     if args.json:
         print(json.dumps(stats.__dict__, indent=2))
+    if args.shard:
+        print(f"encoded shard {args.shard} into {args.out}: {stats.samples} samples, "
+              f"{stats.tokens} tokens; join all parts with `pyfast-tune merge-packs`")
+        return 0
     print(f"packed {args.out}: {stats.summary()}")
     return 0
+
+
+def _parse_shard(spec: str | None) -> tuple[int, int] | None:
+    if not spec:
+        return None
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {spec!r}: expected I/N, e.g. 0/3") from None
+    return i, n
 
 
 def _add_verify(sub) -> None:
@@ -122,6 +160,9 @@ def _cmd_templates(args) -> int:
     from pyfast_tune.data import templates
 
     print("none: no template (text used as is; pretraining text is never templated)")
+    print("hf: the tokenizer's own Jinja chat_template (tokenizer_config.json or "
+          "chat_template.jinja), loss on assistant content + EOS; e.g. qwen3: "
+          "'<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n' ... output'<|im_end|>'")
     for t in templates():
         example = t["instruction"].replace("{input}", "Hi").replace("{round}", "1")
         print(f"{t['name']}: {example!r} ... output{t['suffix']!r}"
@@ -135,6 +176,25 @@ _FORMAT_EXAMPLES = {
     "openai": '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}',
     "alpaca": '{"instruction": "Add", "input": "1+1", "output": "2"}',
     "pretrain": '{"text": "Raw text for continued pretraining."}',
+    "alpaca_zh": '{"instruction_zh": "加法", "input_zh": "1+1", "output_zh": "2"}',
+    "oasst1": '{"text": "### Human: Hi ### Assistant: Hello"}',
+    "code_alpaca": '{"prompt": "Reverse a list", "completion": "xs[::-1]"}',
+    "medical": '{"instruction": "头痛", "input": "三天", "output": "..."} (medical system prompt)',
+    "tiny_codes": '{"prompt": "Write fizzbuzz", "response": "..."}',
+    "default": '{"input": "Hi", "output": "Hello"}',
+    "wizardlm": '{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}'
+    " (alias sharegpt)",
+    "openorca": '{"system_prompt": "...", "question": "Hi", "response": "Hello"}',
+    "stack_exchange": '{"question": "How?", "response": "Like this."}',
+    "arxiv": '{"abstract": "We study...", "title": "A Study"}',
+    "colors": '{"description": "Color: deep sea blue", "color": "#123456"}',
+    "law_reference": '{"question": "...", "answer": "..."} (lawyer system prompt)',
+    "crime_kg_assitant": '{"input": "...", "output": "..."} (lawyer system prompt)',
+    "sql": '{"context": "CREATE TABLE t (a INT)", "question": "Count rows", "answer": "SELECT ..."}',
+    "llava": '{"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\\nWhat?"}, '
+    '{"from": "gpt", "value": "A cat."}]} (<image> -> id -200; images.json)',
+    ".bin": 'pre-tokenized InternEVO: X.bin lines {"tokens": [1, -2, ...]} + X.bin.meta '
+    "(np.save N×2 offset, count); --file-type .bin",
 }
 
 
@@ -143,10 +203,67 @@ def _cmd_formats(args) -> int:
 
     for name in formats():
         print(f"{name}: {_FORMAT_EXAMPLES.get(name, '')}")
+    print(f"(pre-tokenized) {_FORMAT_EXAMPLES['.bin']}")
     return 0
 
 
-REGISTRARS: list[Callable] = [_add_pack, _add_verify, _add_lists]
+def _add_order(sub) -> None:
+    p = sub.add_parser(
+        "order",
+        help="write a data-order file (XTuner get_data_order.py format), truly sorted",
+        description="List the files under DATA_DIR ending with --file-type, recursively, sorted by "
+        "relative path bytes (not filesystem order, so every cluster gets the same order), one "
+        "relative path per line. `pyfast-tune pack DATA_DIR --data-order FILE` reads exactly those.",
+        epilog="examples:\n  pyfast-tune order data/ --out data_order.txt --file-type .bin\n"
+        "  pyfast-tune pack data/ --data-order data_order.txt --file-type .bin --out packed/ "
+        "--tokenizer tok/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("data_dir")
+    p.add_argument("--out", required=True, help="the data-order file to write")
+    p.add_argument("--file-type", default=".bin", help="file-name ending (default .bin)")
+    p.set_defaults(func=_cmd_order)
+
+
+def _cmd_order(args) -> int:
+    from pyfast_tune.data import data_order
+
+    names = data_order(args.data_dir, args.file_type)
+    if not names:
+        raise ValueError(f"{args.data_dir}: no files ending with {args.file_type!r}")
+    tmp = f"{args.out}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(n + "\n" for n in names))
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}: {len(names)} files")
+    return 0
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser(
+        "merge-packs",
+        help="join the parts of `pack --shard I/N` into one packed directory",
+        description="Join the N part directories written by `pyfast-tune pack --shard I/N` "
+        "(any order) into one packed directory, byte-identical to a single-machine `pack`.",
+        epilog="example:\n  for i in 0 1 2; do pyfast-tune pack data/ --shard $i/3 --out part$i "
+        "--tokenizer tok/; done\n  pyfast-tune merge-packs part0 part1 part2 --out packed/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("parts", nargs="+", metavar="PART")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_merge)
+
+
+def _cmd_merge(args) -> int:
+    from pyfast_tune.data import merge_packs
+
+    stats = merge_packs(args.parts, args.out, progress=not args.quiet and sys.stderr.isatty())
+    print(f"packed {args.out}: {stats.summary()}")
+    return 0
+
+
+REGISTRARS: list[Callable] = [_add_pack, _add_verify, _add_lists, _add_order, _add_merge]
 # inspect, train, convert, merge, chat (issue 5) live in cli_workflow.py.
 REGISTRARS += _workflow_registrars
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ PackConfigError = _packer.PackConfigError
 CorruptDataError = _packer.CorruptDataError
 
 IGNORE_INDEX = -100
+IMAGE_TOKEN_INDEX = -200  # XTuner's placeholder for <image> (LLaVA)
+IMAGE_TOKEN_ID = 0xFFFFFF38  # the same, as stored in input_ids.bin (<u4)
 FORMAT_VERSION = 1
 _BINARY = ("input_ids.bin", "loss_mask.bin", "samples.bin", "packs.bin", "pack_samples.bin")
 
@@ -111,16 +113,35 @@ def pack(
     skip_bad: bool = False,
     data_order: str | os.PathLike | None = None,
     progress: bool = False,
+    columns: str | Mapping[str, str] | None = None,
+    min_length: int = 0,
+    file_type: str | None = None,
+    rebuild_meta: bool = False,
+    shard: tuple[int, int] | None = None,
+    map_fn: Callable[[dict], dict | None] | None = None,
     tokenizer_backend: str = "auto",
 ) -> PackStats:
     """Read, template, tokenize and pack ``inputs`` into ``out_dir`` (written atomically).
 
     inputs: files, directories (recursive, sorted by relative path) or globs; with
-      ``data_order`` the single data root. JSON arrays or JSONL, plain/.gz/.zst.
+      ``data_order`` the single data root. JSON arrays or JSONL, plain/.gz/.zst (JSONL is
+      streamed: inputs larger than memory are fine), and pre-tokenized InternEVO ``X.bin`` with
+      ``X.bin.meta`` (pick them in directories with ``file_type=".bin"``).
     tokenizer: a directory with ``tokenizer.json`` (+ ``tokenizer_config.json`` for BOS/EOS)
       or the ``tokenizer.json`` itself.
-    format: auto, conversation, openai, alpaca, pretrain. template: an XTuner template name
-      (``pyfast-tune templates``) or ``none``; pretraining text is never templated.
+    format: see ``formats()`` (XTuner's map_fns; ``auto`` detects by keys). template: an XTuner
+      template name, ``hf`` (the tokenizer's own chat template, loss on assistant content) or
+      ``none`` (``templates()``); pretraining text is never templated.
+    columns: remap dataset columns to the format's fields, ``"instruction=question,output=answer"``
+      or ``{"instruction": "question", "output": "answer"}``.
+    min_length: pre-tokenized rows with fewer tokens are skipped (XTuner's ``min_length``).
+    rebuild_meta: rebuild a missing or inconsistent ``X.bin.meta`` instead of failing.
+    shard: ``(i, n)`` encodes part i of n into ``out_dir``; join the parts with ``merge_packs``.
+    map_fn: the slow path for data no format fits: a Python function called on every record
+      (a dict) returning a record in ``format`` (e.g. ``{"conversation": [...]}``) or None to
+      drop it. Records are mapped here in Python, one by one, into a temporary directory that
+      mirrors the inputs' names (so sources stay file + record), then packed by the engine.
+      Prefer ``format`` + ``columns``: they run in Rust, in parallel.
     tokenizer_backend: ``auto`` (the fast byte-level BPE path when it provably gives the ids
       of Hugging Face ``tokenizers``, else ``tokenizers``), ``hf``, or ``fast`` (fails, saying
       why, when the tokenizer does not qualify). It changes the speed, never the output.
@@ -131,6 +152,14 @@ def pack(
     ...      template="qwen_chat").fill > 0.99                              # doctest: +SKIP
     True
     """
+    if map_fn is not None:
+        return _pack_mapped(
+            map_fn, inputs, out_dir, tokenizer=tokenizer, max_length=max_length, format=format,
+            template=template, seed=seed, threads=threads, skip_bad=skip_bad,
+            data_order=data_order, progress=progress, columns=columns,
+        )
+    if isinstance(columns, Mapping):
+        columns = ",".join(f"{k}={v}" for k, v in columns.items())
     report, close = _tqdm_progress() if progress else (None, lambda: None)
     try:
         raw = _packer.pack(
@@ -145,11 +174,112 @@ def pack(
             skip_bad,
             None if data_order is None else os.fspath(data_order),
             report,
+            columns or "",
+            int(min_length),
+            file_type,
+            rebuild_meta,
+            None if shard is None else (int(shard[0]), int(shard[1])),
             tokenizer_backend=tokenizer_backend,
         )
     finally:
         close()
     return PackStats(**json.loads(raw))
+
+
+def _read_records(path: str):
+    """Records of one JSON/JSONL(.gz/.zst) file, in order (the map_fn slow path)."""
+    if path.endswith(".gz"):
+        import gzip
+
+        raw = gzip.open(path, "rb").read()
+    elif path.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise PackConfigError(f"{path}: map_fn on .zst input needs the zstandard package") from None
+        with open(path, "rb") as f:
+            raw = zstandard.ZstdDecompressor().stream_reader(f).read()
+    else:
+        raw = Path(path).read_bytes()
+    text = raw.decode("utf-8-sig")
+    if text.lstrip().startswith("["):
+        yield from json.loads(text)
+        return
+    for line in text.split("\n"):
+        if line.strip():
+            yield json.loads(line)
+
+
+def _pack_mapped(map_fn, inputs, out_dir, *, columns, **kw) -> PackStats:
+    import tempfile
+
+    if columns:
+        raise PackConfigError("map_fn and columns are exclusive: remap inside map_fn")
+    files = resolve_inputs(inputs, kw.get("data_order"))
+    with tempfile.TemporaryDirectory(prefix="pyfast-tune-map-") as tmp:
+        order = Path(tmp) / "data_order.txt"
+        names = []
+        for path, name in files:
+            # Mirror the input's name so the packed directory still names its sources; one
+            # line per input record (an empty conversation when dropped) keeps record indices.
+            rel = name.lstrip("/").replace("..", "__")
+            for ext in (".gz", ".zst"):
+                rel = rel.removesuffix(ext)
+            rel = rel.removesuffix(".json").removesuffix(".jsonl") + ".jsonl"
+            dest = Path(tmp) / "data" / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(dest, "w", encoding="utf-8") as out:
+                for rec in _read_records(path):
+                    mapped = map_fn(rec)
+                    if mapped is None:
+                        mapped = {"conversation": []}
+                    out.write(json.dumps(mapped, ensure_ascii=False) + "\n")
+            names.append(rel)
+        order.write_text("".join(n + "\n" for n in names))
+        kw["data_order"] = order
+        return pack(Path(tmp) / "data", out_dir, **kw)
+
+
+def merge_packs(
+    parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike, progress: bool = False
+) -> PackStats:
+    """Join the part directories written by ``pack(..., shard=(i, n))`` for every i into
+    ``out_dir``: the same bytes a single ``pack`` would write.
+
+    >>> merge_packs(["part0/", "part1/", "part2/"], "packed/")           # doctest: +SKIP
+    """
+    report, close = _tqdm_progress() if progress else (None, lambda: None)
+    try:
+        raw = _packer.merge_packs([os.fspath(p) for p in parts], os.fspath(out_dir), report)
+    finally:
+        close()
+    return PackStats(**json.loads(raw))
+
+
+def data_order(root: str | os.PathLike, file_type: str = ".bin") -> list[str]:
+    """Relative paths of the files under ``root`` ending with ``file_type``, recursively and
+    truly sorted by relative path bytes (hidden entries skipped): the lines of XTuner's
+    ``data_order.txt``, the same on every machine.
+
+    >>> data_order("data/", ".bin")[:2]                                   # doctest: +SKIP
+    ['a/0.bin', 'a/1.bin']
+    """
+    return list(_packer.data_order(os.fspath(root), file_type))
+
+
+def render_chat(
+    tokenizer: str | os.PathLike, conversations: list[list[dict]]
+) -> list[tuple[str, list[int], list[int]]]:
+    """Render each conversation (a list of messages) with the tokenizer's chat template, as
+    ``template="hf"`` does: (text, token ids, loss mask) each. The text equals transformers'
+    ``apply_chat_template(messages, tokenize=False)``; the mask is 1 on assistant content
+    (``loss: false`` messages excepted) and the EOS right after it.
+
+    >>> render_chat("tok/", [[{"role": "user", "content": "Hi"},
+    ...                       {"role": "assistant", "content": "Hello"}]])   # doctest: +SKIP
+    """
+    out = _packer.render_chats(os.fspath(tokenizer), json.dumps(conversations))
+    return [(text, list(ids), list(mask)) for text, ids, mask in out]
 
 
 def fingerprint(
@@ -161,6 +291,9 @@ def fingerprint(
     seed: int = 0,
     skip_bad: bool = False,
     data_order: str | os.PathLike | None = None,
+    columns: str | Mapping[str, str] | None = None,
+    min_length: int = 0,
+    file_type: str | None = None,
     tokenizer_backend: str = "auto",
 ) -> str:
     """The fingerprint ``pack`` would write for these arguments, without packing (it hashes
@@ -178,6 +311,10 @@ def fingerprint(
         int(seed),
         skip_bad,
         None if data_order is None else os.fspath(data_order),
+        ",".join(f"{k}={v}" for k, v in columns.items()) if isinstance(columns, Mapping)
+        else (columns or ""),
+        int(min_length),
+        file_type,
         tokenizer_backend=tokenizer_backend,
     )
 
@@ -280,6 +417,11 @@ class PackedDataset:
         self.packs = self._map("packs.bin", "<i8", (self.num_packs + 1, 2))
         self.pack_samples = self._map("pack_samples.bin", "<i8", (self.num_samples,))
         self.files = [f["name"] for f in self.meta["files"]]
+        images = self.path / "images.json"
+        self.images: dict[int, str] = {}
+        if images.is_file():
+            # LLaVA: sample -> image path; <image> positions hold IMAGE_TOKEN_INDEX (-200).
+            self.images = {int(j): p for j, p in json.loads(images.read_text())["samples"]}
 
     def _map(self, name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
         if 0 in shape:
@@ -341,7 +483,7 @@ class PackedDataset:
         i = self._index(i, self.num_packs, "pack")
         t0, s0 = self.packs[i]
         t1, s1 = self.packs[i + 1]
-        ids = self.input_ids[t0:t1].astype(np.int64)
+        ids = self._ids(t0, t1)
         labels = np.where(self.loss_mask[t0:t1] != 0, ids, IGNORE_INDEX)
         lengths = self.samples[self.pack_samples[s0:s1], 1]
         cu = np.zeros(len(lengths) + 1, dtype=np.int32)
@@ -359,9 +501,18 @@ class PackedDataset:
         """Sample ``j`` (input order): input_ids, labels, source=(file name, record index)."""
         j = self._index(j, self.num_samples, "sample")
         start, length, _pack, file, record = (int(x) for x in self.samples[j])
-        ids = self.input_ids[start : start + length].astype(np.int64)
+        ids = self._ids(start, start + length)
         labels = np.where(self.loss_mask[start : start + length] != 0, ids, IGNORE_INDEX)
-        return {"input_ids": ids, "labels": labels, "source": (self.files[file], record)}
+        out = {"input_ids": ids, "labels": labels, "source": (self.files[file], record)}
+        if self.images:
+            out["image"] = self.images.get(j)
+        return out
+
+    def _ids(self, a: int, b: int) -> np.ndarray:
+        ids = self.input_ids[a:b].astype(np.int64)
+        if self.images:
+            ids[ids == IMAGE_TOKEN_ID] = IMAGE_TOKEN_INDEX
+        return ids
 
     @property
     def sample_lengths(self) -> np.ndarray:

@@ -100,6 +100,16 @@ fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
     err
 }
 
+/// The options of issue 6 (formats, pre-tokenized data, shards), passed as one bundle.
+#[derive(Default)]
+struct Extra {
+    columns: String,
+    min_length: usize,
+    file_type: Option<String>,
+    rebuild_meta: bool,
+    shard: Option<(usize, usize)>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn config(
     inputs: Vec<String>,
@@ -112,6 +122,7 @@ fn config(
     threads: Option<usize>,
     skip_bad: bool,
     data_order: Option<String>,
+    extra: Extra,
 ) -> PackConfig {
     PackConfig {
         inputs,
@@ -125,7 +136,34 @@ fn config(
         threads,
         skip_bad,
         tokenizer_backend: TokenizerBackend::Auto,
+        columns: extra.columns,
+        min_length: extra.min_length,
+        file_type: extra.file_type,
+        rebuild_meta: extra.rebuild_meta,
+        shard: extra.shard,
     }
+}
+
+fn run_with_progress<T: Send>(
+    py: Python<'_>,
+    progress: Option<Py<PyAny>>,
+    work: impl FnOnce(&dyn Fn(Progress<'_>) -> bool) -> packer::Result<T> + Send,
+) -> PyResult<T> {
+    let result = py.detach(|| {
+        let report = |p: Progress<'_>| -> bool {
+            Python::attach(|py| {
+                if py.check_signals().is_err() {
+                    return false;
+                }
+                match &progress {
+                    Some(cb) => cb.call1(py, (p.stage, p.done, p.total)).is_ok(),
+                    None => true,
+                }
+            })
+        };
+        work(&report)
+    });
+    result.map_err(|e| to_pyerr(py, e))
 }
 
 /// Parse a `tokenizer_backend` argument (`auto`, `hf`, `fast`).
@@ -140,8 +178,9 @@ fn backend(name: &str) -> PyResult<TokenizerBackend> {
 
 /// Pack inputs into `out_dir`; returns the statistics as a JSON object string.
 /// `progress(stage, done, total)` is called now and then with the GIL held.
+/// `shard=(i, n)` encodes part i of n into `out_dir` for `merge_packs`.
 #[pyfunction]
-#[pyo3(signature = (inputs, out_dir, tokenizer, max_length, format, template, seed, threads=None, skip_bad=false, data_order=None, progress=None, tokenizer_backend=String::from("auto")))]
+#[pyo3(signature = (inputs, out_dir, tokenizer, max_length, format, template, seed, threads=None, skip_bad=false, data_order=None, progress=None, columns=String::new(), min_length=0, file_type=None, rebuild_meta=false, shard=None, tokenizer_backend=String::from("auto")))]
 #[allow(clippy::too_many_arguments)]
 fn pack(
     py: Python<'_>,
@@ -156,37 +195,91 @@ fn pack(
     skip_bad: bool,
     data_order: Option<String>,
     progress: Option<Py<PyAny>>,
+    columns: String,
+    min_length: usize,
+    file_type: Option<String>,
+    rebuild_meta: bool,
+    shard: Option<(usize, usize)>,
     tokenizer_backend: String,
 ) -> PyResult<String> {
+    let extra = Extra {
+        columns,
+        min_length,
+        file_type,
+        rebuild_meta,
+        shard,
+    };
     let cfg = config(
         inputs, out_dir, tokenizer, max_length, format, template, seed, threads, skip_bad,
-        data_order,
+        data_order, extra,
     );
     let cfg = PackConfig {
         tokenizer_backend: backend(&tokenizer_backend)?,
         ..cfg
     };
-    let result = py.detach(|| {
-        let report = |p: Progress<'_>| -> bool {
-            Python::attach(|py| {
-                if py.check_signals().is_err() {
-                    return false;
-                }
-                match &progress {
-                    Some(cb) => cb.call1(py, (p.stage, p.done, p.total)).is_ok(),
-                    None => true,
-                }
-            })
-        };
-        packer::pack(&cfg, &report)
-    });
-    let stats = result.map_err(|e| to_pyerr(py, e))?;
+    let stats = run_with_progress(py, progress, |report| packer::pack(&cfg, report))?;
     serde_json::to_string(&stats).map_err(|e| PackError::new_err(e.to_string()))
+}
+
+/// Join the part directories of `pack(shard=(i, n))` into `out_dir`, byte-identical to a
+/// single run; returns the statistics as a JSON object string.
+#[pyfunction]
+#[pyo3(signature = (parts, out_dir, progress=None))]
+fn merge_packs(
+    py: Python<'_>,
+    parts: Vec<String>,
+    out_dir: String,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<String> {
+    let parts: Vec<PathBuf> = parts.into_iter().map(PathBuf::from).collect();
+    let out = PathBuf::from(out_dir);
+    let stats = run_with_progress(py, progress, |report| {
+        packer::shard::merge(&parts, &out, report)
+    })?;
+    serde_json::to_string(&stats).map_err(|e| PackError::new_err(e.to_string()))
+}
+
+/// Data files under `root` (recursive, sorted by relative path bytes) whose names end with
+/// `file_type`, as relative paths: the lines of a data-order file.
+#[pyfunction]
+fn data_order(py: Python<'_>, root: String, file_type: String) -> PyResult<Vec<String>> {
+    py.detach(|| packer::input::walk_dir(std::path::Path::new(&root), &[file_type.as_str()]))
+        .map(|files| files.into_iter().map(|f| f.name).collect())
+        .map_err(|e| to_pyerr(py, e))
+}
+
+/// Render conversations (JSON list of lists of message objects) with the tokenizer's chat
+/// template, as the `hf` template does; returns (text, ids, loss mask) per conversation.
+#[pyfunction]
+fn render_chats(
+    py: Python<'_>,
+    tokenizer: String,
+    conversations_json: String,
+) -> PyResult<Vec<(String, Vec<u32>, Vec<u8>)>> {
+    let convs: Vec<serde_json::Value> = serde_json::from_str(&conversations_json)
+        .map_err(|e| PackConfigError::new_err(format!("conversations_json: {e}")))?;
+    let path = PathBuf::from(tokenizer);
+    py.detach(|| {
+        let tok = packer::tokenize::TextTokenizer::load(&path)?;
+        let ct = packer::chat_template::ChatTemplate::load(&path)?;
+        convs
+            .into_iter()
+            .map(|messages| {
+                let record = serde_json::json!({ "messages": messages });
+                let msgs =
+                    packer::chat_template::messages_from_openai(&record).map_err(Error::Config)?;
+                let text = ct.render(&msgs, false).map_err(Error::Config)?;
+                let enc = ct.encode(&tok, &msgs, usize::MAX).map_err(Error::Config)?;
+                Ok((text, enc.ids, enc.mask))
+            })
+            .collect::<packer::Result<Vec<_>>>()
+    })
+    .map_err(|e| to_pyerr(py, e))
 }
 
 /// The fingerprint `pack` would record for these arguments (hashes every input).
 #[pyfunction]
-#[pyo3(signature = (inputs, tokenizer, max_length, format, template, seed, skip_bad=false, data_order=None, tokenizer_backend=String::from("auto")))]
+#[pyo3(signature = (inputs, tokenizer, max_length, format, template, seed, skip_bad=false, data_order=None, columns=String::new(), min_length=0, file_type=None, tokenizer_backend=String::from("auto")))]
 #[allow(clippy::too_many_arguments)]
 fn fingerprint(
     py: Python<'_>,
@@ -198,8 +291,17 @@ fn fingerprint(
     seed: u64,
     skip_bad: bool,
     data_order: Option<String>,
+    columns: String,
+    min_length: usize,
+    file_type: Option<String>,
     tokenizer_backend: String,
 ) -> PyResult<String> {
+    let extra = Extra {
+        columns,
+        min_length,
+        file_type,
+        ..Extra::default()
+    };
     let cfg = config(
         inputs,
         String::new(),
@@ -211,6 +313,7 @@ fn fingerprint(
         None,
         skip_bad,
         data_order,
+        extra,
     );
     // Checked for the caller's sake; the backend never changes the fingerprint.
     backend(&tokenizer_backend)?;
@@ -267,6 +370,7 @@ fn resolve_inputs(
         None,
         false,
         data_order,
+        Extra::default(),
     );
     let files = py
         .detach(|| packer::pipeline::resolve(&cfg))
@@ -301,5 +405,8 @@ fn _packer(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(format_names, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_inputs, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
+    m.add_function(wrap_pyfunction!(merge_packs, m)?)?;
+    m.add_function(wrap_pyfunction!(data_order, m)?)?;
+    m.add_function(wrap_pyfunction!(render_chats, m)?)?;
     Ok(())
 }

@@ -47,13 +47,39 @@ pub fn encode_turns(
     turns: &[Turn],
     max_length: usize,
 ) -> Result<Encoded, String> {
+    encode_turns_opts(tok, turns, max_length, false)
+}
+
+/// Id written in place of `<image>` in a LLaVA input: XTuner's `IMAGE_TOKEN_INDEX` (-200)
+/// as a `<u4` (read `input_ids.bin` as `<i4` to see -200).
+pub const IMAGE_TOKEN_ID: u32 = (-200i32) as u32;
+
+/// [`encode_turns`] with XTuner's `with_image_token`: an input holding `<image>` is split
+/// there, the two halves tokenized on their own and joined by [`IMAGE_TOKEN_ID`] (untrained).
+/// More than one `<image>` in one input is an error, as XTuner asserts.
+pub fn encode_turns_opts(
+    tok: &TextTokenizer,
+    turns: &[Turn],
+    max_length: usize,
+    with_image_token: bool,
+) -> Result<Encoded, String> {
     let mut enc = Encoded::default();
     let mut needs_bos = true;
     for turn in turns {
         if needs_bos {
             enc.push(&tok.bos, false);
         }
-        enc.push_text(tok, &turn.input, false)?;
+        match turn.input.split_once("<image>") {
+            Some((a, b)) if with_image_token => {
+                if b.contains("<image>") {
+                    return Err("more than one <image> in one turn's input".into());
+                }
+                enc.push_text(tok, a, false)?;
+                enc.push(&[IMAGE_TOKEN_ID], false);
+                enc.push_text(tok, b, false)?;
+            }
+            _ => enc.push_text(tok, &turn.input, false)?,
+        }
         enc.push_text(tok, &turn.output, turn.output_with_loss)?;
         if turn.need_eos_token {
             if tok.eos.is_empty() {

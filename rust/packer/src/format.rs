@@ -3,6 +3,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::format_xtuner as x;
+
 /// One turn of XTuner's `conversation` format after mapping (before the template).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Turn {
@@ -46,6 +48,36 @@ pub enum Format {
     Alpaca,
     /// Plain text for (continued) pretraining: `{"text"}`.
     Pretrain,
+    /// `{"instruction_zh", "input_zh", "output_zh"}` (XTuner `alpaca_zh_map_fn`).
+    AlpacaZh,
+    /// `{"text": "### Human: ... ### Assistant: ..."}` (XTuner `oasst1_map_fn`).
+    Oasst1,
+    /// `{"prompt", "completion"}` with the coder system prompt.
+    CodeAlpaca,
+    /// `{"instruction", "input", "output"}` with the medical system prompt.
+    Medical,
+    /// `{"prompt", "response"}` with the coder system prompt.
+    TinyCodes,
+    /// `{"input", "output"}` (XTuner `default_map_fn`).
+    Default,
+    /// ShareGPT/WizardLM `{"conversations": [{"from", "value"}]}`.
+    Wizardlm,
+    /// `{"system_prompt", "question", "response"}`.
+    OpenOrca,
+    /// `{"question", "response"}`.
+    StackExchange,
+    /// `{"abstract", "title"}` with the arxiv system prompt.
+    Arxiv,
+    /// `{"description", "color"}` with the colorist system prompt.
+    Colors,
+    /// `{"question", "answer"}` with the lawyer system prompt.
+    LawReference,
+    /// `{"input", "output"}` with the lawyer system prompt (XTuner's spelling).
+    CrimeKgAssitant,
+    /// `{"context", "question", "answer"}` with the sql system prompt.
+    Sql,
+    /// LLaVA `{"image"?, "conversations": [{"from", "value"}]}`: text part, `<image>` placeholder.
+    Llava,
 }
 
 /// Alpaca's system prompt (XTuner `SYSTEM_TEMPLATE.alpaca`).
@@ -53,8 +85,28 @@ pub const ALPACA_SYSTEM: &str = "Below is an instruction that describes a task. 
 
 impl Format {
     /// Every format name accepted by `--format`.
-    pub const NAMES: &'static [&'static str] =
-        &["auto", "conversation", "openai", "alpaca", "pretrain"];
+    pub const NAMES: &'static [&'static str] = &[
+        "auto",
+        "conversation",
+        "openai",
+        "alpaca",
+        "pretrain",
+        "alpaca_zh",
+        "oasst1",
+        "code_alpaca",
+        "medical",
+        "tiny_codes",
+        "default",
+        "wizardlm",
+        "openorca",
+        "stack_exchange",
+        "arxiv",
+        "colors",
+        "law_reference",
+        "crime_kg_assitant",
+        "sql",
+        "llava",
+    ];
 
     /// Parse a `--format` value.
     pub fn from_name(name: &str) -> Option<Format> {
@@ -64,6 +116,21 @@ impl Format {
             "openai" | "messages" => Format::OpenAi,
             "alpaca" => Format::Alpaca,
             "pretrain" | "text" => Format::Pretrain,
+            "alpaca_zh" => Format::AlpacaZh,
+            "oasst1" => Format::Oasst1,
+            "code_alpaca" => Format::CodeAlpaca,
+            "medical" => Format::Medical,
+            "tiny_codes" => Format::TinyCodes,
+            "default" => Format::Default,
+            "wizardlm" | "sharegpt" => Format::Wizardlm,
+            "openorca" => Format::OpenOrca,
+            "stack_exchange" => Format::StackExchange,
+            "arxiv" => Format::Arxiv,
+            "colors" => Format::Colors,
+            "law_reference" => Format::LawReference,
+            "crime_kg_assitant" | "crime_kg_assistant" => Format::CrimeKgAssitant,
+            "sql" => Format::Sql,
+            "llava" => Format::Llava,
             _ => return None,
         })
     }
@@ -76,23 +143,66 @@ impl Format {
             Format::OpenAi => "openai",
             Format::Alpaca => "alpaca",
             Format::Pretrain => "pretrain",
+            Format::AlpacaZh => "alpaca_zh",
+            Format::Oasst1 => "oasst1",
+            Format::CodeAlpaca => "code_alpaca",
+            Format::Medical => "medical",
+            Format::TinyCodes => "tiny_codes",
+            Format::Default => "default",
+            Format::Wizardlm => "wizardlm",
+            Format::OpenOrca => "openorca",
+            Format::StackExchange => "stack_exchange",
+            Format::Arxiv => "arxiv",
+            Format::Colors => "colors",
+            Format::LawReference => "law_reference",
+            Format::CrimeKgAssitant => "crime_kg_assitant",
+            Format::Sql => "sql",
+            Format::Llava => "llava",
         }
     }
 
     /// The format whose keys a record has, if any.
     pub fn detect(record: &Value) -> Option<Format> {
         let obj = record.as_object()?;
-        if obj.contains_key("conversation") {
-            Some(Format::Conversation)
-        } else if obj.contains_key("messages") {
-            Some(Format::OpenAi)
-        } else if obj.contains_key("instruction") && obj.contains_key("output") {
-            Some(Format::Alpaca)
-        } else if obj.contains_key("text") {
-            Some(Format::Pretrain)
+        let has = |keys: &[&str]| keys.iter().all(|k| obj.contains_key(*k));
+        // Most specific key sets first; formats that share their columns with another
+        // (medical = alpaca's, crime_kg_assitant = default's, oasst1 = pretrain's `text`)
+        // are only chosen by name.
+        Some(if has(&["conversation"]) {
+            Format::Conversation
+        } else if has(&["messages"]) {
+            Format::OpenAi
+        } else if has(&["conversations", "image"]) {
+            Format::Llava
+        } else if has(&["conversations"]) {
+            Format::Wizardlm
+        } else if has(&["instruction_zh", "output_zh"]) {
+            Format::AlpacaZh
+        } else if has(&["instruction", "output"]) {
+            Format::Alpaca
+        } else if has(&["system_prompt", "question", "response"]) {
+            Format::OpenOrca
+        } else if has(&["question", "response"]) {
+            Format::StackExchange
+        } else if has(&["context", "question", "answer"]) {
+            Format::Sql
+        } else if has(&["question", "answer"]) {
+            Format::LawReference
+        } else if has(&["prompt", "completion"]) {
+            Format::CodeAlpaca
+        } else if has(&["prompt", "response"]) {
+            Format::TinyCodes
+        } else if has(&["abstract", "title"]) {
+            Format::Arxiv
+        } else if has(&["description", "color"]) {
+            Format::Colors
+        } else if has(&["input", "output"]) {
+            Format::Default
+        } else if has(&["text"]) {
+            Format::Pretrain
         } else {
-            None
-        }
+            return None;
+        })
     }
 
     /// Map one record to turns. An empty list means "no conversation" (e.g. alpaca's
@@ -110,6 +220,21 @@ impl Format {
             Format::Conversation => conversation(obj),
             Format::OpenAi => openai(obj),
             Format::Alpaca => alpaca(obj),
+            Format::AlpacaZh => x::alpaca_zh(obj),
+            Format::Oasst1 => x::oasst1(obj),
+            Format::CodeAlpaca => x::code_alpaca(obj),
+            Format::Medical => x::medical(obj),
+            Format::TinyCodes => x::tiny_codes(obj),
+            Format::Default => x::default(obj),
+            Format::Wizardlm => x::wizardlm(obj),
+            Format::OpenOrca => x::openorca(obj),
+            Format::StackExchange => x::stack_exchange(obj),
+            Format::Arxiv => x::arxiv(obj),
+            Format::Colors => x::colors(obj),
+            Format::LawReference => x::law_reference(obj),
+            Format::CrimeKgAssitant => x::crime_kg_assitant(obj),
+            Format::Sql => x::sql(obj),
+            Format::Llava => x::llava(obj),
             Format::Pretrain => {
                 let text = req_str(obj, "text", "")?;
                 let mut t = Turn::new(String::new(), String::new(), py_strip(text).to_string());

@@ -6,13 +6,18 @@
 #![deny(missing_docs)]
 
 pub mod binpack;
+pub mod chat_template;
 pub mod encode;
 pub mod error;
 pub mod format;
+pub mod format_xtuner;
 pub mod input;
 pub mod output;
 pub mod pipeline;
+pub mod pretok;
 pub mod rng;
+pub mod shard;
+pub mod stream;
 pub mod template;
 pub mod tokenize;
 pub mod verify;

@@ -21,6 +21,9 @@ pub const PACKS: &str = "packs.bin";
 pub const PACK_SAMPLES: &str = "pack_samples.bin";
 /// Metadata, fingerprint, statistics and output hashes.
 pub const META: &str = "meta.json";
+/// LLaVA side table (only when some sample has an image): `{"image_token_id", "samples":
+/// [[sample, image path], ...]}`.
+pub const IMAGES: &str = "images.json";
 /// The binary files, in the order they are written.
 pub const BINARY_FILES: &[&str] = &[INPUT_IDS, LOSS_MASK, SAMPLES, PACKS, PACK_SAMPLES];
 

@@ -1,8 +1,14 @@
-//! The pack pipeline, top to bottom: resolve inputs → read records → map format → apply
-//! template → encode (parallel, results in input order) → stage tokens → plan packs (BFD) →
-//! write the packed directory → commit atomically.
+//! The pack pipeline, top to bottom: resolve inputs → stream records (bounded batches) → map
+//! format → apply template → encode (parallel, results in input order) → stage tokens → plan
+//! packs (BFD) → write the packed directory → commit atomically.
+//!
+//! Only per-sample lengths and offsets stay in memory; tokens go to staging files. A sharded
+//! run (`shard = Some((i, n))`) stops after staging and saves its part (see [`crate::shard`]);
+//! `merge-packs` joins the parts and runs the same [`finish`] as a single run, so the bytes
+//! are identical.
 
 use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -11,14 +17,15 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::binpack::plan_packs;
-use crate::encode::{encode_turns, Encoded};
+use crate::chat_template::{self, ChatTemplate};
+use crate::encode::{encode_turns_opts, Encoded};
 use crate::error::{Error, Result};
 use crate::format::Format;
-use crate::input::{
-    read_data_order, read_input, resolve_inputs, split_records, InputFile, RawRecord,
-    DATA_EXTENSIONS,
-};
+use crate::format_xtuner::{llava_image, Columns};
+use crate::input::{read_data_order, resolve_inputs, InputFile, RawRecord, DATA_EXTENSIONS};
 use crate::output::{self, HashedWriter, StagingDir};
+use crate::pretok::{self, PretokFile};
+use crate::stream::{self, OwnedRecord, RecordStream};
 use crate::template::{self, Template};
 use crate::tokenize::{self, TextTokenizer, TokenizerBackend};
 
@@ -26,10 +33,15 @@ use crate::tokenize::{self, TextTokenizer, TokenizerBackend};
 /// to bound memory and report progress often.
 const CHUNK: usize = 4096;
 /// How many skipped-record messages are kept for the report.
-const MAX_SKIP_EXAMPLES: usize = 10;
+pub(crate) const MAX_SKIP_EXAMPLES: usize = 10;
+/// Staged token ids of a part (`<u4`, input order).
+pub(crate) const STAGE_IDS: &str = "stage_ids.tmp";
+/// Staged loss mask of a part (`u1`, input order).
+pub(crate) const STAGE_MASK: &str = "stage_mask.tmp";
 
-/// Everything that determines a packed directory (plus `threads`, which never changes bytes).
-#[derive(Clone, Debug)]
+/// Everything that determines a packed directory (plus `threads`, which never changes bytes,
+/// and `shard`, which only splits the work).
+#[derive(Clone, Debug, Default)]
 pub struct PackConfig {
     /// Files, directories or globs; with `data_order`, the data root (or empty).
     pub inputs: Vec<String>,
@@ -43,7 +55,7 @@ pub struct PackConfig {
     pub max_length: usize,
     /// `--format` name.
     pub format: String,
-    /// `--template` name, or `none`.
+    /// `--template` name, `hf` (the tokenizer's chat template), or `none`.
     pub template: String,
     /// Seed of the pack order.
     pub seed: u64,
@@ -54,11 +66,22 @@ pub struct PackConfig {
     /// Text encoder (`auto`, `hf`, `fast`). Every backend gives the same ids, so it never
     /// changes the output bytes and is not part of the fingerprint.
     pub tokenizer_backend: TokenizerBackend,
+    /// Column remapping, `"field=column,..."` (empty = none).
+    pub columns: String,
+    /// Pre-tokenized `.bin` rows with fewer tokens are skipped (counted as dropped).
+    pub min_length: usize,
+    /// File-name ending that selects data files when walking directories (e.g. `.bin`);
+    /// None = the JSON/JSONL endings.
+    pub file_type: Option<String>,
+    /// Rebuild a missing or inconsistent `.bin.meta` from its `.bin` instead of failing.
+    pub rebuild_meta: bool,
+    /// `(i, n)`: encode only part `i` of `n` and save it for `merge-packs`.
+    pub shard: Option<(usize, usize)>,
 }
 
 /// What a pack run did. Token accounting: tokens + truncated_tokens + dropped_tokens is every
 /// token the encoder produced.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct PackStats {
     /// Records read from all inputs (including skipped ones).
     pub records: u64,
@@ -107,7 +130,18 @@ pub struct Progress<'a> {
     pub total: u64,
 }
 
-/// Parse the format and template names of a config.
+/// How turns become text: XTuner prompt template, the tokenizer's chat template, or none.
+pub enum Templating {
+    /// Turns used as they are.
+    None,
+    /// An XTuner `PROMPT_TEMPLATE`.
+    Xtuner(&'static Template),
+    /// The tokenizer's Jinja chat template (`--template hf`).
+    Hf(Box<ChatTemplate>),
+}
+
+/// Parse the format and template names of a config (`hf` gives `None` here: it needs the
+/// tokenizer, see [`Templating`]).
 pub fn parse_names(cfg: &PackConfig) -> Result<(Format, Option<&'static Template>)> {
     let format = Format::from_name(&cfg.format).ok_or_else(|| {
         Error::Config(format!(
@@ -117,11 +151,11 @@ pub fn parse_names(cfg: &PackConfig) -> Result<(Format, Option<&'static Template
         ))
     })?;
     let template = match cfg.template.as_str() {
-        "none" | "" => None,
+        "none" | "" | "hf" => None,
         name => Some(template::by_name(name).ok_or_else(|| {
             let names: Vec<_> = template::TEMPLATES.iter().map(|t| t.name).collect();
             Error::Config(format!(
-                "unknown template {name:?}; known: none, {}",
+                "unknown template {name:?}; known: none, hf, {}",
                 names.join(", ")
             ))
         })?),
@@ -132,6 +166,14 @@ pub fn parse_names(cfg: &PackConfig) -> Result<(Format, Option<&'static Template
             u32::MAX,
             cfg.max_length
         )));
+    }
+    Columns::parse(&cfg.columns).map_err(Error::Config)?;
+    if let Some((i, n)) = cfg.shard {
+        if n == 0 || i >= n {
+            return Err(Error::Config(format!(
+                "shard {i}/{n}: expected I/N with 0 <= I < N"
+            )));
+        }
     }
     Ok((format, template))
 }
@@ -154,12 +196,20 @@ pub fn resolve(cfg: &PackConfig) -> Result<Vec<InputFile>> {
                 };
             read_data_order(order, &root)
         }
-        None => resolve_inputs(&cfg.inputs, DATA_EXTENSIONS),
+        None => match cfg.file_type.as_deref() {
+            Some(ft) if !ft.is_empty() => resolve_inputs(&cfg.inputs, &[ft]),
+            _ => resolve_inputs(&cfg.inputs, DATA_EXTENSIONS),
+        },
     }
 }
 
+/// Whether a file is pre-tokenized InternEVO data (`.bin` with a `.bin.meta`).
+pub fn is_pretokenized(path: &Path) -> bool {
+    path.to_string_lossy().ends_with(".bin")
+}
+
 fn fingerprint_inputs(cfg: &PackConfig, tokenizer_hash: &str, files: &[Value]) -> Value {
-    json!({
+    let mut v = json!({
         "tool": "pyfast-tune",
         "tool_version": env!("CARGO_PKG_VERSION"),
         "format_version": output::FORMAT_VERSION,
@@ -170,10 +220,30 @@ fn fingerprint_inputs(cfg: &PackConfig, tokenizer_hash: &str, files: &[Value]) -
         "seed": cfg.seed,
         "skip_bad": cfg.skip_bad,
         "inputs": files,
-    })
+    });
+    // Determinants added by later options are recorded only when set, so directories packed
+    // without them keep their fingerprints.
+    let o = v.as_object_mut().expect("object literal");
+    if !cfg.columns.is_empty() {
+        let spec = Columns::parse(&cfg.columns)
+            .map(|c| c.spec())
+            .unwrap_or_default();
+        o.insert("columns".into(), json!(spec));
+    }
+    if cfg.min_length > 0 {
+        o.insert("min_length".into(), json!(cfg.min_length));
+    }
+    if cfg.template == "hf" {
+        // chat_template.jinja is not among the tokenizer files hashed above.
+        let h = chat_template::find_source(&cfg.tokenizer)
+            .map(|(src, _)| blake3::hash(src.as_bytes()).to_hex().to_string())
+            .unwrap_or_default();
+        o.insert("chat_template".into(), json!(h));
+    }
+    v
 }
 
-fn hash_value(v: &Value) -> String {
+pub(crate) fn hash_value(v: &Value) -> String {
     blake3::hash(v.to_string().as_bytes()).to_hex().to_string()
 }
 
@@ -181,8 +251,20 @@ fn file_entry(name: &str, size: u64, hash: &blake3::Hash) -> Value {
     json!({"name": name, "size": size, "blake3": hash.to_hex().to_string()})
 }
 
-/// The fingerprint `pack` would record for `cfg`, without packing (hashes every input).
-/// Use it to key a cache of packed directories.
+fn pretok_entry(
+    file: &InputFile,
+    size: u64,
+    hash: &blake3::Hash,
+    meta: &(u64, blake3::Hash),
+) -> Value {
+    let mut e = file_entry(&file.name, size, hash);
+    e["meta_size"] = json!(meta.0);
+    e["meta_blake3"] = json!(meta.1.to_hex().to_string());
+    e
+}
+
+/// The fingerprint `pack` would record for `cfg`, without packing (hashes every input,
+/// reading each in blocks).
 pub fn fingerprint(cfg: &PackConfig) -> Result<String> {
     parse_names(cfg)?;
     let files = resolve(cfg)?;
@@ -190,8 +272,13 @@ pub fn fingerprint(cfg: &PackConfig) -> Result<String> {
     let entries: Vec<Value> = files
         .par_iter()
         .map(|f| {
-            let raw = std::fs::read(&f.path).map_err(|e| Error::io(&f.path, e))?;
-            Ok(file_entry(&f.name, raw.len() as u64, &blake3::hash(&raw)))
+            let (size, hash) = stream::hash_file(&f.path)?;
+            if is_pretokenized(&f.path) {
+                let meta = stream::hash_file(&pretok::meta_path(&f.path))?;
+                Ok(pretok_entry(f, size, &hash, &meta))
+            } else {
+                Ok(file_entry(&f.name, size, &hash))
+            }
         })
         .collect::<Result<_>>()?;
     Ok(hash_value(&fingerprint_inputs(cfg, &tok_hash, &entries)))
@@ -203,54 +290,136 @@ enum RecordFault {
     Shape(String),
 }
 
-fn encode_record(
-    rec: &RawRecord<'_>,
+/// What one record became: (sample, tokens before truncation, image path) or None when the
+/// format maps it to no conversation.
+type Encodedrecord = Option<(Encoded, u64, Option<String>)>;
+
+/// Everything the encoders share.
+struct Run<'a> {
+    cfg: &'a PackConfig,
     format: Format,
-    template: Option<&Template>,
-    tok: &TextTokenizer,
-    max_length: usize,
-) -> std::result::Result<Option<(Encoded, u64)>, RecordFault> {
-    let value: Value =
-        serde_json::from_str(rec.text).map_err(|e| RecordFault::Json(e.to_string()))?;
-    let mut turns = format.to_turns(&value).map_err(RecordFault::Shape)?;
-    if turns.is_empty() {
-        return Ok(None);
+    templating: Templating,
+    columns: Columns,
+    tok: TextTokenizer,
+    pool: rayon::ThreadPool,
+}
+
+impl Run<'_> {
+    fn parse(&self, text: &str) -> std::result::Result<Value, RecordFault> {
+        let mut value: Value =
+            serde_json::from_str(text).map_err(|e| RecordFault::Json(e.to_string()))?;
+        if !self.columns.is_empty() {
+            self.columns.apply(&mut value);
+        }
+        Ok(value)
     }
-    if let Some(t) = template {
-        t.apply(&mut turns);
+
+    fn encode_record(
+        &self,
+        rec: &RawRecord<'_>,
+        format: Format,
+    ) -> std::result::Result<Encodedrecord, RecordFault> {
+        let value = self.parse(rec.text)?;
+        let image = if format == Format::Llava {
+            llava_image(&value).map_err(RecordFault::Shape)?
+        } else {
+            None
+        };
+        let max_length = self.cfg.max_length;
+        // Pretraining text is never wrapped in a prompt template (XTuner's pretrain configs
+        // set template_map_fn=None), so one --template serves a mixed directory.
+        let templating = if format == Format::Pretrain {
+            &Templating::None
+        } else {
+            &self.templating
+        };
+        let enc = match templating {
+            Templating::Hf(ct) => {
+                let messages = if format == Format::OpenAi {
+                    chat_template::messages_from_openai(&value).map_err(RecordFault::Shape)?
+                } else {
+                    let turns = format.to_turns(&value).map_err(RecordFault::Shape)?;
+                    chat_template::messages_from_turns(&turns)
+                };
+                if messages.is_empty() {
+                    return Ok(None);
+                }
+                ct.encode(&self.tok, &messages, max_length)
+                    .map_err(RecordFault::Shape)?
+            }
+            t => {
+                let mut turns = format.to_turns(&value).map_err(RecordFault::Shape)?;
+                if turns.is_empty() {
+                    return Ok(None);
+                }
+                if let Templating::Xtuner(t) = t {
+                    t.apply(&mut turns);
+                }
+                encode_turns_opts(&self.tok, &turns, max_length, format == Format::Llava)
+                    .map_err(RecordFault::Shape)?
+            }
+        };
+        let raw_len = enc.ids.len() as u64 + enc.truncated;
+        Ok(Some((enc, raw_len, image)))
     }
-    let enc = encode_turns(tok, &turns, max_length).map_err(RecordFault::Shape)?;
-    let raw_len = enc.ids.len() as u64 + enc.truncated;
-    Ok(Some((enc, raw_len)))
+
+    fn detect(&self, path: &Path, rec: &RawRecord<'_>) -> Result<Option<Format>> {
+        let Ok(value) = self.parse(rec.text) else {
+            return Ok(None); // not JSON: a bad record; detect from the next one
+        };
+        Format::detect(&value).map(Some).ok_or_else(|| Error::Record {
+            path: path.to_path_buf(),
+            line: rec.line,
+            record: rec.index,
+            msg: format!(
+                "cannot detect the format from this record's keys (see `pyfast-tune formats`; \
+                 e.g. \"conversation\", \"messages\", \"conversations\", \"instruction\"+\"output\", \
+                 \"text\"): pass --format or --columns; record starts {:?}",
+                rec.text.chars().take(80).collect::<String>()
+            ),
+        })
+    }
 }
 
 /// Per-sample bookkeeping while staging (input order).
-struct StagedSample {
-    offset: u64,
-    len: u32,
-    file: u32,
-    record: u64,
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StagedSample {
+    /// Which part's staging files hold the tokens.
+    pub part: u32,
+    /// Token offset in that part's staging files.
+    pub offset: u64,
+    /// Tokens.
+    pub len: u32,
+    /// Global index of the source file.
+    pub file: u32,
+    /// Record index in the source file.
+    pub record: u64,
 }
 
-fn detect_file_format(
-    path: &Path,
-    records: &[RawRecord<'_>],
-) -> std::result::Result<Format, Error> {
-    let first = &records[0];
-    let value: Value = serde_json::from_str(first.text).map_err(|e| Error::Json {
-        path: path.to_path_buf(),
-        line: first.line,
-        msg: e.to_string(),
-    })?;
-    Format::detect(&value).ok_or_else(|| Error::Record {
-        path: path.to_path_buf(),
-        line: first.line,
-        record: first.index,
-        msg: format!(
-            "cannot detect the format from this record's keys (expected one of \"conversation\", \"messages\", \"instruction\"+\"output\", \"text\"): pass --format; record starts {:?}",
-            first.text.chars().take(80).collect::<String>()
-        ),
-    })
+/// The encoded samples of a range of input files, staged in `dir`.
+pub(crate) struct Part {
+    /// Directory holding [`STAGE_IDS`] and [`STAGE_MASK`].
+    pub dir: PathBuf,
+    pub samples: Vec<StagedSample>,
+    pub tokens: u64,
+    pub stats: PackStats,
+    pub file_entries: Vec<Value>,
+    pub file_table: Vec<Value>,
+    /// (part-local sample index, image path) of LLaVA samples.
+    pub images: Vec<(u64, String)>,
+}
+
+/// What [`finish`] needs besides the parts: the run's identity.
+#[derive(Clone, Debug, serde::Deserialize, Serialize)]
+pub(crate) struct Header {
+    /// [`fingerprint_inputs`] without `inputs`.
+    pub fingerprint_base: Value,
+    pub max_length: usize,
+    pub format: String,
+    pub template: String,
+    pub seed: u64,
+    /// hash, path, bos, eos.
+    pub tokenizer: Value,
 }
 
 fn thread_count(cfg: &PackConfig) -> usize {
@@ -264,156 +433,446 @@ fn thread_count(cfg: &PackConfig) -> usize {
         })
 }
 
-/// Run the whole pipeline and commit the packed directory. `progress` is called from the
-/// calling thread between batches; returning `false` aborts with [`Error::Interrupted`]
-/// and leaves no output.
+/// Run the whole pipeline and commit the packed directory (or, with `cfg.shard`, the shard's
+/// part). `progress` is called from the calling thread between batches; returning `false`
+/// aborts with [`Error::Interrupted`] and leaves no output.
 pub fn pack(cfg: &PackConfig, progress: &dyn Fn(Progress<'_>) -> bool) -> Result<PackStats> {
     let start = Instant::now();
     let (format, template) = parse_names(cfg)?;
     let files = resolve(cfg)?;
     let tok = TextTokenizer::load_with(&cfg.tokenizer, cfg.tokenizer_backend)?;
+    let templating = match (cfg.template.as_str(), template) {
+        ("hf", _) => Templating::Hf(Box::new(ChatTemplate::load(&cfg.tokenizer)?)),
+        (_, Some(t)) => Templating::Xtuner(t),
+        _ => Templating::None,
+    };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(thread_count(cfg))
         .build()
         .map_err(|e| Error::Config(format!("cannot start worker threads: {e}")))?;
-    let total_bytes: u64 = files
+    let run = Run {
+        cfg,
+        format,
+        templating,
+        columns: Columns::parse(&cfg.columns).map_err(Error::Config)?,
+        tok,
+        pool,
+    };
+    let sizes: Vec<u64> = files
         .iter()
         .map(|f| {
             std::fs::metadata(&f.path)
                 .map(|m| m.len())
                 .map_err(|e| Error::io(&f.path, e))
         })
-        .sum::<Result<u64>>()?;
-
-    let staging = StagingDir::new(&cfg.out_dir)?;
-    let stage_ids_path = staging.dir.join("stage_ids.tmp");
-    let stage_mask_path = staging.dir.join("stage_mask.tmp");
-    let mut stage_ids = HashedWriter::create(stage_ids_path.clone())?;
-    let mut stage_mask = HashedWriter::create(stage_mask_path.clone())?;
-
-    let mut stats = PackStats::default();
-    let mut staged: Vec<StagedSample> = Vec::new();
-    let mut file_entries: Vec<Value> = Vec::with_capacity(files.len());
-    let mut file_table: Vec<Value> = Vec::with_capacity(files.len());
-    let mut staged_tokens = 0u64;
-    let mut bytes_done = 0u64;
-    let mut buf: Vec<u8> = Vec::new();
-
-    let skip = |stats: &mut PackStats, err: Error| -> Result<()> {
-        if !cfg.skip_bad {
-            return Err(err);
-        }
-        if stats.skipped_examples.len() < MAX_SKIP_EXAMPLES {
-            stats.skipped_examples.push(err.to_string());
-        }
-        Ok(())
+        .collect::<Result<_>>()?;
+    let range = match cfg.shard {
+        Some((i, n)) => crate::shard::file_range(&sizes, i, n),
+        None => 0..files.len(),
     };
 
-    for (fi, file) in files.iter().enumerate() {
-        let (hash, size, data) = read_input(&file.path)?;
-        file_entries.push(file_entry(&file.name, size, &hash));
-        let mut table_entry =
-            json!({"name": file.name, "size": size, "records": 0, "format": Value::Null});
-        let split = split_records(&file.path, &data).and_then(|records| {
-            let fmt = match format {
-                Format::Auto => detect_file_format(&file.path, &records)?,
-                f => f,
-            };
-            Ok((records, fmt))
-        });
-        let (records, file_format) = match split {
-            Ok(x) => x,
-            Err(e @ (Error::EmptyFile { .. } | Error::Json { .. } | Error::Record { .. })) => {
-                stats.skipped_files += 1;
-                skip(&mut stats, e)?;
-                file_table.push(table_entry);
-                bytes_done += size;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        // Pretraining text is never wrapped in a prompt template (XTuner's pretrain configs
-        // set template_map_fn=None), so one --template serves a mixed directory.
-        let file_template = if file_format == Format::Pretrain {
-            None
-        } else {
-            template
-        };
-        table_entry["records"] = json!(records.len());
-        table_entry["format"] = json!(file_format.name());
-        file_table.push(table_entry);
-        stats.records += records.len() as u64;
+    let staging = StagingDir::new(&cfg.out_dir)?;
+    let part = encode_part(&run, &files, range.clone(), &sizes, &staging.dir, progress)?;
+    let mut fp_base = fingerprint_inputs(cfg, &run.tok.hash, &[]);
+    fp_base.as_object_mut().map(|o| o.remove("inputs"));
+    let header = Header {
+        fingerprint_base: fp_base,
+        max_length: cfg.max_length,
+        format: cfg.format.clone(),
+        template: cfg.template.clone(),
+        seed: cfg.seed,
+        tokenizer: json!({"hash": run.tok.hash, "path": run.tok.path.to_string_lossy(),
+                          "bos": run.tok.bos, "eos": run.tok.eos}),
+    };
+    if let Some((i, n)) = cfg.shard {
+        let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+        return crate::shard::save(&header, part, i, n, &names, range, staging, start);
+    }
+    finish(&header, vec![part], staging, start, progress)
+}
 
-        for chunk in records.chunks(CHUNK) {
-            let results: Vec<_> = pool.install(|| {
-                chunk
-                    .par_iter()
-                    .map(|r| encode_record(r, file_format, file_template, &tok, cfg.max_length))
-                    .collect()
-            });
-            for (rec, res) in chunk.iter().zip(results) {
-                match res {
-                    Ok(Some((enc, raw_len))) => {
-                        if enc.truncated > 0 {
-                            stats.truncated_samples += 1;
-                            stats.truncated_tokens += enc.truncated;
-                        }
-                        let trained = enc.trained() as u64;
-                        if trained == 0 {
-                            stats.dropped_samples += 1;
-                            stats.dropped_tokens += raw_len - enc.truncated;
-                            continue;
-                        }
-                        stats.loss_tokens += trained;
-                        buf.clear();
-                        buf.extend(enc.ids.iter().flat_map(|x| x.to_le_bytes()));
-                        stage_ids.write(&buf)?;
-                        stage_mask.write(&enc.mask)?;
-                        staged.push(StagedSample {
-                            offset: staged_tokens,
-                            len: enc.ids.len() as u32,
-                            file: fi as u32,
-                            record: rec.index,
-                        });
-                        staged_tokens += enc.ids.len() as u64;
+fn record_error(
+    path: &Path,
+    rec_line: u64,
+    rec_index: u64,
+    fault: RecordFault,
+    fmt: &str,
+) -> Error {
+    match fault {
+        RecordFault::Json(msg) => Error::Json {
+            path: path.to_path_buf(),
+            line: rec_line,
+            msg,
+        },
+        RecordFault::Shape(msg) => Error::Record {
+            path: path.to_path_buf(),
+            line: rec_line,
+            record: rec_index,
+            msg: format!("{msg} (format {fmt})"),
+        },
+    }
+}
+
+/// Appends samples of one part to its staging files.
+struct Stager {
+    ids: HashedWriter,
+    mask: HashedWriter,
+    buf: Vec<u8>,
+    part: Part,
+}
+
+impl Stager {
+    fn stage(
+        &mut self,
+        enc: &Encoded,
+        file: usize,
+        record: u64,
+        image: Option<String>,
+    ) -> Result<()> {
+        self.buf.clear();
+        self.buf
+            .extend(enc.ids.iter().flat_map(|x| x.to_le_bytes()));
+        self.ids.write(&self.buf)?;
+        self.mask.write(&enc.mask)?;
+        if let Some(img) = image {
+            self.part.images.push((self.part.samples.len() as u64, img));
+        }
+        self.part.samples.push(StagedSample {
+            part: 0,
+            offset: self.part.tokens,
+            len: enc.ids.len() as u32,
+            file: file as u32,
+            record,
+        });
+        self.part.tokens += enc.ids.len() as u64;
+        Ok(())
+    }
+
+    /// Count and stage one encoded sample (truncation, drops).
+    fn take(
+        &mut self,
+        enc: Encoded,
+        raw_len: u64,
+        file: usize,
+        record: u64,
+        image: Option<String>,
+    ) -> Result<()> {
+        let stats = &mut self.part.stats;
+        if enc.truncated > 0 {
+            stats.truncated_samples += 1;
+            stats.truncated_tokens += enc.truncated;
+        }
+        let trained = enc.trained() as u64;
+        if trained == 0 {
+            stats.dropped_samples += 1;
+            stats.dropped_tokens += raw_len - enc.truncated;
+            return Ok(());
+        }
+        stats.loss_tokens += trained;
+        self.stage(&enc, file, record, image)
+    }
+}
+
+fn skip(cfg: &PackConfig, stats: &mut PackStats, err: Error) -> Result<()> {
+    if !cfg.skip_bad {
+        return Err(err);
+    }
+    if stats.skipped_examples.len() < MAX_SKIP_EXAMPLES {
+        stats.skipped_examples.push(err.to_string());
+    }
+    Ok(())
+}
+
+/// Encode files `range` (global indices) into staging files in `dir`.
+fn encode_part(
+    run: &Run<'_>,
+    files: &[InputFile],
+    range: std::ops::Range<usize>,
+    sizes: &[u64],
+    dir: &Path,
+    progress: &dyn Fn(Progress<'_>) -> bool,
+) -> Result<Part> {
+    let total_bytes: u64 = sizes[range.clone()].iter().sum();
+    let mut st = Stager {
+        ids: HashedWriter::create(dir.join(STAGE_IDS))?,
+        mask: HashedWriter::create(dir.join(STAGE_MASK))?,
+        buf: Vec::new(),
+        part: Part {
+            dir: dir.to_path_buf(),
+            samples: Vec::new(),
+            tokens: 0,
+            stats: PackStats::default(),
+            file_entries: Vec::new(),
+            file_table: Vec::new(),
+            images: Vec::new(),
+        },
+    };
+    let mut bytes_done = 0u64;
+    for fi in range {
+        let file = &files[fi];
+        let report = |done: u64| {
+            progress(Progress {
+                stage: "encode",
+                done: bytes_done + done,
+                total: total_bytes,
+            })
+        };
+        if is_pretokenized(&file.path) {
+            encode_pretok_file(run, file, fi, &mut st, &report)?;
+        } else {
+            encode_json_file(run, file, fi, &mut st, &report)?;
+        }
+        bytes_done += sizes[fi];
+    }
+    st.ids.finish()?;
+    st.mask.finish()?;
+    Ok(st.part)
+}
+
+fn encode_json_file(
+    run: &Run<'_>,
+    file: &InputFile,
+    fi: usize,
+    st: &mut Stager,
+    report: &dyn Fn(u64) -> bool,
+) -> Result<()> {
+    let cfg = run.cfg;
+    let mut table = json!({"name": file.name, "size": 0, "records": 0, "format": Value::Null});
+    let mut stream = match RecordStream::open(&file.path) {
+        Ok(s) => s,
+        Err(e @ (Error::EmptyFile { .. } | Error::Json { .. })) => {
+            let (size, hash) = stream::hash_file(&file.path)?;
+            st.part
+                .file_entries
+                .push(file_entry(&file.name, size, &hash));
+            table["size"] = json!(size);
+            st.part.file_table.push(table);
+            st.part.stats.skipped_files += 1;
+            return skip(cfg, &mut st.part.stats, e);
+        }
+        Err(e) => return Err(e),
+    };
+    let mut file_format = match run.format {
+        Format::Auto => None,
+        f => Some(f),
+    };
+    let mut records = 0u64;
+    let mut file_fault: Option<Error> = None;
+    loop {
+        let batch: Vec<OwnedRecord> = stream.next_batch(CHUNK)?;
+        if batch.is_empty() {
+            break;
+        }
+        records += batch.len() as u64;
+        if file_format.is_none() {
+            for r in batch.iter().filter_map(OwnedRecord::raw) {
+                match run.detect(&file.path, &r) {
+                    Ok(Some(f)) => {
+                        file_format = Some(f);
+                        break;
                     }
-                    Ok(None) => stats.dropped_samples += 1,
-                    Err(fault) => {
-                        stats.skipped_records += 1;
-                        let err = match fault {
-                            RecordFault::Json(msg) => Error::Json {
-                                path: file.path.clone(),
-                                line: rec.line,
-                                msg,
-                            },
-                            RecordFault::Shape(msg) => Error::Record {
-                                path: file.path.clone(),
-                                line: rec.line,
-                                record: rec.index,
-                                msg: format!("{msg} (format {})", file_format.name()),
-                            },
-                        };
-                        skip(&mut stats, err)?;
+                    Ok(None) => {}
+                    Err(e) => {
+                        file_fault = Some(e);
+                        break;
                     }
                 }
             }
-            let consumed = chunk
-                .last()
-                .map(|r| r.text.as_ptr() as usize + r.text.len() - data.as_ptr() as usize);
-            let frac = consumed.unwrap_or(0) as f64 / data.len().max(1) as f64;
-            if !progress(Progress {
-                stage: "encode",
-                done: bytes_done + (frac * size as f64) as u64,
-                total: total_bytes,
-            }) {
-                return Err(Error::Interrupted);
+            if file_fault.is_some() {
+                break;
             }
         }
-        bytes_done += size;
+        // Until a record parses, the format is unknown; those records are bad JSON anyway.
+        let fmt = file_format.unwrap_or(Format::Auto);
+        let results: Vec<_> = run.pool.install(|| {
+            batch
+                .par_iter()
+                .map(|r| match r.raw() {
+                    Some(raw) => run.encode_record(&raw, fmt),
+                    None => Err(RecordFault::Json(r.text.clone().err().unwrap_or_default())),
+                })
+                .collect()
+        });
+        for (rec, res) in batch.iter().zip(results) {
+            match res {
+                Ok(Some((enc, raw_len, image))) => st.take(enc, raw_len, fi, rec.index, image)?,
+                Ok(None) => st.part.stats.dropped_samples += 1,
+                Err(fault) => {
+                    st.part.stats.skipped_records += 1;
+                    let err = record_error(&file.path, rec.line, rec.index, fault, fmt.name());
+                    skip(cfg, &mut st.part.stats, err)?;
+                }
+            }
+        }
+        if !report(stream.raw_bytes()) {
+            return Err(Error::Interrupted);
+        }
     }
-    stage_ids.finish()?;
-    stage_mask.finish()?;
+    let (size, hash) = stream.finish()?;
+    st.part
+        .file_entries
+        .push(file_entry(&file.name, size, &hash));
+    table["size"] = json!(size);
+    if let Some(e) = file_fault {
+        st.part.file_table.push(table);
+        st.part.stats.skipped_files += 1;
+        return skip(cfg, &mut st.part.stats, e);
+    }
+    if records == 0 {
+        st.part.file_table.push(table);
+        st.part.stats.skipped_files += 1;
+        let e = Error::EmptyFile {
+            path: file.path.clone(),
+        };
+        return skip(cfg, &mut st.part.stats, e);
+    }
+    table["records"] = json!(records);
+    table["format"] = json!(file_format.unwrap_or(run.format).name());
+    st.part.file_table.push(table);
+    st.part.stats.records += records;
+    Ok(())
+}
 
+/// What one `.bin` row became.
+enum RowOut {
+    /// Filtered by `min_length`.
+    Short,
+    /// ids, mask.
+    Tokens(Vec<u32>, Vec<u8>),
+    /// Not a `{"tokens": [...]}` line.
+    Bad(String),
+    /// Token count differs from the `.meta`.
+    Mismatch(String),
+}
+
+fn encode_pretok_file(
+    run: &Run<'_>,
+    file: &InputFile,
+    fi: usize,
+    st: &mut Stager,
+    report: &dyn Fn(u64) -> bool,
+) -> Result<()> {
+    let cfg = run.cfg;
+    let mut pf = PretokFile::open(&file.path, cfg.min_length as u64, cfg.rebuild_meta)?;
+    let (size, hash) = stream::hash_file(&file.path)?;
+    st.part
+        .file_entries
+        .push(pretok_entry(file, size, &hash, &pf.meta_hash));
+    st.part
+        .file_table
+        .push(json!({"name": file.name, "size": size,
+        "records": pf.num_rows(), "format": "pretokenized"}));
+    st.part.stats.records += pf.num_rows() as u64;
+    let max_length = cfg.max_length;
+    loop {
+        let batch = pf.next_batch(CHUNK)?;
+        if batch.is_empty() {
+            break;
+        }
+        let results: Vec<RowOut> = run.pool.install(|| {
+            batch
+                .par_iter()
+                .map(|row| {
+                    let Some(line) = row.line.as_ref() else {
+                        return RowOut::Short;
+                    };
+                    match pretok::decode_line(line) {
+                        Err(msg) => RowOut::Bad(msg),
+                        Ok((ids, mask)) => match pretok::check_count(&file.path, row, ids.len()) {
+                            Err(msg) => RowOut::Mismatch(msg),
+                            Ok(()) => RowOut::Tokens(ids, mask),
+                        },
+                    }
+                })
+                .collect()
+        });
+        for (row, res) in batch.iter().zip(results) {
+            match res {
+                RowOut::Short => {
+                    // Shorter than min_length: XTuner's JsonlDataset filters it; we count it.
+                    st.part.stats.dropped_samples += 1;
+                    st.part.stats.dropped_tokens += row.count;
+                }
+                RowOut::Tokens(mut ids, mut mask) => {
+                    let raw_len = ids.len() as u64;
+                    let truncated = raw_len.saturating_sub(max_length as u64);
+                    ids.truncate(max_length);
+                    mask.truncate(max_length);
+                    let enc = Encoded {
+                        ids,
+                        mask,
+                        truncated,
+                    };
+                    st.take(enc, raw_len, fi, row.row, None)?;
+                }
+                // A .meta that disagrees with its .bin is corrupt as a whole: never skipped.
+                RowOut::Mismatch(msg) => {
+                    return Err(Error::Corrupt {
+                        path: pretok::meta_path(&file.path),
+                        msg,
+                    })
+                }
+                RowOut::Bad(msg) => {
+                    st.part.stats.skipped_records += 1;
+                    let err = Error::Record {
+                        path: file.path.clone(),
+                        line: row.row + 1,
+                        record: row.row,
+                        msg: format!("byte offset {}: {msg}", row.offset),
+                    };
+                    skip(cfg, &mut st.part.stats, err)?;
+                }
+            }
+        }
+        if !report(pf.position()) {
+            return Err(Error::Interrupted);
+        }
+    }
+    Ok(())
+}
+
+/// Plan packs over every part's samples (global input order), write the packed directory
+/// and commit it. A single run and a merge of shards both end here.
+pub(crate) fn finish(
+    header: &Header,
+    mut parts: Vec<Part>,
+    staging: StagingDir,
+    start: Instant,
+    progress: &dyn Fn(Progress<'_>) -> bool,
+) -> Result<PackStats> {
+    let mut stats = PackStats::default();
+    let mut staged: Vec<StagedSample> = Vec::new();
+    let mut file_entries = Vec::new();
+    let mut file_table = Vec::new();
+    let mut images: Vec<Value> = Vec::new();
+    let mut tokens = 0u64;
+    for (pi, part) in parts.iter_mut().enumerate() {
+        let base = staged.len() as u64;
+        for (k, img) in part.images.drain(..) {
+            images.push(json!([base + k, img]));
+        }
+        staged.extend(part.samples.iter().map(|s| StagedSample {
+            part: pi as u32,
+            ..*s
+        }));
+        tokens += part.tokens;
+        let p = &part.stats;
+        stats.records += p.records;
+        stats.loss_tokens += p.loss_tokens;
+        stats.truncated_samples += p.truncated_samples;
+        stats.truncated_tokens += p.truncated_tokens;
+        stats.dropped_samples += p.dropped_samples;
+        stats.dropped_tokens += p.dropped_tokens;
+        stats.skipped_records += p.skipped_records;
+        stats.skipped_files += p.skipped_files;
+        for m in &p.skipped_examples {
+            if stats.skipped_examples.len() < MAX_SKIP_EXAMPLES {
+                stats.skipped_examples.push(m.clone());
+            }
+        }
+        file_entries.extend(part.file_entries.iter().cloned());
+        file_table.extend(part.file_table.iter().cloned());
+    }
     if staged.is_empty() {
         return Err(Error::Config(format!(
             "no trainable samples in the inputs: {} records, {} dropped (nothing trained), {} skipped",
@@ -422,50 +881,49 @@ pub fn pack(cfg: &PackConfig, progress: &dyn Fn(Progress<'_>) -> bool) -> Result
     }
 
     let lengths: Vec<u32> = staged.iter().map(|s| s.len).collect();
-    let packs = plan_packs(&lengths, cfg.max_length as u32, cfg.seed).map_err(Error::Config)?;
-
-    write_packed(
-        &staging.dir,
-        &stage_ids_path,
-        &stage_mask_path,
-        &staged,
-        &packs,
-        progress,
-    )?;
-    std::fs::remove_file(&stage_ids_path).map_err(|e| Error::io(&stage_ids_path, e))?;
-    std::fs::remove_file(&stage_mask_path).map_err(|e| Error::io(&stage_mask_path, e))?;
-
-    stats.samples = staged.len() as u64;
-    stats.tokens = staged_tokens;
-    stats.packs = packs.len() as u64;
-    stats.fill = staged_tokens as f64 / (packs.len() as f64 * cfg.max_length as f64);
-    stats.seconds = start.elapsed().as_secs_f64();
-    stats.tokens_per_second = staged_tokens as f64 / stats.seconds.max(1e-9);
-
-    let fp_inputs = fingerprint_inputs(cfg, &tok.hash, &file_entries);
-    stats.fingerprint = hash_value(&fp_inputs);
-    let mut outputs = serde_json::Map::new();
-    for name in output::BINARY_FILES {
-        let p = staging.dir.join(name);
-        let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+    let packs =
+        plan_packs(&lengths, header.max_length as u32, header.seed).map_err(Error::Config)?;
+    let part_dirs: Vec<&Path> = parts.iter().map(|p| p.dir.as_path()).collect();
+    let mut outputs = write_packed(&staging.dir, &part_dirs, &staged, &packs, progress)?;
+    for p in &parts {
+        for name in [STAGE_IDS, STAGE_MASK] {
+            let f = p.dir.join(name);
+            if f.starts_with(&staging.dir) {
+                std::fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
+            }
+        }
+    }
+    if !images.is_empty() {
+        let p = staging.dir.join(output::IMAGES);
+        let text =
+            json!({"image_token_id": crate::encode::IMAGE_TOKEN_ID, "samples": images}).to_string();
+        std::fs::write(&p, &text).map_err(|e| Error::io(&p, e))?;
         outputs.insert(
-            name.to_string(),
-            json!({"size": bytes.len(), "blake3": blake3::hash(&bytes).to_hex().to_string()}),
+            output::IMAGES.to_string(),
+            json!({"size": text.len(), "blake3": blake3::hash(text.as_bytes()).to_hex().to_string()}),
         );
     }
+
+    stats.samples = staged.len() as u64;
+    stats.tokens = tokens;
+    stats.packs = packs.len() as u64;
+    stats.fill = tokens as f64 / (packs.len() as f64 * header.max_length as f64);
+    let mut fp_inputs = header.fingerprint_base.clone();
+    fp_inputs["inputs"] = Value::Array(file_entries);
+    stats.fingerprint = hash_value(&fp_inputs);
     let meta = json!({
         "format_version": output::FORMAT_VERSION,
         "tool": "pyfast-tune",
         "tool_version": env!("CARGO_PKG_VERSION"),
         "fingerprint": stats.fingerprint,
         "fingerprint_inputs": fp_inputs,
-        "max_length": cfg.max_length,
-        "format": cfg.format,
-        "template": cfg.template,
-        "seed": cfg.seed,
-        "tokenizer": {"hash": tok.hash, "path": tok.path.to_string_lossy(), "bos": tok.bos, "eos": tok.eos},
+        "max_length": header.max_length,
+        "format": header.format,
+        "template": header.template,
+        "seed": header.seed,
+        "tokenizer": header.tokenizer,
         "files": file_table,
-        "stats": stats,
+        "stats": stats_for_meta(&stats),
         "num_samples": stats.samples,
         "num_packs": stats.packs,
         "num_tokens": stats.tokens,
@@ -480,27 +938,45 @@ pub fn pack(cfg: &PackConfig, progress: &dyn Fn(Progress<'_>) -> bool) -> Result
     staging.commit()?;
     // Timing excludes nothing: the commit is part of the job.
     stats.seconds = start.elapsed().as_secs_f64();
-    stats.tokens_per_second = staged_tokens as f64 / stats.seconds.max(1e-9);
+    stats.tokens_per_second = tokens as f64 / stats.seconds.max(1e-9);
     Ok(stats)
 }
 
-fn map_file(path: &Path) -> Result<memmap2::Mmap> {
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: the file lives in our private staging directory, was fully written and synced
-    // above, and nothing writes to it while the map is alive.
-    unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))
+/// Statistics as stored in meta.json: without wall-clock figures, so the directory's bytes
+/// are a function of the inputs and settings only.
+fn stats_for_meta(stats: &PackStats) -> Value {
+    let mut v = serde_json::to_value(stats).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("seconds");
+        o.remove("tokens_per_second");
+    }
+    v
 }
 
+fn open(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::open(path).map_err(|e| Error::io(path, e))
+}
+
+/// Write the packed files; returns `outputs` for meta.json (size and BLAKE3 per file).
+/// Staged tokens are read with positioned reads, not mapped, so resident memory stays
+/// bounded however large the staging files are.
 fn write_packed(
     dir: &Path,
-    stage_ids: &Path,
-    stage_mask: &Path,
+    part_dirs: &[&Path],
     staged: &[StagedSample],
     packs: &[Vec<u32>],
     progress: &dyn Fn(Progress<'_>) -> bool,
-) -> Result<()> {
-    let ids = map_file(stage_ids)?;
-    let mask = map_file(stage_mask)?;
+) -> Result<serde_json::Map<String, Value>> {
+    let sources: Vec<(std::fs::File, std::fs::File, PathBuf)> = part_dirs
+        .iter()
+        .map(|d| {
+            Ok((
+                open(&d.join(STAGE_IDS))?,
+                open(&d.join(STAGE_MASK))?,
+                d.join(STAGE_IDS),
+            ))
+        })
+        .collect::<Result<_>>()?;
     let mut w_ids = HashedWriter::create(dir.join(output::INPUT_IDS))?;
     let mut w_mask = HashedWriter::create(dir.join(output::LOSS_MASK))?;
     let mut w_packs = HashedWriter::create(dir.join(output::PACKS))?;
@@ -508,14 +984,21 @@ fn write_packed(
     let mut new_start = vec![0i64; staged.len()];
     let mut pack_of = vec![0i64; staged.len()];
     let (mut tok_pos, mut sample_pos) = (0i64, 0i64);
+    let (mut ids_buf, mut mask_buf) = (Vec::new(), Vec::new());
     for (p, members) in packs.iter().enumerate() {
         w_packs.write_i64s(&[tok_pos, sample_pos])?;
         for &s in members {
             let s = s as usize;
             let st = &staged[s];
-            let (a, b) = (st.offset as usize, st.offset as usize + st.len as usize);
-            w_ids.write(&ids[a * 4..b * 4])?;
-            w_mask.write(&mask[a..b])?;
+            let (ids_f, mask_f, ids_path) = &sources[st.part as usize];
+            ids_buf.resize(st.len as usize * 4, 0);
+            mask_buf.resize(st.len as usize, 0);
+            ids_f
+                .read_exact_at(&mut ids_buf, st.offset * 4)
+                .and_then(|_| mask_f.read_exact_at(&mut mask_buf, st.offset))
+                .map_err(|e| Error::io(ids_path, e))?;
+            w_ids.write(&ids_buf)?;
+            w_mask.write(&mask_buf)?;
             w_order.write_i64s(&[s as i64])?;
             new_start[s] = tok_pos;
             pack_of[s] = p as i64;
@@ -542,8 +1025,27 @@ fn write_packed(
             st.record as i64,
         ])?;
     }
-    for w in [w_ids, w_mask, w_packs, w_order, w_samples] {
-        w.finish()?;
+    let mut outputs = serde_json::Map::new();
+    let names = [
+        output::INPUT_IDS,
+        output::LOSS_MASK,
+        output::PACKS,
+        output::PACK_SAMPLES,
+        output::SAMPLES,
+    ];
+    for (name, w) in names
+        .into_iter()
+        .zip([w_ids, w_mask, w_packs, w_order, w_samples])
+    {
+        let (size, hash) = w.finish()?;
+        outputs.insert(name.to_string(), json!({"size": size, "blake3": hash}));
+    }
+    // meta.json lists outputs in BINARY_FILES order, as before.
+    let mut ordered = serde_json::Map::new();
+    for name in output::BINARY_FILES {
+        if let Some(v) = outputs.remove(*name) {
+            ordered.insert(name.to_string(), v);
+        }
     }
     if !progress(Progress {
         stage: "write",
@@ -552,5 +1054,5 @@ fn write_packed(
     }) {
         return Err(Error::Interrupted);
     }
-    Ok(())
+    Ok(ordered)
 }

@@ -1,0 +1,168 @@
+"""Scale benchmark: peak memory while packing inputs several times larger than a memory budget,
+and throughput of reading pre-tokenized InternEVO `.bin` data.
+
+Run:  .venv/bin/python bench/bench_scale.py [--budget-mib 128 --factor 4 --bin-mib 256]
+  or: .venv/bin/python -m pytest bench/bench_scale.py -s
+
+1. Streaming: a generated JSONL pretraining corpus of factor × budget MiB (and its .zst) is
+   packed by `pyfast-tune pack` in a child process; its peak RSS (ru_maxrss from wait4, the
+   whole process: interpreter, numpy, tokenizer, buffers) must stay under the budget.
+2. `.bin` reading: a generated `.bin` + `.bin.meta` of ~bin-mib MiB is packed (tokens/s, MB/s,
+   peak RSS), against a pure-Python reader doing XTuner's JsonlDataset work (seek to each
+   offset, json.loads, abs/labels) on the same file.
+Tokenizer: one trained here on generated text (pyfast_tune.demo), so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import pyfast_tune  # noqa: F401
+except ImportError:  # run as a script from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MiB = 1 << 20
+WORDS = ("the of and to in is was for on that with as by at from his her an which this be are "
+         "data token pack sample model train stream shard memory merge format template byte "
+         "order reader writer engine batch offset length loss label python rust").split()
+
+
+def gen_corpus(path: Path, size: int, seed: int = 0) -> int:
+    """JSONL pretraining records ({"text"}) of 200..4000 characters, `size` bytes in all."""
+    rng = random.Random(seed)
+    written, n = 0, 0
+    with open(path, "w") as f:
+        while written < size:
+            k = rng.randint(40, 800)
+            line = json.dumps({"text": " ".join(rng.choices(WORDS, k=k))}) + "\n"
+            f.write(line)
+            written += len(line)
+            n += 1
+    return n
+
+
+def gen_bin(path: Path, size: int, seed: int = 1) -> int:
+    """InternEVO .bin lines {"tokens": [...]} (negative = no loss) and the .bin.meta."""
+    rng = np.random.default_rng(seed)
+    offsets, counts, written = [], [], 0
+    with open(path, "wb") as f:
+        while written < size:
+            k = int(rng.integers(64, 2048))
+            toks = rng.integers(1, 150_000, size=k)
+            toks[: k // 3] *= -1
+            line = ('{"tokens": [' + ", ".join(map(str, toks.tolist())) + "]}\n").encode()
+            offsets.append(written)
+            counts.append(k)
+            f.write(line)
+            written += len(line)
+    with open(f"{path}.meta", "wb") as f:
+        np.save(f, np.stack([offsets, counts], axis=1).astype(np.int64))
+    return len(counts)
+
+
+def run_child(args: list[str]) -> tuple[float, int, str]:
+    """Run `pyfast-tune ARGS` in a child; (seconds, the child's own peak RSS bytes, stdout)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t = time.perf_counter()
+        p = subprocess.Popen([sys.executable, "-m", "pyfast_tune.cli", *args], stdout=out, stderr=err)
+        _, status, ru = os.wait4(p.pid, 0)  # rusage of this child alone
+        p.returncode = os.waitstatus_to_exitcode(status)
+        dt = time.perf_counter() - t
+        out.seek(0)
+        err.seek(0)
+        if p.returncode != 0:
+            raise RuntimeError(f"pyfast-tune {' '.join(args)} failed:\n{err.read()}")
+        return dt, ru.ru_maxrss * 1024, out.read()
+
+
+def python_bin_reader(path: Path, limit_rows: int) -> tuple[float, int]:
+    """XTuner JsonlDataset's per-sample work, in Python: seek, readline, json, abs, labels."""
+    meta = np.load(f"{path}.meta")
+    t = time.perf_counter()
+    n = 0
+    with open(path, "rb") as f:
+        for off, _ in meta[:limit_rows]:
+            f.seek(int(off))
+            toks = json.loads(f.readline())["tokens"]
+            _ids = [abs(x) for x in toks]
+            _labels = [x if x > 0 else -100 for x in toks]
+            n += len(toks)
+    return time.perf_counter() - t, n
+
+
+def main(budget_mib: int = 128, factor: int = 4, bin_mib: int = 256, threads: int | None = None):
+    from pyfast_tune.demo import make_tokenizer, synth_conversations
+
+    print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
+          f"(shared), python {platform.python_version()}")
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        tmp = Path(tmp)
+        tok = tmp / "tok"
+        make_tokenizer(synth_conversations(300, seed=1), tok)
+        thr = ["--threads", str(threads)] if threads else []
+
+        # 1. streaming under a memory budget
+        budget = budget_mib * MiB
+        corpus = tmp / "corpus" / "big.jsonl"
+        corpus.parent.mkdir()
+        t = time.perf_counter()
+        n = gen_corpus(corpus, factor * budget)
+        size = corpus.stat().st_size
+        print(f"generated {size / MiB:.0f} MiB JSONL ({n} records) in {time.perf_counter() - t:.1f} s")
+        dt, rss, out = run_child(["pack", str(corpus.parent), "--out", str(tmp / "p1"),
+                                  "--tokenizer", str(tok), "--max-length", "4096",
+                                  "--format", "pretrain", "--quiet", *thr])
+        print(out.strip())
+        print(f"stream JSONL: input {size / MiB:.0f} MiB = {size / budget:.1f}x the "
+              f"{budget_mib} MiB budget; peak RSS {rss / MiB:.1f} MiB; {dt:.1f} s, "
+              f"{size / MiB / dt:.1f} MiB/s")
+        ok = rss < budget
+        print(f"  peak RSS under budget: {'yes' if ok else 'NO'}")
+
+        # 2. .bin reading throughput
+        b = tmp / "evo" / "data.bin"
+        b.parent.mkdir()
+        rows = gen_bin(b, bin_mib * MiB)
+        bsize = b.stat().st_size
+        dt, rss2, out = run_child(["pack", str(b.parent), "--file-type", ".bin", "--out",
+                                   str(tmp / "p2"), "--tokenizer", str(tok), "--max-length",
+                                   "4096", "--quiet", "--json", *thr])
+        stats = json.loads(out[: out.rindex("}") + 1])
+        toks = stats["tokens"]
+        print(f".bin read+pack: {bsize / MiB:.0f} MiB, {rows} rows, {toks / 1e6:.1f} M tokens in "
+              f"{dt:.2f} s (process wall, incl. interpreter start): {bsize / MiB / dt:.0f} MiB/s, "
+              f"{toks / dt / 1e6:.2f} M tokens/s; engine {stats['tokens_per_second'] / 1e6:.2f} "
+              f"M tokens/s; peak RSS {rss2 / MiB:.1f} MiB")
+        k = min(rows, 2000)
+        pdt, ptoks = python_bin_reader(b, k)
+        print(f"python JsonlDataset-style reader: {ptoks / pdt / 1e6:.2f} M tokens/s "
+              f"({k} rows); ratio engine/python {stats['tokens_per_second'] / (ptoks / pdt):.1f}x")
+        return ok
+
+
+def test_bench_scale():
+    assert main(budget_mib=int(os.environ.get("BENCH_BUDGET_MIB", 128)),
+                factor=int(os.environ.get("BENCH_FACTOR", 4)),
+                bin_mib=int(os.environ.get("BENCH_BIN_MIB", 256)))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--budget-mib", type=int, default=128)
+    ap.add_argument("--factor", type=int, default=4)
+    ap.add_argument("--bin-mib", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+    sys.exit(0 if main(a.budget_mib, a.factor, a.bin_mib, a.threads) else 1)
