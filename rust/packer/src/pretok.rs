@@ -151,13 +151,81 @@ struct TokensLine {
     tokens: Vec<i64>,
 }
 
+/// The common line `{"tokens": [1, -2, ...]}` (JSON whitespace anywhere), parsed without a
+/// general JSON parser; None for anything else (other keys, floats, leading zeros, overflow),
+/// which then goes through serde_json and gets its exact error.
+fn fast_tokens(line: &[u8]) -> Option<Vec<i64>> {
+    let ws = |i: &mut usize| {
+        while *i < line.len() && matches!(line[*i], b' ' | b'\t' | b'\n' | b'\r') {
+            *i += 1;
+        }
+    };
+    let lit = |i: &mut usize, s: &[u8]| -> Option<()> {
+        line.get(*i..*i + s.len()).filter(|x| *x == s)?;
+        *i += s.len();
+        Some(())
+    };
+    let mut i = 0;
+    ws(&mut i);
+    lit(&mut i, b"{")?;
+    ws(&mut i);
+    lit(&mut i, b"\"tokens\"")?;
+    ws(&mut i);
+    lit(&mut i, b":")?;
+    ws(&mut i);
+    lit(&mut i, b"[")?;
+    ws(&mut i);
+    let mut out = Vec::with_capacity(line.len() / 7);
+    if line.get(i) == Some(&b']') {
+        i += 1;
+    } else {
+        loop {
+            let neg = line.get(i) == Some(&b'-');
+            i += neg as usize;
+            let start = i;
+            let mut v: i64 = 0;
+            while let Some(d) = line.get(i).filter(|c| c.is_ascii_digit()) {
+                v = v.checked_mul(10)?.checked_add((d - b'0') as i64)?;
+                i += 1;
+            }
+            let n = i - start;
+            if n == 0 || (n > 1 && line[start] == b'0') {
+                return None;
+            }
+            out.push(if neg { -v } else { v });
+            ws(&mut i);
+            match line.get(i)? {
+                b',' => {
+                    i += 1;
+                    ws(&mut i);
+                }
+                b']' => {
+                    i += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    ws(&mut i);
+    lit(&mut i, b"}")?;
+    ws(&mut i);
+    (i == line.len()).then_some(out)
+}
+
 /// Decode one line: ids = |token|, mask = token > 0.
 pub fn decode_line(line: &[u8]) -> std::result::Result<(Vec<u32>, Vec<u8>), String> {
-    let parsed: TokensLine = serde_json::from_slice(line)
-        .map_err(|e| format!("expected a JSON line {{\"tokens\": [...]}}: {e}"))?;
-    let mut ids = Vec::with_capacity(parsed.tokens.len());
-    let mut mask = Vec::with_capacity(parsed.tokens.len());
-    for t in parsed.tokens {
+    let tokens = match fast_tokens(line) {
+        Some(t) => t,
+        None => {
+            serde_json::from_slice::<TokensLine>(line)
+                .map_err(|e| format!("expected a JSON line {{\"tokens\": [...]}}: {e}"))?
+                .tokens
+        }
+    };
+    let mut ids = Vec::with_capacity(tokens.len());
+    let mut mask = Vec::with_capacity(tokens.len());
+    for t in tokens {
         let a = t.unsigned_abs();
         if a > u32::MAX as u64 {
             return Err(format!("token id {t} does not fit in 32 bits"));
@@ -411,6 +479,39 @@ mod tests {
         }
         assert_eq!(read_npy_rows(&p, &f).unwrap(), vec![(0, 3), (17, 1)]);
         assert!(read_npy_rows(&p, b"nope").is_err());
+    }
+
+    #[test]
+    fn fast_path_agrees_with_serde() {
+        for line in [
+            "{\"tokens\": [1, -2, 3]}\n",
+            "{\"tokens\":[]}",
+            " {\t\"tokens\" : [ 0 , 7,9223372036854775807 ] } \r\n",
+            "{\"tokens\": [-9223372036854775807]}",
+        ] {
+            let fast = fast_tokens(line.as_bytes()).unwrap();
+            let slow: TokensLine = serde_json::from_str(line).unwrap();
+            assert_eq!(fast, slow.tokens, "{line:?}");
+        }
+        for line in [
+            "{\"tokens\": [01]}",
+            "{\"tokens\": [1.0]}",
+            "{\"tokens\": [1], \"x\": 2}",
+            "{\"tokens\": [99999999999999999999]}",
+            "{\"tokens\": [1,]}",
+            "{\"tokens\": [-]}",
+            "[1]",
+        ] {
+            assert!(fast_tokens(line.as_bytes()).is_none(), "{line:?}");
+        }
+        assert_eq!(
+            decode_line(b"{\"tokens\": [1], \"x\": 2}").unwrap().0,
+            vec![1]
+        );
+        // Python's json (XTuner's reader) takes -0 as the integer 0; serde_json would not.
+        assert_eq!(fast_tokens(b"{\"tokens\": [-0]}"), Some(vec![0]));
+        assert!(decode_line(b"{\"tokens\": [1.5]}").is_err());
+        assert!(decode_line(b"{\"tokens\": [01]}").is_err());
     }
 
     #[test]
