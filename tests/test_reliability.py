@@ -85,6 +85,7 @@ def test_sigkill_at_random_moments_leaves_no_partial_output(tmp_path, corpus, ti
             previous = seen
         outcomes[state] += 1
     assert sum(outcomes.values()) == kills
+    print(f"kill loop: {kills} SIGKILLs, output afterwards {outcomes}")
     # The next complete run cleans up the staging directories the killed runs left.
     subprocess.run(pack_cmd(corpus, out, tiny_tokenizer, "--seed", "7"), check=True,
                    capture_output=True)  # fmt: skip

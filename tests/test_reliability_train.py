@@ -88,6 +88,7 @@ def test_sigkill_during_checkpointing_resumes_from_last_complete(tmp_path):
         assert step >= last  # a kill never loses a complete checkpoint
         last = step
     assert last > 0, "no checkpoint completed in the whole loop: kills too early to test"
+    print(f"checkpoint kill loop: {kills} SIGKILLs, resumed each time, last complete step {last}")
     # Partial directories of killed saves are hidden and removed by the next save.
     _save(out, last + 1)
     assert check_complete(out) == last + 1
