@@ -90,6 +90,8 @@ def _worker(method: str, tokens: int, segments: int, mode: str, repeat: int) -> 
     out = step()  # warm-up (and the C++ build on a cold cache)
     checksum = float(out.detach().double().sum())
     del out
+    for t in (q, k, v):
+        t.grad = None  # peak counts the run's outputs and gradients too
     base = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     times = []

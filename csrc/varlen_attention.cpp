@@ -6,7 +6,7 @@
 // first), so one long sample next to many short ones does not leave a core idle. Inside an
 // item, tiles of BLOCK x BLOCK scores are computed with oneDNN's brgemm micro-kernel
 // (at::native::cpublas::brgemm, exported by libtorch) and softmax runs online per row, so
-// memory stays linear in tokens: the largest temporary is one segment's dQ for the item.
+// memory stays linear in tokens: per thread, one segment's dQ and transposed K/V.
 //
 // GEMM operands are read in place from the (tokens, heads, D) inputs (ld = heads * D); only a
 // segment's last, partial block is copied into a zero-padded tile, and each item keeps a
@@ -32,7 +32,6 @@
 #include <vector>
 
 namespace {
-
 
 // Block size for a segment: short chat turns should not pay for 64 x 64 tiles.
 inline int64_t block_for(int64_t len) { return len <= 16 ? 16 : (len <= 32 ? 32 : 64); }
@@ -134,7 +133,7 @@ inline vf8 exp8(vf8 x) {
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
   const vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
-  const vf8 res = y * reinterpret_cast<const vf8&>(bits);
+  const vf8 res = y * (vf8)bits;  // same-size vector cast: bit reinterpretation
   return x < -87.0f ? zero : res;
 }
 
