@@ -187,6 +187,14 @@ def test_zero_stages_and_methods(setup, tmp_path, preset, method):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("preset", ["zero2_offload", "zero3_offload"])
+def test_offload_presets(setup, tmp_path, preset):
+    """Optimizer (and for ZeRO-3 parameter) offload: DeepSpeedCPUAdam, JIT-built on first use."""
+    metrics = train(setup, tmp_path / "run", 2, "--deepspeed", preset)
+    _assert_learns(metrics)
+
+
+@pytest.mark.slow
 def test_qlora_under_deepspeed(setup, tmp_path):
     metrics = train(setup, tmp_path / "run", 1, "--deepspeed", "zero2", "--method", "qlora")
     _assert_learns(metrics)
