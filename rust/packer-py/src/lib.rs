@@ -248,6 +248,18 @@ fn data_order(py: Python<'_>, root: String, file_type: String) -> PyResult<Vec<S
         .map_err(|e| to_pyerr(py, e))
 }
 
+/// Read a pre-tokenized `X.bin` with its `.meta` (one thread, rows of at least `min_length`
+/// tokens), check every row against the meta; returns (rows kept, tokens). For benchmarks.
+#[pyfunction]
+fn read_pretok(py: Python<'_>, path: String, min_length: u64) -> PyResult<(u64, u64)> {
+    py.detach(|| packer::pretok::read_all(std::path::Path::new(&path), min_length))
+        .map(|rows| {
+            let tokens = rows.iter().map(|r| r.1.len() as u64).sum();
+            (rows.len() as u64, tokens)
+        })
+        .map_err(|e| to_pyerr(py, e))
+}
+
 /// Render conversations (JSON list of lists of message objects) with the tokenizer's chat
 /// template, as the `hf` template does; returns (text, ids, loss mask) per conversation.
 #[pyfunction]
@@ -408,5 +420,6 @@ fn _packer(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(merge_packs, m)?)?;
     m.add_function(wrap_pyfunction!(data_order, m)?)?;
     m.add_function(wrap_pyfunction!(render_chats, m)?)?;
+    m.add_function(wrap_pyfunction!(read_pretok, m)?)?;
     Ok(())
 }
