@@ -1,0 +1,33 @@
+//! Record splitting (JSONL / JSON array), every format's mapping and `auto` detection, every
+//! template, on arbitrary bytes. Never a panic.
+#![no_main]
+
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+use packer::format::Format;
+use packer::input::split_records;
+use packer::template::{py_format, TEMPLATES};
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(recs) = split_records(Path::new("fuzz.jsonl"), data) {
+        for r in recs.iter().take(64) {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(r.text) else {
+                continue;
+            };
+            let _ = Format::detect(&v);
+            for name in Format::NAMES {
+                let f = Format::from_name(name).expect("listed format");
+                if let Ok(turns) = f.to_turns(&v) {
+                    for t in TEMPLATES {
+                        let mut tt = turns.clone();
+                        t.apply(&mut tt);
+                    }
+                }
+            }
+        }
+    }
+    if let Ok(s) = std::str::from_utf8(data) {
+        let _ = py_format(s, &[("input", s), ("round", "1")]);
+    }
+});
