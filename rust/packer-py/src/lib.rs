@@ -260,6 +260,9 @@ fn read_pretok(py: Python<'_>, path: String, min_length: u64) -> PyResult<(u64, 
         .map_err(|e| to_pyerr(py, e))
 }
 
+/// One rendered conversation: (text, ids, loss mask).
+type RenderedChat = (String, Vec<u32>, Vec<u8>);
+
 /// Render conversations (JSON list of lists of message objects) with the tokenizer's chat
 /// template, as the `hf` template does; returns (text, ids, loss mask) per conversation.
 #[pyfunction]
@@ -267,7 +270,7 @@ fn render_chats(
     py: Python<'_>,
     tokenizer: String,
     conversations_json: String,
-) -> PyResult<Vec<(String, Vec<u32>, Vec<u8>)>> {
+) -> PyResult<Vec<RenderedChat>> {
     let convs: Vec<serde_json::Value> = serde_json::from_str(&conversations_json)
         .map_err(|e| PackConfigError::new_err(format!("conversations_json: {e}")))?;
     let path = PathBuf::from(tokenizer);

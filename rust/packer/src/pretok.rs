@@ -429,9 +429,12 @@ pub fn check_count(path: &Path, row: &PretokRow, got: usize) -> std::result::Res
     Ok(())
 }
 
+/// One decoded `.bin` row: (meta row, ids, loss mask).
+pub type DecodedRow = (u64, Vec<u32>, Vec<u8>);
+
 /// Read `bin` whole with its meta and return (ids, mask) per kept row: the reference reader
 /// used by tests and `pyfast-tune` tooling (bounded by the file's size).
-pub fn read_all(bin: &Path, min_length: u64) -> Result<Vec<(u64, Vec<u32>, Vec<u8>)>> {
+pub fn read_all(bin: &Path, min_length: u64) -> Result<Vec<DecodedRow>> {
     let mut f = PretokFile::open(bin, min_length, false)?;
     let mut out = Vec::new();
     loop {
