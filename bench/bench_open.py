@@ -67,10 +67,12 @@ def write_arrow(ds: PackedDataset, out: Path) -> None:
     offsets = pa.array(np.asarray(ds.packs[:, 0]).astype(np.int64))
     ids = np.asarray(ds.input_ids).astype(np.int32)
     labels = np.where(np.asarray(ds.loss_mask) != 0, ids, np.int32(-100)).astype(np.int32)
-    table = pa.table({
-        "input_ids": pa.LargeListArray.from_arrays(offsets, pa.array(ids)),
-        "labels": pa.LargeListArray.from_arrays(offsets, pa.array(labels)),
-    })
+    table = pa.table(
+        {
+            "input_ids": pa.LargeListArray.from_arrays(offsets, pa.array(ids)),
+            "labels": pa.LargeListArray.from_arrays(offsets, pa.array(labels)),
+        }
+    )
     datasets.Dataset(table).save_to_disk(str(out))
 
 
@@ -125,8 +127,8 @@ def run(gb: float, workdir: Path, reads: int) -> dict:
         "packs": n,
         "tokens": ds.num_tokens,
         "open_ms": 1e3 * best_of(lambda: PackedDataset(packed)),
-        "open_ms_median": 1e3 * statistics.median(
-            [best_of(lambda: PackedDataset(packed), 1) for _ in range(20)]),
+        "open_ms_median": 1e3
+        * statistics.median([best_of(lambda: PackedDataset(packed), 1) for _ in range(20)]),
         "hf_open_ms": 1e3 * best_of(lambda: datasets.load_from_disk(str(arrow))),
         "getitem_per_s": read_rate(lambda i: ds[i], n, reads),
         "raw_view_per_s": read_rate(lambda i: ds.pack_arrays(i), n, reads),
@@ -135,7 +137,9 @@ def run(gb: float, workdir: Path, reads: int) -> dict:
     }
     a = hf_np[3]
     b = ds[3]
-    assert np.array_equal(a["input_ids"], b["input_ids"]) and np.array_equal(a["labels"], b["labels"])
+    assert np.array_equal(a["input_ids"], b["input_ids"]) and np.array_equal(
+        a["labels"], b["labels"]
+    )
     return r
 
 

@@ -34,9 +34,11 @@ except ImportError:  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MiB = 1 << 20
-WORDS = ("the of and to in is was for on that with as by at from his her an which this be are "
-         "data token pack sample model train stream shard memory merge format template byte "
-         "order reader writer engine batch offset length loss label python rust").split()
+WORDS = (
+    "the of and to in is was for on that with as by at from his her an which this be are "
+    "data token pack sample model train stream shard memory merge format template byte "
+    "order reader writer engine batch offset length loss label python rust"
+).split()
 
 
 def gen_corpus(path: Path, size: int, seed: int = 0) -> int:
@@ -76,7 +78,9 @@ def run_child(args: list[str]) -> tuple[float, int, str]:
     """Run `pyfast-tune ARGS` in a child; (seconds, the child's own peak RSS bytes, stdout)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
-        p = subprocess.Popen([sys.executable, "-m", "pyfast_tune.cli", *args], stdout=out, stderr=err)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "pyfast_tune.cli", *args], stdout=out, stderr=err
+        )
         _, status, ru = os.wait4(p.pid, 0)  # rusage of this child alone
         p.returncode = os.waitstatus_to_exitcode(status)
         dt = time.perf_counter() - t
@@ -105,8 +109,10 @@ def python_bin_reader(path: Path, limit_rows: int) -> tuple[float, int]:
 def main(budget_mib: int = 128, factor: int = 4, bin_mib: int = 256, threads: int | None = None):
     from pyfast_tune.demo import make_tokenizer, synth_conversations
 
-    print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-          f"(shared), python {platform.python_version()}")
+    print(
+        f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
+        f"(shared), python {platform.python_version()}"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         tmp = Path(tmp)
         tok = tmp / "tok"
@@ -120,14 +126,31 @@ def main(budget_mib: int = 128, factor: int = 4, bin_mib: int = 256, threads: in
         t = time.perf_counter()
         n = gen_corpus(corpus, factor * budget)
         size = corpus.stat().st_size
-        print(f"generated {size / MiB:.0f} MiB JSONL ({n} records) in {time.perf_counter() - t:.1f} s")
-        dt, rss, out = run_child(["pack", str(corpus.parent), "--out", str(tmp / "p1"),
-                                  "--tokenizer", str(tok), "--max-length", "4096",
-                                  "--format", "pretrain", "--quiet", *thr])
+        print(
+            f"generated {size / MiB:.0f} MiB JSONL ({n} records) in {time.perf_counter() - t:.1f} s"
+        )
+        dt, rss, out = run_child(
+            [
+                "pack",
+                str(corpus.parent),
+                "--out",
+                str(tmp / "p1"),
+                "--tokenizer",
+                str(tok),
+                "--max-length",
+                "4096",
+                "--format",
+                "pretrain",
+                "--quiet",
+                *thr,
+            ]
+        )
         print(out.strip())
-        print(f"stream JSONL: input {size / MiB:.0f} MiB = {size / budget:.1f}x the "
-              f"{budget_mib} MiB budget; peak RSS {rss / MiB:.1f} MiB; {dt:.1f} s, "
-              f"{size / MiB / dt:.1f} MiB/s")
+        print(
+            f"stream JSONL: input {size / MiB:.0f} MiB = {size / budget:.1f}x the "
+            f"{budget_mib} MiB budget; peak RSS {rss / MiB:.1f} MiB; {dt:.1f} s, "
+            f"{size / MiB / dt:.1f} MiB/s"
+        )
         ok = rss < budget
         print(f"  peak RSS under budget: {'yes' if ok else 'NO'}")
 
@@ -136,34 +159,56 @@ def main(budget_mib: int = 128, factor: int = 4, bin_mib: int = 256, threads: in
         b.parent.mkdir()
         rows = gen_bin(b, bin_mib * MiB)
         bsize = b.stat().st_size
-        dt, rss2, out = run_child(["pack", str(b.parent), "--file-type", ".bin", "--out",
-                                   str(tmp / "p2"), "--tokenizer", str(tok), "--max-length",
-                                   "4096", "--quiet", "--json", *thr])
+        dt, rss2, out = run_child(
+            [
+                "pack",
+                str(b.parent),
+                "--file-type",
+                ".bin",
+                "--out",
+                str(tmp / "p2"),
+                "--tokenizer",
+                str(tok),
+                "--max-length",
+                "4096",
+                "--quiet",
+                "--json",
+                *thr,
+            ]
+        )
         stats = json.loads(out[: out.rindex("}") + 1])
         toks = stats["tokens"]
-        print(f".bin read+pack: {bsize / MiB:.0f} MiB, {rows} rows, {toks / 1e6:.1f} M tokens in "
-              f"{dt:.2f} s (process wall, incl. interpreter start): {bsize / MiB / dt:.0f} MiB/s, "
-              f"{toks / dt / 1e6:.2f} M tokens/s; engine {stats['tokens_per_second'] / 1e6:.2f} "
-              f"M tokens/s; peak RSS {rss2 / MiB:.1f} MiB")
+        print(
+            f".bin read+pack: {bsize / MiB:.0f} MiB, {rows} rows, {toks / 1e6:.1f} M tokens in "
+            f"{dt:.2f} s (process wall, incl. interpreter start): {bsize / MiB / dt:.0f} MiB/s, "
+            f"{toks / dt / 1e6:.2f} M tokens/s; engine {stats['tokens_per_second'] / 1e6:.2f} "
+            f"M tokens/s; peak RSS {rss2 / MiB:.1f} MiB"
+        )
         from pyfast_tune import _packer
 
         t = time.perf_counter()
         kept, rtoks = _packer.read_pretok(str(b), 0)
         rdt = time.perf_counter() - t
-        print(f".bin read only (1 thread: seek, parse, check against .meta): {bsize / MiB / rdt:.0f} "
-              f"MiB/s, {rtoks / rdt / 1e6:.2f} M tokens/s ({kept} rows)")
+        print(
+            f".bin read only (1 thread: seek, parse, check against .meta): {bsize / MiB / rdt:.0f} "
+            f"MiB/s, {rtoks / rdt / 1e6:.2f} M tokens/s ({kept} rows)"
+        )
         k = min(rows, 2000)
         pdt, ptoks = python_bin_reader(b, k)
-        print(f"python JsonlDataset-style reader (1 thread): {ptoks / pdt / 1e6:.2f} M tokens/s "
-              f"({k} rows); read-only ratio {rtoks / rdt / (ptoks / pdt):.1f}x; whole pack "
-              f"engine/python {stats['tokens_per_second'] / (ptoks / pdt):.1f}x")
+        print(
+            f"python JsonlDataset-style reader (1 thread): {ptoks / pdt / 1e6:.2f} M tokens/s "
+            f"({k} rows); read-only ratio {rtoks / rdt / (ptoks / pdt):.1f}x; whole pack "
+            f"engine/python {stats['tokens_per_second'] / (ptoks / pdt):.1f}x"
+        )
         return ok
 
 
 def test_bench_scale():
-    assert main(budget_mib=int(os.environ.get("BENCH_BUDGET_MIB", 128)),
-                factor=int(os.environ.get("BENCH_FACTOR", 4)),
-                bin_mib=int(os.environ.get("BENCH_BIN_MIB", 256)))
+    assert main(
+        budget_mib=int(os.environ.get("BENCH_BUDGET_MIB", 128)),
+        factor=int(os.environ.get("BENCH_FACTOR", 4)),
+        bin_mib=int(os.environ.get("BENCH_BIN_MIB", 256)),
+    )
 
 
 if __name__ == "__main__":

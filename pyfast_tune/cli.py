@@ -1,8 +1,8 @@
 """``pyfast-tune``: the command line. Every subcommand's help ends with runnable examples.
 
-    pyfast-tune pack data/ --out packed/ --tokenizer tok/ --max-length 4096 --template qwen_chat
-    pyfast-tune verify packed/
-    pyfast-tune templates | formats
+pyfast-tune pack data/ --out packed/ --tokenizer tok/ --max-length 4096 --template qwen_chat
+pyfast-tune verify packed/
+pyfast-tune templates | formats
 """
 
 from __future__ import annotations
@@ -39,39 +39,81 @@ def _add_pack(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="files, directories or globs")
-    p.add_argument("--in", dest="inputs_opt", action="append", default=[], metavar="INPUT",
-                   help="same as a positional INPUT (repeatable)")
+    p.add_argument(
+        "--in",
+        dest="inputs_opt",
+        action="append",
+        default=[],
+        metavar="INPUT",
+        help="same as a positional INPUT (repeatable)",
+    )
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
-    p.add_argument("--tokenizer", required=True,
-                   help="directory with tokenizer.json (+ tokenizer_config.json), or the json")
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        help="directory with tokenizer.json (+ tokenizer_config.json), or the json",
+    )
     p.add_argument("--max-length", type=int, default=4096, help="pack capacity (default 4096)")
-    p.add_argument("--format", default="auto",
-                   help="dataset format (see `pyfast-tune formats`; default auto: by keys)")
-    p.add_argument("--template", default="default",
-                   help="XTuner prompt template name, 'hf' (the tokenizer's chat template) or "
-                   "'none' (see `pyfast-tune templates`)")
-    p.add_argument("--columns", default="",
-                   help="remap columns to the format's fields: instruction=question,output=answer")
-    p.add_argument("--file-type", default=None,
-                   help="file-name ending of data files in directories (e.g. .bin for "
-                   "pre-tokenized InternEVO data; default: JSON/JSONL endings)")
-    p.add_argument("--min-length", type=int, default=0,
-                   help="skip pre-tokenized .bin rows shorter than this (XTuner min_length)")
-    p.add_argument("--rebuild-meta", action="store_true",
-                   help="rebuild a missing or inconsistent X.bin.meta from X.bin")
-    p.add_argument("--shard", default=None, metavar="I/N",
-                   help="encode part I of N (0-based) into --out; join parts with merge-packs")
+    p.add_argument(
+        "--format",
+        default="auto",
+        help="dataset format (see `pyfast-tune formats`; default auto: by keys)",
+    )
+    p.add_argument(
+        "--template",
+        default="default",
+        help="XTuner prompt template name, 'hf' (the tokenizer's chat template) or "
+        "'none' (see `pyfast-tune templates`)",
+    )
+    p.add_argument(
+        "--columns",
+        default="",
+        help="remap columns to the format's fields: instruction=question,output=answer",
+    )
+    p.add_argument(
+        "--file-type",
+        default=None,
+        help="file-name ending of data files in directories (e.g. .bin for "
+        "pre-tokenized InternEVO data; default: JSON/JSONL endings)",
+    )
+    p.add_argument(
+        "--min-length",
+        type=int,
+        default=0,
+        help="skip pre-tokenized .bin rows shorter than this (XTuner min_length)",
+    )
+    p.add_argument(
+        "--rebuild-meta",
+        action="store_true",
+        help="rebuild a missing or inconsistent X.bin.meta from X.bin",
+    )
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="encode part I of N (0-based) into --out; join parts with merge-packs",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the pack order (default 0)")
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all)")
-    p.add_argument("--data-order", default=None,
-                   help="file listing input paths (relative to the single INPUT dir), one per line")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip and count bad records/files instead of failing")
-    p.add_argument("--tokenizer-backend", choices=["auto", "hf", "fast"], default="auto",
-                   help="text encoder: the fast byte-level BPE path when it provably "
-                        "gives the ids of Hugging Face tokenizers (auto), always tokenizers "
-                        "(hf), or fast (fail if the tokenizer does not qualify); never "
-                        "changes the output")
+    p.add_argument(
+        "--data-order",
+        default=None,
+        help="file listing input paths (relative to the single INPUT dir), one per line",
+    )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip and count bad records/files instead of failing",
+    )
+    p.add_argument(
+        "--tokenizer-backend",
+        choices=["auto", "hf", "fast"],
+        default="auto",
+        help="text encoder: the fast byte-level BPE path when it provably "
+        "gives the ids of Hugging Face tokenizers (auto), always tokenizers "
+        "(hf), or fast (fail if the tokenizer does not qualify); never "
+        "changes the output",
+    )
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pack)
@@ -105,8 +147,10 @@ def _cmd_pack(args) -> int:
     if args.json:
         print(json.dumps(stats.__dict__, indent=2))
     if args.shard:
-        print(f"encoded shard {args.shard} into {args.out}: {stats.samples} samples, "
-              f"{stats.tokens} tokens; join all parts with `pyfast-tune merge-packs`")
+        print(
+            f"encoded shard {args.shard} into {args.out}: {stats.samples} samples, "
+            f"{stats.tokens} tokens; join all parts with `pyfast-tune merge-packs`"
+        )
         return 0
     print(f"packed {args.out}: {stats.summary()}")
     return 0
@@ -146,13 +190,19 @@ def _cmd_verify(args) -> int:
 
 
 def _add_lists(sub) -> None:
-    p = sub.add_parser("templates", help="list prompt templates",
-                       epilog="example:\n  pyfast-tune templates",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "templates",
+        help="list prompt templates",
+        epilog="example:\n  pyfast-tune templates",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.set_defaults(func=_cmd_templates)
-    p = sub.add_parser("formats", help="list dataset formats",
-                       epilog="example:\n  pyfast-tune formats",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "formats",
+        help="list dataset formats",
+        epilog="example:\n  pyfast-tune formats",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.set_defaults(func=_cmd_formats)
 
 
@@ -160,13 +210,17 @@ def _cmd_templates(args) -> int:
     from pyfast_tune.data import templates
 
     print("none: no template (text used as is; pretraining text is never templated)")
-    print("hf: the tokenizer's own Jinja chat_template (tokenizer_config.json or "
-          "chat_template.jinja), loss on assistant content + EOS; e.g. qwen3: "
-          "'<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n' ... output'<|im_end|>'")
+    print(
+        "hf: the tokenizer's own Jinja chat_template (tokenizer_config.json or "
+        "chat_template.jinja), loss on assistant content + EOS; e.g. qwen3: "
+        "'<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n' ... output'<|im_end|>'"
+    )
     for t in templates():
         example = t["instruction"].replace("{input}", "Hi").replace("{round}", "1")
-        print(f"{t['name']}: {example!r} ... output{t['suffix']!r}"
-              f"{'' if t['suffix_as_eos'] else ' <eos>'} sep={t['sep']!r}")
+        print(
+            f"{t['name']}: {example!r} ... output{t['suffix']!r}"
+            f"{'' if t['suffix_as_eos'] else ' <eos>'} sep={t['sep']!r}"
+        )
     return 0
 
 

@@ -59,6 +59,9 @@ class PackStats:
     seconds: float
     tokens_per_second: float
     fingerprint: str
+    load_seconds: float = 0.0  # tokenizer + template loading
+    encode_seconds: float = 0.0  # read, parse, template, tokenize, stage
+    write_seconds: float = 0.0  # plan packs, write, hash, commit
 
     def summary(self) -> str:
         """One line: samples, tokens, packs, fill, truncated, dropped, skipped, time, rate."""
@@ -154,9 +157,19 @@ def pack(
     """
     if map_fn is not None:
         return _pack_mapped(
-            map_fn, inputs, out_dir, tokenizer=tokenizer, max_length=max_length, format=format,
-            template=template, seed=seed, threads=threads, skip_bad=skip_bad,
-            data_order=data_order, progress=progress, columns=columns,
+            map_fn,
+            inputs,
+            out_dir,
+            tokenizer=tokenizer,
+            max_length=max_length,
+            format=format,
+            template=template,
+            seed=seed,
+            threads=threads,
+            skip_bad=skip_bad,
+            data_order=data_order,
+            progress=progress,
+            columns=columns,
         )
     if isinstance(columns, Mapping):
         columns = ",".join(f"{k}={v}" for k, v in columns.items())
@@ -196,7 +209,9 @@ def _read_records(path: str):
         try:
             import zstandard
         except ImportError:
-            raise PackConfigError(f"{path}: map_fn on .zst input needs the zstandard package") from None
+            raise PackConfigError(
+                f"{path}: map_fn on .zst input needs the zstandard package"
+            ) from None
         with open(path, "rb") as f:
             raw = zstandard.ZstdDecompressor().stream_reader(f).read()
     else:
@@ -311,7 +326,8 @@ def fingerprint(
         int(seed),
         skip_bad,
         None if data_order is None else os.fspath(data_order),
-        ",".join(f"{k}={v}" for k, v in columns.items()) if isinstance(columns, Mapping)
+        ",".join(f"{k}={v}" for k, v in columns.items())
+        if isinstance(columns, Mapping)
         else (columns or ""),
         int(min_length),
         file_type,
@@ -379,7 +395,9 @@ class PackedDataset:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CorruptDataError(f"{meta_path}: unreadable meta.json: {e}") from None
         if not isinstance(self.meta, dict):
-            raise CorruptDataError(f"{meta_path}: expected a JSON object, got {type(self.meta).__name__}")
+            raise CorruptDataError(
+                f"{meta_path}: expected a JSON object, got {type(self.meta).__name__}"
+            )
         version = self.meta.get("format_version")
         if version != FORMAT_VERSION:
             raise CorruptDataError(
@@ -474,7 +492,9 @@ class PackedDataset:
         plain = self.__dict__.get("_plain")
         if plain is None:
             # Plain ndarray views of the maps: slicing np.memmap costs ~10x more per call.
-            plain = self._plain = tuple(np.asarray(a) for a in (self.input_ids, self.loss_mask, self.packs))
+            plain = self._plain = tuple(
+                np.asarray(a) for a in (self.input_ids, self.loss_mask, self.packs)
+            )
         ids, mask, packs = plain
         t0, t1 = packs[i, 0], packs[i + 1, 0]
         return ids[t0:t1], mask[t0:t1]

@@ -34,10 +34,17 @@ def test_backends_byte_identical_on_trained_tokenizer(tmp_path, tiny_tokenizer):
     # Text with the cases the fast path special-cases: added tokens inside content,
     # contractions, whitespace runs, non-ASCII.
     recs = synth_conversations(500, seed=11)
-    recs.append({"messages": [
-        {"role": "user", "content": "it's  <|im_end|> 'LL  \t\n\n  x  café 東京 😀 12345  "},
-        {"role": "assistant", "content": "<|im_start|>ok<|im_end|>   \n"},
-    ]})
+    recs.append(
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": "it's  <|im_end|> 'LL  \t\n\n  x  café 東京 😀 12345  ",
+                },
+                {"role": "assistant", "content": "<|im_start|>ok<|im_end|>   \n"},
+            ]
+        }
+    )
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
     hf, fast = pack_both(tmp_path, data, tiny_tokenizer, max_length=512, template="qwen_chat")
@@ -46,10 +53,13 @@ def test_backends_byte_identical_on_trained_tokenizer(tmp_path, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("tok", ["qwen3", "smollm2"])
-@pytest.mark.parametrize("data,template,max_length", [
-    ("chitchat.jsonl", "qwen_chat", 4096),
-    ("pydoc.jsonl", "none", 32768),
-])
+@pytest.mark.parametrize(
+    "data,template,max_length",
+    [
+        ("chitchat.jsonl", "qwen_chat", 4096),
+        ("pydoc.jsonl", "none", 32768),
+    ],
+)
 def test_backends_byte_identical_on_shared_data(tmp_path, tok, data, template, max_length):
     tokenizer = shared_path("tokenizers", tok)
     hf, fast = pack_both(
@@ -64,8 +74,10 @@ def test_backends_byte_identical_on_shared_data(tmp_path, tok, data, template, m
 def test_backend_is_not_in_the_fingerprint(tmp_path, tiny_tokenizer):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in synth_conversations(20, seed=1)))
-    fps = {b: fingerprint(data, tokenizer=tiny_tokenizer, tokenizer_backend=b)
-           for b in ("auto", "hf", "fast")}
+    fps = {
+        b: fingerprint(data, tokenizer=tiny_tokenizer, tokenizer_backend=b)
+        for b in ("auto", "hf", "fast")
+    }
     assert len(set(fps.values())) == 1
     with pytest.raises(PackConfigError, match="unknown tokenizer backend"):
         fingerprint(data, tokenizer=tiny_tokenizer, tokenizer_backend="tiktoken")
@@ -96,12 +108,35 @@ def test_cli_tokenizer_backend(tmp_path, tiny_tokenizer, capsys):
     outs = []
     for backend in ("hf", "fast"):
         out = tmp_path / backend
-        rc = cli(["pack", str(data), "--out", str(out), "--tokenizer", str(tiny_tokenizer),
-                  "--max-length", "512", "--tokenizer-backend", backend, "--quiet"])
+        rc = cli(
+            [
+                "pack",
+                str(data),
+                "--out",
+                str(out),
+                "--tokenizer",
+                str(tiny_tokenizer),
+                "--max-length",
+                "512",
+                "--tokenizer-backend",
+                backend,
+                "--quiet",
+            ]
+        )
         assert rc in (0, None)
         outs.append(dir_bytes(out))
     assert outs[0] == outs[1]
     with pytest.raises(SystemExit):
-        cli(["pack", str(data), "--out", str(tmp_path / "x"), "--tokenizer",
-             str(tiny_tokenizer), "--tokenizer-backend", "bogus"])
+        cli(
+            [
+                "pack",
+                str(data),
+                "--out",
+                str(tmp_path / "x"),
+                "--tokenizer",
+                str(tiny_tokenizer),
+                "--tokenizer-backend",
+                "bogus",
+            ]
+        )
     assert "invalid choice" in capsys.readouterr().err

@@ -16,16 +16,24 @@ from pyfast_tune.cli import main as cli
 from pyfast_tune.data import DataFormatError, PackedDataset, formats, pack
 
 IGNORE = -100
-CODER = ("You are a professional programer. Please provide the corresponding code based on "
-         "the description of Human.\n")
+CODER = (
+    "You are a professional programer. Please provide the corresponding code based on "
+    "the description of Human.\n"
+)
 MEDICAL = "如果你是一名医生，请根据患者的描述回答医学问题。\n"
-ARXIV = ("If you are an expert in writing papers, please generate a good paper title for this "
-         "paper based on other authors' descriptions of their abstracts.\n")
-COLORIST = ("You are a professional color designer. Please provide the corresponding colors "
-            "based on the description of Human.\n")
+ARXIV = (
+    "If you are an expert in writing papers, please generate a good paper title for this "
+    "paper based on other authors' descriptions of their abstracts.\n"
+)
+COLORIST = (
+    "You are a professional color designer. Please provide the corresponding colors "
+    "based on the description of Human.\n"
+)
 LAWYER = "你现在是一名专业的中国律师，请根据用户的问题给出准确、有理有据的回复。\n"
-SQL = ("If you are an expert in SQL, please generate a good SQL Query for Question based on the "
-       "CREATE TABLE statement.\n")
+SQL = (
+    "If you are an expert in SQL, please generate a good SQL Query for Question based on the "
+    "CREATE TABLE statement.\n"
+)
 
 
 def one(system, inp, out):
@@ -45,8 +53,9 @@ def oasst1(e):
             data.append(sentence[10:].strip())
     if len(data) % 2:
         data.pop()
-    return {"conversation": [{"input": data[i], "output": data[i + 1]}
-                             for i in range(0, len(data), 2)]}
+    return {
+        "conversation": [{"input": data[i], "output": data[i + 1]} for i in range(0, len(data), 2)]
+    }
 
 
 def wizardlm(e):
@@ -91,7 +100,9 @@ MAP_FNS = {
     "openorca": lambda e: one(e["system_prompt"], e["question"], e["response"]),
     "stack_exchange": lambda e: one(None, e["question"], e["response"]),
     "arxiv": lambda e: one(ARXIV, e["abstract"], e["title"]),
-    "colors": lambda e: one(COLORIST, ":".join(e["description"].split(":")[1:]).strip(), e["color"]),
+    "colors": lambda e: one(
+        COLORIST, ":".join(e["description"].split(":")[1:]).strip(), e["color"]
+    ),
     "law_reference": lambda e: one(LAWYER, e["question"], e["answer"]),
     "crime_kg_assitant": lambda e: one(LAWYER, e["input"], e["output"]),
     "sql": lambda e: one(SQL, "{context}\n{question}".format(**e), e["answer"]),
@@ -100,52 +111,91 @@ MAP_FNS = {
 
 # Hand-made records per format; together they reach every branch of the map_fns.
 RECORDS = {
-    "alpaca_zh": [{"instruction_zh": "把它翻译", "input_zh": "", "output_zh": "好的"},
-                  {"instruction_zh": "加", "input_zh": "1+1", "output_zh": "<nooutput>"}],
+    "alpaca_zh": [
+        {"instruction_zh": "把它翻译", "input_zh": "", "output_zh": "好的"},
+        {"instruction_zh": "加", "input_zh": "1+1", "output_zh": "<nooutput>"},
+    ],
     "oasst1": [
-        {"text": "### Human: Can you explain tides? ### Assistant: The moon pulls. "
-                 "### Human: More? ### Assistant:  Also the sun.  "},
+        {
+            "text": "### Human: Can you explain tides? ### Assistant: The moon pulls. "
+            "### Human: More? ### Assistant:  Also the sun.  "
+        },
         {"text": " ### Human: dangling question only? "},  # odd: input dropped → no turn
         {"text": "### Assistant: leading assistant ### Human: hi ### Assistant: hello ### note"},
         {"text": "junk without markers"},
     ],
     "code_alpaca": [{"prompt": "Reverse a list", "completion": "xs[::-1]"}],
-    "medical": [{"instruction": "头痛怎么办", "input": "三天了", "output": "多休息"},
-                {"instruction": "发烧", "input": None, "output": "量体温"}],
+    "medical": [
+        {"instruction": "头痛怎么办", "input": "三天了", "output": "多休息"},
+        {"instruction": "发烧", "input": None, "output": "量体温"},
+    ],
     "tiny_codes": [{"prompt": "fizzbuzz in rust", "response": "fn main() {}"}],
     "default": [{"input": "ping", "output": "pong"}, {"input": "", "output": "empty input"}],
     "wizardlm": [
-        {"conversations": [{"from": "gpt", "value": "lead"}, {"from": "human", "value": "q1"},
-                           {"from": "gpt", "value": "a1"}, {"from": "human", "value": "q2"},
-                           {"from": "gpt", "value": "a2"}, {"from": "human", "value": "tail"}]},
+        {
+            "conversations": [
+                {"from": "gpt", "value": "lead"},
+                {"from": "human", "value": "q1"},
+                {"from": "gpt", "value": "a1"},
+                {"from": "human", "value": "q2"},
+                {"from": "gpt", "value": "a2"},
+                {"from": "human", "value": "tail"},
+            ]
+        },
         {"conversations": [{"from": "human", "value": "only"}]},
     ],
-    "openorca": [{"system_prompt": "", "question": "Empty system", "response": "ok"},
-                 {"system_prompt": "You are terse.", "question": "Why?", "response": "Because."}],
+    "openorca": [
+        {"system_prompt": "", "question": "Empty system", "response": "ok"},
+        {"system_prompt": "You are terse.", "question": "Why?", "response": "Because."},
+    ],
     "stack_exchange": [{"question": "How to exit vim?", "response": ":q"}],
     "arxiv": [{"abstract": "We pack samples.", "title": "Packing"}],
-    "colors": [{"description": "Color: a calm, deep blue: like ink ", "color": "#123456"},
-               {"description": "no colon here", "color": "#000000"}],
+    "colors": [
+        {"description": "Color: a calm, deep blue: like ink ", "color": "#123456"},
+        {"description": "no colon here", "color": "#000000"},
+    ],
     "law_reference": [{"question": "合同无效吗", "answer": "视情况"}],
     "crime_kg_assitant": [{"input": "盗窃罪", "output": "刑法第264条"}],
-    "sql": [{"context": "CREATE TABLE t (a INT)", "question": "Count rows", "answer": "SELECT COUNT(*) FROM t"}],
+    "sql": [
+        {
+            "context": "CREATE TABLE t (a INT)",
+            "question": "Count rows",
+            "answer": "SELECT COUNT(*) FROM t",
+        }
+    ],
     "llava": [
-        {"image": "coco/1.jpg", "conversations": [
-            {"from": "gpt", "value": "skip me"},
-            {"from": "human", "value": "What is shown?\n<image> "},
-            {"from": "gpt", "value": "A cat."},
-            {"from": "human", "value": "Color?"}, {"from": "gpt", "value": "Grey."}]},
-        {"conversations": [{"from": "human", "value": "text only"}, {"from": "gpt", "value": "ok"}]},
+        {
+            "image": "coco/1.jpg",
+            "conversations": [
+                {"from": "gpt", "value": "skip me"},
+                {"from": "human", "value": "What is shown?\n<image> "},
+                {"from": "gpt", "value": "A cat."},
+                {"from": "human", "value": "Color?"},
+                {"from": "gpt", "value": "Grey."},
+            ],
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "text only"},
+                {"from": "gpt", "value": "ok"},
+            ]
+        },
     ],
 }
 
 EXTRA_TEMPLATES = {
     # SUFFIX without SUFFIX_AS_EOS (output gets the suffix and the EOS)
-    "gemma": dict(SYSTEM="<start_of_turn>system\n{system}<end_of_turn>\n",
-                  INSTRUCTION="<start_of_turn>user\n{input}<end_of_turn>\n<start_of_turn>model\n",
-                  SUFFIX="<end_of_turn>", SUFFIX_AS_EOS=False, SEP="\n"),
+    "gemma": dict(
+        SYSTEM="<start_of_turn>system\n{system}<end_of_turn>\n",
+        INSTRUCTION="<start_of_turn>user\n{input}<end_of_turn>\n<start_of_turn>model\n",
+        SUFFIX="<end_of_turn>",
+        SUFFIX_AS_EOS=False,
+        SEP="\n",
+    ),
     # {round} in the instruction
-    "chatglm2": dict(SYSTEM="{system}\n", INSTRUCTION="[Round {round}]\n\n问：{input}\n\n答：", SEP="\n\n"),
+    "chatglm2": dict(
+        SYSTEM="{system}\n", INSTRUCTION="[Round {round}]\n\n问：{input}\n\n答：", SEP="\n\n"
+    ),
 }
 
 
@@ -214,16 +264,26 @@ def write_jsonl(path: Path, records) -> Path:
 
 # Every format under four templates (EOS vs SUFFIX_AS_EOS, SUFFIX + EOS, {round}); llava's
 # image splitting once.
-CASES = [(f, t) for f in sorted(MAP_FNS) if f != "llava"
-         for t in ("qwen_chat", "default", "gemma", "chatglm2")] + [("llava", "qwen_chat")]
+CASES = [
+    (f, t)
+    for f in sorted(MAP_FNS)
+    if f != "llava"
+    for t in ("qwen_chat", "default", "gemma", "chatglm2")
+] + [("llava", "qwen_chat")]
 
 
 @pytest.mark.parametrize(("fmt", "template"), CASES)
 def test_format_matches_xtuner(tmp_path, tiny_tokenizer, fmt, template):
     records = RECORDS[fmt]
     data = write_jsonl(tmp_path / f"{fmt}.jsonl", records)
-    stats = pack(data, tmp_path / "p", tokenizer=tiny_tokenizer, max_length=4096,
-                 format=fmt, template=template)
+    stats = pack(
+        data,
+        tmp_path / "p",
+        tokenizer=tiny_tokenizer,
+        max_length=4096,
+        format=fmt,
+        template=template,
+    )
     expected = reference(records, fmt, template, RefTokenizer(tiny_tokenizer))
     assert stats.samples == len(expected)
     assert stats.samples + stats.dropped_samples == len(records)
@@ -233,8 +293,13 @@ def test_format_matches_xtuner(tmp_path, tiny_tokenizer, fmt, template):
 def test_alpaca_zh_keeps_nooutput_but_alpaca_drops_it(tmp_path, tiny_tokenizer):
     zh = write_jsonl(tmp_path / "zh.jsonl", RECORDS["alpaca_zh"])
     assert pack(zh, tmp_path / "a", tokenizer=tiny_tokenizer, format="alpaca_zh").samples == 2
-    en = write_jsonl(tmp_path / "en.jsonl", [{"instruction": "I", "input": "", "output": "<nooutput>"},
-                                              {"instruction": "I", "input": "", "output": "O"}])
+    en = write_jsonl(
+        tmp_path / "en.jsonl",
+        [
+            {"instruction": "I", "input": "", "output": "<nooutput>"},
+            {"instruction": "I", "input": "", "output": "O"},
+        ],
+    )
     st = pack(en, tmp_path / "b", tokenizer=tiny_tokenizer, format="alpaca")
     assert (st.samples, st.dropped_samples) == (1, 1)
 
@@ -252,22 +317,48 @@ def test_llava_image_table(tmp_path, tiny_tokenizer):
     assert s0["labels"][s0["input_ids"] == -200].tolist() == [IGNORE]
     assert "images.json" in ds.meta["outputs"]
     ds.verify()
-    two = write_jsonl(tmp_path / "two.jsonl", [{"image": "x.jpg", "conversations": [
-        {"from": "human", "value": "<image> a"}, {"from": "gpt", "value": "b"},
-        {"from": "human", "value": "again <image>"}, {"from": "gpt", "value": "c"}]}])
+    two = write_jsonl(
+        tmp_path / "two.jsonl",
+        [
+            {
+                "image": "x.jpg",
+                "conversations": [
+                    {"from": "human", "value": "<image> a"},
+                    {"from": "gpt", "value": "b"},
+                    {"from": "human", "value": "again <image>"},
+                    {"from": "gpt", "value": "c"},
+                ],
+            }
+        ],
+    )
     # one <image> per turn input is fine; two in one input is XTuner's assertion error
     pack(two, tmp_path / "q", tokenizer=tiny_tokenizer, format="llava")
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"image": "x.jpg", "conversations": [
-        {"from": "human", "value": "<image> a"}, {"from": "human", "value": "<image> b"},
-        {"from": "gpt", "value": "c"}]}])
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {
+                "image": "x.jpg",
+                "conversations": [
+                    {"from": "human", "value": "<image> a"},
+                    {"from": "human", "value": "<image> b"},
+                    {"from": "gpt", "value": "c"},
+                ],
+            }
+        ],
+    )
     with pytest.raises(DataFormatError, match="more than one <image>"):
         pack(bad, tmp_path / "r", tokenizer=tiny_tokenizer, format="llava")
 
 
 AUTO = {
     "conversation": {"conversation": [{"input": "a", "output": "b"}]},
-    "openai": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
-    "llava": {"image": "i.jpg", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+    "openai": {
+        "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    },
+    "llava": {
+        "image": "i.jpg",
+        "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}],
+    },
     "wizardlm": {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
     "alpaca_zh": {"instruction_zh": "a", "input_zh": "", "output_zh": "b"},
     "alpaca": {"instruction": "a", "input": "", "output": "b"},
@@ -297,8 +388,14 @@ def test_auto_detects_every_format_by_columns(tmp_path, tiny_tokenizer):
 def test_columns_remap_without_code(tmp_path, tiny_tokenizer):
     recs = [{"question": "What is 2+2?", "context": "", "answer": "4", "id": 7}]
     data = write_jsonl(tmp_path / "qa.jsonl", recs)
-    pack(data, tmp_path / "p", tokenizer=tiny_tokenizer, format="alpaca", template="qwen_chat",
-         columns="instruction=question,input=context,output=answer")
+    pack(
+        data,
+        tmp_path / "p",
+        tokenizer=tiny_tokenizer,
+        format="alpaca",
+        template="qwen_chat",
+        columns="instruction=question,input=context,output=answer",
+    )
     alp = [{"instruction": "What is 2+2?", "input": "", "output": "4"}]
     data2 = write_jsonl(tmp_path / "alpaca.jsonl", alp)
     pack(data2, tmp_path / "q", tokenizer=tiny_tokenizer, format="alpaca", template="qwen_chat")
@@ -306,11 +403,26 @@ def test_columns_remap_without_code(tmp_path, tiny_tokenizer):
     np.testing.assert_array_equal(a.sample(0)["input_ids"], b.sample(0)["input_ids"])
     np.testing.assert_array_equal(a.sample(0)["labels"], b.sample(0)["labels"])
     # remapping is a determinant of the bytes: it is in the fingerprint
-    assert a.meta["fingerprint_inputs"]["columns"] == "instruction=question,input=context,output=answer"
+    assert (
+        a.meta["fingerprint_inputs"]["columns"]
+        == "instruction=question,input=context,output=answer"
+    )
     # auto detection sees the remapped columns; the CLI takes the same flag
-    rc = cli(["pack", str(data), "--out", str(tmp_path / "c"), "--tokenizer", str(tiny_tokenizer),
-              "--columns", "instruction=question,input=context,output=answer",
-              "--template", "qwen_chat", "--quiet"])
+    rc = cli(
+        [
+            "pack",
+            str(data),
+            "--out",
+            str(tmp_path / "c"),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--columns",
+            "instruction=question,input=context,output=answer",
+            "--template",
+            "qwen_chat",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     assert PackedDataset(tmp_path / "c").meta["files"][0]["format"] == "alpaca"
     with pytest.raises(Exception, match="FIELD=COLUMN"):
@@ -326,8 +438,14 @@ def test_python_map_fn_slow_path(tmp_path, tiny_tokenizer):
             return None
         return {"conversation": [{"input": r["q"], "output": r["a"]}]}
 
-    st = pack(data, tmp_path / "p", tokenizer=tiny_tokenizer, format="conversation",
-              template="qwen_chat", map_fn=to_conv)
+    st = pack(
+        data,
+        tmp_path / "p",
+        tokenizer=tiny_tokenizer,
+        format="conversation",
+        template="qwen_chat",
+        map_fn=to_conv,
+    )
     assert (st.samples, st.dropped_samples) == (2, 1)
     ds = PackedDataset(tmp_path / "p")
     # record indices and the file name survive the detour through Python
@@ -339,9 +457,13 @@ def test_python_map_fn_slow_path(tmp_path, tiny_tokenizer):
 
 
 def test_wizardlm_out_of_order_roles_is_a_named_record_error(tmp_path, tiny_tokenizer):
-    bad = write_jsonl(tmp_path / "w.jsonl", [
-        {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
-        {"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}])
+    bad = write_jsonl(
+        tmp_path / "w.jsonl",
+        [
+            {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+            {"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]},
+        ],
+    )
     with pytest.raises(DataFormatError, match=r"w.jsonl:2 \(record 1\).*alternating"):
         pack(bad, tmp_path / "p", tokenizer=tiny_tokenizer, format="wizardlm")
     st = pack(bad, tmp_path / "p", tokenizer=tiny_tokenizer, format="sharegpt", skip_bad=True)

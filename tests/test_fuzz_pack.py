@@ -27,10 +27,17 @@ turn = st.fixed_dictionaries({"input": text, "output": text},
                              optional={"system": text, "output_with_loss": st.booleans()})  # fmt: skip
 records = st.one_of(
     st.builds(lambda t: {"conversation": t}, st.lists(turn, min_size=1, max_size=4)),
-    st.builds(lambda m: {"messages": m}, st.lists(
-        st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
-                               "content": text}, optional={"loss": st.booleans()}),
-        min_size=1, max_size=5)),  # fmt: skip
+    st.builds(
+        lambda m: {"messages": m},
+        st.lists(
+            st.fixed_dictionaries(
+                {"role": st.sampled_from(["system", "user", "assistant"]), "content": text},
+                optional={"loss": st.booleans()},
+            ),
+            min_size=1,
+            max_size=5,
+        ),
+    ),  # fmt: skip
     st.fixed_dictionaries({"instruction": text, "input": text, "output": text}),
 )
 

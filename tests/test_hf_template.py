@@ -16,18 +16,32 @@ from conftest import shared_path
 from pyfast_tune.data import PackedDataset, TokenizerError, pack, render_chat
 
 CHATML_ASSISTANT = re.compile(
-    r"<\|im_start\|>assistant\n(?:<think>\n\n</think>\n\n)?(.*?)<\|im_end\|>", re.S)
+    r"<\|im_start\|>assistant\n(?:<think>\n\n</think>\n\n)?(.*?)<\|im_end\|>", re.S
+)
 
 HAND_MADE = [
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
-    [{"role": "system", "content": ""}, {"role": "user", "content": "empty system"},
-     {"role": "assistant", "content": "ok"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-     {"role": "assistant", "content": "4", "loss": False}, {"role": "user", "content": "3+3?"},
-     {"role": "assistant", "content": " 6 \n"}],
-    [{"role": "assistant", "content": "leading assistant"}, {"role": "user", "content": "q"},
-     {"role": "assistant", "content": "a ünïcödé 漢字 🙂"}],
-    [{"role": "user", "content": "say im_end"}, {"role": "assistant", "content": "Hello\n\n  world"}],
+    [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": "empty system"},
+        {"role": "assistant", "content": "ok"},
+    ],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "loss": False},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": " 6 \n"},
+    ],
+    [
+        {"role": "assistant", "content": "leading assistant"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a ünïcödé 漢字 🙂"},
+    ],
+    [
+        {"role": "user", "content": "say im_end"},
+        {"role": "assistant", "content": "Hello\n\n  world"},
+    ],
 ]
 
 
@@ -60,8 +74,11 @@ def check(tok_dir, conversations):
         assert ids == enc["input_ids"]
         assert mask == expected_mask(text, enc["offset_mapping"], messages), json.dumps(messages)
         trained = hf.decode([i for i, m in zip(ids, mask) if m])
-        want = "".join(m["content"] + "<|im_end|>" for m in messages
-                       if m["role"] == "assistant" and m.get("loss", True))
+        want = "".join(
+            m["content"] + "<|im_end|>"
+            for m in messages
+            if m["role"] == "assistant" and m.get("loss", True)
+        )
         out.append((trained, want))
     return out
 
@@ -94,10 +111,13 @@ def test_pack_with_hf_template(tmp_path):
     assert ds.meta["fingerprint_inputs"]["chat_template"]
     for j in (0, 17, 79, 80, 82, 83):
         msgs = records[j]["messages"]
-        text = hf.apply_chat_template([{k: v for k, v in m.items() if k != "loss"} for m in msgs],
-                                      tokenize=False)
+        text = hf.apply_chat_template(
+            [{k: v for k, v in m.items() if k != "loss"} for m in msgs], tokenize=False
+        )
         s = ds.sample(j)
-        np.testing.assert_array_equal(s["input_ids"], hf(text, add_special_tokens=False)["input_ids"])
+        np.testing.assert_array_equal(
+            s["input_ids"], hf(text, add_special_tokens=False)["input_ids"]
+        )
         _, ids, mask = render_chat(tok_dir, [msgs])[0]
         np.testing.assert_array_equal(s["labels"], np.where(np.array(mask) == 1, ids, -100))
     # other formats go through the chat template as system/user/assistant messages
@@ -111,8 +131,12 @@ def test_pack_with_hf_template(tmp_path):
 
 def test_hf_template_needs_a_chat_template(tmp_path, tiny_tokenizer):
     data = tmp_path / "c.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
-                                             {"role": "assistant", "content": "b"}]}) + "\n")
+    data.write_text(
+        json.dumps(
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+        )
+        + "\n"
+    )
     tok = tmp_path / "tok"
     tok.mkdir()
     shutil.copy(tiny_tokenizer / "tokenizer.json", tok)
@@ -124,7 +148,8 @@ def test_hf_template_needs_a_chat_template(tmp_path, tiny_tokenizer):
     # a chat_template.jinja beside tokenizer.json is used (and beats the config's)
     (tok / "chat_template.jinja").write_text(
         "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% if m.role == 'assistant' %}"
-        "{{ eos_token }}{% endif %}{% endfor %}")
+        "{{ eos_token }}{% endif %}{% endfor %}"
+    )
     pack(data, tmp_path / "p", tokenizer=tok, template="hf")
     s = PackedDataset(tmp_path / "p").sample(0)
     assert (s["labels"] >= 0).sum() >= 1

@@ -43,7 +43,7 @@ def jsonl_dataset(path: Path, min_length: int):
     for row, (offset, length) in enumerate(zip(meta[:, 0], meta[:, -1])):
         if min_length > 0 and length < min_length:
             continue
-        line = data[offset: data.index(b"\n", offset) + 1]
+        line = data[offset : data.index(b"\n", offset) + 1]
         tokens = json.loads(line)["tokens"]
         out.append((row, [abs(x) for x in tokens], [x if x > 0 else IGNORE for x in tokens]))
     return out
@@ -79,13 +79,22 @@ def check_against_xtuner(ds: PackedDataset, files: list[Path], min_length: int, 
 
 def test_bin_meta_read_back_equals_jsonl_dataset(tmp_path, tiny_tokenizer):
     d = tmp_path / "evo"
-    files = [write_bin(d / "b" / "1.bin", gen_rows(300, 1)),
-             write_bin(d / "a" / "0.bin", gen_rows(200, 2))]
+    files = [
+        write_bin(d / "b" / "1.bin", gen_rows(300, 1)),
+        write_bin(d / "a" / "0.bin", gen_rows(200, 2)),
+    ]
     files.sort(key=lambda p: p.relative_to(d).as_posix().encode())
     (d / "a" / "notes.jsonl").write_text('{"text": "not picked: --file-type .bin"}\n')
     for min_length, max_length in [(0, 4096), (50, 64)]:
-        st = pack(d, tmp_path / "p", tokenizer=tiny_tokenizer, max_length=max_length,
-                  file_type=".bin", min_length=min_length, template="none")
+        st = pack(
+            d,
+            tmp_path / "p",
+            tokenizer=tiny_tokenizer,
+            max_length=max_length,
+            file_type=".bin",
+            min_length=min_length,
+            template="none",
+        )
         ds = PackedDataset(tmp_path / "p")
         assert ds.files == ["a/0.bin", "b/1.bin"]
         check_against_xtuner(ds, files, min_length, max_length)
@@ -124,8 +133,21 @@ def test_missing_and_inconsistent_meta(tmp_path, tiny_tokenizer):
     with pytest.raises(CorruptDataError, match="not a valid .npy"):
         pack(b, tmp_path / "q", tokenizer=tiny_tokenizer)
     # --rebuild-meta repairs it
-    assert cli(["pack", str(b), "--out", str(tmp_path / "q"), "--tokenizer", str(tiny_tokenizer),
-                "--rebuild-meta", "--quiet"]) == 0
+    assert (
+        cli(
+            [
+                "pack",
+                str(b),
+                "--out",
+                str(tmp_path / "q"),
+                "--tokenizer",
+                str(tiny_tokenizer),
+                "--rebuild-meta",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     np.testing.assert_array_equal(np.load(f"{b}.meta"), rebuilt)
 
 
@@ -147,12 +169,16 @@ def test_internevo_from_tokenized_shared_data(tmp_path):
     ref = reference_samples(records, "openai", "qwen_chat", RefTokenizer(tok_dir), 10**9)
     rows = [[i if lab != IGNORE else -i for i, lab in zip(ids, labels)] for _, ids, labels in ref]
     d = tmp_path / "evo"
-    files = [write_bin(d / "part-00000.bin", rows[:250]), write_bin(d / "part-00001.bin", rows[250:])]
+    files = [
+        write_bin(d / "part-00000.bin", rows[:250]),
+        write_bin(d / "part-00001.bin", rows[250:]),
+    ]
     order = tmp_path / "data_order.txt"
     assert cli(["order", str(d), "--out", str(order)]) == 0
     assert order.read_text() == "part-00000.bin\npart-00001.bin\n"
-    st = pack(d, tmp_path / "p", tokenizer=tok_dir, max_length=4096, file_type=".bin",
-              data_order=order)
+    st = pack(
+        d, tmp_path / "p", tokenizer=tok_dir, max_length=4096, file_type=".bin", data_order=order
+    )
     ds = PackedDataset(tmp_path / "p")
     check_against_xtuner(ds, files, 0, 4096)
     # and the same tokens the JSON pipeline produced (id 0 aside, which never has loss here)

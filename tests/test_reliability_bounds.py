@@ -51,7 +51,9 @@ def test_hundred_thousand_small_files(tmp_path, tiny_tokenizer):
     _pack_many(tmp_path, tiny_tokenizer, 100_000)
 
 
-def _huge_record(tmp_path: Path, tok: Path, mb: int, mem_limit: int | None) -> subprocess.CompletedProcess:
+def _huge_record(
+    tmp_path: Path, tok: Path, mb: int, mem_limit: int | None
+) -> subprocess.CompletedProcess:
     inp = tmp_path / "huge.jsonl"
     word = "the river remembers soft bread "
     with open(inp, "w") as f:
@@ -104,7 +106,9 @@ def test_symlink_out_of_directory_input_refused(tmp_path, tiny_tokenizer):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("entry", ["../secret.jsonl", "/etc/hostname", "link.jsonl", "sub/../../secret.jsonl"])
+@pytest.mark.parametrize(
+    "entry", ["../secret.jsonl", "/etc/hostname", "link.jsonl", "sub/../../secret.jsonl"]
+)
 def test_data_order_entries_cannot_leave_root(tmp_path, tiny_tokenizer, entry):
     root = tmp_path / "data"
     (root / "sub").mkdir(parents=True)
@@ -139,7 +143,10 @@ def test_no_unpickling_of_files():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
-                if any(n.split(".")[0] in {"pickle", "cPickle", "dill", "shelve", "marshal"} for n in names):
+                if any(
+                    n.split(".")[0] in {"pickle", "cPickle", "dill", "shelve", "marshal"}
+                    for n in names
+                ):
                     bad.append(f"{f}:{node.lineno}: imports {names}")
         for call, name in _calls(tree):
             kw = {k.arg: ast.unparse(k.value) for k in call.keywords}
@@ -157,7 +164,12 @@ def test_no_shell_strings():
         tree = ast.parse(f.read_text())
         for call, name in _calls(tree):
             kw = {k.arg: ast.unparse(k.value) for k in call.keywords}
-            if name in {"os.system", "os.popen", "subprocess.getoutput", "subprocess.getstatusoutput"}:
+            if name in {
+                "os.system",
+                "os.popen",
+                "subprocess.getoutput",
+                "subprocess.getstatusoutput",
+            }:
                 bad.append(f"{f}:{call.lineno}: {name}")
             if kw.get("shell") not in (None, "False"):
                 bad.append(f"{f}:{call.lineno}: shell={kw['shell']}")
@@ -178,11 +190,15 @@ def test_trust_remote_code_off_unless_asked():
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 args = node.args.args + node.args.kwonlyargs
-                defaults = [None] * (len(node.args.args) - len(node.args.defaults)) + node.args.defaults
+                defaults = [None] * (
+                    len(node.args.args) - len(node.args.defaults)
+                ) + node.args.defaults
                 defaults += node.args.kw_defaults
                 for a, d in zip(args, defaults):
                     if a.arg == "trust_remote_code" and d is not None and ast.unparse(d) != "False":
-                        bad.append(f"{f}:{node.lineno}: {node.name}(trust_remote_code default not False)")
+                        bad.append(
+                            f"{f}:{node.lineno}: {node.name}(trust_remote_code default not False)"
+                        )
             if isinstance(node, ast.AnnAssign) and ast.unparse(node.target) == "trust_remote_code":
                 if node.value is None or ast.unparse(node.value) != "False":
                     bad.append(f"{f}:{node.lineno}: config default trust_remote_code not False")

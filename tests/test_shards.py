@@ -14,8 +14,14 @@ from pyfast_tune.cli import main as cli
 from pyfast_tune.data import PackConfigError, PackedDataset, merge_packs, pack
 from pyfast_tune.demo import synth_conversations
 
-FILES = ("input_ids.bin", "loss_mask.bin", "samples.bin", "packs.bin", "pack_samples.bin",
-         "meta.json")
+FILES = (
+    "input_ids.bin",
+    "loss_mask.bin",
+    "samples.bin",
+    "packs.bin",
+    "pack_samples.bin",
+    "meta.json",
+)
 
 
 def make_data(d: Path) -> Path:
@@ -25,7 +31,7 @@ def make_data(d: Path) -> Path:
     sizes = [400, 3, 150, 1, 90, 200, 56]
     start = 0
     for i, n in enumerate(sizes):
-        recs = convs[start:start + n]
+        recs = convs[start : start + n]
         start += n
         text = "".join(json.dumps(r) + "\n" for r in recs)
         if i == 2:
@@ -60,16 +66,50 @@ def test_three_shards_and_merge_equal_one_machine(tmp_path, tiny_tokenizer):
     merged = merge_packs([parts[2], parts[0], parts[1]], tmp_path / "merged")
     same_bytes(tmp_path / "one", tmp_path / "merged")
     assert (merged.samples, merged.packs, merged.fingerprint, merged.skipped_records) == (
-        one.samples, one.packs, one.fingerprint, one.skipped_records)
+        one.samples,
+        one.packs,
+        one.fingerprint,
+        one.skipped_records,
+    )
     assert merged.skipped_examples == one.skipped_examples
     PackedDataset(tmp_path / "merged").verify()
     # the CLI spelling does the same
     for i in range(3):
-        assert cli(["pack", str(data), "--shard", f"{i}/3", "--out", str(tmp_path / f"c{i}"),
-                    "--tokenizer", str(tiny_tokenizer), "--max-length", "512", "--template",
-                    "qwen_chat", "--seed", "7", "--skip-bad", "--quiet"]) == 0
-    assert cli(["merge-packs", *(str(tmp_path / f"c{i}") for i in range(3)),
-                "--out", str(tmp_path / "cm"), "--quiet"]) == 0
+        assert (
+            cli(
+                [
+                    "pack",
+                    str(data),
+                    "--shard",
+                    f"{i}/3",
+                    "--out",
+                    str(tmp_path / f"c{i}"),
+                    "--tokenizer",
+                    str(tiny_tokenizer),
+                    "--max-length",
+                    "512",
+                    "--template",
+                    "qwen_chat",
+                    "--seed",
+                    "7",
+                    "--skip-bad",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+    assert (
+        cli(
+            [
+                "merge-packs",
+                *(str(tmp_path / f"c{i}") for i in range(3)),
+                "--out",
+                str(tmp_path / "cm"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     same_bytes(tmp_path / "one", tmp_path / "cm")
 
 
@@ -105,5 +145,8 @@ def test_streamed_batches_equal_whole_file_read(tmp_path, tiny_tokenizer):
         assert st.records == 10_000
         out[k] = tmp_path / f"o{k}"
     for name in FILES[:5]:
-        assert (out["a"] / name).read_bytes() == (out["b"] / name).read_bytes() == (
-            out["c"] / name).read_bytes(), name
+        assert (
+            (out["a"] / name).read_bytes()
+            == (out["b"] / name).read_bytes()
+            == (out["c"] / name).read_bytes()
+        ), name

@@ -115,6 +115,15 @@ pub struct PackStats {
     pub seconds: f64,
     /// tokens / seconds.
     pub tokens_per_second: f64,
+    /// Wall time loading the tokenizer and template (0 for merge-packs).
+    #[serde(default)]
+    pub load_seconds: f64,
+    /// Wall time reading, parsing, templating, tokenizing and staging the samples.
+    #[serde(default)]
+    pub encode_seconds: f64,
+    /// Wall time planning, writing, hashing and committing the packs.
+    #[serde(default)]
+    pub write_seconds: f64,
     /// Fingerprint of the output.
     pub fingerprint: String,
 }
@@ -472,7 +481,15 @@ pub fn pack(cfg: &PackConfig, progress: &dyn Fn(Progress<'_>) -> bool) -> Result
     };
 
     let staging = StagingDir::new(&cfg.out_dir)?;
+    let load_seconds = start.elapsed().as_secs_f64();
     let part = encode_part(&run, &files, range.clone(), &sizes, &staging.dir, progress)?;
+    let encode_seconds = start.elapsed().as_secs_f64() - load_seconds;
+    let phases = |mut stats: PackStats| {
+        stats.load_seconds = load_seconds;
+        stats.encode_seconds = encode_seconds;
+        stats.write_seconds = (stats.seconds - load_seconds - encode_seconds).max(0.0);
+        stats
+    };
     let mut fp_base = fingerprint_inputs(cfg, &run.tok.hash, &[]);
     fp_base.as_object_mut().map(|o| o.remove("inputs"));
     let header = Header {
@@ -486,9 +503,9 @@ pub fn pack(cfg: &PackConfig, progress: &dyn Fn(Progress<'_>) -> bool) -> Result
     };
     if let Some((i, n)) = cfg.shard {
         let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
-        return crate::shard::save(&header, part, i, n, &names, range, staging, start);
+        return crate::shard::save(&header, part, i, n, &names, range, staging, start).map(phases);
     }
-    finish(&header, vec![part], staging, start, progress)
+    finish(&header, vec![part], staging, start, progress).map(phases)
 }
 
 fn record_error(
@@ -947,8 +964,15 @@ pub(crate) fn finish(
 fn stats_for_meta(stats: &PackStats) -> Value {
     let mut v = serde_json::to_value(stats).unwrap_or(Value::Null);
     if let Some(o) = v.as_object_mut() {
-        o.remove("seconds");
-        o.remove("tokens_per_second");
+        for k in [
+            "seconds",
+            "tokens_per_second",
+            "load_seconds",
+            "encode_seconds",
+            "write_seconds",
+        ] {
+            o.remove(k);
+        }
     }
     v
 }
