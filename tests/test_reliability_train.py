@@ -143,20 +143,93 @@ def test_interrupted_save_of_a_new_step_keeps_previous(tmp_path, monkeypatch, ta
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue 9 report): re-saving an existing step "
-                   "deletes it before the rename, so `latest` names a missing checkpoint and "
-                   "latest_checkpoint raises instead of falling back to a complete one")  # fmt: skip
-def test_interrupted_resave_of_the_latest_step_keeps_a_complete_checkpoint(tmp_path, monkeypatch):
+def _two_complete_then_resave(tmp_path, monkeypatch, target: str, after: int) -> None:
     _save(tmp_path, 1)
     _save(tmp_path, 2)
     with monkeypatch.context() as m:
-        _fail_at(m, "os.replace", 1)  # trainer_state written, old step_2 deleted, then killed
+        _fail_at(m, target, after)
         with pytest.raises(KeyboardInterrupt):
             _save(tmp_path, 2)
+
+
+@pytest.mark.parametrize("target,after", [("os.replace", 0), ("os.replace", 1),
+                                          ("shutil.rmtree", 0)])  # fmt: skip
+def test_interrupted_resave_of_the_latest_step_keeps_a_complete_checkpoint(
+    tmp_path, monkeypatch, target, after
+):
+    """Re-saving step 2 swaps it in with RENAME_EXCHANGE: a kill before the swap leaves the
+    old step 2, after it the new one; never a `latest` naming a missing directory."""
+    _two_complete_then_resave(tmp_path, monkeypatch, target, after)
+    assert check_complete(tmp_path) == 2
+    _save(tmp_path, 3)
+    assert check_complete(tmp_path) == 3
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("after", [0, 1, 2, 3])
+def test_resave_without_rename_exchange_falls_back_to_a_complete_checkpoint(
+    tmp_path, monkeypatch, after
+):
+    """Where renameat2 is missing the old step is moved aside first; a kill between the two
+    renames leaves `latest` naming a missing step_2, and the newest complete one is used."""
+    monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+    _two_complete_then_resave(tmp_path, monkeypatch, "os.replace", after)
     assert check_complete(tmp_path) in (1, 2)
+    _save(tmp_path, 3)
+    assert check_complete(tmp_path) == 3
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_pointer_to_a_missing_checkpoint_with_nothing_else_is_an_error(tmp_path):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / "latest").write_text("step_00000005\n")
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ck.latest_checkpoint(tmp_path)
+
+
+def test_exchange_swaps_directories(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    if not ck._exchange(a, b):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available on this kernel/filesystem")
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
 
 
 def test_trainer_state_is_json_not_pickle(tmp_path):
     _save(tmp_path, 1)
     state = json.loads((ck.latest_checkpoint(tmp_path) / "trainer_state.json").read_text())
     assert state["step"] == 1 and state["has_optimizer"] is True
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, monkeypatch):
+    """A doctored DeepSpeed state file (a pickle that calls os.system) is refused before
+    DeepSpeed, which loads with weights_only=False, ever sees it; nothing runs."""
+    monkeypatch.chdir(tmp_path)
+    _save(tmp_path, 1)
+    latest = ck.latest_checkpoint(tmp_path)
+    states = latest / "deepspeed" / ck.DS_TAG
+    torch.save({"optimizer": _Evil()}, states / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+
+    class Engine:
+        def load_checkpoint(self, *a, **k):
+            raise AssertionError("DeepSpeed was asked to unpickle a doctored file")
+
+    with pytest.raises(
+        ValueError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt.*not weights-only"
+    ):
+        ck.load_checkpoint(Engine(), latest, exclude_frozen=False)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_check_weights_only_accepts_plain_states(tmp_path):
+    _save(tmp_path, 1)
+    assert ck.check_weights_only(ck.latest_checkpoint(tmp_path) / "deepspeed" / ck.DS_TAG) == 2

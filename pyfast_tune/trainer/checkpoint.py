@@ -12,6 +12,9 @@ Layout under ``output_dir/checkpoints/``::
 
 A crash at any point leaves either the previous ``latest`` or the new one, never a pointer to
 a partial directory; leftover ``.tmp-*`` directories are ignored and removed on the next save.
+Re-saving a step that exists swaps the two directories in one ``renameat2(RENAME_EXCHANGE)``
+where the kernel has it; elsewhere the old one is moved aside first, and should a crash land
+between the two renames, ``latest_checkpoint`` falls back to the newest complete ``step_*``.
 """
 
 from __future__ import annotations
@@ -48,16 +51,68 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _complete_steps(root: Path) -> list[Path]:
+    """``step_*`` directories holding a trainer_state.json, oldest first. Only a rename makes a
+    ``step_*`` directory, after its state is written, so each of these is whole."""
+    found = [p for p in root.glob("step_*") if (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, from its ``latest`` pointer (None if none)."""
+    """The newest complete checkpoint of a run, from its ``latest`` pointer (None if none).
+
+    If the pointer names a directory that is gone (a crash between the two renames of a
+    re-save on a kernel without RENAME_EXCHANGE), the newest complete ``step_*`` is used."""
     root = checkpoint_root(output_dir)
     pointer = root / "latest"
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
-    return path
+    if (path / "trainer_state.json").is_file():
+        return path
+    complete = _complete_steps(root)
+    if not complete:
+        raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint, "
+                                f"and {root} holds no other")  # fmt: skip
+    log.warning("%s names %s, which is not a complete checkpoint; using %s", pointer, path,
+                complete[-1])  # fmt: skip
+    return complete[-1]
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap directories ``a`` and ``b`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``).
+    False where the libc, kernel or filesystem lacks it; other failures raise."""
+    import ctypes
+    import errno
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(a))
+
+
+def _commit_dir(tmp: Path, final: Path) -> Path | None:
+    """Make the complete directory ``tmp`` appear as ``final``. Returns the directory now
+    holding the replaced checkpoint (to delete once ``latest`` is written), if any."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return None
+    if _exchange(tmp, final):
+        return tmp  # now holds the old checkpoint
+    old = final.with_name(f".tmp-old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(tmp, final)
+    return old
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -143,10 +198,10 @@ def save_checkpoint(
     if _rank() == 0:
         state = dict(trainer_state, step=step, has_optimizer=save_optimizer or zero_stage == 3)
         _write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replaced = _commit_dir(tmp, final)
         _write_atomic(root / "latest", final.name + "\n")
+        if replaced is not None:
+            shutil.rmtree(replaced)
     _barrier()
     return final
 
@@ -173,6 +228,8 @@ def universal_tag(path: Path) -> str:
         if not (ds_dir / tag).is_dir():
             from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
+            check_weights_only(ds_dir / DS_TAG)  # the converter unpickles them too
+
             tmp = ds_dir / f".tmp-{tag}"
             shutil.rmtree(tmp, ignore_errors=True)
             ds_to_universal(
@@ -190,9 +247,34 @@ def universal_tag(path: Path) -> str:
     return tag
 
 
+def check_weights_only(ds_tag_dir: Path) -> int:
+    """Refuse a DeepSpeed state directory holding anything but tensors and DeepSpeed's own
+    plain records: every ``*.pt`` under it must load with ``torch.load(weights_only=True)``.
+
+    DeepSpeed itself loads its files with ``weights_only=False`` (which would run code pickled
+    into a doctored checkpoint); a file that passes this check unpickles to the same plain
+    objects either way. Loading is memory-mapped, so no tensor data is read. Returns the
+    number of files checked."""
+    from pyfast_tune.export import load_ds_file
+
+    files = sorted(p for p in ds_tag_dir.rglob("*.pt") if p.is_file())
+    for f in files:
+        try:
+            load_ds_file(f)
+        except Exception as e:  # UnpicklingError and whatever a truncated zip raises
+            raise ValueError(
+                f"{f}: refusing to load a checkpoint file that is not weights-only "
+                f"(torch.load(weights_only=True) says: {str(e).splitlines()[0]})"
+            ) from e
+    return len(files)
+
+
 def load_checkpoint(engine, path: Path, exclude_frozen: bool, tag: str = DS_TAG) -> dict:
-    """Restore DeepSpeed state from checkpoint ``path``; returns its trainer_state."""
+    """Restore DeepSpeed state from checkpoint ``path``; returns its trainer_state. Every
+    state file is checked with :func:`check_weights_only` before DeepSpeed unpickles it."""
     state = read_trainer_state(path)
+    if check_weights_only(path / "deepspeed" / tag) == 0:
+        raise FileNotFoundError(f"no DeepSpeed state files under {path / 'deepspeed' / tag}")
     load_path, _ = engine.load_checkpoint(
         str(path / "deepspeed"),
         tag=tag,
