@@ -53,6 +53,7 @@ class DataConfig:
     pack_seed: int = 0
     cache_dir: str | None = None  # default: <output_dir>/../.pyfast_cache
     skip_bad: bool = False
+    verify: bool = True  # hash-check the packed directory at start-up (once per node per state)
 
 
 @dataclass

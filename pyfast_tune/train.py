@@ -142,7 +142,7 @@ def run(cfg) -> dict:
         save_hf,
         universal_tag,
     )
-    from pyfast_tune.trainer.data_cache import prepare_packed_dir
+    from pyfast_tune.trainer.data_cache import prepare_packed_dir, verify_packed_dir
     from pyfast_tune.trainer.ds_config import deepspeed_config, zero_stage
     from pyfast_tune.trainer.metrics import (
         FlopCounter,
@@ -168,6 +168,8 @@ def run(cfg) -> dict:
     cache_dir = Path(cfg.data.cache_dir or output_dir.parent / ".pyfast_cache")
     tokenizer = cfg.tokenizer or cfg.data.tokenizer or cfg.model
     packed_dir = prepare_packed_dir(cfg.data, cfg.max_length, tokenizer, cache_dir)
+    if cfg.data.verify:
+        verify_packed_dir(packed_dir, cache_dir)
     dataset = PackedDataset(packed_dir)
 
     # Batch geometry: the global batch G (packs per optimizer step) is what resume keeps fixed.

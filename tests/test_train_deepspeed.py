@@ -218,3 +218,39 @@ def test_packs_raw_inputs_once_into_a_fingerprinted_cache(setup, tmp_path):
     cfg.data.template = "internlm2_chat"  # another template: another cache entry
     assert prepare_packed_dir(cfg.data, 256, None, tmp_path) != first
     shutil.rmtree(tmp_path)
+
+
+def test_training_refuses_a_corrupted_packed_directory(setup, tmp_path):
+    """A flipped byte in the tokens is caught by the start-up hash check (data.verify, on by
+    default), which names the file, before any model is built; an untouched copy passes."""
+    data = tmp_path / "packed"
+    shutil.copytree(setup["packed"], data)
+    tokens = data / "input_ids.bin"
+    raw = bytearray(tokens.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    tokens.write_bytes(bytes(raw))
+    cmd = launch_command(setup["config"], nproc=1,
+                         extra_args=["--output_dir", str(tmp_path / "run"), "--data.path", str(data),
+                                     "--max_steps", "1"])  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "input_ids.bin" in proc.stderr and "CorruptDataError" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_verify_marker_is_per_node_and_per_file_state(setup, tmp_path):
+    from pyfast_tune.data import CorruptDataError
+    from pyfast_tune.trainer.data_cache import verify_packed_dir
+
+    data = tmp_path / "packed"
+    shutil.copytree(setup["packed"], data)
+    cache = tmp_path / "cache"
+    assert verify_packed_dir(data, cache) is True
+    assert verify_packed_dir(data, cache) is False  # same files: the other ranks skip it
+    index = data / "packs.bin"
+    raw = bytearray(index.read_bytes())
+    raw[0] ^= 0x80
+    index.write_bytes(bytes(raw))
+    with pytest.raises(CorruptDataError, match="packs.bin"):
+        verify_packed_dir(data, cache)

@@ -10,7 +10,10 @@ atomically), and every other process waits on the same lock and then memory-maps
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -40,3 +43,33 @@ def prepare_packed_dir(data_cfg, max_length: int, tokenizer: str | None, cache_d
             stats = pack(data_cfg.inputs, out, skip_bad=data_cfg.skip_bad, **options)
             log.info("packed: %s", stats)
     return out
+
+
+def verify_packed_dir(packed_dir: Path, cache_dir: Path) -> bool:
+    """Hash-check ``packed_dir`` (``PackedDataset.verify``: BLAKE3 of every file against
+    meta.json, pack invariants) before training on it; raises ``CorruptDataError`` naming the
+    file at fault. Returns False when it was skipped as already verified.
+
+    Once per node and per state of the files: the first process to take the lock verifies and
+    leaves a marker keyed by the directory's real path and each file's size, inode, mtime and
+    ctime (ctime cannot be set back, so any write to a file since forces a new check); the
+    other processes wait on the lock, see the marker and go on. Corruption that leaves every
+    file's metadata unchanged (bit rot under the filesystem) is ``pyfast-tune verify``'s job.
+    """
+    from pyfast_tune.data import PackedDataset
+
+    packed_dir = Path(packed_dir).resolve()
+    h = hashlib.blake2b(os.fsencode(packed_dir), digest_size=16)
+    for name in sorted(os.listdir(packed_dir)):
+        st = os.stat(packed_dir / name)
+        h.update(json.dumps([name, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]).encode())
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    marker = cache_dir / f"verified-{h.hexdigest()}"
+    with open(cache_dir / "verify.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists():
+            return False
+        report = PackedDataset(packed_dir).verify()
+        log.info("verified %s: %s", packed_dir, {k: v for k, v in report.items() if k != "files"})
+        marker.write_text(json.dumps({"path": str(packed_dir)}) + "\n")
+    return True
