@@ -3,7 +3,10 @@
 
     python -m pyfast_tune.demo --out demo_out        # what `make demo` runs
 
-prints and runs: pack -> inspect -> train (LoRA, one CPU process) -> convert -> merge -> chat.
+prints and runs: pack -> inspect -> continued pretraining of the tiny model (full fine-tune on
+plain text) -> convert -> LoRA fine-tune on the chats -> convert -> merge -> chat. Each subject
+of the generated world has one fact ("The cat likes red apples in the morning."), so the last
+step shows whether training worked: the answer is checked against the data's fact.
 """
 
 from __future__ import annotations
@@ -28,12 +31,26 @@ _PLACES = ["in the morning", "at the market", "near the sea", "after school", "o
 _QUESTIONS = ["What does {s} do?", "Why does {s} {v} {o}?", "Tell me about {s}.", "Where is {s}?"]
 
 
+def fact(subject: str) -> str:
+    """The one thing the generated data says ``subject`` does."""
+    i = _SUBJECTS.index(subject)
+    verb, obj, place = (
+        _VERBS[i % len(_VERBS)],
+        _OBJECTS[i % len(_OBJECTS)],
+        _PLACES[i % len(_PLACES)],
+    )
+    return f"{subject[0].upper()}{subject[1:]} {verb} {obj} {place}."
+
+
 def _sentence(rng: random.Random) -> str:
-    s = rng.choice(_SUBJECTS)
-    out = f"{s.capitalize()} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_PLACES)}."
-    if rng.random() < 0.2:
-        out += f" ({rng.randint(0, 9999)})"
-    return out
+    return fact(rng.choice(_SUBJECTS))
+
+
+def _answer(rng: random.Random, question: str, subject: str) -> str:
+    """What does/Tell me about S: S's fact first; otherwise facts of any subjects."""
+    first = [fact(subject)] if question.startswith(("What does", "Tell me")) else []
+    more = rng.choice([0, 0, 1, 2, 4, 7, 12])
+    return " ".join(first + [_sentence(rng) for _ in range(more + (0 if first else 1))])
 
 
 def synth_conversations(n: int, seed: int = 0) -> list[dict]:
@@ -45,13 +62,20 @@ def synth_conversations(n: int, seed: int = 0) -> list[dict]:
         if rng.random() < 0.3:
             messages.append({"role": "system", "content": "You are a concise assistant."})
         for _turn in range(rng.randint(1, 6)):
+            subject = rng.choice(_SUBJECTS)
             q = rng.choice(_QUESTIONS).format(
-                s=rng.choice(_SUBJECTS), v=rng.choice(_VERBS), o=rng.choice(_OBJECTS)
+                s=subject, v=rng.choice(_VERBS), o=rng.choice(_OBJECTS)
             )
-            a = " ".join(_sentence(rng) for _ in range(rng.choice([1, 1, 2, 3, 5, 8, 13])))
+            a = _answer(rng, q, subject)
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         records.append({"messages": messages})
     return records
+
+
+def synth_documents(n: int, seed: int = 1) -> list[dict]:
+    """``n`` plain-text documents (``{"text": ...}``) of the same world, for pretraining."""
+    rng = random.Random(seed)
+    return [{"text": " ".join(_sentence(rng) for _ in range(rng.randint(3, 40)))} for _ in range(n)]
 
 
 def _texts(records: Iterable[dict]) -> Iterable[str]:
@@ -100,12 +124,14 @@ def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:
     return path
 
 
-def prepare(out: Path, n: int = 2000, seed: int = 0) -> tuple[Path, Path]:
-    """Write the demo data (``out/data/chat.jsonl``) and tokenizer (``out/tokenizer``)."""
+def prepare(out: Path, n: int = 2000, seed: int = 0) -> tuple[Path, Path, Path]:
+    """Write the demo chats (``out/data/chat.jsonl``), pretraining text (``out/text/``) and
+    tokenizer (``out/tokenizer``)."""
     records = synth_conversations(n, seed=seed)
     data = write_jsonl(records, out / "data" / "chat.jsonl")
+    text = write_jsonl(synth_documents(n, seed=seed + 1), out / "text" / "docs.jsonl")
     tok = make_tokenizer(records, out / "tokenizer")
-    return data.parent, tok
+    return data.parent, text.parent, tok
 
 
 DEMO_QUESTION = "What does the cat do?"
@@ -123,19 +149,22 @@ def _run(args: list[str]) -> None:
         raise SystemExit(f"demo: `pyfast-tune {args[0]}` exited with {code}")
 
 
-def write_run_config(out: Path, model: Path, packed: Path, steps: int) -> Path:
-    """The demo's training config: LoRA on every linear layer of the tiny model, one process."""
-    config = out / "run.yaml"
+def write_run_config(
+    out: Path, name: str, model: Path, packed: Path, steps: int, method: str, lr: float
+) -> Path:
+    """A demo training config ``out/NAME.yaml``: ``method`` (full, or LoRA on every linear
+    layer) on the tiny model, one process."""
+    config = out / f"{name}.yaml"
     config.write_text(
-        "# pyfast-tune train demo_out/run.yaml --nproc 1   (written by python -m pyfast_tune.demo)\n"
+        f"# pyfast-tune train {config} --nproc 1   (written by python -m pyfast_tune.demo)\n"
         f"model: {model}\n"
         f"data: {packed}\n"
         "max_length: 1024\n"
-        "method: lora\n"
+        f"method: {method}\n"
         "lora: {r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear}\n"
         "deepspeed: zero2\n"
         f"max_steps: {steps}\n"
-        "lr: 2.0e-2\n"
+        f"lr: {lr}\n"
         "warmup_steps: 2\n"
         "micro_batch_size: 2\n"
         "global_batch_size: 2\n"
@@ -143,7 +172,7 @@ def write_run_config(out: Path, model: Path, packed: Path, steps: int) -> Path:
         "tensorboard: false\n"
         "progress_bar: false\n"
         "log_steps: 10\n"
-        f"output_dir: {out / 'run'}\n"
+        f"output_dir: {out / name}\n"
     )
     return config
 
@@ -158,19 +187,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="demo_out", help="working directory (default demo_out)")
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=60, help="LoRA training steps (default 60)")
+    p.add_argument("--pretrain-steps", type=int, default=100,
+                   help="full fine-tune steps on plain text (default 100)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=100, help="LoRA training steps (default 100)")
     p.add_argument("--pack-only", action="store_true", help="stop after pack and inspect")
     args = p.parse_args(argv)
 
     out = Path(args.out)
-    data, tok = prepare(out, n=args.samples)
-    print(f"demo: {args.samples} generated chats in {data}, tokenizer in {tok}")
+    data, text, tok = prepare(out, n=args.samples)
+    print(f"demo: {args.samples} generated chats in {data}, as many documents in {text}, "
+          f"tokenizer in {tok}")  # fmt: skip
     packed = out / "packed"
     _run(["pack", "--in", str(data), "--out", str(packed), "--tokenizer", str(tok),
           "--max-length", str(args.max_length), "--template", "internlm2_chat"])  # fmt: skip
     _run(["inspect", str(packed), "--sample", "0", "--plot", str(out / "lengths.png")])
     if args.pack_only:
         return 0
+    packed_text = out / "packed_text"
+    _run(["pack", "--in", str(text), "--out", str(packed_text), "--tokenizer", str(tok),
+          "--max-length", str(args.max_length), "--format", "pretrain"])  # fmt: skip
 
     from pyfast_tune.trainer.tiny import make_tiny_llama
 
@@ -178,14 +213,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n# a tiny Llama (hidden 128, 2 layers) built from a config, saved to {model}")
     make_tiny_llama(model, tok, hidden_size=128, layers=2, heads=4, kv_heads=2,
                     intermediate_size=256, init_std=0.05)  # fmt: skip
-    config = write_run_config(out, model, packed, args.steps)
+    # Continued pretraining: a random model learns the language of the generated world.
+    config = write_run_config(out, "pretrain", model, packed_text, args.pretrain_steps, "full",
+                              3.0e-3)  # fmt: skip
+    _run(["train", str(config), "--nproc", "1"])
+    base = out / "base"
+    _run(["convert", str(out / "pretrain"), str(base)])
+    # Chat fine-tuning: a LoRA adapter on the pretrained base learns the template and answers.
+    config = write_run_config(out, "run", base, packed, args.steps, "lora", 1.0e-2)
     _run(["train", str(config), "--nproc", "1"])
     _run(["convert", str(out / "run"), str(out / "adapter")])
-    _run(["merge", str(model), str(out / "adapter"), str(out / "merged")])
+    _run(["merge", str(base), str(out / "adapter"), str(out / "merged")])
     _run(["chat", str(out / "merged"), "--prompt", DEMO_QUESTION, "--max-new-tokens", "40"])
+    print(f"(the generated data's answer: {fact('the cat')!r})")
     print(
         f"\ndemo: done. Try `pyfast-tune chat {out / 'merged'}` (interactive), or "
-        f"`pyfast-tune chat {model} --adapter {out / 'adapter'}` (base + adapter)."
+        f"`pyfast-tune chat {base} --adapter {out / 'adapter'}` (base + adapter)."
     )
     return 0
 

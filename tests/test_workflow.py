@@ -117,12 +117,39 @@ def test_demo_walkthrough(tmp_path, capsys):
     """`make demo` (python -m pyfast_tune.demo), smaller: every step runs and is printed."""
     from pyfast_tune.demo import main as demo
 
-    assert demo(["--out", str(tmp_path / "demo"), "--samples", "300", "--steps", "3"]) == 0
+    assert (
+        demo(
+            [
+                "--out",
+                str(tmp_path / "demo"),
+                "--samples",
+                "300",
+                "--steps",
+                "3",
+                "--pretrain-steps",
+                "3",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     for command in ("pack", "inspect", "train", "convert", "merge", "chat"):
         assert f"$ pyfast-tune {command} " in out
     assert (tmp_path / "demo" / "merged" / "model.safetensors").is_file()
     assert (tmp_path / "demo" / "lengths.png").is_file()
+
+
+@pytest.mark.slow
+def test_full_demo_learns_the_generated_fact(tmp_path, capsys):
+    """`make demo` as is (~40 s): pretraining + LoRA teach the tiny model the data's one fact
+    about the cat, and the merged model says it when asked."""
+    from pyfast_tune.demo import DEMO_QUESTION, fact
+    from pyfast_tune.demo import main as demo
+
+    assert DEMO_QUESTION == "What does the cat do?"
+    assert demo(["--out", str(tmp_path / "demo")]) == 0
+    answer = capsys.readouterr().out.split(f"--prompt '{DEMO_QUESTION}'")[1]
+    assert fact("the cat") in answer.split("(the generated data's answer")[0]
 
 
 @pytest.mark.parametrize(
