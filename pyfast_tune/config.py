@@ -68,7 +68,10 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     gradient_checkpointing: bool = True
-    attention: str = "ref"  # ref (PyTorch per-sample) | op (pyfast_tune.kernels) | sdpa/eager (HF)
+    # op (pyfast_tune.kernels: C++ on CPU, Triton on CUDA; falls back to ref with a warning when
+    # it cannot build) | ref (PyTorch per-sample SDPA) | any other value: the model's own (e.g. sdpa),
+    # unpatched, with transformers' masks from position_ids
+    attention: str = "op"
     fused_lora: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     max_length: int = 4096

@@ -193,6 +193,27 @@ def _current_attn(model: torch.nn.Module) -> str | None:
     return getattr(base.config, "_attn_implementation", None)
 
 
+def usable_attention_backend(backend: str, device: torch.device) -> str:
+    """``backend`` if it can run on ``device`` here, else "ref" with a warning saying why.
+
+    "op" needs the C++ extension on CPU (built on first use: a compiler) or Triton on CUDA;
+    checking before training starts turns a missing compiler into one warning instead of a
+    failure in the first forward pass."""
+    if backend != "op":
+        return backend
+    try:
+        if device.type == "cuda":
+            import triton  # noqa: F401
+        else:
+            from pyfast_tune.kernels._cpp import load_varlen_attention
+
+            load_varlen_attention()
+    except Exception as e:  # ImportError, ExtensionBuildError
+        log.warning("attention 'op' cannot run on %s here (%s); using 'ref'", device, e)
+        return "ref"
+    return backend
+
+
 def apply(
     model: torch.nn.Module,
     lora: bool = True,

@@ -207,6 +207,7 @@ def run(cfg) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, dtype, local_rank, stage)
     if cfg.attention in patch.ATTENTION_NAMES:
+        attention = patch.usable_attention_backend(cfg.attention, device)
         patch.apply(
             model,
             # The fused op reads 4-bit weights stored as uint8, not ZeRO-3's float storage.
@@ -214,7 +215,7 @@ def run(cfg) -> dict:
             and cfg.method != "full"
             and not (cfg.method == "qlora" and stage == 3),
             attention=True,
-            attention_backend=cfg.attention,
+            attention_backend=attention,
         )
     flops = FlopCounter(model)
     trainable, total = count_parameters(model)

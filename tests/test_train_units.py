@@ -231,8 +231,9 @@ def test_latest_pointer_never_names_a_partial_checkpoint(tmp_path):
     (root / "latest").write_text("step_00000002\n")
     assert latest_checkpoint(tmp_path) == root / "step_00000002"
     (root / "latest").write_text("step_00000004\n")  # pointer to something incomplete
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        latest_checkpoint(tmp_path)
+    assert latest_checkpoint(tmp_path) == root / "step_00000002"  # newest complete, not .tmp
+    (root / "step_00000003").mkdir()  # no trainer_state.json: not complete
+    assert latest_checkpoint(tmp_path) == root / "step_00000002"
 
 
 def test_launch_command_is_an_argument_list():
@@ -324,3 +325,25 @@ def test_slurm_variables_become_torch_distributed_ones(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     assert _distributed_env() == (5, 8, 1)
+
+
+def test_attention_op_falls_back_to_ref_when_it_cannot_build(monkeypatch, caplog):
+    import torch
+
+    from pyfast_tune import patch
+    from pyfast_tune.kernels import _cpp
+
+    def no_compiler():
+        raise _cpp.ExtensionBuildError("no C++ compiler found (looked for 'c++')")
+
+    monkeypatch.setattr(_cpp, "load_varlen_attention", no_compiler)
+    with caplog.at_level("WARNING"):
+        assert patch.usable_attention_backend("op", torch.device("cpu")) == "ref"
+    assert "no C++ compiler" in caplog.text
+    assert patch.usable_attention_backend("ref", torch.device("cpu")) == "ref"
+
+
+def test_training_uses_the_attention_op_by_default():
+    from pyfast_tune.config import TrainConfig
+
+    assert TrainConfig().attention == "op"
