@@ -203,9 +203,22 @@ def run(cfg) -> dict:
         hidden_size=getattr(hidden, "hidden_size", 1024),
     )
     stage = zero_stage(ds_cfg)
-    # Model, our attention and LoRA op, FLOPs (before ZeRO partitions the weights).
+    # Model, our attention and LoRA op, FLOPs (from module shapes, whatever ZeRO did).
     torch.manual_seed(cfg.seed)
+    zero_init = None
+    if stage == 3 and cfg.method != "qlora":
+        # ZeRO-3: from_pretrained builds the model under deepspeed.zero.Init while this object
+        # lives, so each process only ever holds its partition of the base weights, and a
+        # model larger than one process's memory loads. (QLoRA's 4-bit base is loaded whole.)
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero_init = HfDeepSpeedConfig(ds_cfg)
     model = build_model(cfg, dtype, local_rank, stage)
+    if zero_init is not None:
+        held = sum(p.numel() for p in model.parameters())
+        full = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        log.info("ZeRO-3: model built partitioned (deepspeed.zero.Init): this process holds "
+                 "%d of %d parameter elements", held, full)  # fmt: skip
     if cfg.attention in patch.ATTENTION_NAMES:
         attention = patch.usable_attention_backend(cfg.attention, device)
         patch.apply(

@@ -101,7 +101,10 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = total = 0
     for p in model.parameters():
         state = getattr(p, "quant_state", None)
-        n = int(torch.Size(state.shape).numel()) if state is not None else p.numel()
+        if state is not None:
+            n = int(torch.Size(state.shape).numel())
+        else:  # ZeRO-3 partitioned parameters are empty outside forward; ds_numel is the full size
+            n = getattr(p, "ds_numel", p.numel())
         total += n
         if p.requires_grad:
             trainable += n
