@@ -205,10 +205,34 @@ def test_offload_presets(setup, tmp_path, preset):
     _assert_learns(metrics)
 
 
-@pytest.mark.slow
-def test_qlora_under_deepspeed(setup, tmp_path):
-    metrics = train(setup, tmp_path / "run", 1, "--deepspeed", "zero2", "--method", "qlora")
+def test_qlora_under_deepspeed_converts_and_merges(setup, tmp_path):
+    """QLoRA trains; convert gives the live adapter (the checkpoint's hf/ copy), and merge into
+    the full-precision base gives the logits of base + adapter."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from pyfast_tune.export import convert, merge
+
+    out = tmp_path / "run"
+    metrics = train(setup, out, 1, "--deepspeed", "zero2", "--method", "qlora")
     _assert_learns(metrics)
+    step = out / "checkpoints" / f"step_{STEPS:08d}"
+    info = convert(step, tmp_path / "adapter")
+    assert info["kind"] == "adapter"
+    got = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    live = load_file(step / "hf" / "adapter_model.safetensors")
+    assert got.keys() == live.keys() and len(got) > 0
+    for k in got:
+        torch.testing.assert_close(got[k].float(), live[k].float(), rtol=0, atol=1e-6)
+    merge(setup["model"], tmp_path / "adapter", tmp_path / "merged")
+    ids = torch.arange(5, 60).unsqueeze(0)
+    base = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32)
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(base, tmp_path / "adapter")(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+        got_logits = merged(ids).logits
+    torch.testing.assert_close(got_logits, want, rtol=1e-4, atol=1e-4)
 
 
 def test_packs_raw_inputs_once_into_a_fingerprinted_cache(setup, tmp_path):
