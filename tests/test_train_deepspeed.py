@@ -1,8 +1,9 @@
 """Multi-process DeepSpeed training on CPU (gloo): real chats, the SmolLM2 tokenizer, a tiny Llama.
 
-Default run: a 2-process ZeRO-2 LoRA run (loss falls, metrics, checkpoints, from_pretrained)
-and 1 process resuming it mid-run with the same losses. Slow (-m slow): ZeRO-3 full and LoRA,
-ZeRO-2 full, same-world resume, QLoRA under DeepSpeed.
+Default run: a 2-process ZeRO-2 LoRA run (loss falls, metrics, checkpoints, from_pretrained),
+1 process resuming it mid-run with the same losses, QLoRA + convert + merge, corrupted data
+refused. Slow (-m slow): ZeRO-3 full and LoRA (built under zero.Init), ZeRO-2 full,
+same-world resume, offload presets.
 """
 
 import json
