@@ -233,3 +233,16 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, monkeypatch):
 def test_check_weights_only_accepts_plain_states(tmp_path):
     _save(tmp_path, 1)
     assert ck.check_weights_only(ck.latest_checkpoint(tmp_path) / "deepspeed" / ck.DS_TAG) == 2
+
+
+def test_every_checkpoint_file_is_flushed_before_the_commit_rename(tmp_path, monkeypatch):
+    """Power loss after the rename must not leave a named checkpoint with unwritten files."""
+    flushed = []
+    real = ck._fsync_path
+    monkeypatch.setattr(ck, "_fsync_path", lambda p: (flushed.append(Path(p)), real(p)))
+    _save(tmp_path, 1)
+    final = ck.latest_checkpoint(tmp_path)
+    tmp = final.with_name(".tmp-" + final.name)
+    written = [p for p in final.rglob("*")]
+    assert written and all(tmp / p.relative_to(final) in flushed for p in written)
+    assert final.parent in flushed  # the directory holding the rename and `latest`

@@ -115,6 +115,23 @@ def _commit_dir(tmp: Path, final: Path) -> Path | None:
     return old
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` to disk (DeepSpeed and save_pretrained
+    do not), so a power loss after the commit rename cannot leave a named, empty checkpoint."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -198,8 +215,11 @@ def save_checkpoint(
     if _rank() == 0:
         state = dict(trainer_state, step=step, has_optimizer=save_optimizer or zero_stage == 3)
         _write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=2))
+        _fsync_tree(tmp)
         replaced = _commit_dir(tmp, final)
+        _fsync_path(root)
         _write_atomic(root / "latest", final.name + "\n")
+        _fsync_path(root)
         if replaced is not None:
             shutil.rmtree(replaced)
     _barrier()
