@@ -246,3 +246,26 @@ def test_every_checkpoint_file_is_flushed_before_the_commit_rename(tmp_path, mon
     written = [p for p in final.rglob("*")]
     assert written and all(tmp / p.relative_to(final) in flushed for p in written)
     assert final.parent in flushed  # the directory holding the rename and `latest`
+
+
+def test_deepspeed_checkpoint_engine_loads_weights_only(tmp_path, monkeypatch):
+    """After load_checkpoint's patch, DeepSpeed's own TorchCheckpointEngine.load refuses a
+    pickle that would run code (it passes weights_only=False by itself)."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"x": _Evil()}, tmp_path / "evil.pt")
+    torch.save({"w": torch.ones(2)}, tmp_path / "plain.pt")
+
+    class Engine:
+        checkpoint_engine = TorchCheckpointEngine()
+
+    engine = Engine()
+    ck._load_weights_only(engine)
+    assert torch.equal(
+        engine.checkpoint_engine.load(str(tmp_path / "plain.pt"))["w"], torch.ones(2)
+    )
+    with pytest.raises(Exception, match="(?i)weights.only|unpickl"):
+        engine.checkpoint_engine.load(str(tmp_path / "evil.pt"))
+    assert not (tmp_path / "pwned").exists()

@@ -289,12 +289,29 @@ def check_weights_only(ds_tag_dir: Path) -> int:
     return len(files)
 
 
+def _load_weights_only(engine) -> None:
+    """Make the engine's own checkpoint loads ``weights_only=True`` too (DeepSpeed's
+    ``TorchCheckpointEngine.load`` passes False), so the files checked are the files loaded
+    safely, whatever happens to them in between. Other engines are left alone."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None or type(ce).__name__ != "TorchCheckpointEngine":
+        return
+    from pyfast_tune.export import _safe_globals
+
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    ce.load = load
+
+
 def load_checkpoint(engine, path: Path, exclude_frozen: bool, tag: str = DS_TAG) -> dict:
     """Restore DeepSpeed state from checkpoint ``path``; returns its trainer_state. Every
     state file is checked with :func:`check_weights_only` before DeepSpeed unpickles it."""
     state = read_trainer_state(path)
     if check_weights_only(path / "deepspeed" / tag) == 0:
         raise FileNotFoundError(f"no DeepSpeed state files under {path / 'deepspeed' / tag}")
+    _load_weights_only(engine)
     load_path, _ = engine.load_checkpoint(
         str(path / "deepspeed"),
         tag=tag,
