@@ -1,11 +1,18 @@
 //! Tokenizer loading: any Hugging Face `tokenizer.json`, plus the BOS/EOS rules XTuner's
 //! `get_bos_eos_token_ids` derives from the tokenizer's config, and the choice of backend:
 //! the `tokenizers` crate, or [`fastbpe`] when it is proven to give the same ids (issue 7).
+//!
+//! With the fast path the `tokenizers::Tokenizer` is not built at load (that is ~0.3 s for
+//! Qwen3's 11 MB `tokenizer.json`): [`fastbpe::FastBpe`] reads the file itself, and the
+//! Hugging Face tokenizer is built from the kept bytes on first need only (the `hf` chat
+//! template's offsets).
 
+pub mod bpe;
 pub mod fastbpe;
 pub mod split;
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use serde_json::Value;
 
@@ -56,9 +63,13 @@ impl TokenizerBackend {
     }
 }
 
-/// A loaded tokenizer with the special ids the encoder needs.
+/// A loaded tokenizer with the special ids the encoder needs. Shared across threads.
 pub struct TextTokenizer {
-    hf: tokenizers::Tokenizer,
+    /// The `tokenizers` tokenizer: built at load unless the fast path is used, else on first
+    /// need from `json` (a failure to build is kept and reported to each caller).
+    hf: OnceLock<std::result::Result<tokenizers::Tokenizer, String>>,
+    /// The bytes of `tokenizer.json` while `hf` is not built yet.
+    json: Vec<u8>,
     /// The fast path, when chosen.
     fast: Option<FastBpe>,
     /// Why the fast path was not used (None when it is).
@@ -104,13 +115,26 @@ pub fn locate(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
 /// Hex BLAKE3 over the tokenizer files, without parsing them.
 pub fn hash_files(path: &Path) -> Result<String> {
     let (json, cfg) = locate(path)?;
-    let mut h = blake3::Hasher::new();
-    for p in std::iter::once(&json).chain(cfg.iter()) {
-        let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
-        h.update(&(bytes.len() as u64).to_le_bytes());
-        h.update(&bytes);
+    let mut parts = vec![std::fs::read(&json).map_err(|e| Error::io(&json, e))?];
+    if let Some(p) = &cfg {
+        parts.push(std::fs::read(p).map_err(|e| Error::io(p, e))?);
     }
-    Ok(h.finalize().to_hex().to_string())
+    Ok(hash_parts(&parts))
+}
+
+/// [`hash_files`] over contents already read (`tokenizer.json`, then the config if any).
+fn hash_parts<B: AsRef<[u8]>>(parts: &[B]) -> String {
+    let mut h = blake3::Hasher::new();
+    for bytes in parts {
+        let bytes = bytes.as_ref();
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    h.finalize().to_hex().to_string()
+}
+
+fn build_hf(json: &[u8]) -> std::result::Result<tokenizers::Tokenizer, String> {
+    tokenizers::Tokenizer::from_bytes(json).map_err(|e| format!("cannot load: {e}"))
 }
 
 impl TextTokenizer {
@@ -128,22 +152,57 @@ impl TextTokenizer {
             msg,
         };
         let bytes = std::fs::read(&json).map_err(|e| Error::io(&json, e))?;
-        let hf = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| terr(format!("cannot load: {e}")))?;
-        let cfg: Value = match &cfg_path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-                serde_json::from_str(&text).map_err(|e| Error::Tokenizer {
-                    path: p.clone(),
-                    msg: format!("invalid JSON: {e}"),
-                })?
-            }
-            None => Value::Null,
+        let cfg_bytes = match &cfg_path {
+            Some(p) => Some(std::fs::read(p).map_err(|e| Error::io(p, e))?),
+            None => None,
         };
-        let id_of = |tok: &str, what: &str| {
-            hf.token_to_id(tok).ok_or_else(|| {
+        let mut parts: Vec<&[u8]> = vec![&bytes];
+        parts.extend(cfg_bytes.as_deref());
+        let cfg: Value = match (&cfg_path, &cfg_bytes) {
+            (Some(p), Some(b)) => serde_json::from_slice(b).map_err(|e| Error::Tokenizer {
+                path: p.clone(),
+                msg: format!("invalid JSON: {e}"),
+            })?,
+            _ => Value::Null,
+        };
+        // The fast path reads tokenizer.json itself; Hugging Face's tokenizer is built now only
+        // when it encodes (the `tokenizers` error, if any, comes first as it always did).
+        // Hashing 11 MB takes a few ms: beside the parse, on the other core.
+        let (hash, fast) = rayon::join(
+            || hash_parts(&parts),
+            || match backend {
+                TokenizerBackend::Hf => Err("--tokenizer-backend hf".to_string()),
+                _ => FastBpe::from_json(&bytes),
+            },
+        );
+        let (fast, fast_refused) = match fast {
+            Ok(f) => (Some(f), None),
+            Err(why) => (None, Some(why)),
+        };
+        let hf = OnceLock::new();
+        if fast.is_none() {
+            let _ = hf.set(Ok(build_hf(&bytes).map_err(terr)?));
+            if backend == TokenizerBackend::Fast {
+                return Err(terr(format!(
+                    "the fast tokenizer backend cannot reproduce this tokenizer: {}; use --tokenizer-backend auto or hf",
+                    fast_refused.as_deref().unwrap_or_default()
+                )));
+            }
+        }
+        let mut tok = TextTokenizer {
+            hf,
+            json: if fast.is_some() { bytes } else { Vec::new() },
+            fast,
+            fast_refused,
+            bos: vec![],
+            eos: vec![],
+            hash,
+            path: json.clone(),
+        };
+        let id_of = |tok: &TextTokenizer, t: &str, what: &str| {
+            tok.token_to_id(t).ok_or_else(|| {
                 terr(format!(
-                    "{what} {tok:?} from tokenizer_config.json is not in the vocabulary"
+                    "{what} {t:?} from tokenizer_config.json is not in the vocabulary"
                 ))
             })
         };
@@ -151,36 +210,29 @@ impl TextTokenizer {
             .get("tokenizer_class")
             .and_then(Value::as_str)
             .unwrap_or("");
-        let bos = match token_string(cfg.get("bos_token")) {
+        tok.bos = match token_string(cfg.get("bos_token")) {
             Some(_) if NO_BOS_CLASSES.contains(&class) => vec![],
-            Some(t) => vec![id_of(&t, "bos_token")?],
+            Some(t) => vec![id_of(&tok, &t, "bos_token")?],
             None => vec![],
         };
-        let eos = match token_string(cfg.get("eos_token")) {
-            Some(t) => vec![id_of(&t, "eos_token")?],
+        tok.eos = match token_string(cfg.get("eos_token")) {
+            Some(t) => vec![id_of(&tok, &t, "eos_token")?],
             None => vec![],
         };
-        let (fast, fast_refused) = match backend {
-            TokenizerBackend::Hf => (None, Some("--tokenizer-backend hf".to_string())),
-            _ => match FastBpe::from_tokenizer(&hf, &bytes) {
-                Ok(f) => (Some(f), None),
-                Err(why) if backend == TokenizerBackend::Fast => {
-                    return Err(terr(format!(
-                        "the fast tokenizer backend cannot reproduce this tokenizer: {why}; use --tokenizer-backend auto or hf"
-                    )))
-                }
-                Err(why) => (None, Some(why)),
-            },
-        };
-        Ok(TextTokenizer {
-            hf,
-            fast,
-            fast_refused,
-            bos,
-            eos,
-            hash: hash_files(path)?,
-            path: json,
-        })
+        Ok(tok)
+    }
+
+    /// The `tokenizers` tokenizer, built now if the fast path deferred it.
+    fn hf(&self) -> std::result::Result<&tokenizers::Tokenizer, String> {
+        self.hf
+            .get_or_init(|| build_hf(&self.json))
+            .as_ref()
+            .map_err(|e| format!("{}: {e}", self.path.display()))
+    }
+
+    /// Whether the `tokenizers` tokenizer has been built (at load, or since on first need).
+    pub fn hf_loaded(&self) -> bool {
+        self.hf.get().is_some()
     }
 
     /// Ids of `text` without special tokens (`tokenizer.encode(text, add_special_tokens=False)`);
@@ -197,10 +249,10 @@ impl TextTokenizer {
             return Ok(());
         }
         if let Some(fast) = &self.fast {
-            return fast.encode_into(&self.hf, text, out);
+            return fast.encode_into(text, out);
         }
         let enc = self
-            .hf
+            .hf()?
             .encode_fast(text, false)
             .map_err(|e| format!("tokenizer failed: {e}"))?;
         out.extend_from_slice(enc.get_ids());
@@ -226,14 +278,24 @@ impl TextTokenizer {
             return Ok((Vec::new(), Vec::new()));
         }
         let e = self
-            .hf
+            .hf()?
             .encode(text, false)
             .map_err(|e| format!("tokenizer failed: {e}"))?;
         Ok((e.get_ids().to_vec(), e.get_offsets().to_vec()))
     }
 
-    /// Id of a token string, if it is in the vocabulary.
+    /// Id of a token string, if it is in the vocabulary (or is an added token).
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.hf.token_to_id(token)
+        match &self.fast {
+            // The fast path holds the whole vocabulary and the added tokens: its `None` is
+            // Hugging Face's too.
+            Some(fast) => fast.token_to_id(token),
+            None => self.hf().ok()?.token_to_id(token),
+        }
+    }
+
+    /// The fast path, when it is in use.
+    pub fn fast(&self) -> Option<&FastBpe> {
+        self.fast.as_ref()
     }
 }

@@ -11,16 +11,18 @@
 //!    quick check says it is not already NFC, with the same Unicode tables `tokenizers` uses;
 //! 3. added tokens with `normalized: true` are cut out of the normalised segments;
 //! 4. the pre-tokenizer regex runs as a hand-written scanner ([`super::split`]);
-//! 5. each piece is mapped to ids by a per-thread memo of the BPE model's own answers, asking
-//!    the `tokenizers` crate's `BPE::tokenize` on a miss. The merges themselves are therefore
-//!    Hugging Face's, whatever the vocabulary: the shared Qwen3 and SmolLM2 vocabularies list
-//!    one merge per token in token-id order, yet ~143k (Qwen3) and ~59k (SmolLM2) adjacent
-//!    token pairs concatenate to a vocabulary token without being a merge, so a rank-by-token
-//!    encoder (tiktoken, the `bpe` crate) could merge where Hugging Face does not.
+//! 5. each piece is mapped to ids by a per-thread memo, computed on a miss by [`super::bpe`]'s
+//!    reimplementation of the `tokenizers` crate's `BPE::tokenize` (the same merge ranks and
+//!    order, proven identical by `tests/fastbpe_identity.rs`). Ranks matter: the shared Qwen3
+//!    and SmolLM2 vocabularies list one merge per token in token-id order, yet ~143k (Qwen3) and
+//!    ~59k (SmolLM2) adjacent token pairs concatenate to a vocabulary token without being a
+//!    merge, so a rank-by-token encoder (tiktoken, the `bpe` crate) could merge where Hugging
+//!    Face does not.
 //!
-//! [`FastBpe::from_tokenizer`] accepts a tokenizer only when every step above is provably the
-//! one Hugging Face would run, and otherwise says why not; the caller then falls back to the
-//! `tokenizers` crate.
+//! [`FastBpe::from_json`] reads `tokenizer.json` itself (no `tokenizers::Tokenizer` is built, which
+//! is most of the load time), accepts a tokenizer only when every step above is provably the one
+//! Hugging Face would run and Hugging Face would load it, and otherwise says why not; the caller
+//! then falls back to the `tokenizers` crate.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,12 +30,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use rustc_hash::FxHashMap;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
-use tokenizers::models::bpe::BPE;
-use tokenizers::models::ModelWrapper;
-use tokenizers::Model as _;
 use unicode_normalization_alignments::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 
+use super::bpe::{BpeModel, ModelJson, Scratch};
 use super::split::{Splitter, GPT2_PATTERN};
 
 /// Pieces longer than this (bytes) are not memoised (long runs of spaces or punctuation).
@@ -41,37 +42,50 @@ const MEMO_MAX_PIECE: usize = 128;
 /// Memo entries per thread before it stops growing (bounds memory to tens of MB per thread).
 const MEMO_CAP: usize = 1 << 18;
 
-/// The parts of `tokenizer.json` that decide eligibility (the vocabulary is skipped unparsed).
+/// The sections of `tokenizer.json` that `tokenizers` reads (unknown keys are ignored by both).
+/// A key given twice fails here (`tokenizers` would keep the last): the fast path is refused.
 #[derive(Deserialize)]
-struct TokenizerJson {
-    #[serde(default)]
-    added_tokens: Vec<AddedTokenJson>,
-    #[serde(default)]
-    normalizer: Option<Value>,
-    #[serde(default)]
-    pre_tokenizer: Option<Value>,
+struct TokenizerJson<'a> {
+    #[serde(default, borrow)]
+    version: Option<&'a RawValue>,
     #[serde(default)]
     truncation: Option<Value>,
     #[serde(default)]
     padding: Option<Value>,
+    #[serde(default)]
+    added_tokens: Vec<AddedTokenJson>,
+    #[serde(default, borrow)]
+    normalizer: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    pre_tokenizer: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    post_processor: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    decoder: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    model: Option<ModelJson<'a>>,
 }
 
+/// [`TokenizerJson`] with the model unread, to say why the file did not read.
 #[derive(Deserialize)]
+struct ModelUnread<'a> {
+    #[serde(default, borrow)]
+    model: Option<&'a RawValue>,
+}
+
+/// An entry of `added_tokens`, every field required as in `tokenizers`' `AddedTokenWithId`.
+/// Its `id` is not used: `tokenizers` gives an added token its vocabulary id, or the next free
+/// id from the vocabulary size on ([`added_token_ids`]).
+#[derive(Deserialize)]
+#[allow(dead_code)]
 struct AddedTokenJson {
     id: u32,
     content: String,
-    #[serde(default)]
     single_word: bool,
-    #[serde(default)]
     lstrip: bool,
-    #[serde(default)]
     rstrip: bool,
-    #[serde(default = "yes")]
     normalized: bool,
-}
-
-fn yes() -> bool {
-    true
+    special: bool,
 }
 
 /// Added tokens of one matching pass.
@@ -102,8 +116,10 @@ pub struct FastBpe {
     splitter: Splitter,
     raw_added: Option<AddedSet>,
     normalized_added: Option<AddedSet>,
-    /// GPT-2's byte → printable char map (what `ByteLevel` feeds the model).
-    byte_char: [char; 256],
+    /// Added token content → id, as `AddedVocabulary` assigns them.
+    added_ids: FxHashMap<String, u32>,
+    /// The BPE model: vocabulary, merges, encoder of one piece.
+    model: BpeModel,
     /// Identifies this instance in the per-thread memo.
     memo_owner: u64,
 }
@@ -122,6 +138,8 @@ struct Memo {
     owner: u64,
     short: FxHashMap<u128, Ids>,
     long: FxHashMap<Box<[u8]>, Box<[u32]>>,
+    /// Buffers of the BPE merges on a miss.
+    scratch: Scratch,
 }
 
 impl Memo {
@@ -148,22 +166,6 @@ thread_local! {
 fn next_owner() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
-/// GPT-2's `bytes_to_unicode`: printable bytes map to themselves, the rest to U+0100 onwards.
-fn bytes_to_chars() -> [char; 256] {
-    let mut out = ['\0'; 256];
-    let mut next = 256u32;
-    for b in 0..=255u8 {
-        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-        out[b as usize] = if printable {
-            b as char
-        } else {
-            next += 1;
-            char::from_u32(next - 1).expect("U+0100..U+0143 are chars")
-        };
-    }
-    out
 }
 
 fn field<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
@@ -251,32 +253,89 @@ fn check_pre_tokenizer(p: Option<&Value>) -> Result<Splitter, String> {
     }
 }
 
+/// Parse an optional section as `tokenizers` would (its own types), so that a file it would
+/// reject is not accepted here, and as a [`Value`] for the checks above.
+fn section<T: serde::de::DeserializeOwned>(
+    raw: Option<&RawValue>,
+    what: &str,
+) -> Result<Option<Value>, String> {
+    let Some(raw) = raw.filter(|r| r.get() != "null") else {
+        return Ok(None);
+    };
+    serde_json::from_str::<T>(raw.get()).map_err(|e| format!("{what} not loadable: {e}"))?;
+    serde_json::from_str(raw.get())
+        .map(Some)
+        .map_err(|e| format!("{what}: {e}"))
+}
+
+/// Ids `AddedVocabulary::add_tokens` gives `tokens` (added in file order to an empty added
+/// vocabulary): a token in the model's vocabulary keeps that id, the others take ids from the
+/// vocabulary size on.
+fn added_token_ids(tokens: &[AddedTokenJson], model: &BpeModel) -> Vec<u32> {
+    let mut next = model.vocab_size() as u32;
+    tokens
+        .iter()
+        .map(|t| {
+            model.token_to_id(&t.content).unwrap_or_else(|| {
+                next += 1;
+                next - 1
+            })
+        })
+        .collect()
+}
+
 impl FastBpe {
-    /// Build the fast path for a loaded tokenizer and the bytes of its `tokenizer.json`,
-    /// or say why it would not give the same ids.
-    pub fn from_tokenizer(hf: &tokenizers::Tokenizer, json: &[u8]) -> Result<FastBpe, String> {
-        let bpe = bpe_model(hf).ok_or("the model is not BPE")?;
-        if bpe.dropout.is_some_and(|d| d > 0.0) {
-            return Err("BPE dropout is random".into());
+    /// Build the fast path from the bytes of a `tokenizer.json`, or say why it would not give
+    /// the ids the `tokenizers` crate gives (or why that crate might not load it).
+    pub fn from_json(json: &[u8]) -> Result<FastBpe, String> {
+        // One pass over the file, the model included; only on failure a second one, for why.
+        let spec: TokenizerJson = serde_json::from_slice(json).map_err(|e| {
+            match serde_json::from_slice::<ModelUnread>(json).map(|u| u.model) {
+                Ok(Some(model)) => match BpeModel::from_json(model.get()) {
+                    Err(why) => why,
+                    Ok(_) => format!("unreadable tokenizer.json: {e}"),
+                },
+                _ => format!("unreadable tokenizer.json: {e}"),
+            }
+        })?;
+        if let Some(v) = spec.version {
+            if v.get() != "\"1.0\"" {
+                return Err(format!("tokenizer.json version {}", v.get()));
+            }
         }
-        let spec: TokenizerJson =
-            serde_json::from_slice(json).map_err(|e| format!("unreadable tokenizer.json: {e}"))?;
-        if spec.truncation.is_some() || spec.padding.is_some() {
+        if spec.truncation.as_ref().is_some_and(|v| !v.is_null())
+            || spec.padding.as_ref().is_some_and(|v| !v.is_null())
+        {
             return Err("tokenizer.json sets truncation or padding".into());
         }
-        let nfc = check_normalizer(spec.normalizer.as_ref())?;
-        let splitter = check_pre_tokenizer(spec.pre_tokenizer.as_ref())?;
+        let normalizer =
+            section::<tokenizers::NormalizerWrapper>(spec.normalizer, "normalizer")?;
+        let pre_tokenizer =
+            section::<tokenizers::PreTokenizerWrapper>(spec.pre_tokenizer, "pre-tokenizer")?;
+        section::<tokenizers::PostProcessorWrapper>(spec.post_processor, "post-processor")?;
+        section::<tokenizers::DecoderWrapper>(spec.decoder, "decoder")?;
+        let nfc = check_normalizer(normalizer.as_ref())?;
+        let splitter = check_pre_tokenizer(pre_tokenizer.as_ref())?;
+        let model = BpeModel::from_parsed(spec.model.ok_or("tokenizer.json has no model")?)?;
+
+        let ids = added_token_ids(&spec.added_tokens, &model);
         let (mut raw, mut normalized) = (Vec::new(), Vec::new());
-        let mut seen = std::collections::HashSet::new();
-        for t in spec.added_tokens {
+        let mut added_ids = FxHashMap::default();
+        let mut seen_ids = std::collections::HashSet::new();
+        let mut seen_normalized = std::collections::HashSet::new();
+        for (t, id) in spec.added_tokens.into_iter().zip(ids) {
             if t.single_word || t.lstrip || t.rstrip {
                 return Err(format!(
                     "added token {:?} uses single_word/lstrip/rstrip",
                     t.content
                 ));
             }
-            if t.content.is_empty() || !seen.insert(t.content.clone()) {
+            if t.content.is_empty() || added_ids.insert(t.content.clone(), id).is_some() {
                 return Err(format!("added token {:?} is empty or repeated", t.content));
+            }
+            // `AddedVocabulary` keeps one token per id, and one id per pattern of a pass.
+            if !seen_ids.insert(id) {
+                return Err(format!("added token {:?} shares id {id}", t.content));
             }
             if t.normalized {
                 // AddedVocabulary matches these on normalised text, by normalised content.
@@ -285,9 +344,12 @@ impl FastBpe {
                 } else {
                     t.content
                 };
-                normalized.push((content, t.id));
+                if !seen_normalized.insert(content.clone()) {
+                    return Err(format!("added token {content:?} normalises like another"));
+                }
+                normalized.push((content, id));
             } else {
-                raw.push((t.content, t.id));
+                raw.push((t.content, id));
             }
         }
         Ok(FastBpe {
@@ -295,20 +357,32 @@ impl FastBpe {
             splitter,
             raw_added: AddedSet::build(raw)?,
             normalized_added: AddedSet::build(normalized)?,
-            byte_char: bytes_to_chars(),
+            added_ids,
+            model,
             memo_owner: next_owner(),
         })
     }
 
-    /// Append the ids of `text` (no special tokens added) to `out`. `hf` is the tokenizer this
-    /// path was built from; its BPE model answers pieces not memoised yet.
-    pub fn encode_into(
-        &self,
-        hf: &tokenizers::Tokenizer,
-        text: &str,
-        out: &mut Vec<u32>,
-    ) -> Result<(), String> {
-        let bpe = bpe_model(hf).ok_or("the model is not BPE")?;
+    /// Id of a token string as `Tokenizer::token_to_id` gives it: added tokens first, then the
+    /// model's vocabulary (both complete here, so `None` is `tokenizers`' answer too).
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.added_ids
+            .get(token)
+            .copied()
+            .or_else(|| self.model.token_to_id(token))
+    }
+
+    /// The BPE model alone: ids of one pre-tokenized piece (raw bytes), as `tokenizers`'
+    /// `BPE::tokenize` gives them for its byte-level spelling. Not memoised.
+    pub fn tokenize_piece(&self, piece: &[u8]) -> Vec<u32> {
+        let mut out = Vec::new();
+        self.model
+            .tokenize_into(piece, &mut Scratch::default(), &mut out);
+        out
+    }
+
+    /// Append the ids of `text` (no special tokens added) to `out`.
+    pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) -> Result<(), String> {
         MEMO.with(|cell| {
             let mut memo = cell.borrow_mut();
             if memo.owner != self.memo_owner {
@@ -319,10 +393,8 @@ impl FastBpe {
             }
             let mut run = Run {
                 fast: self,
-                bpe,
                 memo: &mut memo,
                 out,
-                word: String::new(),
             };
             run.split_added(self.raw_added.as_ref(), text, Run::segment)
         })
@@ -332,11 +404,8 @@ impl FastBpe {
 /// One `encode_into` call: the steps of the module doc, each a method.
 struct Run<'a> {
     fast: &'a FastBpe,
-    bpe: &'a BPE,
     memo: &'a mut Memo,
     out: &'a mut Vec<u32>,
-    /// Scratch: a piece spelled in byte-level chars.
-    word: String,
 }
 
 impl Run<'_> {
@@ -405,15 +474,10 @@ impl Run<'_> {
                 }
             }
         }
-        self.word.clear();
-        self.word
-            .extend(p.iter().map(|&b| self.fast.byte_char[b as usize]));
-        let tokens = self
-            .bpe
-            .tokenize(&self.word)
-            .map_err(|e| format!("tokenizer failed: {e}"))?;
         let start = self.out.len();
-        self.out.extend(tokens.iter().map(|t| t.id));
+        self.fast
+            .model
+            .tokenize_into(p, &mut self.memo.scratch, self.out);
         if self.memo.len() < MEMO_CAP {
             let ids = &self.out[start..];
             match key {
@@ -438,9 +502,3 @@ fn nfc_string(s: &str) -> String {
     s.nfc().map(|(c, _)| c).collect()
 }
 
-fn bpe_model(hf: &tokenizers::Tokenizer) -> Option<&BPE> {
-    match hf.get_model() {
-        ModelWrapper::BPE(b) => Some(b),
-        _ => None,
-    }
-}
