@@ -218,16 +218,20 @@ def apply(
     model: torch.nn.Module,
     lora: bool = True,
     attention: bool = True,
-    attention_backend: str = "ref",
+    attention_backend: str = "auto",
 ) -> torch.nn.Module:
     """Switch ``model`` (HF or peft-wrapped) to packed varlen attention and the fused LoRA op.
 
-    attention_backend: "ref" = exact per-segment PyTorch SDPA (this module), "op" = the kernel
-    ``pyfast_tune.kernels.varlen_attention``. ``lora=True`` patches peft LoRA layers with
+    attention_backend: "op" = the kernel ``pyfast_tune.kernels.varlen_attention`` (C++ on CPU,
+    Triton on CUDA), "ref" = exact per-segment PyTorch SDPA (this module), "auto" = "op" where
+    it can run on the model's device, else "ref" (see ``usable_attention_backend``). ``lora=True`` patches peft LoRA layers with
     ``pyfast_tune.kernels.lora.patch_peft_lora`` when that module is installed, and logs and
     skips otherwise. Returns the model; ``revert(model)`` undoes both.
     """
     if attention:
+        if attention_backend == "auto":
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            attention_backend = usable_attention_backend("op", device)
         if attention_backend not in ATTENTION_NAMES:
             raise ValueError(
                 f"attention_backend must be one of {sorted(ATTENTION_NAMES)}, got {attention_backend!r}"

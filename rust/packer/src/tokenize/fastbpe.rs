@@ -288,6 +288,7 @@ impl FastBpe {
     /// Build the fast path from the bytes of a `tokenizer.json`, or say why it would not give
     /// the ids the `tokenizers` crate gives (or why that crate might not load it).
     pub fn from_json(json: &[u8]) -> Result<FastBpe, String> {
+        let t0 = std::time::Instant::now();
         // One pass over the file, the model included; only on failure a second one, for why.
         let spec: TokenizerJson = serde_json::from_slice(json).map_err(|e| {
             match serde_json::from_slice::<ModelUnread>(json).map(|u| u.model) {
@@ -316,8 +317,10 @@ impl FastBpe {
         section::<tokenizers::DecoderWrapper>(spec.decoder, "decoder")?;
         let nfc = check_normalizer(normalizer.as_ref())?;
         let splitter = check_pre_tokenizer(pre_tokenizer.as_ref())?;
+        eprintln!("T parsed {:?}", t0.elapsed());
         let model = BpeModel::from_parsed(spec.model.ok_or("tokenizer.json has no model")?)?;
 
+        eprintln!("T model {:?}", t0.elapsed());
         let ids = added_token_ids(&spec.added_tokens, &model);
         let (mut raw, mut normalized) = (Vec::new(), Vec::new());
         let mut added_ids = FxHashMap::default();
@@ -352,6 +355,7 @@ impl FastBpe {
                 raw.push((t.content, id));
             }
         }
+        eprintln!("T added {:?}", t0.elapsed());
         Ok(FastBpe {
             nfc,
             splitter,
