@@ -71,6 +71,19 @@ def test_backends_byte_identical_on_shared_data(tmp_path, tok, data, template, m
     assert len(hf["input_ids.bin"]) > 4 * 1_000_000
 
 
+@pytest.mark.parametrize("tok", ["qwen3", "smollm2"])
+def test_backends_byte_identical_with_hf_template(tmp_path, tok):
+    # The fast backend does not build Hugging Face's tokenizer at load; the hf template needs
+    # its offsets and builds it on first use, from the worker threads.
+    tokenizer = shared_path("tokenizers", tok)
+    lines = shared_path("chitchat.jsonl").read_text().splitlines()[:300]
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(line + "\n" for line in lines))
+    hf, fast = pack_both(tmp_path, data, tokenizer, max_length=4096, template="hf")
+    assert hf == fast
+    assert len(hf["input_ids.bin"]) > 100_000
+
+
 def test_backend_is_not_in_the_fingerprint(tmp_path, tiny_tokenizer):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in synth_conversations(20, seed=1)))

@@ -1,15 +1,24 @@
 //! The fast byte-level BPE path gives the `tokenizers` crate's ids (issue 7): on every string
-//! of the shared corpora with both shared tokenizers, on random Unicode text, and its
-//! character classes equal Oniguruma's on every code point.
+//! of the shared corpora with both shared tokenizers, on random Unicode text, its BPE merges
+//! equal `BPE::tokenize` on random pieces (long ones too, which are not memoised) and on
+//! reordered, legacy-format and `ignore_merges` variants of the shared models, and its
+//! character classes equal Oniguruma's on every code point. Loading with the fast path builds
+//! no `tokenizers::Tokenizer` (the `hf` template's offsets build it on first use).
 //!
 //! Tests that need `../shared/data` print why they skip when it is absent.
 
 use std::path::{Path, PathBuf};
 
+use packer::tokenize::bpe::bytes_to_chars;
+use packer::tokenize::fastbpe::FastBpe;
 use packer::tokenize::split::{class_of, fold, LETTER, NUMBER, SPACE};
 use packer::tokenize::{TextTokenizer, TokenizerBackend};
 use proptest::prelude::*;
+use proptest::strategy::ValueTree;
 use rayon::prelude::*;
+use tokenizers::models::bpe::BPE;
+use tokenizers::models::ModelWrapper;
+use tokenizers::Model as _;
 
 fn shared(rel: &str) -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -33,6 +42,12 @@ fn pair(name: &str) -> Option<(TextTokenizer, TextTokenizer)> {
     let fast = TextTokenizer::load_with(&dir, TokenizerBackend::Fast).unwrap();
     assert_eq!(hf.backend(), TokenizerBackend::Hf);
     assert_eq!(fast.backend(), TokenizerBackend::Fast);
+    assert!(hf.hf_loaded());
+    assert!(
+        !fast.hf_loaded(),
+        "{name}: the fast path built the HF tokenizer at load"
+    );
+    assert_eq!((&hf.bos, &hf.eos), (&fast.bos, &fast.eos));
     Some((hf, fast))
 }
 
@@ -225,4 +240,299 @@ fn unsupported_tokenizer_falls_back_or_refuses() {
         .as_deref()
         .unwrap()
         .contains("no fast scanner"));
+}
+
+/// The `tokenizers` BPE model of a tokenizer.json.
+fn hf_bpe(json: &Path) -> tokenizers::Tokenizer {
+    let t = tokenizers::Tokenizer::from_file(json).unwrap();
+    assert!(matches!(t.get_model(), ModelWrapper::BPE(_)));
+    t
+}
+
+fn bpe_of(t: &tokenizers::Tokenizer) -> &BPE {
+    match t.get_model() {
+        ModelWrapper::BPE(b) => b,
+        _ => unreachable!(),
+    }
+}
+
+/// Ids `BPE::tokenize` gives for a piece of raw bytes (spelled in byte-level chars).
+fn hf_piece(bpe: &BPE, piece: &[u8]) -> Vec<u32> {
+    let chars = bytes_to_chars();
+    let word: String = piece.iter().map(|&b| chars[b as usize]).collect();
+    bpe.tokenize(&word).unwrap().iter().map(|t| t.id).collect()
+}
+
+/// Each vocabulary token's raw bytes (tokens made of byte-level chars only).
+fn vocab_bytes(t: &tokenizers::Tokenizer) -> Vec<Vec<u8>> {
+    let chars = bytes_to_chars();
+    let mut of = std::collections::HashMap::new();
+    for (b, c) in chars.iter().enumerate() {
+        of.insert(*c, b as u8);
+    }
+    let mut v: Vec<(u32, Vec<u8>)> = bpe_of(t)
+        .get_vocab()
+        .into_iter()
+        .filter_map(|(tok, id)| {
+            Some((
+                id,
+                tok.chars()
+                    .map(|c| of.get(&c).copied())
+                    .collect::<Option<Vec<u8>>>()?,
+            ))
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, b)| b).collect()
+}
+
+struct Models {
+    name: &'static str,
+    fast: TextTokenizer,
+    hf: tokenizers::Tokenizer,
+    tokens: Vec<Vec<u8>>,
+}
+
+fn models_or_skip() -> Vec<Models> {
+    ["qwen3", "smollm2"]
+        .iter()
+        .filter_map(|&name| {
+            let dir = shared(&format!("tokenizers/{name}"))?;
+            let fast = TextTokenizer::load_with(&dir, TokenizerBackend::Fast).unwrap();
+            let hf = hf_bpe(&dir.join("tokenizer.json"));
+            let tokens = vocab_bytes(&hf);
+            Some(Models {
+                name,
+                fast,
+                hf,
+                tokens,
+            })
+        })
+        .collect()
+}
+
+/// Raw-byte pieces: random bytes (control bytes included: SmolLM2's vocabulary lacks some),
+/// UTF-8 text, runs of one byte (long: not memoised), and concatenations of vocabulary tokens
+/// (where merges compete).
+fn raw_piece() -> impl Strategy<Value = (Vec<u8>, Vec<usize>)> {
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 1..40).prop_map(|v| (v, vec![])),
+        "\\PC{1,60}".prop_map(|s| (s.into_bytes(), vec![])),
+        (any::<u8>(), 1usize..700).prop_map(|(b, n)| (vec![b; n], vec![])),
+        ("[ a-z=_\\-#*/.]{1,3}", 100usize..400)
+            .prop_map(|(s, n)| (s.repeat(n).into_bytes()[..n].to_vec(), vec![])),
+        proptest::collection::vec(any::<usize>(), 1..12).prop_map(|ix| (vec![], ix)),
+        proptest::collection::vec(any::<usize>(), 40..120).prop_map(|ix| (vec![], ix)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn merges_equal_bpe_tokenize((bytes, ix) in raw_piece()) {
+        thread_local! {
+            static MODELS: Vec<Models> = models_or_skip();
+        }
+        MODELS.with(|models| {
+            for m in models {
+                let piece: Vec<u8> = if ix.is_empty() {
+                    bytes.clone()
+                } else {
+                    ix.iter().flat_map(|i| m.tokens[i % m.tokens.len()].iter().copied()).collect()
+                };
+                let want = hf_piece(bpe_of(&m.hf), &piece);
+                let got = m.fast.fast().unwrap().tokenize_piece(&piece);
+                prop_assert_eq!(&want, &got, "{} piece {:?}", m.name, String::from_utf8_lossy(&piece));
+                // Through the memo too (and again, now memoised when short).
+                let text = String::from_utf8_lossy(&piece).into_owned();
+                let hf_ids = m.hf.encode_fast(text.as_str(), false).unwrap().get_ids().to_vec();
+                prop_assert_eq!(&hf_ids, &m.fast.encode(&text).unwrap(), "{} text {:?}", m.name, text);
+                prop_assert_eq!(&hf_ids, &m.fast.encode(&text).unwrap(), "{} text {:?}", m.name, text);
+            }
+            Ok(())
+        })?;
+    }
+}
+
+/// A variant of a shared tokenizer.json, edited by `edit`, in a temporary directory (with the
+/// original tokenizer_config.json).
+fn variant(
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Option<(tempfile::TempDir, PathBuf)> {
+    let dir = shared(&format!("tokenizers/{name}"))?;
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).unwrap()).unwrap();
+    edit(&mut spec);
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("tokenizer.json"), spec.to_string()).unwrap();
+    std::fs::copy(
+        dir.join("tokenizer_config.json"),
+        tmp.path().join("tokenizer_config.json"),
+    )
+    .unwrap();
+    let path = tmp.path().to_path_buf();
+    Some((tmp, path))
+}
+
+/// Texts with many distinct pieces: the first 300 lines of both corpora and random pieces.
+fn sample_texts() -> Option<Vec<String>> {
+    let mut out: Vec<String> = corpus("pydoc.jsonl")?.into_iter().take(300).collect();
+    out.extend(corpus("chitchat.jsonl")?.into_iter().take(300));
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    for _ in 0..300 {
+        out.push(text().new_tree(&mut runner).unwrap().current());
+    }
+    Some(out)
+}
+
+/// The variant loads on the fast path (no HF at load) and gives HF's ids on the sample texts.
+fn assert_variant_identical(dir: &Path, texts: &[String]) {
+    let fast = TextTokenizer::load_with(dir, TokenizerBackend::Fast).unwrap();
+    assert!(!fast.hf_loaded());
+    let hf = TextTokenizer::load_with(dir, TokenizerBackend::Hf).unwrap();
+    let n = assert_same(&hf, &fast, texts);
+    assert!(n > 100_000, "only {n} tokens compared");
+}
+
+#[test]
+fn merge_ranks_and_formats_as_tokenizers() {
+    let Some(texts) = sample_texts() else { return };
+    for name in ["smollm2", "qwen3"] {
+        // Merges in another order (ranks differ from token ids), one listed twice (the later
+        // rank counts), as legacy "a b" strings with a "#version" line, with ignore_merges.
+        let Some((_t1, reordered)) = variant(name, |s| {
+            let merges = s["model"]["merges"].as_array_mut().unwrap();
+            let n = merges.len();
+            merges[n / 3..2 * n / 3].reverse();
+            merges.swap(10, n - 10);
+            let dup = merges[5].clone();
+            merges.push(dup);
+        }) else {
+            return;
+        };
+        assert_variant_identical(&reordered, &texts);
+        let (_t2, legacy) = variant(name, |s| {
+            let merges = s["model"]["merges"].as_array_mut().unwrap();
+            let mut lines = vec![serde_json::json!("#version: 0.2")];
+            lines.extend(merges.iter().map(|m| {
+                serde_json::json!(format!(
+                    "{} {}",
+                    m[0].as_str().unwrap(),
+                    m[1].as_str().unwrap()
+                ))
+            }));
+            *merges = lines;
+        })
+        .unwrap();
+        assert_variant_identical(&legacy, &texts);
+        let (_t3, ignore) = variant(name, |s| s["model"]["ignore_merges"] = true.into()).unwrap();
+        assert_variant_identical(&ignore, &texts);
+    }
+}
+
+#[test]
+fn refuses_bpe_options_it_does_not_reproduce() {
+    // (option, edit, whether `tokenizers` loads the result: with a prefix it panics on
+    // SmolLM2's one-character tokens)
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit, bool); 6] = [
+        ("dropout", |s| s["model"]["dropout"] = 0.1.into(), true),
+        (
+            "continuing_subword_prefix",
+            |s| s["model"]["continuing_subword_prefix"] = "##".into(),
+            false,
+        ),
+        (
+            "end_of_word_suffix",
+            |s| s["model"]["end_of_word_suffix"] = "</w>".into(),
+            true,
+        ),
+        (
+            "byte_fallback",
+            |s| s["model"]["byte_fallback"] = true.into(),
+            true,
+        ),
+        ("fuse_unk", |s| s["model"]["fuse_unk"] = true.into(), true),
+        // SmolLM2 lacks some byte-level characters: an unk_token would be used for them.
+        (
+            "unk_token",
+            |s| s["model"]["unk_token"] = "<|endoftext|>".into(),
+            true,
+        ),
+    ];
+    for (what, edit, hf_loads) in cases {
+        let Some((_t, dir)) = variant("smollm2", edit) else {
+            return;
+        };
+        let bytes = std::fs::read(dir.join("tokenizer.json")).unwrap();
+        let why = FastBpe::from_json(&bytes).err().expect("must refuse");
+        assert!(why.contains(what), "{what}: {why}");
+        if !hf_loads {
+            continue;
+        }
+        let auto = TextTokenizer::load_with(&dir, TokenizerBackend::Auto).unwrap();
+        assert_eq!(auto.backend(), TokenizerBackend::Hf, "{what}");
+        assert!(auto.hf_loaded());
+        assert!(auto.fast_refused.as_deref().unwrap().contains(what));
+        let err = TextTokenizer::load_with(&dir, TokenizerBackend::Fast)
+            .err()
+            .expect("fast must refuse");
+        assert!(err.to_string().contains(what), "{err}");
+    }
+    // A file `tokenizers` cannot load fails as before, whatever the backend.
+    let Some((_t, dir)) = variant("smollm2", |s| {
+        s["model"]["merges"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!(["Ġt", "zzqqxx-not-a-token"]))
+    }) else {
+        return;
+    };
+    for backend in [
+        TokenizerBackend::Auto,
+        TokenizerBackend::Fast,
+        TokenizerBackend::Hf,
+    ] {
+        let err = TextTokenizer::load_with(&dir, backend)
+            .err()
+            .expect("must fail");
+        assert!(err.to_string().contains("cannot load"), "{err}");
+    }
+}
+
+#[test]
+fn hf_is_built_lazily_for_offsets_and_ids_agree() {
+    for name in ["qwen3", "smollm2"] {
+        let Some((hf, fast)) = pair(name) else { return };
+        // token_to_id from the fast path's own tables equals Hugging Face's, added tokens too.
+        let hft = hf_bpe(&hf.path);
+        let mut probes: Vec<String> = hft
+            .get_added_tokens_decoder()
+            .values()
+            .map(|t| t.content.clone())
+            .collect();
+        probes.extend(hft.get_vocab(false).into_keys().step_by(97));
+        probes.extend(["", "not a token", "<|im_end", "Ġthe", "\u{e9}"].map(String::from));
+        for p in &probes {
+            assert_eq!(
+                hf.token_to_id(p),
+                fast.token_to_id(p),
+                "{name}: token {p:?}"
+            );
+        }
+        assert!(!fast.hf_loaded(), "token_to_id must not build HF");
+        let text = "<|im_start|>user\nHello, café 東京 😀 it's  12345\n<|im_end|>\n";
+        assert_eq!(hf.encode(text).unwrap(), fast.encode(text).unwrap());
+        assert!(!fast.hf_loaded(), "encode must not build HF");
+        // The hf template's offsets come from HF, built now, from every thread at once.
+        let want = hf.encode_with_offsets(text).unwrap();
+        let got: Vec<_> = (0..8)
+            .into_par_iter()
+            .map(|_| fast.encode_with_offsets(text).unwrap())
+            .collect();
+        assert!(fast.hf_loaded());
+        assert!(got.iter().all(|g| *g == want));
+    }
 }

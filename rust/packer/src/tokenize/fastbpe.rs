@@ -288,7 +288,6 @@ impl FastBpe {
     /// Build the fast path from the bytes of a `tokenizer.json`, or say why it would not give
     /// the ids the `tokenizers` crate gives (or why that crate might not load it).
     pub fn from_json(json: &[u8]) -> Result<FastBpe, String> {
-        let t0 = std::time::Instant::now();
         // One pass over the file, the model included; only on failure a second one, for why.
         let spec: TokenizerJson = serde_json::from_slice(json).map_err(|e| {
             match serde_json::from_slice::<ModelUnread>(json).map(|u| u.model) {
@@ -309,18 +308,15 @@ impl FastBpe {
         {
             return Err("tokenizer.json sets truncation or padding".into());
         }
-        let normalizer =
-            section::<tokenizers::NormalizerWrapper>(spec.normalizer, "normalizer")?;
+        let normalizer = section::<tokenizers::NormalizerWrapper>(spec.normalizer, "normalizer")?;
         let pre_tokenizer =
             section::<tokenizers::PreTokenizerWrapper>(spec.pre_tokenizer, "pre-tokenizer")?;
         section::<tokenizers::PostProcessorWrapper>(spec.post_processor, "post-processor")?;
         section::<tokenizers::DecoderWrapper>(spec.decoder, "decoder")?;
         let nfc = check_normalizer(normalizer.as_ref())?;
         let splitter = check_pre_tokenizer(pre_tokenizer.as_ref())?;
-        eprintln!("T parsed {:?}", t0.elapsed());
         let model = BpeModel::from_parsed(spec.model.ok_or("tokenizer.json has no model")?)?;
 
-        eprintln!("T model {:?}", t0.elapsed());
         let ids = added_token_ids(&spec.added_tokens, &model);
         let (mut raw, mut normalized) = (Vec::new(), Vec::new());
         let mut added_ids = FxHashMap::default();
@@ -355,7 +351,6 @@ impl FastBpe {
                 raw.push((t.content, id));
             }
         }
-        eprintln!("T added {:?}", t0.elapsed());
         Ok(FastBpe {
             nfc,
             splitter,
@@ -505,4 +500,3 @@ impl Run<'_> {
 fn nfc_string(s: &str) -> String {
     s.nfc().map(|(c, _)| c).collect()
 }
-

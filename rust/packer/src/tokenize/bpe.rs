@@ -1,0 +1,564 @@
+//! The `model` section of a byte-level BPE `tokenizer.json`, read without the `tokenizers`
+//! crate, and Hugging Face's BPE merge algorithm over it.
+//!
+//! Loading Qwen3's 151k-token vocabulary through `tokenizers::Tokenizer::from_bytes` takes
+//! ~0.3 s, most of it building `serde_json::Value` trees for the model and rehashing them; here
+//! the model is read in the same pass as the rest of the file: the vocabulary into one string
+//! arena and a hash table (no allocation per token), and each merge (an `"a b"` string or an
+//! `["a", "b"]` pair) resolved to ids as it is read, borrowed from the file.
+//!
+//! [`BpeModel::tokenize_into`] reproduces `tokenizers`' `BPE::tokenize` (0.23,
+//! `models/bpe/model.rs` `merge_word` and `word.rs` `merge_all`) for the models
+//! [`BpeModel::from_json`] accepts:
+//!
+//! - with `ignore_merges`, a whole piece that is a vocabulary token is that token;
+//! - otherwise each character of the piece starts as its own symbol, and the adjacent pair with
+//!   the lowest merge rank (its index in the merges list; a pair listed twice keeps the later
+//!   index), leftmost among equals, is merged into the token of the concatenation, repeatedly,
+//!   through a min-heap of (rank, position) whose stale entries are skipped by the same check
+//!   Hugging Face makes (the pair now at that position must merge to the entry's token).
+//!
+//! A byte whose byte-level character is not in the vocabulary (SmolLM2 lacks a few control
+//! bytes) gives no symbol at all when the model has no `unk_token`, as in `merge_word`: its
+//! neighbours become adjacent and may merge.
+//!
+//! Refused, with the reason: models other than BPE, dropout, a `continuing_subword_prefix` or
+//! `end_of_word_suffix` other than empty, `byte_fallback`, `fuse_unk`, and an `unk_token` with a
+//! vocabulary missing one of the 256 byte-level characters (the only case where the unknown
+//! token could be used, since every character of a byte-level piece is one of them).
+
+use std::borrow::Cow;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::marker::PhantomData;
+
+use hashbrown::HashTable;
+use rustc_hash::{FxBuildHasher, FxHashMap};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+/// GPT-2's `bytes_to_unicode`: printable bytes map to themselves, the rest to U+0100 onwards.
+pub fn bytes_to_chars() -> [char; 256] {
+    let mut out = ['\0'; 256];
+    let mut next = 256u32;
+    for b in 0..=255u8 {
+        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        out[b as usize] = if printable {
+            b as char
+        } else {
+            next += 1;
+            char::from_u32(next - 1).expect("U+0100..U+0143 are chars")
+        };
+    }
+    out
+}
+
+/// A string from the JSON, borrowed when it holds no escapes.
+struct Str<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Str<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V(PhantomData))
+    }
+}
+
+/// The vocabulary, token → id: the tokens' bytes in one arena and a hash table of
+/// (offset, length, id), so that reading 151k tokens costs no allocation per token.
+#[derive(Default)]
+pub(super) struct Vocab {
+    arena: String,
+    table: HashTable<(u32, u32, u32)>,
+}
+
+impl Vocab {
+    #[inline]
+    fn hash(s: &str) -> u64 {
+        FxBuildHasher.hash_one(s)
+    }
+
+    #[inline]
+    fn key<'s>(arena: &'s str, e: &(u32, u32, u32)) -> &'s str {
+        &arena[e.0 as usize..(e.0 + e.1) as usize]
+    }
+
+    /// Id of `token`.
+    #[inline]
+    pub(super) fn get(&self, token: &str) -> Option<u32> {
+        self.table
+            .find(Self::hash(token), |e| Self::key(&self.arena, e) == token)
+            .map(|e| e.2)
+    }
+
+    /// Insert or, for a token given twice, replace (a serde map keeps the last value).
+    fn insert(&mut self, token: &str, id: u32) -> Result<(), String> {
+        let h = Self::hash(token);
+        let Vocab { arena, table } = self;
+        if let Some(e) = table.find_mut(h, |e| Self::key(arena, e) == token) {
+            e.2 = id;
+            return Ok(());
+        }
+        let start = u32::try_from(arena.len()).map_err(|_| "vocabulary over 4 GB")?;
+        arena.push_str(token);
+        table.insert_unique(h, (start, token.len() as u32, id), |e| {
+            Self::hash(Self::key(arena, e))
+        });
+        Ok(())
+    }
+
+    /// Number of distinct tokens.
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+}
+
+impl<'de> Deserialize<'de> for Vocab {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Vocab;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map of token to id")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vocab, A::Error> {
+                let mut out = Vocab::default();
+                out.table.reserve(1 << 16, |_| 0);
+                out.arena.reserve(1 << 20);
+                while let Some((k, v)) = map.next_entry::<Str<'de>, u32>()? {
+                    out.insert(&k.0, v).map_err(de::Error::custom)?;
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// One entry of `model.merges`.
+enum MergeItem<'a> {
+    /// `"a b"` (the legacy form).
+    Line(Cow<'a, str>),
+    /// `["a", "b"]`.
+    Pair(Cow<'a, str>, Cow<'a, str>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for MergeItem<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = MergeItem<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a merge: \"a b\" or [\"a\", \"b\"]")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(MergeItem::Line(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(MergeItem::Line(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(MergeItem::Line(Cow::Owned(v)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let a: Str<'a> = seq
+                    .next_element()?
+                    .ok_or_else(|| de::Error::invalid_length(0, &self))?;
+                let b: Str<'a> = seq
+                    .next_element()?
+                    .ok_or_else(|| de::Error::invalid_length(1, &self))?;
+                if seq.next_element::<IgnoredAny>()?.is_some() {
+                    return Err(de::Error::invalid_length(3, &self));
+                }
+                Ok(MergeItem::Pair(a.0, b.0))
+            }
+        }
+        d.deserialize_any(V(PhantomData))
+    }
+}
+
+#[inline]
+fn pair_key(a: u32, b: u32) -> u64 {
+    (u64::from(a) << 32) | u64::from(b)
+}
+
+/// (left id, right id) → (rank, merged id), built from the merges in file order as `tokenizers`
+/// builds its merge map: a "#version" line (legacy form) is not a merge and takes no rank; a
+/// pair listed twice keeps its later rank; every token and concatenation must be in the
+/// vocabulary; "a b" strings and [a, b] pairs cannot be mixed.
+#[derive(Default)]
+struct MergeMap {
+    map: FxHashMap<u64, (u32, u32)>,
+    rank: u32,
+    lines: bool,
+    pairs: bool,
+    joined: String,
+}
+
+impl MergeMap {
+    fn add(&mut self, vocab: &Vocab, item: &MergeItem) -> Result<(), String> {
+        let (a, b) = match item {
+            MergeItem::Pair(a, b) => {
+                self.pairs = true;
+                (&**a, &**b)
+            }
+            MergeItem::Line(line) => {
+                self.lines = true;
+                if line.starts_with("#version") {
+                    return Ok(());
+                }
+                let mut parts = line.split(' ');
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some(a), Some(b), None) => (a, b),
+                    _ => return Err(format!("merge {line:?} is not two tokens")),
+                }
+            }
+        };
+        if self.lines && self.pairs {
+            return Err("merges mix \"a b\" strings and [a, b] pairs".into());
+        }
+        let id = |t: &str| {
+            vocab
+                .get(t)
+                .ok_or_else(|| format!("merge token {t:?} is not in the vocabulary"))
+        };
+        self.joined.clear();
+        self.joined.push_str(a);
+        self.joined.push_str(b);
+        let key = pair_key(id(a)?, id(b)?);
+        let new = id(&self.joined)?;
+        self.map.insert(key, (self.rank, new));
+        self.rank += 1;
+        Ok(())
+    }
+}
+
+/// `model.merges` as read: resolved while reading when the vocabulary came first (as
+/// `tokenizers` writes it), else kept for later.
+enum Merges<'a> {
+    Resolved(MergeMap),
+    Pending(Vec<MergeItem<'a>>),
+}
+
+struct MergesSeed<'v, 'a> {
+    vocab: Option<&'v Vocab>,
+    _p: PhantomData<&'a ()>,
+}
+
+impl<'de: 'a, 'a> DeserializeSeed<'de> for MergesSeed<'_, 'a> {
+    type Value = Merges<'a>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de: 'a, 'a> Visitor<'de> for MergesSeed<'_, 'a> {
+    type Value = Merges<'a>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list of merges")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        match self.vocab {
+            Some(vocab) => {
+                let mut m = MergeMap::default();
+                m.map.reserve(1 << 16);
+                while let Some(item) = seq.next_element::<MergeItem<'a>>()? {
+                    m.add(vocab, &item).map_err(de::Error::custom)?;
+                }
+                Ok(Merges::Resolved(m))
+            }
+            None => {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Merges::Pending(items))
+            }
+        }
+    }
+}
+
+/// The `model` object of `tokenizer.json`, as far as a BPE model goes (read in the same pass
+/// as the rest of the file, see `fastbpe`). Unknown keys are ignored, as `tokenizers` does; a
+/// key given twice is an error (`tokenizers` would keep the last: the fast path is refused).
+#[derive(Default)]
+pub(super) struct ModelJson<'a> {
+    kind: Option<String>,
+    dropout: Option<f32>,
+    unk_token: Option<String>,
+    continuing_subword_prefix: Option<String>,
+    end_of_word_suffix: Option<String>,
+    fuse_unk: Option<bool>,
+    byte_fallback: Option<bool>,
+    ignore_merges: Option<bool>,
+    vocab: Option<Vocab>,
+    merges: Option<Merges<'a>>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for ModelJson<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = ModelJson<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a tokenizer model")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut m = ModelJson::default();
+                let mut seen = std::collections::HashSet::new();
+                while let Some(key) = map.next_key::<Str<'de>>()? {
+                    let key = key.0;
+                    if !seen.insert(key.clone()) {
+                        return Err(de::Error::custom(format!("model key {key:?} given twice")));
+                    }
+                    match &*key {
+                        "type" => m.kind = map.next_value()?,
+                        "dropout" => m.dropout = map.next_value()?,
+                        "unk_token" => m.unk_token = map.next_value()?,
+                        "continuing_subword_prefix" => {
+                            m.continuing_subword_prefix = map.next_value()?
+                        }
+                        "end_of_word_suffix" => m.end_of_word_suffix = map.next_value()?,
+                        "fuse_unk" => m.fuse_unk = map.next_value()?,
+                        "byte_fallback" => m.byte_fallback = map.next_value()?,
+                        "ignore_merges" => m.ignore_merges = map.next_value()?,
+                        "vocab" => m.vocab = Some(map.next_value()?),
+                        "merges" => {
+                            let seed = MergesSeed {
+                                vocab: m.vocab.as_ref(),
+                                _p: PhantomData,
+                            };
+                            m.merges = Some(map.next_value_seed(seed)?);
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(m)
+            }
+        }
+        d.deserialize_map(V(PhantomData))
+    }
+}
+
+/// A byte-level BPE model: vocabulary, merges, and the encoder of one pre-tokenized piece.
+pub struct BpeModel {
+    /// Token → id (the whole vocabulary, for `token_to_id` and `ignore_merges`).
+    vocab: Vocab,
+    /// (left id, right id) → (rank, merged id).
+    merges: FxHashMap<u64, (u32, u32)>,
+    /// Id of each byte's byte-level character; [`NONE`] when it is not in the vocabulary.
+    byte_id: [u32; 256],
+    /// GPT-2's byte → printable char map.
+    byte_char: [char; 256],
+    ignore_merges: bool,
+}
+
+/// Reusable buffers for [`BpeModel::tokenize_into`].
+#[derive(Default)]
+pub struct Scratch {
+    word: String,
+    ids: Vec<u32>,
+    prev: Vec<u32>,
+    next: Vec<u32>,
+    heap: BinaryHeap<Reverse<(u32, u32, u32)>>,
+}
+
+/// "No symbol" in [`Scratch`]'s links, and "no id" in `byte_id`.
+const NONE: u32 = u32::MAX;
+/// `next` of a symbol merged into its left neighbour (no live symbol has it).
+const GONE: u32 = NONE - 1;
+
+impl BpeModel {
+    /// Read the `model` object of a `tokenizer.json` (its raw JSON text), or say why the fast
+    /// path cannot reproduce it (including anything `tokenizers` would reject).
+    pub fn from_json(model: &str) -> Result<BpeModel, String> {
+        match serde_json::from_str::<ModelJson>(model) {
+            Ok(m) => Self::from_parsed(m),
+            Err(e) => {
+                #[derive(Deserialize)]
+                struct Kind {
+                    #[serde(rename = "type")]
+                    kind: Option<String>,
+                }
+                match serde_json::from_str::<Kind>(model).map(|k| k.kind) {
+                    Ok(Some(kind)) if kind != "BPE" => Err(format!("the model is {kind}, not BPE")),
+                    _ => Err(format!("unreadable BPE model: {e}")),
+                }
+            }
+        }
+    }
+
+    /// [`BpeModel::from_json`] once the JSON is read.
+    pub(super) fn from_parsed(m: ModelJson) -> Result<BpeModel, String> {
+        match m.kind.as_deref() {
+            Some("BPE") => {}
+            Some(other) => return Err(format!("the model is {other}, not BPE")),
+            None => return Err("the model has no \"type\"".into()),
+        }
+        if m.dropout.is_some_and(|d| d != 0.0) {
+            return Err("BPE dropout is random".into());
+        }
+        if m.continuing_subword_prefix.is_some_and(|p| !p.is_empty()) {
+            return Err("BPE continuing_subword_prefix".into());
+        }
+        if m.end_of_word_suffix.is_some_and(|p| !p.is_empty()) {
+            return Err("BPE end_of_word_suffix".into());
+        }
+        if m.byte_fallback == Some(true) {
+            return Err("BPE byte_fallback".into());
+        }
+        if m.fuse_unk == Some(true) {
+            return Err("BPE fuse_unk".into());
+        }
+        let (Some(vocab), Some(merges)) = (m.vocab, m.merges) else {
+            return Err("BPE model without vocab or merges".into());
+        };
+        let merges = match merges {
+            Merges::Resolved(m) => m.map,
+            Merges::Pending(items) => {
+                let mut m = MergeMap::default();
+                for item in &items {
+                    m.add(&vocab, item)?;
+                }
+                m.map
+            }
+        };
+        let byte_char = bytes_to_chars();
+        let mut byte_id = [NONE; 256];
+        let mut buf = [0u8; 4];
+        for (b, c) in byte_char.iter().enumerate() {
+            match vocab.get(c.encode_utf8(&mut buf)) {
+                Some(id) => byte_id[b] = id,
+                None if m.unk_token.is_some() => {
+                    return Err(format!(
+                        "BPE unk_token with byte-level character {c:?} (byte {b:#04x}) out of the vocabulary"
+                    ))
+                }
+                None => {}
+            }
+        }
+        if byte_id.iter().all(|&id| id == NONE) {
+            return Err("the vocabulary has no byte-level character: not byte-level BPE".into());
+        }
+        Ok(BpeModel {
+            vocab,
+            merges,
+            byte_id,
+            byte_char,
+            ignore_merges: m.ignore_merges.unwrap_or(false),
+        })
+    }
+
+    /// Id of a vocabulary token.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.vocab.get(token)
+    }
+
+    /// Number of distinct vocabulary tokens (`Model::get_vocab_size`).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab.len()
+    }
+
+    /// Append the ids `tokenizers`' `BPE::tokenize` gives for `piece` (raw bytes, before the
+    /// byte-level mapping) to `out`.
+    pub fn tokenize_into(&self, piece: &[u8], scratch: &mut Scratch, out: &mut Vec<u32>) {
+        if piece.is_empty() {
+            return;
+        }
+        if self.ignore_merges {
+            scratch.word.clear();
+            scratch
+                .word
+                .extend(piece.iter().map(|&b| self.byte_char[b as usize]));
+            if let Some(id) = self.vocab.get(&scratch.word) {
+                out.push(id);
+                return;
+            }
+        }
+        let Scratch {
+            ids,
+            prev,
+            next,
+            heap,
+            ..
+        } = scratch;
+        ids.clear();
+        prev.clear();
+        next.clear();
+        heap.clear();
+        // A byte out of the vocabulary gives no symbol (`merge_word` without `unk_token`).
+        ids.extend(
+            piece
+                .iter()
+                .map(|&b| self.byte_id[b as usize])
+                .filter(|&id| id != NONE),
+        );
+        let n = ids.len();
+        if n == 0 {
+            return;
+        }
+        assert!(n < GONE as usize, "piece of {n} bytes");
+        prev.extend((0..n as u32).map(|i| i.wrapping_sub(1)));
+        next.extend((1..=n as u32).map(|i| if i as usize == n { NONE } else { i }));
+        for i in 0..n - 1 {
+            if let Some(&(rank, new)) = self.merges.get(&pair_key(ids[i], ids[i + 1])) {
+                heap.push(Reverse((rank, i as u32, new)));
+            }
+        }
+        while let Some(Reverse((_, pos, new))) = heap.pop() {
+            let p = pos as usize;
+            if next[p] == GONE || next[p] == NONE {
+                continue;
+            }
+            let r = next[p] as usize;
+            match self.merges.get(&pair_key(ids[p], ids[r])) {
+                Some(&(_, id)) if id == new => {}
+                _ => continue,
+            }
+            ids[p] = new;
+            next[p] = next[r];
+            next[r] = GONE;
+            if next[p] != NONE {
+                prev[next[p] as usize] = pos;
+            }
+            if prev[p] != NONE {
+                let q = prev[p] as usize;
+                if let Some(&(rank, id)) = self.merges.get(&pair_key(ids[q], ids[p])) {
+                    heap.push(Reverse((rank, q as u32, id)));
+                }
+            }
+            if next[p] != NONE {
+                let s = next[p] as usize;
+                if let Some(&(rank, id)) = self.merges.get(&pair_key(ids[p], ids[s])) {
+                    heap.push(Reverse((rank, pos, id)));
+                }
+            }
+        }
+        let mut i = 0usize;
+        loop {
+            out.push(ids[i]);
+            match next[i] {
+                NONE => break,
+                j => i = j as usize,
+            }
+        }
+    }
+}
