@@ -98,10 +98,16 @@ def _safe_globals() -> list:
     return found
 
 
+def safe_torch_load(path, map_location="cpu", mmap: bool = False):
+    """``torch.load(weights_only=True)`` that also admits DeepSpeed's own plain records (the
+    allow-list above): what every load of a DeepSpeed file in pyfast-tune goes through."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+
+
 def load_ds_file(path: Path) -> dict:
     """``torch.load`` a DeepSpeed ``*.pt`` memory-mapped, weights only (no code runs)."""
-    with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return safe_torch_load(path, mmap=True)
 
 
 def _rank_of(path: Path) -> int:

@@ -224,9 +224,9 @@ def apply(
 
     attention_backend: "op" = the kernel ``pyfast_tune.kernels.varlen_attention`` (C++ on CPU,
     Triton on CUDA), "ref" = exact per-segment PyTorch SDPA (this module), "auto" = "op" where
-    it can run on the model's device, else "ref" (see ``usable_attention_backend``). ``lora=True`` patches peft LoRA layers with
-    ``pyfast_tune.kernels.lora.patch_peft_lora`` when that module is installed, and logs and
-    skips otherwise. Returns the model; ``revert(model)`` undoes both.
+    it can run on the model's device, else "ref" (see ``usable_attention_backend``).
+    ``lora=True`` patches peft LoRA layers with ``pyfast_tune.kernels.lora.patch_peft_lora``
+    when that module is installed, and logs and skips otherwise. Returns the model; ``revert(model)`` undoes both.
     """
     if attention:
         if attention_backend == "auto":

@@ -80,24 +80,11 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    """Swap directories ``a`` and ``b`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``).
-    False where the libc, kernel or filesystem lacks it; other failures raise."""
-    import ctypes
-    import errno
+    """Swap directories ``a`` and ``b`` atomically: the packer's own commit primitive
+    (``renameat2(RENAME_EXCHANGE)``); False where the kernel or filesystem lacks it."""
+    from pyfast_tune._packer import exchange_dirs
 
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), os.fspath(a))
+    return exchange_dirs(os.fspath(a), os.fspath(b))
 
 
 def _commit_dir(tmp: Path, final: Path) -> Path | None:
@@ -296,13 +283,9 @@ def _load_weights_only(engine) -> None:
     ce = getattr(engine, "checkpoint_engine", None)
     if ce is None or type(ce).__name__ != "TorchCheckpointEngine":
         return
-    from pyfast_tune.export import _safe_globals
+    from pyfast_tune.export import safe_torch_load
 
-    def load(path, map_location=None):
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-    ce.load = load
+    ce.load = lambda path, map_location=None: safe_torch_load(path, map_location)
 
 
 def load_checkpoint(engine, path: Path, exclude_frozen: bool, tag: str = DS_TAG) -> dict:

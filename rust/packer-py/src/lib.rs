@@ -404,6 +404,19 @@ fn verify(py: Python<'_>, path: String) -> PyResult<String> {
         .map_err(|e| to_pyerr(py, e))
 }
 
+/// Swap two existing directories atomically (`renameat2(RENAME_EXCHANGE)`); False where the
+/// platform or filesystem cannot, OSError on any other failure.
+#[pyfunction]
+fn exchange_dirs(py: Python<'_>, a: PathBuf, b: PathBuf) -> PyResult<bool> {
+    py.detach(|| packer::output::exchange(&a, &b)).map_err(|e| {
+        let msg = format!("cannot exchange {} and {}: {e}", a.display(), b.display());
+        match e.raw_os_error() {
+            Some(errno) => PyOSError::new_err((errno, msg)),
+            None => PyOSError::new_err(msg),
+        }
+    })
+}
+
 #[pymodule]
 fn _packer(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -424,5 +437,6 @@ fn _packer(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(data_order, m)?)?;
     m.add_function(wrap_pyfunction!(render_chats, m)?)?;
     m.add_function(wrap_pyfunction!(read_pretok, m)?)?;
+    m.add_function(wrap_pyfunction!(exchange_dirs, m)?)?;
     Ok(())
 }

@@ -298,6 +298,18 @@ fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> std::io::Result<()>
     }
 }
 
+/// Swap the directories (or files) `a` and `b` atomically, as the commit of a packed
+/// directory does. `Ok(false)` where the platform or filesystem has no `RENAME_EXCHANGE`, so
+/// the caller can fall back to renaming aside; other failures are errors. The training
+/// checkpoints use this through the Python binding.
+pub fn exchange(a: &Path, b: &Path) -> std::io::Result<bool> {
+    match rename_exchange(a, b) {
+        Ok(()) => Ok(true),
+        Err(e) if is_unsupported(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Atomically swap `from` and `to` (both must exist).
 #[cfg(target_os = "linux")]
 fn rename_exchange(from: &Path, to: &Path) -> std::io::Result<()> {
