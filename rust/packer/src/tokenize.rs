@@ -9,6 +9,7 @@
 
 pub mod bpe;
 pub mod fastbpe;
+pub mod pretokenize;
 pub mod split;
 
 use std::path::{Path, PathBuf};

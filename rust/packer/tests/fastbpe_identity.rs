@@ -20,6 +20,11 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::models::ModelWrapper;
 use tokenizers::Model as _;
 
+/// The shared tokenizers: byte-level BPE behind one Split (Qwen3) or ByteLevel's regex
+/// (SmolLM2), SentencePiece-style BPE with Metaspace and byte fallback (Mistral v0.3), and
+/// byte-level BPE behind three Splits (DeepSeek-V3).
+const ALL: [&str; 4] = ["qwen3", "smollm2", "mistral-v3", "deepseek-v3"];
+
 fn shared(rel: &str) -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../../shared/data")
@@ -88,7 +93,7 @@ fn assert_same(hf: &TextTokenizer, fast: &TextTokenizer, texts: &[String]) -> us
 
 #[test]
 fn identical_ids_on_shared_corpora() {
-    for tok in ["qwen3", "smollm2"] {
+    for tok in ALL {
         let Some((hf, fast)) = pair(tok) else { return };
         for data in ["chitchat.jsonl", "pydoc.jsonl"] {
             let Some(texts) = corpus(data) else { return };
@@ -176,10 +181,7 @@ fn text() -> impl Strategy<Value = String> {
 }
 
 fn tokenizers_or_skip() -> Vec<(TextTokenizer, TextTokenizer)> {
-    ["qwen3", "smollm2"]
-        .iter()
-        .filter_map(|t| pair(t))
-        .collect()
+    ALL.iter().filter_map(|t| pair(t)).collect()
 }
 
 proptest! {

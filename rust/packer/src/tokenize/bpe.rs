@@ -209,6 +209,9 @@ struct MergeMap {
     lines: bool,
     pairs: bool,
     joined: String,
+    /// Some merge joins a left part not ending in `▁` to a right part starting with it (so
+    /// a word may not be cut before its `▁`s, see [`BpeModel::boundary`]).
+    joins_across_metaspace: bool,
 }
 
 impl MergeMap {
@@ -238,6 +241,9 @@ impl MergeMap {
                 .get(t)
                 .ok_or_else(|| format!("merge token {t:?} is not in the vocabulary"))
         };
+        if b.starts_with(METASPACE) && !a.ends_with(METASPACE) {
+            self.joins_across_metaspace = true;
+        }
         self.joined.clear();
         self.joined.push_str(a);
         self.joined.push_str(b);
@@ -358,17 +364,53 @@ impl<'de: 'a, 'a> Deserialize<'de> for ModelJson<'a> {
     }
 }
 
-/// A byte-level BPE model: vocabulary, merges, and the encoder of one pre-tokenized piece.
+/// SentencePiece's word-boundary mark, which `Metaspace` puts in place of spaces.
+pub const METASPACE: char = '\u{2581}';
+
+/// What the model's symbols spell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alphabet {
+    /// Each byte of a piece is one byte-level character (GPT-2's `bytes_to_unicode`): the
+    /// pre-tokenizer ends with `ByteLevel`.
+    ByteLevel,
+    /// Each character of a piece is looked up as it is (SentencePiece-style vocabularies).
+    Chars,
+}
+
+/// The symbols one character (or byte-level character) starts as, as `merge_word` makes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unit {
+    /// The character is a vocabulary token.
+    Known(u32),
+    /// Not in the vocabulary, but every byte of its UTF-8 is a `<0xAB>` token (`byte_fallback`).
+    Bytes([u32; 4], u8),
+    /// Neither: the unknown token when there is one, else nothing.
+    Unknown,
+}
+
+/// A BPE model: vocabulary, merges, and the encoder of one pre-tokenized piece.
 pub struct BpeModel {
     /// Token → id (the whole vocabulary, for `token_to_id` and `ignore_merges`).
     vocab: Vocab,
     /// (left id, right id) → (rank, merged id).
     merges: FxHashMap<u64, (u32, u32)>,
-    /// Id of each byte's byte-level character; [`NONE`] when it is not in the vocabulary.
-    byte_id: [u32; 256],
+    alphabet: Alphabet,
+    /// [`Alphabet::ByteLevel`]: each byte's unit. [`Alphabet::Chars`]: each ASCII char's.
+    byte_unit: [Unit; 256],
+    /// Id of each `<0xAB>` token when `byte_fallback` is on ([`NONE`] when absent).
+    fallback: Option<[u32; 256]>,
     /// GPT-2's byte → printable char map.
     byte_char: [char; 256],
     ignore_merges: bool,
+    unk: Option<u32>,
+    fuse_unk: bool,
+    /// A character before which a word can be cut when it follows another character, without
+    /// changing the merges: `▁` when it is a token and no merge joins a part not ending in `▁`
+    /// to one starting with it. A merge across such a cut would need that pair, so each side
+    /// merges as it would alone, in the same order; the unknown token cannot fuse across it
+    /// (`▁` is known). This keeps the long words of a `Metaspace { split: false }` (or absent)
+    /// pre-tokenizer memoisable and their merges short.
+    boundary: Option<char>,
 }
 
 /// Reusable buffers for [`BpeModel::tokenize_into`].
@@ -387,11 +429,12 @@ const NONE: u32 = u32::MAX;
 const GONE: u32 = NONE - 1;
 
 impl BpeModel {
-    /// Read the `model` object of a `tokenizer.json` (its raw JSON text), or say why the fast
-    /// path cannot reproduce it (including anything `tokenizers` would reject).
-    pub fn from_json(model: &str) -> Result<BpeModel, String> {
+    /// Read the `model` object of a `tokenizer.json` (its raw JSON text) for pieces spelled in
+    /// `alphabet`, or say why the fast path cannot reproduce it (including anything
+    /// `tokenizers` would reject).
+    pub fn from_json(model: &str, alphabet: Alphabet) -> Result<BpeModel, String> {
         match serde_json::from_str::<ModelJson>(model) {
-            Ok(m) => Self::from_parsed(m),
+            Ok(m) => Self::from_parsed(m, alphabet),
             Err(e) => {
                 #[derive(Deserialize)]
                 struct Kind {
@@ -407,7 +450,7 @@ impl BpeModel {
     }
 
     /// [`BpeModel::from_json`] once the JSON is read.
-    pub(super) fn from_parsed(m: ModelJson) -> Result<BpeModel, String> {
+    pub(super) fn from_parsed(m: ModelJson, alphabet: Alphabet) -> Result<BpeModel, String> {
         match m.kind.as_deref() {
             Some("BPE") => {}
             Some(other) => return Err(format!("the model is {other}, not BPE")),
@@ -422,48 +465,117 @@ impl BpeModel {
         if m.end_of_word_suffix.is_some_and(|p| !p.is_empty()) {
             return Err("BPE end_of_word_suffix".into());
         }
-        if m.byte_fallback == Some(true) {
-            return Err("BPE byte_fallback".into());
-        }
-        if m.fuse_unk == Some(true) {
-            return Err("BPE fuse_unk".into());
-        }
         let (Some(vocab), Some(merges)) = (m.vocab, m.merges) else {
             return Err("BPE model without vocab or merges".into());
         };
         let merges = match merges {
-            Merges::Resolved(m) => m.map,
+            Merges::Resolved(m) => m,
             Merges::Pending(items) => {
                 let mut m = MergeMap::default();
                 for item in &items {
                     m.add(&vocab, item)?;
                 }
-                m.map
+                m
             }
         };
-        let byte_char = bytes_to_chars();
-        let mut byte_id = [NONE; 256];
-        let mut buf = [0u8; 4];
-        for (b, c) in byte_char.iter().enumerate() {
-            match vocab.get(c.encode_utf8(&mut buf)) {
-                Some(id) => byte_id[b] = id,
-                None if m.unk_token.is_some() => {
-                    return Err(format!(
-                        "BPE unk_token with byte-level character {c:?} (byte {b:#04x}) out of the vocabulary"
-                    ))
-                }
-                None => {}
+        // `tokenizers` fails the encode that needs an unknown token missing from the
+        // vocabulary; the fast path would have to fail the same calls: not done.
+        let unk = match &m.unk_token {
+            Some(t) => Some(
+                vocab
+                    .get(t)
+                    .ok_or_else(|| format!("BPE unk_token {t:?} is not in the vocabulary"))?,
+            ),
+            None => None,
+        };
+        let fallback = (m.byte_fallback == Some(true)).then(|| {
+            let mut ids = [NONE; 256];
+            for (b, id) in ids.iter_mut().enumerate() {
+                *id = vocab.get(&format!("<0x{b:02X}>")).unwrap_or(NONE);
             }
+            ids
+        });
+        let mut model = BpeModel {
+            vocab,
+            merges: FxHashMap::default(),
+            alphabet,
+            byte_unit: [Unit::Unknown; 256],
+            fallback,
+            byte_char: bytes_to_chars(),
+            ignore_merges: m.ignore_merges.unwrap_or(false),
+            unk,
+            fuse_unk: m.fuse_unk == Some(true),
+            boundary: None,
+        };
+        let mut buf = [0u8; 4];
+        for b in 0..256usize {
+            let c = match alphabet {
+                Alphabet::ByteLevel => model.byte_char[b],
+                Alphabet::Chars if b < 128 => b as u8 as char,
+                Alphabet::Chars => continue,
+            };
+            model.byte_unit[b] = model.unit_of(c.encode_utf8(&mut buf));
         }
-        if byte_id.iter().all(|&id| id == NONE) {
+        if alphabet == Alphabet::ByteLevel
+            && model.byte_unit.iter().all(|u| !matches!(u, Unit::Known(_)))
+        {
             return Err("the vocabulary has no byte-level character: not byte-level BPE".into());
         }
-        Ok(BpeModel {
-            vocab,
-            merges,
-            byte_id,
-            byte_char,
-            ignore_merges: m.ignore_merges.unwrap_or(false),
+        if alphabet == Alphabet::Chars
+            && !merges.joins_across_metaspace
+            && model.vocab.get(METASPACE.encode_utf8(&mut buf)).is_some()
+        {
+            model.boundary = Some(METASPACE);
+        }
+        model.merges = merges.map;
+        Ok(model)
+    }
+
+    /// The unit of one character (its UTF-8 text), as `merge_word` looks it up.
+    fn unit_of(&self, c: &str) -> Unit {
+        if let Some(id) = self.vocab.get(c) {
+            return Unit::Known(id);
+        }
+        if let Some(fb) = &self.fallback {
+            let mut ids = [NONE; 4];
+            if c.bytes().enumerate().all(|(i, b)| {
+                ids[i] = fb[b as usize];
+                ids[i] != NONE
+            }) {
+                return Unit::Bytes(ids, c.len() as u8);
+            }
+        }
+        Unit::Unknown
+    }
+
+    /// What the pieces are spelled in.
+    pub fn alphabet(&self) -> Alphabet {
+        self.alphabet
+    }
+
+    /// See the field: the character before which long words may be cut.
+    pub fn boundary(&self) -> Option<char> {
+        self.boundary
+    }
+
+    /// Whether a piece that is a vocabulary token is that token, merges aside.
+    pub fn ignore_merges(&self) -> bool {
+        self.ignore_merges
+    }
+
+    /// Where [`BpeModel::boundary`] (spelled `mark`) cuts `piece`: before each `mark` that
+    /// follows another character.
+    pub fn cuts<'p>(&self, piece: &'p [u8], mark: &'p [u8]) -> impl Iterator<Item = usize> + 'p {
+        let mut i = 0;
+        std::iter::from_fn(move || {
+            while let Some(k) = find(&piece[i..], mark) {
+                let at = i + k;
+                i = at + mark.len();
+                if at > 0 && !piece[..at].ends_with(mark) {
+                    return Some(at);
+                }
+            }
+            None
         })
     }
 
@@ -477,22 +589,95 @@ impl BpeModel {
         self.vocab.len()
     }
 
+    /// The initial symbols of `piece`, as `merge_word` builds them: units in order, the
+    /// unknown token for unknown characters (consecutive ones fused into one with `fuse_unk`).
+    /// As in `merge_word`, a pending unknown token is written only before the next known
+    /// character or at the end, so byte-fallback symbols can come before it.
+    fn symbols(&self, piece: &[u8], ids: &mut Vec<u32>) {
+        let mut pending = false;
+        let mut add = |u: Unit, ids: &mut Vec<u32>| match u {
+            Unit::Known(id) => {
+                if pending {
+                    ids.push(self.unk.unwrap_or(NONE));
+                    pending = false;
+                }
+                ids.push(id);
+            }
+            Unit::Bytes(b, n) => ids.extend_from_slice(&b[..n as usize]),
+            Unit::Unknown => {
+                if let Some(unk) = self.unk {
+                    if pending && !self.fuse_unk {
+                        ids.push(unk);
+                    }
+                    pending = true;
+                }
+            }
+        };
+        match self.alphabet {
+            Alphabet::ByteLevel => {
+                for &b in piece {
+                    add(self.byte_unit[b as usize], ids);
+                }
+            }
+            Alphabet::Chars => {
+                // Pieces are cut from `str`s at char boundaries.
+                let s = std::str::from_utf8(piece).expect("pieces are UTF-8");
+                let mut buf = [0u8; 4];
+                for c in s.chars() {
+                    let u = if c.is_ascii() {
+                        self.byte_unit[c as usize]
+                    } else {
+                        self.unit_of(c.encode_utf8(&mut buf))
+                    };
+                    add(u, ids);
+                }
+            }
+        }
+        if pending {
+            ids.push(self.unk.unwrap_or(NONE));
+        }
+    }
+
     /// Append the ids `tokenizers`' `BPE::tokenize` gives for `piece` (raw bytes, before the
-    /// byte-level mapping) to `out`.
+    /// byte-level mapping when the alphabet is byte-level) to `out`.
     pub fn tokenize_into(&self, piece: &[u8], scratch: &mut Scratch, out: &mut Vec<u32>) {
         if piece.is_empty() {
             return;
         }
         if self.ignore_merges {
-            scratch.word.clear();
-            scratch
-                .word
-                .extend(piece.iter().map(|&b| self.byte_char[b as usize]));
-            if let Some(id) = self.vocab.get(&scratch.word) {
+            let id = match self.alphabet {
+                Alphabet::ByteLevel => {
+                    scratch.word.clear();
+                    scratch
+                        .word
+                        .extend(piece.iter().map(|&b| self.byte_char[b as usize]));
+                    self.vocab.get(&scratch.word)
+                }
+                Alphabet::Chars => std::str::from_utf8(piece)
+                    .ok()
+                    .and_then(|s| self.vocab.get(s)),
+            };
+            if let Some(id) = id {
                 out.push(id);
                 return;
             }
         }
+        if let Some(c) = self.boundary {
+            let mut buf = [0u8; 4];
+            let mark = c.encode_utf8(&mut buf).as_bytes();
+            let mut start = 0;
+            for at in self.cuts(piece, mark) {
+                self.merge_into(&piece[start..at], scratch, out);
+                start = at;
+            }
+            self.merge_into(&piece[start..], scratch, out);
+            return;
+        }
+        self.merge_into(piece, scratch, out);
+    }
+
+    /// The merges of one word (`merge_word` and `Word::merge_all`).
+    fn merge_into(&self, piece: &[u8], scratch: &mut Scratch, out: &mut Vec<u32>) {
         let Scratch {
             ids,
             prev,
@@ -504,18 +689,12 @@ impl BpeModel {
         prev.clear();
         next.clear();
         heap.clear();
-        // A byte out of the vocabulary gives no symbol (`merge_word` without `unk_token`).
-        ids.extend(
-            piece
-                .iter()
-                .map(|&b| self.byte_id[b as usize])
-                .filter(|&id| id != NONE),
-        );
+        self.symbols(piece, ids);
         let n = ids.len();
         if n == 0 {
             return;
         }
-        assert!(n < GONE as usize, "piece of {n} bytes");
+        assert!(n < GONE as usize, "piece of {n} symbols");
         prev.extend((0..n as u32).map(|i| i.wrapping_sub(1)));
         next.extend((1..=n as u32).map(|i| if i as usize == n { NONE } else { i }));
         for i in 0..n - 1 {
@@ -561,4 +740,19 @@ impl BpeModel {
             }
         }
     }
+}
+
+/// Position of the first occurrence of `needle` (non-empty) in `hay`.
+#[inline]
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    let first = needle[0];
+    let mut i = 0;
+    while let Some(k) = hay[i..].iter().position(|&b| b == first) {
+        let at = i + k;
+        if hay[at..].starts_with(needle) {
+            return Some(at);
+        }
+        i = at + 1;
+    }
+    None
 }

@@ -1,23 +1,29 @@
-//! Fast path for byte-level BPE tokenizers (GPT-2, SmolLM2, Llama-3, Qwen2/2.5/3 families),
-//! giving the ids of `tokenizers`' `encode(text, add_special_tokens=False)`.
+//! Fast path for the BPE tokenizers of the popular model families (byte-level: GPT-2, SmolLM2,
+//! Llama 3, Qwen2/2.5/3, DeepSeek-V3; SentencePiece-style with `Metaspace` and byte fallback:
+//! Llama 2, Mistral, Mixtral, Gemma, Yi, Phi-3...), giving the ids of `tokenizers`'
+//! `encode(text, add_special_tokens=False)`.
 //!
 //! Hugging Face's pipeline spends most of its time around the model: offset-tracking
 //! normalized strings, the Oniguruma pre-tokenizer, per-token `String`s. This path keeps
 //! Hugging Face's steps and their order, and replaces only the machinery:
 //!
 //! 1. added tokens with `normalized: false` are cut out of the raw text (Aho-Corasick,
-//!    leftmost-longest, as `AddedVocabulary` does);
-//! 2. each remaining segment is NFC-normalised when the tokenizer says so — only when the
-//!    quick check says it is not already NFC, with the same Unicode tables `tokenizers` uses;
-//! 3. added tokens with `normalized: true` are cut out of the normalised segments;
-//! 4. the pre-tokenizer regex runs as a hand-written scanner ([`super::split`]);
+//!    leftmost-longest, with `single_word`, `lstrip` and `rstrip` as `AddedVocabulary` applies
+//!    them);
+//! 2. each remaining segment goes through the normalizer ([`super::pretokenize::Normalizer`]);
+//! 3. added tokens with `normalized: true` are cut out of the normalised segments, matched by
+//!    their normalised content;
+//! 4. the pre-tokenizer's steps split each segment into pieces
+//!    ([`super::pretokenize::PreTokenizer`]; a single known regex streams through its
+//!    hand-written scanner, [`super::split`]);
 //! 5. each piece is mapped to ids by a per-thread memo, computed on a miss by [`super::bpe`]'s
 //!    reimplementation of the `tokenizers` crate's `BPE::tokenize` (the same merge ranks and
-//!    order, proven identical by `tests/fastbpe_identity.rs`). Ranks matter: the shared Qwen3
-//!    and SmolLM2 vocabularies list one merge per token in token-id order, yet ~143k (Qwen3) and
-//!    ~59k (SmolLM2) adjacent token pairs concatenate to a vocabulary token without being a
-//!    merge, so a rank-by-token encoder (tiktoken, the `bpe` crate) could merge where Hugging
-//!    Face does not.
+//!    order, byte fallback and unknown token, proven identical by `tests/fastbpe_identity.rs`).
+//!    Ranks matter: the shared Qwen3 and SmolLM2 vocabularies list one merge per token in
+//!    token-id order, yet ~143k (Qwen3) and ~59k (SmolLM2) adjacent token pairs concatenate to
+//!    a vocabulary token without being a merge, so a rank-by-token encoder (tiktoken, the `bpe`
+//!    crate) could merge where Hugging Face does not. Long `Metaspace` words are cut where no
+//!    merge can cross ([`BpeModel::boundary`]), so they are memoised too.
 //!
 //! [`FastBpe::from_json`] reads `tokenizer.json` itself (no `tokenizers::Tokenizer` is built, which
 //! is most of the load time), accepts a tokenizer only when every step above is provably the one
@@ -26,16 +32,17 @@
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use rustc_hash::FxHashMap;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
-use unicode_normalization_alignments::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 
-use super::bpe::{BpeModel, ModelJson, Scratch};
-use super::split::{Splitter, GPT2_PATTERN};
+use super::bpe::{Alphabet, BpeModel, ModelJson, Scratch};
+use super::pretokenize::{CharSet, Normalizer, PreScratch, PreTokenizer};
+use super::split::Splitter;
 
 /// Pieces longer than this (bytes) are not memoised (long runs of spaces or punctuation).
 const MEMO_MAX_PIECE: usize = 128;
@@ -88,14 +95,23 @@ struct AddedTokenJson {
     special: bool,
 }
 
+/// How an added token is matched (`AddedToken`'s flags).
+#[derive(Clone, Copy)]
+struct AddedRule {
+    id: u32,
+    single_word: bool,
+    lstrip: bool,
+    rstrip: bool,
+}
+
 /// Added tokens of one matching pass.
 struct AddedSet {
     matcher: AhoCorasick,
-    ids: Vec<u32>,
+    rules: Vec<AddedRule>,
 }
 
 impl AddedSet {
-    fn build(pairs: Vec<(String, u32)>) -> Result<Option<AddedSet>, String> {
+    fn build(pairs: Vec<(String, AddedRule)>) -> Result<Option<AddedSet>, String> {
         if pairs.is_empty() {
             return Ok(None);
         }
@@ -105,15 +121,24 @@ impl AddedSet {
             .map_err(|e| format!("cannot index added tokens: {e}"))?;
         Ok(Some(AddedSet {
             matcher,
-            ids: pairs.into_iter().map(|(_, id)| id).collect(),
+            rules: pairs.into_iter().map(|(_, r)| r).collect(),
         }))
     }
 }
 
-/// A byte-level BPE tokenizer proven equivalent to its `tokenizers` pipeline.
+/// `\w` and `\s` of the `regex` crate, which `AddedVocabulary` uses for `single_word`,
+/// `lstrip` and `rstrip` (the same `regex-syntax` tables).
+fn word_space() -> &'static (CharSet, CharSet) {
+    static SETS: OnceLock<(CharSet, CharSet)> = OnceLock::new();
+    SETS.get_or_init(|| (CharSet::of_class(r"\w"), CharSet::of_class(r"\s")))
+}
+
+/// A tokenizer proven equivalent to its `tokenizers` pipeline.
 pub struct FastBpe {
-    nfc: bool,
-    splitter: Splitter,
+    normalizer: Normalizer,
+    pre: PreTokenizer,
+    /// The pre-tokenizer when it is one known regex, streamed.
+    scanner: Option<Splitter>,
     raw_added: Option<AddedSet>,
     normalized_added: Option<AddedSet>,
     /// Added token content → id, as `AddedVocabulary` assigns them.
@@ -132,7 +157,7 @@ enum Ids {
 
 /// Per-thread memo of piece bytes → ids for the [`FastBpe`] named by `owner`. Pieces of up
 /// to 15 bytes (nearly all) are keyed inline, bytes and length packed in a `u128`, so a hit
-/// costs one multiply-hash and one integer compare instead of a `memcmp` (issue 7 profile).
+/// costs one multiply-hash and one integer compare instead of a `memcmp`.
 #[derive(Default)]
 struct Memo {
     owner: u64,
@@ -140,6 +165,8 @@ struct Memo {
     long: FxHashMap<Box<[u8]>, Box<[u32]>>,
     /// Buffers of the BPE merges on a miss.
     scratch: Scratch,
+    /// Buffers of the pre-tokenizer steps.
+    pre: PreScratch,
 }
 
 impl Memo {
@@ -166,91 +193,6 @@ thread_local! {
 fn next_owner() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
-fn field<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
-    v.get(key).filter(|x| !x.is_null())
-}
-
-fn flag(v: &Value, key: &str, default: bool) -> bool {
-    field(v, key).and_then(Value::as_bool).unwrap_or(default)
-}
-
-/// Whether the normalizer is NFC (true), absent (false), or something else (Err).
-fn check_normalizer(n: Option<&Value>) -> Result<bool, String> {
-    let Some(n) = n.filter(|n| !n.is_null()) else {
-        return Ok(false);
-    };
-    match n.get("type").and_then(Value::as_str) {
-        Some("NFC") => Ok(true),
-        Some("Sequence") => {
-            let parts = n
-                .get("normalizers")
-                .and_then(Value::as_array)
-                .ok_or("normalizer Sequence without a list")?;
-            match parts.as_slice() {
-                [] => Ok(false),
-                [one] => check_normalizer(Some(one)),
-                _ => Err(format!("normalizer sequence {n} is not NFC alone")),
-            }
-        }
-        _ => Err(format!("normalizer {n} (only none or NFC)")),
-    }
-}
-
-/// `ByteLevel` with no prefix space; returns its `use_regex`.
-fn byte_level(p: &Value) -> Result<bool, String> {
-    if p.get("type").and_then(Value::as_str) != Some("ByteLevel") {
-        return Err(format!("pre-tokenizer {p} is not ByteLevel"));
-    }
-    if flag(p, "add_prefix_space", true) {
-        return Err("ByteLevel pre-tokenizer with add_prefix_space".into());
-    }
-    Ok(flag(p, "use_regex", true))
-}
-
-fn check_pre_tokenizer(p: Option<&Value>) -> Result<Splitter, String> {
-    let p = p
-        .filter(|p| !p.is_null())
-        .ok_or("no pre-tokenizer (not byte-level)")?;
-    let steps: Vec<&Value> = match p.get("type").and_then(Value::as_str) {
-        Some("Sequence") => p
-            .get("pretokenizers")
-            .and_then(Value::as_array)
-            .ok_or("pre-tokenizer Sequence without a list")?
-            .iter()
-            .collect(),
-        _ => vec![p],
-    };
-    match steps.as_slice() {
-        [bl] => match byte_level(bl)? {
-            true => Ok(Splitter::from_pattern(GPT2_PATTERN).expect("known pattern")),
-            false => Err("ByteLevel without a regex: no pre-tokenizer split".into()),
-        },
-        [split, bl] => {
-            if byte_level(bl)? {
-                return Err("Split followed by ByteLevel with its own regex".into());
-            }
-            let ok = split.get("type").and_then(Value::as_str) == Some("Split")
-                && split.get("behavior").and_then(Value::as_str) == Some("Isolated")
-                && !flag(split, "invert", false);
-            if !ok {
-                return Err(format!(
-                    "pre-tokenizer step {split} is not an isolating Split"
-                ));
-            }
-            let pattern = split
-                .get("pattern")
-                .and_then(|x| x.get("Regex"))
-                .and_then(Value::as_str)
-                .ok_or_else(|| format!("Split {split} has no Regex pattern"))?;
-            Splitter::from_pattern(pattern)
-                .ok_or_else(|| format!("Split pattern {pattern:?} has no fast scanner"))
-        }
-        _ => Err(format!(
-            "pre-tokenizer {p} (expected ByteLevel or Split + ByteLevel)"
-        )),
-    }
 }
 
 /// Parse an optional section as `tokenizers` would (its own types), so that a file it would
@@ -291,7 +233,7 @@ impl FastBpe {
         // One pass over the file, the model included; only on failure a second one, for why.
         let spec: TokenizerJson = serde_json::from_slice(json).map_err(|e| {
             match serde_json::from_slice::<ModelUnread>(json).map(|u| u.model) {
-                Ok(Some(model)) => match BpeModel::from_json(model.get()) {
+                Ok(Some(model)) => match BpeModel::from_json(model.get(), Alphabet::Chars) {
                     Err(why) => why,
                     Ok(_) => format!("unreadable tokenizer.json: {e}"),
                 },
@@ -313,9 +255,20 @@ impl FastBpe {
             section::<tokenizers::PreTokenizerWrapper>(spec.pre_tokenizer, "pre-tokenizer")?;
         section::<tokenizers::PostProcessorWrapper>(spec.post_processor, "post-processor")?;
         section::<tokenizers::DecoderWrapper>(spec.decoder, "decoder")?;
-        let nfc = check_normalizer(normalizer.as_ref())?;
-        let splitter = check_pre_tokenizer(pre_tokenizer.as_ref())?;
-        let model = BpeModel::from_parsed(spec.model.ok_or("tokenizer.json has no model")?)?;
+        let normalizer = Normalizer::from_json(normalizer.as_ref())?;
+        let pre = PreTokenizer::from_json(pre_tokenizer.as_ref())?;
+        if pre.uses_first() && !normalizer.keeps_start() {
+            return Err(
+                "Metaspace prepend_scheme first after a Prepend or Replace normalizer".into(),
+            );
+        }
+        let alphabet = if pre.byte_level {
+            Alphabet::ByteLevel
+        } else {
+            Alphabet::Chars
+        };
+        let model =
+            BpeModel::from_parsed(spec.model.ok_or("tokenizer.json has no model")?, alphabet)?;
 
         let ids = added_token_ids(&spec.added_tokens, &model);
         let (mut raw, mut normalized) = (Vec::new(), Vec::new());
@@ -323,12 +276,6 @@ impl FastBpe {
         let mut seen_ids = std::collections::HashSet::new();
         let mut seen_normalized = std::collections::HashSet::new();
         for (t, id) in spec.added_tokens.into_iter().zip(ids) {
-            if t.single_word || t.lstrip || t.rstrip {
-                return Err(format!(
-                    "added token {:?} uses single_word/lstrip/rstrip",
-                    t.content
-                ));
-            }
             if t.content.is_empty() || added_ids.insert(t.content.clone(), id).is_some() {
                 return Err(format!("added token {:?} is empty or repeated", t.content));
             }
@@ -336,24 +283,29 @@ impl FastBpe {
             if !seen_ids.insert(id) {
                 return Err(format!("added token {:?} shares id {id}", t.content));
             }
+            let rule = AddedRule {
+                id,
+                single_word: t.single_word,
+                lstrip: t.lstrip,
+                rstrip: t.rstrip,
+            };
             if t.normalized {
                 // AddedVocabulary matches these on normalised text, by normalised content.
-                let content = if nfc {
-                    nfc_string(&t.content)
-                } else {
-                    t.content
-                };
-                if !seen_normalized.insert(content.clone()) {
-                    return Err(format!("added token {content:?} normalises like another"));
+                let content = normalizer.apply(&t.content).into_owned();
+                if content.is_empty() || !seen_normalized.insert(content.clone()) {
+                    return Err(format!(
+                        "added token {content:?} normalises to nothing or like another"
+                    ));
                 }
-                normalized.push((content, id));
+                normalized.push((content, rule));
             } else {
-                raw.push((t.content, id));
+                raw.push((t.content, rule));
             }
         }
         Ok(FastBpe {
-            nfc,
-            splitter,
+            scanner: pre.single_scanner(),
+            normalizer,
+            pre,
             raw_added: AddedSet::build(raw)?,
             normalized_added: AddedSet::build(normalized)?,
             added_ids,
@@ -371,13 +323,18 @@ impl FastBpe {
             .or_else(|| self.model.token_to_id(token))
     }
 
-    /// The BPE model alone: ids of one pre-tokenized piece (raw bytes), as `tokenizers`'
-    /// `BPE::tokenize` gives them for its byte-level spelling. Not memoised.
+    /// The BPE model alone: ids of one pre-tokenized piece (raw bytes when the alphabet is
+    /// byte-level), as `tokenizers`' `BPE::tokenize` gives them. Not memoised.
     pub fn tokenize_piece(&self, piece: &[u8]) -> Vec<u32> {
         let mut out = Vec::new();
         self.model
             .tokenize_into(piece, &mut Scratch::default(), &mut out);
         out
+    }
+
+    /// What the model's pieces are spelled in.
+    pub fn alphabet(&self) -> Alphabet {
+        self.model.alphabet()
     }
 
     /// Append the ids of `text` (no special tokens added) to `out`.
@@ -395,7 +352,7 @@ impl FastBpe {
                 memo: &mut memo,
                 out,
             };
-            run.split_added(self.raw_added.as_ref(), text, Run::segment)
+            run.split_added(self.raw_added.as_ref(), text, true, Run::segment)
         })
     }
 }
@@ -407,69 +364,137 @@ struct Run<'a> {
     out: &'a mut Vec<u32>,
 }
 
+/// The byte length of the run of chars of `set` at the start of `s`.
+fn leading(s: &str, set: &CharSet) -> usize {
+    s.char_indices()
+        .find(|&(_, c)| !set.contains(c))
+        .map_or(s.len(), |(i, _)| i)
+}
+
+/// The byte offset where the run of chars of `set` at the end of `s` starts.
+fn trailing(s: &str, set: &CharSet) -> usize {
+    s.char_indices()
+        .rev()
+        .find(|&(_, c)| !set.contains(c))
+        .map_or(0, |(i, c)| i + c.len_utf8())
+}
+
 impl Run<'_> {
-    /// Steps 1 and 3: added tokens become their ids, the text between them goes to `seg`.
+    /// Steps 1 and 3: added tokens become their ids, the text between them goes to `seg`
+    /// (with whether it starts the input), as `AddedVocabulary::find_matches` splits.
     fn split_added(
         &mut self,
         set: Option<&AddedSet>,
         text: &str,
-        seg: fn(&mut Self, &str) -> Result<(), String>,
+        first: bool,
+        seg: fn(&mut Self, &str, bool) -> Result<(), String>,
     ) -> Result<(), String> {
         let Some(set) = set else {
-            return seg(self, text);
+            return seg(self, text, first);
         };
         let mut last = 0;
         for m in set.matcher.find_iter(text) {
-            if m.start() > last {
-                seg(self, &text[last..m.start()])?;
+            let (mut start, mut stop) = (m.start(), m.end());
+            let rule = set.rules[m.pattern().as_usize()];
+            if rule.single_word {
+                let (word, _) = word_space();
+                let start_space = start == 0
+                    || !text[..start]
+                        .chars()
+                        .next_back()
+                        .is_some_and(|c| word.contains(c));
+                let stop_space = stop == text.len()
+                    || !text[stop..]
+                        .chars()
+                        .next()
+                        .is_some_and(|c| word.contains(c));
+                if !start_space || !stop_space {
+                    continue;
+                }
             }
-            self.out.push(set.ids[m.pattern().as_usize()]);
-            last = m.end();
+            if rule.lstrip {
+                start = trailing(&text[..start], &word_space().1).max(last);
+            }
+            if rule.rstrip {
+                stop += leading(&text[stop..], &word_space().1);
+            }
+            if last < start {
+                seg(self, &text[last..start], first && last == 0)?;
+            }
+            self.out.push(rule.id);
+            last = stop;
         }
         if last < text.len() {
-            seg(self, &text[last..])?;
+            seg(self, &text[last..], first && last == 0)?;
         }
         Ok(())
     }
 
-    /// Step 2: NFC (Hugging Face normalises each segment between raw added tokens).
-    fn segment(&mut self, s: &str) -> Result<(), String> {
+    /// Step 2: the normalizer (Hugging Face normalises each segment between raw added tokens).
+    fn segment(&mut self, s: &str, first: bool) -> Result<(), String> {
         let fast = self.fast;
-        if fast.nfc && !s.is_ascii() && is_nfc_quick(s.chars()) != IsNormalized::Yes {
-            let s = nfc_string(s);
-            self.split_added(fast.normalized_added.as_ref(), &s, Run::pre_tokenize)
-        } else {
-            self.split_added(fast.normalized_added.as_ref(), s, Run::pre_tokenize)
+        let s = fast.normalizer.apply(s);
+        if s.is_empty() {
+            return Ok(());
         }
+        self.split_added(fast.normalized_added.as_ref(), &s, first, Run::pre_tokenize)
     }
 
     /// Step 4: the pre-tokenizer's pieces.
-    fn pre_tokenize(&mut self, s: &str) -> Result<(), String> {
-        for p in self.fast.splitter.pieces(s) {
-            self.piece(p.as_bytes())?;
+    fn pre_tokenize(&mut self, s: &str, first: bool) -> Result<(), String> {
+        let fast = self.fast;
+        if let Some(scanner) = fast.scanner {
+            for p in scanner.pieces(s) {
+                self.piece(p.as_bytes())?;
+            }
+            return Ok(());
         }
+        let mut pre = std::mem::take(&mut self.memo.pre);
+        let r = fast
+            .pre
+            .run(s, first, &mut pre, |p| self.piece(p.as_bytes()));
+        self.memo.pre = pre;
+        r
+    }
+
+    /// Step 5: a piece's ids, memoised per thread; a long word cut where merges cannot cross.
+    fn piece(&mut self, p: &[u8]) -> Result<(), String> {
+        let model = &self.fast.model;
+        if p.len() > MEMO_MAX_PIECE && !model.ignore_merges() {
+            if let Some(c) = model.boundary() {
+                let mut buf = [0u8; 4];
+                let mark = c.encode_utf8(&mut buf).as_bytes();
+                let mut start = 0;
+                for at in model.cuts(p, mark) {
+                    self.word(&p[start..at]);
+                    start = at;
+                }
+                self.word(&p[start..]);
+                return Ok(());
+            }
+        }
+        self.word(p);
         Ok(())
     }
 
-    /// Step 5: a piece's ids, memoised per thread.
-    fn piece(&mut self, p: &[u8]) -> Result<(), String> {
+    fn word(&mut self, p: &[u8]) {
         let key = short_key(p);
         match key {
             Some(k) => match self.memo.short.get(&k) {
                 Some(Ids::One(id)) => {
                     self.out.push(*id);
-                    return Ok(());
+                    return;
                 }
                 Some(Ids::Many(ids)) => {
                     self.out.extend_from_slice(ids);
-                    return Ok(());
+                    return;
                 }
                 None => {}
             },
             None => {
                 if let Some(ids) = self.memo.long.get(p) {
                     self.out.extend_from_slice(ids);
-                    return Ok(());
+                    return;
                 }
             }
         }
@@ -493,10 +518,5 @@ impl Run<'_> {
                 None => {}
             }
         }
-        Ok(())
     }
-}
-
-fn nfc_string(s: &str) -> String {
-    s.nfc().map(|(c, _)| c).collect()
 }
