@@ -260,8 +260,10 @@ def _chunked(hidden, weight, bias, targets, ignored, gscale, softcap, need, budg
         if gh is not None:
             if one_block:
                 torch.mm(dz, weight, out=gh[t0:t1])
-            else:
-                gh[t0:t1] += dz @ weight[v0:v1]
+            elif dtype == acc:
+                gh[t0:t1].addmm_(dz, weight[v0:v1])
+            else:  # fp32 products: a bf16 rounding per vocabulary block would add up
+                gh[t0:t1].addmm_(dz.to(acc), weight[v0:v1].to(acc))
         if gw is not None:
             if dtype == acc:
                 gw[v0:v1].addmm_(dz.T, h)
@@ -386,7 +388,10 @@ def _lce_op(
     ce, gh, gw, gb = _chunked(
         hidden, weight, bias, targets, ignored, scale, softcap, need, chunk_bytes, _ROWS[backend]
     )
-    loss = ce * scale if reduction == "none" else (ce * scale).sum()
+    if reduction == "none":
+        loss = ce * scale
+    else:  # T terms: summed in fp64, so the sum adds no rounding beyond the fp32 result's
+        loss = (ce.double() * scale).sum().to(acc)
     return loss, ce, *(x if x is not None else hidden.new_empty(0) for x in (gh, gw, gb))
 
 
@@ -470,7 +475,10 @@ def _backward(ctx, grad_loss, *_unused):
         # fails autograd's saved-tensor version check instead of reusing scaled values).
         gh, gw, gb, targets, ce = ctx.saved_tensors
         g = grad_loss
-        gh, gw, gb = (x.mul_(g) if f else None for x, f in zip((gh, gw, gb), flags))
+        inplace = not torch.compiler.is_compiling()  # AOT autograd forbids the mutation
+        gh, gw, gb = (
+            (x.mul_(g) if inplace else x * g) if f else None for x, f in zip((gh, gw, gb), flags)
+        )
         g_weights = None
         if needs[4]:
             g_weights = ce * g
