@@ -21,11 +21,18 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-ATTENTION_NAMES = {"ref": "pyfast_varlen", "op": "pyfast_varlen_op"}
+# "op": the first-use guard races the backends that run here (see pyfast_tune.kernels.guard);
+# a backend name: that one, checked by the guard but not raced (falls back if it fails).
+# ("sdpa" is not among them: as an attention value it means the model's own stock SDPA.)
+EXPLICIT_BACKENDS = ("triton", "cpp", "torch_varlen", "flash_attn")
+ATTENTION_NAMES = {
+    "ref": "pyfast_varlen",
+    "op": "pyfast_varlen_op",
+    **{b: f"pyfast_varlen_{b}" for b in EXPLICIT_BACKENDS},
+}
 _PREVIOUS_ATTN = "_pyfast_previous_attn_implementation"
 _LORA_PATCHED = "_pyfast_lora_patched"
 
@@ -56,32 +63,12 @@ def varlen_attention_ref(
 
     q: (total, H, D), k/v: (total, H_kv, D) with H % H_kv == 0 (GQA), cu_seqlens: (n+1,) int32.
     Returns (total, H, D) in q's dtype. ``window`` = (left, right) as in flash-attention
-    (-1 = unbounded); only left matters for causal attention.
+    (-1 = unbounded); only left matters for causal attention. The same code as the guard's
+    "sdpa" backend, so a run whose guard fell back to it trains exactly as ``attention: ref``.
     """
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end <= start:
-            continue
-        qs = q[start:end].transpose(0, 1)  # (H, L, D)
-        ks = k[start:end].transpose(0, 1)  # (H_kv, L, D)
-        vs = v[start:end].transpose(0, 1)
-        mask = None
-        if window[0] >= 0:
-            i = torch.arange(end - start, device=q.device)
-            dist = i[:, None] - i[None, :]
-            mask = (dist >= 0) & (dist <= window[0])
-        o = F.scaled_dot_product_attention(
-            qs,
-            ks,
-            vs,
-            attn_mask=mask,
-            is_causal=mask is None,
-            scale=softmax_scale,
-            enable_gqa=ks.shape[0] != qs.shape[0],
-        )
-        out[start:end] = o.transpose(0, 1)
-    return out
+    from pyfast_tune.kernels.attention_upstream import sdpa
+
+    return sdpa(q, k, v, cu_seqlens, cu_seqlens, softmax_scale, (int(window[0]), 0))
 
 
 def _segments(
@@ -106,13 +93,14 @@ def _segments(
 
 
 def _run_varlen(backend, q, k, v, cu, max_len, scaling, window):
-    if backend == "op":
-        from pyfast_tune.kernels import varlen_attention
+    if backend == "ref":
+        return varlen_attention_ref(q, k, v, cu, softmax_scale=scaling, window=window)
+    from pyfast_tune.kernels import varlen_attention
 
-        return varlen_attention(
-            q, k, v, cu, cu, max_len, max_len, causal=True, softmax_scale=scaling, window=window
-        )
-    return varlen_attention_ref(q, k, v, cu, softmax_scale=scaling, window=window)
+    return varlen_attention(
+        q, k, v, cu, cu, max_len, max_len, causal=True, softmax_scale=scaling, window=window,
+        prefer=None if backend == "op" else backend,
+    )  # fmt: skip
 
 
 def _unpad(padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -222,11 +210,18 @@ def apply(
 ) -> torch.nn.Module:
     """Switch ``model`` (HF or peft-wrapped) to packed varlen attention and the fused LoRA op.
 
-    attention_backend: "op" = the kernel ``pyfast_tune.kernels.varlen_attention`` (C++ on CPU,
-    Triton on CUDA), "ref" = exact per-segment PyTorch SDPA (this module), "auto" = "op" where
-    it can run on the model's device, else "ref" (see ``usable_attention_backend``).
-    ``lora=True`` patches peft LoRA layers with ``pyfast_tune.kernels.lora.patch_peft_lora``
-    when that module is installed, and logs and skips otherwise. Returns the model; ``revert(model)`` undoes both.
+    attention_backend: "op" = ``pyfast_tune.kernels.varlen_attention`` with the backend the
+    first-use guard picks for the device and shape class (the fastest correct of the C++
+    kernel or per-sample SDPA on CPU; Triton, torch's varlen_attn, flash-attn or SDPA on
+    CUDA); "triton" / "cpp" / "torch_varlen" / "flash_attn" = that backend, checked by the
+    guard but not raced; "ref" = exact per-segment PyTorch SDPA (this module), unchecked;
+    "auto" = "op" where it can run on the model's device, else "ref" (see
+    ``usable_attention_backend``). ``lora=True`` patches peft LoRA layers with
+    ``pyfast_tune.kernels.lora.patch_peft_lora`` (the guard picks the fused op or peft's own
+    forward) when that module is installed, and logs and skips otherwise. The guard decides
+    here, eagerly, for the shape classes the model's config and LoRA layers show, so a
+    torch.compile'd forward finds the decisions made. Returns the model; ``revert(model)``
+    undoes both.
     """
     if attention:
         if attention_backend == "auto":
@@ -240,15 +235,53 @@ def apply(
         if not hasattr(model, _PREVIOUS_ATTN):
             setattr(model, _PREVIOUS_ATTN, _current_attn(model))
         _set_attn(model, ATTENTION_NAMES[attention_backend])
+        if attention_backend != "ref":
+            _decide_attention(model, None if attention_backend == "op" else attention_backend)
     if lora:
         try:
-            from pyfast_tune.kernels.lora import patch_peft_lora
+            from pyfast_tune.kernels.lora import guard_shapes, patch_peft_lora
         except ImportError as e:
             log.info("fused LoRA op not available (%s); peft's own LoRA layers stay in place", e)
         else:
             patch_peft_lora(model)
             setattr(model, _LORA_PATCHED, True)
+            for device, shape in guard_shapes(model):
+                _decide("lora_linear", device, shape, None)
     return model
+
+
+def _decide(op: str, device: torch.device, shape: dict, prefer: str | None) -> None:
+    """Make the guard's decision now; a failure here only defers it to the first call."""
+    from pyfast_tune.kernels import guard
+
+    try:
+        guard.decide(op, device, shape, prefer)
+    except Exception as e:
+        log.warning("guard: deciding %s (%s) ahead failed (%s); deciding on first use",
+                    op, guard.describe(shape), e)  # fmt: skip
+
+
+def _decide_attention(model: torch.nn.Module, prefer: str | None) -> None:
+    """The attention shape class from the model's config: dtype, head dim, GQA, no window
+    (sliding-window layers get theirs on first use)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = (
+        base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    )
+    heads = getattr(config, "num_attention_heads", None)
+    embed = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    weight = getattr(embed, "weight", None)
+    if not heads or weight is None or not weight.dtype.is_floating_point:
+        return
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    shape = {
+        "dtype": str(weight.dtype).removeprefix("torch."),
+        "head_dim": int(head_dim),
+        "gqa": int(heads // kv_heads),
+        "window": [-1, 0],
+    }
+    _decide("varlen_attention", weight.device, shape, prefer)
 
 
 def revert(model: torch.nn.Module) -> torch.nn.Module:

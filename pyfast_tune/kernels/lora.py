@@ -44,16 +44,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pyfast_tune.kernels import faults
+
 __all__ = [
     "lora_linear",
     "lora_linear_ref",
     "lora_dropout_mask",
     "patch_peft_lora",
     "unpatch_peft_lora",
+    "guard_shapes",
 ]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = ("auto", "torch", "triton")
+OP = "lora_linear"  # its name for the first-use guard and PYFAST_TUNE_FAULTS
 
 
 def _is_4bit(W: Any) -> bool:
@@ -167,6 +171,7 @@ class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, A, B, W, bias, scaling, p, rng, backend):
         """x2: (M, K) -> y: (M, N) x2.dtype. rng: int seed (triton) or (state, generator)."""
+        faults.before(OP, backend)
         if backend == "triton":
             from pyfast_tune.kernels import _lora_triton
 
@@ -187,18 +192,23 @@ class _LoraLinearFn(torch.autograd.Function):
         # backward regenerates the mask from the seed / the generator state, never the generator
         ctx.rng = rng if backend == "triton" or rng is None else rng[0]
         ctx.scaling, ctx.p, ctx.backend = scaling, p, backend
-        return y
+        return faults.perturb(OP, backend, y)
 
     @staticmethod
     def backward(ctx, dy):
+        dx, dA, dB = faults.perturb(OP, ctx.backend, _LoraLinearFn._grads(ctx, dy))
+        return dx, dA, dB, None, None, None, None, None, None
+
+    @staticmethod
+    def _grads(ctx, dy):
         x2, u, A, B, W = ctx.saved_tensors
         s, p, need_dx = ctx.scaling, ctx.p, ctx.needs_input_grad[0]
+        faults.before(OP, ctx.backend)
         if ctx.backend == "triton":
             from pyfast_tune.kernels import _lora_triton
 
             qs = ctx.quant_state
-            dx, dA, dB = _lora_triton.lora_bwd(dy, x2, W, A, B, u, s, p, ctx.rng, need_dx, qs)
-            return dx, dA, dB, None, None, None, None, None, None
+            return _lora_triton.lora_bwd(dy, x2, W, A, B, u, s, p, ctx.rng, need_dx, qs)
         dya = dy if dy.dtype == A.dtype else dy.to(A.dtype)
         # du = s · dy B, with dropout's 1 / (1 - p) folded in: (M, r) instead of (M, K) work
         du = (dya @ B).mul_(s / (1.0 - p))
@@ -217,7 +227,7 @@ class _LoraLinearFn(torch.autograd.Function):
                 dx.addcmul_(du @ A, mask)  # dropout's backward, fused into the accumulate
         xd = mask.mul_(xa) if mask is not None else xa  # (x · mask); the mask is done with
         dA = du.t() @ xd  # (r, K)
-        return dx, dA, dB, None, None, None, None, None, None
+        return dx, dA, dB
 
 
 def lora_linear(
@@ -397,16 +407,42 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
     adapter = adapters[0]
     drop = self.lora_dropout[adapter]
     p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
+    four_bit = _is_4bit(base.weight)
+    if four_bit and not base.compute_type_is_set:
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    cdt = (base.compute_dtype or x.dtype) if four_bit else x.dtype
+    bias = None if base.bias is None else base.bias.to(cdt)
     backend = getattr(self, _ORIG)
-    if _is_4bit(base.weight):
-        if not base.compute_type_is_set:
-            base.set_compute_type(x)
-            base.compute_type_is_set = True
-        cdt = base.compute_dtype or x.dtype
-        bias = None if base.bias is None else base.bias.to(cdt)
+    if backend != "auto":
         y = lora_linear(x.to(cdt), base.weight, A, B, self.scaling[adapter], p, bias, backend)
         return y.to(x.dtype)
-    return lora_linear(x, base.weight, A, B, self.scaling[adapter], p, base.bias, backend)
+    # "auto": the first-use guard's choice for this shape class, peft's own forward included
+    from pyfast_tune.kernels import guard
+    from pyfast_tune.kernels.guard_ops import lora_shape
+
+    shape = lora_shape(cdt, A, four_bit)
+    if guard.tracing(x, A):
+        backend = guard.decided(OP, x.device, shape)
+    else:
+        backend = guard.choose(OP, x.device, shape)
+    tried = set()
+    while True:
+        try:
+            if backend == "peft":
+                return type(self).forward(self, x, *args, **kwargs)
+            y = lora_linear(x.to(cdt), base.weight, A, B, self.scaling[adapter], p, bias, backend)
+            return y.to(x.dtype)
+        except (ValueError, TypeError, getattr(torch, "OutOfMemoryError", MemoryError)):
+            raise
+        except Exception as e:  # a launch failure after a passed check: the next backend
+            tried.add(backend)
+            if guard.tracing(x, A):
+                raise
+            guard.demote(OP, x.device, shape, None, backend, e)
+            backend = guard.choose(OP, x.device, shape)
+            if backend in tried:
+                raise
 
 
 def patch_peft_lora(model: torch.nn.Module, backend: str = "auto") -> int:
@@ -417,7 +453,10 @@ def patch_peft_lora(model: torch.nn.Module, backend: str = "auto") -> int:
 
     Args:
         model: any module tree holding peft LoRA layers (e.g. a ``PeftModel``).
-        backend: passed to ``lora_linear`` ("auto" | "torch" | "triton").
+        backend: "auto": per shape class (dtypes, rank, 4-bit), the first-use guard's choice
+            among the Triton and torch backends and peft's own forward (checked against a
+            float64 reference, then raced; see ``pyfast_tune.kernels.guard``); "torch" or
+            "triton": that backend of ``lora_linear``, unchecked.
     Returns:
         the number of layers that run the fused forward after the call.
     Example:
@@ -435,6 +474,28 @@ def patch_peft_lora(model: torch.nn.Module, backend: str = "auto") -> int:
             module.forward = types.MethodType(_fused_forward, module)
             count += 1
     return count
+
+
+def guard_shapes(model: torch.nn.Module) -> list[tuple[torch.device, dict]]:
+    """(device, shape class) of every layer ``patch_peft_lora(model, "auto")`` routes through
+    the first-use guard, once each, so the guard can decide before the first (maybe traced)
+    forward. A 4-bit layer whose compute dtype is not known yet is decided on first use."""
+    from pyfast_tune.kernels.guard_ops import lora_shape
+
+    found: dict[str, tuple[torch.device, dict]] = {}
+    for module in model.modules():
+        if module.__dict__.get(_ORIG) != "auto":
+            continue
+        base = module.get_base_layer()
+        four_bit = _is_4bit(base.weight)
+        dtype = base.compute_dtype if four_bit else base.weight.dtype
+        for adapter in module.active_adapters:
+            if dtype is None or adapter not in module.lora_A:
+                continue
+            A = module.lora_A[adapter].weight
+            shape = lora_shape(dtype, A, four_bit)
+            found.setdefault(f"{A.device}{sorted(shape.items())}", (A.device, shape))
+    return list(found.values())
 
 
 def unpatch_peft_lora(model: torch.nn.Module) -> int:

@@ -7,7 +7,15 @@ cost. The op ``torch.ops.pyfast_tune.varlen_attention`` dispatches on device:
 
 - CUDA: Triton kernels (``_varlen_triton.py``), flash-attention-2 forward and backward;
 - CPU: the C++ kernel (``csrc/varlen_attention.cpp``), built on first use;
-- ``backend="ref"``: ``varlen_attention_ref``, pure PyTorch, for tests and as a fallback.
+- ``backend="ref"``: ``varlen_attention_ref``, pure PyTorch, for tests and as a fallback;
+- ``backend="sdpa" | "torch_varlen" | "flash_attn"``: upstream implementations
+  (``attention_upstream``), run directly rather than through the op.
+
+``backend="auto"`` asks the first-use guard (``guard``): the first call for a device and shape
+class checks every backend that can run there against a float64 reference and an upstream
+implementation, races the correct ones and uses the fastest; a backend that fails to build,
+launch or pass is skipped with a warning. A named backend runs as is (what tests and
+benchmarks use). ``PYFAST_TUNE_FAULTS`` can make any backend wrong or failing (``faults``).
 
 ``backend="triton"`` also runs on CPU tensors under ``TRITON_INTERPRET=1`` (how the Triton
 path is tested without a GPU). Autograd, ``torch.compile`` tracing (fake tensors) and
@@ -30,18 +38,28 @@ import os
 import torch
 from torch import Tensor
 
+from pyfast_tune.kernels import attention_upstream, faults
+from pyfast_tune.kernels.guard import tracing
 from pyfast_tune.kernels.varlen_attention_ref import (
     varlen_attention_ref,
     varlen_attention_ref_backward,
 )
 
 MAX_HEAD_DIM = 256
-_BACKENDS = ("auto", "triton", "cpp", "ref")
+OP = "varlen_attention"
+_OURS = ("triton", "cpp", "ref")  # run through the custom op; they also return lse
+_BACKENDS = ("auto", *_OURS, *attention_upstream.NAMES)
+_ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPES = {
     "triton": (torch.float16, torch.bfloat16, torch.float32),
-    "cpp": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
-    "ref": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "cpp": _ALL_DTYPES,
+    "ref": _ALL_DTYPES,
+    "sdpa": _ALL_DTYPES,
+    "torch_varlen": (torch.float16, torch.bfloat16),
+    "flash_attn": (torch.float16, torch.bfloat16),
 }
+# A failure of these is the caller's (bad input, no memory), not the backend's: never retried.
+_CALLER_ERRORS = (ValueError, TypeError, getattr(torch, "OutOfMemoryError", MemoryError))
 
 
 def varlen_attention(
@@ -57,6 +75,7 @@ def varlen_attention(
     window: tuple[int, int] = (-1, -1),
     return_lse: bool = False,
     backend: str = "auto",
+    prefer: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Softmax attention within each segment of a packed batch.
 
@@ -74,7 +93,12 @@ def varlen_attention(
         return_lse: also return lse (H, total_q) float32 (float64 for float64 inputs), the
             natural-log sum of exp(scaled scores); +inf for rows that see no key (their out is
             0). lse is not differentiable.
-        backend: "auto" (Triton on CUDA, C++ on CPU), or "triton", "cpp", "ref" to force one.
+        backend: "auto" (the guard's choice for this device and shape class; before any
+            decision, inside torch.compile tracing: Triton on CUDA, C++ on CPU), or one of
+            "triton", "cpp", "ref", "sdpa", "torch_varlen", "flash_attn" to run that one
+            unchecked (the upstream ones return no lse).
+        prefer: with backend="auto", check this backend and use it if correct, without racing
+            it against the others (training's explicit ``attention: triton``).
 
     Returns:
         out (total_q, H, D) in q's dtype, or (out, lse) with ``return_lse``.
@@ -82,12 +106,28 @@ def varlen_attention(
     Example (two packed samples of 3 and 4 tokens, causal):
         >>> out = varlen_attention(q, k, v, cu, cu, 4, 4)            # doctest: +SKIP
     """
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if backend == "auto":
+        return _guarded(args, causal, softmax_scale, window, return_lse, prefer)
     backend = _resolve_backend(q, backend)
-    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, backend)
+    _check_inputs(*args, window, backend)
     left, right = (int(window[0]), int(window[1]))
     if causal:
         right = 0
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if backend in attention_upstream.NAMES:
+        if return_lse:
+            raise ValueError(f"varlen_attention: backend {backend!r} returns no lse; use {_OURS}")
+        faults.before(OP, backend)
+        fn = attention_upstream.FUNCTIONS[backend]
+        window_ = (max(left, -1), max(right, -1))
+        if backend == "sdpa":
+            out = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window_)
+        else:
+            out = fn(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window_, max_seqlen_q, max_seqlen_k
+            )
+        return faults.perturb(OP, backend, out)
     out, lse = torch.ops.pyfast_tune.varlen_attention(
         q,
         k,
@@ -102,6 +142,38 @@ def varlen_attention(
         backend,
     )
     return (out, lse) if return_lse else out
+
+
+def _guarded(args, causal, softmax_scale, window, return_lse, prefer) -> Tensor | tuple:
+    """backend="auto": run the guard's choice; if it fails at run time, the next one."""
+    from pyfast_tune.kernels import guard
+    from pyfast_tune.kernels.guard_ops import attention_shape
+
+    q, k, v = args[:3]
+    if prefer is not None and prefer not in _BACKENDS[1:]:
+        raise ValueError(f"varlen_attention: prefer must be one of {_BACKENDS[1:]}, got {prefer!r}")
+    _check_inputs(*args, window, "ref")  # the caller's mistakes surface as such, not as failures
+    shape = attention_shape(q, k, window, causal)
+    allowed = _OURS if return_lse else None
+    kw = dict(causal=causal, softmax_scale=softmax_scale, window=window, return_lse=return_lse)
+    if tracing(q, k, v):  # nothing may run while tracing: use what was decided eagerly
+        backend = guard.decided(OP, q.device, shape, prefer)
+        if allowed is not None and backend not in allowed:
+            backend = "triton" if q.is_cuda else "cpp"
+        return varlen_attention(*args, **kw, backend=backend)
+    tried = set()
+    backend = guard.choose(OP, q.device, shape, prefer, allowed)
+    while True:
+        try:
+            return varlen_attention(*args, **kw, backend=backend)
+        except _CALLER_ERRORS:
+            raise
+        except Exception as e:
+            tried.add(backend)
+            guard.demote(OP, q.device, shape, prefer, backend, e)
+            backend = guard.choose(OP, q.device, shape, prefer, allowed)
+            if backend in tried:
+                raise
 
 
 def _resolve_backend(q: Tensor, backend: str) -> str:
@@ -163,7 +235,7 @@ def _check_inputs(q, k, v, cu_q, cu_k, max_q, max_k, window, backend) -> None:
         )
     if len(window) != 2:
         raise ValueError(f"varlen_attention: window must be (left, right), got {window!r}")
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and not tracing(q, cu_q, cu_k):  # reads values: not when traced
         for name, cu, total, mx in (("q", cu_q, q.shape[0], max_q), ("k", cu_k, k.shape[0], max_k)):
             lens = cu[1:] - cu[:-1]
             if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lens < 0).any()):
@@ -249,7 +321,9 @@ def _varlen_attention_op(
 ) -> tuple[Tensor, Tensor]:
     """out (total_q, H, D) q.dtype, lse (H, total_q) float32 (float64 for float64 q)."""
     args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return _FWD[backend](q, k, v, *args, softmax_scale, window_left, window_right)
+    faults.before(OP, backend)
+    out, lse = _FWD[backend](q, k, v, *args, softmax_scale, window_left, window_right)
+    return faults.perturb(OP, backend, out), lse
 
 
 @_varlen_attention_op.register_fake
@@ -278,7 +352,9 @@ def _varlen_attention_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv with the shapes and dtypes of q, k, v."""
     args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return _BWD[backend](dout, q, k, v, out, lse, *args, softmax_scale, window_left, window_right)
+    faults.before(OP, backend)
+    grads = _BWD[backend](dout, q, k, v, out, lse, *args, softmax_scale, window_left, window_right)
+    return faults.perturb(OP, backend, tuple(grads))
 
 
 @_varlen_attention_backward_op.register_fake
