@@ -73,6 +73,9 @@ class TrainConfig:
     # unpatched, with transformers' masks from position_ids
     attention: str = "op"
     fused_lora: bool = True
+    # the LM head returns the loss (fused linear cross-entropy, never the tokens x vocabulary
+    # logits); falls back to full logits with a warning where the model does not allow it
+    fused_loss: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     max_length: int = 4096
     deepspeed: str = "zero2"  # preset name (zero1 zero2 zero2_offload zero3 zero3_offload) or JSON

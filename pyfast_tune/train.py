@@ -105,7 +105,7 @@ def _optimizer_step(engine, dataset, order, step, rank, world, normalizer, flops
         # Dropout masks depend on (seed, step, row) only: identical under any world size.
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, row]).generate_state(1)[0]))
         batch = collate([dataset[int(i)] for i in pack_ids], cfg.loss_reduction, normalizer)
-        loss = batch_loss(engine, batch, device)
+        loss = batch_loss(engine, batch, device, fused=cfg.fused_loss)
         # DeepSpeed divides by grad_accum and averages gradients over ranks; undo both so the
         # gradient is that of the global-batch loss (the sum of the rows' shares).
         engine.backward(loss * (len(micro_batches) * world))

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pyfast_tune.trainer.batches import IGNORE, PackedBatch
+from pyfast_tune.trainer.loss_head import fused_loss_head
 
 
 def model_inputs(batch: PackedBatch, device: torch.device | str) -> dict:
@@ -39,11 +40,26 @@ def weighted_loss(
 
 
 def batch_loss(
-    model: torch.nn.Module, batch: PackedBatch, device: torch.device | str
+    model: torch.nn.Module, batch: PackedBatch, device: torch.device | str, fused: bool = True
 ) -> torch.Tensor:
-    """This row's share of the global-batch loss (summing all rows gives the batch loss)."""
-    out = model(**model_inputs(batch, device))
-    logits = out.logits[0]  # (T, V)
+    """This row's share of the global-batch loss (summing all rows gives the batch loss).
+
+    ``fused``: the LM head returns the loss itself (``pyfast_tune.trainer.loss_head``: fused
+    linear cross-entropy, the (T, V) logits never exist) where the model allows it, else —
+    and with ``fused=False`` — the loss of the model's full logits. Both compute the same sum.
+    """
+    inputs = model_inputs(batch, device)
     targets = torch.from_numpy(batch.targets).to(device)
     weights = torch.from_numpy(batch.weights).to(device)
-    return weighted_loss(logits, targets, weights)
+    head = fused_loss_head(model, inputs) if fused else None
+    if head is None:
+        logits = model(**inputs).logits[0]  # (T, V)
+        return weighted_loss(logits, targets, weights)
+    with head.computing_loss(targets, weights):
+        loss = model(**inputs).logits  # what the head returned: the loss
+    if loss.dim() != 0:
+        raise RuntimeError(
+            f"fused loss: the model returned logits of shape {tuple(loss.shape)} where its head "
+            "returned the loss; set fused_loss: false"
+        )
+    return loss

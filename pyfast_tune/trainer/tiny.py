@@ -27,6 +27,7 @@ def make_tiny_llama(
     intermediate_size: int = 128,
     seed: int = 0,
     init_std: float = 0.02,
+    tie_word_embeddings: bool = True,
 ) -> Path:
     """Save a randomly initialised LlamaForCausalLM (and the tokenizer files) at ``out_dir``."""
     import torch
@@ -44,7 +45,7 @@ def make_tiny_llama(
         num_key_value_heads=kv_heads,
         max_position_embeddings=4096,
         use_cache=False,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         initializer_range=init_std,
     )
     model = LlamaForCausalLM(config)

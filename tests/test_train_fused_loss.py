@@ -1,0 +1,189 @@
+"""Training with the fused loss (the LM head returns the loss, never the logits) equals
+training on logits (``fused_loss: false``) step for step, and falls back with one warning
+where it cannot apply. A tiny Llama on generated chats packed by the Rust engine; single
+process, plain AdamW (the DeepSpeed run is at the end, 2 processes under ZeRO-3).
+"""
+
+import json
+import logging
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from pyfast_tune import patch
+from pyfast_tune.trainer import loss_head
+from pyfast_tune.trainer.batches import collate, global_normalizer
+from pyfast_tune.trainer.step import batch_loss
+from tests.conftest import ROOT
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def packed(tiny_tokenizer, tmp_path_factory):
+    from pyfast_tune.data import PackedDataset, pack
+    from pyfast_tune.demo import synth_conversations
+
+    d = tmp_path_factory.mktemp("fused")
+    chats = d / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps(r) for r in synth_conversations(60, seed=3)))
+    pack([chats], d / "packed", tokenizer=tiny_tokenizer, max_length=256, format="openai",
+         template="default")  # fmt: skip
+    return PackedDataset(d / "packed"), d
+
+
+def _model(tok, out, tie: bool, method: str, lora_targets=("q_proj", "v_proj", "down_proj")):
+    from transformers import AutoModelForCausalLM
+
+    from pyfast_tune.trainer.tiny import make_tiny_llama
+
+    path = make_tiny_llama(out, tok, seed=0, init_std=0.3, tie_word_embeddings=tie)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.config.use_cache = False
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=list(lora_targets))
+        model = get_peft_model(model, lora)
+    return patch.apply(model, lora=False)
+
+
+def _train(model, ds, fused: bool) -> list[float]:
+    """STEPS AdamW steps on the same 2 rows of 2 packs (dropout seeded per row); the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for step in range(STEPS):
+        ids = [0, 1, 2, 3]
+        norm = global_normalizer(ds, ids, "token")
+        total = 0.0
+        for row, row_ids in enumerate(np.array_split(np.asarray(ids), 2)):
+            torch.manual_seed(1000 * step + row)
+            batch = collate([ds[int(i)] for i in row_ids], "token", norm)
+            loss = batch_loss(model, batch, "cpu", fused=fused)
+            loss.backward()
+            total += float(loss.detach())
+        opt.step()
+        opt.zero_grad()
+        losses.append(total)
+    return losses
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_fused_training_equals_logits_training(
+    packed, tiny_tokenizer, tmp_path, caplog, tie, method
+):
+    ds, _ = packed
+    runs = {}
+    for fused in (True, False):
+        model = _model(tiny_tokenizer, tmp_path / f"m{fused}", tie, method)
+        with caplog.at_level(logging.INFO, logger=loss_head.__name__):
+            runs[fused] = (_train(model, ds, fused), model)
+    assert "the LM head computes the loss" in caplog.text and "instead" not in caplog.text
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=2e-6)
+    assert runs[True][0][-1] < runs[True][0][0]  # it trains
+    params = dict(runs[False][1].named_parameters())
+    for name, p in runs[True][1].named_parameters():
+        torch.testing.assert_close(p, params[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+            and r.name == loss_head.__name__]  # fmt: skip
+
+
+def _two_losses(model, ds, fused: bool) -> list[float]:
+    out = []
+    for ids in ([0, 1], [2, 3]):
+        batch = collate([ds[i] for i in ids], "token", global_normalizer(ds, ids, "token"))
+        torch.manual_seed(0)
+        out.append(float(batch_loss(model, batch, "cpu", fused=fused)))
+    return out
+
+
+def test_lora_adapted_head_falls_back_with_one_warning(packed, tiny_tokenizer, tmp_path, caplog):
+    ds, _ = packed
+    model = _model(tiny_tokenizer, tmp_path / "m", False, "lora", ("q_proj", "lm_head"))
+    with caplog.at_level(logging.WARNING):
+        fused = _two_losses(model, ds, True)
+    warned = _warnings(caplog)
+    assert len(warned) == 1, warned
+    assert "lora" in warned[0].lower() and "not a plain torch.nn.Linear" in warned[0]
+    assert fused == _two_losses(model, ds, False)  # it is the plain path
+
+
+def test_config_logit_scaling_falls_back(packed, tiny_tokenizer, caplog):
+    """Granite divides logits by config.logits_scaling after lm_head."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from pyfast_tune.trainer.tiny import tokenizer_vocab_size
+
+    ds, _ = packed
+    torch.manual_seed(0)
+    cfg = GraniteConfig(vocab_size=tokenizer_vocab_size(tiny_tokenizer), hidden_size=32,
+                        intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, logits_scaling=4.0, use_cache=False)  # fmt: skip
+    model = patch.apply(GraniteForCausalLM(cfg), lora=False)
+    with caplog.at_level(logging.WARNING):
+        fused = _two_losses(model, ds, True)
+    warned = _warnings(caplog)
+    assert len(warned) == 1 and "logits_scaling=4.0" in warned[0], warned
+    assert fused == _two_losses(model, ds, False)
+
+
+def test_probe_catches_logit_processing_no_config_announces(
+    packed, tiny_tokenizer, tmp_path, caplog
+):
+    from transformers import LlamaForCausalLM
+
+    class Doubled(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    ds, _ = packed
+    base = _model(tiny_tokenizer, tmp_path / "m", True, "full")
+    model = Doubled(base.config)
+    model.load_state_dict(base.state_dict())
+    model = patch.apply(model, lora=False)
+    with caplog.at_level(logging.WARNING):
+        fused = _two_losses(model, ds, True)
+    warned = _warnings(caplog)
+    assert len(warned) == 1 and "transforms the output embedding" in warned[0], warned
+    assert fused == _two_losses(model, ds, False)
+
+
+@pytest.mark.slow
+def test_zero3_full_two_processes_equals_logits(packed, tiny_tokenizer, tmp_path):
+    """DeepSpeed ZeRO-3 (parameters partitioned; the head's weight gathered by its hooks), two
+    processes on CPU, full fine-tuning of an untied head: losses equal step for step."""
+    from pyfast_tune.train import launch_command
+    from pyfast_tune.trainer.metrics import read_metrics
+    from pyfast_tune.trainer.tiny import make_tiny_llama
+
+    ds, d = packed
+    model = make_tiny_llama(tmp_path / "tiny", tiny_tokenizer, seed=0, init_std=0.1,
+                            tie_word_embeddings=False)  # fmt: skip
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {model}\ndata: {d / 'packed'}\nmax_length: 256\nmethod: full\n"
+        "max_steps: 3\nlr: 1.0e-3\nmicro_batch_size: 1\nglobal_batch_size: 4\n"
+        "progress_bar: false\nsave_hf: false\ntensorboard: false\ndeepspeed: zero3\n"
+    )
+    losses = {}
+    for fused in ("true", "false"):
+        out = tmp_path / f"run_{fused}"
+        cmd = launch_command(config, nproc=2, extra_args=["--output_dir", str(out),
+                                                          "--fused_loss", fused])  # fmt: skip
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        if fused == "true":
+            assert "the LM head computes the loss" in proc.stderr
+        losses[fused] = [m["loss"] for m in read_metrics(out / "metrics.jsonl")]
+    assert len(losses["true"]) == 3
+    np.testing.assert_allclose(losses["true"], losses["false"], rtol=1e-5)
