@@ -3,6 +3,7 @@
 pyfast-tune pack data/ --out packed/ --tokenizer tok/ --max-length 4096 --template qwen_chat
 pyfast-tune verify packed/
 pyfast-tune templates | formats
+pyfast-tune doctor --json
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Callable
 
 from pyfast_tune.cli_workflow import REGISTRARS as _workflow_registrars
+from pyfast_tune.doctor import add_parser as _add_doctor
 
 EPILOG_PACK = """examples:
   pyfast-tune pack data/ --out packed/ --tokenizer tok/ --max-length 4096 --template qwen_chat
@@ -320,6 +322,7 @@ def _cmd_merge(args) -> int:
 REGISTRARS: list[Callable] = [_add_pack, _add_verify, _add_lists, _add_order, _add_merge]
 # inspect, train, convert, merge, chat (issue 5) live in cli_workflow.py.
 REGISTRARS += _workflow_registrars
+REGISTRARS.append(_add_doctor)  # doctor.py: kernel checks on this machine
 
 
 def build_parser() -> argparse.ArgumentParser:

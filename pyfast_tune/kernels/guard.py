@@ -305,7 +305,7 @@ def evaluate(
                     )
             checks.append(check)
         if race:
-            timed = [c for c in checks if c.ok]
+            timed = [c for c in checks if c.ok and c.raced]
             if timed:
                 tcase = op.case(device, shape, True, torch.Generator().manual_seed(seed + 1))
                 for c in timed:
@@ -538,8 +538,16 @@ def decide(op_name: str, device: torch.device, shape: dict, prefer: str | None =
         return decision
 
 
-def _check_and_race(op: Op, device: torch.device, shape: dict, prefer: str | None) -> Decision:
-    candidates = [b for b in op.backends(device) if op.raced(b, device)]
+def check_now(op_name: str, device: torch.device, shape: dict) -> Decision:
+    """Check every backend (those the race skips here too, e.g. Triton in the interpreter) and
+    race the raced ones, bypassing and leaving alone every cache; logs nothing. For doctor."""
+    return _check_and_race(get_op(op_name), torch.device(device), shape, None, unraced=True)
+
+
+def _check_and_race(
+    op: Op, device: torch.device, shape: dict, prefer: str | None, unraced: bool = False
+) -> Decision:
+    candidates = [b for b in op.backends(device) if unraced or op.raced(b, device)]
     checks: list[Check] = []
     chosen = None
     if prefer is not None:
@@ -549,7 +557,7 @@ def _check_and_race(op: Op, device: torch.device, shape: dict, prefer: str | Non
         candidates = [b for b in candidates if b != prefer]
     if chosen is None:
         checks += evaluate(op, device, shape, candidates, race=True)
-        ok = [c for c in checks if c.ok and c.ms is not None]
+        ok = [c for c in checks if c.ok and c.raced and c.ms is not None]
         if ok:
             chosen = min(ok, key=lambda c: c.ms).backend
     if chosen is None:
