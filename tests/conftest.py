@@ -16,8 +16,10 @@ os.environ.setdefault(
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-NO_SHARED = "../shared/data is absent (only the project's own machines have it); the core tests generate their own data"
+# PYFAST_TUNE_SHARED_DATA points elsewhere (a path that does not exist shows exactly what a
+# fresh clone with nothing beside it runs and skips).
+SHARED = Path(os.environ.get("PYFAST_TUNE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+NO_SHARED = f"{SHARED} is absent (only the project's own machines have it); the core tests generate their own data"
 
 
 def shared_path(*parts: str) -> Path:
@@ -41,3 +43,34 @@ def tiny_tokenizer(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     make_tokenizer(synth_conversations(300, seed=1), d)
     return d
+
+
+@pytest.fixture(scope="session")
+def generated_chats(tmp_path_factory):
+    """OpenAI-style chats of the demo's generated world (JSONL), the data the tiny tokenizer
+    was trained on plus more: what training, export and workflow tests run on, so they run
+    on any clone."""
+    from pyfast_tune.demo import synth_conversations, write_jsonl
+
+    return write_jsonl(synth_conversations(400, seed=2), tmp_path_factory.mktemp("chats") / "chats.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_bos(tiny_tokenizer, tmp_path_factory):
+    """The tiny tokenizer with a BOS token (``<|im_start|>``, as SmolLM2's config has), so the
+    BOS rules of encoding are exercised too."""
+    import json
+    import shutil
+
+    d = tmp_path_factory.mktemp("tok_bos")
+    shutil.copy(tiny_tokenizer / "tokenizer.json", d / "tokenizer.json")
+    config = json.loads((tiny_tokenizer / "tokenizer_config.json").read_text())
+    config["bos_token"] = "<|im_start|>"
+    (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return d
+
+
+@pytest.fixture(params=["tiny_tokenizer", "tiny_tokenizer_bos"])
+def generated_tokenizer(request):
+    """Each generated tokenizer in turn: without and with a BOS token."""
+    return request.getfixturevalue(request.param)

@@ -8,7 +8,6 @@ import torch
 
 from pyfast_tune.chat import ChatSession, HfFormat, TemplateFormat, generate, py_format
 from pyfast_tune.data import PackedDataset, pack, templates
-from tests.conftest import shared_path
 
 TEMPLATES = {t["name"]: t for t in templates()}
 CONVERSATIONS = [
@@ -35,10 +34,12 @@ def test_py_format_is_single_pass_with_escapes():
 @pytest.mark.parametrize("template", ["default", "internlm2_chat", "qwen_chat", "llama3_chat",
                                       "zephyr", "chatglm2"])  # fmt: skip
 @pytest.mark.parametrize("system", [None, SYSTEM])
-def test_prompt_encoding_equals_the_packed_training_sample(tmp_path, template, system):
+def test_prompt_encoding_equals_the_packed_training_sample(
+    tmp_path, template, system, generated_tokenizer
+):
     """Every conversation, encoded by chat's formatter, is the packed sample token for token
     (ids and trained mask); the prompt for the last turn is its prefix up to the answer."""
-    tok = shared_path("tokenizers", "smollm2")
+    tok = generated_tokenizer
     src = tmp_path / "c.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in _records(system)))
     pack([src], tmp_path / "p", tokenizer=tok, max_length=4096, format="openai", template=template)
@@ -56,10 +57,10 @@ def test_prompt_encoding_equals_the_packed_training_sample(tmp_path, template, s
         assert trained[len(prompt)] and not trained[len(prompt) - 1]  # the answer starts there
 
 
-def test_hf_prompt_is_the_prefix_of_the_hf_training_sample(tmp_path):
+def test_hf_prompt_is_the_prefix_of_the_hf_training_sample(tmp_path, generated_tokenizer):
     """--template hf: the generation prompt of the last turn is how `pack --template hf`
     encodes the conversation up to that answer (the engine's own Jinja renderer)."""
-    tok = shared_path("tokenizers", "smollm2")
+    tok = generated_tokenizer
     src = tmp_path / "c.jsonl"
     src.write_text(json.dumps(next(_records(SYSTEM))) + "\n")
     pack([src], tmp_path / "p", tokenizer=tok, max_length=4096, format="openai", template="hf")
@@ -158,11 +159,11 @@ def test_session_keeps_history_in_the_training_format(tiny_model):
         ChatSession(tiny_model, template="no_such_template")
 
 
-def test_template_none_prompt_is_the_pretraining_encoding(tmp_path):
+def test_template_none_prompt_is_the_pretraining_encoding(tmp_path, generated_tokenizer):
     """--template none continues raw text: BOS + text, as `pack --format pretrain` trains it."""
     from pyfast_tune.chat import RawFormat
 
-    tok = shared_path("tokenizers", "smollm2")
+    tok = generated_tokenizer
     text = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)"
     (tmp_path / "t.jsonl").write_text(json.dumps({"text": text}) + "\n")
     pack([tmp_path / "t.jsonl"], tmp_path / "p", tokenizer=tok, max_length=512,

@@ -14,19 +14,19 @@ from safetensors.torch import load_file
 from pyfast_tune.cli import main as cli
 from pyfast_tune.export import convert, resolve_checkpoint
 from pyfast_tune.train import launch_command
-from tests.conftest import ROOT, shared_path
+from tests.conftest import ROOT
 
 STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_tokenizer, generated_chats):
     from pyfast_tune.data import pack
     from pyfast_tune.trainer.tiny import make_tiny_llama, trimmed_conversations
 
-    tok = shared_path("tokenizers", "smollm2")
+    tok = tiny_tokenizer
     d = tmp_path_factory.mktemp("export")
-    jsonl = trimmed_conversations(shared_path("chitchat.jsonl"), d / "c.jsonl", records=40, turns=2)
+    jsonl = trimmed_conversations(generated_chats, d / "c.jsonl", records=40, turns=2)
     pack([jsonl], d / "packed", tokenizer=tok, max_length=256, format="openai", template="default")
     model = make_tiny_llama(d / "tiny", tok, seed=0, init_std=0.1)
     config = d / "run.yaml"
@@ -80,7 +80,7 @@ def test_zero3_full_checkpoint_reloads_to_the_live_weights(setup, zero3_full, tm
 def test_zero3_convert_dtype_and_shards(zero3_full, tmp_path):
     out = tmp_path / "bf16"
     convert(zero3_full / "checkpoints" / f"step_{STEPS:08d}", out, dtype="bf16",
-            max_shard_size="1MB")  # fmt: skip
+            max_shard_size="64KB")  # fmt: skip
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1

@@ -1,6 +1,6 @@
 """Packed training is exact: a packed row gives the loss and gradients of its samples run one by
-one. Real conversations (chitchat) packed by the Rust engine with the SmolLM2 tokenizer, and a
-tiny Llama built from a config. Single process, no DeepSpeed."""
+one. Generated conversations packed by the Rust engine with a tokenizer trained on them (so it
+runs on any clone), and a tiny Llama built from a config. Single process, no DeepSpeed."""
 
 import copy
 
@@ -12,16 +12,14 @@ import torch.nn.functional as F
 from pyfast_tune import patch
 from pyfast_tune.trainer.batches import IGNORE, collate, global_normalizer
 from pyfast_tune.trainer.step import batch_loss, model_inputs
-from tests.conftest import shared_path
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory):
+def packed(tmp_path_factory, tiny_tokenizer, generated_chats):
     from pyfast_tune.data import PackedDataset, pack
     from pyfast_tune.trainer.tiny import trimmed_conversations
 
-    tok = shared_path("tokenizers", "smollm2")
-    src = shared_path("chitchat.jsonl")
+    tok, src = tiny_tokenizer, generated_chats
     d = tmp_path_factory.mktemp("packed")
     jsonl = trimmed_conversations(src, d / "chat.jsonl", records=40, turns=4)
     pack([jsonl], d / "packed", tokenizer=tok, max_length=256, format="openai", template="default")
@@ -35,7 +33,7 @@ def tiny_model(packed, tmp_path_factory):
     from pyfast_tune.trainer.tiny import make_tiny_llama
 
     # A wide init makes predictions depend strongly on context (a 0.02 init is near-uniform
-    # over 49k tokens), so a leak across samples shows in the loss.
+    # over the vocabulary), so a leak across samples shows in the loss.
     path = make_tiny_llama(tmp_path_factory.mktemp("tiny"), packed[1], seed=0, init_std=0.3)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.config.use_cache = False
@@ -104,7 +102,8 @@ def test_packed_equals_unpacked_loss_and_gradients(packed, tiny_model, reduction
 
 
 def test_the_comparison_catches_leaks_across_samples(packed, tiny_model):
-    """The two ways packing usually goes wrong change the loss far beyond the tolerance above."""
+    """The two ways packing usually goes wrong change the loss far beyond the tolerance above
+    (1e-5): by more than 100 times it."""
     ds, _ = packed
     pack_ids = _multi_sample_packs(ds, 3)
     ref_loss, _ = _reference(copy.deepcopy(tiny_model), ds, pack_ids, "token")
@@ -121,7 +120,7 @@ def test_the_comparison_catches_leaks_across_samples(packed, tiny_model):
         logits, torch.from_numpy(batch.targets), ignore_index=IGNORE, reduction="none"
     )
     leaky_attention = ((ce * weights).sum() / weights.sum()).detach()
-    assert abs(float(leaky_attention) - float(ref_loss)) > 1e-2
+    assert abs(float(leaky_attention) - float(ref_loss)) > 1e-3
 
     # 2. Labels cross samples: a plain labels[1:] shift over the packed row, pretraining-style
     # data (every token trained) so the first token of each sample becomes a target.
@@ -133,7 +132,7 @@ def test_the_comparison_catches_leaks_across_samples(packed, tiny_model):
     keep = torch.ones(len(ids) - 1, dtype=torch.bool)
     keep[torch.from_numpy(cu[1:-1].astype(np.int64)) - 1] = False  # per-sample shift
     exact = F.cross_entropy(logits[:-1][keep], ids[1:][keep])
-    assert abs(float(naive) - float(exact)) > 1e-2
+    assert abs(float(naive) - float(exact)) > 1e-3
 
 
 def test_qlora_trains_on_cpu(packed, tmp_path):

@@ -1,6 +1,7 @@
-"""The README walk-through on real data: pack chitchat (SmolLM2 tokenizer) -> inspect -> train a
-tiny Llama with LoRA under ZeRO-2 on 2 CPU processes (`pyfast-tune train`) -> convert -> merge
--> `chat --prompt`: the merged model answers exactly as base + adapter. Plus the demo."""
+"""The README walk-through on generated chats and a tokenizer trained on them (so it runs on any
+clone): pack -> inspect -> train a tiny Llama with LoRA under ZeRO-2 on 2 CPU processes
+(`pyfast-tune train`) -> convert -> merge -> `chat --prompt`: the merged model answers exactly
+as base + adapter. Plus the demo."""
 
 import json
 import shutil
@@ -11,19 +12,18 @@ from safetensors.torch import load_file
 
 from pyfast_tune.cli import main as cli
 from pyfast_tune.export import convert, load_zero_state, resolve_checkpoint
-from tests.conftest import shared_path
 
 STEPS = 4
 QUESTION = "What is your favorite book series?"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_tokenizer, generated_chats):
     from pyfast_tune.trainer.tiny import make_tiny_llama, trimmed_conversations
 
-    tok = shared_path("tokenizers", "smollm2")
+    tok = tiny_tokenizer
     d = tmp_path_factory.mktemp("workflow")
-    jsonl = trimmed_conversations(shared_path("chitchat.jsonl"), d / "chat.jsonl", 120, turns=4)
+    jsonl = trimmed_conversations(generated_chats, d / "chat.jsonl", 120, turns=4)
     assert cli(["pack", str(jsonl), "--out", str(d / "packed"), "--tokenizer", str(tok),
                 "--max-length", "256", "--format", "openai", "--template", "default"]) == 0  # fmt: skip
     model = make_tiny_llama(d / "tiny", tok, seed=0, init_std=0.1)
