@@ -28,30 +28,10 @@ PACKAGES = ("torch", "triton", "deepspeed", "transformers", "peft", "bitsandbyte
 
 
 def shape_classes(op: str, device_type: str) -> list[dict]:
-    """The shape classes doctor checks: the common model shapes per dtype on this device."""
-    cuda = device_type == "cuda"
-    if op == "varlen_attention":
-        dtypes = ("bfloat16", "float16", "float32") if cuda else ("float32", "bfloat16")
-        found = []
-        for dtype in dtypes:
-            found.append({"dtype": dtype, "head_dim": 128, "gqa": 4, "window": [-1, 0]})
-            found.append({"dtype": dtype, "head_dim": 64, "gqa": 1, "window": [-1, 0]})
-        found.append({"dtype": dtypes[0], "head_dim": 128, "gqa": 4, "window": [4095, 0]})
-        return found
-    if op == "lora_linear":
-        half = ("bfloat16", "float16") if cuda else ("bfloat16",)
-        found = [{"dtype": "float32", "adapter_dtype": "float32", "rank": 16, "four_bit": False}]
-        for dtype in half:  # peft keeps adapters in fp32 on a half-precision model
-            found.append(
-                {"dtype": dtype, "adapter_dtype": "float32", "rank": 16, "four_bit": False}
-            )
-        found.append({"dtype": half[0], "adapter_dtype": half[0], "rank": 64, "four_bit": False})
-        found.append({"dtype": half[0], "adapter_dtype": "float32", "rank": 16, "four_bit": True})
-        return found
+    """The shape classes doctor checks for ``op``: common model shapes per dtype."""
     from pyfast_tune.kernels import guard
 
-    op_obj = guard.get_op(op)
-    return list(getattr(op_obj, "doctor_shapes", lambda device_type: [])(device_type))
+    return guard.get_op(op).doctor_shapes(device_type)
 
 
 def versions() -> dict:

@@ -284,3 +284,18 @@ def test_training_under_a_fault_matches_the_reference_path(tiny_run, ref_losses,
     # moves with buffer alignment, which the guard's own allocations shift (seen at 1e-7).
     torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=0)
     assert re.search(r"varlen_attention .*backend 'cpp' rejected", log), log[-3000:]
+
+
+# --- the fused linear cross-entropy joins through one registration --------------------------
+
+
+def test_linear_cross_entropy_is_checked_and_never_races_the_logits(monkeypatch):
+    shape = {"dtype": "float32", "softcap": False}
+    decision = guard.decide("linear_cross_entropy", CPU, shape)
+    by = {c.backend: c for c in decision.checks}
+    assert by["torch"].ok and decision.chosen == "torch"  # ref holds the logits: not raced
+    guard.forget()
+    monkeypatch.setenv(faults.ENV, "linear_cross_entropy.torch=wrong")
+    decision = guard.decide("linear_cross_entropy", CPU, shape)
+    assert {c.backend: c.ok for c in decision.checks}["torch"] is False
+    assert decision.chosen == "ref"  # checked and correct: the plain fallback

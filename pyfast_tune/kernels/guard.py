@@ -99,6 +99,10 @@ class Op:
         """Used unchecked when no backend passes (the plainest implementation)."""
         raise NotImplementedError
 
+    def doctor_shapes(self, device_type: str) -> list[dict]:
+        """The shape classes ``pyfast-tune doctor`` checks on this device type."""
+        return []
+
     def default(self, device: torch.device) -> str:
         """Used while tracing (torch.compile, fake tensors) when no decision exists yet."""
         raise NotImplementedError
@@ -560,7 +564,10 @@ def _check_and_race(
         ok = [c for c in checks if c.ok and c.raced and c.ms is not None]
         if ok:
             chosen = min(ok, key=lambda c: c.ms).backend
-    if chosen is None:
+    fallback_ok = any(c.backend == op.fallback(device) and c.ok for c in checks)
+    if chosen is None and fallback_ok:  # checked, correct, just not in the race (e.g. ref)
+        chosen = op.fallback(device)
+    elif chosen is None:
         chosen = op.fallback(device)
         log.warning(
             "guard: no backend of %s passed on %s (%s); using '%s' unchecked",

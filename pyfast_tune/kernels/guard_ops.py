@@ -10,6 +10,9 @@ Shape classes:
   (right 0 = causal). The small case clips a window's left bound to 9 so it bites.
 - ``lora_linear``: dtype (x, W), adapter_dtype (A, B: peft keeps them in fp32 on a bf16
   model), rank, four_bit (a bitsandbytes NF4 base weight).
+- ``linear_cross_entropy``: dtype, softcap (whether logits are soft-capped).
+
+``doctor_shapes`` lists the classes ``pyfast-tune doctor`` checks on a device type.
 """
 
 from __future__ import annotations
@@ -85,6 +88,17 @@ class VarlenAttention(Op):
 
     def fallback(self, device):
         return "sdpa"
+
+    def doctor_shapes(self, device_type):
+        dtypes = (
+            ("bfloat16", "float16", "float32") if device_type == "cuda" else ("float32", "bfloat16")
+        )
+        found = []
+        for dtype in dtypes:
+            found.append({"dtype": dtype, "head_dim": 128, "gqa": 4, "window": [-1, 0]})
+            found.append({"dtype": dtype, "head_dim": 64, "gqa": 1, "window": [-1, 0]})
+        found.append({"dtype": dtypes[0], "head_dim": 128, "gqa": 4, "window": [4095, 0]})
+        return found
 
     def default(self, device):
         return "triton" if device.type == "cuda" else "cpp"
@@ -215,6 +229,17 @@ class LoraLinear(Op):
     def fallback(self, device):
         return "peft"
 
+    def doctor_shapes(self, device_type):
+        half = ("bfloat16", "float16") if device_type == "cuda" else ("bfloat16",)
+        found = [{"dtype": "float32", "adapter_dtype": "float32", "rank": 16, "four_bit": False}]
+        for dtype in half:  # peft keeps adapters in fp32 on a half-precision model
+            found.append(
+                {"dtype": dtype, "adapter_dtype": "float32", "rank": 16, "four_bit": False}
+            )
+        found.append({"dtype": half[0], "adapter_dtype": half[0], "rank": 64, "four_bit": False})
+        found.append({"dtype": half[0], "adapter_dtype": "float32", "rank": 16, "four_bit": True})
+        return found
+
     def default(self, device):
         return "triton" if device.type == "cuda" else "torch"
 
@@ -266,5 +291,81 @@ class LoraLinear(Op):
         return [y, *torch.autograd.grad(y, (x, A, B), case["dy"])]
 
 
+# ---------------------------------------------------------------------------------------
+# fused linear cross-entropy (the LM head's loss without the logits)
+
+
+class LinearCrossEntropy(Op):
+    """Our chunked op (``triton``, ``torch``) against ``ref``: PyTorch's own
+    ``F.cross_entropy`` over the whole logits in the same dtype, the upstream baseline (checked,
+    not raced). Faults are injected here, around the op, for all three."""
+
+    name = "linear_cross_entropy"
+    outputs = ("loss", "dhidden", "dweight")
+
+    def backends(self, device):
+        if device.type == "cuda":
+            return ["triton", "torch", "ref"]
+        return ["torch", *(["triton"] if _interpreting() else []), "ref"]
+
+    def upstreams(self, device):
+        return ["ref"]
+
+    def raced(self, backend, device):
+        # ref is the baseline, never a choice: it holds the (T, V) logits the op exists to avoid
+        return backend != "ref" and not (backend == "triton" and device.type != "cuda")
+
+    def unavailable(self, backend, device, shape):
+        if backend == "triton":
+            if self.dtype(shape) == torch.float64:
+                return "the Triton kernels take fp16/bf16/fp32"
+            return _triton_unavailable(device)
+        return None
+
+    def fallback(self, device):
+        return "ref"
+
+    def default(self, device):
+        return "triton" if device.type == "cuda" else "torch"
+
+    def doctor_shapes(self, device_type):
+        dtypes = ("bfloat16", "float32") if device_type == "cuda" else ("float32", "bfloat16")
+        return [{"dtype": d, "softcap": False} for d in dtypes] + [
+            {"dtype": dtypes[0], "softcap": True}
+        ]
+
+    def case(self, device, shape, timing, generator):
+        dtype = self.dtype(shape)
+        if timing:
+            T, H, V = (8192, 4096, 32000) if device.type == "cuda" else (256, 256, 8192)
+        else:
+            T, H, V = 37, 64, 1000
+        targets = torch.randint(0, V, (T,), generator=generator)
+        targets[::5] = -100  # ignored tokens (prompt, padding)
+        return {
+            "hidden": _randn(generator, (T, H), dtype, device),
+            "weight": _randn(generator, (V, H), dtype, device, H**-0.5),
+            "targets": targets.to(device),
+            "softcap": 30.0 if shape["softcap"] else None,
+        }
+
+    def reference(self, case):
+        from pyfast_tune.kernels.linear_cross_entropy_ref import linear_cross_entropy_ref
+
+        h, w = (case[n].detach().double().requires_grad_() for n in ("hidden", "weight"))
+        loss = linear_cross_entropy_ref(h, w, case["targets"], softcap=case["softcap"])
+        return [loss.detach(), *torch.autograd.grad(loss, (h, w))]
+
+    def run(self, backend, case):
+        from pyfast_tune.kernels.linear_cross_entropy import linear_cross_entropy
+
+        faults.before(self.name, backend)
+        h, w = (case[n].detach().clone().requires_grad_() for n in ("hidden", "weight"))
+        loss = linear_cross_entropy(h, w, case["targets"], softcap=case["softcap"], backend=backend)
+        grads = torch.autograd.grad(loss, (h, w))
+        return list(faults.perturb(self.name, backend, (loss, *grads)))
+
+
 register(VarlenAttention())
 register(LoraLinear())
+register(LinearCrossEntropy())
