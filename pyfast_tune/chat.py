@@ -94,7 +94,8 @@ class TemplateFormat:
         for i, (query, answer) in enumerate(turns):
             text = py_format(t["instruction"], input=query, round=str(i + 1))
             if i == 0 and self.system:
-                text = py_format(t["system"], system=self.system) + text
+                # A template without SYSTEM (minicpm) takes "{system}\n", as XTuner's chat hook.
+                text = py_format(t["system"] or "{system}\n", system=self.system) + text
             if needs_bos:
                 push(self.bos, False)
             push(self.encode(text), False)

@@ -1,7 +1,7 @@
-"""XTuner's open-source instruction formats (issue 6) against an independent Python statement
-of their map_fns, run through XTuner's template_map_fn and encode_fn (tests/xtuner_ref.py),
-on hand-made records that reach every branch; plus auto detection, column remapping, the
-Python map_fn slow path and LLaVA's image side table."""
+"""XTuner 0.2.0's instruction formats against an independent Python statement of its map_fns,
+template_map_fn and encode_fn (tests/xtuner_ref.py), on hand-made records that reach every
+branch, under every prompt template; plus auto detection, column remapping, the Python map_fn
+slow path, LLaVA's image side table, and the shared data turned into alpaca/ShareGPT records."""
 
 from __future__ import annotations
 
@@ -10,104 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from xtuner_ref import TEMPLATES, RefTokenizer, encode_fn, template_map_fn
+from xtuner_ref import TEMPLATES, RefTokenizer, reference_samples
 
 from pyfast_tune.cli import main as cli
-from pyfast_tune.data import DataFormatError, PackedDataset, formats, pack
+from pyfast_tune.data import DataFormatError, PackedDataset, formats, pack, templates
 
 IGNORE = -100
-CODER = (
-    "You are a professional programer. Please provide the corresponding code based on "
-    "the description of Human.\n"
-)
-MEDICAL = "如果你是一名医生，请根据患者的描述回答医学问题。\n"
-ARXIV = (
-    "If you are an expert in writing papers, please generate a good paper title for this "
-    "paper based on other authors' descriptions of their abstracts.\n"
-)
-COLORIST = (
-    "You are a professional color designer. Please provide the corresponding colors "
-    "based on the description of Human.\n"
-)
-LAWYER = "你现在是一名专业的中国律师，请根据用户的问题给出准确、有理有据的回复。\n"
-SQL = (
-    "If you are an expert in SQL, please generate a good SQL Query for Question based on the "
-    "CREATE TABLE statement.\n"
-)
 
-
-def one(system, inp, out):
-    turn = {"input": inp, "output": out}
-    if system is not None:
-        turn["system"] = system
-    return {"conversation": [turn]}
-
-
-def oasst1(e):
-    data = []
-    for sentence in e["text"].strip().split("###"):
-        sentence = sentence.strip()
-        if sentence[:6] == "Human:":
-            data.append(sentence[6:].strip())
-        elif sentence[:10] == "Assistant:":
-            data.append(sentence[10:].strip())
-    if len(data) % 2:
-        data.pop()
-    return {
-        "conversation": [{"input": data[i], "output": data[i + 1]} for i in range(0, len(data), 2)]
-    }
-
-
-def wizardlm(e):
-    data = e["conversations"]
-    while data and data[0]["from"] != "human":
-        data = data[1:]
-    if len(data) % 2:
-        data = data[:-1]
-    conv = []
-    for i in range(0, len(data), 2):
-        assert data[i]["from"] == "human" and data[i + 1]["from"] == "gpt"
-        conv.append({"input": data[i]["value"], "output": data[i + 1]["value"]})
-    return {"conversation": conv}
-
-
-def llava(e):
-    msgs, inp, conv = e["conversations"], "", []
-    while msgs and msgs[0]["from"] == "gpt":
-        msgs = msgs[1:]
-    for m in msgs:
-        if m["from"] == "human":
-            v = m["value"]
-            if "<image>" in v:
-                v = ("<image>\n" + v.replace("<image>", "").strip()).strip()
-            inp += v
-        elif m["from"] == "gpt":
-            conv.append({"input": inp, "output": m["value"]})
-            inp = ""
-        else:
-            raise NotImplementedError
-    return {"conversation": conv}
-
-
-MAP_FNS = {
-    "alpaca_zh": lambda e: one(None, f"{e['instruction_zh']}\n{e['input_zh']}", e["output_zh"]),
-    "oasst1": oasst1,
-    "code_alpaca": lambda e: one(CODER, e["prompt"], e["completion"]),
-    "medical": lambda e: one(MEDICAL, "{instruction}\n{input}".format(**e), e["output"]),
-    "tiny_codes": lambda e: one(CODER, e["prompt"], e["response"]),
-    "default": lambda e: one(None, e["input"], e["output"]),
-    "wizardlm": wizardlm,
-    "openorca": lambda e: one(e["system_prompt"], e["question"], e["response"]),
-    "stack_exchange": lambda e: one(None, e["question"], e["response"]),
-    "arxiv": lambda e: one(ARXIV, e["abstract"], e["title"]),
-    "colors": lambda e: one(
-        COLORIST, ":".join(e["description"].split(":")[1:]).strip(), e["color"]
-    ),
-    "law_reference": lambda e: one(LAWYER, e["question"], e["answer"]),
-    "crime_kg_assitant": lambda e: one(LAWYER, e["input"], e["output"]),
-    "sql": lambda e: one(SQL, "{context}\n{question}".format(**e), e["answer"]),
-    "llava": llava,
-}
 
 # Hand-made records per format; together they reach every branch of the map_fns.
 RECORDS = {
@@ -135,14 +44,57 @@ RECORDS = {
         {
             "conversations": [
                 {"from": "gpt", "value": "lead"},
+                {"from": "gpt", "value": None},  # leading gpt messages are not read
                 {"from": "human", "value": "q1"},
                 {"from": "gpt", "value": "a1"},
-                {"from": "human", "value": "q2"},
+                {"from": "human", "value": "q2 part one. "},
+                {"from": "human", "value": "Part two"},  # joined with no separator
                 {"from": "gpt", "value": "a2"},
-                {"from": "human", "value": "tail"},
+                {"from": "gpt", "value": "a3"},  # a turn with an empty input
+                {"from": "human", "value": "tail"},  # dropped
             ]
         },
         {"conversations": [{"from": "human", "value": "only"}]},
+        {"conversations": []},
+    ],
+    "alpaca": [
+        {"instruction": "Name a color.", "input": "", "output": "Blue."},
+        {"instruction": "Add", "input": "1+1", "output": "2"},
+        {"instruction": "Drop me", "input": "", "output": "<nooutput>"},
+        {"instruction": "Null input", "input": None, "output": "reads None"},
+    ],
+    "openai": [
+        {
+            "messages": [
+                {"role": "assistant", "content": "skipped"},
+                {"role": "system", "content": "S"},
+                {"role": "user", "content": "a"},
+                {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "untrained", "loss": "False"},
+                {"role": "user", "content": "c"},
+                {"role": "assistant", "content": "null loss is no loss", "loss": None},
+                {"role": "user", "content": "d"},
+                {"role": "assistant", "content": "trained", "loss": "TRUE"},
+                {"role": "user", "content": "dangling"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "system", "content": None},
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": "y"},
+            ]
+        },
+    ],
+    "conversation": [
+        {
+            "conversation": [
+                {"system": "S", "input": "a", "output": "b"},
+                {"input": None, "output": "c", "output_with_loss": "false"},  # truthy
+                {"input": "d", "output": "e", "output_with_loss": 0},
+            ]
+        },
+        {"conversation": [{"system": None, "input": "q", "output": "o", "output_with_loss": None}]},
     ],
     "openorca": [
         {"system_prompt": "", "question": "Empty system", "response": "ok"},
@@ -183,68 +135,9 @@ RECORDS = {
     ],
 }
 
-EXTRA_TEMPLATES = {
-    # SUFFIX without SUFFIX_AS_EOS (output gets the suffix and the EOS)
-    "gemma": dict(
-        SYSTEM="<start_of_turn>system\n{system}<end_of_turn>\n",
-        INSTRUCTION="<start_of_turn>user\n{input}<end_of_turn>\n<start_of_turn>model\n",
-        SUFFIX="<end_of_turn>",
-        SUFFIX_AS_EOS=False,
-        SEP="\n",
-    ),
-    # {round} in the instruction
-    "chatglm2": dict(
-        SYSTEM="{system}\n", INSTRUCTION="[Round {round}]\n\n问：{input}\n\n答：", SEP="\n\n"
-    ),
-}
-
 
 def reference(records, fmt, template, tok, max_length=10**9):
-    out = []
-    tmpl = TEMPLATES.get(template) or EXTRA_TEMPLATES.get(template)
-    for idx, rec in enumerate(records):
-        conv = MAP_FNS[fmt](json.loads(json.dumps(rec)))
-        if not conv["conversation"]:
-            continue
-        if tmpl is not None:
-            conv = template_map_fn(conv, tmpl)
-        if fmt == "llava":
-            enc = llava_encode(conv, tok, max_length)
-        else:
-            enc = encode_fn(conv, tok, max_length)
-        if any(x >= 0 for x in enc["labels"]):
-            out.append((idx, enc["input_ids"], enc["labels"]))
-    return out
-
-
-def llava_encode(conv, tok, max_length):
-    """XTuner's encode_fn with with_image_token=True: an input holding '<image>' is split
-    there, both halves tokenized alone, IMAGE_TOKEN_INDEX (-200) between them."""
-    ids, labels, needs_bos = [], [], True
-    for turn in conv["conversation"]:
-        if "<image>" in turn["input"]:
-            chunks = [tok.encode(c) for c in turn["input"].split("<image>")]
-            assert len(chunks) == 2
-            enc = chunks[0] + [-200] + chunks[1]
-        else:
-            enc = tok.encode(turn["input"])
-        if needs_bos:
-            ids += tok.bos
-            labels += [IGNORE] * len(tok.bos)
-        ids += enc
-        labels += [IGNORE] * len(enc)
-        out = tok.encode(turn["output"])
-        ids += out
-        labels += out
-        needs_bos = turn.get("need_eos_token", True)
-        if needs_bos:
-            ids += tok.eos
-            labels += tok.eos
-        if turn.get("sep", ""):
-            sep = tok.encode(turn["sep"])
-            ids += sep
-            labels += [IGNORE] * len(sep)
-    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+    return reference_samples(records, fmt, template, tok, max_length)
 
 
 def assert_same(ds: PackedDataset, expected, what):
@@ -266,7 +159,7 @@ def write_jsonl(path: Path, records) -> Path:
 # image splitting once.
 CASES = [
     (f, t)
-    for f in sorted(MAP_FNS)
+    for f in sorted(RECORDS)
     if f != "llava"
     for t in ("qwen_chat", "default", "gemma", "chatglm2")
 ] + [("llava", "qwen_chat")]
@@ -456,18 +349,135 @@ def test_python_map_fn_slow_path(tmp_path, tiny_tokenizer):
     np.testing.assert_array_equal(ds.sample(1)["input_ids"], expected[1][1])
 
 
-def test_wizardlm_out_of_order_roles_is_a_named_record_error(tmp_path, tiny_tokenizer):
-    bad = write_jsonl(
-        tmp_path / "w.jsonl",
-        [
-            {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
-            {"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]},
-        ],
-    )
-    with pytest.raises(DataFormatError, match=r"w.jsonl:2 \(record 1\).*alternating"):
+def test_wizardlm_unknown_from_is_a_named_record_error(tmp_path, tiny_tokenizer):
+    two_humans = {
+        "conversations": [
+            {"from": "human", "value": "a"},
+            {"from": "human", "value": "b"},
+            {"from": "gpt", "value": "c"},
+        ]
+    }
+    system = {
+        "conversations": [
+            {"from": "human", "value": "a"},
+            {"from": "gpt", "value": "b"},
+            {"from": "system", "value": "s"},
+        ]
+    }
+    bad = write_jsonl(tmp_path / "w.jsonl", [two_humans, system])
+    with pytest.raises(
+        DataFormatError, match=r'w.jsonl:2 \(record 1\).*conversations\[2\].*"system"'
+    ):
         pack(bad, tmp_path / "p", tokenizer=tiny_tokenizer, format="wizardlm")
     st = pack(bad, tmp_path / "p", tokenizer=tiny_tokenizer, format="sharegpt", skip_bad=True)
     assert (st.samples, st.skipped_records) == (1, 1)
+    # two human messages in a row are one input, as in XTuner
+    tok = RefTokenizer(tiny_tokenizer)
+    ds = PackedDataset(tmp_path / "p")
+    want = tok.encode("<|User|>:ab\n<|Bot|>:")
+    assert ds.sample(0)["input_ids"][: len(want)].tolist() == want
+
+
+def test_alpaca_has_no_system_prompt(tmp_path, tiny_tokenizer):
+    """XTuner removed the task system prompt from alpaca_map_fn; a sample must equal the
+    default format's {"input": f"{instruction}\\n{input}"}."""
+    recs = [{"instruction": "Say hi", "input": "politely", "output": "Hello."}]
+    pack(write_jsonl(tmp_path / "a.jsonl", recs), tmp_path / "a", tokenizer=tiny_tokenizer,
+         format="alpaca", template="default")  # fmt: skip
+    same = [{"input": "Say hi\npolitely", "output": "Hello."}]
+    pack(write_jsonl(tmp_path / "d.jsonl", same), tmp_path / "d", tokenizer=tiny_tokenizer,
+         format="default", template="default")  # fmt: skip
+    a, d = PackedDataset(tmp_path / "a").sample(0), PackedDataset(tmp_path / "d").sample(0)
+    np.testing.assert_array_equal(a["input_ids"], d["input_ids"])
+    np.testing.assert_array_equal(a["labels"], d["labels"])
+    assert not RefTokenizer(tiny_tokenizer).tok.decode(a["input_ids"].tolist()).count("<|System|>")
+
+
+def test_templates_are_xtuners(tmp_path):
+    """Every PROMPT_TEMPLATE entry of XTuner 0.2.0, string for string, and nothing else."""
+    ours = {t["name"]: t for t in templates()}
+    assert set(ours) == set(TEMPLATES)
+    for name, x in TEMPLATES.items():
+        t = ours[name]
+        got = (t["system"], t["instruction"], t["suffix"], t["suffix_as_eos"], t["sep"])
+        want = (
+            x.get("SYSTEM"),
+            x["INSTRUCTION"],
+            x.get("SUFFIX", ""),
+            x.get("SUFFIX_AS_EOS", False),
+            x.get("SEP", ""),
+        )
+        assert got == want, name
+        assert t["stop_words"] == x.get("STOP_WORDS", []), name
+
+
+MULTI_TURN = [
+    {
+        "conversation": [
+            {"system": "Be brief.", "input": "Hi {round} {input}", "output": "Hello"},
+            {"input": "Again", "output": "Sure"},
+        ]
+    },
+    {"conversation": [{"input": "One", "output": "Two"}]},
+]
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_every_template_encodes_like_xtuner(tmp_path, tiny_tokenizer, template):
+    records = MULTI_TURN
+    if "SYSTEM" not in TEMPLATES[template]:
+        # XTuner's template_map_fn fails on a system text under a template without SYSTEM
+        data = write_jsonl(tmp_path / "sys.jsonl", records)
+        with pytest.raises(DataFormatError, match=rf"record 0\).*{template}.*no SYSTEM"):
+            pack(data, tmp_path / "x", tokenizer=tiny_tokenizer, format="conversation",
+                 template=template)  # fmt: skip
+        records = [{"conversation": [dict(t, system="") for t in r["conversation"]]}
+                   for r in records]  # fmt: skip
+    data = write_jsonl(tmp_path / "c.jsonl", records)
+    pack(data, tmp_path / "p", tokenizer=tiny_tokenizer, format="conversation", template=template)
+    expected = reference(records, "conversation", template, RefTokenizer(tiny_tokenizer))
+    assert_same(PackedDataset(tmp_path / "p"), expected, template)
+
+
+def _chitchat_as(kind: str, chats: list[dict]) -> list[dict]:
+    """Real chats in another dataset shape: ShareGPT (user -> human, assistant -> gpt) or
+    alpaca (first user message, the third message as input, the first answer as output)."""
+    out = []
+    for chat in chats:
+        m = chat["messages"]
+        if kind == "sharegpt":
+            role = {"user": "human", "assistant": "gpt"}
+            out.append({"conversations": [{"from": role[x["role"]], "value": x["content"]}
+                                          for x in m]})  # fmt: skip
+        else:
+            third = m[2]["content"] if len(m) > 2 else ""
+            out.append({"instruction": m[0]["content"], "input": third,
+                        "output": m[1]["content"] if len(m) > 1 else "<nooutput>"})  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sharegpt", "alpaca"])
+def test_shared_chats_as_sharegpt_and_alpaca_match_xtuner(tmp_path, shared_data, kind):
+    """All of chitchat (4,017 real chats; 7 have two messages of one speaker in a row, many
+    end on the user) reshaped as ShareGPT or alpaca, with the SmolLM2 tokenizer, against the
+    oracle: the records that stopped a pack before (two humans in a row) or got the removed
+    alpaca system prompt."""
+    chats = [json.loads(line) for line in shared_data("chitchat.jsonl").open()]
+    tok_dir = shared_data("tokenizers", "smollm2")
+    records = _chitchat_as(kind, chats)
+    if kind == "sharegpt":
+        runs = sum(
+            any(a["from"] == b["from"] == "human" for a, b in zip(c, c[1:]))
+            for c in (r["conversations"] for r in records)
+        )
+        assert runs > 0  # the consecutive-human branch is exercised by real data
+    data = write_jsonl(tmp_path / f"{kind}.jsonl", records)
+    fmt = "wizardlm" if kind == "sharegpt" else "alpaca"
+    pack(data, tmp_path / "p", tokenizer=tok_dir, max_length=4096, format=fmt,
+         template="qwen_chat")  # fmt: skip
+    expected = reference_samples(records, fmt, "qwen_chat", RefTokenizer(tok_dir), 4096)
+    assert len(expected) > 3900
+    assert_same(PackedDataset(tmp_path / "p"), expected, f"chitchat as {kind}")
 
 
 def test_cli_lists_formats_and_templates_with_examples(capsys):

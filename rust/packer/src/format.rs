@@ -80,9 +80,6 @@ pub enum Format {
     Llava,
 }
 
-/// Alpaca's system prompt (XTuner `SYSTEM_TEMPLATE.alpaca`).
-pub const ALPACA_SYSTEM: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n";
-
 impl Format {
     /// Every format name accepted by `--format`.
     pub const NAMES: &'static [&'static str] = &[
@@ -128,7 +125,10 @@ impl Format {
             "arxiv" => Format::Arxiv,
             "colors" => Format::Colors,
             "law_reference" => Format::LawReference,
-            "crime_kg_assitant" | "crime_kg_assistant" => Format::CrimeKgAssitant,
+            // XTuner's DATASET_FORMAT_MAPPING spells it "crime_kg_assitan".
+            "crime_kg_assitant" | "crime_kg_assitan" | "crime_kg_assistant" => {
+                Format::CrimeKgAssitant
+            }
             "sql" => Format::Sql,
             "llava" => Format::Llava,
             _ => return None,
@@ -280,13 +280,29 @@ fn opt_str<'a>(obj: &'a Map<String, Value>, key: &str, ctx: &str) -> Result<&'a 
     }
 }
 
-/// A loss flag: bool, or a string compared case-insensitively with "true" (XTuner's rule).
-fn loss_flag(v: Option<&Value>, ctx: &str, key: &str) -> Result<bool, String> {
+/// Python's `bool(value)` for a JSON value: XTuner's `encode_fn` tests `output_with_loss` and
+/// `need_eos_token` by truthiness (`if output_with_loss:`), so `"false"` is true and `0` false.
+fn py_truthy(v: Option<&Value>) -> bool {
     match v {
-        None | Some(Value::Null) => Ok(true),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(Value::String(s)) => Ok(s.to_lowercase() == "true"),
-        Some(v) => Err(format!("{ctx}{key:?}: expected a boolean, got {}", kind(v))),
+        None => true, // `.get(key, True)`
+        Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) => n.as_f64().is_some_and(|x| x != 0.0),
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(o)) => !o.is_empty(),
+    }
+}
+
+/// `openai_map_fn`'s loss rule: `str(msg.get("loss", "True")).lower() == "true"`. Absent is
+/// true; `true` and any casing of `"true"` are true; everything else (`null` → `"None"`,
+/// numbers, `"yes"`) is false.
+fn openai_loss(v: Option<&Value>) -> bool {
+    match v {
+        None => true,
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) => s.to_lowercase() == "true",
+        Some(_) => false,
     }
 }
 
@@ -312,56 +328,57 @@ fn conversation(obj: &Map<String, Value>) -> Result<Vec<Turn>, String> {
             opt_str(t, "input", &ctx)?.to_string(),
             req_str(t, "output", &ctx)?.to_string(),
         );
-        turn.output_with_loss = loss_flag(t.get("output_with_loss"), &ctx, "output_with_loss")?;
-        turn.need_eos_token = loss_flag(t.get("need_eos_token"), &ctx, "need_eos_token")?;
+        turn.output_with_loss = py_truthy(t.get("output_with_loss"));
+        turn.need_eos_token = py_truthy(t.get("need_eos_token"));
         turn.sep = opt_str(t, "sep", &ctx)?.to_string();
         out.push(turn);
     }
     Ok(out)
 }
 
-/// XTuner's `openai_map_fn`: leading assistant messages are skipped; consecutive user
-/// messages are concatenated; a system message applies to the next assistant turn; a
-/// trailing user message without an answer is not trained on (XTuner drops it too).
+/// XTuner's `openai_map_fn`: leading assistant messages are skipped (only their role is
+/// read); consecutive user messages are concatenated; a system message applies to the next
+/// assistant turn (a null system content means none); a trailing user message without an
+/// answer is dropped; any other role is an error, as XTuner raises.
 fn openai(obj: &Map<String, Value>) -> Result<Vec<Turn>, String> {
     let msgs = match obj.get("messages") {
         Some(Value::Array(a)) => a,
         Some(v) => return Err(format!("\"messages\": expected an array, got {}", kind(v))),
         None => return Err(format!("missing \"messages\" (keys: {:?})", keys(obj))),
     };
-    let mut parsed = Vec::with_capacity(msgs.len());
+    let mut roles = Vec::with_capacity(msgs.len());
+    let mut leading = true; // in the leading assistant messages XTuner skips
     for (i, m) in msgs.iter().enumerate() {
-        let ctx = format!("messages[{i}].");
         let m = m
             .as_object()
             .ok_or_else(|| format!("messages[{i}]: expected an object, got {}", kind(m)))?;
-        let role = req_str(m, "role", &ctx)?;
-        if !matches!(role, "system" | "user" | "assistant") {
+        let role = req_str(m, "role", &format!("messages[{i}]."))?;
+        roles.push((m, role));
+        leading &= role == "assistant";
+        if !leading && !matches!(role, "system" | "user" | "assistant") {
             return Err(format!(
-                "{ctx}\"role\": expected \"system\", \"user\" or \"assistant\", got {role:?}"
+                "messages[{i}].\"role\": expected \"system\", \"user\" or \"assistant\", got {role:?}"
             ));
         }
-        let content = req_str(m, "content", &ctx)?;
-        let loss = loss_flag(m.get("loss"), &ctx, "loss")?;
-        parsed.push((role, content, loss));
     }
-    let start = parsed
+    let start = roles
         .iter()
-        .position(|m| m.0 != "assistant")
-        .unwrap_or(parsed.len());
+        .position(|m| m.1 != "assistant")
+        .unwrap_or(roles.len());
     let (mut system, mut input) = (String::new(), String::new());
     let mut out = Vec::new();
-    for &(role, content, loss) in &parsed[start..] {
+    for (i, &(m, role)) in roles.iter().enumerate().skip(start) {
+        let ctx = format!("messages[{i}].");
         match role {
-            "system" => system = content.to_string(),
-            "user" => input.push_str(content),
+            "system" => system = opt_str(m, "content", &ctx)?.to_string(),
+            "user" => input.push_str(req_str(m, "content", &ctx)?),
             _ => {
                 let mut t = Turn::new(
                     std::mem::take(&mut system),
                     std::mem::take(&mut input),
-                    content.to_string(),
+                    req_str(m, "content", &ctx)?.to_string(),
                 );
-                t.output_with_loss = loss;
+                t.output_with_loss = openai_loss(m.get("loss"));
                 out.push(t);
             }
         }
@@ -369,17 +386,22 @@ fn openai(obj: &Map<String, Value>) -> Result<Vec<Turn>, String> {
     Ok(out)
 }
 
-/// XTuner's `alpaca_map_fn`: `<nooutput>` drops the record; input is
-/// `f"{instruction}\n{input}"` with the alpaca system prompt.
+/// XTuner's `alpaca_map_fn` (0.2.0, after its "Remove `system` for `alpaca_map_fn`" fix): no
+/// system prompt; `output == "<nooutput>"` drops the record; the input is the f-string
+/// `f"{instruction}\n{input}"`, so a null value reads `None` as in XTuner. An absent `input`
+/// (XTuner raises KeyError) reads as empty.
 fn alpaca(obj: &Map<String, Value>) -> Result<Vec<Turn>, String> {
     let output = req_str(obj, "output", "")?;
     if output == "<nooutput>" {
         return Ok(Vec::new());
     }
-    let instruction = req_str(obj, "instruction", "")?;
-    let input = opt_str(obj, "input", "")?;
+    let instruction = x::py_str(obj, "instruction")?;
+    let input = match obj.get("input") {
+        None => String::new(),
+        Some(_) => x::py_str(obj, "input")?,
+    };
     Ok(vec![Turn::new(
-        ALPACA_SYSTEM.to_string(),
+        String::new(),
         format!("{instruction}\n{input}"),
         output.to_string(),
     )])
@@ -434,7 +456,17 @@ mod tests {
             .to_turns(&json!({"instruction": "I", "input": "x", "output": "O"}))
             .unwrap();
         assert_eq!(t[0].input, "I\nx");
-        assert_eq!(t[0].system, ALPACA_SYSTEM);
+        // XTuner 0.2.0's alpaca_map_fn has no system prompt
+        assert_eq!(t[0].system, "");
+        // f-string semantics: null is "None"; an absent input reads as empty
+        let t = Format::Alpaca
+            .to_turns(&json!({"instruction": "I", "input": null, "output": "O"}))
+            .unwrap();
+        assert_eq!(t[0].input, "I\nNone");
+        let t = Format::Alpaca
+            .to_turns(&json!({"instruction": 7, "output": "O"}))
+            .unwrap();
+        assert_eq!(t[0].input, "7\n");
         assert!(Format::Alpaca
             .to_turns(&json!({"instruction": "I", "input": "", "output": "<nooutput>"}))
             .unwrap()
@@ -444,6 +476,48 @@ mod tests {
             .unwrap();
         assert_eq!(t[0].output, "hi");
         assert!(!t[0].need_eos_token);
+    }
+
+    #[test]
+    fn loss_flags_follow_xtuner_rules() {
+        // openai_map_fn: str(msg.get("loss", "True")).lower() == "true"
+        let msgs = |loss: Value| {
+            json!({"messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a", "loss": loss}]})
+        };
+        for (loss, want) in [
+            (json!(true), true),
+            (json!("TRUE"), true),
+            (json!(false), false),
+            (json!(null), false),
+            (json!(1), false),
+            (json!("yes"), false),
+        ] {
+            let t = Format::OpenAi.to_turns(&msgs(loss.clone())).unwrap();
+            assert_eq!(t[0].output_with_loss, want, "{loss}");
+        }
+        // encode_fn: `if output_with_loss:` is Python truthiness
+        let conv = |flag: Value| json!({"conversation": [{"input": "q", "output": "a", "output_with_loss": flag}]});
+        for (flag, want) in [
+            (json!("false"), true),
+            (json!(0), false),
+            (json!(null), false),
+            (json!(""), false),
+            (json!(2), true),
+        ] {
+            let t = Format::Conversation.to_turns(&conv(flag.clone())).unwrap();
+            assert_eq!(t[0].output_with_loss, want, "{flag}");
+        }
+        // a null system content means no system; a leading assistant is not read at all
+        let t = Format::OpenAi
+            .to_turns(&json!({"messages": [
+                {"role": "assistant", "content": null},
+                {"role": "system", "content": null},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"}]}))
+            .unwrap();
+        assert_eq!((t.len(), t[0].system.as_str()), (1, ""));
     }
 
     #[test]

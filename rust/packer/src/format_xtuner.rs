@@ -72,7 +72,7 @@ fn text_or_none(obj: &Map<String, Value>, key: &str) -> Result<String, String> {
 }
 
 /// Python's `str(value)` for the JSON values a dataset holds in an f-string field.
-fn py_str(obj: &Map<String, Value>, key: &str) -> Result<String, String> {
+pub(crate) fn py_str(obj: &Map<String, Value>, key: &str) -> Result<String, String> {
     match get(obj, key)? {
         Value::String(s) => Ok(s.clone()),
         Value::Null => Ok("None".into()),
@@ -203,87 +203,86 @@ pub fn sql(obj: &Map<String, Value>) -> Result<Vec<Turn>, String> {
     Ok(one(system::SQL, input, text(obj, "answer")?))
 }
 
-fn from_value_list(obj: &Map<String, Value>) -> Result<Vec<(String, String)>, String> {
-    let list = match get(obj, "conversations")? {
-        Value::Array(a) => a,
-        v => {
-            return Err(format!(
-                "\"conversations\": expected an array, got {}",
-                kind(v)
-            ))
-        }
-    };
-    list.iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let m = m.as_object().ok_or_else(|| {
-                format!("conversations[{i}]: expected an object, got {}", kind(m))
-            })?;
-            let ctx = |e: String| format!("conversations[{i}].{e}");
-            Ok((
-                text(m, "from").map_err(ctx)?,
-                text(m, "value").map_err(ctx)?,
-            ))
-        })
-        .collect()
+/// The `conversations` list of a ShareGPT/LLaVA record.
+fn conversations(obj: &Map<String, Value>) -> Result<&[Value], String> {
+    match get(obj, "conversations")? {
+        Value::Array(a) => Ok(a),
+        v => Err(format!(
+            "\"conversations\": expected an array, got {}",
+            kind(v)
+        )),
+    }
 }
 
-/// `wizardlm_map_fn` (ShareGPT `conversations` of `from`/`value`): leading messages not from
-/// `human` are skipped, an odd trailing message is discarded, then messages must alternate
-/// `human`, `gpt` (XTuner asserts it; here it is a record error).
-pub fn wizardlm(obj: &Map<String, Value>) -> Result<Vec<Turn>, String> {
-    let msgs = from_value_list(obj)?;
-    let start = msgs
-        .iter()
-        .position(|m| m.0 == "human")
-        .unwrap_or(msgs.len());
-    let mut data = &msgs[start..];
-    if data.len() % 2 == 1 {
-        data = &data[..data.len() - 1];
+/// `conversations[i][key]` as a string.
+fn msg_str<'a>(list: &'a [Value], i: usize, key: &str) -> Result<&'a str, String> {
+    let m = list[i].as_object().ok_or_else(|| {
+        format!(
+            "conversations[{i}]: expected an object, got {}",
+            kind(&list[i])
+        )
+    })?;
+    match get(m, key).map_err(|e| format!("conversations[{i}]: {e}"))? {
+        Value::String(s) => Ok(s),
+        v => Err(format!(
+            "conversations[{i}].{key:?}: expected a string, got {}",
+            kind(v)
+        )),
     }
-    let mut out = Vec::with_capacity(data.len() / 2);
-    for (k, pair) in data.chunks(2).enumerate() {
-        let (h, g) = (&pair[0], &pair[1]);
-        if h.0 != "human" || g.0 != "gpt" {
-            return Err(format!(
-                "conversations: expected alternating \"human\"/\"gpt\" messages, got {:?} then {:?} at pair {k}",
-                h.0, g.0
-            ));
-        }
-        out.extend(one("", h.1.clone(), g.1.clone()));
-    }
-    Ok(out)
 }
 
-/// `llava_finetune_map_fn`: leading `gpt` messages are skipped; a `human` message holding
-/// `<image>` has it removed, stripped and put in front as `"<image>\n" + text` (stripped);
-/// consecutive human texts are concatenated; each `gpt` message closes a turn; a trailing
-/// human message is dropped; any other `from` is an error. The image path is read separately
-/// (see [`llava_image`]).
-pub fn llava(obj: &Map<String, Value>) -> Result<Vec<Turn>, String> {
-    let msgs = from_value_list(obj)?;
-    let start = msgs.iter().position(|m| m.0 != "gpt").unwrap_or(msgs.len());
+/// The loop XTuner's `wizardlm_map_fn` and `llava_map_fn` share: leading `gpt` messages are
+/// skipped (only their `from` is read); each `human` value is added to the pending input by
+/// `human`; each `gpt` message closes a turn with the pending input (possibly empty) and
+/// empties it; a trailing `human` without an answer is dropped; any other `from` is an error
+/// (XTuner raises NotImplementedError).
+fn human_gpt_turns(
+    obj: &Map<String, Value>,
+    human: impl Fn(&str, &mut String),
+) -> Result<Vec<Turn>, String> {
+    let list = conversations(obj)?;
+    let mut start = 0;
+    while start < list.len() && msg_str(list, start, "from")? == "gpt" {
+        start += 1;
+    }
     let (mut input, mut out) = (String::new(), Vec::new());
-    for (from, value) in &msgs[start..] {
-        match from.as_str() {
-            "human" => {
-                if value.contains(IMAGE_TOKEN) {
-                    let v = value.replace(IMAGE_TOKEN, "");
-                    let v = format!("{IMAGE_TOKEN}\n{}", py_strip(&v));
-                    input.push_str(py_strip(&v));
-                } else {
-                    input.push_str(value);
-                }
-            }
-            "gpt" => out.extend(one("", std::mem::take(&mut input), value.clone())),
+    for i in start..list.len() {
+        match msg_str(list, i, "from")? {
+            "human" => human(msg_str(list, i, "value")?, &mut input),
+            "gpt" => out.extend(one(
+                "",
+                std::mem::take(&mut input),
+                msg_str(list, i, "value")?.to_string(),
+            )),
             other => {
                 return Err(format!(
-                    "conversations: expected \"human\" or \"gpt\", got {other:?}"
+                    "conversations[{i}].\"from\": expected \"human\" or \"gpt\", got {other:?}"
                 ))
             }
         }
     }
     Ok(out)
+}
+
+/// `wizardlm_map_fn` (ShareGPT `conversations` of `from`/`value`): consecutive `human` values
+/// are concatenated with no separator into one input, as XTuner does.
+pub fn wizardlm(obj: &Map<String, Value>) -> Result<Vec<Turn>, String> {
+    human_gpt_turns(obj, |value, input| input.push_str(value))
+}
+
+/// `llava_map_fn`: as [`wizardlm`], except that a `human` value holding `<image>` has it
+/// removed, stripped and put in front as `"<image>\n" + text` (stripped). The image path is
+/// read separately (see [`llava_image`]).
+pub fn llava(obj: &Map<String, Value>) -> Result<Vec<Turn>, String> {
+    human_gpt_turns(obj, |value, input| {
+        if value.contains(IMAGE_TOKEN) {
+            let v = value.replace(IMAGE_TOKEN, "");
+            let v = format!("{IMAGE_TOKEN}\n{}", py_strip(&v));
+            input.push_str(py_strip(&v));
+        } else {
+            input.push_str(value);
+        }
+    })
 }
 
 /// The `image` path of a LLaVA record (None when the record has no image: text-only rows of
@@ -399,9 +398,33 @@ mod tests {
         let t = wizardlm(&r).unwrap();
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].input, "q");
+        // consecutive human values join with no separator; each gpt closes a turn (an empty
+        // input when two gpt messages follow each other)
+        let r = o(json!({"conversations": [
+            {"from": "gpt", "value": null}, {"from": "gpt", "value": "lead2"},
+            {"from": "human", "value": "a"}, {"from": "human", "value": "b"},
+            {"from": "gpt", "value": "A"}, {"from": "gpt", "value": "B"},
+            {"from": "human", "value": "c"}]}));
+        let t = wizardlm(&r).unwrap();
+        let pairs: Vec<_> = t
+            .iter()
+            .map(|t| (t.input.as_str(), t.output.as_str()))
+            .collect();
+        assert_eq!(pairs, [("ab", "A"), ("", "B")]);
+        // only gpt messages, or nothing: no turn
+        let r = o(json!({"conversations": [{"from": "gpt", "value": "x"}]}));
+        assert!(wizardlm(&r).unwrap().is_empty());
+        // any other `from` is an error naming it, even after good turns
         let bad = o(json!({"conversations": [
-            {"from": "human", "value": "q"}, {"from": "human", "value": "a"}]}));
-        assert!(wizardlm(&bad).unwrap_err().contains("alternating"));
+            {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"},
+            {"from": "system", "value": "s"}]}));
+        let e = wizardlm(&bad).unwrap_err();
+        assert!(
+            e.contains("conversations[2]") && e.contains("\"system\""),
+            "{e}"
+        );
+        let bad = o(json!({"conversations": [{"from": "human", "value": 1}]}));
+        assert!(wizardlm(&bad).unwrap_err().contains("expected a string"));
         let t = llava(&o(json!({"conversations": [
             {"from": "human", "value": "What is this?\n<image> "},
             {"from": "gpt", "value": "A cat."}]})))

@@ -362,7 +362,7 @@ impl Run<'_> {
                     return Ok(None);
                 }
                 if let Templating::Xtuner(t) = t {
-                    t.apply(&mut turns);
+                    t.apply(&mut turns).map_err(RecordFault::Shape)?;
                 }
                 encode_turns_opts(&self.tok, &turns, max_length, format == Format::Llava)
                     .map_err(RecordFault::Shape)?

@@ -8,8 +8,8 @@ use crate::format::Turn;
 pub struct Template {
     /// Template name (`--template`).
     pub name: &'static str,
-    /// `SYSTEM`, formatted with `{system}`.
-    pub system: &'static str,
+    /// `SYSTEM`, formatted with `{system}`; None when XTuner's entry has none (minicpm).
+    pub system: Option<&'static str>,
     /// `INSTRUCTION`, formatted with `{input}` and `{round}` (1-based).
     pub instruction: &'static str,
     /// `SUFFIX`, appended to every output (trained).
@@ -33,7 +33,11 @@ const fn t(
 ) -> Template {
     Template {
         name,
-        system,
+        system: if system.is_empty() {
+            None
+        } else {
+            Some(system)
+        },
         instruction,
         suffix,
         suffix_as_eos,
@@ -47,8 +51,8 @@ const VICUNA_SYSTEM: &str = "A chat between a curious user and an artificial int
 const IM_SYSTEM: &str = "<|im_start|>system\n{system}<|im_end|>\n";
 const IM_INSTRUCTION: &str = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n";
 
-/// Every XTuner prompt template, in XTuner's order. Templates without a `SYSTEM` entry in
-/// XTuner (minicpm) use `"{system}\n"`, the default XTuner's chat hook applies.
+/// Every XTuner prompt template of XTuner 0.2.0's `PROMPT_TEMPLATE`, in its order. An empty
+/// system string stands for a missing `SYSTEM` entry (minicpm).
 pub const TEMPLATES: &[Template] = &[
     t("default", "<|System|>:{system}\n", "<|User|>:{input}\n<|Bot|>:", "", false, "\n", &[]),
     t("zephyr", "<|system|>\n{system}\n", "<|user|>\n{input}\n<|assistant|>\n", "", false, "\n", &[]),
@@ -95,7 +99,7 @@ pub const TEMPLATES: &[Template] = &[
     ),
     t("mistral", "[INST] {system} [/INST]\n", "[INST] {input} [/INST]", "", false, "\n", &[]),
     t("mixtral", "[INST] {system} [/INST]\n", "[INST] {input} [/INST]", "", false, "\n", &[]),
-    t("minicpm", "{system}\n", "<用户> {input} <AI>", "", false, "\n", &[]),
+    t("minicpm", "", "<用户> {input} <AI>", "", false, "\n", &[]),
     t("minicpm3", IM_SYSTEM, IM_INSTRUCTION, "<|im_end|>", true, "\n", &["<|im_end|>", "<|endoftext|>"]),
     t(
         "gemma",
@@ -165,8 +169,9 @@ pub fn py_format(fmt: &str, fields: &[(&str, &str)]) -> String {
 impl Template {
     /// XTuner's `template_map_fn`, in place: INSTRUCTION around every input (with the 1-based
     /// round), SYSTEM before it when the turn has a system text, SUFFIX after every output,
-    /// `need_eos_token = !SUFFIX_AS_EOS`, `sep = SEP`.
-    pub fn apply(&self, turns: &mut [Turn]) {
+    /// `need_eos_token = !SUFFIX_AS_EOS`, `sep = SEP`. A system text under a template
+    /// without `SYSTEM` is an error, as `template.SYSTEM` fails in XTuner.
+    pub fn apply(&self, turns: &mut [Turn]) -> Result<(), String> {
         for (i, turn) in turns.iter_mut().enumerate() {
             let round = (i + 1).to_string();
             let mut input = py_format(
@@ -174,7 +179,14 @@ impl Template {
                 &[("input", &turn.input), ("round", &round)],
             );
             if !turn.system.is_empty() {
-                input = py_format(self.system, &[("system", &turn.system)]) + &input;
+                let Some(system) = self.system else {
+                    return Err(format!(
+                        "turn {i} has a system text but template {:?} has no SYSTEM (XTuner's \
+                         template_map_fn fails on it too): choose another template",
+                        self.name
+                    ));
+                };
+                input = py_format(system, &[("system", &turn.system)]) + &input;
             }
             turn.input = input;
             if !self.suffix.is_empty() {
@@ -183,6 +195,7 @@ impl Template {
             turn.need_eos_token = !self.suffix_as_eos;
             turn.sep = self.sep.to_string();
         }
+        Ok(())
     }
 }
 
@@ -219,7 +232,7 @@ mod tests {
                 ..Default::default()
             },
         ];
-        by_name("qwen_chat").unwrap().apply(&mut turns);
+        by_name("qwen_chat").unwrap().apply(&mut turns).unwrap();
         assert_eq!(
             turns[0].input,
             "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
@@ -230,5 +243,15 @@ mod tests {
         let names: std::collections::HashSet<_> = TEMPLATES.iter().map(|t| t.name).collect();
         assert_eq!(names.len(), TEMPLATES.len());
         assert!(by_name("chatglm2").unwrap().instruction.contains("{round}"));
+        // minicpm has no SYSTEM in XTuner: fine without a system text, an error with one
+        let mm = by_name("minicpm").unwrap();
+        let mut plain = vec![Turn {
+            input: "q".into(),
+            ..Default::default()
+        }];
+        mm.apply(&mut plain).unwrap();
+        assert_eq!(plain[0].input, "<用户> q <AI>");
+        let e = mm.apply(&mut turns[..1].to_vec()).unwrap_err();
+        assert!(e.contains("minicpm") && e.contains("SYSTEM"), "{e}");
     }
 }

@@ -61,7 +61,7 @@ fn map_everything(v: &serde_json::Value) {
         if let Ok(mut turns) = f.to_turns(v) {
             for t in TEMPLATES {
                 let mut tt = turns.clone();
-                t.apply(&mut tt);
+                let _ = t.apply(&mut tt);
                 assert_eq!(tt.len(), turns.len());
             }
             let _ = packer::chat_template::messages_from_turns(&turns);

@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
                 if let Ok(turns) = f.to_turns(&v) {
                     for t in TEMPLATES {
                         let mut tt = turns.clone();
-                        t.apply(&mut tt);
+                        let _ = t.apply(&mut tt);
                     }
                 }
             }
