@@ -15,7 +15,8 @@ All arithmetic is fp32 whatever z's dtype. ``cap'`` is the derivative of Gemma 2
 same code as the GPU (bf16 dots are what the interpreter gets wrong). Row offsets are int64:
 a 152k vocabulary passes 2^31 elements after 14k rows.
 
-``aot_configs()`` lists every launch configuration for the ahead-of-time compile report.
+``aot_launches(arch)`` / ``aot_configs()`` list every launch configuration for the
+ahead-of-time compile report (``python -m pyfast_tune.kernels.aot``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import triton.language as tl
 # spill-free for every configuration on sm_80 and sm_90 (cuobjdump: STACK 0, no STL/LDL).
 MAX_BLOCK_V = 2048
 NUM_WARPS = 8
-_TL_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+NUM_STAGES = 1  # a streaming loop with no dot: nothing to pipeline
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -104,6 +106,23 @@ def _block_v(n_cols: int) -> int:
     return min(MAX_BLOCK_V, max(16, triton.next_power_of_2(n_cols)))
 
 
+def rows_launch(z, tgt, g, lse, out_lse, out_zt, softcap: float):
+    """(kernel, grid, args, meta, labels) of one row-kernel launch; ``lce_rows`` runs it and
+    ``aot_launches`` hands the same tuple to the compile report."""
+    rows, n = z.shape
+    lse_given = lse is not None
+    args = (
+        z, tgt, g if g is not None else out_lse, out_lse, out_zt,
+        z.stride(0), n, float(softcap),
+    )  # fmt: skip
+    meta = dict(
+        HAS_SOFTCAP=bool(softcap), LSE_GIVEN=lse_given, WRITE_GRAD=g is not None,
+        BLOCK_V=_block_v(n), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )  # fmt: skip
+    labels = dict(dtype=str(z.dtype).removeprefix("torch."), shape=f"rows x {n}")
+    return _lce_rows_kernel, (rows,), args, meta, labels
+
+
 def lce_rows(z, tgt, g, lse, softcap: float):
     """The row step of ``_chunked`` on one slab (see ``linear_cross_entropy._chunked``).
 
@@ -117,51 +136,53 @@ def lce_rows(z, tgt, g, lse, softcap: float):
     if rows == 0:
         return z.new_zeros(0, dtype=torch.float32), z.new_zeros(0, dtype=torch.float32)
     lse_given = lse is not None
-    write_grad = g is not None
     out_lse = lse if lse_given else z.new_empty(rows, dtype=torch.float32)
-    out_zt = z.new_empty(rows, dtype=torch.float32) if not lse_given else out_lse
-    g_arg = g.to(torch.float32).contiguous() if write_grad else out_lse
-    _lce_rows_kernel[(rows,)](
-        z, tgt.contiguous(), g_arg, out_lse, out_zt,
-        z.stride(0), n, float(softcap),
-        HAS_SOFTCAP=bool(softcap), LSE_GIVEN=lse_given, WRITE_GRAD=write_grad,
-        BLOCK_V=_block_v(n), num_warps=NUM_WARPS,
-    )  # fmt: skip
+    out_zt = out_lse if lse_given else z.new_empty(rows, dtype=torch.float32)
+    if g is not None:
+        g = g.to(torch.float32).contiguous()
+    kernel, grid, args, meta, _ = rows_launch(z, tgt.contiguous(), g, lse, out_lse, out_zt, softcap)
+    kernel[grid](*args, **meta)
     return out_lse, (None if lse_given else out_zt)
 
 
-def aot_configs() -> list[dict]:
-    """Every launch configuration of ``lce_rows`` on GPU, for ``python -m ...kernels.aot``.
+def aot_launches(arch: int) -> list:
+    """Every launch configuration of the row kernel, as ``pyfast_tune.kernels._launch.Launch``
+    objects for the compile report (``python -m pyfast_tune.kernels.aot --only lce``).
 
     The three variants (lse and gradient in one launch: the whole vocabulary in one slab;
     lse only / gradient given lse: vocabulary blocks), with and without soft cap, for each
-    input dtype, at the widest column block (narrower ones only occur for vocabularies under
-    2048 and have fewer registers live).
+    input dtype, on a slab of a Qwen-sized vocabulary (151,936 columns: the widest column
+    block; vocabularies under 2048 get narrower blocks with fewer registers live). The
+    configuration does not depend on ``arch``. Small CPU tensors stand in for device ones.
     """
-    configs = []
-    for dtype, ptr in _TL_PTR.items():
+    from pyfast_tune.kernels._launch import Launch
+
+    rows, n = 4, 151_936
+    launches = []
+    for dtype in _DTYPES:
+        z = torch.empty((rows, n), dtype=dtype)
+        tgt = torch.zeros(rows, dtype=torch.int64)
+        f32 = [torch.zeros(rows, dtype=torch.float32) for _ in range(3)]
         for lse_given, write_grad in ((False, True), (False, False), (True, True)):
-            for softcap in (False, True):
-                signature = {
-                    "Z_ptr": ptr, "Tgt_ptr": "*i64", "G_ptr": "*fp32", "LSE_ptr": "*fp32",
-                    "ZT_ptr": "*fp32", "stride_z_row": "i64", "n_cols": "i32", "softcap": "fp32",
-                    "HAS_SOFTCAP": "constexpr", "LSE_GIVEN": "constexpr",
-                    "WRITE_GRAD": "constexpr", "BLOCK_V": "constexpr",
-                }  # fmt: skip
-                configs.append(
-                    {
-                        "fn": _lce_rows_kernel,
-                        "signature": signature,
-                        "constexprs": {
-                            "HAS_SOFTCAP": softcap,
-                            "LSE_GIVEN": lse_given,
-                            "WRITE_GRAD": write_grad,
-                            "BLOCK_V": MAX_BLOCK_V,
-                        },
-                        "num_warps": NUM_WARPS,
-                        "num_stages": 3,
-                        "dtype": str(dtype).removeprefix("torch."),
-                        "shape": f"rows × n_cols, BLOCK_V={MAX_BLOCK_V}",
-                    }
-                )
+            for softcap in (0.0, 30.0):
+                lse = f32[0] if lse_given else None
+                g = f32[1] if write_grad else None
+                launch = rows_launch(z, tgt, g, lse, f32[0], f32[2], softcap)
+                launches.append(Launch(*launch))
+    return launches
+
+
+def aot_configs() -> list[dict]:
+    """``aot_launches`` as plain dicts: {"fn", "signature", "constexprs", "num_warps",
+    "num_stages", "dtype", "shape"}, signature and constexprs as ``triton.compiler.ASTSource``
+    takes them (specialized as the JIT does at launch)."""
+    from pyfast_tune.kernels.aot import specialize
+
+    configs = []
+    for launch in aot_launches(90):
+        meta = dict(launch.meta)
+        num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
+        signature, constexprs, _ = specialize(launch.kernel, launch.args, meta)
+        configs.append(dict(fn=launch.kernel, signature=signature, constexprs=constexprs,
+                            num_warps=num_warps, num_stages=num_stages, **launch.labels))  # fmt: skip
     return configs
