@@ -216,19 +216,40 @@ def _synchronize(device: torch.device) -> None:
 
 
 def time_ms(fn, device: torch.device, repeat: int | None = None) -> float:
-    """Fastest wall time of ``fn()`` in ms after one warm-up call (which compiles, autotunes).
+    """Fastest wall time of ``fn()`` in ms after one warm-up call (which compiles, autotunes)."""
+    result = race_ms({"fn": fn}, device, repeat)["fn"]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
-    The minimum, not the median: on a shared machine the other processes only ever add time."""
+
+def race_ms(fns: dict, device: torch.device, repeat: int | None = None) -> dict:
+    """{name: fastest wall time in ms} of each ``fns[name]()``, warmed up once (compiles,
+    autotunes), then timed in interleaved rounds so a burst of load on a shared machine hits
+    every contender alike. The minimum, not the median: other processes only ever add time.
+    A contender that raises gets the exception as its result instead of a time."""
     repeat = repeat or (10 if device.type == "cuda" else 3)
-    fn()
-    _synchronize(device)
-    times = []
+    best: dict = {}
+    for name, fn in fns.items():
+        try:
+            fn()
+            _synchronize(device)
+            best[name] = math.inf
+        except Exception as e:
+            best[name] = e
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return min(times)
+        for name, fn in fns.items():
+            if isinstance(best[name], Exception):
+                continue
+            start = time.perf_counter()
+            try:
+                fn()
+                _synchronize(device)
+            except Exception as e:
+                best[name] = e
+                continue
+            best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
+    return best
 
 
 def _short(e: BaseException) -> str:
@@ -312,12 +333,15 @@ def evaluate(
             timed = [c for c in checks if c.ok and c.raced]
             if timed:
                 tcase = op.case(device, shape, True, torch.Generator().manual_seed(seed + 1))
+                fns = {c.backend: (lambda b=c.backend: op.run(b, tcase)) for c in timed}
+                times = race_ms(fns, device)
                 for c in timed:
-                    try:
-                        c.ms = round(time_ms(lambda c=c: op.run(c.backend, tcase), device), 3)
-                    except Exception as e:
-                        c.ok, c.error = False, f"failed at the timing shape: {_short(e)}"
-                del tcase
+                    if isinstance(times[c.backend], Exception):
+                        c.ok = False
+                        c.error = f"failed at the timing shape: {_short(times[c.backend])}"
+                    else:
+                        c.ms = round(times[c.backend], 3)
+                del tcase, fns
     return checks
 
 
@@ -376,6 +400,22 @@ _DECISIONS: dict[tuple, Decision] = {}
 def _key(op: str, device: torch.device, shape: dict, prefer: str | None) -> tuple:
     items = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(shape.items()))
     return (op, str(device), items, prefer)
+
+
+def _world() -> int:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size()
+    except Exception:
+        pass
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _who() -> str:
+    """ "rank N: " when several processes train (each may reject a backend on its own GPU)."""
+    return f"rank {rank()}: " if _world() > 1 or rank() > 0 else ""
 
 
 def rank() -> int:
@@ -500,8 +540,8 @@ def _report(decision: Decision) -> None:
     for c in decision.checks:
         if c.ok is False and decision.source == "checked":
             log.warning(
-                "[rank%d] guard: %s: backend '%s' rejected: %s; using '%s'",
-                rank(), where, c.backend, c.error, decision.chosen,
+                "%sguard: %s: backend '%s' rejected: %s; using '%s'",
+                _who(), where, c.backend, c.error, decision.chosen,
             )  # fmt: skip
     if rank() != 0:
         return
@@ -616,8 +656,8 @@ def demote(
         usable = decision.usable()
         decision.chosen = usable[0] if usable else get_op(op_name).fallback(device)
         log.warning(
-            "[rank%d] guard: %s backend '%s' failed on %s (%s): %s; using '%s'",
-            rank(), op_name, backend, device, describe(shape), _short(error), decision.chosen,
+            "%sguard: %s backend '%s' failed on %s (%s): %s; using '%s'",
+            _who(), op_name, backend, device, describe(shape), _short(error), decision.chosen,
         )  # fmt: skip
         return decision.chosen
 
