@@ -236,14 +236,21 @@ def generate(
 
 
 def default_template(*dirs: Path | None) -> str:
-    """The template recorded by ``convert``/``merge`` (pyfast_tune.json), else ``hf``."""
-    from pyfast_tune.export import RUN_FILE
+    """The template recorded by ``convert``/``merge`` (pyfast_tune.json) or, for a checkpoint's
+    ``hf/`` folder, by training (its trainer_state.json); else ``hf``."""
+    from pyfast_tune.export import RUN_FILE, run_template
 
     for d in dirs:
-        if d is not None and (Path(d) / RUN_FILE).is_file():
-            template = json.loads((Path(d) / RUN_FILE).read_text()).get("template")
-            if template:
-                return template
+        if d is None:
+            continue
+        d = Path(d)
+        template = None
+        if (d / RUN_FILE).is_file():
+            template = json.loads((d / RUN_FILE).read_text()).get("template")
+        elif (d.parent / "trainer_state.json").is_file():
+            template = run_template(d.parent)
+        if template:
+            return template
     return "hf"
 
 

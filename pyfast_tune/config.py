@@ -49,7 +49,9 @@ class DataConfig:
     inputs: list[str] | None = None
     tokenizer: str | None = None
     format: str = "auto"
-    template: str = "default"
+    # The prompt template. With ``path`` it is read from the packed directory (setting it only
+    # checks that the directory was packed with it); with ``inputs`` unset means "default".
+    template: str | None = None
     pack_seed: int = 0
     cache_dir: str | None = None  # default: <output_dir>/../.pyfast_cache
     skip_bad: bool = False
@@ -228,6 +230,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("data.inputs needs data.tokenizer (or tokenizer) to pack with")
     if isinstance(cfg.data.inputs, str):
         cfg.data.inputs = [cfg.data.inputs]
+    if cfg.data.inputs is not None and cfg.data.template is None:
+        cfg.data.template = "default"  # what `pack` uses when not told
     if cfg.micro_batch_size < 1:
         raise ValueError("micro_batch_size must be >= 1")
     if cfg.max_steps is None and cfg.epochs < 1:

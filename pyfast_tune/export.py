@@ -295,9 +295,22 @@ def _write_generation_config(model, base: str | Path, out: Path, tokenizer_dir: 
     gen.save_pretrained(out)
 
 
-def _write_run_file(out: Path, cfg: dict, ckpt: Path | None) -> None:
-    data = cfg.get("data") or {}
-    template = data.get("template") if isinstance(data, dict) else None
+def run_template(ckpt: Path) -> str | None:
+    """The template a checkpoint's run trained with: recorded by training; for checkpoints
+    from before it was recorded, the packed directory's meta.json if it is still there (the
+    config's data.template used to hold a default, not what the data was packed with)."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if state.get("template"):
+        return state["template"]
+    meta = Path(state.get("packed_dir") or "/nonexistent") / "meta.json"
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("template")
+    data = (state.get("config") or {}).get("data")
+    return data.get("template") if isinstance(data, dict) else None
+
+
+def _write_run_file(out: Path, cfg: dict, ckpt: Path) -> None:
+    template = run_template(ckpt)
     info = {"template": template, "base_model": cfg.get("model"), "method": cfg.get("method"),
             "checkpoint": str(ckpt) if ckpt else None}  # fmt: skip
     (out / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")

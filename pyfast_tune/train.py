@@ -122,6 +122,21 @@ def _optimizer_step(engine, dataset, order, step, rank, world, normalizer, flops
     return totals
 
 
+def packed_template(configured: str | None, meta: dict, packed_dir) -> str:
+    """The template a packed directory was encoded with (its meta.json). A config that names
+    another one would train with one template and chat with another: an error naming both."""
+    packed = meta.get("template")
+    if packed is None:
+        raise ValueError(f"{packed_dir}/meta.json records no template (not a packed directory?)")
+    if configured is not None and configured != packed:
+        raise ValueError(
+            f"data.template is {configured!r} but {packed_dir} was packed with template "
+            f"{packed!r}: drop data.template (the packed directory's is used) or re-pack with "
+            f"--template {configured}"
+        )
+    return packed
+
+
 def run(cfg) -> dict:
     """Train with ``cfg`` (a ``TrainConfig``) in this process; returns a summary dict."""
     import deepspeed
@@ -171,6 +186,9 @@ def run(cfg) -> dict:
     if cfg.data.verify:
         verify_packed_dir(packed_dir, cache_dir)
     dataset = PackedDataset(packed_dir)
+    # What checkpoints, convert, merge and chat record is the template the data was packed
+    # with, never a config default.
+    cfg.data.template = packed_template(cfg.data.template, dataset.meta, packed_dir)
 
     # Batch geometry: the global batch G (packs per optimizer step) is what resume keeps fixed.
     micro = cfg.micro_batch_size
@@ -289,6 +307,7 @@ def run(cfg) -> dict:
         "seed": cfg.seed,
         "data_fingerprint": fingerprint,
         "packed_dir": str(packed_dir),
+        "template": cfg.data.template,
         "config": to_dict(cfg),
     }
 
