@@ -146,6 +146,24 @@ def test_failure_after_a_passed_check_falls_back(monkeypatch, caplog):
     torch.testing.assert_close(out, varlen_attention(q, k, v, cu, cu, m, m, backend="ref"))
 
 
+def test_a_broken_check_never_stops_the_op(monkeypatch, caplog, tmp_path):
+    op = guard.get_op("varlen_attention")
+    monkeypatch.setattr(op, "reference", lambda case: 1 / 0)
+    with caplog.at_level(logging.WARNING, logger="pyfast_tune.guard"):
+        decision = guard.decide("varlen_attention", CPU, ATTN)
+    assert decision.source == "unchecked" and decision.chosen == "cpp"
+    assert "could not be checked (ZeroDivisionError" in caplog.text
+    assert not (tmp_path / "cache").exists()  # the next process checks again
+
+
+def test_an_explicit_backend_that_cannot_run_here_says_so(monkeypatch, caplog):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with caplog.at_level(logging.WARNING, logger="pyfast_tune.guard"):
+        decision = guard.decide("varlen_attention", CPU, ATTN, prefer="triton")
+    assert decision.chosen in ("cpp", "sdpa")
+    assert "backend 'triton' cannot run here: Triton needs CUDA" in caplog.text
+
+
 def test_lse_callers_only_get_backends_that_return_it(monkeypatch):
     monkeypatch.setenv(faults.ENV, "varlen_attention.cpp=wrong")
     q, k, v, cu, m = packed_qkv()

@@ -168,7 +168,8 @@ class Decision:
     chosen: str
     checks: list[Check]
     prefer: str | None = None
-    source: str = "checked"  # "checked" | "disk cache"
+    source: str = "checked"  # "checked" | "disk cache" | "unchecked" (the check broke)
+    error: str | None = None  # why it is unchecked
 
     def usable(self, allowed: tuple[str, ...] | None = None) -> list[str]:
         """Backends that passed, fastest first (unraced ones after the raced)."""
@@ -538,11 +539,16 @@ def describe(shape: dict) -> str:
 def _report(decision: Decision) -> None:
     where = f"{decision.op} on {decision.device} ({describe(decision.shape)})"
     for c in decision.checks:
-        if c.ok is False and decision.source == "checked":
+        asked = c.backend == decision.prefer
+        if decision.source == "checked" and (c.ok is False or (c.ok is None and asked)):
             log.warning(
-                "%sguard: %s: backend '%s' rejected: %s; using '%s'",
-                _who(), where, c.backend, c.error, decision.chosen,
+                "%sguard: %s: backend '%s' %s: %s; using '%s'",
+                _who(), where, c.backend, "rejected" if c.ok is False else "cannot run here",
+                c.error, decision.chosen,
             )  # fmt: skip
+    if decision.source == "unchecked":
+        log.warning("%sguard: %s: could not be checked (%s); using '%s' unchecked",
+                    _who(), where, decision.error, decision.chosen)  # fmt: skip
     if rank() != 0:
         return
     parts = []
@@ -574,8 +580,14 @@ def decide(op_name: str, device: torch.device, shape: dict, prefer: str | None =
         path, disk_key = _disk_path(op_name, device, shape, prefer) if use_disk else (None, None)
         decision = _read_disk(path, disk_key) if use_disk else None
         if decision is None:
-            decision = _check_and_race(op, device, shape, prefer)
-            if use_disk:
+            try:
+                decision = _check_and_race(op, device, shape, prefer)
+            except Exception as e:  # the check itself broke (its case, the reference): never
+                # let that stop training; the op's default runs, and the next process retries
+                default = prefer or op.default(device)
+                decision = Decision(op_name, str(device), dict(shape), default, [], prefer,
+                                    "unchecked", _short(e))  # fmt: skip
+            if use_disk and decision.source == "checked":
                 _write_disk(path, disk_key, decision)
         _DECISIONS[key] = decision
         _report(decision)
