@@ -193,6 +193,29 @@ def test_nothing_is_decided_while_tracing():
     assert out.shape == q.shape and not guard._DECISIONS
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_first_call_inside_activation_checkpointing(reentrant, caplog):
+    """The check's own autograd must stay out of the checkpointed region (same saved-tensor
+    count at recomputation) and checkpointing's control flow is not a backend failure."""
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v, cu, m = packed_qkv()
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with caplog.at_level(logging.WARNING, logger="pyfast_tune.guard"):
+        out = checkpoint(
+            lambda q, k, v: varlen_attention(q * 1.0, k, v, cu, cu, m, m), q, k, v,
+            use_reentrant=reentrant,
+        )  # fmt: skip
+        out.sum().backward()
+    assert "failed" not in caplog.text and "could not be checked" not in caplog.text
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    varlen_attention(q, k, v, cu, cu, m, m).sum().backward()
+    for g, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(g, t.grad)
+
+
 def test_only_rank_zero_logs_the_decision(monkeypatch, caplog):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv(faults.ENV, "varlen_attention.cpp=raise")

@@ -364,7 +364,9 @@ class _one_thread:
 
 
 class _isolated:
-    """Run a check without touching the caller's RNG, grad mode, autocast or inference mode."""
+    """Run a check without touching the caller's RNG, grad mode, autocast or inference mode,
+    and outside any saved-tensor hooks of the caller: a first call inside activation
+    checkpointing must not add the check's own tensors to the checkpointed region."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -377,7 +379,8 @@ class _isolated:
             ]
         self.rng = torch.random.fork_rng(devices=devices)
         self.rng.__enter__()
-        self.modes = [torch.inference_mode(False), torch.enable_grad()]
+        identity = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+        self.modes = [torch.inference_mode(False), torch.enable_grad(), identity]
         if self.device.type in ("cpu", "cuda"):
             self.modes.append(torch.autocast(self.device.type, enabled=False))
         for m in self.modes:
@@ -672,6 +675,19 @@ def demote(
             _who(), op_name, backend, device, describe(shape), _short(error), decision.chosen,
         )  # fmt: skip
         return decision.chosen
+
+
+def backend_failure(e: BaseException) -> bool:
+    """Whether an exception from a backend's call means the backend failed (build, compile,
+    launch, a CUDA error) rather than the caller (bad input, out of memory) or autograd's own
+    control flow (activation checkpointing stops a recomputation by raising)."""
+    if isinstance(e, (ValueError, TypeError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return False
+    if type(e).__module__.startswith("torch.utils.checkpoint"):
+        return False
+    return isinstance(e, (RuntimeError, ImportError, OSError, AssertionError)) or type(
+        e
+    ).__module__.startswith("triton")
 
 
 def tracing(*tensors: torch.Tensor) -> bool:

@@ -433,12 +433,10 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
                 return type(self).forward(self, x, *args, **kwargs)
             y = lora_linear(x.to(cdt), base.weight, A, B, self.scaling[adapter], p, bias, backend)
             return y.to(x.dtype)
-        except (ValueError, TypeError, getattr(torch, "OutOfMemoryError", MemoryError)):
-            raise
         except Exception as e:  # a launch failure after a passed check: the next backend
-            tried.add(backend)
-            if guard.tracing(x, A):
+            if not guard.backend_failure(e) or guard.tracing(x, A):
                 raise
+            tried.add(backend)
             guard.demote(OP, x.device, shape, None, backend, e)
             backend = guard.choose(OP, x.device, shape)
             if backend in tried:

@@ -58,8 +58,6 @@ _DTYPES = {
     "torch_varlen": (torch.float16, torch.bfloat16),
     "flash_attn": (torch.float16, torch.bfloat16),
 }
-# A failure of these is the caller's (bad input, no memory), not the backend's: never retried.
-_CALLER_ERRORS = (ValueError, TypeError, getattr(torch, "OutOfMemoryError", MemoryError))
 
 
 def varlen_attention(
@@ -166,9 +164,9 @@ def _guarded(args, causal, softmax_scale, window, return_lse, prefer) -> Tensor 
     while True:
         try:
             return varlen_attention(*args, **kw, backend=backend)
-        except _CALLER_ERRORS:
-            raise
         except Exception as e:
+            if not guard.backend_failure(e):
+                raise
             tried.add(backend)
             guard.demote(OP, q.device, shape, prefer, backend, e)
             backend = guard.choose(OP, q.device, shape, prefer, allowed)
