@@ -121,17 +121,21 @@ def format_table(report: dict) -> str:
     if report["interpreter"]:
         lines.append("Triton: no CUDA, kernels checked in the interpreter (small shapes, untimed)")
     lines.append("")
-    lines.append(f"{'op':17} {'backend':13} {'shape class':55} {'result':>8} "
+    shapes = [", ".join(f"{k}={c[k]}" for k in _shape_keys(c)) for c in report["checks"]]
+    w_op = max([2] + [len(c["op"]) for c in report["checks"]])
+    w_be = max([7] + [len(c["backend"]) for c in report["checks"]])
+    w_sh = max([11] + [len(x) for x in shapes])
+    lines.append(f"{'op':{w_op}} {'backend':{w_be}} {'shape class':{w_sh}} {'result':>7} "
                  f"{'err/up':>7} {'ms':>9}  chosen")  # fmt: skip
-    for c in report["checks"]:
-        shape = ", ".join(f"{k}={c[k]}" for k in _shape_keys(c))
+    for c, shape in zip(report["checks"], shapes):
         state = {True: "ok", False: "FAILED", None: "skipped"}[c["ok"]]
-        ratio = f"{c['error_ratio']:.2f}" if c["error_ratio"] is not None else "-"
+        ratio = f"{c['error_ratio']:.3g}" if c["error_ratio"] is not None else "-"
         ms = f"{c['ms']:.3f}" if c["ms"] is not None else "-"
-        lines.append(f"{c['op']:17} {c['backend']:13} {shape:55} {state:>8} {ratio:>7} {ms:>9}"
-                     f"  {'<-' if c['chosen'] else ''}")  # fmt: skip
+        lines.append(f"{c['op']:{w_op}} {c['backend']:{w_be}} {shape:{w_sh}} {state:>7} "
+                     f"{ratio:>7} {ms:>9}  {'<-' if c['chosen'] else ''}".rstrip())  # fmt: skip
         if c["ok"] is not True and c["error"]:
-            lines.append(f"{'':32}{'why: ' if c['ok'] is False else 'skipped: '}{c['error']}")
+            why = "why: " if c["ok"] is False else "skipped: "
+            lines.append(f"{'':{w_op + w_be + 2}}{why}{c['error']}")
     verdict = "every backend checked is correct" if report["ok"] else "SOME BACKENDS FAILED"
     lines += ["", f"verdict: {verdict}"]
     return "\n".join(lines)
