@@ -11,7 +11,6 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import shared_path
 
 from pyfast_tune.data import PackedDataset, TokenizerError, pack, render_chat
 
@@ -83,26 +82,22 @@ def check(tok_dir, conversations):
     return out
 
 
-@pytest.mark.parametrize("name", ["qwen3", "smollm2"])
-def test_render_equals_apply_chat_template_hand_made(name):
-    tok_dir = shared_path("tokenizers", name)
-    for trained, want in check(tok_dir, HAND_MADE):
-        if name == "smollm2":  # copies content verbatim: the trained text is exactly it
-            assert trained == want
+def test_render_equals_apply_chat_template_generated(tiny_tokenizer_bos):
+    """The generated tokenizer's ChatML template on hand-made and generated chats; the real
+    tokenizers' templates (Qwen3's think blocks, SmolLM2's) are in test_real_data.py."""
+    from pyfast_tune.demo import synth_conversations
+
+    chats = HAND_MADE + [r["messages"] for r in synth_conversations(100, seed=31)]
+    for trained, want in check(tiny_tokenizer_bos, chats):
+        assert trained == want  # ChatML copies content verbatim
 
 
-@pytest.mark.parametrize("name", ["qwen3", "smollm2"])
-def test_render_equals_apply_chat_template_on_shared_chats(name):
-    tok_dir = shared_path("tokenizers", name)
-    chats = shared_path("chitchat.jsonl").read_text().splitlines()[:200]
-    check(tok_dir, [json.loads(line)["messages"] for line in chats])
-
-
-def test_pack_with_hf_template(tmp_path):
-    tok_dir = shared_path("tokenizers", "qwen3")
+def pack_with_hf_template(tmp_path, tok_dir, records):
+    """``records`` (at least 80) + HAND_MADE packed with ``--template hf``: ids are the
+    tokenizer's on transformers' rendering, labels the assistant spans; other formats go
+    through the template as system/user/assistant messages."""
     hf = load_hf(tok_dir)
-    records = [json.loads(x) for x in shared_path("chitchat.jsonl").read_text().splitlines()[:80]]
-    records += [{"messages": m} for m in HAND_MADE]
+    records = records[:80] + [{"messages": m} for m in HAND_MADE]
     data = tmp_path / "c.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     st = pack(data, tmp_path / "p", tokenizer=tok_dir, max_length=4096, template="hf")
@@ -128,6 +123,12 @@ def test_pack_with_hf_template(tmp_path):
     text = hf.decode(s["input_ids"])  # alpaca has no system prompt (XTuner 0.2.0)
     assert "<|im_start|>user\nAdd\n1+1<|im_end|>" in text and "Below is an" not in text
     assert hf.decode(s["input_ids"][s["labels"] >= 0]) == "2<|im_end|>"
+
+
+def test_pack_with_hf_template_generated(tmp_path, tiny_tokenizer_bos):
+    from pyfast_tune.demo import synth_conversations
+
+    pack_with_hf_template(tmp_path, tiny_tokenizer_bos, synth_conversations(80, seed=32))
 
 
 def test_hf_template_needs_a_chat_template(tmp_path, tiny_tokenizer):

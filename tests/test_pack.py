@@ -1,6 +1,6 @@
 """The packing engine end to end: XTuner-exact encoding, packing invariants, determinism,
-input handling and errors. Core tests use generated data and a tokenizer trained here; the
-tests on real data and tokenizers use ../shared/data and skip with a reason without it."""
+input handling and errors, on generated data and a tokenizer trained here. The same checks on
+the real corpora and tokenizers of ../shared/data are in test_real_data.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_path
 from xtuner_ref import RefTokenizer, reference_samples
 
 from pyfast_tune.cli import main as cli
@@ -72,51 +71,7 @@ def check_packs(ds: PackedDataset, max_length: int) -> None:
     assert (seen == 1).all(), "every sample in exactly one pack"
 
 
-# --- XTuner semantics on real tokenizers and data -------------------------------------------
-
 TEMPLATES = ["default", "internlm2_chat", "qwen_chat", "llama3_chat", "none"]
-
-
-@pytest.mark.parametrize("tokenizer", ["qwen3", "smollm2"])
-@pytest.mark.parametrize("template", TEMPLATES)
-def test_chitchat_matches_xtuner_encode_fn(tmp_path, tokenizer, template):
-    tok_dir = shared_path("tokenizers", tokenizer)
-    records = read_jsonl(shared_path("chitchat.jsonl"), 150)
-    data = write_jsonl(tmp_path / "chat.jsonl", records)
-    # 512 truncates some chats, so truncation is checked too.
-    for max_length in (4096, 512):
-        out = tmp_path / f"packed{max_length}"
-        stats = pack(data, out, tokenizer=tok_dir, max_length=max_length, template=template)
-        expected = reference_samples(records, "openai", template, RefTokenizer(tok_dir), max_length)
-        ds = PackedDataset(out, tokenizer=tok_dir, max_length=max_length, template=template)
-        assert_matches_reference(ds, expected)
-        assert stats.samples == len(expected) and stats.split_samples == 0
-    assert stats.truncated_samples > 0
-
-
-@pytest.mark.parametrize("tokenizer", ["qwen3", "smollm2"])
-def test_pydoc_pretrain_matches_xtuner(tmp_path, tokenizer):
-    tok_dir = shared_path("tokenizers", tokenizer)
-    records = read_jsonl(shared_path("pydoc.jsonl"), 40)
-    data = write_jsonl(tmp_path / "docs.jsonl", records)
-    stats = pack(data, tmp_path / "p", tokenizer=tok_dir, max_length=4096, template="qwen_chat")
-    expected = reference_samples(records, "pretrain", "none", RefTokenizer(tok_dir), 4096)
-    ds = PackedDataset(tmp_path / "p")
-    assert_matches_reference(ds, expected)
-    assert ds.meta["files"][0]["format"] == "pretrain"
-    assert stats.truncated_samples > 0 and stats.fill > 0.9
-    check_packs(ds, 4096)
-
-
-def test_chitchat_fill_and_no_split(tmp_path):
-    tok_dir = shared_path("tokenizers", "smollm2")
-    data = shared_path("chitchat.jsonl")
-    stats = pack(data, tmp_path / "p", tokenizer=tok_dir, max_length=4096, template="qwen_chat")
-    ds = PackedDataset(tmp_path / "p")
-    report = ds.verify()
-    assert report["split_samples"] == 0 and stats.split_samples == 0
-    assert stats.fill >= 0.998, stats.summary()
-    assert stats.records == 4017 == stats.samples + stats.dropped_samples + stats.skipped_records
 
 
 # --- XTuner semantics on generated data (no ../shared needed) --------------------------------
@@ -171,6 +126,26 @@ def test_generated_matches_xtuner(tmp_path, tiny_tokenizer, template, bos):
     assert stats.records == stats.samples + stats.dropped_samples
     if bos is not None:
         assert ds.sample(0)["input_ids"][0] == RefTokenizer(tok_dir).bos[0]
+
+
+def test_generated_pretrain_matches_xtuner(tmp_path, generated_tokenizer):
+    """Plain-text documents: BOS (when the tokenizer has one) + text + EOS, never templated
+    (qwen_chat is ignored for pretraining text), truncated at max_length and counted."""
+    from pyfast_tune.demo import synth_documents
+
+    records = synth_documents(60, seed=4)
+    data = write_jsonl(tmp_path / "docs.jsonl", records)
+    stats = pack(
+        data, tmp_path / "p", tokenizer=generated_tokenizer, max_length=256, template="qwen_chat"
+    )
+    expected = reference_samples(
+        records, "pretrain", "none", RefTokenizer(generated_tokenizer), 256
+    )
+    ds = PackedDataset(tmp_path / "p")
+    assert_matches_reference(ds, expected)
+    assert ds.meta["files"][0]["format"] == "pretrain"
+    assert stats.truncated_samples > 0 and stats.fill > 0.9
+    check_packs(ds, 256)
 
 
 def test_alpaca_and_conversation_formats(tmp_path, tiny_tokenizer):

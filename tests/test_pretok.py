@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_path
 from xtuner_ref import RefTokenizer, reference_samples
 
 from pyfast_tune.cli import main as cli
@@ -159,19 +158,17 @@ def test_int32_meta_and_fortran_order_are_read(tmp_path, tiny_tokenizer):
     check_against_xtuner(PackedDataset(tmp_path / "p"), [b], 0, 4096)
 
 
-def test_internevo_from_tokenized_shared_data(tmp_path):
-    """Write .bin/.meta from the shared chat data tokenized with the qwen3 tokenizer (user
-    tokens negative = no loss), read them back and pack: ids and labels equal XTuner's
-    JsonlDataset and the encoding they came from."""
-    tok_dir = shared_path("tokenizers", "qwen3")
-    chats = shared_path("chitchat.jsonl")
-    records = [json.loads(x) for x in chats.read_text().splitlines()[:400]]
-    ref = reference_samples(records, "openai", "qwen_chat", RefTokenizer(tok_dir), 10**9)
+def internevo_round_trip(tmp_path, tok_dir, records, template="qwen_chat"):
+    """Write .bin/.meta from ``records`` tokenized with ``tok_dir`` (user tokens negative = no
+    loss), read them back and pack: ids and labels equal XTuner's JsonlDataset and the
+    encoding they came from."""
+    ref = reference_samples(records, "openai", template, RefTokenizer(tok_dir), 10**9)
     rows = [[i if lab != IGNORE else -i for i, lab in zip(ids, labels)] for _, ids, labels in ref]
     d = tmp_path / "evo"
+    cut = len(rows) * 5 // 8
     files = [
-        write_bin(d / "part-00000.bin", rows[:250]),
-        write_bin(d / "part-00001.bin", rows[250:]),
+        write_bin(d / "part-00000.bin", rows[:cut]),
+        write_bin(d / "part-00001.bin", rows[cut:]),
     ]
     order = tmp_path / "data_order.txt"
     assert cli(["order", str(d), "--out", str(order)]) == 0
@@ -188,6 +185,14 @@ def test_internevo_from_tokenized_shared_data(tmp_path):
         assert s["input_ids"].tolist() == ids
         assert s["labels"].tolist() == [lab if i != 0 else IGNORE for i, lab in zip(ids, labels)]
     assert st.fill > 0.95
+
+
+def test_internevo_from_tokenized_chats(tmp_path, tiny_tokenizer_bos):
+    """Generated chats and the tiny tokenizer (with a BOS); the same on the real chats and
+    the Qwen3 tokenizer is in test_real_data.py."""
+    from pyfast_tune.demo import synth_conversations
+
+    internevo_round_trip(tmp_path, tiny_tokenizer_bos, synth_conversations(400, seed=21))
 
 
 def test_order_is_truly_sorted_and_data_order_packs_those_files(tmp_path, tiny_tokenizer):

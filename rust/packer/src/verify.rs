@@ -22,7 +22,53 @@ fn i64s(bytes: &[u8]) -> Vec<i64> {
         .collect()
 }
 
-/// Verify `dir`; returns a JSON report (files checked, samples, packs, max pack length).
+/// Samples cut by a pack boundary, counted from the tables alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitSamples {
+    /// How many.
+    pub count: u64,
+    /// The first: (sample, its first token, its end, the boundary that cuts it).
+    pub first: (usize, i64, i64, i64),
+}
+
+/// Count the samples of a layout (`samples` rows `(start, length, pack, file, record)`,
+/// `packs` boundaries `(token offset, sample offset)`, as in docs/FORMAT.md) whose tokens
+/// `[start, start + length)` straddle a pack boundary, i.e. lie in two or more packs. Only
+/// meaningful when the boundaries increase; when they do not, nothing is counted (the walk in
+/// [`verify`] reports the disorder).
+pub fn split_samples(samples: &[i64], packs: &[i64]) -> SplitSamples {
+    let mut out = SplitSamples {
+        count: 0,
+        first: (0, 0, 0, 0),
+    };
+    // Boundaries between packs: every token offset but the first and the last.
+    let offsets: Vec<i64> = packs.chunks_exact(2).map(|b| b[0]).collect();
+    let inner = match offsets.len() {
+        0..=2 => &[][..],
+        n => &offsets[1..n - 1],
+    };
+    if offsets.windows(2).any(|w| w[0] >= w[1]) {
+        return out;
+    }
+    for (s, row) in samples.chunks_exact(5).enumerate() {
+        let (start, len) = (row[0], row[1]);
+        // i128: start and length come from a file that may hold any i64.
+        let end = start as i128 + len.max(0) as i128;
+        let next = inner.partition_point(|&b| b <= start);
+        if let Some(&cut) = inner.get(next) {
+            if (cut as i128) < end {
+                if out.count == 0 {
+                    out.first = (s, start, end.min(i64::MAX as i128) as i64, cut);
+                }
+                out.count += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Verify `dir`; returns a JSON report (files checked, samples, packs, max pack length, and
+/// `split_samples` counted from the layout: 0, or the directory is refused).
 pub fn verify(dir: &Path) -> Result<Value> {
     let meta_path = dir.join(output::META);
     let text = std::fs::read_to_string(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
@@ -87,6 +133,18 @@ pub fn verify(dir: &Path) -> Result<Value> {
         return Err(corrupt(
             &p_of(output::SAMPLES),
             "table sizes differ from meta.json counts",
+        ));
+    }
+    let split = split_samples(&samples, &packs);
+    if split.count > 0 {
+        let (s, a, b, cut) = split.first;
+        return Err(corrupt(
+            &p_of(output::SAMPLES),
+            format!(
+                "{} sample(s) split across packs (first: sample {s}, tokens {a}..{b}, cut by the \
+                 pack boundary at token {cut}); every sample must lie whole in one pack",
+                split.count
+            ),
         ));
     }
     let mut seen = vec![false; n_samp as usize];
@@ -170,6 +228,7 @@ pub fn verify(dir: &Path) -> Result<Value> {
     }
     Ok(json!({
         "ok": true, "files": output::BINARY_FILES.len() + 1, "tokens": n_tok, "samples": n_samp,
-        "packs": n_pack, "max_pack_tokens": max_pack, "split_samples": 0,
+        "packs": n_pack, "max_pack_tokens": max_pack,
+        "split_samples": split.count,
     }))
 }
