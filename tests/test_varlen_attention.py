@@ -113,6 +113,11 @@ TRITON_GRID = {
     "d59-gqa-causal": ([1, 23, 0, 9], [1, 23, 0, 9], 2, 1, 59, True, (-1, -1)),
     "lq!=lk-noncausal": ([5, 17, 0], [9, 17, 3], 2, 2, 16, False, (-1, -1)),
     "window": ([21, 2], [21, 2], 2, 2, 8, False, (4, 2)),
+    # Segments several 16-row blocks long, so every row block has masked runs before and after
+    # a run of full (unmasked) key blocks, in the forward and in both backward kernels.
+    "long-window": ([70, 40], [70, 40], 2, 1, 32, True, (40, -1)),
+    "long-lq<lk-causal": ([20, 50], [60, 50], 2, 1, 16, True, (-1, -1)),
+    "long-lq<lk-noncausal": ([50, 33], [70, 33], 2, 2, 16, False, (-1, -1)),
 }
 
 

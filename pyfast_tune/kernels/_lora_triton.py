@@ -28,9 +28,16 @@ import torch
 import triton
 import triton.language as tl
 
+from pyfast_tune.kernels._launch import Launch
+
 __all__ = ["lora_fwd", "lora_bwd", "philox_keep_mask", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# The token count, the rank and the dropout seed vary between launches: kept out of the
+# specialization so they never cause a recompile (or a binary the aot report did not see).
+_RUNTIME = ["M", "R", "seed"]
 
 
 @triton.jit
@@ -73,7 +80,7 @@ def _load_w(
     return w
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME)
 def _lora_fwd_kernel(
     X_ptr, W_ptr, CODE_ptr, ABSMAX_ptr, A_ptr, B_ptr, BIAS_ptr, Y_ptr, U_ptr,
     M, N, K, R,
@@ -147,7 +154,7 @@ def _lora_fwd_kernel(
         )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME)
 def _lora_bwd_dx_kernel(
     DY_ptr, W_ptr, CODE_ptr, ABSMAX_ptr, A_ptr, B_ptr, DX_ptr, DU_ptr,
     M, N, K, R,
@@ -215,7 +222,7 @@ def _lora_bwd_dx_kernel(
         )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME)
 def _lora_bwd_dadb_kernel(
     X_ptr, DY_ptr, U_ptr, DU_ptr, DA_ptr, DB_ptr,
     M, N, K, R,
@@ -278,19 +285,39 @@ def _lora_bwd_dadb_kernel(
         )  # fmt: skip
 
 
-def _blocks(R: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R); tl.dot needs every dim >= 16."""
-    block_r = max(16, triton.next_power_of_2(R))
-    if INTERPRET:
+def launch_config(kernel: str, dtype: torch.dtype, rank: int, arch: int | None) -> dict:
+    """Tiles, warps and stages of one LoRA kernel for (dtype, rank, GPU arch).
+
+    ``arch``: compute capability as major*10+minor (80, 90), None for the interpreter. Every
+    entry is spill-free and within shared memory on sm_80/sm_90
+    (``python -m pyfast_tune.kernels.aot --only lora``; a default test holds it to that).
+    tl.dot needs every tile dim >= 16, so BLOCK_R is the rank rounded up to a power of two.
+
+    Returns:
+        dict(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages).
+    """
+    block_r = max(16, triton.next_power_of_2(rank))
+    if arch is None:
         # The interpreter's cost is per op, not per element: tall M tiles mean fewer programs
         # (and fewer Philox evaluations); N and K tiles stay small so tests cross tile edges.
-        return 256, 32, 32, block_r
-    return 64, 64, 32, block_r
+        return dict(BLOCK_M=256, BLOCK_N=32, BLOCK_K=32, BLOCK_R=block_r, num_warps=4,
+                    num_stages=1)  # fmt: skip
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_R=block_r, num_warps=4, num_stages=3)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+MAX_RANK = 128  # larger ranks run the torch backend (BLOCK_R tiles would not fit registers)
+
+
+def _arch(t: torch.Tensor) -> int | None:
+    if INTERPRET or t.device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return major * 10 + minor
+
+
+def _dot_precision(dtype: torch.dtype, arch: int | None) -> str:
     # fp32 inputs would otherwise run as tf32 on GPU and lose to torch's fp32 matmul.
-    return "ieee" if (INTERPRET or dtype == torch.float32) else "tf32"
+    return "ieee" if (arch is None or dtype == torch.float32) else "tf32"
 
 
 def _weight_args(W: torch.Tensor, quant_state) -> tuple:
@@ -314,6 +341,71 @@ def _weight_args(W: torch.Tensor, quant_state) -> tuple:
     return packed, code, absmax, 0, 0, True, quant_state.blocksize
 
 
+def _labels(x, A, R, w_4bit, p, bias=None) -> dict:
+    return dict(dtype=str(x.dtype).removeprefix("torch."),
+                shape=dict(rank=R, adapter=str(A.dtype).removeprefix("torch."), w_4bit=w_4bit,
+                           dropout=p > 0.0, bias=bias is not None))  # fmt: skip
+
+
+def fwd_launch(x, wargs, A, B, bias, y, u, scaling, p, seed, arch) -> Launch:
+    """The forward launch (``lora_fwd``); ``wargs`` from ``_weight_args``."""
+    M, K = x.shape
+    N, R = B.shape
+    W, code, absmax, stride_w_n, stride_w_k, w_4bit, qblock = wargs
+    cfg = launch_config("fwd", x.dtype, R, arch)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    args = (
+        x, W, code, absmax, A, B, bias if bias is not None else y, y, u,
+        M, N, K, R,
+        x.stride(0), x.stride(1), stride_w_n, stride_w_k, A.stride(0), A.stride(1),
+        B.stride(0), B.stride(1), y.stride(0), y.stride(1), u.stride(0), u.stride(1),
+        float(scaling), float(p), int(seed),
+    )  # fmt: skip
+    meta = dict(
+        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, FP32_DOT=arch is None,
+        DOT_PRECISION=_dot_precision(x.dtype, arch), W_4BIT=w_4bit, QBLOCK=qblock, **cfg,
+    )  # fmt: skip
+    return Launch(_lora_fwd_kernel, grid, args, meta, _labels(x, A, R, w_4bit, p, bias))
+
+
+def bwd_launches(dy, x, wargs, A, B, u, du, dx, dA, dB, scaling, p, seed, arch) -> list[Launch]:
+    """The two backward launches (``lora_bwd``); ``dx`` None when not needed."""
+    M, K = x.shape
+    N, R = B.shape
+    W, code, absmax, stride_w_n, stride_w_k, w_4bit, qblock = wargs
+    cfg = launch_config("bwd_dx", x.dtype, R, arch)
+    need_dx = dx is not None
+    # The dx kernel also produces du; without dx it only computes du (grid of one K-tile).
+    dx_buf = dx if need_dx else du
+    labels = _labels(x, A, R, w_4bit, p)
+    dx_args = (
+        dy, W, code, absmax, A, B, dx_buf, du,
+        M, N, K, R,
+        dy.stride(0), dy.stride(1), stride_w_n, stride_w_k, A.stride(0), A.stride(1),
+        B.stride(0), B.stride(1), dx_buf.stride(0), dx_buf.stride(1), du.stride(0), du.stride(1),
+        float(scaling), float(p), int(seed),
+    )  # fmt: skip
+    dx_meta = dict(
+        HAS_DROPOUT=p > 0.0, FP32_DOT=arch is None, DOT_PRECISION=_dot_precision(x.dtype, arch),
+        W_4BIT=w_4bit, QBLOCK=qblock, NEED_DX=need_dx, **cfg,
+    )  # fmt: skip
+    dx_grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]) if need_dx else 1)
+    cfg = launch_config("bwd_dadb", x.dtype, R, arch)
+    ab_args = (
+        x, dy, u, du, dA, dB,
+        M, N, K, R,
+        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), u.stride(0), u.stride(1),
+        du.stride(0), du.stride(1), dA.stride(0), dA.stride(1), dB.stride(0), dB.stride(1),
+        float(scaling), float(p), int(seed),
+    )  # fmt: skip
+    ab_meta = dict(HAS_DROPOUT=p > 0.0, FP32_DOT=arch is None, **cfg)
+    ab_grid = (triton.cdiv(K, cfg["BLOCK_K"]) + triton.cdiv(N, cfg["BLOCK_N"]),)
+    return [
+        Launch(_lora_bwd_dx_kernel, dx_grid, dx_args, dx_meta, labels),
+        Launch(_lora_bwd_dadb_kernel, ab_grid, ab_args, ab_meta, labels),
+    ]
+
+
 def lora_fwd(
     x: torch.Tensor,
     W: torch.Tensor,
@@ -331,30 +423,19 @@ def lora_fwd(
         x: (M, K) fp32/fp16/bf16, any strides.
         W: (N, K) same dtype as x; or, with ``quant_state`` (bitsandbytes QuantState of shape
             (N, K)), the packed 4-bit weight ((N*K+1)//2 uint8).
-        A: (r, K), B: (N, r): the adapter dtype (may differ from x's).
+        A: (r, K), B: (N, r): the adapter dtype (may differ from x's); r <= MAX_RANK.
         bias: (N,) or None.
     Returns:
         y: (M, N) x.dtype; u: (M, r) A.dtype, ``dropout(x) Aᵀ`` (saved for backward).
     """
-    M, K = x.shape
+    M, _ = x.shape
     N, R = B.shape
-    W, code, absmax, stride_w_n, stride_w_k, w_4bit, qblock = _weight_args(W, quant_state)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     u = torch.empty((M, R), device=x.device, dtype=A.dtype)
     if M == 0:
         return y, u
-    BM, BN, BK, BR = _blocks(R)
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
-    _lora_fwd_kernel[grid](
-        x, W, code, absmax, A, B, bias if bias is not None else y, y, u,
-        M, N, K, R,
-        x.stride(0), x.stride(1), stride_w_n, stride_w_k, A.stride(0), A.stride(1),
-        B.stride(0), B.stride(1), y.stride(0), y.stride(1), u.stride(0), u.stride(1),
-        float(scaling), float(dropout_p), int(seed),
-        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, FP32_DOT=INTERPRET,
-        DOT_PRECISION=_dot_precision(x.dtype), W_4BIT=w_4bit, QBLOCK=qblock,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BR,
-    )  # fmt: skip
+    wargs = _weight_args(W, quant_state)
+    fwd_launch(x, wargs, A, B, bias, y, u, scaling, dropout_p, seed, _arch(x))()
     return y, u
 
 
@@ -379,38 +460,63 @@ def lora_bwd(
     Returns:
         dx: (M, K) x.dtype or None when not needed; dA: (r, K) and dB: (N, r) in A.dtype.
     """
-    M, K = x.shape
-    N, R = B.shape
-    W, code, absmax, stride_w_n, stride_w_k, w_4bit, qblock = _weight_args(W, quant_state)
-    BM, BN, BK, BR = _blocks(R)
+    M, _ = x.shape
+    _, R = B.shape
     du = torch.empty((M, R), device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if need_dx else None
     dA = torch.empty_like(A)
     dB = torch.empty_like(B)
     if M == 0:
         return dx, dA.zero_(), dB.zero_()
-    # The dx kernel also produces du; without dx it only computes du (grid of one K-tile).
-    dx_buf = dx if dx is not None else du
-    _lora_bwd_dx_kernel[(triton.cdiv(M, BM), triton.cdiv(K, BK) if need_dx else 1)](
-        dy, W, code, absmax, A, B, dx_buf, du,
-        M, N, K, R,
-        dy.stride(0), dy.stride(1), stride_w_n, stride_w_k, A.stride(0), A.stride(1),
-        B.stride(0), B.stride(1), dx_buf.stride(0), dx_buf.stride(1), du.stride(0), du.stride(1),
-        float(scaling), float(dropout_p), int(seed),
-        HAS_DROPOUT=dropout_p > 0.0, FP32_DOT=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype),
-        W_4BIT=w_4bit, QBLOCK=qblock, NEED_DX=need_dx,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BR,
-    )  # fmt: skip
-    _lora_bwd_dadb_kernel[(triton.cdiv(K, BK) + triton.cdiv(N, BN),)](
-        x, dy, u, du, dA, dB,
-        M, N, K, R,
-        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), u.stride(0), u.stride(1),
-        du.stride(0), du.stride(1), dA.stride(0), dA.stride(1), dB.stride(0), dB.stride(1),
-        float(scaling), float(dropout_p), int(seed),
-        HAS_DROPOUT=dropout_p > 0.0, FP32_DOT=INTERPRET,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BR,
-    )  # fmt: skip
+    wargs = _weight_args(W, quant_state)
+    args = (dy, x, wargs, A, B, u, du, dx, dA, dB, scaling, dropout_p, seed, _arch(x))
+    for launch in bwd_launches(*args):
+        launch()
     return dx, dA, dB
+
+
+class _Nf4State:
+    """Just what ``_weight_args`` reads of a bitsandbytes QuantState (blocksize 64, not nested)."""
+
+    def __init__(self, n_blocks: int):
+        self.absmax = torch.zeros(n_blocks, dtype=torch.float32)
+        self.code = torch.zeros(16, dtype=torch.float32)
+        self.nested, self.blocksize = False, 64
+
+
+def aot_launches(arch: int) -> list[Launch]:
+    """Every launch configuration of the LoRA kernels on ``arch``: x dtype bf16/fp16/fp32,
+    rank classes 8/16/32/64/128 (BLOCK_R 16..128), dropout on and off, a float or an NF4 base
+    weight, bias on (the superset of the epilogue), dx needed or not (frozen first layer).
+    Small CPU tensors stand in for device tensors: dtypes, strides and alignment are what a
+    (4096 x 4096) projection passes."""
+    launches = []
+    M, N, K = 64, 4096, 4096
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for rank in (8, 16, 32, 64, 128):
+            for w_4bit in (False, True):
+                if w_4bit and dtype == torch.float32:
+                    continue  # QLoRA computes in bf16/fp16
+                for p in (0.0, 0.1):
+                    x = torch.empty_strided((M, K), (K, 1), dtype=dtype)
+                    W = torch.empty_strided((N, K), (K, 1), dtype=dtype)
+                    if w_4bit:
+                        W = torch.zeros(N * K // 2, dtype=torch.uint8)
+                        wargs = _weight_args(W, _Nf4State(N * K // 64))
+                    else:
+                        wargs = _weight_args(W, None)
+                    A = torch.zeros((rank, K), dtype=dtype)
+                    B = torch.zeros((N, rank), dtype=dtype)
+                    bias = torch.zeros(N, dtype=dtype)
+                    y = torch.empty((M, N), dtype=dtype)
+                    u = torch.empty((M, rank), dtype=dtype)
+                    launches.append(fwd_launch(x, wargs, A, B, bias, y, u, 2.0, p, 0, arch))
+                    du = torch.empty((M, rank), dtype=torch.float32)
+                    for dx in (torch.empty_like(x), None):
+                        bufs = (y, x, wargs, A, B, u, du, dx, A.clone(), B.clone())
+                        found = bwd_launches(*bufs, 2.0, p, 0, arch)
+                        launches += found if dx is not None else found[:1]
+    return launches
 
 
 # --- Philox in plain PyTorch: the mask tl.rand(seed, m * K + k) > p, bit for bit -----------
