@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 
 use packer::tokenize::bpe::bytes_to_chars;
 use packer::tokenize::fastbpe::FastBpe;
-use packer::tokenize::split::{class_of, fold, LETTER, NUMBER, SPACE};
+use packer::tokenize::split::{
+    class_of, fold, Splitter, DEEPSEEK3_PATTERN, LETTER, MARK, NUMBER, PUNCT, SPACE, SYMBOL,
+};
 use packer::tokenize::{TextTokenizer, TokenizerBackend};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -130,6 +132,9 @@ fn classes_equal_oniguruma_on_every_code_point() {
     check_class_against_onig(r"\p{L}+", |c| class_of(c) & LETTER != 0);
     check_class_against_onig(r"\p{N}+", |c| class_of(c) & NUMBER != 0);
     check_class_against_onig(r"\s+", |c| class_of(c) & SPACE != 0);
+    check_class_against_onig(r"\p{M}+", |c| class_of(c) & MARK != 0);
+    check_class_against_onig(r"\p{P}+", |c| class_of(c) & PUNCT != 0);
+    check_class_against_onig(r"\p{S}+", |c| class_of(c) & SYMBOL != 0);
     for x in ['s', 't', 'r', 'e', 'v', 'm', 'l', 'd'] {
         check_class_against_onig(&format!("(?i:{x})"), |c| fold(c) == x);
     }
@@ -153,6 +158,17 @@ const SPECIALS: &[&str] = &[
     "<|",
     "<tool_call>",
     "<jupyter_code>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[TOOL_CALLS]",
+    "[INST",
+    "<\u{ff5c}begin\u{2581}of\u{2581}sentence\u{ff5c}>",
+    "<\u{ff5c}end\u{2581}of\u{2581}sentence\u{ff5c}>",
+    "<\u{ff5c}User\u{ff5c}>",
+    "<\u{ff5c}Assistant\u{ff5c}>",
+    "<0x0A>",
 ];
 
 /// Text pieces chosen to exercise every branch of the scanners, NFC and added tokens.
@@ -171,6 +187,13 @@ fn piece() -> impl Strategy<Value = String> {
         "[\u{1100}-\u{1112}][\u{1161}-\u{1175}]",
         "[\u{660}-\u{669}\u{bc}-\u{be}\u{2160}-\u{2163}\u{ff10}-\u{ff19}]{1,4}",
         "[\u{e9}\u{c5}\u{212b}\u{2126}\u{fb01}\u{df}\u{130}\u{3c2}]{1,3}",
+        // Metaspace marks, DeepSeek's CJK split edges, marks after spaces, ASCII punctuation
+        // before letters, digits in letters.
+        "[\u{2581} ]{1,4}[a-z]{0,3}",
+        "[\u{9fa4}-\u{9fa6}\u{303f}-\u{3041}\u{309f}-\u{30a1}\u{30ff}\u{3100}]{1,3}",
+        "[ \t][\u{300}-\u{302}\u{93f}][a-z]?",
+        "[-_.@#/\\\\]{1,2}[a-zA-Z]{1,4}[0-9]{0,4}",
+        "[\u{1}-\u{1f}\u{7f}\u{ad}\u{200b}-\u{200f}\u{feff}]{1,3}",
         proptest::sample::select(SPECIALS).prop_map(str::to_string),
         any::<char>().prop_map(|c| c.to_string()),
     ]
@@ -228,11 +251,11 @@ fn unsupported_tokenizer_falls_back_or_refuses() {
         .expect("fast must refuse a Lowercase normalizer");
     assert!(err.to_string().contains("cannot reproduce"), "{err}");
 
-    // An unknown Split pattern falls back too.
+    // A pre-tokenizer the fast path does not implement.
     let mut spec2: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).unwrap()).unwrap();
     spec2["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": "\\p{N}{1,3}"}, "behavior": "Isolated", "invert": false},
+        {"type": "BertPreTokenizer"},
         {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]});
     std::fs::write(&json, spec2.to_string()).unwrap();
     let auto = TextTokenizer::load_with(&json, TokenizerBackend::Auto).unwrap();
@@ -241,7 +264,7 @@ fn unsupported_tokenizer_falls_back_or_refuses() {
         .fast_refused
         .as_deref()
         .unwrap()
-        .contains("no fast scanner"));
+        .contains("pre-tokenizer BertPreTokenizer"));
 }
 
 /// The `tokenizers` BPE model of a tokenizer.json.
@@ -439,7 +462,7 @@ fn refuses_bpe_options_it_does_not_reproduce() {
     // (option, edit, whether `tokenizers` loads the result: with a prefix it panics on
     // SmolLM2's one-character tokens)
     type Edit = fn(&mut serde_json::Value);
-    let cases: [(&str, Edit, bool); 6] = [
+    let cases: [(&str, Edit, bool); 5] = [
         ("dropout", |s| s["model"]["dropout"] = 0.1.into(), true),
         (
             "continuing_subword_prefix",
@@ -452,15 +475,21 @@ fn refuses_bpe_options_it_does_not_reproduce() {
             true,
         ),
         (
-            "byte_fallback",
-            |s| s["model"]["byte_fallback"] = true.into(),
+            "Metaspace prepend_scheme first after another step",
+            |s| {
+                s["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Digits", "individual_digits": true},
+                    {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": true}]})
+            },
             true,
         ),
-        ("fuse_unk", |s| s["model"]["fuse_unk"] = true.into(), true),
-        // SmolLM2 lacks some byte-level characters: an unk_token would be used for them.
         (
-            "unk_token",
-            |s| s["model"]["unk_token"] = "<|endoftext|>".into(),
+            "ByteLevel",
+            |s| {
+                s["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+                    {"type": "Digits", "individual_digits": true}]})
+            },
             true,
         ),
     ];
@@ -536,5 +565,321 @@ fn hf_is_built_lazily_for_offsets_and_ids_agree() {
             .collect();
         assert!(fast.hf_loaded());
         assert!(got.iter().all(|g| *g == want));
+    }
+}
+
+type Edit = fn(&mut serde_json::Value);
+
+fn metaspace(prepend: &str, split: bool) -> serde_json::Value {
+    serde_json::json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": prepend, "split": split})
+}
+
+fn byte_level(prefix: bool, regex: bool) -> serde_json::Value {
+    serde_json::json!({"type": "ByteLevel", "add_prefix_space": prefix, "trim_offsets": true, "use_regex": regex})
+}
+
+fn split(pattern: serde_json::Value, behavior: &str, invert: bool) -> serde_json::Value {
+    serde_json::json!({"type": "Split", "pattern": pattern, "behavior": behavior, "invert": invert})
+}
+
+/// Set the flags of the added token `content`.
+fn added_flags(s: &mut serde_json::Value, content: &str, flags: &[(&str, bool)]) {
+    let t = s["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|t| t["content"] == content)
+        .unwrap_or_else(|| panic!("no added token {content}"));
+    for (k, v) in flags {
+        t[*k] = (*v).into();
+    }
+}
+
+/// Add an added token (normalized or not) with the next free id.
+fn add_token(s: &mut serde_json::Value, content: &str, normalized: bool, lstrip: bool) {
+    let added = s["added_tokens"].as_array_mut().unwrap();
+    let id = added
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .max()
+        .unwrap()
+        + 1;
+    added.push(
+        serde_json::json!({"id": id, "content": content, "single_word": false,
+        "lstrip": lstrip, "rstrip": false, "normalized": normalized, "special": false}),
+    );
+}
+
+/// Every supported step, one variant of a shared tokenizer each: ids equal Hugging Face's on
+/// the sample texts (and on texts built around the added tokens the variant changes).
+#[test]
+fn every_supported_step_as_tokenizers() {
+    let Some(mut texts) = sample_texts() else {
+        return;
+    };
+    for t in [
+        "a [INST] b [/INST]  c</s> d </s>e\u{2581}[INST]x",
+        "  <s> hello </s>  world  [TOOL_CALLS]\n\n[INST]\t",
+        "caf\u{e9} cafe\u{301} CAF\u{c9} \u{fb01}ne \u{2460}\u{ff21} Hello hello_world",
+        "  <|im_start|>user <|im_end|>  <|endoftext|>x<|endoftext|> y",
+    ] {
+        for i in 0..50 {
+            texts.push(format!("{} {t} {}", i, "word ".repeat(i)));
+        }
+    }
+    let mistral: Vec<(&str, Edit)> = vec![
+        ("metaspace first, no split", |s| {
+            s["pre_tokenizer"] = metaspace("first", false)
+        }),
+        ("metaspace always, split", |s| {
+            s["pre_tokenizer"] = metaspace("always", true)
+        }),
+        ("metaspace first, split", |s| {
+            s["pre_tokenizer"] = metaspace("first", true)
+        }),
+        ("metaspace never, split", |s| {
+            s["pre_tokenizer"] = metaspace("never", true)
+        }),
+        ("legacy llama: Prepend + Replace, no pre-tokenizer", |s| {
+            s["pre_tokenizer"] = serde_json::Value::Null;
+            s["normalizer"] = serde_json::json!({"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "\u{2581}"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]});
+        }),
+        ("NFKC, regex Replace", |s| {
+            s["normalizer"] = serde_json::json!({"type": "Sequence", "normalizers": [
+                {"type": "NFKC"},
+                {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]});
+        }),
+        ("punctuation, digits, metaspace", |s| {
+            s["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Punctuation", "behavior": "Isolated"},
+                {"type": "Digits", "individual_digits": true},
+                metaspace("always", true)]});
+        }),
+        ("contiguous digits, whitespace split", |s| {
+            s["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": false},
+                {"type": "WhitespaceSplit"},
+                metaspace("always", false)]});
+        }),
+        ("ignore_merges", |s| {
+            s["model"]["ignore_merges"] = true.into()
+        }),
+        ("unknown bytes fused", |s| {
+            // Lead bytes of CJK and of most emoji have no token: those chars are unknown.
+            let vocab = s["model"]["vocab"].as_object_mut().unwrap();
+            for b in ["<0xE4>", "<0xE5>", "<0xE6>", "<0xF0>"] {
+                vocab.remove(b);
+            }
+        }),
+        ("unknown bytes not fused", |s| {
+            let vocab = s["model"]["vocab"].as_object_mut().unwrap();
+            for b in ["<0xE4>", "<0xE5>", "<0xE6>", "<0xF0>"] {
+                vocab.remove(b);
+            }
+            s["model"]["fuse_unk"] = false.into();
+        }),
+        ("added tokens lstrip, rstrip, single_word", |s| {
+            added_flags(s, "[INST]", &[("lstrip", true)]);
+            added_flags(s, "[/INST]", &[("rstrip", true)]);
+            added_flags(s, "</s>", &[("single_word", true)]);
+            added_flags(s, "<s>", &[("lstrip", true), ("rstrip", true)]);
+            added_flags(
+                s,
+                "[TOOL_CALLS]",
+                &[("normalized", true), ("single_word", true)],
+            );
+            add_token(s, "hello", true, false);
+            add_token(s, " world", false, true);
+        }),
+    ];
+    let byte_level_variants: Vec<(&str, &str, Edit)> = vec![
+        (
+            "qwen3",
+            "Split Removed (a class run), then GPT-2's regex",
+            |s| {
+                s["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+                split(serde_json::json!({"Regex": "\\s+"}), "Removed", false),
+                byte_level(false, true)]});
+            },
+        ),
+        ("qwen3", "Split MergedWithPrevious, inverted", |s| {
+            let p = s["pre_tokenizer"]["pretokenizers"][0]["pattern"].clone();
+            s["pre_tokenizer"]["pretokenizers"][0] = split(p, "MergedWithPrevious", true);
+        }),
+        (
+            "qwen3",
+            "Split MergedWithNext on a string, then GPT-2's regex",
+            |s| {
+                s["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+                split(serde_json::json!({"String": " "}), "MergedWithNext", false),
+                byte_level(false, true)]});
+            },
+        ),
+        (
+            "qwen3",
+            "Split Contiguous (Oniguruma), NFKC, normalized added tokens",
+            |s| {
+                s["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+                split(serde_json::json!({"Regex": "[a-z]+(?=\\s)|\\d"}), "Contiguous", false),
+                byte_level(false, false)]});
+                s["normalizer"] = serde_json::json!({"type": "NFKC"});
+                add_token(s, "caf\u{e9}", true, false);
+                add_token(s, "\u{fb01}ne", true, true);
+                added_flags(s, "<|im_end|>", &[("normalized", true), ("rstrip", true)]);
+            },
+        ),
+        ("smollm2", "ByteLevel with a prefix space", |s| {
+            s["pre_tokenizer"] = byte_level(true, true)
+        }),
+        (
+            "smollm2",
+            "byte_fallback without byte tokens (GGUF conversion)",
+            |s| s["model"]["byte_fallback"] = true.into(),
+        ),
+        (
+            "smollm2",
+            "byte_fallback with byte tokens, unknown token",
+            |s| {
+                // SmolLM2 lacks some byte-level characters: they fall back to <0x..> tokens.
+                let vocab = s["model"]["vocab"].as_object_mut().unwrap();
+                let mut next = vocab.len() as u64 + 100;
+                for b in 0..=255u8 {
+                    if b % 3 != 0 {
+                        vocab.insert(format!("<0x{b:02X}>"), next.into());
+                        next += 1;
+                    }
+                }
+                s["model"]["byte_fallback"] = true.into();
+                s["model"]["unk_token"] = "<|endoftext|>".into();
+            },
+        ),
+        (
+            "deepseek-v3",
+            "digits and CJK runs only, prefix space",
+            |s| {
+                let steps = s["pre_tokenizer"]["pretokenizers"].as_array_mut().unwrap();
+                steps.remove(2);
+                steps[2] = byte_level(true, false);
+            },
+        ),
+    ];
+    let mut cases: Vec<(&str, &str, Edit)> = mistral
+        .into_iter()
+        .map(|(w, e)| ("mistral-v3", w, e))
+        .collect();
+    cases.extend(byte_level_variants);
+    for (name, what, edit) in cases {
+        let Some((_t, dir)) = variant(name, edit) else {
+            return;
+        };
+        let fast = TextTokenizer::load_with(&dir, TokenizerBackend::Fast)
+            .unwrap_or_else(|e| panic!("{name} {what}: {e}"));
+        let hf = TextTokenizer::load_with(&dir, TokenizerBackend::Hf).unwrap();
+        let n = assert_same(&hf, &fast, &texts);
+        eprintln!("{name} {what}: {n} tokens identical");
+        assert!(n > 100_000, "{name} {what}: only {n} tokens compared");
+    }
+}
+
+/// Ids `BPE::tokenize` gives for a piece spelled as it is (SentencePiece-style models).
+fn hf_piece_chars(bpe: &BPE, piece: &str) -> Vec<u32> {
+    bpe.tokenize(piece).unwrap().iter().map(|t| t.id).collect()
+}
+
+/// Words of Metaspace text: runs of `▁`, letters, CJK (byte fallback), rare chars.
+fn metaspace_word() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "\u{2581}{0,3}[a-zA-Z]{1,10}",
+        "\u{2581}{1,6}",
+        "\u{2581}?[\u{4e00}-\u{9fff}\u{ac00}-\u{d7a3}]{1,4}",
+        "\u{2581}?[!-/:-@\\[-`{-~0-9]{1,4}",
+        "\u{2581}?\\PC{1,3}",
+        "[\n\t\r]{1,2}",
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// The SentencePiece-style model (characters, byte fallback, unknown token) equals
+    /// `BPE::tokenize` on single words and on long words cut at their `▁`s.
+    #[test]
+    fn char_merges_equal_bpe_tokenize(words in proptest::collection::vec(metaspace_word(), 1..80)) {
+        thread_local! {
+            static MODEL: Option<(TextTokenizer, tokenizers::Tokenizer)> =
+                shared("tokenizers/mistral-v3").map(|dir| {
+                    let fast = TextTokenizer::load_with(&dir, TokenizerBackend::Fast).unwrap();
+                    let hf = hf_bpe(&dir.join("tokenizer.json"));
+                    (fast, hf)
+                });
+        }
+        MODEL.with(|m| {
+            let Some((fast, hf)) = m else { return Ok(()) };
+            let fast = fast.fast().unwrap();
+            for piece in [words[0].clone(), words.concat()] {
+                let want = hf_piece_chars(bpe_of(hf), &piece);
+                prop_assert_eq!(&want, &fast.tokenize_piece(piece.as_bytes()), "piece {:?}", piece);
+            }
+            Ok(())
+        })?;
+    }
+
+    /// DeepSeek-V3's third pattern: the scanner finds Oniguruma's matches.
+    #[test]
+    fn deepseek_scanner_equals_oniguruma(t in text(), u in "\\PC{0,40}") {
+        thread_local! {
+            static RE: onig::Regex = onig::Regex::new(DEEPSEEK3_PATTERN).unwrap();
+        }
+        RE.with(|re| {
+            for s in [&t, &u] {
+                let want: Vec<(usize, usize)> = re.find_iter(s).collect();
+                let mut got = Vec::new();
+                let mut i = 0;
+                while i < s.len() {
+                    match Splitter::DeepSeek3.match_at(s, i) {
+                        Some(j) => {
+                            got.push((i, j));
+                            i = j;
+                        }
+                        None => i += s[i..].chars().next().unwrap().len_utf8(),
+                    }
+                }
+                prop_assert_eq!(want, got, "text {:?}", s);
+            }
+            Ok(())
+        })?;
+    }
+}
+
+#[test]
+fn deepseek_patterns_run_without_oniguruma() {
+    let Some(dir) = shared("tokenizers/deepseek-v3") else {
+        return;
+    };
+    let spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).unwrap()).unwrap();
+    let steps = spec["pre_tokenizer"]["pretokenizers"].as_array().unwrap();
+    let re = |i: usize| steps[i]["pattern"]["Regex"].as_str().unwrap().to_string();
+    assert_eq!(Splitter::from_pattern(&re(2)), Some(Splitter::DeepSeek3));
+    for i in 0..2 {
+        let m = packer::tokenize::pretokenize::Matcher::from_regex(&re(i)).unwrap();
+        assert!(
+            matches!(m, packer::tokenize::pretokenize::Matcher::Class { .. }),
+            "{}: {m:?}",
+            re(i)
+        );
+    }
+    // Every code point through the class runs and the scanner, against Oniguruma.
+    let all: String = (0..0x11_0000u32).filter_map(char::from_u32).collect();
+    for i in 0..3 {
+        let m = packer::tokenize::pretokenize::Matcher::from_regex(&re(i)).unwrap();
+        let onig = onig::Regex::new(&re(i)).unwrap();
+        let mut got = Vec::new();
+        m.find_matches(&all, &mut got);
+        let got: Vec<(usize, usize)> = got.iter().filter(|x| x.2).map(|x| (x.0, x.1)).collect();
+        let want: Vec<(usize, usize)> = onig.find_iter(&all).collect();
+        assert!(got == want, "pattern {i} differs from Oniguruma");
     }
 }

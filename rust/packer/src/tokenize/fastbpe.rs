@@ -460,8 +460,8 @@ impl Run<'_> {
     /// Step 5: a piece's ids, memoised per thread; a long word cut where merges cannot cross.
     fn piece(&mut self, p: &[u8]) -> Result<(), String> {
         let model = &self.fast.model;
-        if p.len() > MEMO_MAX_PIECE && !model.ignore_merges() {
-            if let Some(c) = model.boundary() {
+        match model.boundary() {
+            Some(c) if !model.ignore_merges() => {
                 let mut buf = [0u8; 4];
                 let mark = c.encode_utf8(&mut buf).as_bytes();
                 let mut start = 0;
@@ -470,10 +470,9 @@ impl Run<'_> {
                     start = at;
                 }
                 self.word(&p[start..]);
-                return Ok(());
             }
+            _ => self.word(p),
         }
-        self.word(p);
         Ok(())
     }
 

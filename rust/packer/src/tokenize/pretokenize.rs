@@ -219,36 +219,48 @@ impl Matcher {
             prev = b;
         };
         match self {
-            Matcher::Scanner(sp) => {
+            Matcher::Scanner(sp) if sp.covering() => {
                 let mut i = 0;
                 for p in sp.pieces(s) {
                     push(i, i + p.len(), out);
                     i += p.len();
                 }
             }
-            Matcher::Class { set, min, max } => {
-                let mut it = s.char_indices().peekable();
-                while let Some((i, c)) = it.next() {
-                    if !set.contains(c) {
-                        continue;
-                    }
-                    // A maximal run from i: matches of up to `max` chars while `min` remain.
-                    let mut run = vec![(i, c.len_utf8())];
-                    while let Some(&(j, d)) = it.peek() {
-                        if !set.contains(d) {
-                            break;
+            Matcher::Scanner(sp) => {
+                let mut i = 0;
+                while i < s.len() {
+                    match sp.match_at(s, i) {
+                        Some(j) => {
+                            push(i, j, out);
+                            i = j;
                         }
-                        run.push((j, d.len_utf8()));
-                        it.next();
+                        None => i += s[i..].chars().next().map_or(1, char::len_utf8),
                     }
-                    let mut k = 0;
-                    while run.len() - k >= *min {
-                        let n = (*max).min(run.len() - k);
-                        let (a, _) = run[k];
-                        let (lb, ll) = run[k + n - 1];
-                        push(a, lb + ll, out);
-                        k += n;
+                }
+            }
+            Matcher::Class { set, min, max } => {
+                // Greedy runs: chunks of `max` chars, then the rest if it has `min`.
+                let (mut start, mut count, mut end) = (0, 0, 0);
+                for (i, c) in s.char_indices() {
+                    if set.contains(c) {
+                        if count == 0 {
+                            start = i;
+                        }
+                        count += 1;
+                        end = i + c.len_utf8();
+                        if count == *max {
+                            push(start, end, out);
+                            count = 0;
+                        }
+                    } else if count > 0 {
+                        if count >= *min {
+                            push(start, end, out);
+                        }
+                        count = 0;
                     }
+                }
+                if count >= *min && count > 0 {
+                    push(start, end, out);
                 }
             }
             Matcher::Literal(lit) => {
@@ -559,7 +571,7 @@ impl PreTokenizer {
                 matcher: Matcher::Scanner(s),
                 behavior: Behavior::Isolated,
                 invert: false,
-            }] => Some(*s),
+            }] if s.covering() => Some(*s),
             _ => None,
         }
     }
@@ -593,12 +605,13 @@ impl PreTokenizer {
             matches,
             sub,
         } = buf;
-        text.clear();
-        text.push_str(s);
+        // The pieces' text: the input until a step rewrites it into `text`.
+        let mut own = false;
         spans.clear();
         spans.push((0, s.len(), first));
         for step in &self.steps {
             spans2.clear();
+            let cur: &str = if own { text } else { s };
             match step {
                 Step::Split {
                     matcher,
@@ -606,7 +619,7 @@ impl PreTokenizer {
                     invert,
                 } => {
                     for &(a, b, f) in spans.iter() {
-                        matcher.find_matches(&text[a..b], matches);
+                        matcher.find_matches(&cur[a..b], matches);
                         sub.clear();
                         behavior.apply(matches, *invert, sub);
                         spans2.extend(sub.iter().map(|&(x, y)| (a + x, a + y, f && x == 0)));
@@ -614,7 +627,7 @@ impl PreTokenizer {
                 }
                 Step::Chars { class, behavior } => {
                     for &(a, b, f) in spans.iter() {
-                        char_matches(&text[a..b], |c| class.has(c), matches);
+                        char_matches(&cur[a..b], |c| class.has(c), matches);
                         sub.clear();
                         behavior.apply(matches, false, sub);
                         spans2.extend(sub.iter().map(|&(x, y)| (a + x, a + y, f && x == 0)));
@@ -624,7 +637,7 @@ impl PreTokenizer {
                     text2.clear();
                     for &(a, b, f) in spans.iter() {
                         let start = text2.len();
-                        let piece = &text[a..b];
+                        let piece = &cur[a..b];
                         let add = match prepend {
                             Prepend::Always => true,
                             Prepend::First => f,
@@ -634,33 +647,37 @@ impl PreTokenizer {
                         if add && !piece.starts_with(' ') && !piece.starts_with(*rep) {
                             text2.push(*rep);
                         }
-                        for part in piece.split(' ').enumerate() {
-                            if part.0 > 0 {
-                                text2.push(*rep);
-                            }
-                            text2.push_str(part.1);
+                        let mut last = 0;
+                        for (k, _) in piece.match_indices(' ') {
+                            text2.push_str(&piece[last..k]);
+                            text2.push(*rep);
+                            last = k + 1;
                         }
+                        text2.push_str(&piece[last..]);
                         spans2.push((start, text2.len(), f));
                     }
                     std::mem::swap(text, text2);
+                    own = true;
                 }
                 Step::PrefixSpace => {
                     text2.clear();
                     for &(a, b, f) in spans.iter() {
                         let start = text2.len();
-                        if !text[a..b].starts_with(' ') {
+                        if !cur[a..b].starts_with(' ') {
                             text2.push(' ');
                         }
-                        text2.push_str(&text[a..b]);
+                        text2.push_str(&cur[a..b]);
                         spans2.push((start, text2.len(), f));
                     }
                     std::mem::swap(text, text2);
+                    own = true;
                 }
             }
             std::mem::swap(spans, spans2);
         }
+        let cur: &str = if own { text } else { s };
         for &(a, b, _) in spans.iter() {
-            emit(&text[a..b])?;
+            emit(&cur[a..b])?;
         }
         Ok(())
     }

@@ -18,19 +18,36 @@ pub const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]
 /// Llama-3's (and OpenAI cl100k's) `Split` pattern (digits in groups of up to three).
 pub const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// DeepSeek-V3's third `Split` pattern (after `\p{N}{1,3}` and a CJK run have been isolated):
+/// ASCII punctuation joins the Latin letters after it, marks join letters.
+pub const DEEPSEEK3_PATTERN: &str = "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+";
+
 /// Class bit: `\p{L}`.
 pub const LETTER: u8 = 1;
 /// Class bit: `\p{N}`.
 pub const NUMBER: u8 = 2;
 /// Class bit: `\s`.
 pub const SPACE: u8 = 4;
+/// Class bit: `\p{M}`.
+pub const MARK: u8 = 8;
+/// Class bit: `\p{P}`.
+pub const PUNCT: u8 = 16;
+/// Class bit: `\p{S}`.
+pub const SYMBOL: u8 = 32;
 
 /// One class byte per Unicode code point (1.1 MB, built once per process).
 fn classes() -> &'static [u8] {
     static TABLE: OnceLock<Vec<u8>> = OnceLock::new();
     TABLE.get_or_init(|| {
         let mut t = vec![0u8; 0x11_0000];
-        for (pat, bit) in [(r"\p{L}", LETTER), (r"\p{N}", NUMBER), (r"\s", SPACE)] {
+        for (pat, bit) in [
+            (r"\p{L}", LETTER),
+            (r"\p{N}", NUMBER),
+            (r"\s", SPACE),
+            (r"\p{M}", MARK),
+            (r"\p{P}", PUNCT),
+            (r"\p{S}", SYMBOL),
+        ] {
             for (lo, hi) in unicode_ranges(pat) {
                 for v in &mut t[lo as usize..=hi as usize] {
                     *v |= bit;
@@ -81,6 +98,8 @@ pub enum Splitter {
         /// Longest run of `\p{N}` in one piece.
         max_digits: usize,
     },
+    /// [`DEEPSEEK3_PATTERN`]: not every position starts a match (digits, controls...).
+    DeepSeek3,
 }
 
 struct Scan<'a> {
@@ -151,12 +170,31 @@ impl Splitter {
             GPT2_PATTERN => Some(Splitter::Gpt2),
             QWEN2_PATTERN => Some(Splitter::Cl100k { max_digits: 1 }),
             LLAMA3_PATTERN => Some(Splitter::Cl100k { max_digits: 3 }),
+            DEEPSEEK3_PATTERN => Some(Splitter::DeepSeek3),
             _ => None,
         }
     }
 
-    /// The matches of the pattern in `s`, in order; together they cover `s`.
+    /// Whether every position starts a match, so that [`Splitter::pieces`] applies.
+    pub fn covering(self) -> bool {
+        !matches!(self, Splitter::DeepSeek3)
+    }
+
+    /// The end of the match that starts at byte `i` of `s` (a char boundary), if one does.
+    pub fn match_at(self, s: &str, i: usize) -> Option<usize> {
+        let scan = Scan { s, cls: classes() };
+        let j = match self {
+            Splitter::Gpt2 => scan.gpt2(i),
+            Splitter::Cl100k { max_digits } => scan.cl100k(i, max_digits),
+            Splitter::DeepSeek3 => return scan.deepseek3(i),
+        };
+        (j > i).then_some(j)
+    }
+
+    /// The matches of the pattern in `s`, in order; together they cover `s` (a
+    /// [`Splitter::covering`] pattern).
     pub fn pieces(self, s: &str) -> Pieces<'_> {
+        debug_assert!(self.covering());
         Pieces {
             scan: Scan { s, cls: classes() },
             splitter: self,
@@ -184,6 +222,7 @@ impl<'a> Iterator for Pieces<'a> {
         let j = match self.splitter {
             Splitter::Gpt2 => self.scan.gpt2(i),
             Splitter::Cl100k { max_digits } => self.scan.cl100k(i, max_digits),
+            Splitter::DeepSeek3 => unreachable!("not a covering pattern"),
         };
         debug_assert!(j > i, "every position starts a match");
         self.pos = j;
@@ -292,5 +331,67 @@ impl Scan<'_> {
         }
         // \s+(?!\S)|\s+
         self.spaces(i)
+    }
+
+    /// End of the match of [`DEEPSEEK3_PATTERN`] at `i`, if one starts there.
+    fn deepseek3(&self, i: usize) -> Option<usize> {
+        let (c, n, k) = self.at(i)?;
+        let letter_mark = |k: u8| k & (LETTER | MARK) != 0;
+        let punct_sym = |k: u8| k & (PUNCT | SYMBOL) != 0;
+        // [!-/:-@\[-`{-~][A-Za-z]+
+        if c.is_ascii_punctuation()
+            && self
+                .s
+                .as_bytes()
+                .get(i + 1)
+                .is_some_and(u8::is_ascii_alphabetic)
+        {
+            let b = self.s.as_bytes();
+            let mut j = i + 1;
+            while b.get(j).is_some_and(u8::is_ascii_alphabetic) {
+                j += 1;
+            }
+            return Some(j);
+        }
+        // [^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+ : the optional char, else the run from here.
+        let optional = c != '\r' && c != '\n' && k & (LETTER | PUNCT | SYMBOL) == 0;
+        if optional {
+            if let Some((_, _, k2)) = self.at(i + n) {
+                if letter_mark(k2) {
+                    return Some(self.run(i + n, letter_mark));
+                }
+            }
+        }
+        if letter_mark(k) {
+            return Some(self.run(i, letter_mark));
+        }
+        //  ?[\p{P}\p{S}]+[\r\n]*
+        let start = match (c, self.at(i + n)) {
+            (' ', Some((_, _, k2))) if punct_sym(k2) => Some(i + n),
+            _ if punct_sym(k) => Some(i),
+            _ => None,
+        };
+        if let Some(start) = start {
+            return Some(self.newlines(self.run(start, punct_sym)));
+        }
+        if k & SPACE == 0 {
+            return None;
+        }
+        // \s*[\r\n]+ : the whitespace run up to and including its last \r or \n.
+        let (mut j, mut after_nl) = (i, None);
+        while let Some((c2, n2, k2)) = self.at(j) {
+            if k2 & SPACE == 0 {
+                break;
+            }
+            j += n2;
+            if c2 == '\r' || c2 == '\n' {
+                after_nl = Some(j);
+            }
+        }
+        if let Some(end) = after_nl {
+            return Some(end);
+        }
+        // \s+(?!\S)|\s+
+        Some(self.spaces(i))
     }
 }
