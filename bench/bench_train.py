@@ -14,7 +14,8 @@ for one pass in two ways, measured in the same run:
 same samples once (one optimizer step per pack, or per padded batch); throughput counts real
 (non-pad) tokens only. Packing can at best remove the padding, so the
 ideal speed-up is 1/(1 - padding fraction) of the padded batches; the ratio is printed next
-to it.
+to it. Each path takes one untimed warm-up step (its first batch or pack, on its own copy of
+the model) before its timed pass.
 
     python bench/bench_train.py                       # ~5 min on 2 idle cores
     python bench/bench_train.py --packs 20 --batch 8 --threads 2
@@ -74,13 +75,18 @@ def _time_padded(model, samples, batch: int, pad_id: int) -> tuple[float, int, i
     import torch
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    start = time.perf_counter()
-    slots = 0
-    for ids, labels, mask in _padded_batches(samples, batch, pad_id):
+
+    def step(ids, labels, mask):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    step(*next(_padded_batches(samples, batch, pad_id)))  # warm-up, untimed (as in packed)
+    start = time.perf_counter()
+    slots = 0
+    for ids, labels, mask in _padded_batches(samples, batch, pad_id):
+        step(ids, labels, mask)
         slots += ids.numel()
     real = sum(len(s[0]) for s in samples)
     return time.perf_counter() - start, real, slots
@@ -93,15 +99,20 @@ def _time_packed(model, ds, pack_ids: list[int]) -> tuple[float, int]:
     from pyfast_tune.trainer.step import batch_loss
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    start = time.perf_counter()
-    tokens = 0
-    for i in pack_ids:
+
+    def step(i):
         batch = collate([ds[i]], "token", global_normalizer(ds, [i], "token"))
         loss = batch_loss(model, batch, "cpu")
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += batch.num_tokens
+        return batch.num_tokens
+
+    step(pack_ids[0])  # warm-up, untimed (as in padded)
+    start = time.perf_counter()
+    tokens = 0
+    for i in pack_ids:
+        tokens += step(i)
     return time.perf_counter() - start, tokens
 
 
