@@ -127,7 +127,7 @@ def pack(
     """Read, template, tokenize and pack ``inputs`` into ``out_dir`` (written atomically).
 
     inputs: files, directories (recursive, sorted by relative path) or globs; with
-      ``data_order`` the single data root. JSON arrays or JSONL, plain/.gz/.zst (JSONL is
+      ``data_order`` the single data root. JSON arrays or JSONL, plain/.gz/.zst (both are
       streamed: inputs larger than memory are fine), and pre-tokenized InternEVO ``X.bin`` with
       ``X.bin.meta`` (pick them in directories with ``file_type=".bin"``).
     tokenizer: a directory with ``tokenizer.json`` (+ ``tokenizer_config.json`` for BOS/EOS)

@@ -5,10 +5,8 @@
 //! are walked recursively and sorted by relative path bytes, globs are sorted, data-order
 //! files are taken line by line.
 
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::{Component, Path, PathBuf};
-
-use serde_json::value::RawValue;
 
 use crate::error::{Error, Result};
 
@@ -239,21 +237,258 @@ pub struct RawRecord<'a> {
     pub text: &'a str,
 }
 
-fn utf8_error(path: &Path, data: &[u8], e: std::str::Utf8Error) -> Error {
-    let line = 1 + data[..e.valid_up_to()]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count() as u64;
-    Error::Json {
-        path: path.to_path_buf(),
-        line,
-        msg: format!("invalid UTF-8 at byte {}", e.valid_up_to()),
+/// One element of a top-level JSON array, as [`ArrayElements`] reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArrayElement {
+    /// 0-based index of the element in the array.
+    pub index: u64,
+    /// 1-based line where the element starts.
+    pub line: u64,
+    /// Byte offset of the element in the (decompressed) file.
+    pub offset: u64,
+    /// The element's bytes (surrounding whitespace excluded), or why the array breaks off
+    /// here: the last element then, since nothing after it can be told apart.
+    pub text: std::result::Result<Vec<u8>, String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ArrayState {
+    /// Before the opening `[` (and a UTF-8 BOM).
+    Open,
+    /// After `[`: an element or `]`.
+    First,
+    /// After `,`: an element.
+    Next,
+    /// After the closing `]`: only whitespace may follow.
+    Closed,
+    Done,
+}
+
+/// Reads the elements of a top-level JSON array one by one from a byte stream, so memory is
+/// bounded by the largest element, not the file. Elements are delimited, not parsed: the
+/// scan follows strings (with escapes) and bracket nesting to find the `,` or `]` that ends
+/// each one, and each element's text is then parsed on its own like a JSONL line (so an
+/// invalid element is one bad record). What breaks the array itself (a missing `]`, a
+/// mismatched bracket, an empty element, data after the end) ends the stream with a last
+/// element carrying the error.
+pub struct ArrayElements<R> {
+    reader: R,
+    state: ArrayState,
+    line: u64,
+    offset: u64,
+    index: u64,
+    stack: Vec<u8>,
+}
+
+fn is_json_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+impl<R: BufRead> ArrayElements<R> {
+    /// Elements of the array `reader` holds (it must start, after blanks and an optional
+    /// UTF-8 BOM, with `[`).
+    pub fn new(reader: R) -> Self {
+        ArrayElements {
+            reader,
+            state: ArrayState::Open,
+            line: 1,
+            offset: 0,
+            index: 0,
+            stack: Vec::new(),
+        }
+    }
+
+    /// Skip JSON whitespace; the next byte, not consumed (None at the end).
+    fn peek_past_space(&mut self) -> std::io::Result<Option<u8>> {
+        loop {
+            let buf = self.reader.fill_buf()?;
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            let n = buf.iter().position(|&b| !is_json_space(b));
+            let upto = n.unwrap_or(buf.len());
+            let newlines = buf[..upto].iter().filter(|&&b| b == b'\n').count() as u64;
+            let next = n.map(|i| buf[i]);
+            self.reader.consume(upto);
+            self.line += newlines;
+            self.offset += upto as u64;
+            if next.is_some() {
+                return Ok(next);
+            }
+        }
+    }
+
+    fn broken(&mut self, msg: String) -> Option<ArrayElement> {
+        self.state = ArrayState::Done;
+        Some(ArrayElement {
+            index: self.index,
+            line: self.line,
+            offset: self.offset,
+            text: Err(format!(
+                "{msg}; the JSON array cannot be read past this point"
+            )),
+        })
+    }
+
+    /// The next element, or None after the last one.
+    pub fn next_element(&mut self) -> std::io::Result<Option<ArrayElement>> {
+        loop {
+            match self.state {
+                ArrayState::Done => return Ok(None),
+                ArrayState::Open => {
+                    // A UTF-8 BOM, byte by byte (a buffer may hold less than all three).
+                    for &want in b"\xEF\xBB\xBF" {
+                        if self.reader.fill_buf()?.first() != Some(&want) {
+                            break;
+                        }
+                        self.reader.consume(1);
+                        self.offset += 1;
+                    }
+                    match self.peek_past_space()? {
+                        Some(b'[') => {
+                            self.reader.consume(1);
+                            self.offset += 1;
+                            self.state = ArrayState::First;
+                        }
+                        _ => return Ok(self.broken("expected a JSON array ('[')".into())),
+                    }
+                }
+                ArrayState::Closed => {
+                    return Ok(match self.peek_past_space()? {
+                        None => {
+                            self.state = ArrayState::Done;
+                            None
+                        }
+                        Some(b) => self.broken(format!(
+                            "unexpected {:?} after the closing ']' of the array",
+                            b as char
+                        )),
+                    });
+                }
+                ArrayState::First | ArrayState::Next => {
+                    return Ok(match self.peek_past_space()? {
+                        None => self
+                            .broken("unexpected end of file: the array has no closing ']'".into()),
+                        Some(b']') if self.state == ArrayState::First => {
+                            self.reader.consume(1);
+                            self.offset += 1;
+                            self.state = ArrayState::Closed;
+                            continue;
+                        }
+                        Some(b @ (b']' | b',')) => {
+                            self.broken(format!("expected an element, found {:?}", b as char))
+                        }
+                        Some(_) => Some(self.scan_element()?),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Read one element up to the `,` or `]` that ends it (consumed, not included).
+    fn scan_element(&mut self) -> std::io::Result<ArrayElement> {
+        let (line, offset) = (self.line, self.offset);
+        let mut text = Vec::new();
+        let (mut in_str, mut esc) = (false, false);
+        self.stack.clear();
+        let end = loop {
+            let buf = self.reader.fill_buf()?;
+            if buf.is_empty() {
+                break Err(
+                    "unexpected end of file inside the element: the array has no closing ']'"
+                        .to_string(),
+                );
+            }
+            let mut stop = None;
+            for (i, &b) in buf.iter().enumerate() {
+                if in_str {
+                    if esc {
+                        esc = false;
+                    } else if b == b'\\' {
+                        esc = true;
+                    } else if b == b'"' {
+                        in_str = false;
+                    }
+                    continue;
+                }
+                match b {
+                    b'"' => in_str = true,
+                    b'{' | b'[' => self.stack.push(b),
+                    b'}' | b']' => match self.stack.pop() {
+                        Some(open) if (open == b'{') == (b == b'}') => {}
+                        Some(open) => {
+                            stop = Some((
+                                i,
+                                Err(format!(
+                                    "{:?} closes {:?} inside the element",
+                                    b as char, open as char
+                                )),
+                            ));
+                            break;
+                        }
+                        None if b == b']' => {
+                            stop = Some((i, Ok(ArrayState::Closed)));
+                            break;
+                        }
+                        None => {
+                            stop = Some((i, Err("unbalanced '}' inside the element".into())));
+                            break;
+                        }
+                    },
+                    b',' if self.stack.is_empty() => {
+                        stop = Some((i, Ok(ArrayState::Next)));
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            let upto = stop.as_ref().map_or(buf.len(), |s| s.0);
+            text.extend_from_slice(&buf[..upto]);
+            let newlines = buf[..upto].iter().filter(|&&b| b == b'\n').count() as u64;
+            let taken = upto + usize::from(stop.is_some());
+            self.reader.consume(taken);
+            self.line += newlines;
+            self.offset += taken as u64;
+            if let Some((_, next)) = stop {
+                break next;
+            }
+        };
+        let index = self.index;
+        self.index += 1;
+        match end {
+            Ok(next) => {
+                self.state = next;
+                let keep = text
+                    .iter()
+                    .rposition(|&b| !is_json_space(b))
+                    .map_or(0, |i| i + 1);
+                text.truncate(keep);
+                Ok(ArrayElement {
+                    index,
+                    line,
+                    offset,
+                    text: Ok(text),
+                })
+            }
+            Err(msg) => {
+                self.state = ArrayState::Done;
+                Ok(ArrayElement {
+                    index,
+                    line,
+                    offset,
+                    text: Err(format!(
+                        "{msg}; the JSON array cannot be read past this point"
+                    )),
+                })
+            }
+        }
     }
 }
 
 /// Split decompressed file contents into records: a JSON array when the first non-blank byte
-/// is `[`, else JSONL split on `\n` only (U+2028/U+2029 are valid inside JSON strings and
-/// must not end a record). Blank lines are skipped; a UTF-8 BOM is ignored.
+/// is `[` (its elements, as [`ArrayElements`] delimits them), else JSONL split on `\n` only
+/// (U+2028/U+2029 are valid inside JSON strings and must not end a record). Blank lines are
+/// skipped; a UTF-8 BOM is ignored.
 pub fn split_records<'a>(path: &Path, data: &'a [u8]) -> Result<Vec<RawRecord<'a>>> {
     let data = data.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(data);
     let first = data.iter().position(|b| !b.is_ascii_whitespace());
@@ -264,25 +499,26 @@ pub fn split_records<'a>(path: &Path, data: &'a [u8]) -> Result<Vec<RawRecord<'a
     };
     let mut out = Vec::new();
     if data[first] == b'[' {
-        let text = std::str::from_utf8(data).map_err(|e| utf8_error(path, data, e))?;
-        let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| Error::Json {
-            path: path.to_path_buf(),
-            line: e.line() as u64,
-            msg: format!("{e} (file is a JSON array)"),
-        })?;
-        let base = text.as_ptr() as usize;
-        let (mut line, mut pos) = (1u64, 0usize);
-        for (i, item) in items.into_iter().enumerate() {
-            let off = item.get().as_ptr() as usize - base;
-            line += text.as_bytes()[pos..off]
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count() as u64;
-            pos = off;
+        let mut elements = ArrayElements::new(data);
+        while let Some(el) = elements.next_element().map_err(|e| Error::io(path, e))? {
+            let json_err = |msg: String| Error::Json {
+                path: path.to_path_buf(),
+                line: el.line,
+                msg: format!("record {}: {msg}", el.index),
+            };
+            let len = el.text.map_err(json_err)?.len();
+            let start = el.offset as usize;
+            let bytes = &data[start..start + len];
+            let text = std::str::from_utf8(bytes).map_err(|e| {
+                json_err(format!(
+                    "invalid UTF-8 at byte {} of the element",
+                    e.valid_up_to()
+                ))
+            })?;
             out.push(RawRecord {
-                index: i as u64,
-                line,
-                text: item.get(),
+                index: el.index,
+                line: el.line,
+                text,
             });
         }
     } else {
@@ -334,6 +570,70 @@ mod tests {
         assert_eq!(recs.len(), 2);
         assert_eq!((recs[0].line, recs[1].line), (2, 4));
         assert_eq!(recs[1].text, "{\"text\": \"b\"}");
+    }
+
+    /// Every element of `data` through a reader whose buffer holds `cap` bytes.
+    fn elements(data: &[u8], cap: usize) -> Vec<ArrayElement> {
+        let mut it = ArrayElements::new(std::io::BufReader::with_capacity(cap, data));
+        let mut out = Vec::new();
+        while let Some(e) = it.next_element().unwrap() {
+            out.push(e);
+        }
+        out
+    }
+
+    #[test]
+    fn array_elements_equal_serde_raw_values_at_any_buffer_size() {
+        use serde_json::value::RawValue;
+        let arrays = [
+            "[]",
+            " \n[ 1 ,\"a,]\\\"[\" , {\"k\": [1, {\"x\": \"}\"}], \"s\": \"\\\\\"},\n\n[[]], null, -2.5e3 ]\n",
+            "[{\"text\": \"line\\nbreak \\u005d\"},\r\n\t{\"text\": \"\u{2028}é\"}]",
+            "\u{feff}[{\"a\": 1}]",
+        ];
+        for text in arrays {
+            let body = text.trim_start_matches('\u{feff}');
+            let want: Vec<&RawValue> = serde_json::from_str(body).unwrap();
+            for cap in [1, 2, 7, 1 << 16] {
+                let got = elements(text.as_bytes(), cap);
+                assert_eq!(got.len(), want.len(), "{text:?} cap {cap}");
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g.index, i as u64);
+                    assert_eq!(g.text.as_deref().unwrap(), w.get().as_bytes(), "cap {cap}");
+                    let off = w.get().as_ptr() as usize - body.as_ptr() as usize;
+                    let line = 1 + body[..off].matches('\n').count() as u64;
+                    assert_eq!(g.line, line, "{text:?} element {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_broken_array_ends_with_an_error_naming_the_element() {
+        let cases: [(&str, u64, u64, &str); 6] = [
+            ("[{\"a\": 1},\n {\"a\": 2", 1, 2, "no closing ']'"),
+            ("[1, 2,]", 2, 1, "expected an element, found ']'"),
+            ("[1,, 2]", 1, 1, "expected an element, found ','"),
+            ("[1,\n{\"a\": [1}]", 1, 2, "'}' closes '['"),
+            ("[1]\n x", 1, 2, "unexpected 'x' after the closing ']'"),
+            ("[\"never closed]", 0, 1, "inside the element"),
+        ];
+        for (text, index, line, what) in cases {
+            for cap in [1, 3, 1 << 16] {
+                let got = elements(text.as_bytes(), cap);
+                let last = got.last().unwrap();
+                let e = last.text.as_ref().unwrap_err();
+                assert!(e.contains(what), "{text:?}: {e}");
+                assert_eq!((last.index, last.line), (index, line), "{text:?}");
+                assert!(got[..got.len() - 1].iter().all(|e| e.text.is_ok()));
+            }
+            let e = split_records(Path::new("b.json"), text.as_bytes()).unwrap_err();
+            let shown = e.to_string();
+            assert!(
+                shown.starts_with(&format!("b.json:{line}: invalid JSON: record {index}: ")),
+                "{shown}"
+            );
+        }
     }
 
     #[test]

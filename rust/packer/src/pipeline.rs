@@ -519,7 +519,7 @@ fn record_error(
         RecordFault::Json(msg) => Error::Json {
             path: path.to_path_buf(),
             line: rec_line,
-            msg,
+            msg: format!("record {rec_index}: {msg}"),
         },
         RecordFault::Shape(msg) => Error::Record {
             path: path.to_path_buf(),

@@ -1,7 +1,8 @@
-//! Streaming record reader: JSONL (plain, `.gz`, `.zst`) is read in bounded batches, so an
-//! input larger than memory never sits in memory whole; the raw bytes are hashed as they go
-//! by (the fingerprint needs each input's BLAKE3). A JSON array file (first non-blank byte
-//! `[`) is still read whole — arrays are not streamable line by line; use JSONL for big data.
+//! Streaming record reader: JSONL and JSON arrays (plain, `.gz`, `.zst`) are read in bounded
+//! batches, so an input larger than memory never sits in memory whole; the raw bytes are
+//! hashed as they go by (the fingerprint needs each input's BLAKE3). A JSON array (first
+//! non-blank byte `[`) is read element by element ([`ArrayElements`]), with the memory of
+//! JSONL: one batch of records plus the decoder's buffers.
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use crate::error::{Error, Result};
-use crate::input::{split_records, RawRecord};
+use crate::input::{ArrayElements, RawRecord};
 
 /// Bytes of record text per batch: bounds memory, amortises the parallel encode.
 pub const BATCH_BYTES: usize = 8 << 20;
@@ -61,7 +62,7 @@ impl OwnedRecord {
 
 enum Mode {
     Lines(Box<dyn BufRead>),
-    Whole(std::vec::IntoIter<OwnedRecord>),
+    Array(ArrayElements<Box<dyn BufRead>>),
     Done,
 }
 
@@ -102,19 +103,7 @@ impl RecordStream {
         let buf = buf.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(buf);
         let is_array = buf.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
         let mode = if is_array {
-            let mut data = Vec::new();
-            reader
-                .read_to_end(&mut data)
-                .map_err(|e| Error::io(path, e))?;
-            let recs = split_records(path, &data)?
-                .into_iter()
-                .map(|r| OwnedRecord {
-                    index: r.index,
-                    line: r.line,
-                    text: Ok(r.text.to_string()),
-                })
-                .collect::<Vec<_>>();
-            Mode::Whole(recs.into_iter())
+            Mode::Array(ArrayElements::new(Box::new(reader)))
         } else {
             Mode::Lines(Box::new(reader))
         };
@@ -139,7 +128,29 @@ impl RecordStream {
         let mut out = Vec::new();
         match &mut self.mode {
             Mode::Done => {}
-            Mode::Whole(it) => out.extend(it.by_ref().take(max_records)),
+            Mode::Array(elements) => {
+                let mut bytes = 0usize;
+                while out.len() < max_records && bytes < BATCH_BYTES {
+                    let Some(el) = elements
+                        .next_element()
+                        .map_err(|e| Error::io(&self.path, e))?
+                    else {
+                        break;
+                    };
+                    bytes += el.text.as_ref().map_or(0, Vec::len);
+                    let text = el.text.and_then(|t| {
+                        String::from_utf8(t).map_err(|e| {
+                            let at = e.utf8_error().valid_up_to();
+                            format!("invalid UTF-8 at byte {at} of the element")
+                        })
+                    });
+                    out.push(OwnedRecord {
+                        index: el.index,
+                        line: el.line,
+                        text,
+                    });
+                }
+            }
             Mode::Lines(reader) => {
                 let mut bytes = 0usize;
                 let mut buf = Vec::new();
@@ -222,6 +233,7 @@ pub fn hash_file(path: &Path) -> Result<(u64, blake3::Hash)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::input::split_records;
     use std::io::Write;
 
     fn collect(path: &Path, per_batch: usize) -> (Vec<OwnedRecord>, u64, blake3::Hash) {
@@ -271,6 +283,48 @@ mod tests {
         let (recs, _, _) = collect(&arr, 1);
         assert_eq!(recs.len(), 2);
         assert_eq!(recs[1].line, 3);
+    }
+
+    fn compressed(d: &Path, name: &str, bytes: &[u8]) -> [PathBuf; 3] {
+        let plain = d.join(name);
+        std::fs::write(&plain, bytes).unwrap();
+        let gz = d.join(format!("{name}.gz"));
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(bytes).unwrap();
+        std::fs::write(&gz, e.finish().unwrap()).unwrap();
+        let zst = d.join(format!("{name}.zst"));
+        std::fs::write(&zst, zstd::encode_all(bytes, 3).unwrap()).unwrap();
+        [plain, gz, zst]
+    }
+
+    #[test]
+    fn a_json_array_streams_the_records_of_its_jsonl() {
+        let d = tempfile::tempdir().unwrap();
+        let recs: Vec<String> = (0..50)
+            .map(|i| format!("{{\"text\": \"r{i}, [x] {{y}} \\\"q\\\" \\n\", \"n\": [{i}, {{}}]}}"))
+            .collect();
+        let jsonl = recs.join("\n") + "\n";
+        let array = format!("\u{feff}[\n  {}\n]\n", recs.join(",\n  "));
+        let (want, _, _) = collect(&compressed(d.path(), "r.jsonl", jsonl.as_bytes())[0], 7);
+        for p in compressed(d.path(), "r.json", array.as_bytes()) {
+            let (got, size, h) = collect(&p, 7);
+            let raw = std::fs::read(&p).unwrap();
+            assert_eq!((size, h), (raw.len() as u64, blake3::hash(&raw)), "{p:?}");
+            assert_eq!(got.len(), want.len(), "{p:?}");
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!((g.index, &g.text), (w.index, &w.text), "{p:?}");
+                assert_eq!(g.line, w.line + 1, "{p:?}"); // the array opens on line 1
+            }
+        }
+        // Broken at element 3: elements 0-2, then a last record with the error.
+        let broken = format!("[{}, {}, {}, {{\"text\": ", recs[0], recs[1], recs[2]);
+        for p in compressed(d.path(), "b.json", broken.as_bytes()) {
+            let (got, _, _) = collect(&p, 2);
+            assert_eq!(got.len(), 4, "{p:?}");
+            assert!(got[..3].iter().all(|r| r.text.is_ok()));
+            assert_eq!(got[3].index, 3);
+            assert!(got[3].text.as_ref().unwrap_err().contains("no closing ']'"));
+        }
     }
 
     #[test]
