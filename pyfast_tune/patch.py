@@ -117,6 +117,17 @@ def _unpad(padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]
     return idx, cu, int(lengths.max())
 
 
+def _common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast (Trainer's bf16/fp16 on fp32 weights) q/k leave rotary in fp32 while v is
+    bf16; stock SDPA is autocast to the low dtype, so ours is too. Otherwise: the query's."""
+    device = tensors[0].device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = tensors[0].dtype
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
 def _varlen_forward(backend: str):
     def attention(
         module: torch.nn.Module,
@@ -137,6 +148,7 @@ def _varlen_forward(backend: str):
                 "pyfast_varlen attention is for training: no KV cache (use_cache=False)"
             )
         batch, heads, seq_len, head_dim = query.shape
+        query, key, value = _common_dtype(query, key, value)
         q = query.transpose(1, 2).reshape(batch * seq_len, heads, head_dim)
         k = key.transpose(1, 2).reshape(batch * seq_len, key.shape[1], head_dim)
         v = value.transpose(1, 2).reshape(batch * seq_len, value.shape[1], value.shape[-1])
