@@ -1,8 +1,9 @@
-"""The fast byte-level BPE backend (issue 7) changes the speed of ``pack``, never its output:
-directories packed with ``tokenizer_backend="hf"`` and ``"fast"`` are byte-identical, on a
-tokenizer trained here and on the shared Qwen3/SmolLM2 tokenizers with real data. Token-level
-identity on whole corpora and random Unicode is tested in Rust
-(``rust/packer/tests/fastbpe_identity.rs``)."""
+"""The fast tokenizer backend changes the speed of ``pack``, never its output: directories
+packed with ``tokenizer_backend="hf"`` and ``"fast"`` are byte-identical, on a tokenizer trained
+here and on the four shared tokenizers (Qwen3 and SmolLM2: byte-level BPE; Mistral v0.3:
+SentencePiece-style BPE with Metaspace and byte fallback; DeepSeek-V3: byte-level BPE behind
+three Splits) with real data. Token-level identity on whole corpora, random Unicode and every
+supported pre-tokenizer step is tested in Rust (``rust/packer/tests/fastbpe_identity.rs``)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,10 @@ def test_backends_byte_identical_on_trained_tokenizer(tmp_path, tiny_tokenizer):
     assert len(hf["input_ids.bin"]) > 100_000
 
 
-@pytest.mark.parametrize("tok", ["qwen3", "smollm2"])
+SHARED_TOKENIZERS = ["qwen3", "smollm2", "mistral-v3", "deepseek-v3"]
+
+
+@pytest.mark.parametrize("tok", SHARED_TOKENIZERS)
 @pytest.mark.parametrize(
     "data,template,max_length",
     [
@@ -71,7 +75,7 @@ def test_backends_byte_identical_on_shared_data(tmp_path, tok, data, template, m
     assert len(hf["input_ids.bin"]) > 4 * 1_000_000
 
 
-@pytest.mark.parametrize("tok", ["qwen3", "smollm2"])
+@pytest.mark.parametrize("tok", ["qwen3", "smollm2", "deepseek-v3"])
 def test_backends_byte_identical_with_hf_template(tmp_path, tok):
     # The fast backend does not build Hugging Face's tokenizer at load; the hf template needs
     # its offsets and builds it on first use, from the worker threads.
@@ -96,7 +100,7 @@ def test_backend_is_not_in_the_fingerprint(tmp_path, tiny_tokenizer):
         fingerprint(data, tokenizer=tiny_tokenizer, tokenizer_backend="tiktoken")
 
 
-def test_fast_refuses_what_it_cannot_reproduce(tmp_path, tiny_tokenizer):
+def test_fast_refuses_what_it_cannot_reproduce(tmp_path, tiny_tokenizer, capfd):
     spec = json.loads((tiny_tokenizer / "tokenizer.json").read_text())
     spec["normalizer"] = {"type": "Lowercase"}
     tok = tmp_path / "tok"
@@ -109,8 +113,11 @@ def test_fast_refuses_what_it_cannot_reproduce(tmp_path, tiny_tokenizer):
     data.write_text("".join(json.dumps(r) + "\n" for r in synth_conversations(50, seed=2)))
     with pytest.raises(TokenizerError, match="cannot reproduce.*Lowercase"):
         pack(data, tmp_path / "o", tokenizer=tok, tokenizer_backend="fast")
-    # auto falls back to tokenizers and gives what hf gives
+    # auto falls back to tokenizers, says why in one line, and gives what hf gives
+    capfd.readouterr()
     pack(data, tmp_path / "auto", tokenizer=tok, tokenizer_backend="auto")
+    notes = [ln for ln in capfd.readouterr().err.splitlines() if "fast path" in ln]
+    assert len(notes) == 1 and "Lowercase" in notes[0], notes
     pack(data, tmp_path / "hf", tokenizer=tok, tokenizer_backend="hf")
     assert dir_bytes(tmp_path / "auto") == dir_bytes(tmp_path / "hf")
 

@@ -189,6 +189,14 @@ impl TextTokenizer {
                     fast_refused.as_deref().unwrap_or_default()
                 )));
             }
+            if backend == TokenizerBackend::Auto {
+                // Same ids either way, only slower: one line, so that the cause is visible.
+                eprintln!(
+                    "note: {}: encoding with Hugging Face tokenizers (the fast path does not reproduce {})",
+                    json.display(),
+                    fast_refused.as_deref().unwrap_or_default()
+                );
+            }
         }
         let mut tok = TextTokenizer {
             hf,

@@ -1,5 +1,5 @@
-//! The `model` section of a byte-level BPE `tokenizer.json`, read without the `tokenizers`
-//! crate, and Hugging Face's BPE merge algorithm over it.
+//! The `model` section of a BPE `tokenizer.json`, read without the `tokenizers` crate, and
+//! Hugging Face's BPE merge algorithm over it.
 //!
 //! Loading Qwen3's 151k-token vocabulary through `tokenizers::Tokenizer::from_bytes` takes
 //! ~0.3 s, most of it building `serde_json::Value` trees for the model and rehashing them; here
@@ -12,20 +12,19 @@
 //! [`BpeModel::from_json`] accepts:
 //!
 //! - with `ignore_merges`, a whole piece that is a vocabulary token is that token;
-//! - otherwise each character of the piece starts as its own symbol, and the adjacent pair with
-//!   the lowest merge rank (its index in the merges list; a pair listed twice keeps the later
-//!   index), leftmost among equals, is merged into the token of the concatenation, repeatedly,
-//!   through a min-heap of (rank, position) whose stale entries are skipped by the same check
-//!   Hugging Face makes (the pair now at that position must merge to the entry's token).
-//!
-//! A byte whose byte-level character is not in the vocabulary (SmolLM2 lacks a few control
-//! bytes) gives no symbol at all when the model has no `unk_token`, as in `merge_word`: its
-//! neighbours become adjacent and may merge.
+//! - otherwise each character of the piece (each byte's byte-level character when the
+//!   pre-tokenizer ends with `ByteLevel`) starts as its vocabulary token; failing that, with
+//!   `byte_fallback`, as the `<0xAB>` tokens of its UTF-8 bytes when all exist; failing that,
+//!   as the unknown token (consecutive ones fused with `fuse_unk`), or as nothing without an
+//!   `unk_token` (SmolLM2 lacks a few control bytes: their neighbours become adjacent);
+//! - then the adjacent pair with the lowest merge rank (its index in the merges list; a pair
+//!   listed twice keeps the later index), leftmost among equals, is merged into the token of the
+//!   concatenation, repeatedly, through a min-heap of (rank, position) whose stale entries are
+//!   skipped by the same check Hugging Face makes (the pair now at that position must merge to
+//!   the entry's token): O(n log n) in the length of the word.
 //!
 //! Refused, with the reason: models other than BPE, dropout, a `continuing_subword_prefix` or
-//! `end_of_word_suffix` other than empty, `byte_fallback`, `fuse_unk`, and an `unk_token` with a
-//! vocabulary missing one of the 256 byte-level characters (the only case where the unknown
-//! token could be used, since every character of a byte-level piece is one of them).
+//! `end_of_word_suffix` other than empty, and an `unk_token` missing from the vocabulary.
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
