@@ -1,10 +1,10 @@
-"""Tokenizer-bound packing speed (issue 7): end-to-end ``pyfast-tune pack`` tokens/s against
-the raw encoders on the same texts.
+"""Tokenizer-bound packing speed: end-to-end ``pyfast-tune pack`` tokens/s against the raw
+encoders on the same texts, for the four shared tokenizers.
 
     pytest bench/bench_tokenize.py -s          # or
     python bench/bench_tokenize.py [--repeat 3] [--threads 2]
 
-For each shared tokenizer (Qwen3, SmolLM2) and corpus (chitchat: openai messages with the
+For each shared tokenizer (Qwen3, SmolLM2, Mistral v0.3, DeepSeek-V3) and corpus (chitchat: openai messages with the
 qwen_chat template, max_length 4096; pydoc: pretraining text, max_length 32768) it measures:
 
 - ``pack fast`` / ``pack hf``: the whole CLI run (interpreter start, tokenizer load, read, JSON,
@@ -13,10 +13,13 @@ qwen_chat template, max_length 4096; pydoc: pretraining text, max_length 32768) 
   ``encode phase``: the same tokens over the run's own ``encode_seconds`` (read, JSON, template,
   tokenize, stage: what scales with the data), and ``load``, the fixed cost of loading the
   tokenizer (Qwen3's 11 MB tokenizer.json takes ~0.3 s, most of a run on these small corpora);
+  the two runs' packed directories are compared (``ids identical``), and ``fast/hf`` is checked
+  against the target of 3x;
 - ``encode_batch``: Hugging Face ``tokenizers`` on the message/document texts, all threads,
   tokenizer already loaded;
 - ``tiktoken``: tiktoken's rank-based encoder built from the same vocabulary and pattern
-  (``encode_ordinary_batch``, same thread count, added tokens ignored), when installed. Its
+  (``encode_ordinary_batch``, same thread count, added tokens ignored), when installed and the
+  tokenizer is byte-level BPE behind one regex (Qwen3, SmolLM2). Its
   ids are not always Hugging Face's (the vocabularies list one merge per token, tiktoken merges
   any pair whose concatenation is a token); the share of texts that differ is printed, and so
   is the time to build the encoder from the vocabulary (not counted in its rate).
@@ -27,6 +30,7 @@ Best of ``--repeat`` runs each; the machine and its load are printed with the fi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -42,7 +46,8 @@ CASES = [
     ("chitchat.jsonl", "qwen_chat", 4096),
     ("pydoc.jsonl", "none", 32768),
 ]
-TOKENIZERS = ["qwen3", "smollm2"]
+TOKENIZERS = ["qwen3", "smollm2", "mistral-v3", "deepseek-v3"]
+TARGET = 3.0  # pack --tokenizer-backend fast over hf, end to end
 
 
 def texts_of(path: Path) -> list[str]:
@@ -95,7 +100,12 @@ def pack_cli(
             capture_output=True,
             text=True,
         ).stdout
-    return json.JSONDecoder().raw_decode(out[out.index("{") :])[0]
+        digest = hashlib.sha256()
+        for f in sorted(Path(f"{d}/p").iterdir()):
+            digest.update(f.name.encode() + f.read_bytes())
+    stats = json.JSONDecoder().raw_decode(out[out.index("{") :])[0]
+    stats["digest"] = digest.hexdigest()
+    return stats
 
 
 def tiktoken_encoding(tok_json: Path):
@@ -104,14 +114,16 @@ def tiktoken_encoding(tok_json: Path):
     except ImportError:
         return None
     spec = json.loads(tok_json.read_text())
+    pre = spec["pre_tokenizer"]
+    steps = pre.get("pretokenizers", [pre])
+    if [s["type"] for s in steps] not in (["ByteLevel"], ["Split", "ByteLevel"]):
+        return None  # not byte-level BPE behind one regex: no tiktoken equivalent
     char_byte = {c: b for b, c in enumerate(_bytes_to_unicode())}
     ranks = {
         bytes(char_byte[c] for c in t): i
         for t, i in spec["model"]["vocab"].items()
         if all(c in char_byte for c in t)
     }
-    pre = spec["pre_tokenizer"]
-    steps = pre.get("pretokenizers", [pre])
     split = next((s for s in steps if s["type"] == "Split"), None)
     pattern = (
         split["pattern"]["Regex"]
@@ -151,14 +163,14 @@ def conditions(threads: int) -> str:
     )
 
 
-def run(repeat: int = 3, threads: int = 2) -> list[dict]:
+def run(repeat: int = 3, threads: int = 2, tokenizers: list[str] = TOKENIZERS) -> list[dict]:
     from tokenizers import Tokenizer
 
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     os.environ["RAYON_NUM_THREADS"] = str(threads)
     print(f"\nbench_tokenize: best of {repeat}; {conditions(threads)}")
     rows = []
-    for tok_name in TOKENIZERS:
+    for tok_name in tokenizers:
         tok_dir = SHARED / "tokenizers" / tok_name
         hf = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
         t0 = time.perf_counter()
@@ -168,6 +180,7 @@ def run(repeat: int = 3, threads: int = 2) -> list[dict]:
             data = SHARED / data_name
             texts = texts_of(data)
             row = {"tokenizer": tok_name, "data": data_name}
+            digests = set()
             for backend in ("fast", "hf"):
                 secs, stats = best(
                     partial(pack_cli, data, tok_dir, template, max_length, backend, threads),
@@ -178,6 +191,8 @@ def run(repeat: int = 3, threads: int = 2) -> list[dict]:
                 row[f"pack_{backend}_inproc"] = n / stats["seconds"]
                 row[f"pack_{backend}_encode"] = n / max(stats.get("encode_seconds", 0.0), 1e-9)
                 row[f"pack_{backend}_load_s"] = stats.get("load_seconds", 0.0)
+                digests.add(stats["digest"])
+            row["identical"] = len(digests) == 1
             secs, encs = best(partial(hf.encode_batch, texts, add_special_tokens=False), repeat)
             hf_ids = [e.ids for e in encs]
             row["encode_batch"] = sum(map(len, hf_ids)) / secs
@@ -213,7 +228,11 @@ def print_row(r: dict) -> None:
             f", fast/tiktoken {r['pack_fast'] / r['tiktoken']:4.2f}x "
             f"(encode phase {r['pack_fast_encode'] / r['tiktoken']:4.2f}x)"
         )
-    line += f", fast/hf {r['pack_fast'] / r['pack_hf']:4.2f}x"
+    ratio = r["pack_fast"] / r["pack_hf"]
+    line += (
+        f", fast/hf {ratio:4.2f}x (target {TARGET:.0f}x {'met' if ratio >= TARGET else 'MISSED'})"
+        f", ids {'identical' if r['identical'] else 'DIFFER'}"
+    )
     print(line, flush=True)
 
 
@@ -224,6 +243,7 @@ def test_bench_tokenize():
         pytest.skip(f"{SHARED} is absent: the benchmark needs the shared tokenizers and data")
     rows = run(repeat=int(os.environ.get("BENCH_REPEAT", "3")))
     for r in rows:
+        assert r["identical"], f"fast and hf packed different bytes: {r}"
         assert r["pack_fast"] > r["pack_hf"], f"fast backend slower than hf: {r}"
 
 
@@ -231,7 +251,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokenizers", nargs="+", default=TOKENIZERS, choices=TOKENIZERS)
     args = ap.parse_args()
     if not (SHARED / "tokenizers").exists():
         sys.exit(f"{SHARED} is absent: the benchmark needs the shared tokenizers and data")
-    run(args.repeat, args.threads)
+    run(args.repeat, args.threads, args.tokenizers)
