@@ -53,6 +53,7 @@ def _model(tok, out, tie: bool, method: str, lora_targets=("q_proj", "v_proj", "
 
 def _train(model, ds, fused: bool) -> list[float]:
     """STEPS AdamW steps on the same 2 rows of 2 packs (dropout seeded per row); the losses."""
+    model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for step in range(STEPS):
@@ -88,6 +89,27 @@ def test_fused_training_equals_logits_training(
     params = dict(runs[False][1].named_parameters())
     for name, p in runs[True][1].named_parameters():
         torch.testing.assert_close(p, params[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_qlora_fused_training_equals_logits_training(packed, tiny_tokenizer, tmp_path, caplog):
+    """bitsandbytes nf4 base + LoRA (training's build_model): the head stays a float Linear."""
+    pytest.importorskip("bitsandbytes")
+    from pyfast_tune.config import load_config
+    from pyfast_tune.trainer.model import build_model
+    from pyfast_tune.trainer.tiny import make_tiny_llama
+
+    ds, _ = packed
+    path = make_tiny_llama(tmp_path / "tiny", tiny_tokenizer, seed=1, init_std=0.3)
+    cfg = load_config(None, ["--model", str(path), "--data", "x", "--method", "qlora"])
+    runs = {}
+    for fused in (True, False):
+        torch.manual_seed(0)  # the same LoRA initialisation for both
+        model = patch.apply(build_model(cfg, "float32"), lora=True)
+        with caplog.at_level(logging.INFO, logger=loss_head.__name__):
+            runs[fused] = _train(model, ds, fused)
+    assert "the LM head computes the loss" in caplog.text and "instead" not in caplog.text
+    np.testing.assert_allclose(runs[True], runs[False], rtol=2e-6)
+    assert runs[True][-1] < runs[True][0]
 
 
 def _warnings(caplog) -> list[str]:

@@ -127,8 +127,11 @@ def _unsupported_reason(hf: torch.nn.Module) -> str | None:
 def _probe_reason(model, hf, head, inputs: dict) -> str | None:
     """Run the model on the first few tokens: does it return the head's output unchanged?
 
-    Catches logit processing no config key announces. RNG state is restored, so dropout masks
-    of the step that follows are those it would have drawn without the probe.
+    Catches logit processing no config key announces. It leaves no trace: RNG state is
+    restored, so the next step draws the dropout masks it would have drawn without the probe,
+    and it runs in training mode, since an eval-mode no-grad forward is a state change for
+    some layers (bitsandbytes' Linear4bit on CPU repacks its weights for a bf16 inference
+    kernel, which every later forward then uses).
     """
     n = int(min(_PROBE_TOKENS, int(inputs["cu_seq_lens_q"][1])))
     device = inputs["input_ids"].device
@@ -139,11 +142,15 @@ def _probe_reason(model, hf, head, inputs: dict) -> str | None:
     seen = []
     hook = head.register_forward_hook(lambda mod, args, out: seen.append(out.detach()))
     devices = [device] if device.type == "cuda" else []
+    modes = {m: m.training for m in model.modules()}
     try:
+        model.train()
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             logits = model(**probe).logits
     finally:
         hook.remove()
+        for m, training in modes.items():
+            m.training = training
     if len(seen) != 1:
         return f"the model called its output embedding {len(seen)} times in one forward"
     out = seen[0]
