@@ -52,7 +52,9 @@ def generated_chats(tmp_path_factory):
     on any clone."""
     from pyfast_tune.demo import synth_conversations, write_jsonl
 
-    return write_jsonl(synth_conversations(400, seed=2), tmp_path_factory.mktemp("chats") / "chats.jsonl")
+    return write_jsonl(
+        synth_conversations(400, seed=2), tmp_path_factory.mktemp("chats") / "chats.jsonl"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -74,3 +76,14 @@ def tiny_tokenizer_bos(tiny_tokenizer, tmp_path_factory):
 def generated_tokenizer(request):
     """Each generated tokenizer in turn: without and with a BOS token."""
     return request.getfixturevalue(request.param)
+
+
+def shared_cases(cases: list) -> list:
+    """Parameters of a test whose every case reads ../shared/data: all the cases when it is
+    present; otherwise one case that skips with the reason, so a clone without it shows one
+    skip for the test instead of one per case. Cases are values (one argument) or tuples."""
+    if SHARED.exists():
+        return list(cases)
+    width = len(cases[0]) if isinstance(cases[0], tuple) else 1
+    reason = f"{NO_SHARED}; every case of this test reads it"
+    return [pytest.param(*[None] * width, marks=pytest.mark.skip(reason=reason), id="no-shared")]

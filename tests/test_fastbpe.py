@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import shared_path
+from conftest import shared_cases, shared_path
 
 from pyfast_tune.cli import main as cli
 from pyfast_tune.data import PackConfigError, TokenizerError, fingerprint, pack
@@ -56,13 +56,15 @@ def test_backends_byte_identical_on_trained_tokenizer(tmp_path, tiny_tokenizer):
 SHARED_TOKENIZERS = ["qwen3", "smollm2", "mistral-v3", "deepseek-v3"]
 
 
-@pytest.mark.parametrize("tok", SHARED_TOKENIZERS)
 @pytest.mark.parametrize(
-    "data,template,max_length",
-    [
-        ("chitchat.jsonl", "qwen_chat", 4096),
-        ("pydoc.jsonl", "none", 32768),
-    ],
+    "tok,data,template,max_length",
+    shared_cases(
+        [
+            (tok, *case)
+            for case in [("chitchat.jsonl", "qwen_chat", 4096), ("pydoc.jsonl", "none", 32768)]
+            for tok in SHARED_TOKENIZERS
+        ]
+    ),
 )
 def test_backends_byte_identical_on_shared_data(tmp_path, tok, data, template, max_length):
     tokenizer = shared_path("tokenizers", tok)
@@ -75,7 +77,7 @@ def test_backends_byte_identical_on_shared_data(tmp_path, tok, data, template, m
     assert len(hf["input_ids.bin"]) > 4 * 1_000_000
 
 
-@pytest.mark.parametrize("tok", ["qwen3", "smollm2", "deepseek-v3"])
+@pytest.mark.parametrize("tok", shared_cases(["qwen3", "smollm2", "deepseek-v3"]))
 def test_backends_byte_identical_with_hf_template(tmp_path, tok):
     # The fast backend does not build Hugging Face's tokenizer at load; the hf template needs
     # its offsets and builds it on first use, from the worker threads.
