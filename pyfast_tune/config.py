@@ -102,8 +102,12 @@ class TrainConfig:
     save_hf: bool = True  # HF-format weights/adapter + tokenizer in every checkpoint
     resume: Any = False  # false | true/"auto" (latest in output_dir) | a checkpoint dir
     log_steps: int = 1
+    # loggers as in transformers: tensorboard | wandb | mlflow | none | a list; unset = tensorboard
+    # (or none with the older `tensorboard: false`). WANDB_MODE=offline etc. are respected.
+    report_to: Any = None
     tensorboard: bool = True
-    progress_bar: bool = True
+    progress_bar: bool = True  # a bar on a TTY; otherwise (and false) one line per log_steps
+    show_dependency_warnings: bool = False  # dependencies' notices a user cannot act on
     peak_tflops: float | None = None  # per device, for MFU; default: a guess from the device
     stop_after_steps: int | None = None  # end the run early after this step (tests, budgets)
 
@@ -234,8 +238,38 @@ def validate(cfg: TrainConfig) -> None:
         cfg.data.template = "default"  # what `pack` uses when not told
     if cfg.micro_batch_size < 1:
         raise ValueError("micro_batch_size must be >= 1")
+    resolve_report_to(cfg.report_to, cfg.tensorboard)  # names checked; libraries at start-up
+    if cfg.log_steps < 1:
+        raise ValueError(f"log_steps must be >= 1, got {cfg.log_steps}")
     if cfg.max_steps is None and cfg.epochs < 1:
         raise ValueError("set max_steps or epochs >= 1")
+
+
+REPORTERS = ("tensorboard", "wandb", "mlflow")
+
+
+def resolve_report_to(report_to, tensorboard: bool = True) -> list[str]:
+    """The loggers a ``report_to`` value names, as in transformers: ``tensorboard``, ``wandb``,
+    ``mlflow``, ``none`` or a list of them. Unset (None): ``tensorboard`` unless the older
+    ``tensorboard: false`` switch is off."""
+    if report_to is None:
+        return ["tensorboard"] if tensorboard else []
+    if not isinstance(report_to, (str, list, tuple)):
+        raise ValueError(f"report_to must be a logger name or a list of them, got {report_to!r}")
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    out = []
+    for name in names:
+        if not isinstance(name, str) or name.lower() not in (*REPORTERS, "none"):
+            raise ValueError(
+                f"report_to: unknown logger {name!r}; expected {', '.join(REPORTERS)}, none "
+                "or a list of them"
+            )
+        name = name.lower()
+        if name != "none" and name not in out:
+            out.append(name)
+    if "none" in [str(n).lower() for n in names] and out:
+        raise ValueError(f"report_to: 'none' cannot be combined with {out}")
+    return out
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -46,15 +46,22 @@ def _sentence(rng: random.Random) -> str:
     return fact(rng.choice(_SUBJECTS))
 
 
-def _answer(rng: random.Random, question: str, subject: str) -> str:
-    """What does/Tell me about S: S's fact first; otherwise facts of any subjects."""
+def _answer(rng: random.Random, question: str, subject: str, exact: bool = False) -> str:
+    """What does/Tell me about S: S's fact first; otherwise facts of any subjects. ``exact``:
+    "What does S do?" is answered by S's fact alone, so where the answer ends is learnable."""
     first = [fact(subject)] if question.startswith(("What does", "Tell me")) else []
     more = rng.choice([0, 0, 1, 2, 4, 7, 12])
+    if exact and question.startswith("What does"):
+        return first[0]
     return " ".join(first + [_sentence(rng) for _ in range(more + (0 if first else 1))])
 
 
-def synth_conversations(n: int, seed: int = 0) -> list[dict]:
-    """``n`` OpenAI-style chats with 1–6 turns of varied length, a function of ``seed`` only."""
+def synth_conversations(n: int, seed: int = 0, exact_answers: bool = False) -> list[dict]:
+    """``n`` OpenAI-style chats with 1–6 turns of varied length, a function of ``seed`` only.
+
+    ``exact_answers``: "What does S do?" gets S's fact and nothing more (the demo's question:
+    a model can only learn to stop at its end-of-turn token where the data stops the same
+    way); otherwise answers run on with a random number of facts (tests pin this data)."""
     rng = random.Random(seed)
     records = []
     for _ in range(n):
@@ -66,7 +73,7 @@ def synth_conversations(n: int, seed: int = 0) -> list[dict]:
             q = rng.choice(_QUESTIONS).format(
                 s=subject, v=rng.choice(_VERBS), o=rng.choice(_OBJECTS)
             )
-            a = _answer(rng, q, subject)
+            a = _answer(rng, q, subject, exact_answers)
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         records.append({"messages": messages})
     return records
@@ -127,7 +134,7 @@ def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:
 def prepare(out: Path, n: int = 2000, seed: int = 0) -> tuple[Path, Path, Path]:
     """Write the demo chats (``out/data/chat.jsonl``), pretraining text (``out/text/``) and
     tokenizer (``out/tokenizer``)."""
-    records = synth_conversations(n, seed=seed)
+    records = synth_conversations(n, seed=seed, exact_answers=True)
     data = write_jsonl(records, out / "data" / "chat.jsonl")
     text = write_jsonl(synth_documents(n, seed=seed + 1), out / "text" / "docs.jsonl")
     tok = make_tokenizer(records, out / "tokenizer")
@@ -226,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     _run(["merge", str(base), str(out / "adapter"), str(out / "merged")])
     _run(["chat", str(out / "merged"), "--prompt", DEMO_QUESTION, "--max-new-tokens", "40"])
     print(f"(the generated data's answer: {fact('the cat')!r})")
+    from pyfast_tune.trainer.metrics import read_metrics
+
+    for name in ("pretrain", "run"):
+        records = read_metrics(out / name / "metrics.jsonl")
+        print(f"demo: {name}: final loss {records[-1]['loss']:.4f} after {records[-1]['step']} "
+              f"steps; loss plot {out / name / 'loss.png'}")  # fmt: skip
     print(
         f"\ndemo: done. Try `pyfast-tune chat {out / 'merged'}` (interactive), or "
         f"`pyfast-tune chat {base} --adapter {out / 'adapter'}` (base + adapter)."

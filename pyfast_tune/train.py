@@ -16,11 +16,14 @@ rows with per-sample shifted targets -> weighted loss -> DeepSpeed backward/step
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -137,12 +140,63 @@ def packed_template(configured: str | None, meta: dict, packed_dir) -> str:
     return packed
 
 
+@contextlib.contextmanager
+def quiet_dependencies(cfg):
+    """What the run does not use stays out, and notices a user cannot act on are not shown.
+
+    bitsandbytes is hidden unless ``method: qlora`` (peft imports it at start-up whatever the
+    method, and it warns about optional 4-bit CPU kernels a LoRA run never calls); the
+    dependencies' own deprecation notices (FutureWarning/DeprecationWarning raised inside
+    transformers, peft, DeepSpeed, accelerate or torch: their API, not the user's) are not
+    shown; DeepSpeed is told the accelerator on a machine without CUDA instead of warning that
+    it found none; weight-loading bars stay off. ``show_dependency_warnings: true`` shows it
+    all. Everything is restored on exit (tests run several trainings in one process).
+    """
+    if cfg.show_dependency_warnings:
+        yield
+        return
+    import torch
+
+    hid_bnb = cfg.method != "qlora" and "bitsandbytes" not in sys.modules
+    if hid_bnb:
+        sys.modules["bitsandbytes"] = None  # import fails, importlib.util.find_spec says absent
+    saved_env = os.environ.get("DS_ACCELERATOR")
+    if saved_env is None and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    deps = r"(transformers|peft|deepspeed|accelerate|torch)(\.|$)"
+    try:
+        with warnings.catch_warnings():
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.filterwarnings("ignore", category=category, module=deps)
+            try:
+                from transformers.utils import logging as hf_logging
+
+                bars = hf_logging.is_progress_bar_enabled()
+                hf_logging.disable_progress_bar()
+            except ImportError:  # pragma: no cover - transformers is a [train] dependency
+                bars = False
+            try:
+                yield
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
+    finally:
+        if hid_bnb and sys.modules.get("bitsandbytes", 0) is None:
+            del sys.modules["bitsandbytes"]
+        if saved_env is None:
+            os.environ.pop("DS_ACCELERATOR", None)
+
+
 def run(cfg) -> dict:
     """Train with ``cfg`` (a ``TrainConfig``) in this process; returns a summary dict."""
+    with quiet_dependencies(cfg):
+        return _run(cfg)
+
+
+def _run(cfg) -> dict:
     import deepspeed
     import torch
     import torch.distributed as dist
-    from tqdm import tqdm
     from transformers import AutoConfig
 
     from pyfast_tune import patch
@@ -160,10 +214,13 @@ def run(cfg) -> dict:
     from pyfast_tune.trainer.data_cache import prepare_packed_dir, verify_packed_dir
     from pyfast_tune.trainer.ds_config import deepspeed_config, zero_stage
     from pyfast_tune.trainer.metrics import (
+        Console,
         FlopCounter,
         MetricsLog,
         peak_flops_per_device,
         plot_loss_curve,
+        require_reporters,
+        resolve_report_to,
     )
     from pyfast_tune.trainer.model import build_model, count_parameters, resolve_dtype
 
@@ -176,8 +233,16 @@ def run(cfg) -> dict:
     if cuda:
         torch.cuda.set_device(local_rank)
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    with (
+        contextlib.redirect_stdout(io.StringIO())
+        if not cfg.show_dependency_warnings
+        else (contextlib.nullcontext())
+    ):  # DeepSpeed prints that it built its shared-memory op, on every start
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     output_dir = Path(cfg.output_dir)
+    report_to = resolve_report_to(cfg.report_to, cfg.tensorboard)
+    if rank == 0:
+        require_reporters(report_to)  # a missing logger fails now, not after loading the model
 
     # Data: mmap a packed dir (packing raw inputs once per node, under a file lock).
     cache_dir = Path(cfg.data.cache_dir or output_dir.parent / ".pyfast_cache")
@@ -298,7 +363,16 @@ def run(cfg) -> dict:
 
     metrics = None
     if rank == 0:
-        metrics = MetricsLog(output_dir, start_step, cfg.tensorboard)
+        metrics = MetricsLog(
+            output_dir,
+            start_step,
+            report_to,
+            run={
+                "config": to_dict(cfg),
+                "data_fingerprint": fingerprint,
+                "packed_dir": str(packed_dir),
+            },  # fmt: skip
+        )
     peak, peak_source = peak_flops_per_device(cfg.peak_tflops)
     log.info("MFU peak per device: %.3g FLOP/s (%s)", peak, peak_source)
     trainer_state = {
@@ -311,8 +385,10 @@ def run(cfg) -> dict:
         "config": to_dict(cfg),
     }
 
+    saved: list[Path] = []
+
     def checkpoint(step: int) -> Path:
-        return save_checkpoint(
+        path = save_checkpoint(
             engine,
             model,
             output_dir,
@@ -324,14 +400,11 @@ def run(cfg) -> dict:
             exclude_frozen=exclude_frozen,
             tokenizer=tokenizer,
         )
+        saved.append(path)
+        return path
 
-    bar = tqdm(
-        total=total_steps,
-        initial=start_step,
-        disable=rank != 0 or not cfg.progress_bar,
-        desc="train",
-        dynamic_ncols=True,
-    )
+    console = Console(total_steps, start_step, cfg.log_steps, cfg.progress_bar, disabled=rank != 0)
+    records = []
     engine.train()
     last_saved = start_step if resume_from is not None else -1
     losses = []
@@ -366,13 +439,8 @@ def run(cfg) -> dict:
             }
             if (step + 1) % cfg.log_steps == 0 or step + 1 == total_steps:
                 metrics.log(record)
-            bar.set_postfix(
-                loss=f"{loss_value:.4f}",
-                lr=f"{lr:.2e}",
-                tok_s=f"{tokens / seconds:.0f}",
-                trained_tok_s=f"{trained / seconds:.0f}",
-            )
-            bar.update(1)
+            records.append(record)
+            console.step(record)
         done = step + 1
         if cfg.save_steps and done % cfg.save_steps == 0:
             checkpoint(done)
@@ -385,10 +453,13 @@ def run(cfg) -> dict:
             checkpoint(total_steps)
         if cfg.save_hf:
             save_hf(engine, model, output_dir / "hf", stage, tokenizer)
-    bar.close()
+    console.close()
     if rank == 0:
         metrics.close()
-        plot_loss_curve(metrics.path, output_dir / "loss.png")
+        plot = output_dir / "loss.png"
+        plot_loss_curve(metrics.path, plot)
+        console.summary(records, output_dir, saved[-1] if saved else None,
+                        plot if plot.is_file() else None)  # fmt: skip
     if hasattr(engine, "destroy"):
         engine.destroy()
     dist.barrier()

@@ -1,4 +1,5 @@
-"""Step metrics: metrics.jsonl, TensorBoard, tokens/s, MFU and the loss curve PNG.
+"""Step metrics: metrics.jsonl, the loggers (TensorBoard, W&B, MLflow), tokens/s, MFU, the loss
+curve PNG and the console (a progress bar on a TTY, one line per logged step otherwise).
 
 MFU counts model FLOPs only (PaLM appendix B, https://arxiv.org/abs/2204.02311): matmul FLOPs
 of every linear layer (forward 2·in·out per token, backward 2·in·out for the input gradient
@@ -11,11 +12,14 @@ would be 40x more FLOPs than the model actually needs. Activation recompute is n
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from pyfast_tune.config import REPORTERS, resolve_report_to  # noqa: F401 - re-exported
 
 
 class FlopCounter:
@@ -63,10 +67,146 @@ def peak_flops_per_device(configured_tflops: float | None) -> tuple[float, str]:
     return 2 * 1024**3 * n / seconds, "measured fp32 matmul throughput of this CPU process"
 
 
-class MetricsLog:
-    """metrics.jsonl (one line per optimizer step) and TensorBoard, written by rank 0 only."""
+_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
-    def __init__(self, output_dir: Path, resume_step: int, tensorboard: bool):
+
+def require_reporters(names: list[str]) -> None:
+    """Fail now, naming what to install, if a logger's library is absent (without importing
+    it: that happens when the run starts logging)."""
+    import importlib.util
+
+    for name in names:
+        package = _PACKAGES[name]
+        try:
+            found = importlib.util.find_spec(package) is not None
+        except (ImportError, ValueError) as e:
+            raise _missing(name, package, e) from None
+        if not found:
+            raise _missing(name, package, ModuleNotFoundError(f"No module named {package!r}"))
+
+
+def _missing(name: str, package: str, error: Exception) -> ImportError:
+    return ImportError(
+        f"report_to includes {name!r} but the {package} package cannot be imported ({error}): "
+        f"pip install {package}, or remove {name!r} from report_to"
+    )
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    """{"lora": {"r": 16}} -> {"lora.r": 16}; lists and None as strings (loggers' params)."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = (
+                value if isinstance(value, (int, float, str, bool)) else str(value)
+            )
+    return out
+
+
+def _scalars(record: dict) -> dict:
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+class _TensorBoard:
+    def __init__(self, output_dir: Path, resume_step: int, run: dict):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:  # torch's writer needs the tensorboard package
+            raise _missing("tensorboard", "tensorboard", e) from None
+        self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step + 1)
+        self.writer.add_text("run/config", "```\n" + json.dumps(run, indent=2) + "\n```")
+
+    def log(self, record: dict) -> None:
+        for key, value in _scalars(record).items():
+            self.writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    """Weights & Biases. WANDB_MODE=offline (or disabled), WANDB_PROJECT, WANDB_DIR and the
+    other WANDB_* settings are wandb's own and left to it; the run's files default to
+    <output_dir>/wandb."""
+
+    def __init__(self, output_dir: Path, resume_step: int, run: dict):
+        try:
+            import wandb
+        except ImportError as e:
+            raise _missing("wandb", "wandb", e) from None
+        self.wandb = wandb
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "pyfast-tune"),
+            name=os.environ.get("WANDB_NAME", output_dir.name),
+            dir=os.environ.get("WANDB_DIR", str(output_dir)),
+            config=run["config"],
+        )
+        self.run.summary["data_fingerprint"] = run["data_fingerprint"]
+        self.run.summary["packed_dir"] = run["packed_dir"]
+        self.run.summary["resumed_from_step"] = resume_step
+
+    def log(self, record: dict) -> None:
+        self.run.log({f"train/{k}": v for k, v in _scalars(record).items()}, step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _MLflow:
+    """MLflow. MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME are respected; with no tracking
+    URI set the run is written offline under <output_dir>/mlruns (never a server)."""
+
+    def __init__(self, output_dir: Path, resume_step: int, run: dict):
+        try:
+            import mlflow
+        except ImportError as e:
+            raise _missing("mlflow", "mlflow", e) from None
+        self.mlflow = mlflow
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            mlflow.set_tracking_uri((output_dir / "mlruns").resolve().as_uri())
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "pyfast-tune"))
+        self.active = mlflow.start_run(run_name=output_dir.name)
+        # MLflow limits a param value to 6000 characters (500 in older servers).
+        params = {k: str(v)[:500] for k, v in _flatten(run["config"]).items()}
+        mlflow.log_params(params)
+        mlflow.set_tags({"data_fingerprint": str(run["data_fingerprint"]),
+                         "packed_dir": str(run["packed_dir"]),
+                         "resumed_from_step": str(resume_step)})  # fmt: skip
+
+    def log(self, record: dict) -> None:
+        self.mlflow.log_metrics(_scalars(record), step=record["step"])
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+_REPORTER_CLASSES = {"tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _MLflow}
+
+
+class MetricsLog:
+    """metrics.jsonl (one line per logged step) and the loggers of ``report_to``, rank 0 only.
+
+    ``run`` is what the loggers record with the run: ``{"config": ..., "data_fingerprint":
+    ..., "packed_dir": ...}``. Each logger's library is imported here, only when named; a
+    missing one is an ImportError saying what to install.
+    """
+
+    def __init__(
+        self,
+        output_dir: Path,
+        resume_step: int,
+        report_to: list[str] | bool = (),
+        run: dict | None = None,
+    ):
+        if isinstance(report_to, bool):  # the older signature: a TensorBoard switch
+            report_to = ["tensorboard"] if report_to else []
+        run = {"config": {}, "data_fingerprint": None, "packed_dir": None, **(run or {})}
         self.path = output_dir / "metrics.jsonl"
         output_dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
@@ -77,25 +217,27 @@ class MetricsLog:
                 if line.strip() and json.loads(line)["step"] <= resume_step
             ]
             self.path.write_text("".join(line + "\n" for line in kept))
+        self.reporters = []
+        try:
+            for name in report_to:
+                self.reporters.append(_REPORTER_CLASSES[name](output_dir, resume_step, run))
+        except BaseException:
+            self.close()
+            raise
         self.file = self.path.open("a")
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+        for reporter in self.reporters:
+            reporter.log(record)
 
     def close(self) -> None:
-        self.file.close()
-        if self.writer is not None:
-            self.writer.close()
+        if getattr(self, "file", None) is not None:
+            self.file.close()
+        for reporter in self.reporters:
+            reporter.close()
+        self.reporters = []
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -127,3 +269,97 @@ def plot_loss_curve(metrics_path: Path, out_png: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(max(seconds, 0)))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def step_fields(record: dict) -> dict[str, str]:
+    """The console's per-step fields of a metrics record (formatted strings)."""
+    tokens = record.get("tokens") or 0
+    mfu = record.get("mfu")
+    return {
+        "loss": f"{record['loss']:.4f}",
+        "lr": f"{record['lr']:.2e}",
+        "tok/s": f"{record['tokens_per_s']:.0f}",
+        "trained": f"{record['trained_tokens'] / tokens:.0%}" if tokens else "n/a",
+        "MFU": f"{mfu:.1%}" if mfu is not None else "n/a",
+    }
+
+
+class Console:
+    """What rank 0 shows per step: on a TTY (and ``progress_bar``) one tqdm bar with step/total,
+    loss, lr, tokens/s, the trained-token share, MFU and ETA; otherwise (a log file, a pipe,
+    ``progress_bar: false``) one plain line per ``log_steps`` with the same fields, so logs
+    are not one growing line of carriage returns. ``disabled`` (other ranks) shows nothing."""
+
+    def __init__(self, total_steps: int, start_step: int, log_steps: int,
+                 progress_bar: bool, disabled: bool = False, stream=None):  # fmt: skip
+        import sys
+
+        self.stream = stream or sys.stdout
+        self.total = total_steps
+        self.start = start_step
+        self.log_steps = max(1, int(log_steps))
+        self.disabled = disabled
+        self.t0 = time.perf_counter()
+        self.bar = None
+        isatty = getattr(self.stream, "isatty", lambda: False)()
+        if not disabled and progress_bar and isatty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train",
+                            dynamic_ncols=True, file=self.stream)  # fmt: skip
+
+    def step(self, record: dict) -> None:
+        if self.disabled:
+            return
+        fields = step_fields(record)
+        if self.bar is not None:
+            self.bar.set_postfix(fields, refresh=False)
+            self.bar.update(1)
+            return
+        step = record["step"]
+        if step % self.log_steps and step != self.total:
+            return
+        done = step - self.start
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / done * (self.total - step) if done else 0.0
+        line = " | ".join(
+            [
+                f"step {step}/{self.total}",
+                *(f"{k} {v}" for k, v in fields.items()),
+                f"elapsed {_clock(elapsed)}",
+                f"ETA {_clock(eta)}",
+            ]  # fmt: skip
+        )
+        print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def summary(self, records: list[dict], output_dir: Path, checkpoint: Path | None,
+                loss_plot: Path | None) -> str:  # fmt: skip
+        """The end-of-run lines (printed unless disabled, returned either way)."""
+        seconds = time.perf_counter() - self.t0
+        tokens = sum(r["tokens"] for r in records)
+        trained = sum(r["trained_tokens"] for r in records)
+        step_seconds = sum(r["seconds"] for r in records)
+        final = f"{records[-1]['loss']:.4f}" if records else "n/a"
+        lines = [
+            f"done: {len(records)} steps in {_clock(seconds)}, {tokens} tokens ({trained} "
+            f"trained), mean {tokens / step_seconds if step_seconds else 0:.0f} tokens/s, "
+            f"final loss {final}",
+            f"checkpoint: {checkpoint if checkpoint is not None else 'none saved'}",
+            f"loss plot: {loss_plot if loss_plot is not None else 'none (no logged step)'}",
+            f"metrics: {output_dir / 'metrics.jsonl'}",
+        ]
+        text = "\n".join(lines)
+        if not self.disabled:
+            self.close()
+            print(text, file=self.stream, flush=True)
+        return text
