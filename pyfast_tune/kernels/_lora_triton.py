@@ -205,8 +205,11 @@ def _lora_bwd_dx_kernel(
         a = tl.load(
             A_ptr + offs_r[:, None] * stride_a_r + offs_k[None, :] * stride_a_k,
             mask=mask_r[:, None] & mask_k[None, :], other=0.0,
-        ).to(tl.float32)  # fmt: skip
-        dxl = tl.dot(du, a, input_precision="ieee")
+        )  # fmt: skip
+        if DOT_PRECISION == "ieee":  # fp32 (and the interpreter): exact fp32 products
+            dxl = tl.dot(du, a.to(tl.float32), input_precision="ieee")
+        else:  # tensor cores, du rounded to the adapter dtype as peft's autograd rounds it
+            dxl = tl.dot(du.to(a.dtype), a, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             dxl = tl.where(_keep(seed, offs_m, offs_k, K, p), dxl * (1.0 / (1.0 - p)), 0.0)
         acc += dxl
@@ -229,9 +232,12 @@ def _lora_bwd_dadb_kernel(
     stride_x_tok, stride_x_k, stride_dy_tok, stride_dy_n, stride_u_tok, stride_u_r,
     stride_du_tok, stride_du_r, stride_da_r, stride_da_k, stride_db_n, stride_db_r,
     scaling, p, seed,
-    HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
+    # fp32 inputs (and the interpreter) reduce in exact fp32 (DOT_PRECISION "ieee": FMA units,
+    # small tiles); 16-bit inputs run on tensor cores with du and u rounded to x's dtype, the
+    # rounding peft's autograd applies to the same products.
     # The two branches name their values apart: Triton types every name bound in both.
     pid = tl.program_id(0)
     n_k_tiles = tl.cdiv(K, BLOCK_K)
@@ -252,10 +258,13 @@ def _lora_bwd_dadb_kernel(
             x = tl.load(
                 X_ptr + offs_m[:, None] * stride_x_tok + offs_k[None, :] * stride_x_k,
                 mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-            ).to(tl.float32)  # fmt: skip
+            )  # fmt: skip
             if HAS_DROPOUT:
                 x = tl.where(_keep(seed, offs_m, offs_k, K, p), x, 0.0)
-            acc_da += tl.dot(tl.trans(du), x, input_precision="ieee")
+            if DOT_PRECISION == "ieee":
+                acc_da += tl.dot(tl.trans(du), x.to(tl.float32), input_precision="ieee")
+            else:
+                acc_da += tl.dot(tl.trans(du.to(x.dtype)), x, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             acc_da = acc_da * (1.0 / (1.0 - p))
         tl.store(
@@ -273,12 +282,17 @@ def _lora_bwd_dadb_kernel(
             dy = tl.load(
                 DY_ptr + offs_m[:, None] * stride_dy_tok + offs_n[None, :] * stride_dy_n,
                 mask=mask_m[:, None] & mask_n[None, :], other=0.0,
-            ).to(tl.float32)  # fmt: skip
+            )  # fmt: skip
             u = tl.load(
                 U_ptr + offs_m[:, None] * stride_u_tok + offs_r[None, :] * stride_u_r,
                 mask=mask_m[:, None] & mask_r[None, :], other=0.0,
-            ).to(tl.float32)  # fmt: skip
-            acc_db += tl.dot(tl.trans(dy), u, input_precision="ieee")
+            )  # fmt: skip
+            if DOT_PRECISION == "ieee":
+                acc_db += tl.dot(
+                    tl.trans(dy.to(tl.float32)), u.to(tl.float32), input_precision="ieee"
+                )
+            else:
+                acc_db += tl.dot(tl.trans(dy), u.to(dy.dtype), input_precision=DOT_PRECISION)
         tl.store(
             DB_ptr + offs_n[:, None] * stride_db_n + offs_r[None, :] * stride_db_r,
             _cast(acc_db * scaling, DB_ptr.dtype.element_ty, FP32_DOT), mask=mask_n[:, None] & mask_r[None, :],
@@ -302,7 +316,21 @@ def launch_config(kernel: str, dtype: torch.dtype, rank: int, arch: int | None) 
         # (and fewer Philox evaluations); N and K tiles stay small so tests cross tile edges.
         return dict(BLOCK_M=256, BLOCK_N=32, BLOCK_K=32, BLOCK_R=block_r, num_warps=4,
                     num_stages=1)  # fmt: skip
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_R=block_r, num_warps=4, num_stages=3)
+    if dtype == torch.float32:
+        # IEEE fp32 products run on the FMA units with operands in registers: small tiles.
+        bm, bn, bk, warps = {
+            "fwd": (16, 16, 32, 4),
+            "bwd_dx": (32, 32, 16, 4),
+            "bwd_dadb": (32, 32, 32, 8),
+        }[kernel]
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, num_warps=warps,
+                    num_stages=1)  # fmt: skip
+    # A rank of 64+ makes the (BLOCK_M, BLOCK_R) fp32 accumulator as large as the output
+    # tile's: twice the warps share it.
+    wide = block_r >= 64
+    bm = 32 if (kernel == "bwd_dx" and wide) else 64
+    return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=32, BLOCK_R=block_r,
+                num_warps=8 if wide else 4, num_stages=3)  # fmt: skip
 
 
 MAX_RANK = 128  # larger ranks run the torch backend (BLOCK_R tiles would not fit registers)
@@ -398,10 +426,12 @@ def bwd_launches(dy, x, wargs, A, B, u, du, dx, dA, dB, scaling, p, seed, arch) 
         du.stride(0), du.stride(1), dA.stride(0), dA.stride(1), dB.stride(0), dB.stride(1),
         float(scaling), float(p), int(seed),
     )  # fmt: skip
-    ab_meta = dict(HAS_DROPOUT=p > 0.0, FP32_DOT=arch is None, **cfg)
+    ab_meta = dict(HAS_DROPOUT=p > 0.0, FP32_DOT=arch is None,
+                   DOT_PRECISION=_dot_precision(x.dtype, arch), **cfg)  # fmt: skip
     ab_grid = (triton.cdiv(K, cfg["BLOCK_K"]) + triton.cdiv(N, cfg["BLOCK_N"]),)
     return [
-        Launch(_lora_bwd_dx_kernel, dx_grid, dx_args, dx_meta, labels),
+        Launch(_lora_bwd_dx_kernel, dx_grid, dx_args, dx_meta,
+               {**labels, "shape": {**labels["shape"], "need_dx": need_dx}}),  # fmt: skip
         Launch(_lora_bwd_dadb_kernel, ab_grid, ab_args, ab_meta, labels),
     ]
 

@@ -22,7 +22,9 @@ num_stages, regs, spill_bytes, shared_bytes, error.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -36,6 +38,7 @@ SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 GROUPS = ("attention", "lora", "lce")
 
 
+@functools.lru_cache(maxsize=None)
 def _launches(group: str, arch: int) -> list:
     if group == "attention":
         from pyfast_tune.kernels._varlen_triton import aot_launches
@@ -201,7 +204,9 @@ def report(
     workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
     if workers == 1:
         return [_compile_row(j) for j in todo]
-    with ProcessPoolExecutor(workers) as pool:
+    # spawn, not fork: this process already runs torch's and Triton's threads, and a forked
+    # child can inherit one of their locks held (seen here: workers asleep forever)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_compile_row, todo, chunksize=1))
 
 
