@@ -1,4 +1,5 @@
-"""Multi-process DeepSpeed training on CPU (gloo): real chats, the SmolLM2 tokenizer, a tiny Llama.
+"""Multi-process DeepSpeed training on CPU (gloo): generated chats, a tokenizer trained on them (so
+it runs on any clone), a tiny Llama.
 
 Default run: a 2-process ZeRO-2 LoRA run (loss falls, metrics, checkpoints, from_pretrained),
 1 process resuming it mid-run with the same losses, QLoRA + convert + merge, corrupted data
@@ -18,19 +19,18 @@ import torch
 
 from pyfast_tune.train import launch_command
 from pyfast_tune.trainer.metrics import read_metrics
-from tests.conftest import ROOT, shared_path
+from tests.conftest import ROOT
 
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """Packed chitchat (short chats, 256-token packs), a tiny model and a base config."""
+def setup(tmp_path_factory, tiny_tokenizer, generated_chats):
+    """Packed generated chats (2 turns, 256-token packs), a tiny model and a base config."""
     from pyfast_tune.data import pack
     from pyfast_tune.trainer.tiny import make_tiny_llama, trimmed_conversations
 
-    tok = shared_path("tokenizers", "smollm2")
-    src = shared_path("chitchat.jsonl")
+    tok, src = tiny_tokenizer, generated_chats
     d = tmp_path_factory.mktemp("ds")
     jsonl = trimmed_conversations(src, d / "chat.jsonl", records=150, turns=4)
     pack([jsonl], d / "packed", tokenizer=tok, max_length=256, format="openai", template="default")
