@@ -5,7 +5,7 @@
 //! character classes equal Oniguruma's on every code point. Loading with the fast path builds
 //! no `tokenizers::Tokenizer` (the `hf` template's offsets build it on first use).
 //!
-//! Tests that need `../shared/data` print why they skip when it is absent.
+//! Tests that need `../shared/data` are ignored, with the reason, when it is absent (build.rs).
 
 use std::path::{Path, PathBuf};
 
@@ -93,6 +93,7 @@ fn assert_same(hf: &TextTokenizer, fast: &TextTokenizer, texts: &[String]) -> us
         .sum()
 }
 
+#[cfg_attr(not(shared_data), ignore = "needs ../shared/data, absent here")]
 #[test]
 fn identical_ids_on_shared_corpora() {
     for tok in ALL {
@@ -210,6 +211,7 @@ fn tokenizers_or_skip() -> Vec<(TextTokenizer, TextTokenizer)> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
 
+    #[cfg_attr(not(shared_data), ignore = "needs ../shared/data, absent here")]
     #[test]
     fn identical_ids_on_random_unicode(t in text(), u in "\\PC{0,40}") {
         thread_local! {
@@ -226,6 +228,7 @@ proptest! {
     }
 }
 
+#[cfg_attr(not(shared_data), ignore = "needs ../shared/data, absent here")]
 #[test]
 fn unsupported_tokenizer_falls_back_or_refuses() {
     let Some(dir) = shared("tokenizers/smollm2") else {
@@ -354,6 +357,7 @@ fn raw_piece() -> impl Strategy<Value = (Vec<u8>, Vec<usize>)> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
 
+    #[cfg_attr(not(shared_data), ignore = "needs ../shared/data, absent here")]
     #[test]
     fn merges_equal_bpe_tokenize((bytes, ix) in raw_piece()) {
         thread_local! {
@@ -421,6 +425,7 @@ fn assert_variant_identical(dir: &Path, texts: &[String]) {
     assert!(n > 100_000, "only {n} tokens compared");
 }
 
+#[cfg_attr(not(shared_data), ignore = "needs ../shared/data, absent here")]
 #[test]
 fn merge_ranks_and_formats_as_tokenizers() {
     let Some(texts) = sample_texts() else { return };
@@ -457,6 +462,7 @@ fn merge_ranks_and_formats_as_tokenizers() {
     }
 }
 
+#[cfg_attr(not(shared_data), ignore = "needs ../shared/data, absent here")]
 #[test]
 fn refuses_bpe_options_it_does_not_reproduce() {
     // (option, edit, whether `tokenizers` loads the result: with a prefix it panics on
@@ -533,6 +539,7 @@ fn refuses_bpe_options_it_does_not_reproduce() {
     }
 }
 
+#[cfg_attr(not(shared_data), ignore = "needs ../shared/data, absent here")]
 #[test]
 fn hf_is_built_lazily_for_offsets_and_ids_agree() {
     for name in ["qwen3", "smollm2"] {
@@ -612,6 +619,7 @@ fn add_token(s: &mut serde_json::Value, content: &str, normalized: bool, lstrip:
 
 /// Every supported step, one variant of a shared tokenizer each: ids equal Hugging Face's on
 /// the sample texts (and on texts built around the added tokens the variant changes).
+#[cfg_attr(not(shared_data), ignore = "needs ../shared/data, absent here")]
 #[test]
 fn every_supported_step_as_tokenizers() {
     let Some(mut texts) = sample_texts() else {
@@ -805,6 +813,7 @@ proptest! {
 
     /// The SentencePiece-style model (characters, byte fallback, unknown token) equals
     /// `BPE::tokenize` on single words and on long words cut at their `▁`s.
+    #[cfg_attr(not(shared_data), ignore = "needs ../shared/data, absent here")]
     #[test]
     fn char_merges_equal_bpe_tokenize(words in proptest::collection::vec(metaspace_word(), 1..80)) {
         thread_local! {
@@ -853,6 +862,7 @@ proptest! {
     }
 }
 
+#[cfg_attr(not(shared_data), ignore = "needs ../shared/data, absent here")]
 #[test]
 fn deepseek_patterns_run_without_oniguruma() {
     let Some(dir) = shared("tokenizers/deepseek-v3") else {

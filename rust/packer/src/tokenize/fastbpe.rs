@@ -149,10 +149,12 @@ pub struct FastBpe {
     memo_owner: u64,
 }
 
-/// Ids of one memoised piece; most pieces are one token.
-enum Ids {
-    One(u32),
-    Many(Box<[u32]>),
+/// Ids of one memoised piece, up to three inline (most pieces), so that a hit reads no
+/// other memory; longer ones as a range of [`Memo::spill`].
+#[derive(Clone, Copy)]
+struct Ids {
+    n: u32,
+    ids: [u32; 3],
 }
 
 /// Per-thread memo of piece bytes → ids for the [`FastBpe`] named by `owner`. Pieces of up
@@ -162,7 +164,9 @@ enum Ids {
 struct Memo {
     owner: u64,
     short: FxHashMap<u128, Ids>,
-    long: FxHashMap<Box<[u8]>, Box<[u32]>>,
+    long: FxHashMap<Box<[u8]>, Ids>,
+    /// Ids of the memoised pieces of more than three tokens.
+    spill: Vec<u32>,
     /// Buffers of the BPE merges on a miss.
     scratch: Scratch,
     /// Buffers of the pre-tokenizer steps.
@@ -476,45 +480,52 @@ impl Run<'_> {
         Ok(())
     }
 
+    #[inline]
+    fn emit(out: &mut Vec<u32>, spill: &[u32], ids: Ids) {
+        match ids.n {
+            0 => {}
+            1 => out.push(ids.ids[0]),
+            n @ 2..=3 => out.extend_from_slice(&ids.ids[..n as usize]),
+            n => {
+                let at = ids.ids[0] as usize;
+                out.extend_from_slice(&spill[at..at + n as usize]);
+            }
+        }
+    }
+
     fn word(&mut self, p: &[u8]) {
         let key = short_key(p);
-        match key {
-            Some(k) => match self.memo.short.get(&k) {
-                Some(Ids::One(id)) => {
-                    self.out.push(*id);
-                    return;
-                }
-                Some(Ids::Many(ids)) => {
-                    self.out.extend_from_slice(ids);
-                    return;
-                }
-                None => {}
-            },
-            None => {
-                if let Some(ids) = self.memo.long.get(p) {
-                    self.out.extend_from_slice(ids);
-                    return;
-                }
-            }
+        let hit = match key {
+            Some(k) => self.memo.short.get(&k),
+            None => self.memo.long.get(p),
+        };
+        if let Some(&ids) = hit {
+            Self::emit(self.out, &self.memo.spill, ids);
+            return;
         }
         let start = self.out.len();
         self.fast
             .model
             .tokenize_into(p, &mut self.memo.scratch, self.out);
-        if self.memo.len() < MEMO_CAP {
-            let ids = &self.out[start..];
+        if self.memo.len() < MEMO_CAP && (key.is_some() || p.len() <= MEMO_MAX_PIECE) {
+            let got = &self.out[start..];
+            let mut ids = Ids {
+                n: got.len() as u32,
+                ids: [0; 3],
+            };
+            if got.len() <= 3 {
+                ids.ids[..got.len()].copy_from_slice(got);
+            } else {
+                ids.ids[0] = self.memo.spill.len() as u32;
+                self.memo.spill.extend_from_slice(got);
+            }
             match key {
                 Some(k) => {
-                    let v = match ids {
-                        [one] => Ids::One(*one),
-                        many => Ids::Many(many.into()),
-                    };
-                    self.memo.short.insert(k, v);
+                    self.memo.short.insert(k, ids);
                 }
-                None if p.len() <= MEMO_MAX_PIECE => {
-                    self.memo.long.insert(p.into(), ids.into());
+                None => {
+                    self.memo.long.insert(p.into(), ids);
                 }
-                None => {}
             }
         }
     }
