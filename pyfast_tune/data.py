@@ -81,6 +81,30 @@ def _inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str
     return [os.fspath(p) for p in inputs]
 
 
+def pack_defaults() -> dict[str, Any]:
+    """Every field of the engine's pack options (``PackConfig`` in rust/packer/src/config.rs)
+    with its default: the one schema ``pack``, ``fingerprint``, the CLI and the training
+    config's ``data`` section fill."""
+    return json.loads(_packer.pack_defaults())
+
+
+def pack_options(**fields: Any) -> dict[str, Any]:
+    """The options the engine's ``pack`` takes: the defaults updated with ``fields``; a field
+    the engine does not know is an error naming the known ones."""
+    options = pack_defaults()
+    unknown = sorted(set(fields) - set(options))
+    if unknown:
+        raise PackConfigError(f"unknown pack options {unknown}; known: {', '.join(options)}")
+    options.update(fields)
+    return options
+
+
+def _columns(columns: str | Mapping[str, str] | None) -> str:
+    if isinstance(columns, Mapping):
+        return ",".join(f"{k}={v}" for k, v in columns.items())
+    return columns or ""
+
+
 def _tqdm_progress():
     from tqdm import tqdm
 
@@ -171,29 +195,27 @@ def pack(
             progress=progress,
             columns=columns,
         )
-    if isinstance(columns, Mapping):
-        columns = ",".join(f"{k}={v}" for k, v in columns.items())
+    options = pack_options(
+        inputs=_inputs(inputs),
+        out_dir=os.fspath(out_dir),
+        tokenizer=os.fspath(tokenizer),
+        max_length=int(max_length),
+        format=format,
+        template=template,
+        seed=int(seed),
+        threads=threads,
+        skip_bad=skip_bad,
+        data_order=None if data_order is None else os.fspath(data_order),
+        columns=_columns(columns),
+        min_length=int(min_length),
+        file_type=file_type,
+        rebuild_meta=rebuild_meta,
+        shard=None if shard is None else [int(shard[0]), int(shard[1])],
+        tokenizer_backend=tokenizer_backend,
+    )
     report, close = _tqdm_progress() if progress else (None, lambda: None)
     try:
-        raw = _packer.pack(
-            _inputs(inputs),
-            os.fspath(out_dir),
-            os.fspath(tokenizer),
-            int(max_length),
-            format,
-            template,
-            int(seed),
-            threads,
-            skip_bad,
-            None if data_order is None else os.fspath(data_order),
-            report,
-            columns or "",
-            int(min_length),
-            file_type,
-            rebuild_meta,
-            None if shard is None else (int(shard[0]), int(shard[1])),
-            tokenizer_backend=tokenizer_backend,
-        )
+        raw = _packer.pack(options, report)
     finally:
         close()
     return PackStats(**json.loads(raw))
@@ -317,22 +339,21 @@ def fingerprint(
     >>> fingerprint("chats.jsonl", tokenizer="tok/", max_length=2048)   # doctest: +SKIP
     '5c0f...'
     """
-    return _packer.fingerprint(
-        _inputs(inputs),
-        os.fspath(tokenizer),
-        int(max_length),
-        format,
-        template,
-        int(seed),
-        skip_bad,
-        None if data_order is None else os.fspath(data_order),
-        ",".join(f"{k}={v}" for k, v in columns.items())
-        if isinstance(columns, Mapping)
-        else (columns or ""),
-        int(min_length),
-        file_type,
+    options = pack_options(
+        inputs=_inputs(inputs),
+        tokenizer=os.fspath(tokenizer),
+        max_length=int(max_length),
+        format=format,
+        template=template,
+        seed=int(seed),
+        skip_bad=skip_bad,
+        data_order=None if data_order is None else os.fspath(data_order),
+        columns=_columns(columns),
+        min_length=int(min_length),
+        file_type=file_type,
         tokenizer_backend=tokenizer_backend,
     )
+    return _packer.fingerprint(options)
 
 
 def tokenizer_hash(tokenizer: str | os.PathLike) -> str:
@@ -352,9 +373,10 @@ def formats() -> list[str]:
 
 def resolve_inputs(inputs, data_order=None) -> list[tuple[str, str]]:
     """The (path, name) list ``pack`` would read, in order."""
-    return _packer.resolve_inputs(
-        _inputs(inputs), None if data_order is None else os.fspath(data_order)
+    options = pack_options(
+        inputs=_inputs(inputs), data_order=None if data_order is None else os.fspath(data_order)
     )
+    return _packer.resolve_inputs(options)
 
 
 class PackedDataset:

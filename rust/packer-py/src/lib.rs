@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 
-use packer::tokenize::TokenizerBackend;
 use packer::{Error, PackConfig, Progress};
 use pyo3::create_exception;
 use pyo3::exceptions::{
@@ -100,48 +99,14 @@ fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
     err
 }
 
-/// The options of issue 6 (formats, pre-tokenized data, shards), passed as one bundle.
-#[derive(Default)]
-struct Extra {
-    columns: String,
-    min_length: usize,
-    file_type: Option<String>,
-    rebuild_meta: bool,
-    shard: Option<(usize, usize)>,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn config(
-    inputs: Vec<String>,
-    out_dir: String,
-    tokenizer: String,
-    max_length: usize,
-    format: String,
-    template: String,
-    seed: u64,
-    threads: Option<usize>,
-    skip_bad: bool,
-    data_order: Option<String>,
-    extra: Extra,
-) -> PackConfig {
-    PackConfig {
-        inputs,
-        data_order: data_order.map(PathBuf::from),
-        out_dir: PathBuf::from(out_dir),
-        tokenizer: PathBuf::from(tokenizer),
-        max_length,
-        format,
-        template,
-        seed,
-        threads,
-        skip_bad,
-        tokenizer_backend: TokenizerBackend::Auto,
-        columns: extra.columns,
-        min_length: extra.min_length,
-        file_type: extra.file_type,
-        rebuild_meta: extra.rebuild_meta,
-        shard: extra.shard,
-    }
+/// Pack options from a Python mapping: dumped by Python's `json` and read by the core's
+/// [`PackConfig`] schema, so unknown or mistyped fields are refused with the field list.
+fn options(py: Python<'_>, options: &Bound<'_, PyAny>) -> PyResult<PackConfig> {
+    let text: String = py
+        .import("json")?
+        .call_method1("dumps", (options,))?
+        .extract()?;
+    PackConfig::from_json(&text).map_err(PackConfigError::new_err)
 }
 
 fn run_with_progress<T: Send>(
@@ -166,59 +131,25 @@ fn run_with_progress<T: Send>(
     result.map_err(|e| to_pyerr(py, e))
 }
 
-/// Parse a `tokenizer_backend` argument (`auto`, `hf`, `fast`).
-fn backend(name: &str) -> PyResult<TokenizerBackend> {
-    TokenizerBackend::from_name(name).ok_or_else(|| {
-        PackConfigError::new_err(format!(
-            "unknown tokenizer backend {name:?}; known: {}",
-            TokenizerBackend::NAMES.join(", ")
-        ))
-    })
-}
-
-/// Pack inputs into `out_dir`; returns the statistics as a JSON object string.
-/// `progress(stage, done, total)` is called now and then with the GIL held.
-/// `shard=(i, n)` encodes part i of n into `out_dir` for `merge_packs`.
+/// Pack per `options` (a mapping of `PackConfig` fields; absent ones default); returns the
+/// statistics as a JSON object string. `progress(stage, done, total)` is called now and then
+/// with the GIL held. `shard: [i, n]` encodes part i of n into `out_dir` for `merge_packs`.
 #[pyfunction]
-#[pyo3(signature = (inputs, out_dir, tokenizer, max_length, format, template, seed, threads=None, skip_bad=false, data_order=None, progress=None, columns=String::new(), min_length=0, file_type=None, rebuild_meta=false, shard=None, tokenizer_backend=String::from("auto")))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (options, progress=None))]
 fn pack(
     py: Python<'_>,
-    inputs: Vec<String>,
-    out_dir: String,
-    tokenizer: String,
-    max_length: usize,
-    format: String,
-    template: String,
-    seed: u64,
-    threads: Option<usize>,
-    skip_bad: bool,
-    data_order: Option<String>,
+    options: &Bound<'_, PyAny>,
     progress: Option<Py<PyAny>>,
-    columns: String,
-    min_length: usize,
-    file_type: Option<String>,
-    rebuild_meta: bool,
-    shard: Option<(usize, usize)>,
-    tokenizer_backend: String,
 ) -> PyResult<String> {
-    let extra = Extra {
-        columns,
-        min_length,
-        file_type,
-        rebuild_meta,
-        shard,
-    };
-    let cfg = config(
-        inputs, out_dir, tokenizer, max_length, format, template, seed, threads, skip_bad,
-        data_order, extra,
-    );
-    let cfg = PackConfig {
-        tokenizer_backend: backend(&tokenizer_backend)?,
-        ..cfg
-    };
+    let cfg = self::options(py, options)?;
     let stats = run_with_progress(py, progress, |report| packer::pack(&cfg, report))?;
     serde_json::to_string(&stats).map_err(|e| PackError::new_err(e.to_string()))
+}
+
+/// Every pack option with its default, as a JSON object: the schema front ends derive from.
+#[pyfunction]
+fn pack_defaults() -> String {
+    PackConfig::defaults_json()
 }
 
 /// Join the part directories of `pack(shard=(i, n))` into `out_dir`, byte-identical to a
@@ -292,46 +223,10 @@ fn render_chats(
     .map_err(|e| to_pyerr(py, e))
 }
 
-/// The fingerprint `pack` would record for these arguments (hashes every input).
+/// The fingerprint `pack` would record for these options (hashes every input).
 #[pyfunction]
-#[pyo3(signature = (inputs, tokenizer, max_length, format, template, seed, skip_bad=false, data_order=None, columns=String::new(), min_length=0, file_type=None, tokenizer_backend=String::from("auto")))]
-#[allow(clippy::too_many_arguments)]
-fn fingerprint(
-    py: Python<'_>,
-    inputs: Vec<String>,
-    tokenizer: String,
-    max_length: usize,
-    format: String,
-    template: String,
-    seed: u64,
-    skip_bad: bool,
-    data_order: Option<String>,
-    columns: String,
-    min_length: usize,
-    file_type: Option<String>,
-    tokenizer_backend: String,
-) -> PyResult<String> {
-    let extra = Extra {
-        columns,
-        min_length,
-        file_type,
-        ..Extra::default()
-    };
-    let cfg = config(
-        inputs,
-        String::new(),
-        tokenizer,
-        max_length,
-        format,
-        template,
-        seed,
-        None,
-        skip_bad,
-        data_order,
-        extra,
-    );
-    // Checked for the caller's sake; the backend never changes the fingerprint.
-    backend(&tokenizer_backend)?;
+fn fingerprint(py: Python<'_>, options: &Bound<'_, PyAny>) -> PyResult<String> {
+    let cfg = self::options(py, options)?;
     py.detach(|| packer::fingerprint(&cfg))
         .map_err(|e| to_pyerr(py, e))
 }
@@ -366,27 +261,11 @@ fn format_names() -> Vec<&'static str> {
     packer::format::Format::NAMES.to_vec()
 }
 
-/// The ordered list of input files `pack` would read, as (path, name) pairs.
+/// The ordered list of input files `pack` would read for these options (`inputs`,
+/// `data_order`, `file_type`), as (path, name) pairs.
 #[pyfunction]
-#[pyo3(signature = (inputs, data_order=None))]
-fn resolve_inputs(
-    py: Python<'_>,
-    inputs: Vec<String>,
-    data_order: Option<String>,
-) -> PyResult<Vec<(String, String)>> {
-    let cfg = config(
-        inputs,
-        String::new(),
-        String::new(),
-        1,
-        "auto".into(),
-        "none".into(),
-        0,
-        None,
-        false,
-        data_order,
-        Extra::default(),
-    );
+fn resolve_inputs(py: Python<'_>, options: &Bound<'_, PyAny>) -> PyResult<Vec<(String, String)>> {
+    let cfg = self::options(py, options)?;
     let files = py
         .detach(|| packer::pipeline::resolve(&cfg))
         .map_err(|e| to_pyerr(py, e))?;
@@ -427,6 +306,7 @@ fn _packer(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CorruptDataError", py.get_type::<CorruptDataError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(pack, m)?)?;
+    m.add_function(wrap_pyfunction!(pack_defaults, m)?)?;
     m.add_function(wrap_pyfunction!(fingerprint, m)?)?;
     m.add_function(wrap_pyfunction!(tokenizer_hash, m)?)?;
     m.add_function(wrap_pyfunction!(templates_json, m)?)?;

@@ -7,6 +7,7 @@
 
 pub mod binpack;
 pub mod chat_template;
+pub mod config;
 pub mod encode;
 pub mod error;
 pub mod format;

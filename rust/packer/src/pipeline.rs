@@ -27,7 +27,9 @@ use crate::output::{self, HashedWriter, StagingDir};
 use crate::pretok::{self, PretokFile};
 use crate::stream::{self, OwnedRecord, RecordStream};
 use crate::template::{self, Template};
-use crate::tokenize::{self, TextTokenizer, TokenizerBackend};
+use crate::tokenize::{self, TextTokenizer};
+
+pub use crate::config::PackConfig;
 
 /// Records encoded per parallel batch: large enough to amortise scheduling, small enough
 /// to bound memory and report progress often.
@@ -38,46 +40,6 @@ pub(crate) const MAX_SKIP_EXAMPLES: usize = 10;
 pub(crate) const STAGE_IDS: &str = "stage_ids.tmp";
 /// Staged loss mask of a part (`u1`, input order).
 pub(crate) const STAGE_MASK: &str = "stage_mask.tmp";
-
-/// Everything that determines a packed directory (plus `threads`, which never changes bytes,
-/// and `shard`, which only splits the work).
-#[derive(Clone, Debug, Default)]
-pub struct PackConfig {
-    /// Files, directories or globs; with `data_order`, the data root (or empty).
-    pub inputs: Vec<String>,
-    /// Optional data-order file (one path per line, relative to the data root).
-    pub data_order: Option<PathBuf>,
-    /// Output directory.
-    pub out_dir: PathBuf,
-    /// Tokenizer directory or `tokenizer.json`.
-    pub tokenizer: PathBuf,
-    /// Pack capacity; samples longer than this are truncated (counted).
-    pub max_length: usize,
-    /// `--format` name.
-    pub format: String,
-    /// `--template` name, `hf` (the tokenizer's chat template), or `none`.
-    pub template: String,
-    /// Seed of the pack order.
-    pub seed: u64,
-    /// Worker threads (None = all cores, or `PYFAST_TUNE_THREADS`).
-    pub threads: Option<usize>,
-    /// Skip (and count) bad records instead of failing.
-    pub skip_bad: bool,
-    /// Text encoder (`auto`, `hf`, `fast`). Every backend gives the same ids, so it never
-    /// changes the output bytes and is not part of the fingerprint.
-    pub tokenizer_backend: TokenizerBackend,
-    /// Column remapping, `"field=column,..."` (empty = none).
-    pub columns: String,
-    /// Pre-tokenized `.bin` rows with fewer tokens are skipped (counted as dropped).
-    pub min_length: usize,
-    /// File-name ending that selects data files when walking directories (e.g. `.bin`);
-    /// None = the JSON/JSONL endings.
-    pub file_type: Option<String>,
-    /// Rebuild a missing or inconsistent `.bin.meta` from its `.bin` instead of failing.
-    pub rebuild_meta: bool,
-    /// `(i, n)`: encode only part `i` of `n` and save it for `merge-packs`.
-    pub shard: Option<(usize, usize)>,
-}
 
 /// What a pack run did. Token accounting: tokens + truncated_tokens + dropped_tokens is every
 /// token the encoder produced.

@@ -1,0 +1,138 @@
+//! The one schema of pack options. The binding receives it whole (`pack(options)`), the Python
+//! API, the CLI and the training config's `data` section fill its fields, and the fingerprint
+//! reads it. A leaf module: it depends on no pipeline stage.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::tokenize::TokenizerBackend;
+
+/// Everything that determines a packed directory (plus `threads` and `tokenizer_backend`,
+/// which never change bytes, and `shard`, which only splits the work).
+///
+/// Deserialization fills absent fields with [`PackConfig::default`] and rejects unknown
+/// ones, so a misspelt option is an error naming the known fields, never silently ignored.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PackConfig {
+    /// Files, directories or globs; with `data_order`, the data root (or empty).
+    pub inputs: Vec<String>,
+    /// Optional data-order file (one path per line, relative to the data root).
+    pub data_order: Option<PathBuf>,
+    /// Output directory.
+    pub out_dir: PathBuf,
+    /// Tokenizer directory or `tokenizer.json`.
+    pub tokenizer: PathBuf,
+    /// Pack capacity; samples longer than this are truncated (counted).
+    pub max_length: usize,
+    /// `--format` name.
+    pub format: String,
+    /// `--template` name, `hf` (the tokenizer's chat template), or `none`.
+    pub template: String,
+    /// Seed of the pack order.
+    pub seed: u64,
+    /// Worker threads (None = all cores, or `PYFAST_TUNE_THREADS`).
+    pub threads: Option<usize>,
+    /// Skip (and count) bad records instead of failing.
+    pub skip_bad: bool,
+    /// Text encoder (`auto`, `hf`, `fast`). Every backend gives the same ids, so it never
+    /// changes the output bytes and is not part of the fingerprint.
+    #[serde(
+        serialize_with = "backend_to_name",
+        deserialize_with = "backend_from_name"
+    )]
+    pub tokenizer_backend: TokenizerBackend,
+    /// Column remapping, `"field=column,..."` (empty = none).
+    pub columns: String,
+    /// Pre-tokenized `.bin` rows with fewer tokens are skipped (counted as dropped).
+    pub min_length: usize,
+    /// File-name ending that selects data files when walking directories (e.g. `.bin`);
+    /// None = the JSON/JSONL endings.
+    pub file_type: Option<String>,
+    /// Rebuild a missing or inconsistent `.bin.meta` from its `.bin` instead of failing.
+    pub rebuild_meta: bool,
+    /// `(i, n)`: encode only part `i` of `n` and save it for `merge-packs`.
+    pub shard: Option<(usize, usize)>,
+}
+
+impl Default for PackConfig {
+    /// The defaults every front end shows: `auto` format, XTuner's `default` template,
+    /// 4096-token packs, seed 0.
+    fn default() -> Self {
+        PackConfig {
+            inputs: Vec::new(),
+            data_order: None,
+            out_dir: PathBuf::new(),
+            tokenizer: PathBuf::new(),
+            max_length: 4096,
+            format: "auto".into(),
+            template: "default".into(),
+            seed: 0,
+            threads: None,
+            skip_bad: false,
+            tokenizer_backend: TokenizerBackend::Auto,
+            columns: String::new(),
+            min_length: 0,
+            file_type: None,
+            rebuild_meta: false,
+            shard: None,
+        }
+    }
+}
+
+impl PackConfig {
+    /// Parse options from JSON text (absent fields default, unknown fields are an error).
+    pub fn from_json(text: &str) -> std::result::Result<Self, String> {
+        serde_json::from_str(text).map_err(|e| format!("pack options: {e}"))
+    }
+
+    /// The defaults as a JSON object: the field list front ends derive their options from.
+    pub fn defaults_json() -> String {
+        serde_json::to_string(&PackConfig::default()).expect("plain data serializes")
+    }
+}
+
+fn backend_to_name<S: Serializer>(
+    b: &TokenizerBackend,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(b.name())
+}
+
+fn backend_from_name<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<TokenizerBackend, D::Error> {
+    let name = String::deserialize(d)?;
+    TokenizerBackend::from_name(&name).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "unknown tokenizer backend {name:?}; known: {}",
+            TokenizerBackend::NAMES.join(", ")
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absent_fields_default_and_round_trip() {
+        let cfg = PackConfig::from_json(r#"{"inputs": ["a.jsonl"], "shard": [1, 3]}"#).unwrap();
+        assert_eq!(cfg.max_length, 4096);
+        assert_eq!(cfg.template, "default");
+        assert_eq!(cfg.shard, Some((1, 3)));
+        let text = serde_json::to_string(&cfg).unwrap();
+        let back = PackConfig::from_json(&text).unwrap();
+        assert_eq!(serde_json::to_string(&back).unwrap(), text);
+    }
+
+    #[test]
+    fn unknown_fields_and_backends_are_errors() {
+        let e = PackConfig::from_json(r#"{"max_lenght": 8}"#).unwrap_err();
+        assert!(e.contains("unknown field `max_lenght`"), "{e}");
+        assert!(e.contains("max_length"), "{e}");
+        let e = PackConfig::from_json(r#"{"tokenizer_backend": "slow"}"#).unwrap_err();
+        assert!(e.contains("unknown tokenizer backend \"slow\""), "{e}");
+    }
+}
