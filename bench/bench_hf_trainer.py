@@ -17,6 +17,7 @@ one untimed warm-up step then ``--steps`` timed steps (median wall and CPU secon
 
     python bench/bench_hf_trainer.py                    # ~6 min on 2 idle cores
     python bench/bench_hf_trainer.py --max-length 2048 --steps 2
+    python bench/bench_hf_trainer.py --packed packed/ --steps 2     # packs already made
 """
 
 from __future__ import annotations
@@ -146,17 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--side", help=argparse.SUPPRESS)
-    p.add_argument("--packed", help=argparse.SUPPRESS)
+    p.add_argument("--packed", help="an existing packed directory (default: pack --records)")
     args = p.parse_args(argv)
     if args.side:
         res = _side(args.side, args.packed, args.steps, args.lora_r, not args.no_checkpointing)
         print("RESULT " + json.dumps(res))
         return 0
-    if not (SHARED / "chitchat.jsonl").exists():
+    if not args.packed and not (SHARED / "chitchat.jsonl").exists():
         print(f"skipped: {SHARED}/chitchat.jsonl is absent (the project's machines have it)")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        packed = _pack(Path(tmp), args.records, args.max_length)
+        packed = args.packed or _pack(Path(tmp), args.records, args.max_length)
         results = {}
         for side in ("ours", "plain"):
             cmd = [sys.executable, __file__, "--side", side, "--packed", str(packed),
