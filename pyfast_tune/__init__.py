@@ -16,13 +16,22 @@ _DATA_NAMES = (
     "fingerprint",
     "PackedDataset",
     "PackStats",
+    # Every exception the data engine raises (subclasses first name their base here).
     "PackError",
     "DataFormatError",
     "TokenizerError",
+    "PackConfigError",
+    "CorruptDataError",
+    "NoTrainableSamplesError",
+    "ShardMismatchError",
+    "OutputExistsError",
+    "OutsideDataRootError",
     "FingerprintMismatch",
 )
+# Raised when a C++ kernel extension cannot be compiled (pyfast_tune.kernels).
+_KERNEL_NAMES = ("ExtensionBuildError",)
 
-__all__ = [*_DATA_NAMES, "__version__"]
+__all__ = [*_DATA_NAMES, *_KERNEL_NAMES, "__version__"]
 
 
 def __getattr__(name: str):
@@ -30,4 +39,8 @@ def __getattr__(name: str):
         from pyfast_tune import data
 
         return getattr(data, name)
+    if name in _KERNEL_NAMES:
+        from pyfast_tune.kernels import _cpp
+
+        return getattr(_cpp, name)
     raise AttributeError(f"module 'pyfast_tune' has no attribute {name!r}")

@@ -25,6 +25,10 @@ DataFormatError = _packer.DataFormatError
 TokenizerError = _packer.TokenizerError
 PackConfigError = _packer.PackConfigError
 CorruptDataError = _packer.CorruptDataError
+NoTrainableSamplesError = _packer.NoTrainableSamplesError
+ShardMismatchError = _packer.ShardMismatchError
+OutputExistsError = _packer.OutputExistsError
+OutsideDataRootError = _packer.OutsideDataRootError
 
 IGNORE_INDEX = -100
 IMAGE_TOKEN_INDEX = -200  # XTuner's placeholder for <image> (LLaVA)

@@ -42,6 +42,31 @@ create_exception!(
     "A packed directory is truncated, corrupt or foreign."
 );
 
+create_exception!(
+    _packer,
+    NoTrainableSamplesError,
+    PackConfigError,
+    "Every record was dropped or skipped: there is nothing to pack."
+);
+create_exception!(
+    _packer,
+    ShardMismatchError,
+    PackConfigError,
+    "The part directories given to merge_packs do not make one whole run."
+);
+create_exception!(
+    _packer,
+    OutputExistsError,
+    PackConfigError,
+    "The output path exists and is neither empty nor a packed directory."
+);
+create_exception!(
+    _packer,
+    OutsideDataRootError,
+    PackConfigError,
+    "A symlink under the data root leads outside it."
+);
+
 fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
     let msg = e.to_string();
     let (err, path, line, record) = match &e {
@@ -84,6 +109,23 @@ fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
             (TokenizerError::new_err(msg), Some(path.clone()), None, None)
         }
         Error::Config(_) => (PackConfigError::new_err(msg), None, None, None),
+        Error::NoTrainableSamples { .. } => {
+            (NoTrainableSamplesError::new_err(msg), None, None, None)
+        }
+        Error::ShardMismatch(_) => (ShardMismatchError::new_err(msg), None, None, None),
+        Error::OutputExists { path } => (
+            OutputExistsError::new_err(msg),
+            Some(path.clone()),
+            None,
+            None,
+        ),
+        Error::OutsideDataRoot { path, .. } => (
+            OutsideDataRootError::new_err(msg),
+            Some(path.clone()),
+            None,
+            None,
+        ),
+        Error::Internal(_) => (PackError::new_err(msg), None, None, None),
         Error::Corrupt { path, .. } => (
             CorruptDataError::new_err(msg),
             Some(path.clone()),
@@ -304,6 +346,16 @@ fn _packer(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TokenizerError", py.get_type::<TokenizerError>())?;
     m.add("PackConfigError", py.get_type::<PackConfigError>())?;
     m.add("CorruptDataError", py.get_type::<CorruptDataError>())?;
+    m.add(
+        "NoTrainableSamplesError",
+        py.get_type::<NoTrainableSamplesError>(),
+    )?;
+    m.add("ShardMismatchError", py.get_type::<ShardMismatchError>())?;
+    m.add("OutputExistsError", py.get_type::<OutputExistsError>())?;
+    m.add(
+        "OutsideDataRootError",
+        py.get_type::<OutsideDataRootError>(),
+    )?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(pack, m)?)?;
     m.add_function(wrap_pyfunction!(pack_defaults, m)?)?;

@@ -67,9 +67,44 @@ pub enum Error {
         /// What was wrong with the entry.
         msg: String,
     },
-    /// An option has an invalid value (unknown format or template, zero max_length, ...).
+    /// An option has an invalid value (unknown format or template, zero max_length, bad
+    /// columns or shard spec, ...).
     #[error("{0}")]
     Config(String),
+    /// Every record was dropped (nothing trained) or skipped: there is nothing to pack.
+    #[error(
+        "no trainable samples in the inputs: {records} records, {dropped} dropped (nothing trained), {skipped} skipped"
+    )]
+    NoTrainableSamples {
+        /// Records read.
+        records: u64,
+        /// Records that became no sample or a sample without a trained token.
+        dropped: u64,
+        /// Bad records skipped (`skip_bad`).
+        skipped: u64,
+    },
+    /// The part directories given to merge-packs do not make one whole run.
+    #[error("merge-packs: {0}")]
+    ShardMismatch(String),
+    /// The output path exists and is neither empty nor a packed directory.
+    #[error("refusing to replace {path}: it exists and is not a pyfast-tune packed directory")]
+    OutputExists {
+        /// The output directory.
+        path: PathBuf,
+    },
+    /// A symlink under the data root leads outside it.
+    #[error("{path}: symlink points outside the data root {root} (to {target})")]
+    OutsideDataRoot {
+        /// The symlink.
+        path: PathBuf,
+        /// The data root.
+        root: PathBuf,
+        /// Where it points.
+        target: PathBuf,
+    },
+    /// The engine itself failed (worker threads could not start, an internal invariant broke).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The caller asked to stop (Ctrl-C); nothing was written.
     #[error("interrupted")]
     Interrupted,

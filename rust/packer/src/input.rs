@@ -67,12 +67,11 @@ pub fn walk_dir(root: &Path, extensions: &[&str]) -> Result<Vec<InputFile>> {
             let is_dir = if ftype.is_symlink() {
                 let target = full.canonicalize().map_err(|e| Error::io(&full, e))?;
                 if !target.starts_with(&canon_root) {
-                    return Err(Error::Config(format!(
-                        "{}: symlink points outside the data root {} (to {})",
-                        full.display(),
-                        root.display(),
-                        target.display()
-                    )));
+                    return Err(Error::OutsideDataRoot {
+                        path: full,
+                        root: root.to_path_buf(),
+                        target,
+                    });
                 }
                 target.is_dir()
             } else {

@@ -253,10 +253,9 @@ fn check_replaceable(dest: &Path) -> Result<()> {
     if is_packed || is_empty {
         return Ok(());
     }
-    Err(Error::Config(format!(
-        "refusing to replace {}: it exists and is not a pyfast-tune packed directory",
-        dest.display()
-    )))
+    Err(Error::OutputExists {
+        path: dest.to_path_buf(),
+    })
 }
 
 fn is_exists(e: &std::io::Error) -> bool {

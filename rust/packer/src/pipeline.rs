@@ -420,7 +420,7 @@ pub fn pack(cfg: &PackConfig, progress: &dyn Fn(Progress<'_>) -> bool) -> Result
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(thread_count(cfg))
         .build()
-        .map_err(|e| Error::Config(format!("cannot start worker threads: {e}")))?;
+        .map_err(|e| Error::Internal(format!("cannot start worker threads: {e}")))?;
     let run = Run {
         cfg,
         format,
@@ -853,15 +853,16 @@ pub(crate) fn finish(
         file_table.extend(part.file_table.iter().cloned());
     }
     if staged.is_empty() {
-        return Err(Error::Config(format!(
-            "no trainable samples in the inputs: {} records, {} dropped (nothing trained), {} skipped",
-            stats.records, stats.dropped_samples, stats.skipped_records
-        )));
+        return Err(Error::NoTrainableSamples {
+            records: stats.records,
+            dropped: stats.dropped_samples,
+            skipped: stats.skipped_records,
+        });
     }
 
     let lengths: Vec<u32> = staged.iter().map(|s| s.len).collect();
     let packs =
-        plan_packs(&lengths, header.max_length as u32, header.seed).map_err(Error::Config)?;
+        plan_packs(&lengths, header.max_length as u32, header.seed).map_err(Error::Internal)?;
     let part_dirs: Vec<&Path> = parts.iter().map(|p| p.dir.as_path()).collect();
     let mut outputs = write_packed(&staging.dir, &part_dirs, &staged, &packs, progress)?;
     for p in &parts {
@@ -910,7 +911,7 @@ pub(crate) fn finish(
     });
     let meta_path = staging.dir.join(output::META);
     let mut f = std::fs::File::create(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
-    let text = serde_json::to_string_pretty(&meta).map_err(|e| Error::Config(e.to_string()))?;
+    let text = serde_json::to_string_pretty(&meta).map_err(|e| Error::Internal(e.to_string()))?;
     f.write_all(text.as_bytes())
         .and_then(|_| f.sync_all())
         .map_err(|e| Error::io(&meta_path, e))?;

@@ -219,9 +219,8 @@ pub fn merge(
     let n = first["num_shards"].as_u64().unwrap_or(0) as usize;
     let same = |k: &str| loaded.iter().all(|l| l.doc[k] == first[k]);
     if !same("header") || !same("files") || !same("num_shards") {
-        return Err(Error::Config(
-            "merge-packs: the parts come from different runs (inputs, tokenizer or options differ)"
-                .into(),
+        return Err(Error::ShardMismatch(
+            "the parts come from different runs (inputs, tokenizer or options differ)".into(),
         ));
     }
     let got: Vec<u64> = loaded
@@ -229,16 +228,16 @@ pub fn merge(
         .filter_map(|l| l.doc["shard"].as_u64())
         .collect();
     if got != (0..n as u64).collect::<Vec<_>>() {
-        return Err(Error::Config(format!(
-            "merge-packs: need shards 0..{n} exactly once, got {got:?}"
+        return Err(Error::ShardMismatch(format!(
+            "need shards 0..{n} exactly once, got {got:?}"
         )));
     }
     let mut next = 0u64;
     for l in &loaded {
         let r = &l.doc["file_range"];
         if r[0].as_u64() != Some(next) {
-            return Err(Error::Config(format!(
-                "merge-packs: shard {} starts at file {}, expected {next}",
+            return Err(Error::ShardMismatch(format!(
+                "shard {} starts at file {}, expected {next}",
                 l.doc["shard"], r[0]
             )));
         }
@@ -246,12 +245,12 @@ pub fn merge(
     }
     let nfiles = first["files"].as_array().map_or(0, Vec::len) as u64;
     if next != nfiles {
-        return Err(Error::Config(format!(
-            "merge-packs: the parts cover {next} of {nfiles} files"
+        return Err(Error::ShardMismatch(format!(
+            "the parts cover {next} of {nfiles} files"
         )));
     }
     let header: Header = serde_json::from_value(first["header"].clone())
-        .map_err(|e| Error::Config(format!("merge-packs: bad part header: {e}")))?;
+        .map_err(|e| Error::ShardMismatch(format!("bad part header: {e}")))?;
     let staging = StagingDir::new(out_dir)?;
     let parts: Vec<Part> = loaded.into_iter().map(|l| l.part).collect();
     finish(&header, parts, staging, start, progress)

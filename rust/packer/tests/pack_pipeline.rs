@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use packer::{PackConfig, Progress};
+use packer::{Error, PackConfig, Progress};
 use serde_json::json;
 
 const WORDS: [&str; 8] = [
@@ -145,7 +145,14 @@ fn pack_refuses_inputs_with_nothing_to_train() {
     let cfg = config(&data, &tok, tmp.path().join("out"));
     let err = packer::pack(&cfg, &no_progress).unwrap_err();
     assert!(
-        err.to_string().contains("no trainable samples") && err.to_string().contains("2 dropped"),
+        matches!(
+            err,
+            Error::NoTrainableSamples {
+                records: 2,
+                dropped: 2,
+                skipped: 0
+            }
+        ),
         "{err}"
     );
     assert!(!tmp.path().join("out").exists());

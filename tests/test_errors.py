@@ -1,0 +1,78 @@
+"""The engine's errors are typed: each failure a caller can meet has its own class, exported
+from ``pyfast_tune``, and each is still a ``PackConfigError`` where it was one before, so
+existing ``except`` clauses keep working. The stubs in ``_packer.pyi`` list the extension."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+import pyfast_tune
+from pyfast_tune import _packer
+from pyfast_tune.data import merge_packs, pack, pack_defaults, pack_options
+
+CHAT = {"conversation": [{"input": "hello there", "output": "general kenobi"}]}
+
+
+def write(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_each_failure_raises_its_exported_class(tmp_path, tiny_tokenizer):
+    empty = write(tmp_path / "empty.jsonl", [{"conversation": []}] * 2)
+    with pytest.raises(pyfast_tune.NoTrainableSamplesError, match="2 dropped"):
+        pack(empty, tmp_path / "a", tokenizer=tiny_tokenizer)
+
+    data = write(tmp_path / "d.jsonl", [CHAT] * 4)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(pyfast_tune.OutputExistsError, match="refusing to replace") as e:
+        pack(data, tmp_path / "taken", tokenizer=tiny_tokenizer)
+    assert e.value.path == str(tmp_path / "taken")
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+    pack(data, tmp_path / "p0", tokenizer=tiny_tokenizer, shard=(0, 2))
+    with pytest.raises(pyfast_tune.ShardMismatchError, match="need shards"):
+        merge_packs([tmp_path / "p0"], tmp_path / "m")
+
+    for cls in (
+        pyfast_tune.NoTrainableSamplesError,
+        pyfast_tune.OutputExistsError,
+        pyfast_tune.ShardMismatchError,
+        pyfast_tune.OutsideDataRootError,
+    ):
+        assert issubclass(cls, pyfast_tune.PackConfigError)
+        assert issubclass(cls, pyfast_tune.PackError)
+
+
+def test_pack_options_follow_the_engine_schema(tmp_path, tiny_tokenizer):
+    defaults = pack_defaults()
+    assert defaults["max_length"] == 4096 and defaults["template"] == "default"
+    with pytest.raises(pyfast_tune.PackConfigError, match="unknown pack options.*max_lenght"):
+        pack_options(max_lenght=8)
+    # The engine refuses unknown fields itself too, naming the known ones.
+    bad = dict(defaults, inputs=[str(tmp_path)], max_lenght=8)
+    with pytest.raises(pyfast_tune.PackConfigError, match="unknown field `max_lenght`"):
+        _packer.pack(bad)
+
+
+def test_every_exception_is_exported():
+    from pyfast_tune import data
+
+    classes = {
+        n
+        for n in dir(data)
+        if isinstance(getattr(data, n), type) and issubclass(getattr(data, n), Exception)
+    }
+    assert classes <= set(pyfast_tune.__all__)
+    for name in pyfast_tune.__all__:
+        assert getattr(pyfast_tune, name) is not None
+
+
+def test_stubs_list_the_extension():
+    stub = ast.parse((Path(pyfast_tune.__file__).parent / "_packer.pyi").read_text())
+    stubbed = {n.name for n in stub.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    public = {n for n in dir(_packer) if not n.startswith("_")}
+    assert stubbed == public
