@@ -2,9 +2,10 @@
 shared memory, no compile errors the interpreter would not show (``pyfast_tune.kernels.aot``).
 
 No GPU is needed: Triton's bundled ptxas compiles for a named architecture and its bundled
-cuobjdump reads the registers and stack of the cubin. The default run compiles every
-tile-table entry once in its most register-hungry variant (``--quick``); ``-m slow`` compiles
-every dtype, head dim, rank and flag. Triton caches the compiles (~/.triton/cache).
+cuobjdump reads the registers and stack of the cubin. The default run compiles each 16-bit
+tile-table entry once in its most register-hungry variant (``--quick``, ~50 compiles);
+``-m slow`` compiles every dtype (fp32 too), head dim, GQA, rank and flag (~500). Triton caches
+the compiles (~/.triton/cache).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def test_report_rows_are_the_launchers_own_configs(quick_rows):
         assert r["constexprs"]["BLOCK_N"] == cfg["BLOCK_N"]
         assert (r["num_warps"], r["num_stages"]) == (cfg["num_warps"], cfg["num_stages"])
         seen += 1
-    assert seen >= 2 * 3 * 5  # two archs, three kernels, five bf16 head dims at least
+    assert seen >= 2 * 3 * 3  # two archs, three kernels, bf16 head dims 64/128/256
 
 
 def test_specialization_matches_the_jit():

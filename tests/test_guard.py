@@ -340,3 +340,30 @@ def test_linear_cross_entropy_is_checked_and_never_races_the_logits(monkeypatch)
     decision = guard.decide("linear_cross_entropy", CPU, shape)
     assert {c.backend: c.ok for c in decision.checks}["torch"] is False
     assert decision.chosen == "ref"  # checked and correct: the plain fallback
+
+
+def test_linear_cross_entropy_auto_runs_the_guards_choice(monkeypatch, caplog):
+    """``backend="auto"`` (what training uses) asks the guard: with our CPU kernel made wrong,
+    the loss and gradients are still PyTorch's whole-logits ones, and a warning names it."""
+    from pyfast_tune.kernels import linear_cross_entropy, linear_cross_entropy_ref
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (37,), generator=g)
+
+    def loss_and_grads(fn, **kw):
+        hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        loss = fn(hh, ww, t, **kw)
+        loss.backward()
+        return loss.detach(), hh.grad, ww.grad
+
+    want = loss_and_grads(linear_cross_entropy_ref)
+    monkeypatch.setenv(faults.ENV, "linear_cross_entropy.torch=wrong")
+    with caplog.at_level("WARNING", logger="pyfast_tune.guard"):
+        got = loss_and_grads(linear_cross_entropy, backend="auto")
+    assert "backend 'torch' rejected" in caplog.text
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    chosen = guard.decided("linear_cross_entropy", CPU, {"dtype": "float32", "softcap": False})
+    assert chosen == "ref"

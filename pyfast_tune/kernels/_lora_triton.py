@@ -319,7 +319,7 @@ def launch_config(kernel: str, dtype: torch.dtype, rank: int, arch: int | None) 
     if dtype == torch.float32:
         # IEEE fp32 products run on the FMA units with operands in registers: small tiles.
         bm, bn, bk, warps = {
-            "fwd": (16, 16, 32, 4),
+            "fwd": (16, 16, 32, 8),
             "bwd_dx": (32, 32, 16, 4),
             "bwd_dadb": (32, 32, 32, 8),
         }[kernel]
@@ -328,8 +328,10 @@ def launch_config(kernel: str, dtype: torch.dtype, rank: int, arch: int | None) 
     # A rank of 64+ makes the (BLOCK_M, BLOCK_R) fp32 accumulator as large as the output
     # tile's: twice the warps share it.
     wide = block_r >= 64
-    bm = 32 if (kernel == "bwd_dx" and wide) else 64
-    return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=32, BLOCK_R=block_r,
+    bm, bn = 64, 64
+    if kernel == "bwd_dx":  # dy, W (or its 4-bit codes), B tiles and two accumulators live
+        bm, bn = (32, 64) if wide else (64, 32)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, BLOCK_R=block_r,
                 num_warps=8 if wide else 4, num_stages=3)  # fmt: skip
 
 

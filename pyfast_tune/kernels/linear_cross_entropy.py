@@ -22,7 +22,9 @@ Backends of the one op ``torch.ops.pyfast_tune.linear_cross_entropy``:
   ``TRITON_INTERPRET=1``);
 - ``"torch"``: the same chunk loop with in-place PyTorch row operations (CPU, and any device);
 - ``"ref"``: ``linear_cross_entropy_ref`` (whole logits, autograd), for tests;
-- ``"auto"``: triton on CUDA, torch elsewhere.
+- ``"auto"``: the first-use guard's choice (``pyfast_tune.kernels.guard``): triton on CUDA,
+  torch elsewhere, each checked once per device, dtype and soft cap against ``ref``; a backend
+  that fails the check is skipped with a warning.
 
 Chunk size: ``chunk_bytes`` (default 128 MiB, env ``PYFAST_TUNE_LCE_CHUNK_MB``) bounds one
 chunk's fp32 working set (tokens × vocabulary block × 4 bytes, plus its input-dtype copy).
@@ -98,6 +100,11 @@ def linear_cross_entropy(
         >>> loss = linear_cross_entropy(h, W, t, reduction="sum")     # doctest: +SKIP
     """
     backend = _resolve_backend(hidden, backend)
+    if backend == "auto":
+        _check_inputs(
+            hidden, weight, targets, bias, weights, ignore_index, reduction, softcap, "ref"
+        )
+        backend = _guarded_backend(hidden, softcap)
     _check_inputs(hidden, weight, targets, bias, weights, ignore_index, reduction, softcap, backend)
     if backend == "ref":
         return linear_cross_entropy_ref(
@@ -132,13 +139,24 @@ def _resolve_backend(hidden: Tensor, backend: str) -> str:
             f"linear_cross_entropy: backend must be one of {_BACKENDS}, got {backend!r}"
         )
     if backend == "auto":
-        return "triton" if hidden.is_cuda else "torch"
+        return backend  # the first-use guard decides (``_guarded_backend``)
     if backend == "triton" and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "linear_cross_entropy: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 "
             "set before Triton is imported to run the kernels in the interpreter on CPU"
         )
     return backend
+
+
+def _guarded_backend(hidden: Tensor, softcap: float | None) -> str:
+    """backend="auto": the first-use guard's choice for this device, dtype and soft cap (our
+    kernel checked against PyTorch's whole-logits loss on the device, once, then cached)."""
+    from pyfast_tune.kernels import guard
+
+    shape = {"dtype": str(hidden.dtype).removeprefix("torch."), "softcap": softcap is not None}
+    if guard.tracing(hidden):  # nothing may run while tracing: use what was decided eagerly
+        return guard.decided("linear_cross_entropy", hidden.device, shape)
+    return guard.choose("linear_cross_entropy", hidden.device, shape)
 
 
 def _check_inputs(
