@@ -11,14 +11,15 @@ the compiles (~/.triton/cache).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from pyfast_tune.kernels import _lora_triton, _varlen_triton
-from pyfast_tune.kernels.aot import row_failure, run_report, specialize
+from pyfast_tune.kernels import _varlen_triton
+from pyfast_tune.kernels.aot import row_failure, run_report
 
 
 def _failures(rows):
@@ -79,31 +80,51 @@ def test_report_rows_are_the_launchers_own_configs(quick_rows):
     assert seen >= 2 * 3 * 3  # two archs, three kernels, bf16 head dims 64/128/256
 
 
-def test_specialization_matches_the_jit():
-    """Aligned pointers and strides divisible by 16 get the divisibility attribute, unit
-    strides become constants, and runtime-only arguments (window, group, seed) stay plain."""
-    q = torch.zeros((1, 32, 128), dtype=torch.bfloat16)
-    k = torch.zeros((1, 8, 128), dtype=torch.bfloat16)
-    out, lse = torch.zeros_like(q), torch.zeros((32, 1), dtype=torch.float32)
-    cu = torch.zeros(2, dtype=torch.int32)
-    launch = _varlen_triton.fwd_launch(q, k, k, out, lse, cu, cu, 64, 0.1, -1, 0, 90)
+_SPECIALIZE = """
+import json, torch
+from pyfast_tune.kernels import _lora_triton, _varlen_triton
+from pyfast_tune.kernels.aot import specialize
+q = torch.zeros((1, 32, 128), dtype=torch.bfloat16)
+k = torch.zeros((1, 8, 128), dtype=torch.bfloat16)
+out, lse = torch.zeros_like(q), torch.zeros((32, 1), dtype=torch.float32)
+cu = torch.zeros(2, dtype=torch.int32)
+att = _varlen_triton.fwd_launch(q, k, k, out, lse, cu, cu, 64, 0.1, -1, 0, 90)
+x = torch.zeros((64, 256), dtype=torch.float16)
+w = torch.zeros((512, 256), dtype=torch.float16)
+a, b = torch.zeros((16, 256), dtype=torch.float16), torch.zeros((512, 16), dtype=torch.float16)
+y, u = torch.zeros((64, 512), dtype=torch.float16), torch.zeros((64, 16), dtype=torch.float16)
+wargs = _lora_triton._weight_args(w, None)
+lora = _lora_triton.fwd_launch(x, wargs, a, b, None, y, u, 2.0, 0.1, 0, 80)
+rows = []
+for launch in (att, lora):
     sig, const, attrs = specialize(launch.kernel, launch.args, launch.meta)
     names = launch.kernel.arg_names
-    assert sig["Q_ptr"] == "*bf16" and sig["CU_Q_ptr"] == "*i32" and sig["qk_scale"] == "fp32"
-    assert (names.index("Q_ptr"),) in attrs and (names.index("stride_q_tok"),) in attrs
+    rows.append(dict(sig=sig, const={k: repr(v) for k, v in const.items()},
+                     hinted=[names[i[0]] for i in attrs]))
+print(json.dumps(rows))
+"""
+
+
+def test_specialization_matches_the_jit():
+    """Aligned pointers and strides divisible by 16 get the divisibility hint, unit strides
+    become constants, and runtime-only arguments (window, group, seed) stay plain. (Compiled
+    kernels only exist outside the interpreter, hence the fresh process.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _SPECIALIZE], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    att, lora = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert att["sig"]["Q_ptr"] == "*bf16" and att["sig"]["CU_Q_ptr"] == "*i32"
+    assert att["sig"]["qk_scale"] == "fp32"
+    assert {"Q_ptr", "stride_q_tok", "stride_k_tok"} <= set(att["hinted"])
     # window_right = 0 would be 'divisible by 16' if specialized: do_not_specialize keeps the
     # causal and non-causal launches on one binary
-    assert sig["window_right"] == "i32" and (names.index("window_right"),) not in attrs
-    assert sig["group"] == "i32" and "group" not in const
-    x = torch.zeros((64, 256), dtype=torch.float16)
-    w = torch.zeros((512, 256), dtype=torch.float16)
-    a, b = torch.zeros((16, 256), dtype=torch.float16), torch.zeros((512, 16), dtype=torch.float16)
-    y, u = torch.zeros((64, 512), dtype=torch.float16), torch.zeros((64, 16), dtype=torch.float16)
-    wargs = _lora_triton._weight_args(w, None)
-    launch = _lora_triton.fwd_launch(x, wargs, a, b, None, y, u, 2.0, 0.1, 0, 80)
-    sig, const, _ = specialize(launch.kernel, launch.args, launch.meta)
-    assert sig["stride_x_k"] == "constexpr" and const["stride_x_k"] == 1
-    assert sig["seed"] == "i32" and sig["M"] == "i32"
+    assert att["sig"]["window_right"] == "i32" and "window_right" not in att["hinted"]
+    assert att["sig"]["group"] == "i32" and "group" not in att["const"]
+    assert lora["sig"]["stride_x_k"] == "constexpr" and lora["const"]["stride_x_k"] == "1"
+    assert lora["sig"]["seed"] == "i32" and lora["sig"]["M"] == "i32"
+    assert "M" not in lora["hinted"]  # M = 64 is divisible by 16, but M never specializes
 
 
 def test_a_spilling_config_fails_the_report(monkeypatch):
@@ -119,7 +140,7 @@ def test_a_spilling_config_fails_the_report(monkeypatch):
 @pytest.mark.slow
 def test_every_config_compiles_spill_free_cli():
     """The whole report (every dtype, head dim, GQA, rank and flag) through the CLI."""
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-m", "pyfast_tune.kernels.aot", "--json"],
         capture_output=True,
