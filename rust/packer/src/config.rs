@@ -1,11 +1,17 @@
-//! The one schema of pack options. The binding receives it whole (`pack(options)`), the Python
-//! API, the CLI and the training config's `data` section fill its fields, and the fingerprint
-//! reads it. A leaf module: it depends on no pipeline stage.
+//! The one schema of pack options, their validation and the input files they select. The
+//! binding receives it whole (`pack(options)`), the Python API, the CLI and the training
+//! config's `data` section fill its fields, and the fingerprint reads it. It depends on no
+//! pipeline stage.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::error::{Error, Result};
+use crate::format::Format;
+use crate::format_xtuner::Columns;
+use crate::input::{read_data_order, resolve_inputs, InputFile, DATA_EXTENSIONS};
+use crate::template::{self, Template};
 use crate::tokenize::TokenizerBackend;
 
 /// Everything that determines a packed directory (plus `threads` and `tokenizer_backend`,
@@ -90,6 +96,69 @@ impl PackConfig {
     /// The defaults as a JSON object: the field list front ends derive their options from.
     pub fn defaults_json() -> String {
         serde_json::to_string(&PackConfig::default()).expect("plain data serializes")
+    }
+}
+
+/// Parse the format and template names of a config (`hf` gives `None` here: it needs the
+/// tokenizer, see [`Templating`]).
+pub fn parse_names(cfg: &PackConfig) -> Result<(Format, Option<&'static Template>)> {
+    let format = Format::from_name(&cfg.format).ok_or_else(|| {
+        Error::Config(format!(
+            "unknown format {:?}; known: {}",
+            cfg.format,
+            Format::NAMES.join(", ")
+        ))
+    })?;
+    let template = match cfg.template.as_str() {
+        "none" | "" | "hf" => None,
+        name => Some(template::by_name(name).ok_or_else(|| {
+            let names: Vec<_> = template::TEMPLATES.iter().map(|t| t.name).collect();
+            Error::Config(format!(
+                "unknown template {name:?}; known: none, hf, {}",
+                names.join(", ")
+            ))
+        })?),
+    };
+    if cfg.max_length == 0 || cfg.max_length > u32::MAX as usize {
+        return Err(Error::Config(format!(
+            "max_length must be in 1..={}, got {}",
+            u32::MAX,
+            cfg.max_length
+        )));
+    }
+    Columns::parse(&cfg.columns).map_err(Error::Config)?;
+    if let Some((i, n)) = cfg.shard {
+        if n == 0 || i >= n {
+            return Err(Error::Config(format!(
+                "shard {i}/{n}: expected I/N with 0 <= I < N"
+            )));
+        }
+    }
+    Ok((format, template))
+}
+
+/// The ordered input files of a config.
+pub fn resolve(cfg: &PackConfig) -> Result<Vec<InputFile>> {
+    match &cfg.data_order {
+        Some(order) => {
+            let root =
+                match cfg.inputs.as_slice() {
+                    [] => order
+                        .parent()
+                        .map(Path::to_path_buf)
+                        .unwrap_or_else(|| PathBuf::from(".")),
+                    [one] if Path::new(one).is_dir() => PathBuf::from(one),
+                    _ => return Err(Error::Config(
+                        "with a data-order file, give exactly one input: the data root directory"
+                            .into(),
+                    )),
+                };
+            read_data_order(order, &root)
+        }
+        None => match cfg.file_type.as_deref() {
+            Some(ft) if !ft.is_empty() => resolve_inputs(&cfg.inputs, &[ft]),
+            _ => resolve_inputs(&cfg.inputs, DATA_EXTENSIONS),
+        },
     }
 }
 

@@ -4,36 +4,7 @@
 use serde_json::{Map, Value};
 
 use crate::format_xtuner as x;
-
-/// One turn of XTuner's `conversation` format after mapping (before the template).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Turn {
-    /// System text ("" = none).
-    pub system: String,
-    /// User text (no loss).
-    pub input: String,
-    /// Assistant text.
-    pub output: String,
-    /// Whether the output (and its EOS) is trained.
-    pub output_with_loss: bool,
-    /// Whether an EOS token follows the output (XTuner's `need_eos_token`, default true).
-    pub need_eos_token: bool,
-    /// Text appended after the turn without loss (XTuner's `sep`, default "").
-    pub sep: String,
-}
-
-impl Turn {
-    fn new(system: String, input: String, output: String) -> Self {
-        Turn {
-            system,
-            input,
-            output,
-            output_with_loss: true,
-            need_eos_token: true,
-            sep: String::new(),
-        }
-    }
-}
+pub use crate::turn::{py_isspace, py_strip, Turn};
 
 /// A dataset format (`--format`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -405,17 +376,6 @@ fn alpaca(obj: &Map<String, Value>) -> Result<Vec<Turn>, String> {
         format!("{instruction}\n{input}"),
         output.to_string(),
     )])
-}
-
-/// Python's `str.isspace` set: Unicode White_Space plus U+001C..U+001F (which Rust's
-/// `char::is_whitespace` does not include). `str.strip()` with no argument uses it.
-pub fn py_isspace(c: char) -> bool {
-    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
-}
-
-/// Python's `str.strip()`.
-pub fn py_strip(s: &str) -> &str {
-    s.trim_matches(py_isspace)
 }
 
 #[cfg(test)]

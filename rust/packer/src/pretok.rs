@@ -534,3 +534,8 @@ mod tests {
         assert!(e.to_string().contains("the .meta does not match"), "{e}");
     }
 }
+
+/// Whether a file is pre-tokenized InternEVO data (`.bin` with a `.bin.meta`).
+pub fn is_pretokenized(path: &Path) -> bool {
+    path.to_string_lossy().ends_with(".bin")
+}

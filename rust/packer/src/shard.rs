@@ -21,7 +21,9 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::output::{HashedWriter, StagingDir};
-use crate::pipeline::{finish, Header, PackStats, Part, Progress, StagedSample};
+use crate::stage::{Part, StagedSample, STAGE_IDS, STAGE_MASK};
+use crate::stats::{PackStats, Progress};
+use crate::write::{finish, Header};
 
 const PART_JSON: &str = "part.json";
 const PART_SAMPLES: &str = "part_samples.bin";
@@ -163,10 +165,7 @@ fn load(dir: &Path) -> Result<Loaded> {
         return Err(corrupt(&sp, "content hash differs from part.json"));
     }
     let tokens = doc["tokens"].as_u64().unwrap_or(u64::MAX);
-    for (name, width) in [
-        (crate::pipeline::STAGE_IDS, 4),
-        (crate::pipeline::STAGE_MASK, 1),
-    ] {
+    for (name, width) in [(STAGE_IDS, 4), (STAGE_MASK, 1)] {
         let f = dir.join(name);
         let size = std::fs::metadata(&f).map_err(|e| Error::io(&f, e))?.len();
         if tokens != offset || size != width * offset {

@@ -1,0 +1,91 @@
+//! The fingerprint of a pack run: a hash of everything that determines its bytes (tool and
+//! format version, tokenizer, options, every input's size and hash).
+
+use rayon::prelude::*;
+use serde_json::{json, Value};
+
+use crate::chat_template;
+use crate::config::{parse_names, resolve, PackConfig};
+use crate::error::Result;
+use crate::format_xtuner::Columns;
+use crate::input::InputFile;
+use crate::output;
+use crate::pretok::{self, is_pretokenized};
+use crate::stream;
+use crate::tokenize;
+
+pub(crate) fn fingerprint_inputs(cfg: &PackConfig, tokenizer_hash: &str, files: &[Value]) -> Value {
+    let mut v = json!({
+        "tool": "pyfast-tune",
+        "tool_version": env!("CARGO_PKG_VERSION"),
+        "format_version": output::FORMAT_VERSION,
+        "tokenizer": tokenizer_hash,
+        "format": cfg.format,
+        "template": cfg.template,
+        "max_length": cfg.max_length,
+        "seed": cfg.seed,
+        "skip_bad": cfg.skip_bad,
+        "inputs": files,
+    });
+    // Determinants added by later options are recorded only when set, so directories packed
+    // without them keep their fingerprints.
+    let o = v.as_object_mut().expect("object literal");
+    if !cfg.columns.is_empty() {
+        let spec = Columns::parse(&cfg.columns)
+            .map(|c| c.spec())
+            .unwrap_or_default();
+        o.insert("columns".into(), json!(spec));
+    }
+    if cfg.min_length > 0 {
+        o.insert("min_length".into(), json!(cfg.min_length));
+    }
+    if cfg.template == "hf" {
+        // chat_template.jinja is not among the tokenizer files hashed above.
+        let h = chat_template::find_source(&cfg.tokenizer)
+            .map(|(src, _)| blake3::hash(src.as_bytes()).to_hex().to_string())
+            .unwrap_or_default();
+        o.insert("chat_template".into(), json!(h));
+    }
+    v
+}
+
+pub(crate) fn hash_value(v: &Value) -> String {
+    blake3::hash(v.to_string().as_bytes()).to_hex().to_string()
+}
+
+pub(crate) fn file_entry(name: &str, size: u64, hash: &blake3::Hash) -> Value {
+    json!({"name": name, "size": size, "blake3": hash.to_hex().to_string()})
+}
+
+pub(crate) fn pretok_entry(
+    file: &InputFile,
+    size: u64,
+    hash: &blake3::Hash,
+    meta: &(u64, blake3::Hash),
+) -> Value {
+    let mut e = file_entry(&file.name, size, hash);
+    e["meta_size"] = json!(meta.0);
+    e["meta_blake3"] = json!(meta.1.to_hex().to_string());
+    e
+}
+
+/// The fingerprint `pack` would record for `cfg`, without packing (hashes every input,
+/// reading each in blocks).
+pub fn fingerprint(cfg: &PackConfig) -> Result<String> {
+    parse_names(cfg)?;
+    let files = resolve(cfg)?;
+    let tok_hash = tokenize::hash_files(&cfg.tokenizer)?;
+    let entries: Vec<Value> = files
+        .par_iter()
+        .map(|f| {
+            let (size, hash) = stream::hash_file(&f.path)?;
+            if is_pretokenized(&f.path) {
+                let meta = stream::hash_file(&pretok::meta_path(&f.path))?;
+                Ok(pretok_entry(f, size, &hash, &meta))
+            } else {
+                Ok(file_entry(&f.name, size, &hash))
+            }
+        })
+        .collect::<Result<_>>()?;
+    Ok(hash_value(&fingerprint_inputs(cfg, &tok_hash, &entries)))
+}

@@ -1,0 +1,508 @@
+//! The encode stage: stream each input's records in bounded batches, map the format, apply
+//! the template, tokenize in parallel (results kept in input order) and append every sample's
+//! tokens to a part's staging files. Only per-sample lengths and offsets stay in memory.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde_json::{json, Value};
+
+use crate::chat_template::{self, ChatTemplate};
+use crate::config::PackConfig;
+use crate::encode::{encode_turns_opts, Encoded};
+use crate::error::{Error, Result};
+use crate::fingerprint::{file_entry, pretok_entry};
+use crate::format::Format;
+use crate::format_xtuner::{llava_image, Columns};
+use crate::input::{InputFile, RawRecord};
+use crate::output::HashedWriter;
+use crate::pretok::{self, is_pretokenized, PretokFile};
+use crate::stats::{PackStats, Progress};
+use crate::stream::{self, OwnedRecord, RecordStream};
+use crate::template::Template;
+use crate::tokenize::TextTokenizer;
+
+/// Records encoded per parallel batch: large enough to amortise scheduling, small enough
+/// to bound memory and report progress often.
+const CHUNK: usize = 4096;
+/// How many skipped-record messages are kept for the report.
+pub(crate) const MAX_SKIP_EXAMPLES: usize = 10;
+/// Staged token ids of a part (`<u4`, input order).
+pub(crate) const STAGE_IDS: &str = "stage_ids.tmp";
+/// Staged loss mask of a part (`u1`, input order).
+pub(crate) const STAGE_MASK: &str = "stage_mask.tmp";
+
+/// How turns become text: XTuner prompt template, the tokenizer's chat template, or none.
+pub enum Templating {
+    /// Turns used as they are.
+    None,
+    /// An XTuner `PROMPT_TEMPLATE`.
+    Xtuner(&'static Template),
+    /// The tokenizer's Jinja chat template (`--template hf`).
+    Hf(Box<ChatTemplate>),
+}
+
+/// Why one record produced no sample.
+enum RecordFault {
+    Json(String),
+    Shape(String),
+}
+
+/// What one record became: (sample, tokens before truncation, image path) or None when the
+/// format maps it to no conversation.
+type Encodedrecord = Option<(Encoded, u64, Option<String>)>;
+
+/// Everything the encoders share.
+pub(crate) struct Run<'a> {
+    pub(crate) cfg: &'a PackConfig,
+    pub(crate) format: Format,
+    pub(crate) templating: Templating,
+    pub(crate) columns: Columns,
+    pub(crate) tok: TextTokenizer,
+    pub(crate) pool: rayon::ThreadPool,
+}
+
+impl Run<'_> {
+    fn parse(&self, text: &str) -> std::result::Result<Value, RecordFault> {
+        let mut value: Value =
+            serde_json::from_str(text).map_err(|e| RecordFault::Json(e.to_string()))?;
+        if !self.columns.is_empty() {
+            self.columns.apply(&mut value);
+        }
+        Ok(value)
+    }
+
+    fn encode_record(
+        &self,
+        rec: &RawRecord<'_>,
+        format: Format,
+    ) -> std::result::Result<Encodedrecord, RecordFault> {
+        let value = self.parse(rec.text)?;
+        let image = if format == Format::Llava {
+            llava_image(&value).map_err(RecordFault::Shape)?
+        } else {
+            None
+        };
+        let max_length = self.cfg.max_length;
+        // Pretraining text is never wrapped in a prompt template (XTuner's pretrain configs
+        // set template_map_fn=None), so one --template serves a mixed directory.
+        let templating = if format == Format::Pretrain {
+            &Templating::None
+        } else {
+            &self.templating
+        };
+        let enc = match templating {
+            Templating::Hf(ct) => {
+                let messages = if format == Format::OpenAi {
+                    chat_template::messages_from_openai(&value).map_err(RecordFault::Shape)?
+                } else {
+                    let turns = format.to_turns(&value).map_err(RecordFault::Shape)?;
+                    chat_template::messages_from_turns(&turns)
+                };
+                if messages.is_empty() {
+                    return Ok(None);
+                }
+                ct.encode(&self.tok, &messages, max_length)
+                    .map_err(RecordFault::Shape)?
+            }
+            t => {
+                let mut turns = format.to_turns(&value).map_err(RecordFault::Shape)?;
+                if turns.is_empty() {
+                    return Ok(None);
+                }
+                if let Templating::Xtuner(t) = t {
+                    t.apply(&mut turns).map_err(RecordFault::Shape)?;
+                }
+                encode_turns_opts(&self.tok, &turns, max_length, format == Format::Llava)
+                    .map_err(RecordFault::Shape)?
+            }
+        };
+        let raw_len = enc.ids.len() as u64 + enc.truncated;
+        Ok(Some((enc, raw_len, image)))
+    }
+
+    fn detect(&self, path: &Path, rec: &RawRecord<'_>) -> Result<Option<Format>> {
+        let Ok(value) = self.parse(rec.text) else {
+            return Ok(None); // not JSON: a bad record; detect from the next one
+        };
+        Format::detect(&value).map(Some).ok_or_else(|| Error::Record {
+            path: path.to_path_buf(),
+            line: rec.line,
+            record: rec.index,
+            msg: format!(
+                "cannot detect the format from this record's keys (see `pyfast-tune formats`; \
+                 e.g. \"conversation\", \"messages\", \"conversations\", \"instruction\"+\"output\", \
+                 \"text\"): pass --format or --columns; record starts {:?}",
+                rec.text.chars().take(80).collect::<String>()
+            ),
+        })
+    }
+}
+
+/// Per-sample bookkeeping while staging (input order).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StagedSample {
+    /// Which part's staging files hold the tokens.
+    pub part: u32,
+    /// Token offset in that part's staging files.
+    pub offset: u64,
+    /// Tokens.
+    pub len: u32,
+    /// Global index of the source file.
+    pub file: u32,
+    /// Record index in the source file.
+    pub record: u64,
+}
+
+/// The encoded samples of a range of input files, staged in `dir`.
+pub(crate) struct Part {
+    /// Directory holding [`STAGE_IDS`] and [`STAGE_MASK`].
+    pub dir: PathBuf,
+    pub samples: Vec<StagedSample>,
+    pub tokens: u64,
+    pub stats: PackStats,
+    pub file_entries: Vec<Value>,
+    pub file_table: Vec<Value>,
+    /// (part-local sample index, image path) of LLaVA samples.
+    pub images: Vec<(u64, String)>,
+}
+
+fn record_error(
+    path: &Path,
+    rec_line: u64,
+    rec_index: u64,
+    fault: RecordFault,
+    fmt: &str,
+) -> Error {
+    match fault {
+        RecordFault::Json(msg) => Error::Json {
+            path: path.to_path_buf(),
+            line: rec_line,
+            msg: format!("record {rec_index}: {msg}"),
+        },
+        RecordFault::Shape(msg) => Error::Record {
+            path: path.to_path_buf(),
+            line: rec_line,
+            record: rec_index,
+            msg: format!("{msg} (format {fmt})"),
+        },
+    }
+}
+
+/// Appends samples of one part to its staging files.
+struct Stager {
+    ids: HashedWriter,
+    mask: HashedWriter,
+    buf: Vec<u8>,
+    part: Part,
+}
+
+impl Stager {
+    fn stage(
+        &mut self,
+        enc: &Encoded,
+        file: usize,
+        record: u64,
+        image: Option<String>,
+    ) -> Result<()> {
+        self.buf.clear();
+        self.buf
+            .extend(enc.ids.iter().flat_map(|x| x.to_le_bytes()));
+        self.ids.write(&self.buf)?;
+        self.mask.write(&enc.mask)?;
+        if let Some(img) = image {
+            self.part.images.push((self.part.samples.len() as u64, img));
+        }
+        self.part.samples.push(StagedSample {
+            part: 0,
+            offset: self.part.tokens,
+            len: enc.ids.len() as u32,
+            file: file as u32,
+            record,
+        });
+        self.part.tokens += enc.ids.len() as u64;
+        Ok(())
+    }
+
+    /// Count and stage one encoded sample (truncation, drops).
+    fn take(
+        &mut self,
+        enc: Encoded,
+        raw_len: u64,
+        file: usize,
+        record: u64,
+        image: Option<String>,
+    ) -> Result<()> {
+        let stats = &mut self.part.stats;
+        if enc.truncated > 0 {
+            stats.truncated_samples += 1;
+            stats.truncated_tokens += enc.truncated;
+        }
+        let trained = enc.trained() as u64;
+        if trained == 0 {
+            stats.dropped_samples += 1;
+            stats.dropped_tokens += raw_len - enc.truncated;
+            return Ok(());
+        }
+        stats.loss_tokens += trained;
+        self.stage(&enc, file, record, image)
+    }
+}
+
+fn skip(cfg: &PackConfig, stats: &mut PackStats, err: Error) -> Result<()> {
+    if !cfg.skip_bad {
+        return Err(err);
+    }
+    if stats.skipped_examples.len() < MAX_SKIP_EXAMPLES {
+        stats.skipped_examples.push(err.to_string());
+    }
+    Ok(())
+}
+
+/// Encode files `range` (global indices) into staging files in `dir`.
+pub(crate) fn encode_part(
+    run: &Run<'_>,
+    files: &[InputFile],
+    range: std::ops::Range<usize>,
+    sizes: &[u64],
+    dir: &Path,
+    progress: &dyn Fn(Progress<'_>) -> bool,
+) -> Result<Part> {
+    let total_bytes: u64 = sizes[range.clone()].iter().sum();
+    let mut st = Stager {
+        ids: HashedWriter::create(dir.join(STAGE_IDS))?,
+        mask: HashedWriter::create(dir.join(STAGE_MASK))?,
+        buf: Vec::new(),
+        part: Part {
+            dir: dir.to_path_buf(),
+            samples: Vec::new(),
+            tokens: 0,
+            stats: PackStats::default(),
+            file_entries: Vec::new(),
+            file_table: Vec::new(),
+            images: Vec::new(),
+        },
+    };
+    let mut bytes_done = 0u64;
+    for fi in range {
+        let file = &files[fi];
+        let report = |done: u64| {
+            progress(Progress {
+                stage: "encode",
+                done: bytes_done + done,
+                total: total_bytes,
+            })
+        };
+        if is_pretokenized(&file.path) {
+            encode_pretok_file(run, file, fi, &mut st, &report)?;
+        } else {
+            encode_json_file(run, file, fi, &mut st, &report)?;
+        }
+        bytes_done += sizes[fi];
+    }
+    st.ids.finish()?;
+    st.mask.finish()?;
+    Ok(st.part)
+}
+
+fn encode_json_file(
+    run: &Run<'_>,
+    file: &InputFile,
+    fi: usize,
+    st: &mut Stager,
+    report: &dyn Fn(u64) -> bool,
+) -> Result<()> {
+    let cfg = run.cfg;
+    let mut table = json!({"name": file.name, "size": 0, "records": 0, "format": Value::Null});
+    let mut stream = match RecordStream::open(&file.path) {
+        Ok(s) => s,
+        Err(e @ (Error::EmptyFile { .. } | Error::Json { .. })) => {
+            let (size, hash) = stream::hash_file(&file.path)?;
+            st.part
+                .file_entries
+                .push(file_entry(&file.name, size, &hash));
+            table["size"] = json!(size);
+            st.part.file_table.push(table);
+            st.part.stats.skipped_files += 1;
+            return skip(cfg, &mut st.part.stats, e);
+        }
+        Err(e) => return Err(e),
+    };
+    let mut file_format = match run.format {
+        Format::Auto => None,
+        f => Some(f),
+    };
+    let mut records = 0u64;
+    let mut file_fault: Option<Error> = None;
+    loop {
+        let batch: Vec<OwnedRecord> = stream.next_batch(CHUNK)?;
+        if batch.is_empty() {
+            break;
+        }
+        records += batch.len() as u64;
+        if file_format.is_none() {
+            for r in batch.iter().filter_map(OwnedRecord::raw) {
+                match run.detect(&file.path, &r) {
+                    Ok(Some(f)) => {
+                        file_format = Some(f);
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        file_fault = Some(e);
+                        break;
+                    }
+                }
+            }
+            if file_fault.is_some() {
+                break;
+            }
+        }
+        // Until a record parses, the format is unknown; those records are bad JSON anyway.
+        let fmt = file_format.unwrap_or(Format::Auto);
+        let results: Vec<_> = run.pool.install(|| {
+            batch
+                .par_iter()
+                .map(|r| match r.raw() {
+                    Some(raw) => run.encode_record(&raw, fmt),
+                    None => Err(RecordFault::Json(r.text.clone().err().unwrap_or_default())),
+                })
+                .collect()
+        });
+        for (rec, res) in batch.iter().zip(results) {
+            match res {
+                Ok(Some((enc, raw_len, image))) => st.take(enc, raw_len, fi, rec.index, image)?,
+                Ok(None) => st.part.stats.dropped_samples += 1,
+                Err(fault) => {
+                    st.part.stats.skipped_records += 1;
+                    let err = record_error(&file.path, rec.line, rec.index, fault, fmt.name());
+                    skip(cfg, &mut st.part.stats, err)?;
+                }
+            }
+        }
+        if !report(stream.raw_bytes()) {
+            return Err(Error::Interrupted);
+        }
+    }
+    let (size, hash) = stream.finish()?;
+    st.part
+        .file_entries
+        .push(file_entry(&file.name, size, &hash));
+    table["size"] = json!(size);
+    if let Some(e) = file_fault {
+        st.part.file_table.push(table);
+        st.part.stats.skipped_files += 1;
+        return skip(cfg, &mut st.part.stats, e);
+    }
+    if records == 0 {
+        st.part.file_table.push(table);
+        st.part.stats.skipped_files += 1;
+        let e = Error::EmptyFile {
+            path: file.path.clone(),
+        };
+        return skip(cfg, &mut st.part.stats, e);
+    }
+    table["records"] = json!(records);
+    table["format"] = json!(file_format.unwrap_or(run.format).name());
+    st.part.file_table.push(table);
+    st.part.stats.records += records;
+    Ok(())
+}
+
+/// What one `.bin` row became.
+enum RowOut {
+    /// Filtered by `min_length`.
+    Short,
+    /// ids, mask.
+    Tokens(Vec<u32>, Vec<u8>),
+    /// Not a `{"tokens": [...]}` line.
+    Bad(String),
+    /// Token count differs from the `.meta`.
+    Mismatch(String),
+}
+
+fn encode_pretok_file(
+    run: &Run<'_>,
+    file: &InputFile,
+    fi: usize,
+    st: &mut Stager,
+    report: &dyn Fn(u64) -> bool,
+) -> Result<()> {
+    let cfg = run.cfg;
+    let mut pf = PretokFile::open(&file.path, cfg.min_length as u64, cfg.rebuild_meta)?;
+    let (size, hash) = stream::hash_file(&file.path)?;
+    st.part
+        .file_entries
+        .push(pretok_entry(file, size, &hash, &pf.meta_hash));
+    st.part
+        .file_table
+        .push(json!({"name": file.name, "size": size,
+        "records": pf.num_rows(), "format": "pretokenized"}));
+    st.part.stats.records += pf.num_rows() as u64;
+    let max_length = cfg.max_length;
+    loop {
+        let batch = pf.next_batch(CHUNK)?;
+        if batch.is_empty() {
+            break;
+        }
+        let results: Vec<RowOut> = run.pool.install(|| {
+            batch
+                .par_iter()
+                .map(|row| {
+                    let Some(line) = row.line.as_ref() else {
+                        return RowOut::Short;
+                    };
+                    match pretok::decode_line(line) {
+                        Err(msg) => RowOut::Bad(msg),
+                        Ok((ids, mask)) => match pretok::check_count(&file.path, row, ids.len()) {
+                            Err(msg) => RowOut::Mismatch(msg),
+                            Ok(()) => RowOut::Tokens(ids, mask),
+                        },
+                    }
+                })
+                .collect()
+        });
+        for (row, res) in batch.iter().zip(results) {
+            match res {
+                RowOut::Short => {
+                    // Shorter than min_length: XTuner's JsonlDataset filters it; we count it.
+                    st.part.stats.dropped_samples += 1;
+                    st.part.stats.dropped_tokens += row.count;
+                }
+                RowOut::Tokens(mut ids, mut mask) => {
+                    let raw_len = ids.len() as u64;
+                    let truncated = raw_len.saturating_sub(max_length as u64);
+                    ids.truncate(max_length);
+                    mask.truncate(max_length);
+                    let enc = Encoded {
+                        ids,
+                        mask,
+                        truncated,
+                    };
+                    st.take(enc, raw_len, fi, row.row, None)?;
+                }
+                // A .meta that disagrees with its .bin is corrupt as a whole: never skipped.
+                RowOut::Mismatch(msg) => {
+                    return Err(Error::Corrupt {
+                        path: pretok::meta_path(&file.path),
+                        msg,
+                    })
+                }
+                RowOut::Bad(msg) => {
+                    st.part.stats.skipped_records += 1;
+                    let err = Error::Record {
+                        path: file.path.clone(),
+                        line: row.row + 1,
+                        record: row.row,
+                        msg: format!("byte offset {}: {msg}", row.offset),
+                    };
+                    skip(cfg, &mut st.part.stats, err)?;
+                }
+            }
+        }
+        if !report(pf.position()) {
+            return Err(Error::Interrupted);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,265 @@
+//! The write stage: plan packs over the staged samples (best-fit decreasing, seeded), copy
+//! their tokens into the packed files, write meta.json and commit the directory atomically.
+//! A single run and a merge of shards both end in [`finish`].
+
+use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::binpack::plan_packs;
+use crate::error::{Error, Result};
+use crate::fingerprint::hash_value;
+use crate::output::{self, HashedWriter, StagingDir};
+use crate::stage::{Part, StagedSample, MAX_SKIP_EXAMPLES, STAGE_IDS, STAGE_MASK};
+use crate::stats::{PackStats, Progress};
+
+/// What [`finish`] needs besides the parts: the run's identity.
+#[derive(Clone, Debug, serde::Deserialize, Serialize)]
+pub(crate) struct Header {
+    /// [`crate::fingerprint::fingerprint_inputs`] without `inputs`.
+    pub fingerprint_base: Value,
+    pub max_length: usize,
+    pub format: String,
+    pub template: String,
+    pub seed: u64,
+    /// hash, path, bos, eos.
+    pub tokenizer: Value,
+}
+
+/// Plan packs over every part's samples (global input order), write the packed directory
+/// and commit it. A single run and a merge of shards both end here.
+pub(crate) fn finish(
+    header: &Header,
+    mut parts: Vec<Part>,
+    staging: StagingDir,
+    start: Instant,
+    progress: &dyn Fn(Progress<'_>) -> bool,
+) -> Result<PackStats> {
+    let mut stats = PackStats::default();
+    let mut staged: Vec<StagedSample> = Vec::new();
+    let mut file_entries = Vec::new();
+    let mut file_table = Vec::new();
+    let mut images: Vec<Value> = Vec::new();
+    let mut tokens = 0u64;
+    for (pi, part) in parts.iter_mut().enumerate() {
+        let base = staged.len() as u64;
+        for (k, img) in part.images.drain(..) {
+            images.push(json!([base + k, img]));
+        }
+        staged.extend(part.samples.iter().map(|s| StagedSample {
+            part: pi as u32,
+            ..*s
+        }));
+        tokens += part.tokens;
+        let p = &part.stats;
+        stats.records += p.records;
+        stats.loss_tokens += p.loss_tokens;
+        stats.truncated_samples += p.truncated_samples;
+        stats.truncated_tokens += p.truncated_tokens;
+        stats.dropped_samples += p.dropped_samples;
+        stats.dropped_tokens += p.dropped_tokens;
+        stats.skipped_records += p.skipped_records;
+        stats.skipped_files += p.skipped_files;
+        for m in &p.skipped_examples {
+            if stats.skipped_examples.len() < MAX_SKIP_EXAMPLES {
+                stats.skipped_examples.push(m.clone());
+            }
+        }
+        file_entries.extend(part.file_entries.iter().cloned());
+        file_table.extend(part.file_table.iter().cloned());
+    }
+    if staged.is_empty() {
+        return Err(Error::NoTrainableSamples {
+            records: stats.records,
+            dropped: stats.dropped_samples,
+            skipped: stats.skipped_records,
+        });
+    }
+
+    let lengths: Vec<u32> = staged.iter().map(|s| s.len).collect();
+    let packs =
+        plan_packs(&lengths, header.max_length as u32, header.seed).map_err(Error::Internal)?;
+    let part_dirs: Vec<&Path> = parts.iter().map(|p| p.dir.as_path()).collect();
+    let mut outputs = write_packed(&staging.dir, &part_dirs, &staged, &packs, progress)?;
+    for p in &parts {
+        for name in [STAGE_IDS, STAGE_MASK] {
+            let f = p.dir.join(name);
+            if f.starts_with(&staging.dir) {
+                std::fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
+            }
+        }
+    }
+    if !images.is_empty() {
+        let p = staging.dir.join(output::IMAGES);
+        let text =
+            json!({"image_token_id": crate::encode::IMAGE_TOKEN_ID, "samples": images}).to_string();
+        std::fs::write(&p, &text).map_err(|e| Error::io(&p, e))?;
+        outputs.insert(
+            output::IMAGES.to_string(),
+            json!({"size": text.len(), "blake3": blake3::hash(text.as_bytes()).to_hex().to_string()}),
+        );
+    }
+
+    stats.samples = staged.len() as u64;
+    stats.tokens = tokens;
+    stats.packs = packs.len() as u64;
+    stats.fill = tokens as f64 / (packs.len() as f64 * header.max_length as f64);
+    let mut fp_inputs = header.fingerprint_base.clone();
+    fp_inputs["inputs"] = Value::Array(file_entries);
+    stats.fingerprint = hash_value(&fp_inputs);
+    let meta = json!({
+        "format_version": output::FORMAT_VERSION,
+        "tool": "pyfast-tune",
+        "tool_version": env!("CARGO_PKG_VERSION"),
+        "fingerprint": stats.fingerprint,
+        "fingerprint_inputs": fp_inputs,
+        "max_length": header.max_length,
+        "format": header.format,
+        "template": header.template,
+        "seed": header.seed,
+        "tokenizer": header.tokenizer,
+        "files": file_table,
+        "stats": stats_for_meta(&stats),
+        "num_samples": stats.samples,
+        "num_packs": stats.packs,
+        "num_tokens": stats.tokens,
+        "outputs": outputs,
+    });
+    let meta_path = staging.dir.join(output::META);
+    let mut f = std::fs::File::create(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
+    let text = serde_json::to_string_pretty(&meta).map_err(|e| Error::Internal(e.to_string()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(&meta_path, e))?;
+    staging.commit()?;
+    // Timing excludes nothing: the commit is part of the job.
+    stats.seconds = start.elapsed().as_secs_f64();
+    stats.tokens_per_second = tokens as f64 / stats.seconds.max(1e-9);
+    Ok(stats)
+}
+
+/// Statistics as stored in meta.json: without wall-clock figures, so the directory's bytes
+/// are a function of the inputs and settings only.
+fn stats_for_meta(stats: &PackStats) -> Value {
+    let mut v = serde_json::to_value(stats).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        for k in [
+            "seconds",
+            "tokens_per_second",
+            "load_seconds",
+            "encode_seconds",
+            "write_seconds",
+        ] {
+            o.remove(k);
+        }
+    }
+    v
+}
+
+fn open(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::open(path).map_err(|e| Error::io(path, e))
+}
+
+/// Write the packed files; returns `outputs` for meta.json (size and BLAKE3 per file).
+/// Staged tokens are read with positioned reads, not mapped, so resident memory stays
+/// bounded however large the staging files are.
+fn write_packed(
+    dir: &Path,
+    part_dirs: &[&Path],
+    staged: &[StagedSample],
+    packs: &[Vec<u32>],
+    progress: &dyn Fn(Progress<'_>) -> bool,
+) -> Result<serde_json::Map<String, Value>> {
+    let sources: Vec<(std::fs::File, std::fs::File, PathBuf)> = part_dirs
+        .iter()
+        .map(|d| {
+            Ok((
+                open(&d.join(STAGE_IDS))?,
+                open(&d.join(STAGE_MASK))?,
+                d.join(STAGE_IDS),
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let mut w_ids = HashedWriter::create(dir.join(output::INPUT_IDS))?;
+    let mut w_mask = HashedWriter::create(dir.join(output::LOSS_MASK))?;
+    let mut w_packs = HashedWriter::create(dir.join(output::PACKS))?;
+    let mut w_order = HashedWriter::create(dir.join(output::PACK_SAMPLES))?;
+    let mut new_start = vec![0i64; staged.len()];
+    let mut pack_of = vec![0i64; staged.len()];
+    let (mut tok_pos, mut sample_pos) = (0i64, 0i64);
+    let (mut ids_buf, mut mask_buf) = (Vec::new(), Vec::new());
+    for (p, members) in packs.iter().enumerate() {
+        w_packs.write_i64s(&[tok_pos, sample_pos])?;
+        for &s in members {
+            let s = s as usize;
+            let st = &staged[s];
+            let (ids_f, mask_f, ids_path) = &sources[st.part as usize];
+            ids_buf.resize(st.len as usize * 4, 0);
+            mask_buf.resize(st.len as usize, 0);
+            ids_f
+                .read_exact_at(&mut ids_buf, st.offset * 4)
+                .and_then(|_| mask_f.read_exact_at(&mut mask_buf, st.offset))
+                .map_err(|e| Error::io(ids_path, e))?;
+            w_ids.write(&ids_buf)?;
+            w_mask.write(&mask_buf)?;
+            w_order.write_i64s(&[s as i64])?;
+            new_start[s] = tok_pos;
+            pack_of[s] = p as i64;
+            tok_pos += st.len as i64;
+            sample_pos += 1;
+        }
+        let report = Progress {
+            stage: "write",
+            done: p as u64,
+            total: packs.len() as u64,
+        };
+        if p % 4096 == 0 && !progress(report) {
+            return Err(Error::Interrupted);
+        }
+    }
+    w_packs.write_i64s(&[tok_pos, sample_pos])?;
+    let mut w_samples = HashedWriter::create(dir.join(output::SAMPLES))?;
+    for (s, st) in staged.iter().enumerate() {
+        w_samples.write_i64s(&[
+            new_start[s],
+            st.len as i64,
+            pack_of[s],
+            st.file as i64,
+            st.record as i64,
+        ])?;
+    }
+    let mut outputs = serde_json::Map::new();
+    let names = [
+        output::INPUT_IDS,
+        output::LOSS_MASK,
+        output::PACKS,
+        output::PACK_SAMPLES,
+        output::SAMPLES,
+    ];
+    for (name, w) in names
+        .into_iter()
+        .zip([w_ids, w_mask, w_packs, w_order, w_samples])
+    {
+        let (size, hash) = w.finish()?;
+        outputs.insert(name.to_string(), json!({"size": size, "blake3": hash}));
+    }
+    // meta.json lists outputs in BINARY_FILES order, as before.
+    let mut ordered = serde_json::Map::new();
+    for name in output::BINARY_FILES {
+        if let Some(v) = outputs.remove(*name) {
+            ordered.insert(name.to_string(), v);
+        }
+    }
+    if !progress(Progress {
+        stage: "write",
+        done: packs.len() as u64,
+        total: packs.len() as u64,
+    }) {
+        return Err(Error::Interrupted);
+    }
+    Ok(ordered)
+}
