@@ -360,6 +360,12 @@ def fingerprint(
     return _packer.fingerprint(options)
 
 
+def exchange_dirs(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two existing directories atomically (``renameat2(RENAME_EXCHANGE)``), the engine's
+    own commit primitive; False where the kernel or filesystem cannot, OSError otherwise."""
+    return _packer.exchange_dirs(os.fspath(a), os.fspath(b))
+
+
 def tokenizer_hash(tokenizer: str | os.PathLike) -> str:
     """Hex BLAKE3 of a tokenizer's files, as ``meta.json`` records it."""
     return _packer.tokenizer_hash(os.fspath(tokenizer))

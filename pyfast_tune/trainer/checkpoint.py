@@ -82,9 +82,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 def _exchange(a: Path, b: Path) -> bool:
     """Swap directories ``a`` and ``b`` atomically: the packer's own commit primitive
     (``renameat2(RENAME_EXCHANGE)``); False where the kernel or filesystem lacks it."""
-    from pyfast_tune._packer import exchange_dirs
+    from pyfast_tune.data import exchange_dirs
 
-    return exchange_dirs(os.fspath(a), os.fspath(b))
+    return exchange_dirs(a, b)
 
 
 def _commit_dir(tmp: Path, final: Path) -> Path | None:
@@ -262,7 +262,7 @@ def check_weights_only(ds_tag_dir: Path) -> int:
     into a doctored checkpoint); a file that passes this check unpickles to the same plain
     objects either way. Loading is memory-mapped, so no tensor data is read. Returns the
     number of files checked."""
-    from pyfast_tune.export import load_ds_file
+    from pyfast_tune.trainer.torch_files import load_ds_file
 
     files = sorted(p for p in ds_tag_dir.rglob("*.pt") if p.is_file())
     for f in files:
@@ -283,7 +283,7 @@ def _load_weights_only(engine) -> None:
     ce = getattr(engine, "checkpoint_engine", None)
     if ce is None or type(ce).__name__ != "TorchCheckpointEngine":
         return
-    from pyfast_tune.export import safe_torch_load
+    from pyfast_tune.trainer.torch_files import safe_torch_load
 
     ce.load = lambda path, map_location=None: safe_torch_load(path, map_location)
 
