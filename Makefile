@@ -25,8 +25,9 @@ build: $(VENV)/.installed
 demo: setup
 	$(PY) -m pyfast_tune.demo --out demo_out
 
+# Release speed with overflow checks on (Cargo.toml's release-checked profile).
 test-rust:
-	cargo test --release -p packer -q
+	cargo test --profile release-checked -p packer -q
 
 test-py: setup
 	$(PY) -m pytest tests -q

@@ -67,6 +67,27 @@ pub fn split_samples(samples: &[i64], packs: &[i64]) -> SplitSamples {
     out
 }
 
+/// Samples of a packing plan (`packs[p]` = the sample ids of pack p) that appear in more than
+/// one pack: the pieces a split would leave. `n_samples` bounds the ids; out-of-range ids are
+/// not samples and are not counted.
+pub fn samples_in_several_packs(packs: &[Vec<u32>], n_samples: usize) -> u64 {
+    let mut first_pack = vec![usize::MAX; n_samples];
+    let mut split = vec![false; n_samples];
+    for (p, members) in packs.iter().enumerate() {
+        for &s in members {
+            let Some(slot) = first_pack.get_mut(s as usize) else {
+                continue;
+            };
+            if *slot == usize::MAX {
+                *slot = p;
+            } else if *slot != p {
+                split[s as usize] = true;
+            }
+        }
+    }
+    split.iter().filter(|&&x| x).count() as u64
+}
+
 /// Verify `dir`; returns a JSON report (files checked, samples, packs, max pack length, and
 /// `split_samples` counted from the layout: 0, or the directory is refused).
 pub fn verify(dir: &Path) -> Result<Value> {

@@ -117,3 +117,17 @@ fn disordered_boundaries_count_nothing_and_never_panic() {
     let packs = [0i64, 0, 1, 1, i64::MAX, 2];
     let _ = split_samples(&extreme, &packs);
 }
+
+#[test]
+fn a_plan_counts_samples_placed_in_several_packs() {
+    use packer::verify::samples_in_several_packs;
+    assert_eq!(
+        samples_in_several_packs(&[vec![0, 2], vec![1, 3], vec![4]], 5),
+        0
+    );
+    // Sample 1 in packs 0 and 1 (two pieces), sample 4 in packs 1 and 2; a repeat inside
+    // one pack is not a split.
+    let plan = [vec![0, 1, 2, 2], vec![1, 3, 4], vec![4]];
+    assert_eq!(samples_in_several_packs(&plan, 5), 2);
+    assert_eq!(samples_in_several_packs(&[vec![7]], 5), 0);
+}
