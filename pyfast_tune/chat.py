@@ -22,9 +22,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Tokenizer classes for which XTuner (and `pack`) add no BOS token (get_bos_eos_token_ids).
-NO_BOS_CLASSES = {"QWenTokenizer", "QWen2Tokenizer", "Qwen2Tokenizer", "Qwen2TokenizerFast"}
-
 
 def py_format(fmt: str, **fields: str) -> str:
     """Python's ``str.format`` for the named fields in one pass (a ``{round}`` inside user
@@ -62,6 +59,8 @@ class TemplateFormat:
         self.tok = Tokenizer.from_file(str(d / "tokenizer.json" if d.is_dir() else d))
         cfg_path = (d if d.is_dir() else d.parent) / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        from pyfast_tune.data import NO_BOS_CLASSES
+
         bos, eos = _token_string(cfg.get("bos_token")), _token_string(cfg.get("eos_token"))
         if bos and cfg.get("tokenizer_class") not in NO_BOS_CLASSES:
             self.bos = [self._id(bos)]

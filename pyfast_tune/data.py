@@ -32,9 +32,16 @@ OutsideDataRootError = _packer.OutsideDataRootError
 
 IGNORE_INDEX = -100
 IMAGE_TOKEN_INDEX = -200  # XTuner's placeholder for <image> (LLaVA)
-IMAGE_TOKEN_ID = 0xFFFFFF38  # the same, as stored in input_ids.bin (<u4)
-FORMAT_VERSION = 1
-_BINARY = ("input_ids.bin", "loss_mask.bin", "samples.bin", "packs.bin", "pack_samples.bin")
+# Facts of the packed format and the encoder, read from the engine rather than restated.
+_FACTS = json.loads(_packer.engine_facts())
+IMAGE_TOKEN_ID: int = _FACTS["image_token_id"]  # IMAGE_TOKEN_INDEX as stored in input_ids.bin
+FORMAT_VERSION: int = _FACTS["format_version"]
+# Each binary file's (dtype, row width), in the order the engine writes them.
+BINARY_LAYOUT: dict[str, tuple[str, int]] = {
+    name: (f["dtype"], f["width"]) for name, f in _FACTS["binary_files"].items()
+}
+# Tokenizer classes that get no BOS token (XTuner's get_bos_eos_token_ids, as pack encodes).
+NO_BOS_CLASSES: frozenset[str] = frozenset(_FACTS["no_bos_classes"])
 
 
 class FingerprintMismatch(PackError):
@@ -442,13 +449,18 @@ class PackedDataset:
             self.num_tokens = int(self.meta["num_tokens"])
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptDataError(f"{meta_path}: missing or invalid count {e}") from None
-        expected = {
-            "input_ids.bin": 4 * self.num_tokens,
+        rows = {
+            "input_ids.bin": self.num_tokens,
             "loss_mask.bin": self.num_tokens,
-            "samples.bin": 40 * self.num_samples,
-            "packs.bin": 16 * (self.num_packs + 1),
-            "pack_samples.bin": 8 * self.num_samples,
+            "samples.bin": self.num_samples,
+            "packs.bin": self.num_packs + 1,
+            "pack_samples.bin": self.num_samples,
         }
+        shapes = {}
+        expected = {}
+        for name, (dtype, width) in BINARY_LAYOUT.items():
+            shapes[name] = (rows[name],) if width == 1 else (rows[name], width)
+            expected[name] = np.dtype(dtype).itemsize * width * rows[name]
         for name, size in expected.items():
             f = self.path / name
             try:
@@ -461,11 +473,11 @@ class PackedDataset:
                     f"{f}: {actual} bytes, expected {size} (meta.json lists {listed}): "
                     "truncated or foreign file"
                 )
-        self.input_ids = self._map("input_ids.bin", "<u4", (self.num_tokens,))
-        self.loss_mask = self._map("loss_mask.bin", "u1", (self.num_tokens,))
-        self.samples = self._map("samples.bin", "<i8", (self.num_samples, 5))
-        self.packs = self._map("packs.bin", "<i8", (self.num_packs + 1, 2))
-        self.pack_samples = self._map("pack_samples.bin", "<i8", (self.num_samples,))
+        self.input_ids = self._map("input_ids.bin", shapes)
+        self.loss_mask = self._map("loss_mask.bin", shapes)
+        self.samples = self._map("samples.bin", shapes)
+        self.packs = self._map("packs.bin", shapes)
+        self.pack_samples = self._map("pack_samples.bin", shapes)
         self.files = [f["name"] for f in self.meta["files"]]
         images = self.path / "images.json"
         self.images: dict[int, str] = {}
@@ -473,7 +485,8 @@ class PackedDataset:
             # LLaVA: sample -> image path; <image> positions hold IMAGE_TOKEN_INDEX (-200).
             self.images = {int(j): p for j, p in json.loads(images.read_text())["samples"]}
 
-    def _map(self, name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    def _map(self, name: str, shapes: dict[str, tuple[int, ...]]) -> np.ndarray:
+        dtype, shape = BINARY_LAYOUT[name][0], shapes[name]
         if 0 in shape:
             return np.zeros(shape, dtype=dtype)
         return np.memmap(self.path / name, dtype=dtype, mode="r", shape=shape)

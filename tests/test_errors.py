@@ -76,3 +76,18 @@ def test_stubs_list_the_extension():
     stubbed = {n.name for n in stub.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     public = {n for n in dir(_packer) if not n.startswith("_")}
     assert stubbed == public
+
+
+def test_engine_facts_describe_what_pack_writes(tmp_path, tiny_tokenizer):
+    from pyfast_tune import data
+
+    assert data.IMAGE_TOKEN_ID == data.IMAGE_TOKEN_INDEX & 0xFFFFFFFF
+    assert "Qwen2TokenizerFast" in data.NO_BOS_CLASSES
+    out = tmp_path / "p"
+    pack(write(tmp_path / "d.jsonl", [CHAT] * 3), out, tokenizer=tiny_tokenizer)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["format_version"] == data.FORMAT_VERSION
+    assert list(meta["outputs"]) == list(data.BINARY_LAYOUT)
+    ds = data.PackedDataset(out)
+    assert ds.samples.shape == (3, data.BINARY_LAYOUT["samples.bin"][1])
+    assert ds.input_ids.dtype == data.BINARY_LAYOUT["input_ids.bin"][0]

@@ -297,6 +297,29 @@ fn templates_json() -> String {
     serde_json::Value::Array(list).to_string()
 }
 
+/// Facts of the engine Python must agree with, as a JSON object: the packed format's version,
+/// the id `<image>` placeholders are stored as, each binary file's element type and row
+/// width, the tokenizer classes that get no BOS.
+#[pyfunction]
+fn engine_facts() -> String {
+    let files: serde_json::Map<String, serde_json::Value> = packer::output::BINARY_LAYOUT
+        .iter()
+        .map(|(name, dtype, width)| {
+            (
+                name.to_string(),
+                serde_json::json!({"dtype": dtype, "width": width}),
+            )
+        })
+        .collect();
+    serde_json::json!({
+        "format_version": packer::output::FORMAT_VERSION,
+        "image_token_id": packer::encode::IMAGE_TOKEN_ID,
+        "binary_files": files,
+        "no_bos_classes": packer::tokenize::NO_BOS_CLASSES,
+    })
+    .to_string()
+}
+
 /// Format names accepted by `pack`.
 #[pyfunction]
 fn format_names() -> Vec<&'static str> {
@@ -363,6 +386,7 @@ fn _packer(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tokenizer_hash, m)?)?;
     m.add_function(wrap_pyfunction!(templates_json, m)?)?;
     m.add_function(wrap_pyfunction!(format_names, m)?)?;
+    m.add_function(wrap_pyfunction!(engine_facts, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_inputs, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(merge_packs, m)?)?;

@@ -26,6 +26,14 @@ pub const META: &str = "meta.json";
 pub const IMAGES: &str = "images.json";
 /// The binary files, in the order they are written.
 pub const BINARY_FILES: &[&str] = &[INPUT_IDS, LOSS_MASK, SAMPLES, PACKS, PACK_SAMPLES];
+/// Each binary file's element type (NumPy notation) and row width (1 = a flat array).
+pub const BINARY_LAYOUT: &[(&str, &str, usize)] = &[
+    (INPUT_IDS, "<u4", 1),
+    (LOSS_MASK, "u1", 1),
+    (SAMPLES, "<i8", 5),
+    (PACKS, "<i8", 2),
+    (PACK_SAMPLES, "<i8", 1),
+];
 
 /// A file being written with its BLAKE3 and size tracked as bytes go out.
 pub struct HashedWriter {

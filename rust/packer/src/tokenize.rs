@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use fastbpe::FastBpe;
 
 /// Tokenizer classes for which XTuner adds no BOS token.
-const NO_BOS_CLASSES: &[&str] = &[
+pub const NO_BOS_CLASSES: &[&str] = &[
     "QWenTokenizer",
     "QWen2Tokenizer",
     "Qwen2Tokenizer",
