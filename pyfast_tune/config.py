@@ -71,8 +71,9 @@ class TrainConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     gradient_checkpointing: bool = True
     # op (pyfast_tune.kernels: C++ on CPU, Triton on CUDA; falls back to ref with a warning when
-    # it cannot build) | ref (PyTorch per-sample SDPA) | any other value: the model's own (e.g. sdpa),
-    # unpatched, with transformers' masks from position_ids
+    # it cannot build) | ref (PyTorch per-sample SDPA) | triton | cpp | torch_varlen | flash_attn |
+    # sdpa, eager, ...: the model's own, unpatched, with transformers' masks from position_ids
+    # (pyfast_tune.patch.ATTENTION_CHOICES; anything else is an error)
     attention: str = "op"
     fused_lora: bool = True
     # the LM head returns the loss (fused linear cross-entropy, never the tokens x vocabulary
@@ -228,6 +229,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(
             f"lr_scheduler must be cosine, linear or constant, got {cfg.lr_scheduler!r}"
         )
+    _check_attention(cfg.attention)
+    _check_dtypes(cfg)
     if (cfg.data.path is None) == (cfg.data.inputs is None):
         raise ValueError("set exactly one of data.path (packed dir) and data.inputs (raw files)")
     if cfg.data.inputs is not None and not (cfg.data.tokenizer or cfg.tokenizer):
@@ -243,6 +246,30 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"log_steps must be >= 1, got {cfg.log_steps}")
     if cfg.max_steps is None and cfg.epochs < 1:
         raise ValueError("set max_steps or epochs >= 1")
+
+
+def _check_attention(value: str) -> None:
+    # A typo must not train silently with the model's stock attention instead of ours.
+    from pyfast_tune.patch import ATTENTION_CHOICES
+
+    if value not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}; got {value!r}")
+
+
+# bitsandbytes' 4-bit data types.
+QUANT_TYPES = ("nf4", "fp4")
+
+
+def _check_dtypes(cfg: TrainConfig) -> None:
+    from pyfast_tune.export import DTYPES
+
+    for key, value in (("dtype", cfg.dtype), ("quant.compute_dtype", cfg.quant.compute_dtype)):
+        if value != "auto" and value not in DTYPES:
+            raise ValueError(f"{key} must be auto, {', '.join(DTYPES)}; got {value!r}")
+    if cfg.quant.quant_type not in QUANT_TYPES:
+        raise ValueError(
+            f"quant.quant_type must be one of {', '.join(QUANT_TYPES)}; got {cfg.quant.quant_type!r}"
+        )
 
 
 REPORTERS = ("tensorboard", "wandb", "mlflow")

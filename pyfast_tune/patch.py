@@ -33,6 +33,11 @@ ATTENTION_NAMES = {
     "op": "pyfast_varlen_op",
     **{b: f"pyfast_varlen_{b}" for b in EXPLICIT_BACKENDS},
 }
+# Values of `attention` that leave the model's own attention in place (transformers' names).
+# Training does not switch implementations for them: the model runs as it was loaded.
+STOCK_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+# Every value the training config's `attention` accepts.
+ATTENTION_CHOICES = (*ATTENTION_NAMES, *STOCK_ATTENTION)
 _PREVIOUS_ATTN = "_pyfast_previous_attn_implementation"
 _LORA_PATCHED = "_pyfast_lora_patched"
 
