@@ -1,4 +1,4 @@
-"""CPU benchmark of varlen attention (issue 4): the C++ op against two SDPA baselines.
+"""CPU benchmark of varlen attention: the C++ op against two SDPA baselines.
 
 Baselines, measured in the same run on the same inputs (H 8, D 64, fp32, causal):
 - ``dense``: one SDPA call over the whole pack with a dense block-diagonal causal mask

@@ -1,5 +1,5 @@
 """Open time and random-pack read rate of a ≥ 1 GB packed directory against
-`datasets.load_from_disk` of the same packs (issue 9).
+`datasets.load_from_disk` of the same packs.
 
     python bench/bench_open.py [--gb 1.0] [--dir /tmp/bench_open] [--reads 3000]
     pytest bench/bench_open.py -s          # same, with the defaults

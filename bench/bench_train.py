@@ -1,4 +1,4 @@
-"""CPU training throughput: packed rows + varlen attention against padded batches (issue 3).
+"""CPU training throughput: packed rows + varlen attention against padded batches.
 
 The same real conversations (../shared/data/chitchat.jsonl, OpenAI format, SmolLM2 tokenizer,
 template ``default``) train a tiny Llama (built from a config, fp32, full fine-tuning, AdamW)

@@ -1,4 +1,4 @@
-// Varlen flash attention, CPU backend (issue 4).
+// Varlen flash attention, CPU backend.
 //
 // The flash-attention-2 algorithm (Dao, 2023, arXiv:2307.08691) for packed sequences in
 // flash-attn's varlen layout: q (total_q, H, D), k/v (total_k, H_kv, D), cu_seqlens int32.

@@ -320,7 +320,7 @@ def _cmd_merge(args) -> int:
 
 
 REGISTRARS: list[Callable] = [_add_pack, _add_verify, _add_lists, _add_order, _add_merge]
-# inspect, train, convert, merge, chat (issue 5) live in cli_workflow.py.
+# inspect, train, convert, merge, chat live in cli_workflow.py.
 REGISTRARS += _workflow_registrars
 REGISTRARS.append(_add_doctor)  # doctor.py: kernel checks on this machine
 

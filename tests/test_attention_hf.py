@@ -1,4 +1,4 @@
-"""The varlen attention op inside a Hugging Face model (issue 4, part 5).
+"""The varlen attention op inside a Hugging Face model.
 
 A tiny Llama built from a config (no download): with ``pyfast_tune.patch`` switched to the op
 (``attention_backend="op"``, the C++ kernel on CPU) loss and every parameter gradient equal

@@ -43,3 +43,15 @@ def test_other_fixed_choices_are_checked(key, value, message):
 def test_known_values_still_load():
     cfg = load_config(None, [*BASE, "--quant.quant_type", QUANT_TYPES[1], "--dtype", "bf16"])
     assert cfg.quant.quant_type == "fp4" and cfg.dtype == "bf16"
+
+
+def test_shipped_configs_need_nothing_outside_the_clone():
+    from pathlib import Path
+
+    import pyfast_tune
+
+    configs = sorted((Path(pyfast_tune.__file__).parent / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        assert "../shared" not in path.read_text(), path
+        load_config(path)  # every fixed-choice value in it is a valid one

@@ -1,4 +1,4 @@
-"""Property tests of `pack` / `PackedDataset` with generated records (issue 9): whatever the
+"""Property tests of `pack` / `PackedDataset` with generated records: whatever the
 records, packing either succeeds with a dataset whose every invariant holds, or raises one of
 the typed `PackError`s — never another exception, never a crash of the process."""
 

@@ -1,4 +1,4 @@
-"""Fused LoRA (issue 8): kernels vs reference, dropout masks, saved bytes, peft/QLoRA wiring.
+"""Fused LoRA: kernels vs reference, dropout masks, saved bytes, peft/QLoRA wiring.
 
 Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py). Tolerances follow
 flash-attention: against a float64 reference, our error must be at most 2x (outputs) or 3x

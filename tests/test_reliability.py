@@ -1,4 +1,4 @@
-"""Crash safety and fault injection for `pyfast-tune pack` (issue 9).
+"""Crash safety and fault injection for `pyfast-tune pack`.
 
 Each test injects one fault a shared cluster produces — SIGKILL at a random moment, two jobs
 writing the same output, a file-size limit (disk full behaves the same: the write fails) — and

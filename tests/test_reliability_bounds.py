@@ -1,4 +1,4 @@
-"""Resource bounds and security of the data path (issue 9): many small files, one huge record,
+"""Resource bounds and security of the data path: many small files, one huge record,
 paths that try to leave the data root, and the code-level rules (no unpickling, no shell
 strings, no remote code unless asked)."""
 

@@ -1,4 +1,4 @@
-"""Corruption refused (issue 9): every file of a packed directory is damaged in turn —
+"""Corruption refused: every file of a packed directory is damaged in turn —
 truncated, a byte flipped, deleted, meta.json rewritten — and both `PackedDataset` (cheap size
 checks, O(1) open) and `pyfast-tune verify` (hashes and invariants) must refuse it and name
 the file at fault."""

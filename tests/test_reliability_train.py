@@ -1,4 +1,4 @@
-"""Crash safety of training checkpoints (issue 9): `trainer/checkpoint.py` writes a checkpoint
+"""Crash safety of training checkpoints: `trainer/checkpoint.py` writes a checkpoint
 into `.tmp-step_N`, renames it to `step_N` and only then rewrites the `latest` pointer. Here a
 process saving checkpoint after checkpoint (with a stand-in for the DeepSpeed engine, so no
 model is needed) is SIGKILLed at random moments; after every kill the checkpoint `latest`

@@ -1,4 +1,4 @@
-"""varlen_attention: C++ (CPU), Triton (interpreter) and reference backends (issue 4).
+"""varlen_attention: C++ (CPU), Triton (interpreter) and reference backends.
 
 Accuracy follows flash-attn's rule: against a float64 reference, a backend's error must be at
 most 2x (3x for gradients) the error of the same computation done by PyTorch in the input

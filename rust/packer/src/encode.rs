@@ -25,7 +25,8 @@ impl Encoded {
             .extend(std::iter::repeat_n(trained as u8, ids.len()));
     }
 
-    /// Tokenize `text` straight into the sample: no vector per piece (issue 7 profile).
+    /// Tokenize `text` straight into the sample: no vector per piece (one per piece showed in
+    /// profiles).
     fn push_text(&mut self, tok: &TextTokenizer, text: &str, trained: bool) -> Result<(), String> {
         let start = self.ids.len();
         tok.encode_into(text, &mut self.ids)?;

@@ -1,4 +1,4 @@
-//! Fuzz harnesses for every reader and parser of the core (issue 9): record splitting
+//! Fuzz harnesses for every reader and parser of the core: record splitting
 //! (JSON arrays, JSONL, streamed and whole, plain and compressed), each format's record
 //! mapping and `auto` detection, `--columns` specs, template formatting, data-order files and
 //! `.bin`/`.bin.meta` pre-tokenized data. Property: never a panic — `Ok` or an `Error`.

@@ -1,4 +1,4 @@
-//! Fuzz harness for the packed-directory verifier (issue 9): a valid directory is built by
+//! Fuzz harness for the packed-directory verifier: a valid directory is built by
 //! hand (docs/FORMAT.md), then one file is mutated. Two modes: mutate and leave meta.json's
 //! hashes alone (the hash check must name the file), or mutate and *re-hash* (so the
 //! invariant checks behind the hashes see arbitrary tables: out-of-range ids, overlapping or

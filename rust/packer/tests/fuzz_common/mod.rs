@@ -1,4 +1,4 @@
-//! Shared pieces of the fuzz harnesses (issue 9): seed corpora, byte mutators and the case
+//! Shared pieces of the fuzz harnesses: seed corpora, byte mutators and the case
 //! budget. The harnesses are proptest properties "never a panic, always `Ok` or an `Error`":
 //! proptest runs each input under `catch_unwind`, so a panic fails the test and is shrunk to
 //! a minimal input. The toolchain here is stable Rust only, so instead of cargo-fuzz's
