@@ -196,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--pretrain-steps", type=int, default=100,
                    help="full fine-tune steps on plain text (default 100)")  # fmt: skip
-    p.add_argument("--steps", type=int, default=100, help="LoRA training steps (default 100)")
+    # 100 steps learn the answer's form (one sentence, then <|im_end|>) but not which subject's
+    # fact to give; by 250 the tiny model answers each subject's question with its fact.
+    p.add_argument("--steps", type=int, default=250, help="LoRA training steps (default 250)")
     p.add_argument("--pack-only", action="store_true", help="stop after pack and inspect")
     args = p.parse_args(argv)
 
