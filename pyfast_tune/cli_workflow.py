@@ -100,7 +100,7 @@ def _train_launch_options(p, exclusive: bool = True) -> None:
 
 
 def _cmd_train(args) -> int:
-    from pyfast_tune.train import launch
+    from pyfast_tune.launch import launch
 
     # Launch options may also follow RUN.yaml, where REMAINDER swallowed them.
     late = argparse.ArgumentParser(add_help=False)

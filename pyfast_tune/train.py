@@ -6,7 +6,7 @@ Entry points (all read the same YAML and accept ``--key value`` overrides of eve
     torchrun --nproc_per_node 2 pyfast_tune/train.py --config run.yaml --lora.r 16
     srun python pyfast_tune/train.py --config run.yaml     # SLURM_PROCID/NTASKS/LOCALID
     python pyfast_tune/train.py --config run.yaml          # one process
-    pyfast-tune train run.yaml --nproc 2 --deepspeed zero3 # the CLI, via ``launch``
+    pyfast-tune train run.yaml --nproc 2 --deepspeed zero3 # the CLI, via pyfast_tune.launch
 
 The step loop below reads top to bottom: global batch -> this rank's micro batches -> packed
 rows with per-sample shifted targets -> weighted loss -> DeepSpeed backward/step -> metrics
@@ -20,22 +20,28 @@ import contextlib
 import io
 import logging
 import os
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a script by deepspeed/torchrun: Python put pyfast_tune/ first on sys.path, where
-    # kernels/ and config.py would shadow top-level modules of those names (bitsandbytes
-    # imports a `kernels` package); put the project root there instead.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-# DeepSpeed JIT-builds CPU ops with ninja, which lives next to this interpreter in a venv.
-os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-
 log = logging.getLogger("pyfast_tune.train")
+
+
+def __getattr__(name: str):
+    # The launcher lives in pyfast_tune.launch; these names stay importable from here.
+    if name in ("launch", "launch_command"):
+        from pyfast_tune import launch
+
+        return getattr(launch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _tools_on_path() -> None:
+    # DeepSpeed JIT-builds CPU ops with ninja, which lives next to this interpreter in a venv.
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
 
 
 def _distributed_env() -> tuple[int, int, int]:
@@ -189,6 +195,7 @@ def quiet_dependencies(cfg):
 
 def run(cfg) -> dict:
     """Train with ``cfg`` (a ``TrainConfig``) in this process; returns a summary dict."""
+    _tools_on_path()
     with quiet_dependencies(cfg):
         return _run(cfg)
 
@@ -500,54 +507,11 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
-def launch_command(
-    config_path: str | Path,
-    num_gpus: int | None = None,
-    nproc: int | None = None,
-    deepspeed: str | None = None,
-    extra_args: list[str] | tuple[str, ...] = (),
-) -> list[str]:
-    """The launcher command (an argument list, never a shell string) for ``launch``.
-
-    ``nproc`` -> torchrun with that many processes (CPU or GPU); otherwise the DeepSpeed
-    launcher (all visible GPUs, or ``num_gpus``). ``deepspeed`` overrides the config's preset.
-    """
-    script = str(Path(__file__).resolve())
-    args = ["--config", str(config_path)]
-    if deepspeed:
-        args += ["--deepspeed", deepspeed]
-    args += [str(a) for a in extra_args]
-    if nproc is not None:
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                script, *args]  # fmt: skip
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
-    if num_gpus is not None:
-        cmd += ["--num_gpus", str(num_gpus)]
-    return [*cmd, script, *args]
-
-
-def launch(
-    config_path: str | Path,
-    num_gpus: int | None = None,
-    nproc: int | None = None,
-    deepspeed: str | None = None,
-    extra_args: list[str] | tuple[str, ...] = (),
-) -> int:
-    """Launch a training run in child processes and wait; returns their exit code.
-
-    >>> launch("pyfast_tune/configs/lora.yaml", nproc=2, deepspeed="zero2",
-    ...        extra_args=["--max_steps", "10"])  # doctest: +SKIP
-    0
-    """
-    cmd = launch_command(config_path, num_gpus, nproc, deepspeed, extra_args)
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    root = Path(__file__).resolve().parents[1]
-    if (root / "pyproject.toml").is_file():  # a source checkout: reuse its built CPU ops
-        env.setdefault("TORCH_EXTENSIONS_DIR", str(root / ".torch_extensions"))
-    log.info("launching: %s", " ".join(cmd))
-    return subprocess.call(cmd, env=env)
-
-
 if __name__ == "__main__":
+    if __package__ in (None, ""):
+        # Run as a script by deepspeed/torchrun: Python put pyfast_tune/ first on sys.path,
+        # where kernels/ and config.py would shadow top-level modules of those names
+        # (bitsandbytes imports a `kernels` package); put the project root there instead.
+        # Every pyfast_tune import in this file is inside a function, so this still comes first.
+        sys.path[0] = str(Path(__file__).resolve().parents[1])
     sys.exit(train_main(sys.argv[1:]))
