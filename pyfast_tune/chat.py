@@ -51,6 +51,7 @@ class TemplateFormat:
     system: str | None = None
     bos: list[int] = field(default_factory=list)
     eos: list[int] = field(default_factory=list)
+    _encoder: object = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         from tokenizers import Tokenizer
@@ -80,37 +81,14 @@ class TemplateFormat:
         self, turns: list[tuple[str, str | None]]
     ) -> tuple[list[int], list[bool]]:
         """(ids, trained) of ``turns`` = [(input, output), ...]; an output of None ends the
-        ids at the open assistant turn (the generation prompt)."""
-        t = self.template
-        ids: list[int] = []
-        trained: list[bool] = []
+        ids at the open assistant turn (the generation prompt). Encoded by the engine's own
+        training encoder, so a prompt is the prefix of the sample ``pack`` would write."""
+        if self._encoder is None:
+            from pyfast_tune.data import ChatEncoder
 
-        def push(xs: list[int], loss: bool) -> None:
-            ids.extend(xs)
-            trained.extend([loss] * len(xs))
-
-        needs_bos = True
-        for i, (query, answer) in enumerate(turns):
-            text = py_format(t["instruction"], input=query, round=str(i + 1))
-            if i == 0 and self.system:
-                # A template without SYSTEM (minicpm) takes "{system}\n", as XTuner's chat hook.
-                text = py_format(t["system"] or "{system}\n", system=self.system) + text
-            if needs_bos:
-                push(self.bos, False)
-            push(self.encode(text), False)
-            if answer is None:
-                break
-            push(self.encode(answer + t["suffix"]), True)
-            if t["suffix_as_eos"]:
-                needs_bos = False
-            else:
-                if not self.eos:
-                    raise ValueError("the template needs an EOS token but the tokenizer has none")
-                push(self.eos, True)
-                needs_bos = True
-            if t["sep"]:
-                push(self.encode(t["sep"]), False)
-        return ids, trained
+            self._encoder = ChatEncoder(self.tokenizer_dir, self.template["name"], self.system)
+        ids, trained = self._encoder.encode(list(turns))
+        return list(ids), list(trained)
 
     def prompt_ids(self, history: list[tuple[str, str]], query: str) -> list[int]:
         return self.encode_conversation([*history, (query, None)])[0]

@@ -25,6 +25,8 @@ DataFormatError = _packer.DataFormatError
 TokenizerError = _packer.TokenizerError
 PackConfigError = _packer.PackConfigError
 CorruptDataError = _packer.CorruptDataError
+# Encodes chat turns as training does (XTuner templates): chat's prompts come from it.
+ChatEncoder = _packer.ChatEncoder
 NoTrainableSamplesError = _packer.NoTrainableSamplesError
 ShardMismatchError = _packer.ShardMismatchError
 OutputExistsError = _packer.OutputExistsError

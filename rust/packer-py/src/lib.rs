@@ -340,6 +340,81 @@ fn resolve_inputs(py: Python<'_>, options: &Bound<'_, PyAny>) -> PyResult<Vec<(S
         .collect())
 }
 
+/// Encodes chat conversations with an XTuner template exactly as `pack` encodes a training
+/// sample (the engine's tokenizer, BOS/EOS rules and template), so a chat prompt is the
+/// prefix of the sample its conversation would pack into.
+#[pyclass(frozen)]
+struct ChatEncoder {
+    tok: packer::tokenize::TextTokenizer,
+    template: &'static packer::template::Template,
+    system: String,
+}
+
+#[pymethods]
+impl ChatEncoder {
+    #[new]
+    #[pyo3(signature = (tokenizer, template, system=None))]
+    fn new(
+        py: Python<'_>,
+        tokenizer: PathBuf,
+        template: &str,
+        system: Option<String>,
+    ) -> PyResult<Self> {
+        let template = packer::template::by_name(template).ok_or_else(|| {
+            PackConfigError::new_err(format!("unknown template {template:?} for chat encoding"))
+        })?;
+        let tok = py
+            .detach(|| packer::tokenize::TextTokenizer::load(&tokenizer))
+            .map_err(|e| to_pyerr(py, e))?;
+        Ok(ChatEncoder {
+            tok,
+            template,
+            system: system.unwrap_or_default(),
+        })
+    }
+
+    /// (ids, trained mask) of `turns` = [(input, output), ...]. An output of None ends the
+    /// ids at that turn's open answer (the generation prompt; the mask is then all false).
+    fn encode(&self, turns: Vec<(String, Option<String>)>) -> PyResult<(Vec<u32>, Vec<bool>)> {
+        let open = turns.last().is_some_and(|t| t.1.is_none());
+        let mut conv: Vec<packer::turn::Turn> = turns
+            .into_iter()
+            .enumerate()
+            .map(|(i, (input, output))| packer::turn::Turn {
+                system: if i == 0 && self.template.system.is_some() {
+                    self.system.clone()
+                } else {
+                    String::new()
+                },
+                input,
+                output: output.unwrap_or_default(),
+                output_with_loss: true,
+                need_eos_token: true,
+                sep: String::new(),
+            })
+            .collect();
+        self.template
+            .apply(&mut conv)
+            .map_err(PackConfigError::new_err)?;
+        if self.template.system.is_none() && !self.system.is_empty() {
+            // A template without SYSTEM (minicpm): the system text leads the first input, as
+            // XTuner's chat hook writes it.
+            if let Some(first) = conv.first_mut() {
+                first.input = format!("{}\n{}", self.system, first.input);
+            }
+        }
+        if open {
+            let ids = packer::encode::encode_prompt(&self.tok, &conv)
+                .map_err(PackConfigError::new_err)?;
+            let n = ids.len();
+            return Ok((ids, vec![false; n]));
+        }
+        let enc = packer::encode::encode_turns(&self.tok, &conv, usize::MAX)
+            .map_err(PackConfigError::new_err)?;
+        Ok((enc.ids, enc.mask.into_iter().map(|m| m != 0).collect()))
+    }
+}
+
 /// Recompute hashes and invariants of a packed directory; returns a JSON report.
 #[pyfunction]
 fn verify(py: Python<'_>, path: String) -> PyResult<String> {
@@ -380,6 +455,7 @@ fn _packer(m: &Bound<'_, PyModule>) -> PyResult<()> {
         py.get_type::<OutsideDataRootError>(),
     )?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<ChatEncoder>()?;
     m.add_function(wrap_pyfunction!(pack, m)?)?;
     m.add_function(wrap_pyfunction!(pack_defaults, m)?)?;
     m.add_function(wrap_pyfunction!(fingerprint, m)?)?;

@@ -51,6 +51,20 @@ pub fn encode_turns(
     encode_turns_opts(tok, turns, max_length, false)
 }
 
+/// The ids a model sees at generation time: every turn but the last encoded as in training,
+/// then the last turn's BOS (when due) and input, stopping where its answer would start.
+pub fn encode_prompt(tok: &TextTokenizer, turns: &[Turn]) -> Result<Vec<u32>, String> {
+    let Some((last, done)) = turns.split_last() else {
+        return Ok(Vec::new());
+    };
+    let mut enc = encode_turns(tok, done, usize::MAX)?;
+    if done.last().is_none_or(|t| t.need_eos_token) {
+        enc.push(&tok.bos, false);
+    }
+    enc.push_text(tok, &last.input, false)?;
+    Ok(enc.ids)
+}
+
 /// Id written in place of `<image>` in a LLaVA input: XTuner's `IMAGE_TOKEN_INDEX` (-200)
 /// as a `<u4` (read `input_ids.bin` as `<i4` to see -200).
 pub const IMAGE_TOKEN_ID: u32 = (-200i32) as u32;
