@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_cases
 from xtuner_ref import TEMPLATES, RefTokenizer, reference_samples
 
 from pyfast_tune.cli import main as cli
@@ -456,7 +457,7 @@ def _chitchat_as(kind: str, chats: list[dict]) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("kind", ["sharegpt", "alpaca"])
+@pytest.mark.parametrize("kind", shared_cases(["sharegpt", "alpaca"]))
 def test_shared_chats_as_sharegpt_and_alpaca_match_xtuner(tmp_path, shared_data, kind):
     """All of chitchat (4,017 real chats; 7 have two messages of one speaker in a row, many
     end on the user) reshaped as ShareGPT or alpaca, with the SmolLM2 tokenizer, against the
