@@ -161,7 +161,7 @@ def test_full_demo_learns_the_generated_fact(tmp_path, capsys):
     ],
 )
 def test_train_command_passes_launch_options_and_overrides(argv, monkeypatch):
-    import pyfast_tune.train as train_mod
+    import pyfast_tune.launch as train_mod
 
     calls = []
     monkeypatch.setattr(train_mod, "launch", lambda *a, **k: calls.append((a, k)) or 0)
@@ -171,7 +171,7 @@ def test_train_command_passes_launch_options_and_overrides(argv, monkeypatch):
 
 
 def test_train_command_refuses_both_launchers(monkeypatch, capsys):
-    import pyfast_tune.train as train_mod
+    import pyfast_tune.launch as train_mod
 
     monkeypatch.setattr(train_mod, "launch", lambda *a, **k: 0)
     assert cli(["train", "run.yaml", "--nproc", "2", "--num-gpus", "8"]) == 2
