@@ -160,19 +160,27 @@ def test_full_demo_learns_the_generated_fact(tmp_path, capsys):
         ["train", "--nproc", "2", "run.yaml", "--lr", "1e-4", "--deepspeed", "zero3"],
     ],
 )
-def test_train_command_passes_launch_options_and_overrides(argv, monkeypatch):
-    import pyfast_tune.launch as train_mod
+def _fake_launch(monkeypatch, fake) -> None:
+    """Replace the launcher the CLI calls (``from pyfast_tune.launch import launch`` at call
+    time reads sys.modules; patch that module object and the package attribute alike)."""
+    import importlib
 
+    import pyfast_tune
+
+    module = importlib.import_module("pyfast_tune.launch")
+    monkeypatch.setattr(module, "launch", fake)
+    monkeypatch.setattr(pyfast_tune, "launch", module, raising=False)
+
+
+def test_train_command_passes_launch_options_and_overrides(argv, monkeypatch):
     calls = []
-    monkeypatch.setattr(train_mod, "launch", lambda *a, **k: calls.append((a, k)) or 0)
+    _fake_launch(monkeypatch, lambda *a, **k: calls.append((a, k)) or 0)
     assert cli(argv) == 0
     expected = {"num_gpus": None, "nproc": 2, "deepspeed": "zero3", "extra_args": ["--lr", "1e-4"]}
     assert calls == [(("run.yaml",), expected)]
 
 
 def test_train_command_refuses_both_launchers(monkeypatch, capsys):
-    import pyfast_tune.launch as train_mod
-
-    monkeypatch.setattr(train_mod, "launch", lambda *a, **k: 0)
+    _fake_launch(monkeypatch, lambda *a, **k: 0)
     assert cli(["train", "run.yaml", "--nproc", "2", "--num-gpus", "8"]) == 2
     assert "exclude each other" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 //! Tokenizer loading: any Hugging Face `tokenizer.json`, plus the BOS/EOS rules XTuner's
 //! `get_bos_eos_token_ids` derives from the tokenizer's config, and the choice of backend:
-//! the `tokenizers` crate, or [`fastbpe`] when it is proven to give the same ids (issue 7).
+//! the `tokenizers` crate, or [`fastbpe`] when it is proven to give the same ids.
 //!
 //! With the fast path the `tokenizers::Tokenizer` is not built at load (that is ~0.3 s for
 //! Qwen3's 11 MB `tokenizer.json`): [`fastbpe::FastBpe`] reads the file itself, and the

@@ -107,6 +107,9 @@ pub(crate) fn finish(
     stats.samples = staged.len() as u64;
     stats.tokens = tokens;
     stats.packs = packs.len() as u64;
+    // Counted from the plan rather than assumed: the planner never splits a sample, and a
+    // change that did would show here (and make `verify` refuse the directory).
+    stats.split_samples = crate::verify::samples_in_several_packs(&packs, lengths.len());
     stats.fill = tokens as f64 / (packs.len() as f64 * header.max_length as f64);
     let mut fp_inputs = header.fingerprint_base.clone();
     fp_inputs["inputs"] = Value::Array(file_entries);

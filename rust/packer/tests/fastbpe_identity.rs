@@ -1,4 +1,4 @@
-//! The fast byte-level BPE path gives the `tokenizers` crate's ids (issue 7): on every string
+//! The fast BPE path gives the `tokenizers` crate's ids: on every string
 //! of the shared corpora with both shared tokenizers, on random Unicode text, its BPE merges
 //! equal `BPE::tokenize` on random pieces (long ones too, which are not memoised) and on
 //! reordered, legacy-format and `ignore_merges` variants of the shared models, and its
