@@ -152,14 +152,6 @@ def test_full_demo_learns_the_generated_fact(tmp_path, capsys):
     assert fact("the cat") in answer.split("(the generated data's answer")[0]
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["train", "run.yaml", "--nproc", "2", "--deepspeed", "zero3", "--lr", "1e-4"],
-        ["train", "--nproc", "2", "--deepspeed", "zero3", "run.yaml", "--lr", "1e-4"],
-        ["train", "--nproc", "2", "run.yaml", "--lr", "1e-4", "--deepspeed", "zero3"],
-    ],
-)
 def _fake_launch(monkeypatch, fake) -> None:
     """Replace the launcher the CLI calls (``from pyfast_tune.launch import launch`` at call
     time reads sys.modules; patch that module object and the package attribute alike)."""
@@ -172,6 +164,14 @@ def _fake_launch(monkeypatch, fake) -> None:
     monkeypatch.setattr(pyfast_tune, "launch", module, raising=False)
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "run.yaml", "--nproc", "2", "--deepspeed", "zero3", "--lr", "1e-4"],
+        ["train", "--nproc", "2", "--deepspeed", "zero3", "run.yaml", "--lr", "1e-4"],
+        ["train", "--nproc", "2", "run.yaml", "--lr", "1e-4", "--deepspeed", "zero3"],
+    ],
+)
 def test_train_command_passes_launch_options_and_overrides(argv, monkeypatch):
     calls = []
     _fake_launch(monkeypatch, lambda *a, **k: calls.append((a, k)) or 0)
