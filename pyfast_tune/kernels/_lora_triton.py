@@ -432,8 +432,13 @@ def bwd_launches(dy, x, wargs, A, B, u, du, dx, dA, dB, scaling, p, seed, arch) 
                    DOT_PRECISION=_dot_precision(x.dtype, arch), **cfg)  # fmt: skip
     ab_grid = (triton.cdiv(K, cfg["BLOCK_K"]) + triton.cdiv(N, cfg["BLOCK_N"]),)
     return [
-        Launch(_lora_bwd_dx_kernel, dx_grid, dx_args, dx_meta,
-               {**labels, "shape": {**labels["shape"], "need_dx": need_dx}}),  # fmt: skip
+        Launch(
+            _lora_bwd_dx_kernel,
+            dx_grid,
+            dx_args,
+            dx_meta,
+            {**labels, "shape": {**labels["shape"], "need_dx": need_dx}},
+        ),  # fmt: skip
         Launch(_lora_bwd_dadb_kernel, ab_grid, ab_args, ab_meta, labels),
     ]
 
