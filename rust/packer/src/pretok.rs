@@ -460,6 +460,11 @@ pub fn read_all(bin: &Path, min_length: u64) -> Result<Vec<DecodedRow>> {
     Ok(out)
 }
 
+/// Whether a file is pre-tokenized InternEVO data (`.bin` with a `.bin.meta`).
+pub fn is_pretokenized(path: &Path) -> bool {
+    path.to_string_lossy().ends_with(".bin")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -533,9 +538,4 @@ mod tests {
         let e = read_all(&bin, 0).unwrap_err();
         assert!(e.to_string().contains("the .meta does not match"), "{e}");
     }
-}
-
-/// Whether a file is pre-tokenized InternEVO data (`.bin` with a `.bin.meta`).
-pub fn is_pretokenized(path: &Path) -> bool {
-    path.to_string_lossy().ends_with(".bin")
 }
