@@ -4,8 +4,8 @@ Run:  .venv/bin/python bench/bench_json_array.py [--mib 512] [--zst]
 
 Generates alpaca-style conversations (as exporters write them: one JSON array, indented) of
 about --mib MiB, and the JSONL of the same records; packs each in a child process and reads
-the child's own peak RSS from wait4 (ru_maxrss: interpreter, numpy, tokenizer, buffers, all of
-it), from outside the process. Prints both, their ratio, the file size, and whether the packed
+the child's own peak RSS from outside it (`_child.run_child`: a small launcher's wait4, so
+the figure cannot include this process's pages). Prints both, their ratio, the file size, and whether the packed
 bytes are identical (every output file but meta.json, which names and hashes the inputs).
 Tokenizer: one trained here on generated text (pyfast_tune.demo), so nothing is downloaded.
 """
@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,12 +27,7 @@ try:
 except ImportError:  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MiB = 1 << 20
-WORDS = (
-    "the of and to in is was for on that with as by at from his her an which this be are "
-    "data token pack sample model train stream shard memory merge format template byte "
-    "order reader writer engine batch offset length loss label python rust"
-).split()
+from _child import WORDS, MiB, run_child  # noqa: E402
 
 
 def gen(jsonl: Path, array: Path, size: int, seed: int = 0) -> int:
@@ -67,18 +61,6 @@ def compress(path: Path) -> Path:
     return out
 
 
-def run_child(args: list[str]) -> tuple[float, int]:
-    """Run `pyfast-tune ARGS` in a child; (seconds, the child's own peak RSS bytes)."""
-    t = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "pyfast_tune.cli", *args],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    _, status, ru = os.wait4(p.pid, 0)  # rusage of this child alone
-    err = p.stderr.read().decode()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"pyfast-tune {' '.join(args)} failed:\n{err}")
-    return time.perf_counter() - t, ru.ru_maxrss * 1024
-
-
 def packed_bytes(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != "meta.json"}
 
@@ -106,7 +88,7 @@ def main(mib: int = 512, zst: bool = False, threads: int | None = None) -> dict:
         common += ["--threads", str(threads)] if threads else []
         res = {}
         for name, src in (("jsonl", jsonl), ("array", array)):
-            dt, rss = run_child(["pack", str(src), "--out", str(tmp / f"p_{name}"), *common])
+            dt, rss, _, _ = run_child(["pack", str(src), "--out", str(tmp / f"p_{name}"), *common])
             res[name] = (dt, rss)
             print(f"{name:>5}: peak RSS {rss / MiB:7.1f} MiB, {dt:6.1f} s "
                   f"({src.stat().st_size / MiB / dt:.1f} MiB/s of input)")  # fmt: skip

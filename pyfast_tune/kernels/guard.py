@@ -25,6 +25,7 @@ Ops register themselves as ``Op`` subclasses (``guard_ops`` holds attention and 
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import hashlib
@@ -62,7 +63,7 @@ SANITY = {
 FORMAT = 1  # bump when the cached decision's layout or the check's rule changes
 
 
-class Op:
+class Op(abc.ABC):
     """One op the guard checks. Subclasses give the backends, a random case, the reference.
 
     ``shape`` is a JSON-able dict naming the shape class. ``case`` builds random inputs from
@@ -79,10 +80,12 @@ class Op:
         """Allowed error ratio per output (the forward rule, then the gradient rule)."""
         return [FORWARD_RULE] + [GRADIENT_RULE] * (len(self.outputs) - 1)
 
+    @abc.abstractmethod
     def backends(self, device: torch.device) -> list[str]:
         """Every backend worth checking on ``device``, ours first, the safe one last."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def upstreams(self, device: torch.device) -> list[str]:
         """Upstream backends in the order they serve as the baseline."""
         raise NotImplementedError
@@ -95,6 +98,7 @@ class Op:
         """Why ``backend`` cannot run this shape class here (not a failure), else None."""
         return None
 
+    @abc.abstractmethod
     def fallback(self, device: torch.device) -> str:
         """Used unchecked when no backend passes (the plainest implementation)."""
         raise NotImplementedError
@@ -103,16 +107,20 @@ class Op:
         """The shape classes ``pyfast-tune doctor`` checks on this device type."""
         return []
 
+    @abc.abstractmethod
     def default(self, device: torch.device) -> str:
         """Used while tracing (torch.compile, fake tensors) when no decision exists yet."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def case(self, device: torch.device, shape: dict, timing: bool, generator) -> Any:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def reference(self, case: Any) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def run(self, backend: str, case: Any) -> list[torch.Tensor]:
         raise NotImplementedError
 

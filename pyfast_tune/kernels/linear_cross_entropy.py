@@ -100,12 +100,12 @@ def linear_cross_entropy(
         >>> loss = linear_cross_entropy(h, W, t, reduction="sum")     # doctest: +SKIP
     """
     backend = _resolve_backend(hidden, backend)
+    # One check per call (on CPU it scans the targets): "auto" is checked against the widest
+    # dtype set, and the guard never picks a backend that cannot take this dtype.
+    checked = "ref" if backend == "auto" else backend
+    _check_inputs(hidden, weight, targets, bias, weights, ignore_index, reduction, softcap, checked)
     if backend == "auto":
-        _check_inputs(
-            hidden, weight, targets, bias, weights, ignore_index, reduction, softcap, "ref"
-        )
         backend = _guarded_backend(hidden, softcap)
-    _check_inputs(hidden, weight, targets, bias, weights, ignore_index, reduction, softcap, backend)
     if backend == "ref":
         return linear_cross_entropy_ref(
             hidden, weight, targets, bias, weights=weights, ignore_index=ignore_index,
