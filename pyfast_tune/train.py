@@ -28,15 +28,6 @@ from pathlib import Path
 log = logging.getLogger("pyfast_tune.train")
 
 
-def __getattr__(name: str):
-    # The launcher lives in pyfast_tune.launch; these names stay importable from here.
-    if name in ("launch", "launch_command"):
-        from pyfast_tune import launch
-
-        return getattr(launch, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _tools_on_path() -> None:
     # DeepSpeed JIT-builds CPU ops with ninja, which lives next to this interpreter in a venv.
     bin_dir = str(Path(sys.executable).parent)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from pyfast_tune.cli import main as cli
 from pyfast_tune.export import convert, resolve_checkpoint
-from pyfast_tune.train import launch_command
+from pyfast_tune.launch import launch_command
 from tests.conftest import ROOT
 
 STEPS = 2

@@ -13,7 +13,8 @@ import pytest
 from pyfast_tune.cli import main as cli
 from pyfast_tune.config import load_config
 from pyfast_tune.export import run_template
-from pyfast_tune.train import launch_command, packed_template
+from pyfast_tune.launch import launch_command
+from pyfast_tune.train import packed_template
 from tests.conftest import ROOT
 
 TEMPLATE = "internlm2_chat"

@@ -197,7 +197,7 @@ def tiny_run(tmp_path_factory, tiny_tokenizer, generated_chats):
 
 
 def test_training_prints_lines_and_a_summary_and_no_dependency_noise(tiny_run, tmp_path):
-    from pyfast_tune.train import launch_command
+    from pyfast_tune.launch import launch_command
 
     out = tmp_path / "run"
     cmd = launch_command(tiny_run, nproc=1, extra_args=["--output_dir", str(out)])

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyfast_tune.train import launch_command
+from pyfast_tune.launch import launch_command
 from pyfast_tune.trainer.metrics import read_metrics
 from tests.conftest import ROOT
 

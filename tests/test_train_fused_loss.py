@@ -183,7 +183,7 @@ def test_probe_catches_logit_processing_no_config_announces(
 def test_zero3_full_two_processes_equals_logits(packed, tiny_tokenizer, tmp_path):
     """DeepSpeed ZeRO-3 (parameters partitioned; the head's weight gathered by its hooks), two
     processes on CPU, full fine-tuning of an untied head: losses equal step for step."""
-    from pyfast_tune.train import launch_command
+    from pyfast_tune.launch import launch_command
     from pyfast_tune.trainer.metrics import read_metrics
     from pyfast_tune.trainer.tiny import make_tiny_llama
 

@@ -237,7 +237,7 @@ def test_latest_pointer_never_names_a_partial_checkpoint(tmp_path):
 
 
 def test_launch_command_is_an_argument_list():
-    from pyfast_tune.train import launch_command
+    from pyfast_tune.launch import launch_command
 
     cmd = launch_command("run.yaml", nproc=2, deepspeed="zero3", extra_args=["--lora.r", "16"])
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
