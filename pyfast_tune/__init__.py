@@ -30,8 +30,10 @@ _DATA_NAMES = (
 )
 # Raised when a C++ kernel extension cannot be compiled (pyfast_tune.kernels).
 _KERNEL_NAMES = ("ExtensionBuildError",)
+# Raised for a bad training config (a ValueError: missing, unknown or out-of-choice keys).
+_CONFIG_NAMES = ("ConfigError",)
 
-__all__ = [*_DATA_NAMES, *_KERNEL_NAMES, "__version__"]
+__all__ = [*_DATA_NAMES, *_KERNEL_NAMES, *_CONFIG_NAMES, "__version__"]
 
 
 def __getattr__(name: str):
@@ -43,4 +45,8 @@ def __getattr__(name: str):
         from pyfast_tune.kernels import _cpp
 
         return getattr(_cpp, name)
+    if name in _CONFIG_NAMES:
+        from pyfast_tune import config
+
+        return getattr(config, name)
     raise AttributeError(f"module 'pyfast_tune' has no attribute {name!r}")

@@ -22,6 +22,10 @@ from typing import Any
 import yaml
 
 
+class ConfigError(ValueError):
+    """A training config key is missing, unknown, of the wrong type or out of its choices."""
+
+
 @dataclass
 class LoraConfig:
     """peft LoRA settings; ``target_modules`` is a list of module names or ``all-linear``."""
@@ -117,7 +121,7 @@ def _dataclass_from_dict(cls, values: dict, where: str = ""):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
             f"known: {', '.join(where + k for k in fields)}"
         )
@@ -128,7 +132,7 @@ def _dataclass_from_dict(cls, values: dict, where: str = ""):
             if name == "data" and isinstance(value, str):
                 value = {"path": value}
             if not isinstance(value, dict):
-                raise ValueError(f"config key {where}{name} must be a mapping, got {value!r}")
+                raise ConfigError(f"config key {where}{name} must be a mapping, got {value!r}")
             value = _dataclass_from_dict(sub_cls, value, f"{where}{name}.")
         kwargs[name] = _coerce(value, str(fields[name].type), f"{where}{name}")
     return cls(**kwargs)
@@ -143,7 +147,7 @@ def _coerce(value, annotation: str, key: str):
             try:
                 return convert(value)
             except ValueError:
-                raise ValueError(f"config key {key} must be a {kind}, got {value!r}") from None
+                raise ConfigError(f"config key {key} must be a {kind}, got {value!r}") from None
     return value
 
 
@@ -164,7 +168,7 @@ def parse_overrides(argv: list[str]) -> dict:
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise ValueError(f"expected --key value, got {arg!r}")
+            raise ConfigError(f"expected --key value, got {arg!r}")
         key = arg[2:]
         if "=" in key:
             key, raw = key.split("=", 1)
@@ -183,7 +187,7 @@ def parse_overrides(argv: list[str]) -> dict:
                 node[part] = {"path": node[part]}
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"--{key}: {part} is not a mapping")
+                raise ConfigError(f"--{key}: {part} is not a mapping")
         if isinstance(value, str) and parts == ["data"] and isinstance(node.get("data"), dict):
             node["data"]["path"] = value
         else:
@@ -209,7 +213,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text())
         if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"{path}: the config must be a YAML mapping")
+            raise ConfigError(f"{path}: the config must be a YAML mapping")
         values = loaded or {}
     values = _merge(values, parse_overrides(overrides or []))
     cfg = _dataclass_from_dict(TrainConfig, values)
@@ -220,32 +224,32 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def validate(cfg: TrainConfig) -> None:
     """Reject inconsistent settings with a message naming the key."""
     if not cfg.model:
-        raise ValueError("config key `model` (a local model directory) is required")
+        raise ConfigError("config key `model` (a local model directory) is required")
     if cfg.method not in ("full", "lora", "qlora"):
-        raise ValueError(f"method must be full, lora or qlora, got {cfg.method!r}")
+        raise ConfigError(f"method must be full, lora or qlora, got {cfg.method!r}")
     if cfg.loss_reduction not in ("token", "sample"):
-        raise ValueError(f"loss_reduction must be token or sample, got {cfg.loss_reduction!r}")
+        raise ConfigError(f"loss_reduction must be token or sample, got {cfg.loss_reduction!r}")
     if cfg.lr_scheduler not in ("cosine", "linear", "constant"):
-        raise ValueError(
+        raise ConfigError(
             f"lr_scheduler must be cosine, linear or constant, got {cfg.lr_scheduler!r}"
         )
     _check_attention(cfg.attention)
     _check_dtypes(cfg)
     if (cfg.data.path is None) == (cfg.data.inputs is None):
-        raise ValueError("set exactly one of data.path (packed dir) and data.inputs (raw files)")
+        raise ConfigError("set exactly one of data.path (packed dir) and data.inputs (raw files)")
     if cfg.data.inputs is not None and not (cfg.data.tokenizer or cfg.tokenizer):
-        raise ValueError("data.inputs needs data.tokenizer (or tokenizer) to pack with")
+        raise ConfigError("data.inputs needs data.tokenizer (or tokenizer) to pack with")
     if isinstance(cfg.data.inputs, str):
         cfg.data.inputs = [cfg.data.inputs]
     if cfg.data.inputs is not None and cfg.data.template is None:
         cfg.data.template = "default"  # what `pack` uses when not told
     if cfg.micro_batch_size < 1:
-        raise ValueError("micro_batch_size must be >= 1")
+        raise ConfigError("micro_batch_size must be >= 1")
     resolve_report_to(cfg.report_to, cfg.tensorboard)  # names checked; libraries at start-up
     if cfg.log_steps < 1:
-        raise ValueError(f"log_steps must be >= 1, got {cfg.log_steps}")
+        raise ConfigError(f"log_steps must be >= 1, got {cfg.log_steps}")
     if cfg.max_steps is None and cfg.epochs < 1:
-        raise ValueError("set max_steps or epochs >= 1")
+        raise ConfigError("set max_steps or epochs >= 1")
 
 
 def _check_attention(value: str) -> None:
@@ -253,7 +257,7 @@ def _check_attention(value: str) -> None:
     from pyfast_tune.patch import ATTENTION_CHOICES
 
     if value not in ATTENTION_CHOICES:
-        raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}; got {value!r}")
+        raise ConfigError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}; got {value!r}")
 
 
 # bitsandbytes' 4-bit data types.
@@ -265,9 +269,9 @@ def _check_dtypes(cfg: TrainConfig) -> None:
 
     for key, value in (("dtype", cfg.dtype), ("quant.compute_dtype", cfg.quant.compute_dtype)):
         if value != "auto" and value not in DTYPES:
-            raise ValueError(f"{key} must be auto, {', '.join(DTYPES)}; got {value!r}")
+            raise ConfigError(f"{key} must be auto, {', '.join(DTYPES)}; got {value!r}")
     if cfg.quant.quant_type not in QUANT_TYPES:
-        raise ValueError(
+        raise ConfigError(
             f"quant.quant_type must be one of {', '.join(QUANT_TYPES)}; got {cfg.quant.quant_type!r}"
         )
 
@@ -282,12 +286,12 @@ def resolve_report_to(report_to, tensorboard: bool = True) -> list[str]:
     if report_to is None:
         return ["tensorboard"] if tensorboard else []
     if not isinstance(report_to, (str, list, tuple)):
-        raise ValueError(f"report_to must be a logger name or a list of them, got {report_to!r}")
+        raise ConfigError(f"report_to must be a logger name or a list of them, got {report_to!r}")
     names = [report_to] if isinstance(report_to, str) else list(report_to)
     out = []
     for name in names:
         if not isinstance(name, str) or name.lower() not in (*REPORTERS, "none"):
-            raise ValueError(
+            raise ConfigError(
                 f"report_to: unknown logger {name!r}; expected {', '.join(REPORTERS)}, none "
                 "or a list of them"
             )
@@ -295,7 +299,7 @@ def resolve_report_to(report_to, tensorboard: bool = True) -> list[str]:
         if name != "none" and name not in out:
             out.append(name)
     if "none" in [str(n).lower() for n in names] and out:
-        raise ValueError(f"report_to: 'none' cannot be combined with {out}")
+        raise ConfigError(f"report_to: 'none' cannot be combined with {out}")
     return out
 
 

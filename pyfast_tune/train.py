@@ -25,6 +25,8 @@ import time
 import warnings
 from pathlib import Path
 
+from pyfast_tune.config import ConfigError
+
 log = logging.getLogger("pyfast_tune.train")
 
 
@@ -127,9 +129,9 @@ def packed_template(configured: str | None, meta: dict, packed_dir) -> str:
     another one would train with one template and chat with another: an error naming both."""
     packed = meta.get("template")
     if packed is None:
-        raise ValueError(f"{packed_dir}/meta.json records no template (not a packed directory?)")
+        raise ConfigError(f"{packed_dir}/meta.json records no template (not a packed directory?)")
     if configured is not None and configured != packed:
-        raise ValueError(
+        raise ConfigError(
             f"data.template is {configured!r} but {packed_dir} was packed with template "
             f"{packed!r}: drop data.template (the packed directory's is used) or re-pack with "
             f"--template {configured}"
@@ -257,7 +259,7 @@ def _run(cfg) -> dict:
     micro = cfg.micro_batch_size
     if cfg.global_batch_size:
         if cfg.global_batch_size % (micro * world):
-            raise ValueError(
+            raise ConfigError(
                 f"global_batch_size {cfg.global_batch_size} is not divisible by "
                 f"micro_batch_size {micro} x {world} processes"
             )
@@ -344,13 +346,13 @@ def _run(cfg) -> dict:
     if resume_from is not None:
         state = load_checkpoint(engine, resume_from, exclude_frozen, ds_tag)
         if state["global_batch"] != global_batch:
-            raise ValueError(
+            raise ConfigError(
                 f"{resume_from} was trained with a global batch of {state['global_batch']} packs; "
                 f"this run has {global_batch} (micro {micro} x accum {grad_accum} x {world} "
                 "processes): set global_batch_size to resume on the same batches"
             )
         if state.get("data_fingerprint") != fingerprint:
-            raise ValueError(f"{resume_from} was trained on different data ({packed_dir})")
+            raise ConfigError(f"{resume_from} was trained on different data ({packed_dir})")
         start_step = state["step"]
         log.info(
             "resumed from %s at step %d (saved by %d processes)",

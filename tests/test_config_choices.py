@@ -4,6 +4,7 @@ train with the model's own attention)."""
 
 import pytest
 
+from pyfast_tune import ConfigError
 from pyfast_tune.config import QUANT_TYPES, load_config
 from pyfast_tune.patch import ATTENTION_CHOICES, ATTENTION_NAMES
 
@@ -21,7 +22,7 @@ def test_patched_attention_names_are_choices():
 
 
 def test_unknown_attention_lists_the_choices():
-    with pytest.raises(ValueError, match="attention must be one of ref, op, .*sdpa.*got 'sdap'"):
+    with pytest.raises(ConfigError, match="attention must be one of ref, op, .*sdpa.*got 'sdap'"):
         load_config(None, [*BASE, "--attention", "sdap"])
 
 
@@ -36,7 +37,7 @@ def test_unknown_attention_lists_the_choices():
     ],
 )
 def test_other_fixed_choices_are_checked(key, value, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         load_config(None, [*BASE, f"--{key}", value])
 
 
@@ -55,3 +56,20 @@ def test_shipped_configs_need_nothing_outside_the_clone():
     for path in configs:
         assert "../shared" not in path.read_text(), path
         load_config(path)  # every fixed-choice value in it is a valid one
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr_rate", "1"], "unknown config key"),
+        (["--lr", "fast"], "config key lr must be a float"),
+        (["--data.path", "p", "--data.inputs", "[a]"], "exactly one of data.path"),
+        (["--micro_batch_size", "0"], "micro_batch_size must be >= 1"),
+    ],
+)
+def test_config_errors_are_one_exported_type(argv, message):
+    # Callers (and the CLI) catch one exception for every bad key or value; it stays a
+    # ValueError so code written against plain ValueError keeps working.
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(None, [*BASE, *argv])
+    assert isinstance(info.value, ValueError)

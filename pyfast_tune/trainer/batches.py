@@ -27,6 +27,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from pyfast_tune.config import ConfigError
+
 IGNORE = -100
 
 
@@ -42,9 +44,9 @@ class PackOrder:
 
     def __init__(self, num_packs: int, global_batch: int, seed: int):
         if global_batch < 1:
-            raise ValueError("global batch must hold at least one pack")
+            raise ConfigError("global batch must hold at least one pack")
         if num_packs < global_batch:
-            raise ValueError(
+            raise ConfigError(
                 f"the data has {num_packs} packs, fewer than one global batch of {global_batch}"
             )
         self.num_packs = num_packs
@@ -73,7 +75,7 @@ class PackOrder:
         """
         g = self.global_batch_size
         if g % (world * micro):
-            raise ValueError(f"global batch {g} is not divisible by world {world} x micro {micro}")
+            raise ConfigError(f"global batch {g} is not divisible by world {world} x micro {micro}")
         batch = self.global_batch(step)
         accum = g // (world * micro)
         return [

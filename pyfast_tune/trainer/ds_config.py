@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pyfast_tune.config import ConfigError
+
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 PRESETS = ("zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")
 
@@ -39,7 +41,7 @@ def _fill(node, values: dict, path: str = ""):
         return [_fill(v, values, path) for v in node]
     if node == "auto":
         if path not in values:
-            raise ValueError(f"deepspeed config: no value for 'auto' at {path}")
+            raise ConfigError(f"deepspeed config: no value for 'auto' at {path}")
         return values[path]
     return node
 
@@ -84,7 +86,7 @@ def deepspeed_config(
         ("gradient_accumulation_steps", grad_accum),
     ):
         if key in ds and ds[key] != want:
-            raise ValueError(
+            raise ConfigError(
                 f"deepspeed config sets {key}={ds[key]} but the training config implies {want} "
                 f"(micro_batch_size={micro_batch_size}, grad_accum={grad_accum}, world={world_size})"
             )

@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from pyfast_tune.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -16,7 +18,7 @@ def resolve_dtype(name: str) -> str:
     if name == "auto":
         return "bfloat16" if torch.cuda.is_available() else "float32"
     if name not in DTYPES:
-        raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
+        raise ConfigError(f"dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
     return name
 
 
