@@ -30,141 +30,95 @@ EPILOG_PACK = """examples:
 """
 
 
+# How the CLI spells a few fields of the engine's pack options; every other field is the flag
+# ``--name-with-dashes``, typed, defaulted and documented from the engine's table.
+_PACK_FLAG = {"out_dir": "--out"}
+_PACK_REQUIRED = {"out_dir", "tokenizer"}
+
+
 def _add_pack(sub) -> None:
+    from pyfast_tune.data import pack_fields
+
     p = sub.add_parser(
         "pack",
         help="read, template, tokenize and pack data into a packed directory",
         description="Pack JSON/JSONL data (files, directories, globs; plain, .gz, .zst) into an "
         "mmap-able directory of whole samples, written atomically. The output bytes depend only "
-        "on the inputs and options, never on --threads.",
+        "on the inputs and options, never on --threads. The options are the engine's pack "
+        "options (PackConfig), one flag per field.",
         epilog=EPILOG_PACK,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help="files, directories or globs")
-    p.add_argument(
-        "--in",
-        dest="inputs_opt",
-        action="append",
-        default=[],
-        metavar="INPUT",
-        help="same as a positional INPUT (repeatable)",
-    )
-    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
-    p.add_argument(
-        "--tokenizer",
-        required=True,
-        help="directory with tokenizer.json (+ tokenizer_config.json), or the json",
-    )
-    p.add_argument("--max-length", type=int, default=4096, help="pack capacity (default 4096)")
-    p.add_argument(
-        "--format",
-        default="auto",
-        help="dataset format (see `pyfast-tune formats`; default auto: by keys)",
-    )
-    p.add_argument(
-        "--template",
-        default="default",
-        help="XTuner prompt template name, 'hf' (the tokenizer's chat template) or "
-        "'none' (see `pyfast-tune templates`)",
-    )
-    p.add_argument(
-        "--columns",
-        default="",
-        help="remap columns to the format's fields: instruction=question,output=answer",
-    )
-    p.add_argument(
-        "--file-type",
-        default=None,
-        help="file-name ending of data files in directories (e.g. .bin for "
-        "pre-tokenized InternEVO data; default: JSON/JSONL endings)",
-    )
-    p.add_argument(
-        "--min-length",
-        type=int,
-        default=0,
-        help="skip pre-tokenized .bin rows shorter than this (XTuner min_length)",
-    )
-    p.add_argument(
-        "--rebuild-meta",
-        action="store_true",
-        help="rebuild a missing or inconsistent X.bin.meta from X.bin",
-    )
-    p.add_argument(
-        "--shard",
-        default=None,
-        metavar="I/N",
-        help="encode part I of N (0-based) into --out; join parts with merge-packs",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the pack order (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="worker threads (default: all)")
-    p.add_argument(
-        "--data-order",
-        default=None,
-        help="file listing input paths (relative to the single INPUT dir), one per line",
-    )
-    p.add_argument(
-        "--skip-bad",
-        action="store_true",
-        help="skip and count bad records/files instead of failing",
-    )
-    p.add_argument(
-        "--tokenizer-backend",
-        choices=["auto", "hf", "fast"],
-        default="auto",
-        help="text encoder: the fast byte-level BPE path when it provably "
-        "gives the ids of Hugging Face tokenizers (auto), always tokenizers "
-        "(hf), or fast (fail if the tokenizer does not qualify); never "
-        "changes the output",
-    )
+    for field in pack_fields():
+        _add_pack_field(p, field)
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pack)
 
 
-def _cmd_pack(args) -> int:
-    from pyfast_tune.data import pack
+def _add_pack_field(p: argparse.ArgumentParser, field: dict) -> None:
+    name, kind, default, help_ = field["name"], field["kind"], field["default"], field["help"]
+    if kind == "none":
+        return  # filled by the front end, not a flag
+    if kind == "paths":
+        p.add_argument(name, nargs="*", metavar="INPUT", help=help_)
+        p.add_argument(
+            "--in",
+            dest=f"{name}_opt",
+            action="append",
+            default=[],
+            metavar="INPUT",
+            help="same as a positional INPUT (repeatable)",
+        )
+        return
+    flag = _PACK_FLAG.get(name, "--" + name.replace("_", "-"))
+    kwargs: dict = {"dest": name, "help": help_}
+    if kind == "bool":
+        kwargs.update(action="store_true", default=bool(default))
+    elif kind == "shard":
+        kwargs.update(type=_parse_shard, default=default, metavar="I/N")
+    else:
+        kwargs.update(type=int if kind == "int" else str, default=default)
+        if field["choices"]:
+            kwargs["choices"] = field["choices"]
+        if name in _PACK_REQUIRED:
+            kwargs["required"] = True
+        elif default not in (None, ""):
+            kwargs["help"] = f"{help_} (default {default})"
+    p.add_argument(flag, **kwargs)
 
-    inputs = list(args.inputs) + list(args.inputs_opt)
-    stats = pack(
-        inputs,
-        args.out,
-        tokenizer=args.tokenizer,
-        max_length=args.max_length,
-        format=args.format,
-        template=args.template,
-        seed=args.seed,
-        threads=args.threads,
-        skip_bad=args.skip_bad,
-        tokenizer_backend=args.tokenizer_backend,
-        data_order=args.data_order,
-        progress=not args.quiet and sys.stderr.isatty(),
-        columns=args.columns,
-        min_length=args.min_length,
-        file_type=args.file_type,
-        rebuild_meta=args.rebuild_meta,
-        shard=_parse_shard(args.shard),
-    )
+
+def _cmd_pack(args) -> int:
+    from pyfast_tune.data import pack, pack_fields
+
+    options = {}
+    for field in pack_fields():
+        name = field["name"]
+        if field["kind"] == "none":
+            continue
+        options[name] = getattr(args, name)
+    options["inputs"] = list(args.inputs) + list(args.inputs_opt)
+    stats = pack(progress=not args.quiet and sys.stderr.isatty(), **options)
     for msg in stats.skipped_examples:
         print(f"skipped: {msg}", file=sys.stderr)
     if args.json:
         print(json.dumps(stats.__dict__, indent=2))
     if args.shard:
+        i, n = args.shard
         print(
-            f"encoded shard {args.shard} into {args.out}: {stats.samples} samples, "
+            f"encoded shard {i}/{n} into {args.out_dir}: {stats.samples} samples, "
             f"{stats.tokens} tokens; join all parts with `pyfast-tune merge-packs`"
         )
         return 0
-    print(f"packed {args.out}: {stats.summary()}")
+    print(f"packed {args.out_dir}: {stats.summary()}")
     return 0
 
 
-def _parse_shard(spec: str | None) -> tuple[int, int] | None:
-    if not spec:
-        return None
+def _parse_shard(spec: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:
-        raise ValueError(f"--shard {spec!r}: expected I/N, e.g. 0/3") from None
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected I/N, e.g. 0/3") from None
     return i, n
 
 

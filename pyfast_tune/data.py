@@ -101,6 +101,12 @@ def pack_defaults() -> dict[str, Any]:
     return json.loads(_packer.pack_defaults())
 
 
+def pack_fields() -> list[dict[str, Any]]:
+    """Every pack option as ``{"name", "kind", "choices", "help", "default"}`` in the engine's
+    order: the table the CLI builds its ``pack`` flags from (``FIELDS`` in config.rs)."""
+    return json.loads(_packer.pack_fields())
+
+
 def pack_options(**fields: Any) -> dict[str, Any]:
     """The options the engine's ``pack`` takes: the defaults updated with ``fields``; a field
     the engine does not know is an error naming the known ones."""

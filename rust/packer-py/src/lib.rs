@@ -194,6 +194,13 @@ fn pack_defaults() -> String {
     PackConfig::defaults_json()
 }
 
+/// Every pack option's name, kind, choices, help and default, as a JSON array: what the CLI
+/// builds its `pack` flags from.
+#[pyfunction]
+fn pack_fields() -> String {
+    PackConfig::fields_json()
+}
+
 /// Join the part directories of `pack(shard=(i, n))` into `out_dir`, byte-identical to a
 /// single run; returns the statistics as a JSON object string.
 #[pyfunction]
@@ -458,6 +465,7 @@ fn _packer(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ChatEncoder>()?;
     m.add_function(wrap_pyfunction!(pack, m)?)?;
     m.add_function(wrap_pyfunction!(pack_defaults, m)?)?;
+    m.add_function(wrap_pyfunction!(pack_fields, m)?)?;
     m.add_function(wrap_pyfunction!(fingerprint, m)?)?;
     m.add_function(wrap_pyfunction!(tokenizer_hash, m)?)?;
     m.add_function(wrap_pyfunction!(templates_json, m)?)?;

@@ -99,6 +99,143 @@ impl PackConfig {
     }
 }
 
+/// What front ends show for one [`PackConfig`] field.
+#[derive(Debug, Serialize)]
+pub struct FieldDoc {
+    /// The field's name (the CLI flag is `--name-with-dashes`).
+    pub name: &'static str,
+    /// The value's kind: `paths`, `path`, `str`, `int`, `bool`, `shard` (`I/N`), or `none`
+    /// for a field no command line sets (filled by the front end itself).
+    pub kind: &'static str,
+    /// The accepted values, when the set is fixed (else empty).
+    pub choices: &'static [&'static str],
+    /// One-paragraph help.
+    pub help: &'static str,
+}
+
+/// One entry per [`PackConfig`] field: the CLI builds its `pack` flags (type, default,
+/// choices, help) from this table and the defaults, so a field added to the struct and here
+/// is offered everywhere. A test checks the table against the struct.
+pub const FIELDS: &[FieldDoc] = &[
+    FieldDoc {
+        name: "inputs",
+        kind: "paths",
+        choices: &[],
+        help: "files, directories or globs (JSON/JSONL, plain/.gz/.zst; pre-tokenized .bin)",
+    },
+    FieldDoc {
+        name: "data_order",
+        kind: "path",
+        choices: &[],
+        help: "file listing input paths (relative to the single INPUT dir), one per line",
+    },
+    FieldDoc {
+        name: "out_dir",
+        kind: "path",
+        choices: &[],
+        help: "output directory (replaced atomically)",
+    },
+    FieldDoc {
+        name: "tokenizer",
+        kind: "path",
+        choices: &[],
+        help: "directory with tokenizer.json (+ tokenizer_config.json), or the json",
+    },
+    FieldDoc {
+        name: "max_length",
+        kind: "int",
+        choices: &[],
+        help: "pack capacity in tokens; longer samples are truncated (counted)",
+    },
+    FieldDoc {
+        name: "format",
+        kind: "str",
+        choices: &[],
+        help: "dataset format (see `pyfast-tune formats`; auto: by keys)",
+    },
+    FieldDoc {
+        name: "template",
+        kind: "str",
+        choices: &[],
+        help: "XTuner prompt template name, 'hf' (the tokenizer's chat template) or 'none' \
+               (see `pyfast-tune templates`)",
+    },
+    FieldDoc {
+        name: "seed",
+        kind: "int",
+        choices: &[],
+        help: "seed of the pack order",
+    },
+    FieldDoc {
+        name: "threads",
+        kind: "int",
+        choices: &[],
+        help: "worker threads (default: all cores, or PYFAST_TUNE_THREADS); never changes the output",
+    },
+    FieldDoc {
+        name: "skip_bad",
+        kind: "bool",
+        choices: &[],
+        help: "skip and count bad records/files instead of failing",
+    },
+    FieldDoc {
+        name: "tokenizer_backend",
+        kind: "str",
+        choices: &TokenizerBackend::NAMES,
+        help: "text encoder: the fast byte-level BPE path when it provably gives the ids of \
+               Hugging Face tokenizers (auto), always tokenizers (hf), or fast (fail if the \
+               tokenizer does not qualify); never changes the output",
+    },
+    FieldDoc {
+        name: "columns",
+        kind: "str",
+        choices: &[],
+        help: "remap columns to the format's fields: instruction=question,output=answer",
+    },
+    FieldDoc {
+        name: "min_length",
+        kind: "int",
+        choices: &[],
+        help: "skip pre-tokenized .bin rows shorter than this (XTuner min_length)",
+    },
+    FieldDoc {
+        name: "file_type",
+        kind: "str",
+        choices: &[],
+        help: "file-name ending of data files in directories (e.g. .bin for pre-tokenized \
+               InternEVO data; default: every data ending the engine reads)",
+    },
+    FieldDoc {
+        name: "rebuild_meta",
+        kind: "bool",
+        choices: &[],
+        help: "rebuild a missing or inconsistent X.bin.meta from X.bin",
+    },
+    FieldDoc {
+        name: "shard",
+        kind: "shard",
+        choices: &[],
+        help: "encode part I of N (0-based) into --out; join the parts with merge-packs",
+    },
+];
+
+impl PackConfig {
+    /// [`FIELDS`] with each field's default, as a JSON array of objects
+    /// (`name`, `kind`, `choices`, `help`, `default`).
+    pub fn fields_json() -> String {
+        let defaults = serde_json::to_value(PackConfig::default()).expect("plain data");
+        let fields: Vec<serde_json::Value> = FIELDS
+            .iter()
+            .map(|f| {
+                let mut v = serde_json::to_value(f).expect("plain data");
+                v["default"] = defaults[f.name].clone();
+                v
+            })
+            .collect();
+        serde_json::to_string(&fields).expect("plain data serializes")
+    }
+}
+
 /// Parse the format and template names of a config (`hf` gives `None` here: it needs the
 /// tokenizer, see [`Templating`]).
 pub fn parse_names(cfg: &PackConfig) -> Result<(Format, Option<&'static Template>)> {
@@ -203,5 +340,29 @@ mod tests {
         assert!(e.contains("max_length"), "{e}");
         let e = PackConfig::from_json(r#"{"tokenizer_backend": "slow"}"#).unwrap_err();
         assert!(e.contains("unknown tokenizer backend \"slow\""), "{e}");
+    }
+
+    #[test]
+    fn field_docs_cover_every_field_once() {
+        let defaults = serde_json::to_value(PackConfig::default()).unwrap();
+        let mut fields: Vec<&str> = defaults
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut documented: Vec<&str> = FIELDS.iter().map(|f| f.name).collect();
+        fields.sort_unstable();
+        documented.sort_unstable();
+        assert_eq!(documented, fields, "FIELDS must list every PackConfig field once");
+        for f in FIELDS {
+            assert!(!f.help.is_empty(), "{} has no help", f.name);
+            assert!(
+                ["paths", "path", "str", "int", "bool", "shard", "none"].contains(&f.kind),
+                "{}: kind {}",
+                f.name,
+                f.kind
+            );
+        }
     }
 }
