@@ -170,7 +170,8 @@ pub const FIELDS: &[FieldDoc] = &[
         name: "threads",
         kind: "int",
         choices: &[],
-        help: "worker threads (default: all cores, or PYFAST_TUNE_THREADS); never changes the output",
+        help:
+            "worker threads (default: all cores, or PYFAST_TUNE_THREADS); never changes the output",
     },
     FieldDoc {
         name: "skip_bad",
@@ -354,7 +355,10 @@ mod tests {
         let mut documented: Vec<&str> = FIELDS.iter().map(|f| f.name).collect();
         fields.sort_unstable();
         documented.sort_unstable();
-        assert_eq!(documented, fields, "FIELDS must list every PackConfig field once");
+        assert_eq!(
+            documented, fields,
+            "FIELDS must list every PackConfig field once"
+        );
         for f in FIELDS {
             assert!(!f.help.is_empty(), "{} has no help", f.name);
             assert!(
