@@ -254,6 +254,40 @@ def load_model(model_dir: str | Path, adapter: str | Path | None, dtype: str | N
     return model
 
 
+def prompt_format(template: str, tokenizer_dir: Path, system: str | None = None):
+    """The prompt builder of ``template`` (an XTuner template name, ``hf`` or ``none``).
+
+    >>> prompt_format("default", Path("tok/")).prompt_ids([], "Hi")      # doctest: +SKIP
+    """
+    from pyfast_tune.data import templates
+
+    tokenizer_dir = Path(tokenizer_dir)
+    if template == "hf":
+        return HfFormat(tokenizer_dir, system)
+    if template == "none":
+        return RawFormat(tokenizer_dir)
+    by_name = {t["name"]: t for t in templates()}
+    if template not in by_name:
+        raise ValueError(
+            f"unknown template {template!r}: see `pyfast-tune templates` (or hf, none)"
+        )
+    return TemplateFormat(tokenizer_dir, by_name[template], system)
+
+
+def stop_token_ids(fmt, tok, template: str, model=None) -> set[int]:
+    """Ids that end an answer: EOS, the template's one-token stop words, and with ``hf`` the
+    model's generation_config EOS ids. ``tok``: a ``tokenizers.Tokenizer``."""
+    stop_ids = set(fmt.eos)
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if template == "hf" and gen_eos is not None:
+        stop_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    for w in fmt.stop_words:  # a stop word that is one token stops by id too
+        i = tok.token_to_id(w)
+        if i is not None:
+            stop_ids.add(i)
+    return stop_ids
+
+
 class ChatSession:
     """A model, a prompt format and the history; :meth:`ask` answers one message."""
 
@@ -267,8 +301,6 @@ class ChatSession:
         dtype: str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
-        from pyfast_tune.data import templates
-
         model_dir = Path(model_dir)
         adapter = Path(adapter) if adapter else None
         tok_dir = Path(tokenizer) if tokenizer else None
@@ -277,29 +309,12 @@ class ChatSession:
         if not (tok_dir / "tokenizer.json").is_file() and not tok_dir.is_file():
             raise FileNotFoundError(f"{tok_dir}: no tokenizer.json; pass --tokenizer DIR")
         self.template = template or default_template(adapter, model_dir)
-        if self.template == "hf":
-            self.format = HfFormat(tok_dir, system)
-        elif self.template == "none":
-            self.format = RawFormat(tok_dir)
-        else:
-            by_name = {t["name"]: t for t in templates()}
-            if self.template not in by_name:
-                raise ValueError(
-                    f"unknown template {self.template!r}: see `pyfast-tune templates` (or hf, none)"
-                )
-            self.format = TemplateFormat(tok_dir, by_name[self.template], system)
+        self.format = prompt_format(self.template, tok_dir, system)
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
         self.model = load_model(model_dir, adapter, dtype, trust_remote_code)
-        self.stop_ids = set(self.format.eos)
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        if self.template == "hf" and gen_eos is not None:
-            self.stop_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        for w in self.format.stop_words:  # a stop word that is one token stops by id too
-            i = self.tok.token_to_id(w)
-            if i is not None:
-                self.stop_ids.add(i)
+        self.stop_ids = stop_token_ids(self.format, self.tok, self.template, self.model)
         self.history: list[tuple[str, str]] = []
 
     def decode(self, ids: list[int]) -> str:
