@@ -60,6 +60,39 @@ class DataConfig:
     cache_dir: str | None = None  # default: <output_dir>/../.pyfast_cache
     skip_bad: bool = False
     verify: bool = True  # hash-check the packed directory at start-up (once per node per state)
+    # Every other field of the engine's pack options (columns, min_length, file_type,
+    # data_order, tokenizer_backend, rebuild_meta, ...) may be given as a data.<field> key; they
+    # are collected here and passed to pack() with data.inputs.
+    pack_options: dict = field(default_factory=dict)
+
+
+# Pack options the training config sets elsewhere (top-level max_length, data.pack_seed, ...)
+# or that only split or speed up the work, so they are not data.<field> keys.
+_PACK_FIELDS_OWNED = {"inputs", "out_dir", "max_length", "seed", "threads", "shard"}
+
+
+def _pack_passthrough() -> set[str]:
+    """The engine's pack options a ``data`` section may name directly: derived from PackConfig,
+    so a field added to the engine is a training-config key without a change here."""
+    from pyfast_tune.data import pack_defaults
+
+    own = {f.name for f in dataclasses.fields(DataConfig)}
+    return set(pack_defaults()) - _PACK_FIELDS_OWNED - own
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during training (as XTuner's EvaluateChatHook and transformers' eval_steps):
+    the loss on held-out data and greedy answers to fixed prompts, every ``steps`` optimizer
+    steps and at the end. See pyfast_tune.trainer.evaluate."""
+
+    data: str | None = None  # a packed directory, packed with the training tokenizer
+    # or: this fraction of the training samples held out (chosen by data.pack_seed; 0 = none)
+    split: float = 0.0
+    steps: int = 0  # every N optimizer steps, and at the end; 0 = at the end only
+    prompts: list[str] = field(default_factory=list)  # answered greedily, training template
+    system: str | None = None  # the template's system text for the prompts
+    max_new_tokens: int = 128
 
 
 @dataclass
@@ -115,15 +148,29 @@ class TrainConfig:
     show_dependency_warnings: bool = False  # dependencies' notices a user cannot act on
     peak_tflops: float | None = None  # per device, for MFU; default: a guess from the device
     stop_after_steps: int | None = None  # end the run early after this step (tests, budgets)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # evaluation during training
 
 
 def _dataclass_from_dict(cls, values: dict, where: str = ""):
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if cls is DataConfig:
+        values = dict(values)
+        passthrough = _pack_passthrough()
+        options = dict(values.pop("pack_options", None) or {})
+        options.update({k: values.pop(k) for k in sorted(set(values) & passthrough)})
+        bad = sorted(set(options) - passthrough)
+        if bad:
+            raise ConfigError(
+                f"unknown pack option(s) {', '.join(where + k for k in bad)}; "
+                f"known: {', '.join(where + k for k in sorted(passthrough))}"
+            )
+        values["pack_options"] = options
     unknown = sorted(set(values) - set(fields))
     if unknown:
+        known = list(fields) + (sorted(_pack_passthrough()) if cls is DataConfig else [])
         raise ConfigError(
             f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
-            f"known: {', '.join(where + k for k in fields)}"
+            f"known: {', '.join(where + k for k in known)}"
         )
     kwargs = {}
     for name, value in values.items():
@@ -155,6 +202,7 @@ _NESTED = {
     (TrainConfig, "lora"): LoraConfig,
     (TrainConfig, "quant"): QuantConfig,
     (TrainConfig, "data"): DataConfig,
+    (TrainConfig, "eval"): EvalConfig,
 }
 
 
@@ -243,6 +291,11 @@ def validate(cfg: TrainConfig) -> None:
         cfg.data.inputs = [cfg.data.inputs]
     if cfg.data.inputs is not None and cfg.data.template is None:
         cfg.data.template = "default"  # what `pack` uses when not told
+    if cfg.data.path is not None and cfg.data.pack_options:
+        raise ConfigError(
+            f"data.{', data.'.join(sorted(cfg.data.pack_options))}: pack options apply to "
+            "data.inputs; data.path is already packed"
+        )
     if cfg.micro_batch_size < 1:
         raise ConfigError("micro_batch_size must be >= 1")
     resolve_report_to(cfg.report_to, cfg.tensorboard)  # names checked; libraries at start-up
@@ -250,6 +303,43 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"log_steps must be >= 1, got {cfg.log_steps}")
     if cfg.max_steps is None and cfg.epochs < 1:
         raise ConfigError("set max_steps or epochs >= 1")
+    _check_eval(cfg.eval)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_eval(ev: EvalConfig) -> None:
+    if ev.data is not None and (not isinstance(ev.data, str) or not ev.data):
+        raise ConfigError(f"eval.data must be a packed directory path, got {ev.data!r}")
+    if not isinstance(ev.split, (int, float)) or isinstance(ev.split, bool):
+        raise ConfigError(f"eval.split must be a number in [0, 1), got {ev.split!r}")
+    if not 0 <= ev.split < 1:
+        raise ConfigError(
+            f"eval.split must be in [0, 1) (a fraction of the samples, 0 = none), got {ev.split}"
+        )
+    if ev.split and ev.data is not None:
+        raise ConfigError("set one of eval.data (a packed directory) and eval.split, not both")
+    if not _is_int(ev.steps) or ev.steps < 0:
+        raise ConfigError(
+            f"eval.steps must be an integer >= 0 (0 = at the end only), got {ev.steps!r}"
+        )
+    if ev.prompts is None:
+        ev.prompts = []
+    if isinstance(ev.prompts, str):
+        ev.prompts = [ev.prompts]
+    if not isinstance(ev.prompts, list) or not all(isinstance(q, str) and q for q in ev.prompts):
+        raise ConfigError(f"eval.prompts must be a list of non-empty strings, got {ev.prompts!r}")
+    if ev.system is not None and not isinstance(ev.system, str):
+        raise ConfigError(f"eval.system must be a string, got {ev.system!r}")
+    if not _is_int(ev.max_new_tokens) or ev.max_new_tokens < 1:
+        raise ConfigError(f"eval.max_new_tokens must be an integer >= 1, got {ev.max_new_tokens!r}")
+    if ev.steps and ev.data is None and not ev.split and not ev.prompts:
+        raise ConfigError(
+            "eval.steps is set but there is nothing to evaluate: set eval.data, eval.split "
+            "or eval.prompts"
+        )
 
 
 def _check_attention(value: str) -> None:

@@ -73,3 +73,32 @@ def test_config_errors_are_one_exported_type(argv, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_config(None, [*BASE, *argv])
     assert isinstance(info.value, ValueError)
+
+
+def test_every_engine_pack_option_is_a_data_key():
+    # The data section is derived from the engine's PackConfig: a field added there is accepted
+    # as data.<field> (and passed to pack) without a change in the training config.
+    from pyfast_tune.config import _PACK_FIELDS_OWNED
+    from pyfast_tune.data import pack_fields
+
+    inputs = ["--model", "m", "--data.inputs", "[a.jsonl]", "--data.tokenizer", "t"]
+    samples = {"int": "3", "bool": "true", "str": "x", "path": "p"}
+    for field in pack_fields():
+        if field["name"] in _PACK_FIELDS_OWNED:
+            continue
+        value = samples[field["kind"]]
+        if field["choices"]:
+            value = field["choices"][-1]
+        cfg = load_config(None, [*inputs, f"--data.{field['name']}", value])
+        got = cfg.data.pack_options.get(field["name"], getattr(cfg.data, field["name"], None))
+        assert str(got).lower() == value, field["name"]
+
+
+def test_pack_options_in_the_data_section():
+    argv = ["--model", "m", "--data.inputs", "[a.jsonl]", "--data.tokenizer", "t"]
+    cfg = load_config(None, [*argv, "--data.columns", "instruction=q", "--data.min_length", "5"])
+    assert cfg.data.pack_options == {"columns": "instruction=q", "min_length": 5}
+    with pytest.raises(ConfigError, match="unknown config key.*data.min_lenght.*data.min_length"):
+        load_config(None, [*argv, "--data.min_lenght", "5"])
+    with pytest.raises(ConfigError, match="data.columns: pack options apply to data.inputs"):
+        load_config(None, [*BASE, "--data.columns", "instruction=q"])

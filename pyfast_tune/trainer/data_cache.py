@@ -32,8 +32,10 @@ def prepare_packed_dir(data_cfg, max_length: int, tokenizer: str | None, cache_d
         format=data_cfg.format,
         template=data_cfg.template,
         seed=data_cfg.pack_seed,
+        **data_cfg.pack_options,
     )
-    key = fingerprint(data_cfg.inputs, **options)
+    # rebuild_meta decides whether a bad .bin.meta fails, never the bytes: not part of the key.
+    key = fingerprint(data_cfg.inputs, **{k: v for k, v in options.items() if k != "rebuild_meta"})
     cache_dir.mkdir(parents=True, exist_ok=True)
     out = cache_dir / f"packed-{key[:32]}"
     with open(cache_dir / f"packed-{key[:32]}.lock", "w") as lock:
