@@ -18,6 +18,7 @@ is unpadded into one segment per row. Cross-sample attention is zero by construc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -313,3 +314,23 @@ def revert(model: torch.nn.Module) -> torch.nn.Module:
         unpatch_peft_lora(model)
         delattr(model, _LORA_PATCHED)
     return model
+
+
+@contextlib.contextmanager
+def decoding(model: torch.nn.Module):
+    """While inside, ``model`` runs the attention ``apply`` replaced (its own: sdpa, eager,
+    ...), which decodes with a KV cache; ours is packed training attention without a cache.
+    A model ``apply`` did not switch stays as it is.
+
+    >>> with patch.decoding(model):                        # doctest: +SKIP
+    ...     out = model(input_ids=ids, use_cache=True)
+    """
+    if not hasattr(model, _PREVIOUS_ATTN):
+        yield model
+        return
+    ours = _current_attn(model)
+    _set_attn(model, getattr(model, _PREVIOUS_ATTN) or "sdpa")
+    try:
+        yield model
+    finally:
+        _set_attn(model, ours)
