@@ -105,6 +105,11 @@ def _flatten(config: dict, prefix: str = "") -> dict:
     return out
 
 
+def answers_markdown(answers: list[dict]) -> str:
+    """Eval prompts and their answers as Markdown (what the loggers show as text)."""
+    return "\n\n".join(f"**Q:** {qa['prompt']}\n\n**A:** {qa['answer']}" for qa in answers)
+
+
 def _scalars(record: dict) -> dict:
     return {
         k: float(v)
@@ -122,9 +127,12 @@ class _TensorBoard:
         self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step + 1)
         self.writer.add_text("run/config", "```\n" + json.dumps(run, indent=2) + "\n```")
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, prefix: str = "train") -> None:
         for key, value in _scalars(record).items():
-            self.writer.add_scalar(f"train/{key}", value, record["step"])
+            self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+        if record.get("answers"):
+            self.writer.add_text(f"{prefix}/answers", answers_markdown(record["answers"]),
+                                 record["step"])  # fmt: skip
 
     def close(self) -> None:
         self.writer.close()
@@ -151,8 +159,14 @@ class _Wandb:
         self.run.summary["packed_dir"] = run["packed_dir"]
         self.run.summary["resumed_from_step"] = resume_step
 
-    def log(self, record: dict) -> None:
-        self.run.log({f"train/{k}": v for k, v in _scalars(record).items()}, step=record["step"])
+    def log(self, record: dict, prefix: str = "train") -> None:
+        values = {f"{prefix}/{k}": v for k, v in _scalars(record).items()}
+        if record.get("answers"):
+            values[f"{prefix}/answers"] = self.wandb.Table(
+                columns=["prompt", "answer"],
+                data=[[qa["prompt"], qa["answer"]] for qa in record["answers"]],
+            )
+        self.run.log(values, step=record["step"])
 
     def close(self) -> None:
         self.run.finish()
@@ -179,8 +193,15 @@ class _MLflow:
                          "packed_dir": str(run["packed_dir"]),
                          "resumed_from_step": str(resume_step)})  # fmt: skip
 
-    def log(self, record: dict) -> None:
-        self.mlflow.log_metrics(_scalars(record), step=record["step"])
+    def log(self, record: dict, prefix: str = "train") -> None:
+        # Training metrics keep their plain names (as before); eval ones get the prefix.
+        scalars = _scalars(record)
+        if prefix != "train":
+            scalars = {f"{prefix}_{k}": v for k, v in scalars.items()}
+        self.mlflow.log_metrics(scalars, step=record["step"])
+        if record.get("answers"):
+            self.mlflow.log_text(answers_markdown(record["answers"]),
+                                 f"{prefix}/answers_step_{record['step']:08d}.md")  # fmt: skip
 
     def close(self) -> None:
         self.mlflow.end_run()
@@ -208,15 +229,17 @@ class MetricsLog:
             report_to = ["tensorboard"] if report_to else []
         run = {"config": {}, "data_fingerprint": None, "packed_dir": None, **(run or {})}
         self.path = output_dir / "metrics.jsonl"
+        self.eval_path = output_dir / "eval.jsonl"  # evaluation records (trainer.evaluate)
         output_dir.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            # Drop steps after the checkpoint we resume from: they are about to be redone.
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= resume_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        for path in (self.path, self.eval_path):
+            if path.exists():
+                # Drop steps after the checkpoint we resume from: they are about to be redone.
+                kept = [
+                    line
+                    for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step
+                ]
+                path.write_text("".join(line + "\n" for line in kept))
         self.reporters = []
         try:
             for name in report_to:
@@ -231,6 +254,14 @@ class MetricsLog:
         self.file.flush()
         for reporter in self.reporters:
             reporter.log(record)
+
+    def log_eval(self, record: dict) -> None:
+        """An evaluation record (step, loss, trained_tokens, samples, seconds, answers): one
+        line of eval.jsonl, and ``eval/...`` in every logger (answers as text)."""
+        with self.eval_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for reporter in self.reporters:
+            reporter.log(record, prefix="eval")
 
     def close(self) -> None:
         if getattr(self, "file", None) is not None:
@@ -336,6 +367,15 @@ class Console:
             ]  # fmt: skip
         )
         print(line, file=self.stream, flush=True)
+
+    def write(self, text: str) -> None:
+        """Print ``text`` (above the bar on a TTY, so the bar is not torn); nothing if disabled."""
+        if self.disabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
