@@ -1,0 +1,408 @@
+"""Evaluation during training: the loss on held-out packs and greedy answers to fixed prompts.
+
+What XTuner's ``EvaluateChatHook`` and transformers' ``eval_steps`` give, configured by the
+``eval`` section (``pyfast_tune.config.EvalConfig``), run every ``eval.steps`` optimizer steps
+and after the last one. The schedule is a function of the absolute step, so a resumed run
+evaluates at the same steps as an uninterrupted one.
+
+Held-out data, ``eval.split: f``: a fraction ``f`` of the *samples* (records that encoded to a
+trainable sample) of the training data, chosen by a keyed hash of each sample's source
+``(file name, record index)`` and the pack seed: the ``round(f * samples)`` samples with the
+smallest keys. The choice is a function of the records alone, not of packing, tokenizer or
+``max_length``, and adding files to the inputs never moves a record of the others across the
+split. The data is packed once, whole (the same cached directory as without a split, so
+``split: 0`` trains exactly the packs it always did); the training packs are those packs with
+the held-out samples taken out (``TrainingPacks``): no training row ever holds a held-out
+token, and the remaining samples keep their packs, which lose ~``f`` of their fill. The
+held-out samples are evaluated in rows of up to ``max_length`` tokens (``SamplePacks``).
+Re-packing the rest instead would give full packs but a second, different training set for
+every split value and a second pack of the whole input.
+
+Eval loss: the training loss's definition and code (``batches.collate``, ``step.batch_loss``
+with the same fused head), over the whole eval set at once: with ``loss_reduction: token`` the
+mean over all trained tokens of the eval set, with ``sample`` the mean of per-sample means.
+Packs are dealt out over the data-parallel ranks, no gradients, modules in eval mode (dropout
+off) and restored after; the loss shares and token counts are summed over ranks.
+
+Prompts: built by ``pyfast_tune.chat`` with the template the training data was packed with
+(the engine's own encoder for XTuner templates) and answered greedily by ``chat.generate``
+with a KV cache, under the model's own attention (ours is packed training attention without a
+cache). Under ZeRO-3 each forward gathers the parameters collectively, so every rank runs
+every decoding step and rank 0's logits are broadcast: all ranks pick the same token and stop
+at the same step (no rank can hang in a gather the others never join). Without ZeRO-3 rank 0
+answers alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pyfast_tune.trainer.batches import collate, global_normalizer
+
+log = logging.getLogger(__name__)
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, elementwise on uint64 (wrapping arithmetic)."""
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def sample_keys(files: list[str], file_index: np.ndarray, record: np.ndarray, seed: int):
+    """The hold-out key of each sample: a 64-bit hash of (seed, source file name, record)."""
+    per_file = np.array(
+        [
+            int.from_bytes(hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).digest(),
+                           "little")
+            for name in files
+        ],
+        dtype=np.uint64,
+    )  # fmt: skip
+    with np.errstate(over="ignore"):
+        mixed = per_file[np.asarray(file_index, dtype=np.int64)] + _mix64(
+            np.asarray(record, dtype=np.uint64) + _GOLDEN
+        )
+    return _mix64(mixed)
+
+
+def held_out_samples(dataset, fraction: float, seed: int) -> np.ndarray:
+    """Sample ids (sorted) that ``eval.split: fraction`` holds out of ``dataset``.
+
+    >>> held_out_samples(PackedDataset("packed/"), 0.01, seed=0)   # doctest: +SKIP
+    array([  17,  230, ...])
+    """
+    n = dataset.num_samples
+    count = int(round(fraction * n))
+    if count < 1 or count >= n:
+        raise ValueError(
+            f"eval.split {fraction} of {n} samples holds out {count}: it must leave at least one "
+            "sample on each side (use eval.data for a separate set)"
+        )
+    samples = np.asarray(dataset.samples)
+    keys = sample_keys(dataset.files, samples[:, 3], samples[:, 4], seed)
+    return np.sort(np.argsort(keys, kind="stable")[:count])
+
+
+def _rows(ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> dict:
+    """A pack dict (as ``PackedDataset[i]``) of samples of ``lengths`` laid end to end."""
+    cu = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    position_ids = np.arange(int(cu[-1]), dtype=np.int64) - np.repeat(cu[:-1], lengths)
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "cu_seqlens": cu,
+        "max_seqlen": int(lengths.max()),
+    }
+
+
+class TrainingPacks:
+    """The packs of ``dataset`` with the samples ``held_out`` taken out; packs left empty are
+    gone. Indexable like ``PackedDataset`` (``len``, ``[i]``, ``meta``, ``pack_lengths``).
+
+    ``meta["fingerprint"]`` is the packed directory's combined with the held-out ids, so a
+    checkpoint trained on one split refuses to resume on another.
+    """
+
+    def __init__(self, dataset, held_out: np.ndarray):
+        self.dataset = dataset
+        self.path = dataset.path
+        self.held = np.zeros(dataset.num_samples, dtype=bool)
+        self.held[held_out] = True
+        pack_of = np.asarray(dataset.samples[:, 2], dtype=np.int64)
+        per_pack = np.diff(np.asarray(dataset.packs[:, 1], dtype=np.int64))
+        held_per_pack = np.bincount(pack_of[held_out], minlength=len(per_pack))
+        self.touched = held_per_pack > 0
+        self.packs = np.nonzero(held_per_pack < per_pack)[0]  # packs that still train
+        h = hashlib.blake2b(str(dataset.meta.get("fingerprint")).encode(), digest_size=16)
+        h.update(np.asarray(held_out, dtype="<i8").tobytes())
+        self.meta = {
+            **dataset.meta,
+            "fingerprint": f"{dataset.meta.get('fingerprint')}-heldout-{h.hexdigest()}",
+            "packed_fingerprint": dataset.meta.get("fingerprint"),
+            "held_out_samples": int(len(held_out)),
+        }
+        self.num_samples = int(dataset.num_samples - len(held_out))
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def __getitem__(self, i: int) -> dict:
+        k = int(self.packs[i])
+        pack = self.dataset[k]
+        if not self.touched[k]:
+            return pack
+        keep = ~self.held[self.dataset.pack_sample_ids(k)]
+        cu = np.asarray(pack["cu_seqlens"], dtype=np.int64)
+        tokens = np.concatenate([np.arange(a, b) for a, b in zip(cu[:-1][keep], cu[1:][keep])])
+        return _rows(pack["input_ids"][tokens], pack["labels"][tokens], np.diff(cu)[keep])
+
+    @property
+    def pack_lengths(self) -> np.ndarray:
+        """Tokens in every training pack (int64)."""
+        return np.array([len(self[i]["input_ids"]) for i in range(len(self))], dtype=np.int64)
+
+
+class SamplePacks:
+    """Samples ``sample_ids`` of ``dataset`` in input order, laid end to end in rows of at most
+    ``max_length`` tokens (a longer sample gets a row of its own). Indexable like
+    ``PackedDataset``. How samples are grouped changes no loss: attention and label shift
+    stay inside each sample and the loss is normalised over the whole set."""
+
+    def __init__(self, dataset, sample_ids: np.ndarray, max_length: int):
+        self.dataset = dataset
+        self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        lengths = np.asarray(dataset.samples[:, 1], dtype=np.int64)[self.sample_ids]
+        self.rows: list[tuple[int, int]] = []  # [start, end) into sample_ids
+        start, used = 0, 0
+        for j, n in enumerate(lengths):
+            if j > start and used + n > max_length:
+                self.rows.append((start, j))
+                start, used = j, 0
+            used += int(n)
+        if len(lengths):
+            self.rows.append((start, len(lengths)))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        a, b = self.rows[i]
+        samples = [self.dataset.sample(int(j)) for j in self.sample_ids[a:b]]
+        return _rows(
+            np.concatenate([s["input_ids"] for s in samples]),
+            np.concatenate([s["labels"] for s in samples]),
+            np.array([len(s["input_ids"]) for s in samples], dtype=np.int64),
+        )
+
+
+def split_data(cfg, dataset, tokenizer: str | None = None):
+    """(training packs, eval set or None) for ``cfg.eval``: ``eval.data`` opened (it must be
+    packed with the training tokenizer), or ``eval.split`` held out of ``dataset``."""
+    from pyfast_tune.data import PackedDataset
+
+    ev = cfg.eval
+    if ev.data is not None:
+        eval_set = PackedDataset(ev.data)
+        ours = dataset.meta.get("tokenizer", {}).get("hash")
+        theirs = eval_set.meta.get("tokenizer", {}).get("hash")
+        if ours != theirs:
+            raise ValueError(
+                f"eval.data {ev.data} was packed with another tokenizer "
+                f"({eval_set.meta.get('tokenizer', {}).get('path')!r}) than the training data "
+                f"({dataset.meta.get('tokenizer', {}).get('path')!r}): re-pack it with the "
+                "training tokenizer"
+            )
+        return dataset, eval_set
+    if ev.split:
+        held = held_out_samples(dataset, ev.split, int(dataset.meta.get("seed", 0)))
+        log.info("eval.split %g: %d of %d samples held out of training",
+                 ev.split, len(held), dataset.num_samples)  # fmt: skip
+        max_length = int(dataset.meta.get("max_length") or cfg.max_length)
+        return TrainingPacks(dataset, held), SamplePacks(dataset, held, max_length)
+    return dataset, None
+
+
+def eval_loss(
+    loss_of, eval_set, normalizer: int, rank: int, world: int, micro: int, reduction: str
+) -> torch.Tensor:
+    """float64 [loss, trained tokens, samples] of ``eval_set`` summed over the ``world`` ranks.
+
+    ``loss_of(batch)`` is training's ``batch_loss`` (a row's share of the loss whose weights
+    are normalised by ``normalizer``). Rank r takes rows ``(a*world + r)*micro ...`` in round
+    a, like a training step; every rank runs the same number of forwards (a rank past the end
+    runs row 0 with zero weights), as ZeRO-3's collective parameter gathers need.
+    """
+    import torch.distributed as dist
+
+    n = len(eval_set)
+    rounds = math.ceil(n / (world * micro))
+    totals = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for a in range(rounds):
+            start = (a * world + rank) * micro
+            ids = list(range(start, min(start + micro, n)))
+            batch = collate([eval_set[i] for i in ids or [0]], reduction, normalizer)
+            if not ids:
+                batch.weights = np.zeros_like(batch.weights)
+            loss = loss_of(batch)
+            if ids:
+                samples = len(batch.sample_lengths)
+                totals += torch.tensor([float(loss), batch.num_trained, samples],
+                                       dtype=torch.float64)  # fmt: skip
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return totals
+
+
+class _RankZeroLogits:
+    """A model whose every forward broadcasts rank 0's last-position logits to all ranks."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def __call__(self, **kwargs):
+        import torch.distributed as dist
+
+        out = self.module(**kwargs)
+        last = out.logits[:, -1:].float().contiguous()  # (1, 1, V)
+        dist.broadcast(last, src=0)
+        out.logits = last
+        return out
+
+
+def _eval_modes(module: torch.nn.Module) -> dict:
+    """Put ``module`` in eval mode; returns every submodule's previous mode for restoring.
+
+    bitsandbytes' 4-bit layers stay in training mode: on CPU an eval-mode no-grad forward
+    repacks their weights for an inference kernel that every later training step would use.
+    They have no dropout, so their mode changes nothing else.
+    """
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    for m in modes:
+        if type(m).__name__ == "Linear4bit":
+            m.training = True
+    return modes
+
+
+class Evaluator:
+    """Eval loss and prompt answers for one run; ``due(step)`` then ``evaluate(step)``.
+
+    ``rank``/``world``: this process's data-parallel coordinates. ``metrics``: rank 0's
+    ``MetricsLog`` (None elsewhere); ``write``: rank 0's printer (the console's).
+    """
+
+    def __init__(self, cfg, eval_set, engine, *, template: str, tokenizer: str, rank: int,
+                 world: int, zero_stage: int, device, metrics=None, write=print,
+                 loss_of=None):  # fmt: skip
+        self.cfg = cfg
+        self.ev = cfg.eval
+        self.eval_set = eval_set
+        self.engine = engine
+        self.rank, self.world = rank, world
+        self.zero_stage = zero_stage
+        self.device = device
+        self.metrics = metrics
+        self.write = write
+        if loss_of is None:
+            from pyfast_tune.trainer.step import batch_loss
+
+            def loss_of(batch):
+                return batch_loss(engine, batch, device, fused=cfg.fused_loss)
+
+        self.loss_of = loss_of
+        self.normalizer = 0
+        if eval_set is not None:
+            if len(eval_set) == 0:
+                raise ValueError("the eval set holds no packs")
+            self.normalizer = global_normalizer(eval_set, range(len(eval_set)), cfg.loss_reduction)
+        self.prompts = list(self.ev.prompts)
+        if self.prompts:
+            from tokenizers import Tokenizer
+
+            from pyfast_tune.chat import prompt_format, stop_token_ids
+
+            tok_dir = Path(tokenizer)
+            self.format = prompt_format(template, tok_dir, self.ev.system)
+            self.tok = Tokenizer.from_file(
+                str(tok_dir / "tokenizer.json" if tok_dir.is_dir() else tok_dir)
+            )
+            self.template = template
+            self.stop_ids = stop_token_ids(self.format, self.tok, template, self._hf())
+
+    @property
+    def enabled(self) -> bool:
+        return self.eval_set is not None or bool(self.prompts)
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """Evaluate after optimizer step ``step`` (1-based)? Every ``eval.steps``, and the last."""
+        if not self.enabled:
+            return False
+        every = self.ev.steps
+        return step == total_steps or bool(every and step % every == 0)
+
+    def _hf(self):
+        from pyfast_tune.trainer.loss_head import hf_model
+
+        return hf_model(self.engine)
+
+    def evaluate(self, step: int) -> dict:
+        """Run the eval loss and the prompts now; print and log them on rank 0 (the record)."""
+        module = self.engine.module if hasattr(self.engine, "module") else self.engine
+        modes = _eval_modes(module)
+        t0 = time.perf_counter()
+        record: dict = {"step": step}
+        try:
+            if self.eval_set is not None:
+                totals = eval_loss(self.loss_of, self.eval_set, self.normalizer, self.rank,
+                                   self.world, self.cfg.micro_batch_size,
+                                   self.cfg.loss_reduction)  # fmt: skip
+                loss, trained, samples = totals.tolist()
+                record.update(loss=loss, trained_tokens=int(trained), samples=int(samples))
+            if self.prompts:
+                record["answers"] = self.answer(module)
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        record["seconds"] = time.perf_counter() - t0
+        if self.rank == 0:
+            self._report(record)
+        return record
+
+    def answer(self, module) -> list[dict]:
+        """Greedy answers to ``eval.prompts`` ([{"prompt", "answer"}], on rank 0; [] elsewhere
+        unless ZeRO-3 made every rank decode)."""
+        from pyfast_tune import patch
+        from pyfast_tune.chat import generate
+
+        every_rank = self.zero_stage == 3 and self.world > 1
+        if not every_rank and self.rank != 0:
+            return []
+        model = _RankZeroLogits(module) if every_rank else module
+        out = []
+        with patch.decoding(module):
+            for prompt in self.prompts:
+                ids = self.format.prompt_ids([], prompt)
+                text, _ = generate(
+                    model,
+                    ids,
+                    lambda t: self.tok.decode(t, skip_special_tokens=False),
+                    stop_ids=self.stop_ids,
+                    stop_words=self.format.stop_words,
+                    max_new_tokens=self.ev.max_new_tokens,
+                    temperature=0.0,
+                )
+                out.append({"prompt": prompt, "answer": text})
+        return out
+
+    def _report(self, record: dict) -> None:
+        lines = [f"eval step {record['step']}:"]
+        if "loss" in record:
+            lines[0] += (f" loss {record['loss']:.4f} over {record['trained_tokens']} trained "
+                         f"tokens of {record['samples']} samples")  # fmt: skip
+        for qa in record.get("answers", []):
+            lines.append(f"  Q: {qa['prompt']}")
+            lines.append(f"  A: {qa['answer']}")
+        self.write("\n".join(lines))
+        if self.metrics is not None:
+            self.metrics.log_eval(record)
