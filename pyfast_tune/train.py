@@ -213,6 +213,7 @@ def _run(cfg) -> dict:
     )
     from pyfast_tune.trainer.data_cache import prepare_packed_dir, verify_packed_dir
     from pyfast_tune.trainer.ds_config import deepspeed_config, zero_stage
+    from pyfast_tune.trainer.evaluate import Evaluator, split_data
     from pyfast_tune.trainer.metrics import (
         Console,
         FlopCounter,
@@ -254,6 +255,8 @@ def _run(cfg) -> dict:
     # What checkpoints, convert, merge and chat record is the template the data was packed
     # with, never a config default.
     cfg.data.template = packed_template(cfg.data.template, dataset.meta, packed_dir)
+    # eval.split takes its samples out of the training packs; eval.data is opened.
+    dataset, eval_set = split_data(cfg, dataset)
 
     # Batch geometry: the global batch G (packs per optimizer step) is what resume keeps fixed.
     micro = cfg.micro_batch_size
@@ -404,6 +407,9 @@ def _run(cfg) -> dict:
         return path
 
     console = Console(total_steps, start_step, cfg.log_steps, cfg.progress_bar, disabled=rank != 0)
+    evaluator = Evaluator(cfg, eval_set, engine, template=cfg.data.template, tokenizer=tokenizer,
+                          rank=rank, world=world, zero_stage=stage, device=device,
+                          metrics=metrics, write=console.write)  # fmt: skip
     records = []
     engine.train()
     last_saved = start_step if resume_from is not None else -1
@@ -442,6 +448,8 @@ def _run(cfg) -> dict:
             records.append(record)
             console.step(record)
         done = step + 1
+        if evaluator.due(done, total_steps):  # before saving: a checkpoint implies its eval
+            evaluator.evaluate(done)
         if cfg.save_steps and done % cfg.save_steps == 0:
             checkpoint(done)
             last_saved = done
