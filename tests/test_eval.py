@@ -1,0 +1,382 @@
+"""Evaluation during training (``eval`` config section, pyfast_tune.trainer.evaluate).
+
+Generated chats packed by the engine with a tokenizer trained on them and a tiny Llama, so it
+runs on any clone. Unit tests check the held-out split and the eval loss against a direct
+computation; end-to-end runs (one process, through the launcher) check the schedule, resume,
+the logged loss against the saved checkpoint and the answers against a plain greedy decode; a
+2-process ZeRO-3 run must give the 1-process eval loss and answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyfast_tune.trainer.batches import IGNORE
+from tests.conftest import ROOT
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer, generated_chats):
+    from pyfast_tune.data import pack
+    from pyfast_tune.trainer.tiny import make_tiny_llama, trimmed_conversations
+
+    d = tmp_path_factory.mktemp("eval")
+    jsonl = trimmed_conversations(generated_chats, d / "chat.jsonl", records=120, turns=4)
+    pack([jsonl], d / "packed", tokenizer=tiny_tokenizer, max_length=256, format="openai",
+         template="default")  # fmt: skip
+    # A separate eval set: other conversations of the same generated world.
+    other = trimmed_conversations(generated_chats, d / "all.jsonl", records=140, turns=4)
+    lines = other.read_text().splitlines()[120:]
+    (d / "heldout.jsonl").write_text("\n".join(lines) + "\n")
+    pack([d / "heldout.jsonl"], d / "eval_packed", tokenizer=tiny_tokenizer, max_length=256,
+         format="openai", template="default")  # fmt: skip
+    model = make_tiny_llama(d / "tiny", tiny_tokenizer, seed=0, init_std=0.1)
+    return {"dir": d, "jsonl": jsonl, "packed": d / "packed", "eval_packed": d / "eval_packed",
+            "model": model, "tok": tiny_tokenizer}  # fmt: skip
+
+
+def _samples(view) -> Counter:
+    """Every sample of a pack-indexable set, as (input ids, labels) tuples, with multiplicity."""
+    out = Counter()
+    for i in range(len(view)):
+        p = view[i]
+        cu = p["cu_seqlens"]
+        assert p["position_ids"].tolist() == [t - a for a, b in zip(cu[:-1], cu[1:])
+                                               for t in range(a, b)]  # fmt: skip
+        for a, b in zip(cu[:-1], cu[1:]):
+            out[(tuple(p["input_ids"][a:b]), tuple(p["labels"][a:b]))] += 1
+    return out
+
+
+def _sample_tuple(ds, j) -> tuple:
+    s = ds.sample(j)
+    return (tuple(s["input_ids"]), tuple(s["labels"]))
+
+
+# --- config -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--eval.split", "1.0"], r"eval.split must be in \[0, 1\)"),
+        (["--eval.split", "-0.1"], r"eval.split must be in \[0, 1\)"),
+        (["--eval.split", "[0.1]"], "eval.split must be a number"),
+        (["--eval.split", "0.1", "--eval.data", "x/"], "set one of eval.data"),
+        (["--eval.steps", "-1"], "eval.steps must be an integer >= 0"),
+        (["--eval.steps", "2"], "nothing to evaluate"),
+        (["--eval.prompts", "[hi, '']"], "eval.prompts must be a list of non-empty strings"),
+        (["--eval.max_new_tokens", "0"], "eval.max_new_tokens must be an integer >= 1"),
+        (["--eval.system", "[a]"], "eval.system must be a string"),
+        (["--eval.step", "2"], r"unknown config key\(s\) eval.step; known: eval.data, eval.split"),
+        (["--eval", "x/"], "config key eval must be a mapping"),
+    ],
+)
+def test_eval_config_errors_say_what_is_allowed(args, match):
+    from pyfast_tune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["--model", "m/", "--data", "p/", *args])
+
+
+def test_eval_config_values():
+    from pyfast_tune.config import load_config
+
+    cfg = load_config(None, ["--model", "m/", "--data", "p/", "--eval.split", "0.05",
+                             "--eval.steps", "10", "--eval.prompts", "What is 2+2?"])  # fmt: skip
+    assert (cfg.eval.split, cfg.eval.steps, cfg.eval.prompts) == (0.05, 10, ["What is 2+2?"])
+    assert load_config(None, ["--model", "m/", "--data", "p/"]).eval.data is None
+
+
+# --- held-out split -----------------------------------------------------------------------
+
+
+def test_split_holds_out_records_by_their_source_not_by_packing(setup, tmp_path):
+    from pyfast_tune.data import PackedDataset, pack
+    from pyfast_tune.trainer.evaluate import SamplePacks, TrainingPacks, held_out_samples
+
+    ds = PackedDataset(setup["packed"])
+    held = held_out_samples(ds, 0.1, seed=0)
+    assert len(held) == round(0.1 * ds.num_samples) and len(set(held.tolist())) == len(held)
+    assert held.tolist() == held_out_samples(ds, 0.1, seed=0).tolist()  # deterministic
+    sources = {ds.sample(int(j))["source"] for j in held}
+    assert sources != {ds.sample(int(j))["source"] for j in held_out_samples(ds, 0.1, seed=1)}
+    # The same records are held out whatever the packing: another max_length packs them
+    # differently (other packs, other sample order), the held-out sources do not move.
+    pack([setup["jsonl"]], tmp_path / "p512", tokenizer=setup["tok"], max_length=512,
+         format="openai", template="default")  # fmt: skip
+    other = PackedDataset(tmp_path / "p512")
+    assert len(other) < len(ds)
+    assert {other.sample(int(j))["source"] for j in held_out_samples(other, 0.1, 0)} == sources
+    # A larger fraction holds out a superset (the smallest keys first).
+    assert set(held.tolist()) <= set(held_out_samples(ds, 0.3, seed=0).tolist())
+
+    train = TrainingPacks(ds, held)
+    evals = SamplePacks(ds, held, max_length=256)
+    kept = [j for j in range(ds.num_samples) if j not in set(held.tolist())]
+    assert _samples(train) == Counter(_sample_tuple(ds, j) for j in kept)
+    assert _samples(evals) == Counter(_sample_tuple(ds, int(j)) for j in held)
+    assert all(len(evals[i]["input_ids"]) <= 256 for i in range(len(evals)))
+    # Packs not touched by the split are the packed directory's, byte for byte.
+    assert train.num_samples == len(kept) and len(train) <= len(ds)
+    untouched = [i for i in range(len(train)) if not train.touched[train.packs[i]]]
+    assert untouched and all(
+        np.array_equal(train[i]["input_ids"], ds[int(train.packs[i])]["input_ids"])
+        for i in untouched
+    )
+    assert train.meta["fingerprint"] != ds.meta["fingerprint"]
+    assert train.meta["packed_fingerprint"] == ds.meta["fingerprint"]
+
+
+def test_split_must_leave_samples_on_both_sides(setup):
+    from pyfast_tune.data import PackedDataset
+    from pyfast_tune.trainer.evaluate import held_out_samples
+
+    ds = PackedDataset(setup["packed"])
+    with pytest.raises(ValueError, match="holds out 0"):
+        held_out_samples(ds, 0.1 / ds.num_samples, seed=0)
+
+
+def test_eval_data_must_share_the_training_tokenizer(setup, tmp_path, tiny_tokenizer_bos):
+    from pyfast_tune.config import load_config
+    from pyfast_tune.data import PackedDataset, pack
+    from pyfast_tune.trainer.evaluate import split_data
+
+    pack([setup["jsonl"]], tmp_path / "bos", tokenizer=tiny_tokenizer_bos, max_length=256,
+         format="openai", template="default")  # fmt: skip
+    cfg = load_config(None, ["--model", "m/", "--data", str(setup["packed"]),
+                             "--eval.data", str(tmp_path / "bos")])  # fmt: skip
+    with pytest.raises(ValueError, match="packed with another tokenizer"):
+        split_data(cfg, PackedDataset(setup["packed"]))
+
+
+# --- eval loss ----------------------------------------------------------------------------
+
+
+def _direct_loss(model, eval_set, reduction="token") -> float:
+    """Mean over trained tokens (or of per-sample means) of each sample run alone through the
+    model's stock attention with transformers' own label shift."""
+    sums, counts = [], []
+    with torch.no_grad():
+        for i in range(len(eval_set)):
+            p = eval_set[i]
+            cu = p["cu_seqlens"]
+            for a, b in zip(cu[:-1], cu[1:]):
+                ids = torch.from_numpy(p["input_ids"][a:b])[None]
+                labels = torch.from_numpy(p["labels"][a:b])
+                logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+                ce = F.cross_entropy(logits.double(), labels[1:], ignore_index=IGNORE,
+                                     reduction="sum")  # fmt: skip
+                sums.append(float(ce))
+                counts.append(int((labels[1:] != IGNORE).sum()))
+    if reduction == "token":
+        return sum(sums) / sum(counts)
+    return float(np.mean([s / c for s, c in zip(sums, counts) if c]))
+
+
+@pytest.mark.parametrize("reduction", ["token", "sample"])
+def test_eval_loss_is_the_mean_over_trained_tokens_on_any_number_of_ranks(setup, reduction):
+    from transformers import AutoModelForCausalLM
+
+    from pyfast_tune import patch
+    from pyfast_tune.data import PackedDataset
+    from pyfast_tune.trainer.batches import global_normalizer
+    from pyfast_tune.trainer.evaluate import eval_loss
+    from pyfast_tune.trainer.step import batch_loss
+
+    model = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32).eval()
+    eval_set = PackedDataset(setup["eval_packed"])
+    assert len(eval_set) >= 3
+    expected = _direct_loss(model, eval_set, reduction)
+    patch.apply(model, lora=False, attention_backend="ref")
+    try:
+        norm = global_normalizer(eval_set, range(len(eval_set)), reduction)
+
+        def loss_of(batch):
+            return batch_loss(model, batch, "cpu", fused=True)
+
+        one = eval_loss(loss_of, eval_set, norm, 0, 1, 1, reduction)
+        # Three ranks, two packs per micro batch: the shares (with a zero-weight filler row on
+        # the ranks past the end) sum to the same loss, every token counted once.
+        shares = [eval_loss(loss_of, eval_set, norm, r, 3, 2, reduction) for r in range(3)]
+    finally:
+        patch.revert(model)
+    trained = sum(
+        int((np.asarray(eval_set[i]["labels"])[1:] != IGNORE).sum()) for i in range(len(eval_set))
+    )
+    assert one[0].item() == pytest.approx(expected, rel=1e-5)
+    assert sum(s[0].item() for s in shares) == pytest.approx(expected, rel=1e-5)
+    assert one[1].item() == sum(s[1].item() for s in shares) <= trained
+    assert one[2].item() == sum(s[2].item() for s in shares) == eval_set.num_samples
+
+
+# --- training runs ------------------------------------------------------------------------
+
+
+def _config(setup, path: Path, eval_section: str, **keys) -> Path:
+    """A LoRA run on the packed chats with ``eval_section`` (YAML) and top-level ``keys``."""
+    values = {"model": setup["model"], "data": setup["packed"], "max_length": 256,
+              "method": "lora", "lora": "{r: 8, alpha: 16, dropout: 0.1}", "max_steps": STEPS,
+              "lr": "1.0e-2", "warmup_steps": 1, "global_batch_size": 4, "save_steps": 3,
+              "progress_bar": "false", "report_to": "tensorboard", **keys}  # fmt: skip
+    path.write_text("".join(f"{k}: {v}\n" for k, v in values.items()) + eval_section)
+    return path
+
+
+def _train(config: Path, out: Path, nproc: int = 1, *args: str) -> subprocess.CompletedProcess:
+    from pyfast_tune.launch import launch_command
+
+    cmd = launch_command(config, nproc=nproc, extra_args=["--output_dir", str(out), *args])
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def _evals(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines() if x.strip()]
+
+
+PROMPTS = ["Tell me about the moon.", "What do you know?"]
+SPLIT_EVAL = (
+    f"eval:\n  split: 0.1\n  steps: 2\n  max_new_tokens: 12\n  prompts: {json.dumps(PROMPTS)}\n"
+)
+
+
+@pytest.fixture(scope="module")
+def split_run(setup, tmp_path_factory):
+    d = tmp_path_factory.mktemp("split_run")
+    config = _config(setup, d / "run.yaml", SPLIT_EVAL)
+    out = d / "run"
+    return config, out, _train(config, out)
+
+
+def _greedy(model, prompt_ids: list[int], stop: set[int], max_new: int) -> list[int]:
+    """Argmax decoding by full forwards (no KV cache): the plainest greedy decode."""
+    ids = list(prompt_ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new):
+            token = int(
+                model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()
+            )
+            if token in stop:
+                break
+            out.append(token)
+            ids.append(token)
+    return out
+
+
+def test_eval_runs_on_schedule_with_the_training_loss_and_greedy_answers(setup, split_run):
+    from peft import PeftModel
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from pyfast_tune.data import ChatEncoder, PackedDataset
+    from pyfast_tune.trainer.batches import PackOrder
+    from pyfast_tune.trainer.evaluate import SamplePacks, TrainingPacks, held_out_samples
+    from pyfast_tune.trainer.metrics import read_metrics
+
+    _, out, proc = split_run
+    evals = _evals(out)
+    assert [e["step"] for e in evals] == [2, 4, 5]  # every 2 steps, and the last
+    assert "eval step 2: loss " in proc.stdout and "  Q: Tell me about the moon." in proc.stdout
+    # Training saw exactly the training packs, step by step: each step's token count is that of
+    # the packs the order gives it over the split's training packs (the held-out ones are gone).
+    ds = PackedDataset(setup["packed"])
+    held = held_out_samples(ds, 0.1, seed=0)
+    train, eval_set = TrainingPacks(ds, held), SamplePacks(ds, held, 256)
+    order = PackOrder(len(train), 4, 0)
+    metrics = read_metrics(out / "metrics.jsonl")
+    for m in metrics:
+        packs = order.global_batch(m["step"] - 1)
+        assert m["tokens"] == sum(len(train[int(i)]["input_ids"]) for i in packs)
+    # The logged eval loss is the mean trained-token loss of the held-out samples under the
+    # checkpoint of that step.
+    base = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32)
+    tuned = PeftModel.from_pretrained(base, out / "checkpoints" / "step_00000005" / "hf").eval()
+    last = evals[-1]
+    assert last["loss"] == pytest.approx(_direct_loss(tuned, eval_set), rel=1e-5)
+    assert last["samples"] == len(held) and evals[0]["loss"] > last["loss"]
+    # The answers are the plain greedy decode of the training template's prompt.
+    tok = Tokenizer.from_file(str(setup["tok"] / "tokenizer.json"))
+    encoder = ChatEncoder(setup["tok"], "default", None)
+    eos = {tok.token_to_id("<|im_end|>")}
+    assert [qa["prompt"] for qa in last["answers"]] == PROMPTS
+    for qa in last["answers"]:
+        ids = list(encoder.encode([(qa["prompt"], None)])[0])
+        expected = tok.decode(_greedy(tuned, ids, eos, 12), skip_special_tokens=False)
+        assert qa["answer"] == expected
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_eval_schedule(setup, split_run, tmp_path):
+    config, full_out, _ = split_run
+    out = tmp_path / "run"
+    _train(config, out, 1, "--stop_after_steps", "3")
+    assert [e["step"] for e in _evals(out)] == [2]
+    _train(config, out, 1, "--resume", "true")
+    resumed, full = _evals(out), _evals(full_out)
+    assert [e["step"] for e in resumed] == [2, 4, 5]
+    for a, b in zip(resumed, full):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
+        assert a["answers"] == b["answers"]
+
+
+def test_resume_refuses_another_split(setup, split_run, tmp_path):
+    """The training packs depend on the split: a checkpoint of one split does not resume
+    on another (its data fingerprint names the held-out samples)."""
+    import shutil
+
+    from pyfast_tune.launch import launch_command
+
+    config, full_out, _ = split_run
+    out = tmp_path / "run"
+    shutil.copytree(full_out / "checkpoints", out / "checkpoints")
+    extra = ["--output_dir", str(out), "--resume", "true", "--eval.split", "0.2"]
+    proc = subprocess.run(launch_command(config, nproc=1, extra_args=extra),
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert proc.returncode != 0 and "trained on different data" in proc.stderr
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_give_the_eval_of_one(setup, tmp_path):
+    """ZeRO-3 partitions the parameters: the eval loss (rows dealt over 2 ranks) and the greedy
+    answers (every rank decoding in lockstep) equal those of one process."""
+    from pyfast_tune.trainer.metrics import read_metrics
+
+    section = (f"eval:\n  data: {setup['eval_packed']}\n  steps: 1\n  max_new_tokens: 8\n"
+               f"  prompts: {json.dumps(PROMPTS)}\n")  # fmt: skip
+    config = _config(setup, tmp_path / "run.yaml", section, max_steps=2, save_steps=0,
+                     save_hf="false", deepspeed="zero3", method="full", lr="3.0e-3")  # fmt: skip
+    one = _evals(_train_out(config, tmp_path / "one", 1))
+    two = _evals(_train_out(config, tmp_path / "two", 2))
+    assert [e["step"] for e in one] == [e["step"] for e in two] == [1, 2]
+    for a, b in zip(one, two):
+        assert a["trained_tokens"] == b["trained_tokens"] > 0
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
+        assert a["answers"] == b["answers"]
+    # Evaluating changes nothing in training (modes restored, no RNG drawn from its stream).
+    plain = _config(setup, tmp_path / "plain.yaml", "", max_steps=2, save_steps=0,
+                    save_hf="false", deepspeed="zero3", method="full", lr="3.0e-3")  # fmt: skip
+    with_eval = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    without = read_metrics(_train_out(plain, tmp_path / "plain", 2) / "metrics.jsonl")
+    assert [m["loss"] for m in with_eval] == [m["loss"] for m in without]
+
+
+def _train_out(config: Path, out: Path, nproc: int) -> Path:
+    _train(config, out, nproc)
+    return out
