@@ -130,6 +130,7 @@ def test_split_holds_out_records_by_their_source_not_by_packing(setup, tmp_path)
     assert all(len(evals[i]["input_ids"]) <= 256 for i in range(len(evals)))
     # Packs not touched by the split are the packed directory's, byte for byte.
     assert train.num_samples == len(kept) and len(train) <= len(ds)
+    assert train.pack_lengths.tolist() == [len(train[i]["input_ids"]) for i in range(len(train))]
     untouched = [i for i in range(len(train)) if not train.touched[train.packs[i]]]
     assert untouched and all(
         np.array_equal(train[i]["input_ids"], ds[int(train.packs[i])]["input_ids"])

@@ -130,6 +130,10 @@ class TrainingPacks:
         held_per_pack = np.bincount(pack_of[held_out], minlength=len(per_pack))
         self.touched = held_per_pack > 0
         self.packs = np.nonzero(held_per_pack < per_pack)[0]  # packs that still train
+        lengths = np.asarray(dataset.samples[:, 1], dtype=np.int64)
+        held_tokens = np.bincount(pack_of[held_out], weights=lengths[held_out],
+                                  minlength=len(per_pack)).astype(np.int64)  # fmt: skip
+        self._lengths = (np.asarray(dataset.pack_lengths) - held_tokens)[self.packs]
         h = hashlib.blake2b(str(dataset.meta.get("fingerprint")).encode(), digest_size=16)
         h.update(np.asarray(held_out, dtype="<i8").tobytes())
         self.meta = {
@@ -156,7 +160,7 @@ class TrainingPacks:
     @property
     def pack_lengths(self) -> np.ndarray:
         """Tokens in every training pack (int64)."""
-        return np.array([len(self[i]["input_ids"]) for i in range(len(self))], dtype=np.int64)
+        return self._lengths
 
 
 class SamplePacks:

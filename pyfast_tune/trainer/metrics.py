@@ -277,7 +277,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_loss_curve(metrics_path: Path, out_png: Path) -> None:
-    """Loss against step (raw and a 10-step moving average) as a PNG."""
+    """Loss against step (raw and a 10-step moving average, and the eval loss of eval.jsonl
+    beside ``metrics_path`` if any) as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -293,6 +294,11 @@ def plot_loss_curve(metrics_path: Path, out_png: Path) -> None:
     if len(loss) >= 10:
         smooth = np.convolve(loss, np.ones(10) / 10, mode="valid")
         ax.plot(steps[9:], smooth, lw=1.5, label="10-step mean")
+    eval_path = metrics_path.with_name("eval.jsonl")
+    evals = [r for r in read_metrics(eval_path) if "loss" in r] if eval_path.is_file() else []
+    if evals:  # the held-out loss (trainer.evaluate), same definition
+        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", lw=1.2, ms=4,
+                label="eval loss")  # fmt: skip
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean over trained tokens)")
     ax.grid(alpha=0.3)
