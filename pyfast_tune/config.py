@@ -133,6 +133,9 @@ class TrainConfig:
     grad_accum: int | None = None  # default 1, or derived from global_batch_size
     global_batch_size: int | None = None  # packs per optimizer step over all ranks
     loss_reduction: str = "token"  # token: mean over trained tokens of the global batch | sample
+    # ranks that split each packed row (DeepSpeed-Ulysses); must divide the number of processes
+    # and the model's attention heads; data-parallel size = processes / this
+    sequence_parallel_size: int = 1
     seed: int = 0
     output_dir: str = "runs/run"
     save_steps: int = 0  # 0 = save only at the end
@@ -298,6 +301,10 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.micro_batch_size < 1:
         raise ConfigError("micro_batch_size must be >= 1")
+    if not _is_int(cfg.sequence_parallel_size) or cfg.sequence_parallel_size < 1:
+        raise ConfigError(
+            f"sequence_parallel_size must be an integer >= 1, got {cfg.sequence_parallel_size!r}"
+        )
     resolve_report_to(cfg.report_to, cfg.tensorboard)  # names checked; libraries at start-up
     if cfg.log_steps < 1:
         raise ConfigError(f"log_steps must be >= 1, got {cfg.log_steps}")

@@ -159,7 +159,18 @@ def _varlen_forward(backend: str):
         k = key.transpose(1, 2).reshape(batch * seq_len, key.shape[1], head_dim)
         v = value.transpose(1, 2).reshape(batch * seq_len, value.shape[1], value.shape[-1])
         window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
-        if attention_mask is not None:
+        sequence_parallel = kwargs.get("sequence_parallel")
+        if sequence_parallel is not None:
+            # A shard of a row split over a sequence-parallel group: all-to-all to the whole row
+            # for heads/N heads, attend, all-to-all back (pyfast_tune.trainer.sequence_parallel).
+            if batch != 1 or attention_mask is not None:
+                raise ValueError("sequence-parallel attention takes one packed row, no mask")
+            cu, max_len = _segments(batch, seq_len, None, kwargs)
+            cu = cu.to(query.device)
+            out = sequence_parallel.attention(
+                q, k, v, lambda q, k, v: _run_varlen(backend, q, k, v, cu, max_len, scaling, window)
+            )
+        elif attention_mask is not None:
             # A padded batch (the mask function passes the 2D mask only when there is padding):
             # gather the real tokens, one segment per row, and leave zeros at the pads.
             idx, cu, max_len = _unpad(attention_mask.to(query.device))

@@ -88,29 +88,38 @@ def _resolve_resume(resume, output_dir: Path) -> Path | None:
     return found
 
 
-def _optimizer_step(engine, dataset, order, step, rank, world, normalizer, flops, cfg, device):
+def _optimizer_step(engine, dataset, order, step, topo, normalizer, flops, cfg, device):
     """This rank's micro batches of optimizer step ``step``, forward/backward/step each.
 
-    Returns float64 [loss share, tokens, trained tokens, model FLOPs] of this rank; their sum
-    over ranks is the step's global figures (the loss share sums to the global-batch loss).
+    Returns float64 [loss share, tokens, trained tokens, model FLOPs, padding tokens] of this
+    rank; their sum over ranks is the step's global figures (the loss share sums to the
+    global-batch loss). With sequence parallelism (``topo.sequence``) the rank trains on its
+    shard of each row (``pyfast_tune.trainer.sequence_parallel``).
     """
     import numpy as np
     import torch
 
     from pyfast_tune.trainer.batches import collate
+    from pyfast_tune.trainer.sequence_parallel import shard_row
     from pyfast_tune.trainer.step import batch_loss
 
-    micro_batches = order.micro_batches(step, rank, world, cfg.micro_batch_size)
-    totals = torch.zeros(4, dtype=torch.float64)
+    sp = topo.sequence
+    micro_batches = order.micro_batches(step, topo.data_rank, topo.data_world, cfg.micro_batch_size)
+    totals = torch.zeros(5, dtype=torch.float64)
     for accum_index, pack_ids in enumerate(micro_batches):
-        row = accum_index * world + rank  # the row's index in the global batch
-        # Dropout masks depend on (seed, step, row) only: identical under any world size.
-        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, row]).generate_state(1)[0]))
+        row = accum_index * topo.data_world + topo.data_rank  # the row's index in the global batch
+        # Dropout masks depend on (seed, step, row) only: identical under any world size
+        # (a shard of a sequence-parallel row draws its own: its rank is in the seed too).
+        key = [cfg.seed, step, row] + ([sp.rank] if sp is not None else [])
+        torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
         batch = collate([dataset[int(i)] for i in pack_ids], cfg.loss_reduction, normalizer)
-        loss = batch_loss(engine, batch, device, fused=cfg.fused_loss)
-        # DeepSpeed divides by grad_accum and averages gradients over ranks; undo both so the
-        # gradient is that of the global-batch loss (the sum of the rows' shares).
-        engine.backward(loss * (len(micro_batches) * world))
+        if sp is not None:
+            batch = shard_row(batch, sp.size, sp.rank)
+        loss = batch_loss(engine, batch, device, fused=cfg.fused_loss, sequence_parallel=sp)
+        # DeepSpeed divides by grad_accum and averages gradients over the data-parallel ranks
+        # (summing over each sequence-parallel group); undo both so the gradient is that of the
+        # global-batch loss (the sum of the rows' shares).
+        engine.backward(loss * (len(micro_batches) * topo.data_world))
         engine.step()
         totals += torch.tensor(
             [
@@ -118,6 +127,7 @@ def _optimizer_step(engine, dataset, order, step, rank, world, normalizer, flops
                 batch.num_tokens,
                 batch.num_trained,
                 flops.step_flops(batch.sample_lengths),
+                batch.num_padding,
             ],
             dtype=torch.float64,
         )
@@ -224,6 +234,8 @@ def _run(cfg) -> dict:
         resolve_report_to,
     )
     from pyfast_tune.trainer.model import build_model, count_parameters, resolve_dtype
+    from pyfast_tune.trainer.sequence_parallel import check_model as check_sequence_parallel_model
+    from pyfast_tune.trainer.sequence_parallel import topology
 
     rank, world, local_rank = _distributed_env()
     logging.basicConfig(
@@ -240,6 +252,10 @@ def _run(cfg) -> dict:
         else (contextlib.nullcontext())
     ):  # DeepSpeed prints that it built its shared-memory op, on every start
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    # Sequence-parallel groups of N consecutive ranks; packs are split over the world / N
+    # data-parallel replicas (all of it without sequence parallelism).
+    topo = topology(cfg.sequence_parallel_size, rank, world)
+    data_world = topo.data_world
     output_dir = Path(cfg.output_dir)
     report_to = resolve_report_to(cfg.report_to, cfg.tensorboard)
     if rank == 0:
@@ -261,25 +277,27 @@ def _run(cfg) -> dict:
     # Batch geometry: the global batch G (packs per optimizer step) is what resume keeps fixed.
     micro = cfg.micro_batch_size
     if cfg.global_batch_size:
-        if cfg.global_batch_size % (micro * world):
+        if cfg.global_batch_size % (micro * data_world):
             raise ConfigError(
                 f"global_batch_size {cfg.global_batch_size} is not divisible by "
-                f"micro_batch_size {micro} x {world} processes"
+                f"micro_batch_size {micro} x {data_world} data-parallel processes"
             )
-        grad_accum = cfg.global_batch_size // (micro * world)
+        grad_accum = cfg.global_batch_size // (micro * data_world)
     else:
         grad_accum = cfg.grad_accum or 1
-    global_batch = micro * grad_accum * world
+    global_batch = micro * grad_accum * data_world
     order = PackOrder(len(dataset), global_batch, cfg.seed)
     total_steps = cfg.max_steps or cfg.epochs * order.steps_per_epoch
 
     dtype = resolve_dtype(cfg.dtype)
     hidden = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    check_sequence_parallel_model(hidden, cfg.sequence_parallel_size)
     ds_cfg = deepspeed_config(
         cfg.deepspeed,
         micro_batch_size=micro,
         grad_accum=grad_accum,
-        world_size=world,
+        world_size=data_world,
+        sequence_parallel_size=cfg.sequence_parallel_size,
         lr=cfg.lr,
         betas=tuple(cfg.adam_betas),
         eps=cfg.adam_eps,
@@ -341,6 +359,7 @@ def _run(cfg) -> dict:
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_cfg,
         lr_scheduler=scheduler,
+        mpu=topo.mpu,  # ZeRO over the data x sequence grid, gradients summed over a group
     )
     exclude_frozen = cfg.method != "full"
 
@@ -351,8 +370,8 @@ def _run(cfg) -> dict:
         if state["global_batch"] != global_batch:
             raise ConfigError(
                 f"{resume_from} was trained with a global batch of {state['global_batch']} packs; "
-                f"this run has {global_batch} (micro {micro} x accum {grad_accum} x {world} "
-                "processes): set global_batch_size to resume on the same batches"
+                f"this run has {global_batch} (micro {micro} x accum {grad_accum} x {data_world} "
+                "data-parallel processes): set global_batch_size to resume on the same batches"
             )
         if state.get("data_fingerprint") != fingerprint:
             raise ConfigError(f"{resume_from} was trained on different data ({packed_dir})")
@@ -420,12 +439,10 @@ def _run(cfg) -> dict:
         t0 = time.perf_counter()
         normalizer = global_normalizer(dataset, order.global_batch(step), cfg.loss_reduction)
         lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else cfg.lr
-        totals = _optimizer_step(
-            engine, dataset, order, step, rank, world, normalizer, flops, cfg, device
-        )
+        totals = _optimizer_step(engine, dataset, order, step, topo, normalizer, flops, cfg, device)
         dist.all_reduce(totals)
         seconds = time.perf_counter() - t0
-        loss_value, tokens, trained, step_flops = totals.tolist()
+        loss_value, tokens, trained, step_flops, padding = totals.tolist()
         losses.append(loss_value)
         if rank == 0:
             grad_norm = engine.get_global_grad_norm()
@@ -436,6 +453,7 @@ def _run(cfg) -> dict:
                 "lr": lr,
                 "tokens": int(tokens),
                 "trained_tokens": int(trained),
+                "padding_tokens": int(padding),  # sequence-parallel rows' padding, not in MFU
                 "seconds": seconds,
                 "elapsed": time.perf_counter() - run_start,
                 "tokens_per_s": tokens / seconds,

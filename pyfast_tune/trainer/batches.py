@@ -129,6 +129,9 @@ class PackedBatch:
     num_tokens: int
     num_trained: int
     sample_lengths: np.ndarray  # (n,) int64, for FLOPs accounting
+    # untrained tokens padding a sequence-parallel row to a multiple of the group size (they
+    # belong to no sample; see pyfast_tune.trainer.sequence_parallel)
+    num_padding: int = 0
 
 
 def collate(packs: list[dict], reduction: str, normalizer: int) -> PackedBatch:

@@ -59,8 +59,13 @@ def deepspeed_config(
     max_grad_norm: float,
     dtype: str,
     hidden_size: int,
+    sequence_parallel_size: int = 1,
 ) -> dict:
-    """The DeepSpeed config dict for this run, every ``"auto"`` resolved."""
+    """The DeepSpeed config dict for this run, every ``"auto"`` resolved.
+
+    ``world_size`` is the data-parallel size (processes / ``sequence_parallel_size``): the
+    batch sizes count packs, and the ranks of a sequence-parallel group share theirs.
+    """
     raw = load_deepspeed_json(name_or_path)
     train_batch = micro_batch_size * grad_accum * world_size
     values = {
@@ -90,6 +95,10 @@ def deepspeed_config(
                 f"deepspeed config sets {key}={ds[key]} but the training config implies {want} "
                 f"(micro_batch_size={micro_batch_size}, grad_accum={grad_accum}, world={world_size})"
             )
+    if sequence_parallel_size > 1:
+        # Read where DeepSpeed builds a config without our mpu (zero.Init under ZeRO-3), so its
+        # batch-size check divides the processes by it as deepspeed.initialize(mpu=...) does.
+        ds["sequence_parallel_size"] = sequence_parallel_size
     if "optimizer" in ds and "zero_optimization" in ds:
         # Our optimizers are DeepSpeed's own (CPU Adam on offload); allow torch's elsewhere.
         ds.setdefault("zero_allow_untested_optimizer", True)

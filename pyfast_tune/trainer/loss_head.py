@@ -133,10 +133,12 @@ def _probe_reason(model, hf, head, inputs: dict) -> str | None:
     some layers (bitsandbytes' Linear4bit on CPU repacks its weights for a bf16 inference
     kernel, which every later forward then uses).
     """
-    n = int(min(_PROBE_TOKENS, int(inputs["cu_seq_lens_q"][1])))
+    n = int(min(_PROBE_TOKENS, int(inputs["cu_seq_lens_q"][1]), inputs["input_ids"].shape[-1]))
     device = inputs["input_ids"].device
     cu = torch.tensor([0, n], dtype=torch.int32, device=device)
-    probe = dict(inputs, input_ids=inputs["input_ids"][:, :n],
+    # The probe runs on this process's own tokens: no sequence-parallel collectives.
+    local = {k: v for k, v in inputs.items() if k != "sequence_parallel"}
+    probe = dict(local, input_ids=inputs["input_ids"][:, :n],
                  position_ids=torch.arange(n, device=device)[None],
                  cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n, max_length_k=n)  # fmt: skip
     seen = []

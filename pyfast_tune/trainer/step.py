@@ -9,15 +9,18 @@ from pyfast_tune.trainer.batches import IGNORE, PackedBatch
 from pyfast_tune.trainer.loss_head import fused_loss_head
 
 
-def model_inputs(batch: PackedBatch, device: torch.device | str) -> dict:
+def model_inputs(batch: PackedBatch, device: torch.device | str, sequence_parallel=None) -> dict:
     """Keyword arguments for a HF causal LM forward on one packed row (no attention mask).
 
     ``cu_seq_lens_q/k`` and ``max_length_q/k`` are the kwargs transformers forwards to the
     attention function (see ``pyfast_tune.patch``); position_ids restart at 0 per sample so
-    rotary embeddings see each sample from position 0.
+    rotary embeddings see each sample from position 0. ``sequence_parallel``: the group a
+    sharded row (``sequence_parallel.shard_row``) attends with, forwarded to attention too.
     """
     cu = torch.from_numpy(batch.cu_seqlens).to(device)
+    extra = {} if sequence_parallel is None else {"sequence_parallel": sequence_parallel}
     return {
+        **extra,
         "input_ids": torch.from_numpy(batch.input_ids).to(device).unsqueeze(0),  # (1, T)
         "position_ids": torch.from_numpy(batch.position_ids).to(device).unsqueeze(0),  # (1, T)
         "cu_seq_lens_q": cu,
@@ -40,7 +43,11 @@ def weighted_loss(
 
 
 def batch_loss(
-    model: torch.nn.Module, batch: PackedBatch, device: torch.device | str, fused: bool = True
+    model: torch.nn.Module,
+    batch: PackedBatch,
+    device: torch.device | str,
+    fused: bool = True,
+    sequence_parallel=None,
 ) -> torch.Tensor:
     """This row's share of the global-batch loss (summing all rows gives the batch loss).
 
@@ -48,7 +55,7 @@ def batch_loss(
     linear cross-entropy, the (T, V) logits never exist) where the model allows it, else —
     and with ``fused=False`` — the loss of the model's full logits. Both compute the same sum.
     """
-    inputs = model_inputs(batch, device)
+    inputs = model_inputs(batch, device, sequence_parallel)
     targets = torch.from_numpy(batch.targets).to(device)
     weights = torch.from_numpy(batch.weights).to(device)
     head = fused_loss_head(model, inputs) if fused else None
