@@ -60,6 +60,30 @@ pub struct PackConfig {
     pub rebuild_meta: bool,
     /// `(i, n)`: encode only part `i` of `n` and save it for `merge-packs`.
     pub shard: Option<(usize, usize)>,
+    /// Where inputs came from when a front end resolved them to local files (a Hugging Face
+    /// Hub dataset read from its cache): recorded in meta.json and the fingerprint. Never a
+    /// user option, so it is left out of the defaults (and so of every front end's flags).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceInfo>,
+}
+
+/// One resolved remote source: the repository, the commit its files were read at, the split
+/// and subset (config) that chose them, and their paths in the repository, in input order.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceInfo {
+    /// Repository id, `org/name`.
+    pub repo_id: String,
+    /// Repository kind (`dataset`).
+    pub repo_type: String,
+    /// The commit hash the files were read at (never a branch name).
+    pub revision: String,
+    /// The split that selected the files, if a split did.
+    pub split: Option<String>,
+    /// The subset (config name) that selected the files, if the repository defines subsets.
+    pub subset: Option<String>,
+    /// Paths of the files in the repository.
+    pub files: Vec<String>,
 }
 
 impl Default for PackConfig {
@@ -83,6 +107,7 @@ impl Default for PackConfig {
             file_type: None,
             rebuild_meta: false,
             shard: None,
+            sources: Vec::new(),
         }
     }
 }
@@ -332,6 +357,18 @@ mod tests {
         let text = serde_json::to_string(&cfg).unwrap();
         let back = PackConfig::from_json(&text).unwrap();
         assert_eq!(serde_json::to_string(&back).unwrap(), text);
+    }
+
+    #[test]
+    fn sources_parse_but_stay_out_of_the_defaults() {
+        assert!(!PackConfig::defaults_json().contains("sources"));
+        let cfg = PackConfig::from_json(
+            r#"{"sources": [{"repo_id": "o/n", "repo_type": "dataset", "revision": "ab",
+                "split": "train", "subset": null, "files": ["train.jsonl"]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.sources[0].files, ["train.jsonl"]);
+        assert!(PackConfig::from_json(r#"{"sources": [{"repo": "o/n"}]}"#).is_err());
     }
 
     #[test]

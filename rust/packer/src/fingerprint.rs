@@ -39,6 +39,9 @@ pub(crate) fn fingerprint_inputs(cfg: &PackConfig, tokenizer_hash: &str, files: 
     if cfg.min_length > 0 {
         o.insert("min_length".into(), json!(cfg.min_length));
     }
+    if !cfg.sources.is_empty() {
+        o.insert("sources".into(), json!(cfg.sources));
+    }
     if cfg.template == "hf" {
         // chat_template.jinja is not among the tokenizer files hashed above.
         let h = chat_template::find_source(&cfg.tokenizer)

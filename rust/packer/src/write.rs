@@ -114,7 +114,7 @@ pub(crate) fn finish(
     let mut fp_inputs = header.fingerprint_base.clone();
     fp_inputs["inputs"] = Value::Array(file_entries);
     stats.fingerprint = hash_value(&fp_inputs);
-    let meta = json!({
+    let mut meta = json!({
         "format_version": output::FORMAT_VERSION,
         "tool": "pyfast-tune",
         "tool_version": env!("CARGO_PKG_VERSION"),
@@ -132,6 +132,9 @@ pub(crate) fn finish(
         "num_tokens": stats.tokens,
         "outputs": outputs,
     });
+    if let Some(sources) = fp_inputs.get("sources") {
+        meta["sources"] = sources.clone();
+    }
     let meta_path = staging.dir.join(output::META);
     let mut f = std::fs::File::create(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
     let text = serde_json::to_string_pretty(&meta).map_err(|e| Error::Internal(e.to_string()))?;
