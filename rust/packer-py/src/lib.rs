@@ -257,14 +257,27 @@ fn render_chats(
     py.detach(|| {
         let tok = packer::tokenize::TextTokenizer::load(&path)?;
         let ct = packer::chat_template::ChatTemplate::load(&path)?;
+        // A malformed conversation is a data error naming its index; a template that fails
+        // to render or encode it is the tokenizer's.
+        let template_err = |msg: String| Error::Tokenizer {
+            path: path.clone(),
+            msg,
+        };
         convs
             .into_iter()
-            .map(|messages| {
+            .enumerate()
+            .map(|(i, messages)| {
                 let record = serde_json::json!({ "messages": messages });
-                let msgs =
-                    packer::chat_template::messages_from_openai(&record).map_err(Error::Config)?;
-                let text = ct.render(&msgs, false).map_err(Error::Config)?;
-                let enc = ct.encode(&tok, &msgs, usize::MAX).map_err(Error::Config)?;
+                let msgs = packer::chat_template::messages_from_openai(&record).map_err(|msg| {
+                    Error::Record {
+                        path: PathBuf::from("<conversations_json>"),
+                        line: 1,
+                        record: i as u64,
+                        msg,
+                    }
+                })?;
+                let text = ct.render(&msgs, false).map_err(template_err)?;
+                let enc = ct.encode(&tok, &msgs, usize::MAX).map_err(template_err)?;
                 Ok((text, enc.ids, enc.mask))
             })
             .collect::<packer::Result<Vec<_>>>()
