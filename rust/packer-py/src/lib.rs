@@ -336,6 +336,7 @@ fn engine_facts() -> String {
         "image_token_id": packer::encode::IMAGE_TOKEN_ID,
         "binary_files": files,
         "no_bos_classes": packer::tokenize::NO_BOS_CLASSES,
+        "data_extensions": packer::input::DATA_EXTENSIONS,
     })
     .to_string()
 }
