@@ -427,7 +427,8 @@ def _run(cfg) -> dict:
 
     console = Console(total_steps, start_step, cfg.log_steps, cfg.progress_bar, disabled=rank != 0)
     evaluator = Evaluator(cfg, eval_set, engine, template=cfg.data.template, tokenizer=tokenizer,
-                          rank=rank, world=world, zero_stage=stage, device=device,
+                          rank=topo.data_rank, world=topo.data_world, sequence=topo.sequence,
+                          is_first=rank == 0, zero_stage=stage, device=device,
                           metrics=metrics, write=console.write)  # fmt: skip
     records = []
     engine.train()

@@ -355,8 +355,9 @@ def test_resume_refuses_another_split(setup, split_run, tmp_path):
 
 @pytest.mark.slow
 def test_zero3_two_processes_give_the_eval_of_one(setup, tmp_path):
-    """ZeRO-3 partitions the parameters: the eval loss (rows dealt over 2 ranks) and the greedy
-    answers (every rank decoding in lockstep) equal those of one process."""
+    """ZeRO-3 partitions the parameters: the eval loss (rows dealt over 2 ranks, or each row
+    split over a sequence-parallel group of 2) and the greedy answers (every rank decoding in
+    lockstep) equal those of one process."""
     from pyfast_tune.trainer.metrics import read_metrics
 
     section = (f"eval:\n  data: {setup['eval_packed']}\n  steps: 1\n  max_new_tokens: 8\n"
@@ -365,11 +366,14 @@ def test_zero3_two_processes_give_the_eval_of_one(setup, tmp_path):
                      save_hf="false", deepspeed="zero3", method="full", lr="3.0e-3")  # fmt: skip
     one = _evals(_train_out(config, tmp_path / "one", 1))
     two = _evals(_train_out(config, tmp_path / "two", 2))
-    assert [e["step"] for e in one] == [e["step"] for e in two] == [1, 2]
-    for a, b in zip(one, two):
-        assert a["trained_tokens"] == b["trained_tokens"] > 0
+    sp = _evals(_train_out(config, tmp_path / "sp", 2, "--sequence_parallel_size", "2"))
+    assert [e["step"] for e in one] == [e["step"] for e in two] == [e["step"] for e in sp] == [1, 2]
+    for a, b, c in zip(one, two, sp):
+        assert a["trained_tokens"] == b["trained_tokens"] == c["trained_tokens"] > 0
+        assert a["samples"] == b["samples"] == c["samples"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
-        assert a["answers"] == b["answers"]
+        assert a["loss"] == pytest.approx(c["loss"], rel=1e-5), (a, c)
+        assert a["answers"] == b["answers"] == c["answers"]
     # Evaluating changes nothing in training (modes restored, no RNG drawn from its stream).
     plain = _config(setup, tmp_path / "plain.yaml", "", max_steps=2, save_steps=0,
                     save_hf="false", deepspeed="zero3", method="full", lr="3.0e-3")  # fmt: skip
@@ -378,6 +382,6 @@ def test_zero3_two_processes_give_the_eval_of_one(setup, tmp_path):
     assert [m["loss"] for m in with_eval] == [m["loss"] for m in without]
 
 
-def _train_out(config: Path, out: Path, nproc: int) -> Path:
-    _train(config, out, nproc)
+def _train_out(config: Path, out: Path, nproc: int, *args: str) -> Path:
+    _train(config, out, nproc, *args)
     return out

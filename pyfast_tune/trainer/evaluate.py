@@ -224,14 +224,24 @@ def split_data(cfg, dataset, tokenizer: str | None = None):
 
 
 def eval_loss(
-    loss_of, eval_set, normalizer: int, rank: int, world: int, micro: int, reduction: str
+    loss_of,
+    eval_set,
+    normalizer: int,
+    rank: int,
+    world: int,
+    micro: int,
+    reduction: str,
+    sequence=None,
 ) -> torch.Tensor:
-    """float64 [loss, trained tokens, samples] of ``eval_set`` summed over the ``world`` ranks.
+    """float64 [loss, trained tokens, samples] of ``eval_set`` summed over all processes.
 
     ``loss_of(batch)`` is training's ``batch_loss`` (a row's share of the loss whose weights
-    are normalised by ``normalizer``). Rank r takes rows ``(a*world + r)*micro ...`` in round
-    a, like a training step; every rank runs the same number of forwards (a rank past the end
-    runs row 0 with zero weights), as ZeRO-3's collective parameter gathers need.
+    are normalised by ``normalizer``). ``rank``/``world``: data-parallel coordinates; rank r
+    takes rows ``(a*world + r)*micro ...`` in round a, like a training step; every rank runs
+    the same number of forwards (a rank past the end runs row 0 with zero weights), as ZeRO-3's
+    collective parameter gathers need. ``sequence`` (a ``SequenceParallel``): each row is
+    sharded over the group as in training (``sequence_parallel.shard_row``), every shard
+    contributing its tokens' share.
     """
     import torch.distributed as dist
 
@@ -245,9 +255,13 @@ def eval_loss(
             batch = collate([eval_set[i] for i in ids or [0]], reduction, normalizer)
             if not ids:
                 batch.weights = np.zeros_like(batch.weights)
+            samples = len(batch.sample_lengths) if sequence is None or sequence.rank == 0 else 0
+            if sequence is not None:
+                from pyfast_tune.trainer.sequence_parallel import shard_row
+
+                batch = shard_row(batch, sequence.size, sequence.rank)
             loss = loss_of(batch)
             if ids:
-                samples = len(batch.sample_lengths)
                 totals += torch.tensor([float(loss), batch.num_trained, samples],
                                        dtype=torch.float64)  # fmt: skip
     if dist.is_initialized():
@@ -292,18 +306,22 @@ def _eval_modes(module: torch.nn.Module) -> dict:
 class Evaluator:
     """Eval loss and prompt answers for one run; ``due(step)`` then ``evaluate(step)``.
 
-    ``rank``/``world``: this process's data-parallel coordinates. ``metrics``: rank 0's
-    ``MetricsLog`` (None elsewhere); ``write``: rank 0's printer (the console's).
+    ``rank``/``world``: this process's data-parallel coordinates (``topology``'s data_rank
+    and data_world); ``sequence``: its sequence-parallel group (None without). ``metrics``:
+    rank 0's ``MetricsLog`` (None elsewhere); ``write``: rank 0's printer (the console's).
     """
 
     def __init__(self, cfg, eval_set, engine, *, template: str, tokenizer: str, rank: int,
                  world: int, zero_stage: int, device, metrics=None, write=print,
-                 loss_of=None):  # fmt: skip
+                 loss_of=None, sequence=None, is_first: bool | None = None):  # fmt: skip
         self.cfg = cfg
         self.ev = cfg.eval
         self.eval_set = eval_set
         self.engine = engine
         self.rank, self.world = rank, world
+        self.sequence = sequence
+        # The process that prints, logs and (without ZeRO-3) answers: global rank 0.
+        self.is_first = (rank == 0) if is_first is None else is_first
         self.zero_stage = zero_stage
         self.device = device
         self.metrics = metrics
@@ -312,7 +330,8 @@ class Evaluator:
             from pyfast_tune.trainer.step import batch_loss
 
             def loss_of(batch):
-                return batch_loss(engine, batch, device, fused=cfg.fused_loss)
+                return batch_loss(engine, batch, device, fused=cfg.fused_loss,
+                                  sequence_parallel=sequence)  # fmt: skip
 
         self.loss_of = loss_of
         self.normalizer = 0
@@ -360,7 +379,7 @@ class Evaluator:
             if self.eval_set is not None:
                 totals = eval_loss(self.loss_of, self.eval_set, self.normalizer, self.rank,
                                    self.world, self.cfg.micro_batch_size,
-                                   self.cfg.loss_reduction)  # fmt: skip
+                                   self.cfg.loss_reduction, self.sequence)  # fmt: skip
                 loss, trained, samples = totals.tolist()
                 record.update(loss=loss, trained_tokens=int(trained), samples=int(samples))
             if self.prompts:
@@ -369,18 +388,20 @@ class Evaluator:
             for m, training in modes.items():
                 m.training = training
         record["seconds"] = time.perf_counter() - t0
-        if self.rank == 0:
+        if self.is_first:
             self._report(record)
         return record
 
     def answer(self, module) -> list[dict]:
         """Greedy answers to ``eval.prompts`` ([{"prompt", "answer"}], on rank 0; [] elsewhere
         unless ZeRO-3 made every rank decode)."""
+        import torch.distributed as dist
+
         from pyfast_tune import patch
         from pyfast_tune.chat import generate
 
-        every_rank = self.zero_stage == 3 and self.world > 1
-        if not every_rank and self.rank != 0:
+        every_rank = self.zero_stage == 3 and dist.is_initialized() and dist.get_world_size() > 1
+        if not every_rank and not self.is_first:
             return []
         model = _RankZeroLogits(module) if every_rank else module
         out = []
