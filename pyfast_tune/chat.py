@@ -152,6 +152,17 @@ def _holdback(text: str, stop_words: Sequence[str]) -> int:
     return keep
 
 
+def _cache_argument(model) -> str:
+    """The forward argument (and output key) of the KV cache: ``cache`` in transformers 5's
+    later releases, ``past_key_values`` before (the old name still works there, with a
+    deprecation notice on every chat)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(type(base).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def generate(
     model,
     prompt_ids: list[int],
@@ -178,10 +189,11 @@ def generate(
     device = next(model.parameters()).device
     inputs = torch.tensor([prompt_ids], device=device)
     past, out_ids, shown, text = None, [], 0, ""
+    cache_key = _cache_argument(model)
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            out = model(input_ids=inputs, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=inputs, use_cache=True, **{cache_key: past})
+            past = out[cache_key]
             logits = out.logits[0, -1].float().cpu()
             if temperature <= 0:
                 token = int(torch.argmax(logits))

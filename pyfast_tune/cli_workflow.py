@@ -142,8 +142,10 @@ def _add_convert(sub) -> None:
 
 def _cmd_convert(args) -> int:
     from pyfast_tune.export import convert
+    from pyfast_tune.quiet import quiet_dependencies
 
-    r = convert(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    with quiet_dependencies():
+        r = convert(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
     print(f"converted {r['checkpoint']} (step {r['step']}, ZeRO-{r['zero_stage']}, "
           f"{r['world_size']} ranks, {r['source']} weights) -> {r['kind']} {args.out}: "
           f"{r['tensors']} tensors, tokenizer files {', '.join(r['tokenizer_files']) or 'none'}")  # fmt: skip
@@ -174,9 +176,11 @@ def _add_merge(sub) -> None:
 
 def _cmd_merge(args) -> int:
     from pyfast_tune.export import merge
+    from pyfast_tune.quiet import quiet_dependencies
 
-    r = merge(args.base, args.adapter, args.out, dtype=args.dtype,
-              max_shard_size=args.max_shard_size, trust_remote_code=args.trust_remote_code)  # fmt: skip
+    with quiet_dependencies():
+        r = merge(args.base, args.adapter, args.out, dtype=args.dtype,
+                  max_shard_size=args.max_shard_size, trust_remote_code=args.trust_remote_code)  # fmt: skip
     print(f"merged {args.adapter} into {args.base} -> {args.out} ({r['dtype']})")
     return 0
 
@@ -218,8 +222,10 @@ def _add_chat(sub) -> None:
 
 def _cmd_chat(args) -> int:
     from pyfast_tune.chat import chat_main
+    from pyfast_tune.quiet import quiet_dependencies
 
-    return chat_main(args)
+    with quiet_dependencies():
+        return chat_main(args)
 
 
 REGISTRARS: list[Callable] = [_add_inspect, _add_train, _add_convert, _add_merge, _add_chat]

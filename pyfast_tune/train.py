@@ -22,10 +22,10 @@ import logging
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from pyfast_tune.config import ConfigError
+from pyfast_tune.quiet import quiet_dependencies
 
 log = logging.getLogger("pyfast_tune.train")
 
@@ -149,57 +149,11 @@ def packed_template(configured: str | None, meta: dict, packed_dir) -> str:
     return packed
 
 
-@contextlib.contextmanager
-def quiet_dependencies(cfg):
-    """What the run does not use stays out, and notices a user cannot act on are not shown.
-
-    bitsandbytes is hidden unless ``method: qlora`` (peft imports it at start-up whatever the
-    method, and it warns about optional 4-bit CPU kernels a LoRA run never calls); the
-    dependencies' own deprecation notices (FutureWarning/DeprecationWarning raised inside
-    transformers, peft, DeepSpeed, accelerate or torch: their API, not the user's) are not
-    shown; DeepSpeed is told the accelerator on a machine without CUDA instead of warning that
-    it found none; weight-loading bars stay off. ``show_dependency_warnings: true`` shows it
-    all. Everything is restored on exit (tests run several trainings in one process).
-    """
-    if cfg.show_dependency_warnings:
-        yield
-        return
-    import torch
-
-    hid_bnb = cfg.method != "qlora" and "bitsandbytes" not in sys.modules
-    if hid_bnb:
-        sys.modules["bitsandbytes"] = None  # import fails, importlib.util.find_spec says absent
-    saved_env = os.environ.get("DS_ACCELERATOR")
-    if saved_env is None and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    deps = r"(transformers|peft|deepspeed|accelerate|torch)(\.|$)"
-    try:
-        with warnings.catch_warnings():
-            for category in (FutureWarning, DeprecationWarning):
-                warnings.filterwarnings("ignore", category=category, module=deps)
-            try:
-                from transformers.utils import logging as hf_logging
-
-                bars = hf_logging.is_progress_bar_enabled()
-                hf_logging.disable_progress_bar()
-            except ImportError:  # pragma: no cover - transformers is a [train] dependency
-                bars = False
-            try:
-                yield
-            finally:
-                if bars:
-                    hf_logging.enable_progress_bar()
-    finally:
-        if hid_bnb and sys.modules.get("bitsandbytes", 0) is None:
-            del sys.modules["bitsandbytes"]
-        if saved_env is None:
-            os.environ.pop("DS_ACCELERATOR", None)
-
-
 def run(cfg) -> dict:
     """Train with ``cfg`` (a ``TrainConfig``) in this process; returns a summary dict."""
     _tools_on_path()
-    with quiet_dependencies(cfg):
+    # bitsandbytes stays unloaded unless the run quantizes (QLoRA).
+    with quiet_dependencies(cfg.show_dependency_warnings, cfg.method != "qlora"):
         return _run(cfg)
 
 

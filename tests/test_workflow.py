@@ -4,7 +4,10 @@ clone): pack -> inspect -> train a tiny Llama with LoRA under ZeRO-2 on 2 CPU pr
 as base + adapter. Plus the demo."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,6 +70,24 @@ def test_pack_train_convert_merge_chat(run, tmp_path, capsys):
     assert from_merged == from_adapter
     assert len(from_merged.strip()) > 0
     assert from_base != from_merged  # the adapter changed the greedy answer
+
+
+def test_convert_merge_chat_print_no_dependency_noise(run, tmp_path):
+    # Fresh processes: in-process, a warning shown once by an earlier test would not repeat.
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    env = dict(os.environ, PYTHONWARNINGS="default")
+    for argv in (
+        ["convert", run["out"], adapter],
+        ["merge", run["model"], adapter, merged],
+        ["chat", merged, "--prompt", QUESTION, "--max-new-tokens", "4"],
+    ):
+        cmd = [sys.executable, "-m", "pyfast_tune.cli", *map(str, argv)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        both = proc.stdout + proc.stderr
+        assert proc.returncode == 0, both[-4000:]
+        for noise in ("gemm_4bit", "FutureWarning", "DeprecationWarning", "deprecated",
+                      "Setting accelerator to CPU", "Loading weights", "Writing model shards"):  # fmt: skip
+            assert noise not in both, (argv[0], noise, both[-3000:])
 
 
 def test_lora_state_with_and_without_optimizer_gives_the_trained_adapter(run, tmp_path):
