@@ -249,7 +249,7 @@ def _evals(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines() if x.strip()]
 
 
-PROMPTS = ["Tell me about the moon.", "What do you know?"]
+PROMPTS = ["Tell me about the moon.", "What do you know?", "Where is the river?"]
 SPLIT_EVAL = (
     f"eval:\n  split: 0.1\n  steps: 2\n  max_new_tokens: 12\n  prompts: {json.dumps(PROMPTS)}\n"
 )
@@ -367,13 +367,19 @@ def test_zero3_two_processes_give_the_eval_of_one(setup, tmp_path):
     one = _evals(_train_out(config, tmp_path / "one", 1))
     two = _evals(_train_out(config, tmp_path / "two", 2))
     sp = _evals(_train_out(config, tmp_path / "sp", 2, "--sequence_parallel_size", "2"))
-    assert [e["step"] for e in one] == [e["step"] for e in two] == [e["step"] for e in sp] == [1, 2]
-    for a, b, c in zip(one, two, sp):
-        assert a["trained_tokens"] == b["trained_tokens"] == c["trained_tokens"] > 0
-        assert a["samples"] == b["samples"] == c["samples"]
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
-        assert a["loss"] == pytest.approx(c["loss"], rel=1e-5), (a, c)
-        assert a["answers"] == b["answers"] == c["answers"]
+    # ZeRO-2: every process holds the model and answers its share of the prompts.
+    dealt = _evals(_train_out(config, tmp_path / "zero2", 2, "--deepspeed", "zero2"))
+    runs = [two, sp, dealt]
+    assert [e["step"] for e in one] == [1, 2] and all(
+        [e["step"] for e in r] == [1, 2] for r in runs
+    )
+    for i, a in enumerate(one):
+        assert len(a["answers"]) == len(PROMPTS) and a["trained_tokens"] > 0
+        for r in runs:
+            b = r[i]
+            assert (b["trained_tokens"], b["samples"]) == (a["trained_tokens"], a["samples"])
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+            assert b["answers"] == a["answers"]
     # Evaluating changes nothing in training (modes restored, no RNG drawn from its stream).
     plain = _config(setup, tmp_path / "plain.yaml", "", max_steps=2, save_steps=0,
                     save_hf="false", deepspeed="zero3", method="full", lr="3.0e-3")  # fmt: skip

@@ -393,22 +393,27 @@ class Evaluator:
         return record
 
     def answer(self, module) -> list[dict]:
-        """Greedy answers to ``eval.prompts`` ([{"prompt", "answer"}], on rank 0; [] elsewhere
-        unless ZeRO-3 made every rank decode)."""
+        """Greedy answers to ``eval.prompts``: [{"prompt", "answer"}] in prompt order.
+
+        Under ZeRO-3 every process decodes every prompt in lockstep (rank 0's logits decide);
+        otherwise each holds the whole model, so process r answers prompts r, r+N, ... and
+        the answers are gathered (no process idles in a collective while another decodes).
+        """
         import torch.distributed as dist
 
         from pyfast_tune import patch
         from pyfast_tune.chat import generate
 
-        every_rank = self.zero_stage == 3 and dist.is_initialized() and dist.get_world_size() > 1
-        if not every_rank and not self.is_first:
-            return []
-        model = _RankZeroLogits(module) if every_rank else module
-        out = []
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        lockstep = self.zero_stage == 3 and world > 1
+        model = _RankZeroLogits(module) if lockstep else module
+        mine = range(len(self.prompts)) if lockstep else range(rank, len(self.prompts), world)
+        answers = {}
         with patch.decoding(module):
-            for prompt in self.prompts:
-                ids = self.format.prompt_ids([], prompt)
-                text, _ = generate(
+            for i in mine:
+                ids = self.format.prompt_ids([], self.prompts[i])
+                answers[i], _ = generate(
                     model,
                     ids,
                     lambda t: self.tok.decode(t, skip_special_tokens=False),
@@ -417,8 +422,11 @@ class Evaluator:
                     max_new_tokens=self.ev.max_new_tokens,
                     temperature=0.0,
                 )
-                out.append({"prompt": prompt, "answer": text})
-        return out
+        if not lockstep and world > 1:
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, answers)
+            answers = {i: a for part in gathered for i, a in part.items()}
+        return [{"prompt": q, "answer": answers[i]} for i, q in enumerate(self.prompts)]
 
     def _report(self, record: dict) -> None:
         lines = [f"eval step {record['step']}:"]
