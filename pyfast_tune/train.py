@@ -116,10 +116,10 @@ def _optimizer_step(engine, dataset, order, step, topo, normalizer, flops, cfg, 
         if sp is not None:
             batch = shard_row(batch, sp.size, sp.rank)
         loss = batch_loss(engine, batch, device, fused=cfg.fused_loss, sequence_parallel=sp)
-        # DeepSpeed divides by grad_accum and averages gradients over the data-parallel ranks
-        # (summing over each sequence-parallel group); undo both so the gradient is that of the
-        # global-batch loss (the sum of the rows' shares).
-        engine.backward(loss * (len(micro_batches) * topo.data_world))
+        # DeepSpeed divides by grad_accum and averages gradients over all ranks (the shards of
+        # a sequence-parallel row too); undo both so the gradient is that of the global-batch
+        # loss (the sum of all rows' and shards' shares).
+        engine.backward(loss * (len(micro_batches) * topo.world))
         engine.step()
         totals += torch.tensor(
             [
@@ -313,7 +313,6 @@ def _run(cfg) -> dict:
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_cfg,
         lr_scheduler=scheduler,
-        mpu=topo.mpu,  # ZeRO over the data x sequence grid, gradients summed over a group
     )
     exclude_frozen = cfg.method != "full"
 

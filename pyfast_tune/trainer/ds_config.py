@@ -96,8 +96,8 @@ def deepspeed_config(
                 f"(micro_batch_size={micro_batch_size}, grad_accum={grad_accum}, world={world_size})"
             )
     if sequence_parallel_size > 1:
-        # Read where DeepSpeed builds a config without our mpu (zero.Init under ZeRO-3), so its
-        # batch-size check divides the processes by it as deepspeed.initialize(mpu=...) does.
+        # DeepSpeed's batch-size check then divides the processes by it (the ranks of a group
+        # share their packs); ZeRO still shards and reduces over all ranks, as for Ulysses.
         ds["sequence_parallel_size"] = sequence_parallel_size
     if "optimizer" in ds and "zero_optimization" in ds:
         # Our optimizers are DeepSpeed's own (CPU Adam on offload); allow torch's elsewhere.

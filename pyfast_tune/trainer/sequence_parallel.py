@@ -19,15 +19,21 @@ group trains on the same packed row, each on one contiguous shard of its tokens:
    not divide by N), each is repeated just enough times that it does (see ``kv_repeats``).
 4. The loss of a shard is its tokens' share of the global-batch loss (weights from the whole
    global batch, as without sequence parallelism), so the shares of all ranks sum to the
-   global-batch loss, and the gradients, summed over the ranks of a group (the all-to-all's
-   backward carries each rank's share to the heads it came from) and averaged over the
-   data-parallel groups, are the gradient of that loss.
+   global-batch loss, and the gradients summed over all ranks (the all-to-all's backward
+   carries each rank's share back to the ranks whose queries, keys and values it used) are
+   the gradient of that loss.
 
-DeepSpeed's own pieces do the rest: the groups come from its ``parallel_state_sp`` (the
-Megatron-style ``mpu`` that ``deepspeed.initialize(mpu=...)`` understands), so ZeRO shards
-parameters, gradients and optimizer state over all ranks of the data x sequence grid and its
-gradient reduction sums over the sequence-parallel ranks and averages over the data-parallel
-ones. The all-to-all is ours, not ``deepspeed.sequence.layer.DistributedAttention``: that
+ZeRO treats the whole data x sequence grid as data parallel, as DeepSpeed's own Ulysses does
+(its sequence-data-parallel group): parameters, gradients and optimizer state are sharded
+over all ranks, and its gradient average over all ranks is undone by the loss scale, leaving
+the sum. We do not hand DeepSpeed its Ulysses ``mpu`` (``parallel_state_sp``): with it,
+DeepSpeed 0.19's ZeRO-3 reduce-scatter path averages over the sequence-parallel ranks while
+its contiguous-bucket path and ZeRO-1/2 sum over them (the gradient then depends on bucket
+layout), and checkpoints record a tensor-parallel degree of N for one model-state file, which
+its universal-checkpoint converter refuses. DeepSpeed only learns ``sequence_parallel_size``
+in its config, so its batch-size check counts packs per data-parallel replica.
+
+The all-to-all is ours, not ``deepspeed.sequence.layer.DistributedAttention``: that
 layer cannot repeat key/value heads (it requires H_kv >= N), and ours is a pure function of
 an ``exchange`` that tests drive without processes.
 
@@ -235,65 +241,38 @@ class SequenceParallel:
 
 @dataclass(frozen=True)
 class Topology:
-    """How the world splits: ``data_parallel`` groups of ``sequence_parallel_size`` ranks.
-
-    ``data_rank``/``data_world``: which of the data-parallel replicas this rank is and how many
-    there are (they take different packs); ``sequence``: the group's handle (None when the size
-    is 1); ``mpu``: what ``deepspeed.initialize(mpu=...)`` needs to shard ZeRO over the whole
-    grid and reduce gradients right (None when the size is 1).
-    """
+    """How the world splits: ``data_world`` data-parallel replicas of ``sequence_parallel_size``
+    ranks each. ``data_rank``: which replica this rank belongs to (replicas take different
+    packs); ``sequence``: its sequence-parallel group (None when the size is 1)."""
 
     data_rank: int
     data_world: int
     sequence: SequenceParallel | None
-    mpu: Any
 
-
-class SequenceParallelMpu:
-    """DeepSpeed's ``parallel_state_sp`` as ``deepspeed.initialize(mpu=...)`` takes it, but
-    with no tensor parallelism: that module aliases the model-parallel queries to the
-    sequence-parallel group, so DeepSpeed records tp_degree = N in the metadata of a checkpoint
-    holding one model-state file (its universal-checkpoint converter then refuses it: resume on
-    another world size fails), and loading a universal checkpoint asks the mpu for a
-    tensor-parallel size it lacks. Sequence parallelism splits no tensor."""
-
-    def __init__(self, state):
-        self._state = state
-        # DeepSpeed tells an Ulysses mpu from a Megatron one by this attribute.
-        self.initialize_sequence_parallel = state.initialize_sequence_parallel
-
-    def __getattr__(self, name):
-        return getattr(self._state, name)
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return 1
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return 0
+    @property
+    def world(self) -> int:
+        return self.data_world * (self.sequence.size if self.sequence is not None else 1)
 
 
 def topology(sequence_parallel_size: int, rank: int, world: int) -> Topology:
-    """Build the groups (after ``deepspeed.init_distributed``): ranks ``[g*N, (g+1)*N)`` form
-    sequence-parallel group g; the data-parallel index of a rank is ``rank // N``."""
+    """Build the groups (every rank calls this, after the process group exists): ranks
+    ``[g*N, (g+1)*N)`` form sequence-parallel group g, the data-parallel index of a rank is
+    ``rank // N``."""
     n = sequence_parallel_size
     if n < 1 or world % n:
         raise ValueError(
             f"sequence_parallel_size {n} must divide the number of processes ({world})"
         )
     if n == 1:
-        return Topology(rank, world, None, None)
-    from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
+        return Topology(rank, world, None)
+    import torch.distributed as dist
 
-    if mpu._SEQUENCE_PARALLEL_GROUP is None:  # once per process (tests may train twice)
-        mpu.initialize_sequence_parallel(sequence_parallel_size=n)
-    if mpu.get_sequence_parallel_world_size() != n:
-        raise RuntimeError(
-            f"this process already has sequence-parallel groups of "
-            f"{mpu.get_sequence_parallel_world_size()} ranks, not {n}"
-        )
-    group = mpu.get_sequence_parallel_group()
-    sp = SequenceParallel(group, n, mpu.get_sequence_parallel_rank())
-    return Topology(rank // n, world // n, sp, SequenceParallelMpu(mpu))
+    mine = None
+    for g in range(world // n):  # new_group is collective: every rank creates every group
+        group = dist.new_group(list(range(g * n, (g + 1) * n)))
+        if g == rank // n:
+            mine = group
+    return Topology(rank // n, world // n, SequenceParallel(mine, n, rank % n))
 
 
 def check_model(config, size: int) -> None:
