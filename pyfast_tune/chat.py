@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyfast_tune.hub import resolve_tokenizer
+
 
 def py_format(fmt: str, **fields: str) -> str:
     """Python's ``str.format`` for the named fields in one pass (a ``{round}`` inside user
@@ -318,6 +320,8 @@ class ChatSession:
         tok_dir = Path(tokenizer) if tokenizer else None
         if tok_dir is None:
             tok_dir = adapter if adapter and (adapter / "tokenizer.json").is_file() else model_dir
+        # A model or tokenizer named by its Hub id: its tokenizer files from the Hub cache.
+        tok_dir = Path(resolve_tokenizer(tok_dir))
         if not (tok_dir / "tokenizer.json").is_file() and not tok_dir.is_file():
             raise FileNotFoundError(f"{tok_dir}: no tokenizer.json; pass --tokenizer DIR")
         self.template = template or default_template(adapter, model_dir)

@@ -27,6 +27,8 @@ EPILOG_PACK = """examples:
   pyfast-tune pack chats.jsonl --template hf --out packed/ --tokenizer tok/
   pyfast-tune pack internevo/ --file-type .bin --min-length 50 --out packed/ --tokenizer tok/
   pyfast-tune pack data/ --shard 0/3 --out part0/ --tokenizer tok/   # then merge-packs
+  pyfast-tune pack hf://datasets/timdettmers/openassistant-guanaco --format oasst1 \
+      --template qwen_chat --out packed/ --tokenizer Qwen/Qwen2.5-0.5B-Instruct
 """
 
 
@@ -51,6 +53,16 @@ def _add_pack(sub) -> None:
     )
     for field in pack_fields():
         _add_pack_field(p, field)
+    # Not engine options: they choose which files of hf://datasets/... inputs are read.
+    p.add_argument(
+        "--split",
+        default=None,
+        help="split of hf://datasets/... inputs (default train: the files the dataset card's "
+        "configs or the Hub's split naming assign to it)",
+    )
+    p.add_argument(
+        "--subset", default=None, help="subset (config name) of hf://datasets/... inputs"
+    )
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pack)
@@ -98,7 +110,8 @@ def _cmd_pack(args) -> int:
             continue
         options[name] = getattr(args, name)
     options["inputs"] = list(args.inputs) + list(args.inputs_opt)
-    stats = pack(progress=not args.quiet and sys.stderr.isatty(), **options)
+    hub_files = {k: getattr(args, k) for k in ("split", "subset") if getattr(args, k) is not None}
+    stats = pack(progress=not args.quiet and sys.stderr.isatty(), **hub_files, **options)
     for msg in stats.skipped_examples:
         print(f"skipped: {msg}", file=sys.stderr)
     if args.json:

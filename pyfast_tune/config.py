@@ -71,13 +71,18 @@ class DataConfig:
 _PACK_FIELDS_OWNED = {"inputs", "out_dir", "max_length", "seed", "threads", "shard"}
 
 
+# pack()'s own arguments a data section may name too: the split (a name such as "test", unlike
+# eval.split) and subset that choose the files of hf://datasets/... inputs.
+_PACK_HUB_ARGS = {"split", "subset"}
+
+
 def _pack_passthrough() -> set[str]:
     """The engine's pack options a ``data`` section may name directly: derived from PackConfig,
     so a field added to the engine is a training-config key without a change here."""
     from pyfast_tune.data import pack_defaults
 
     own = {f.name for f in dataclasses.fields(DataConfig)}
-    return set(pack_defaults()) - _PACK_FIELDS_OWNED - own
+    return (set(pack_defaults()) | _PACK_HUB_ARGS) - _PACK_FIELDS_OWNED - own
 
 
 @dataclass
@@ -275,7 +280,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def validate(cfg: TrainConfig) -> None:
     """Reject inconsistent settings with a message naming the key."""
     if not cfg.model:
-        raise ConfigError("config key `model` (a local model directory) is required")
+        raise ConfigError("config key `model` (a local model directory or Hub id) is required")
     if cfg.method not in ("full", "lora", "qlora"):
         raise ConfigError(f"method must be full, lora or qlora, got {cfg.method!r}")
     if cfg.loss_reduction not in ("token", "sample"):

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pyfast_tune import _packer
+from pyfast_tune import _packer, hub
 
 PackError = _packer.PackError
 DataFormatError = _packer.DataFormatError
@@ -44,6 +44,8 @@ BINARY_LAYOUT: dict[str, tuple[str, int]] = {
 }
 # Tokenizer classes that get no BOS token (XTuner's get_bos_eos_token_ids, as pack encodes).
 NO_BOS_CLASSES: frozenset[str] = frozenset(_FACTS["no_bos_classes"])
+# A Hub input (hf://datasets/...) or tokenizer id that cannot be had (offline: not cached).
+HubError = hub.HubError
 
 
 class FingerprintMismatch(PackError):
@@ -166,6 +168,8 @@ def pack(
     shard: tuple[int, int] | None = None,
     map_fn: Callable[[dict], dict | None] | None = None,
     tokenizer_backend: str = "auto",
+    split: str | None = None,
+    subset: str | None = None,
 ) -> PackStats:
     """Read, template, tokenize and pack ``inputs`` into ``out_dir`` (written atomically).
 
@@ -173,8 +177,13 @@ def pack(
       ``data_order`` the single data root. JSON arrays or JSONL, plain/.gz/.zst (both are
       streamed: inputs larger than memory are fine), and pre-tokenized InternEVO ``X.bin`` with
       ``X.bin.meta`` (pick them in directories with ``file_type=".bin"``).
+      Hugging Face Hub datasets as ``hf://datasets/<org>/<name>[@<revision>][/<path-or-glob>]``,
+      read through ``huggingface_hub`` and its cache (``HF_HUB_OFFLINE=1`` reads the cache
+      only); ``split`` (default ``train``) and ``subset`` (a config name) pick their files as
+      ``datasets.load_dataset`` does, and meta.json records the commit they were read at.
     tokenizer: a directory with ``tokenizer.json`` (+ ``tokenizer_config.json`` for BOS/EOS)
-      or the ``tokenizer.json`` itself.
+      or the ``tokenizer.json`` itself; or a Hub model id ``<org>/<name>`` when no such local
+      path exists (only its tokenizer files are fetched).
     format: see ``formats()`` (XTuner's map_fns; ``auto`` detects by keys). template: an XTuner
       template name, ``hf`` (the tokenizer's own chat template, loss on assistant content) or
       ``none`` (``templates()``); pretraining text is never templated.
@@ -198,24 +207,30 @@ def pack(
     ...      template="qwen_chat").fill > 0.99                              # doctest: +SKIP
     True
     """
+    # Hub inputs and tokenizer ids become local files before anything is written.
+    inputs, sources = _resolve_sources(inputs, split, subset, data_order)
+    tokenizer = hub.resolve_tokenizer(tokenizer)
     if map_fn is not None:
         return _pack_mapped(
             map_fn,
             inputs,
             out_dir,
-            tokenizer=tokenizer,
-            max_length=max_length,
+            sources=sources,
+            tokenizer=os.fspath(tokenizer),
+            max_length=int(max_length),
             format=format,
             template=template,
-            seed=seed,
+            seed=int(seed),
             threads=threads,
             skip_bad=skip_bad,
             data_order=data_order,
             progress=progress,
             columns=columns,
         )
-    options = pack_options(
-        inputs=_inputs(inputs),
+    return _pack_engine(
+        sources,
+        progress,
+        inputs=inputs,
         out_dir=os.fspath(out_dir),
         tokenizer=os.fspath(tokenizer),
         max_length=int(max_length),
@@ -232,12 +247,45 @@ def pack(
         shard=None if shard is None else [int(shard[0]), int(shard[1])],
         tokenizer_backend=tokenizer_backend,
     )
+
+
+def _pack_engine(sources: list[dict], progress: bool, **fields: Any) -> PackStats:
+    options = pack_options(**fields)
+    options["sources"] = sources  # not a user option: what the Hub inputs resolved to
     report, close = _tqdm_progress() if progress else (None, lambda: None)
     try:
         raw = _packer.pack(options, report)
     finally:
         close()
     return PackStats(**json.loads(raw))
+
+
+def _resolve_sources(inputs, split, subset, data_order) -> tuple[list[str], list[dict]]:
+    """Local paths of ``inputs`` (``hf://`` ones resolved through huggingface_hub, in place)
+    and, for those, where they came from (``PackConfig.sources``)."""
+    paths: list[str] = []
+    sources: list[dict] = []
+    for inp in _inputs(inputs):
+        if not hub.is_hub_url(inp):
+            paths.append(inp)
+            continue
+        extensions = _FACTS.get("data_extensions")
+        if extensions is None:
+            raise PackConfigError(
+                "this build of pyfast_tune._packer predates Hub inputs: rebuild it"
+            )
+        ds = hub.resolve_dataset(inp, split=split, subset=subset, extensions=extensions)
+        paths.extend(ds.paths)
+        sources.append(ds.source())
+    if not sources and (split is not None or subset is not None):
+        raise PackConfigError(
+            "split and subset choose the files of hf://datasets/... inputs, and none was given"
+        )
+    if sources and data_order is not None:
+        raise PackConfigError(
+            "a data-order file lists local files under one data root: it cannot take hf:// inputs"
+        )
+    return paths, sources
 
 
 def _read_records(path: str):
@@ -266,12 +314,12 @@ def _read_records(path: str):
             yield json.loads(line)
 
 
-def _pack_mapped(map_fn, inputs, out_dir, *, columns, **kw) -> PackStats:
+def _pack_mapped(map_fn, inputs, out_dir, *, columns, sources, **kw) -> PackStats:
     import tempfile
 
     if columns:
         raise PackConfigError("map_fn and columns are exclusive: remap inside map_fn")
-    files = resolve_inputs(inputs, kw.get("data_order"))
+    files = resolve_inputs(inputs, kw.pop("data_order"))
     with tempfile.TemporaryDirectory(prefix="pyfast-tune-map-") as tmp:
         order = Path(tmp) / "data_order.txt"
         names = []
@@ -292,8 +340,14 @@ def _pack_mapped(map_fn, inputs, out_dir, *, columns, **kw) -> PackStats:
                     out.write(json.dumps(mapped, ensure_ascii=False) + "\n")
             names.append(rel)
         order.write_text("".join(n + "\n" for n in names))
-        kw["data_order"] = order
-        return pack(Path(tmp) / "data", out_dir, **kw)
+        return _pack_engine(
+            sources,
+            kw.pop("progress"),
+            inputs=[str(Path(tmp) / "data")],
+            out_dir=os.fspath(out_dir),
+            data_order=str(order),
+            **kw,
+        )
 
 
 def merge_packs(
@@ -334,7 +388,9 @@ def render_chat(
     >>> render_chat("tok/", [[{"role": "user", "content": "Hi"},
     ...                       {"role": "assistant", "content": "Hello"}]])   # doctest: +SKIP
     """
-    out = _packer.render_chats(os.fspath(tokenizer), json.dumps(conversations))
+    out = _packer.render_chats(
+        os.fspath(hub.resolve_tokenizer(tokenizer)), json.dumps(conversations)
+    )
     return [(text, list(ids), list(mask)) for text, ids, mask in out]
 
 
@@ -351,16 +407,20 @@ def fingerprint(
     min_length: int = 0,
     file_type: str | None = None,
     tokenizer_backend: str = "auto",
+    split: str | None = None,
+    subset: str | None = None,
 ) -> str:
     """The fingerprint ``pack`` would write for these arguments, without packing (it hashes
-    every input). Key a cache of packed directories with it.
+    every input; Hub inputs and tokenizer ids are resolved as ``pack`` resolves them). Key a
+    cache of packed directories with it.
 
     >>> fingerprint("chats.jsonl", tokenizer="tok/", max_length=2048)   # doctest: +SKIP
     '5c0f...'
     """
+    inputs, sources = _resolve_sources(inputs, split, subset, data_order)
     options = pack_options(
-        inputs=_inputs(inputs),
-        tokenizer=os.fspath(tokenizer),
+        inputs=inputs,
+        tokenizer=os.fspath(hub.resolve_tokenizer(tokenizer)),
         max_length=int(max_length),
         format=format,
         template=template,
@@ -372,6 +432,7 @@ def fingerprint(
         file_type=file_type,
         tokenizer_backend=tokenizer_backend,
     )
+    options["sources"] = sources
     return _packer.fingerprint(options)
 
 
@@ -382,8 +443,8 @@ def exchange_dirs(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 def tokenizer_hash(tokenizer: str | os.PathLike) -> str:
-    """Hex BLAKE3 of a tokenizer's files, as ``meta.json`` records it."""
-    return _packer.tokenizer_hash(os.fspath(tokenizer))
+    """Hex BLAKE3 of a tokenizer's files (a path or Hub id), as ``meta.json`` records it."""
+    return _packer.tokenizer_hash(os.fspath(hub.resolve_tokenizer(tokenizer)))
 
 
 def templates() -> list[dict[str, Any]]:

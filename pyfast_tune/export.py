@@ -406,9 +406,17 @@ def merge(
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from pyfast_tune.hub import resolve_tokenizer
     from pyfast_tune.trainer.checkpoint import copy_tokenizer_files
 
     out = Path(out_dir)
+    adapter_path = Path(adapter)
+    # Before the work: a base named by its Hub id gives its tokenizer files from the Hub cache.
+    tok_src = (
+        adapter_path
+        if (adapter_path / "tokenizer_config.json").is_file()
+        else Path(resolve_tokenizer(base))
+    )
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     target = parse_dtype(dtype) or getattr(config, "dtype", None) or torch.float32
     if isinstance(target, str):
@@ -422,8 +430,6 @@ def merge(
     tmp = _fresh_dir(out)
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
-        adapter_path = Path(adapter)
-        tok_src = adapter_path if (adapter_path / "tokenizer_config.json").is_file() else Path(base)
         copied = copy_tokenizer_files(tok_src, tmp)
         _write_generation_config(model, base, tmp, tok_src)
         run = adapter_path / RUN_FILE

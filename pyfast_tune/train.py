@@ -166,6 +166,7 @@ def _run(cfg) -> dict:
     from pyfast_tune import patch
     from pyfast_tune.config import to_dict
     from pyfast_tune.data import PackedDataset
+    from pyfast_tune.hub import resolve_tokenizer
     from pyfast_tune.trainer.batches import PackOrder, global_normalizer
     from pyfast_tune.trainer.checkpoint import (
         DS_TAG,
@@ -217,7 +218,9 @@ def _run(cfg) -> dict:
 
     # Data: mmap a packed dir (packing raw inputs once per node, under a file lock).
     cache_dir = Path(cfg.data.cache_dir or output_dir.parent / ".pyfast_cache")
-    tokenizer = cfg.tokenizer or cfg.data.tokenizer or cfg.model
+    # A Hub id (the model's, by default) means its tokenizer files in the Hub cache: packing,
+    # evaluation prompts and the checkpoints' copies all read that one folder.
+    tokenizer = resolve_tokenizer(cfg.tokenizer or cfg.data.tokenizer or cfg.model)
     packed_dir = prepare_packed_dir(cfg.data, cfg.max_length, tokenizer, cache_dir)
     if cfg.data.verify:
         verify_packed_dir(packed_dir, cache_dir)

@@ -25,7 +25,6 @@ pub(crate) fn fingerprint_inputs(cfg: &PackConfig, tokenizer_hash: &str, files: 
         "max_length": cfg.max_length,
         "seed": cfg.seed,
         "skip_bad": cfg.skip_bad,
-        "inputs": files,
     });
     // Determinants added by later options are recorded only when set, so directories packed
     // without them keep their fingerprints.
@@ -49,6 +48,9 @@ pub(crate) fn fingerprint_inputs(cfg: &PackConfig, tokenizer_hash: &str, files: 
             .unwrap_or_default();
         o.insert("chat_template".into(), json!(h));
     }
+    // Last, so that `pack` (which takes it out of the header and puts the files it read back
+    // at the end) hashes the keys in this same order (serde_json keeps insertion order here).
+    o.insert("inputs".into(), json!(files));
     v
 }
 
