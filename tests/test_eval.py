@@ -353,37 +353,57 @@ def test_resume_refuses_another_split(setup, split_run, tmp_path):
     assert proc.returncode != 0 and "trained on different data" in proc.stderr
 
 
-@pytest.mark.slow
-def test_zero3_two_processes_give_the_eval_of_one(setup, tmp_path):
-    """ZeRO-3 partitions the parameters: the eval loss (rows dealt over 2 ranks, or each row
-    split over a sequence-parallel group of 2) and the greedy answers (every rank decoding in
-    lockstep) equal those of one process."""
-    from pyfast_tune.trainer.metrics import read_metrics
+ZERO3 = {"max_steps": 2, "save_steps": 0, "save_hf": "false", "deepspeed": "zero3",
+         "method": "full", "lr": "3.0e-3"}  # fmt: skip
 
+
+@pytest.fixture(scope="module")
+def zero3_one_process(setup, tmp_path_factory):
+    """A 2-step ZeRO-3 full fine-tune on 1 process evaluating eval.data and the prompts after
+    each step: (config, its eval records)."""
+    d = tmp_path_factory.mktemp("zero3")
     section = (f"eval:\n  data: {setup['eval_packed']}\n  steps: 1\n  max_new_tokens: 8\n"
                f"  prompts: {json.dumps(PROMPTS)}\n")  # fmt: skip
-    config = _config(setup, tmp_path / "run.yaml", section, max_steps=2, save_steps=0,
-                     save_hf="false", deepspeed="zero3", method="full", lr="3.0e-3")  # fmt: skip
-    one = _evals(_train_out(config, tmp_path / "one", 1))
-    two = _evals(_train_out(config, tmp_path / "two", 2))
-    sp = _evals(_train_out(config, tmp_path / "sp", 2, "--sequence_parallel_size", "2"))
-    # ZeRO-2: every process holds the model and answers its share of the prompts.
-    dealt = _evals(_train_out(config, tmp_path / "zero2", 2, "--deepspeed", "zero2"))
-    runs = [two, sp, dealt]
-    assert [e["step"] for e in one] == [1, 2] and all(
-        [e["step"] for e in r] == [1, 2] for r in runs
-    )
-    for i, a in enumerate(one):
+    config = _config(setup, d / "run.yaml", section, **ZERO3)
+    return config, _evals(_train_out(config, d / "one", 1))
+
+
+def _assert_same_evals(got: list[dict], want: list[dict]) -> None:
+    assert [e["step"] for e in got] == [e["step"] for e in want] == [1, 2]
+    for a, b in zip(want, got):
         assert len(a["answers"]) == len(PROMPTS) and a["trained_tokens"] > 0
-        for r in runs:
-            b = r[i]
-            assert (b["trained_tokens"], b["samples"]) == (a["trained_tokens"], a["samples"])
-            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
-            assert b["answers"] == a["answers"]
-    # Evaluating changes nothing in training (modes restored, no RNG drawn from its stream).
-    plain = _config(setup, tmp_path / "plain.yaml", "", max_steps=2, save_steps=0,
-                    save_hf="false", deepspeed="zero3", method="full", lr="3.0e-3")  # fmt: skip
-    with_eval = read_metrics(tmp_path / "two" / "metrics.jsonl")
+        assert (b["trained_tokens"], b["samples"]) == (a["trained_tokens"], a["samples"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+        assert b["answers"] == a["answers"]
+
+
+def test_zero3_two_processes_give_the_eval_of_one(zero3_one_process, tmp_path):
+    """ZeRO-3 partitions the parameters: the eval loss (rows dealt over 2 ranks, the one past
+    the end running a zero-weight filler) and the greedy answers (every rank decoding in
+    lockstep, or a gather would hang) equal those of one process."""
+    config, one = zero3_one_process
+    _assert_same_evals(_evals(_train_out(config, tmp_path / "two", 2)), one)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args", [("--sequence_parallel_size", "2"), ("--deepspeed", "zero2")], ids=["sp2", "zero2"]
+)
+def test_two_processes_evaluate_like_one(zero3_one_process, tmp_path, args):
+    """Each row split over a sequence-parallel group of 2 (ZeRO-3); ZeRO-2, where every
+    process holds the model and answers its share of the prompts: the eval of 1 process."""
+    config, one = zero3_one_process
+    _assert_same_evals(_evals(_train_out(config, tmp_path / "run", 2, *args)), one)
+
+
+@pytest.mark.slow
+def test_evaluating_changes_no_training_loss(setup, zero3_one_process, tmp_path):
+    """Modes are restored and no RNG is drawn from training's stream: the same losses."""
+    from pyfast_tune.trainer.metrics import read_metrics
+
+    config, _ = zero3_one_process
+    plain = _config(setup, tmp_path / "plain.yaml", "", **ZERO3)
+    with_eval = read_metrics(_train_out(config, tmp_path / "eval", 2) / "metrics.jsonl")
     without = read_metrics(_train_out(plain, tmp_path / "plain", 2) / "metrics.jsonl")
     assert [m["loss"] for m in with_eval] == [m["loss"] for m in without]
 

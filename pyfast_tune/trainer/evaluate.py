@@ -278,6 +278,10 @@ class _RankZeroLogits:
     def parameters(self):
         return self.module.parameters()
 
+    def get_base_model(self):  # what chat.generate reads the forward's signature from
+        get = getattr(self.module, "get_base_model", None)
+        return get() if callable(get) else self.module
+
     def __call__(self, **kwargs):
         import torch.distributed as dist
 
