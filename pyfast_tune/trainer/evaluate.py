@@ -8,15 +8,14 @@ evaluates at the same steps as an uninterrupted one.
 Held-out data, ``eval.split: f``: a fraction ``f`` of the *samples* (records that encoded to a
 trainable sample) of the training data, chosen by a keyed hash of each sample's source
 ``(file name, record index)`` and the pack seed: the ``round(f * samples)`` samples with the
-smallest keys. The choice is a function of the records alone, not of packing, tokenizer or
-``max_length``, and adding files to the inputs never moves a record of the others across the
-split. The data is packed once, whole (the same cached directory as without a split, so
-``split: 0`` trains exactly the packs it always did); the training packs are those packs with
-the held-out samples taken out (``TrainingPacks``): no training row ever holds a held-out
-token, and the remaining samples keep their packs, which lose ~``f`` of their fill. The
-held-out samples are evaluated in rows of up to ``max_length`` tokens (``SamplePacks``).
-Re-packing the rest instead would give full packs but a second, different training set for
-every split value and a second pack of the whole input.
+smallest keys. The choice depends on the records alone, not on packing or ``max_length``, and
+a larger fraction holds out a superset. The data is packed once, whole (the same cached
+directory as without a split, so ``split: 0`` trains exactly the packs it always did); the
+training packs are those packs with the held-out samples taken out (``TrainingPacks``): no
+training row ever holds a held-out token, and the remaining samples keep their packs, which
+lose ~``f`` of their fill. The held-out samples are evaluated in rows of up to ``max_length``
+tokens (``SamplePacks``). Re-packing the rest instead would give full packs, but at the cost
+of a second packing of the whole input, and a cache entry, for every split value.
 
 Eval loss: the training loss's definition and code (``batches.collate``, ``step.batch_loss``
 with the same fused head), over the whole eval set at once: with ``loss_reduction: token`` the
@@ -29,8 +28,8 @@ Prompts: built by ``pyfast_tune.chat`` with the template the training data was p
 with a KV cache, under the model's own attention (ours is packed training attention without a
 cache). Under ZeRO-3 each forward gathers the parameters collectively, so every rank runs
 every decoding step and rank 0's logits are broadcast: all ranks pick the same token and stop
-at the same step (no rank can hang in a gather the others never join). Without ZeRO-3 rank 0
-answers alone.
+at the same step (no rank can hang in a gather the others never join). Without ZeRO-3 every
+process holds the model: each answers its share of the prompts and the answers are gathered.
 """
 
 from __future__ import annotations
@@ -196,7 +195,7 @@ class SamplePacks:
         )
 
 
-def split_data(cfg, dataset, tokenizer: str | None = None):
+def split_data(cfg, dataset):
     """(training packs, eval set or None) for ``cfg.eval``: ``eval.data`` opened (it must be
     packed with the training tokenizer), or ``eval.split`` held out of ``dataset``."""
     from pyfast_tune.data import PackedDataset
@@ -354,7 +353,6 @@ class Evaluator:
             self.tok = Tokenizer.from_file(
                 str(tok_dir / "tokenizer.json" if tok_dir.is_dir() else tok_dir)
             )
-            self.template = template
             self.stop_ids = stop_token_ids(self.format, self.tok, template, self._hf())
 
     @property
