@@ -162,6 +162,65 @@ def test_eval_data_must_share_the_training_tokenizer(setup, tmp_path, tiny_token
         split_data(cfg, PackedDataset(setup["packed"]))
 
 
+# --- loggers ------------------------------------------------------------------------------
+
+EVAL_RECORD = {"step": 4, "loss": 1.5, "trained_tokens": 120, "samples": 6, "seconds": 0.2,
+               "answers": [{"prompt": "Hi?", "answer": "Hello."}]}  # fmt: skip
+
+
+def test_eval_records_reach_every_logger_and_resume_cuts_them(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pyfast_tune.trainer.metrics import MetricsLog
+
+    calls = []
+    wandb = types.ModuleType("wandb")
+
+    class Run:
+        summary: dict = {}
+
+        def log(self, data, step):
+            calls.append(("wandb", data, step))
+
+        def finish(self):
+            pass
+
+    wandb.init = lambda **kw: Run()
+    wandb.Table = lambda columns, data: ("table", columns, data)
+    mlflow = types.ModuleType("mlflow")
+    for fn in ("set_tracking_uri", "set_experiment", "start_run", "log_params", "set_tags",
+               "log_metrics", "log_text", "end_run"):  # fmt: skip
+        setattr(mlflow, fn, lambda *a, _fn=fn, **kw: calls.append((_fn, a, kw)))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+    log = MetricsLog(tmp_path, 0, ["tensorboard", "wandb", "mlflow"])
+    log.log_eval(EVAL_RECORD)
+    log.log_eval({**EVAL_RECORD, "step": 8, "loss": 1.25})
+    log.close()
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("eval/loss")] == [(4, 1.5), (8, 1.25)]
+    text = events.Tensors("eval/answers/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "**Q:** Hi?" in text and "**A:** Hello." in text
+    logged = [c for c in calls if c[0] == "wandb"]
+    assert logged[0][1]["eval/loss"] == 1.5 and logged[0][2] == 4
+    assert logged[0][1]["eval/answers"] == ("table", ["prompt", "answer"], [["Hi?", "Hello."]])
+    metrics = [c for c in calls if c[0] == "log_metrics"]
+    assert metrics[0][1][0]["eval_loss"] == 1.5 and metrics[0][2]["step"] == 4
+    texts = [c for c in calls if c[0] == "log_text"]
+    assert texts[0][1][1] == "eval/answers_step_00000004.md" and "Hello." in texts[0][1][0]
+    assert [json.loads(x)["step"] for x in (tmp_path / "eval.jsonl").read_text().splitlines()] \
+        == [4, 8]  # fmt: skip
+    # Resuming from step 6 drops the records of steps after it: they are about to be redone.
+    MetricsLog(tmp_path, 6, []).close()
+    assert [json.loads(x)["step"] for x in (tmp_path / "eval.jsonl").read_text().splitlines()] \
+        == [4]  # fmt: skip
+
+
 # --- eval loss ----------------------------------------------------------------------------
 
 
