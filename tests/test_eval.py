@@ -213,12 +213,10 @@ def test_eval_records_reach_every_logger_and_resume_cuts_them(tmp_path, monkeypa
     assert metrics[0][1][0]["eval_loss"] == 1.5 and metrics[0][2]["step"] == 4
     texts = [c for c in calls if c[0] == "log_text"]
     assert texts[0][1][1] == "eval/answers_step_00000004.md" and "Hello." in texts[0][1][0]
-    assert [json.loads(x)["step"] for x in (tmp_path / "eval.jsonl").read_text().splitlines()] \
-        == [4, 8]  # fmt: skip
+    assert [e["step"] for e in _evals(tmp_path)] == [4, 8]
     # Resuming from step 6 drops the records of steps after it: they are about to be redone.
     MetricsLog(tmp_path, 6, []).close()
-    assert [json.loads(x)["step"] for x in (tmp_path / "eval.jsonl").read_text().splitlines()] \
-        == [4]  # fmt: skip
+    assert [e["step"] for e in _evals(tmp_path)] == [4]
 
 
 # --- eval loss ----------------------------------------------------------------------------
