@@ -310,6 +310,15 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"sequence_parallel_size must be an integer >= 1, got {cfg.sequence_parallel_size!r}"
         )
+    if cfg.sequence_parallel_size > 1:
+        from pyfast_tune.patch import ATTENTION_NAMES
+
+        if cfg.attention not in ATTENTION_NAMES:
+            # The model's own attention would attend within each rank's shard only.
+            raise ConfigError(
+                f"sequence_parallel_size > 1 needs our attention (attention: one of "
+                f"{', '.join(ATTENTION_NAMES)}), not the model's own {cfg.attention!r}"
+            )
     resolve_report_to(cfg.report_to, cfg.tensorboard)  # names checked; libraries at start-up
     if cfg.log_steps < 1:
         raise ConfigError(f"log_steps must be >= 1, got {cfg.log_steps}")

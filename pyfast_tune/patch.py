@@ -163,8 +163,11 @@ def _varlen_forward(backend: str):
         if sequence_parallel is not None:
             # A shard of a row split over a sequence-parallel group: all-to-all to the whole row
             # for heads/N heads, attend, all-to-all back (pyfast_tune.trainer.sequence_parallel).
-            if batch != 1 or attention_mask is not None:
-                raise ValueError("sequence-parallel attention takes one packed row, no mask")
+            if batch != 1 or attention_mask is not None or kwargs.get("cu_seq_lens_q") is None:
+                raise ValueError(
+                    "sequence-parallel attention takes one packed row, no mask, and the whole "
+                    "row's cu_seq_lens_q"
+                )
             cu, max_len = _segments(batch, seq_len, None, kwargs)
             cu = cu.to(query.device)
             out = sequence_parallel.attention(

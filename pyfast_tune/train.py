@@ -115,7 +115,10 @@ def _optimizer_step(engine, dataset, order, step, topo, normalizer, flops, cfg, 
         batch = collate([dataset[int(i)] for i in pack_ids], cfg.loss_reduction, normalizer)
         if sp is not None:
             batch = shard_row(batch, sp.size, sp.rank)
+        calls = sp.attention_calls if sp is not None else 0
         loss = batch_loss(engine, batch, device, fused=cfg.fused_loss, sequence_parallel=sp)
+        if sp is not None:
+            sp.require_attention_since(calls)
         # DeepSpeed divides by grad_accum and averages gradients over all ranks (the shards of
         # a sequence-parallel row too); undo both so the gradient is that of the global-batch
         # loss (the sum of all rows' and shards' shares).

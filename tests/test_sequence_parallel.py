@@ -102,6 +102,16 @@ def test_a_target_at_a_shard_boundary_stays_with_the_predicting_token():
     )
 
 
+@pytest.mark.parametrize("value", [0, -2, 1.5, "two"])
+def test_config_rejects_a_bad_sequence_parallel_size(value):
+    from pyfast_tune.config import ConfigError, load_config
+
+    base = ["--model", "m", "--data", "packed/"]
+    assert load_config(None, [*base, "--sequence_parallel_size", "4"]).sequence_parallel_size == 4
+    with pytest.raises(ConfigError, match="sequence_parallel_size must be an? int"):
+        load_config(None, [*base, "--sequence_parallel_size", str(value)])
+
+
 def test_shard_row_rejects_a_rank_outside_the_group():
     row = collate([_pack([4])], "token", normalizer=3)
     with pytest.raises(ValueError, match="rank 2 of 2"):
@@ -442,3 +452,28 @@ def test_sequence_parallel_size_must_divide_the_processes(runs, tmp_path):
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode != 0
     assert "sequence_parallel_size 4 must divide the number of processes (2)" in proc.stderr
+
+
+def test_stock_attention_is_refused_under_sequence_parallelism(packed, gqa_models):
+    """The model's own attention would attend within each shard: the config refuses it, and a
+    model whose attention never reaches ours fails the step instead of training wrong."""
+    from transformers import AutoModelForCausalLM
+
+    from pyfast_tune.config import ConfigError, load_config
+    from pyfast_tune.data import PackedDataset
+    from pyfast_tune.trainer.sequence_parallel import SequenceParallel
+    from pyfast_tune.trainer.step import batch_loss
+
+    base = ["--model", "m", "--data", "packed/", "--sequence_parallel_size", "2"]
+    with pytest.raises(ConfigError, match="needs our attention"):
+        load_config(None, [*base, "--attention", "sdpa"])
+    load_config(None, [*base, "--attention", "ref"])
+
+    ds = PackedDataset(packed)
+    model = AutoModelForCausalLM.from_pretrained(gqa_models[2], dtype=torch.float32)  # sdpa
+    sp = SequenceParallel(group=None, size=2, rank=0)
+    row = shard_row(collate([ds[0]], "token", 100), 2, 0)
+    with torch.no_grad():
+        batch_loss(model, row, "cpu", fused=False, sequence_parallel=sp)
+    with pytest.raises(RuntimeError, match="never called pyfast_tune's attention"):
+        sp.require_attention_since(0)

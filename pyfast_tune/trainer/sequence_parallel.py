@@ -225,7 +225,7 @@ def all_to_all_exchange(group) -> Exchange:
     return exchange
 
 
-@dataclass(frozen=True)
+@dataclass
 class SequenceParallel:
     """This rank's place in its sequence-parallel group, handed to attention as a model kwarg
     (``sequence_parallel=...``; ``pyfast_tune.patch`` routes our attention through it)."""
@@ -233,10 +233,23 @@ class SequenceParallel:
     group: Any
     size: int
     rank: int
+    attention_calls: int = 0
 
     def attention(self, q, k, v, attend):
         """``ulysses_attention`` over this group (see there for shapes)."""
+        self.attention_calls += 1
         return ulysses_attention(q, k, v, self.size, all_to_all_exchange(self.group), attend)
+
+    def require_attention_since(self, calls: int) -> None:
+        """Fail if no attention layer went through ``attention`` since the count was ``calls``:
+        a model whose attention bypasses transformers' AttentionInterface never sees the
+        kwarg, and would train each shard attending within itself only."""
+        if self.attention_calls == calls:
+            raise RuntimeError(
+                "sequence parallelism: the model's forward never called pyfast_tune's "
+                "attention, so each rank attended within its own shard only; it needs a model "
+                "whose attention goes through transformers' AttentionInterface"
+            )
 
 
 @dataclass(frozen=True)
