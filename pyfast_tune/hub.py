@@ -216,65 +216,44 @@ def _why(hf, e: Exception) -> str:
 
 
 def _repo_state(hf, repo_id: str, revision: str | None, where: str):
-    """(commit hash, every file path at that commit, the card's YAML or None)."""
-    errors = hf.errors
-    missing = (errors.RepositoryNotFoundError, errors.RevisionNotFoundError)
-    unreachable = None
-    if not _offline(hf):
-        api = hf.HfApi()
-        try:
-            commit = api.repo_info(repo_id, repo_type="dataset", revision=revision).sha
-            files = sorted(api.list_repo_files(repo_id, repo_type="dataset", revision=commit))
-            card = None
-            if "README.md" in files:
-                card = _card_yaml(
-                    hf.hf_hub_download(repo_id, "README.md", repo_type="dataset", revision=commit)
-                )
-            return commit, files, card
-        except missing as e:
-            raise HubError(f"{where}@{revision or 'main'}: {_why(hf, e)}") from e
-        except Exception as e:  # the Hub cannot be reached: use the cache, as huggingface_hub does
-            unreachable = e
-    return _cached_state(hf, repo_id, revision, where, unreachable)
+    """(commit hash, every file path at that commit, the card's YAML or None).
 
-
-def _cached_state(hf, repo_id: str, revision: str | None, where: str, unreachable):
-    cache = Path(hf.constants.HF_HUB_CACHE)
-    repo_dir = cache / f"datasets--{repo_id.replace('/', '--')}"
+    huggingface_hub resolves the revision: online it asks the Hub (and records the branch or
+    tag in the cache's ``refs/``, so a later offline run finds it), offline or unreachable it
+    reads ``refs/`` and ``snapshots/``. The dataset card comes with it; the snapshot folder is
+    named by the commit."""
     rev = revision or "main"
-    reason = (
-        "HF_HUB_OFFLINE is set"
-        if unreachable is None
-        else f"the Hub could not be reached: {type(unreachable).__name__}: {unreachable}"
-    )
-    if re.fullmatch(r"[0-9a-f]{40}", rev):
-        commit = rev
-    else:
-        ref = repo_dir / "refs" / rev
-        if not ref.is_file():
-            raise HubError(
-                f"{where}@{rev}: not in the Hugging Face cache {cache} and {reason}; "
-                "fetch it once online (or point HF_HOME at a cache that has it)"
+    try:
+        snapshot = Path(
+            hf.snapshot_download(
+                repo_id,
+                repo_type="dataset",
+                revision=rev,
+                allow_patterns=["README.md"],
+                local_files_only=_offline(hf),
             )
-        commit = ref.read_text().strip()
-    snapshot = repo_dir / "snapshots" / commit
-    if not snapshot.is_dir():
-        raise HubError(f"{where}@{rev}: commit {commit} not in the cache {cache} and {reason}")
-    files = _cached_tree(hf, repo_id, commit)
-    if files is None:  # no listing was cached: the snapshot's files are all we know
-        files = sorted(
-            str(p.relative_to(snapshot).as_posix()) for p in snapshot.rglob("*") if p.is_file()
         )
-    card = None
-    if "README.md" in files:
-        readme = snapshot / "README.md"
-        if not readme.is_file():
-            raise HubError(
-                f"{where}@{commit[:12]}: its dataset card README.md (which may define its "
-                f"subsets) is not in the cache {cache} and {reason}"
-            )
-        card = _card_yaml(readme)
-    return commit, files, card
+    except Exception as e:  # huggingface_hub's errors differ between its versions
+        raise HubError(f"{where}@{rev}: {_why(hf, e)}") from e
+    commit = snapshot.name
+    files = _cached_tree(hf, repo_id, commit)
+    if files is None and not _offline(hf):
+        try:
+            api = hf.HfApi()
+            files = sorted(api.list_repo_files(repo_id, repo_type="dataset", revision=commit))
+        except Exception:  # unreachable after all: the snapshot is what there is
+            files = None
+    if files is None:  # offline without a cached listing: the snapshot's files are all we know
+        files = sorted(
+            p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()
+        )
+    readme = snapshot / "README.md"
+    if "README.md" in files and not readme.is_file():
+        raise HubError(
+            f"{where}@{commit[:12]}: its dataset card README.md (which may define its subsets) "
+            f"is not in the Hugging Face cache {hf.constants.HF_HUB_CACHE}"
+        )
+    return commit, files, _card_yaml(readme) if readme.is_file() else None
 
 
 def _cached_tree(hf, repo_id: str, commit: str) -> list[str] | None:

@@ -13,7 +13,10 @@ import os
 import re
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import pytest
 
@@ -392,3 +395,106 @@ def test_training_config_packs_a_hub_split_with_a_hub_tokenizer(
     meta = PackedDataset(out).meta
     assert meta["num_samples"] == 30
     assert (meta["sources"][0]["revision"], meta["sources"][0]["split"]) == (commit, "test")
+
+
+class _FakeHub(ThreadingHTTPServer):
+    """The few Hub endpoints huggingface_hub calls to resolve a revision, list a tree and
+    download files (``HF_ENDPOINT`` points here): ``repos`` maps ``datasets/org/name`` or
+    ``models/org/name`` to ``(commit, {path: bytes})`` on branch ``main``. Records every
+    request (method, path, Authorization header)."""
+
+    def __init__(self, repos: dict):
+        self.repos, self.requests = repos, []
+        super().__init__(("127.0.0.1", 0), _FakeHubHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class _FakeHubHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code: int, body: bytes, headers: dict) -> None:
+        self.send_response(code)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_HEAD(self):
+        self.do_GET()
+
+    def do_GET(self):
+        path = unquote(urlparse(self.path).path).strip("/").split("/")
+        self.server.requests.append(
+            (self.command, "/".join(path), self.headers.get("authorization"))
+        )
+        api = path[0] == "api"
+        if api:
+            path = path[1:]
+        elif path[0] != "datasets":
+            path = ["models", *path]
+        repo = self.server.repos.get("/".join(path[:3]))
+        rest = path[3:]
+        if repo is None:
+            return self._send(404, b"{}", {"X-Error-Code": "RepoNotFound"})
+        commit, files = repo
+        if len(rest) >= 2 and rest[1] not in ("main", commit):
+            return self._send(404, b"{}", {"X-Error-Code": "RevisionNotFound"})
+        oid = {p: hashlib.sha1(b"blob %d\0" % len(d) + d).hexdigest() for p, d in files.items()}
+        if api and (not rest or rest[0] == "revision"):
+            info = {"id": "/".join(path[1:3]), "sha": commit, "private": False,
+                    "siblings": [{"rfilename": p} for p in files]}  # fmt: skip
+            return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
+        if api and rest[0] == "tree":
+            tree = [{"type": "file", "path": p, "size": len(d), "oid": oid[p]}
+                    for p, d in sorted(files.items())]  # fmt: skip
+            return self._send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"})
+        name = "/".join(rest[2:])
+        if api or rest[0] != "resolve" or name not in files:
+            return self._send(404, b"{}", {"X-Error-Code": "EntryNotFound"})
+        return self._send(200, files[name], {"X-Repo-Commit": commit, "ETag": f'"{oid[name]}"'})
+
+
+def test_online_through_hf_endpoint_fetches_only_the_split_and_tokenizer_files(
+    records, tiny_tokenizer, tmp_path
+):
+    """huggingface_hub does the fetching, with HF_ENDPOINT and HF_TOKEN: only the card, the
+    chosen split's files and the tokenizer's files are downloaded, the branch is recorded in
+    the cache, and the same command then works offline."""
+    data = {"README.md": b"# chats\n", "train.jsonl": _jsonl(records[:60]).encode(),
+            "test.jsonl": _jsonl(records[60:]).encode()}  # fmt: skip
+    model = {**_tokenizer_files(tiny_tokenizer), "model.safetensors": b"\0" * 4096,
+             "config.json": b"{}"}  # fmt: skip
+    hub_server = _FakeHub(
+        {"datasets/acme/chats": ("c" * 40, data), "models/acme/tiny": ("d" * 40, model)}
+    )
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(HF_HOME=str(tmp_path / "hf_home"), HF_TOKEN="hf_test_token",
+                   HF_ENDPOINT=f"http://127.0.0.1:{hub_server.server_port}")  # fmt: skip
+        cmd = [sys.executable, "-m", "pyfast_tune.cli", "pack", f"hf://datasets/{REPO}",
+               "--split", "test", "--out", str(tmp_path / "online"), "--tokenizer", "acme/tiny",
+               "--max-length", "256", "--template", "qwen_chat", "--quiet"]  # fmt: skip
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+    finally:
+        hub_server.shutdown()
+    downloads = sorted(p for m, p, _ in hub_server.requests if m == "GET" and "/resolve/" in p)
+    assert downloads == [
+        "acme/tiny/resolve/" + "d" * 40 + "/tokenizer.json",
+        "acme/tiny/resolve/" + "d" * 40 + "/tokenizer_config.json",
+        "datasets/acme/chats/resolve/" + "c" * 40 + "/README.md",
+        "datasets/acme/chats/resolve/" + "c" * 40 + "/test.jsonl",
+    ]
+    # Every request for the repos carried the token (huggingface_hub's own housekeeping aside).
+    assert {auth for _, p, auth in hub_server.requests if "acme/" in p} == {"Bearer hf_test_token"}
+    meta = PackedDataset(tmp_path / "online").meta
+    assert meta["num_samples"] == 30 and meta["sources"][0]["revision"] == "c" * 40
+    # The server is gone: offline, the cache it filled answers the same command.
+    env["HF_HUB_OFFLINE"] = "1"
+    cmd[cmd.index(str(tmp_path / "online"))] = str(tmp_path / "offline")
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert _packed_bytes(tmp_path / "offline") == _packed_bytes(tmp_path / "online")
