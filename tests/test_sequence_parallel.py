@@ -281,12 +281,15 @@ def gqa_models(tmp_path_factory, tiny_tokenizer):
     }
 
 
-@pytest.mark.parametrize("kv_heads,size,fused", [(2, 2, True), (1, 2, False), (2, 4, True)])
+@pytest.mark.parametrize(
+    "kv_heads,size,fused,reduction",
+    [(2, 2, True, "token"), (1, 2, False, "sample"), (2, 4, True, "token")],
+)
 def test_model_on_shards_gives_the_rows_loss_and_gradients(packed, gqa_models, kv_heads, size,
-                                                            fused):  # fmt: skip
+                                                            fused, reduction):  # fmt: skip
     """Rotary positions, boundary targets, padding and GQA heads together: N replicas of a
     tiny Llama on the N shards of packed rows (odd lengths, so padded) sum to the loss and
-    the gradients of the unsplit rows."""
+    the gradients of the unsplit rows, under either loss reduction."""
     from transformers import AutoModelForCausalLM
 
     from pyfast_tune import patch
@@ -299,8 +302,8 @@ def test_model_on_shards_gives_the_rows_loss_and_gradients(packed, gqa_models, k
     assert len(ids) == 2, "the test needs rows whose length is not a multiple of the group"
     model = AutoModelForCausalLM.from_pretrained(gqa_models[kv_heads], dtype=torch.float64)
     patch.apply(model, lora=False, attention_backend="ref")
-    norm = global_normalizer(ds, ids, "token")
-    rows = [collate([ds[i]], "token", norm) for i in ids]
+    norm = global_normalizer(ds, ids, reduction)
+    rows = [collate([ds[i]], reduction, norm) for i in ids]
 
     model.zero_grad()
     want = sum(batch_loss(model, row, "cpu", fused=fused) for row in rows)
