@@ -94,3 +94,37 @@ pub fn fingerprint(cfg: &PackConfig) -> Result<String> {
         .collect::<Result<_>>()?;
     Ok(hash_value(&fingerprint_inputs(cfg, &tok_hash, &entries)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SourceInfo;
+
+    #[test]
+    fn pack_rebuilds_the_hash_fingerprint_computes() {
+        // `pack` takes `inputs` out of the header and writes the files it read back at the
+        // end; with every optional determinant set, that must hash as `fingerprint` does.
+        let cfg = PackConfig {
+            columns: "instruction=question".into(),
+            min_length: 3,
+            sources: vec![SourceInfo {
+                repo_id: "org/name".into(),
+                repo_type: "dataset".into(),
+                revision: "ab".repeat(20),
+                split: Some("train".into()),
+                subset: None,
+                files: vec!["train.jsonl".into()],
+            }],
+            ..PackConfig::default()
+        };
+        let files = vec![json!({"name": "train.jsonl", "size": 1, "blake3": "00"})];
+        let whole = fingerprint_inputs(&cfg, "tok", &files);
+        let mut header = fingerprint_inputs(&cfg, "tok", &[]);
+        header.as_object_mut().unwrap().remove("inputs");
+        header["inputs"] = Value::Array(files);
+        assert_eq!(hash_value(&header), hash_value(&whole));
+        assert_eq!(whole["sources"][0]["revision"], json!("ab".repeat(20)));
+        let plain = fingerprint_inputs(&PackConfig::default(), "tok", &[]);
+        assert!(plain.get("sources").is_none());
+    }
+}
