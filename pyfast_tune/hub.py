@@ -129,10 +129,10 @@ def resolve_dataset(
     if path and subset is not None:
         raise ValueError(f"{url}: give a subset or a path in the repository, not both")
     chosen_split, chosen_subset = None, None
-    if path and (glob.has_magic(path) or path in files):
+    if path and (_is_glob(path) or path in files):
         if split is not None:
             raise ValueError(f"{url}: names its files; a split ({split!r}) cannot also choose")
-        chosen = _match([path], files) if glob.has_magic(path) else [path]
+        chosen = _match([path], files) if _is_glob(path) else [path]
         if not chosen:
             raise HubError(f"{where}: no file matches {path!r}")
     elif path:
@@ -181,8 +181,12 @@ def resolve_tokenizer(name: str | os.PathLike) -> str:
     return folder
 
 
+def _is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
 def _looks_like_repo_id(name: str) -> bool:
-    repo_id, _, revision = name.partition("@")
+    repo_id = name.partition("@")[0]
     part = r"[A-Za-z0-9][\w.-]*"
     return (
         re.fullmatch(rf"{part}(/{part})?", repo_id) is not None
