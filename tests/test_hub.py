@@ -498,3 +498,30 @@ def test_online_through_hf_endpoint_fetches_only_the_split_and_tokenizer_files(
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert _packed_bytes(tmp_path / "offline") == _packed_bytes(tmp_path / "online")
+
+
+def test_hub_parquet_packs_the_bytes_of_the_local_jsonl(
+    hf_cache, records, tiny_tokenizer, tmp_path
+):
+    # Most Hub datasets are Parquet shards (data/train-00000-of-0000N.parquet).
+    from pyfast_tune.data import _FACTS
+
+    if ".parquet" not in _FACTS["data_extensions"]:
+        pytest.skip("this build of the engine reads no Parquet")
+    pa = pytest.importorskip("pyarrow", reason="Parquet shards are written with pyarrow")
+    import pyarrow.parquet as pq
+
+    shards = {}
+    for i, part in enumerate((records[:50], records[50:])):
+        f = tmp_path / f"shard{i}.parquet"
+        pq.write_table(pa.Table.from_pylist(part), f)
+        shards[f"data/train-0000{i}-of-00002.parquet"] = f.read_bytes()
+    commit = _fake_repo(hf_cache, "dataset", REPO, shards)
+    local = tmp_path / "train.jsonl"
+    local.write_text(_jsonl(records))
+    _pack(local, tmp_path / "local", tiny_tokenizer)
+    stats = _pack(f"hf://datasets/{REPO}", tmp_path / "hub", tiny_tokenizer)
+    assert stats.samples == 90
+    assert _packed_bytes(tmp_path / "hub") == _packed_bytes(tmp_path / "local")
+    src = PackedDataset(tmp_path / "hub").meta["sources"][0]
+    assert (src["revision"], src["files"]) == (commit, sorted(shards))
