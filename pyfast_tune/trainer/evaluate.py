@@ -383,9 +383,12 @@ class Evaluator:
                                    self.world, self.cfg.micro_batch_size,
                                    self.cfg.loss_reduction, self.sequence)  # fmt: skip
                 loss, trained, samples = totals.tolist()
-                record.update(loss=loss, trained_tokens=int(trained), samples=int(samples))
+                record.update(loss=loss, trained_tokens=int(trained), samples=int(samples),
+                              loss_seconds=time.perf_counter() - t0)  # fmt: skip
             if self.prompts:
+                t1 = time.perf_counter()
                 record["answers"] = self.answer(module)
+                record["answer_seconds"] = time.perf_counter() - t1
         finally:
             for m, training in modes.items():
                 m.training = training
