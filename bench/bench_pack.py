@@ -7,6 +7,11 @@
 
     pytest bench/bench_pack.py -s          # or: python bench/bench_pack.py
 
+A second table packs the same records from Parquet beside JSONL (`test_bench_parquet`): the
+engine reads Parquet natively and should pack it at least at the JSONL rate; the baseline is
+what a Python stack does with a Parquet file, `datasets.load_dataset("parquet")` then the
+same Python encode and packing.
+
 Every side is timed alike: one warm-up run on the first 200 records, then the best of
 BENCH_REPEAT (default 2) runs on all of them.
 
@@ -140,6 +145,69 @@ def run_case(name, fname, fmt, template, max_length, tokenizer="smollm2", thread
     }
 
 
+def run_parquet_case(name, fname, fmt, template, max_length, tokenizer="smollm2", threads=None):
+    """The same records as JSONL and as Parquet (pyarrow's defaults: snappy, one row group per
+    million rows, so also a file cut in row groups of 512 rows): the engine's tokens/s on each,
+    and the `datasets.load_dataset("parquet")` + Python-encode pipeline."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok_dir = SHARED / "tokenizers" / tokenizer
+    records = [json.loads(line) for line in (SHARED / fname).open()]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        jsonl = tmp / "d.jsonl"
+        jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+        table = pa.Table.from_pylist(records)
+        pq.write_table(table, tmp / "d.parquet")
+        pq.write_table(table, tmp / "groups.parquet", row_group_size=512)
+        head = tmp / "head.parquet"
+        pq.write_table(table.slice(0, WARMUP_RECORDS), head)
+
+        def ours(src):
+            return pack(src, tmp / "p", tokenizer=tok_dir, max_length=max_length, format=fmt,
+                        template=template, threads=threads)  # fmt: skip
+
+        rates = {}
+        for label, src in [("jsonl", jsonl), ("parquet", tmp / "d.parquet"),
+                           ("parquet, 512-row groups", tmp / "groups.parquet")]:  # fmt: skip
+            t, stats = best_of(lambda: ours(head), lambda src=src: ours(src))
+            encoded = stats.tokens + stats.truncated_tokens + stats.dropped_tokens
+            rates[label] = (encoded / t, t, stats.tokens)
+        assert len({r[2] for r in rates.values()}) == 1, "every source packs the same tokens"
+
+        def hf_pipeline(path):
+            import datasets
+
+            ds = datasets.load_dataset("parquet", data_files=str(path), split="train",
+                                       cache_dir=str(tmp / "hf_cache"))  # fmt: skip
+            return python_pipeline(list(ds), fmt, template, tok_dir, max_length)
+
+        t_hf, (hf_tokens, _) = best_of(
+            lambda: hf_pipeline(head), lambda: hf_pipeline(tmp / "d.parquet")
+        )
+    assert hf_tokens == rates["jsonl"][2]
+    encoded_rate, _, _ = rates["jsonl"]
+    line = "; ".join(f"{k} {r / 1e6:.2f} M tok/s ({t:.2f} s)" for k, (r, t, _) in rates.items())
+    hf = hf_tokens / t_hf
+    print(
+        f"\n[{name} / {tokenizer}, max_length {max_length}, {os.cpu_count()} cores] pyfast-tune "
+        f"pack from {line} | datasets.load_dataset('parquet') + Python encode {hf / 1e6:.3f} M "
+        f"tok/s\n  parquet / jsonl {rates['parquet'][0] / encoded_rate:.3f}x, "
+        f"512-row groups / jsonl {rates['parquet, 512-row groups'][0] / encoded_rate:.3f}x, "
+        f"parquet vs the datasets pipeline {rates['parquet'][0] / hf:.1f}x"
+    )
+    return {k: r for k, (r, _, _) in rates.items()} | {"datasets": hf}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bench_parquet(case):
+    pytest.importorskip("pyarrow", reason="pyarrow writes the Parquet side ([dev] extra)")
+    if not (SHARED / case[1]).exists():
+        pytest.skip(f"../shared/data/{case[1]} absent: benchmark needs the shared real data")
+    run_parquet_case(*case)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bench_pack(case):
     if not (SHARED / case[1]).exists():
@@ -151,3 +219,4 @@ def test_bench_pack(case):
 if __name__ == "__main__":
     for case in CASES:
         run_case(*case)
+        run_parquet_case(*case)

@@ -3,7 +3,9 @@
 //!
 //! Order is part of the output's identity, so it never depends on the filesystem: directories
 //! are walked recursively and sorted by relative path bytes, globs are sorted, data-order
-//! files are taken line by line.
+//! files are taken line by line. A folder written by `datasets.Dataset.save_to_disk`
+//! (`state.json` beside its `data-*.arrow` files) stands for its data files in the order its
+//! `state.json` lists them, wherever it is met.
 
 use std::io::{BufRead, Read};
 use std::path::{Component, Path, PathBuf};
@@ -18,7 +20,69 @@ pub const DATA_EXTENSIONS: &[&str] = &[
     ".json.gz",
     ".jsonl.zst",
     ".json.zst",
+    ".parquet",
+    ".arrow",
+    ".csv",
+    ".tsv",
+    ".csv.gz",
+    ".tsv.gz",
+    ".csv.zst",
+    ".tsv.zst",
 ];
+
+/// The file `datasets.Dataset.save_to_disk` writes beside its data files.
+const SAVED_STATE: &str = "state.json";
+/// The file `datasets.DatasetDict.save_to_disk` writes beside its split folders.
+const SAVED_SPLITS: &str = "dataset_dict.json";
+
+/// The data files of a `save_to_disk` folder, in the order its `state.json` lists them, or
+/// None when `dir` is not one.
+pub fn saved_dataset_files(dir: &Path) -> Result<Option<Vec<PathBuf>>> {
+    let state = dir.join(SAVED_STATE);
+    if dir.join(SAVED_SPLITS).is_file() {
+        let text = std::fs::read_to_string(dir.join(SAVED_SPLITS)).unwrap_or_default();
+        return Err(Error::NoInputs(format!(
+            "{} holds a DatasetDict saved with save_to_disk ({}): give one split's folder, \
+             e.g. {}",
+            dir.display(),
+            text.trim(),
+            dir.join("train").display()
+        )));
+    }
+    if !state.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&state).map_err(|e| Error::io(&state, e))?;
+    let bad = |msg: String| Error::DataOrder {
+        path: state.clone(),
+        line: 1,
+        msg,
+    };
+    let doc: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| bad(format!("invalid JSON in a save_to_disk state file: {e}")))?;
+    let Some(list) = doc.get("_data_files").and_then(|v| v.as_array()) else {
+        return Ok(None); // some other state.json: an ordinary folder
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for entry in list {
+        let name = entry
+            .get("filename")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| bad(format!("_data_files entry {entry} has no \"filename\"")))?;
+        let rel = Path::new(name);
+        if name.is_empty() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+            return Err(bad(format!(
+                "data file {name:?} is not a file name inside the folder"
+            )));
+        }
+        let p = dir.join(rel);
+        if !p.is_file() {
+            return Err(bad(format!("lists {name:?}, which is not in the folder")));
+        }
+        out.push(p);
+    }
+    Ok(Some(out))
+}
 
 /// One input file, in the order it will be read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +117,27 @@ pub fn walk_dir(root: &Path, extensions: &[&str]) -> Result<Vec<InputFile>> {
     let mut stack = vec![PathBuf::new()];
     while let Some(rel_dir) = stack.pop() {
         let dir = root.join(&rel_dir);
+        if let Some(saved) = saved_dataset_files(&dir)? {
+            // Sorted as the folder's own path, then in the state file's order.
+            let key = rel_name(&rel_dir).into_bytes();
+            for (k, path) in saved.into_iter().enumerate() {
+                let rel = rel_dir.join(path.file_name().unwrap_or_default());
+                if !has_data_extension(&rel.to_string_lossy(), extensions) {
+                    continue;
+                }
+                let mut sort = key.clone();
+                sort.extend_from_slice(b"/\0");
+                sort.extend_from_slice(&(k as u64).to_be_bytes());
+                found.push((
+                    sort,
+                    InputFile {
+                        path,
+                        name: rel_name(&rel),
+                    },
+                ));
+            }
+            continue;
+        }
         let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(&dir, e))?;

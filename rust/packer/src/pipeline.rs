@@ -68,14 +68,10 @@ pub fn pack(cfg: &PackConfig, progress: &dyn Fn(Progress<'_>) -> bool) -> Result
                 .map_err(|e| Error::io(&f.path, e))
         })
         .collect::<Result<_>>()?;
-    let range = match cfg.shard {
-        Some((i, n)) => crate::shard::file_range(&sizes, i, n),
-        None => 0..files.len(),
-    };
 
     let staging = StagingDir::new(&cfg.out_dir)?;
     let load_seconds = start.elapsed().as_secs_f64();
-    let part = encode_part(&run, &files, range.clone(), &sizes, &staging.dir, progress)?;
+    let part = encode_part(&run, &files, &sizes, cfg.shard, &staging.dir, progress)?;
     let encode_seconds = start.elapsed().as_secs_f64() - load_seconds;
     let phases = |mut stats: PackStats| {
         stats.load_seconds = load_seconds;
@@ -96,7 +92,7 @@ pub fn pack(cfg: &PackConfig, progress: &dyn Fn(Progress<'_>) -> bool) -> Result
     };
     if let Some((i, n)) = cfg.shard {
         let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
-        return crate::shard::save(&header, part, i, n, &names, range, staging, start).map(phases);
+        return crate::shard::save(&header, part, i, n, &names, staging, start).map(phases);
     }
     finish(&header, vec![part], staging, start, progress).map(phases)
 }

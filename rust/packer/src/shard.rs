@@ -2,18 +2,29 @@
 //! directory*; `merge-packs` joins the N parts and runs the single-machine [`finish`] on them.
 //!
 //! Why the bytes are identical to one machine: packing is global (best-fit decreasing over
-//! every sample's length, then seeded shuffles), so shards must not pack. Each shard takes a
-//! contiguous range of the ordered input files (balanced by size), stages its samples exactly
-//! as a single run would, and saves per-sample (length, file, record) plus its staged tokens.
-//! The merge concatenates the parts in shard order — which is input order — so the sample
-//! list, the lengths, the packing plan, the token bytes and meta.json are all the same.
+//! every sample's length, then seeded shuffles), so shards must not pack. The ordered input
+//! files are laid end to end as one byte range and shard I takes the I-th N-th of it: every
+//! unit of work (a line of an uncompressed JSONL or CSV file, a Parquet row group, an Arrow
+//! record batch, or a whole file where a file cannot be split: compressed, a JSON array,
+//! pre-tokenized) belongs to the shard in whose share its midpoint falls ([`Span`]). So
+//! one large file is split as evenly as many small ones. Each shard stages its samples
+//! exactly as a single run would (record indices and lines counted from the file's start)
+//! and saves per-sample (length, file, record) plus its staged tokens. The merge
+//! concatenates the parts in shard order — which is input order — and joins the entries of a
+//! file that several shards read, so the sample list, the lengths, the packing plan, the
+//! token bytes and meta.json are all the same.
+//!
+//! The shard holding a file's first byte is its *head*: it alone reports what concerns the
+//! file as a whole (an empty file, a format that cannot be detected, a file that cannot be
+//! opened), so such a fault is counted once.
 //!
 //! Part directory: `stage_ids.tmp` (`<u4`), `stage_mask.tmp` (`u1`), `part_samples.bin`
 //! (`<u4` length, `<u4` global file index, `<u8` record; 16 bytes per sample) and
-//! `part.json` (shard, counts, statistics, file entries, the run's header).
+//! `part.json` (shard, counts, statistics, the files it read and their entries, the run's
+//! header).
 
+use std::cmp::Ordering;
 use std::io::{BufReader, Read, Write};
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -29,26 +40,52 @@ const PART_JSON: &str = "part.json";
 const PART_SAMPLES: &str = "part_samples.bin";
 const KIND: &str = "pyfast-tune pack part";
 
-/// The contiguous range of files of shard `i` of `n`: file j belongs to the shard in whose
-/// share of the total bytes its midpoint falls, so shards get similar byte counts and
-/// together cover every file once, in order.
-pub fn file_range(sizes: &[u64], i: usize, n: usize) -> Range<usize> {
-    let total: u128 = sizes.iter().map(|&s| s as u128).sum::<u128>();
-    let shard_of = |j: usize| -> usize {
-        if total == 0 {
-            return j * n / sizes.len().max(1);
-        }
-        let before: u128 = sizes[..j].iter().map(|&s| s as u128).sum();
-        let mid2 = 2 * before + sizes[j] as u128; // 2 × midpoint
-        ((mid2 * n as u128) / (2 * total)).min(n as u128 - 1) as usize
+/// Where one file lies in the inputs laid end to end, and which shard is reading: places
+/// each unit of the file (its bytes `start..end`) before, in or after the shard's share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// Bytes of the inputs before this file.
+    base: u64,
+    /// Bytes of all inputs.
+    total: u64,
+    i: usize,
+    n: usize,
+}
+
+impl Span {
+    /// A single run: every unit is in.
+    pub const ALL: Span = Span {
+        base: 0,
+        total: 0,
+        i: 0,
+        n: 1,
     };
-    let start = (0..sizes.len())
-        .find(|&j| shard_of(j) >= i)
-        .unwrap_or(sizes.len());
-    let end = (start..sizes.len())
-        .find(|&j| shard_of(j) > i)
-        .unwrap_or(sizes.len());
-    start..end
+
+    /// The span of shard `i` of `n` over a file preceded by `base` of `total` input bytes.
+    pub fn new(base: u64, total: u64, i: usize, n: usize) -> Span {
+        Span { base, total, i, n }
+    }
+
+    /// The shard of the unit at bytes `start..end` of the file, compared with this shard.
+    pub fn place(&self, start: u64, end: u64) -> Ordering {
+        if self.n <= 1 || self.total == 0 {
+            return 0.cmp(&self.i);
+        }
+        // Twice the midpoint, so an odd length needs no rounding.
+        let mid2 = 2 * self.base as u128 + start as u128 + end as u128;
+        let shard = (mid2 * self.n as u128 / (2 * self.total as u128)).min(self.n as u128 - 1);
+        (shard as usize).cmp(&self.i)
+    }
+
+    /// Whether this shard holds the file's first byte: it reports faults of the whole file.
+    pub fn is_head(&self) -> bool {
+        self.place(0, 0) == Ordering::Equal
+    }
+
+    /// Whether any unit of a file of `size` bytes can fall in this shard.
+    pub fn may_touch(&self, size: u64) -> bool {
+        self.place(0, 0) != Ordering::Greater && self.place(size, size) != Ordering::Less
+    }
 }
 
 fn corrupt(path: &Path, msg: impl Into<String>) -> Error {
@@ -66,7 +103,6 @@ pub(crate) fn save(
     i: usize,
     n: usize,
     all_files: &[String],
-    range: Range<usize>,
     staging: StagingDir,
     start: Instant,
 ) -> Result<PackStats> {
@@ -85,7 +121,7 @@ pub(crate) fn save(
         "shard": i,
         "num_shards": n,
         "files": all_files,
-        "file_range": [range.start, range.end],
+        "read": part.files.iter().map(|&(f, head)| json!([f, head])).collect::<Vec<_>>(),
         "header": header,
         "samples": part.samples.len(),
         "tokens": part.tokens,
@@ -185,15 +221,26 @@ fn load(dir: &Path) -> Result<Loaded> {
         .iter()
         .filter_map(|v| Some((v[0].as_u64()?, v[1].as_str()?.to_string())))
         .collect();
+    let files: Vec<(usize, bool)> = list("read")
+        .iter()
+        .map(|v| Some((v[0].as_u64()? as usize, v[1].as_bool()?)))
+        .collect::<Option<_>>()
+        .ok_or_else(|| corrupt(&p, "bad list of files read"))?;
+    let file_entries = list("file_entries");
+    let file_table = list("file_table");
+    if file_entries.len() != files.len() || file_table.len() != files.len() {
+        return Err(corrupt(&p, "file entries do not match the files read"));
+    }
     Ok(Loaded {
         part: Part {
             dir: dir.to_path_buf(),
             samples,
             tokens,
             stats,
-            file_entries: list("file_entries"),
-            file_table: list("file_table"),
+            file_entries,
+            file_table,
             images,
+            files,
         },
         doc,
     })
@@ -231,28 +278,75 @@ pub fn merge(
             "need shards 0..{n} exactly once, got {got:?}"
         )));
     }
-    let mut next = 0u64;
-    for l in &loaded {
-        let r = &l.doc["file_range"];
-        if r[0].as_u64() != Some(next) {
-            return Err(Error::ShardMismatch(format!(
-                "shard {} starts at file {}, expected {next}",
-                l.doc["shard"], r[0]
-            )));
-        }
-        next = r[1].as_u64().unwrap_or(0);
-    }
-    let nfiles = first["files"].as_array().map_or(0, Vec::len) as u64;
-    if next != nfiles {
-        return Err(Error::ShardMismatch(format!(
-            "the parts cover {next} of {nfiles} files"
-        )));
-    }
+    let nfiles = first["files"].as_array().map_or(0, Vec::len);
     let header: Header = serde_json::from_value(first["header"].clone())
         .map_err(|e| Error::ShardMismatch(format!("bad part header: {e}")))?;
+    let mut parts: Vec<Part> = loaded.into_iter().map(|l| l.part).collect();
+    join_file_entries(&mut parts, nfiles)?;
     let staging = StagingDir::new(out_dir)?;
-    let parts: Vec<Part> = loaded.into_iter().map(|l| l.part).collect();
     finish(&header, parts, staging, start, progress)
+}
+
+/// One entry per input file, in order, as a single run lists them: a file several shards
+/// read has one entry (equal in every part: the whole file's size and hash) whose record
+/// count is the sum of theirs. The joined entries go to the first part ([`finish`] lists
+/// the parts' entries in order).
+fn join_file_entries(parts: &mut [Part], nfiles: usize) -> Result<()> {
+    let mut joined: Vec<(usize, bool, Value, Value)> = Vec::new();
+    for (k, part) in parts.iter_mut().enumerate() {
+        let entries = std::mem::take(&mut part.file_entries);
+        let table = std::mem::take(&mut part.file_table);
+        for ((&(f, head), entry), mut row) in part.files.iter().zip(entries).zip(table) {
+            match joined.last_mut() {
+                Some(last) if last.0 == f => {
+                    if last.2 != entry {
+                        return Err(Error::ShardMismatch(format!(
+                            "shard {k} read file {f} with another size or hash than the shard before"
+                        )));
+                    }
+                    if head && last.1 {
+                        return Err(Error::ShardMismatch(format!(
+                            "file {f} has two head shards"
+                        )));
+                    }
+                    last.1 |= head;
+                    let sum = last.3["records"].as_u64().unwrap_or(0)
+                        + row["records"].as_u64().unwrap_or(0);
+                    if last.3["format"].is_null() {
+                        last.3["format"] = row["format"].take();
+                    }
+                    last.3["records"] = json!(sum);
+                }
+                Some(last) if last.0 > f => {
+                    return Err(Error::ShardMismatch(format!(
+                        "shard {k} reads file {f} after file {}",
+                        last.0
+                    )))
+                }
+                _ => joined.push((f, head, entry, row)),
+            }
+        }
+    }
+    let covered: Vec<usize> = joined.iter().map(|j| j.0).collect();
+    if covered != (0..nfiles).collect::<Vec<_>>() {
+        return Err(Error::ShardMismatch(format!(
+            "the parts read {} of {nfiles} files",
+            covered.len()
+        )));
+    }
+    if let Some(j) = joined.iter().find(|j| !j.1) {
+        return Err(Error::ShardMismatch(format!(
+            "no part holds the start of file {}",
+            j.0
+        )));
+    }
+    if let Some(p) = parts.first_mut() {
+        for (_, _, entry, row) in joined {
+            p.file_entries.push(entry);
+            p.file_table.push(row);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -260,24 +354,52 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ranges_cover_every_file_once_in_order() {
+    fn spans_place_every_unit_in_one_shard_in_order() {
+        // Files of these sizes, cut into units of 7 bytes (the last shorter).
         for sizes in [
             vec![10u64, 10, 10, 10, 10, 10],
             vec![100, 1, 1, 1, 1],
-            vec![0, 0, 0],
             vec![5],
-            vec![],
+            vec![0, 9],
         ] {
-            for n in 1..5 {
-                let mut next = 0;
-                for i in 0..n {
-                    let r = file_range(&sizes, i, n);
-                    assert_eq!(r.start, next, "{sizes:?} {i}/{n}");
-                    next = r.end;
+            let total: u64 = sizes.iter().sum();
+            for n in 1..6 {
+                let mut last = 0;
+                let mut counts = vec![0u64; n];
+                let mut base = 0;
+                for &size in &sizes {
+                    let heads = (0..n)
+                        .filter(|&i| Span::new(base, total, i, n).is_head())
+                        .count();
+                    assert_eq!(heads, 1, "{sizes:?} /{n}");
+                    let mut start = 0;
+                    while start < size {
+                        let end = (start + 7).min(size);
+                        let owners: Vec<usize> = (0..n)
+                            .filter(|&i| Span::new(base, total, i, n).place(start, end).is_eq())
+                            .collect();
+                        assert_eq!(owners.len(), 1, "{sizes:?} /{n}");
+                        let o = owners[0];
+                        assert!(o >= last, "units go to shards in order");
+                        assert!(Span::new(base, total, o, n).may_touch(size));
+                        last = o;
+                        counts[o] += end - start;
+                        start = end;
+                    }
+                    base += size;
                 }
-                assert_eq!(next, sizes.len(), "{sizes:?} /{n}");
+                assert_eq!(counts.iter().sum::<u64>(), total);
             }
         }
-        assert_eq!(file_range(&[10, 10, 10, 10, 10, 10], 1, 3), 2..4);
+        // Equal shares of one file cut in bytes.
+        let counts: Vec<u64> = (0..4)
+            .map(|i| {
+                (0..1000)
+                    .filter(|&b| Span::new(0, 1000, i, 4).place(b, b + 1).is_eq())
+                    .count() as u64
+            })
+            .collect();
+        assert_eq!(counts, [250, 250, 250, 250]);
+        assert_eq!(Span::ALL.place(5, 9), Ordering::Equal);
     }
 }

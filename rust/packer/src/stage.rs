@@ -17,8 +17,9 @@ use crate::format_xtuner::{llava_image, Columns};
 use crate::input::{InputFile, RawRecord};
 use crate::output::HashedWriter;
 use crate::pretok::{self, is_pretokenized, PretokFile};
+use crate::shard::Span;
 use crate::stats::{PackStats, Progress};
-use crate::stream::{self, OwnedRecord, RecordStream};
+use crate::stream::{self, OwnedRecord, RecordStream, Unreadable};
 use crate::template::Template;
 use crate::tokenize::TextTokenizer;
 
@@ -165,6 +166,9 @@ pub(crate) struct Part {
     pub file_table: Vec<Value>,
     /// (part-local sample index, image path) of LLaVA samples.
     pub images: Vec<(u64, String)>,
+    /// The files read (global index, and whether this part is the file's head, see
+    /// [`crate::shard`]), one per entry of `file_entries` and `file_table`.
+    pub files: Vec<(usize, bool)>,
 }
 
 fn record_error(
@@ -259,16 +263,32 @@ fn skip(cfg: &PackConfig, stats: &mut PackStats, err: Error) -> Result<()> {
     Ok(())
 }
 
-/// Encode files `range` (global indices) into staging files in `dir`.
+/// Encode the inputs (all of them, or shard `i` of `n`) into staging files in `dir`.
 pub(crate) fn encode_part(
     run: &Run<'_>,
     files: &[InputFile],
-    range: std::ops::Range<usize>,
     sizes: &[u64],
+    shard: Option<(usize, usize)>,
     dir: &Path,
     progress: &dyn Fn(Progress<'_>) -> bool,
 ) -> Result<Part> {
-    let total_bytes: u64 = sizes[range.clone()].iter().sum();
+    let total: u64 = sizes.iter().sum();
+    let (i, n) = shard.unwrap_or((0, 1));
+    let mut bases = Vec::with_capacity(files.len());
+    let mut base = 0u64;
+    for &s in sizes {
+        bases.push(base);
+        base += s;
+    }
+    let span_of = |fi: usize| match shard {
+        Some(_) => Span::new(bases[fi], total, i, n),
+        None => Span::ALL,
+    };
+    // This shard's share of the bytes, for progress.
+    let (lo, hi) = (
+        (total as u128 * i as u128 / n as u128) as u64,
+        (total as u128 * (i as u128 + 1) / n as u128) as u64,
+    );
     let mut st = Stager {
         ids: HashedWriter::create(dir.join(STAGE_IDS))?,
         mask: HashedWriter::create(dir.join(STAGE_MASK))?,
@@ -281,91 +301,148 @@ pub(crate) fn encode_part(
             file_entries: Vec::new(),
             file_table: Vec::new(),
             images: Vec::new(),
+            files: Vec::new(),
         },
     };
-    let mut bytes_done = 0u64;
-    for fi in range {
-        let file = &files[fi];
+    for (fi, file) in files.iter().enumerate() {
+        let span = span_of(fi);
+        if !span.may_touch(sizes[fi]) {
+            continue;
+        }
+        let from = bases[fi].clamp(lo, hi);
         let report = |done: u64| {
             progress(Progress {
                 stage: "encode",
-                done: bytes_done + done,
-                total: total_bytes,
+                done: (bases[fi] + done).clamp(from, hi) - lo,
+                total: hi - lo,
             })
         };
         if is_pretokenized(&file.path) {
-            encode_pretok_file(run, file, fi, &mut st, &report)?;
+            if span.place(0, sizes[fi]).is_eq() {
+                encode_pretok_file(run, file, fi, &mut st, &report)?;
+            }
         } else {
-            encode_json_file(run, file, fi, &mut st, &report)?;
+            encode_json_file(run, file, fi, span, sizes[fi], &mut st, &report)?;
         }
-        bytes_done += sizes[fi];
     }
     st.ids.finish()?;
     st.mask.finish()?;
     Ok(st.part)
 }
 
+/// What the start of a file says, as a single run reads it: its format (`auto`: detected
+/// from the first record that parses), or the fault that stops the whole file (no record
+/// at all; a first record whose format cannot be detected). Every shard reading part of the
+/// file asks, so all of them encode it alike.
+fn probe(run: &Run<'_>, file: &InputFile) -> Result<std::result::Result<Format, Error>> {
+    let mut stream = RecordStream::open(&file.path)?;
+    let mut any = false;
+    loop {
+        let batch = stream.next_batch(64)?;
+        if batch.is_empty() {
+            return Ok(if any {
+                // No record parses: they are bad records, the format stays unknown.
+                Ok(run.format)
+            } else {
+                Err(Error::EmptyFile {
+                    path: file.path.clone(),
+                })
+            });
+        }
+        any = true;
+        if run.format != Format::Auto {
+            return Ok(Ok(run.format));
+        }
+        for r in batch.iter().filter_map(OwnedRecord::raw) {
+            match run.detect(&file.path, &r) {
+                Ok(Some(f)) => return Ok(Ok(f)),
+                Ok(None) => {}
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+    }
+}
+
+/// A fault of the whole file: the head shard records the file (hashed whole) as skipped and
+/// reports it; another shard skips it silently (or fails, as every shard of the run does
+/// without `skip_bad`).
+fn file_fault(
+    cfg: &PackConfig,
+    file: &InputFile,
+    fi: usize,
+    head: bool,
+    st: &mut Stager,
+    err: Error,
+) -> Result<()> {
+    if !head {
+        return if cfg.skip_bad { Ok(()) } else { Err(err) };
+    }
+    let (size, hash) = stream::hash_file(&file.path)?;
+    st.part
+        .file_entries
+        .push(file_entry(&file.name, size, &hash));
+    st.part
+        .file_table
+        .push(json!({"name": file.name, "size": size, "records": 0, "format": Value::Null}));
+    st.part.files.push((fi, true));
+    st.part.stats.skipped_files += 1;
+    skip(cfg, &mut st.part.stats, err)
+}
+
 fn encode_json_file(
     run: &Run<'_>,
     file: &InputFile,
     fi: usize,
+    span: Span,
+    size: u64,
     st: &mut Stager,
     report: &dyn Fn(u64) -> bool,
 ) -> Result<()> {
     let cfg = run.cfg;
-    let mut table = json!({"name": file.name, "size": 0, "records": 0, "format": Value::Null});
+    let whole_head = span.place(0, size).is_eq();
     let mut stream = match RecordStream::open(&file.path) {
         Ok(s) => s,
-        Err(e @ (Error::EmptyFile { .. } | Error::Json { .. })) => {
-            let (size, hash) = stream::hash_file(&file.path)?;
-            st.part
-                .file_entries
-                .push(file_entry(&file.name, size, &hash));
-            table["size"] = json!(size);
-            st.part.file_table.push(table);
-            st.part.stats.skipped_files += 1;
-            return skip(cfg, &mut st.part.stats, e);
+        Err(e @ (Error::EmptyFile { .. } | Error::Json { .. } | Error::Record { .. })) => {
+            return file_fault(cfg, file, fi, whole_head, st, e);
         }
         Err(e) => return Err(e),
     };
-    let mut file_format = match run.format {
-        Format::Auto => None,
-        f => Some(f),
+    let head = if stream.splittable() {
+        span.is_head()
+    } else {
+        if !whole_head {
+            return Ok(());
+        }
+        true
     };
+    let fmt = match probe(run, file)? {
+        Ok(f) => f,
+        Err(e) => return file_fault(cfg, file, fi, head, st, e),
+    };
+    if stream.splittable() {
+        stream.restrict(span);
+    }
     let mut records = 0u64;
-    let mut file_fault: Option<Error> = None;
     loop {
-        let batch: Vec<OwnedRecord> = stream.next_batch(CHUNK)?;
+        let batch: Vec<OwnedRecord> = stream.next_batch_in(CHUNK, Some(&run.pool))?;
         if batch.is_empty() {
             break;
         }
         records += batch.len() as u64;
-        if file_format.is_none() {
-            for r in batch.iter().filter_map(OwnedRecord::raw) {
-                match run.detect(&file.path, &r) {
-                    Ok(Some(f)) => {
-                        file_format = Some(f);
-                        break;
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        file_fault = Some(e);
-                        break;
-                    }
-                }
-            }
-            if file_fault.is_some() {
-                break;
-            }
-        }
-        // Until a record parses, the format is unknown; those records are bad JSON anyway.
-        let fmt = file_format.unwrap_or(Format::Auto);
         let results: Vec<_> = run.pool.install(|| {
             batch
                 .par_iter()
-                .map(|r| match r.raw() {
-                    Some(raw) => run.encode_record(&raw, fmt),
-                    None => Err(RecordFault::Json(r.text.clone().err().unwrap_or_default())),
+                .map(|r| match &r.text {
+                    Ok(text) => {
+                        let raw = RawRecord {
+                            index: r.index,
+                            line: r.line,
+                            text,
+                        };
+                        run.encode_record(&raw, fmt)
+                    }
+                    Err(Unreadable::Row(m)) => Err(RecordFault::Shape(m.clone())),
+                    Err(Unreadable::Json(m)) => Err(RecordFault::Json(m.clone())),
                 })
                 .collect()
         });
@@ -385,26 +462,15 @@ fn encode_json_file(
         }
     }
     let (size, hash) = stream.finish()?;
-    st.part
-        .file_entries
-        .push(file_entry(&file.name, size, &hash));
-    table["size"] = json!(size);
-    if let Some(e) = file_fault {
-        st.part.file_table.push(table);
-        st.part.stats.skipped_files += 1;
-        return skip(cfg, &mut st.part.stats, e);
+    if head || records > 0 {
+        st.part
+            .file_entries
+            .push(file_entry(&file.name, size, &hash));
+        st.part.file_table.push(
+            json!({"name": file.name, "size": size, "records": records, "format": fmt.name()}),
+        );
+        st.part.files.push((fi, head));
     }
-    if records == 0 {
-        st.part.file_table.push(table);
-        st.part.stats.skipped_files += 1;
-        let e = Error::EmptyFile {
-            path: file.path.clone(),
-        };
-        return skip(cfg, &mut st.part.stats, e);
-    }
-    table["records"] = json!(records);
-    table["format"] = json!(file_format.unwrap_or(run.format).name());
-    st.part.file_table.push(table);
     st.part.stats.records += records;
     Ok(())
 }
@@ -438,6 +504,7 @@ fn encode_pretok_file(
         .file_table
         .push(json!({"name": file.name, "size": size,
         "records": pf.num_rows(), "format": "pretokenized"}));
+    st.part.files.push((fi, true));
     st.part.stats.records += pf.num_rows() as u64;
     let max_length = cfg.max_length;
     loop {

@@ -1,10 +1,18 @@
-//! Streaming record reader: JSONL and JSON arrays (plain, `.gz`, `.zst`) are read in bounded
-//! batches, so an input larger than memory never sits in memory whole; the raw bytes are
-//! hashed as they go by (the fingerprint needs each input's BLAKE3). A JSON array (first
-//! non-blank byte `[`) is read element by element ([`ArrayElements`]), with the memory of
-//! JSONL: one batch of records plus the decoder's buffers.
+//! Streaming record reader: JSONL and JSON arrays (plain, `.gz`, `.zst`), Parquet, Arrow IPC
+//! and CSV/TSV are read in bounded batches, so an input larger than memory never sits in
+//! memory whole; the raw bytes are hashed as they go by (the fingerprint needs each input's
+//! BLAKE3). A JSON array (first non-blank byte `[`) is read element by element
+//! ([`ArrayElements`]), with the memory of JSONL: one batch of records plus the decoder's
+//! buffers. Columnar and CSV rows become the JSON text of the record their JSON source would
+//! hold ([`crate::row_json`]), so everything after this stage sees one kind of record.
+//!
+//! A sharded run reads part of a file ([`RecordStream::restrict`]): the lines of an
+//! uncompressed JSONL or CSV file, the row groups of a Parquet file, the record batches of an
+//! Arrow file whose bytes fall in its [`Span`]. Record indices and line numbers stay those of
+//! the whole file.
 
 use std::cell::RefCell;
+use std::cmp::Ordering;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -12,18 +20,20 @@ use std::rc::Rc;
 
 use crate::error::{Error, Result};
 use crate::input::{ArrayElements, RawRecord};
+use crate::shard::Span;
+use crate::{source_csv, source_ipc, source_parquet};
 
 /// Bytes of record text per batch: bounds memory, amortises the parallel encode.
 pub const BATCH_BYTES: usize = 8 << 20;
 
 #[derive(Default)]
-struct HashState {
+pub(crate) struct HashState {
     hasher: blake3::Hasher,
     bytes: u64,
 }
 
 /// Reads a file and hashes every byte that passes.
-struct HashingReader {
+pub(crate) struct HashingReader {
     file: File,
     state: Rc<RefCell<HashState>>,
 }
@@ -38,15 +48,24 @@ impl Read for HashingReader {
     }
 }
 
+/// Why a record has no JSON text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unreadable {
+    /// Not JSON (invalid UTF-8, a broken JSON array).
+    Json(String),
+    /// A row that cannot be a record (a CSV row with more or fewer cells than the header).
+    Row(String),
+}
+
 /// One owned record of a batch (see [`RawRecord`]).
 #[derive(Clone, Debug)]
 pub struct OwnedRecord {
     /// 0-based index of the record in its file.
     pub index: u64,
-    /// 1-based line where the record starts.
+    /// 1-based line where the record starts (the 1-based row of a Parquet or Arrow file).
     pub line: u64,
-    /// The record's JSON text, or why it cannot be one (invalid UTF-8).
-    pub text: std::result::Result<String, String>,
+    /// The record's JSON text, or why it cannot be one.
+    pub text: std::result::Result<String, Unreadable>,
 }
 
 impl OwnedRecord {
@@ -60,10 +79,64 @@ impl OwnedRecord {
     }
 }
 
+/// Rows of a non-JSON source (Parquet, Arrow IPC, CSV), as JSON records.
+pub(crate) trait RowSource {
+    /// Read only the rows whose bytes the span places in this shard.
+    fn restrict(&mut self, span: Span);
+    /// The next batch of at most `max_records` records (about [`BATCH_BYTES`] of text),
+    /// converted on `pool` (else rayon's global pool); an empty batch means the end.
+    fn next_batch(
+        &mut self,
+        max_records: usize,
+        pool: Option<&rayon::ThreadPool>,
+    ) -> Result<Vec<OwnedRecord>>;
+    /// Bytes of the file read so far (for progress).
+    fn position(&self) -> u64;
+}
+
 enum Mode {
     Lines(Box<dyn BufRead>),
     Array(ArrayElements<Box<dyn BufRead>>),
+    Rows(Box<dyn RowSource>),
     Done,
+}
+
+/// What kind of data a file holds, by its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// JSON array or JSONL (plain, `.gz`, `.zst`).
+    Json,
+    /// Apache Parquet.
+    Parquet,
+    /// Arrow IPC, file or stream format.
+    Arrow,
+    /// Delimited text with a header row: the delimiter (`,` or tab).
+    Csv(u8),
+}
+
+/// The kind of `path` by its ending (a `.gz`/`.zst` suffix is looked through).
+pub fn kind_of(path: &Path) -> Kind {
+    let name = path.to_string_lossy().to_ascii_lowercase();
+    let name = name
+        .strip_suffix(".gz")
+        .or_else(|| name.strip_suffix(".zst"))
+        .unwrap_or(&name);
+    if name.ends_with(".parquet") {
+        Kind::Parquet
+    } else if name.ends_with(".arrow") || name.ends_with(".feather") {
+        Kind::Arrow
+    } else if name.ends_with(".csv") {
+        Kind::Csv(b',')
+    } else if name.ends_with(".tsv") {
+        Kind::Csv(b'\t')
+    } else {
+        Kind::Json
+    }
+}
+
+fn is_compressed(path: &Path) -> bool {
+    let name = path.to_string_lossy();
+    name.ends_with(".gz") || name.ends_with(".zst")
 }
 
 /// A file's records, batch by batch, with the raw bytes hashed on the way.
@@ -74,9 +147,13 @@ pub struct RecordStream {
     line: u64,
     index: u64,
     first: bool,
+    /// Byte offset (in the decompressed stream) of the next line.
+    pos: u64,
+    span: Span,
+    splittable: bool,
 }
 
-fn open_decoded(path: &Path, raw: HashingReader) -> Result<Box<dyn Read>> {
+pub(crate) fn open_decoded(path: &Path, raw: HashingReader) -> Result<Box<dyn Read>> {
     let name = path.to_string_lossy();
     Ok(if name.ends_with(".gz") {
         Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(raw)))
@@ -87,15 +164,61 @@ fn open_decoded(path: &Path, raw: HashingReader) -> Result<Box<dyn Read>> {
     })
 }
 
-impl RecordStream {
-    /// Open `path`; peeks at the first non-blank byte to tell a JSON array from JSONL.
-    pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let state = Rc::new(RefCell::new(HashState::default()));
-        let raw = HashingReader {
-            file,
+impl HashingReader {
+    /// Open `path`, hashing into `state`.
+    pub(crate) fn open(path: &Path, state: &Rc<RefCell<HashState>>) -> Result<Self> {
+        Ok(HashingReader {
+            file: File::open(path).map_err(|e| Error::io(path, e))?,
             state: state.clone(),
+        })
+    }
+}
+
+impl RecordStream {
+    /// Open `path`: by its name a Parquet, Arrow IPC or CSV/TSV file, else JSON, where the
+    /// first non-blank byte tells a JSON array from JSONL.
+    pub fn open(path: &Path) -> Result<Self> {
+        let state = Rc::new(RefCell::new(HashState::default()));
+        let compressed = is_compressed(path);
+        let rows: Option<Box<dyn RowSource>> = match kind_of(path) {
+            Kind::Json => None,
+            Kind::Parquet if !compressed => {
+                Some(Box::new(source_parquet::ParquetRows::open(path)?))
+            }
+            Kind::Arrow if !compressed => Some(Box::new(source_ipc::IpcRows::open(
+                path,
+                HashingReader::open(path, &state)?,
+            )?)),
+            Kind::Csv(delimiter) => Some(Box::new(source_csv::CsvRows::open(
+                path,
+                open_decoded(path, HashingReader::open(path, &state)?)?,
+                delimiter,
+            )?)),
+            Kind::Parquet | Kind::Arrow => {
+                return Err(Error::Record {
+                    path: path.to_path_buf(),
+                    line: 0,
+                    record: 0,
+                    msg: "compressed Parquet or Arrow files are not read: the formats compress \
+                          inside; give the file without .gz/.zst"
+                        .into(),
+                })
+            }
         };
+        if let Some(rows) = rows {
+            return Ok(RecordStream {
+                path: path.to_path_buf(),
+                state,
+                mode: Mode::Rows(rows),
+                line: 0,
+                index: 0,
+                first: true,
+                pos: 0,
+                span: Span::ALL,
+                splittable: !compressed,
+            });
+        }
+        let raw = HashingReader::open(path, &state)?;
         let mut reader = BufReader::with_capacity(1 << 20, open_decoded(path, raw)?);
         // Look without consuming: is the first non-blank byte (after a BOM) of the first
         // buffer a '['? (A file opening with over a megabyte of blanks is read as JSONL.)
@@ -114,20 +237,51 @@ impl RecordStream {
             line: 0,
             index: 0,
             first: true,
+            pos: 0,
+            span: Span::ALL,
+            splittable: !is_array && !compressed,
         })
+    }
+
+    /// Whether a shard can read part of this file: uncompressed JSONL, CSV, Parquet and
+    /// Arrow can be split; a JSON array or a compressed file is read by one shard whole.
+    pub fn splittable(&self) -> bool {
+        self.splittable
+    }
+
+    /// Read only the records whose bytes `span` places in its shard (a splittable file).
+    pub fn restrict(&mut self, span: Span) {
+        debug_assert!(self.splittable);
+        self.span = span;
+        if let Mode::Rows(rows) = &mut self.mode {
+            rows.restrict(span);
+        }
     }
 
     /// Raw (compressed) bytes read so far.
     pub fn raw_bytes(&self) -> u64 {
-        self.state.borrow().bytes
+        match &self.mode {
+            Mode::Rows(rows) => rows.position(),
+            _ => self.state.borrow().bytes,
+        }
     }
 
     /// The next batch of at most `max_records` records (about [`BATCH_BYTES`] of text);
     /// an empty batch means the end of the file.
     pub fn next_batch(&mut self, max_records: usize) -> Result<Vec<OwnedRecord>> {
+        self.next_batch_in(max_records, None)
+    }
+
+    /// [`Self::next_batch`], converting columnar rows to records in parallel on `pool`.
+    pub fn next_batch_in(
+        &mut self,
+        max_records: usize,
+        pool: Option<&rayon::ThreadPool>,
+    ) -> Result<Vec<OwnedRecord>> {
         let mut out = Vec::new();
         match &mut self.mode {
             Mode::Done => {}
+            Mode::Rows(rows) => out = rows.next_batch(max_records, pool)?,
             Mode::Array(elements) => {
                 let mut bytes = 0usize;
                 while out.len() < max_records && bytes < BATCH_BYTES {
@@ -138,10 +292,10 @@ impl RecordStream {
                         break;
                     };
                     bytes += el.text.as_ref().map_or(0, Vec::len);
-                    let text = el.text.and_then(|t| {
+                    let text = el.text.map_err(Unreadable::Json).and_then(|t| {
                         String::from_utf8(t).map_err(|e| {
                             let at = e.utf8_error().valid_up_to();
-                            format!("invalid UTF-8 at byte {at} of the element")
+                            Unreadable::Json(format!("invalid UTF-8 at byte {at} of the element"))
                         })
                     });
                     out.push(OwnedRecord {
@@ -162,7 +316,13 @@ impl RecordStream {
                     if n == 0 {
                         break;
                     }
+                    let start = self.pos;
+                    self.pos += n as u64;
                     self.line += 1;
+                    let place = self.span.place(start, self.pos);
+                    if place == Ordering::Greater {
+                        break;
+                    }
                     let mut line: &[u8] = &buf;
                     if line.last() == Some(&b'\n') {
                         line = &line[..line.len() - 1];
@@ -174,10 +334,16 @@ impl RecordStream {
                     if line.iter().all(|b| b.is_ascii_whitespace()) {
                         continue;
                     }
+                    if place == Ordering::Less {
+                        // Before this shard's bytes: counted, so indices and lines stay the
+                        // whole file's.
+                        self.index += 1;
+                        continue;
+                    }
                     bytes += line.len();
-                    let text = std::str::from_utf8(line)
-                        .map(str::to_string)
-                        .map_err(|e| format!("invalid UTF-8 at column {}", e.valid_up_to() + 1));
+                    let text = std::str::from_utf8(line).map(str::to_string).map_err(|e| {
+                        Unreadable::Json(format!("invalid UTF-8 at column {}", e.valid_up_to() + 1))
+                    });
                     out.push(OwnedRecord {
                         index: self.index,
                         line: self.line,
@@ -323,7 +489,10 @@ mod tests {
             assert_eq!(got.len(), 4, "{p:?}");
             assert!(got[..3].iter().all(|r| r.text.is_ok()));
             assert_eq!(got[3].index, 3);
-            assert!(got[3].text.as_ref().unwrap_err().contains("no closing ']'"));
+            let Err(Unreadable::Json(e)) = &got[3].text else {
+                panic!("{:?}", got[3].text)
+            };
+            assert!(e.contains("no closing ']'"));
         }
     }
 
@@ -336,5 +505,101 @@ mod tests {
         assert_eq!(recs.len(), 3);
         assert!(recs[1].text.is_err());
         assert_eq!(recs[1].line, 2);
+    }
+
+    fn collect_span(path: &Path, span: Option<Span>) -> Vec<(u64, serde_json::Value)> {
+        let mut s = RecordStream::open(path).unwrap();
+        if let Some(span) = span {
+            assert!(s.splittable(), "{path:?}");
+            s.restrict(span);
+        }
+        let mut out = Vec::new();
+        loop {
+            let b = s.next_batch(50).unwrap();
+            if b.is_empty() {
+                break;
+            }
+            for r in b {
+                out.push((
+                    r.index,
+                    serde_json::from_str(r.text.as_ref().unwrap()).unwrap(),
+                ));
+            }
+        }
+        let (size, h) = s.finish().unwrap();
+        let raw = std::fs::read(path).unwrap();
+        assert_eq!(
+            (size, h),
+            (raw.len() as u64, blake3::hash(&raw)),
+            "{path:?}"
+        );
+        out
+    }
+
+    #[test]
+    fn parquet_arrow_and_csv_rows_are_the_jsonl_records_and_split_by_span() {
+        use arrow_array::{ArrayRef, RecordBatch, StringArray};
+        use std::sync::Arc;
+        let d = tempfile::tempdir().unwrap();
+        let texts: Vec<String> = (0..300)
+            .map(|i| format!("row {i}, \"quoted\"{}", "\nline".repeat(i % 3)))
+            .collect();
+        let tags: Vec<String> = (0..300).map(|i| format!("t{}", i % 7)).collect();
+        let jsonl: String = texts
+            .iter()
+            .zip(&tags)
+            .map(|(t, g)| serde_json::json!({"text": t, "tag": g}).to_string() + "\n")
+            .collect();
+        std::fs::write(d.path().join("r.jsonl"), &jsonl).unwrap();
+        let mut csv = csv::Writer::from_path(d.path().join("r.csv")).unwrap();
+        csv.write_record(["text", "tag"]).unwrap();
+        for (t, g) in texts.iter().zip(&tags) {
+            csv.write_record([t, g]).unwrap();
+        }
+        csv.flush().unwrap();
+        let batch = RecordBatch::try_from_iter([
+            (
+                "text",
+                Arc::new(StringArray::from(texts.clone())) as ArrayRef,
+            ),
+            ("tag", Arc::new(StringArray::from(tags.clone())) as ArrayRef),
+        ])
+        .unwrap();
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_max_row_group_row_count(Some(32))
+            .build();
+        let f = File::create(d.path().join("r.parquet")).unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), Some(props)).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let f = File::create(d.path().join("f.arrow")).unwrap();
+        let mut fw = arrow_ipc::writer::FileWriter::try_new(f, &batch.schema()).unwrap();
+        let f = File::create(d.path().join("s.arrow")).unwrap();
+        let mut sw = arrow_ipc::writer::StreamWriter::try_new(f, &batch.schema()).unwrap();
+        for s in (0..300).step_by(32) {
+            let part = batch.slice(s, 32.min(300 - s));
+            fw.write(&part).unwrap();
+            sw.write(&part).unwrap();
+        }
+        fw.finish().unwrap();
+        sw.finish().unwrap();
+
+        let want = collect_span(&d.path().join("r.jsonl"), None);
+        assert_eq!(want.len(), 300);
+        for name in ["r.jsonl", "r.parquet", "f.arrow", "s.arrow", "r.csv"] {
+            let p = d.path().join(name);
+            assert_eq!(collect_span(&p, None), want, "{name}");
+            let size = std::fs::metadata(&p).unwrap().len();
+            for n in [2, 3, 5] {
+                let mut joined = Vec::new();
+                for i in 0..n {
+                    // The file sits after 100 bytes of other inputs, before 50 more.
+                    let part = collect_span(&p, Some(Span::new(100, size + 150, i, n)));
+                    assert!(n > 3 || !part.is_empty(), "{name} {i}/{n}");
+                    joined.extend(part);
+                }
+                assert_eq!(joined, want, "{name} /{n}");
+            }
+        }
     }
 }

@@ -1,0 +1,162 @@
+//! CSV and TSV input (plain, `.gz`, `.zst`): the first row names the columns and every cell
+//! is a string, so each row is the JSON object `{"column": "cell", ...}` (an empty cell is
+//! `""`). Quoting follows RFC 4180 (the `csv` crate), for TSV too. A row with more or fewer
+//! cells than the header is a bad record. A shard reads the rows whose bytes its span holds;
+//! the rows before it are parsed (not converted) so that quoted line breaks never mislead
+//! the split and record indices and lines stay the whole file's.
+
+use std::cmp::Ordering;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::row_json::write_json_str;
+use crate::shard::Span;
+use crate::source_parquet::source_error;
+use crate::stream::{OwnedRecord, RowSource, Unreadable, BATCH_BYTES};
+
+/// The rows of one CSV or TSV file.
+pub(crate) struct CsvRows {
+    path: PathBuf,
+    reader: csv::Reader<Box<dyn Read>>,
+    /// Column names, as JSON keys with their colon.
+    keys: Vec<Vec<u8>>,
+    names: Vec<String>,
+    row: csv::ByteRecord,
+    span: Span,
+    index: u64,
+    done: bool,
+}
+
+impl CsvRows {
+    /// Read the header row of `data` (the decoded bytes of `path`).
+    pub(crate) fn open(path: &Path, data: Box<dyn Read>, delimiter: u8) -> Result<Self> {
+        let mut reader = csv::ReaderBuilder::new()
+            .delimiter(delimiter)
+            .has_headers(true)
+            .flexible(true)
+            .from_reader(data);
+        let header = reader
+            .byte_headers()
+            .map_err(|e| csv_error(path, e))?
+            .clone();
+        let mut names = Vec::with_capacity(header.len());
+        for (c, name) in header.iter().enumerate() {
+            let name = std::str::from_utf8(name).map_err(|_| {
+                source_error(path, format!("header cell {} is not UTF-8 text", c + 1))
+            })?;
+            if names.iter().any(|n| n == name) {
+                return Err(source_error(
+                    path,
+                    format!("the header names column {name:?} twice: expected unique names"),
+                ));
+            }
+            names.push(name.to_string());
+        }
+        let keys = names
+            .iter()
+            .map(|n| {
+                let mut k = Vec::new();
+                write_json_str(&mut k, n.as_bytes());
+                k.push(b':');
+                k
+            })
+            .collect();
+        Ok(CsvRows {
+            path: path.to_path_buf(),
+            reader,
+            keys,
+            names,
+            row: csv::ByteRecord::new(),
+            span: Span::ALL,
+            index: 0,
+            done: false,
+        })
+    }
+
+    fn json(&self, buf: &mut Vec<u8>) -> std::result::Result<String, Unreadable> {
+        if self.row.len() != self.keys.len() {
+            return Err(Unreadable::Row(format!(
+                "the row has {} cells, the header {}: expected one cell per column",
+                self.row.len(),
+                self.keys.len()
+            )));
+        }
+        buf.clear();
+        buf.push(b'{');
+        for (c, (key, cell)) in self.keys.iter().zip(self.row.iter()).enumerate() {
+            if std::str::from_utf8(cell).is_err() {
+                return Err(Unreadable::Row(format!(
+                    "column {:?}: the cell is not UTF-8 text",
+                    self.names[c]
+                )));
+            }
+            if c > 0 {
+                buf.push(b',');
+            }
+            buf.extend_from_slice(key);
+            write_json_str(buf, cell);
+        }
+        buf.push(b'}');
+        Ok(String::from_utf8_lossy(buf).into_owned())
+    }
+}
+
+fn csv_error(path: &Path, e: csv::Error) -> Error {
+    match e.into_kind() {
+        csv::ErrorKind::Io(e) => Error::io(path, e),
+        other => source_error(path, format!("{other:?}")),
+    }
+}
+
+impl RowSource for CsvRows {
+    fn restrict(&mut self, span: Span) {
+        self.span = span;
+    }
+
+    fn next_batch(
+        &mut self,
+        max_records: usize,
+        pool: Option<&rayon::ThreadPool>,
+    ) -> Result<Vec<OwnedRecord>> {
+        let _ = pool; // rows are converted as they are parsed, on this thread
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut buf = Vec::new();
+        while !self.done && out.len() < max_records && bytes < BATCH_BYTES {
+            let more = self
+                .reader
+                .read_byte_record(&mut self.row)
+                .map_err(|e| csv_error(&self.path, e))?;
+            if !more {
+                self.done = true;
+                break;
+            }
+            let (start, line) = self.row.position().map_or((0, 0), |p| (p.byte(), p.line()));
+            match self.span.place(start, self.reader.position().byte()) {
+                Ordering::Less => {
+                    self.index += 1;
+                    continue;
+                }
+                Ordering::Greater => {
+                    self.done = true;
+                    break;
+                }
+                Ordering::Equal => {}
+            }
+            let text = self.json(&mut buf);
+            bytes += text.as_ref().map_or(0, String::len);
+            out.push(OwnedRecord {
+                index: self.index,
+                line,
+                text,
+            });
+            self.index += 1;
+        }
+        Ok(out)
+    }
+
+    fn position(&self) -> u64 {
+        self.reader.position().byte()
+    }
+}
