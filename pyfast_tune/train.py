@@ -231,8 +231,8 @@ def _run(cfg) -> dict:
     # What checkpoints, convert, merge and chat record is the template the data was packed
     # with, never a config default.
     cfg.data.template = packed_template(cfg.data.template, dataset.meta, packed_dir)
-    # eval.split takes its samples out of the training packs; eval.data is opened.
-    dataset, eval_set = split_data(cfg, dataset)
+    # eval.split takes its samples out of the training packs; eval.data is opened (verified).
+    dataset, eval_set = split_data(cfg, dataset, cache_dir)
 
     # Batch geometry: the global batch G (packs per optimizer step) is what resume keeps fixed.
     micro = cfg.micro_batch_size

@@ -162,6 +162,27 @@ def test_eval_data_must_share_the_training_tokenizer(setup, tmp_path, tiny_token
         split_data(cfg, PackedDataset(setup["packed"]))
 
 
+def test_eval_data_is_hash_checked_like_the_training_data(setup, tmp_path):
+    import shutil
+
+    from pyfast_tune.config import load_config
+    from pyfast_tune.data import CorruptDataError, PackedDataset
+    from pyfast_tune.trainer.evaluate import split_data
+
+    bad = tmp_path / "eval"
+    shutil.copytree(setup["eval_packed"], bad)
+    ids = bytearray((bad / "input_ids.bin").read_bytes())
+    ids[8] ^= 1  # one token id changed, the size kept
+    (bad / "input_ids.bin").write_bytes(bytes(ids))
+    cfg = load_config(None, ["--model", "m/", "--data", str(setup["packed"]),
+                             "--eval.data", str(bad)])  # fmt: skip
+    train = PackedDataset(setup["packed"])
+    with pytest.raises(CorruptDataError, match="input_ids.bin"):
+        split_data(cfg, train, tmp_path / "cache")
+    cfg.data.verify = False  # as for the training data, verify: false skips the check
+    assert len(split_data(cfg, train, tmp_path / "cache")[1]) == len(PackedDataset(bad))
+
+
 # --- loggers ------------------------------------------------------------------------------
 
 EVAL_RECORD = {"step": 4, "loss": 1.5, "trained_tokens": 120, "samples": 6, "seconds": 0.2,

@@ -195,14 +195,20 @@ class SamplePacks:
         )
 
 
-def split_data(cfg, dataset):
+def split_data(cfg, dataset, cache_dir: Path | None = None):
     """(training packs, eval set or None) for ``cfg.eval``: ``eval.data`` opened (it must be
-    packed with the training tokenizer), or ``eval.split`` held out of ``dataset``."""
+    packed with the training tokenizer; hash-checked like the training data when
+    ``data.verify``, with its marker in ``cache_dir``), or ``eval.split`` held out of
+    ``dataset``."""
     from pyfast_tune.data import PackedDataset
 
     ev = cfg.eval
     if ev.data is not None:
         eval_set = PackedDataset(ev.data)
+        if cfg.data.verify and cache_dir is not None:
+            from pyfast_tune.trainer.data_cache import verify_packed_dir
+
+            verify_packed_dir(Path(ev.data), cache_dir)
         ours = dataset.meta.get("tokenizer", {}).get("hash")
         theirs = eval_set.meta.get("tokenizer", {}).get("hash")
         if ours != theirs:
@@ -212,6 +218,10 @@ def split_data(cfg, dataset):
                 f"({dataset.meta.get('tokenizer', {}).get('path')!r}): re-pack it with the "
                 "training tokenizer"
             )
+        if eval_set.meta.get("template") != dataset.meta.get("template"):
+            log.warning("eval.data %s was packed with template %r, the training data with %r: "
+                        "the eval loss is over another prompt format", ev.data,
+                        eval_set.meta.get("template"), dataset.meta.get("template"))  # fmt: skip
         return dataset, eval_set
     if ev.split:
         held = held_out_samples(dataset, ev.split, int(dataset.meta.get("seed", 0)))
