@@ -525,3 +525,35 @@ def test_hub_parquet_packs_the_bytes_of_the_local_jsonl(
     assert _packed_bytes(tmp_path / "hub") == _packed_bytes(tmp_path / "local")
     src = PackedDataset(tmp_path / "hub").meta["sources"][0]
     assert (src["revision"], src["files"]) == (commit, sorted(shards))
+
+
+def test_chat_and_merge_take_a_hub_model_id(hf_cache, tiny_tokenizer, tmp_path):
+    """A base model named by its Hub id: transformers loads it from the cache, and our own
+    steps that need its tokenizer files (chat's prompts, merge's copy) find them there."""
+    pytest.importorskip("peft", reason="merge needs a PEFT adapter")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pyfast_tune.trainer.tiny import make_tiny_llama
+
+    local = make_tiny_llama(tmp_path / "tiny", tiny_tokenizer, init_std=0.3)
+    model_files = {p.name: p.read_bytes() for p in local.iterdir() if p.is_file()}
+    _fake_repo(hf_cache, "model", "acme/tiny-llama", model_files)
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    get_peft_model(AutoModelForCausalLM.from_pretrained(local), lora).save_pretrained(
+        tmp_path / "adapter"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(hf_cache.parent), HF_HUB_OFFLINE="1")
+
+    def cli(*args: str) -> str:
+        run = subprocess.run([sys.executable, "-m", "pyfast_tune.cli", *args], env=env,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    chat = ["--prompt", "What does the cat do?", "--max-new-tokens", "6", "--template", "qwen_chat"]
+    assert cli("chat", "acme/tiny-llama", *chat) == cli("chat", str(local), *chat)
+    cli("merge", "acme/tiny-llama", str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    merged = tmp_path / "merged"
+    assert (merged / "tokenizer.json").read_bytes() == model_files["tokenizer.json"]
