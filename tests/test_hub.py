@@ -21,7 +21,14 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from pyfast_tune import hub
-from pyfast_tune.data import HubError, PackConfigError, PackedDataset, fingerprint, pack
+from pyfast_tune.data import (
+    BINARY_LAYOUT,
+    HubError,
+    PackConfigError,
+    PackedDataset,
+    fingerprint,
+    pack,
+)
 
 huggingface_hub = pytest.importorskip(
     "huggingface_hub", reason="Hub inputs are read through huggingface_hub"
@@ -557,3 +564,24 @@ def test_chat_and_merge_take_a_hub_model_id(hf_cache, tiny_tokenizer, tmp_path):
     cli("merge", "acme/tiny-llama", str(tmp_path / "adapter"), str(tmp_path / "merged"))
     merged = tmp_path / "merged"
     assert (merged / "tokenizer.json").read_bytes() == model_files["tokenizer.json"]
+
+
+def test_shards_of_a_hub_input_merge_to_the_single_pack(
+    hf_cache, records, tiny_tokenizer, tmp_path
+):
+    from pyfast_tune.data import merge_packs
+
+    files = {
+        f"data/train-0000{i}-of-00003.jsonl": _jsonl(records[i * 30 : i * 30 + 30])
+        for i in range(3)
+    }
+    _fake_repo(hf_cache, "dataset", REPO, files)
+    url = f"hf://datasets/{REPO}"
+    whole = _pack(url, tmp_path / "whole", tiny_tokenizer)
+    parts = [tmp_path / f"part{i}" for i in range(2)]
+    for i, part in enumerate(parts):
+        _pack(url, part, tiny_tokenizer, shard=(i, 2))
+    merged = merge_packs(parts, tmp_path / "merged")
+    assert merged.fingerprint == whole.fingerprint
+    for name in ("meta.json", *BINARY_LAYOUT):
+        assert (tmp_path / "merged" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
