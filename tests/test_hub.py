@@ -524,8 +524,9 @@ def test_hub_parquet_packs_the_bytes_of_the_local_jsonl(
         pq.write_table(pa.Table.from_pylist(part), f)
         shards[f"data/train-0000{i}-of-00002.parquet"] = f.read_bytes()
     commit = _fake_repo(hf_cache, "dataset", REPO, shards)
-    local = tmp_path / "train.jsonl"
-    local.write_text(_jsonl(records))
+    local = [tmp_path / "train0.jsonl", tmp_path / "train1.jsonl"]  # the same two files
+    local[0].write_text(_jsonl(records[:50]))
+    local[1].write_text(_jsonl(records[50:]))
     _pack(local, tmp_path / "local", tiny_tokenizer)
     stats = _pack(f"hf://datasets/{REPO}", tmp_path / "hub", tiny_tokenizer)
     assert stats.samples == 90
