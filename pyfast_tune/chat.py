@@ -195,7 +195,7 @@ def generate(
     with torch.no_grad():
         for _ in range(max_new_tokens):
             out = model(input_ids=inputs, use_cache=True, **{cache_key: past})
-            past = out[cache_key]
+            past = getattr(out, cache_key)
             logits = out.logits[0, -1].float().cpu()
             if temperature <= 0:
                 token = int(torch.argmax(logits))
