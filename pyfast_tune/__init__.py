@@ -32,8 +32,10 @@ _DATA_NAMES = (
 _KERNEL_NAMES = ("ExtensionBuildError",)
 # Raised for a bad training config (a ValueError: missing, unknown or out-of-choice keys).
 _CONFIG_NAMES = ("ConfigError",)
+# Raised for a Hub dataset or tokenizer id that cannot be resolved (a FileNotFoundError).
+_HUB_NAMES = ("HubError",)
 
-__all__ = [*_DATA_NAMES, *_KERNEL_NAMES, *_CONFIG_NAMES, "__version__"]
+__all__ = [*_DATA_NAMES, *_KERNEL_NAMES, *_CONFIG_NAMES, *_HUB_NAMES, "__version__"]
 
 
 def __getattr__(name: str):
@@ -49,4 +51,8 @@ def __getattr__(name: str):
         from pyfast_tune import config
 
         return getattr(config, name)
+    if name in _HUB_NAMES:
+        from pyfast_tune import hub
+
+        return getattr(hub, name)
     raise AttributeError(f"module 'pyfast_tune' has no attribute {name!r}")

@@ -59,13 +59,17 @@ def test_pack_options_follow_the_engine_schema(tmp_path, tiny_tokenizer):
 
 
 def test_every_exception_is_exported():
-    from pyfast_tune import data
+    # Every error class a caller can get from the data engine, the Hub resolver and the
+    # training config is importable from the package root.
+    from pyfast_tune import config, data, hub
 
     classes = {
         n
-        for n in dir(data)
-        if isinstance(getattr(data, n), type) and issubclass(getattr(data, n), Exception)
+        for module in (data, hub, config)
+        for n in dir(module)
+        if isinstance(getattr(module, n), type) and issubclass(getattr(module, n), Exception)
     }
+    assert {"HubError", "ConfigError", "DataFormatError"} <= classes
     assert classes <= set(pyfast_tune.__all__)
     for name in pyfast_tune.__all__:
         assert getattr(pyfast_tune, name) is not None
