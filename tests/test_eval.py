@@ -112,13 +112,18 @@ def test_split_holds_out_records_by_their_source_not_by_packing(setup, tmp_path)
     assert held.tolist() == held_out_samples(ds, 0.1, seed=0).tolist()  # deterministic
     sources = {ds.sample(int(j))["source"] for j in held}
     assert sources != {ds.sample(int(j))["source"] for j in held_out_samples(ds, 0.1, seed=1)}
-    # The same records are held out whatever the packing: another max_length packs them
-    # differently (other packs, other sample order), the held-out sources do not move.
-    pack([setup["jsonl"]], tmp_path / "p512", tokenizer=setup["tok"], max_length=512,
-         format="openai", template="default")  # fmt: skip
+    # The same records are held out whatever the packing and wherever the file lies: a copy
+    # elsewhere packed at another max_length (other packs, other sample order) holds out the
+    # same record indices.
+    moved = tmp_path / "elsewhere" / "chat.jsonl"
+    moved.parent.mkdir()
+    moved.write_bytes(setup["jsonl"].read_bytes())
+    pack([moved], tmp_path / "p512", tokenizer=setup["tok"], max_length=512, format="openai",
+         template="default")  # fmt: skip
     other = PackedDataset(tmp_path / "p512")
-    assert len(other) < len(ds)
-    assert {other.sample(int(j))["source"] for j in held_out_samples(other, 0.1, 0)} == sources
+    assert len(other) < len(ds) and other.files != ds.files
+    records = {other.sample(int(j))["source"][1] for j in held_out_samples(other, 0.1, 0)}
+    assert records == {record for _, record in sources}
     # A larger fraction holds out a superset (the smallest keys first).
     assert set(held.tolist()) <= set(held_out_samples(ds, 0.3, seed=0).tolist())
 

@@ -6,10 +6,11 @@ and after the last one. The schedule is a function of the absolute step, so a re
 evaluates at the same steps as an uninterrupted one.
 
 Held-out data, ``eval.split: f``: a fraction ``f`` of the *samples* (records that encoded to a
-trainable sample) of the training data, chosen by a keyed hash of each sample's source
-``(file name, record index)`` and the pack seed: the ``round(f * samples)`` samples with the
-smallest keys. The choice depends on the records alone, not on packing or ``max_length``, and
-a larger fraction holds out a superset. The data is packed once, whole (the same cached
+trainable sample) of the training data, chosen by a keyed hash of each sample's source (file
+name relative to the inputs' common directory, record index) and the pack seed: the
+``round(f * samples)`` samples with the smallest keys. The choice depends on the records
+alone, not on packing, ``max_length`` or where the files lie, and a larger fraction holds out
+a superset. The data is packed once, whole (the same cached
 directory as without a split, so ``split: 0`` trains exactly the packs it always did); the
 training packs are those packs with the held-out samples taken out (``TrainingPacks``): no
 training row ever holds a held-out token, and the remaining samples keep their packs, which
@@ -62,6 +63,20 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def source_names(files: list[str]) -> list[str]:
+    """Input file names relative to their common directory: what keys the split, so the same
+    data held elsewhere (another mount, a copied tree, a file given by absolute path) holds
+    out the same records. A directory input already names its files relative to itself."""
+    import posixpath
+
+    dirs = [posixpath.dirname(f) for f in files]
+    try:
+        common = posixpath.commonpath(dirs) if dirs else ""
+    except ValueError:  # absolute and relative names mixed
+        common = ""
+    return [posixpath.relpath(f, common) if common else f for f in files]
+
+
 def sample_keys(files: list[str], file_index: np.ndarray, record: np.ndarray, seed: int):
     """The hold-out key of each sample: a 64-bit hash of (seed, source file name, record)."""
     per_file = np.array(
@@ -93,7 +108,7 @@ def held_out_samples(dataset, fraction: float, seed: int) -> np.ndarray:
             "sample on each side (use eval.data for a separate set)"
         )
     samples = np.asarray(dataset.samples)
-    keys = sample_keys(dataset.files, samples[:, 3], samples[:, 4], seed)
+    keys = sample_keys(source_names(dataset.files), samples[:, 3], samples[:, 4], seed)
     return np.sort(np.argsort(keys, kind="stable")[:count])
 
 
