@@ -305,6 +305,45 @@ def test_eval_loss_is_the_mean_over_trained_tokens_on_any_number_of_ranks(setup,
     assert one[2].item() == sum(s[2].item() for s in shares) == eval_set.num_samples
 
 
+def test_prompts_are_answered_greedily_in_the_training_template_with_a_system(setup):
+    """In process, on a model patched with our (cache-less) attention: the answers equal a
+    plain greedy decode of the prompt the training encoder builds with the system text, and
+    the model's attention and modes are restored afterwards."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from pyfast_tune import patch
+    from pyfast_tune.config import load_config
+    from pyfast_tune.data import ChatEncoder
+    from pyfast_tune.trainer.evaluate import Evaluator
+
+    system = "You answer in one sentence."
+    cfg = load_config(None, ["--model", "m/", "--data", "p/", "--eval.prompts",
+                             json.dumps(PROMPTS), "--eval.system", system,
+                             "--eval.max_new_tokens", "10"])  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32)
+    patch.apply(model, lora=False, attention_backend="ref")
+    model.train()
+    ours = model.config._attn_implementation
+    lines = []
+    evaluator = Evaluator(cfg, None, model, template="default", tokenizer=str(setup["tok"]),
+                          rank=0, world=1, zero_stage=0, device="cpu",
+                          write=lines.append)  # fmt: skip
+    assert evaluator.due(3, 5) is False and evaluator.due(5, 5) is True  # steps 0: at the end
+    record = evaluator.evaluate(5)
+    assert model.training and model.config._attn_implementation == ours
+    tok = Tokenizer.from_file(str(setup["tok"] / "tokenizer.json"))
+    encoder = ChatEncoder(setup["tok"], "default", system)
+    ref = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32).eval()
+    eos = {tok.token_to_id("<|im_end|>")}
+    assert [qa["prompt"] for qa in record["answers"]] == PROMPTS
+    for qa in record["answers"]:
+        ids = list(encoder.encode([(qa["prompt"], None)])[0])
+        assert tok.decode(ids).startswith("<|System|>:You answer in one sentence.\n")
+        assert qa["answer"] == tok.decode(_greedy(ref, ids, eos, 10), skip_special_tokens=False)
+    assert lines and lines[0].startswith("eval step 5:") and f"  Q: {PROMPTS[0]}" in lines[0]
+
+
 # --- training runs ------------------------------------------------------------------------
 
 
