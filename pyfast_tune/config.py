@@ -98,6 +98,7 @@ class EvalConfig:
     prompts: list[str] = field(default_factory=list)  # answered greedily, training template
     system: str | None = None  # the template's system text for the prompts
     max_new_tokens: int = 128
+    at_start: bool = False  # also before the first step: the untrained model, as a baseline
 
 
 @dataclass
@@ -356,10 +357,12 @@ def _check_eval(ev: EvalConfig) -> None:
         raise ConfigError(f"eval.system must be a string, got {ev.system!r}")
     if not _is_int(ev.max_new_tokens) or ev.max_new_tokens < 1:
         raise ConfigError(f"eval.max_new_tokens must be an integer >= 1, got {ev.max_new_tokens!r}")
-    if ev.steps and ev.data is None and not ev.split and not ev.prompts:
+    if not isinstance(ev.at_start, bool):
+        raise ConfigError(f"eval.at_start must be true or false, got {ev.at_start!r}")
+    if (ev.steps or ev.at_start) and ev.data is None and not ev.split and not ev.prompts:
         raise ConfigError(
-            "eval.steps is set but there is nothing to evaluate: set eval.data, eval.split "
-            "or eval.prompts"
+            "eval.steps or eval.at_start is set but there is nothing to evaluate: set "
+            "eval.data, eval.split or eval.prompts"
         )
 
 

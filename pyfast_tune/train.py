@@ -389,6 +389,8 @@ def _run(cfg) -> dict:
                           rank=topo.data_rank, world=topo.data_world, sequence=topo.sequence,
                           is_first=rank == 0, zero_stage=stage, device=device,
                           metrics=metrics, write=console.write)  # fmt: skip
+    if evaluator.due_at_start(start_step):  # eval.at_start: the untrained model, a baseline
+        evaluator.evaluate(0)
     records = []
     engine.train()
     last_saved = start_step if resume_from is not None else -1

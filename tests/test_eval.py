@@ -76,6 +76,8 @@ def _sample_tuple(ds, j) -> tuple:
         (["--eval.split", "0.1", "--eval.data", "x/"], "set one of eval.data"),
         (["--eval.steps", "-1"], "eval.steps must be an integer >= 0"),
         (["--eval.steps", "2"], "nothing to evaluate"),
+        (["--eval.at_start", "true"], "nothing to evaluate"),
+        (["--eval.at_start", "yes please"], "eval.at_start must be true or false"),
         (["--eval.prompts", "[hi, '']"], "eval.prompts must be a list of non-empty strings"),
         (["--eval.max_new_tokens", "0"], "eval.max_new_tokens must be an integer >= 1"),
         (["--eval.system", "[a]"], "eval.system must be a string"),
@@ -373,7 +375,8 @@ def _evals(out: Path) -> list[dict]:
 
 PROMPTS = ["Tell me about the moon.", "What do you know?", "Where is the river?"]
 SPLIT_EVAL = (
-    f"eval:\n  split: 0.1\n  steps: 2\n  max_new_tokens: 12\n  prompts: {json.dumps(PROMPTS)}\n"
+    "eval:\n  split: 0.1\n  steps: 2\n  at_start: true\n  max_new_tokens: 12\n"
+    f"  prompts: {json.dumps(PROMPTS)}\n"
 )
 
 
@@ -413,7 +416,7 @@ def test_eval_runs_on_schedule_with_the_training_loss_and_greedy_answers(setup, 
 
     _, out, proc = split_run
     evals = _evals(out)
-    assert [e["step"] for e in evals] == [2, 4, 5]  # every 2 steps, and the last
+    assert [e["step"] for e in evals] == [0, 2, 4, 5]  # before training, every 2, the last
     assert "eval step 2: loss " in proc.stdout and "  Q: Tell me about the moon." in proc.stdout
     # Training saw exactly the training packs, step by step: each step's token count is that of
     # the packs the order gives it over the split's training packs (the held-out ones are gone).
@@ -427,11 +430,13 @@ def test_eval_runs_on_schedule_with_the_training_loss_and_greedy_answers(setup, 
         assert m["tokens"] == sum(len(train[int(i)]["input_ids"]) for i in packs)
     # The logged eval loss is the mean trained-token loss of the held-out samples under the
     # checkpoint of that step.
-    base = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32).eval()
+    # Step 0 is the untrained model.
+    assert evals[0]["loss"] == pytest.approx(_direct_loss(base, eval_set), rel=1e-5)
     tuned = PeftModel.from_pretrained(base, out / "checkpoints" / "step_00000005" / "hf").eval()
     last = evals[-1]
     assert last["loss"] == pytest.approx(_direct_loss(tuned, eval_set), rel=1e-5)
-    assert last["samples"] == len(held) and evals[0]["loss"] > last["loss"]
+    assert last["samples"] == len(held) and evals[0]["loss"] > evals[1]["loss"] > last["loss"]
     # The answers are the plain greedy decode of the training template's prompt.
     tok = Tokenizer.from_file(str(setup["tok"] / "tokenizer.json"))
     encoder = ChatEncoder(setup["tok"], "default", None)
@@ -449,10 +454,10 @@ def test_resume_keeps_the_eval_schedule(setup, split_run, tmp_path):
     config, full_out, _ = split_run
     out = tmp_path / "run"
     _train(config, out, 1, "--stop_after_steps", "3")
-    assert [e["step"] for e in _evals(out)] == [2]
+    assert [e["step"] for e in _evals(out)] == [0, 2]
     _train(config, out, 1, "--resume", "true")
     resumed, full = _evals(out), _evals(full_out)
-    assert [e["step"] for e in resumed] == [2, 4, 5]
+    assert [e["step"] for e in resumed] == [0, 2, 4, 5]  # no second evaluation at the start
     for a, b in zip(resumed, full):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
         assert a["answers"] == b["answers"]

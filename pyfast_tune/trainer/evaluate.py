@@ -391,6 +391,11 @@ class Evaluator:
         every = self.ev.steps
         return step == total_steps or bool(every and step % every == 0)
 
+    def due_at_start(self, start_step: int) -> bool:
+        """Evaluate before the first step (``eval.at_start``)? Not when resuming: the run
+        evaluated its untrained model when it started."""
+        return self.enabled and self.ev.at_start and start_step == 0
+
     def _hf(self):
         from pyfast_tune.trainer.loss_head import hf_model
 
