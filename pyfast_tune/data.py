@@ -465,6 +465,21 @@ def resolve_inputs(inputs, data_order=None) -> list[tuple[str, str]]:
     return _packer.resolve_inputs(options)
 
 
+def packed_row(ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> dict[str, Any]:
+    """A pack dict (as ``PackedDataset[i]`` returns) of samples of ``lengths`` laid end to end
+    in ``ids``/``labels``: positions restart at each sample, ``cu_seqlens`` bound them."""
+    cu = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    position_ids = np.arange(int(cu[-1]), dtype=np.int64) - np.repeat(cu[:-1], lengths)
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "cu_seqlens": cu,
+        "max_seqlen": int(lengths.max()),
+    }
+
+
 class PackedDataset:
     """A packed directory, memory-mapped: O(1) to open, shareable across ranks and workers.
 
@@ -619,17 +634,7 @@ class PackedDataset:
         t1, s1 = self.packs[i + 1]
         ids = self._ids(t0, t1)
         labels = np.where(self.loss_mask[t0:t1] != 0, ids, IGNORE_INDEX)
-        lengths = self.samples[self.pack_samples[s0:s1], 1]
-        cu = np.zeros(len(lengths) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=cu[1:])
-        position_ids = np.arange(t1 - t0, dtype=np.int64) - np.repeat(cu[:-1], lengths)
-        return {
-            "input_ids": ids,
-            "labels": labels,
-            "position_ids": position_ids,
-            "cu_seqlens": cu,
-            "max_seqlen": int(lengths.max()),
-        }
+        return packed_row(ids, labels, self.samples[self.pack_samples[s0:s1], 1])
 
     def sample(self, j: int) -> dict[str, Any]:
         """Sample ``j`` (input order): input_ids, labels, source=(file name, record index)."""

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pyfast_tune.data import packed_row
 from pyfast_tune.trainer.batches import collate, global_normalizer
 
 log = logging.getLogger(__name__)
@@ -112,20 +113,6 @@ def held_out_samples(dataset, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.argsort(keys, kind="stable")[:count])
 
 
-def _rows(ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> dict:
-    """A pack dict (as ``PackedDataset[i]``) of samples of ``lengths`` laid end to end."""
-    cu = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=cu[1:])
-    position_ids = np.arange(int(cu[-1]), dtype=np.int64) - np.repeat(cu[:-1], lengths)
-    return {
-        "input_ids": ids,
-        "labels": labels,
-        "position_ids": position_ids,
-        "cu_seqlens": cu,
-        "max_seqlen": int(lengths.max()),
-    }
-
-
 class TrainingPacks:
     """The packs of ``dataset`` with the samples ``held_out`` taken out; packs left empty are
     gone. Indexable like ``PackedDataset`` (``len``, ``[i]``, ``meta``, ``pack_lengths``).
@@ -169,7 +156,7 @@ class TrainingPacks:
         keep = ~self.held[self.dataset.pack_sample_ids(k)]
         cu = np.asarray(pack["cu_seqlens"], dtype=np.int64)
         tokens = np.concatenate([np.arange(a, b) for a, b in zip(cu[:-1][keep], cu[1:][keep])])
-        return _rows(pack["input_ids"][tokens], pack["labels"][tokens], np.diff(cu)[keep])
+        return packed_row(pack["input_ids"][tokens], pack["labels"][tokens], np.diff(cu)[keep])
 
     @property
     def pack_lengths(self) -> np.ndarray:
@@ -203,7 +190,7 @@ class SamplePacks:
     def __getitem__(self, i: int) -> dict:
         a, b = self.rows[i]
         samples = [self.dataset.sample(int(j)) for j in self.sample_ids[a:b]]
-        return _rows(
+        return packed_row(
             np.concatenate([s["input_ids"] for s in samples]),
             np.concatenate([s["labels"] for s in samples]),
             np.array([len(s["input_ids"]) for s in samples], dtype=np.int64),
