@@ -769,4 +769,63 @@ mod tests {
             assert!(matches!(e, Error::DataOrder { .. }), "{bad}: {e}");
         }
     }
+
+    #[test]
+    fn a_save_to_disk_folder_is_its_data_files_in_state_order() {
+        let d = tempfile::tempdir().unwrap();
+        let saved = d.path().join("b/saved");
+        std::fs::create_dir_all(&saved).unwrap();
+        for f in [
+            "data-1.arrow",
+            "data-0.arrow",
+            "dataset_info.json",
+            "notes.jsonl",
+        ] {
+            std::fs::write(saved.join(f), b"x").unwrap();
+        }
+        std::fs::write(
+            saved.join("state.json"),
+            r#"{"_data_files": [{"filename": "data-1.arrow"}, {"filename": "data-0.arrow"}],
+                "_fingerprint": "f"}"#,
+        )
+        .unwrap();
+        std::fs::write(d.path().join("a.jsonl"), b"{}").unwrap();
+        std::fs::write(d.path().join("b/z.csv"), b"t\nx").unwrap();
+        std::fs::write(d.path().join("b/saved.parquet"), b"x").unwrap();
+        let names = |files: Vec<InputFile>| files.into_iter().map(|f| f.name).collect::<Vec<_>>();
+        // The folder's files in the state's order (nothing else in it), sorted as the folder.
+        assert_eq!(
+            names(walk_dir(d.path(), DATA_EXTENSIONS).unwrap()),
+            [
+                "a.jsonl",
+                "b/saved.parquet",
+                "b/saved/data-1.arrow",
+                "b/saved/data-0.arrow",
+                "b/z.csv"
+            ]
+        );
+        assert_eq!(
+            names(
+                resolve_inputs(&[saved.to_string_lossy().into_owned()], DATA_EXTENSIONS).unwrap()
+            ),
+            ["data-1.arrow", "data-0.arrow"]
+        );
+        std::fs::write(
+            saved.join("state.json"),
+            r#"{"_data_files": [{"filename": "../a.jsonl"}]}"#,
+        )
+        .unwrap();
+        let e = walk_dir(d.path(), DATA_EXTENSIONS).unwrap_err();
+        assert!(
+            e.to_string().contains("not a file name inside the folder"),
+            "{e}"
+        );
+        std::fs::write(
+            d.path().join("dataset_dict.json"),
+            r#"{"splits": ["train"]}"#,
+        )
+        .unwrap();
+        let e = walk_dir(d.path(), DATA_EXTENSIONS).unwrap_err();
+        assert!(e.to_string().contains("give one split's folder"), "{e}");
+    }
 }

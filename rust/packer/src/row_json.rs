@@ -1,5 +1,5 @@
-//! Arrow rows as JSON text: each row of a record batch becomes the JSON object its JSON
-//! source would have held, so Parquet, Arrow IPC and JSONL inputs go through one record
+//! Arrow rows as JSON records: each row of a record batch becomes the JSON object its JSON
+//! source would have held (built as a `serde_json::Value`, never printed and parsed again), so Parquet, Arrow IPC and JSONL inputs go through one record
 //! pipeline (formats, `--columns`, templates) unchanged.
 //!
 //! The mapping: a struct (and the row itself) is an object whose null fields are left out,
@@ -12,27 +12,26 @@
 //! 128-bit decimals are numbers. Other types (unions, intervals, run-end encoded,
 //! 256-bit decimals) have no JSON value: the file is refused, naming the column.
 
-use std::sync::Arc;
-
 use arrow_array::cast::AsArray;
 use arrow_array::types::*;
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_buffer::NullBuffer;
 use arrow_schema::DataType;
+use serde_json::{Map, Value};
 
-/// Writes the value of row `r` (known not to be null) into `out`.
-type Enc = Box<dyn Fn(usize, &mut Vec<u8>) + Send + Sync>;
+/// The value of row `r` (known not to be null).
+type Enc = Box<dyn Fn(usize) -> Value + Send + Sync>;
 
-/// One field of an object: its key (quoted, with the colon), nulls, and value encoder.
+/// One field of an object: its key, nulls, and value encoder.
 struct Field {
-    key: Vec<u8>,
+    key: String,
     nulls: Option<NullBuffer>,
     enc: Enc,
 }
 
-/// Encodes the rows of one record batch as JSON objects.
+/// Makes the records of one record batch.
 pub struct RowEncoder {
-    fields: Arc<Vec<Field>>,
+    fields: Vec<Field>,
     rows: usize,
 }
 
@@ -40,12 +39,36 @@ fn is_null(nulls: &Option<NullBuffer>, i: usize) -> bool {
     nulls.as_ref().is_some_and(|n| n.is_null(i))
 }
 
+/// Whether any byte of `w` needs escaping in a JSON string (`"`, `\\`, or below 0x20): the
+/// exact "has a byte less than / equal to" word tests, eight bytes at a time.
+fn word_needs_escape(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
+    let q = w ^ (ONES * b'"' as u64);
+    let quote = q.wrapping_sub(ONES) & !q & HIGH;
+    let b = w ^ (ONES * b'\\' as u64);
+    let backslash = b.wrapping_sub(ONES) & !b & HIGH;
+    (below_space | quote | backslash) != 0
+}
+
 /// Append `s` as a JSON string.
 pub fn write_json_str(out: &mut Vec<u8>, s: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(s.len() + 2);
     out.push(b'"');
     let mut start = 0;
-    for (i, &b) in s.iter().enumerate() {
+    let mut i = 0;
+    while i < s.len() {
+        // Whole words with nothing to escape are copied in one go below.
+        if i + 8 <= s.len() {
+            let w = u64::from_le_bytes(s[i..i + 8].try_into().expect("8 bytes"));
+            if !word_needs_escape(w) {
+                i += 8;
+                continue;
+            }
+        }
+        let b = s[i];
         let esc: &[u8] = match b {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
@@ -53,7 +76,10 @@ pub fn write_json_str(out: &mut Vec<u8>, s: &[u8]) {
             b'\r' => b"\\r",
             b'\t' => b"\\t",
             0..=0x1f => b"",
-            _ => continue,
+            _ => {
+                i += 1;
+                continue;
+            }
         };
         out.extend_from_slice(&s[start..i]);
         if esc.is_empty() {
@@ -63,59 +89,44 @@ pub fn write_json_str(out: &mut Vec<u8>, s: &[u8]) {
         } else {
             out.extend_from_slice(esc);
         }
-        start = i + 1;
+        i += 1;
+        start = i;
     }
     out.extend_from_slice(&s[start..]);
     out.push(b'"');
 }
 
-fn write_f64(out: &mut Vec<u8>, x: f64) {
-    use std::io::Write;
-    if x.is_finite() {
-        // Debug keeps the decimal point ("1.0"), so a float stays a float in JSON.
-        let _ = write!(out, "{x:?}");
-    } else {
-        out.extend_from_slice(b"null");
-    }
+fn float(x: f64) -> Value {
+    // JSON has no NaN or infinity.
+    serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
 }
 
-fn write_display(out: &mut Vec<u8>, x: impl std::fmt::Display) {
-    use std::io::Write;
-    let _ = write!(out, "{x}");
+fn text_or_null(b: &[u8]) -> Value {
+    std::str::from_utf8(b).map_or(Value::Null, |s| Value::String(s.to_string()))
 }
 
-fn object_of(fields: &[Field], r: usize, out: &mut Vec<u8>) {
-    out.push(b'{');
-    let mut first = true;
+fn object_of(fields: &[Field], r: usize) -> Value {
+    let mut map = Map::with_capacity(fields.len());
     for f in fields {
-        if is_null(&f.nulls, r) {
-            continue;
+        if !is_null(&f.nulls, r) {
+            map.insert(f.key.clone(), (f.enc)(r));
         }
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        out.extend_from_slice(&f.key);
-        (f.enc)(r, out);
     }
-    out.push(b'}');
+    Value::Object(map)
 }
 
 fn field(name: &str, a: &ArrayRef, path: &str) -> Result<Field, String> {
-    let mut key = Vec::with_capacity(name.len() + 3);
-    write_json_str(&mut key, name.as_bytes());
-    key.push(b':');
     Ok(Field {
-        key,
+        key: name.to_string(),
         nulls: a.logical_nulls(),
         enc: encoder(a, path)?,
     })
 }
 
 macro_rules! primitive {
-    ($a:expr, $t:ty, $write:expr) => {{
+    ($a:expr, $t:ty, $value:expr) => {{
         let arr = $a.as_primitive::<$t>().clone();
-        Box::new(move |r, out: &mut Vec<u8>| $write(out, arr.value(r)))
+        Box::new(move |r| $value(arr.value(r)))
     }};
 }
 
@@ -126,79 +137,71 @@ fn list_enc(
 ) -> Result<Enc, String> {
     let nulls = child.logical_nulls();
     let item = encoder(child, &format!("{path}[]"))?;
-    Ok(Box::new(move |r, out| {
+    Ok(Box::new(move |r| {
         let (s, e) = bounds(r);
-        out.push(b'[');
-        for i in s..e {
-            if i > s {
-                out.push(b',');
-            }
-            if is_null(&nulls, i) {
-                out.extend_from_slice(b"null");
-            } else {
-                item(i, out);
-            }
-        }
-        out.push(b']');
+        Value::Array(
+            (s..e)
+                .map(|i| {
+                    if is_null(&nulls, i) {
+                        Value::Null
+                    } else {
+                        item(i)
+                    }
+                })
+                .collect(),
+        )
     }))
 }
 
 fn encoder(a: &ArrayRef, path: &str) -> Result<Enc, String> {
     Ok(match a.data_type() {
-        DataType::Null => Box::new(|_, out| out.extend_from_slice(b"null")),
+        DataType::Null => Box::new(|_| Value::Null),
         DataType::Boolean => {
             let arr = a.as_boolean().clone();
-            Box::new(move |r, out| {
-                out.extend_from_slice(if arr.value(r) { b"true" } else { b"false" })
-            })
+            Box::new(move |r| Value::Bool(arr.value(r)))
         }
-        DataType::Int8 => primitive!(a, Int8Type, write_display),
-        DataType::Int16 => primitive!(a, Int16Type, write_display),
-        DataType::Int32 => primitive!(a, Int32Type, write_display),
-        DataType::Int64 => primitive!(a, Int64Type, write_display),
-        DataType::UInt8 => primitive!(a, UInt8Type, write_display),
-        DataType::UInt16 => primitive!(a, UInt16Type, write_display),
-        DataType::UInt32 => primitive!(a, UInt32Type, write_display),
-        DataType::UInt64 => primitive!(a, UInt64Type, write_display),
-        DataType::Float16 => {
-            primitive!(a, Float16Type, |o, x: F16| write_f64(o, x.to_f64()))
-        }
-        DataType::Float32 => primitive!(a, Float32Type, |o, x: f32| write_f64(o, x as f64)),
-        DataType::Float64 => primitive!(a, Float64Type, write_f64),
+        DataType::Int8 => primitive!(a, Int8Type, Value::from),
+        DataType::Int16 => primitive!(a, Int16Type, Value::from),
+        DataType::Int32 => primitive!(a, Int32Type, Value::from),
+        DataType::Int64 => primitive!(a, Int64Type, Value::from),
+        DataType::UInt8 => primitive!(a, UInt8Type, Value::from),
+        DataType::UInt16 => primitive!(a, UInt16Type, Value::from),
+        DataType::UInt32 => primitive!(a, UInt32Type, Value::from),
+        DataType::UInt64 => primitive!(a, UInt64Type, Value::from),
+        DataType::Float16 => primitive!(a, Float16Type, |x: F16| float(x.to_f64())),
+        DataType::Float32 => primitive!(a, Float32Type, |x: f32| float(x as f64)),
+        DataType::Float64 => primitive!(a, Float64Type, float),
         DataType::Decimal128(_, scale) => {
             let div = 10f64.powi(*scale as i32);
-            primitive!(a, Decimal128Type, move |o, x: i128| write_f64(
-                o,
-                x as f64 / div
-            ))
+            primitive!(a, Decimal128Type, move |x: i128| float(x as f64 / div))
         }
         DataType::Utf8 => {
             let arr = a.as_string::<i32>().clone();
-            Box::new(move |r, out| write_json_str(out, arr.value(r).as_bytes()))
+            Box::new(move |r| Value::String(arr.value(r).to_string()))
         }
         DataType::LargeUtf8 => {
             let arr = a.as_string::<i64>().clone();
-            Box::new(move |r, out| write_json_str(out, arr.value(r).as_bytes()))
+            Box::new(move |r| Value::String(arr.value(r).to_string()))
         }
         DataType::Utf8View => {
             let arr = a.as_string_view().clone();
-            Box::new(move |r, out| write_json_str(out, arr.value(r).as_bytes()))
+            Box::new(move |r| Value::String(arr.value(r).to_string()))
         }
         DataType::Binary => {
             let arr = a.as_binary::<i32>().clone();
-            Box::new(move |r, out| write_text_or_null(out, arr.value(r)))
+            Box::new(move |r| text_or_null(arr.value(r)))
         }
         DataType::LargeBinary => {
             let arr = a.as_binary::<i64>().clone();
-            Box::new(move |r, out| write_text_or_null(out, arr.value(r)))
+            Box::new(move |r| text_or_null(arr.value(r)))
         }
         DataType::BinaryView => {
             let arr = a.as_binary_view().clone();
-            Box::new(move |r, out| write_text_or_null(out, arr.value(r)))
+            Box::new(move |r| text_or_null(arr.value(r)))
         }
         DataType::FixedSizeBinary(_) => {
             let arr = a.as_fixed_size_binary().clone();
-            Box::new(move |r, out| write_text_or_null(out, arr.value(r)))
+            Box::new(move |r| text_or_null(arr.value(r)))
         }
         t if t.is_temporal() && matches!(t.primitive_width(), Some(4 | 8)) => {
             // Same layout as the integer of its width: read it as that integer.
@@ -246,45 +249,41 @@ fn encoder(a: &ArrayRef, path: &str) -> Result<Enc, String> {
                 .zip(s.columns())
                 .map(|(f, c)| field(f.name(), c, &format!("{path}.{}", f.name())))
                 .collect::<Result<Vec<_>, _>>()?;
-            Box::new(move |r, out| object_of(&fields, r, out))
+            Box::new(move |r| object_of(&fields, r))
         }
         DataType::Map(_, _) => {
             let m = a.as_map().clone();
-            let keys = m.keys().clone();
-            if keys.data_type() != &DataType::Utf8 {
+            if m.keys().data_type() != &DataType::Utf8 {
                 return Err(format!(
                     "column {path:?}: map keys must be strings, got {}",
-                    keys.data_type()
+                    m.keys().data_type()
                 ));
             }
-            let keys = keys.as_string::<i32>().clone();
+            let keys = m.keys().as_string::<i32>().clone();
             let values = m.values().clone();
             let nulls = values.logical_nulls();
             let item = encoder(&values, &format!("{path}{{}}"))?;
             let offs = m.offsets().clone();
-            Box::new(move |r, out| {
+            Box::new(move |r| {
                 let (s, e) = (offs[r] as usize, offs[r + 1] as usize);
-                out.push(b'{');
-                for i in s..e {
-                    if i > s {
-                        out.push(b',');
-                    }
-                    write_json_str(out, keys.value(i).as_bytes());
-                    out.push(b':');
-                    if is_null(&nulls, i) {
-                        out.extend_from_slice(b"null");
-                    } else {
-                        item(i, out);
-                    }
-                }
-                out.push(b'}');
+                let map = (s..e)
+                    .map(|i| {
+                        let v = if is_null(&nulls, i) {
+                            Value::Null
+                        } else {
+                            item(i)
+                        };
+                        (keys.value(i).to_string(), v)
+                    })
+                    .collect();
+                Value::Object(map)
             })
         }
         DataType::Dictionary(_, _) => {
             let d = a.as_any_dictionary();
             let keys = d.normalized_keys();
             let item = encoder(d.values(), path)?;
-            Box::new(move |r, out| item(keys[r], out))
+            Box::new(move |r| item(keys[r]))
         }
         t => {
             return Err(format!(
@@ -296,13 +295,6 @@ fn encoder(a: &ArrayRef, path: &str) -> Result<Enc, String> {
 }
 
 type F16 = <Float16Type as arrow_array::ArrowPrimitiveType>::Native;
-
-fn write_text_or_null(out: &mut Vec<u8>, b: &[u8]) {
-    match std::str::from_utf8(b) {
-        Ok(s) => write_json_str(out, s.as_bytes()),
-        Err(_) => out.extend_from_slice(b"null"),
-    }
-}
 
 impl RowEncoder {
     /// An encoder for the rows of `batch`; an error names the first column whose type has
@@ -316,7 +308,7 @@ impl RowEncoder {
             .map(|(f, c)| field(f.name(), c, f.name()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(RowEncoder {
-            fields: Arc::new(fields),
+            fields,
             rows: batch.num_rows(),
         })
     }
@@ -326,29 +318,17 @@ impl RowEncoder {
         self.rows
     }
 
-    /// Row `r` as JSON text (appended to `out`).
-    pub fn write_row(&self, r: usize, out: &mut Vec<u8>) {
-        object_of(&self.fields, r, out);
-    }
-
-    /// Rows `range` as JSON texts.
-    pub fn rows(&self, range: std::ops::Range<usize>) -> Vec<String> {
-        let mut buf = Vec::new();
-        range
-            .map(|r| {
-                buf.clear();
-                self.write_row(r, &mut buf);
-                // Every string written came from a UTF-8 array or was checked to be UTF-8, so this
-                // copies without replacing anything.
-                String::from_utf8_lossy(&buf).into_owned()
-            })
-            .collect()
+    /// Row `r` as the JSON value of its record.
+    pub fn row(&self, r: usize) -> Value {
+        object_of(&self.fields, r)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
     use arrow_array::builder::{
         Int32Builder, ListBuilder, MapBuilder, StringBuilder, StringDictionaryBuilder,
     };
@@ -357,14 +337,11 @@ mod tests {
         StructArray, TimestampMillisecondArray,
     };
     use arrow_schema::Field as ArrowField;
-    use serde_json::{json, Value};
+    use serde_json::json;
 
     fn rows(batch: &RecordBatch) -> Vec<Value> {
         let enc = RowEncoder::new(batch).unwrap();
-        enc.rows(0..enc.num_rows())
-            .iter()
-            .map(|t| serde_json::from_str(t).unwrap())
-            .collect()
+        (0..enc.num_rows()).map(|r| enc.row(r)).collect()
     }
 
     /// `messages: list<struct<role, content, loss?>>` as pyarrow writes a JSON list of
@@ -457,18 +434,21 @@ mod tests {
         );
         // A float stays a float; a slice reads its own rows.
         let enc = RowEncoder::new(&batch.slice(1, 2)).unwrap();
-        assert!(enc.rows(1..2)[0].contains("\"f\":0.25"));
+        assert!(enc.row(1).to_string().contains("\"f\":0.25"));
         assert_eq!(rows(&batch.slice(2, 1))[0], got[2]);
     }
 
     #[test]
     fn strings_escape_like_serde() {
+        // Long enough for the word-at-a-time scan, specials at every offset of a word.
+        let long = "0123456\"89abcdef\\\u{1}xxxxxxxxxxxxxxxxxxxxx\u{1f}éééé\n".repeat(3);
         for s in [
             "plain",
             "q\"b\\s",
             "ctl\u{0}\u{1f}\u{7f}",
             "\u{2028}é😀",
             "\r\n\t",
+            &long,
         ] {
             let mut out = Vec::new();
             write_json_str(&mut out, s.as_bytes());

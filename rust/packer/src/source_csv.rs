@@ -10,7 +10,6 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::row_json::write_json_str;
 use crate::shard::Span;
 use crate::source_parquet::source_error;
 use crate::stream::{OwnedRecord, RowSource, Unreadable, BATCH_BYTES};
@@ -19,8 +18,7 @@ use crate::stream::{OwnedRecord, RowSource, Unreadable, BATCH_BYTES};
 pub(crate) struct CsvRows {
     path: PathBuf,
     reader: csv::Reader<Box<dyn Read>>,
-    /// Column names, as JSON keys with their colon.
-    keys: Vec<Vec<u8>>,
+    /// Column names.
     names: Vec<String>,
     row: csv::ByteRecord,
     span: Span,
@@ -53,19 +51,9 @@ impl CsvRows {
             }
             names.push(name.to_string());
         }
-        let keys = names
-            .iter()
-            .map(|n| {
-                let mut k = Vec::new();
-                write_json_str(&mut k, n.as_bytes());
-                k.push(b':');
-                k
-            })
-            .collect();
         Ok(CsvRows {
             path: path.to_path_buf(),
             reader,
-            keys,
             names,
             row: csv::ByteRecord::new(),
             span: Span::ALL,
@@ -74,31 +62,22 @@ impl CsvRows {
         })
     }
 
-    fn json(&self, buf: &mut Vec<u8>) -> std::result::Result<String, Unreadable> {
-        if self.row.len() != self.keys.len() {
+    fn record(&self) -> std::result::Result<serde_json::Value, Unreadable> {
+        if self.row.len() != self.names.len() {
             return Err(Unreadable::Row(format!(
                 "the row has {} cells, the header {}: expected one cell per column",
                 self.row.len(),
-                self.keys.len()
+                self.names.len()
             )));
         }
-        buf.clear();
-        buf.push(b'{');
-        for (c, (key, cell)) in self.keys.iter().zip(self.row.iter()).enumerate() {
-            if std::str::from_utf8(cell).is_err() {
-                return Err(Unreadable::Row(format!(
-                    "column {:?}: the cell is not UTF-8 text",
-                    self.names[c]
-                )));
-            }
-            if c > 0 {
-                buf.push(b',');
-            }
-            buf.extend_from_slice(key);
-            write_json_str(buf, cell);
+        let mut map = serde_json::Map::with_capacity(self.names.len());
+        for (name, cell) in self.names.iter().zip(self.row.iter()) {
+            let cell = std::str::from_utf8(cell).map_err(|_| {
+                Unreadable::Row(format!("column {name:?}: the cell is not UTF-8 text"))
+            })?;
+            map.insert(name.clone(), serde_json::Value::String(cell.to_string()));
         }
-        buf.push(b'}');
-        Ok(String::from_utf8_lossy(buf).into_owned())
+        Ok(serde_json::Value::Object(map))
     }
 }
 
@@ -114,15 +93,9 @@ impl RowSource for CsvRows {
         self.span = span;
     }
 
-    fn next_batch(
-        &mut self,
-        max_records: usize,
-        pool: Option<&rayon::ThreadPool>,
-    ) -> Result<Vec<OwnedRecord>> {
-        let _ = pool; // rows are converted as they are parsed, on this thread
+    fn next_batch(&mut self, max_records: usize) -> Result<Vec<OwnedRecord>> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        let mut buf = Vec::new();
         while !self.done && out.len() < max_records && bytes < BATCH_BYTES {
             let more = self
                 .reader
@@ -144,12 +117,15 @@ impl RowSource for CsvRows {
                 }
                 Ordering::Equal => {}
             }
-            let text = self.json(&mut buf);
-            bytes += text.as_ref().map_or(0, String::len);
-            out.push(OwnedRecord {
-                index: self.index,
-                line,
-                text,
+            bytes += self.row.as_slice().len();
+            out.push(match self.record() {
+                Ok(value) => OwnedRecord::row(self.index, line, value),
+                Err(e) => OwnedRecord {
+                    index: self.index,
+                    line,
+                    text: Err(e),
+                    value: None,
+                },
             });
             self.index += 1;
         }

@@ -1,54 +1,57 @@
 //! Arrow IPC input, stream and file format alike: the file format is the stream format between
-//! an 8-byte magic and a footer, so both are read message by message from the front (what
-//! `datasets.save_to_disk` writes is the stream format). Memory is one record batch. A shard
-//! converts the record batches whose bytes its span holds; the others are only decoded to
-//! count their rows (decoding IPC is a copy, no parsing).
+//! a magic and a footer, so both are read message by message from the front (what
+//! `datasets.save_to_disk` writes is the stream format). Batches are decoded and converted to
+//! records on a thread of their own, ahead of the encoder, as for Parquet; memory is a few
+//! record batches. A shard converts the record batches whose bytes its span holds; the others
+//! are only decoded to count their rows (decoding IPC is a copy, no parsing).
 
-use std::cell::Cell;
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use arrow_ipc::reader::StreamReader;
 
 use crate::error::{Error, Result};
 use crate::shard::Span;
-use crate::source_parquet::{check_schema, source_error, Pending};
-use crate::stream::{HashingReader, OwnedRecord, RowSource, BATCH_BYTES};
+use crate::source_parquet::{check_schema, convert_batch, source_error, Ahead};
+use crate::stream::{OwnedRecord, RowSource};
 
-/// The magic that opens (and closes) an Arrow IPC file, padded to 8 bytes.
+/// The magic that opens (and closes) an Arrow IPC file.
 const FILE_MAGIC: &[u8] = b"ARROW1";
 
 /// Counts the bytes the IPC reader has consumed: the position of message boundaries.
 struct Counted<R> {
     inner: R,
-    pos: Rc<Cell<u64>>,
+    pos: Arc<AtomicU64>,
 }
 
 impl<R: Read> Read for Counted<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.pos.set(self.pos.get() + n as u64);
+        self.pos.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 }
 
+type Reader = StreamReader<Counted<BufReader<File>>>;
+
 /// The rows of one Arrow IPC file.
 pub(crate) struct IpcRows {
     path: PathBuf,
-    reader: StreamReader<Counted<BufReader<HashingReader>>>,
-    pos: Rc<Cell<u64>>,
+    /// The reader until the decoding thread takes it.
+    reader: Option<Reader>,
+    pos: Arc<AtomicU64>,
     span: Span,
-    pending: Option<Pending>,
-    /// Record index of the next batch's first row.
-    index: u64,
-    done: bool,
+    ahead: Option<Ahead>,
 }
 
 impl IpcRows {
     /// Read the schema of `path` and check that every column can be a JSON value.
-    pub(crate) fn open(path: &Path, raw: HashingReader) -> Result<Self> {
-        let mut buf = BufReader::with_capacity(1 << 20, raw);
+    pub(crate) fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut buf = BufReader::with_capacity(1 << 20, file);
         let head = buf.fill_buf().map_err(|e| Error::io(path, e))?;
         let mut start = 0u64;
         if head.starts_with(FILE_MAGIC) {
@@ -65,7 +68,7 @@ impl IpcRows {
                 start += 8;
             }
         }
-        let pos = Rc::new(Cell::new(start));
+        let pos = Arc::new(AtomicU64::new(start));
         let counted = Counted {
             inner: buf,
             pos: pos.clone(),
@@ -79,13 +82,58 @@ impl IpcRows {
         check_schema(path, reader.schema())?;
         Ok(IpcRows {
             path: path.to_path_buf(),
-            reader,
+            reader: Some(reader),
             pos,
             span: Span::ALL,
-            pending: None,
-            index: 0,
-            done: false,
+            ahead: None,
         })
+    }
+
+    fn start(&mut self) -> Result<()> {
+        let (Some(reader), path, span, pos) = (
+            self.reader.take(),
+            self.path.clone(),
+            self.span,
+            self.pos.clone(),
+        ) else {
+            return Ok(());
+        };
+        self.ahead = Some(Ahead::spawn(move |send| {
+            let mut reader = reader;
+            let mut index = 0u64;
+            loop {
+                // The batch's bytes: from the end of the previous message to where the reader
+                // stands after it.
+                let start = pos.load(Ordering::Relaxed);
+                let Some(batch) = reader.next() else {
+                    return;
+                };
+                let batch = match batch {
+                    Ok(b) => b,
+                    Err(e) => {
+                        send(Err(Error::Record {
+                            path: path.clone(),
+                            line: index + 1,
+                            record: index,
+                            msg: format!("cannot decode the Arrow record batch from here: {e}"),
+                        }));
+                        return;
+                    }
+                };
+                let first = index;
+                index += batch.num_rows() as u64;
+                match span.place(start, pos.load(Ordering::Relaxed)) {
+                    std::cmp::Ordering::Less => {}
+                    std::cmp::Ordering::Greater => return,
+                    std::cmp::Ordering::Equal => {
+                        if !send(convert_batch(&path, &batch, first)) {
+                            return;
+                        }
+                    }
+                }
+            }
+        })?);
+        Ok(())
     }
 }
 
@@ -94,49 +142,17 @@ impl RowSource for IpcRows {
         self.span = span;
     }
 
-    fn next_batch(
-        &mut self,
-        max_records: usize,
-        pool: Option<&rayon::ThreadPool>,
-    ) -> Result<Vec<OwnedRecord>> {
-        let mut out = Vec::new();
-        let mut bytes_left = BATCH_BYTES;
-        while !self.done && out.len() < max_records && bytes_left > 0 {
-            if let Some(p) = &mut self.pending {
-                p.take(&mut out, max_records, &mut bytes_left, pool);
-                if p.left() > 0 {
-                    break;
-                }
-                self.pending = None;
-            }
-            let before = self.pos.get();
-            match self.reader.next() {
-                None => self.done = true,
-                Some(Err(e)) => {
-                    return Err(Error::Record {
-                        path: self.path.clone(),
-                        line: self.index + 1,
-                        record: self.index,
-                        msg: format!("cannot decode the Arrow record batch from here: {e}"),
-                    })
-                }
-                Some(Ok(batch)) => {
-                    let first = self.index;
-                    self.index += batch.num_rows() as u64;
-                    match self.span.place(before, self.pos.get()) {
-                        std::cmp::Ordering::Less => {}
-                        std::cmp::Ordering::Equal => {
-                            self.pending = Some(Pending::new(&self.path, &batch, first)?)
-                        }
-                        std::cmp::Ordering::Greater => self.done = true,
-                    }
-                }
-            }
+    fn next_batch(&mut self, max_records: usize) -> Result<Vec<OwnedRecord>> {
+        if self.ahead.is_none() {
+            self.start()?;
         }
-        Ok(out)
+        match &mut self.ahead {
+            Some(a) => a.next_batch(max_records),
+            None => Ok(Vec::new()),
+        }
     }
 
     fn position(&self) -> u64 {
-        self.pos.get()
+        self.pos.load(Ordering::Relaxed)
     }
 }

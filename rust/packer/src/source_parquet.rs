@@ -1,27 +1,31 @@
-//! Parquet input: row groups are decoded as Arrow record batches, one batch at a time (memory
-//! is one batch plus the pages being read, whatever the file's size), and each row becomes
-//! the JSON text of its record ([`crate::row_json`]); the rows of a batch are converted in
-//! parallel, in order. A shard reads the row groups whose bytes its span holds.
+//! Parquet input: row groups are decoded as Arrow record batches, and each row becomes the
+//! JSON text of its record ([`crate::row_json`]), on a thread of its own a couple of batches
+//! ahead of the encoder (memory is those batches plus the pages being read, whatever the
+//! file's size), so decompressing, decoding and converting overlap tokenization instead of
+//! stalling it. A shard reads the row groups whose bytes its span holds.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver};
 
 use arrow_array::RecordBatch;
 use parquet::arrow::arrow_reader::{
-    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader,
-    ParquetRecordBatchReaderBuilder,
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
 };
-use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::row_json::RowEncoder;
 use crate::shard::Span;
 use crate::stream::{OwnedRecord, RowSource, BATCH_BYTES};
 
-/// Rows decoded per record batch.
+/// Rows decoded per record batch, at most.
 const DECODE_ROWS: usize = 1024;
-/// Rows converted to JSON per parallel task.
-const TASK_ROWS: usize = 128;
+/// Bytes (uncompressed) decoded per record batch, about: small batches let the encoder start
+/// early and keep it fed.
+const DECODE_BYTES: u64 = 1 << 20;
+/// Record batches decoded ahead of the encoder.
+const AHEAD: usize = 2;
 
 /// A file-level fault of a columnar or CSV input (it cannot be read as its kind).
 pub(crate) fn source_error(path: &Path, msg: impl Into<String>) -> Error {
@@ -33,80 +37,97 @@ pub(crate) fn source_error(path: &Path, msg: impl Into<String>) -> Error {
     }
 }
 
-/// Rows `range` of `enc` as records, converted in parallel; `first` is the record index of
-/// row 0 of the batch.
-pub(crate) fn convert_rows(
-    enc: &RowEncoder,
-    range: std::ops::Range<usize>,
+/// The rows of `batch` as records, the first with record index `first` (its line is the
+/// 1-based row).
+pub(crate) fn convert_batch(
+    path: &Path,
+    batch: &RecordBatch,
     first: u64,
-    pool: Option<&rayon::ThreadPool>,
-) -> Vec<OwnedRecord> {
-    let tasks: Vec<std::ops::Range<usize>> = range
-        .clone()
-        .step_by(TASK_ROWS)
-        .map(|s| s..(s + TASK_ROWS).min(range.end))
-        .collect();
-    let convert = || -> Vec<Vec<String>> { tasks.into_par_iter().map(|r| enc.rows(r)).collect() };
-    let texts = match pool {
-        Some(pool) => pool.install(convert),
-        None => convert(),
-    };
-    texts
-        .into_iter()
-        .flatten()
-        .zip(range)
-        .map(|(text, r)| {
-            let index = first + r as u64;
-            OwnedRecord {
-                index,
-                line: index + 1,
-                text: Ok(text),
-            }
-        })
-        .collect()
+) -> Result<Vec<OwnedRecord>> {
+    let enc = RowEncoder::new(batch).map_err(|m| source_error(path, m))?;
+    Ok((0..enc.num_rows())
+        .zip(first..)
+        .map(|(r, index)| OwnedRecord::row(index, index + 1, enc.row(r)))
+        .collect())
 }
 
-/// A decoded batch and how far into it the rows have been handed out.
-pub(crate) struct Pending {
-    enc: RowEncoder,
-    /// Record index of the batch's first row.
-    first: u64,
-    next: usize,
-}
-
-impl Pending {
-    pub(crate) fn new(path: &Path, batch: &RecordBatch, first: u64) -> Result<Self> {
-        let enc = RowEncoder::new(batch).map_err(|m| source_error(path, m))?;
-        Ok(Pending {
-            enc,
-            first,
-            next: 0,
-        })
-    }
-
-    pub(crate) fn left(&self) -> usize {
-        self.enc.num_rows() - self.next
-    }
-
-    /// Move up to `max` rows (and about `bytes_left` bytes of text) into `out`.
-    pub(crate) fn take(
-        &mut self,
-        out: &mut Vec<OwnedRecord>,
-        max: usize,
-        bytes_left: &mut usize,
-        pool: Option<&rayon::ThreadPool>,
-    ) {
-        while self.left() > 0 && out.len() < max && *bytes_left > 0 {
-            let n = self.left().min(max - out.len()).min(DECODE_ROWS);
-            let recs = convert_rows(&self.enc, self.next..self.next + n, self.first, pool);
-            self.next += n;
-            let bytes: usize = recs
+/// About the text size of a record (its strings), to bound a batch like JSONL's.
+fn approx_bytes(v: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => s.len() + 2,
+        Value::Array(a) => 2 + a.iter().map(approx_bytes).sum::<usize>(),
+        Value::Object(o) => {
+            2 + o
                 .iter()
-                .map(|r| r.text.as_ref().map_or(0, String::len))
-                .sum();
-            *bytes_left = bytes_left.saturating_sub(bytes);
-            out.extend(recs);
+                .map(|(k, v)| k.len() + 3 + approx_bytes(v))
+                .sum::<usize>()
         }
+        _ => 4,
+    }
+}
+
+/// Records made on a thread of its own, a few batches ahead of the encoder, handed out in
+/// order: decoding and converting columnar data overlap tokenization instead of stalling it
+/// (the converting is done there, sequentially: the encoder's threads are busy).
+pub(crate) struct Ahead {
+    rx: Receiver<Result<Vec<OwnedRecord>>>,
+    pending: VecDeque<OwnedRecord>,
+    /// Records received so far.
+    received: u64,
+}
+
+impl Ahead {
+    /// Run `work` on a new thread; it hands each batch's records (or the error that ends the
+    /// file) to `send`, which says false once nobody listens (the stream stopped early).
+    pub(crate) fn spawn(
+        work: impl FnOnce(&dyn Fn(Result<Vec<OwnedRecord>>) -> bool) + Send + 'static,
+    ) -> Result<Self> {
+        let (tx, rx) = sync_channel(AHEAD);
+        std::thread::Builder::new()
+            .name("pyfast-tune-rows".into())
+            .spawn(move || work(&|recs| tx.send(recs).is_ok()))
+            .map_err(|e| Error::Internal(format!("cannot start a reading thread: {e}")))?;
+        Ok(Ahead {
+            rx,
+            pending: VecDeque::new(),
+            received: 0,
+        })
+    }
+
+    /// The next at most `max_records` records (about [`BATCH_BYTES`] of text): those ready,
+    /// or the next batch's; empty at the end.
+    pub(crate) fn next_batch(&mut self, max_records: usize) -> Result<Vec<OwnedRecord>> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while out.len() < max_records && bytes < BATCH_BYTES {
+            if let Some(r) = self.pending.pop_front() {
+                bytes += r.value.as_ref().map_or(0, approx_bytes);
+                out.push(r);
+                continue;
+            }
+            // Wait only for a first batch: handing out what is ready keeps the encoder busy
+            // while the next batches are decoded.
+            let next = if out.is_empty() {
+                self.rx.recv().ok()
+            } else {
+                self.rx.try_recv().ok()
+            };
+            match next {
+                None => break,
+                Some(recs) => {
+                    let recs = recs?;
+                    self.received += recs.len() as u64;
+                    self.pending.extend(recs);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records handed out so far.
+    pub(crate) fn handed_out(&self) -> u64 {
+        self.received - self.pending.len() as u64
     }
 }
 
@@ -122,15 +143,18 @@ pub(crate) struct ParquetRows {
     path: PathBuf,
     meta: ArrowReaderMetadata,
     span: Span,
-    reader: Option<ParquetRecordBatchReader>,
-    pending: Option<Pending>,
+    ahead: Option<Ahead>,
     /// Record index of the next batch's first row.
     index: u64,
-    /// Record index of the first row read.
-    first_row: u64,
     /// Byte ranges and row counts of the row groups being read.
     groups: Vec<(u64, u64, u64)>,
     done: bool,
+}
+
+/// Rows of about [`DECODE_BYTES`] in row groups of `bytes` holding `rows`.
+fn rows_per(bytes: u64, rows: u64) -> usize {
+    let row_bytes = (bytes / rows.max(1)).max(1);
+    (DECODE_BYTES / row_bytes).clamp(16, DECODE_ROWS as u64) as usize
 }
 
 fn group_range(meta: &parquet::file::metadata::RowGroupMetaData) -> (u64, u64) {
@@ -155,16 +179,15 @@ impl ParquetRows {
             path: path.to_path_buf(),
             meta,
             span: Span::ALL,
-            reader: None,
-            pending: None,
+            ahead: None,
             index: 0,
-            first_row: 0,
             groups: Vec::new(),
             done: false,
         })
     }
 
-    fn start(&mut self) -> Result<()> {
+    /// Choose the row groups of the span and open them, decoding `batch_rows` rows at a time.
+    fn start(&mut self, batch_rows: usize) -> Result<()> {
         let md = self.meta.metadata().clone();
         let ranges: Vec<(u64, u64)> = md.row_groups().iter().map(group_range).collect();
         // Row groups are placed as if they filled the file: the footer (large with many
@@ -183,6 +206,7 @@ impl ParquetRows {
             ((x.saturating_sub(data_lo)) as u128 * size as u128 / data_len.max(1) as u128) as u64
         };
         let mut chosen = Vec::new();
+        let (mut bytes, mut rows_chosen) = (0u64, 0u64);
         for (j, rg) in md.row_groups().iter().enumerate() {
             let (lo, hi) = ranges[j];
             let rows = rg.num_rows().max(0) as u64;
@@ -194,12 +218,13 @@ impl ParquetRows {
                 }
                 std::cmp::Ordering::Equal => {
                     chosen.push(j);
+                    bytes += rg.total_byte_size().max(0) as u64;
+                    rows_chosen += rows;
                     self.groups.push((lo, hi, rows));
                 }
                 std::cmp::Ordering::Greater => break,
             }
         }
-        self.first_row = self.index;
         if chosen.is_empty() {
             self.done = true;
             return Ok(());
@@ -207,10 +232,28 @@ impl ParquetRows {
         let file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
         let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.meta.clone())
             .with_row_groups(chosen)
-            .with_batch_size(DECODE_ROWS)
+            .with_batch_size(batch_rows.min(rows_per(bytes, rows_chosen)))
             .build()
             .map_err(|e| source_error(&self.path, format!("cannot read the row groups: {e}")))?;
-        self.reader = Some(reader);
+        let (path, mut first) = (self.path.clone(), self.index);
+        self.ahead = Some(Ahead::spawn(move |send| {
+            for batch in reader {
+                let recs = match batch {
+                    Ok(b) => convert_batch(&path, &b, first),
+                    Err(e) => Err(Error::Record {
+                        path: path.clone(),
+                        line: first + 1,
+                        record: first,
+                        msg: format!("cannot decode the Parquet rows from here: {e}"),
+                    }),
+                };
+                first += recs.as_ref().map_or(0, |r| r.len() as u64);
+                let stop = recs.is_err();
+                if !send(recs) || stop {
+                    return;
+                }
+            }
+        })?);
         Ok(())
     }
 }
@@ -220,49 +263,21 @@ impl RowSource for ParquetRows {
         self.span = span;
     }
 
-    fn next_batch(
-        &mut self,
-        max_records: usize,
-        pool: Option<&rayon::ThreadPool>,
-    ) -> Result<Vec<OwnedRecord>> {
-        let mut out = Vec::new();
-        if self.reader.is_none() && !self.done {
-            self.start()?;
+    fn next_batch(&mut self, max_records: usize) -> Result<Vec<OwnedRecord>> {
+        if self.ahead.is_none() && !self.done {
+            // A reader that asks for few records (the format probe) decodes only those.
+            self.start(max_records.clamp(1, DECODE_ROWS))?;
+            self.done = true;
         }
-        let mut bytes_left = BATCH_BYTES;
-        while !self.done && out.len() < max_records && bytes_left > 0 {
-            if let Some(p) = &mut self.pending {
-                p.take(&mut out, max_records, &mut bytes_left, pool);
-                if p.left() > 0 {
-                    break;
-                }
-                self.pending = None;
-            }
-            let reader = self.reader.as_mut().expect("started");
-            match reader.next() {
-                None => self.done = true,
-                Some(Err(e)) => {
-                    return Err(Error::Record {
-                        path: self.path.clone(),
-                        line: self.index + 1,
-                        record: self.index,
-                        msg: format!("cannot decode the Parquet rows from here: {e}"),
-                    })
-                }
-                Some(Ok(batch)) => {
-                    let first = self.index;
-                    self.index += batch.num_rows() as u64;
-                    self.pending = Some(Pending::new(&self.path, &batch, first)?);
-                }
-            }
+        match &mut self.ahead {
+            Some(a) => a.next_batch(max_records),
+            None => Ok(Vec::new()),
         }
-        Ok(out)
     }
 
     fn position(&self) -> u64 {
         // The start of the row group holding the next row.
-        let handed_out = self.index - self.pending.as_ref().map_or(0, |p| p.left() as u64);
-        let mut done = handed_out - self.first_row;
+        let mut done = self.ahead.as_ref().map_or(0, Ahead::handed_out);
         for &(lo, _, rows) in &self.groups {
             if done < rows {
                 return lo;

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::fingerprint::{file_entry, pretok_entry};
 use crate::format::Format;
 use crate::format_xtuner::{llava_image, Columns};
-use crate::input::{InputFile, RawRecord};
+use crate::input::InputFile;
 use crate::output::HashedWriter;
 use crate::pretok::{self, is_pretokenized, PretokFile};
 use crate::shard::Span;
@@ -65,20 +65,35 @@ pub(crate) struct Run<'a> {
 
 impl Run<'_> {
     fn parse(&self, text: &str) -> std::result::Result<Value, RecordFault> {
-        let mut value: Value =
+        let value: Value =
             serde_json::from_str(text).map_err(|e| RecordFault::Json(e.to_string()))?;
+        Ok(self.remap(value))
+    }
+
+    /// Apply `--columns` to a record.
+    fn remap(&self, mut value: Value) -> Value {
         if !self.columns.is_empty() {
             self.columns.apply(&mut value);
         }
-        Ok(value)
+        value
+    }
+
+    /// A record of a batch: parsed from its text, or (a row of a columnar or CSV file) the
+    /// value the reader built, taken out of the batch.
+    fn record_value(&self, rec: &mut OwnedRecord) -> std::result::Result<Value, RecordFault> {
+        match (rec.value.take(), &rec.text) {
+            (Some(v), _) => Ok(self.remap(v)),
+            (None, Ok(text)) => self.parse(text),
+            (None, Err(Unreadable::Row(m))) => Err(RecordFault::Shape(m.clone())),
+            (None, Err(Unreadable::Json(m))) => Err(RecordFault::Json(m.clone())),
+        }
     }
 
     fn encode_record(
         &self,
-        rec: &RawRecord<'_>,
+        value: Value,
         format: Format,
     ) -> std::result::Result<Encodedrecord, RecordFault> {
-        let value = self.parse(rec.text)?;
         let image = if format == Format::Llava {
             llava_image(&value).map_err(RecordFault::Shape)?
         } else {
@@ -122,9 +137,16 @@ impl Run<'_> {
         Ok(Some((enc, raw_len, image)))
     }
 
-    fn detect(&self, path: &Path, rec: &RawRecord<'_>) -> Result<Option<Format>> {
-        let Ok(value) = self.parse(rec.text) else {
-            return Ok(None); // not JSON: a bad record; detect from the next one
+    /// The format of a file from one of its records (None: the record is not JSON, detect
+    /// from the next one).
+    fn detect(&self, path: &Path, rec: &OwnedRecord) -> Result<Option<Format>> {
+        let (value, start) = match (&rec.value, &rec.text) {
+            (Some(v), _) => (self.remap(v.clone()), v.to_string()),
+            (None, Ok(text)) => match self.parse(text) {
+                Ok(v) => (v, text.clone()),
+                Err(_) => return Ok(None),
+            },
+            (None, Err(_)) => return Ok(None),
         };
         Format::detect(&value).map(Some).ok_or_else(|| Error::Record {
             path: path.to_path_buf(),
@@ -134,7 +156,7 @@ impl Run<'_> {
                 "cannot detect the format from this record's keys (see `pyfast-tune formats`; \
                  e.g. \"conversation\", \"messages\", \"conversations\", \"instruction\"+\"output\", \
                  \"text\"): pass --format or --columns; record starts {:?}",
-                rec.text.chars().take(80).collect::<String>()
+                start.chars().take(80).collect::<String>()
             ),
         })
     }
@@ -353,8 +375,8 @@ fn probe(run: &Run<'_>, file: &InputFile) -> Result<std::result::Result<Format, 
         if run.format != Format::Auto {
             return Ok(Ok(run.format));
         }
-        for r in batch.iter().filter_map(OwnedRecord::raw) {
-            match run.detect(&file.path, &r) {
+        for r in &batch {
+            match run.detect(&file.path, r) {
                 Ok(Some(f)) => return Ok(Ok(f)),
                 Ok(None) => {}
                 Err(e) => return Ok(Err(e)),
@@ -424,26 +446,15 @@ fn encode_json_file(
     }
     let mut records = 0u64;
     loop {
-        let batch: Vec<OwnedRecord> = stream.next_batch_in(CHUNK, Some(&run.pool))?;
+        let mut batch: Vec<OwnedRecord> = stream.next_batch(CHUNK)?;
         if batch.is_empty() {
             break;
         }
         records += batch.len() as u64;
         let results: Vec<_> = run.pool.install(|| {
             batch
-                .par_iter()
-                .map(|r| match &r.text {
-                    Ok(text) => {
-                        let raw = RawRecord {
-                            index: r.index,
-                            line: r.line,
-                            text,
-                        };
-                        run.encode_record(&raw, fmt)
-                    }
-                    Err(Unreadable::Row(m)) => Err(RecordFault::Shape(m.clone())),
-                    Err(Unreadable::Json(m)) => Err(RecordFault::Json(m.clone())),
-                })
+                .par_iter_mut()
+                .map(|r| run.encode_record(run.record_value(r)?, fmt))
                 .collect()
         });
         for (rec, res) in batch.iter().zip(results) {

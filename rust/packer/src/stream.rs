@@ -64,11 +64,24 @@ pub struct OwnedRecord {
     pub index: u64,
     /// 1-based line where the record starts (the 1-based row of a Parquet or Arrow file).
     pub line: u64,
-    /// The record's JSON text, or why it cannot be one.
+    /// The record's JSON text (empty when `value` holds the record), or why it cannot be one.
     pub text: std::result::Result<String, Unreadable>,
+    /// The record itself, for a row of a Parquet, Arrow or CSV file: built from the row, with
+    /// no text to parse.
+    pub value: Option<serde_json::Value>,
 }
 
 impl OwnedRecord {
+    /// A record read as a value (a row of a columnar or CSV file).
+    pub fn row(index: u64, line: u64, value: serde_json::Value) -> Self {
+        OwnedRecord {
+            index,
+            line,
+            text: Ok(String::new()),
+            value: Some(value),
+        }
+    }
+
     /// Borrow as a [`RawRecord`] (only for records whose text is valid).
     pub fn raw(&self) -> Option<RawRecord<'_>> {
         self.text.as_ref().ok().map(|t| RawRecord {
@@ -83,13 +96,9 @@ impl OwnedRecord {
 pub(crate) trait RowSource {
     /// Read only the rows whose bytes the span places in this shard.
     fn restrict(&mut self, span: Span);
-    /// The next batch of at most `max_records` records (about [`BATCH_BYTES`] of text),
-    /// converted on `pool` (else rayon's global pool); an empty batch means the end.
-    fn next_batch(
-        &mut self,
-        max_records: usize,
-        pool: Option<&rayon::ThreadPool>,
-    ) -> Result<Vec<OwnedRecord>>;
+    /// The next batch of at most `max_records` records (about [`BATCH_BYTES`] of text); an
+    /// empty batch means the end.
+    fn next_batch(&mut self, max_records: usize) -> Result<Vec<OwnedRecord>>;
     /// Bytes of the file read so far (for progress).
     fn position(&self) -> u64;
 }
@@ -185,10 +194,7 @@ impl RecordStream {
             Kind::Parquet if !compressed => {
                 Some(Box::new(source_parquet::ParquetRows::open(path)?))
             }
-            Kind::Arrow if !compressed => Some(Box::new(source_ipc::IpcRows::open(
-                path,
-                HashingReader::open(path, &state)?,
-            )?)),
+            Kind::Arrow if !compressed => Some(Box::new(source_ipc::IpcRows::open(path)?)),
             Kind::Csv(delimiter) => Some(Box::new(source_csv::CsvRows::open(
                 path,
                 open_decoded(path, HashingReader::open(path, &state)?)?,
@@ -269,19 +275,10 @@ impl RecordStream {
     /// The next batch of at most `max_records` records (about [`BATCH_BYTES`] of text);
     /// an empty batch means the end of the file.
     pub fn next_batch(&mut self, max_records: usize) -> Result<Vec<OwnedRecord>> {
-        self.next_batch_in(max_records, None)
-    }
-
-    /// [`Self::next_batch`], converting columnar rows to records in parallel on `pool`.
-    pub fn next_batch_in(
-        &mut self,
-        max_records: usize,
-        pool: Option<&rayon::ThreadPool>,
-    ) -> Result<Vec<OwnedRecord>> {
         let mut out = Vec::new();
         match &mut self.mode {
             Mode::Done => {}
-            Mode::Rows(rows) => out = rows.next_batch(max_records, pool)?,
+            Mode::Rows(rows) => out = rows.next_batch(max_records)?,
             Mode::Array(elements) => {
                 let mut bytes = 0usize;
                 while out.len() < max_records && bytes < BATCH_BYTES {
@@ -302,6 +299,7 @@ impl RecordStream {
                         index: el.index,
                         line: el.line,
                         text,
+                        value: None,
                     });
                 }
             }
@@ -348,6 +346,7 @@ impl RecordStream {
                         index: self.index,
                         line: self.line,
                         text,
+                        value: None,
                     });
                     self.index += 1;
                 }
@@ -520,10 +519,11 @@ mod tests {
                 break;
             }
             for r in b {
-                out.push((
-                    r.index,
-                    serde_json::from_str(r.text.as_ref().unwrap()).unwrap(),
-                ));
+                let v = match r.value {
+                    Some(v) => v,
+                    None => serde_json::from_str(r.text.as_ref().unwrap()).unwrap(),
+                };
+                out.push((r.index, v));
             }
         }
         let (size, h) = s.finish().unwrap();
