@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::shard::Span;
 use crate::source_parquet::source_error;
-use crate::stream::{OwnedRecord, RowSource, Unreadable, BATCH_BYTES};
+use crate::stream::{OwnedRecord, RowSource, RowValue, Unreadable, BATCH_BYTES};
 
 /// The rows of one CSV or TSV file.
 pub(crate) struct CsvRows {
@@ -119,7 +119,7 @@ impl RowSource for CsvRows {
             }
             bytes += self.row.as_slice().len();
             out.push(match self.record() {
-                Ok(value) => OwnedRecord::row(self.index, line, value),
+                Ok(value) => OwnedRecord::row(self.index, line, RowValue::Built(value)),
                 Err(e) => OwnedRecord {
                     index: self.index,
                     line,

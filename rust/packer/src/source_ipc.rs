@@ -89,7 +89,7 @@ impl IpcRows {
         })
     }
 
-    fn start(&mut self) -> Result<()> {
+    fn start(&mut self, max_records: usize) -> Result<()> {
         let (Some(reader), path, span, pos) = (
             self.reader.take(),
             self.path.clone(),
@@ -98,7 +98,7 @@ impl IpcRows {
         ) else {
             return Ok(());
         };
-        self.ahead = Some(Ahead::spawn(move |send| {
+        self.ahead = Some(Ahead::spawn(max_records, move |send| {
             let mut reader = reader;
             let mut index = 0u64;
             loop {
@@ -144,7 +144,7 @@ impl RowSource for IpcRows {
 
     fn next_batch(&mut self, max_records: usize) -> Result<Vec<OwnedRecord>> {
         if self.ahead.is_none() {
-            self.start()?;
+            self.start(max_records)?;
         }
         match &mut self.ahead {
             Some(a) => a.next_batch(max_records),

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
 
 use arrow_array::RecordBatch;
 use parquet::arrow::arrow_reader::{
@@ -17,15 +18,15 @@ use parquet::arrow::arrow_reader::{
 use crate::error::{Error, Result};
 use crate::row_json::RowEncoder;
 use crate::shard::Span;
-use crate::stream::{OwnedRecord, RowSource, BATCH_BYTES};
+use crate::stream::{OwnedRecord, RowSource, RowValue, BATCH_BYTES};
 
 /// Rows decoded per record batch, at most.
 const DECODE_ROWS: usize = 1024;
 /// Bytes (uncompressed) decoded per record batch, about: small batches let the encoder start
 /// early and keep it fed.
 const DECODE_BYTES: u64 = 1 << 20;
-/// Record batches decoded ahead of the encoder.
-const AHEAD: usize = 2;
+/// Record batches decoded ahead of the encoder (each about [`DECODE_BYTES`] from Parquet).
+const AHEAD: usize = 8;
 
 /// A file-level fault of a columnar or CSV input (it cannot be read as its kind).
 pub(crate) fn source_error(path: &Path, msg: impl Into<String>) -> Error {
@@ -37,41 +38,25 @@ pub(crate) fn source_error(path: &Path, msg: impl Into<String>) -> Error {
     }
 }
 
-/// The rows of `batch` as records, the first with record index `first` (its line is the
-/// 1-based row).
-pub(crate) fn convert_batch(
-    path: &Path,
-    batch: &RecordBatch,
-    first: u64,
-) -> Result<Vec<OwnedRecord>> {
-    let enc = RowEncoder::new(batch).map_err(|m| source_error(path, m))?;
-    Ok((0..enc.num_rows())
+/// The rows of `batch` as records (built later, by whoever takes them), the first with
+/// record index `first` (its line is the 1-based row).
+pub(crate) fn convert_batch(path: &Path, batch: &RecordBatch, first: u64) -> Result<Converted> {
+    let enc = Arc::new(RowEncoder::new(batch).map_err(|m| source_error(path, m))?);
+    let recs = (0..enc.num_rows())
         .zip(first..)
-        .map(|(r, index)| OwnedRecord::row(index, index + 1, enc.row(r)))
-        .collect())
-}
-
-/// About the text size of a record (its strings), to bound a batch like JSONL's.
-fn approx_bytes(v: &serde_json::Value) -> usize {
-    use serde_json::Value;
-    match v {
-        Value::String(s) => s.len() + 2,
-        Value::Array(a) => 2 + a.iter().map(approx_bytes).sum::<usize>(),
-        Value::Object(o) => {
-            2 + o
-                .iter()
-                .map(|(k, v)| k.len() + 3 + approx_bytes(v))
-                .sum::<usize>()
-        }
-        _ => 4,
-    }
+        .map(|(r, index)| OwnedRecord::row(index, index + 1, RowValue::Row(enc.clone(), r)))
+        .collect();
+    Ok((recs, batch.get_array_memory_size()))
 }
 
 /// Records made on a thread of its own, a few batches ahead of the encoder, handed out in
 /// order: decoding and converting columnar data overlap tokenization instead of stalling it
 /// (the converting is done there, sequentially: the encoder's threads are busy).
+/// The records of one decoded batch and the batch's size in memory.
+pub(crate) type Converted = (Vec<OwnedRecord>, usize);
+
 pub(crate) struct Ahead {
-    rx: Receiver<Result<Vec<OwnedRecord>>>,
+    rx: Receiver<Result<Converted>>,
     pending: VecDeque<OwnedRecord>,
     /// Records received so far.
     received: u64,
@@ -79,11 +64,14 @@ pub(crate) struct Ahead {
 
 impl Ahead {
     /// Run `work` on a new thread; it hands each batch's records (or the error that ends the
-    /// file) to `send`, which says false once nobody listens (the stream stopped early).
+    /// file) to `send`, which says false once nobody listens (the stream stopped early). A
+    /// reader that wants only the first few records (`max_records`, the format probe) gets
+    /// no batches decoded ahead.
     pub(crate) fn spawn(
-        work: impl FnOnce(&dyn Fn(Result<Vec<OwnedRecord>>) -> bool) + Send + 'static,
+        max_records: usize,
+        work: impl FnOnce(&dyn Fn(Result<Converted>) -> bool) + Send + 'static,
     ) -> Result<Self> {
-        let (tx, rx) = sync_channel(AHEAD);
+        let (tx, rx) = sync_channel(if max_records < 256 { 0 } else { AHEAD });
         std::thread::Builder::new()
             .name("pyfast-tune-rows".into())
             .spawn(move || work(&|recs| tx.send(recs).is_ok()))
@@ -95,20 +83,18 @@ impl Ahead {
         })
     }
 
-    /// The next at most `max_records` records (about [`BATCH_BYTES`] of text): those ready,
-    /// or the next batch's; empty at the end.
+    /// The next at most `max_records` records: about [`BATCH_BYTES`] / 2 of decoded data (a
+    /// batch large enough for the encoder's threads to share evenly), more if ready; empty at
+    /// the end.
     pub(crate) fn next_batch(&mut self, max_records: usize) -> Result<Vec<OwnedRecord>> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        while out.len() < max_records && bytes < BATCH_BYTES {
+        while out.len() < max_records {
             if let Some(r) = self.pending.pop_front() {
-                bytes += r.value.as_ref().map_or(0, approx_bytes);
                 out.push(r);
                 continue;
             }
-            // Wait only for a first batch: handing out what is ready keeps the encoder busy
-            // while the next batches are decoded.
-            let next = if out.is_empty() {
+            let next = if bytes < BATCH_BYTES / 2 {
                 self.rx.recv().ok()
             } else {
                 self.rx.try_recv().ok()
@@ -116,7 +102,8 @@ impl Ahead {
             match next {
                 None => break,
                 Some(recs) => {
-                    let recs = recs?;
+                    let (recs, size) = recs?;
+                    bytes += size;
                     self.received += recs.len() as u64;
                     self.pending.extend(recs);
                 }
@@ -236,7 +223,7 @@ impl ParquetRows {
             .build()
             .map_err(|e| source_error(&self.path, format!("cannot read the row groups: {e}")))?;
         let (path, mut first) = (self.path.clone(), self.index);
-        self.ahead = Some(Ahead::spawn(move |send| {
+        self.ahead = Some(Ahead::spawn(batch_rows, move |send| {
             for batch in reader {
                 let recs = match batch {
                     Ok(b) => convert_batch(&path, &b, first),
@@ -247,7 +234,7 @@ impl ParquetRows {
                         msg: format!("cannot decode the Parquet rows from here: {e}"),
                     }),
                 };
-                first += recs.as_ref().map_or(0, |r| r.len() as u64);
+                first += recs.as_ref().map_or(0, |r| r.0.len() as u64);
                 let stop = recs.is_err();
                 if !send(recs) || stop {
                     return;

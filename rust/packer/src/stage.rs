@@ -82,7 +82,7 @@ impl Run<'_> {
     /// value the reader built, taken out of the batch.
     fn record_value(&self, rec: &mut OwnedRecord) -> std::result::Result<Value, RecordFault> {
         match (rec.value.take(), &rec.text) {
-            (Some(v), _) => Ok(self.remap(v)),
+            (Some(v), _) => Ok(self.remap(v.into_value())),
             (None, Ok(text)) => self.parse(text),
             (None, Err(Unreadable::Row(m))) => Err(RecordFault::Shape(m.clone())),
             (None, Err(Unreadable::Json(m))) => Err(RecordFault::Json(m.clone())),
@@ -141,7 +141,11 @@ impl Run<'_> {
     /// from the next one).
     fn detect(&self, path: &Path, rec: &OwnedRecord) -> Result<Option<Format>> {
         let (value, start) = match (&rec.value, &rec.text) {
-            (Some(v), _) => (self.remap(v.clone()), v.to_string()),
+            (Some(v), _) => {
+                let v = v.clone().into_value();
+                let start = v.to_string();
+                (self.remap(v), start)
+            }
             (None, Ok(text)) => match self.parse(text) {
                 Ok(v) => (v, text.clone()),
                 Err(_) => return Ok(None),
@@ -355,12 +359,17 @@ pub(crate) fn encode_part(
 /// What the start of a file says, as a single run reads it: its format (`auto`: detected
 /// from the first record that parses), or the fault that stops the whole file (no record
 /// at all; a first record whose format cannot be detected). Every shard reading part of the
-/// file asks, so all of them encode it alike.
-fn probe(run: &Run<'_>, file: &InputFile) -> Result<std::result::Result<Format, Error>> {
-    let mut stream = RecordStream::open(&file.path)?;
+/// file asks, so all of them encode it alike. `next` gives the file's batches from its start;
+/// those read are kept in `read` when the caller goes on with the same stream.
+fn probe(
+    run: &Run<'_>,
+    file: &InputFile,
+    mut next: impl FnMut() -> Result<Vec<OwnedRecord>>,
+    mut read: Option<&mut Vec<Vec<OwnedRecord>>>,
+) -> Result<std::result::Result<Format, Error>> {
     let mut any = false;
     loop {
-        let batch = stream.next_batch(64)?;
+        let batch = next()?;
         if batch.is_empty() {
             return Ok(if any {
                 // No record parses: they are bad records, the format stays unknown.
@@ -372,15 +381,22 @@ fn probe(run: &Run<'_>, file: &InputFile) -> Result<std::result::Result<Format, 
             });
         }
         any = true;
-        if run.format != Format::Auto {
-            return Ok(Ok(run.format));
-        }
+        let mut found = (run.format != Format::Auto).then_some(Ok(run.format));
         for r in &batch {
-            match run.detect(&file.path, r) {
-                Ok(Some(f)) => return Ok(Ok(f)),
-                Ok(None) => {}
-                Err(e) => return Ok(Err(e)),
+            if found.is_some() {
+                break;
             }
+            match run.detect(&file.path, r) {
+                Ok(Some(f)) => found = Some(Ok(f)),
+                Ok(None) => {}
+                Err(e) => found = Some(Err(e)),
+            }
+        }
+        if let Some(read) = read.as_deref_mut() {
+            read.push(batch);
+        }
+        if let Some(found) = found {
+            return Ok(found);
         }
     }
 }
@@ -437,16 +453,34 @@ fn encode_json_file(
         }
         true
     };
-    let fmt = match probe(run, file)? {
+    // A single run probes the stream it reads (a Parquet dictionary page is decoded once);
+    // a shard, whose stream may start past the file's first record, opens the file again.
+    let mut read_ahead = Vec::new();
+    let probed = if span == Span::ALL {
+        probe(
+            run,
+            file,
+            || stream.next_batch(CHUNK),
+            Some(&mut read_ahead),
+        )?
+    } else {
+        let mut from_start = RecordStream::open(&file.path)?;
+        probe(run, file, || from_start.next_batch(64), None)?
+    };
+    let fmt = match probed {
         Ok(f) => f,
         Err(e) => return file_fault(cfg, file, fi, head, st, e),
     };
-    if stream.splittable() {
+    if stream.splittable() && span != Span::ALL {
         stream.restrict(span);
     }
+    let mut read_ahead = read_ahead.into_iter();
     let mut records = 0u64;
     loop {
-        let mut batch: Vec<OwnedRecord> = stream.next_batch(CHUNK)?;
+        let mut batch: Vec<OwnedRecord> = match read_ahead.next() {
+            Some(b) => b,
+            None => stream.next_batch(CHUNK)?,
+        };
         if batch.is_empty() {
             break;
         }

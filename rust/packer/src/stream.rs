@@ -66,14 +66,40 @@ pub struct OwnedRecord {
     pub line: u64,
     /// The record's JSON text (empty when `value` holds the record), or why it cannot be one.
     pub text: std::result::Result<String, Unreadable>,
-    /// The record itself, for a row of a Parquet, Arrow or CSV file: built from the row, with
-    /// no text to parse.
-    pub value: Option<serde_json::Value>,
+    /// The record itself, for a row of a Parquet, Arrow or CSV file: no text to parse.
+    pub value: Option<RowValue>,
+}
+
+/// A record read as a value: built (a CSV row), or a row of a decoded record batch that the
+/// encoder's thread builds when it takes it (so building, like parsing JSONL, runs in
+/// parallel, and each value is made and freed on one thread).
+#[derive(Clone)]
+pub enum RowValue {
+    /// The record.
+    Built(serde_json::Value),
+    /// Row `.1` of the batch `.0` encodes.
+    Row(std::sync::Arc<crate::row_json::RowEncoder>, usize),
+}
+
+impl RowValue {
+    /// The record.
+    pub fn into_value(self) -> serde_json::Value {
+        match self {
+            RowValue::Built(v) => v,
+            RowValue::Row(enc, r) => enc.row(r),
+        }
+    }
+}
+
+impl std::fmt::Debug for RowValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.clone().into_value())
+    }
 }
 
 impl OwnedRecord {
     /// A record read as a value (a row of a columnar or CSV file).
-    pub fn row(index: u64, line: u64, value: serde_json::Value) -> Self {
+    pub fn row(index: u64, line: u64, value: RowValue) -> Self {
         OwnedRecord {
             index,
             line,
@@ -520,7 +546,7 @@ mod tests {
             }
             for r in b {
                 let v = match r.value {
-                    Some(v) => v,
+                    Some(v) => v.into_value(),
                     None => serde_json::from_str(r.text.as_ref().unwrap()).unwrap(),
                 };
                 out.push((r.index, v));
