@@ -23,6 +23,7 @@ pub mod shard;
 mod source_csv;
 mod source_ipc;
 mod source_parquet;
+mod source_rows;
 pub mod stage;
 pub mod stats;
 pub mod stream;

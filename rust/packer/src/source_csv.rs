@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::shard::Span;
-use crate::source_parquet::source_error;
+use crate::source_rows::source_error;
 use crate::stream::{OwnedRecord, RowSource, RowValue, Unreadable, BATCH_BYTES};
 
 /// The rows of one CSV or TSV file.

@@ -15,7 +15,7 @@ use arrow_ipc::reader::StreamReader;
 
 use crate::error::{Error, Result};
 use crate::shard::Span;
-use crate::source_parquet::{check_schema, convert_batch, source_error, Ahead};
+use crate::source_rows::{check_schema, convert_batch, source_error, Ahead};
 use crate::stream::{OwnedRecord, RowSource};
 
 /// The magic that opens (and closes) an Arrow IPC file.

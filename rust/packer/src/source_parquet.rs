@@ -1,130 +1,26 @@
-//! Parquet input: row groups are decoded as Arrow record batches, and each row becomes the
-//! JSON text of its record ([`crate::row_json`]), on a thread of its own a couple of batches
-//! ahead of the encoder (memory is those batches plus the pages being read, whatever the
-//! file's size), so decompressing, decoding and converting overlap tokenization instead of
-//! stalling it. A shard reads the row groups whose bytes its span holds.
+//! Parquet input: row groups are decoded as Arrow record batches of about a megabyte on a
+//! thread of their own, ahead of the encoder ([`Ahead`]: memory is those batches plus the
+//! pages being read, whatever the file's size), so decompressing and decoding overlap
+//! tokenization; the encoder's threads build each row's record ([`crate::row_json`]). A shard
+//! reads the row groups whose bytes its span holds.
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Arc;
 
-use arrow_array::RecordBatch;
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
 };
 
 use crate::error::{Error, Result};
-use crate::row_json::RowEncoder;
 use crate::shard::Span;
-use crate::stream::{OwnedRecord, RowSource, RowValue, BATCH_BYTES};
+use crate::source_rows::{check_schema, convert_batch, source_error, Ahead};
+use crate::stream::{OwnedRecord, RowSource};
 
 /// Rows decoded per record batch, at most.
 const DECODE_ROWS: usize = 1024;
 /// Bytes (uncompressed) decoded per record batch, about: small batches let the encoder start
 /// early and keep it fed.
-const DECODE_BYTES: u64 = 1 << 20;
-/// Record batches decoded ahead of the encoder (each about [`DECODE_BYTES`] from Parquet).
-const AHEAD: usize = 8;
-
-/// A file-level fault of a columnar or CSV input (it cannot be read as its kind).
-pub(crate) fn source_error(path: &Path, msg: impl Into<String>) -> Error {
-    Error::Record {
-        path: path.to_path_buf(),
-        line: 0,
-        record: 0,
-        msg: msg.into(),
-    }
-}
-
-/// The rows of `batch` as records (built later, by whoever takes them), the first with
-/// record index `first` (its line is the 1-based row).
-pub(crate) fn convert_batch(path: &Path, batch: &RecordBatch, first: u64) -> Result<Converted> {
-    let enc = Arc::new(RowEncoder::new(batch).map_err(|m| source_error(path, m))?);
-    let recs = (0..enc.num_rows())
-        .zip(first..)
-        .map(|(r, index)| OwnedRecord::row(index, index + 1, RowValue::Row(enc.clone(), r)))
-        .collect();
-    Ok((recs, batch.get_array_memory_size()))
-}
-
-/// Records made on a thread of its own, a few batches ahead of the encoder, handed out in
-/// order: decoding and converting columnar data overlap tokenization instead of stalling it
-/// (the converting is done there, sequentially: the encoder's threads are busy).
-/// The records of one decoded batch and the batch's size in memory.
-pub(crate) type Converted = (Vec<OwnedRecord>, usize);
-
-pub(crate) struct Ahead {
-    rx: Receiver<Result<Converted>>,
-    pending: VecDeque<OwnedRecord>,
-    /// Records received so far.
-    received: u64,
-}
-
-impl Ahead {
-    /// Run `work` on a new thread; it hands each batch's records (or the error that ends the
-    /// file) to `send`, which says false once nobody listens (the stream stopped early). A
-    /// reader that wants only the first few records (`max_records`, the format probe) gets
-    /// no batches decoded ahead.
-    pub(crate) fn spawn(
-        max_records: usize,
-        work: impl FnOnce(&dyn Fn(Result<Converted>) -> bool) + Send + 'static,
-    ) -> Result<Self> {
-        let (tx, rx) = sync_channel(if max_records < 256 { 0 } else { AHEAD });
-        std::thread::Builder::new()
-            .name("pyfast-tune-rows".into())
-            .spawn(move || work(&|recs| tx.send(recs).is_ok()))
-            .map_err(|e| Error::Internal(format!("cannot start a reading thread: {e}")))?;
-        Ok(Ahead {
-            rx,
-            pending: VecDeque::new(),
-            received: 0,
-        })
-    }
-
-    /// The next at most `max_records` records: about [`BATCH_BYTES`] / 2 of decoded data (a
-    /// batch large enough for the encoder's threads to share evenly), more if ready; empty at
-    /// the end.
-    pub(crate) fn next_batch(&mut self, max_records: usize) -> Result<Vec<OwnedRecord>> {
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        while out.len() < max_records {
-            if let Some(r) = self.pending.pop_front() {
-                out.push(r);
-                continue;
-            }
-            let next = if bytes < BATCH_BYTES / 2 {
-                self.rx.recv().ok()
-            } else {
-                self.rx.try_recv().ok()
-            };
-            match next {
-                None => break,
-                Some(recs) => {
-                    let (recs, size) = recs?;
-                    bytes += size;
-                    self.received += recs.len() as u64;
-                    self.pending.extend(recs);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Records handed out so far.
-    pub(crate) fn handed_out(&self) -> u64 {
-        self.received - self.pending.len() as u64
-    }
-}
-
-/// Check that every column of `schema` has a JSON value.
-pub(crate) fn check_schema(path: &Path, schema: arrow_schema::SchemaRef) -> Result<()> {
-    RowEncoder::new(&RecordBatch::new_empty(schema))
-        .map(|_| ())
-        .map_err(|m| source_error(path, m))
-}
-
+pub(crate) const DECODE_BYTES: u64 = 1 << 20;
 /// The rows of one Parquet file.
 pub(crate) struct ParquetRows {
     path: PathBuf,
