@@ -1,4 +1,4 @@
-//! pyfast-tune's data engine: read JSON/JSONL data, map dataset formats and prompt templates
+//! pyfast-tune's data engine: read JSON/JSONL, Parquet, Arrow IPC and CSV/TSV data, map dataset formats and prompt templates
 //! with XTuner's semantics, tokenize in parallel, and pack whole samples into an mmap-able
 //! directory — deterministically, whatever the thread count.
 //!
