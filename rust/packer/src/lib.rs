@@ -1,6 +1,7 @@
-//! pyfast-tune's data engine: read JSON/JSONL, Parquet, Arrow IPC and CSV/TSV data, map dataset formats and prompt templates
-//! with XTuner's semantics, tokenize in parallel, and pack whole samples into an mmap-able
-//! directory — deterministically, whatever the thread count.
+//! pyfast-tune's data engine: read JSON/JSONL, Parquet, Arrow IPC and CSV/TSV data, map
+//! dataset formats and prompt templates with XTuner's semantics, tokenize in parallel, and
+//! pack whole samples into an mmap-able directory — deterministically, whatever the thread
+//! count.
 //!
 //! The crate knows nothing of Python; `rust/packer-py` is its only binding.
 #![deny(missing_docs)]
