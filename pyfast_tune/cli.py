@@ -22,12 +22,13 @@ EPILOG_PACK = """examples:
   pyfast-tune pack --in data/ --out packed/ --tokenizer tok/tokenizer.json --format openai
   pyfast-tune pack 'shards/*.jsonl.zst' --out packed/ --tokenizer tok/ --skip-bad --threads 8
   pyfast-tune pack data/ --data-order data/order.txt --out packed/ --tokenizer tok/
-  pyfast-tune pack qa.jsonl --format alpaca --columns instruction=question,output=answer \
+  pyfast-tune pack qa.jsonl --format alpaca --columns instruction=question,output=answer \\
       --out packed/ --tokenizer tok/
   pyfast-tune pack chats.jsonl --template hf --out packed/ --tokenizer tok/
   pyfast-tune pack internevo/ --file-type .bin --min-length 50 --out packed/ --tokenizer tok/
   pyfast-tune pack data/ --shard 0/3 --out part0/ --tokenizer tok/   # then merge-packs
-  pyfast-tune pack hf://datasets/timdettmers/openassistant-guanaco --format oasst1 \
+  pyfast-tune pack train-00000-of-00002.parquet sheet.csv --out packed/ --tokenizer tok/
+  pyfast-tune pack hf://datasets/timdettmers/openassistant-guanaco --format oasst1 \\
       --template qwen_chat --out packed/ --tokenizer Qwen/Qwen2.5-0.5B-Instruct
 """
 
@@ -44,8 +45,8 @@ def _add_pack(sub) -> None:
     p = sub.add_parser(
         "pack",
         help="read, template, tokenize and pack data into a packed directory",
-        description="Pack JSON/JSONL data (files, directories, globs; plain, .gz, .zst) into an "
-        "mmap-able directory of whole samples, written atomically. The output bytes depend only "
+        description="Pack JSON/JSONL, CSV/TSV, Parquet or Arrow data (files, directories, globs, "
+        "Hub datasets) into an mmap-able directory of whole samples, written atomically. The output bytes depend only "
         "on the inputs and options, never on --threads. The options are the engine's pack "
         "options (PackConfig), one flag per field.",
         epilog=EPILOG_PACK,

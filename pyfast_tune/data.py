@@ -288,8 +288,37 @@ def _resolve_sources(inputs, split, subset, data_order) -> tuple[list[str], list
     return paths, sources
 
 
+def _read_columnar(path: str):
+    """Rows of a Parquet or Arrow IPC file as the engine reads them: dicts without the null
+    fields (Arrow writes a null for every key a JSON record lacked)."""
+    try:
+        import pyarrow.ipc
+        import pyarrow.parquet
+    except ImportError:
+        raise PackConfigError(f"{path}: map_fn on Parquet/Arrow input needs pyarrow") from None
+    if path.endswith(".parquet"):
+        batches = pyarrow.parquet.ParquetFile(path).iter_batches()
+    else:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        open_ = pyarrow.ipc.open_file if magic == b"ARROW1" else pyarrow.ipc.open_stream
+        reader = open_(pyarrow.memory_map(path))
+        batches = (
+            (reader.get_batch(i) for i in range(reader.num_record_batches))
+            if magic == b"ARROW1"
+            else reader
+        )
+    for batch in batches:
+        for row in batch.to_pylist():
+            yield {k: v for k, v in row.items() if v is not None}
+
+
 def _read_records(path: str):
-    """Records of one JSON/JSONL(.gz/.zst) file, in order (the map_fn slow path)."""
+    """Records of one input file, in order (the map_fn slow path): JSON arrays/JSONL and
+    CSV/TSV (plain/.gz/.zst; CSV cells are strings), Parquet, Arrow IPC."""
+    if path.endswith((".parquet", ".arrow")):
+        yield from _read_columnar(path)
+        return
     if path.endswith(".gz"):
         import gzip
 
@@ -306,6 +335,14 @@ def _read_records(path: str):
     else:
         raw = Path(path).read_bytes()
     text = raw.decode("utf-8-sig")
+    stem = path.removesuffix(".gz").removesuffix(".zst")
+    if stem.endswith((".csv", ".tsv")):
+        import csv
+        import io
+
+        delimiter = "\t" if stem.endswith(".tsv") else ","
+        yield from csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+        return
     if text.lstrip().startswith("["):
         yield from json.loads(text)
         return

@@ -192,8 +192,14 @@ def test_a_schema_that_does_not_fit_names_file_column_and_expectation(tmp_path, 
     table = pa.table({"text": ["a"], "span": pa.array([pa.MonthDayNano([1, 2, 3])])})
     with pa.OSFile(str(odd), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
         w.write_table(table)
-    with pytest.raises(DataFormatError, match=r'odd\.arrow.*column "span": Arrow type'):
+    with pytest.raises(DataFormatError, match=r'odd\.arrow: .*column "span": Arrow type') as e:
         pack(odd, tmp_path / "o", tokenizer=tiny_tokenizer, **KW)
+    # A file-level fault names the file, not a made-up line 0 / record 0.
+    assert e.value.path == str(odd) and e.value.line is None and "(record" not in str(e.value)
+    torn = tmp_path / "torn.parquet"
+    torn.write_bytes(b"PAR1" + bytes(64))
+    with pytest.raises(DataFormatError, match=r"torn\.parquet: not a readable Parquet file"):
+        pack(torn, tmp_path / "o", tokenizer=tiny_tokenizer, **KW)
     assert not (tmp_path / "o").exists()
 
 
@@ -289,3 +295,34 @@ def test_shards_mix_split_and_whole_files(tmp_path, tiny_tokenizer, big_sources)
             one.skipped_files,
             one.skipped_examples,
         )
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow_file", "arrow_stream", "csv"])
+def test_python_map_fn_reads_every_source_like_jsonl(tmp_path, tiny_tokenizer, kind):
+    # The map_fn slow path reads rows in Python; it must hand map_fn the records the engine
+    # would read (CSV cells as strings, Arrow nulls as absent keys).
+    recs = alpaca(60, seed=9)
+    for r in recs[3::7]:  # (not the first: pyarrow takes the columns from the first row)
+        del r["input"]  # a key some records lack: a null column cell in Parquet/Arrow
+    writers = {
+        "parquet": lambda p: write_parquet(recs, p.with_suffix(".parquet")),
+        "arrow_file": lambda p: write_arrow(recs, p.with_suffix(".arrow"), False),
+        "arrow_stream": lambda p: write_arrow(recs, p.with_suffix(".arrow"), True),
+        "csv": lambda p: write_csv([{"input": "", **r} for r in recs], p.with_suffix(".csv"), ","),
+    }
+    jsonl = write_jsonl(recs, tmp_path / "a.jsonl")
+    other = writers[kind](tmp_path / "b")
+    seen = []
+
+    def to_chat(rec):
+        seen.append(rec)
+        text = rec["instruction"] + ("\n" + rec["input"] if rec.get("input") else "")
+        return {"conversation": [{"input": text, "output": rec["output"]}]}
+
+    kw = dict(tokenizer=tiny_tokenizer, format="conversation", map_fn=to_chat, **KW)
+    ref = pack(jsonl, tmp_path / "ref", **kw)
+    n = len(seen)
+    got = pack(other, tmp_path / "got", **kw)
+    assert n == len(seen) - n == 60
+    assert (got.samples, got.tokens, got.loss_tokens) == (ref.samples, ref.tokens, ref.loss_tokens)
+    same_output(tmp_path / "ref", tmp_path / "got", names=BINARY[:2])

@@ -93,6 +93,12 @@ fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
             Some(*line),
             Some(*record),
         ),
+        Error::Source { path, .. } => (
+            DataFormatError::new_err(msg),
+            Some(path.clone()),
+            None,
+            None,
+        ),
         Error::EmptyFile { path } => (
             DataFormatError::new_err(msg),
             Some(path.clone()),

@@ -146,7 +146,9 @@ pub const FIELDS: &[FieldDoc] = &[
         name: "inputs",
         kind: "paths",
         choices: &[],
-        help: "files, directories or globs (JSON/JSONL, plain/.gz/.zst; pre-tokenized .bin)",
+        help: "files, directories or globs: JSON arrays/JSONL and CSV/TSV (plain/.gz/.zst), \
+               Parquet, Arrow IPC (a datasets.save_to_disk folder too), pre-tokenized .bin; \
+               hf://datasets/org/name[@rev][/path]",
     },
     FieldDoc {
         name: "data_order",

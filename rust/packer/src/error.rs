@@ -44,10 +44,19 @@ pub enum Error {
         msg: String,
     },
     /// An input file holds no records at all.
-    #[error("{path}: empty file: expected JSON or JSONL records")]
+    #[error("{path}: empty file: expected records")]
     EmptyFile {
         /// The input file.
         path: PathBuf,
+    },
+    /// A file cannot be read as its kind: a corrupt Parquet or Arrow file, a column type no
+    /// JSON value can hold, a CSV header that is not text, a compressed columnar file.
+    #[error("{path}: {msg}")]
+    Source {
+        /// The input file.
+        path: PathBuf,
+        /// What could not be read, and what was expected.
+        msg: String,
     },
     /// The tokenizer could not be loaded or lacks what the template needs.
     #[error("tokenizer {path}: {msg}")]

@@ -19,10 +19,8 @@ const AHEAD: usize = 8;
 
 /// A file-level fault of a columnar or CSV input (it cannot be read as its kind).
 pub(crate) fn source_error(path: &Path, msg: impl Into<String>) -> Error {
-    Error::Record {
+    Error::Source {
         path: path.to_path_buf(),
-        line: 0,
-        record: 0,
         msg: msg.into(),
     }
 }

@@ -440,7 +440,12 @@ fn encode_json_file(
     let whole_head = span.place(0, size).is_eq();
     let mut stream = match RecordStream::open(&file.path) {
         Ok(s) => s,
-        Err(e @ (Error::EmptyFile { .. } | Error::Json { .. } | Error::Record { .. })) => {
+        Err(
+            e @ (Error::EmptyFile { .. }
+            | Error::Json { .. }
+            | Error::Record { .. }
+            | Error::Source { .. }),
+        ) => {
             return file_fault(cfg, file, fi, whole_head, st, e);
         }
         Err(e) => return Err(e),

@@ -227,10 +227,8 @@ impl RecordStream {
                 delimiter,
             )?)),
             Kind::Parquet | Kind::Arrow => {
-                return Err(Error::Record {
+                return Err(Error::Source {
                     path: path.to_path_buf(),
-                    line: 0,
-                    record: 0,
                     msg: "compressed Parquet or Arrow files are not read: the formats compress \
                           inside; give the file without .gz/.zst"
                         .into(),
