@@ -209,49 +209,50 @@ def pack(
     """
     # Hub inputs and tokenizer ids become local files before anything is written.
     inputs, sources = _resolve_sources(inputs, split, subset, data_order)
-    tokenizer = hub.resolve_tokenizer(tokenizer)
-    if map_fn is not None:
-        return _pack_mapped(
-            map_fn,
-            inputs,
-            out_dir,
-            sources=sources,
-            tokenizer=os.fspath(tokenizer),
-            max_length=int(max_length),
-            format=format,
-            template=template,
-            seed=int(seed),
-            threads=threads,
-            skip_bad=skip_bad,
-            data_order=data_order,
-            progress=progress,
-            columns=columns,
-        )
-    return _pack_engine(
+    options = _engine_options(
         sources,
-        progress,
         inputs=inputs,
-        out_dir=os.fspath(out_dir),
-        tokenizer=os.fspath(tokenizer),
-        max_length=int(max_length),
+        out_dir=out_dir,
+        tokenizer=hub.resolve_tokenizer(tokenizer),
+        max_length=max_length,
         format=format,
         template=template,
-        seed=int(seed),
+        seed=seed,
         threads=threads,
         skip_bad=skip_bad,
-        data_order=None if data_order is None else os.fspath(data_order),
-        columns=_columns(columns),
-        min_length=int(min_length),
+        data_order=data_order,
+        columns=columns,
+        min_length=min_length,
         file_type=file_type,
         rebuild_meta=rebuild_meta,
-        shard=None if shard is None else [int(shard[0]), int(shard[1])],
+        shard=shard,
         tokenizer_backend=tokenizer_backend,
     )
+    if map_fn is not None:
+        return _pack_mapped(map_fn, options, progress)
+    return _run_pack(options, progress)
 
 
-def _pack_engine(sources: list[dict], progress: bool, **fields: Any) -> PackStats:
+def _engine_options(sources: list[dict], **fields: Any) -> dict[str, Any]:
+    """The engine's ``PackConfig`` from Python arguments (paths as text, columns as
+    ``"field=column"`` text, the shard as a list) plus the ``sources`` the Hub inputs resolved
+    to, which no user sets. Shared by ``pack`` and ``fingerprint`` so both hash alike."""
+    for key in ("out_dir", "tokenizer", "data_order"):
+        if fields.get(key) is not None:
+            fields[key] = os.fspath(fields[key])
+    for key in ("max_length", "seed", "min_length"):
+        if key in fields:
+            fields[key] = int(fields[key])
+    if "columns" in fields:
+        fields["columns"] = _columns(fields["columns"])
+    if fields.get("shard") is not None:
+        fields["shard"] = [int(x) for x in fields["shard"]]
     options = pack_options(**fields)
-    options["sources"] = sources  # not a user option: what the Hub inputs resolved to
+    options["sources"] = sources
+    return options
+
+
+def _run_pack(options: dict[str, Any], progress: bool) -> PackStats:
     report, close = _tqdm_progress() if progress else (None, lambda: None)
     try:
         raw = _packer.pack(options, report)
@@ -269,12 +270,9 @@ def _resolve_sources(inputs, split, subset, data_order) -> tuple[list[str], list
         if not hub.is_hub_url(inp):
             paths.append(inp)
             continue
-        extensions = _FACTS.get("data_extensions")
-        if extensions is None:
-            raise PackConfigError(
-                "this build of pyfast_tune._packer predates Hub inputs: rebuild it"
-            )
-        ds = hub.resolve_dataset(inp, split=split, subset=subset, extensions=extensions)
+        ds = hub.resolve_dataset(
+            inp, split=split, subset=subset, extensions=_FACTS["data_extensions"]
+        )
         paths.extend(ds.paths)
         sources.append(ds.source())
     if not sources and (split is not None or subset is not None):
@@ -351,12 +349,12 @@ def _read_records(path: str):
             yield json.loads(line)
 
 
-def _pack_mapped(map_fn, inputs, out_dir, *, columns, sources, **kw) -> PackStats:
+def _pack_mapped(map_fn, options: dict[str, Any], progress: bool) -> PackStats:
     import tempfile
 
-    if columns:
+    if options["columns"]:
         raise PackConfigError("map_fn and columns are exclusive: remap inside map_fn")
-    files = resolve_inputs(inputs, kw.pop("data_order"))
+    files = _packer.resolve_inputs(options)
     with tempfile.TemporaryDirectory(prefix="pyfast-tune-map-") as tmp:
         order = Path(tmp) / "data_order.txt"
         names = []
@@ -377,14 +375,8 @@ def _pack_mapped(map_fn, inputs, out_dir, *, columns, sources, **kw) -> PackStat
                     out.write(json.dumps(mapped, ensure_ascii=False) + "\n")
             names.append(rel)
         order.write_text("".join(n + "\n" for n in names))
-        return _pack_engine(
-            sources,
-            kw.pop("progress"),
-            inputs=[str(Path(tmp) / "data")],
-            out_dir=os.fspath(out_dir),
-            data_order=str(order),
-            **kw,
-        )
+        mapped = dict(options, inputs=[str(Path(tmp) / "data")], data_order=str(order))
+        return _run_pack(mapped, progress)
 
 
 def merge_packs(
@@ -455,21 +447,21 @@ def fingerprint(
     '5c0f...'
     """
     inputs, sources = _resolve_sources(inputs, split, subset, data_order)
-    options = pack_options(
+    options = _engine_options(
+        sources,
         inputs=inputs,
-        tokenizer=os.fspath(hub.resolve_tokenizer(tokenizer)),
-        max_length=int(max_length),
+        tokenizer=hub.resolve_tokenizer(tokenizer),
+        max_length=max_length,
         format=format,
         template=template,
-        seed=int(seed),
+        seed=seed,
         skip_bad=skip_bad,
-        data_order=None if data_order is None else os.fspath(data_order),
-        columns=_columns(columns),
-        min_length=int(min_length),
+        data_order=data_order,
+        columns=columns,
+        min_length=min_length,
         file_type=file_type,
         tokenizer_backend=tokenizer_backend,
     )
-    options["sources"] = sources
     return _packer.fingerprint(options)
 
 
