@@ -150,3 +150,22 @@ def test_streamed_batches_equal_whole_file_read(tmp_path, tiny_tokenizer):
             == (out["b"] / name).read_bytes()
             == (out["c"] / name).read_bytes()
         ), name
+
+
+def test_map_fn_packs_in_shards_too(tmp_path, tiny_tokenizer):
+    # The Python map_fn path hands every option to the engine: sharded, each part encodes
+    # only its share and the merge equals one machine.
+    convs = synth_conversations(300, seed=5)
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"dialog": c["messages"]}) + "\n" for c in convs))
+
+    def to_openai(rec):
+        return {"messages": rec["dialog"]}
+
+    kw = dict(tokenizer=tiny_tokenizer, max_length=512, template="qwen_chat", format="openai",
+              map_fn=to_openai)  # fmt: skip
+    one = pack(src, tmp_path / "one", **kw)
+    parts = [pack(src, tmp_path / f"p{i}", shard=(i, 2), **kw) for i in range(2)]
+    assert 0 < parts[0].samples < one.samples and parts[0].samples + parts[1].samples == one.samples
+    merge_packs([tmp_path / "p0", tmp_path / "p1"], tmp_path / "merged")
+    same_bytes(tmp_path / "one", tmp_path / "merged")
