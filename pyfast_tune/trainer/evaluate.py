@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pyfast_tune.config import ConfigError
 from pyfast_tune.data import packed_row
 from pyfast_tune.trainer.batches import collate, global_normalizer
 
@@ -104,7 +105,7 @@ def held_out_samples(dataset, fraction: float, seed: int) -> np.ndarray:
     n = dataset.num_samples
     count = int(round(fraction * n))
     if count < 1 or count >= n:
-        raise ValueError(
+        raise ConfigError(
             f"eval.split {fraction} of {n} samples holds out {count}: it must leave at least one "
             "sample on each side (use eval.data for a separate set)"
         )
@@ -214,7 +215,7 @@ def split_data(cfg, dataset, cache_dir: Path | None = None):
         ours = dataset.meta.get("tokenizer", {}).get("hash")
         theirs = eval_set.meta.get("tokenizer", {}).get("hash")
         if ours != theirs:
-            raise ValueError(
+            raise ConfigError(
                 f"eval.data {ev.data} was packed with another tokenizer "
                 f"({eval_set.meta.get('tokenizer', {}).get('path')!r}) than the training data "
                 f"({dataset.meta.get('tokenizer', {}).get('path')!r}): re-pack it with the "
@@ -352,7 +353,7 @@ class Evaluator:
         self.normalizer = 0
         if eval_set is not None:
             if len(eval_set) == 0:
-                raise ValueError("the eval set holds no packs")
+                raise ConfigError("the eval set holds no packs")
             self.normalizer = global_normalizer(eval_set, range(len(eval_set)), cfg.loss_reduction)
         self.prompts = list(self.ev.prompts)
         if self.prompts:

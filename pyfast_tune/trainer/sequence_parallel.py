@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyfast_tune.config import ConfigError
 from pyfast_tune.trainer.batches import IGNORE, PackedBatch
 
 # What fills the padding at the end of a row. Its value does not matter: the padding is its
@@ -134,7 +135,7 @@ def check_heads(heads: int, kv_heads: int, size: int) -> None:
             f"{heads} attention heads are not a multiple of {kv_heads} key/value heads"
         )
     if heads % size:
-        raise ValueError(
+        raise ConfigError(
             f"sequence_parallel_size {size} must divide the model's {heads} attention heads "
             "(each rank attends with heads / sequence_parallel_size of them)"
         )
@@ -273,7 +274,7 @@ def topology(sequence_parallel_size: int, rank: int, world: int) -> Topology:
     ``rank // N``."""
     n = sequence_parallel_size
     if n < 1 or world % n:
-        raise ValueError(
+        raise ConfigError(
             f"sequence_parallel_size {n} must divide the number of processes ({world})"
         )
     if n == 1:
