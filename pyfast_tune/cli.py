@@ -46,9 +46,9 @@ def _add_pack(sub) -> None:
         "pack",
         help="read, template, tokenize and pack data into a packed directory",
         description="Pack JSON/JSONL, CSV/TSV, Parquet or Arrow data (files, directories, globs, "
-        "Hub datasets) into an mmap-able directory of whole samples, written atomically. The output bytes depend only "
-        "on the inputs and options, never on --threads. The options are the engine's pack "
-        "options (PackConfig), one flag per field.",
+        "Hub datasets) into an mmap-able directory of whole samples, written atomically. The "
+        "output bytes depend only on the inputs and options, never on --threads. The options "
+        "are the engine's pack options (PackConfig), one flag per field.",
         epilog=EPILOG_PACK,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -71,8 +71,6 @@ def _add_pack(sub) -> None:
 
 def _add_pack_field(p: argparse.ArgumentParser, field: dict) -> None:
     name, kind, default, help_ = field["name"], field["kind"], field["default"], field["help"]
-    if kind == "none":
-        return  # filled by the front end, not a flag
     if kind == "paths":
         p.add_argument(name, nargs="*", metavar="INPUT", help=help_)
         p.add_argument(
@@ -104,12 +102,7 @@ def _add_pack_field(p: argparse.ArgumentParser, field: dict) -> None:
 def _cmd_pack(args) -> int:
     from pyfast_tune.data import pack, pack_fields
 
-    options = {}
-    for field in pack_fields():
-        name = field["name"]
-        if field["kind"] == "none":
-            continue
-        options[name] = getattr(args, name)
+    options = {field["name"]: getattr(args, field["name"]) for field in pack_fields()}
     options["inputs"] = list(args.inputs) + list(args.inputs_opt)
     hub_files = {k: getattr(args, k) for k in ("split", "subset") if getattr(args, k) is not None}
     stats = pack(progress=not args.quiet and sys.stderr.isatty(), **hub_files, **options)

@@ -129,8 +129,7 @@ impl PackConfig {
 pub struct FieldDoc {
     /// The field's name (the CLI flag is `--name-with-dashes`).
     pub name: &'static str,
-    /// The value's kind: `paths`, `path`, `str`, `int`, `bool`, `shard` (`I/N`), or `none`
-    /// for a field no command line sets (filled by the front end itself).
+    /// The value's kind: `paths`, `path`, `str`, `int`, `bool` or `shard` (`I/N`).
     pub kind: &'static str,
     /// The accepted values, when the set is fixed (else empty).
     pub choices: &'static [&'static str],
@@ -401,7 +400,7 @@ mod tests {
         for f in FIELDS {
             assert!(!f.help.is_empty(), "{} has no help", f.name);
             assert!(
-                ["paths", "path", "str", "int", "bool", "shard", "none"].contains(&f.kind),
+                ["paths", "path", "str", "int", "bool", "shard"].contains(&f.kind),
                 "{}: kind {}",
                 f.name,
                 f.kind
