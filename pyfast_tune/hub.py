@@ -364,10 +364,14 @@ def _match(patterns: list[str], files: list[str]) -> list[str]:
     """Files matching any pattern, pattern by pattern, each pattern's matches sorted. Hidden
     files and ``__special__`` directories, and the card and metadata files, only when a
     pattern names them (as ``datasets`` resolves data_files)."""
+    from fsspec.utils import glob_translate  # huggingface_hub's own dependency
+
     out: list[str] = []
     seen: set[str] = set()
     for pattern in patterns:
-        rx = _glob_regex(pattern)
+        # fsspec's glob semantics, as datasets resolves data_files: * and ? within one path
+        # component, [...] classes, a ** component spans any number of directories.
+        rx = re.compile(glob_translate(pattern))
         ignore = _NOT_DATA - {PurePosixPath(pattern).name}
         for f in sorted(files):
             if f in seen or not rx.fullmatch(f) or PurePosixPath(f).name in ignore:
@@ -391,51 +395,6 @@ def _hidden_or_special(path: str, pattern: str) -> bool:
 
     f, pat = PurePosixPath(path), PurePosixPath(pattern)
     return hidden(f) != hidden(pat) or special(f) != special(pat)
-
-
-def _glob_regex(pattern: str) -> re.Pattern:
-    """fsspec/Python glob semantics: ``*`` and ``?`` stay inside one path component, ``[...]``
-    is a character class (``[!...]`` negated), a ``**`` component spans any number of
-    directories (none included)."""
-    out = []
-    parts = pattern.split("/")
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if part == "**":
-            out.append(".*" if last else "(?:[^/]*/)*")
-            continue
-        j = 0
-        while j < len(part):
-            c = part[j]
-            end = _class_end(part, j) if c == "[" else -1
-            if c == "*":
-                out.append("[^/]*")
-            elif c == "?":
-                out.append("[^/]")
-            elif end > 0:
-                body = part[j + 1 : end].replace("\\", "\\\\")
-                if body.startswith("!"):
-                    body = "^" + body[1:]
-                elif body.startswith("^"):
-                    body = "\\" + body
-                out.append(f"[{body}]")
-                j = end
-            else:
-                out.append(re.escape(c))
-            j += 1
-        if not last:
-            out.append("/")
-    return re.compile("".join(out))
-
-
-def _class_end(part: str, start: int) -> int:
-    """Index of the ``]`` closing the class opened at ``start`` (-1: a literal ``[``)."""
-    k = start + 1
-    if part[k : k + 1] == "!":
-        k += 1
-    if part[k : k + 1] == "]":
-        k += 1
-    return part.find("]", k)
 
 
 def _readable(files: list[str], extensions: Sequence[str], where: str) -> list[str]:
