@@ -161,6 +161,8 @@ def run(cfg) -> dict:
 
 
 def _run(cfg) -> dict:
+    import math
+
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -192,6 +194,7 @@ def _run(cfg) -> dict:
         resolve_report_to,
     )
     from pyfast_tune.trainer.model import build_model, count_parameters, resolve_dtype
+    from pyfast_tune.trainer.model_setup import prepare_tokenizer
     from pyfast_tune.trainer.sequence_parallel import check_model as check_sequence_parallel_model
     from pyfast_tune.trainer.sequence_parallel import topology
 
@@ -224,6 +227,7 @@ def _run(cfg) -> dict:
     # A Hub id (the model's, by default) means its tokenizer files in the Hub cache: packing,
     # evaluation prompts and the checkpoints' copies all read that one folder.
     tokenizer = resolve_tokenizer(cfg.tokenizer or cfg.data.tokenizer or cfg.model)
+    tokenizer = prepare_tokenizer(cfg, tokenizer, cache_dir)  # + new_special_tokens, if any
     packed_dir = prepare_packed_dir(cfg.data, cfg.max_length, tokenizer, cache_dir)
     if cfg.data.verify:
         verify_packed_dir(packed_dir, cache_dir)
@@ -300,7 +304,8 @@ def _run(cfg) -> dict:
 
     scheduler = None
     if "scheduler" not in ds_cfg:
-        lam = _lr_lambda(total_steps, cfg.warmup_steps, cfg.lr_scheduler, cfg.min_lr_ratio)
+        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)  # as HF's
+        lam = _lr_lambda(total_steps, warmup, cfg.lr_scheduler, cfg.min_lr_ratio)
 
         def scheduler(opt):
             return torch.optim.lr_scheduler.LambdaLR(opt, lam)
@@ -380,6 +385,8 @@ def _run(cfg) -> dict:
             save_hf_output=cfg.save_hf,
             exclude_frozen=exclude_frozen,
             tokenizer=tokenizer,
+            save_total_limit=cfg.save_total_limit,
+            protect=resume_from,
         )
         saved.append(path)
         return path
