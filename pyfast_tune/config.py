@@ -21,6 +21,10 @@ from typing import Any
 
 import yaml
 
+# Fixed choices live in a torch-free leaf: loading a config imports neither torch nor
+# transformers. QUANT_TYPES stays importable from here.
+from pyfast_tune.choices import ATTENTION_CHOICES, ATTENTION_NAMES, DTYPE_NAMES, QUANT_TYPES
+
 
 class ConfigError(ValueError):
     """A training config key is missing, unknown, of the wrong type or out of its choices."""
@@ -126,7 +130,7 @@ class TrainConfig:
     # op (pyfast_tune.kernels: C++ on CPU, Triton on CUDA; falls back to ref with a warning when
     # it cannot build) | ref (PyTorch per-sample SDPA) | triton | cpp | torch_varlen | flash_attn |
     # sdpa, eager, ...: the model's own, unpatched, with transformers' masks from position_ids
-    # (pyfast_tune.patch.ATTENTION_CHOICES; anything else is an error)
+    # (pyfast_tune.choices.ATTENTION_CHOICES; anything else is an error)
     attention: str = "op"
     fused_lora: bool = True
     # the LM head returns the loss (fused linear cross-entropy, never the tokens x vocabulary
@@ -324,8 +328,6 @@ def validate(cfg: TrainConfig) -> None:
             f"sequence_parallel_size must be an integer >= 1, got {cfg.sequence_parallel_size!r}"
         )
     if cfg.sequence_parallel_size > 1:
-        from pyfast_tune.patch import ATTENTION_NAMES
-
         if cfg.attention not in ATTENTION_NAMES:
             # The model's own attention would attend within each rank's shard only.
             raise ConfigError(
@@ -429,22 +431,14 @@ def _check_eval(ev: EvalConfig) -> None:
 
 def _check_attention(value: str) -> None:
     # A typo must not train silently with the model's stock attention instead of ours.
-    from pyfast_tune.patch import ATTENTION_CHOICES
-
     if value not in ATTENTION_CHOICES:
         raise ConfigError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}; got {value!r}")
 
 
-# bitsandbytes' 4-bit data types.
-QUANT_TYPES = ("nf4", "fp4")
-
-
 def _check_dtypes(cfg: TrainConfig) -> None:
-    from pyfast_tune.export import DTYPES
-
     for key, value in (("dtype", cfg.dtype), ("quant.compute_dtype", cfg.quant.compute_dtype)):
-        if value != "auto" and value not in DTYPES:
-            raise ConfigError(f"{key} must be auto, {', '.join(DTYPES)}; got {value!r}")
+        if value != "auto" and value not in DTYPE_NAMES:
+            raise ConfigError(f"{key} must be auto, {', '.join(DTYPE_NAMES)}; got {value!r}")
     if cfg.quant.quant_type not in QUANT_TYPES:
         raise ConfigError(
             f"quant.quant_type must be one of {', '.join(QUANT_TYPES)}; got {cfg.quant.quant_type!r}"
