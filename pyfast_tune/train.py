@@ -359,7 +359,7 @@ def _run(cfg) -> dict:
                 "packed_dir": str(packed_dir),
             },  # fmt: skip
         )
-    peak, peak_source = peak_flops_per_device(cfg.peak_tflops)
+    peak, peak_source = peak_flops_per_device(cfg.peak_tflops, dtype)
     log.info("MFU peak per device: %.3g FLOP/s (%s)", peak, peak_source)
     trainer_state = {
         "global_batch": global_batch,
