@@ -81,11 +81,27 @@ def gpu_peak_tflops(name: str, dtype: str = "bfloat16") -> float | None:
 
 
 def _peak_cache_path(key: dict) -> Path:
-    """Beside the kernel guard's decisions: ``$PYFAST_TUNE_CACHE/mfu`` or the user cache."""
-    from pyfast_tune.kernels.guard import cache_dir
-
+    """Beside the kernel guard's decisions (the same root, without importing the kernels):
+    ``$PYFAST_TUNE_CACHE/mfu``, else ``$XDG_CACHE_HOME`` or ``~/.cache``/pyfast_tune/mfu."""
+    root = os.environ.get("PYFAST_TUNE_CACHE")
+    if root:
+        base = Path(root).expanduser()
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pyfast_tune"
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return cache_dir().parent / "mfu" / f"peak-{digest}.json"
+    return base / "mfu" / f"peak-{digest}.json"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model", "Hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def measure_matmul_flops(dtype: torch.dtype, device: str = "cpu", size: int = 1024,
@@ -129,10 +145,8 @@ def peak_flops_per_device(configured_tflops: float | None, dtype: str = "float32
         if tflops is not None:
             kind = "TF32" if dtype == "float32" else "bf16/fp16"
             return tflops * 1e12, f"{kind} dense datasheet peak of {name}"
-    from pyfast_tune.kernels.guard import cpu_name
-
     device = "cuda" if cuda else "cpu"
-    key = {"device": torch.cuda.get_device_name() if cuda else cpu_name(),
+    key = {"device": torch.cuda.get_device_name() if cuda else _cpu_name(),
            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": dtype,
            "format": PEAK_CACHE_FORMAT}  # fmt: skip
     what = f"{dtype} matmul throughput of this {'GPU' if cuda else 'CPU process'}"

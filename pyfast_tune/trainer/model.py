@@ -114,7 +114,7 @@ def _embedding_names(model: torch.nn.Module) -> tuple[str | None, str | None, bo
 def modules_to_save(configured, model: torch.nn.Module, setup: dict) -> list[str] | None:
     """``lora.modules_to_save``; unset with new special tokens: the embeddings (their new rows
     would stay at the mean otherwise), as LLaMA-Factory does when it resizes the vocabulary.
-    Tied embeddings are one module (the input one): peft would untie a second copy."""
+    Tied embeddings are one module (the input one; the head follows it, see lora_config)."""
     if configured is not None:
         return list(configured)
     if not setup.get("new_special_tokens"):
@@ -127,7 +127,14 @@ def lora_config(lora, modules: list[str] | None):
     """peft's LoraConfig of a run (``lora``: the run's LoraConfig dataclass or its dict)."""
     from peft import LoraConfig
 
+    import dataclasses
+
     get = lora.get if isinstance(lora, dict) else lambda k, d=None: getattr(lora, k, d)
+    extra = {}
+    if modules and "ensure_weight_tying" in {f.name for f in dataclasses.fields(LoraConfig)}:
+        # Tied embeddings: the head uses the trained copy of the input embedding too (else
+        # training sees an untied model that a saved, re-tied one would not reproduce).
+        extra["ensure_weight_tying"] = True
     return LoraConfig(
         r=get("r", 8),
         lora_alpha=get("alpha", 16),
@@ -135,6 +142,7 @@ def lora_config(lora, modules: list[str] | None):
         target_modules=get("target_modules", "all-linear"),
         modules_to_save=list(modules) if modules else None,
         task_type="CAUSAL_LM",
+        **extra,
     )
 
 
