@@ -102,8 +102,8 @@ def bench_data() -> BenchData:
     return BenchData(
         chat=d / "chat.jsonl",
         docs=d / "docs.jsonl",
-        tokenizer=d / "tokenizer",
-        tokenizers={GENERATED_TOKENIZER: d / "tokenizer"},
+        tokenizer=d / GENERATED_TOKENIZER,
+        tokenizers={GENERATED_TOKENIZER: d / GENERATED_TOKENIZER},
         real=False,
         label=f"data: GENERATED ({SHARED} absent; bench/_corpus.py v{GENERATOR_VERSION}, seed "
         f"{SEED}): {CHATS} chats with log-normal turn counts and lengths, {DOCUMENTS} "
@@ -114,7 +114,7 @@ def bench_data() -> BenchData:
 
 def generated(cache: Path = CACHE) -> Path:
     """The generated corpus and tokenizer under ``cache`` (built atomically when missing)."""
-    if (cache / "tokenizer" / "tokenizer.json").is_file():
+    if (cache / GENERATED_TOKENIZER / "tokenizer.json").is_file():
         return cache
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".", dir=cache.parent))
@@ -126,11 +126,11 @@ def generated(cache: Path = CACHE) -> Path:
         _write_jsonl(chats, tmp / "chat.jsonl")
         _write_jsonl(docs, tmp / "docs.jsonl")
         texts = [m["content"] for c in chats for m in c["messages"]] + [d["text"] for d in docs]
-        train_tokenizer(texts, tmp / "tokenizer", VOCAB_SIZE)
+        train_tokenizer(texts, tmp / GENERATED_TOKENIZER, VOCAB_SIZE)
         try:
             tmp.rename(cache)
         except OSError:  # another process finished first: its copy is the same bytes
-            if not (cache / "tokenizer" / "tokenizer.json").is_file():
+            if not (cache / GENERATED_TOKENIZER / "tokenizer.json").is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
