@@ -87,14 +87,16 @@ def prepare_tokenizer(cfg, tokenizer: str, cache_dir: Path) -> str:
 def extend_tokenizer(src: str | Path, tokens: list[str], out: str | Path) -> dict:
     """Save ``src`` with ``tokens`` added as special tokens at ``out``; returns (and writes
     there as TOKENS_FILE) ``{"base_tokens": len before, "tokens": len after, "added": [...]}``."""
+    from tokenizers import AddedToken
     from transformers import AutoTokenizer
 
     out = Path(out)
     tok = AutoTokenizer.from_pretrained(str(_tokenizer_dir(src)))
     base = len(tok)
-    tok.add_special_tokens(
-        {"additional_special_tokens": tokens}, replace_additional_special_tokens=False
-    )
+    # Special added tokens (never split, not normalized); add_tokens keeps one spelling across
+    # transformers 4 and 5 (add_special_tokens' list key was renamed between them).
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in tokens],
+                   special_tokens=True)  # fmt: skip
     tok.save_pretrained(str(out))
     info = {"base_tokens": base, "tokens": len(tok), "added": tokens,
             "ids": {t: tok.convert_tokens_to_ids(t) for t in tokens}}  # fmt: skip
