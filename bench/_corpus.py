@@ -88,7 +88,9 @@ def bench_data() -> BenchData:
         and (SHARED / "pydoc.jsonl").is_file()
         and (tok_root / "smollm2" / "tokenizer.json").is_file()
     ):
-        toks = {n: tok_root / n for n in REAL_TOKENIZERS if (tok_root / n / "tokenizer.json").is_file()}
+        toks = {
+            n: tok_root / n for n in REAL_TOKENIZERS if (tok_root / n / "tokenizer.json").is_file()
+        }
         return BenchData(
             chat=SHARED / "chitchat.jsonl",
             docs=SHARED / "pydoc.jsonl",
@@ -207,7 +209,9 @@ class _Words:
         seen, made = set(_FUNCTION_WORDS), []
         while len(made) < generated_words:
             k = rng.choice((1, 1, 2, 2, 2, 3, 3, 4))
-            w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(k))
+            w = "".join(
+                rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(k)
+            )
             if w not in seen:
                 seen.add(w)
                 made.append(w)
@@ -238,9 +242,13 @@ class _Words:
         rng = self.rng
         kind = rng.random()
         if kind < 0.75:
-            return str(rng.choice((rng.randint(0, 99), rng.randint(1900, 2030), rng.randint(0, 10**7))))
+            return str(
+                rng.choice((rng.randint(0, 99), rng.randint(1900, 2030), rng.randint(0, 10**7)))
+            )
         if kind < 0.9:
-            return "".join(rng.choice(_ACCENTS[c]) if c in _ACCENTS and rng.random() < 0.3 else c for c in w)
+            return "".join(
+                rng.choice(_ACCENTS[c]) if c in _ACCENTS and rng.random() < 0.3 else c for c in w
+            )
         if kind < 0.97:
             return "".join(chr(rng.randint(0x4E00, 0x62FF)) for _ in range(rng.randint(1, 4)))
         return chr(rng.randint(0x1F600, 0x1F64F))
@@ -267,7 +275,9 @@ class _Words:
         return s[:1].upper() + s[1:] + "."
 
     def identifier(self) -> str:
-        parts = self.rng.choices(self._common, cum_weights=self._common_cum, k=self.rng.randint(1, 3))
+        parts = self.rng.choices(
+            self._common, cum_weights=self._common_cum, k=self.rng.randint(1, 3)
+        )
         return "_".join(p.strip("'").replace("'", "") for p in parts)
 
 
@@ -298,18 +308,26 @@ def _document(w: _Words) -> dict:
             head = w.sentence(w.lognormal(3, 0.4, 1, 10)).rstrip(".?!")
             parts += [head, rng.choice("-~^") * len(head), ""]
         elif r < 0.25:
-            parts += ["Example::", ""] + [_code_line(w) for _ in range(w.lognormal(4, 0.7, 1, 40))] + [""]
+            parts += (
+                ["Example::", ""]
+                + [_code_line(w) for _ in range(w.lognormal(4, 0.7, 1, 40))]
+                + [""]
+            )
             left -= 20
         elif r < 0.32:
-            parts += [f"* {w.text(w.lognormal(10, 0.6, 2, 60))}" for _ in range(rng.randint(2, 6))] + [""]
+            parts += [
+                f"* {w.text(w.lognormal(10, 0.6, 2, 60))}" for _ in range(rng.randint(2, 6))
+            ] + [""]
             left -= 30
         else:
             n = w.lognormal(60, 0.7, 5, 600)
             para = w.text(n).split(" ")
             for _ in range(max(1, n // 25)):  # inline literals and references
                 i = rng.randrange(len(para))
-                para[i] = rng.choice(("``{}()``", ":func:`{}`", "`{}`_", "*{}*")).format(w.identifier())
-            parts += [para_wrap(" ".join(para)), ""]
+                para[i] = rng.choice(("``{}()``", ":func:`{}`", "`{}`_", "*{}*")).format(
+                    w.identifier()
+                )
+            parts += [_wrap(" ".join(para)), ""]
             left -= n
     return {"text": "\n".join(parts)}
 
@@ -330,7 +348,7 @@ def _code_line(w: _Words) -> str:
     return "   " + line
 
 
-def para_wrap(text: str, width: int = 79) -> str:
+def _wrap(text: str, width: int = 79) -> str:
     """Lines of at most ``width`` characters (rst sources are wrapped)."""
     lines, cur = [], ""
     for word in text.split(" "):
