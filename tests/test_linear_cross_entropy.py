@@ -13,7 +13,7 @@ import zlib
 import pytest
 import torch
 
-from pyfast_tune.kernels import _lce_triton
+from pyfast_tune.kernels.linear_cross_entropy import triton as _lce_triton
 from pyfast_tune.kernels.linear_cross_entropy import (
     _plan,
     linear_cross_entropy,

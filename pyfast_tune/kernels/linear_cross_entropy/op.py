@@ -17,11 +17,11 @@ bf16 results carry PyTorch's own bf16 error, no more.
 
 Backends of the one op ``torch.ops.pyfast_tune.linear_cross_entropy``:
 
-- ``"triton"``: the row kernels of ``_lce_triton`` (online log-sum-exp over vocabulary blocks,
+- ``"triton"``: the row kernels of ``triton.py`` (online log-sum-exp over vocabulary blocks,
   gradient written over the logits) with torch matmuls around them (CUDA, or CPU under
   ``TRITON_INTERPRET=1``);
 - ``"torch"``: the same chunk loop with in-place PyTorch row operations (CPU, and any device);
-- ``"ref"``: ``linear_cross_entropy_ref`` (whole logits, autograd), for tests;
+- ``"ref"``: ``linear_cross_entropy_ref`` (``ref.py``: whole logits, autograd), for tests;
 - ``"auto"``: the first-use guard's choice (``pyfast_tune.kernels.guard``): triton on CUDA,
   torch elsewhere, each checked once per device, dtype and soft cap against ``ref``; a backend
   that fails the check is skipped with a warning.
@@ -45,9 +45,10 @@ import os
 import torch
 from torch import Tensor
 
-from pyfast_tune.kernels.linear_cross_entropy_ref import REDUCTIONS, linear_cross_entropy_ref
+from pyfast_tune.kernels import guard
+from pyfast_tune.kernels.linear_cross_entropy.ref import REDUCTIONS, linear_cross_entropy_ref
 
-__all__ = ["linear_cross_entropy", "linear_cross_entropy_ref", "default_chunk_bytes"]
+__all__ = ["linear_cross_entropy", "default_chunk_bytes"]
 
 _BACKENDS = ("auto", "triton", "torch", "ref")
 _DTYPES = {
@@ -151,8 +152,6 @@ def _resolve_backend(hidden: Tensor, backend: str) -> str:
 def _guarded_backend(hidden: Tensor, softcap: float | None) -> str:
     """backend="auto": the first-use guard's choice for this device, dtype and soft cap (our
     kernel checked against PyTorch's whole-logits loss on the device, once, then cached)."""
-    from pyfast_tune.kernels import guard
-
     shape = {"dtype": str(hidden.dtype).removeprefix("torch."), "softcap": softcap is not None}
     if guard.tracing(hidden):  # nothing may run while tracing: use what was decided eagerly
         return guard.decided("linear_cross_entropy", hidden.device, shape)
@@ -356,7 +355,7 @@ def _torch_rows(z: Tensor, tgt: Tensor, g: Tensor | None, lse: Tensor | None, so
 
 
 def _triton_rows(z, tgt, g, lse, softcap):
-    from pyfast_tune.kernels._lce_triton import lce_rows
+    from pyfast_tune.kernels.linear_cross_entropy.triton import lce_rows
 
     return lce_rows(z, tgt, g, lse, softcap)
 

@@ -1,6 +1,6 @@
 """Triton row kernel of the fused linear cross-entropy (``linear_cross_entropy``, backend triton).
 
-The chunk loop (``linear_cross_entropy._chunked``) forms each slab of logits z (rows ×
+The chunk loop (``op._chunked``) forms each slab of logits z (rows ×
 vocabulary block, the input dtype) with a torch matmul and hands it here. One program per row:
 
 1. unless the row's log-sum-exp is given (a later vocabulary block), an online max / sum-exp
@@ -15,7 +15,7 @@ All arithmetic is fp32 whatever z's dtype. ``cap'`` is the derivative of Gemma 2
 same code as the GPU (bf16 dots are what the interpreter gets wrong). Row offsets are int64:
 a 152k vocabulary passes 2^31 elements after 14k rows.
 
-``aot_launches(arch)`` / ``aot_configs()`` list every launch configuration for the
+``aot_launches(arch)`` lists every launch configuration for the
 ahead-of-time compile report (``python -m pyfast_tune.kernels.aot``).
 """
 
@@ -146,7 +146,7 @@ def lce_rows(z, tgt, g, lse, softcap: float):
 
 
 def aot_launches(arch: int) -> list:
-    """Every launch configuration of the row kernel, as ``pyfast_tune.kernels._launch.Launch``
+    """Every launch configuration of the row kernel, as ``pyfast_tune.kernels.triton_launch.Launch``
     objects for the compile report (``python -m pyfast_tune.kernels.aot --only lce``).
 
     The three variants (lse and gradient in one launch: the whole vocabulary in one slab;
@@ -155,7 +155,7 @@ def aot_launches(arch: int) -> list:
     block; vocabularies under 2048 get narrower blocks with fewer registers live). The
     configuration does not depend on ``arch``. Small CPU tensors stand in for device ones.
     """
-    from pyfast_tune.kernels._launch import Launch
+    from pyfast_tune.kernels.triton_launch import Launch
 
     rows, n = 4, 151_936
     launches = []
@@ -170,19 +170,3 @@ def aot_launches(arch: int) -> list:
                 launch = rows_launch(z, tgt, g, lse, f32[0], f32[2], softcap)
                 launches.append(Launch(*launch))
     return launches
-
-
-def aot_configs() -> list[dict]:
-    """``aot_launches`` as plain dicts: {"fn", "signature", "constexprs", "num_warps",
-    "num_stages", "dtype", "shape"}, signature and constexprs as ``triton.compiler.ASTSource``
-    takes them (specialized as the JIT does at launch)."""
-    from pyfast_tune.kernels.aot import specialize
-
-    configs = []
-    for launch in aot_launches(90):
-        meta = dict(launch.meta)
-        num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
-        signature, constexprs, _ = specialize(launch.kernel, launch.args, meta)
-        configs.append(dict(fn=launch.kernel, signature=signature, constexprs=constexprs,
-                            num_warps=num_warps, num_stages=num_stages, **launch.labels))  # fmt: skip
-    return configs

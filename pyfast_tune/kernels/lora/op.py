@@ -7,7 +7,7 @@ mask nor the dropped-out copy of x, which backward regenerates.
 
 Backends (``backend=``):
 
-- ``"triton"``: the kernels of ``_lora_triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+- ``"triton"``: the kernels of ``triton.py`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
   Dropout mask: element (m, k) kept iff ``tl.rand(seed, m*K + k) > p``;
   ``lora_dropout_mask(..., backend="triton")`` reproduces it exactly on any device.
 - ``"torch"``: composed PyTorch (BLAS) with in-place epilogues. Dropout mask: the one
@@ -31,6 +31,7 @@ pure-PyTorch paths do).
 >>> x, W = torch.randn(5, 32), torch.randn(24, 32)
 >>> A, B = torch.randn(8, 32, requires_grad=True), torch.zeros(24, 8, requires_grad=True)
 >>> y = lora_linear(x, W, A, B, scaling=2.0)
+>>> from pyfast_tune.kernels.lora.ref import lora_linear_ref
 >>> torch.allclose(y, lora_linear_ref(x, W, A, B, 2.0))
 True
 """
@@ -38,35 +39,27 @@ True
 from __future__ import annotations
 
 import os
-import types
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from pyfast_tune.kernels import faults
+from pyfast_tune.kernels.guard import faults
 
-__all__ = [
-    "lora_linear",
-    "lora_linear_ref",
-    "lora_dropout_mask",
-    "patch_peft_lora",
-    "unpatch_peft_lora",
-    "guard_shapes",
-]
+__all__ = ["lora_linear", "lora_dropout_mask", "lora_shape"]
+
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton")
 OP = "lora_linear"  # its name for the first-use guard and PYFAST_TUNE_FAULTS
 
 
-def _is_4bit(W: Any) -> bool:
+def is_4bit(W: Any) -> bool:
     return getattr(W, "quant_state", None) is not None and not W.dtype.is_floating_point
 
 
 def _resolve_backend(backend: str, x: torch.Tensor, W: Any) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if x.is_cuda else "torch"
     if backend == "triton":
@@ -94,7 +87,7 @@ def _validate(x, W, A, B, dropout_p, bias) -> None:
         )
     if A.dtype not in _DTYPES or B.dtype != A.dtype:
         raise TypeError(f"A and B must share one float dtype, got {A.dtype} and {B.dtype}")
-    if _is_4bit(W):
+    if is_4bit(W):
         if tuple(W.quant_state.shape) != (N, K):
             raise ValueError(f"4-bit W holds {tuple(W.quant_state.shape)}, expected ({N}, {K})")
     else:
@@ -149,7 +142,7 @@ def _torch_noise(
 
 def _base_matmul(x2: torch.Tensor, W: Any, bias: torch.Tensor | None) -> torch.Tensor:
     """(M, K) @ Wᵀ (+ bias) -> (M, N) in x's dtype; W dense (N, K) or bitsandbytes 4-bit."""
-    if _is_4bit(W):
+    if is_4bit(W):
         import bitsandbytes as bnb
 
         with torch.no_grad():
@@ -173,9 +166,9 @@ class _LoraLinearFn(torch.autograd.Function):
         """x2: (M, K) -> y: (M, N) x2.dtype. rng: int seed (triton) or (state, generator)."""
         faults.before(OP, backend)
         if backend == "triton":
-            from pyfast_tune.kernels import _lora_triton
+            from pyfast_tune.kernels.lora import triton as _lora_triton
 
-            qs = W.quant_state if _is_4bit(W) else None
+            qs = W.quant_state if is_4bit(W) else None
             y, u = _lora_triton.lora_fwd(x2, W, A, B, scaling, p, rng, bias, qs)
         else:
             xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
@@ -188,7 +181,7 @@ class _LoraLinearFn(torch.autograd.Function):
             else:  # peft adds the adapter-dtype product to the upcast base output, then casts
                 y = torch.addmm(y.to(A.dtype), u, B.t(), alpha=scaling).to(x2.dtype)
         ctx.save_for_backward(x2, u, A, B, W)
-        ctx.quant_state = W.quant_state if _is_4bit(W) else None
+        ctx.quant_state = W.quant_state if is_4bit(W) else None
         # backward regenerates the mask from the seed / the generator state, never the generator
         ctx.rng = rng if backend == "triton" or rng is None else rng[0]
         ctx.scaling, ctx.p, ctx.backend = scaling, p, backend
@@ -205,7 +198,7 @@ class _LoraLinearFn(torch.autograd.Function):
         s, p, need_dx = ctx.scaling, ctx.p, ctx.needs_input_grad[0]
         faults.before(OP, ctx.backend)
         if ctx.backend == "triton":
-            from pyfast_tune.kernels import _lora_triton
+            from pyfast_tune.kernels.lora import triton as _lora_triton
 
             qs = ctx.quant_state
             return _lora_triton.lora_bwd(dy, x2, W, A, B, u, s, p, ctx.rng, need_dx, qs)
@@ -301,7 +294,7 @@ def lora_dropout_mask(
         torch.Size([4, 16])
     """
     if backend == "triton":
-        from pyfast_tune.kernels._lora_triton import philox_keep_mask
+        from pyfast_tune.kernels.lora.triton import philox_keep_mask
 
         return philox_keep_mask(seed, shape[0], shape[1], dropout_p, device)
     if backend == "torch":
@@ -311,197 +304,11 @@ def lora_dropout_mask(
     raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
 
 
-def lora_linear_ref(
-    x: torch.Tensor,
-    W: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    scaling: float,
-    dropout_p: float = 0.0,
-    bias: torch.Tensor | None = None,
-    keep_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Pure-PyTorch LoRA linear, composed the way peft's ``lora.Linear.forward`` does it.
-
-    Args:
-        x: (..., in); W: (out, in) dense; A: (r, in); B: (out, r); bias: (out,) or None.
-        keep_mask: (..., in) bool, required when dropout_p > 0 (e.g. from lora_dropout_mask).
-    Returns:
-        (..., out) in x's dtype; differentiable in every input.
-    """
-    xa = x.to(A.dtype)
-    if dropout_p > 0.0:
-        if keep_mask is None:
-            raise ValueError("lora_linear_ref needs keep_mask when dropout_p > 0")
-        xa = xa * keep_mask.reshape(xa.shape).to(xa.dtype).div(1.0 - dropout_p)
-    y = F.linear(x, W, bias)
-    return (y + F.linear(F.linear(xa, A), B) * scaling).to(x.dtype)
-
-
-# --- peft wiring ----------------------------------------------------------------------------
-
-_ORIG = "_pyfast_tune_lora_backend"
-
-
-def _peft_lora_types() -> tuple[type, ...]:
-    from peft.tuners.lora import layer
-
-    found: list[type] = [layer.Linear]
-    try:
-        from peft.tuners.lora.bnb import Linear4bit
-
-        found.append(Linear4bit)
-    except ImportError:  # bitsandbytes absent: no QLoRA layers can exist
-        pass
-    return tuple(found)
-
-
-def _eligible(module: Any) -> bool:
-    """Vanilla LoRA on an nn.Linear / bnb Linear4bit base: no DoRA or other variant, no lora bias."""
-    base = module.get_base_layer()
-    if getattr(module, "fan_in_fan_out", False) or module.lora_variant:
-        return False
-    if any(module.lora_bias.values()) or any(getattr(module, "use_dora", {}).values()):
-        return False
-    return isinstance(base, torch.nn.Linear) or _is_4bit(getattr(base, "weight", None))
-
-
-def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """peft ``lora.Linear`` / ``Linear4bit`` forward through ``lora_linear``.
-
-    Cases the fused op does not cover (adapters disabled or merged, several active adapters,
-    mixed-adapter batches, extra arguments, autocast, ZeRO-3 partitioned weights) go to peft's
-    own forward.
-    """
-    adapters = [a for a in self.active_adapters if a in self.lora_A]
-    base = self.get_base_layer()
-    fallback = (
-        args
-        or kwargs
-        or self.disable_adapters
-        or self.merged
-        or len(adapters) != 1
-        or torch.is_autocast_enabled(x.device.type)
-    )
-    if not fallback:
-        A = self.lora_A[adapters[0]].weight
-        B = self.lora_B[adapters[0]].weight
-        if x.dtype != A.dtype and not getattr(self, "cast_input_dtype_enabled", True):
-            fallback = True
-        # DeepSpeed ZeRO-3 gathers a partitioned weight only when its own module runs; the
-        # fused op reads W, A and B directly, so it leaves those layers to peft.
-        if any(getattr(t, "ds_id", None) is not None for t in (A, B, base.weight)):
-            fallback = True
-    if not fallback and _is_4bit(base.weight):
-        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
-
-        fix_4bit_weight_quant_state_from_module(base)
-        if getattr(base.weight.quant_state, "packing_format_for_cpu", False):
-            fallback = True  # bitsandbytes repacked W for CPU inference: its own layout
-    elif not fallback and x.dtype != base.weight.dtype:
-        fallback = True
-    if fallback:
-        return type(self).forward(self, x, *args, **kwargs)
-
-    self._check_forward_args(x)
-    adapter = adapters[0]
-    drop = self.lora_dropout[adapter]
-    p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
-    four_bit = _is_4bit(base.weight)
-    if four_bit and not base.compute_type_is_set:
-        base.set_compute_type(x)
-        base.compute_type_is_set = True
-    cdt = (base.compute_dtype or x.dtype) if four_bit else x.dtype
-    bias = None if base.bias is None else base.bias.to(cdt)
-    backend = getattr(self, _ORIG)
-    if backend != "auto":
-        y = lora_linear(x.to(cdt), base.weight, A, B, self.scaling[adapter], p, bias, backend)
-        return y.to(x.dtype)
-    # "auto": the first-use guard's choice for this shape class, peft's own forward included
-    from pyfast_tune.kernels import guard
-    from pyfast_tune.kernels.guard_ops import lora_shape
-
-    shape = lora_shape(cdt, A, four_bit)
-    if guard.tracing(x, A):
-        backend = guard.decided(OP, x.device, shape)
-    else:
-        backend = guard.choose(OP, x.device, shape)
-    tried = set()
-    while True:
-        try:
-            if backend == "peft":
-                return type(self).forward(self, x, *args, **kwargs)
-            y = lora_linear(x.to(cdt), base.weight, A, B, self.scaling[adapter], p, bias, backend)
-            return y.to(x.dtype)
-        except Exception as e:  # a launch failure after a passed check: the next backend
-            if not guard.backend_failure(e) or guard.tracing(x, A):
-                raise
-            tried.add(backend)
-            guard.demote(OP, x.device, shape, None, backend, e)
-            backend = guard.choose(OP, x.device, shape)
-            if backend in tried:
-                raise
-
-
-def patch_peft_lora(model: torch.nn.Module, backend: str = "auto") -> int:
-    """Route every vanilla peft LoRA ``Linear`` / ``Linear4bit`` forward through ``lora_linear``.
-
-    Only the forward changes (an instance attribute shadows the class method); weights,
-    ``merge``/``unmerge`` and saved adapters are untouched. Idempotent.
-
-    Args:
-        model: any module tree holding peft LoRA layers (e.g. a ``PeftModel``).
-        backend: "auto": per shape class (dtypes, rank, 4-bit), the first-use guard's choice
-            among the Triton and torch backends and peft's own forward (checked against a
-            float64 reference, then raced; see ``pyfast_tune.kernels.guard``); "torch" or
-            "triton": that backend of ``lora_linear``, unchecked.
-    Returns:
-        the number of layers that run the fused forward after the call.
-    Example:
-        >>> n = patch_peft_lora(peft_model)          # doctest: +SKIP
-        >>> unpatch_peft_lora(peft_model) == n       # doctest: +SKIP
-        True
-    """
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    lora_types = _peft_lora_types()
-    count = 0
-    for module in model.modules():
-        if isinstance(module, lora_types) and _eligible(module):
-            setattr(module, _ORIG, backend)
-            module.forward = types.MethodType(_fused_forward, module)
-            count += 1
-    return count
-
-
-def guard_shapes(model: torch.nn.Module) -> list[tuple[torch.device, dict]]:
-    """(device, shape class) of every layer ``patch_peft_lora(model, "auto")`` routes through
-    the first-use guard, once each, so the guard can decide before the first (maybe traced)
-    forward. A 4-bit layer whose compute dtype is not known yet is decided on first use."""
-    from pyfast_tune.kernels.guard_ops import lora_shape
-
-    found: dict[str, tuple[torch.device, dict]] = {}
-    for module in model.modules():
-        if module.__dict__.get(_ORIG) != "auto":
-            continue
-        base = module.get_base_layer()
-        four_bit = _is_4bit(base.weight)
-        dtype = base.compute_dtype if four_bit else base.weight.dtype
-        for adapter in module.active_adapters:
-            if dtype is None or adapter not in module.lora_A:
-                continue
-            A = module.lora_A[adapter].weight
-            shape = lora_shape(dtype, A, four_bit)
-            found.setdefault(f"{A.device}{sorted(shape.items())}", (A.device, shape))
-    return list(found.values())
-
-
-def unpatch_peft_lora(model: torch.nn.Module) -> int:
-    """Undo ``patch_peft_lora``: peft's own forward again. Returns the number of layers restored."""
-    count = 0
-    for module in model.modules():
-        if _ORIG in module.__dict__:
-            del module.__dict__[_ORIG]
-            module.__dict__.pop("forward", None)
-            count += 1
-    return count
+def lora_shape(dtype: torch.dtype, A, W_is_4bit: bool) -> dict:
+    """The shape class of a LoRA layer call: x's (compute) dtype, the adapter's, rank, 4-bit."""
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "adapter_dtype": str(A.dtype).removeprefix("torch."),
+        "rank": int(A.shape[0]),
+        "four_bit": bool(W_is_4bit),
+    }

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyfast_tune.kernels._launch import Launch
+from pyfast_tune.kernels.triton_launch import Launch
 
 __all__ = ["lora_fwd", "lora_bwd", "philox_keep_mask", "INTERPRET"]
 

@@ -4,7 +4,7 @@ The extension is compiled by ``torch.utils.cpp_extension.load`` (ninja + the sys
 compiler) and cached in ``TORCH_EXTENSIONS_DIR`` (the Makefile and tests point it at
 ``.torch_extensions/``), so only the first call in a fresh checkout pays the ~1 min build.
 
->>> from pyfast_tune.kernels._cpp import load_varlen_attention   # doctest: +SKIP
+>>> from pyfast_tune.kernels.varlen_attention.cpu import load_varlen_attention  # doctest: +SKIP
 >>> ext = load_varlen_attention(); ext.fwd, ext.bwd
 """
 
@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CSRC = Path(__file__).resolve().parents[3] / "csrc"
 
 
 class ExtensionBuildError(RuntimeError):

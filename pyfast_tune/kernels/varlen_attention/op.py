@@ -5,17 +5,19 @@ along the token axis, ``cu_seqlens`` marking where each starts — and attends o
 sample, so packed training is exact (no token sees another sample) and costs what the samples
 cost. The op ``torch.ops.pyfast_tune.varlen_attention`` dispatches on device:
 
-- CUDA: Triton kernels (``_varlen_triton.py``), flash-attention-2 forward and backward;
-- CPU: the C++ kernel (``csrc/varlen_attention.cpp``), built on first use;
-- ``backend="ref"``: ``varlen_attention_ref``, pure PyTorch, for tests and as a fallback;
+- CUDA: Triton kernels (``triton.py``), flash-attention-2 forward and backward;
+- CPU: the C++ kernel (``csrc/varlen_attention.cpp``, loaded by ``cpu.py``), built on first use;
+- ``backend="ref"``: ``varlen_attention_ref`` (``ref.py``), pure PyTorch, for tests and as a
+  fallback;
 - ``backend="sdpa" | "torch_varlen" | "flash_attn"``: upstream implementations
-  (``attention_upstream``), run directly rather than through the op.
+  (``upstream.py``), run directly rather than through the op.
 
 ``backend="auto"`` asks the first-use guard (``guard``): the first call for a device and shape
 class checks every backend that can run there against a float64 reference and an upstream
 implementation, races the correct ones and uses the fastest; a backend that fails to build,
-launch or pass is skipped with a warning. A named backend runs as is (what tests and
-benchmarks use). ``PYFAST_TUNE_FAULTS`` can make any backend wrong or failing (``faults``).
+launch or pass is skipped with a warning (``check.py`` says how this op is checked). A named
+backend runs as is (what tests and benchmarks use). ``PYFAST_TUNE_FAULTS`` can make any
+backend wrong or failing (``guard.faults``).
 
 ``backend="triton"`` also runs on CPU tensors under ``TRITON_INTERPRET=1`` (how the Triton
 path is tested without a GPU). Autograd, ``torch.compile`` tracing (fake tensors) and
@@ -38,9 +40,11 @@ import os
 import torch
 from torch import Tensor
 
-from pyfast_tune.kernels import attention_upstream, faults
-from pyfast_tune.kernels.guard import tracing
-from pyfast_tune.kernels.varlen_attention_ref import (
+from pyfast_tune.kernels import guard
+from pyfast_tune.kernels.guard import faults
+from pyfast_tune.kernels.guard.call import tracing
+from pyfast_tune.kernels.varlen_attention import upstream
+from pyfast_tune.kernels.varlen_attention.ref import (
     varlen_attention_ref,
     varlen_attention_ref_backward,
 )
@@ -48,7 +52,7 @@ from pyfast_tune.kernels.varlen_attention_ref import (
 MAX_HEAD_DIM = 256
 OP = "varlen_attention"
 _OURS = ("triton", "cpp", "ref")  # run through the custom op; they also return lse
-_BACKENDS = ("auto", *_OURS, *attention_upstream.NAMES)
+_BACKENDS = ("auto", *_OURS, *upstream.NAMES)
 _ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPES = {
     "triton": (torch.float16, torch.bfloat16, torch.float32),
@@ -113,11 +117,11 @@ def varlen_attention(
     if causal:
         right = 0
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if backend in attention_upstream.NAMES:
+    if backend in upstream.NAMES:
         if return_lse:
             raise ValueError(f"varlen_attention: backend {backend!r} returns no lse; use {_OURS}")
         faults.before(OP, backend)
-        fn = attention_upstream.FUNCTIONS[backend]
+        fn = upstream.FUNCTIONS[backend]
         window_ = (max(left, -1), max(right, -1))
         if backend == "sdpa":
             out = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window_)
@@ -142,36 +146,29 @@ def varlen_attention(
     return (out, lse) if return_lse else out
 
 
+def attention_shape(q, k, window, causal: bool) -> dict:
+    """The shape class of a varlen attention call (what changes which code runs)."""
+    left, right = int(window[0]), int(window[1])
+    return {
+        "dtype": str(q.dtype).removeprefix("torch."),
+        "head_dim": int(q.shape[-1]),
+        "gqa": int(q.shape[1] // max(1, k.shape[1])),
+        "window": [max(left, -1), 0 if causal else max(right, -1)],
+    }
+
+
 def _guarded(args, causal, softmax_scale, window, return_lse, prefer) -> Tensor | tuple:
     """backend="auto": run the guard's choice; if it fails at run time, the next one."""
-    from pyfast_tune.kernels import guard
-    from pyfast_tune.kernels.guard_ops import attention_shape
-
     q, k, v = args[:3]
     if prefer is not None and prefer not in _BACKENDS[1:]:
         raise ValueError(f"varlen_attention: prefer must be one of {_BACKENDS[1:]}, got {prefer!r}")
     _check_inputs(*args, window, "ref")  # the caller's mistakes surface as such, not as failures
-    shape = attention_shape(q, k, window, causal)
-    allowed = _OURS if return_lse else None
     kw = dict(causal=causal, softmax_scale=softmax_scale, window=window, return_lse=return_lse)
-    if tracing(q, k, v):  # nothing may run while tracing: use what was decided eagerly
-        backend = guard.decided(OP, q.device, shape, prefer)
-        if allowed is not None and backend not in allowed:
-            backend = "triton" if q.is_cuda else "cpp"
-        return varlen_attention(*args, **kw, backend=backend)
-    tried = set()
-    backend = guard.choose(OP, q.device, shape, prefer, allowed)
-    while True:
-        try:
-            return varlen_attention(*args, **kw, backend=backend)
-        except Exception as e:
-            if not guard.backend_failure(e):
-                raise
-            tried.add(backend)
-            guard.demote(OP, q.device, shape, prefer, backend, e)
-            backend = guard.choose(OP, q.device, shape, prefer, allowed)
-            if backend in tried:
-                raise
+    return guard.call_guarded(
+        OP, q.device, attention_shape(q, k, window, causal),
+        lambda backend: varlen_attention(*args, **kw, backend=backend),
+        tensors=(q, k, v), prefer=prefer, allowed=_OURS if return_lse else None,
+    )  # fmt: skip
 
 
 def _resolve_backend(q: Tensor, backend: str) -> str:
@@ -258,14 +255,14 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
 
 
 def _cpp_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right):
-    from pyfast_tune.kernels._cpp import load_varlen_attention
+    from pyfast_tune.kernels.varlen_attention.cpu import load_varlen_attention
 
     out, lse = load_varlen_attention().fwd(q, k, v, cu_q, cu_k, scale, left, right)
     return out.to(q.dtype), lse.to(_lse_dtype(q))
 
 
 def _cpp_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right):
-    from pyfast_tune.kernels._cpp import load_varlen_attention
+    from pyfast_tune.kernels.varlen_attention.cpu import load_varlen_attention
 
     dq, dk, dv = load_varlen_attention().bwd(
         dout, q, k, v, out, lse, cu_q, cu_k, scale, left, right
@@ -274,13 +271,13 @@ def _cpp_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, rig
 
 
 def _triton_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right):
-    from pyfast_tune.kernels._varlen_triton import varlen_fwd
+    from pyfast_tune.kernels.varlen_attention.triton import varlen_fwd
 
     return varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right)
 
 
 def _triton_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right):
-    from pyfast_tune.kernels._varlen_triton import varlen_bwd
+    from pyfast_tune.kernels.varlen_attention.triton import varlen_bwd
 
     return varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right)
 

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyfast_tune.kernels._launch import Launch
+from pyfast_tune.kernels.triton_launch import Launch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634  # host side: folded into the scale passed to the kernels
@@ -443,9 +443,7 @@ def _varlen_attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------
 # Launch configurations: one table, read by the launchers below and by the aot report.
 
-KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
 HEAD_DIMS = (64, 80, 96, 128, 256)  # what the aot report compiles; any D <= 256 launches
-ARCHS = (80, 90)
 
 
 def _block_d(head_dim: int) -> int:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pyfast_tune.kernels.varlen_attention_ref import visible_keys
+from pyfast_tune.kernels.varlen_attention.ref import visible_keys
 
 NAMES = ("sdpa", "torch_varlen", "flash_attn")
 _HALF = (torch.float16, torch.bfloat16)
