@@ -83,8 +83,8 @@ def _gpu_report(triton_ms: float, ours_peak: float) -> dict:
                          "fwd_tflops": 1.0, "fwd_bwd_tflops": 1.0, "peak_mib": 1.0})  # fmt: skip
     # A short-segment shape where ours is slow must not count: the target is T 8k-32k.
     rows[-3]["fwd_bwd_ms"] = 100.0
-    loss = [{"vocab": 151936, "method": "ours", "peak_mib": ours_peak},
-            {"vocab": 151936, "method": "plain", "peak_mib": 1000.0}]  # fmt: skip
+    loss = [{"tokens": 8192, "vocab": 151936, "method": m, "ms": 1.0, "peak_mib": peak}
+            for m, peak in (("ours", ours_peak), ("plain", 1000.0))]  # fmt: skip
     checks = [{"op": "varlen_attention", "backend": "triton", "ok": True},
               {"op": "lora_linear", "backend": "flash", "ok": None}]  # fmt: skip
 

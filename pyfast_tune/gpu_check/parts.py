@@ -102,6 +102,20 @@ def ensure_packer(root: Path, work: Path) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+def _installed_version(module: str) -> str | None:
+    """The version of the distribution that provides ``module``, None when absent."""
+    import importlib.metadata as md
+
+    if importlib.util.find_spec(module) is None:
+        return None
+    for dist in md.packages_distributions().get(module, [module]):
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return "present"
+
+
 def part_env(ctx: Context) -> dict:
     """Device, driver, versions; required and optional packages; the data engine's origin."""
     import platform
@@ -121,14 +135,10 @@ def part_env(ctx: Context) -> dict:
     }  # fmt: skip
     gpu = next((d for d in results["devices"] if d["device"].startswith("cuda")), None)
     results["device"] = gpu or results["devices"][0]
+    # Found, not imported: importing deepspeed alone takes tens of seconds on a loaded CPU.
     for group, names in (("required", REQUIRED), ("optional", OPTIONAL)):
         for name in names:
-            try:
-                mod = importlib.import_module(name)
-                results[group][name] = getattr(mod, "__version__", "present")
-            except Exception as e:  # an optional package that is broken is as good as absent
-                results[group][name] = None
-                results.setdefault("import_errors", {})[name] = f"{type(e).__name__}: {e}"
+            results[group][name] = _installed_version(name)
     try:
         results["packer"] = ensure_packer(ctx.root, ctx.work)
     except ImportError as e:
@@ -155,20 +165,24 @@ def part_doctor(ctx: Context) -> dict:
                "checks": [], "decisions": []}  # fmt: skip
     # On CUDA the C++ op (the CPU backend) is not a choice; building it would only spend the
     # GPU's minutes on a compiler.
+    print("doctor: building the C++ op" if device.type == "cpu" else "", flush=True)
     results["cpp_build"] = (doctor.cpp_build() if device.type == "cpu" else
                             {"ok": True, "seconds": 0.0, "error": None, "skipped": "CPU backend"})  # fmt: skip
-    guard.get_op("varlen_attention")  # registers the built-in ops
-    for name in sorted(guard.REGISTRY):
+    for name in guard.op_names():
         for shape in doctor.shape_classes(name, device.type):
+            start = time.perf_counter()
             if ctx.dry and shape.get("dtype") == "bfloat16" and name == "varlen_attention":
                 continue  # the CPU tests cover bf16 in the interpreter; here: time
             decision = guard.check_now(name, device, shape)
             results["checks"] += [c.as_dict() for c in decision.checks]
-            results["decisions"].append({"op": name, **shape, "chosen": decision.chosen})
+            results["decisions"].append({"op": name, **shape, "chosen": decision.chosen,
+                                         "seconds": round(time.perf_counter() - start, 2)})  # fmt: skip
+            print(f"doctor: {name} {guard.describe(shape)}: {decision.chosen} "
+                  f"({time.perf_counter() - start:.1f} s)", flush=True)  # fmt: skip
             ctx.save(results)
-    print(doctor.format_table(results), flush=True)
     bad = [c for c in results["checks"] if c["ok"] is False]
     results["ok"] = not bad
+    print(doctor.format_table(results), flush=True)
     if bad:
         what = "; ".join(f"{c['op']}/{c['backend']} {guard.describe({k: c[k] for k in c if k in ('dtype', 'head_dim', 'gqa', 'window', 'rank', 'softcap')})}: {c['error'] or 'wrong'}" for c in bad[:8])  # fmt: skip
         raise PartFailed(f"{len(bad)} backend check(s) incorrect or failing: {what}", results)

@@ -123,7 +123,10 @@ def format_summary(report: dict) -> str:
              f"{'all parts ok' if report.get('ok') else 'SOME PARTS FAILED'}", ""]  # fmt: skip
     for name, part in (report.get("parts") or {}).items():
         lines.append(f"[{part['status']:>7}] {name} ({part['seconds']} s of {part['budget_s']})")
-        lines += [f"          {h}" for h in _highlights(name, part)]
+        try:
+            lines += [f"          {h}" for h in _highlights(name, part)]
+        except (KeyError, TypeError, ZeroDivisionError) as e:  # a partial part's results
+            lines.append(f"          (results incomplete: {type(e).__name__} {e})")
         if part["status"] != "ok" and part.get("error"):
             lines += [f"          ! {x}" for x in part["error"].strip().splitlines()[:6]]
     lines += ["", "targets:"]

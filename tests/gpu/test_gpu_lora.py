@@ -65,7 +65,7 @@ def test_triton_vs_float64_reference(r, dtype, adapter_dtype, p):
 
 @pytest.mark.skipif(
     not (CUDA and importlib.util.find_spec("bitsandbytes")),
-    reason="QLoRA's NF4 base needs bitsandbytes on CUDA (absent here)",
+    reason="QLoRA's NF4 base is checked on CUDA with bitsandbytes (one is missing here)",
 )
 def test_triton_nf4_base_vs_dequantized_reference():
     """QLoRA: the fused op over a bitsandbytes NF4 weight equals the composition over the
