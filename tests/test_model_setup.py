@@ -251,3 +251,27 @@ def test_adapter_loads_in_plain_peft_on_a_base_set_up_by_hand(reference, lora_ru
     model = PeftModel.from_pretrained(base, reference["hf"]).eval()
     torch.testing.assert_close(_logits(model, reference["ids"]), reference["logits"],
                                rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_convert_builds_a_full_model_with_the_runs_setup(tiny_tokenizer, tmp_path):
+    """convert of a full run builds the architecture with the run's rope and grown vocabulary
+    (else the saved, resized weights would not fit it), and run_setup finds the set-up of a
+    converted adapter and of a checkpoint's hf/ folder."""
+    from pyfast_tune.export import RUN_FILE, _empty_model, run_setup
+    from pyfast_tune.trainer.tiny import make_tiny_llama, tokenizer_vocab_size
+
+    model_dir = make_tiny_llama(tmp_path / "tiny", tiny_tokenizer)
+    n = tokenizer_vocab_size(tiny_tokenizer)
+    setup = {"rope_scaling": {"type": "dynamic", "factor": 2.0}, "max_position_embeddings": 9000,
+             "new_special_tokens": NEW, "base_tokens": n, "tokens": n + 2}  # fmt: skip
+    model = _empty_model(model_dir, None, False, setup)
+    assert model.get_input_embeddings().weight.shape[0] == n + 2
+    assert model.config.rope_parameters["rope_type"] == "dynamic"
+    assert model.config.max_position_embeddings == 9000
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / RUN_FILE).write_text(json.dumps({"model_setup": setup}))
+    assert run_setup(tmp_path / "adapter") == setup
+    (tmp_path / "ckpt" / "hf").mkdir(parents=True)
+    (tmp_path / "ckpt" / "trainer_state.json").write_text(json.dumps({"model_setup": setup}))
+    assert run_setup(tmp_path / "ckpt" / "hf") == setup
+    assert run_setup(model_dir) is None
