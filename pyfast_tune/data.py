@@ -35,7 +35,7 @@ OutsideDataRootError = _packer.OutsideDataRootError
 IGNORE_INDEX = -100
 IMAGE_TOKEN_INDEX = -200  # XTuner's placeholder for <image> (LLaVA)
 # Facts of the packed format and the encoder, read from the engine rather than restated.
-_FACTS = json.loads(_packer.engine_facts())
+_FACTS = _packer.engine_facts()
 IMAGE_TOKEN_ID: int = _FACTS["image_token_id"]  # IMAGE_TOKEN_INDEX as stored in input_ids.bin
 FORMAT_VERSION: int = _FACTS["format_version"]
 # Each binary file's (dtype, row width), in the order the engine writes them.
@@ -100,13 +100,13 @@ def pack_defaults() -> dict[str, Any]:
     """Every field of the engine's pack options (``PackConfig`` in rust/packer/src/config.rs)
     with its default: the one schema ``pack``, ``fingerprint``, the CLI and the training
     config's ``data`` section fill."""
-    return json.loads(_packer.pack_defaults())
+    return _packer.pack_defaults()
 
 
 def pack_fields() -> list[dict[str, Any]]:
     """Every pack option as ``{"name", "kind", "choices", "help", "default"}`` in the engine's
     order: the table the CLI builds its ``pack`` flags from (``FIELDS`` in config.rs)."""
-    return json.loads(_packer.pack_fields())
+    return _packer.pack_fields()
 
 
 def pack_options(**fields: Any) -> dict[str, Any]:
@@ -255,10 +255,10 @@ def _engine_options(sources: list[dict], **fields: Any) -> dict[str, Any]:
 def _run_pack(options: dict[str, Any], progress: bool) -> PackStats:
     report, close = _tqdm_progress() if progress else (None, lambda: None)
     try:
-        raw = _packer.pack(options, report)
+        stats = _packer.pack(options, report)
     finally:
         close()
-    return PackStats(**json.loads(raw))
+    return PackStats(**stats)
 
 
 def _resolve_sources(inputs, split, subset, data_order) -> tuple[list[str], list[dict]]:
@@ -389,10 +389,10 @@ def merge_packs(
     """
     report, close = _tqdm_progress() if progress else (None, lambda: None)
     try:
-        raw = _packer.merge_packs([os.fspath(p) for p in parts], os.fspath(out_dir), report)
+        stats = _packer.merge_packs([os.fspath(p) for p in parts], os.fspath(out_dir), report)
     finally:
         close()
-    return PackStats(**json.loads(raw))
+    return PackStats(**stats)
 
 
 def data_order(root: str | os.PathLike, file_type: str = ".bin") -> list[str]:
@@ -417,9 +417,7 @@ def render_chat(
     >>> render_chat("tok/", [[{"role": "user", "content": "Hi"},
     ...                       {"role": "assistant", "content": "Hello"}]])   # doctest: +SKIP
     """
-    out = _packer.render_chats(
-        os.fspath(hub.resolve_tokenizer(tokenizer)), json.dumps(conversations)
-    )
+    out = _packer.render_chats(os.fspath(hub.resolve_tokenizer(tokenizer)), list(conversations))
     return [(text, list(ids), list(mask)) for text, ids, mask in out]
 
 
@@ -478,7 +476,7 @@ def tokenizer_hash(tokenizer: str | os.PathLike) -> str:
 
 def templates() -> list[dict[str, Any]]:
     """Every prompt template: name, system, instruction, suffix, suffix_as_eos, sep, stop_words."""
-    return json.loads(_packer.templates_json())
+    return _packer.templates()
 
 
 def formats() -> list[str]:
@@ -696,4 +694,4 @@ class PackedDataset:
         """Recompute every file's BLAKE3 against meta.json and check the pack invariants
         (each sample in exactly one pack, never split, capacity respected). Returns a report;
         raises :class:`CorruptDataError` naming the file at fault."""
-        return json.loads(_packer.verify(os.fspath(self.path)))
+        return _packer.verify(os.fspath(self.path))

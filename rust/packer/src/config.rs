@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
+use crate::format::xtuner::Columns;
 use crate::format::Format;
-use crate::format_xtuner::Columns;
 use crate::input::{read_data_order, resolve_inputs, InputFile, DATA_EXTENSIONS};
 use crate::template::{self, Template};
 use crate::tokenize::TokenizerBackend;
@@ -118,9 +118,14 @@ impl PackConfig {
         serde_json::from_str(text).map_err(|e| format!("pack options: {e}"))
     }
 
+    /// Parse options from a JSON value (a front end's native mapping), as [`Self::from_json`].
+    pub fn from_value(value: serde_json::Value) -> std::result::Result<Self, String> {
+        serde_json::from_value(value).map_err(|e| format!("pack options: {e}"))
+    }
+
     /// The defaults as a JSON object: the field list front ends derive their options from.
-    pub fn defaults_json() -> String {
-        serde_json::to_string(&PackConfig::default()).expect("plain data serializes")
+    pub fn defaults() -> serde_json::Value {
+        serde_json::to_value(PackConfig::default()).expect("plain data serializes")
     }
 }
 
@@ -249,8 +254,8 @@ pub const FIELDS: &[FieldDoc] = &[
 impl PackConfig {
     /// [`FIELDS`] with each field's default, as a JSON array of objects
     /// (`name`, `kind`, `choices`, `help`, `default`).
-    pub fn fields_json() -> String {
-        let defaults = serde_json::to_value(PackConfig::default()).expect("plain data");
+    pub fn fields() -> serde_json::Value {
+        let defaults = PackConfig::defaults();
         let fields: Vec<serde_json::Value> = FIELDS
             .iter()
             .map(|f| {
@@ -259,7 +264,7 @@ impl PackConfig {
                 v
             })
             .collect();
-        serde_json::to_string(&fields).expect("plain data serializes")
+        serde_json::Value::Array(fields)
     }
 }
 
@@ -362,7 +367,7 @@ mod tests {
 
     #[test]
     fn sources_parse_but_stay_out_of_the_defaults() {
-        assert!(!PackConfig::defaults_json().contains("sources"));
+        assert!(PackConfig::defaults().get("sources").is_none());
         let cfg = PackConfig::from_json(
             r#"{"sources": [{"repo_id": "o/n", "repo_type": "dataset", "revision": "ab",
                 "split": "train", "subset": null, "files": ["train.jsonl"]}]}"#,

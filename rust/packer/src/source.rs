@@ -4,7 +4,7 @@
 //! BLAKE3). A JSON array (first non-blank byte `[`) is read element by element
 //! ([`ArrayElements`]), with the memory of JSONL: one batch of records plus the decoder's
 //! buffers. Columnar and CSV rows become the JSON text of the record their JSON source would
-//! hold ([`crate::row_json`]), so everything after this stage sees one kind of record.
+//! hold ([`crate::source::row_json`]), so everything after this stage sees one kind of record.
 //!
 //! A sharded run reads part of a file ([`RecordStream::restrict`]): the lines of an
 //! uncompressed JSONL or CSV file, the row groups of a Parquet file, the record batches of an
@@ -19,115 +19,23 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use crate::error::{Error, Result};
-use crate::input::{ArrayElements, RawRecord};
-use crate::shard::Span;
-use crate::{source_csv, source_ipc, source_parquet};
+use crate::input::ArrayElements;
+use crate::source::csv as source_csv;
+use crate::source::ipc as source_ipc;
+use crate::source::parquet as source_parquet;
+use crate::source::raw::{open_decoded, HashState, HashingReader};
+use crate::source::record::{OwnedRecord, RowSource, Unreadable, BATCH_BYTES};
+use crate::source::span::Span;
 
-/// Bytes of record text per batch: bounds memory, amortises the parallel encode.
-pub const BATCH_BYTES: usize = 8 << 20;
-
-#[derive(Default)]
-pub(crate) struct HashState {
-    hasher: blake3::Hasher,
-    bytes: u64,
-}
-
-/// Reads a file and hashes every byte that passes.
-pub(crate) struct HashingReader {
-    file: File,
-    state: Rc<RefCell<HashState>>,
-}
-
-impl Read for HashingReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.file.read(buf)?;
-        let mut st = self.state.borrow_mut();
-        st.hasher.update(&buf[..n]);
-        st.bytes += n as u64;
-        Ok(n)
-    }
-}
-
-/// Why a record has no JSON text.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Unreadable {
-    /// Not JSON (invalid UTF-8, a broken JSON array).
-    Json(String),
-    /// A row that cannot be a record (a CSV row with more or fewer cells than the header).
-    Row(String),
-}
-
-/// One owned record of a batch (see [`RawRecord`]).
-#[derive(Clone, Debug)]
-pub struct OwnedRecord {
-    /// 0-based index of the record in its file.
-    pub index: u64,
-    /// 1-based line where the record starts (the 1-based row of a Parquet or Arrow file).
-    pub line: u64,
-    /// The record's JSON text (empty when `value` holds the record), or why it cannot be one.
-    pub text: std::result::Result<String, Unreadable>,
-    /// The record itself, for a row of a Parquet, Arrow or CSV file: no text to parse.
-    pub value: Option<RowValue>,
-}
-
-/// A record read as a value: built (a CSV row), or a row of a decoded record batch that the
-/// encoder's thread builds when it takes it (so building, like parsing JSONL, runs in
-/// parallel, and each value is made and freed on one thread).
-#[derive(Clone)]
-pub enum RowValue {
-    /// The record.
-    Built(serde_json::Value),
-    /// Row `.1` of the batch `.0` encodes.
-    Row(std::sync::Arc<crate::row_json::RowEncoder>, usize),
-}
-
-impl RowValue {
-    /// The record.
-    pub fn into_value(self) -> serde_json::Value {
-        match self {
-            RowValue::Built(v) => v,
-            RowValue::Row(enc, r) => enc.row(r),
-        }
-    }
-}
-
-impl std::fmt::Debug for RowValue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.clone().into_value())
-    }
-}
-
-impl OwnedRecord {
-    /// A record read as a value (a row of a columnar or CSV file).
-    pub fn row(index: u64, line: u64, value: RowValue) -> Self {
-        OwnedRecord {
-            index,
-            line,
-            text: Ok(String::new()),
-            value: Some(value),
-        }
-    }
-
-    /// Borrow as a [`RawRecord`] (only for records whose text is valid).
-    pub fn raw(&self) -> Option<RawRecord<'_>> {
-        self.text.as_ref().ok().map(|t| RawRecord {
-            index: self.index,
-            line: self.line,
-            text: t,
-        })
-    }
-}
-
-/// Rows of a non-JSON source (Parquet, Arrow IPC, CSV), as JSON records.
-pub(crate) trait RowSource {
-    /// Read only the rows whose bytes the span places in this shard.
-    fn restrict(&mut self, span: Span);
-    /// The next batch of at most `max_records` records (about [`BATCH_BYTES`] of text); an
-    /// empty batch means the end.
-    fn next_batch(&mut self, max_records: usize) -> Result<Vec<OwnedRecord>>;
-    /// Bytes of the file read so far (for progress).
-    fn position(&self) -> u64;
-}
+pub(crate) mod columnar;
+pub(crate) mod csv;
+pub(crate) mod ipc;
+pub(crate) mod parquet;
+pub(crate) mod pretokenized;
+pub(crate) mod raw;
+pub(crate) mod record;
+pub(crate) mod row_json;
+pub(crate) mod span;
 
 enum Mode {
     Lines(Box<dyn BufRead>),
@@ -186,27 +94,6 @@ pub struct RecordStream {
     pos: u64,
     span: Span,
     splittable: bool,
-}
-
-pub(crate) fn open_decoded(path: &Path, raw: HashingReader) -> Result<Box<dyn Read>> {
-    let name = path.to_string_lossy();
-    Ok(if name.ends_with(".gz") {
-        Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(raw)))
-    } else if name.ends_with(".zst") {
-        Box::new(zstd::stream::read::Decoder::new(raw).map_err(|e| Error::io(path, e))?)
-    } else {
-        Box::new(raw)
-    })
-}
-
-impl HashingReader {
-    /// Open `path`, hashing into `state`.
-    pub(crate) fn open(path: &Path, state: &Rc<RefCell<HashState>>) -> Result<Self> {
-        Ok(HashingReader {
-            file: File::open(path).map_err(|e| Error::io(path, e))?,
-            state: state.clone(),
-        })
-    }
 }
 
 impl RecordStream {
@@ -402,23 +289,6 @@ impl RecordStream {
     }
 }
 
-/// BLAKE3 and size of a whole file, read in blocks (bounded memory).
-pub fn hash_file(path: &Path) -> Result<(u64, blake3::Hash)> {
-    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok((size, h.finalize()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -575,7 +445,7 @@ mod tests {
             .map(|(t, g)| serde_json::json!({"text": t, "tag": g}).to_string() + "\n")
             .collect();
         std::fs::write(d.path().join("r.jsonl"), &jsonl).unwrap();
-        let mut csv = csv::Writer::from_path(d.path().join("r.csv")).unwrap();
+        let mut csv = ::csv::Writer::from_path(d.path().join("r.csv")).unwrap();
         csv.write_record(["text", "tag"]).unwrap();
         for (t, g) in texts.iter().zip(&tags) {
             csv.write_record([t, g]).unwrap();
@@ -589,11 +459,11 @@ mod tests {
             ("tag", Arc::new(StringArray::from(tags.clone())) as ArrayRef),
         ])
         .unwrap();
-        let props = parquet::file::properties::WriterProperties::builder()
+        let props = ::parquet::file::properties::WriterProperties::builder()
             .set_max_row_group_row_count(Some(32))
             .build();
         let f = File::create(d.path().join("r.parquet")).unwrap();
-        let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), Some(props)).unwrap();
+        let mut w = ::parquet::arrow::ArrowWriter::try_new(f, batch.schema(), Some(props)).unwrap();
         w.write(&batch).unwrap();
         w.close().unwrap();
         let f = File::create(d.path().join("f.arrow")).unwrap();

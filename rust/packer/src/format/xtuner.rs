@@ -11,7 +11,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::turn::{py_strip, Turn};
+use crate::format::turn::{py_strip, Turn};
 
 /// XTuner `SYSTEM_TEMPLATE` entries used by the map_fns (`xtuner/utils/templates.py`).
 pub mod system {

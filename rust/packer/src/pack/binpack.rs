@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::rng::SplitMix64;
+use crate::pack::rng::SplitMix64;
 
 const STREAM_TIES: u64 = 1;
 const STREAM_PACKS: u64 = 2;

@@ -4,21 +4,21 @@
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
-use crate::chat_template;
 use crate::config::{parse_names, resolve, PackConfig};
 use crate::error::Result;
-use crate::format_xtuner::Columns;
+use crate::format::xtuner::Columns;
 use crate::input::InputFile;
-use crate::output;
-use crate::pretok::{self, is_pretokenized};
-use crate::stream;
+use crate::packed_dir::layout;
+use crate::source::pretokenized::{self, is_pretokenized};
+use crate::source::raw::hash_file;
+use crate::template::chat;
 use crate::tokenize;
 
 pub(crate) fn fingerprint_inputs(cfg: &PackConfig, tokenizer_hash: &str, files: &[Value]) -> Value {
     let mut v = json!({
         "tool": "pyfast-tune",
         "tool_version": env!("CARGO_PKG_VERSION"),
-        "format_version": output::FORMAT_VERSION,
+        "format_version": layout::FORMAT_VERSION,
         "tokenizer": tokenizer_hash,
         "format": cfg.format,
         "template": cfg.template,
@@ -43,7 +43,7 @@ pub(crate) fn fingerprint_inputs(cfg: &PackConfig, tokenizer_hash: &str, files: 
     }
     if cfg.template == "hf" {
         // chat_template.jinja is not among the tokenizer files hashed above.
-        let h = chat_template::find_source(&cfg.tokenizer)
+        let h = chat::find_source(&cfg.tokenizer)
             .map(|(src, _)| blake3::hash(src.as_bytes()).to_hex().to_string())
             .unwrap_or_default();
         o.insert("chat_template".into(), json!(h));
@@ -83,9 +83,9 @@ pub fn fingerprint(cfg: &PackConfig) -> Result<String> {
     let entries: Vec<Value> = files
         .par_iter()
         .map(|f| {
-            let (size, hash) = stream::hash_file(&f.path)?;
+            let (size, hash) = hash_file(&f.path)?;
             if is_pretokenized(&f.path) {
-                let meta = stream::hash_file(&pretok::meta_path(&f.path))?;
+                let meta = hash_file(&pretokenized::meta_path(&f.path))?;
                 Ok(pretok_entry(f, size, &hash, &meta))
             } else {
                 Ok(file_entry(&f.name, size, &hash))

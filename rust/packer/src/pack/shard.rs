@@ -23,7 +23,6 @@
 //! `part.json` (shard, counts, statistics, the files it read and their entries, the run's
 //! header).
 
-use std::cmp::Ordering;
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -31,62 +30,14 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::output::{HashedWriter, StagingDir};
-use crate::stage::{Part, StagedSample, STAGE_IDS, STAGE_MASK};
-use crate::stats::{PackStats, Progress};
-use crate::write::{finish, Header};
+use crate::pack::stage::{Part, StagedSample, STAGE_IDS, STAGE_MASK};
+use crate::pack::stats::{PackStats, Progress};
+use crate::pack::write::{finish, Header};
+use crate::packed_dir::atomic::{HashedWriter, StagingDir};
 
 const PART_JSON: &str = "part.json";
 const PART_SAMPLES: &str = "part_samples.bin";
 const KIND: &str = "pyfast-tune pack part";
-
-/// Where one file lies in the inputs laid end to end, and which shard is reading: places
-/// each unit of the file (its bytes `start..end`) before, in or after the shard's share.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Span {
-    /// Bytes of the inputs before this file.
-    base: u64,
-    /// Bytes of all inputs.
-    total: u64,
-    i: usize,
-    n: usize,
-}
-
-impl Span {
-    /// A single run: every unit is in.
-    pub const ALL: Span = Span {
-        base: 0,
-        total: 0,
-        i: 0,
-        n: 1,
-    };
-
-    /// The span of shard `i` of `n` over a file preceded by `base` of `total` input bytes.
-    pub fn new(base: u64, total: u64, i: usize, n: usize) -> Span {
-        Span { base, total, i, n }
-    }
-
-    /// The shard of the unit at bytes `start..end` of the file, compared with this shard.
-    pub fn place(&self, start: u64, end: u64) -> Ordering {
-        if self.n <= 1 || self.total == 0 {
-            return 0.cmp(&self.i);
-        }
-        // Twice the midpoint, so an odd length needs no rounding.
-        let mid2 = 2 * self.base as u128 + start as u128 + end as u128;
-        let shard = (mid2 * self.n as u128 / (2 * self.total as u128)).min(self.n as u128 - 1);
-        (shard as usize).cmp(&self.i)
-    }
-
-    /// Whether this shard holds the file's first byte: it reports faults of the whole file.
-    pub fn is_head(&self) -> bool {
-        self.place(0, 0) == Ordering::Equal
-    }
-
-    /// Whether any unit of a file of `size` bytes can fall in this shard.
-    pub fn may_touch(&self, size: u64) -> bool {
-        self.place(0, 0) != Ordering::Greater && self.place(size, size) != Ordering::Less
-    }
-}
 
 fn corrupt(path: &Path, msg: impl Into<String>) -> Error {
     Error::Corrupt {
@@ -137,7 +88,7 @@ pub(crate) fn save(
         .and_then(|_| f.sync_all())
         .map_err(|e| Error::io(&p, e))?;
     // A part directory is replaced like a packed one: mark it with meta.json.
-    let m = staging.dir.join(crate::output::META);
+    let m = staging.dir.join(crate::packed_dir::layout::META);
     std::fs::write(
         &m,
         json!({"kind": KIND, "shard": i, "num_shards": n}).to_string(),
@@ -347,59 +298,4 @@ fn join_file_entries(parts: &mut [Part], nfiles: usize) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spans_place_every_unit_in_one_shard_in_order() {
-        // Files of these sizes, cut into units of 7 bytes (the last shorter).
-        for sizes in [
-            vec![10u64, 10, 10, 10, 10, 10],
-            vec![100, 1, 1, 1, 1],
-            vec![5],
-            vec![0, 9],
-        ] {
-            let total: u64 = sizes.iter().sum();
-            for n in 1..6 {
-                let mut last = 0;
-                let mut counts = vec![0u64; n];
-                let mut base = 0;
-                for &size in &sizes {
-                    let heads = (0..n)
-                        .filter(|&i| Span::new(base, total, i, n).is_head())
-                        .count();
-                    assert_eq!(heads, 1, "{sizes:?} /{n}");
-                    let mut start = 0;
-                    while start < size {
-                        let end = (start + 7).min(size);
-                        let owners: Vec<usize> = (0..n)
-                            .filter(|&i| Span::new(base, total, i, n).place(start, end).is_eq())
-                            .collect();
-                        assert_eq!(owners.len(), 1, "{sizes:?} /{n}");
-                        let o = owners[0];
-                        assert!(o >= last, "units go to shards in order");
-                        assert!(Span::new(base, total, o, n).may_touch(size));
-                        last = o;
-                        counts[o] += end - start;
-                        start = end;
-                    }
-                    base += size;
-                }
-                assert_eq!(counts.iter().sum::<u64>(), total);
-            }
-        }
-        // Equal shares of one file cut in bytes.
-        let counts: Vec<u64> = (0..4)
-            .map(|i| {
-                (0..1000)
-                    .filter(|&b| Span::new(0, 1000, i, 4).place(b, b + 1).is_eq())
-                    .count() as u64
-            })
-            .collect();
-        assert_eq!(counts, [250, 250, 250, 250]);
-        assert_eq!(Span::ALL.place(5, 9), Ordering::Equal);
-    }
 }

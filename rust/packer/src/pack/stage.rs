@@ -7,19 +7,21 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
-use crate::chat_template::{self, ChatTemplate};
 use crate::config::PackConfig;
-use crate::encode::{encode_turns_opts, Encoded};
 use crate::error::{Error, Result};
-use crate::fingerprint::{file_entry, pretok_entry};
+use crate::format::xtuner::{llava_image, Columns};
 use crate::format::Format;
-use crate::format_xtuner::{llava_image, Columns};
 use crate::input::InputFile;
-use crate::output::HashedWriter;
-use crate::pretok::{self, is_pretokenized, PretokFile};
-use crate::shard::Span;
-use crate::stats::{PackStats, Progress};
-use crate::stream::{self, OwnedRecord, RecordStream, Unreadable};
+use crate::pack::fingerprint::{file_entry, pretok_entry};
+use crate::pack::stats::{PackStats, Progress};
+use crate::packed_dir::atomic::HashedWriter;
+use crate::source::pretokenized::{self, is_pretokenized, PretokFile};
+use crate::source::raw::hash_file;
+use crate::source::record::{OwnedRecord, Unreadable};
+use crate::source::span::Span;
+use crate::source::RecordStream;
+use crate::template::chat::{self, ChatTemplate};
+use crate::template::encode::{encode_turns_opts, Encoded};
 use crate::template::Template;
 use crate::tokenize::TextTokenizer;
 
@@ -110,10 +112,10 @@ impl Run<'_> {
         let enc = match templating {
             Templating::Hf(ct) => {
                 let messages = if format == Format::OpenAi {
-                    chat_template::messages_from_openai(&value).map_err(RecordFault::Shape)?
+                    chat::messages_from_openai(&value).map_err(RecordFault::Shape)?
                 } else {
                     let turns = format.to_turns(&value).map_err(RecordFault::Shape)?;
-                    chat_template::messages_from_turns(&turns)
+                    chat::messages_from_turns(&turns)
                 };
                 if messages.is_empty() {
                     return Ok(None);
@@ -193,7 +195,7 @@ pub(crate) struct Part {
     /// (part-local sample index, image path) of LLaVA samples.
     pub images: Vec<(u64, String)>,
     /// The files read (global index, and whether this part is the file's head, see
-    /// [`crate::shard`]), one per entry of `file_entries` and `file_table`.
+    /// [`crate::pack::shard`]), one per entry of `file_entries` and `file_table`.
     pub files: Vec<(usize, bool)>,
 }
 
@@ -415,7 +417,7 @@ fn file_fault(
     if !head {
         return if cfg.skip_bad { Ok(()) } else { Err(err) };
     }
-    let (size, hash) = stream::hash_file(&file.path)?;
+    let (size, hash) = hash_file(&file.path)?;
     st.part
         .file_entries
         .push(file_entry(&file.name, size, &hash));
@@ -546,7 +548,7 @@ fn encode_pretok_file(
 ) -> Result<()> {
     let cfg = run.cfg;
     let mut pf = PretokFile::open(&file.path, cfg.min_length as u64, cfg.rebuild_meta)?;
-    let (size, hash) = stream::hash_file(&file.path)?;
+    let (size, hash) = hash_file(&file.path)?;
     st.part
         .file_entries
         .push(pretok_entry(file, size, &hash, &pf.meta_hash));
@@ -569,12 +571,14 @@ fn encode_pretok_file(
                     let Some(line) = row.line.as_ref() else {
                         return RowOut::Short;
                     };
-                    match pretok::decode_line(line) {
+                    match pretokenized::decode_line(line) {
                         Err(msg) => RowOut::Bad(msg),
-                        Ok((ids, mask)) => match pretok::check_count(&file.path, row, ids.len()) {
-                            Err(msg) => RowOut::Mismatch(msg),
-                            Ok(()) => RowOut::Tokens(ids, mask),
-                        },
+                        Ok((ids, mask)) => {
+                            match pretokenized::check_count(&file.path, row, ids.len()) {
+                                Err(msg) => RowOut::Mismatch(msg),
+                                Ok(()) => RowOut::Tokens(ids, mask),
+                            }
+                        }
                     }
                 })
                 .collect()
@@ -601,7 +605,7 @@ fn encode_pretok_file(
                 // A .meta that disagrees with its .bin is corrupt as a whole: never skipped.
                 RowOut::Mismatch(msg) => {
                     return Err(Error::Corrupt {
-                        path: pretok::meta_path(&file.path),
+                        path: pretokenized::meta_path(&file.path),
                         msg,
                     })
                 }

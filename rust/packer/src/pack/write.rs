@@ -10,17 +10,18 @@ use std::time::Instant;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::binpack::plan_packs;
 use crate::error::{Error, Result};
-use crate::fingerprint::hash_value;
-use crate::output::{self, HashedWriter, StagingDir};
-use crate::stage::{Part, StagedSample, MAX_SKIP_EXAMPLES, STAGE_IDS, STAGE_MASK};
-use crate::stats::{PackStats, Progress};
+use crate::pack::binpack::plan_packs;
+use crate::pack::fingerprint::hash_value;
+use crate::pack::stage::{Part, StagedSample, MAX_SKIP_EXAMPLES, STAGE_IDS, STAGE_MASK};
+use crate::pack::stats::{PackStats, Progress};
+use crate::packed_dir::atomic::{HashedWriter, StagingDir};
+use crate::packed_dir::layout;
 
 /// What [`finish`] needs besides the parts: the run's identity.
 #[derive(Clone, Debug, serde::Deserialize, Serialize)]
 pub(crate) struct Header {
-    /// [`crate::fingerprint::fingerprint_inputs`] without `inputs`.
+    /// [`crate::pack::fingerprint::fingerprint_inputs`] without `inputs`.
     pub fingerprint_base: Value,
     pub max_length: usize,
     pub format: String,
@@ -94,12 +95,13 @@ pub(crate) fn finish(
         }
     }
     if !images.is_empty() {
-        let p = staging.dir.join(output::IMAGES);
+        let p = staging.dir.join(layout::IMAGES);
         let text =
-            json!({"image_token_id": crate::encode::IMAGE_TOKEN_ID, "samples": images}).to_string();
+            json!({"image_token_id": crate::template::encode::IMAGE_TOKEN_ID, "samples": images})
+                .to_string();
         std::fs::write(&p, &text).map_err(|e| Error::io(&p, e))?;
         outputs.insert(
-            output::IMAGES.to_string(),
+            layout::IMAGES.to_string(),
             json!({"size": text.len(), "blake3": blake3::hash(text.as_bytes()).to_hex().to_string()}),
         );
     }
@@ -109,13 +111,14 @@ pub(crate) fn finish(
     stats.packs = packs.len() as u64;
     // Counted from the plan rather than assumed: the planner never splits a sample, and a
     // change that did would show here (and make `verify` refuse the directory).
-    stats.split_samples = crate::verify::samples_in_several_packs(&packs, lengths.len());
+    stats.split_samples =
+        crate::packed_dir::verify::samples_in_several_packs(&packs, lengths.len());
     stats.fill = tokens as f64 / (packs.len() as f64 * header.max_length as f64);
     let mut fp_inputs = header.fingerprint_base.clone();
     fp_inputs["inputs"] = Value::Array(file_entries);
     stats.fingerprint = hash_value(&fp_inputs);
     let mut meta = json!({
-        "format_version": output::FORMAT_VERSION,
+        "format_version": layout::FORMAT_VERSION,
         "tool": "pyfast-tune",
         "tool_version": env!("CARGO_PKG_VERSION"),
         "fingerprint": stats.fingerprint,
@@ -135,7 +138,7 @@ pub(crate) fn finish(
     if let Some(sources) = fp_inputs.get("sources") {
         meta["sources"] = sources.clone();
     }
-    let meta_path = staging.dir.join(output::META);
+    let meta_path = staging.dir.join(layout::META);
     let mut f = std::fs::File::create(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
     let text = serde_json::to_string_pretty(&meta).map_err(|e| Error::Internal(e.to_string()))?;
     f.write_all(text.as_bytes())
@@ -190,10 +193,10 @@ fn write_packed(
             ))
         })
         .collect::<Result<_>>()?;
-    let mut w_ids = HashedWriter::create(dir.join(output::INPUT_IDS))?;
-    let mut w_mask = HashedWriter::create(dir.join(output::LOSS_MASK))?;
-    let mut w_packs = HashedWriter::create(dir.join(output::PACKS))?;
-    let mut w_order = HashedWriter::create(dir.join(output::PACK_SAMPLES))?;
+    let mut w_ids = HashedWriter::create(dir.join(layout::INPUT_IDS))?;
+    let mut w_mask = HashedWriter::create(dir.join(layout::LOSS_MASK))?;
+    let mut w_packs = HashedWriter::create(dir.join(layout::PACKS))?;
+    let mut w_order = HashedWriter::create(dir.join(layout::PACK_SAMPLES))?;
     let mut new_start = vec![0i64; staged.len()];
     let mut pack_of = vec![0i64; staged.len()];
     let (mut tok_pos, mut sample_pos) = (0i64, 0i64);
@@ -228,7 +231,7 @@ fn write_packed(
         }
     }
     w_packs.write_i64s(&[tok_pos, sample_pos])?;
-    let mut w_samples = HashedWriter::create(dir.join(output::SAMPLES))?;
+    let mut w_samples = HashedWriter::create(dir.join(layout::SAMPLES))?;
     for (s, st) in staged.iter().enumerate() {
         w_samples.write_i64s(&[
             new_start[s],
@@ -240,11 +243,11 @@ fn write_packed(
     }
     let mut outputs = serde_json::Map::new();
     let names = [
-        output::INPUT_IDS,
-        output::LOSS_MASK,
-        output::PACKS,
-        output::PACK_SAMPLES,
-        output::SAMPLES,
+        layout::INPUT_IDS,
+        layout::LOSS_MASK,
+        layout::PACKS,
+        layout::PACK_SAMPLES,
+        layout::SAMPLES,
     ];
     for (name, w) in names
         .into_iter()
@@ -255,7 +258,7 @@ fn write_packed(
     }
     // meta.json lists outputs in BINARY_FILES order, as before.
     let mut ordered = serde_json::Map::new();
-    for name in output::BINARY_FILES {
+    for name in layout::BINARY_FILES {
         if let Some(v) = outputs.remove(*name) {
             ordered.insert(name.to_string(), v);
         }

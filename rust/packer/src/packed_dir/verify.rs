@@ -6,7 +6,7 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::output;
+use crate::packed_dir::layout;
 
 fn corrupt(path: &Path, msg: impl Into<String>) -> Error {
     Error::Corrupt {
@@ -91,7 +91,7 @@ pub fn samples_in_several_packs(packs: &[Vec<u32>], n_samples: usize) -> u64 {
 /// Verify `dir`; returns a JSON report (files checked, samples, packs, max pack length, and
 /// `split_samples` counted from the layout: 0, or the directory is refused).
 pub fn verify(dir: &Path) -> Result<Value> {
-    let meta_path = dir.join(output::META);
+    let meta_path = dir.join(layout::META);
     let text = std::fs::read_to_string(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
     let meta: Value = serde_json::from_str(&text)
         .map_err(|e| corrupt(&meta_path, format!("invalid JSON: {e}")))?;
@@ -107,7 +107,7 @@ pub fn verify(dir: &Path) -> Result<Value> {
         num("max_length")?,
     );
     let mut data = std::collections::HashMap::new();
-    for name in output::BINARY_FILES {
+    for name in layout::BINARY_FILES {
         let p = dir.join(name);
         let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
         let listed = &meta["outputs"][*name];
@@ -127,32 +127,32 @@ pub fn verify(dir: &Path) -> Result<Value> {
         data.insert(*name, bytes);
     }
     let p_of = |n: &str| dir.join(n);
-    let ids = &data[output::INPUT_IDS];
-    let mask = &data[output::LOSS_MASK];
+    let ids = &data[layout::INPUT_IDS];
+    let mask = &data[layout::LOSS_MASK];
     // Counts come from a file that may be corrupt: compare in u128 so no product overflows
     // (found by tests/fuzz_verify.rs).
     let (n_tok128, n_samp128, n_pack128) = (n_tok as u128, n_samp as u128, n_pack as u128);
     if ids.len() as u128 != 4 * n_tok128 || mask.len() as u128 != n_tok128 {
         return Err(corrupt(
-            &p_of(output::INPUT_IDS),
+            &p_of(layout::INPUT_IDS),
             "token count differs from meta.json num_tokens",
         ));
     }
     if let Some(pos) = mask.iter().position(|&m| m > 1) {
         return Err(corrupt(
-            &p_of(output::LOSS_MASK),
+            &p_of(layout::LOSS_MASK),
             format!("byte {pos} is {}, expected 0 or 1", mask[pos]),
         ));
     }
-    let samples = i64s(&data[output::SAMPLES]);
-    let packs = i64s(&data[output::PACKS]);
-    let order = i64s(&data[output::PACK_SAMPLES]);
+    let samples = i64s(&data[layout::SAMPLES]);
+    let packs = i64s(&data[layout::PACKS]);
+    let order = i64s(&data[layout::PACK_SAMPLES]);
     if samples.len() as u128 != 5 * n_samp128
         || order.len() as u128 != n_samp128
         || packs.len() as u128 != 2 * (n_pack128 + 1)
     {
         return Err(corrupt(
-            &p_of(output::SAMPLES),
+            &p_of(layout::SAMPLES),
             "table sizes differ from meta.json counts",
         ));
     }
@@ -160,7 +160,7 @@ pub fn verify(dir: &Path) -> Result<Value> {
     if split.count > 0 {
         let (s, a, b, cut) = split.first;
         return Err(corrupt(
-            &p_of(output::SAMPLES),
+            &p_of(layout::SAMPLES),
             format!(
                 "{} sample(s) split across packs (first: sample {s}, tokens {a}..{b}, cut by the \
                  pack boundary at token {cut}); every sample must lie whole in one pack",
@@ -170,7 +170,7 @@ pub fn verify(dir: &Path) -> Result<Value> {
     }
     let mut seen = vec![false; n_samp as usize];
     let mut max_pack = 0i64;
-    let ppath = p_of(output::PACKS);
+    let ppath = p_of(layout::PACKS);
     if packs[0] != 0
         || packs[1] != 0
         || packs[2 * n_pack as usize] != n_tok as i64
@@ -206,7 +206,7 @@ pub fn verify(dir: &Path) -> Result<Value> {
         max_pack = max_pack.max(t1 - t0);
         let mut pos = t0;
         for &s in &order[s0 as usize..s1 as usize] {
-            let spath = p_of(output::PACK_SAMPLES);
+            let spath = p_of(layout::PACK_SAMPLES);
             if s < 0 || s as u64 >= n_samp {
                 return Err(corrupt(&spath, format!("sample id {s} out of range")));
             }
@@ -219,13 +219,13 @@ pub fn verify(dir: &Path) -> Result<Value> {
             let row = &samples[5 * s as usize..5 * s as usize + 5];
             if row[0] != pos || row[2] != p as i64 || row[1] <= 0 {
                 return Err(corrupt(
-                    &p_of(output::SAMPLES),
+                    &p_of(layout::SAMPLES),
                     format!("sample {s} (start {}, length {}, pack {}) does not sit whole at token {pos} of pack {p}", row[0], row[1], row[2]),
                 ));
             }
             pos = pos.checked_add(row[1]).ok_or_else(|| {
                 corrupt(
-                    &p_of(output::SAMPLES),
+                    &p_of(layout::SAMPLES),
                     format!("sample {s}: length overflows"),
                 )
             })?;
@@ -243,12 +243,12 @@ pub fn verify(dir: &Path) -> Result<Value> {
     }
     if let Some(s) = seen.iter().position(|&x| !x) {
         return Err(corrupt(
-            &p_of(output::PACK_SAMPLES),
+            &p_of(layout::PACK_SAMPLES),
             format!("sample {s} is in no pack"),
         ));
     }
     Ok(json!({
-        "ok": true, "files": output::BINARY_FILES.len() + 1, "tokens": n_tok, "samples": n_samp,
+        "ok": true, "files": layout::BINARY_FILES.len() + 1, "tokens": n_tok, "samples": n_samp,
         "packs": n_pack, "max_pack_tokens": max_pack,
         "split_samples": split.count,
     }))

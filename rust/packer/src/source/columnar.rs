@@ -10,11 +10,11 @@ use std::sync::Arc;
 use arrow_array::RecordBatch;
 
 use crate::error::{Error, Result};
-use crate::row_json::RowEncoder;
-use crate::stream::{OwnedRecord, RowValue, BATCH_BYTES};
+use crate::source::record::{OwnedRecord, RowValue, BATCH_BYTES};
+use crate::source::row_json::RowEncoder;
 
 /// Record batches decoded ahead of the encoder (each about
-/// [`crate::source_parquet::DECODE_BYTES`] from Parquet).
+/// [`crate::source::parquet::DECODE_BYTES`] from Parquet).
 const AHEAD: usize = 8;
 
 /// A file-level fault of a columnar or CSV input (it cannot be read as its kind).

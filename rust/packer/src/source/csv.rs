@@ -10,9 +10,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::shard::Span;
-use crate::source_rows::source_error;
-use crate::stream::{OwnedRecord, RowSource, RowValue, Unreadable, BATCH_BYTES};
+use crate::source::columnar::source_error;
+use crate::source::record::{OwnedRecord, RowSource, RowValue, Unreadable, BATCH_BYTES};
+use crate::source::span::Span;
 
 /// The rows of one CSV or TSV file.
 pub(crate) struct CsvRows {

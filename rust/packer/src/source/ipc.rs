@@ -14,9 +14,9 @@ use std::sync::Arc;
 use arrow_ipc::reader::StreamReader;
 
 use crate::error::{Error, Result};
-use crate::shard::Span;
-use crate::source_rows::{check_schema, convert_batch, source_error, Ahead};
-use crate::stream::{OwnedRecord, RowSource};
+use crate::source::columnar::{check_schema, convert_batch, source_error, Ahead};
+use crate::source::record::{OwnedRecord, RowSource};
+use crate::source::span::Span;
 
 /// The magic that opens (and closes) an Arrow IPC file.
 const FILE_MAGIC: &[u8] = b"ARROW1";

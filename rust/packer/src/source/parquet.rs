@@ -1,7 +1,7 @@
 //! Parquet input: row groups are decoded as Arrow record batches of about a megabyte on a
 //! thread of their own, ahead of the encoder ([`Ahead`]: memory is those batches plus the
 //! pages being read, whatever the file's size), so decompressing and decoding overlap
-//! tokenization; the encoder's threads build each row's record ([`crate::row_json`]). A shard
+//! tokenization; the encoder's threads build each row's record ([`crate::source::row_json`]). A shard
 //! reads the row groups whose bytes its span holds.
 
 use std::fs::File;
@@ -12,9 +12,9 @@ use parquet::arrow::arrow_reader::{
 };
 
 use crate::error::{Error, Result};
-use crate::shard::Span;
-use crate::source_rows::{check_schema, convert_batch, source_error, Ahead};
-use crate::stream::{OwnedRecord, RowSource};
+use crate::source::columnar::{check_schema, convert_batch, source_error, Ahead};
+use crate::source::record::{OwnedRecord, RowSource};
+use crate::source::span::Span;
 
 /// Rows decoded per record batch, at most.
 const DECODE_ROWS: usize = 1024;

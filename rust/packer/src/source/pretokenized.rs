@@ -343,7 +343,7 @@ impl PretokFile {
             }
             out
         };
-        let meta_hash = crate::stream::hash_file(&mpath)?;
+        let meta_hash = crate::source::raw::hash_file(&mpath)?;
         let f = File::open(bin).map_err(|e| Error::io(bin, e))?;
         Ok(PretokFile {
             path: bin.to_path_buf(),
@@ -367,13 +367,13 @@ impl PretokFile {
         self.pos.min(self.size)
     }
 
-    /// The next rows, at most `max_rows` and about [`crate::stream::BATCH_BYTES`] of text;
+    /// The next rows, at most `max_rows` and about [`crate::source::record::BATCH_BYTES`] of text;
     /// empty at the end.
     pub fn next_batch(&mut self, max_rows: usize) -> Result<Vec<PretokRow>> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         while self.next < self.rows.len() && out.len() < max_rows {
-            if bytes >= crate::stream::BATCH_BYTES {
+            if bytes >= crate::source::record::BATCH_BYTES {
                 break;
             }
             let row = self.next;

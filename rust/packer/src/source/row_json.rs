@@ -39,63 +39,6 @@ fn is_null(nulls: &Option<NullBuffer>, i: usize) -> bool {
     nulls.as_ref().is_some_and(|n| n.is_null(i))
 }
 
-/// Whether any byte of `w` needs escaping in a JSON string (`"`, `\\`, or below 0x20): the
-/// exact "has a byte less than / equal to" word tests, eight bytes at a time.
-fn word_needs_escape(w: u64) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
-    let q = w ^ (ONES * b'"' as u64);
-    let quote = q.wrapping_sub(ONES) & !q & HIGH;
-    let b = w ^ (ONES * b'\\' as u64);
-    let backslash = b.wrapping_sub(ONES) & !b & HIGH;
-    (below_space | quote | backslash) != 0
-}
-
-/// Append `s` as a JSON string.
-pub fn write_json_str(out: &mut Vec<u8>, s: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.reserve(s.len() + 2);
-    out.push(b'"');
-    let mut start = 0;
-    let mut i = 0;
-    while i < s.len() {
-        // Whole words with nothing to escape are copied in one go below.
-        if i + 8 <= s.len() {
-            let w = u64::from_le_bytes(s[i..i + 8].try_into().expect("8 bytes"));
-            if !word_needs_escape(w) {
-                i += 8;
-                continue;
-            }
-        }
-        let b = s[i];
-        let esc: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0..=0x1f => b"",
-            _ => {
-                i += 1;
-                continue;
-            }
-        };
-        out.extend_from_slice(&s[start..i]);
-        if esc.is_empty() {
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[(b >> 4) as usize]);
-            out.push(HEX[(b & 15) as usize]);
-        } else {
-            out.extend_from_slice(esc);
-        }
-        i += 1;
-        start = i;
-    }
-    out.extend_from_slice(&s[start..]);
-    out.push(b'"');
-}
-
 fn float(x: f64) -> Value {
     // JSON has no NaN or infinity.
     serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
@@ -436,25 +379,6 @@ mod tests {
         let enc = RowEncoder::new(&batch.slice(1, 2)).unwrap();
         assert!(enc.row(1).to_string().contains("\"f\":0.25"));
         assert_eq!(rows(&batch.slice(2, 1))[0], got[2]);
-    }
-
-    #[test]
-    fn strings_escape_like_serde() {
-        // Long enough for the word-at-a-time scan, specials at every offset of a word.
-        let long = "0123456\"89abcdef\\\u{1}xxxxxxxxxxxxxxxxxxxxx\u{1f}éééé\n".repeat(3);
-        for s in [
-            "plain",
-            "q\"b\\s",
-            "ctl\u{0}\u{1f}\u{7f}",
-            "\u{2028}é😀",
-            "\r\n\t",
-            &long,
-        ] {
-            let mut out = Vec::new();
-            write_json_str(&mut out, s.as_bytes());
-            let back: String = serde_json::from_slice(&out).unwrap();
-            assert_eq!(back, s);
-        }
     }
 
     #[test]

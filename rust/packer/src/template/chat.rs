@@ -17,8 +17,8 @@ use std::path::Path;
 use minijinja::{Environment, ErrorKind, Value as JValue};
 use serde_json::{Map, Value};
 
-use crate::encode::Encoded;
 use crate::error::{Error, Result};
+use crate::template::encode::Encoded;
 use crate::tokenize::{locate, TextTokenizer};
 
 /// A message given to the chat template.

@@ -767,11 +767,6 @@ impl Normalizer {
         Ok(Normalizer { steps })
     }
 
-    /// Whether it changes nothing.
-    pub fn is_identity(&self) -> bool {
-        self.steps.is_empty()
-    }
-
     /// Whether it only ever changes text by replacing it (no `Prepend` or `Replace` that may
     /// remove the first character): the start of a normalised piece is the start of its text.
     pub fn keeps_start(&self) -> bool {
