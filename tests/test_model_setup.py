@@ -275,3 +275,30 @@ def test_convert_builds_a_full_model_with_the_runs_setup(tiny_tokenizer, tmp_pat
     (tmp_path / "ckpt" / "trainer_state.json").write_text(json.dumps({"model_setup": setup}))
     assert run_setup(tmp_path / "ckpt" / "hf") == setup
     assert run_setup(model_dir) is None
+
+
+def test_packed_dir_must_hold_the_new_tokens_at_the_models_ids(tiny_tokenizer, generated_chats,
+                                                                tmp_path):  # fmt: skip
+    """data.path was packed before training: packed with the plain tokenizer, '<tool>' in its
+    text became pieces, so training refuses it; packed with the tokenizer prepare_tokenizer
+    writes, it trains, and that tokenizer packs '<tool>' as one id."""
+    from pyfast_tune.data import PackedDataset, pack
+    from pyfast_tune.trainer.model_setup import prepare_tokenizer
+
+    src = tmp_path / "c.jsonl"
+    src.write_text(json.dumps({"messages": [{"role": "user", "content": "use <tool> now"},
+                                            {"role": "assistant", "content": "ok </tool>"}]}) + "\n")  # fmt: skip
+    pack([src], tmp_path / "plain", tokenizer=tiny_tokenizer, max_length=64, format="openai")
+    cfg = load_config(None, ["--model", "m/", "--data", str(tmp_path / "plain"),
+                             "--new_special_tokens", json.dumps(NEW)])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"packed with .*'<tool>' is no token.*ids \[\d+, \d+\].*re-pack with --tokenizer"):
+        prepare_tokenizer(cfg, str(tiny_tokenizer), tmp_path / "cache")
+    extended = next((tmp_path / "cache").glob("tokenizer-*"))
+    pack([src], tmp_path / "ext", tokenizer=extended, max_length=64, format="openai")
+    cfg = load_config(None, ["--model", "m/", "--data", str(tmp_path / "ext"),
+                             "--new_special_tokens", json.dumps(NEW)])  # fmt: skip
+    assert prepare_tokenizer(cfg, str(tiny_tokenizer), tmp_path / "cache") == str(extended)
+    assert cfg.tokenizer == str(extended)
+    ids = PackedDataset(tmp_path / "ext").sample(0)["input_ids"].tolist()
+    info = json.loads((extended / "pyfast_tune_tokens.json").read_text())
+    assert info["ids"]["<tool>"] in ids and info["ids"]["</tool>"] in ids

@@ -67,7 +67,7 @@ def prepare_tokenizer(cfg, tokenizer: str, cache_dir: Path) -> str:
     ).hexdigest()
     cache_dir.mkdir(parents=True, exist_ok=True)
     out = cache_dir / f"tokenizer-{key}"
-    with open(cache_dir / f"tokenizer-{key}.lock", "w") as lock:
+    with open(cache_dir / f".tokenizer-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / TOKENS_FILE).is_file():
             tmp = cache_dir / f".tmp-tokenizer-{key}-{os.getpid()}"
@@ -122,10 +122,14 @@ def _check_packed_tokens(packed_dir: Path, extended: Path, tokens: list[str]) ->
     if wrong:
         raise ConfigError(
             f"new_special_tokens: {packed_dir} was packed with {src}, where "
-            f"{', '.join(f'{t!r} is id {i}' for t, i in wrong.items())} (the model gives them "
+            f"{', '.join(_describe(t, i) for t, i in wrong.items())} (the model gives them "
             f"ids {[ids[t] for t in wrong]}): text with them was split into other tokens; use "
             f"data.inputs or re-pack with --tokenizer {extended}"
         )
+
+
+def _describe(token: str, i: int | None) -> str:
+    return f"{token!r} is no token" if i is None else f"{token!r} is id {i}"
 
 
 def model_setup(cfg) -> dict:
