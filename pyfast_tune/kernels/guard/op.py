@@ -47,8 +47,9 @@ class Op(abc.ABC):
         raise NotImplementedError
 
     def raced(self, backend: str, device: torch.device) -> bool:
-        """Whether the backend may be chosen by the race here (not e.g. an interpreter)."""
-        return True
+        """Whether the backend may be chosen by the race here: not Triton off CUDA (the
+        interpreter is checked, but far too slow to train with)."""
+        return not (backend == "triton" and device.type != "cuda")
 
     def unavailable(self, backend: str, device: torch.device, shape: dict) -> str | None:
         """Why ``backend`` cannot run this shape class here (not a failure), else None."""

@@ -30,7 +30,7 @@ class LinearCrossEntropy(Op):
 
     def raced(self, backend, device):
         # ref is the baseline, never a choice: it holds the (T, V) logits the op exists to avoid
-        return backend != "ref" and not (backend == "triton" and device.type != "cuda")
+        return backend != "ref" and super().raced(backend, device)
 
     def unavailable(self, backend, device, shape):
         if backend == "triton":

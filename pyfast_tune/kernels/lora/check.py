@@ -15,7 +15,6 @@ from pyfast_tune.kernels.lora.upstream import peft_lora_layer
 class LoraLinear(Op):
     name = "lora_linear"
     outputs = ("y", "dx", "dA", "dB")
-    OURS = ("triton", "torch")
 
     def backends(self, device):
         if device.type == "cuda":
@@ -24,9 +23,6 @@ class LoraLinear(Op):
 
     def upstreams(self, device):
         return ["peft"]
-
-    def raced(self, backend, device):
-        return not (backend == "triton" and device.type != "cuda")
 
     def unavailable(self, backend, device, shape):
         if shape["four_bit"]:

@@ -20,7 +20,6 @@ from pyfast_tune.kernels.varlen_attention.ref import varlen_attention_ref
 class VarlenAttention(Op):
     name = "varlen_attention"
     outputs = ("out", "dq", "dk", "dv")
-    OURS = ("triton", "cpp")
 
     def backends(self, device):
         if device.type == "cuda":
@@ -29,9 +28,6 @@ class VarlenAttention(Op):
 
     def upstreams(self, device):
         return ["torch_varlen", "flash_attn", "sdpa"] if device.type == "cuda" else ["sdpa"]
-
-    def raced(self, backend, device):
-        return not (backend == "triton" and device.type != "cuda")  # the interpreter: too slow
 
     def unavailable(self, backend, device, shape):
         dtype = self.dtype(shape)
