@@ -58,6 +58,9 @@ def _base_env(root: Path, out: Path) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     env["PYFAST_TUNE_CACHE"] = str(out / "work" / "guard-cache")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Everything the kit uses is generated or local: a Hub lookup could only wait on a network
+    # that GPU machines often lack.
+    env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(root / ".torch_extensions"))
     env["PYTHONHASHSEED"] = "0"
     env["PYTHONUNBUFFERED"] = "1"

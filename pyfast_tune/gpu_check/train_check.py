@@ -101,7 +101,8 @@ def _train(which, mode, setup, packed, model_dir, out_dir) -> dict:
         shape = {"dtype": setup["dtype"], "head_dim": setup["hidden"] // setup["heads"],
                  "gqa": setup["heads"] // setup["kv_heads"], "window": [-1, 0]}  # fmt: skip
         device = next(model.parameters()).device
-        info["attention"] = guard.decided("varlen_attention", device, shape, prefer=attention)
+        # The decision patch.apply made (cached in-process): the backend training ran.
+        info["attention"] = guard.decide("varlen_attention", device, shape, attention).chosen
         info["attention_asked"] = attention
         trainer_cls = _fused_loss_trainer()
     else:
