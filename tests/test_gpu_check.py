@@ -121,3 +121,37 @@ def test_full_dry_run(tmp_path):
     assert report["parts"]["pytest"]["results"]["counts"].get("passed", 0) >= 5
     train = report["parts"]["train"]["results"]
     assert train["backends"]["attention"] == "cpp" and train["max_abs_diff"] <= train["tolerance"]
+
+
+def test_packer_extension_taken_from_the_wheel(tmp_path):
+    """A tree copied to a GPU machine has no compiled extension (``*.so`` is ignored by git):
+    the kit takes it from the abi3 wheel in dist-gpu/ and the tree's Python still runs."""
+    import importlib.util
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    built = importlib.util.find_spec("pyfast_tune._packer")
+    if built is None:
+        pytest.skip("the data engine's extension is not built here (make build)")
+    src = Path(importlib.util.find_spec("pyfast_tune").origin).parent
+    shutil.copytree(src, tmp_path / "pyfast_tune", ignore=shutil.ignore_patterns("*.so"))
+    (tmp_path / "dist-gpu").mkdir()
+    with zipfile.ZipFile(
+        tmp_path / "dist-gpu" / "pyfast_tune-0.1.0-cp310-abi3-linux_x86_64.whl", "w"
+    ) as whl:
+        whl.write(built.origin, "pyfast_tune/_packer.abi3.so")
+        whl.writestr("pyfast_tune/__init__.py", "raise ImportError('the wheel's Python ran')")
+    code = ("import sys; from pathlib import Path; from pyfast_tune.gpu_check.parts import "
+            "ensure_packer; r = Path(sys.argv[1]); print(ensure_packer(r, r / 'work')); "
+            "import pyfast_tune, pyfast_tune._packer as p; print(pyfast_tune.__file__); print(p.__file__)")  # fmt: skip
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    origin, package, packer = p.stdout.splitlines()
+    assert origin.startswith("wheel: pyfast_tune-0.1.0-cp310-abi3")
+    assert package == str(tmp_path / "pyfast_tune" / "__init__.py")  # the tree's Python
+    assert packer == str(tmp_path / "work" / "packer" / "pyfast_tune" / "_packer.abi3.so")
