@@ -11,9 +11,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,12 +53,12 @@ def _probe_cuda(env: dict) -> tuple[bool, str | None]:
     return p.stdout.strip().endswith("1"), None
 
 
-def _base_env(root: Path, out: Path) -> dict:
+def _base_env(root: Path, work: Path) -> dict:
     env = dict(os.environ)
     # The checkout's Python first, whatever the working directory; the guard decides afresh
     # (its disk cache under the report) so the report shows this run's checks, not old ones.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
-    env["PYFAST_TUNE_CACHE"] = str(out / "work" / "guard-cache")
+    env["PYFAST_TUNE_CACHE"] = str(work / "guard-cache")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Everything the kit uses is generated or local: a Hub lookup could only wait on a network
     # that GPU machines often lack.
@@ -74,12 +76,13 @@ def _tail(path: Path) -> str:
         return ""
 
 
-def _run_part(name: str, mode: str, budget: float, env: dict, out: Path, root: Path) -> dict:
+def _run_part(name: str, mode: str, budget: float, env: dict, out: Path, work: Path,
+              root: Path) -> dict:  # fmt: skip
     log_path = out / "logs" / f"{name}.log"
-    result_path = out / "work" / f"{name}.result.json"
+    result_path = work / f"{name}.result.json"
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pyfast_tune.gpu_check.parts", "--part", name, "--mode", mode,
-           "--result", str(result_path), "--root", str(root), "--work", str(out / "work"),
+           "--result", str(result_path), "--root", str(root), "--work", str(work),
            "--budget", str(budget)]  # fmt: skip
     start = time.monotonic()
     with open(log_path, "w") as log:
@@ -121,16 +124,25 @@ def run(out: str | os.PathLike, parts: list[str] | None = None, dry: bool | None
     ``dry``: None = decide by CUDA's presence; True forces the CPU dry mode. ``budgets``
     overrides per-part seconds; ``fail`` ("part" or "part:hang") injects a failure (tests).
     """
-    from pyfast_tune.gpu_check.summary import evaluate_targets, format_summary
-
     names = list(parts or PART_NAMES)
     unknown = sorted(set(names) - set(PART_NAMES))
     if unknown:
         raise ValueError(f"gpu_check: unknown part(s) {unknown}; known: {list(PART_NAMES)}")
     out, root = Path(out), repo_root()
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    (out / "work").mkdir(parents=True, exist_ok=True)
-    env = _base_env(root, out)
+    # Scratch (generated data, a tiny model, the guard's cache) stays out of the report folder,
+    # which a GPU machine sends back, and goes when the run ends.
+    work = Path(tempfile.mkdtemp(prefix="pyfast-gpu-check-"))
+    try:
+        return _run_all(names, out, work, root, dry, budgets, total_s, fail)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_all(names, out, work, root, dry, budgets, total_s, fail) -> dict:
+    from pyfast_tune.gpu_check.summary import evaluate_targets, format_summary
+
+    env = _base_env(root, work)
     started = time.monotonic()
     cuda, probe_error = (False, None) if dry else _probe_cuda(env)
     mode = "gpu" if cuda else "dry"
@@ -161,7 +173,7 @@ def run(out: str | os.PathLike, parts: list[str] | None = None, dry: bool | None
             continue
         print(f"gpu_check [{mode}]: {name} (budget {min(budget_of[name], left):.0f} s)",
               file=sys.stderr, flush=True)  # fmt: skip
-        entry = _run_part(name, mode, min(budget_of[name], left), env, out, root)
+        entry = _run_part(name, mode, min(budget_of[name], left), env, out, work, root)
         report["parts"][name] = entry
         print(f"gpu_check [{mode}]: {name}: {entry['status']} in {entry['seconds']} s",
               file=sys.stderr, flush=True)  # fmt: skip
