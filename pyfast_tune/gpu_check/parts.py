@@ -116,6 +116,17 @@ def _installed_version(module: str) -> str | None:
     return "present"
 
 
+def _nvidia_smi() -> str | None:
+    """Clocks and power limit beside the name: what the timings were measured under."""
+    query = "name,driver_version,memory.total,clocks.max.sm,power.limit,pstate,mig.mode.current"
+    try:
+        p = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv"],
+                           capture_output=True, text=True, timeout=20)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return p.stdout.strip() or None
+
+
 def part_env(ctx: Context) -> dict:
     """Device, driver, versions; required and optional packages; the data engine's origin."""
     import platform
@@ -133,6 +144,7 @@ def part_env(ctx: Context) -> dict:
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
         "required": {}, "optional": {},
     }  # fmt: skip
+    results["nvidia_smi"] = _nvidia_smi()
     gpu = next((d for d in results["devices"] if d["device"].startswith("cuda")), None)
     results["device"] = gpu or results["devices"][0]
     # Found, not imported: importing deepspeed alone takes tens of seconds on a loaded CPU.
