@@ -9,6 +9,7 @@
 
 pub(crate) mod bpe;
 pub(crate) mod fastbpe;
+pub(crate) mod normalize;
 pub(crate) mod pretokenize;
 pub(crate) mod split;
 
