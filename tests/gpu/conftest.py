@@ -4,7 +4,8 @@ the upstream's in the same dtype, 3x for gradients).
 
 The default run deselects them (``-m 'not slow and not gpu'``). Without CUDA they skip, unless
 ``PYFAST_TUNE_GPU_DRY=1`` (the GPU check kit's dry mode): then they run at tiny shapes in the
-Triton interpreter, so the tests' own code is exercised on every change.
+Triton interpreter, so the tests' own code is exercised on every change (one case per kernel
+family; ``PYFAST_TUNE_GPU_DRY=all`` runs every case at tiny shapes, a few minutes).
 """
 
 import os

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-DRY = not CUDA and os.environ.get("PYFAST_TUNE_GPU_DRY") == "1"
+# "1": the kit's dry mode (one case per kernel family); "all": every case at tiny shapes, to
+# check the GPU-only cases' own code on a CPU once (slow in the interpreter).
+DRY_ALL = os.environ.get("PYFAST_TUNE_GPU_DRY") == "all"
+DRY = not CUDA and (os.environ.get("PYFAST_TUNE_GPU_DRY") == "1" or DRY_ALL)
 NO_GPU = ("no CUDA GPU (PYFAST_TUNE_GPU_DRY=1 runs these at tiny shapes in the Triton "
           "interpreter; `make gpu-check` does)")  # fmt: skip
 GPU_ONLY = "a GPU-only case: the dry mode runs one case per kernel family (the interpreter is slow)"
@@ -24,7 +27,7 @@ def sized(gpu_value, dry_value):
 
 def gpu_only(*values, id=None):
     """A parameter set that runs on CUDA only (skipped with the reason in the dry mode)."""
-    marks = [pytest.mark.skipif(DRY, reason=GPU_ONLY)]
+    marks = [pytest.mark.skipif(DRY and not DRY_ALL, reason=GPU_ONLY)]
     return pytest.param(*values, marks=marks, id=id)
 
 

@@ -54,15 +54,19 @@ def _run(backend, q, k, v, dout, cu, m, window, dtype=None):
     return [out.detach(), *grads]
 
 
+# fmt: off
 CASES = [  # head dim, dtype, GQA, window (left, right; right 0 = causal), segment lengths
     pytest.param(64, bf16, 1, (-1, 0), sized([2048, 1, 97, 1025], [13, 1, 9]), id="d64-bf16"),
-    gpu_only(64, fp16, 4, (127, 0), [3000, 1, 1025], id="d64-fp16-gqa4-window127"),
-    gpu_only(128, bf16, 4, (-1, 0), [4096, 1, 97, 2000], id="d128-bf16-gqa4"),
-    gpu_only(128, fp16, 1, (-1, -1), [1025, 513, 1], id="d128-fp16-noncausal"),
-    gpu_only(128, bf16, 4, (255, 0), [4096, 17, 2048], id="d128-bf16-gqa4-window255"),
-    gpu_only(256, bf16, 2, (-1, 0), [2048, 1, 333], id="d256-bf16-gqa2"),
-    gpu_only(256, fp16, 1, (-1, 0), [1025, 97, 1], id="d256-fp16"),
+    gpu_only(64, fp16, 4, sized((127, 0), (5, 0)), sized([3000, 1, 1025], [20, 1, 7]),
+             id="d64-fp16-gqa4-window127"),
+    gpu_only(128, bf16, 4, (-1, 0), sized([4096, 1, 97, 2000], [9, 1, 4]), id="d128-bf16-gqa4"),
+    gpu_only(128, fp16, 1, (-1, -1), sized([1025, 513, 1], [11, 5, 1]), id="d128-fp16-noncausal"),
+    gpu_only(128, bf16, 4, sized((255, 0), (4, 0)), sized([4096, 17, 2048], [12, 3, 6]),
+             id="d128-bf16-gqa4-window255"),
+    gpu_only(256, bf16, 2, (-1, 0), sized([2048, 1, 333], [6, 1, 3]), id="d256-bf16-gqa2"),
+    gpu_only(256, fp16, 1, (-1, 0), sized([1025, 97, 1], [5, 3, 1]), id="d256-fp16"),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize("head_dim, dtype, gqa, window, lens", CASES)
@@ -81,7 +85,7 @@ def test_triton_vs_float64_reference(head_dim, dtype, gqa, window, lens):
 @pytest.mark.parametrize(
     "lens",
     [pytest.param(sized([16384, 8192, 8192], [40, 8, 16]), id="32k-tokens-long-segments"),
-     gpu_only([512] * 64, id="32k-tokens-512-token-segments")],
+     gpu_only(sized([512] * 64, [4] * 6), id="32k-tokens-512-token-segments")],
 )  # fmt: skip
 def test_long_packs_vs_fp32_sdpa(lens):
     """Packs of 32k tokens: the float64 reference would need the whole score matrix of a 16k
