@@ -113,6 +113,25 @@ def tiny_training(
             "tok": tokenizer}  # fmt: skip
 
 
+def sgd_deepspeed_json(d: Path, preset: str) -> Path:
+    """A DeepSpeed preset with torch's plain SGD (no momentum) for its AdamW, written in ``d``.
+
+    For tests that compare weights (or what weights decide, such as greedy answers) between
+    runs whose sums round differently (another world size, the fused loss): after an Adam
+    step a weight whose gradient is near zero moves by up to lr in a direction rounding
+    picks, so such comparisons would hold only on some CPUs; after SGD steps the weights
+    differ by lr times the gradients' rounding."""
+    import json
+
+    from pyfast_tune.trainer.ds_config import load_deepspeed_json
+
+    ds = load_deepspeed_json(preset)
+    ds["optimizer"] = {"type": "SGD", "params": {"lr": "auto"}}
+    path = d / f"{preset}_sgd.json"
+    path.write_text(json.dumps(ds, indent=2))
+    return path
+
+
 def train_process(config: Path, out: Path, nproc: int = 1, *args: str, check: bool = True,
                   timeout: float = 900) -> subprocess.CompletedProcess:  # fmt: skip
     """Train ``config`` into ``out`` as ``pyfast-tune train`` does (torchrun, ``nproc``

@@ -36,7 +36,7 @@ from pyfast_tune.trainer.sequence_parallel import (
     shard_row,
     ulysses_attention,
 )
-from tests.conftest import train_metrics, train_process
+from tests.conftest import sgd_deepspeed_json, train_metrics, train_process
 
 
 def _pack(lengths, seed=0):
@@ -344,17 +344,8 @@ LR = {("adamw", "lora"): 1e-2, ("adamw", "full"): 3e-3, ("sgd", "lora"): 1.0, ("
 
 
 def _deepspeed_json(tmp: Path, preset: str, optimizer: str) -> str:
-    """The preset itself (AdamW), or the preset with torch's plain SGD (no momentum) as its
-    optimizer: a user JSON, which DeepSpeed resolves to ``torch.optim.SGD``."""
-    if optimizer == "adamw":
-        return preset
-    from pyfast_tune.trainer.ds_config import load_deepspeed_json
-
-    ds = load_deepspeed_json(preset)
-    ds["optimizer"] = {"type": "SGD", "params": {"lr": "auto"}}
-    path = tmp / f"{preset}_sgd.json"
-    path.write_text(json.dumps(ds))
-    return str(path)
+    """The preset itself (AdamW), or the preset with plain SGD (see the module's docstring)."""
+    return preset if optimizer == "adamw" else str(sgd_deepspeed_json(tmp, preset))
 
 
 def _config(tmp: Path, packed: Path, model: Path, method: str, preset: str,
