@@ -15,31 +15,27 @@ KERNELS_ROOT = Path(__file__).resolve().parents[1]
 CSRC = KERNELS_ROOT.parents[1] / "csrc"
 
 
-def _world() -> int:
+def _distributed(query: str, env: str, default: str) -> int:
+    """``torch.distributed.<query>()`` once a process group exists, else the launcher's
+    environment variable (set before the group is, and without torch.distributed at all)."""
     try:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            return dist.get_world_size()
+            return getattr(dist, query)()
     except Exception:
         pass
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get(env, default))
+
+
+def rank() -> int:
+    return _distributed("get_rank", "RANK", "0")
 
 
 def who() -> str:
     """ "rank N: " when several processes train (each may reject a backend on its own GPU)."""
-    return f"rank {rank()}: " if _world() > 1 or rank() > 0 else ""
-
-
-def rank() -> int:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except Exception:
-        pass
-    return int(os.environ.get("RANK", "0"))
+    world = _distributed("get_world_size", "WORLD_SIZE", "1")
+    return f"rank {rank()}: " if world > 1 or rank() > 0 else ""
 
 
 @functools.cache
