@@ -415,7 +415,20 @@ def _assign_adapter(model, weights: dict[str, torch.Tensor], dtype) -> None:
             "with another LoRA config?"
         )
     cast = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in weights.items() if k in given}
+    aliases: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        aliases.setdefault(id(t), []).append(name)
     model.load_state_dict(cast, strict=False, assign=True)
+    # assign=True replaces a parameter under the name given only; a tied alias (peft's
+    # modules_to_save of tied embeddings share one weight) must follow it or stay on meta.
+    for names in aliases.values():
+        source = next((n for n in names if n in cast), None)
+        for name in names if source is not None else ():
+            if name not in cast:
+                owner, _, attr = name.rpartition(".")
+                src_owner, _, src_attr = source.rpartition(".")
+                value = getattr(model.get_submodule(src_owner), src_attr)
+                setattr(model.get_submodule(owner), attr, value)
 
 
 def merge(

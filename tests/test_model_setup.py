@@ -161,8 +161,7 @@ def test_setup_is_recorded_and_the_data_holds_the_new_tokens(lora_run):
     assert setup["tokens"] == setup["base_tokens"] + 2
     assert setup["modules_to_save"] == ["embed_tokens"]  # tied: the head follows it
     assert setup["rope_scaling"] == {"type": "linear", "factor": 2.0}
-    packed = next((lora_run["dir"] / "cache").glob("packed-*"))
-    ds = PackedDataset(packed)
+    ds = PackedDataset(state["packed_dir"])  # packed at start-up with the extended tokenizer
     ids = set(ds.sample(0)["input_ids"].tolist())
     assert {setup["base_tokens"], setup["base_tokens"] + 1} <= ids  # one id each, not pieces
 
