@@ -149,6 +149,8 @@ def _run_all(names, out, work, root, dry, budgets, total_s, fail) -> dict:
     # The interpreter exactly when there is no GPU: tests/conftest.py defaults it on, and a
     # leftover TRITON_INTERPRET=1 on a GPU machine would test nothing that runs there.
     env["TRITON_INTERPRET"] = "0" if cuda else "1"
+    if not cuda:  # --dry on a GPU machine: the parts must not find the GPU either
+        env["CUDA_VISIBLE_DEVICES"] = ""
     env["PYFAST_TUNE_GPU_CHECK_MODE"] = mode
     env.pop(FAIL_ENV, None)
     if fail:
