@@ -102,3 +102,27 @@ def test_engine_facts_describe_what_pack_writes(tmp_path, tiny_tokenizer):
     ds = data.PackedDataset(out)
     assert ds.samples.shape == (3, data.BINARY_LAYOUT["samples.bin"][1])
     assert ds.input_ids.dtype == data.BINARY_LAYOUT["input_ids.bin"][0]
+
+
+def test_the_binding_takes_and_returns_python_objects(tmp_path, tiny_tokenizer):
+    """Options cross as a dict (paths and tuples as they are), statistics and the verify report
+    come back as dicts: no JSON text on either side."""
+    import dataclasses
+
+    from pyfast_tune.data import PackedDataset, PackStats
+
+    data = write(tmp_path / "d.jsonl", [CHAT] * 5)
+    options = pack_options(inputs=[data], out_dir=tmp_path / "p", tokenizer=Path(tiny_tokenizer))
+    stats = _packer.pack(dict(options, max_length=64, shard=None))
+    assert isinstance(stats, dict) and stats["samples"] == 5
+    # The engine's PackStats and the Python one have the same fields, none defaulted away.
+    assert set(stats) == {f.name for f in dataclasses.fields(PackStats)}
+    assert isinstance(stats["fill"], float) and isinstance(stats["packs"], int)
+    report = PackedDataset(tmp_path / "p").verify()
+    assert report["ok"] is True and report["samples"] == 5 and report["split_samples"] == 0
+    assert _packer.pack_fields()[0]["name"] == "inputs"
+    assert {t["name"] for t in _packer.templates()} >= {"default", "qwen_chat"}
+    with pytest.raises(TypeError, match=r"options\.inputs\[1\]: a object cannot be"):
+        _packer.pack(dict(options, inputs=[str(data), object()]))
+    with pytest.raises(TypeError, match=r"options\.max_length: integer .* out of range"):
+        _packer.pack(dict(options, max_length=2**70))
