@@ -18,8 +18,8 @@ import sys
 import pytest
 import torch
 
-from pyfast_tune.kernels.varlen_attention import triton as _varlen_triton
 from pyfast_tune.kernels.aot import row_failure, run_report
+from pyfast_tune.kernels.varlen_attention import triton as _varlen_triton
 
 
 def _failures(rows):

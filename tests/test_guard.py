@@ -21,8 +21,7 @@ import torch
 from pyfast_tune.kernels import guard
 from pyfast_tune.kernels.guard import faults
 from pyfast_tune.kernels.lora import lora_shape
-from pyfast_tune.kernels.varlen_attention import attention_shape
-from pyfast_tune.kernels.varlen_attention import varlen_attention
+from pyfast_tune.kernels.varlen_attention import attention_shape, varlen_attention
 from tests.conftest import ROOT
 
 CPU = torch.device("cpu")
@@ -369,3 +368,27 @@ def test_linear_cross_entropy_auto_runs_the_guards_choice(monkeypatch, caplog):
         torch.testing.assert_close(a, b)
     chosen = guard.decided("linear_cross_entropy", CPU, {"dtype": "float32", "softcap": False})
     assert chosen == "ref"
+
+
+def test_linear_cross_entropy_falls_back_when_its_choice_fails_at_run_time(monkeypatch, caplog):
+    """Through the one guarded-call helper, as attention and LoRA: a backend that passed its
+    check but fails on a later call (a launch error) is demoted with a warning, and the call
+    still returns the right loss from the next correct backend."""
+    from pyfast_tune.kernels import linear_cross_entropy, linear_cross_entropy_ref
+    from pyfast_tune.kernels.linear_cross_entropy import op as lce_op
+
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(21, 16, generator=g), torch.randn(50, 16, generator=g)
+    t = torch.randint(0, 50, (21,), generator=g)
+    shape = {"dtype": "float32", "softcap": False}
+    assert guard.choose("linear_cross_entropy", CPU, shape) == "torch"
+
+    def launch_failure(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setitem(lce_op._ROWS, "torch", launch_failure)
+    with caplog.at_level(logging.WARNING, logger="pyfast_tune.guard"):
+        loss = linear_cross_entropy(h, w, t)
+    assert "backend 'torch' failed" in caplog.text
+    assert guard.decided("linear_cross_entropy", CPU, shape) != "torch"
+    torch.testing.assert_close(loss, linear_cross_entropy_ref(h, w, t))

@@ -50,6 +50,7 @@ from pyfast_tune.kernels.linear_cross_entropy.ref import REDUCTIONS, linear_cros
 
 __all__ = ["linear_cross_entropy", "default_chunk_bytes"]
 
+OP = "linear_cross_entropy"  # its name for the first-use guard and PYFAST_TUNE_FAULTS
 _BACKENDS = ("auto", "triton", "torch", "ref")
 _DTYPES = {
     "triton": (torch.float32, torch.float16, torch.bfloat16),
@@ -105,8 +106,19 @@ def linear_cross_entropy(
     # dtype set, and the guard never picks a backend that cannot take this dtype.
     checked = "ref" if backend == "auto" else backend
     _check_inputs(hidden, weight, targets, bias, weights, ignore_index, reduction, softcap, checked)
+    args = (hidden, weight, targets, bias, weights, ignore_index, reduction, softcap, chunk_bytes)
     if backend == "auto":
-        backend = _guarded_backend(hidden, softcap)
+        # the first-use guard's choice for this device, dtype and soft cap (our kernel checked
+        # against PyTorch's whole-logits loss on the device, once, then cached); a backend that
+        # fails at run time hands over to the next correct one
+        shape = {"dtype": str(hidden.dtype).removeprefix("torch."), "softcap": softcap is not None}
+        return guard.call_guarded(OP, hidden.device, shape, lambda b: _run(*args, b), (hidden,))
+    return _run(*args, backend)
+
+
+def _run(hidden, weight, targets, bias, weights, ignore_index, reduction, softcap, chunk_bytes,
+         backend) -> Tensor:  # fmt: skip
+    """One named backend, inputs already checked."""
     if backend == "ref":
         return linear_cross_entropy_ref(
             hidden, weight, targets, bias, weights=weights, ignore_index=ignore_index,
@@ -140,22 +152,13 @@ def _resolve_backend(hidden: Tensor, backend: str) -> str:
             f"linear_cross_entropy: backend must be one of {_BACKENDS}, got {backend!r}"
         )
     if backend == "auto":
-        return backend  # the first-use guard decides (``_guarded_backend``)
+        return backend  # the first-use guard decides
     if backend == "triton" and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "linear_cross_entropy: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 "
             "set before Triton is imported to run the kernels in the interpreter on CPU"
         )
     return backend
-
-
-def _guarded_backend(hidden: Tensor, softcap: float | None) -> str:
-    """backend="auto": the first-use guard's choice for this device, dtype and soft cap (our
-    kernel checked against PyTorch's whole-logits loss on the device, once, then cached)."""
-    shape = {"dtype": str(hidden.dtype).removeprefix("torch."), "softcap": softcap is not None}
-    if guard.tracing(hidden):  # nothing may run while tracing: use what was decided eagerly
-        return guard.decided("linear_cross_entropy", hidden.device, shape)
-    return guard.choose("linear_cross_entropy", hidden.device, shape)
 
 
 def _check_inputs(
