@@ -15,6 +15,7 @@ pub mod fingerprint;
 pub mod format;
 pub mod format_xtuner;
 pub mod input;
+pub mod mix;
 pub mod output;
 pub mod pipeline;
 pub mod pretok;
