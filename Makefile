@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export PYTHONHASHSEED := 0
 
-.PHONY: setup build demo test test-rust test-py test-all lint bench clean
+.PHONY: setup build demo test test-rust test-py test-all lint bench clean gpu-check gpu-wheel
 
 # Python deps (torch, transformers, deepspeed, ... from PyPI) once per pyproject change.
 $(VENV)/.installed: pyproject.toml
@@ -47,6 +47,18 @@ lint: $(VENV)/.installed
 
 bench: setup
 	$(PY) -m pytest bench -q -s -p no:cacheprovider
+
+# The GPU check kit (README "GPU"): on CUDA the real run (<= 8 min); without, the same parts
+# in a dry mode on the CPU. Report: gpu-report/report.json + summary.txt. Needs `make setup`.
+gpu-check:
+	$(PY) -m pyfast_tune.gpu_check --out gpu-report
+
+# What a bare GPU image lacks, for the kit: our abi3 wheel (the data engine's extension, any
+# CPython >= 3.10), built into dist-gpu/ (ignored) without touching the in-place build.
+gpu-wheel:
+	rm -rf dist-gpu
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin build --release -q -o dist-gpu
+	@du -sh dist-gpu; ls dist-gpu
 
 clean:
 	rm -rf target demo_out .pytest_cache

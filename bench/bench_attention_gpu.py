@@ -77,8 +77,11 @@ def _timer(device):
     return time_ms
 
 
-def run(shapes, heads, kv_heads, head_dim, dtype, device, methods=METHODS) -> list[dict]:
-    """Check, then time every correct method on every shape; rows for the table."""
+def run(shapes, heads, kv_heads, head_dim, dtype, device, methods=METHODS, repeat=10) -> list[dict]:
+    """Check, then time every correct method on every shape; rows for the table.
+
+    ``repeat``: timed calls per figure (the GPU check kit's dry mode runs 1 in the interpreter).
+    """
     from pyfast_tune.kernels.varlen_attention import varlen_attention
 
     print(f"\nvarlen attention | {_device_name(device)} | H {heads}, H_kv {kv_heads}, "
@@ -113,7 +116,7 @@ def run(shapes, heads, kv_heads, head_dim, dtype, device, methods=METHODS) -> li
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            t_fwd, t_both = time_ms(fwd), time_ms(both)
+            t_fwd, t_both = time_ms(fwd, repeat), time_ms(both, repeat)
             peak = (
                 (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else 0
             )

@@ -1,8 +1,9 @@
 """What evaluation during training costs: eval time against step time, and the fill eval.split
 leaves the training packs.
 
-Real conversations (../shared/data/chitchat.jsonl, OpenAI format, SmolLM2 tokenizer, template
-``default``) packed at ``--max-length``; a tiny Llama (built from a config, fp32) trains with
+Conversations (bench/_corpus.py: ../shared/data/chitchat.jsonl with the SmolLM2 tokenizer where
+present, else generated chats of realistic lengths with a byte-level BPE trained on them; the
+label is printed; OpenAI format, template ``default``) packed at ``--max-length``; a tiny Llama (built from a config, fp32) trains with
 LoRA for ``--steps`` steps on one CPU process through ``pyfast-tune train``'s launcher, with
 ``eval.split`` held out and evaluated every ``--eval-steps`` steps (loss over the held-out
 samples, and ``--prompts`` greedy answers of ``--max-new-tokens`` tokens). Printed: the mean
@@ -24,8 +25,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _corpus import bench_data
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 PROMPTS = ["How was your weekend?", "What do you like to cook?", "Where did you grow up?"]
 
 
@@ -38,10 +40,12 @@ def run(args) -> dict:
     from pyfast_tune.trainer.metrics import read_metrics
     from pyfast_tune.trainer.tiny import make_tiny_llama
 
-    tok = SHARED / "tokenizers" / "smollm2"
+    data = bench_data()
+    print(f"\n{data.label}")
+    tok = data.tokenizer
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         d = Path(tmp)
-        lines = (SHARED / "chitchat.jsonl").read_text().splitlines()[: args.records]
+        lines = data.chat.read_text().splitlines()[: args.records]
         (d / "chat.jsonl").write_text("\n".join(lines) + "\n")
         pack([d / "chat.jsonl"], d / "packed", tokenizer=tok, max_length=args.max_length,
              format="openai", template="default")  # fmt: skip
@@ -71,6 +75,7 @@ def run(args) -> dict:
         loss_s = float(np.mean([e["loss_seconds"] for e in evals]))
         answer_s = float(np.mean([e["answer_seconds"] for e in evals]))
         return {
+            "data": data.chat.name,
             "samples": ds.num_samples,
             "held_out": ds.num_samples - train.num_samples,
             "eval_tokens": evals[-1]["trained_tokens"],
@@ -87,7 +92,7 @@ def run(args) -> dict:
 
 
 def report(r: dict, args) -> None:
-    print(f"\nchitchat, {r['samples']} samples; eval.split {args.split}: {r['held_out']} held "
+    print(f"{r['data']}, {r['samples']} samples; eval.split {args.split}: {r['held_out']} held "
           f"out ({r['eval_tokens']} trained tokens), {args.prompts} prompts x "
           f"{args.max_new_tokens} new tokens")  # fmt: skip
     print(f"  mean optimizer step  {r['step_s']:.3f} s (1 pack of <= {args.max_length} tokens)")
@@ -116,10 +121,6 @@ def _args(argv=None):
 
 
 def test_bench_eval():
-    import pytest
-
-    if not (SHARED / "chitchat.jsonl").is_file():
-        pytest.skip(f"{SHARED} is absent: the benchmark reads its real conversations")
     args = _args([])
     report(run(args), args)
 

@@ -1,7 +1,9 @@
 """transformers.Trainer steps on the same packs: our collator + patch against plain padding-free.
 
-Real conversations (../shared/data/chitchat.jsonl, the first ``--records``, OpenAI format,
-SmolLM2 tokenizer, its own chat template) packed by the Rust engine into packs of up to
+Conversations (bench/_corpus.py: ../shared/data/chitchat.jsonl with the SmolLM2 tokenizer where
+present, else generated chats of realistic lengths with a byte-level BPE of SmolLM2's vocabulary
+size trained on them; the label is printed; the first ``--records``, OpenAI format, the
+tokenizer's own chat template) packed by the Rust engine into packs of up to
 ``--max-length`` tokens. A SmolLM2-135M-shaped Llama (30 layers, H 576, V 49152, tied; random
 init, never downloaded; fp32 on CPU) with LoRA r 16 on every linear layer, activation
 checkpointing, trained by ``transformers.Trainer`` one pack per step, two ways:
@@ -32,16 +34,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from _corpus import bench_data
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("PYFAST_TUNE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
 def _pack(out: Path, records: int, max_length: int) -> Path:
     from pyfast_tune.data import pack
     from pyfast_tune.trainer.tiny import trimmed_conversations
 
-    src = trimmed_conversations(SHARED / "chitchat.jsonl", out / "chats.jsonl", records, 10_000)
-    stats = pack([src], out / "packed", tokenizer=SHARED / "tokenizers" / "smollm2",
+    data = bench_data()
+    print(data.label)
+    src = trimmed_conversations(data.chat, out / "chats.jsonl", records, 10_000)
+    stats = pack([src], out / "packed", tokenizer=data.tokenizer,
                  max_length=max_length, format="openai", template="hf")  # fmt: skip
     print(f"packed: {stats.summary()}")
     return out / "packed"
@@ -152,9 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.side:
         res = _side(args.side, args.packed, args.steps, args.lora_r, not args.no_checkpointing)
         print("RESULT " + json.dumps(res))
-        return 0
-    if not args.packed and not (SHARED / "chitchat.jsonl").exists():
-        print(f"skipped: {SHARED}/chitchat.jsonl is absent (the project's machines have it)")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         packed = args.packed or _pack(Path(tmp), args.records, args.max_length)

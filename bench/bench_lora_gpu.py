@@ -53,16 +53,16 @@ def check(methods, device, dtype, adapter_dtype, r, four_bit) -> dict[str, str |
     return found
 
 
-def _bench(device):
+def _bench(device, repeat=None):
     if device.type == "cuda":
         from triton.testing import do_bench
 
         return do_bench
 
-    def best_ms(fn, repeat=5):  # CPU smoke runs of this script's logic
+    def best_ms(fn):  # CPU smoke runs of this script's logic
         fn()
         times = []
-        for _ in range(repeat):
+        for _ in range(repeat or 5):
             t = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t) * 1e3)
@@ -72,12 +72,16 @@ def _bench(device):
 
 
 def run(tokens, d_in, d_out, r, dropout_p, dtype=torch.bfloat16, adapter_dtype=None,
-        four_bit=False, device=None, methods=METHODS) -> dict:  # fmt: skip
-    """{method: {fwd, bwd, fwd+bwd (ms), saved, peak (bytes)}} for the methods that pass."""
+        four_bit=False, device=None, methods=METHODS, repeat=None) -> dict:  # fmt: skip
+    """{method: {fwd, bwd, fwd+bwd (ms), saved, peak (bytes)}} for the methods that pass.
+
+    ``repeat``: timed calls per figure on CPU (None: 5; the GPU check kit's dry mode runs 1);
+    on CUDA ``triton.testing.do_bench`` decides.
+    """
     from bench_lora import saved_bytes
 
-    from pyfast_tune.kernels.guard_ops import peft_lora_layer
     from pyfast_tune.kernels.lora import lora_linear
+    from pyfast_tune.kernels.lora.upstream import peft_lora_layer
 
     device = device or torch.device("cuda")
     adapter_dtype = adapter_dtype or dtype
@@ -102,7 +106,7 @@ def run(tokens, d_in, d_out, r, dropout_p, dtype=torch.bfloat16, adapter_dtype=N
         for name in ("triton", "torch")
     }
     impls["peft"] = (lambda: layer(x), peft_params)
-    bench, res = _bench(device), {}
+    bench, res = _bench(device, repeat), {}
     for name in methods:
         if verdict.get(name) is not None:
             continue

@@ -13,9 +13,11 @@ what a Python stack does with a Parquet file, `datasets.load_dataset("parquet")`
 same Python encode and packing.
 
 Every side is timed alike: one warm-up run on the first 200 records, then the best of
-BENCH_REPEAT (default 2) runs on all of them.
+BENCH_REPEAT (default 2) runs on all of them (or on the first BENCH_RECORDS, for a quick run).
 
-Needs ../shared/data (chitchat.jsonl, pydoc.jsonl, tokenizers/); skips without it.
+Data (bench/_corpus.py, printed with the figures): ../shared/data's chitchat.jsonl and
+pydoc.jsonl with the SmolLM2 tokenizer where present; otherwise generated chats and documents of
+realistic lengths with a byte-level BPE trained on them (vocab 49,152, Llama 3's split regex).
 """
 
 from __future__ import annotations
@@ -31,22 +33,24 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _corpus import BenchData, bench_data  # noqa: E402
 from xtuner_ref import RefTokenizer, reference_samples  # noqa: E402
 
 from pyfast_tune.data import pack  # noqa: E402
 
 CASES = [
-    # (name, file, format, template, max_length)
-    ("chitchat", "chitchat.jsonl", "openai", "qwen_chat", 4096),
-    ("pydoc", "pydoc.jsonl", "pretrain", "none", 4096),
+    # (name, corpus of bench_data(), format, template, max_length)
+    ("chat", "chat", "openai", "qwen_chat", 4096),
+    ("docs", "docs", "pretrain", "none", 4096),
 ]
 
 
 WARMUP_RECORDS = 200
 REPEATS = int(os.environ.get("BENCH_REPEAT", "2"))
+# The first N records only (default: all), for a quick run; printed with the figures.
+RECORDS = int(os.environ.get("BENCH_RECORDS", "0")) or None
 # The Parquet-vs-JSONL comparison packs the corpus this many times over: one copy packs in
 # ~0.15 s, where fixed costs (tokenizer load, footer, thread start) blur a few-percent gap.
 PARQUET_COPIES = int(os.environ.get("BENCH_PARQUET_COPIES", "8"))
@@ -93,17 +97,28 @@ def rendered_texts(records, fmt):
     return texts
 
 
-def run_case(name, fname, fmt, template, max_length, tokenizer="smollm2", threads=None):
-    tok_dir = SHARED / "tokenizers" / tokenizer
-    path = SHARED / fname
-    records = [json.loads(line) for line in path.open()]
+def load_records(data: BenchData, kind: str, tmp: Path) -> tuple[Path, list[dict]]:
+    """The corpus' records, cut to the first ``RECORDS`` (then written to ``tmp``), and the
+    file the engine reads them from."""
+    path = data.corpus(kind)
+    records = [json.loads(line) for line in path.open()][:RECORDS]
+    if RECORDS:
+        path = tmp / path.name
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path, records
+
+
+def run_case(name, kind, fmt, template, max_length, data=None, threads=None):
+    data = data or bench_data()
+    tok_dir = data.tokenizer
     from tokenizers import Tokenizer
 
     hf = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-    texts = rendered_texts(records, fmt)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        path, records = load_records(data, kind, tmp)
+        texts = rendered_texts(records, fmt)
         head = tmp / f"head{path.suffix}"
         head.write_text("".join(json.dumps(r) + "\n" for r in records[:WARMUP_RECORDS]))
 
@@ -131,7 +146,8 @@ def run_case(name, fname, fmt, template, max_length, tokenizer="smollm2", thread
     raw = raw_tokens / t_raw
     py = encoded / t_py
     print(
-        f"\n[{name} / {tokenizer}, max_length {max_length}, {os.cpu_count()} cores] "
+        f"\n{data.label}\n[{name}: {path.name}, {len(records)} records / {tok_dir.name}, "
+        f"max_length {max_length}, {os.cpu_count()} cores] "
         f"pyfast-tune pack {ours / 1e6:.2f} M tok/s ({t_ours:.2f} s end to end, {encoded} tokens "
         f"encoded, {stats.tokens} kept) | "
         f"raw encode_batch {raw / 1e6:.2f} M tok/s | pure-Python pipeline {py / 1e6:.3f} M tok/s\n"
@@ -148,7 +164,7 @@ def run_case(name, fname, fmt, template, max_length, tokenizer="smollm2", thread
     }
 
 
-def run_parquet_case(name, fname, fmt, template, max_length, tokenizer="smollm2", threads=None):
+def run_parquet_case(name, kind, fmt, template, max_length, data=None, threads=None):
     """The same records (the corpus ``PARQUET_COPIES`` times over) as JSONL and as Parquet
     (pyarrow's defaults: snappy, one row group per million rows, so also a file cut in row
     groups of 512 rows): the engine's tokens/s on each; and the
@@ -156,10 +172,11 @@ def run_parquet_case(name, fname, fmt, template, max_length, tokenizer="smollm2"
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tok_dir = SHARED / "tokenizers" / tokenizer
-    records = [json.loads(line) for line in (SHARED / fname).open()]
+    data = data or bench_data()
+    tok_dir = data.tokenizer
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        path, records = load_records(data, kind, tmp)
         jsonl = tmp / "d.jsonl"
         jsonl.write_text("".join(json.dumps(r) + "\n" for r in records) * PARQUET_COPIES)
         one = pa.Table.from_pylist(records)
@@ -198,8 +215,8 @@ def run_parquet_case(name, fname, fmt, template, max_length, tokenizer="smollm2"
     line = "; ".join(f"{k} {r / 1e6:.2f} M tok/s ({t:.2f} s)" for k, (r, t, _) in rates.items())
     hf = hf_tokens / t_hf
     print(
-        f"\n[{name} x{PARQUET_COPIES} / {tokenizer}, max_length {max_length}, {os.cpu_count()} "
-        f"cores] pyfast-tune pack from {line} | datasets.load_dataset('parquet') + Python encode {hf / 1e6:.3f} M "
+        f"\n{data.label}\n[{name}: {path.name} x{PARQUET_COPIES}, {len(records)} records / "
+        f"{tok_dir.name}, max_length {max_length}, {os.cpu_count()} cores] pyfast-tune pack from {line} | datasets.load_dataset('parquet') + Python encode {hf / 1e6:.3f} M "
         f"tok/s\n  parquet / jsonl {rates['parquet'][0] / encoded_rate:.3f}x, "
         f"512-row groups / jsonl {rates['parquet, 512-row groups'][0] / encoded_rate:.3f}x, "
         f"parquet vs the datasets pipeline {rates['parquet'][0] / hf:.1f}x"
@@ -210,15 +227,11 @@ def run_parquet_case(name, fname, fmt, template, max_length, tokenizer="smollm2"
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bench_parquet(case):
     pytest.importorskip("pyarrow", reason="pyarrow writes the Parquet side ([dev] extra)")
-    if not (SHARED / case[1]).exists():
-        pytest.skip(f"../shared/data/{case[1]} absent: benchmark needs the shared real data")
     run_parquet_case(*case)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bench_pack(case):
-    if not (SHARED / case[1]).exists():
-        pytest.skip(f"../shared/data/{case[1]} absent: benchmark needs the shared real data")
     r = run_case(*case)
     assert r["split"] == 0
 

@@ -1,11 +1,15 @@
 """Tokenizer-bound packing speed: end-to-end ``pyfast-tune pack`` tokens/s against the raw
-encoders on the same texts, for the four shared tokenizers.
+encoders on the same texts, for every tokenizer of the benchmark data.
 
     pytest bench/bench_tokenize.py -s          # or
-    python bench/bench_tokenize.py [--repeat 3] [--threads 2]
+    python bench/bench_tokenize.py [--repeat 3] [--threads 2] [--records N]
 
-For each shared tokenizer (Qwen3, SmolLM2, Mistral v0.3, DeepSeek-V3) and corpus (chitchat: openai messages with the
-qwen_chat template, max_length 4096; pydoc: pretraining text, max_length 32768) it measures:
+Data (bench/_corpus.py, printed first): with ../shared/data, the four shared tokenizers
+(Qwen3, SmolLM2, Mistral v0.3, DeepSeek-V3) on chitchat.jsonl and pydoc.jsonl; without it,
+generated chats and documents of realistic lengths and a byte-level BPE trained on them
+(vocab 49,152 behind Llama 3's split regex: the fast path and tiktoken both apply).
+For each tokenizer and corpus (chat: openai messages with the qwen_chat template, max_length
+4096; docs: pretraining text, max_length 32768) it measures:
 
 - ``pack fast`` / ``pack hf``: the whole CLI run (interpreter start, tokenizer load, read, JSON,
   template, encode, pack, write, commit) as a subprocess, ``--tokenizer-backend fast|hf``;
@@ -24,6 +28,8 @@ qwen_chat template, max_length 4096; pydoc: pretraining text, max_length 32768) 
   any pair whose concatenation is a token); the share of texts that differ is printed, and so
   is the time to build the encoder from the vocabulary (not counted in its rate).
 
+``--records N`` (or BENCH_RECORDS) takes the first N records of each corpus, for a quick run.
+
 Best of ``--repeat`` runs each; the machine and its load are printed with the figures.
 """
 
@@ -33,6 +39,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,13 +47,14 @@ import time
 from functools import partial
 from pathlib import Path
 
+from _corpus import BenchData, bench_data
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 CASES = [
-    ("chitchat.jsonl", "qwen_chat", 4096),
-    ("pydoc.jsonl", "none", 32768),
+    # (corpus of bench_data(), template, max_length)
+    ("chat", "qwen_chat", 4096),
+    ("docs", "none", 32768),
 ]
-TOKENIZERS = ["qwen3", "smollm2", "mistral-v3", "deepseek-v3"]
 TARGET = 3.0  # pack --tokenizer-backend fast over hf, end to end
 
 
@@ -163,27 +171,52 @@ def conditions(threads: int) -> str:
     )
 
 
-def run(repeat: int = 3, threads: int = 2, tokenizers: list[str] = TOKENIZERS) -> list[dict]:
+def corpus_file(data: BenchData, kind: str, records: int | None, tmp: Path) -> Path:
+    """The corpus of that kind, or its first ``records`` lines copied into ``tmp``."""
+    path = data.corpus(kind)
+    if not records:
+        return path
+    head = tmp / path.name
+    with path.open() as src, head.open("w") as dst:
+        for _, line in zip(range(records), src):
+            dst.write(line)
+    return head
+
+
+def run(
+    repeat: int = 3,
+    threads: int = 2,
+    tokenizers: list[str] | None = None,
+    records: int | None = None,
+    data: BenchData | None = None,
+) -> list[dict]:
     from tokenizers import Tokenizer
 
+    data = data or bench_data()
+    unknown = sorted(set(tokenizers or []) - set(data.tokenizers))
+    if unknown:
+        raise SystemExit(f"unknown tokenizer(s) {unknown}: this data has {list(data.tokenizers)}")
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     os.environ["RAYON_NUM_THREADS"] = str(threads)
-    print(f"\nbench_tokenize: best of {repeat}; {conditions(threads)}")
+    print(f"\nbench_tokenize: best of {repeat}; {conditions(threads)}\n{data.label}")
+    if records:
+        print(f"first {records} records of each corpus")
     rows = []
-    for tok_name in tokenizers:
-        tok_dir = SHARED / "tokenizers" / tok_name
+    tmp = Path(tempfile.mkdtemp(prefix="bench_tokenize_"))
+    for tok_name in tokenizers or list(data.tokenizers):
+        tok_dir = data.tokenizers[tok_name]
         hf = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
         t0 = time.perf_counter()
         enc_tt = tiktoken_encoding(tok_dir / "tokenizer.json")
         tt_build = time.perf_counter() - t0
-        for data_name, template, max_length in CASES:
-            data = SHARED / data_name
-            texts = texts_of(data)
-            row = {"tokenizer": tok_name, "data": data_name}
+        for kind, template, max_length in CASES:
+            path = corpus_file(data, kind, records, tmp)
+            texts = texts_of(path)
+            row = {"tokenizer": tok_name, "data": path.name}
             digests = set()
             for backend in ("fast", "hf"):
                 secs, stats = best(
-                    partial(pack_cli, data, tok_dir, template, max_length, backend, threads),
+                    partial(pack_cli, path, tok_dir, template, max_length, backend, threads),
                     repeat if backend == "fast" else 1,
                 )
                 n = stats["tokens"] + stats["truncated_tokens"] + stats["dropped_tokens"]
@@ -205,13 +238,14 @@ def run(repeat: int = 3, threads: int = 2, tokenizers: list[str] = TOKENIZERS) -
                 row["tiktoken_differs"] = sum(a != b for a, b in zip(hf_ids, tt_ids)) / len(texts)
             rows.append(row)
             print_row(row)
+    shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
 
 def print_row(r: dict) -> None:
     m = 1e6
     line = (
-        f"{r['tokenizer']:8s} {r['data']:15s} pack fast {r['pack_fast'] / m:5.2f} M tok/s "
+        f"{r['tokenizer']:8s} {r['data']:14s} pack fast {r['pack_fast'] / m:5.2f} M tok/s "
         f"(in-process {r['pack_fast_inproc'] / m:5.2f}, encode phase "
         f"{r['pack_fast_encode'] / m:5.2f}, load {r['pack_fast_load_s']:.2f} s) | "
         f"pack hf {r['pack_hf'] / m:5.2f} | "
@@ -237,11 +271,10 @@ def print_row(r: dict) -> None:
 
 
 def test_bench_tokenize():
-    import pytest
-
-    if not (SHARED / "tokenizers").exists():
-        pytest.skip(f"{SHARED} is absent: the benchmark needs the shared tokenizers and data")
-    rows = run(repeat=int(os.environ.get("BENCH_REPEAT", "3")))
+    rows = run(
+        repeat=int(os.environ.get("BENCH_REPEAT", "3")),
+        records=int(os.environ.get("BENCH_RECORDS", "0")) or None,
+    )
     for r in rows:
         assert r["identical"], f"fast and hf packed different bytes: {r}"
         assert r["pack_fast"] > r["pack_hf"], f"fast backend slower than hf: {r}"
@@ -251,8 +284,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokenizers", nargs="+", default=TOKENIZERS, choices=TOKENIZERS)
+    ap.add_argument("--tokenizers", nargs="+", help="names among the data's (default: all)")
+    ap.add_argument("--records", type=int, help="first N records of each corpus (default: all)")
     args = ap.parse_args()
-    if not (SHARED / "tokenizers").exists():
-        sys.exit(f"{SHARED} is absent: the benchmark needs the shared tokenizers and data")
-    run(args.repeat, args.threads, args.tokenizers)
+    run(args.repeat, args.threads, args.tokenizers, args.records)

@@ -1,7 +1,8 @@
 """CPU training throughput: packed rows + varlen attention against padded batches.
 
-The same real conversations (../shared/data/chitchat.jsonl, OpenAI format, SmolLM2 tokenizer,
-template ``default``) train a tiny Llama (built from a config, fp32, full fine-tuning, AdamW)
+The same conversations (bench/_corpus.py: ../shared/data/chitchat.jsonl with the SmolLM2
+tokenizer where present, else generated chats of realistic lengths with a byte-level BPE of the
+same vocabulary size trained on them; OpenAI format, template ``default``) train a tiny Llama (built from a config, fp32, full fine-tuning, AdamW)
 for one pass in two ways, measured in the same run:
 
 - ``padded``: what a plain HF loop does: batches of ``--batch`` samples in a shuffled order,
@@ -30,8 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from _corpus import bench_data
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 
 
 def _spread_packs(ds, n_packs: int) -> list[int]:
@@ -128,10 +130,11 @@ def run(packs: int, batch: int, max_length: int, threads: int, backends: list[st
     from pyfast_tune.trainer.tiny import make_tiny_llama
 
     torch.set_num_threads(threads)
-    tok = SHARED / "tokenizers" / "smollm2"
+    data = bench_data()
+    tok = data.tokenizer
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     stats = pack(
-        [SHARED / "chitchat.jsonl"],
+        [data.chat],
         work / "packed",
         tokenizer=tok,
         max_length=max_length,
@@ -163,12 +166,13 @@ def run(packs: int, batch: int, max_length: int, threads: int, backends: list[st
         }
 
     print()
+    print(data.label)
     print(
         f"CPU, {threads} thread(s) ({torch.get_num_threads()} in use); tiny Llama "
         f"(hidden 128, 4 layers, vocab {base.config.vocab_size}), fp32 full fine-tune, AdamW"
     )
     print(
-        f"data: chitchat, {len(samples)} samples / {real} tokens in {packs} packs of "
+        f"data: {data.chat.name}, {len(samples)} samples / {real} tokens in {packs} packs of "
         f"<= {max_length} (pack fill {stats.fill:.3f}); padded batches of {batch} samples"
     )
     print(f"padding fraction of the padded batches: {padding:.3f}")
@@ -183,10 +187,6 @@ def run(packs: int, batch: int, max_length: int, threads: int, backends: list[st
 
 
 def test_bench_train():
-    if not (SHARED / "chitchat.jsonl").exists():
-        import pytest
-
-        pytest.skip(f"{SHARED} is absent: the benchmark runs on the real chitchat data")
     r = run(packs=3, batch=8, max_length=2048, threads=2, backends=["ref", "op"])
     assert r["packed+varlen[ref]"]["tok_s"] > r["padded"]["tok_s"]
 

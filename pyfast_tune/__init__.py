@@ -44,7 +44,7 @@ def __getattr__(name: str):
 
         return getattr(data, name)
     if name in _KERNEL_NAMES:
-        from pyfast_tune.kernels import _cpp
+        from pyfast_tune.kernels.varlen_attention import cpu as _cpp
 
         return getattr(_cpp, name)
     if name in _CONFIG_NAMES:

@@ -175,15 +175,21 @@ def generate(
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
     seed: int = 0,
     on_text: Callable[[str], None] | None = None,
 ) -> tuple[str, list[int]]:
     """Decode from ``model`` with a KV cache; returns (answer text, generated ids).
 
-    Greedy when ``temperature`` is 0, else sampling from ``softmax(logits / T)`` restricted to
-    the smallest set of tokens whose probability reaches ``top_p``. Stops at a ``stop_ids``
-    token (not included) or at the first stop word (cut off), or after ``max_new_tokens``.
-    ``on_text`` receives the answer piece by piece as it becomes final.
+    Each step's logits first get the ``repetition_penalty`` of every token already in the
+    prompt or the answer (CTRL, https://arxiv.org/abs/1909.05858, as transformers applies it:
+    a positive logit divided by it, a negative one multiplied). Then greedy when
+    ``temperature`` is 0, else sampling from ``softmax(logits / T)`` restricted to the
+    ``top_k`` most likely tokens (0 = all) and to the smallest set whose probability reaches
+    ``top_p``. Stops at a ``stop_ids`` token (not included) or at the first stop word (cut
+    off), or after ``max_new_tokens``. ``on_text`` receives the answer piece by piece as it
+    becomes final.
     """
     import torch
 
@@ -191,15 +197,24 @@ def generate(
     device = next(model.parameters()).device
     inputs = torch.tensor([prompt_ids], device=device)
     past, out_ids, shown, text = None, [], 0, ""
+    seen = torch.tensor(sorted(set(prompt_ids)), dtype=torch.long)
     cache_key = _cache_argument(model)
     with torch.no_grad():
         for _ in range(max_new_tokens):
             out = model(input_ids=inputs, use_cache=True, **{cache_key: past})
             past = getattr(out, cache_key)
             logits = out.logits[0, -1].float().cpu()
+            if repetition_penalty != 1.0 and len(seen):
+                picked = logits[seen]
+                logits[seen] = torch.where(
+                    picked > 0, picked / repetition_penalty, picked * repetition_penalty
+                )
             if temperature <= 0:
                 token = int(torch.argmax(logits))
             else:
+                if 0 < top_k < logits.numel():
+                    kth = torch.topk(logits, top_k).values[-1]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
                 probs = torch.softmax(logits / temperature, dim=-1)
                 if top_p < 1.0:
                     sorted_p, order = torch.sort(probs, descending=True)
@@ -210,6 +225,8 @@ def generate(
             if token in stop_ids:
                 break
             out_ids.append(token)
+            if repetition_penalty != 1.0 and not bool((seen == token).any()):
+                seen = torch.cat([seen, torch.tensor([token])])
             text = decode(out_ids)
             hits = [i for i in (text.find(w) for w in stop_words) if i >= 0]
             if hits:
@@ -245,21 +262,53 @@ def default_template(*dirs: Path | None) -> str:
     return "hf"
 
 
-def load_model(model_dir: str | Path, adapter: str | Path | None, dtype: str | None,
-               trust_remote_code: bool = False):  # fmt: skip
-    """``from_pretrained`` the model (CPU: float32 unless ``dtype``), plus a PEFT adapter."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def quantization_config(bits: int | None, dtype):
+    """bitsandbytes' config for loading in ``bits`` (4: nf4 with double quantization, as
+    XTuner's chat; 8: LLM.int8), or None. bitsandbytes' quantized matmuls need CUDA (its CPU
+    backend covers only some ops and versions), so no CUDA device is an error here, before
+    any weight is read."""
+    if bits is None:
+        return None
+    if bits not in (4, 8):
+        raise ValueError(f"--bits must be 4 or 8, got {bits}")
+    import importlib.util
 
-    from pyfast_tune.export import parse_dtype
+    import torch
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"--bits {bits} needs bitsandbytes: pip install bitsandbytes "
+                          "(or pyfast-tune[train]), or leave --bits out")  # fmt: skip
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"--bits {bits} needs a CUDA GPU (bitsandbytes quantizes on CUDA); "
+                           "none is visible: leave --bits out to chat in bf16/fp32")  # fmt: skip
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)  # fmt: skip
+
+
+def load_model(model_dir: str | Path, adapter: str | Path | None, dtype: str | None,
+               trust_remote_code: bool = False, bits: int | None = None):  # fmt: skip
+    """``from_pretrained`` the model (CPU: float32 unless ``dtype``; ``bits`` 4/8: quantized
+    by bitsandbytes), plus a PEFT adapter; the adapter's run set-up (rope, added tokens) is
+    applied to the base first."""
+    import torch
+
+    from pyfast_tune.export import parse_dtype, run_setup
+    from pyfast_tune.trainer.model_setup import load_base
 
     torch_dtype = parse_dtype(dtype) or (
         torch.bfloat16 if torch.cuda.is_available() else torch.float32
     )
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    quant = quantization_config(bits, torch_dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
     if torch.cuda.is_available():
         kwargs["device_map"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model = load_base(model_dir, run_setup(adapter) if adapter else None, **kwargs)
     if adapter:
         from peft import PeftModel
 
@@ -314,7 +363,10 @@ class ChatSession:
         tokenizer: str | Path | None = None,
         dtype: str | None = None,
         trust_remote_code: bool = False,
+        bits: int | None = None,
+        stop_words: Sequence[str] = (),
     ) -> None:
+        quantization_config(bits, None)  # a --bits that cannot work fails before any loading
         model_dir = Path(model_dir)
         adapter = Path(adapter) if adapter else None
         tok_dir = Path(tokenizer) if tokenizer else None
@@ -329,8 +381,14 @@ class ChatSession:
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-        self.model = load_model(model_dir, adapter, dtype, trust_remote_code)
+        self.model = load_model(model_dir, adapter, dtype, trust_remote_code, bits)
+        # --stop-words add to the template's (XTuner's chat: its --stop-words extend them).
+        self.stop_words = list(dict.fromkeys([*self.format.stop_words, *stop_words]))
         self.stop_ids = stop_token_ids(self.format, self.tok, self.template, self.model)
+        for w in stop_words:  # a one-token stop word stops by id too
+            i = self.tok.token_to_id(w)
+            if i is not None:
+                self.stop_ids.add(i)
         self.history: list[tuple[str, str]] = []
 
     def decode(self, ids: list[int]) -> str:
@@ -343,7 +401,7 @@ class ChatSession:
             ids,
             self.decode,
             stop_ids=self.stop_ids,
-            stop_words=self.format.stop_words,
+            stop_words=self.stop_words,
             on_text=on_text,
             **gen_kwargs,
         )
@@ -366,9 +424,13 @@ def chat_main(args) -> int:
         tokenizer=args.tokenizer,
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
+        bits=getattr(args, "bits", None),
+        stop_words=getattr(args, "stop_words", None) or (),
     )
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-           "top_p": args.top_p, "seed": args.seed}  # fmt: skip
+           "top_p": args.top_p, "top_k": getattr(args, "top_k", 0),
+           "repetition_penalty": getattr(args, "repetition_penalty", 1.0),
+           "seed": args.seed}  # fmt: skip
     if args.prompt is not None:
         session.ask(args.prompt, on_text=_stream, **gen)
         print()

@@ -211,6 +211,13 @@ def _add_chat(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0 = all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already in the conversation (1 = off)")  # fmt: skip
+    p.add_argument("--stop-words", nargs="+", default=[], metavar="WORD",
+                   help="more stop words, added to the template's")  # fmt: skip
+    p.add_argument("--bits", type=int, choices=[4, 8], default=None,
+                   help="load the model quantized by bitsandbytes (needs CUDA)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument(
         "--tokenizer", default=None, help="tokenizer dir (default: adapter's or model's)"

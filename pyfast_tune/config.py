@@ -21,6 +21,10 @@ from typing import Any
 
 import yaml
 
+# Fixed choices live in a torch-free leaf: loading a config imports neither torch nor
+# transformers. QUANT_TYPES stays importable from here.
+from pyfast_tune.choices import ATTENTION_CHOICES, ATTENTION_NAMES, DTYPE_NAMES, QUANT_TYPES
+
 
 class ConfigError(ValueError):
     """A training config key is missing, unknown, of the wrong type or out of its choices."""
@@ -34,6 +38,9 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: Any = "all-linear"
+    # modules trained in full beside the adapter and saved with it (peft's modules_to_save),
+    # e.g. [embed_tokens, lm_head]; with new_special_tokens, unset means the two embeddings
+    modules_to_save: list[str] | None = None
 
 
 @dataclass
@@ -113,10 +120,17 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     gradient_checkpointing: bool = True
+    # Model set-up (pyfast_tune.trainer.model.model_setup): RoPE scaling as the model's config
+    # class takes it ({type: linear|dynamic|yarn|llama3|..., factor: 4.0, ...}), a longer
+    # max_position_embeddings, and special tokens added to the tokenizer (new embedding rows
+    # = the mean of the existing ones).
+    rope_scaling: dict | None = None
+    max_position_embeddings: int | None = None
+    new_special_tokens: list[str] = field(default_factory=list)
     # op (pyfast_tune.kernels: C++ on CPU, Triton on CUDA; falls back to ref with a warning when
     # it cannot build) | ref (PyTorch per-sample SDPA) | triton | cpp | torch_varlen | flash_attn |
     # sdpa, eager, ...: the model's own, unpatched, with transformers' masks from position_ids
-    # (pyfast_tune.patch.ATTENTION_CHOICES; anything else is an error)
+    # (pyfast_tune.choices.ATTENTION_CHOICES; anything else is an error)
     attention: str = "op"
     fused_lora: bool = True
     # the LM head returns the loss (fused linear cross-entropy, never the tokens x vocabulary
@@ -130,6 +144,7 @@ class TrainConfig:
     lr: float = 2e-5
     lr_scheduler: str = "cosine"  # cosine | linear | constant
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # warm-up as a fraction of the run's steps (not with warmup_steps)
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -145,6 +160,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/run"
     save_steps: int = 0  # 0 = save only at the end
+    save_total_limit: int | None = None  # keep the newest N checkpoints (never `latest`'s)
     save_optimizer: bool = True
     save_hf: bool = True  # HF-format weights/adapter + tokenizer in every checkpoint
     resume: Any = False  # false | true/"auto" (latest in output_dir) | a checkpoint dir
@@ -312,8 +328,6 @@ def validate(cfg: TrainConfig) -> None:
             f"sequence_parallel_size must be an integer >= 1, got {cfg.sequence_parallel_size!r}"
         )
     if cfg.sequence_parallel_size > 1:
-        from pyfast_tune.patch import ATTENTION_NAMES
-
         if cfg.attention not in ATTENTION_NAMES:
             # The model's own attention would attend within each rank's shard only.
             raise ConfigError(
@@ -326,6 +340,55 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.max_steps is None and cfg.epochs < 1:
         raise ConfigError("set max_steps or epochs >= 1")
     _check_eval(cfg.eval)
+    _check_model_setup(cfg)
+
+
+def _check_model_setup(cfg: TrainConfig) -> None:
+    """The types of the model set-up, run hygiene and LoRA extras (what the model's own config
+    class accepts is checked when it is loaded, by pyfast_tune.trainer.model)."""
+    if cfg.warmup_ratio and cfg.warmup_steps:
+        raise ConfigError(
+            f"set one of warmup_steps ({cfg.warmup_steps}) and warmup_ratio ({cfg.warmup_ratio})"
+        )
+    if not isinstance(cfg.warmup_ratio, (int, float)) or not 0 <= cfg.warmup_ratio < 1:
+        raise ConfigError(f"warmup_ratio must be a number in [0, 1), got {cfg.warmup_ratio!r}")
+    if cfg.save_total_limit is not None and (
+        not _is_int(cfg.save_total_limit) or cfg.save_total_limit < 1
+    ):
+        raise ConfigError(
+            f"save_total_limit must be an integer >= 1 (or unset: keep all), got "
+            f"{cfg.save_total_limit!r}"
+        )
+    rope = cfg.rope_scaling
+    if rope is not None:
+        kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+        if not isinstance(kind, str):
+            raise ConfigError(
+                f"rope_scaling must be a mapping with a type, e.g. {{type: linear, factor: 2.0}}; "
+                f"got {rope!r}"
+            )
+    mpe = cfg.max_position_embeddings
+    if mpe is not None and (not _is_int(mpe) or mpe < 1):
+        raise ConfigError(f"max_position_embeddings must be an integer >= 1, got {mpe!r}")
+    if isinstance(cfg.new_special_tokens, str):
+        cfg.new_special_tokens = [cfg.new_special_tokens]
+    tokens = cfg.new_special_tokens or []
+    if not isinstance(tokens, list) or not all(isinstance(t, str) and t for t in tokens):
+        raise ConfigError(f"new_special_tokens must be a list of non-empty strings, got {tokens!r}")
+    if len(set(tokens)) != len(tokens):
+        raise ConfigError(f"new_special_tokens lists a token twice: {tokens!r}")
+    cfg.new_special_tokens = list(tokens)
+    modules = cfg.lora.modules_to_save
+    if isinstance(modules, str):
+        modules = cfg.lora.modules_to_save = [modules]
+    if modules is not None:
+        if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
+            raise ConfigError(
+                f"lora.modules_to_save must be a list of module names, got {modules!r}"
+            )
+        if cfg.method == "full":
+            raise ConfigError("lora.modules_to_save applies to method lora or qlora; "
+                              "method full trains every module already")  # fmt: skip
 
 
 def _is_int(value) -> bool:
@@ -368,22 +431,14 @@ def _check_eval(ev: EvalConfig) -> None:
 
 def _check_attention(value: str) -> None:
     # A typo must not train silently with the model's stock attention instead of ours.
-    from pyfast_tune.patch import ATTENTION_CHOICES
-
     if value not in ATTENTION_CHOICES:
         raise ConfigError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}; got {value!r}")
 
 
-# bitsandbytes' 4-bit data types.
-QUANT_TYPES = ("nf4", "fp4")
-
-
 def _check_dtypes(cfg: TrainConfig) -> None:
-    from pyfast_tune.export import DTYPES
-
     for key, value in (("dtype", cfg.dtype), ("quant.compute_dtype", cfg.quant.compute_dtype)):
-        if value != "auto" and value not in DTYPES:
-            raise ConfigError(f"{key} must be auto, {', '.join(DTYPES)}; got {value!r}")
+        if value != "auto" and value not in DTYPE_NAMES:
+            raise ConfigError(f"{key} must be auto, {', '.join(DTYPE_NAMES)}; got {value!r}")
     if cfg.quant.quant_type not in QUANT_TYPES:
         raise ConfigError(
             f"quant.quant_type must be one of {', '.join(QUANT_TYPES)}; got {cfg.quant.quant_type!r}"

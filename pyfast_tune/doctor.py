@@ -40,7 +40,7 @@ def versions() -> dict:
 
     found = {"python": platform.python_version(), "pyfast-tune": __version__}
     for name in PACKAGES:
-        found[name] = guard._package_version(name)
+        found[name] = guard.package_version(name)
     import torch
 
     found["cuda"] = torch.version.cuda
@@ -65,7 +65,7 @@ def devices() -> list[dict]:
 
 def cpp_build() -> dict:
     """Build (or load the cached build of) the C++ attention op; how long it took."""
-    from pyfast_tune.kernels._cpp import load_varlen_attention
+    from pyfast_tune.kernels.varlen_attention.cpu import load_varlen_attention
 
     start = time.perf_counter()
     try:
@@ -92,11 +92,11 @@ def run(ops: list[str] | None = None, progress=None) -> dict:
         "checks": [],
         "decisions": [],
     }
-    guard.get_op("varlen_attention")  # registers the built-in ops
-    names = ops or sorted(guard.REGISTRY)
-    unknown = sorted(set(names) - set(guard.REGISTRY))
+    known = guard.op_names()
+    names = ops or known
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        raise ValueError(f"doctor: unknown op(s) {unknown}; known: {sorted(guard.REGISTRY)}")
+        raise ValueError(f"doctor: unknown op(s) {unknown}; known: {known}")
     for name in names:
         for shape in shape_classes(name, device.type):
             if progress:

@@ -28,18 +28,13 @@ from typing import Any
 
 import torch
 
+from pyfast_tune.choices import DTYPE_NAMES
 from pyfast_tune.trainer.torch_files import load_ds_file
 
 log = logging.getLogger(__name__)
 
-DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
+# The names are the config's (pyfast_tune.choices, torch-free); here, their torch dtypes.
+DTYPES = {name: getattr(torch, torch_name) for name, torch_name in DTYPE_NAMES.items()}
 RUN_FILE = "pyfast_tune.json"  # written next to the weights: the training template, for chat
 
 
@@ -221,13 +216,34 @@ def _tokenizer_source(ckpt: Path, cfg: dict) -> Path | None:
     return None
 
 
-def _empty_model(model_dir: str | Path, dtype: torch.dtype | None, trust_remote_code: bool):
-    """The architecture of ``model_dir`` with its parameters on the meta device (no memory).
+def run_setup(path: str | Path | None) -> dict | None:
+    """The model set-up (rope, added tokens: pyfast_tune.trainer.model_setup) a folder's base
+    needs: from ``convert``'s pyfast_tune.json, or for a checkpoint's ``hf/`` folder from its
+    trainer_state.json. None when there is none to apply (or it is applied already)."""
+    if path is None:
+        return None
+    d = Path(path)
+    for f, key in ((d / RUN_FILE, "model_setup"), (d.parent / "trainer_state.json", "model_setup")):
+        if f.is_file():
+            return json.loads(f.read_text()).get(key)
+    return None
+
+
+def _empty_model(model_dir: str | Path, dtype: torch.dtype | None, trust_remote_code: bool,
+                 setup: dict | None = None):  # fmt: skip
+    """The architecture of ``model_dir`` with its parameters on the meta device (no memory),
+    with the run's set-up (rope in the config, the grown vocabulary).
     Buffers are real: non-persistent ones (rotary ``inv_freq``) are in no checkpoint."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from pyfast_tune.trainer.model_setup import apply_to_config
+
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if setup:
+        apply_to_config(config, setup)
+        if setup.get("tokens"):
+            config.vocab_size = max(config.vocab_size, setup["tokens"])
     with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(
             config, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
@@ -278,10 +294,12 @@ def run_template(ckpt: Path) -> str | None:
     return data.get("template") if isinstance(data, dict) else None
 
 
-def _write_run_file(out: Path, cfg: dict, ckpt: Path) -> None:
+def _write_run_file(out: Path, cfg: dict, ckpt: Path, setup: dict | None = None) -> None:
     template = run_template(ckpt)
     info = {"template": template, "base_model": cfg.get("model"), "method": cfg.get("method"),
             "checkpoint": str(ckpt) if ckpt else None}  # fmt: skip
+    if setup and cfg.get("method") != "full":  # a full model's config and weights hold it
+        info["model_setup"] = setup
     (out / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -317,7 +335,8 @@ def convert(
 
     ckpt = resolve_checkpoint(checkpoint)
     cfg = _run_config(ckpt)
-    step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    step, setup = state["step"], state.get("model_setup")
     ds_dir = ckpt / "deepspeed" / DS_TAG
     weights, info = load_zero_state(ds_dir)
     out = Path(out_dir)
@@ -329,18 +348,20 @@ def convert(
     try:
         with torch.no_grad():
             if method == "full":
-                model = _empty_model(cfg["model"], torch_dtype, trust)
+                model = _empty_model(cfg["model"], torch_dtype, trust, setup)
                 _assign(model, weights, torch_dtype)
                 model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
                 _write_generation_config(model, cfg["model"], tmp, tok_src)
                 kind = "model"
             else:
-                model = _adapter_model(cfg, trust)
+                model = _adapter_model(cfg, trust, setup)
                 _assign_adapter(model, weights, torch_dtype)
-                model.save_pretrained(tmp, safe_serialization=True)
+                # The base is on meta; new tokens' rows are rebuilt from it at load time.
+                model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
                 kind = "adapter"
         copied = copy_tokenizer_files(tok_src, tmp)
-        _write_run_file(tmp, cfg, ckpt)
+        _add_missing_tokens(tmp, setup)
+        _write_run_file(tmp, cfg, ckpt, setup)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -349,26 +370,36 @@ def convert(
             "tokenizer_files": copied, **info}  # fmt: skip
 
 
-def _lora_config(cfg: dict):
-    from peft import LoraConfig
+def _add_missing_tokens(folder: Path, setup: dict | None) -> None:
+    """The run's added tokens in the exported tokenizer, when the copy came from a tokenizer
+    without them (the run's tokenizer folder under its cache is gone)."""
+    tokens = (setup or {}).get("new_special_tokens")
+    if not tokens or not (folder / "tokenizer.json").is_file():
+        return
+    from tokenizers import Tokenizer
 
-    lora = cfg.get("lora") or {}
-    return LoraConfig(
-        r=lora.get("r", 8),
-        lora_alpha=lora.get("alpha", 16),
-        lora_dropout=lora.get("dropout", 0.05),
-        target_modules=lora.get("target_modules", "all-linear"),
-        task_type="CAUSAL_LM",
-    )
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    if all(tok.token_to_id(t) is not None for t in tokens):
+        return
+    from pyfast_tune.trainer.model_setup import TOKENS_FILE, extend_tokenizer
+
+    info = extend_tokenizer(folder, tokens, folder)
+    (folder / TOKENS_FILE).unlink()
+    if info["tokens"] != setup["tokens"]:
+        raise ValueError(f"the tokenizer with {tokens} has {info['tokens']} tokens; the run "
+                         f"trained with {setup['tokens']}: not the run's tokenizer")  # fmt: skip
 
 
-def _adapter_model(cfg: dict, trust: bool):
+def _adapter_model(cfg: dict, trust: bool, setup: dict | None = None):
     """The run's PeftModel (same LoRA config as training) on the meta device."""
     from peft import get_peft_model
 
-    base = _empty_model(cfg["model"], None, trust)
+    from pyfast_tune.trainer.model import lora_config
+
+    base = _empty_model(cfg["model"], None, trust, setup)
     base.config.name_or_path = str(cfg["model"])
-    model = get_peft_model(base, _lora_config(cfg))
+    modules = (setup or {}).get("modules_to_save", (cfg.get("lora") or {}).get("modules_to_save"))
+    model = get_peft_model(base, lora_config(cfg.get("lora") or {}, modules))
     model.peft_config["default"].base_model_name_or_path = str(cfg["model"])
     return model
 
@@ -404,9 +435,10 @@ def merge(
     >>> merge("models/base", "adapter/", "merged/", dtype="bf16")   # doctest: +SKIP
     """
     from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from pyfast_tune.hub import resolve_tokenizer
+    from pyfast_tune.trainer.model_setup import load_base
     from pyfast_tune.trainer.checkpoint import copy_tokenizer_files
 
     out = Path(out_dir)
@@ -421,9 +453,10 @@ def merge(
     target = parse_dtype(dtype) or getattr(config, "dtype", None) or torch.float32
     if isinstance(target, str):
         target = DTYPES.get(target, torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(
-        base, dtype=torch.float32, trust_remote_code=trust_remote_code
-    )
+    # The run's rope settings and grown vocabulary go on the base first; the merged config
+    # and weights then hold them, so plain from_pretrained loads the result.
+    model = load_base(base, run_setup(adapter_path), dtype=torch.float32,
+                      trust_remote_code=trust_remote_code)  # fmt: skip
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model = model.to(target)
     model.config.use_cache = True
@@ -436,6 +469,7 @@ def merge(
         if run.is_file():
             info = json.loads(run.read_text())
             info.update(method="merged", adapter=str(adapter_path), base_model=str(base))
+            info.pop("model_setup", None)  # applied: in the merged config and weights
             (tmp / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

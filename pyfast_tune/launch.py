@@ -1,6 +1,6 @@
 """Start a training run in child processes: the DeepSpeed launcher (GPUs) or torchrun (any
-number of processes, CPU or GPU), each running ``pyfast_tune/train.py`` on one rank. This is
-the CLI side of training; ``train.py`` itself is the recipe a rank runs.
+number of processes, CPU or GPU), each running the module ``pyfast_tune.train`` on one rank.
+This is the CLI side of training; ``pyfast_tune.train`` is the entry a rank runs.
 """
 
 from __future__ import annotations
@@ -26,18 +26,19 @@ def launch_command(
     ``nproc`` -> torchrun with that many processes (CPU or GPU); otherwise the DeepSpeed
     launcher (all visible GPUs, or ``num_gpus``). ``deepspeed`` overrides the config's preset.
     """
-    script = str(Path(__file__).resolve().with_name("train.py"))
+    # The module, not the file: ranks import the installed package whatever their cwd.
+    module = "pyfast_tune.train"
     args = ["--config", str(config_path)]
     if deepspeed:
         args += ["--deepspeed", deepspeed]
     args += [str(a) for a in extra_args]
     if nproc is not None:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                script, *args]  # fmt: skip
+                "-m", module, *args]  # fmt: skip
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     if num_gpus is not None:
         cmd += ["--num_gpus", str(num_gpus)]
-    return [*cmd, script, *args]
+    return [*cmd, "--module", module, *args]
 
 
 def launch(

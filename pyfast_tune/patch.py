@@ -23,22 +23,17 @@ import logging
 
 import torch
 
+# The attention values and the names they register under live in a torch-free leaf, which the
+# config checks against; they stay importable from here.
+from pyfast_tune.choices import (  # noqa: F401
+    ATTENTION_CHOICES,
+    ATTENTION_NAMES,
+    EXPLICIT_BACKENDS,
+    STOCK_ATTENTION,
+)
+
 log = logging.getLogger(__name__)
 
-# "op": the first-use guard races the backends that run here (see pyfast_tune.kernels.guard);
-# a backend name: that one, checked by the guard but not raced (falls back if it fails).
-# ("sdpa" is not among them: as an attention value it means the model's own stock SDPA.)
-EXPLICIT_BACKENDS = ("triton", "cpp", "torch_varlen", "flash_attn")
-ATTENTION_NAMES = {
-    "ref": "pyfast_varlen",
-    "op": "pyfast_varlen_op",
-    **{b: f"pyfast_varlen_{b}" for b in EXPLICIT_BACKENDS},
-}
-# Values of `attention` that leave the model's own attention in place (transformers' names).
-# Training does not switch implementations for them: the model runs as it was loaded.
-STOCK_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-# Every value the training config's `attention` accepts.
-ATTENTION_CHOICES = (*ATTENTION_NAMES, *STOCK_ATTENTION)
 _PREVIOUS_ATTN = "_pyfast_previous_attn_implementation"
 _LORA_PATCHED = "_pyfast_lora_patched"
 

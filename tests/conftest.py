@@ -5,6 +5,7 @@ development and CI machines, so Triton kernels run (slowly) in the interpreter o
 """
 
 import os
+import subprocess
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -87,3 +88,67 @@ def shared_cases(cases: list) -> list:
     width = len(cases[0]) if isinstance(cases[0], tuple) else 1
     reason = f"{NO_SHARED}; every case of this test reads it"
     return [pytest.param(*[None] * width, marks=pytest.mark.skip(reason=reason), id="no-shared")]
+
+
+# ---------------------------------------------------------------- tiny training runs
+
+
+def tiny_training(
+    d: Path, tokenizer, chats: Path, records: int, turns: int, config: str = ""
+) -> dict:
+    """What a tiny training run needs, made in ``d``: ``records`` generated chats of at most
+    ``turns`` turns packed into 256-token packs (template ``default``), a tiny Llama, and
+    ``run.yaml`` training it on them, with ``config`` (YAML lines) after model, data and
+    max_length. Returns the paths: config, model, packed, jsonl, dir, and the tokenizer."""
+    from pyfast_tune.data import pack
+    from pyfast_tune.trainer.tiny import make_tiny_llama, trimmed_conversations
+
+    jsonl = trimmed_conversations(chats, d / "chat.jsonl", records=records, turns=turns)
+    pack([jsonl], d / "packed", tokenizer=tokenizer, max_length=256, format="openai",
+         template="default")  # fmt: skip
+    model = make_tiny_llama(d / "tiny", tokenizer, seed=0, init_std=0.1)
+    run_yaml = d / "run.yaml"
+    run_yaml.write_text(f"model: {model}\ndata: {d / 'packed'}\nmax_length: 256\n{config}")
+    return {"config": run_yaml, "model": model, "packed": d / "packed", "jsonl": jsonl, "dir": d,
+            "tok": tokenizer}  # fmt: skip
+
+
+def sgd_deepspeed_json(d: Path, preset: str) -> Path:
+    """A DeepSpeed preset with torch's plain SGD (no momentum) for its AdamW, written in ``d``.
+
+    For tests that compare weights (or what weights decide, such as greedy answers) between
+    runs whose sums round differently (another world size, the fused loss): after an Adam
+    step a weight whose gradient is near zero moves by up to lr in a direction rounding
+    picks, so such comparisons would hold only on some CPUs; after SGD steps the weights
+    differ by lr times the gradients' rounding."""
+    import json
+
+    from pyfast_tune.trainer.ds_config import load_deepspeed_json
+
+    ds = load_deepspeed_json(preset)
+    ds["optimizer"] = {"type": "SGD", "params": {"lr": "auto"}}
+    path = d / f"{preset}_sgd.json"
+    path.write_text(json.dumps(ds, indent=2))
+    return path
+
+
+def train_process(config: Path, out: Path, nproc: int = 1, *args: str, check: bool = True,
+                  timeout: float = 900) -> subprocess.CompletedProcess:  # fmt: skip
+    """Train ``config`` into ``out`` as ``pyfast-tune train`` does (torchrun, ``nproc``
+    processes, extra ``args`` as config overrides); with ``check`` it must succeed."""
+    from pyfast_tune.launch import launch_command
+
+    cmd = launch_command(config, nproc=nproc, extra_args=["--output_dir", str(out), *args])
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def train_metrics(config: Path, out: Path, nproc: int = 1, *args: str) -> list[dict]:
+    """``train_process``, then the run's metrics.jsonl records."""
+    from pyfast_tune.trainer.metrics import read_metrics
+
+    train_process(config, out, nproc, *args)
+    return read_metrics(out / "metrics.jsonl")

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from pyfast_tune.kernels import _varlen_triton
+from pyfast_tune.kernels.varlen_attention import triton as _varlen_triton
 from pyfast_tune.kernels.aot import row_failure, run_report
 
 
@@ -82,7 +82,8 @@ def test_report_rows_are_the_launchers_own_configs(quick_rows):
 
 _SPECIALIZE = """
 import json, torch
-from pyfast_tune.kernels import _lora_triton, _varlen_triton
+from pyfast_tune.kernels.lora import triton as _lora_triton
+from pyfast_tune.kernels.varlen_attention import triton as _varlen_triton
 from pyfast_tune.kernels.aot import specialize
 q = torch.zeros((1, 32, 128), dtype=torch.bfloat16)
 k = torch.zeros((1, 8, 128), dtype=torch.bfloat16)

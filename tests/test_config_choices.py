@@ -102,3 +102,28 @@ def test_pack_options_in_the_data_section():
         load_config(None, [*argv, "--data.min_lenght", "5"])
     with pytest.raises(ConfigError, match="data.columns: pack options apply to data.inputs"):
         load_config(None, [*BASE, "--data.columns", "instruction=q"])
+
+
+def test_config_and_data_import_neither_torch_nor_transformers(tmp_path):
+    # The core (pack, read) and config loading run without the [train] extra; a fresh
+    # interpreter shows what they pull in (this one has torch loaded by other tests).
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    config = tmp_path / "run.yaml"
+    config.write_text("model: m\ndata:\n  inputs: [a.jsonl]\n  tokenizer: t\n  min_length: 2\n"
+                      "attention: op\ndtype: bf16\nmethod: qlora\nquant: {quant_type: fp4}\n")  # fmt: skip
+    code = (
+        "import sys\n"
+        "import pyfast_tune.data\n"
+        "from pyfast_tune.config import load_config\n"
+        f"cfg = load_config({str(config)!r}, ['--attention', 'ref'])\n"
+        "assert cfg.data.pack_options == {'min_length': 2}, cfg.data\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

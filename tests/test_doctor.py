@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from pyfast_tune import doctor
-from pyfast_tune.kernels import faults, guard
+from pyfast_tune.kernels import guard
+from pyfast_tune.kernels.guard import faults
 from tests.conftest import ROOT
 
 SMALL = {"dtype": "float32", "head_dim": 32, "gqa": 2, "window": [-1, 0]}

@@ -77,9 +77,16 @@ def test_every_exception_is_exported():
 
 def test_stubs_list_the_extension():
     stub = ast.parse((Path(pyfast_tune.__file__).parent / "_packer.pyi").read_text())
+    # TypedDicts only describe the dicts the extension returns; they are not in it.
+    shapes = {
+        n.name
+        for n in stub.body
+        if isinstance(n, ast.ClassDef) and any(getattr(b, "id", "") == "TypedDict" for b in n.bases)
+    }
     stubbed = {n.name for n in stub.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     public = {n for n in dir(_packer) if not n.startswith("_")}
-    assert stubbed == public
+    assert stubbed - shapes == public
+    assert shapes == {"FieldDoc", "TemplateDict", "BinaryFile", "EngineFacts", "VerifyReport"}
 
 
 def test_engine_facts_describe_what_pack_writes(tmp_path, tiny_tokenizer):

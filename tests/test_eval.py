@@ -10,8 +10,6 @@ the logged loss against the saved checkpoint and the answers against a plain gre
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pyfast_tune.trainer.batches import IGNORE
-from tests.conftest import ROOT
+from tests.conftest import sgd_deepspeed_json, tiny_training, train_process
 
 STEPS = 5
 
@@ -29,21 +27,17 @@ STEPS = 5
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_tokenizer, generated_chats):
     from pyfast_tune.data import pack
-    from pyfast_tune.trainer.tiny import make_tiny_llama, trimmed_conversations
+    from pyfast_tune.trainer.tiny import trimmed_conversations
 
     d = tmp_path_factory.mktemp("eval")
-    jsonl = trimmed_conversations(generated_chats, d / "chat.jsonl", records=120, turns=4)
-    pack([jsonl], d / "packed", tokenizer=tiny_tokenizer, max_length=256, format="openai",
-         template="default")  # fmt: skip
+    run = tiny_training(d, tiny_tokenizer, generated_chats, records=120, turns=4)
     # A separate eval set: other conversations of the same generated world.
     other = trimmed_conversations(generated_chats, d / "all.jsonl", records=140, turns=4)
     lines = other.read_text().splitlines()[120:]
     (d / "heldout.jsonl").write_text("\n".join(lines) + "\n")
     pack([d / "heldout.jsonl"], d / "eval_packed", tokenizer=tiny_tokenizer, max_length=256,
          format="openai", template="default")  # fmt: skip
-    model = make_tiny_llama(d / "tiny", tiny_tokenizer, seed=0, init_std=0.1)
-    return {"dir": d, "jsonl": jsonl, "packed": d / "packed", "eval_packed": d / "eval_packed",
-            "model": model, "tok": tiny_tokenizer}  # fmt: skip
+    return {**run, "eval_packed": d / "eval_packed"}
 
 
 def _samples(view) -> Counter:
@@ -359,16 +353,6 @@ def _config(setup, path: Path, eval_section: str, **keys) -> Path:
     return path
 
 
-def _train(config: Path, out: Path, nproc: int = 1, *args: str) -> subprocess.CompletedProcess:
-    from pyfast_tune.launch import launch_command
-
-    cmd = launch_command(config, nproc=nproc, extra_args=["--output_dir", str(out), *args])
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
 def _evals(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines() if x.strip()]
 
@@ -385,7 +369,7 @@ def split_run(setup, tmp_path_factory):
     d = tmp_path_factory.mktemp("split_run")
     config = _config(setup, d / "run.yaml", SPLIT_EVAL)
     out = d / "run"
-    return config, out, _train(config, out)
+    return config, out, train_process(config, out)
 
 
 def _greedy(model, prompt_ids: list[int], stop: set[int], max_new: int) -> list[int]:
@@ -453,9 +437,9 @@ def test_eval_runs_on_schedule_with_the_training_loss_and_greedy_answers(setup, 
 def test_resume_keeps_the_eval_schedule(setup, split_run, tmp_path):
     config, full_out, _ = split_run
     out = tmp_path / "run"
-    _train(config, out, 1, "--stop_after_steps", "3")
+    train_process(config, out, 1, "--stop_after_steps", "3")
     assert [e["step"] for e in _evals(out)] == [0, 2]
-    _train(config, out, 1, "--resume", "true")
+    train_process(config, out, 1, "--resume", "true")
     resumed, full = _evals(out), _evals(full_out)
     assert [e["step"] for e in resumed] == [0, 2, 4, 5]  # no second evaluation at the start
     for a, b in zip(resumed, full):
@@ -468,20 +452,20 @@ def test_resume_refuses_another_split(setup, split_run, tmp_path):
     on another (its data fingerprint names the held-out samples)."""
     import shutil
 
-    from pyfast_tune.launch import launch_command
-
     config, full_out, _ = split_run
     out = tmp_path / "run"
     shutil.copytree(full_out / "checkpoints", out / "checkpoints")
-    extra = ["--output_dir", str(out), "--resume", "true", "--eval.split", "0.2"]
-    proc = subprocess.run(launch_command(config, nproc=1, extra_args=extra),
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-                          text=True, timeout=900)  # fmt: skip
+    proc = train_process(config, out, 1, "--resume", "true", "--eval.split", "0.2", check=False)
     assert proc.returncode != 0 and "trained on different data" in proc.stderr
 
 
-ZERO3 = {"max_steps": 2, "save_steps": 0, "save_hf": "false", "deepspeed": "zero3",
-         "method": "full", "lr": "3.0e-3"}  # fmt: skip
+def _zero3(setup) -> dict:
+    """A 2-step ZeRO-3 full fine-tune with plain SGD: runs on 1 and 2 processes round their
+    sums differently, and only after SGD steps (not Adam's) are the weights, and so the
+    greedy answers compared below, the same on any CPU (conftest.sgd_deepspeed_json)."""
+    ds = sgd_deepspeed_json(setup["dir"], "zero3")
+    return {"max_steps": 2, "save_steps": 0, "save_hf": "false", "deepspeed": ds,
+            "method": "full", "lr": "0.5"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -491,7 +475,7 @@ def zero3_one_process(setup, tmp_path_factory):
     d = tmp_path_factory.mktemp("zero3")
     section = (f"eval:\n  data: {setup['eval_packed']}\n  steps: 1\n  max_new_tokens: 8\n"
                f"  prompts: {json.dumps(PROMPTS)}\n")  # fmt: skip
-    config = _config(setup, d / "run.yaml", section, **ZERO3)
+    config = _config(setup, d / "run.yaml", section, **_zero3(setup))
     return config, _evals(_train_out(config, d / "one", 1))
 
 
@@ -529,12 +513,12 @@ def test_evaluating_changes_no_training_loss(setup, zero3_one_process, tmp_path)
     from pyfast_tune.trainer.metrics import read_metrics
 
     config, _ = zero3_one_process
-    plain = _config(setup, tmp_path / "plain.yaml", "", **ZERO3)
+    plain = _config(setup, tmp_path / "plain.yaml", "", **_zero3(setup))
     with_eval = read_metrics(_train_out(config, tmp_path / "eval", 2) / "metrics.jsonl")
     without = read_metrics(_train_out(plain, tmp_path / "plain", 2) / "metrics.jsonl")
     assert [m["loss"] for m in with_eval] == [m["loss"] for m in without]
 
 
 def _train_out(config: Path, out: Path, nproc: int, *args: str) -> Path:
-    _train(config, out, nproc, *args)
+    train_process(config, out, nproc, *args)
     return out

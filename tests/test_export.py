@@ -3,9 +3,7 @@ step, in any dtype and shard size; broken checkpoints fail naming what is missin
 under ZeRO-2 are converted in test_workflow.py, on its 2-process run.)"""
 
 import json
-import os
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -13,37 +11,23 @@ from safetensors.torch import load_file
 
 from pyfast_tune.cli import main as cli
 from pyfast_tune.export import convert, resolve_checkpoint
-from pyfast_tune.launch import launch_command
-from tests.conftest import ROOT
+from tests.conftest import tiny_training, train_process
 
 STEPS = 2
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_tokenizer, generated_chats):
-    from pyfast_tune.data import pack
-    from pyfast_tune.trainer.tiny import make_tiny_llama, trimmed_conversations
-
-    tok = tiny_tokenizer
-    d = tmp_path_factory.mktemp("export")
-    jsonl = trimmed_conversations(generated_chats, d / "c.jsonl", records=40, turns=2)
-    pack([jsonl], d / "packed", tokenizer=tok, max_length=256, format="openai", template="default")
-    model = make_tiny_llama(d / "tiny", tok, seed=0, init_std=0.1)
-    config = d / "run.yaml"
-    config.write_text(
-        f"model: {model}\ndata: {d / 'packed'}\nmax_length: 256\n"
-        "lora: {r: 4, alpha: 8, dropout: 0.0}\n"
+    return tiny_training(
+        tmp_path_factory.mktemp("export"), tiny_tokenizer, generated_chats, records=40, turns=2,
+        config="lora: {r: 4, alpha: 8, dropout: 0.0}\n"
         f"max_steps: {STEPS}\nlr: 3.0e-3\nmicro_batch_size: 1\nglobal_batch_size: 2\n"
-        "gradient_checkpointing: false\ntensorboard: false\nprogress_bar: false\n"
-    )
-    return {"config": config, "model": model, "tok": tok}
+        "gradient_checkpointing: false\ntensorboard: false\nprogress_bar: false\n",
+    )  # fmt: skip
 
 
 def _train(setup, out, nproc, *args):
-    cmd = launch_command(setup["config"], nproc=nproc, extra_args=["--output_dir", str(out), *args])
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    train_process(setup["config"], out, nproc, *args)
     return out
 
 

@@ -18,8 +18,10 @@ import sys
 import pytest
 import torch
 
-from pyfast_tune.kernels import faults, guard
-from pyfast_tune.kernels.guard_ops import attention_shape, lora_shape
+from pyfast_tune.kernels import guard
+from pyfast_tune.kernels.guard import faults
+from pyfast_tune.kernels.lora import lora_shape
+from pyfast_tune.kernels.varlen_attention import attention_shape
 from pyfast_tune.kernels.varlen_attention import varlen_attention
 from tests.conftest import ROOT
 
@@ -104,7 +106,7 @@ def test_guard_accepts_correct_backends_and_caches_on_disk(monkeypatch, tmp_path
 
     # A new process (memory forgotten) reads the file and checks nothing.
     guard.forget()
-    monkeypatch.setattr(guard, "evaluate", lambda *a, **k: pytest.fail("re-checked"))
+    monkeypatch.setattr(guard.check, "evaluate", lambda *a, **k: pytest.fail("re-checked"))
     again = guard.decide("varlen_attention", CPU, ATTN)
     assert again.chosen == decision.chosen and again.source == "disk cache"
 
@@ -190,7 +192,7 @@ def test_nothing_is_decided_while_tracing():
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
         out = varlen_attention(fq, fk, fv, cu, cu, m, m)
-    assert out.shape == q.shape and not guard._DECISIONS
+    assert out.shape == q.shape and not guard.decision._DECISIONS
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

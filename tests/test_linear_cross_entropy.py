@@ -13,12 +13,12 @@ import zlib
 import pytest
 import torch
 
-from pyfast_tune.kernels import _lce_triton
 from pyfast_tune.kernels.linear_cross_entropy import (
-    _plan,
     linear_cross_entropy,
     linear_cross_entropy_ref,
 )
+from pyfast_tune.kernels.linear_cross_entropy import triton as _lce_triton
+from pyfast_tune.kernels.linear_cross_entropy.op import _plan
 
 T, H, V = 67, 32, 101
 ROWS_CHUNK = 10 * V * 4  # fp32: 10 tokens per chunk -> 6 chunks of 10 and one of 7

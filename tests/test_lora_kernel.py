@@ -452,7 +452,7 @@ import inspect, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from pyfast_tune.kernels import _lora_triton as L
+from pyfast_tune.kernels.lora import triton as L
 
 arch, act, adt, w4, r_block = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1", int(sys.argv[5])
 ptr = {"X": act, "W": "u8" if w4 else act, "Y": act, "BIAS": act, "DY": act, "DX": act,

@@ -5,14 +5,18 @@ repeats, the all-to-all layout, and ``ulysses_attention`` and a whole tiny GQA L
 N threads that exchange through memory (one model replica per thread, as one per rank), whose
 summed loss and gradients equal the unsplit row's.
 Two processes (torchrun, gloo, DeepSpeed): ``sequence_parallel_size: 2`` trains to the same
-losses (fp32, rel <= 1e-5) and weights as one process on the same global batches, for LoRA and
-full fine-tuning under ZeRO-2 and ZeRO-3, and resume works into and out of it.
+losses (fp32, rel <= 1e-5), gradient norms and weights as one process on the same global
+batches, for LoRA and full fine-tuning under ZeRO-2 and ZeRO-3, and resume works into and out
+of it.
+
+Weights are compared only after plain SGD steps: Adam divides by the root of the squared
+gradient, so a near-zero gradient whose rounding differs between the runs (another CPU's
+kernels sum in another order) moves its weight by up to lr either way. Adam runs are compared
+by their losses and gradient norms, which stay within rounding of each other.
 """
 
 import copy
 import json
-import os
-import subprocess
 import threading
 from pathlib import Path
 
@@ -32,6 +36,7 @@ from pyfast_tune.trainer.sequence_parallel import (
     shard_row,
     ulysses_attention,
 )
+from tests.conftest import sgd_deepspeed_json, train_metrics, train_process
 
 
 def _pack(lengths, seed=0):
@@ -334,7 +339,17 @@ def test_model_on_shards_gives_the_rows_loss_and_gradients(packed, gqa_models, k
 STEPS = 4
 
 
-def _config(tmp: Path, packed: Path, model: Path, method: str, preset: str) -> Path:
+# Learning rates that make the tiny model's loss fall within STEPS steps.
+LR = {("adamw", "lora"): 1e-2, ("adamw", "full"): 3e-3, ("sgd", "lora"): 1.0, ("sgd", "full"): 1.0}
+
+
+def _deepspeed_json(tmp: Path, preset: str, optimizer: str) -> str:
+    """The preset itself (AdamW), or the preset with plain SGD (see the module's docstring)."""
+    return preset if optimizer == "adamw" else str(sgd_deepspeed_json(tmp, preset))
+
+
+def _config(tmp: Path, packed: Path, model: Path, method: str, preset: str,
+            optimizer: str) -> Path:  # fmt: skip
     config = tmp / "run.yaml"
     config.write_text(
         f"model: {model}\n"
@@ -342,9 +357,9 @@ def _config(tmp: Path, packed: Path, model: Path, method: str, preset: str) -> P
         "max_length: 256\n"
         f"method: {method}\n"
         "lora: {r: 8, alpha: 16, dropout: 0.0}\n"  # dropout masks are drawn per shard
-        f"deepspeed: {preset}\n"
+        f"deepspeed: {_deepspeed_json(tmp, preset, optimizer)}\n"
         f"max_steps: {STEPS}\n"
-        f"lr: {1e-2 if method == 'lora' else 3e-3}\n"
+        f"lr: {LR[optimizer, method]}\n"
         "warmup_steps: 1\n"
         "micro_batch_size: 1\n"
         "global_batch_size: 2\n"
@@ -353,14 +368,6 @@ def _config(tmp: Path, packed: Path, model: Path, method: str, preset: str) -> P
         "report_to: none\n"
     )
     return config
-
-
-def _train(config: Path, out: Path, nproc: int, *args: str) -> list[dict]:
-    from pyfast_tune.trainer.metrics import read_metrics
-    from tests.test_train_deepspeed import train_process
-
-    train_process({"config": config}, out, nproc, *args)
-    return read_metrics(out / "metrics.jsonl")
 
 
 def _weights(run: Path, step: int = STEPS) -> dict:
@@ -381,6 +388,7 @@ def _assert_same_training(got: list[dict], want: list[dict]):
 
 
 def _assert_same_weights(got: dict, want: dict):
+    """Weights after SGD steps (see the module's docstring for why not after Adam's)."""
     assert got.keys() == want.keys() and got
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
@@ -388,15 +396,16 @@ def _assert_same_weights(got: dict, want: dict):
 
 @pytest.fixture(scope="module")
 def runs(packed, gqa_models, tmp_path_factory):
-    """Trained runs by (preset, method, kv_heads, sequence_parallel_size), each once."""
+    """Trained runs by (preset, method, kv_heads, sequence_parallel_size, optimizer), each
+    once; optimizer is adamw (the preset's) or sgd."""
     done = {}
 
-    def get(preset, method, kv_heads, sp):
-        key = (preset, method, kv_heads, sp)
+    def get(preset, method, kv_heads, sp, optimizer="adamw"):
+        key = (preset, method, kv_heads, sp, optimizer)
         if key not in done:
-            d = tmp_path_factory.mktemp(f"{preset}_{method}_kv{kv_heads}_sp{sp}")
-            config = _config(d, packed, gqa_models[kv_heads], method, preset)
-            metrics = _train(config, d / "run", sp, "--sequence_parallel_size", str(sp))
+            d = tmp_path_factory.mktemp(f"{preset}_{method}_kv{kv_heads}_sp{sp}_{optimizer}")
+            config = _config(d, packed, gqa_models[kv_heads], method, preset, optimizer)
+            metrics = train_metrics(config, d / "run", sp, "--sequence_parallel_size", str(sp))
             done[key] = (config, d / "run", metrics)
         return done[key]
 
@@ -413,9 +422,10 @@ def runs(packed, gqa_models, tmp_path_factory):
     ],
 )
 def test_two_ranks_train_like_one(runs, preset, method, kv_heads):
-    """sequence_parallel_size 2 on 2 processes = 1 process on the same global batches."""
-    _, one_dir, one = runs(preset, method, kv_heads, 1)
-    _, two_dir, two = runs(preset, method, kv_heads, 2)
+    """sequence_parallel_size 2 on 2 processes = 1 process on the same global batches: the
+    same losses, gradient norms and (after SGD steps) weights."""
+    _, one_dir, one = runs(preset, method, kv_heads, 1, "sgd")
+    _, two_dir, two = runs(preset, method, kv_heads, 2, "sgd")
     _assert_same_training(two, one)
     assert one[-1]["loss"] < one[0]["loss"]  # it trains
     # Packs of odd length were padded, and the padding is counted apart from the tokens.
@@ -432,27 +442,22 @@ def test_two_ranks_train_like_one(runs, preset, method, kv_heads):
 @pytest.mark.parametrize("saved_by,resumed_by", [(2, 1), (1, 2)])
 def test_resume_into_and_out_of_sequence_parallelism(runs, tmp_path, saved_by, resumed_by):
     """A checkpoint of step 2 saved with sequence_parallel_size ``saved_by`` continues with
-    ``resumed_by`` (as many processes) to the losses and weights of the uninterrupted run."""
+    ``resumed_by`` (as many processes) to the losses and gradient norms of the uninterrupted
+    run. AdamW, whose moments the universal checkpoint reshards between world sizes; so the
+    weights are not compared (see the module's docstring)."""
     config, saved_dir, _ = runs("zero2", "lora", 2, saved_by)
-    _, full_dir, full = runs("zero2", "lora", 2, 1)
+    _, _, full = runs("zero2", "lora", 2, 1)
     step2 = saved_dir / "checkpoints" / "step_00000002"
     out = tmp_path / "resumed"
-    resumed = _train(config, out, resumed_by, "--sequence_parallel_size", str(resumed_by),
+    resumed = train_metrics(config, out, resumed_by, "--sequence_parallel_size", str(resumed_by),
                      "--resume", str(step2))  # fmt: skip
     _assert_same_training(resumed, full[2:])
-    _assert_same_weights(_weights(out), _weights(full_dir))
 
 
 def test_sequence_parallel_size_must_divide_the_processes(runs, tmp_path):
-    from pyfast_tune.launch import launch_command
-    from tests.conftest import ROOT
-
     config, _, _ = runs("zero2", "lora", 2, 1)
-
-    cmd = launch_command(config, nproc=2, extra_args=["--output_dir", str(tmp_path / "run"),
-                                                       "--sequence_parallel_size", "4"])  # fmt: skip
-    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    proc = train_process(config, tmp_path / "run", 2, "--sequence_parallel_size", "4",
+                         check=False)  # fmt: skip
     assert proc.returncode != 0
     assert "sequence_parallel_size 4 must divide the number of processes (2)" in proc.stderr
 

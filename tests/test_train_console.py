@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -19,6 +17,7 @@ import pytest
 
 from pyfast_tune.config import resolve_report_to
 from pyfast_tune.trainer.metrics import Console, MetricsLog, require_reporters
+from tests.conftest import tiny_training, train_process
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = {"config": {"lr": 0.001, "lora": {"r": 4}}, "data_fingerprint": "fp123", "packed_dir": "/p"}
@@ -180,30 +179,16 @@ def test_console_bar_on_a_tty():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_tokenizer, generated_chats):
-    from pyfast_tune.data import pack
-    from pyfast_tune.trainer.tiny import make_tiny_llama, trimmed_conversations
-
-    d = tmp_path_factory.mktemp("console")
-    jsonl = trimmed_conversations(generated_chats, d / "c.jsonl", records=24, turns=2)
-    pack([jsonl], d / "packed", tokenizer=tiny_tokenizer, max_length=256, format="openai")
-    model = make_tiny_llama(d / "tiny", tiny_tokenizer, seed=0, init_std=0.1)
-    config = d / "run.yaml"
-    config.write_text(
-        f"model: {model}\ndata: {d / 'packed'}\nmax_length: 256\n"
-        "lora: {r: 4, alpha: 8, dropout: 0.0}\nmax_steps: 3\nlr: 1.0e-3\nlog_steps: 2\n"
-        "gradient_checkpointing: false\nreport_to: [tensorboard]\n"
-    )
-    return config
+    return tiny_training(
+        tmp_path_factory.mktemp("console"), tiny_tokenizer, generated_chats, records=24, turns=2,
+        config="lora: {r: 4, alpha: 8, dropout: 0.0}\nmax_steps: 3\nlr: 1.0e-3\nlog_steps: 2\n"
+        "gradient_checkpointing: false\nreport_to: [tensorboard]\n",
+    )["config"]  # fmt: skip
 
 
 def test_training_prints_lines_and_a_summary_and_no_dependency_noise(tiny_run, tmp_path):
-    from pyfast_tune.launch import launch_command
-
     out = tmp_path / "run"
-    cmd = launch_command(tiny_run, nproc=1, extra_args=["--output_dir", str(out)])
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    proc = train_process(tiny_run, out, 1, timeout=1200)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("step ")]
     assert [x.split(" | ")[0] for x in lines] == ["step 2/3", "step 3/3"], proc.stdout
     for field in ("loss ", "lr ", "tok/s ", "trained ", "MFU ", "ETA "):

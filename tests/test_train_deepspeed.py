@@ -12,66 +12,32 @@ import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
+import sys
 
 import pytest
 import torch
 
-from pyfast_tune.launch import launch_command
 from pyfast_tune.trainer.metrics import read_metrics
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_training, train_metrics, train_process
 
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_tokenizer, generated_chats):
-    """Packed generated chats (2 turns, 256-token packs), a tiny model and a base config."""
-    from pyfast_tune.data import pack
-    from pyfast_tune.trainer.tiny import make_tiny_llama, trimmed_conversations
-
-    tok, src = tiny_tokenizer, generated_chats
-    d = tmp_path_factory.mktemp("ds")
-    jsonl = trimmed_conversations(src, d / "chat.jsonl", records=150, turns=4)
-    pack([jsonl], d / "packed", tokenizer=tok, max_length=256, format="openai", template="default")
-    model = make_tiny_llama(d / "tiny", tok, seed=0, init_std=0.1)
-    config = d / "run.yaml"
-    config.write_text(
-        f"model: {model}\n"
-        f"data: {d / 'packed'}\n"
-        "max_length: 256\n"
-        "method: lora\n"
-        "lora: {r: 8, alpha: 16, dropout: 0.1}\n"
-        f"max_steps: {STEPS}\n"
-        "lr: 1.0e-2\n"
-        "warmup_steps: 1\n"
-        "micro_batch_size: 1\n"
-        "global_batch_size: 4\n"
-        "save_steps: 3\n"
-        "progress_bar: false\n"
-    )
-    return {"config": config, "model": model, "packed": d / "packed", "tok": tok}
-
-
-def train_process(setup, out: Path, nproc: int, *args: str) -> subprocess.CompletedProcess:
-    """Run pyfast_tune/train.py under torchrun with ``nproc`` processes; it must succeed."""
-    cmd = launch_command(setup["config"], nproc=nproc, extra_args=["--output_dir", str(out), *args])
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
-def train(setup, out: Path, nproc: int, *args: str) -> list[dict]:
-    """Run pyfast_tune/train.py under torchrun with ``nproc`` processes; its metrics."""
-    train_process(setup, out, nproc, *args)
-    return read_metrics(out / "metrics.jsonl")
+    """Packed generated chats (4 turns, 256-token packs), a tiny model and a base config."""
+    return tiny_training(
+        tmp_path_factory.mktemp("ds"), tiny_tokenizer, generated_chats, records=150, turns=4,
+        config="method: lora\nlora: {r: 8, alpha: 16, dropout: 0.1}\n"
+        f"max_steps: {STEPS}\nlr: 1.0e-2\nwarmup_steps: 1\nmicro_batch_size: 1\n"
+        "global_batch_size: 4\nsave_steps: 3\nprogress_bar: false\n",
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def zero2_lora(setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero2_lora")
-    return out, train(setup, out, 2, "--deepspeed", "zero2")
+    return out, train_metrics(setup["config"], out, 2, "--deepspeed", "zero2")
 
 
 def _assert_learns(metrics):
@@ -125,11 +91,13 @@ def test_one_process_resumes_a_two_process_run(setup, zero2_lora, tmp_path):
     """Stop a 2-process run after step 3, resume it with 1 process: steps 4-6 are unchanged."""
     _, full = zero2_lora
     out = tmp_path / "run"
-    first = train(setup, out, 2, "--deepspeed", "zero2", "--stop_after_steps", "3")
+    first = train_metrics(
+        setup["config"], out, 2, "--deepspeed", "zero2", "--stop_after_steps", "3"
+    )
     assert [m["step"] for m in first] == [1, 2, 3]
     # A save killed half-way leaves a temp dir: resume must ignore it.
     (out / "checkpoints" / ".tmp-step_00000006").mkdir()
-    resumed = train(setup, out, 1, "--deepspeed", "zero2", "--resume", "true")
+    resumed = train_metrics(setup["config"], out, 1, "--deepspeed", "zero2", "--resume", "true")
     assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
     for a, b in zip(resumed, full):
         assert a["tokens"] == b["tokens"] and a["lr"] == pytest.approx(b["lr"], rel=1e-12)
@@ -141,8 +109,8 @@ def test_one_process_resumes_a_two_process_run(setup, zero2_lora, tmp_path):
 def test_two_processes_resume_on_two_processes(setup, zero2_lora, tmp_path):
     _, full = zero2_lora
     out = tmp_path / "run"
-    train(setup, out, 2, "--deepspeed", "zero2", "--stop_after_steps", "3")
-    resumed = train(setup, out, 2, "--deepspeed", "zero2", "--resume", "true")
+    train_metrics(setup["config"], out, 2, "--deepspeed", "zero2", "--stop_after_steps", "3")
+    resumed = train_metrics(setup["config"], out, 2, "--deepspeed", "zero2", "--resume", "true")
     for a, b in zip(resumed, full):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), (a, b)
 
@@ -151,10 +119,10 @@ def test_two_processes_resume_on_two_processes(setup, zero2_lora, tmp_path):
 def test_zero3_full_resumes_on_another_world_size(setup, tmp_path):
     """ZeRO-3 shards weights too: 1 process continues a 2-process run via the universal format."""
     args = ("--deepspeed", "zero3", "--method", "full", "--lr", "3e-3")
-    full = train(setup, tmp_path / "full", 2, *args)
+    full = train_metrics(setup["config"], tmp_path / "full", 2, *args)
     out = tmp_path / "run"
-    train(setup, out, 2, *args, "--stop_after_steps", "3")
-    resumed = train(setup, out, 1, *args, "--resume", "true")
+    train_metrics(setup["config"], out, 2, *args, "--stop_after_steps", "3")
+    resumed = train_metrics(setup["config"], out, 1, *args, "--resume", "true")
     assert (out / "checkpoints" / "step_00000003" / "deepspeed" / "state_universal").is_dir()
     for a, b in zip(resumed, full):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
@@ -166,9 +134,9 @@ def test_resume_without_optimizer_state(setup, zero2_lora, tmp_path):
     _, full = zero2_lora
     out = tmp_path / "run"
     args = ("--deepspeed", "zero2", "--save_optimizer", "false")
-    train(setup, out, 2, *args, "--stop_after_steps", "3")
+    train_metrics(setup["config"], out, 2, *args, "--stop_after_steps", "3")
     assert not list((out / "checkpoints").glob("step_*/deepspeed/state/*optim_states.pt"))
-    resumed = train(setup, out, 1, *args, "--resume", "true")
+    resumed = train_metrics(setup["config"], out, 1, *args, "--resume", "true")
     assert resumed[3]["loss"] == pytest.approx(full[3]["loss"], rel=1e-5)  # same weights
     assert resumed[3]["lr"] == pytest.approx(full[3]["lr"])
     assert resumed[4]["loss"] != pytest.approx(full[4]["loss"], rel=1e-6)  # fresh moments
@@ -181,7 +149,8 @@ def test_zero_stages_and_methods(setup, tmp_path, preset, method):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    proc = train_process(setup, out, 2, "--deepspeed", preset, "--method", method, "--lr", "3e-3")
+    proc = train_process(setup["config"], out, 2, "--deepspeed", preset, "--method", method,
+                         "--lr", "3e-3")  # fmt: skip
     _assert_learns(read_metrics(out / "metrics.jsonl"))
     if preset == "zero3":  # built under zero.Init: rank 0 never held the whole base model
         m = re.search(r"this process holds (\d+) of (\d+) parameter elements", proc.stderr)
@@ -202,7 +171,7 @@ def test_zero_stages_and_methods(setup, tmp_path, preset, method):
 @pytest.mark.parametrize("preset", ["zero2_offload", "zero3_offload"])
 def test_offload_presets(setup, tmp_path, preset):
     """Optimizer (and for ZeRO-3 parameter) offload: DeepSpeedCPUAdam, JIT-built on first use."""
-    metrics = train(setup, tmp_path / "run", 2, "--deepspeed", preset)
+    metrics = train_metrics(setup["config"], tmp_path / "run", 2, "--deepspeed", preset)
     _assert_learns(metrics)
 
 
@@ -216,7 +185,7 @@ def test_qlora_under_deepspeed_converts_and_merges(setup, tmp_path):
     from pyfast_tune.export import convert, merge
 
     out = tmp_path / "run"
-    metrics = train(setup, out, 1, "--deepspeed", "zero2", "--method", "qlora")
+    metrics = train_metrics(setup["config"], out, 1, "--deepspeed", "zero2", "--method", "qlora")
     _assert_learns(metrics)
     step = out / "checkpoints" / f"step_{STEPS:08d}"
     info = convert(step, tmp_path / "adapter")
@@ -265,11 +234,8 @@ def test_training_refuses_a_corrupted_packed_directory(setup, tmp_path):
     raw = bytearray(tokens.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     tokens.write_bytes(bytes(raw))
-    cmd = launch_command(setup["config"], nproc=1,
-                         extra_args=["--output_dir", str(tmp_path / "run"), "--data.path", str(data),
-                                     "--max_steps", "1"])  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = train_process(setup["config"], tmp_path / "run", 1, "--data.path", str(data),
+                         "--max_steps", "1", check=False)  # fmt: skip
     assert proc.returncode != 0
     assert "input_ids.bin" in proc.stderr and "CorruptDataError" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -290,3 +256,17 @@ def test_verify_marker_is_per_node_and_per_file_state(setup, tmp_path):
     index.write_bytes(bytes(raw))
     with pytest.raises(CorruptDataError, match="packs.bin"):
         verify_packed_dir(data, cache)
+
+
+def test_train_py_run_as_a_script_trains(setup, tmp_path):
+    """`deepspeed pyfast_tune/train.py` and `torchrun pyfast_tune/train.py` run the file as a
+    script, with pyfast_tune/ first on sys.path (where kernels/ would shadow the `kernels`
+    package bitsandbytes imports): it re-executes itself as the module and trains."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+           str(ROOT / "pyfast_tune" / "train.py"), "--config", str(setup["config"]),
+           "--output_dir", str(out), "--max_steps", "1", "--save_steps", "0"]  # fmt: skip
+    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert [m["step"] for m in read_metrics(out / "metrics.jsonl")] == [1]

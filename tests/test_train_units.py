@@ -317,21 +317,21 @@ def test_cu_seqlens_from_position_ids():
 
 
 def test_slurm_variables_become_torch_distributed_ones(monkeypatch):
-    from pyfast_tune.train import _distributed_env
+    from pyfast_tune.trainer.runtime import distributed_env
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
-    assert _distributed_env() == (5, 8, 1)
+    assert distributed_env() == (5, 8, 1)
 
 
 def test_attention_op_falls_back_to_ref_when_it_cannot_build(monkeypatch, caplog):
     import torch
 
     from pyfast_tune import patch
-    from pyfast_tune.kernels import _cpp
+    from pyfast_tune.kernels.varlen_attention import cpu as _cpp
 
     def no_compiler():
         raise _cpp.ExtensionBuildError("no C++ compiler found (looked for 'c++')")

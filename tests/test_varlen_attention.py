@@ -267,7 +267,7 @@ def test_input_validation(change, message):
 
 def test_missing_compiler_message(monkeypatch):
     """Without a C++ compiler the CPU backend says what is missing and names the fallback."""
-    from pyfast_tune.kernels import _cpp
+    from pyfast_tune.kernels.varlen_attention import cpu as _cpp
 
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     _cpp.load_varlen_attention.cache_clear()

@@ -40,15 +40,13 @@ GROUPS = ("attention", "lora", "lce")
 
 @functools.cache
 def _launches(group: str, arch: int) -> list:
+    """The launches of one group, from the Triton module of its op (imported here: Triton)."""
     if group == "attention":
-        from pyfast_tune.kernels._varlen_triton import aot_launches
+        from pyfast_tune.kernels.varlen_attention.triton import aot_launches
     elif group == "lora":
-        from pyfast_tune.kernels._lora_triton import aot_launches
+        from pyfast_tune.kernels.lora.triton import aot_launches
     else:
-        try:
-            from pyfast_tune.kernels._lce_triton import aot_launches
-        except ImportError:  # the fused loss is optional in this report until it ships
-            return []
+        from pyfast_tune.kernels.linear_cross_entropy.triton import aot_launches
     return aot_launches(arch)
 
 

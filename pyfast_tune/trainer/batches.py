@@ -32,6 +32,21 @@ from pyfast_tune.config import ConfigError
 IGNORE = -100
 
 
+def grad_accumulation(micro_batch_size: int, data_world: int, global_batch_size: int | None,
+                      grad_accum: int | None) -> int:  # fmt: skip
+    """Micro steps per optimizer step. The global batch (``global_batch_size`` packs per
+    optimizer step) is what resume keeps fixed on any number of processes; without it,
+    ``grad_accum`` (default 1) micro steps on each of the ``data_world`` replicas."""
+    if not global_batch_size:
+        return grad_accum or 1
+    if global_batch_size % (micro_batch_size * data_world):
+        raise ConfigError(
+            f"global_batch_size {global_batch_size} is not divisible by "
+            f"micro_batch_size {micro_batch_size} x {data_world} data-parallel processes"
+        )
+    return global_batch_size // (micro_batch_size * data_world)
+
+
 class PackOrder:
     """Deterministic order of packs over epochs and its split over ranks and micro steps.
 

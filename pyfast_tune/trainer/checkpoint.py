@@ -158,7 +158,12 @@ def save_hf(engine, model: torch.nn.Module, out: Path, zero_stage: int, tokenize
         out.mkdir(parents=True, exist_ok=True)
         if state_dict is None:
             state_dict = {k: v.detach() for k, v in model.state_dict().items()}
-        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        extra = {}
+        if hasattr(model, "peft_config"):
+            # New tokens' rows are rebuilt from the base (pyfast_tune.trainer.model_setup):
+            # peft's "auto" would save the whole resized embedding matrices into the adapter.
+            extra["save_embedding_layers"] = False
+        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True, **extra)
         copy_tokenizer_files(tokenizer, out)
 
 
@@ -174,8 +179,15 @@ def save_checkpoint(
     save_hf_output: bool,
     exclude_frozen: bool,
     tokenizer,
+    save_total_limit: int | None = None,
+    protect: Path | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically; every rank calls this (DeepSpeed saving is collective)."""
+    """Write checkpoint ``step`` atomically; every rank calls this (DeepSpeed saving is collective).
+
+    ``model.pyfast_tune_setup`` (rope, vocabulary: pyfast_tune.trainer.model_setup) is stored
+    in trainer_state.json as ``model_setup``. With ``save_total_limit`` the older checkpoints
+    beyond the newest N are deleted afterwards (:func:`prune_checkpoints`); ``protect`` (the
+    checkpoint this run resumed from) is never deleted."""
     root = checkpoint_root(output_dir)
     final = root / step_name(step)
     tmp = root / f".tmp-{step_name(step)}"
@@ -201,6 +213,9 @@ def save_checkpoint(
         save_hf(engine, model, tmp / "hf", zero_stage, tokenizer)
     if _rank() == 0:
         state = dict(trainer_state, step=step, has_optimizer=save_optimizer or zero_stage == 3)
+        setup = getattr(model, "pyfast_tune_setup", None)
+        if setup is not None:
+            state["model_setup"] = setup
         _write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=2))
         _fsync_tree(tmp)
         replaced = _commit_dir(tmp, final)
@@ -209,8 +224,36 @@ def save_checkpoint(
         _fsync_path(root)
         if replaced is not None:
             shutil.rmtree(replaced)
+        if save_total_limit:
+            prune_checkpoints(output_dir, save_total_limit, protect)
     _barrier()
     return final
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int, protect: Path | None = None) -> list[Path]:
+    """Delete complete checkpoints beyond the newest ``keep`` (as transformers'
+    ``save_total_limit``), never the one ``latest`` names nor ``protect``. Each is renamed to a
+    ``.tmp-*`` name first, so a crash mid-delete leaves nothing that looks like a checkpoint.
+    Returns the deleted paths (their old names)."""
+    root = checkpoint_root(output_dir)
+    pointer = root / "latest"
+    kept = {pointer.read_text().strip()} if pointer.is_file() else set()
+    if protect is not None and Path(protect).resolve().parent == root.resolve():
+        kept.add(Path(protect).name)
+    complete = _complete_steps(root)
+    newest = {p.name for p in complete[-keep:]}
+    deleted = []
+    for path in complete:
+        if path.name in newest or path.name in kept:
+            continue
+        doomed = root / f".tmp-delete-{path.name}"
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        deleted.append(path)
+    if deleted:
+        log.info("save_total_limit %d: deleted %s", keep, ", ".join(p.name for p in deleted))
+    return deleted
 
 
 def read_trainer_state(path: Path) -> dict:

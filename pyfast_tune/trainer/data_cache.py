@@ -16,6 +16,8 @@ import logging
 import os
 from pathlib import Path
 
+from pyfast_tune.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -75,3 +77,18 @@ def verify_packed_dir(packed_dir: Path, cache_dir: Path) -> bool:
         log.info("verified %s: %s", packed_dir, {k: v for k, v in report.items() if k != "files"})
         marker.write_text(json.dumps({"path": str(packed_dir)}) + "\n")
     return True
+
+
+def packed_template(configured: str | None, meta: dict, packed_dir) -> str:
+    """The template a packed directory was encoded with (its meta.json). A config that names
+    another one would train with one template and chat with another: an error naming both."""
+    packed = meta.get("template")
+    if packed is None:
+        raise ConfigError(f"{packed_dir}/meta.json records no template (not a packed directory?)")
+    if configured is not None and configured != packed:
+        raise ConfigError(
+            f"data.template is {configured!r} but {packed_dir} was packed with template "
+            f"{packed!r}: drop data.template (the packed directory's is used) or re-pack with "
+            f"--template {configured}"
+        )
+    return packed

@@ -11,6 +11,8 @@ would be 40x more FLOPs than the model actually needs. Activation recompute is n
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import time
@@ -45,26 +47,130 @@ class FlopCounter:
         return self.linear_flops_per_token * float(lengths.sum()) + attention
 
 
-def peak_flops_per_device(configured_tflops: float | None) -> tuple[float, str]:
-    """Peak FLOP/s of one device and where the figure comes from."""
+# Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, TFLOP/s per GPU: (bf16/fp16,
+# tf32). fp32 training on CUDA runs its matmuls in TF32 when allowed, else on CUDA cores, so
+# the tf32 figure is the honest ceiling there. More specific names come first.
+GPU_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0, 378.0),
+    ("H100 NVL", 835.0, 418.0),
+    ("GH200", 989.0, 494.0),
+    ("H200", 989.0, 494.0),
+    ("H100", 989.0, 494.0),  # SXM (HBM3)
+    ("H800", 989.0, 494.0),
+    ("H20", 148.0, 74.0),
+    ("B200", 2250.0, 1100.0),
+    ("A100", 312.0, 156.0),
+    ("A800", 312.0, 156.0),
+    ("L40S", 362.0, 183.0),
+    ("L40", 181.0, 90.5),
+    ("L4", 121.0, 60.0),
+    ("A10G", 70.0, 35.0),
+    ("A10", 125.0, 62.5),
+    ("A6000", 155.0, 77.4),
+    ("V100", 125.0, 125.0),  # fp16 only (no bf16): its tensor cores
+)
+PEAK_CACHE_FORMAT = 1
+
+
+def gpu_peak_tflops(name: str, dtype: str = "bfloat16") -> float | None:
+    """The datasheet peak of a GPU named ``name`` (``torch.cuda.get_device_name``), if known."""
+    for key, half, tf32 in GPU_PEAK_TFLOPS:
+        if key in name:
+            return tf32 if dtype == "float32" else half
+    return None
+
+
+def _peak_cache_path(key: dict) -> Path:
+    """Beside the kernel guard's decisions (the same root, without importing the kernels):
+    ``$PYFAST_TUNE_CACHE/mfu``, else ``$XDG_CACHE_HOME`` or ``~/.cache``/pyfast_tune/mfu."""
+    root = os.environ.get("PYFAST_TUNE_CACHE")
+    if root:
+        base = Path(root).expanduser()
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pyfast_tune"
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return base / "mfu" / f"peak-{digest}.json"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model", "Hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def measure_matmul_flops(dtype: torch.dtype, device: str = "cpu", size: int = 1024,
+                         trials: int = 7, trial_seconds: float = 0.25,
+                         warmup_seconds: float = 0.5, clock=time.perf_counter) -> float:  # fmt: skip
+    """FLOP/s of square ``size`` matmuls in ``dtype``: after ``warmup_seconds`` of them (clocks
+    ramp up, caches and thread pools fill), the best of ``trials`` timed runs of at least
+    ``trial_seconds``. The best, not the mean: interference (another process, a frequency
+    dip) only ever slows a run down, so the fastest run is the one closest to the peak."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def run(seconds: float) -> float:
+        sync()
+        t0, n = clock(), 0
+        while True:
+            a @ a
+            n += 1
+            sync()
+            elapsed = clock() - t0
+            if elapsed >= seconds:
+                return 2 * size**3 * n / elapsed
+
+    run(warmup_seconds)
+    return max(run(trial_seconds) for _ in range(trials))
+
+
+def peak_flops_per_device(configured_tflops: float | None, dtype: str = "float32",
+                          cache: bool = True) -> tuple[float, str]:  # fmt: skip
+    """Peak FLOP/s of one device for training in ``dtype`` and where the figure comes from:
+    the config's ``peak_tflops``; a known GPU's datasheet (:data:`GPU_PEAK_TFLOPS`); else a
+    measurement (:func:`measure_matmul_flops`), cached per machine (CPU or GPU model, thread
+    count, torch version, dtype) so every run on it divides by the same peak. The first
+    process to take the cache's lock measures; the others wait and read its figure."""
     if configured_tflops:
         return configured_tflops * 1e12, "config peak_tflops"
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         name = torch.cuda.get_device_name()
-        for key, tflops in (("H100", 989.0), ("A100", 312.0), ("L40", 181.0), ("A10", 125.0)):
-            if key in name:
-                return tflops * 1e12, f"bf16 dense peak of {name}"
-        return 0.0, f"unknown peak for {name}: set peak_tflops"
-    # No published peak for an arbitrary CPU: measure this process's fp32 matmul throughput.
-    a = torch.randn(1024, 1024)
-    a @ a
-    t0 = time.perf_counter()
-    n = 0
-    while time.perf_counter() - t0 < 0.3:
-        a @ a
-        n += 1
-    seconds = time.perf_counter() - t0
-    return 2 * 1024**3 * n / seconds, "measured fp32 matmul throughput of this CPU process"
+        tflops = gpu_peak_tflops(name, dtype)
+        if tflops is not None:
+            kind = "TF32" if dtype == "float32" else "bf16/fp16"
+            return tflops * 1e12, f"{kind} dense datasheet peak of {name}"
+    device = "cuda" if cuda else "cpu"
+    key = {"device": torch.cuda.get_device_name() if cuda else _cpu_name(),
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": dtype,
+           "format": PEAK_CACHE_FORMAT}  # fmt: skip
+    what = f"{dtype} matmul throughput of this {'GPU' if cuda else 'CPU process'}"
+    if not cache:
+        return measure_matmul_flops(getattr(torch, dtype), device), f"measured {what}"
+    path = _peak_cache_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "w")
+    except OSError:  # an unwritable cache: measure (unstable across runs, but honest)
+        return measure_matmul_flops(getattr(torch, dtype), device), f"measured {what}"
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            data = json.loads(path.read_text())
+            if data.get("key") == key:
+                return float(data["flops"]), f"{what}, measured before (cached in {path})"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        flops = measure_matmul_flops(getattr(torch, dtype), device)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "flops": flops}, indent=1))
+        os.replace(tmp, path)
+    return flops, f"measured {what} (cached in {path})"
 
 
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}

@@ -43,10 +43,16 @@ def build_model(cfg, dtype_name: str, local_rank: int = 0, zero_stage: int = 0) 
     """Load ``cfg.model`` with ``from_pretrained`` and prepare it for ``cfg.method``.
 
     ``use_cache`` is off (a KV cache is useless in training and disables transformers' packed
-    handling); ``trust_remote_code`` only when the config asks for it.
+    handling); ``trust_remote_code`` only when the config asks for it. The model set-up
+    (``rope_scaling``, ``max_position_embeddings``, ``new_special_tokens``) is applied before
+    LoRA wraps it and recorded as ``model.pyfast_tune_setup`` (checkpoints save it; convert,
+    merge and chat apply the same set-up to the base model).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from pyfast_tune.trainer.model_setup import apply_to_config, model_setup, setup_vocab
+
+    setup = model_setup(cfg)
     dtype = DTYPES[dtype_name]
     kwargs = {"dtype": dtype, "trust_remote_code": bool(cfg.trust_remote_code)}
     if cfg.method == "qlora":
@@ -55,8 +61,11 @@ def build_model(cfg, dtype_name: str, local_rank: int = 0, zero_stage: int = 0) 
         )
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+    config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=bool(cfg.trust_remote_code))
+    apply_to_config(config, setup)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, config=config, **kwargs)
     model.config.use_cache = False
+    setup_vocab(model, setup)
 
     def checkpointing():
         # Non-reentrant: works with frozen inputs and kwargs. transformers 5 renamed the API.
@@ -68,9 +77,10 @@ def build_model(cfg, dtype_name: str, local_rank: int = 0, zero_stage: int = 0) 
     if cfg.method == "full":
         if cfg.gradient_checkpointing:
             checkpointing()
+        model.pyfast_tune_setup = setup
         return model
 
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     if cfg.method == "qlora":
         model = prepare_model_for_kbit_training(
@@ -82,20 +92,58 @@ def build_model(cfg, dtype_name: str, local_rank: int = 0, zero_stage: int = 0) 
         checkpointing()
         # Frozen embeddings give activations without grad; checkpointed blocks need one.
         model.enable_input_require_grads()
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
+    setup["modules_to_save"] = modules_to_save(cfg.lora.modules_to_save, model, setup)
+    model = get_peft_model(model, lora_config(cfg.lora, setup["modules_to_save"]))
     if cfg.method == "qlora":
         # prepare_model_for_kbit_training upcasts norms to fp32; keep trainable weights in dtype.
         for p in model.parameters():
             if p.requires_grad and p.dtype != dtype:
                 p.data = p.data.to(dtype)
+    model.pyfast_tune_setup = setup
     return model
+
+
+def _embedding_names(model: torch.nn.Module) -> tuple[str | None, str | None, bool]:
+    """(input embedding's module name, output embedding's, whether they share one weight)."""
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = out is not None and inp.weight is out.weight
+    return names.get(id(inp)), names.get(id(out)) if out is not None else None, tied
+
+
+def modules_to_save(configured, model: torch.nn.Module, setup: dict) -> list[str] | None:
+    """``lora.modules_to_save``; unset with new special tokens: the embeddings (their new rows
+    would stay at the mean otherwise), as LLaMA-Factory does when it resizes the vocabulary.
+    Tied embeddings are one module (the input one; the head follows it, see lora_config)."""
+    if configured is not None:
+        return list(configured)
+    if not setup.get("new_special_tokens"):
+        return None
+    inp, out, tied = _embedding_names(model)
+    return [n for n in (inp, None if tied else out) if n]
+
+
+def lora_config(lora, modules: list[str] | None):
+    """peft's LoraConfig of a run (``lora``: the run's LoraConfig dataclass or its dict)."""
+    from peft import LoraConfig
+
+    import dataclasses
+
+    get = lora.get if isinstance(lora, dict) else lambda k, d=None: getattr(lora, k, d)
+    extra = {}
+    if modules and "ensure_weight_tying" in {f.name for f in dataclasses.fields(LoraConfig)}:
+        # Tied embeddings: the head uses the trained copy of the input embedding too (else
+        # training sees an untied model that a saved, re-tied one would not reproduce).
+        extra["ensure_weight_tying"] = True
+    return LoraConfig(
+        r=get("r", 8),
+        lora_alpha=get("alpha", 16),
+        lora_dropout=get("dropout", 0.05),
+        target_modules=get("target_modules", "all-linear"),
+        modules_to_save=list(modules) if modules else None,
+        task_type="CAUSAL_LM",
+        **extra,
+    )
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -1,12 +1,15 @@
-"""One forward pass on a packed batch: model inputs and the weighted next-token loss."""
+"""One forward pass on a packed batch (model inputs, the weighted next-token loss) and one
+optimizer step of a rank (its micro batches, forward, backward and DeepSpeed's step)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pyfast_tune.trainer.batches import IGNORE, PackedBatch
+from pyfast_tune.trainer.batches import IGNORE, PackedBatch, collate
 from pyfast_tune.trainer.loss_head import fused_loss_head
+from pyfast_tune.trainer.sequence_parallel import shard_row
 
 
 def model_inputs(batch: PackedBatch, device: torch.device | str, sequence_parallel=None) -> dict:
@@ -70,3 +73,45 @@ def batch_loss(
             "returned the loss; set fused_loss: false"
         )
     return loss
+
+
+def optimizer_step(engine, dataset, order, step, topo, normalizer, flops, cfg, device):
+    """This rank's micro batches of optimizer step ``step``, forward/backward/step each.
+
+    Returns float64 [loss share, tokens, trained tokens, model FLOPs, padding tokens] of this
+    rank; their sum over ranks is the step's global figures (the loss share sums to the
+    global-batch loss). With sequence parallelism (``topo.sequence``) the rank trains on its
+    shard of each row (``pyfast_tune.trainer.sequence_parallel``).
+    """
+    sp = topo.sequence
+    micro_batches = order.micro_batches(step, topo.data_rank, topo.data_world, cfg.micro_batch_size)
+    totals = torch.zeros(5, dtype=torch.float64)
+    for accum_index, pack_ids in enumerate(micro_batches):
+        row = accum_index * topo.data_world + topo.data_rank  # the row's index in the global batch
+        # Dropout masks depend on (seed, step, row) only: identical under any world size
+        # (a shard of a sequence-parallel row draws its own: its rank is in the seed too).
+        key = [cfg.seed, step, row] + ([sp.rank] if sp is not None else [])
+        torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+        batch = collate([dataset[int(i)] for i in pack_ids], cfg.loss_reduction, normalizer)
+        if sp is not None:
+            batch = shard_row(batch, sp.size, sp.rank)
+        calls = sp.attention_calls if sp is not None else 0
+        loss = batch_loss(engine, batch, device, fused=cfg.fused_loss, sequence_parallel=sp)
+        if sp is not None:
+            sp.require_attention_since(calls)
+        # DeepSpeed divides by grad_accum and averages gradients over all ranks (the shards of
+        # a sequence-parallel row too); undo both so the gradient is that of the global-batch
+        # loss (the sum of all rows' and shards' shares).
+        engine.backward(loss * (len(micro_batches) * topo.world))
+        engine.step()
+        totals += torch.tensor(
+            [
+                float(loss.detach()),
+                batch.num_tokens,
+                batch.num_trained,
+                flops.step_flops(batch.sample_lengths),
+                batch.num_padding,
+            ],
+            dtype=torch.float64,
+        )
+    return totals

@@ -1,10 +1,13 @@
 //! `pyfast_tune._packer`: the only Python binding of the `packer` crate. Arguments are
-//! extracted first, the work runs with the GIL released, results cross as JSON text; core
-//! errors become typed Python exceptions that carry `path`, `line` and `record`.
+//! extracted first, the work runs with the GIL released, results cross as Python objects
+//! (dicts, lists, tuples); core errors become typed Python exceptions that carry `path`,
+//! `line` and `record`.
+
+mod convert;
 
 use std::path::PathBuf;
 
-use packer::{Error, PackConfig, Progress};
+use packer::{Error, PackConfig, PackStats, Progress};
 use pyo3::create_exception;
 use pyo3::exceptions::{
     PyException, PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyPermissionError,
@@ -147,14 +150,17 @@ fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
     err
 }
 
-/// Pack options from a Python mapping: dumped by Python's `json` and read by the core's
-/// [`PackConfig`] schema, so unknown or mistyped fields are refused with the field list.
-fn options(py: Python<'_>, options: &Bound<'_, PyAny>) -> PyResult<PackConfig> {
-    let text: String = py
-        .import("json")?
-        .call_method1("dumps", (options,))?
-        .extract()?;
-    PackConfig::from_json(&text).map_err(PackConfigError::new_err)
+/// Pack options from a Python mapping, read by the core's [`PackConfig`] schema, so unknown
+/// or mistyped fields are refused with the field list.
+fn options(options: &Bound<'_, PyAny>) -> PyResult<PackConfig> {
+    let value = convert::to_json(options, "options")?;
+    PackConfig::from_value(value).map_err(PackConfigError::new_err)
+}
+
+/// Statistics as the dict `PackStats(**stats)` is built from.
+fn stats_dict<'py>(py: Python<'py>, stats: &PackStats) -> PyResult<Bound<'py, PyAny>> {
+    let value = serde_json::to_value(stats).map_err(|e| PackError::new_err(e.to_string()))?;
+    convert::to_py(py, &value)
 }
 
 fn run_with_progress<T: Send>(
@@ -180,56 +186,54 @@ fn run_with_progress<T: Send>(
 }
 
 /// Pack per `options` (a mapping of `PackConfig` fields; absent ones default); returns the
-/// statistics as a JSON object string. `progress(stage, done, total)` is called now and then
+/// statistics as a dict of `PackStats` fields. `progress(stage, done, total)` is called now and then
 /// with the GIL held. `shard: [i, n]` encodes part i of n into `out_dir` for `merge_packs`.
 #[pyfunction]
 #[pyo3(signature = (options, progress=None))]
-fn pack(
-    py: Python<'_>,
+fn pack<'py>(
+    py: Python<'py>,
     options: &Bound<'_, PyAny>,
     progress: Option<Py<PyAny>>,
-) -> PyResult<String> {
-    let cfg = self::options(py, options)?;
+) -> PyResult<Bound<'py, PyAny>> {
+    let cfg = self::options(options)?;
     let stats = run_with_progress(py, progress, |report| packer::pack(&cfg, report))?;
-    serde_json::to_string(&stats).map_err(|e| PackError::new_err(e.to_string()))
+    stats_dict(py, &stats)
 }
 
-/// Every pack option with its default, as a JSON object: the schema front ends derive from.
+/// Every pack option with its default, as a dict: the schema front ends derive from.
 #[pyfunction]
-fn pack_defaults() -> String {
-    PackConfig::defaults_json()
+fn pack_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    convert::to_py(py, &PackConfig::defaults())
 }
 
-/// Every pack option's name, kind, choices, help and default, as a JSON array: what the CLI
-/// builds its `pack` flags from.
+/// Every pack option's name, kind, choices, help and default, as a list of dicts: what the
+/// CLI builds its `pack` flags from.
 #[pyfunction]
-fn pack_fields() -> String {
-    PackConfig::fields_json()
+fn pack_fields(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    convert::to_py(py, &PackConfig::fields())
 }
 
 /// Join the part directories of `pack(shard=(i, n))` into `out_dir`, byte-identical to a
-/// single run; returns the statistics as a JSON object string.
+/// single run; returns the statistics as a dict of `PackStats` fields.
 #[pyfunction]
 #[pyo3(signature = (parts, out_dir, progress=None))]
-fn merge_packs(
-    py: Python<'_>,
+fn merge_packs<'py>(
+    py: Python<'py>,
     parts: Vec<String>,
     out_dir: String,
     progress: Option<Py<PyAny>>,
-) -> PyResult<String> {
+) -> PyResult<Bound<'py, PyAny>> {
     let parts: Vec<PathBuf> = parts.into_iter().map(PathBuf::from).collect();
     let out = PathBuf::from(out_dir);
-    let stats = run_with_progress(py, progress, |report| {
-        packer::shard::merge(&parts, &out, report)
-    })?;
-    serde_json::to_string(&stats).map_err(|e| PackError::new_err(e.to_string()))
+    let stats = run_with_progress(py, progress, |report| packer::merge(&parts, &out, report))?;
+    stats_dict(py, &stats)
 }
 
 /// Data files under `root` (recursive, sorted by relative path bytes) whose names end with
 /// `file_type`, as relative paths: the lines of a data-order file.
 #[pyfunction]
 fn data_order(py: Python<'_>, root: String, file_type: String) -> PyResult<Vec<String>> {
-    py.detach(|| packer::input::walk_dir(std::path::Path::new(&root), &[file_type.as_str()]))
+    py.detach(|| packer::files::walk_dir(std::path::Path::new(&root), &[file_type.as_str()]))
         .map(|files| files.into_iter().map(|f| f.name).collect())
         .map_err(|e| to_pyerr(py, e))
 }
@@ -238,7 +242,7 @@ fn data_order(py: Python<'_>, root: String, file_type: String) -> PyResult<Vec<S
 /// tokens), check every row against the meta; returns (rows kept, tokens). For benchmarks.
 #[pyfunction]
 fn read_pretok(py: Python<'_>, path: String, min_length: u64) -> PyResult<(u64, u64)> {
-    py.detach(|| packer::pretok::read_all(std::path::Path::new(&path), min_length))
+    py.detach(|| packer::files::read_pretokenized(std::path::Path::new(&path), min_length))
         .map(|rows| {
             let tokens = rows.iter().map(|r| r.1.len() as u64).sum();
             (rows.len() as u64, tokens)
@@ -249,20 +253,23 @@ fn read_pretok(py: Python<'_>, path: String, min_length: u64) -> PyResult<(u64, 
 /// One rendered conversation: (text, ids, loss mask).
 type RenderedChat = (String, Vec<u32>, Vec<u8>);
 
-/// Render conversations (JSON list of lists of message objects) with the tokenizer's chat
+/// Render conversations (a list of lists of message dicts) with the tokenizer's chat
 /// template, as the `hf` template does; returns (text, ids, loss mask) per conversation.
 #[pyfunction]
 fn render_chats(
     py: Python<'_>,
     tokenizer: String,
-    conversations_json: String,
+    conversations: Vec<Bound<'_, PyAny>>,
 ) -> PyResult<Vec<RenderedChat>> {
-    let convs: Vec<serde_json::Value> = serde_json::from_str(&conversations_json)
-        .map_err(|e| PackConfigError::new_err(format!("conversations_json: {e}")))?;
+    let convs: Vec<serde_json::Value> = conversations
+        .iter()
+        .enumerate()
+        .map(|(i, c)| convert::to_json(c, &format!("conversations[{i}]")))
+        .collect::<PyResult<_>>()?;
     let path = PathBuf::from(tokenizer);
     py.detach(|| {
-        let tok = packer::tokenize::TextTokenizer::load(&path)?;
-        let ct = packer::chat_template::ChatTemplate::load(&path)?;
+        let tok = packer::chat::TextTokenizer::load(&path)?;
+        let ct = packer::chat::ChatTemplate::load(&path)?;
         // A malformed conversation is a data error naming its index; a template that fails
         // to render or encode it is the tokenizer's.
         let template_err = |msg: String| Error::Tokenizer {
@@ -274,16 +281,17 @@ fn render_chats(
             .enumerate()
             .map(|(i, messages)| {
                 let record = serde_json::json!({ "messages": messages });
-                let msgs = packer::chat_template::messages_from_openai(&record).map_err(|msg| {
-                    Error::Record {
-                        path: PathBuf::from("<conversations_json>"),
+                let msgs =
+                    packer::chat::messages_from_openai(&record).map_err(|msg| Error::Record {
+                        path: PathBuf::from("<conversations>"),
                         line: 1,
                         record: i as u64,
                         msg,
-                    }
-                })?;
+                    })?;
                 let text = ct.render(&msgs, false).map_err(template_err)?;
-                let enc = ct.encode(&tok, &msgs, None, usize::MAX).map_err(template_err)?;
+                let enc = ct
+                    .encode(&tok, &msgs, None, usize::MAX)
+                    .map_err(template_err)?;
                 Ok((text, enc.ids, enc.mask))
             })
             .collect::<packer::Result<Vec<_>>>()
@@ -294,7 +302,7 @@ fn render_chats(
 /// The fingerprint `pack` would record for these options (hashes every input).
 #[pyfunction]
 fn fingerprint(py: Python<'_>, options: &Bound<'_, PyAny>) -> PyResult<String> {
-    let cfg = self::options(py, options)?;
+    let cfg = self::options(options)?;
     py.detach(|| packer::fingerprint(&cfg))
         .map_err(|e| to_pyerr(py, e))
 }
@@ -302,15 +310,15 @@ fn fingerprint(py: Python<'_>, options: &Bound<'_, PyAny>) -> PyResult<String> {
 /// Hex BLAKE3 of a tokenizer's files, as recorded in `meta.json`.
 #[pyfunction]
 fn tokenizer_hash(py: Python<'_>, path: String) -> PyResult<String> {
-    py.detach(|| packer::tokenize::hash_files(std::path::Path::new(&path)))
+    py.detach(|| packer::files::tokenizer_hash(std::path::Path::new(&path)))
         .map_err(|e| to_pyerr(py, e))
 }
 
-/// All prompt templates as a JSON list of objects (name, system, instruction, suffix,
+/// All prompt templates as a list of dicts (name, system, instruction, suffix,
 /// suffix_as_eos, sep, stop_words).
 #[pyfunction]
-fn templates_json() -> String {
-    let list: Vec<_> = packer::template::TEMPLATES
+fn templates(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    let list: Vec<_> = packer::facts::TEMPLATES
         .iter()
         .map(|t| {
             serde_json::json!({
@@ -320,15 +328,15 @@ fn templates_json() -> String {
             })
         })
         .collect();
-    serde_json::Value::Array(list).to_string()
+    convert::to_py(py, &serde_json::Value::Array(list))
 }
 
-/// Facts of the engine Python must agree with, as a JSON object: the packed format's version,
-/// the id `<image>` placeholders are stored as, each binary file's element type and row
-/// width, the tokenizer classes that get no BOS.
+/// Facts of the engine Python must agree with, as a dict: the packed format's version, the
+/// id `<image>` placeholders are stored as, each binary file's element type and row width,
+/// the tokenizer classes that get no BOS.
 #[pyfunction]
-fn engine_facts() -> String {
-    let files: serde_json::Map<String, serde_json::Value> = packer::output::BINARY_LAYOUT
+fn engine_facts(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    let files: serde_json::Map<String, serde_json::Value> = packer::facts::BINARY_LAYOUT
         .iter()
         .map(|(name, dtype, width)| {
             (
@@ -337,29 +345,29 @@ fn engine_facts() -> String {
             )
         })
         .collect();
-    serde_json::json!({
-        "format_version": packer::output::FORMAT_VERSION,
-        "image_token_id": packer::encode::IMAGE_TOKEN_ID,
+    let facts = serde_json::json!({
+        "format_version": packer::facts::FORMAT_VERSION,
+        "image_token_id": packer::facts::IMAGE_TOKEN_ID,
         "binary_files": files,
-        "no_bos_classes": packer::tokenize::NO_BOS_CLASSES,
-        "data_extensions": packer::input::DATA_EXTENSIONS,
-    })
-    .to_string()
+        "no_bos_classes": packer::facts::NO_BOS_CLASSES,
+        "data_extensions": packer::facts::DATA_EXTENSIONS,
+    });
+    convert::to_py(py, &facts)
 }
 
 /// Format names accepted by `pack`.
 #[pyfunction]
 fn format_names() -> Vec<&'static str> {
-    packer::format::Format::NAMES.to_vec()
+    packer::facts::Format::NAMES.to_vec()
 }
 
 /// The ordered list of input files `pack` would read for these options (`inputs`,
 /// `data_order`, `file_type`), as (path, name) pairs.
 #[pyfunction]
 fn resolve_inputs(py: Python<'_>, options: &Bound<'_, PyAny>) -> PyResult<Vec<(String, String)>> {
-    let cfg = self::options(py, options)?;
+    let cfg = self::options(options)?;
     let files = py
-        .detach(|| packer::pipeline::resolve(&cfg))
+        .detach(|| packer::files::resolve(&cfg))
         .map_err(|e| to_pyerr(py, e))?;
     Ok(files
         .into_iter()
@@ -372,8 +380,8 @@ fn resolve_inputs(py: Python<'_>, options: &Bound<'_, PyAny>) -> PyResult<Vec<(S
 /// prefix of the sample its conversation would pack into.
 #[pyclass(frozen)]
 struct ChatEncoder {
-    tok: packer::tokenize::TextTokenizer,
-    template: &'static packer::template::Template,
+    tok: packer::chat::TextTokenizer,
+    template: &'static packer::facts::Template,
     system: String,
 }
 
@@ -387,11 +395,11 @@ impl ChatEncoder {
         template: &str,
         system: Option<String>,
     ) -> PyResult<Self> {
-        let template = packer::template::by_name(template).ok_or_else(|| {
+        let template = packer::facts::template_by_name(template).ok_or_else(|| {
             PackConfigError::new_err(format!("unknown template {template:?} for chat encoding"))
         })?;
         let tok = py
-            .detach(|| packer::tokenize::TextTokenizer::load(&tokenizer))
+            .detach(|| packer::chat::TextTokenizer::load(&tokenizer))
             .map_err(|e| to_pyerr(py, e))?;
         Ok(ChatEncoder {
             tok,
@@ -404,10 +412,10 @@ impl ChatEncoder {
     /// ids at that turn's open answer (the generation prompt; the mask is then all false).
     fn encode(&self, turns: Vec<(String, Option<String>)>) -> PyResult<(Vec<u32>, Vec<bool>)> {
         let open = turns.last().is_some_and(|t| t.1.is_none());
-        let mut conv: Vec<packer::turn::Turn> = turns
+        let mut conv: Vec<packer::chat::Turn> = turns
             .into_iter()
             .enumerate()
-            .map(|(i, (input, output))| packer::turn::Turn {
+            .map(|(i, (input, output))| packer::chat::Turn {
                 system: if i == 0 && self.template.system.is_some() {
                     self.system.clone()
                 } else {
@@ -431,30 +439,31 @@ impl ChatEncoder {
             }
         }
         if open {
-            let ids = packer::encode::encode_prompt(&self.tok, &conv)
-                .map_err(PackConfigError::new_err)?;
+            let ids =
+                packer::chat::encode_prompt(&self.tok, &conv).map_err(PackConfigError::new_err)?;
             let n = ids.len();
             return Ok((ids, vec![false; n]));
         }
-        let enc = packer::encode::encode_turns(&self.tok, &conv, usize::MAX)
+        let enc = packer::chat::encode_turns(&self.tok, &conv, usize::MAX)
             .map_err(PackConfigError::new_err)?;
         Ok((enc.ids, enc.mask.into_iter().map(|m| m != 0).collect()))
     }
 }
 
-/// Recompute hashes and invariants of a packed directory; returns a JSON report.
+/// Recompute hashes and invariants of a packed directory; returns the report as a dict.
 #[pyfunction]
-fn verify(py: Python<'_>, path: String) -> PyResult<String> {
-    py.detach(|| packer::verify::verify(std::path::Path::new(&path)))
-        .map(|v| v.to_string())
-        .map_err(|e| to_pyerr(py, e))
+fn verify(py: Python<'_>, path: String) -> PyResult<Bound<'_, PyAny>> {
+    let report = py
+        .detach(|| packer::verify(std::path::Path::new(&path)))
+        .map_err(|e| to_pyerr(py, e))?;
+    convert::to_py(py, &report)
 }
 
 /// Swap two existing directories atomically (`renameat2(RENAME_EXCHANGE)`); False where the
 /// platform or filesystem cannot, OSError on any other failure.
 #[pyfunction]
 fn exchange_dirs(py: Python<'_>, a: PathBuf, b: PathBuf) -> PyResult<bool> {
-    py.detach(|| packer::output::exchange(&a, &b)).map_err(|e| {
+    py.detach(|| packer::files::exchange(&a, &b)).map_err(|e| {
         let msg = format!("cannot exchange {} and {}: {e}", a.display(), b.display());
         match e.raw_os_error() {
             Some(errno) => PyOSError::new_err((errno, msg)),
@@ -488,7 +497,7 @@ fn _packer(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pack_fields, m)?)?;
     m.add_function(wrap_pyfunction!(fingerprint, m)?)?;
     m.add_function(wrap_pyfunction!(tokenizer_hash, m)?)?;
-    m.add_function(wrap_pyfunction!(templates_json, m)?)?;
+    m.add_function(wrap_pyfunction!(templates, m)?)?;
     m.add_function(wrap_pyfunction!(format_names, m)?)?;
     m.add_function(wrap_pyfunction!(engine_facts, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_inputs, m)?)?;

@@ -8,10 +8,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
+use crate::format::xtuner::Columns;
 use crate::format::Format;
-use crate::format_xtuner::Columns;
 use crate::input::{read_data_order, resolve_inputs, InputFile, DATA_EXTENSIONS};
-use crate::mix::MixSource;
 use crate::template::{self, Template};
 use crate::tokenize::TokenizerBackend;
 
@@ -92,6 +91,67 @@ pub struct SourceInfo {
     pub files: Vec<String>,
 }
 
+/// One source of a mix, as the options give it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MixSource {
+    /// A label for reports (default: the first input as given). Unique within a mix.
+    #[serde(default)]
+    pub name: String,
+    /// Files, directories or globs of this source (local paths: front ends resolve Hub ids).
+    pub inputs: Vec<String>,
+    /// Dataset format of this source (default: the run's `format`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Column remapping of this source, `"field=column,..."` (default: the run's `columns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<String>,
+    /// Share multiplier: whole repetitions plus a seeded fraction (> 0).
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// Keep a seeded subset of at most this many samples (before `weight` applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_samples: Option<u64>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl MixSource {
+    /// Check the numbers; `index` names the source in messages.
+    pub fn validate(&self, index: usize) -> std::result::Result<(), String> {
+        if self.inputs.is_empty() {
+            return Err(format!(
+                "mix source {index} ({:?}) has no inputs",
+                self.name
+            ));
+        }
+        if !(self.weight.is_finite() && self.weight > 0.0) {
+            return Err(format!(
+                "mix source {index} ({:?}): weight must be a finite number > 0, got {}",
+                self.name, self.weight
+            ));
+        }
+        if self.max_samples == Some(0) {
+            return Err(format!(
+                "mix source {index} ({:?}): max_samples must be at least 1",
+                self.name
+            ));
+        }
+        Ok(())
+    }
+
+    /// The label used in reports.
+    pub fn label(&self) -> &str {
+        if self.name.is_empty() {
+            self.inputs.first().map(String::as_str).unwrap_or("")
+        } else {
+            &self.name
+        }
+    }
+}
+
 impl Default for PackConfig {
     /// The defaults every front end shows: `auto` format, XTuner's `default` template,
     /// 4096-token packs, seed 0.
@@ -125,9 +185,14 @@ impl PackConfig {
         serde_json::from_str(text).map_err(|e| format!("pack options: {e}"))
     }
 
+    /// Parse options from a JSON value (a front end's native mapping), as [`Self::from_json`].
+    pub fn from_value(value: serde_json::Value) -> std::result::Result<Self, String> {
+        serde_json::from_value(value).map_err(|e| format!("pack options: {e}"))
+    }
+
     /// The defaults as a JSON object: the field list front ends derive their options from.
-    pub fn defaults_json() -> String {
-        serde_json::to_string(&PackConfig::default()).expect("plain data serializes")
+    pub fn defaults() -> serde_json::Value {
+        serde_json::to_value(PackConfig::default()).expect("plain data serializes")
     }
 }
 
@@ -256,8 +321,8 @@ pub const FIELDS: &[FieldDoc] = &[
 impl PackConfig {
     /// [`FIELDS`] with each field's default, as a JSON array of objects
     /// (`name`, `kind`, `choices`, `help`, `default`).
-    pub fn fields_json() -> String {
-        let defaults = serde_json::to_value(PackConfig::default()).expect("plain data");
+    pub fn fields() -> serde_json::Value {
+        let defaults = PackConfig::defaults();
         let fields: Vec<serde_json::Value> = FIELDS
             .iter()
             .map(|f| {
@@ -266,7 +331,7 @@ impl PackConfig {
                 v
             })
             .collect();
-        serde_json::to_string(&fields).expect("plain data serializes")
+        serde_json::Value::Array(fields)
     }
 }
 
@@ -446,7 +511,7 @@ mod tests {
 
     #[test]
     fn sources_parse_but_stay_out_of_the_defaults() {
-        assert!(!PackConfig::defaults_json().contains("sources"));
+        assert!(PackConfig::defaults().get("sources").is_none());
         let cfg = PackConfig::from_json(
             r#"{"sources": [{"repo_id": "o/n", "repo_type": "dataset", "revision": "ab",
                 "split": "train", "subset": null, "files": ["train.jsonl"]}]}"#,

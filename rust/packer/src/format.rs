@@ -3,8 +3,11 @@
 
 use serde_json::{Map, Value};
 
-use crate::format_xtuner as x;
-pub use crate::turn::{py_isspace, py_strip, Turn};
+pub(crate) mod turn;
+pub(crate) mod xtuner;
+
+pub use crate::format::turn::{py_strip, Turn};
+use crate::format::xtuner as x;
 
 /// A dataset format (`--format`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

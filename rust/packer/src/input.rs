@@ -7,7 +7,7 @@
 //! (`state.json` beside its `data-*.arrow` files) stands for its data files in the order its
 //! `state.json` lists them, wherever it is met.
 
-use std::io::{BufRead, Read};
+use std::io::BufRead;
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -288,26 +288,6 @@ pub fn read_data_order(order_file: &Path, root: &Path) -> Result<Vec<InputFile>>
         )));
     }
     Ok(out)
-}
-
-/// Read a whole input file, returning (raw bytes' BLAKE3, raw size, decompressed bytes).
-pub fn read_input(path: &Path) -> Result<(blake3::Hash, u64, Vec<u8>)> {
-    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let hash = blake3::hash(&raw);
-    let size = raw.len() as u64;
-    let name = path.to_string_lossy();
-    let data = if name.ends_with(".gz") {
-        let mut out = Vec::with_capacity(raw.len() * 4);
-        flate2::read::MultiGzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| Error::io(path, e))?;
-        out
-    } else if name.ends_with(".zst") {
-        zstd::stream::decode_all(&raw[..]).map_err(|e| Error::io(path, e))?
-    } else {
-        raw
-    };
-    Ok((hash, size, data))
 }
 
 /// One record's JSON text and where it came from.

@@ -1,31 +1,29 @@
 //! The pack pipeline, top to bottom: validate options and resolve inputs ([`crate::config`])
-//! → load tokenizer and template → encode and stage every sample ([`crate::stage`]) → plan
-//! packs, write the packed directory and commit it atomically ([`crate::write`]).
+//! → load tokenizer and template → encode and stage every sample ([`crate::pack::stage`]) → plan
+//! packs, write the packed directory and commit it atomically ([`crate::pack::write`]).
 //!
 //! A sharded run (`shard = Some((i, n))`) stops after staging and saves its part (see
-//! [`crate::shard`]); `merge-packs` joins the parts and runs the same [`finish`] as a single
-//! run, so the bytes are identical. The fingerprint is [`crate::fingerprint`].
+//! [`crate::pack::shard`]); `merge-packs` joins the parts and runs the same [`finish`] as a single
+//! run, so the bytes are identical. The fingerprint is [`crate::pack::fingerprint`].
 
 use std::time::Instant;
 
 use serde_json::json;
 
-use crate::chat_template::ChatTemplate;
 use crate::error::{Error, Result};
-use crate::fingerprint::fingerprint_inputs;
+use crate::format::xtuner::Columns;
 use crate::format::Format;
-use crate::format_xtuner::Columns;
 use crate::input::InputFile;
-use crate::mix::MixRule;
-use crate::output::StagingDir;
-use crate::stage::{encode_part, Run, SourceView, Templating};
+use crate::pack::fingerprint::fingerprint_inputs;
+use crate::pack::mix::MixRule;
+use crate::pack::stage::{encode_part, Run, SourceView, Templating};
+use crate::pack::write::{finish, Header};
+use crate::packed_dir::atomic::StagingDir;
+use crate::template::chat::ChatTemplate;
 use crate::tokenize::TextTokenizer;
-use crate::write::{finish, Header};
 
-pub use crate::config::{parse_names, resolve, resolve_sources, PackConfig};
-pub use crate::fingerprint::fingerprint;
-pub use crate::pretok::is_pretokenized;
-pub use crate::stats::{PackStats, Progress};
+pub use crate::config::{parse_names, resolve_sources, PackConfig};
+pub use crate::pack::stats::{PackStats, Progress};
 
 fn thread_count(cfg: &PackConfig) -> usize {
     cfg.threads
@@ -96,7 +94,7 @@ pub fn pack(cfg: &PackConfig, progress: &dyn Fn(Progress<'_>) -> bool) -> Result
     };
     if let Some((i, n)) = cfg.shard {
         let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
-        return crate::shard::save(&header, part, i, n, &names, staging, start).map(phases);
+        return crate::pack::shard::save(&header, part, i, n, &names, staging, start).map(phases);
     }
     finish(&header, vec![part], staging, start, progress).map(phases)
 }

@@ -1,6 +1,9 @@
 //! XTuner's prompt templates (`xtuner/utils/templates.py`), with their exact strings, and the
 //! semantics of XTuner's `template_map_fn`.
 
+pub(crate) mod chat;
+pub(crate) mod encode;
+
 use crate::format::Turn;
 
 /// One prompt template. Field names follow XTuner's `PROMPT_TEMPLATE` entries.

@@ -7,10 +7,11 @@
 //! Hugging Face tokenizer is built from the kept bytes on first need only (the `hf` chat
 //! template's offsets).
 
-pub mod bpe;
-pub mod fastbpe;
-pub mod pretokenize;
-pub mod split;
+pub(crate) mod bpe;
+pub(crate) mod fastbpe;
+pub(crate) mod normalize;
+pub(crate) mod pretokenize;
+pub(crate) mod split;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

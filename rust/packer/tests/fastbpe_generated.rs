@@ -6,8 +6,9 @@
 
 use std::path::Path;
 
-use packer::tokenize::split::QWEN2_PATTERN;
-use packer::tokenize::{TextTokenizer, TokenizerBackend};
+use packer::chat::TextTokenizer;
+use packer::internals::tokenize::QWEN2_PATTERN;
+use packer::TokenizerBackend;
 use proptest::prelude::*;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};

@@ -9,12 +9,13 @@
 
 use std::path::{Path, PathBuf};
 
-use packer::tokenize::bpe::bytes_to_chars;
-use packer::tokenize::fastbpe::FastBpe;
-use packer::tokenize::split::{
+use packer::chat::TextTokenizer;
+use packer::internals::tokenize::bytes_to_chars;
+use packer::internals::tokenize::FastBpe;
+use packer::internals::tokenize::{
     class_of, fold, Splitter, DEEPSEEK3_PATTERN, LETTER, MARK, NUMBER, PUNCT, SPACE, SYMBOL,
 };
-use packer::tokenize::{TextTokenizer, TokenizerBackend};
+use packer::TokenizerBackend;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use rayon::prelude::*;
@@ -874,9 +875,9 @@ fn deepseek_patterns_run_without_oniguruma() {
     let re = |i: usize| steps[i]["pattern"]["Regex"].as_str().unwrap().to_string();
     assert_eq!(Splitter::from_pattern(&re(2)), Some(Splitter::DeepSeek3));
     for i in 0..2 {
-        let m = packer::tokenize::pretokenize::Matcher::from_regex(&re(i)).unwrap();
+        let m = packer::internals::tokenize::Matcher::from_regex(&re(i)).unwrap();
         assert!(
-            matches!(m, packer::tokenize::pretokenize::Matcher::Class { .. }),
+            matches!(m, packer::internals::tokenize::Matcher::Class { .. }),
             "{}: {m:?}",
             re(i)
         );
@@ -884,7 +885,7 @@ fn deepseek_patterns_run_without_oniguruma() {
     // Every code point through the class runs and the scanner, against Oniguruma.
     let all: String = (0..0x11_0000u32).filter_map(char::from_u32).collect();
     for i in 0..3 {
-        let m = packer::tokenize::pretokenize::Matcher::from_regex(&re(i)).unwrap();
+        let m = packer::internals::tokenize::Matcher::from_regex(&re(i)).unwrap();
         let onig = onig::Regex::new(&re(i)).unwrap();
         let mut got = Vec::new();
         m.find_matches(&all, &mut got);

@@ -9,12 +9,13 @@ mod fuzz_common;
 use std::path::Path;
 
 use fuzz_common::{config, json_value, mutated};
-use packer::format::Format;
-use packer::format_xtuner::Columns;
-use packer::input::{read_data_order, split_records};
-use packer::pretok;
-use packer::stream::RecordStream;
-use packer::template::{py_format, TEMPLATES};
+use packer::facts::Format;
+use packer::facts::TEMPLATES;
+use packer::internals::pretokenized as pretok;
+use packer::internals::py_format;
+use packer::internals::Columns;
+use packer::internals::RecordStream;
+use packer::internals::{read_data_order, split_records};
 use proptest::prelude::*;
 
 static RECORD_SEEDS: &[&[u8]] = &[
@@ -64,12 +65,12 @@ fn map_everything(v: &serde_json::Value) {
                 let _ = t.apply(&mut tt);
                 assert_eq!(tt.len(), turns.len());
             }
-            let _ = packer::chat_template::messages_from_turns(&turns);
+            let _ = packer::internals::messages_from_turns(&turns);
             turns.clear();
         }
     }
-    let _ = packer::chat_template::messages_from_openai(v);
-    let _ = packer::format_xtuner::llava_image(v);
+    let _ = packer::chat::messages_from_openai(v);
+    let _ = packer::internals::llava_image(v);
 }
 
 proptest! {

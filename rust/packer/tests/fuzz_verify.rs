@@ -10,8 +10,8 @@ mod fuzz_common;
 use std::path::Path;
 
 use fuzz_common::{config, mutate, Edit};
-use packer::output::{BINARY_FILES, META};
-use packer::verify::verify;
+use packer::facts::{BINARY_FILES, META};
+use packer::verify;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use packer::mix::MixSource;
+use packer::MixSource;
 use packer::{PackConfig, Progress};
 use serde_json::{json, Value};
 
@@ -117,7 +117,7 @@ fn config(tmp: &Path, out: &str) -> PackConfig {
         max_length: 64,
         template: "none".into(),
         seed: 5,
-        tokenizer_backend: packer::tokenize::TokenizerBackend::Hf,
+        tokenizer_backend: packer::TokenizerBackend::Hf,
         ..PackConfig::default()
     }
 }
@@ -174,7 +174,10 @@ fn mix_counts_are_exact_and_bytes_do_not_depend_on_threads_or_shards() {
     assert_eq!(tokens, stats.tokens);
     assert_eq!(loss, stats.loss_tokens);
     let docs = &stats.mix[2];
-    assert_eq!(docs.tokens, docs.loss_tokens, "pretraining text trains every token");
+    assert_eq!(
+        docs.tokens, docs.loss_tokens,
+        "pretraining text trains every token"
+    );
     let share: f64 = stats.mix.iter().map(|m| m.token_share).sum();
     assert!((share - 1.0).abs() < 1e-9);
 
@@ -187,7 +190,7 @@ fn mix_counts_are_exact_and_bytes_do_not_depend_on_threads_or_shards() {
         meta["fingerprint_inputs"]["mix"][1]["max_samples"],
         json!(50)
     );
-    packer::verify::verify(one).unwrap();
+    packer::verify(one).unwrap();
     assert_eq!(stats.fingerprint, packer::fingerprint(&cfg).unwrap());
 
     // Every chosen sample of `chats` appears 2 or 3 times, and exactly 100 of them 3 times.
@@ -231,7 +234,7 @@ fn mix_counts_are_exact_and_bytes_do_not_depend_on_threads_or_shards() {
             })
             .collect();
         let merged = tmp.path().join(format!("merged{n}"));
-        packer::shard::merge(&parts, &merged, &no_progress).unwrap();
+        packer::merge(&parts, &merged, &no_progress).unwrap();
         assert_eq!(bytes_of(one), bytes_of(&merged), "{n} shards");
     }
 
@@ -265,9 +268,15 @@ fn mix_errors_name_the_source() {
         packer::pack(&c, &no_progress).unwrap_err().to_string()
     };
     let e = bad(&|c| c.mix[1].weight = -1.0);
-    assert!(e.contains("mix source 1 (\"qa\")") && e.contains("weight"), "{e}");
+    assert!(
+        e.contains("mix source 1 (\"qa\")") && e.contains("weight"),
+        "{e}"
+    );
     let e = bad(&|c| c.mix[2].format = Some("nope".into()));
-    assert!(e.contains("mix source 2 (\"docs\")") && e.contains("unknown format"), "{e}");
+    assert!(
+        e.contains("mix source 2 (\"docs\")") && e.contains("unknown format"),
+        "{e}"
+    );
     let e = bad(&|c| c.mix[2].name = "chats".into());
     assert!(e.contains("distinct name"), "{e}");
     let e = bad(&|c| {

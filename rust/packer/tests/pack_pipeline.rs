@@ -67,7 +67,7 @@ fn config(data: &Path, tok: &Path, out: PathBuf) -> PackConfig {
         max_length: 64,
         template: "none".into(),
         seed: 3,
-        tokenizer_backend: packer::tokenize::TokenizerBackend::Hf,
+        tokenizer_backend: packer::TokenizerBackend::Hf,
         ..PackConfig::default()
     }
 }
@@ -108,7 +108,7 @@ fn pack_verifies_and_is_independent_of_threads_and_shards() {
     assert!(stats.samples > 500, "{stats:?}");
     assert_eq!(stats.split_samples, 0);
     assert!(stats.packs > 0 && stats.fill > 0.5, "{stats:?}");
-    let report = packer::verify::verify(&one).unwrap();
+    let report = packer::verify(&one).unwrap();
     assert_eq!(report["split_samples"], json!(0), "{report}");
     assert_eq!(stats.fingerprint, packer::fingerprint(&cfg).unwrap());
 
@@ -132,7 +132,7 @@ fn pack_verifies_and_is_independent_of_threads_and_shards() {
         })
         .collect();
     let merged = tmp.path().join("merged");
-    packer::shard::merge(&parts, &merged, &no_progress).unwrap();
+    packer::merge(&parts, &merged, &no_progress).unwrap();
     assert_eq!(bytes_of(&one), bytes_of(&merged));
 }
 

@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
-use packer::output::META;
-use packer::verify::{split_samples, verify};
+use packer::facts::META;
+use packer::internals::split_samples;
+use packer::verify;
 use serde_json::json;
 
 fn le(v: &[i64]) -> Vec<u8> {
@@ -120,7 +121,7 @@ fn disordered_boundaries_count_nothing_and_never_panic() {
 
 #[test]
 fn a_plan_counts_samples_placed_in_several_packs() {
-    use packer::verify::samples_in_several_packs;
+    use packer::internals::samples_in_several_packs;
     assert_eq!(
         samples_in_several_packs(&[vec![0, 2], vec![1, 3], vec![4]], 5),
         0

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use packer::pretok;
+use packer::internals::pretokenized as pretok;
 
 fuzz_target!(|data: &[u8]| {
     let _ = pretok::read_npy_rows(Path::new("x.bin.meta"), data);

@@ -5,9 +5,10 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use packer::format::Format;
-use packer::input::split_records;
-use packer::template::{py_format, TEMPLATES};
+use packer::facts::Format;
+use packer::internals::split_records;
+use packer::facts::TEMPLATES;
+use packer::internals::py_format;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(recs) = split_records(Path::new("fuzz.jsonl"), data) {

@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use packer::output::{BINARY_FILES, META};
+use packer::facts::{BINARY_FILES, META};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 4 {
@@ -34,5 +34,5 @@ fuzz_target!(|data: &[u8]| {
         "num_packs": n_pack, "max_length": max_len, "outputs": outputs,
     });
     std::fs::write(dir.path().join(META), meta.to_string()).unwrap();
-    let _ = packer::verify::verify(dir.path());
+    let _ = packer::verify(dir.path());
 });

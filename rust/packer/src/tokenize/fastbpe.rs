@@ -10,7 +10,7 @@
 //! 1. added tokens with `normalized: false` are cut out of the raw text (Aho-Corasick,
 //!    leftmost-longest, with `single_word`, `lstrip` and `rstrip` as `AddedVocabulary` applies
 //!    them);
-//! 2. each remaining segment goes through the normalizer ([`super::pretokenize::Normalizer`]);
+//! 2. each remaining segment goes through the normalizer ([`super::normalize::Normalizer`]);
 //! 3. added tokens with `normalized: true` are cut out of the normalised segments, matched by
 //!    their normalised content;
 //! 4. the pre-tokenizer's steps split each segment into pieces
@@ -41,7 +41,8 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::bpe::{Alphabet, BpeModel, ModelJson, Scratch};
-use super::pretokenize::{CharSet, Normalizer, PreScratch, PreTokenizer};
+use super::normalize::Normalizer;
+use super::pretokenize::{CharSet, PreScratch, PreTokenizer};
 use super::split::Splitter;
 
 /// Pieces longer than this (bytes) are not memoised (long runs of spaces or punctuation).

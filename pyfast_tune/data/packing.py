@@ -1,0 +1,176 @@
+"""``pack`` inputs into a packed directory, ``merge_packs`` the parts of a sharded run, and
+what a run would read or record (``fingerprint``, ``data_order``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+from pyfast_tune import _packer, hub
+from pyfast_tune.data.mapped import _pack_mapped
+from pyfast_tune.data.options import (
+    PackStats,
+    _engine_options,
+    _resolve_sources,
+    _run_pack,
+    _tqdm_progress,
+)
+
+
+def pack(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    tokenizer: str | os.PathLike,
+    max_length: int = 4096,
+    format: str = "auto",
+    template: str = "default",
+    seed: int = 0,
+    threads: int | None = None,
+    skip_bad: bool = False,
+    data_order: str | os.PathLike | None = None,
+    progress: bool = False,
+    columns: str | Mapping[str, str] | None = None,
+    min_length: int = 0,
+    file_type: str | None = None,
+    rebuild_meta: bool = False,
+    shard: tuple[int, int] | None = None,
+    map_fn: Callable[[dict], dict | None] | None = None,
+    tokenizer_backend: str = "auto",
+    split: str | None = None,
+    subset: str | None = None,
+) -> PackStats:
+    """Read, template, tokenize and pack ``inputs`` into ``out_dir`` (written atomically).
+
+    inputs: files, directories (recursive, sorted by relative path) or globs; with
+      ``data_order`` the single data root. JSON arrays or JSONL, plain/.gz/.zst (both are
+      streamed: inputs larger than memory are fine), and pre-tokenized InternEVO ``X.bin`` with
+      ``X.bin.meta`` (pick them in directories with ``file_type=".bin"``).
+      Hugging Face Hub datasets as ``hf://datasets/<org>/<name>[@<revision>][/<path-or-glob>]``,
+      read through ``huggingface_hub`` and its cache (``HF_HUB_OFFLINE=1`` reads the cache
+      only); ``split`` (default ``train``) and ``subset`` (a config name) pick their files as
+      ``datasets.load_dataset`` does, and meta.json records the commit they were read at.
+    tokenizer: a directory with ``tokenizer.json`` (+ ``tokenizer_config.json`` for BOS/EOS)
+      or the ``tokenizer.json`` itself; or a Hub model id ``<org>/<name>`` when no such local
+      path exists (only its tokenizer files are fetched).
+    format: see ``formats()`` (XTuner's map_fns; ``auto`` detects by keys). template: an XTuner
+      template name, ``hf`` (the tokenizer's own chat template, loss on assistant content) or
+      ``none`` (``templates()``); pretraining text is never templated.
+    columns: remap dataset columns to the format's fields, ``"instruction=question,output=answer"``
+      or ``{"instruction": "question", "output": "answer"}``.
+    min_length: pre-tokenized rows with fewer tokens are skipped (XTuner's ``min_length``).
+    rebuild_meta: rebuild a missing or inconsistent ``X.bin.meta`` instead of failing.
+    shard: ``(i, n)`` encodes part i of n into ``out_dir``; join the parts with ``merge_packs``.
+    map_fn: the slow path for data no format fits: a Python function called on every record
+      (a dict) returning a record in ``format`` (e.g. ``{"conversation": [...]}``) or None to
+      drop it. Records are mapped here in Python, one by one, into a temporary directory that
+      mirrors the inputs' names (so sources stay file + record), then packed by the engine.
+      Prefer ``format`` + ``columns``: they run in Rust, in parallel.
+    tokenizer_backend: ``auto`` (the fast byte-level BPE path when it provably gives the ids
+      of Hugging Face ``tokenizers``, else ``tokenizers``), ``hf``, or ``fast`` (fails, saying
+      why, when the tokenizer does not qualify). It changes the speed, never the output.
+    The output bytes depend only on the inputs and settings, never on ``threads`` or
+    ``tokenizer_backend``.
+
+    >>> pack("chats.jsonl", "packed/", tokenizer="tok/", max_length=2048,
+    ...      template="qwen_chat").fill > 0.99                              # doctest: +SKIP
+    True
+    """
+    # Hub inputs and tokenizer ids become local files before anything is written.
+    inputs, sources = _resolve_sources(inputs, split, subset, data_order)
+    options = _engine_options(
+        sources,
+        inputs=inputs,
+        out_dir=out_dir,
+        tokenizer=hub.resolve_tokenizer(tokenizer),
+        max_length=max_length,
+        format=format,
+        template=template,
+        seed=seed,
+        threads=threads,
+        skip_bad=skip_bad,
+        data_order=data_order,
+        columns=columns,
+        min_length=min_length,
+        file_type=file_type,
+        rebuild_meta=rebuild_meta,
+        shard=shard,
+        tokenizer_backend=tokenizer_backend,
+    )
+    if map_fn is not None:
+        return _pack_mapped(map_fn, options, progress)
+    return _run_pack(options, progress)
+
+
+def merge_packs(
+    parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike, progress: bool = False
+) -> PackStats:
+    """Join the part directories written by ``pack(..., shard=(i, n))`` for every i into
+    ``out_dir``: the same bytes a single ``pack`` would write.
+
+    >>> merge_packs(["part0/", "part1/", "part2/"], "packed/")           # doctest: +SKIP
+    """
+    report, close = _tqdm_progress() if progress else (None, lambda: None)
+    try:
+        stats = _packer.merge_packs([os.fspath(p) for p in parts], os.fspath(out_dir), report)
+    finally:
+        close()
+    return PackStats(**stats)
+
+
+def data_order(root: str | os.PathLike, file_type: str = ".bin") -> list[str]:
+    """Relative paths of the files under ``root`` ending with ``file_type``, recursively and
+    truly sorted by relative path bytes (hidden entries skipped): the lines of XTuner's
+    ``data_order.txt``, the same on every machine.
+
+    >>> data_order("data/", ".bin")[:2]                                   # doctest: +SKIP
+    ['a/0.bin', 'a/1.bin']
+    """
+    return list(_packer.data_order(os.fspath(root), file_type))
+
+
+def fingerprint(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    tokenizer: str | os.PathLike,
+    max_length: int = 4096,
+    format: str = "auto",
+    template: str = "default",
+    seed: int = 0,
+    skip_bad: bool = False,
+    data_order: str | os.PathLike | None = None,
+    columns: str | Mapping[str, str] | None = None,
+    min_length: int = 0,
+    file_type: str | None = None,
+    tokenizer_backend: str = "auto",
+    split: str | None = None,
+    subset: str | None = None,
+) -> str:
+    """The fingerprint ``pack`` would write for these arguments, without packing (it hashes
+    every input; Hub inputs and tokenizer ids are resolved as ``pack`` resolves them). Key a
+    cache of packed directories with it.
+
+    >>> fingerprint("chats.jsonl", tokenizer="tok/", max_length=2048)   # doctest: +SKIP
+    '5c0f...'
+    """
+    inputs, sources = _resolve_sources(inputs, split, subset, data_order)
+    options = _engine_options(
+        sources,
+        inputs=inputs,
+        tokenizer=hub.resolve_tokenizer(tokenizer),
+        max_length=max_length,
+        format=format,
+        template=template,
+        seed=seed,
+        skip_bad=skip_bad,
+        data_order=data_order,
+        columns=columns,
+        min_length=min_length,
+        file_type=file_type,
+        tokenizer_backend=tokenizer_backend,
+    )
+    return _packer.fingerprint(options)
+
+
+def exchange_dirs(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two existing directories atomically (``renameat2(RENAME_EXCHANGE)``), the engine's
+    own commit primitive; False where the kernel or filesystem cannot, OSError otherwise."""
+    return _packer.exchange_dirs(os.fspath(a), os.fspath(b))

@@ -1,0 +1,651 @@
+//! The encode stage: stream each input's records in bounded batches, map the format, apply
+//! the template, tokenize in parallel (results kept in input order) and append every sample's
+//! tokens to a part's staging files. Only per-sample lengths and offsets stay in memory.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde_json::{json, Value};
+
+use crate::config::PackConfig;
+use crate::error::{Error, Result};
+use crate::format::xtuner::{llava_image, Columns};
+use crate::format::Format;
+use crate::input::InputFile;
+use crate::pack::fingerprint::{file_entry, pretok_entry};
+use crate::pack::stats::{PackStats, Progress};
+use crate::packed_dir::atomic::HashedWriter;
+use crate::source::pretokenized::{self, is_pretokenized, PretokFile};
+use crate::source::raw::hash_file;
+use crate::source::record::{OwnedRecord, Unreadable};
+use crate::source::span::Span;
+use crate::source::RecordStream;
+use crate::template::chat::{self, ChatTemplate};
+use crate::template::encode::{encode_turns_opts, Encoded};
+use crate::template::Template;
+use crate::tokenize::TextTokenizer;
+
+/// Records encoded per parallel batch: large enough to amortise scheduling, small enough
+/// to bound memory and report progress often.
+const CHUNK: usize = 4096;
+/// How many skipped-record messages are kept for the report.
+pub(crate) const MAX_SKIP_EXAMPLES: usize = 10;
+/// Staged token ids of a part (`<u4`, input order).
+pub(crate) const STAGE_IDS: &str = "stage_ids.tmp";
+/// Staged loss mask of a part (`u1`, input order).
+pub(crate) const STAGE_MASK: &str = "stage_mask.tmp";
+
+/// How turns become text: XTuner prompt template, the tokenizer's chat template, or none.
+pub enum Templating {
+    /// Turns used as they are.
+    None,
+    /// An XTuner `PROMPT_TEMPLATE`.
+    Xtuner(&'static Template),
+    /// The tokenizer's Jinja chat template (`--template hf`).
+    Hf(Box<ChatTemplate>),
+}
+
+/// Why one record produced no sample.
+enum RecordFault {
+    Json(String),
+    Shape(String),
+}
+
+/// What one record became: (sample, tokens before truncation, image path) or None when the
+/// format maps it to no conversation.
+type Encodedrecord = Option<(Encoded, u64, Option<String>)>;
+
+/// Everything the encoders share.
+pub(crate) struct Run<'a> {
+    pub(crate) cfg: &'a PackConfig,
+    /// Format and columns of each mix source (one entry without a mix).
+    pub(crate) sources: Vec<SourceView>,
+    /// The source of each input file (global file index → index into `sources`).
+    pub(crate) file_source: Vec<u32>,
+    pub(crate) templating: Templating,
+    pub(crate) tok: TextTokenizer,
+    pub(crate) pool: rayon::ThreadPool,
+}
+
+impl Run<'_> {
+    /// The format and columns that apply to input file `fi`.
+    fn view(&self, fi: usize) -> &SourceView {
+        &self.sources[self.file_source.get(fi).copied().unwrap_or(0) as usize]
+    }
+}
+
+/// How the records of one source are read: its format (`auto`: detected per file) and
+/// column remapping.
+pub(crate) struct SourceView {
+    pub(crate) format: Format,
+    pub(crate) columns: Columns,
+}
+
+impl SourceView {
+    fn parse(&self, text: &str) -> std::result::Result<Value, RecordFault> {
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| RecordFault::Json(e.to_string()))?;
+        Ok(self.remap(value))
+    }
+
+    /// Apply `--columns` to a record.
+    fn remap(&self, mut value: Value) -> Value {
+        if !self.columns.is_empty() {
+            self.columns.apply(&mut value);
+        }
+        value
+    }
+
+    /// A record of a batch: parsed from its text, or (a row of a columnar or CSV file) the
+    /// value the reader built, taken out of the batch.
+    fn record_value(&self, rec: &mut OwnedRecord) -> std::result::Result<Value, RecordFault> {
+        match (rec.value.take(), &rec.text) {
+            (Some(v), _) => Ok(self.remap(v.into_value())),
+            (None, Ok(text)) => self.parse(text),
+            (None, Err(Unreadable::Row(m))) => Err(RecordFault::Shape(m.clone())),
+            (None, Err(Unreadable::Json(m))) => Err(RecordFault::Json(m.clone())),
+        }
+    }
+
+    /// The format of a file from one of its records (None: the record is not JSON, detect
+    /// from the next one).
+    fn detect(&self, path: &Path, rec: &OwnedRecord) -> Result<Option<Format>> {
+        let (value, start) = match (&rec.value, &rec.text) {
+            (Some(v), _) => {
+                let v = v.clone().into_value();
+                let start = v.to_string();
+                (self.remap(v), start)
+            }
+            (None, Ok(text)) => match self.parse(text) {
+                Ok(v) => (v, text.clone()),
+                Err(_) => return Ok(None),
+            },
+            (None, Err(_)) => return Ok(None),
+        };
+        Format::detect(&value).map(Some).ok_or_else(|| Error::Record {
+            path: path.to_path_buf(),
+            line: rec.line,
+            record: rec.index,
+            msg: format!(
+                "cannot detect the format from this record's keys (see `pyfast-tune formats`; \
+                 e.g. \"conversation\", \"messages\", \"conversations\", \"instruction\"+\"output\", \
+                 \"text\"): pass --format or --columns; record starts {:?}",
+                start.chars().take(80).collect::<String>()
+            ),
+        })
+    }
+}
+
+impl Run<'_> {
+    fn encode_record(
+        &self,
+        value: Value,
+        format: Format,
+    ) -> std::result::Result<Encodedrecord, RecordFault> {
+        let image = if format == Format::Llava {
+            llava_image(&value).map_err(RecordFault::Shape)?
+        } else {
+            None
+        };
+        let max_length = self.cfg.max_length;
+        // Pretraining text is never wrapped in a prompt template (XTuner's pretrain configs
+        // set template_map_fn=None), so one --template serves a mixed directory.
+        let templating = if format == Format::Pretrain {
+            &Templating::None
+        } else {
+            &self.templating
+        };
+        let tools = chat::tools_of(&value).map_err(RecordFault::Shape)?;
+        if tools.is_some() && !matches!(templating, Templating::Hf(_)) {
+            return Err(RecordFault::Shape(
+                "this record has \"tools\": tool schemas are rendered by the model's own chat \
+                 template; pack with --template hf"
+                    .into(),
+            ));
+        }
+        let enc = match templating {
+            Templating::Hf(ct) => {
+                let messages = if format == Format::OpenAi {
+                    chat::messages_from_openai(&value).map_err(RecordFault::Shape)?
+                } else {
+                    let turns = format.to_turns(&value).map_err(RecordFault::Shape)?;
+                    chat::messages_from_turns(&turns)
+                };
+                if messages.is_empty() {
+                    return Ok(None);
+                }
+                ct.encode(&self.tok, &messages, tools.as_ref(), max_length)
+                    .map_err(RecordFault::Shape)?
+            }
+            t => {
+                let mut turns = format.to_turns(&value).map_err(RecordFault::Shape)?;
+                if turns.is_empty() {
+                    return Ok(None);
+                }
+                if let Templating::Xtuner(t) = t {
+                    t.apply(&mut turns).map_err(RecordFault::Shape)?;
+                }
+                encode_turns_opts(&self.tok, &turns, max_length, format == Format::Llava)
+                    .map_err(RecordFault::Shape)?
+            }
+        };
+        let raw_len = enc.ids.len() as u64 + enc.truncated;
+        Ok(Some((enc, raw_len, image)))
+    }
+}
+
+/// Per-sample bookkeeping while staging (input order).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StagedSample {
+    /// Which part's staging files hold the tokens.
+    pub part: u32,
+    /// Token offset in that part's staging files.
+    pub offset: u64,
+    /// Tokens.
+    pub len: u32,
+    /// Global index of the source file.
+    pub file: u32,
+    /// Record index in the source file.
+    pub record: u64,
+}
+
+/// The encoded samples of a range of input files, staged in `dir`.
+pub(crate) struct Part {
+    /// Directory holding [`STAGE_IDS`] and [`STAGE_MASK`].
+    pub dir: PathBuf,
+    pub samples: Vec<StagedSample>,
+    pub tokens: u64,
+    pub stats: PackStats,
+    pub file_entries: Vec<Value>,
+    pub file_table: Vec<Value>,
+    /// (part-local sample index, image path) of LLaVA samples.
+    pub images: Vec<(u64, String)>,
+    /// The files read (global index, and whether this part is the file's head, see
+    /// [`crate::pack::shard`]), one per entry of `file_entries` and `file_table`.
+    pub files: Vec<(usize, bool)>,
+}
+
+fn record_error(
+    path: &Path,
+    rec_line: u64,
+    rec_index: u64,
+    fault: RecordFault,
+    fmt: &str,
+) -> Error {
+    match fault {
+        RecordFault::Json(msg) => Error::Json {
+            path: path.to_path_buf(),
+            line: rec_line,
+            msg: format!("record {rec_index}: {msg}"),
+        },
+        RecordFault::Shape(msg) => Error::Record {
+            path: path.to_path_buf(),
+            line: rec_line,
+            record: rec_index,
+            msg: format!("{msg} (format {fmt})"),
+        },
+    }
+}
+
+/// Appends samples of one part to its staging files.
+struct Stager {
+    ids: HashedWriter,
+    mask: HashedWriter,
+    buf: Vec<u8>,
+    part: Part,
+}
+
+impl Stager {
+    fn stage(
+        &mut self,
+        enc: &Encoded,
+        file: usize,
+        record: u64,
+        image: Option<String>,
+    ) -> Result<()> {
+        self.buf.clear();
+        self.buf
+            .extend(enc.ids.iter().flat_map(|x| x.to_le_bytes()));
+        self.ids.write(&self.buf)?;
+        self.mask.write(&enc.mask)?;
+        if let Some(img) = image {
+            self.part.images.push((self.part.samples.len() as u64, img));
+        }
+        self.part.samples.push(StagedSample {
+            part: 0,
+            offset: self.part.tokens,
+            len: enc.ids.len() as u32,
+            file: file as u32,
+            record,
+        });
+        self.part.tokens += enc.ids.len() as u64;
+        Ok(())
+    }
+
+    /// Count and stage one encoded sample (truncation, drops).
+    fn take(
+        &mut self,
+        enc: Encoded,
+        raw_len: u64,
+        file: usize,
+        record: u64,
+        image: Option<String>,
+    ) -> Result<()> {
+        let stats = &mut self.part.stats;
+        if enc.truncated > 0 {
+            stats.truncated_samples += 1;
+            stats.truncated_tokens += enc.truncated;
+        }
+        let trained = enc.trained() as u64;
+        if trained == 0 {
+            stats.dropped_samples += 1;
+            stats.dropped_tokens += raw_len - enc.truncated;
+            return Ok(());
+        }
+        stats.loss_tokens += trained;
+        self.stage(&enc, file, record, image)
+    }
+}
+
+fn skip(cfg: &PackConfig, stats: &mut PackStats, err: Error) -> Result<()> {
+    if !cfg.skip_bad {
+        return Err(err);
+    }
+    if stats.skipped_examples.len() < MAX_SKIP_EXAMPLES {
+        stats.skipped_examples.push(err.to_string());
+    }
+    Ok(())
+}
+
+/// Encode the inputs (all of them, or shard `i` of `n`) into staging files in `dir`.
+pub(crate) fn encode_part(
+    run: &Run<'_>,
+    files: &[InputFile],
+    sizes: &[u64],
+    shard: Option<(usize, usize)>,
+    dir: &Path,
+    progress: &dyn Fn(Progress<'_>) -> bool,
+) -> Result<Part> {
+    let total: u64 = sizes.iter().sum();
+    let (i, n) = shard.unwrap_or((0, 1));
+    let mut bases = Vec::with_capacity(files.len());
+    let mut base = 0u64;
+    for &s in sizes {
+        bases.push(base);
+        base += s;
+    }
+    let span_of = |fi: usize| match shard {
+        Some(_) => Span::new(bases[fi], total, i, n),
+        None => Span::ALL,
+    };
+    // This shard's share of the bytes, for progress.
+    let (lo, hi) = (
+        (total as u128 * i as u128 / n as u128) as u64,
+        (total as u128 * (i as u128 + 1) / n as u128) as u64,
+    );
+    let mut st = Stager {
+        ids: HashedWriter::create(dir.join(STAGE_IDS))?,
+        mask: HashedWriter::create(dir.join(STAGE_MASK))?,
+        buf: Vec::new(),
+        part: Part {
+            dir: dir.to_path_buf(),
+            samples: Vec::new(),
+            tokens: 0,
+            stats: PackStats::default(),
+            file_entries: Vec::new(),
+            file_table: Vec::new(),
+            images: Vec::new(),
+            files: Vec::new(),
+        },
+    };
+    for (fi, file) in files.iter().enumerate() {
+        let span = span_of(fi);
+        if !span.may_touch(sizes[fi]) {
+            continue;
+        }
+        let from = bases[fi].clamp(lo, hi);
+        let report = |done: u64| {
+            progress(Progress {
+                stage: "encode",
+                done: (bases[fi] + done).clamp(from, hi) - lo,
+                total: hi - lo,
+            })
+        };
+        if is_pretokenized(&file.path) {
+            if span.place(0, sizes[fi]).is_eq() {
+                encode_pretok_file(run, file, fi, &mut st, &report)?;
+            }
+        } else {
+            encode_json_file(run, file, fi, span, sizes[fi], &mut st, &report)?;
+        }
+    }
+    st.ids.finish()?;
+    st.mask.finish()?;
+    Ok(st.part)
+}
+
+/// What the start of a file says, as a single run reads it: its format (`auto`: detected
+/// from the first record that parses), or the fault that stops the whole file (no record
+/// at all; a first record whose format cannot be detected). Every shard reading part of the
+/// file asks, so all of them encode it alike. `next` gives the file's batches from its start;
+/// those read are kept in `read` when the caller goes on with the same stream.
+fn probe(
+    sv: &SourceView,
+    file: &InputFile,
+    mut next: impl FnMut() -> Result<Vec<OwnedRecord>>,
+    mut read: Option<&mut Vec<Vec<OwnedRecord>>>,
+) -> Result<std::result::Result<Format, Error>> {
+    let mut any = false;
+    loop {
+        let batch = next()?;
+        if batch.is_empty() {
+            return Ok(if any {
+                // No record parses: they are bad records, the format stays unknown.
+                Ok(sv.format)
+            } else {
+                Err(Error::EmptyFile {
+                    path: file.path.clone(),
+                })
+            });
+        }
+        any = true;
+        let mut found = (sv.format != Format::Auto).then_some(Ok(sv.format));
+        for r in &batch {
+            if found.is_some() {
+                break;
+            }
+            match sv.detect(&file.path, r) {
+                Ok(Some(f)) => found = Some(Ok(f)),
+                Ok(None) => {}
+                Err(e) => found = Some(Err(e)),
+            }
+        }
+        if let Some(read) = read.as_deref_mut() {
+            read.push(batch);
+        }
+        if let Some(found) = found {
+            return Ok(found);
+        }
+    }
+}
+
+/// A fault of the whole file: the head shard records the file (hashed whole) as skipped and
+/// reports it; another shard skips it silently (or fails, as every shard of the run does
+/// without `skip_bad`).
+fn file_fault(
+    cfg: &PackConfig,
+    file: &InputFile,
+    fi: usize,
+    head: bool,
+    st: &mut Stager,
+    err: Error,
+) -> Result<()> {
+    if !head {
+        return if cfg.skip_bad { Ok(()) } else { Err(err) };
+    }
+    let (size, hash) = hash_file(&file.path)?;
+    st.part
+        .file_entries
+        .push(file_entry(&file.name, size, &hash));
+    st.part
+        .file_table
+        .push(json!({"name": file.name, "size": size, "records": 0, "format": Value::Null}));
+    st.part.files.push((fi, true));
+    st.part.stats.skipped_files += 1;
+    skip(cfg, &mut st.part.stats, err)
+}
+
+fn encode_json_file(
+    run: &Run<'_>,
+    file: &InputFile,
+    fi: usize,
+    span: Span,
+    size: u64,
+    st: &mut Stager,
+    report: &dyn Fn(u64) -> bool,
+) -> Result<()> {
+    let cfg = run.cfg;
+    let sv = run.view(fi);
+    let whole_head = span.place(0, size).is_eq();
+    let mut stream = match RecordStream::open(&file.path) {
+        Ok(s) => s,
+        Err(
+            e @ (Error::EmptyFile { .. }
+            | Error::Json { .. }
+            | Error::Record { .. }
+            | Error::Source { .. }),
+        ) => {
+            return file_fault(cfg, file, fi, whole_head, st, e);
+        }
+        Err(e) => return Err(e),
+    };
+    let head = if stream.splittable() {
+        span.is_head()
+    } else {
+        if !whole_head {
+            return Ok(());
+        }
+        true
+    };
+    // A single run probes the stream it reads (a Parquet dictionary page is decoded once);
+    // a shard, whose stream may start past the file's first record, opens the file again.
+    let mut read_ahead = Vec::new();
+    let probed = if span == Span::ALL {
+        probe(sv, file, || stream.next_batch(CHUNK), Some(&mut read_ahead))?
+    } else {
+        let mut from_start = RecordStream::open(&file.path)?;
+        probe(sv, file, || from_start.next_batch(64), None)?
+    };
+    let fmt = match probed {
+        Ok(f) => f,
+        Err(e) => return file_fault(cfg, file, fi, head, st, e),
+    };
+    if stream.splittable() && span != Span::ALL {
+        stream.restrict(span);
+    }
+    let mut read_ahead = read_ahead.into_iter();
+    let mut records = 0u64;
+    loop {
+        let mut batch: Vec<OwnedRecord> = match read_ahead.next() {
+            Some(b) => b,
+            None => stream.next_batch(CHUNK)?,
+        };
+        if batch.is_empty() {
+            break;
+        }
+        records += batch.len() as u64;
+        let results: Vec<_> = run.pool.install(|| {
+            batch
+                .par_iter_mut()
+                .map(|r| run.encode_record(sv.record_value(r)?, fmt))
+                .collect()
+        });
+        for (rec, res) in batch.iter().zip(results) {
+            match res {
+                Ok(Some((enc, raw_len, image))) => st.take(enc, raw_len, fi, rec.index, image)?,
+                Ok(None) => st.part.stats.dropped_samples += 1,
+                Err(fault) => {
+                    st.part.stats.skipped_records += 1;
+                    let err = record_error(&file.path, rec.line, rec.index, fault, fmt.name());
+                    skip(cfg, &mut st.part.stats, err)?;
+                }
+            }
+        }
+        if !report(stream.raw_bytes()) {
+            return Err(Error::Interrupted);
+        }
+    }
+    let (size, hash) = stream.finish()?;
+    if head || records > 0 {
+        st.part
+            .file_entries
+            .push(file_entry(&file.name, size, &hash));
+        st.part.file_table.push(
+            json!({"name": file.name, "size": size, "records": records, "format": fmt.name()}),
+        );
+        st.part.files.push((fi, head));
+    }
+    st.part.stats.records += records;
+    Ok(())
+}
+
+/// What one `.bin` row became.
+enum RowOut {
+    /// Filtered by `min_length`.
+    Short,
+    /// ids, mask.
+    Tokens(Vec<u32>, Vec<u8>),
+    /// Not a `{"tokens": [...]}` line.
+    Bad(String),
+    /// Token count differs from the `.meta`.
+    Mismatch(String),
+}
+
+fn encode_pretok_file(
+    run: &Run<'_>,
+    file: &InputFile,
+    fi: usize,
+    st: &mut Stager,
+    report: &dyn Fn(u64) -> bool,
+) -> Result<()> {
+    let cfg = run.cfg;
+    let mut pf = PretokFile::open(&file.path, cfg.min_length as u64, cfg.rebuild_meta)?;
+    let (size, hash) = hash_file(&file.path)?;
+    st.part
+        .file_entries
+        .push(pretok_entry(file, size, &hash, &pf.meta_hash));
+    st.part
+        .file_table
+        .push(json!({"name": file.name, "size": size,
+        "records": pf.num_rows(), "format": "pretokenized"}));
+    st.part.files.push((fi, true));
+    st.part.stats.records += pf.num_rows() as u64;
+    let max_length = cfg.max_length;
+    loop {
+        let batch = pf.next_batch(CHUNK)?;
+        if batch.is_empty() {
+            break;
+        }
+        let results: Vec<RowOut> = run.pool.install(|| {
+            batch
+                .par_iter()
+                .map(|row| {
+                    let Some(line) = row.line.as_ref() else {
+                        return RowOut::Short;
+                    };
+                    match pretokenized::decode_line(line) {
+                        Err(msg) => RowOut::Bad(msg),
+                        Ok((ids, mask)) => {
+                            match pretokenized::check_count(&file.path, row, ids.len()) {
+                                Err(msg) => RowOut::Mismatch(msg),
+                                Ok(()) => RowOut::Tokens(ids, mask),
+                            }
+                        }
+                    }
+                })
+                .collect()
+        });
+        for (row, res) in batch.iter().zip(results) {
+            match res {
+                RowOut::Short => {
+                    // Shorter than min_length: XTuner's JsonlDataset filters it; we count it.
+                    st.part.stats.dropped_samples += 1;
+                    st.part.stats.dropped_tokens += row.count;
+                }
+                RowOut::Tokens(mut ids, mut mask) => {
+                    let raw_len = ids.len() as u64;
+                    let truncated = raw_len.saturating_sub(max_length as u64);
+                    ids.truncate(max_length);
+                    mask.truncate(max_length);
+                    let enc = Encoded {
+                        ids,
+                        mask,
+                        truncated,
+                    };
+                    st.take(enc, raw_len, fi, row.row, None)?;
+                }
+                // A .meta that disagrees with its .bin is corrupt as a whole: never skipped.
+                RowOut::Mismatch(msg) => {
+                    return Err(Error::Corrupt {
+                        path: pretokenized::meta_path(&file.path),
+                        msg,
+                    })
+                }
+                RowOut::Bad(msg) => {
+                    st.part.stats.skipped_records += 1;
+                    let err = Error::Record {
+                        path: file.path.clone(),
+                        line: row.row + 1,
+                        record: row.row,
+                        msg: format!("byte offset {}: {msg}", row.offset),
+                    };
+                    skip(cfg, &mut st.part.stats, err)?;
+                }
+            }
+        }
+        if !report(pf.position()) {
+            return Err(Error::Interrupted);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,379 @@
+//! The write stage: plan packs over the staged samples (best-fit decreasing, seeded), copy
+//! their tokens into the packed files, write meta.json and commit the directory atomically.
+//! A single run and a merge of shards both end in [`finish`].
+
+use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::pack::binpack::plan_packs;
+use crate::pack::fingerprint::hash_value;
+use crate::pack::mix::{self, MixRule, MixSourceStats};
+use crate::pack::stage::{Part, StagedSample, MAX_SKIP_EXAMPLES, STAGE_IDS, STAGE_MASK};
+use crate::pack::stats::{PackStats, Progress};
+use crate::packed_dir::atomic::{HashedWriter, StagingDir};
+use crate::packed_dir::layout;
+
+/// What [`finish`] needs besides the parts: the run's identity.
+#[derive(Clone, Debug, serde::Deserialize, Serialize)]
+pub(crate) struct Header {
+    /// [`crate::pack::fingerprint::fingerprint_inputs`] without `inputs`.
+    pub fingerprint_base: Value,
+    pub max_length: usize,
+    pub format: String,
+    pub template: String,
+    pub seed: u64,
+    /// hash, path, bos, eos.
+    pub tokenizer: Value,
+    /// Sources mixed by ratio, in global file order (empty: every sample once).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mix: Vec<MixRule>,
+}
+
+/// Plan packs over every part's samples (global input order), write the packed directory
+/// and commit it. A single run and a merge of shards both end here.
+pub(crate) fn finish(
+    header: &Header,
+    mut parts: Vec<Part>,
+    staging: StagingDir,
+    start: Instant,
+    progress: &dyn Fn(Progress<'_>) -> bool,
+) -> Result<PackStats> {
+    let mut stats = PackStats::default();
+    let mut staged: Vec<StagedSample> = Vec::new();
+    let mut file_entries = Vec::new();
+    let mut file_table = Vec::new();
+    let mut images: Vec<Value> = Vec::new();
+    let mut tokens = 0u64;
+    for (pi, part) in parts.iter_mut().enumerate() {
+        let base = staged.len() as u64;
+        for (k, img) in part.images.drain(..) {
+            images.push(json!([base + k, img]));
+        }
+        staged.extend(part.samples.iter().map(|s| StagedSample {
+            part: pi as u32,
+            ..*s
+        }));
+        tokens += part.tokens;
+        let p = &part.stats;
+        stats.records += p.records;
+        stats.loss_tokens += p.loss_tokens;
+        stats.truncated_samples += p.truncated_samples;
+        stats.truncated_tokens += p.truncated_tokens;
+        stats.dropped_samples += p.dropped_samples;
+        stats.dropped_tokens += p.dropped_tokens;
+        stats.skipped_records += p.skipped_records;
+        stats.skipped_files += p.skipped_files;
+        for m in &p.skipped_examples {
+            if stats.skipped_examples.len() < MAX_SKIP_EXAMPLES {
+                stats.skipped_examples.push(m.clone());
+            }
+        }
+        file_entries.extend(part.file_entries.iter().cloned());
+        file_table.extend(part.file_table.iter().cloned());
+    }
+    if staged.is_empty() {
+        return Err(Error::NoTrainableSamples {
+            records: stats.records,
+            dropped: stats.dropped_samples,
+            skipped: stats.skipped_records,
+        });
+    }
+
+    let mixed = (!header.mix.is_empty()).then(|| apply_mix(header, &mut staged, &mut images));
+    if staged.is_empty() {
+        return Err(Error::NoTrainableSamples {
+            records: stats.records,
+            dropped: stats.dropped_samples,
+            skipped: stats.skipped_records,
+        });
+    }
+    let tokens: u64 = match mixed {
+        Some(_) => staged.iter().map(|s| s.len as u64).sum(),
+        None => tokens,
+    };
+
+    let lengths: Vec<u32> = staged.iter().map(|s| s.len).collect();
+    let packs =
+        plan_packs(&lengths, header.max_length as u32, header.seed).map_err(Error::Internal)?;
+    let part_dirs: Vec<&Path> = parts.iter().map(|p| p.dir.as_path()).collect();
+    let mut loss_of = mixed.as_ref().map(|_| vec![0u32; staged.len()]);
+    let mut outputs = write_packed(
+        &staging.dir,
+        &part_dirs,
+        &staged,
+        &packs,
+        loss_of.as_deref_mut(),
+        progress,
+    )?;
+    if let (Some((source_of, counts)), Some(loss_of)) = (&mixed, &loss_of) {
+        stats.loss_tokens = loss_of.iter().map(|&x| x as u64).sum();
+        stats.mix = mix_stats(header, &staged, source_of, counts, loss_of, tokens);
+    }
+    for p in &parts {
+        for name in [STAGE_IDS, STAGE_MASK] {
+            let f = p.dir.join(name);
+            if f.starts_with(&staging.dir) {
+                std::fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
+            }
+        }
+    }
+    if !images.is_empty() {
+        let p = staging.dir.join(layout::IMAGES);
+        let text =
+            json!({"image_token_id": crate::template::encode::IMAGE_TOKEN_ID, "samples": images})
+                .to_string();
+        std::fs::write(&p, &text).map_err(|e| Error::io(&p, e))?;
+        outputs.insert(
+            layout::IMAGES.to_string(),
+            json!({"size": text.len(), "blake3": blake3::hash(text.as_bytes()).to_hex().to_string()}),
+        );
+    }
+
+    stats.samples = staged.len() as u64;
+    stats.tokens = tokens;
+    stats.packs = packs.len() as u64;
+    // Counted from the plan rather than assumed: the planner never splits a sample, and a
+    // change that did would show here (and make `verify` refuse the directory).
+    stats.split_samples =
+        crate::packed_dir::verify::samples_in_several_packs(&packs, lengths.len());
+    stats.fill = tokens as f64 / (packs.len() as f64 * header.max_length as f64);
+    let mut fp_inputs = header.fingerprint_base.clone();
+    fp_inputs["inputs"] = Value::Array(file_entries);
+    stats.fingerprint = hash_value(&fp_inputs);
+    let mut meta = json!({
+        "format_version": layout::FORMAT_VERSION,
+        "tool": "pyfast-tune",
+        "tool_version": env!("CARGO_PKG_VERSION"),
+        "fingerprint": stats.fingerprint,
+        "fingerprint_inputs": fp_inputs,
+        "max_length": header.max_length,
+        "format": header.format,
+        "template": header.template,
+        "seed": header.seed,
+        "tokenizer": header.tokenizer,
+        "files": file_table,
+        "stats": stats_for_meta(&stats),
+        "num_samples": stats.samples,
+        "num_packs": stats.packs,
+        "num_tokens": stats.tokens,
+        "outputs": outputs,
+    });
+    if !header.mix.is_empty() {
+        meta["mix"] = serde_json::to_value(&stats.mix).unwrap_or(Value::Null);
+    }
+    if let Some(sources) = fp_inputs.get("sources") {
+        meta["sources"] = sources.clone();
+    }
+    let meta_path = staging.dir.join(layout::META);
+    let mut f = std::fs::File::create(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
+    let text = serde_json::to_string_pretty(&meta).map_err(|e| Error::Internal(e.to_string()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(&meta_path, e))?;
+    staging.commit()?;
+    // Timing excludes nothing: the commit is part of the job.
+    stats.seconds = start.elapsed().as_secs_f64();
+    stats.tokens_per_second = tokens as f64 / stats.seconds.max(1e-9);
+    Ok(stats)
+}
+
+/// Statistics as stored in meta.json: without wall-clock figures, so the directory's bytes
+/// are a function of the inputs and settings only.
+fn stats_for_meta(stats: &PackStats) -> Value {
+    let mut v = serde_json::to_value(stats).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        for k in [
+            "seconds",
+            "tokens_per_second",
+            "load_seconds",
+            "encode_seconds",
+            "write_seconds",
+            "mix", // meta.json has it at the top level
+        ] {
+            o.remove(k);
+        }
+    }
+    v
+}
+
+fn open(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::open(path).map_err(|e| Error::io(path, e))
+}
+
+/// Write the packed files; returns `outputs` for meta.json (size and BLAKE3 per file).
+/// Staged tokens are read with positioned reads, not mapped, so resident memory stays
+/// bounded however large the staging files are.
+fn write_packed(
+    dir: &Path,
+    part_dirs: &[&Path],
+    staged: &[StagedSample],
+    packs: &[Vec<u32>],
+    mut loss_of: Option<&mut [u32]>,
+    progress: &dyn Fn(Progress<'_>) -> bool,
+) -> Result<serde_json::Map<String, Value>> {
+    let sources: Vec<(std::fs::File, std::fs::File, PathBuf)> = part_dirs
+        .iter()
+        .map(|d| {
+            Ok((
+                open(&d.join(STAGE_IDS))?,
+                open(&d.join(STAGE_MASK))?,
+                d.join(STAGE_IDS),
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let mut w_ids = HashedWriter::create(dir.join(layout::INPUT_IDS))?;
+    let mut w_mask = HashedWriter::create(dir.join(layout::LOSS_MASK))?;
+    let mut w_packs = HashedWriter::create(dir.join(layout::PACKS))?;
+    let mut w_order = HashedWriter::create(dir.join(layout::PACK_SAMPLES))?;
+    let mut new_start = vec![0i64; staged.len()];
+    let mut pack_of = vec![0i64; staged.len()];
+    let (mut tok_pos, mut sample_pos) = (0i64, 0i64);
+    let (mut ids_buf, mut mask_buf) = (Vec::new(), Vec::new());
+    for (p, members) in packs.iter().enumerate() {
+        w_packs.write_i64s(&[tok_pos, sample_pos])?;
+        for &s in members {
+            let s = s as usize;
+            let st = &staged[s];
+            let (ids_f, mask_f, ids_path) = &sources[st.part as usize];
+            ids_buf.resize(st.len as usize * 4, 0);
+            mask_buf.resize(st.len as usize, 0);
+            ids_f
+                .read_exact_at(&mut ids_buf, st.offset * 4)
+                .and_then(|_| mask_f.read_exact_at(&mut mask_buf, st.offset))
+                .map_err(|e| Error::io(ids_path, e))?;
+            w_ids.write(&ids_buf)?;
+            w_mask.write(&mask_buf)?;
+            if let Some(loss) = loss_of.as_deref_mut() {
+                loss[s] = mask_buf.iter().filter(|&&m| m != 0).count() as u32;
+            }
+            w_order.write_i64s(&[s as i64])?;
+            new_start[s] = tok_pos;
+            pack_of[s] = p as i64;
+            tok_pos += st.len as i64;
+            sample_pos += 1;
+        }
+        let report = Progress {
+            stage: "write",
+            done: p as u64,
+            total: packs.len() as u64,
+        };
+        if p % 4096 == 0 && !progress(report) {
+            return Err(Error::Interrupted);
+        }
+    }
+    w_packs.write_i64s(&[tok_pos, sample_pos])?;
+    let mut w_samples = HashedWriter::create(dir.join(layout::SAMPLES))?;
+    for (s, st) in staged.iter().enumerate() {
+        w_samples.write_i64s(&[
+            new_start[s],
+            st.len as i64,
+            pack_of[s],
+            st.file as i64,
+            st.record as i64,
+        ])?;
+    }
+    let mut outputs = serde_json::Map::new();
+    let names = [
+        layout::INPUT_IDS,
+        layout::LOSS_MASK,
+        layout::PACKS,
+        layout::PACK_SAMPLES,
+        layout::SAMPLES,
+    ];
+    for (name, w) in names
+        .into_iter()
+        .zip([w_ids, w_mask, w_packs, w_order, w_samples])
+    {
+        let (size, hash) = w.finish()?;
+        outputs.insert(name.to_string(), json!({"size": size, "blake3": hash}));
+    }
+    // meta.json lists outputs in BINARY_FILES order, as before.
+    let mut ordered = serde_json::Map::new();
+    for name in layout::BINARY_FILES {
+        if let Some(v) = outputs.remove(*name) {
+            ordered.insert(name.to_string(), v);
+        }
+    }
+    if !progress(Progress {
+        stage: "write",
+        done: packs.len() as u64,
+        total: packs.len() as u64,
+    }) {
+        return Err(Error::Interrupted);
+    }
+    Ok(ordered)
+}
+
+/// Replace the staged samples (input order) by the mix's choice: each kept sample as many
+/// times as [`mix::select`] says, its copies adjacent, images following their samples.
+/// Returns each output sample's source and the per-source counts.
+fn apply_mix(
+    header: &Header,
+    staged: &mut Vec<StagedSample>,
+    images: &mut Vec<Value>,
+) -> (Vec<u32>, Vec<(u64, u64, u64)>) {
+    let file_of: Vec<u32> = staged.iter().map(|s| s.file).collect();
+    let record_of: Vec<u64> = staged.iter().map(|s| s.record).collect();
+    let (copies, counts) = mix::select(&header.mix, header.seed, &file_of, &record_of);
+    let mut source_of_file = Vec::new();
+    for (si, r) in header.mix.iter().enumerate() {
+        source_of_file.extend(std::iter::repeat(si as u32).take(r.files.len()));
+    }
+    let image_of: std::collections::HashMap<u64, Value> = images
+        .drain(..)
+        .filter_map(|v| Some((v[0].as_u64()?, v[1].clone())))
+        .collect();
+    let mut out = Vec::with_capacity(copies.iter().map(|&c| c as usize).sum());
+    let mut source_of = Vec::with_capacity(out.capacity());
+    for (i, (s, &c)) in staged.iter().zip(&copies).enumerate() {
+        for _ in 0..c {
+            if let Some(img) = image_of.get(&(i as u64)) {
+                images.push(json!([out.len() as u64, img]));
+            }
+            out.push(*s);
+            source_of.push(source_of_file[s.file as usize]);
+        }
+    }
+    *staged = out;
+    (source_of, counts)
+}
+
+/// Per-source figures of a mixed pack.
+fn mix_stats(
+    header: &Header,
+    staged: &[StagedSample],
+    source_of: &[u32],
+    counts: &[(u64, u64, u64)],
+    loss_of: &[u32],
+    tokens: u64,
+) -> Vec<MixSourceStats> {
+    let mut out: Vec<MixSourceStats> = header
+        .mix
+        .iter()
+        .zip(counts)
+        .map(|(r, &(available, distinct, samples))| MixSourceStats {
+            name: r.name.clone(),
+            weight: r.weight,
+            max_samples: r.max_samples,
+            available_samples: available,
+            distinct_samples: distinct,
+            samples,
+            ..MixSourceStats::default()
+        })
+        .collect();
+    for ((s, &src), &loss) in staged.iter().zip(source_of).zip(loss_of) {
+        let m = &mut out[src as usize];
+        m.tokens += s.len as u64;
+        m.loss_tokens += loss as u64;
+    }
+    for m in &mut out {
+        m.token_share = m.tokens as f64 / tokens.max(1) as f64;
+    }
+    out
+}
