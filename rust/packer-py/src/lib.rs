@@ -289,7 +289,9 @@ fn render_chats(
                         msg,
                     })?;
                 let text = ct.render(&msgs, false).map_err(template_err)?;
-                let enc = ct.encode(&tok, &msgs, usize::MAX).map_err(template_err)?;
+                let enc = ct
+                    .encode(&tok, &msgs, None, usize::MAX)
+                    .map_err(template_err)?;
                 Ok((text, enc.ids, enc.mask))
             })
             .collect::<packer::Result<Vec<_>>>()

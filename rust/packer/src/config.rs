@@ -65,6 +65,11 @@ pub struct PackConfig {
     /// user option, so it is left out of the defaults (and so of every front end's flags).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sources: Vec<SourceInfo>,
+    /// Sources mixed by ratio (each with its inputs, format, columns, weight and sample
+    /// limit), instead of `inputs`. Front ends fill it from a mix file or from mappings in
+    /// the input list, so it is left out of the defaults (and so of every front end's flags).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mix: Vec<MixSource>,
 }
 
 /// One resolved remote source: the repository, the commit its files were read at, the split
@@ -84,6 +89,67 @@ pub struct SourceInfo {
     pub subset: Option<String>,
     /// Paths of the files in the repository.
     pub files: Vec<String>,
+}
+
+/// One source of a mix, as the options give it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MixSource {
+    /// A label for reports (default: the first input as given). Unique within a mix.
+    #[serde(default)]
+    pub name: String,
+    /// Files, directories or globs of this source (local paths: front ends resolve Hub ids).
+    pub inputs: Vec<String>,
+    /// Dataset format of this source (default: the run's `format`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Column remapping of this source, `"field=column,..."` (default: the run's `columns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<String>,
+    /// Share multiplier: whole repetitions plus a seeded fraction (> 0).
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// Keep a seeded subset of at most this many samples (before `weight` applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_samples: Option<u64>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl MixSource {
+    /// Check the numbers; `index` names the source in messages.
+    pub fn validate(&self, index: usize) -> std::result::Result<(), String> {
+        if self.inputs.is_empty() {
+            return Err(format!(
+                "mix source {index} ({:?}) has no inputs",
+                self.name
+            ));
+        }
+        if !(self.weight.is_finite() && self.weight > 0.0) {
+            return Err(format!(
+                "mix source {index} ({:?}): weight must be a finite number > 0, got {}",
+                self.name, self.weight
+            ));
+        }
+        if self.max_samples == Some(0) {
+            return Err(format!(
+                "mix source {index} ({:?}): max_samples must be at least 1",
+                self.name
+            ));
+        }
+        Ok(())
+    }
+
+    /// The label used in reports.
+    pub fn label(&self) -> &str {
+        if self.name.is_empty() {
+            self.inputs.first().map(String::as_str).unwrap_or("")
+        } else {
+            &self.name
+        }
+    }
 }
 
 impl Default for PackConfig {
@@ -108,6 +174,7 @@ impl Default for PackConfig {
             rebuild_meta: false,
             shard: None,
             sources: Vec::new(),
+            mix: Vec::new(),
         }
     }
 }
@@ -296,6 +363,7 @@ pub fn parse_names(cfg: &PackConfig) -> Result<(Format, Option<&'static Template
         )));
     }
     Columns::parse(&cfg.columns).map_err(Error::Config)?;
+    check_mix(cfg)?;
     if let Some((i, n)) = cfg.shard {
         if n == 0 || i >= n {
             return Err(Error::Config(format!(
@@ -306,8 +374,84 @@ pub fn parse_names(cfg: &PackConfig) -> Result<(Format, Option<&'static Template
     Ok((format, template))
 }
 
+/// A mix replaces `inputs`; each source's format and columns must parse and its names be
+/// unique (they key its seeded choices and its line in the report).
+fn check_mix(cfg: &PackConfig) -> Result<()> {
+    if cfg.mix.is_empty() {
+        return Ok(());
+    }
+    if !cfg.inputs.is_empty() || cfg.data_order.is_some() {
+        return Err(Error::Config(
+            "a mix lists its own inputs: give either mix sources or inputs/data_order, not both"
+                .into(),
+        ));
+    }
+    let mut names = std::collections::HashSet::new();
+    for (i, src) in cfg.mix.iter().enumerate() {
+        src.validate(i).map_err(Error::Config)?;
+        if !names.insert(src.label()) {
+            return Err(Error::Config(format!(
+                "mix source {i}: the name {:?} is used by an earlier source; give each a \
+                 distinct name",
+                src.label()
+            )));
+        }
+        if let Some(f) = &src.format {
+            Format::from_name(f).ok_or_else(|| {
+                Error::Config(format!(
+                    "mix source {i} ({:?}): unknown format {f:?}; known: {}",
+                    src.label(),
+                    Format::NAMES.join(", ")
+                ))
+            })?;
+        }
+        if let Some(c) = &src.columns {
+            Columns::parse(c)
+                .map_err(|e| Error::Config(format!("mix source {i} ({:?}): {e}", src.label())))?;
+        }
+    }
+    Ok(())
+}
+
 /// The ordered input files of a config.
 pub fn resolve(cfg: &PackConfig) -> Result<Vec<InputFile>> {
+    Ok(resolve_sources(cfg)?.0)
+}
+
+/// The ordered input files of a config and, per file, the index of the mix source it belongs
+/// to (all 0 without a mix). A file in two sources is an error.
+pub fn resolve_sources(cfg: &PackConfig) -> Result<(Vec<InputFile>, Vec<u32>)> {
+    if cfg.mix.is_empty() {
+        let files = resolve_plain(cfg)?;
+        let n = files.len();
+        return Ok((files, vec![0; n]));
+    }
+    let exts: Vec<&str> = match cfg.file_type.as_deref() {
+        Some(ft) if !ft.is_empty() => vec![ft],
+        _ => DATA_EXTENSIONS.to_vec(),
+    };
+    let (mut files, mut source_of) = (Vec::new(), Vec::new());
+    let mut seen = std::collections::HashMap::new();
+    for (si, src) in cfg.mix.iter().enumerate() {
+        for f in resolve_inputs(&src.inputs, &exts)? {
+            let canon = std::fs::canonicalize(&f.path).unwrap_or_else(|_| f.path.clone());
+            if let Some(other) = seen.insert(canon, si) {
+                return Err(Error::Config(format!(
+                    "{} is an input of mix sources {other} ({:?}) and {si} ({:?}); a file \
+                     belongs to one source (use weight to repeat it)",
+                    f.path.display(),
+                    cfg.mix[other].label(),
+                    src.label()
+                )));
+            }
+            files.push(f);
+            source_of.push(si as u32);
+        }
+    }
+    Ok((files, source_of))
+}
+
+fn resolve_plain(cfg: &PackConfig) -> Result<Vec<InputFile>> {
     match &cfg.data_order {
         Some(order) => {
             let root =

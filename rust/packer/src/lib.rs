@@ -22,9 +22,10 @@ mod source;
 mod template;
 mod tokenize;
 
-pub use config::{PackConfig, SourceInfo};
+pub use config::{MixSource, PackConfig, SourceInfo};
 pub use error::{Error, Result};
 pub use pack::fingerprint::fingerprint;
+pub use pack::mix::MixSourceStats;
 pub use pack::shard::merge;
 pub use pack::stats::{PackStats, Progress};
 pub use packed_dir::verify::verify;

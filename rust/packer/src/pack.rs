@@ -1,10 +1,12 @@
 //! Samples to packs: stage every input's encoded samples ([`stage`]), plan the packs
 //! ([`binpack`] with the seeded [`rng`]), write and commit the packed directory ([`write`]),
 //! or save and merge the parts of a sharded run ([`shard`]); [`fingerprint`] names what
-//! determines the bytes and [`stats`] what a run reports.
+//! determines the bytes and [`stats`] what a run reports; [`mix`] chooses the samples of
+//! sources mixed by ratio.
 
 pub(crate) mod binpack;
 pub(crate) mod fingerprint;
+pub(crate) mod mix;
 pub(crate) mod rng;
 pub(crate) mod shard;
 pub(crate) mod stage;

@@ -12,14 +12,17 @@ use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::format::xtuner::Columns;
+use crate::format::Format;
+use crate::input::InputFile;
 use crate::pack::fingerprint::fingerprint_inputs;
-use crate::pack::stage::{encode_part, Run, Templating};
+use crate::pack::mix::MixRule;
+use crate::pack::stage::{encode_part, Run, SourceView, Templating};
 use crate::pack::write::{finish, Header};
 use crate::packed_dir::atomic::StagingDir;
 use crate::template::chat::ChatTemplate;
 use crate::tokenize::TextTokenizer;
 
-pub use crate::config::{parse_names, resolve, PackConfig};
+pub use crate::config::{parse_names, resolve_sources, PackConfig};
 pub use crate::pack::stats::{PackStats, Progress};
 
 fn thread_count(cfg: &PackConfig) -> usize {
@@ -39,7 +42,7 @@ fn thread_count(cfg: &PackConfig) -> usize {
 pub fn pack(cfg: &PackConfig, progress: &dyn Fn(Progress<'_>) -> bool) -> Result<PackStats> {
     let start = Instant::now();
     let (format, template) = parse_names(cfg)?;
-    let files = resolve(cfg)?;
+    let (files, file_source) = resolve_sources(cfg)?;
     let tok = TextTokenizer::load_with(&cfg.tokenizer, cfg.tokenizer_backend)?;
     let templating = match (cfg.template.as_str(), template) {
         ("hf", _) => Templating::Hf(Box::new(ChatTemplate::load(&cfg.tokenizer)?)),
@@ -52,9 +55,9 @@ pub fn pack(cfg: &PackConfig, progress: &dyn Fn(Progress<'_>) -> bool) -> Result
         .map_err(|e| Error::Internal(format!("cannot start worker threads: {e}")))?;
     let run = Run {
         cfg,
-        format,
+        sources: source_views(cfg, format)?,
+        file_source: file_source.clone(),
         templating,
-        columns: Columns::parse(&cfg.columns).map_err(Error::Config)?,
         tok,
         pool,
     };
@@ -87,10 +90,55 @@ pub fn pack(cfg: &PackConfig, progress: &dyn Fn(Progress<'_>) -> bool) -> Result
         seed: cfg.seed,
         tokenizer: json!({"hash": run.tok.hash, "path": run.tok.path.to_string_lossy(),
                           "bos": run.tok.bos, "eos": run.tok.eos}),
+        mix: mix_rules(cfg, &files, &file_source),
     };
     if let Some((i, n)) = cfg.shard {
         let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
         return crate::pack::shard::save(&header, part, i, n, &names, staging, start).map(phases);
     }
     finish(&header, vec![part], staging, start, progress).map(phases)
+}
+
+/// Format and columns per mix source (one view of the run's own without a mix).
+fn source_views(cfg: &PackConfig, format: Format) -> Result<Vec<SourceView>> {
+    let columns = |c: &str| Columns::parse(c).map_err(Error::Config);
+    if cfg.mix.is_empty() {
+        return Ok(vec![SourceView {
+            format,
+            columns: columns(&cfg.columns)?,
+        }]);
+    }
+    cfg.mix
+        .iter()
+        .map(|src| {
+            Ok(SourceView {
+                format: match &src.format {
+                    Some(f) => Format::from_name(f)
+                        .ok_or_else(|| Error::Config(format!("unknown format {f:?}")))?,
+                    None => format,
+                },
+                columns: columns(src.columns.as_deref().unwrap_or(&cfg.columns))?,
+            })
+        })
+        .collect()
+}
+
+/// The write stage's view of a mix: each source's rule and the names of its files, in the
+/// global file order.
+fn mix_rules(cfg: &PackConfig, files: &[InputFile], file_source: &[u32]) -> Vec<MixRule> {
+    cfg.mix
+        .iter()
+        .enumerate()
+        .map(|(si, src)| MixRule {
+            name: src.label().to_string(),
+            weight: src.weight,
+            max_samples: src.max_samples,
+            files: files
+                .iter()
+                .zip(file_source)
+                .filter(|(_, &s)| s as usize == si)
+                .map(|(f, _)| f.name.clone())
+                .collect(),
+        })
+        .collect()
 }

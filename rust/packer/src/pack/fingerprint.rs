@@ -41,6 +41,9 @@ pub(crate) fn fingerprint_inputs(cfg: &PackConfig, tokenizer_hash: &str, files: 
     if !cfg.sources.is_empty() {
         o.insert("sources".into(), json!(cfg.sources));
     }
+    if !cfg.mix.is_empty() {
+        o.insert("mix".into(), crate::pack::mix::describe(&cfg.mix));
+    }
     if cfg.template == "hf" {
         // chat_template.jinja is not among the tokenizer files hashed above.
         let h = chat::find_source(&cfg.tokenizer)

@@ -58,14 +58,30 @@ type Encodedrecord = Option<(Encoded, u64, Option<String>)>;
 /// Everything the encoders share.
 pub(crate) struct Run<'a> {
     pub(crate) cfg: &'a PackConfig,
-    pub(crate) format: Format,
+    /// Format and columns of each mix source (one entry without a mix).
+    pub(crate) sources: Vec<SourceView>,
+    /// The source of each input file (global file index → index into `sources`).
+    pub(crate) file_source: Vec<u32>,
     pub(crate) templating: Templating,
-    pub(crate) columns: Columns,
     pub(crate) tok: TextTokenizer,
     pub(crate) pool: rayon::ThreadPool,
 }
 
 impl Run<'_> {
+    /// The format and columns that apply to input file `fi`.
+    fn view(&self, fi: usize) -> &SourceView {
+        &self.sources[self.file_source.get(fi).copied().unwrap_or(0) as usize]
+    }
+}
+
+/// How the records of one source are read: its format (`auto`: detected per file) and
+/// column remapping.
+pub(crate) struct SourceView {
+    pub(crate) format: Format,
+    pub(crate) columns: Columns,
+}
+
+impl SourceView {
     fn parse(&self, text: &str) -> std::result::Result<Value, RecordFault> {
         let value: Value =
             serde_json::from_str(text).map_err(|e| RecordFault::Json(e.to_string()))?;
@@ -89,54 +105,6 @@ impl Run<'_> {
             (None, Err(Unreadable::Row(m))) => Err(RecordFault::Shape(m.clone())),
             (None, Err(Unreadable::Json(m))) => Err(RecordFault::Json(m.clone())),
         }
-    }
-
-    fn encode_record(
-        &self,
-        value: Value,
-        format: Format,
-    ) -> std::result::Result<Encodedrecord, RecordFault> {
-        let image = if format == Format::Llava {
-            llava_image(&value).map_err(RecordFault::Shape)?
-        } else {
-            None
-        };
-        let max_length = self.cfg.max_length;
-        // Pretraining text is never wrapped in a prompt template (XTuner's pretrain configs
-        // set template_map_fn=None), so one --template serves a mixed directory.
-        let templating = if format == Format::Pretrain {
-            &Templating::None
-        } else {
-            &self.templating
-        };
-        let enc = match templating {
-            Templating::Hf(ct) => {
-                let messages = if format == Format::OpenAi {
-                    chat::messages_from_openai(&value).map_err(RecordFault::Shape)?
-                } else {
-                    let turns = format.to_turns(&value).map_err(RecordFault::Shape)?;
-                    chat::messages_from_turns(&turns)
-                };
-                if messages.is_empty() {
-                    return Ok(None);
-                }
-                ct.encode(&self.tok, &messages, max_length)
-                    .map_err(RecordFault::Shape)?
-            }
-            t => {
-                let mut turns = format.to_turns(&value).map_err(RecordFault::Shape)?;
-                if turns.is_empty() {
-                    return Ok(None);
-                }
-                if let Templating::Xtuner(t) = t {
-                    t.apply(&mut turns).map_err(RecordFault::Shape)?;
-                }
-                encode_turns_opts(&self.tok, &turns, max_length, format == Format::Llava)
-                    .map_err(RecordFault::Shape)?
-            }
-        };
-        let raw_len = enc.ids.len() as u64 + enc.truncated;
-        Ok(Some((enc, raw_len, image)))
     }
 
     /// The format of a file from one of its records (None: the record is not JSON, detect
@@ -165,6 +133,64 @@ impl Run<'_> {
                 start.chars().take(80).collect::<String>()
             ),
         })
+    }
+}
+
+impl Run<'_> {
+    fn encode_record(
+        &self,
+        value: Value,
+        format: Format,
+    ) -> std::result::Result<Encodedrecord, RecordFault> {
+        let image = if format == Format::Llava {
+            llava_image(&value).map_err(RecordFault::Shape)?
+        } else {
+            None
+        };
+        let max_length = self.cfg.max_length;
+        // Pretraining text is never wrapped in a prompt template (XTuner's pretrain configs
+        // set template_map_fn=None), so one --template serves a mixed directory.
+        let templating = if format == Format::Pretrain {
+            &Templating::None
+        } else {
+            &self.templating
+        };
+        let tools = chat::tools_of(&value).map_err(RecordFault::Shape)?;
+        if tools.is_some() && !matches!(templating, Templating::Hf(_)) {
+            return Err(RecordFault::Shape(
+                "this record has \"tools\": tool schemas are rendered by the model's own chat \
+                 template; pack with --template hf"
+                    .into(),
+            ));
+        }
+        let enc = match templating {
+            Templating::Hf(ct) => {
+                let messages = if format == Format::OpenAi {
+                    chat::messages_from_openai(&value).map_err(RecordFault::Shape)?
+                } else {
+                    let turns = format.to_turns(&value).map_err(RecordFault::Shape)?;
+                    chat::messages_from_turns(&turns)
+                };
+                if messages.is_empty() {
+                    return Ok(None);
+                }
+                ct.encode(&self.tok, &messages, tools.as_ref(), max_length)
+                    .map_err(RecordFault::Shape)?
+            }
+            t => {
+                let mut turns = format.to_turns(&value).map_err(RecordFault::Shape)?;
+                if turns.is_empty() {
+                    return Ok(None);
+                }
+                if let Templating::Xtuner(t) = t {
+                    t.apply(&mut turns).map_err(RecordFault::Shape)?;
+                }
+                encode_turns_opts(&self.tok, &turns, max_length, format == Format::Llava)
+                    .map_err(RecordFault::Shape)?
+            }
+        };
+        let raw_len = enc.ids.len() as u64 + enc.truncated;
+        Ok(Some((enc, raw_len, image)))
     }
 }
 
@@ -364,7 +390,7 @@ pub(crate) fn encode_part(
 /// file asks, so all of them encode it alike. `next` gives the file's batches from its start;
 /// those read are kept in `read` when the caller goes on with the same stream.
 fn probe(
-    run: &Run<'_>,
+    sv: &SourceView,
     file: &InputFile,
     mut next: impl FnMut() -> Result<Vec<OwnedRecord>>,
     mut read: Option<&mut Vec<Vec<OwnedRecord>>>,
@@ -375,7 +401,7 @@ fn probe(
         if batch.is_empty() {
             return Ok(if any {
                 // No record parses: they are bad records, the format stays unknown.
-                Ok(run.format)
+                Ok(sv.format)
             } else {
                 Err(Error::EmptyFile {
                     path: file.path.clone(),
@@ -383,12 +409,12 @@ fn probe(
             });
         }
         any = true;
-        let mut found = (run.format != Format::Auto).then_some(Ok(run.format));
+        let mut found = (sv.format != Format::Auto).then_some(Ok(sv.format));
         for r in &batch {
             if found.is_some() {
                 break;
             }
-            match run.detect(&file.path, r) {
+            match sv.detect(&file.path, r) {
                 Ok(Some(f)) => found = Some(Ok(f)),
                 Ok(None) => {}
                 Err(e) => found = Some(Err(e)),
@@ -439,6 +465,7 @@ fn encode_json_file(
     report: &dyn Fn(u64) -> bool,
 ) -> Result<()> {
     let cfg = run.cfg;
+    let sv = run.view(fi);
     let whole_head = span.place(0, size).is_eq();
     let mut stream = match RecordStream::open(&file.path) {
         Ok(s) => s,
@@ -464,15 +491,10 @@ fn encode_json_file(
     // a shard, whose stream may start past the file's first record, opens the file again.
     let mut read_ahead = Vec::new();
     let probed = if span == Span::ALL {
-        probe(
-            run,
-            file,
-            || stream.next_batch(CHUNK),
-            Some(&mut read_ahead),
-        )?
+        probe(sv, file, || stream.next_batch(CHUNK), Some(&mut read_ahead))?
     } else {
         let mut from_start = RecordStream::open(&file.path)?;
-        probe(run, file, || from_start.next_batch(64), None)?
+        probe(sv, file, || from_start.next_batch(64), None)?
     };
     let fmt = match probed {
         Ok(f) => f,
@@ -495,7 +517,7 @@ fn encode_json_file(
         let results: Vec<_> = run.pool.install(|| {
             batch
                 .par_iter_mut()
-                .map(|r| run.encode_record(run.record_value(r)?, fmt))
+                .map(|r| run.encode_record(sv.record_value(r)?, fmt))
                 .collect()
         });
         for (rec, res) in batch.iter().zip(results) {

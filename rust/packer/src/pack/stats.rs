@@ -49,6 +49,9 @@ pub struct PackStats {
     pub write_seconds: f64,
     /// Fingerprint of the output.
     pub fingerprint: String,
+    /// Per-source figures of a mix (empty without one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mix: Vec<crate::pack::mix::MixSourceStats>,
 }
 
 /// Progress report: `done` of `total` units (input bytes while encoding, packs while writing).

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::pack::binpack::plan_packs;
 use crate::pack::fingerprint::hash_value;
+use crate::pack::mix::{self, MixRule, MixSourceStats};
 use crate::pack::stage::{Part, StagedSample, MAX_SKIP_EXAMPLES, STAGE_IDS, STAGE_MASK};
 use crate::pack::stats::{PackStats, Progress};
 use crate::packed_dir::atomic::{HashedWriter, StagingDir};
@@ -29,6 +30,9 @@ pub(crate) struct Header {
     pub seed: u64,
     /// hash, path, bos, eos.
     pub tokenizer: Value,
+    /// Sources mixed by ratio, in global file order (empty: every sample once).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mix: Vec<MixRule>,
 }
 
 /// Plan packs over every part's samples (global input order), write the packed directory
@@ -81,11 +85,36 @@ pub(crate) fn finish(
         });
     }
 
+    let mixed = (!header.mix.is_empty()).then(|| apply_mix(header, &mut staged, &mut images));
+    if staged.is_empty() {
+        return Err(Error::NoTrainableSamples {
+            records: stats.records,
+            dropped: stats.dropped_samples,
+            skipped: stats.skipped_records,
+        });
+    }
+    let tokens: u64 = match mixed {
+        Some(_) => staged.iter().map(|s| s.len as u64).sum(),
+        None => tokens,
+    };
+
     let lengths: Vec<u32> = staged.iter().map(|s| s.len).collect();
     let packs =
         plan_packs(&lengths, header.max_length as u32, header.seed).map_err(Error::Internal)?;
     let part_dirs: Vec<&Path> = parts.iter().map(|p| p.dir.as_path()).collect();
-    let mut outputs = write_packed(&staging.dir, &part_dirs, &staged, &packs, progress)?;
+    let mut loss_of = mixed.as_ref().map(|_| vec![0u32; staged.len()]);
+    let mut outputs = write_packed(
+        &staging.dir,
+        &part_dirs,
+        &staged,
+        &packs,
+        loss_of.as_deref_mut(),
+        progress,
+    )?;
+    if let (Some((source_of, counts)), Some(loss_of)) = (&mixed, &loss_of) {
+        stats.loss_tokens = loss_of.iter().map(|&x| x as u64).sum();
+        stats.mix = mix_stats(header, &staged, source_of, counts, loss_of, tokens);
+    }
     for p in &parts {
         for name in [STAGE_IDS, STAGE_MASK] {
             let f = p.dir.join(name);
@@ -135,6 +164,9 @@ pub(crate) fn finish(
         "num_tokens": stats.tokens,
         "outputs": outputs,
     });
+    if !header.mix.is_empty() {
+        meta["mix"] = serde_json::to_value(&stats.mix).unwrap_or(Value::Null);
+    }
     if let Some(sources) = fp_inputs.get("sources") {
         meta["sources"] = sources.clone();
     }
@@ -162,6 +194,7 @@ fn stats_for_meta(stats: &PackStats) -> Value {
             "load_seconds",
             "encode_seconds",
             "write_seconds",
+            "mix", // meta.json has it at the top level
         ] {
             o.remove(k);
         }
@@ -181,6 +214,7 @@ fn write_packed(
     part_dirs: &[&Path],
     staged: &[StagedSample],
     packs: &[Vec<u32>],
+    mut loss_of: Option<&mut [u32]>,
     progress: &dyn Fn(Progress<'_>) -> bool,
 ) -> Result<serde_json::Map<String, Value>> {
     let sources: Vec<(std::fs::File, std::fs::File, PathBuf)> = part_dirs
@@ -215,6 +249,9 @@ fn write_packed(
                 .map_err(|e| Error::io(ids_path, e))?;
             w_ids.write(&ids_buf)?;
             w_mask.write(&mask_buf)?;
+            if let Some(loss) = loss_of.as_deref_mut() {
+                loss[s] = mask_buf.iter().filter(|&&m| m != 0).count() as u32;
+            }
             w_order.write_i64s(&[s as i64])?;
             new_start[s] = tok_pos;
             pack_of[s] = p as i64;
@@ -271,4 +308,72 @@ fn write_packed(
         return Err(Error::Interrupted);
     }
     Ok(ordered)
+}
+
+/// Replace the staged samples (input order) by the mix's choice: each kept sample as many
+/// times as [`mix::select`] says, its copies adjacent, images following their samples.
+/// Returns each output sample's source and the per-source counts.
+fn apply_mix(
+    header: &Header,
+    staged: &mut Vec<StagedSample>,
+    images: &mut Vec<Value>,
+) -> (Vec<u32>, Vec<(u64, u64, u64)>) {
+    let file_of: Vec<u32> = staged.iter().map(|s| s.file).collect();
+    let record_of: Vec<u64> = staged.iter().map(|s| s.record).collect();
+    let (copies, counts) = mix::select(&header.mix, header.seed, &file_of, &record_of);
+    let mut source_of_file = Vec::new();
+    for (si, r) in header.mix.iter().enumerate() {
+        source_of_file.extend(std::iter::repeat(si as u32).take(r.files.len()));
+    }
+    let image_of: std::collections::HashMap<u64, Value> = images
+        .drain(..)
+        .filter_map(|v| Some((v[0].as_u64()?, v[1].clone())))
+        .collect();
+    let mut out = Vec::with_capacity(copies.iter().map(|&c| c as usize).sum());
+    let mut source_of = Vec::with_capacity(out.capacity());
+    for (i, (s, &c)) in staged.iter().zip(&copies).enumerate() {
+        for _ in 0..c {
+            if let Some(img) = image_of.get(&(i as u64)) {
+                images.push(json!([out.len() as u64, img]));
+            }
+            out.push(*s);
+            source_of.push(source_of_file[s.file as usize]);
+        }
+    }
+    *staged = out;
+    (source_of, counts)
+}
+
+/// Per-source figures of a mixed pack.
+fn mix_stats(
+    header: &Header,
+    staged: &[StagedSample],
+    source_of: &[u32],
+    counts: &[(u64, u64, u64)],
+    loss_of: &[u32],
+    tokens: u64,
+) -> Vec<MixSourceStats> {
+    let mut out: Vec<MixSourceStats> = header
+        .mix
+        .iter()
+        .zip(counts)
+        .map(|(r, &(available, distinct, samples))| MixSourceStats {
+            name: r.name.clone(),
+            weight: r.weight,
+            max_samples: r.max_samples,
+            available_samples: available,
+            distinct_samples: distinct,
+            samples,
+            ..MixSourceStats::default()
+        })
+        .collect();
+    for ((s, &src), &loss) in staged.iter().zip(source_of).zip(loss_of) {
+        let m = &mut out[src as usize];
+        m.tokens += s.len as u64;
+        m.loss_tokens += loss as u64;
+    }
+    for m in &mut out {
+        m.token_share = m.tokens as f64 / tokens.max(1) as f64;
+    }
+    out
 }

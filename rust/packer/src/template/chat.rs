@@ -49,6 +49,32 @@ impl Message {
     fn content(&self) -> Option<&str> {
         self.fields.get("content").and_then(Value::as_str)
     }
+
+    /// Whether the message carries non-empty `tool_calls` (OpenAI function calling).
+    fn calls_tools(&self) -> bool {
+        self.fields
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .is_some_and(|c| !c.is_empty())
+    }
+}
+
+/// The `tools` of a record for `apply_chat_template(tools=...)`: an array of JSON schemas, or
+/// the same as JSON text (as many datasets store it in a string column). Absent, null, empty
+/// text or an empty array: no tools.
+pub fn tools_of(record: &Value) -> std::result::Result<Option<Value>, String> {
+    let tools = match record.get("tools") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => return Ok(None),
+        Some(Value::String(s)) => serde_json::from_str(s)
+            .map_err(|e| format!("\"tools\": a string that is not JSON ({e})"))?,
+        Some(v) => v.clone(),
+    };
+    match tools {
+        Value::Array(a) if a.is_empty() => Ok(None),
+        Value::Array(a) if a.iter().all(Value::is_object) => Ok(Some(Value::Array(a))),
+        _ => Err("\"tools\": expected an array of tool schemas (objects)".into()),
+    }
 }
 
 /// A loaded chat template with the special-token strings it may refer to.
@@ -238,12 +264,27 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> std::result::Result<String, String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`] with `apply_chat_template(..., tools=tools)`: the tool schemas
+    /// (a JSON array) the template may describe to the model. Absent tools are not passed at
+    /// all, as before tools existed, so templates render records without tools unchanged.
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+    ) -> std::result::Result<String, String> {
         let msgs: Vec<Value> = messages
             .iter()
             .map(|m| Value::Object(m.fields.clone()))
             .collect();
         let mut ctx = self.tokens.clone();
         ctx.insert("messages".into(), Value::Array(msgs));
+        if let Some(t) = tools {
+            ctx.insert("tools".into(), t.clone());
+        }
         ctx.insert(
             "add_generation_prompt".into(),
             Value::Bool(add_generation_prompt),
@@ -260,10 +301,64 @@ impl ChatTemplate {
     fn loss_spans(
         &self,
         messages: &[Message],
+        tools: Option<&Value>,
+        text: &str,
+    ) -> std::result::Result<Vec<(usize, usize)>, String> {
+        let calls: Vec<usize> = (0..messages.len())
+            .filter(|&i| messages[i].role() == "assistant" && messages[i].calls_tools())
+            .collect();
+        let mut spans = self.content_spans(messages, tools, text)?;
+        for &i in &calls {
+            if messages[i].trained {
+                spans.push(self.turn_span(messages, tools, i, text)?);
+            }
+        }
+        spans.sort_unstable();
+        Ok(spans)
+    }
+
+    /// The span of assistant message `i` that calls tools, as the template writes it (its
+    /// content and its calls, up to and including the EOS that ends it): what rendering the
+    /// conversation up to it adds to the conversation before it with a generation prompt.
+    /// The calls are written by the template from structured `tool_calls`, so there is no
+    /// content to find in the text.
+    fn turn_span(
+        &self,
+        messages: &[Message],
+        tools: Option<&Value>,
+        i: usize,
+        text: &str,
+    ) -> std::result::Result<(usize, usize), String> {
+        let before = self.render_with_tools(&messages[..i], tools, true)?;
+        let through = self.render_with_tools(&messages[..=i], tools, false)?;
+        if !(through.starts_with(&before) && text.starts_with(&through)) {
+            return Err(format!(
+                "messages[{i}] calls tools, and the chat template does not render the \
+                 conversation as a prefix of itself; record not trainable with --template hf"
+            ));
+        }
+        let (start, mut end) = (before.len(), through.len());
+        // Up to the end of the turn's EOS, not the whitespace the template writes after it.
+        if let Some(eos) = self.eos.as_deref().filter(|e| !e.is_empty()) {
+            if let Some(at) = text[start..end].rfind(eos) {
+                end = start + at + eos.len();
+            }
+        }
+        Ok((start, end))
+    }
+
+    /// Byte spans of assistant content (messages that call tools aside).
+    fn content_spans(
+        &self,
+        messages: &[Message],
+        tools: Option<&Value>,
         text: &str,
     ) -> std::result::Result<Vec<(usize, usize)>, String> {
         let assistants: Vec<usize> = (0..messages.len())
-            .filter(|&i| messages[i].role() == "assistant" && messages[i].content().is_some())
+            .filter(|&i| {
+                let m = &messages[i];
+                m.role() == "assistant" && m.content().is_some() && !m.calls_tools()
+            })
             .collect();
         let mut spans = Vec::new();
         let mut marked = messages.to_vec();
@@ -274,7 +369,7 @@ impl ChatTemplate {
             );
         }
         // Exact positions when the template copies content verbatim.
-        if let Ok(m) = self.render(&marked, false) {
+        if let Ok(m) = self.render_with_tools(&marked, tools, false) {
             let mut rebuilt = String::with_capacity(text.len());
             let mut rest = m.as_str();
             let mut pos = Vec::new();
@@ -340,10 +435,11 @@ impl ChatTemplate {
         &self,
         tok: &TextTokenizer,
         messages: &[Message],
+        tools: Option<&Value>,
         max_length: usize,
     ) -> std::result::Result<Encoded, String> {
-        let text = self.render(messages, false)?;
-        let spans = self.loss_spans(messages, &text)?;
+        let text = self.render_with_tools(messages, tools, false)?;
+        let spans = self.loss_spans(messages, tools, &text)?;
         let (ids, offsets) = tok.encode_with_offsets(&text)?;
         let mut mask = vec![0u8; ids.len()];
         let mut s = 0;
@@ -441,8 +537,73 @@ mod tests {
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
         );
         // strip() rewrites the content: found by search, EOS included.
-        let spans = t.loss_spans(&msgs, &text).unwrap();
+        let spans = t.loss_spans(&msgs, None, &text).unwrap();
         assert_eq!(&text[spans[0].0..spans[0].1], "yo<|im_end|>");
+    }
+
+    /// A Qwen2.5-style template: tool schemas in the system turn, calls written from
+    /// `tool_calls`, tool results as user turns.
+    const TOOL_TPL: &str = "{%- if tools %}<|im_start|>system\nTools:{% for t in tools %} \
+        {{ t.function.name }}{% endfor %}<|im_end|>\n{%- endif %}{%- for m in messages %}\
+        {%- if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n\
+        {{ m.content or '' }}{% for c in m.tool_calls %}<tool_call>{{ c.function | tojson }}\
+        </tool_call>{% endfor %}<|im_end|>\n{%- elif m.role == 'tool' %}<|im_start|>user\n\
+        <tool_response>{{ m.content }}</tool_response><|im_end|>\n{%- else %}<|im_start|>\
+        {{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}{%- endfor %}\
+        {%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}";
+
+    #[test]
+    fn tools_reach_the_template_and_tool_calls_are_trained() {
+        let d = tempfile::tempdir().unwrap();
+        write_tpl(d.path(), TOOL_TPL);
+        let t = ChatTemplate::load(d.path()).unwrap();
+        let record = serde_json::json!({
+            "tools": "[{\"type\": \"function\", \"function\": {\"name\": \"weather\"}}]",
+            "messages": [
+                {"role": "user", "content": "Rain in Oslo?"},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
+                {"role": "tool", "content": "rain"},
+                {"role": "assistant", "content": "Yes, rain."}]});
+        let tools = tools_of(&record).unwrap();
+        let msgs = messages_from_openai(&record).unwrap();
+        let text = t.render_with_tools(&msgs, tools.as_ref(), false).unwrap();
+        assert!(
+            text.starts_with("<|im_start|>system\nTools: weather<|im_end|>"),
+            "{text}"
+        );
+        let spans = t.loss_spans(&msgs, tools.as_ref(), &text).unwrap();
+        let trained: Vec<&str> = spans.iter().map(|&(a, b)| &text[a..b]).collect();
+        assert_eq!(
+            trained,
+            [
+                "<tool_call>{\"name\": \"weather\", \"arguments\": {\"city\": \"Oslo\"}}</tool_call><|im_end|>",
+                "Yes, rain.<|im_end|>",
+            ]
+        );
+        // The tool's answer and the user's question are never trained.
+        assert!(!trained.iter().any(|s| s.contains("rain</tool_response>")));
+        // Without tools the template renders no tool preamble (and nothing is passed).
+        let plain = t.render(&msgs, false).unwrap();
+        assert!(plain.starts_with("<|im_start|>user\n"), "{plain}");
+    }
+
+    #[test]
+    fn tools_column_shapes() {
+        use serde_json::json;
+        assert_eq!(tools_of(&json!({"tools": null})).unwrap(), None);
+        assert_eq!(tools_of(&json!({"tools": ""})).unwrap(), None);
+        assert_eq!(tools_of(&json!({"tools": []})).unwrap(), None);
+        assert!(tools_of(&json!({"tools": "[1"}))
+            .unwrap_err()
+            .contains("not JSON"));
+        assert!(tools_of(&json!({"tools": [1]}))
+            .unwrap_err()
+            .contains("array of tool schemas"));
+        let t = tools_of(&json!({"tools": [{"name": "f"}]}))
+            .unwrap()
+            .unwrap();
+        assert_eq!(t, json!([{"name": "f"}]));
     }
 
     #[test]
