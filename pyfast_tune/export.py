@@ -451,8 +451,8 @@ def merge(
     from transformers import AutoConfig
 
     from pyfast_tune.hub import resolve_tokenizer
-    from pyfast_tune.trainer.model_setup import load_base
     from pyfast_tune.trainer.checkpoint import copy_tokenizer_files
+    from pyfast_tune.trainer.model_setup import load_base
 
     out = Path(out_dir)
     adapter_path = Path(adapter)

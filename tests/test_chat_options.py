@@ -40,7 +40,9 @@ def test_top_k_one_is_greedy_and_top_k_limits_the_choice(model):
     greedy = generate(model, prompt, lambda x: "", **kw)[1]
     hot = generate(model, prompt, lambda x: "", temperature=5.0, seed=3, **kw)[1]
     assert hot != greedy
-    assert generate(model, prompt, lambda x: "", temperature=5.0, seed=3, top_k=1, **kw)[1] == greedy
+    assert (
+        generate(model, prompt, lambda x: "", temperature=5.0, seed=3, top_k=1, **kw)[1] == greedy
+    )
     # With k = 3 every sampled token is among the 3 likeliest given its prefix.
     ids = generate(model, prompt, lambda x: "", temperature=5.0, seed=3, top_k=3, **kw)[1]
     with torch.no_grad():

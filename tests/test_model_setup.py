@@ -77,7 +77,10 @@ def test_rope_scaling_goes_into_the_model_and_unknown_types_name_the_accepted(tm
     assert not torch.allclose(la, lb, atol=1e-4)
     torch.testing.assert_close(lb, lq, rtol=1e-5, atol=1e-5)
 
-    with pytest.raises(ConfigError, match=r"type 'ntk' is not one LlamaConfig accepts: .*dynamic.*linear.*llama3.*yarn"):
+    with pytest.raises(
+        ConfigError,
+        match=r"type 'ntk' is not one LlamaConfig accepts: .*dynamic.*linear.*llama3.*yarn",
+    ):
         apply_to_config(_tiny_config(), {"rope_scaling": {"type": "ntk", "factor": 2.0}})
     with pytest.raises(ConfigError, match="rejects it: .*low_freq_factor"):
         apply_to_config(_tiny_config(), {"rope_scaling": {"type": "llama3", "factor": 8.0}})
@@ -96,7 +99,9 @@ def test_config_types_are_checked():
         load_config(None, [*base, "--new_special_tokens", "[a, a]"])
     with pytest.raises(ConfigError, match="modules_to_save applies to method lora or qlora"):
         load_config(None, [*base, "--method", "full", "--lora.modules_to_save", "[lm_head]"])
-    cfg = load_config(None, [*base, "--new_special_tokens", "<x>", "--max_position_embeddings", "8192"])
+    cfg = load_config(
+        None, [*base, "--new_special_tokens", "<x>", "--max_position_embeddings", "8192"]
+    )
     assert cfg.new_special_tokens == ["<x>"] and cfg.max_position_embeddings == 8192
 
 
@@ -195,7 +200,9 @@ def test_embeddings_trained_under_lora_are_saved_with_the_adapter(reference, lor
     assert float((emb[base_tokens].float() - mean).abs().max()) > 1e-4
 
 
-def test_convert_and_merge_give_the_trained_logits_in_plain_transformers(reference, lora_run, tmp_path):
+def test_convert_and_merge_give_the_trained_logits_in_plain_transformers(
+    reference, lora_run, tmp_path
+):
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -290,7 +297,10 @@ def test_packed_dir_must_hold_the_new_tokens_at_the_models_ids(tiny_tokenizer, g
     pack([src], tmp_path / "plain", tokenizer=tiny_tokenizer, max_length=64, format="openai")
     cfg = load_config(None, ["--model", "m/", "--data", str(tmp_path / "plain"),
                              "--new_special_tokens", json.dumps(NEW)])  # fmt: skip
-    with pytest.raises(ConfigError, match=r"packed with .*'<tool>' is no token.*ids \[\d+, \d+\].*re-pack with --tokenizer"):
+    with pytest.raises(
+        ConfigError,
+        match=r"packed with .*'<tool>' is no token.*ids \[\d+, \d+\].*re-pack with --tokenizer",
+    ):
         prepare_tokenizer(cfg, str(tiny_tokenizer), tmp_path / "cache")
     extended = next((tmp_path / "cache").glob("tokenizer-*"))
     pack([src], tmp_path / "ext", tokenizer=extended, max_length=64, format="openai")

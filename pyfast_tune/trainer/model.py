@@ -125,9 +125,9 @@ def modules_to_save(configured, model: torch.nn.Module, setup: dict) -> list[str
 
 def lora_config(lora, modules: list[str] | None):
     """peft's LoraConfig of a run (``lora``: the run's LoraConfig dataclass or its dict)."""
-    from peft import LoraConfig
-
     import dataclasses
+
+    from peft import LoraConfig
 
     get = lora.get if isinstance(lora, dict) else lambda k, d=None: getattr(lora, k, d)
     extra = {}
