@@ -311,3 +311,47 @@ def test_packed_dir_must_hold_the_new_tokens_at_the_models_ids(tiny_tokenizer, g
     ids = PackedDataset(tmp_path / "ext").sample(0)["input_ids"].tolist()
     info = json.loads((extended / "pyfast_tune_tokens.json").read_text())
     assert info["ids"]["<tool>"] in ids and info["ids"]["</tool>"] in ids
+
+
+@pytest.fixture(scope="module")
+def full_zero3_run(lora_run):
+    """The same set-up, full fine-tune under ZeRO-3: the model is built partitioned
+    (zero.Init), so the embeddings are grown and their new rows set while partitioned."""
+    from pyfast_tune.launch import launch_command
+
+    d = lora_run["dir"]
+    out = d / "full"
+    cmd = launch_command(d / "run.yaml", nproc=1, deepspeed="zero3",
+                         extra_args=["--output_dir", str(out), "--method", "full",
+                                     "--max_steps", "2", "--lr", "1e-3"])  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYFAST_TUNE_CACHE=str(d / "pcache"))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out
+
+
+def test_full_zero3_run_converts_to_a_plain_model_with_the_setup(
+    full_zero3_run, lora_run, tmp_path
+):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from pyfast_tune.export import convert
+
+    ckpt = full_zero3_run / "checkpoints" / f"step_{2:08d}"
+    setup = json.loads((ckpt / "trainer_state.json").read_text())["model_setup"]
+    n, total = setup["base_tokens"], setup["tokens"]
+    convert(full_zero3_run, tmp_path / "model", dtype="fp32")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
+    live = AutoModelForCausalLM.from_pretrained(ckpt / "hf", dtype=torch.float32).eval()
+    assert plain.config.vocab_size == total == live.config.vocab_size
+    assert plain.config.rope_parameters["rope_type"] == "linear"
+    ids = [5, 17, n, 40, n + 1, 9] + list(range(60, 400, 7))
+    torch.testing.assert_close(_logits(plain, ids), _logits(live, ids), rtol=1e-5, atol=1e-5)
+    # The new rows started at the mean of the base rows: after 2 steps at lr 1e-3 they are
+    # still near it, far nearer than any base row is.
+    base = load_file(lora_run["model"] / "model.safetensors")["model.embed_tokens.weight"]
+    rows = plain.get_input_embeddings().weight.detach()
+    mean = base[:n].mean(0)
+    assert float((rows[n:total] - mean).abs().max()) < 0.01
+    assert float((base[:n] - mean).abs().amax(1).min()) > 0.05
