@@ -64,6 +64,13 @@ def _add_pack(sub) -> None:
     p.add_argument(
         "--subset", default=None, help="subset (config name) of hf://datasets/... inputs"
     )
+    p.add_argument(
+        "--mix",
+        default=None,
+        metavar="FILE",
+        help="mix sources by ratio: a YAML/JSON list of {path, name, format, columns, split, "
+        "subset, weight, max_samples} (instead of INPUTs; see docs/workflow-mixing.md)",
+    )
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pack)
@@ -104,6 +111,13 @@ def _cmd_pack(args) -> int:
 
     options = {field["name"]: getattr(args, field["name"]) for field in pack_fields()}
     options["inputs"] = list(args.inputs) + list(args.inputs_opt)
+    if args.mix is not None:
+        from pyfast_tune.data import PackConfigError
+        from pyfast_tune.data.mix import load_mix_file
+
+        if options["inputs"]:
+            raise PackConfigError("--mix lists the inputs: give them in the mix file, not as INPUT")
+        options["inputs"] = load_mix_file(args.mix)
     hub_files = {k: getattr(args, k) for k in ("split", "subset") if getattr(args, k) is not None}
     stats = pack(progress=not args.quiet and sys.stderr.isatty(), **hub_files, **options)
     for msg in stats.skipped_examples:
@@ -118,6 +132,12 @@ def _cmd_pack(args) -> int:
         )
         return 0
     print(f"packed {args.out_dir}: {stats.summary()}")
+    for m in stats.mix:
+        print(
+            f"  {m['name']}: {m['samples']} samples ({m['distinct_samples']} distinct of "
+            f"{m['available_samples']}, weight {m['weight']:g}), {m['tokens']} tokens "
+            f"({m['loss_tokens']} trained), {m['token_share']:.1%} of the tokens"
+        )
     return 0
 
 

@@ -57,7 +57,9 @@ class DataConfig:
     """Either ``path`` (a packed directory) or ``inputs`` to pack at start-up into ``cache_dir``."""
 
     path: str | None = None
-    inputs: list[str] | None = None
+    # Paths, or source mappings {path, format, columns, weight, max_samples, ...} mixed by
+    # ratio (docs/workflow-mixing.md); passed to pack() as they are.
+    inputs: list[str | dict] | None = None
     tokenizer: str | None = None
     format: str = "auto"
     # The prompt template. With ``path`` it is read from the packed directory (setting it only

@@ -92,6 +92,7 @@ def summarize(ds: PackedDataset, bins: int = 50) -> dict[str, Any]:
         "pack_length": describe(pack_lengths),
         "samples_per_pack": float(ds.num_samples / ds.num_packs) if ds.num_packs else 0.0,
         "histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
+        "mix": ds.meta.get("mix", []),
     }
 
 
@@ -212,6 +213,16 @@ def format_report(report: dict[str, Any]) -> str:
             f"pack length:   min {pl['min']} median {pl['median']:.0f} mean {pl['mean']:.1f} "
             f"max {pl['max']}"
         )
+    if r.get("mix"):
+        lines.append("sources (mix):")
+        for m in r["mix"]:
+            limit = f", max_samples {m['max_samples']}" if m.get("max_samples") else ""
+            lines.append(
+                f"  {m['name']}: weight {m['weight']:g}{limit}: {m['samples']} samples "
+                f"({m['distinct_samples']} distinct of {m['available_samples']}), "
+                f"{m['tokens']} tokens ({m['loss_tokens']} trained), "
+                f"{m['token_share']:.1%} of the tokens"
+            )
     counts, edges = r["histogram"]["counts"], r["histogram"]["edges"]
     peak = max(counts) if counts else 0
     top = max(r["max_length"], sl.get("max", 0))

@@ -38,6 +38,9 @@ class PackStats:
     load_seconds: float = 0.0  # tokenizer + template loading
     encode_seconds: float = 0.0  # read, parse, template, tokenize, stage
     write_seconds: float = 0.0  # plan packs, write, hash, commit
+    # Per source of a mix: name, weight, max_samples, available_samples, distinct_samples,
+    # samples, tokens, loss_tokens, token_share (empty without a mix).
+    mix: list[dict] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         """One line: samples, tokens, packs, fill, truncated, dropped, skipped, time, rate."""
@@ -110,10 +113,11 @@ def _tqdm_progress():
     return report, close
 
 
-def _engine_options(sources: list[dict], **fields: Any) -> dict[str, Any]:
+def _engine_options(sources: list[dict], mix: list[dict], **fields: Any) -> dict[str, Any]:
     """The engine's ``PackConfig`` from Python arguments (paths as text, columns as
     ``"field=column"`` text, the shard as a list) plus the ``sources`` the Hub inputs resolved
-    to, which no user sets. Shared by ``pack`` and ``fingerprint`` so both hash alike."""
+    to and the ``mix`` the source mappings became (data/mix.py), which are no flags. Shared by
+    ``pack`` and ``fingerprint`` so both hash alike."""
     for key in ("out_dir", "tokenizer", "data_order"):
         if fields.get(key) is not None:
             fields[key] = os.fspath(fields[key])
@@ -126,6 +130,8 @@ def _engine_options(sources: list[dict], **fields: Any) -> dict[str, Any]:
         fields["shard"] = [int(x) for x in fields["shard"]]
     options = pack_options(**fields)
     options["sources"] = sources
+    if mix:
+        options["mix"] = mix
     return options
 
 

@@ -7,7 +7,9 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 
 from pyfast_tune import _packer, hub
+from pyfast_tune.data.errors import PackConfigError
 from pyfast_tune.data.mapped import _pack_mapped
+from pyfast_tune.data.mix import is_mix, mix_sources
 from pyfast_tune.data.options import (
     PackStats,
     _engine_options,
@@ -18,7 +20,7 @@ from pyfast_tune.data.options import (
 
 
 def pack(
-    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    inputs: str | os.PathLike | Mapping | Sequence[str | os.PathLike | Mapping],
     out_dir: str | os.PathLike,
     tokenizer: str | os.PathLike,
     max_length: int = 4096,
@@ -42,7 +44,12 @@ def pack(
     """Read, template, tokenize and pack ``inputs`` into ``out_dir`` (written atomically).
 
     inputs: files, directories (recursive, sorted by relative path) or globs; with
-      ``data_order`` the single data root. JSON arrays or JSONL, plain/.gz/.zst (both are
+      ``data_order`` the single data root. An input may be a source mapping instead —
+      ``{"path", "name", "format", "columns", "split", "subset", "weight", "max_samples"}`` —
+      and then every input is a source of a mix: ``weight`` repeats a source's samples (2.5:
+      every sample twice plus a seeded half), ``max_samples`` takes a seeded subset first;
+      exact counts, per-source figures in ``stats.mix`` and meta.json
+      (docs/workflow-mixing.md). JSON arrays or JSONL, plain/.gz/.zst (both are
       streamed: inputs larger than memory are fine), and pre-tokenized InternEVO ``X.bin`` with
       ``X.bin.meta`` (pick them in directories with ``file_type=".bin"``).
       Hugging Face Hub datasets as ``hf://datasets/<org>/<name>[@<revision>][/<path-or-glob>]``,
@@ -76,9 +83,10 @@ def pack(
     True
     """
     # Hub inputs and tokenizer ids become local files before anything is written.
-    inputs, sources = _resolve_sources(inputs, split, subset, data_order)
+    inputs, mix, sources = _inputs_and_mix(inputs, template, split, subset, data_order, map_fn)
     options = _engine_options(
         sources,
+        mix,
         inputs=inputs,
         out_dir=out_dir,
         tokenizer=hub.resolve_tokenizer(tokenizer),
@@ -99,6 +107,21 @@ def pack(
     if map_fn is not None:
         return _pack_mapped(map_fn, options, progress)
     return _run_pack(options, progress)
+
+
+def _inputs_and_mix(inputs, template, split, subset, data_order, map_fn=None):
+    """(local inputs, engine mix, Hub sources): plain inputs, or — when an input is a source
+    mapping — every input as a source of a mix (docs/workflow-mixing.md)."""
+    if not is_mix(inputs):
+        paths, sources = _resolve_sources(inputs, split, subset, data_order)
+        return paths, [], sources
+    if data_order is not None or map_fn is not None:
+        raise PackConfigError(
+            "a mix of sources cannot take a data-order file or a map_fn: give each source "
+            "its paths, format and columns"
+        )
+    mix, sources = mix_sources(inputs, template, split, subset)
+    return [], mix, sources
 
 
 def merge_packs(
@@ -151,9 +174,10 @@ def fingerprint(
     >>> fingerprint("chats.jsonl", tokenizer="tok/", max_length=2048)   # doctest: +SKIP
     '5c0f...'
     """
-    inputs, sources = _resolve_sources(inputs, split, subset, data_order)
+    inputs, mix, sources = _inputs_and_mix(inputs, template, split, subset, data_order)
     options = _engine_options(
         sources,
+        mix,
         inputs=inputs,
         tokenizer=hub.resolve_tokenizer(tokenizer),
         max_length=max_length,
