@@ -67,7 +67,7 @@ def varlen_attention_ref(
     (-1 = unbounded); only left matters for causal attention. The same code as the guard's
     "sdpa" backend, so a run whose guard fell back to it trains exactly as ``attention: ref``.
     """
-    from pyfast_tune.kernels.attention_upstream import sdpa
+    from pyfast_tune.kernels.varlen_attention.upstream import sdpa
 
     return sdpa(q, k, v, cu_seqlens, cu_seqlens, softmax_scale, (int(window[0]), 0))
 
@@ -220,7 +220,7 @@ def usable_attention_backend(backend: str, device: torch.device) -> str:
         if device.type == "cuda":
             import triton  # noqa: F401
         else:
-            from pyfast_tune.kernels._cpp import load_varlen_attention
+            from pyfast_tune.kernels.varlen_attention.cpu import load_varlen_attention
 
             load_varlen_attention()
     except Exception as e:  # ImportError, ExtensionBuildError
