@@ -7,6 +7,9 @@
 
     pytest bench/bench_pack.py -s          # or: python bench/bench_pack.py
 
+`test_bench_mix` packs chats and documents as a concatenation and as a mix of the same two
+sources (the cost of mixing), then a weighted mix.
+
 A second table packs the same records from Parquet beside JSONL (`test_bench_parquet`): the
 engine reads Parquet natively and should pack it at least at the JSONL rate; the baseline is
 what a Python stack does with a Parquet file, `datasets.load_dataset("parquet")` then the
@@ -224,6 +227,58 @@ def run_parquet_case(name, kind, fmt, template, max_length, data=None, threads=N
     return {k: r for k, (r, _, _) in rates.items()} | {"datasets": hf}
 
 
+def run_mix_case(data=None, threads=None, max_length=4096):
+    """Mixing cost: the chats and the documents packed as one concatenation (two inputs) and
+    as a mix of the same two sources at weight 1 (the same samples, so the same work plus the
+    mix's choice and per-source accounting); then a weighted mix (chats 2.5, documents 0.5 with
+    a limit), timed per token. Target: the weight-1 mix within 1.05x of the concatenation."""
+    data = data or bench_data()
+    tok_dir = data.tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        chats, chat_records = load_records(data, "chat", tmp)
+        docs, doc_records = load_records(data, "docs", tmp)
+        kw = dict(tokenizer=tok_dir, max_length=max_length, template="qwen_chat", threads=threads)
+        head = tmp / "head.jsonl"
+        head.write_text("".join(json.dumps(r) + "\n" for r in chat_records[:WARMUP_RECORDS]))
+        plain = [chats, docs]
+        mixed = [
+            {"path": str(chats), "format": "openai"},
+            {"path": str(docs), "format": "pretrain"},
+        ]
+        weighted = [
+            {"path": str(chats), "format": "openai", "weight": 2.5},
+            {"path": str(docs), "format": "pretrain", "weight": 0.5,
+             "max_samples": max(1, len(doc_records) // 2)},
+        ]  # fmt: skip
+        warm = lambda: pack(head, tmp / "w", **kw)  # noqa: E731
+        # Alternate the two sides so that a drift in machine load hits both alike.
+        t_plain, t_mix = [], []
+        for _ in range(REPEATS):
+            t, s_plain = best_of(warm, lambda: pack(plain, tmp / "p", **kw), repeats=1)
+            t_plain.append(t)
+            t, s_mix = best_of(warm, lambda: pack(mixed, tmp / "m", **kw), repeats=1)
+            t_mix.append(t)
+        t_w, s_w = best_of(warm, lambda: pack(weighted, tmp / "x", **kw))
+    assert (s_plain.samples, s_plain.tokens) == (s_mix.samples, s_mix.tokens)
+    tp, tm = min(t_plain), min(t_mix)
+    shares = ", ".join(f"{m['name'].rsplit('/', 1)[-1]} {m['token_share']:.1%}" for m in s_w.mix)
+    print(
+        f"\n{data.label}\n[mix: {chats.name} ({len(chat_records)} records) + {docs.name} "
+        f"({len(doc_records)} records) / {tok_dir.name}, {os.cpu_count()} cores] "
+        f"concatenation {tp:.2f} s ({s_plain.tokens / tp / 1e6:.2f} M tok/s) | mix at weight 1 "
+        f"{tm:.2f} s | weighted mix (2.5 / 0.5, limit) {t_w:.2f} s for {s_w.tokens} tokens "
+        f"({s_w.tokens / t_w / 1e6:.2f} M tok/s; {shares})\n"
+        f"  mix / concatenation {tm / tp:.3f}x (target <= 1.05x)"
+    )
+    return {"ratio": tm / tp, "plain": tp, "mix": tm}
+
+
+def test_bench_mix():
+    r = run_mix_case()
+    assert r["ratio"] > 0
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bench_parquet(case):
     pytest.importorskip("pyarrow", reason="pyarrow writes the Parquet side ([dev] extra)")
@@ -240,3 +295,4 @@ if __name__ == "__main__":
     for case in CASES:
         run_case(*case)
         run_parquet_case(*case)
+    run_mix_case()
