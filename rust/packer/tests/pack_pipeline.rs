@@ -2,36 +2,13 @@
 //! written here, so it runs on any clone. The packed directory verifies, its bytes do not
 //! depend on the thread count, and shards merged give the bytes of a single run.
 
+mod pack_common;
+
 use std::path::{Path, PathBuf};
 
-use packer::{Error, PackConfig, Progress};
+use pack_common::{bytes_of, no_progress, write_tokenizer, WORDS};
+use packer::{Error, PackConfig};
 use serde_json::json;
-
-const WORDS: [&str; 8] = [
-    "red", "green", "blue", "cat", "dog", "runs", "sleeps", "far",
-];
-
-fn write_tokenizer(dir: &Path) -> PathBuf {
-    let mut vocab = serde_json::Map::new();
-    vocab.insert("</s>".into(), json!(0));
-    vocab.insert("[UNK]".into(), json!(1));
-    for (i, w) in WORDS.iter().enumerate() {
-        vocab.insert((*w).into(), json!(i + 2));
-    }
-    let tok = json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [{"id": 0, "content": "</s>", "single_word": false, "lstrip": false,
-                          "rstrip": false, "normalized": false, "special": true}],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
-    });
-    let d = dir.join("tok");
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("tokenizer.json"), tok.to_string()).unwrap();
-    std::fs::write(d.join("tokenizer_config.json"), r#"{"eos_token": "</s>"}"#).unwrap();
-    d
-}
 
 /// Conversations of varying lengths from a small LCG, one JSONL file per `files`.
 fn write_data(dir: &Path, files: usize, per_file: usize) -> PathBuf {
@@ -70,25 +47,6 @@ fn config(data: &Path, tok: &Path, out: PathBuf) -> PackConfig {
         tokenizer_backend: packer::TokenizerBackend::Hf,
         ..PackConfig::default()
     }
-}
-
-fn no_progress(_: Progress<'_>) -> bool {
-    true
-}
-
-fn bytes_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut names: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-        .into_iter()
-        .map(|n| {
-            let b = std::fs::read(dir.join(&n)).unwrap();
-            (n, b)
-        })
-        .collect()
 }
 
 #[test]
