@@ -323,7 +323,7 @@ fn apply_mix(
     let (copies, counts) = mix::select(&header.mix, header.seed, &file_of, &record_of);
     let mut source_of_file = Vec::new();
     for (si, r) in header.mix.iter().enumerate() {
-        source_of_file.extend(std::iter::repeat(si as u32).take(r.files.len()));
+        source_of_file.extend(std::iter::repeat_n(si as u32, r.files.len()));
     }
     let image_of: std::collections::HashMap<u64, Value> = images
         .drain(..)
