@@ -27,6 +27,10 @@ EPILOG_PACK = """examples:
   pyfast-tune pack chats.jsonl --template hf --out packed/ --tokenizer tok/
   pyfast-tune pack internevo/ --file-type .bin --min-length 50 --out packed/ --tokenizer tok/
   pyfast-tune pack data/ --shard 0/3 --out part0/ --tokenizer tok/   # then merge-packs
+  pyfast-tune pack data/ --shard auto --out parts/$SLURM_ARRAY_TASK_ID --tokenizer tok/  # sbatch --array
+  pyfast-tune pack data/ --executor local --shards 4 --out packed/ --tokenizer tok/
+  pyfast-tune pack data/ --executor ray --address auto --shards 64 --work-dir /shared/parts \\
+      --out /shared/packed/ --tokenizer tok/
   pyfast-tune pack train-00000-of-00002.parquet sheet.csv --out packed/ --tokenizer tok/
   pyfast-tune pack hf://datasets/timdettmers/openassistant-guanaco --format oasst1 \\
       --template qwen_chat --out packed/ --tokenizer Qwen/Qwen2.5-0.5B-Instruct
@@ -70,6 +74,30 @@ def _add_pack(sub) -> None:
         metavar="FILE",
         help="mix sources by ratio: a YAML/JSON list of {path, name, format, columns, split, "
         "subset, weight, max_samples} (instead of INPUTs; see docs/workflow-mixing.md)",
+    )
+    # Not engine options either: where the shards of one pack run (never in the fingerprint).
+    p.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default=None,
+        help="run --shards N parts on local processes or as Ray tasks (pip install "
+        "'pyfast-tune[ray]'), then merge them: the same bytes as one pack",
+    )
+    p.add_argument("--shards", type=int, default=None, metavar="N", help="parts to run")
+    p.add_argument(
+        "--address", default=None, help="Ray cluster address (auto: the running cluster)"
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="reruns of a shard whose worker or node died (default 3); data errors never rerun",
+    )
+    p.add_argument(
+        "--work-dir",
+        default=None,
+        help="where the parts go (shared by every node; kept, and a rerun resumes from it; "
+        "default OUT.parts, removed after the merge)",
     )
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -119,7 +147,8 @@ def _cmd_pack(args) -> int:
             raise PackConfigError("--mix lists the inputs: give them in the mix file, not as INPUT")
         options["inputs"] = load_mix_file(args.mix)
     hub_files = {k: getattr(args, k) for k in ("split", "subset") if getattr(args, k) is not None}
-    stats = pack(progress=not args.quiet and sys.stderr.isatty(), **hub_files, **options)
+    run = {k: getattr(args, k) for k in ("executor", "shards", "address", "retries", "work_dir")}
+    stats = pack(progress=not args.quiet and sys.stderr.isatty(), **hub_files, **options, **run)
     for msg in stats.skipped_examples:
         print(f"skipped: {msg}", file=sys.stderr)
     if args.json:
@@ -142,6 +171,15 @@ def _cmd_pack(args) -> int:
 
 
 def _parse_shard(spec: str) -> tuple[int, int]:
+    if spec == "auto":  # one task of a Slurm job array: --array=0-(N-1)
+        env = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
+        if not all(os.environ.get(k) for k in env):
+            raise argparse.ArgumentTypeError(
+                "--shard auto reads I/N from SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, "
+                "which are not set (run it as a task of `sbatch --array=0-<N-1>`)"
+            )
+        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))  # --array=1-4 counts from 1
+        spec = f"{int(os.environ[env[0]]) - first}/{os.environ[env[1]]}"
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:

@@ -40,6 +40,11 @@ def pack(
     tokenizer_backend: str = "auto",
     split: str | None = None,
     subset: str | None = None,
+    executor: str | None = None,
+    shards: int | None = None,
+    address: str | None = None,
+    retries: int = 3,
+    work_dir: str | os.PathLike | None = None,
 ) -> PackStats:
     """Read, template, tokenize and pack ``inputs`` into ``out_dir`` (written atomically).
 
@@ -75,13 +80,33 @@ def pack(
     tokenizer_backend: ``auto`` (the fast byte-level BPE path when it provably gives the ids
       of Hugging Face ``tokenizers``, else ``tokenizers``), ``hf``, or ``fast`` (fails, saying
       why, when the tokenizer does not qualify). It changes the speed, never the output.
-    The output bytes depend only on the inputs and settings, never on ``threads`` or
-    ``tokenizer_backend``.
+    executor: ``"local"`` (processes of this machine) or ``"ray"`` (Ray Core tasks; needs
+      ``pip install 'pyfast-tune[ray]'``) runs ``shards`` parts (``shards`` alone means
+      local) in ``work_dir`` (default ``<out_dir>.parts``, removed after the merge) and merges
+      them into ``out_dir``: the same bytes as one ``pack``. A shard lost with its node is
+      retried up to ``retries`` times; a rerun skips complete parts. ``address``: the Ray
+      cluster (``"auto"``: the running one). None of these reach the fingerprint
+      (docs/workflow-large-dataset.md).
+    The output bytes depend only on the inputs and settings, never on ``threads``,
+    ``tokenizer_backend`` or the executor.
 
     >>> pack("chats.jsonl", "packed/", tokenizer="tok/", max_length=2048,
     ...      template="qwen_chat").fill > 0.99                              # doctest: +SKIP
     True
     """
+    if executor is not None or shards is not None:
+        from pyfast_tune.data.executor import run_sharded  # it imports this module
+
+        engine = dict(
+            inputs=inputs, tokenizer=tokenizer, max_length=max_length, format=format,
+            template=template, seed=seed, threads=threads, skip_bad=skip_bad,
+            data_order=data_order, columns=columns, min_length=min_length,
+            file_type=file_type, rebuild_meta=rebuild_meta, shard=shard, map_fn=map_fn,
+            tokenizer_backend=tokenizer_backend, split=split, subset=subset,
+        )  # fmt: skip
+        return run_sharded(
+            engine, out_dir, executor or "local", shards, address, retries, work_dir, progress
+        )
     # Hub inputs and tokenizer ids become local files before anything is written.
     inputs, mix, sources = _inputs_and_mix(inputs, template, split, subset, data_order, map_fn)
     options = _engine_options(
