@@ -87,10 +87,10 @@ def _setup_data(cfg, output_dir: Path) -> Data:
     # What checkpoints, convert, merge and chat record is the template the data was packed
     # with, never a config default.
     cfg.data.template = packed_template(cfg.data.template, dataset.meta, packed_dir)
-    fingerprint = dataset.meta.get("fingerprint")
     # eval.split takes its samples out of the training packs; eval.data is opened (verified).
     dataset, eval_set = split_data(cfg, dataset, cache_dir)
-    return Data(tokenizer, packed_dir, dataset, eval_set, fingerprint)
+    # The training part's fingerprint: with eval.split it names the held-out samples too.
+    return Data(tokenizer, packed_dir, dataset, eval_set, dataset.meta.get("fingerprint"))
 
 
 def setup(cfg) -> Run:
