@@ -11,37 +11,48 @@ schema and ``PackStats``), ``packing`` (``pack``, ``merge_packs``, ``fingerprint
 >>> ds[0]["cu_seqlens"], ds.sample(0)["source"]                          # doctest: +SKIP
 """
 
-from pyfast_tune.data.catalog import ChatEncoder, formats, render_chat, templates, tokenizer_hash
-from pyfast_tune.data.dataset import PackedDataset, packed_row
-from pyfast_tune.data.errors import (
-    CorruptDataError,
-    DataFormatError,
-    FingerprintMismatch,
-    HubError,
-    NoTrainableSamplesError,
-    OutputExistsError,
-    OutsideDataRootError,
-    PackConfigError,
-    PackError,
-    ShardMismatchError,
-    TokenizerError,
-)
-from pyfast_tune.data.facts import (
-    BINARY_LAYOUT,
-    FORMAT_VERSION,
-    IGNORE_INDEX,
-    IMAGE_TOKEN_ID,
-    IMAGE_TOKEN_INDEX,
-    NO_BOS_CLASSES,
-)
-from pyfast_tune.data.options import (
-    PackStats,
-    pack_defaults,
-    pack_fields,
-    pack_options,
-    resolve_inputs,
-)
-from pyfast_tune.data.packing import data_order, exchange_dirs, fingerprint, merge_packs, pack
+from __future__ import annotations
+
+import importlib
+
+# Each public name and the submodule that defines it. Names load on first access (PEP 562), so
+# `pyfast-tune pack` never imports numpy (only PackedDataset needs it) and starts fast.
+_EXPORTS = {
+    "ChatEncoder": "catalog",
+    "formats": "catalog",
+    "render_chat": "catalog",
+    "templates": "catalog",
+    "tokenizer_hash": "catalog",
+    "PackedDataset": "dataset",
+    "packed_row": "dataset",
+    "CorruptDataError": "errors",
+    "DataFormatError": "errors",
+    "FingerprintMismatch": "errors",
+    "HubError": "errors",
+    "NoTrainableSamplesError": "errors",
+    "OutputExistsError": "errors",
+    "OutsideDataRootError": "errors",
+    "PackConfigError": "errors",
+    "PackError": "errors",
+    "ShardMismatchError": "errors",
+    "TokenizerError": "errors",
+    "BINARY_LAYOUT": "facts",
+    "FORMAT_VERSION": "facts",
+    "IGNORE_INDEX": "facts",
+    "IMAGE_TOKEN_ID": "facts",
+    "IMAGE_TOKEN_INDEX": "facts",
+    "NO_BOS_CLASSES": "facts",
+    "PackStats": "options",
+    "pack_defaults": "options",
+    "pack_fields": "options",
+    "pack_options": "options",
+    "resolve_inputs": "options",
+    "data_order": "packing",
+    "exchange_dirs": "packing",
+    "fingerprint": "packing",
+    "merge_packs": "packing",
+    "pack": "packing",
+}
 
 __all__ = [
     "BINARY_LAYOUT",
@@ -79,3 +90,16 @@ __all__ = [
     "templates",
     "tokenizer_hash",
 ]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyfast_tune.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"pyfast_tune.data.{module}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
