@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pyfast_tune.data import errors
 from pyfast_tune.data.errors import PackConfigError, PackError
 from pyfast_tune.data.options import PackStats
 from pyfast_tune.data.packing import fingerprint, merge_packs, pack
@@ -76,9 +77,11 @@ class ShardPlan:
             removed += not entry.exists()
         return removed
 
-    def prepare(self, key: str) -> None:
+    def prepare(self, key: str, replace_stale: bool = False) -> None:
         """Create the work dir, or check that the parts in it belong to this run: ``key`` is
-        the run's fingerprint, and parts of another run must never be merged into this one."""
+        the run's fingerprint, and parts of another run must never be merged into this one.
+        Parts of another run are an error, or with ``replace_stale`` (the default work dir,
+        ours alone) removed."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         plan = {"fingerprint": key, "num_shards": self.shards}
         path = self.work_dir / PLAN
@@ -87,12 +90,16 @@ class ShardPlan:
                 found = json.loads(path.read_text())
             except ValueError:
                 found = None
-            if found != plan:
+            if found != plan and replace_stale:
+                shutil.rmtree(self.work_dir)
+                self.work_dir.mkdir(parents=True)
+            elif found != plan:
                 raise PackConfigError(
                     f"{self.work_dir}: holds the parts of another run ({path}: {found}, this run "
                     f"{plan}); remove the folder or give another work dir"
                 )
-            return
+            else:
+                return
         tmp = path.with_name(PLAN + ".tmp")
         tmp.write_text(json.dumps(plan))
         os.replace(tmp, path)
@@ -117,7 +124,10 @@ def pack_shard(
         try:
             pack(**options, out_dir=plan.part(i), shard=(i, plan.shards))
         except PackError as e:
-            return "error", e
+            # The extension's classes do not pickle (their module is ``_packer``): send the
+            # class name, message and where, and raise the same class on the caller's side.
+            where = {k: getattr(e, k, None) for k in ("path", "line", "record")}
+            return "error", (type(e).__name__, str(e), where)
     doc = json.loads((plan.part(i) / "part.json").read_text())
     return "done", int(doc["tokens"])
 
@@ -149,7 +159,13 @@ class _Progress:
 def _finish(result: tuple[str, Any], bar: _Progress) -> None:
     status, value = result
     if status == "error":
-        raise value
+        name, message, where = value
+        cls = getattr(errors, name, PackError)
+        exc = cls(message) if isinstance(cls, type) and issubclass(cls, PackError) else None
+        exc = exc if exc is not None else PackError(f"{name}: {message}")
+        for k, v in where.items():
+            setattr(exc, k, v)
+        raise exc
     bar.shard_done(value)
 
 
@@ -215,7 +231,11 @@ def run_ray(
     if started:
         ray.init(address=address, log_to_driver=False, include_dashboard=False)
     try:
-        task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=False)(pack_shard)
+        # SPREAD: shards go to different nodes first (each shard's engine uses its node's
+        # cores), instead of queueing behind one another where the driver runs.
+        task = ray.remote(
+            num_cpus=1, max_retries=retries, retry_exceptions=False, scheduling_strategy="SPREAD"
+        )(pack_shard)
         refs = {task.remote(options, plan, i, _before): i for i in pending}
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1)
@@ -271,7 +291,7 @@ def run_sharded(
                      shards)  # fmt: skip
     # The run's fingerprint keys the work dir, so a resume never merges a stale part.
     keyed = inspect.signature(fingerprint).parameters
-    plan.prepare(fingerprint(**{k: v for k, v in options.items() if k in keyed}))
+    plan.prepare(fingerprint(**{k: v for k, v in options.items() if k in keyed}), own_dir)
     pending = plan.pending()
     bar = _Progress(shards, shards - len(pending), progress)
     try:

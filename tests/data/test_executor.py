@@ -1,0 +1,308 @@
+"""``pack(..., executor=, shards=)``: the shards of one pack on local processes or a Ray
+cluster, merged byte-identically to one ``pack``; resume, dead attempts, data errors, node
+loss, and ``--shard auto`` from a Slurm job array."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pyfast_tune.cli import main
+from pyfast_tune.data import DataFormatError, PackConfigError, fingerprint, pack
+from pyfast_tune.data.executor import ShardPlan, run_sharded
+
+FILES = ["input_ids.bin", "loss_mask.bin", "meta.json", "pack_samples.bin", "packs.bin",
+         "samples.bin"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    """Two JSONL files of generated chats (openai format), unequal in size."""
+    from pyfast_tune.demo import synth_conversations, write_jsonl
+
+    d = tmp_path_factory.mktemp("executor_data")
+    return [
+        write_jsonl(synth_conversations(300, seed=2), d / "a.jsonl"),
+        write_jsonl(synth_conversations(170, seed=3), d / "b.jsonl"),
+    ]
+
+
+def _opts(tok):
+    return dict(tokenizer=tok, max_length=256, format="openai", template="default", seed=3)
+
+
+@pytest.fixture(scope="module")
+def one_pack(chats, tiny_tokenizer, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "packed"
+    stats = pack(chats, out, **_opts(tiny_tokenizer))
+    assert stats.samples > 400
+    return out, stats
+
+
+def assert_same_bytes(a: Path, b: Path) -> None:
+    assert sorted(os.listdir(b)) == sorted(os.listdir(a))
+    for name in os.listdir(a):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_local_executor_equals_one_pack(chats, tiny_tokenizer, one_pack, tmp_path, shards):
+    out = tmp_path / "packed"
+    stats = pack(chats, out, executor="local", shards=shards, **_opts(tiny_tokenizer))
+    assert_same_bytes(one_pack[0], out)
+    # The executor's options never reach the fingerprint.
+    assert (
+        stats.fingerprint == one_pack[1].fingerprint == fingerprint(chats, **_opts(tiny_tokenizer))
+    )
+    assert (stats.samples, stats.packs) == (one_pack[1].samples, one_pack[1].packs)
+    assert not (tmp_path / "packed.parts").exists()  # the default work dir goes after the merge
+
+
+def test_a_mix_passes_through_the_executor(chats, tiny_tokenizer, tmp_path):
+    mix = [{"path": str(chats[0]), "name": "a", "weight": 1.5},
+           {"path": str(chats[1]), "name": "b", "max_samples": 50}]  # fmt: skip
+    one = pack(mix, tmp_path / "one", **_opts(tiny_tokenizer))
+    two = pack(mix, tmp_path / "two", shards=2, **_opts(tiny_tokenizer))  # shards alone: local
+    assert_same_bytes(tmp_path / "one", tmp_path / "two")
+    assert [m["samples"] for m in two.mix] == [m["samples"] for m in one.mix] == [450, 50]
+
+
+def test_resume_redoes_only_unfinished_parts(chats, tiny_tokenizer, one_pack, tmp_path):
+    work = tmp_path / "work"
+    pack(chats, tmp_path / "first", executor="local", shards=3, work_dir=work,
+         **_opts(tiny_tokenizer))  # fmt: skip
+    plan = ShardPlan(work, 3)
+    assert plan.pending() == []  # a given work dir is kept
+    # A run killed midway: part 1 never committed, and two attempts of it died while
+    # encoding, one here and one on another host (the engine removes only its own host's).
+    import shutil
+
+    shutil.rmtree(plan.part(1))
+    dead = [work / ".part-1-of-3.tmp-otherhost-77-1", work / ".part-1-of-3.tmp-here-4194305-2"]
+    for d in dead:
+        d.mkdir()
+        (d / "stage_ids.tmp").write_bytes(b"\0" * 100)
+    before = {i: os.stat(plan.part(i) / "part.json").st_mtime_ns for i in (0, 2)}
+    assert plan.pending() == [1]
+    stats = pack(chats, tmp_path / "second", executor="local", shards=3, work_dir=work,
+                 **_opts(tiny_tokenizer))  # fmt: skip
+    assert {i: os.stat(plan.part(i) / "part.json").st_mtime_ns for i in (0, 2)} == before
+    assert plan.complete(1) and not any(d.exists() for d in dead)
+    assert sorted(p.name for p in work.iterdir()) == [
+        "part-0-of-3", "part-1-of-3", "part-2-of-3", "plan.json"]  # fmt: skip
+    assert_same_bytes(one_pack[0], tmp_path / "second")
+    assert stats.fingerprint == one_pack[1].fingerprint
+
+
+def test_a_work_dir_of_another_run_is_refused(chats, tiny_tokenizer, tmp_path):
+    work = tmp_path / "work"
+    pack(chats, tmp_path / "a", shards=2, work_dir=work, **_opts(tiny_tokenizer))
+    other = {**_opts(tiny_tokenizer), "max_length": 300}
+    with pytest.raises(PackConfigError, match="holds the parts of another run"):
+        pack(chats, tmp_path / "b", shards=2, work_dir=work, **other)
+    with pytest.raises(PackConfigError, match="holds the parts of another run"):
+        pack(chats, tmp_path / "b", shards=3, work_dir=work, **_opts(tiny_tokenizer))
+    assert json.loads((work / "plan.json").read_text())["num_shards"] == 2
+
+
+@pytest.fixture(scope="module")
+def bad_chats(chats, tmp_path_factory):
+    """b.jsonl with line 8 (record 7) cut short."""
+    lines = chats[1].read_text().splitlines()
+    lines[7] = '{"messages": [oops'
+    bad = tmp_path_factory.mktemp("bad") / "b.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    return [chats[0], bad]
+
+
+def test_local_data_error_is_the_engines_own(bad_chats, tiny_tokenizer, tmp_path):
+    with pytest.raises(DataFormatError) as one:
+        pack(bad_chats, tmp_path / "one", **_opts(tiny_tokenizer))
+    with pytest.raises(DataFormatError) as sharded:
+        pack(bad_chats, tmp_path / "two", shards=2, **_opts(tiny_tokenizer))
+    assert str(sharded.value) == str(one.value)
+    assert str(bad_chats[1]) + ":8:" in str(sharded.value) and "record 7" in str(sharded.value)
+    assert (sharded.value.path, sharded.value.line) == (str(bad_chats[1]), 8)
+    assert not (tmp_path / "two").exists()
+
+
+def test_bad_executor_arguments(chats, tiny_tokenizer, tmp_path):
+    for kwargs, msg in [
+        ({"executor": "local"}, "shards must be a whole number"),
+        ({"shards": 0}, "shards must be a whole number"),
+        ({"executor": "dask", "shards": 2}, "executor must be one of"),
+        ({"shards": 2, "retries": -1}, "retries must be"),
+        ({"shards": 2, "shard": (0, 2)}, "not both"),
+        ({"shards": 2, "map_fn": dict}, "map_fn"),
+    ]:
+        with pytest.raises(PackConfigError, match=msg):
+            pack(chats, tmp_path / "x", **kwargs, **_opts(tiny_tokenizer))
+
+
+def test_a_missing_ray_names_the_extra(chats, tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(PackConfigError, match=r"pip install 'pyfast-tune\[ray\]'"):
+        pack(chats, tmp_path / "x", executor="ray", shards=2, **_opts(tiny_tokenizer))
+
+
+def _cli(chats, tok, *args):
+    return ["pack", *map(str, chats), "--tokenizer", str(tok), "--max-length", "256",
+            "--format", "openai", "--seed", "3", "--quiet", *args]  # fmt: skip
+
+
+def test_cli_shard_auto_reads_the_slurm_array(chats, tiny_tokenizer, one_pack, tmp_path,
+                                              monkeypatch, capsys):  # fmt: skip
+    for task in (1, 2):  # sbatch --array=1-2: IDs count from SLURM_ARRAY_TASK_MIN
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
+        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+        monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+        out = tmp_path / f"part{task}"
+        assert main(_cli(chats, tiny_tokenizer, "--shard", "auto", "--out", str(out))) == 0
+        meta = json.loads((out / "meta.json").read_text())
+        assert (meta["shard"], meta["num_shards"]) == (task - 1, 2)
+    assert main(["merge-packs", str(tmp_path / "part2"), str(tmp_path / "part1"), "--out",
+                 str(tmp_path / "packed"), "--quiet"]) == 0  # fmt: skip
+    assert_same_bytes(one_pack[0], tmp_path / "packed")
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    with pytest.raises(SystemExit):
+        main(_cli(chats, tiny_tokenizer, "--shard", "auto", "--out", str(tmp_path / "x")))
+    assert "SLURM_ARRAY_TASK_ID" in capsys.readouterr().err
+
+
+def test_cli_local_executor(chats, tiny_tokenizer, one_pack, tmp_path, capsys):
+    out = tmp_path / "packed"
+    args = ["--executor", "local", "--shards", "2", "--work-dir", str(tmp_path / "w")]
+    assert main(_cli(chats, tiny_tokenizer, *args, "--out", str(out))) == 0
+    assert_same_bytes(one_pack[0], out)
+    assert f"packed {out}:" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- Ray
+
+needs_ray = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None,
+    reason="the Ray executor's tests need Ray: pip install 'pyfast-tune[ray]'",
+)
+
+
+def _start_cluster(head_cpus: int, workers: int):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": head_cpus, "include_dashboard": False})  # fmt: skip
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(workers)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    return cluster, nodes
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Three nodes of one CPU each (the head is one of them)."""
+    import ray
+
+    cluster, _ = _start_cluster(head_cpus=1, workers=2)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _attempts(marks: Path):
+    """A ``before`` hook for the shard tasks: records (shard, node) of every attempt. A
+    closure, so Ray pickles it by value (this test module is not importable on the nodes)."""
+
+    def before(i: int) -> None:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        (marks / f"{i}-{node}-{time.monotonic_ns()}").touch()
+
+    return before
+
+
+@needs_ray
+def test_ray_cluster_packs_4_shards_like_one_pack(ray_cluster, chats, tiny_tokenizer,
+                                                  one_pack, tmp_path):  # fmt: skip
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    out = tmp_path / "packed"
+    stats = run_sharded({"inputs": chats, **_opts(tiny_tokenizer)}, out, "ray", 4,
+                        _before=_attempts(marks))  # fmt: skip
+    assert_same_bytes(one_pack[0], out)
+    assert stats.fingerprint == one_pack[1].fingerprint
+    seen = [m.name.split("-") for m in marks.iterdir()]
+    assert sorted(int(s[0]) for s in seen) == [0, 1, 2, 3]  # each shard once
+    assert len({s[1] for s in seen}) >= 2  # spread over the nodes
+
+
+@needs_ray
+def test_ray_data_error_is_reported_once_not_retried(ray_cluster, bad_chats, tiny_tokenizer,
+                                                     tmp_path):  # fmt: skip
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    with pytest.raises(DataFormatError) as e:
+        run_sharded({"inputs": bad_chats, **_opts(tiny_tokenizer)}, tmp_path / "out", "ray", 2,
+                    retries=3, _before=_attempts(marks))  # fmt: skip
+    assert (e.value.path, e.value.line) == (str(bad_chats[1]), 8)
+    assert "record 7" in str(e.value)
+    tries = sorted(m.name.split("-")[0] for m in marks.iterdir())
+    assert tries == ["0", "1"]  # the bad shard (1) ran once
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@needs_ray
+def test_ray_node_lost_mid_shard_reruns_elsewhere(chats, tiny_tokenizer, one_pack, tmp_path):
+    """Three one-CPU worker nodes (the head takes no tasks); a worker node is removed
+    ungracefully while its shard runs: the shard reruns on another node, and the bytes
+    are still those of one pack."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster, nodes = _start_cluster(head_cpus=0, workers=3)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    record = _attempts(marks)
+
+    def hold(i: int) -> None:
+        record(i)
+        time.sleep(4)  # long enough for the test to kill the node under this attempt
+
+    killed = {}
+
+    def kill_a_busy_node() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            for m in marks.iterdir():
+                shard, node_id, _ = m.name.split("-")
+                victim = next((n for n in nodes if n.node_id == node_id), None)
+                if victim is not None:
+                    killed.update(shard=int(shard), node=node_id)
+                    cluster.remove_node(victim, allow_graceful=False)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_busy_node)
+    killer.start()
+    try:
+        stats = run_sharded({"inputs": chats, **_opts(tiny_tokenizer)}, tmp_path / "packed",
+                            "ray", 4, retries=3, _before=hold)  # fmt: skip
+    finally:
+        killer.join()
+        ray.shutdown()
+        cluster.shutdown()
+    assert killed, "no shard attempt started"
+    assert_same_bytes(one_pack[0], tmp_path / "packed")
+    assert stats.fingerprint == one_pack[1].fingerprint
+    attempts = [m.name.split("-")[:2] for m in marks.iterdir()]
+    ran_on = {node for shard, node in attempts if int(shard) == killed["shard"]}
+    assert killed["node"] in ran_on and len(ran_on) >= 2, attempts  # rerun on another node
