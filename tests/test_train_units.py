@@ -347,3 +347,19 @@ def test_training_uses_the_attention_op_by_default():
     from pyfast_tune.config import TrainConfig
 
     assert TrainConfig().attention == "op"
+
+
+def test_short_and_torch_dtype_names_resolve_alike():
+    """The config accepts bf16/fp16/fp32 as well as torch's names; the model is built with
+    torch's (a short name once passed validation and failed at start-up)."""
+    from pyfast_tune.config import ConfigError
+    from pyfast_tune.trainer.model import resolve_dtype
+
+    assert [resolve_dtype(n) for n in ("bf16", "fp16", "fp32")] == [
+        "bfloat16",
+        "float16",
+        "float32",
+    ]
+    assert resolve_dtype("bfloat16") == "bfloat16"
+    with pytest.raises(ConfigError, match="dtype must be auto"):
+        resolve_dtype("fp8")

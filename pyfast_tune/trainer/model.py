@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from pyfast_tune.choices import DTYPE_NAMES
 from pyfast_tune.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -17,15 +18,18 @@ def resolve_dtype(name: str) -> str:
     """``auto`` = bfloat16 on GPU, float32 on CPU (CPU half-precision training is slow and lossy)."""
     if name == "auto":
         return "bfloat16" if torch.cuda.is_available() else "float32"
-    if name not in DTYPES:
-        raise ConfigError(f"dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
-    return name
+    # The config accepts the short names too (bf16, fp16, fp32): one table maps both.
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"dtype must be auto, {', '.join(DTYPE_NAMES)}; got {name!r}")
+    return DTYPE_NAMES[name]
 
 
 def _quantization_config(cfg, dtype: torch.dtype, float_storage: bool):
     from transformers import BitsAndBytesConfig
 
-    compute = dtype if cfg.quant.compute_dtype == "auto" else DTYPES[cfg.quant.compute_dtype]
+    compute = (
+        dtype if cfg.quant.compute_dtype == "auto" else DTYPES[DTYPE_NAMES[cfg.quant.compute_dtype]]
+    )
     extra = {}
     if float_storage:
         # ZeRO-3 partitions every parameter and needs them in one float dtype.
