@@ -1,36 +1,39 @@
-"""Tokenizer-bound packing speed: end-to-end ``pyfast-tune pack`` tokens/s against the raw
-encoders on the same texts, for every tokenizer of the benchmark data.
+"""Tokenizer-bound packing speed: the phases of a whole ``pyfast-tune pack`` process, and our
+encoder's first and later passes beside tiktoken (and fastokens, gigatoken when installed) on
+the same texts, per core, for every tokenizer of the benchmark data.
 
     pytest bench/bench_tokenize.py -s          # or
-    python bench/bench_tokenize.py [--repeat 3] [--threads 2] [--records N]
+    python bench/bench_tokenize.py [--repeat 3] [--threads 2] [--records N] [--tokenizers smollm2]
 
 Data (bench/_corpus.py, printed first): with ../shared/data, the four shared tokenizers
-(Qwen3, SmolLM2, Mistral v0.3, DeepSeek-V3) on chitchat.jsonl and pydoc.jsonl; without it,
-generated chats and documents of realistic lengths and a byte-level BPE trained on them
-(vocab 49,152 behind Llama 3's split regex: the fast path and tiktoken both apply).
-For each tokenizer and corpus (chat: openai messages with the qwen_chat template, max_length
-4096; docs: pretraining text, max_length 32768) it measures:
+(Qwen3, SmolLM2, Mistral v0.3, DeepSeek-V3) on chitchat.jsonl and pydoc.jsonl; without it
+(or with PYFAST_TUNE_SHARED_DATA=/nonexistent), generated chats and documents of realistic
+lengths and a byte-level BPE trained on them (vocab 49,152 behind Llama 3's split regex: the
+fast path and tiktoken both apply). For each tokenizer and corpus (chat: openai messages with
+the qwen_chat template, max_length 4096; docs: pretraining text, max_length 32768):
 
-- ``pack fast`` / ``pack hf``: the whole CLI run (interpreter start, tokenizer load, read, JSON,
-  template, encode, pack, write, commit) as a subprocess, ``--tokenizer-backend fast|hf``;
-  tokens = every token encoded (written + truncated + dropped), over the wall time;
-  ``encode phase``: the same tokens over the run's own ``encode_seconds`` (read, JSON, template,
-  tokenize, stage: what scales with the data), and ``load``, the fixed cost of loading the
-  tokenizer (Qwen3's 11 MB tokenizer.json takes ~0.3 s, most of a run on these small corpora);
-  the two runs' packed directories are compared (``ids identical``), and ``fast/hf`` is checked
-  against the target of 3x;
-- ``encode_batch``: Hugging Face ``tokenizers`` on the message/document texts, all threads,
-  tokenizer already loaded;
-- ``tiktoken``: tiktoken's rank-based encoder built from the same vocabulary and pattern
-  (``encode_ordinary_batch``, same thread count, added tokens ignored), when installed and the
-  tokenizer is byte-level BPE behind one regex (Qwen3, SmolLM2). Its
-  ids are not always Hugging Face's (the vocabularies list one merge per token, tiktoken merges
-  any pair whose concatenation is a token); the share of texts that differ is printed, and so
-  is the time to build the encoder from the vocabulary (not counted in its rate).
+- ``process``: the whole CLI run as a subprocess, ``--tokenizer-backend fast``, split into its
+  phases: ``start`` (interpreter, imports, argument parsing: the wall time the engine does not
+  report), ``load`` (tokenizer, template, input listing), ``encode`` (read, JSON, template,
+  tokenize, stage: what scales with the data) and ``write`` (plan, write, hash, commit);
+  tokens = every token encoded (written + truncated + dropped). ``whole`` is tokens over the
+  process's wall time;
+- ``ours first``: the encode phase per core (tokens / encode seconds / threads) of that run,
+  from a cold start (the encoder's per-thread memo of pieces starts empty);
+- ``ours later``: a second copy of the corpus packed in the same run (two files, same bytes):
+  the extra encode seconds over the extra tokens, with every thread's memo already warm;
+- ``hf``: the same run with ``--tokenizer-backend hf``; the two packed directories must be
+  byte-identical (``ids identical``);
+- ``encode_batch``: Hugging Face ``tokenizers`` on the message/document texts, tokenizer loaded;
+- ``tiktoken`` / ``fastokens`` / ``gigatoken`` (bench/_encoders.py): built from the same
+  tokenizer.json, ``first`` = their first batch over the texts, ``later`` = the best of the
+  following ones, per core (same thread count); the share of texts whose ids differ from
+  Hugging Face's is printed. A missing package, or a tokenizer it cannot express, is a note.
 
+The other encoders' figures are pure encoding of texts already in memory; ours (``first`` and
+``later``) also read, parse and template the JSONL. Best of ``--repeat`` runs (first passes:
+each run is a fresh process); the machine and its load are printed with the figures.
 ``--records N`` (or BENCH_RECORDS) takes the first N records of each corpus, for a quick run.
-
-Best of ``--repeat`` runs each; the machine and its load are printed with the figures.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from functools import partial
 from pathlib import Path
 
 from _corpus import BenchData, bench_data
+from _encoders import ENCODERS
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [
@@ -56,6 +60,7 @@ CASES = [
     ("docs", "none", 32768),
 ]
 TARGET = 3.0  # pack --tokenizer-backend fast over hf, end to end
+M = 1e6
 
 
 def texts_of(path: Path) -> list[str]:
@@ -69,90 +74,49 @@ def texts_of(path: Path) -> list[str]:
     return out
 
 
-def best(fn, repeat: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t)
-    return min(times), result
-
-
-def pack_cli(
+def pack_process(
     data: Path, tok: Path, template: str, max_length: int, backend: str, threads: int
 ) -> dict:
+    """One whole ``pyfast-tune pack`` process: its statistics, wall time and output digest."""
     exe = Path(sys.executable).with_name("pyfast-tune")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pyfast_tune.cli"]
+    cmd += [
+        "pack", str(data), "--out", "OUT", "--tokenizer", str(tok), "--template", template,
+        "--max-length", str(max_length), "--threads", str(threads),
+        "--tokenizer-backend", backend, "--json", "--quiet",
+    ]  # fmt: skip
     with tempfile.TemporaryDirectory() as d:
-        out = subprocess.run(
-            cmd
-            + [
-                "pack",
-                str(data),
-                "--out",
-                f"{d}/p",
-                "--tokenizer",
-                str(tok),
-                "--template",
-                template,
-                "--max-length",
-                str(max_length),
-                "--threads",
-                str(threads),
-                "--tokenizer-backend",
-                backend,
-                "--json",
-                "--quiet",
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
+        cmd[cmd.index("OUT")] = f"{d}/p"
+        t = time.perf_counter()
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        wall = time.perf_counter() - t
         digest = hashlib.sha256()
         for f in sorted(Path(f"{d}/p").iterdir()):
             digest.update(f.name.encode() + f.read_bytes())
     stats = json.JSONDecoder().raw_decode(out[out.index("{") :])[0]
+    stats["wall"] = wall
+    stats["start"] = max(wall - stats["seconds"], 0.0)
+    stats["encoded"] = stats["tokens"] + stats["truncated_tokens"] + stats["dropped_tokens"]
     stats["digest"] = digest.hexdigest()
     return stats
 
 
-def tiktoken_encoding(tok_json: Path):
-    try:
-        import tiktoken
-    except ImportError:
-        return None
-    spec = json.loads(tok_json.read_text())
-    pre = spec["pre_tokenizer"]
-    steps = pre.get("pretokenizers", [pre])
-    if [s["type"] for s in steps] not in (["ByteLevel"], ["Split", "ByteLevel"]):
-        return None  # not byte-level BPE behind one regex: no tiktoken equivalent
-    char_byte = {c: b for b, c in enumerate(_bytes_to_unicode())}
-    ranks = {
-        bytes(char_byte[c] for c in t): i
-        for t, i in spec["model"]["vocab"].items()
-        if all(c in char_byte for c in t)
-    }
-    split = next((s for s in steps if s["type"] == "Split"), None)
-    pattern = (
-        split["pattern"]["Regex"]
-        if split
-        else r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-    )
-    return tiktoken.Encoding(
-        name=tok_json.parent.name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={}
-    )
+def best_run(fn, repeat: int) -> dict:
+    """The run with the shortest wall time of ``repeat``."""
+    return min((fn() for _ in range(repeat)), key=lambda s: s["wall"])
 
 
-def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    cs, n = {}, 0
-    for b in range(256):
-        if b in bs:
-            cs[b] = chr(b)
-        else:
-            cs[b] = chr(256 + n)
-            n += 1
-    return [cs[b] for b in range(256)]
+def passes(encode, repeat: int) -> tuple[float, float, list]:
+    """(first call's seconds, best later call's seconds, ids of the first call)."""
+    t = time.perf_counter()
+    ids = encode()
+    first = time.perf_counter() - t
+    later = []
+    for _ in range(max(repeat, 2) - 1):
+        t = time.perf_counter()
+        encode()
+        later.append(time.perf_counter() - t)
+    return first, min(later), ids
 
 
 def conditions(threads: int) -> str:
@@ -183,6 +147,15 @@ def corpus_file(data: BenchData, kind: str, records: int | None, tmp: Path) -> P
     return head
 
 
+def twice(path: Path, tmp: Path) -> Path:
+    """A directory holding two copies of ``path``: packing it encodes the corpus twice."""
+    d = tmp / f"twice-{path.stem}"
+    d.mkdir(exist_ok=True)
+    for name in ("a", "b"):
+        shutil.copyfile(path, d / f"{name}{path.suffix}")
+    return d
+
+
 def run(
     repeat: int = 3,
     threads: int = 2,
@@ -206,68 +179,117 @@ def run(
     for tok_name in tokenizers or list(data.tokenizers):
         tok_dir = data.tokenizers[tok_name]
         hf = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-        t0 = time.perf_counter()
-        enc_tt = tiktoken_encoding(tok_dir / "tokenizer.json")
-        tt_build = time.perf_counter() - t0
+        others = []
+        for name, build, batch in ENCODERS:
+            t0 = time.perf_counter()
+            enc = build(tok_dir)
+            others.append((name, enc, batch, time.perf_counter() - t0))
         for kind, template, max_length in CASES:
             path = corpus_file(data, kind, records, tmp)
             texts = texts_of(path)
-            row = {"tokenizer": tok_name, "data": path.name}
-            digests = set()
-            for backend in ("fast", "hf"):
-                secs, stats = best(
-                    partial(pack_cli, path, tok_dir, template, max_length, backend, threads),
-                    repeat if backend == "fast" else 1,
-                )
-                n = stats["tokens"] + stats["truncated_tokens"] + stats["dropped_tokens"]
-                row[f"pack_{backend}"] = n / secs
-                row[f"pack_{backend}_inproc"] = n / stats["seconds"]
-                row[f"pack_{backend}_encode"] = n / max(stats.get("encode_seconds", 0.0), 1e-9)
-                row[f"pack_{backend}_load_s"] = stats.get("load_seconds", 0.0)
-                digests.add(stats["digest"])
-            row["identical"] = len(digests) == 1
-            secs, encs = best(partial(hf.encode_batch, texts, add_special_tokens=False), repeat)
-            hf_ids = [e.ids for e in encs]
-            row["encode_batch"] = sum(map(len, hf_ids)) / secs
-            if enc_tt is not None:
-                secs, tt_ids = best(
-                    partial(enc_tt.encode_ordinary_batch, texts, num_threads=threads), repeat
-                )
-                row["tiktoken"] = sum(map(len, tt_ids)) / secs
-                row["tiktoken_build_s"] = tt_build
-                row["tiktoken_differs"] = sum(a != b for a, b in zip(hf_ids, tt_ids)) / len(texts)
+            row = {"tokenizer": tok_name, "data": path.name, "threads": threads, "notes": []}
+            opts = (tok_dir, template, max_length)
+            proc = best_run(partial(pack_process, path, *opts, "fast", threads), repeat)
+            both_dir = twice(path, tmp)
+            both = best_run(partial(pack_process, both_dir, *opts, "fast", threads), repeat)
+            hf_proc = pack_process(path, *opts, "hf", threads)
+            n = proc["encoded"]
+            row.update(
+                tokens=n,
+                start=proc["start"],
+                load=proc["load_seconds"],
+                encode=proc["encode_seconds"],
+                write=proc["write_seconds"],
+                whole=n / proc["wall"],
+                ours_first=n / proc["encode_seconds"] / threads,
+                pack_hf=n / hf_proc["wall"],
+                pack_fast=n / proc["wall"],
+                identical=proc["digest"] == hf_proc["digest"],
+            )
+            extra = both["encode_seconds"] - proc["encode_seconds"]
+            # Under load the difference of two noisy times can vanish: no figure then.
+            row["ours_later"] = (both["encoded"] - n) / extra / threads if extra > 0 else None
+            hf_batch = partial(hf.encode_batch, texts, add_special_tokens=False)
+            secs = min(_timed(hf_batch) for _ in range(repeat))
+            hf_ids = [e.ids for e in hf_batch()]
+            row["encode_batch"] = sum(map(len, hf_ids)) / secs / threads
+            for name, enc, batch, build_s in others:
+                if isinstance(enc, str):
+                    row["notes"].append(f"{name}: {enc}")
+                    continue
+                first, later, ids = passes(partial(batch, enc, texts, threads), repeat)
+                total = sum(map(len, ids))
+                row[name] = {
+                    "first": total / first / threads,
+                    "later": total / later / threads,
+                    "build_s": build_s,
+                    "differs": sum(a != b for a, b in zip(hf_ids, ids)) / len(texts),
+                }
             rows.append(row)
             print_row(row)
     shutil.rmtree(tmp, ignore_errors=True)
+    print_table(rows)
     return rows
 
 
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def print_row(r: dict) -> None:
-    m = 1e6
+    later = f"{r['ours_later'] / M:5.2f}" if r["ours_later"] else "  n/a"
+    print(
+        f"{r['tokenizer']:8s} {r['data']:14s} {r['tokens'] / M:.2f} M tokens | process: start "
+        f"{r['start']:.3f} s, load {r['load']:.3f} s, encode {r['encode']:.3f} s, write "
+        f"{r['write']:.3f} s; whole {r['whole'] / M:5.2f} M tok/s on {r['threads']} threads",
+        flush=True,
+    )
     line = (
-        f"{r['tokenizer']:8s} {r['data']:14s} pack fast {r['pack_fast'] / m:5.2f} M tok/s "
-        f"(in-process {r['pack_fast_inproc'] / m:5.2f}, encode phase "
-        f"{r['pack_fast_encode'] / m:5.2f}, load {r['pack_fast_load_s']:.2f} s) | "
-        f"pack hf {r['pack_hf'] / m:5.2f} | "
-        f"encode_batch {r['encode_batch'] / m:5.2f}"
+        f"    per core, M tok/s: ours first {r['ours_first'] / M:5.2f}, later {later} | "
+        f"HF encode_batch {r['encode_batch'] / M:5.2f}"
     )
-    if "tiktoken" in r:
-        line += (
-            f" | tiktoken {r['tiktoken'] / m:5.2f} (build {r['tiktoken_build_s']:.2f} s, "
-            f"ids differ from HF on {100 * r['tiktoken_differs']:.2f}% of texts)"
-        )
-    line += f" || fast/encode_batch {r['pack_fast'] / r['encode_batch']:4.2f}x"
-    if "tiktoken" in r:
-        line += (
-            f", fast/tiktoken {r['pack_fast'] / r['tiktoken']:4.2f}x "
-            f"(encode phase {r['pack_fast_encode'] / r['tiktoken']:4.2f}x)"
-        )
+    for name, _, _ in ENCODERS:
+        if name in r:
+            e = r[name]
+            line += (
+                f" | {name} first {e['first'] / M:5.2f}, later {e['later'] / M:5.2f} "
+                f"(build {e['build_s']:.2f} s, ids differ from HF on {100 * e['differs']:.2f}% "
+                f"of texts)"
+            )
+    print(line)
     ratio = r["pack_fast"] / r["pack_hf"]
-    line += (
-        f", fast/hf {ratio:4.2f}x (target {TARGET:.0f}x {'met' if ratio >= TARGET else 'MISSED'})"
-        f", ids {'identical' if r['identical'] else 'DIFFER'}"
+    print(
+        f"    pack fast/hf {ratio:4.2f}x (target {TARGET:.0f}x "
+        f"{'met' if ratio >= TARGET else 'MISSED'}), ids "
+        f"{'identical' if r['identical'] else 'DIFFER'}"
+        + "".join(f"\n    note: {n}" for n in r["notes"]),
+        flush=True,
     )
-    print(line, flush=True)
+
+
+def print_table(rows: list[dict]) -> None:
+    """The rows as the README's Markdown table (M tok/s per core unless marked)."""
+    names = [n for n, _, _ in ENCODERS if any(n in r for r in rows)]
+    head = (
+        "| tokenizer | data | start s | load s | encode s | write s | whole (all threads) "
+        "| ours first | ours later | HF encode_batch |"
+        + "".join(f" {n} first | {n} later |" for n in names)
+    )
+    print("\n" + head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        later = f"{r['ours_later'] / M:.2f}" if r["ours_later"] else "n/a"
+        cells = [
+            r["tokenizer"], r["data"], f"{r['start']:.3f}", f"{r['load']:.3f}",
+            f"{r['encode']:.3f}", f"{r['write']:.3f}", f"{r['whole'] / M:.2f}",
+            f"{r['ours_first'] / M:.2f}", later, f"{r['encode_batch'] / M:.2f}",
+        ]  # fmt: skip
+        for n in names:
+            e = r.get(n)
+            cells += [f"{e['first'] / M:.2f}", f"{e['later'] / M:.2f}"] if e else ["-", "-"]
+        print("| " + " | ".join(cells) + " |")
 
 
 def test_bench_tokenize():
