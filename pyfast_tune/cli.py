@@ -90,7 +90,7 @@ def _add_pack(sub) -> None:
     p.add_argument(
         "--retries",
         type=int,
-        default=3,
+        default=None,
         help="reruns of a shard whose worker or node died (default 3); data errors never rerun",
     )
     p.add_argument(
@@ -147,7 +147,8 @@ def _cmd_pack(args) -> int:
             raise PackConfigError("--mix lists the inputs: give them in the mix file, not as INPUT")
         options["inputs"] = load_mix_file(args.mix)
     hub_files = {k: getattr(args, k) for k in ("split", "subset") if getattr(args, k) is not None}
-    run = {k: getattr(args, k) for k in ("executor", "shards", "address", "retries", "work_dir")}
+    run = ("executor", "shards", "address", "retries", "work_dir")  # given ones only
+    run = {k: getattr(args, k) for k in run if getattr(args, k) is not None}
     stats = pack(progress=not args.quiet and sys.stderr.isatty(), **hub_files, **options, **run)
     for msg in stats.skipped_examples:
         print(f"skipped: {msg}", file=sys.stderr)

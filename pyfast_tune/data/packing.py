@@ -94,6 +94,8 @@ def pack(
     ...      template="qwen_chat").fill > 0.99                              # doctest: +SKIP
     True
     """
+    if executor is None and shards is None and (address, retries, work_dir) != (None, 3, None):
+        raise PackConfigError("address, retries and work_dir go with executor= or shards=N")
     if executor is not None or shards is not None:
         from pyfast_tune.data.executor import run_sharded  # it imports this module
 

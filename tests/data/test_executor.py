@@ -141,6 +141,7 @@ def test_bad_executor_arguments(chats, tiny_tokenizer, tmp_path):
         ({"shards": 2, "retries": -1}, "retries must be"),
         ({"shards": 2, "shard": (0, 2)}, "not both"),
         ({"shards": 2, "map_fn": dict}, "map_fn"),
+        ({"work_dir": "w"}, "go with executor= or shards=N"),
     ]:
         with pytest.raises(PackConfigError, match=msg):
             pack(chats, tmp_path / "x", **kwargs, **_opts(tiny_tokenizer))
