@@ -12,7 +12,14 @@ Run:  .venv/bin/python bench/bench_scale.py [--budget-mib 128 --factor 4 --bin-m
    peak RSS), and read by the engine against a pure-Python reader doing XTuner's
    JsonlDataset work (seek to each offset, json.loads, abs/labels) on the same rows, both
    with one warm-up and the median of three runs.
-Tokenizer: one trained here on generated text (pyfast_tune.demo), so nothing is downloaded.
+3. Steady state: >= --steady-mib (default 1024 MiB) of pretraining JSONL packed with the
+   benchmark data's default tokenizer (bench/_corpus.py: SmolLM2 on ../shared/data, else the
+   generated BPE), documents recombined from the paragraphs of its documents corpus (pydoc
+   or the generated one) by a seeded sampler, so the words are real but no document repeats;
+   the encode phase's tokens/s per core (tokens / encode_seconds / threads), where the
+   warm-up of the encoder's memo is a vanishing share.
+Tokenizer of 1 and 2: one trained here on generated text (pyfast_tune.demo), so nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -36,6 +44,7 @@ except ImportError:  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _child import WORDS, MiB, run_child  # noqa: E402
+from _corpus import bench_data  # noqa: E402
 
 
 def gen_corpus(path: Path, size: int, seed: int = 0) -> int:
@@ -46,6 +55,28 @@ def gen_corpus(path: Path, size: int, seed: int = 0) -> int:
         while written < size:
             k = rng.randint(40, 800)
             line = json.dumps({"text": " ".join(rng.choices(WORDS, k=k))}) + "\n"
+            f.write(line)
+            written += len(line)
+            n += 1
+    return n
+
+
+def gen_recombined(pool: Path, path: Path, size: int, seed: int = 2) -> int:
+    """JSONL {"text"} documents of 5..120 paragraphs drawn (seeded) from the paragraphs of the
+    documents in ``pool``, ``size`` bytes in all. Fast enough for gigabytes (joining strings),
+    and the encoder sees real pieces in new contexts, never a repeated document."""
+    paragraphs = [
+        p
+        for line in pool.read_text().splitlines()
+        for p in json.loads(line)["text"].split("\n\n")
+        if p.strip()
+    ]
+    rng = random.Random(seed)
+    written, n = 0, 0
+    with open(path, "w") as f:
+        while written < size:
+            doc = "\n\n".join(rng.choices(paragraphs, k=rng.randint(5, 120)))
+            line = json.dumps({"text": doc}) + "\n"
             f.write(line)
             written += len(line)
             n += 1
@@ -98,7 +129,13 @@ def python_bin_reader(path: Path) -> tuple[int, int]:
     return len(meta), n
 
 
-def main(budget_mib: int = 128, factor: int = 4, bin_mib: int = 256, threads: int | None = None):
+def main(
+    budget_mib: int = 128,
+    factor: int = 4,
+    bin_mib: int = 256,
+    threads: int | None = None,
+    steady_mib: int = 1024,
+):
     from pyfast_tune.demo import make_tokenizer, synth_conversations
 
     print(
@@ -191,7 +228,56 @@ def main(budget_mib: int = 128, factor: int = 4, bin_mib: int = 256, threads: in
             f"JsonlDataset-style reader {ptoks / pdt / 1e6:.2f} M tokens/s | ratio "
             f"{pdt / rdt:.1f}x"
         )
+
+        # 3. steady-state encoding, per core
+        if steady_mib:
+            steady_state(tmp, steady_mib, threads or os.cpu_count() or 1)
         return ok
+
+
+def steady_state(tmp: Path, size_mib: int, threads: int) -> float:
+    """Pack ``size_mib`` MiB of recombined documents; print and return the encode phase's
+    tokens/s per core."""
+    data = bench_data()
+    corpus = tmp / "steady" / "docs.jsonl"
+    corpus.parent.mkdir()
+    t = time.perf_counter()
+    n = gen_recombined(data.docs, corpus, size_mib * MiB)
+    size = corpus.stat().st_size
+    print(
+        f"{data.label}\ngenerated {size / MiB:.0f} MiB ({n} documents) in "
+        f"{time.perf_counter() - t:.1f} s from the paragraphs of {data.docs.name}"
+    )
+    dt, rss, _, out = run_child(
+        [
+            "pack",
+            str(corpus),
+            "--out",
+            str(tmp / "p3"),
+            "--tokenizer",
+            str(data.tokenizer),
+            "--format",
+            "pretrain",
+            "--max-length",
+            "32768",
+            "--threads",
+            str(threads),
+            "--quiet",
+            "--json",
+        ]  # fmt: skip
+    )
+    shutil.rmtree(tmp / "p3", ignore_errors=True)
+    stats = json.loads(out[: out.rindex("}") + 1])
+    toks = stats["tokens"] + stats["truncated_tokens"] + stats["dropped_tokens"]
+    per_core = toks / stats["encode_seconds"] / threads
+    print(
+        f"steady state: {toks / 1e6:.0f} M tokens with {data.tokenizer.name}, {threads} threads: "
+        f"encode phase {stats['encode_seconds']:.1f} s = {per_core / 1e6:.2f} M tokens/s per "
+        f"core; whole process {dt:.1f} s ({toks / dt / 1e6:.2f} M tokens/s, load "
+        f"{stats['load_seconds']:.2f} s, write {stats['write_seconds']:.1f} s); peak RSS "
+        f"{rss / MiB:.0f} MiB"
+    )
+    return per_core
 
 
 def test_bench_scale():
@@ -199,6 +285,7 @@ def test_bench_scale():
         budget_mib=int(os.environ.get("BENCH_BUDGET_MIB", 128)),
         factor=int(os.environ.get("BENCH_FACTOR", 4)),
         bin_mib=int(os.environ.get("BENCH_BIN_MIB", 256)),
+        steady_mib=int(os.environ.get("BENCH_STEADY_MIB", 1024)),
     )
 
 
@@ -208,5 +295,8 @@ if __name__ == "__main__":
     ap.add_argument("--factor", type=int, default=4)
     ap.add_argument("--bin-mib", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--steady-mib", type=int, default=1024, help="steady-state corpus size (0: skip)"
+    )
     a = ap.parse_args()
-    sys.exit(0 if main(a.budget_mib, a.factor, a.bin_mib, a.threads) else 1)
+    sys.exit(0 if main(a.budget_mib, a.factor, a.bin_mib, a.threads, a.steady_mib) else 1)
