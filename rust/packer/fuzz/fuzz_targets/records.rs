@@ -6,9 +6,9 @@ use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use packer::facts::Format;
-use packer::internals::split_records;
 use packer::facts::TEMPLATES;
 use packer::internals::py_format;
+use packer::internals::split_records;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(recs) = split_records(Path::new("fuzz.jsonl"), data) {
