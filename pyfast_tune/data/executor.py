@@ -177,6 +177,7 @@ def run_local(
     bar: _Progress,
     retries: int = 3,
     workers: int | None = None,
+    _before: Callable[[int], Any] | None = None,
 ) -> None:
     """Encode the ``pending`` shards in a pool of spawned processes (spawn: the engine's
     thread pool does not survive a fork). A worker that dies (killed, out of memory) breaks
@@ -191,7 +192,7 @@ def run_local(
     todo = list(pending)
     for attempt in range(retries + 1):
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(pack_shard, options, plan, i): i for i in todo}
+            futures = {pool.submit(pack_shard, options, plan, i, _before): i for i in todo}
             try:
                 for fut in as_completed(futures):
                     _finish(fut.result(), bar)
@@ -298,7 +299,7 @@ def run_sharded(
     bar = _Progress(shards, shards - len(pending), progress)
     try:
         if executor == "local":
-            run_local(options, plan, pending, bar, retries)
+            run_local(options, plan, pending, bar, retries, _before=_before)
         else:
             run_ray(options, plan, pending, bar, retries, address, _before)
     finally:

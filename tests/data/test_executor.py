@@ -307,3 +307,44 @@ def test_ray_node_lost_mid_shard_reruns_elsewhere(chats, tiny_tokenizer, one_pac
     attempts = [m.name.split("-")[:2] for m in marks.iterdir()]
     ran_on = {node for shard, node in attempts if int(shard) == killed["shard"]}
     assert killed["node"] in ran_on and len(ran_on) >= 2, attempts  # rerun on another node
+
+
+def test_a_run_killed_midway_reruns_only_unfinished_parts(chats, tiny_tokenizer, one_pack,
+                                                          tmp_path):  # fmt: skip
+    """The driver and its workers are SIGKILLed while shards 2 and 3 are held (shards 0 and 1
+    committed); the rerun encodes 2 and 3 only and merges the bytes of one pack."""
+    import signal
+    import subprocess
+
+    (tmp_path / "hold.py").write_text(
+        "import time\ndef hold(i):\n    if i >= 2:\n        time.sleep(600)\n"
+    )
+    work = tmp_path / "work"
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from hold import hold\n"
+        "from pyfast_tune.data.executor import run_sharded\n"
+        "if __name__ == '__main__':\n"
+        f"    run_sharded({{'inputs': {[str(c) for c in chats]!r}, **{_opts(str(tiny_tokenizer))!r}}},"
+        f" {str(tmp_path / 'first')!r}, 'local', 4, work_dir={str(work)!r}, _before=hold)\n"
+    )
+    (tmp_path / "driver.py").write_text(script)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py")], start_new_session=True)
+    plan = ShardPlan(work, 4)
+    try:
+        deadline = time.monotonic() + 120
+        while plan.pending() != [2, 3] and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert plan.pending() == [2, 3], f"driver exited {proc.poll()} before the kill"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (tmp_path / "first").exists()
+    before = {i: os.stat(plan.part(i) / "part.json").st_mtime_ns for i in (0, 1)}
+    stats = pack(chats, tmp_path / "second", executor="local", shards=4, work_dir=work,
+                 **_opts(tiny_tokenizer))  # fmt: skip
+    assert {i: os.stat(plan.part(i) / "part.json").st_mtime_ns for i in (0, 1)} == before
+    assert plan.pending() == []
+    assert_same_bytes(one_pack[0], tmp_path / "second")
+    assert stats.fingerprint == one_pack[1].fingerprint
