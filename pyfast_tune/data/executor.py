@@ -239,21 +239,19 @@ def run_ray(
             num_cpus=1, max_retries=retries, retry_exceptions=False, scheduling_strategy="SPREAD"
         )(pack_shard)
         refs = {task.remote(options, plan, i, _before): i for i in pending}
-        while refs:
-            ready, _ = ray.wait(list(refs), num_returns=1)
-            i = refs.pop(ready[0])
-            try:
-                result = ray.get(ready[0])
-            except ray.exceptions.RayError as e:
-                raise PackError(
-                    f"shard {i}/{plan.shards} failed after {retries} retries: {e}"
-                ) from e
-            try:
+        try:
+            while refs:
+                ready, _ = ray.wait(list(refs), num_returns=1)
+                i = refs.pop(ready[0])
+                try:
+                    result = ray.get(ready[0])
+                except ray.exceptions.RayError as e:  # lost more than `retries` times, or a bug
+                    raise PackError(f"shard {i}/{plan.shards} failed: {e}") from e
                 _finish(result, bar)
-            except BaseException:
-                for ref in refs:
-                    ray.cancel(ref, force=True)
-                raise
+        except BaseException:
+            for ref in refs:  # the run has failed: stop the other shards
+                ray.cancel(ref, force=True)
+            raise
     finally:
         if started:
             ray.shutdown()

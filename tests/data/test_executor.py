@@ -194,25 +194,20 @@ needs_ray = pytest.mark.skipif(
 
 
 def _start_cluster(head_cpus: int, workers: int):
-    import ray
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True,
                       head_node_args={"num_cpus": head_cpus, "include_dashboard": False})  # fmt: skip
     nodes = [cluster.add_node(num_cpus=1) for _ in range(workers)]
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
     return cluster, nodes
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     """Three nodes of one CPU each (the head is one of them)."""
-    import ray
-
     cluster, _ = _start_cluster(head_cpus=1, workers=2)
     yield cluster
-    ray.shutdown()
     cluster.shutdown()
 
 
@@ -235,8 +230,9 @@ def test_ray_cluster_packs_4_shards_like_one_pack(ray_cluster, chats, tiny_token
     marks = tmp_path / "marks"
     marks.mkdir()
     out = tmp_path / "packed"
+    # Not connected yet: run_ray connects to the address, runs, and disconnects.
     stats = run_sharded({"inputs": chats, **_opts(tiny_tokenizer)}, out, "ray", 4,
-                        _before=_attempts(marks))  # fmt: skip
+                        address=ray_cluster.address, _before=_attempts(marks))  # fmt: skip
     assert_same_bytes(one_pack[0], out)
     assert stats.fingerprint == one_pack[1].fingerprint
     seen = [m.name.split("-") for m in marks.iterdir()]
@@ -251,7 +247,7 @@ def test_ray_data_error_is_reported_once_not_retried(ray_cluster, bad_chats, tin
     marks.mkdir()
     with pytest.raises(DataFormatError) as e:
         run_sharded({"inputs": bad_chats, **_opts(tiny_tokenizer)}, tmp_path / "out", "ray", 2,
-                    retries=3, _before=_attempts(marks))  # fmt: skip
+                    address=ray_cluster.address, retries=3, _before=_attempts(marks))  # fmt: skip
     assert (e.value.path, e.value.line) == (str(bad_chats[1]), 8)
     assert "record 7" in str(e.value)
     tries = sorted(m.name.split("-")[0] for m in marks.iterdir())
@@ -265,10 +261,6 @@ def test_ray_node_lost_mid_shard_reruns_elsewhere(chats, tiny_tokenizer, one_pac
     """Three one-CPU worker nodes (the head takes no tasks); a worker node is removed
     ungracefully while its shard runs: the shard reruns on another node, and the bytes
     are still those of one pack."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
     cluster, nodes = _start_cluster(head_cpus=0, workers=3)
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -296,10 +288,9 @@ def test_ray_node_lost_mid_shard_reruns_elsewhere(chats, tiny_tokenizer, one_pac
     killer.start()
     try:
         stats = run_sharded({"inputs": chats, **_opts(tiny_tokenizer)}, tmp_path / "packed",
-                            "ray", 4, retries=3, _before=hold)  # fmt: skip
+                            "ray", 4, address=cluster.address, retries=3, _before=hold)  # fmt: skip
     finally:
         killer.join()
-        ray.shutdown()
         cluster.shutdown()
     assert killed, "no shard attempt started"
     assert_same_bytes(one_pack[0], tmp_path / "packed")
