@@ -114,8 +114,8 @@ def pack_shard(
 ) -> tuple[str, Any]:
     """Encode shard i of ``plan`` (the body of a local or Ray task).
 
-    Returns ``("done", tokens)``, or ``("error", exc)`` for a data or configuration error:
-    returned, not raised, so that no scheduler retries it and the caller raises the engine's
+    Returns ``("done", tokens)``, or ``("error", (class name, message, {path, line,
+    record}))`` for a data or configuration error: returned, not raised, so that no scheduler retries it and the caller raises the engine's
     own exception (same type, file and record) exactly once. ``before(i)`` runs first (tests
     use it to hold a shard while they kill its node)."""
     if before is not None:
@@ -161,9 +161,10 @@ def _finish(result: tuple[str, Any], bar: _Progress) -> None:
     status, value = result
     if status == "error":
         name, message, where = value
-        cls = getattr(errors, name, PackError)
-        exc = cls(message) if isinstance(cls, type) and issubclass(cls, PackError) else None
-        exc = exc if exc is not None else PackError(f"{name}: {message}")
+        cls = getattr(errors, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, PackError)):
+            cls, message = PackError, f"{name}: {message}"
+        exc = cls(message)
         for k, v in where.items():
             setattr(exc, k, v)
         raise exc
