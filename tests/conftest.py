@@ -93,6 +93,18 @@ def shared_cases(cases: list) -> list:
 # ---------------------------------------------------------------- tiny training runs
 
 
+def packed_chats(d: Path, tokenizer, chats: Path, records: int, turns: int = 4) -> Path:
+    """``records`` generated chats of at most ``turns`` turns (written to ``d/chat.jsonl``)
+    packed into 256-token packs with the ``default`` template, in ``d/packed``."""
+    from pyfast_tune.data import pack
+    from pyfast_tune.trainer.tiny import trimmed_conversations
+
+    jsonl = trimmed_conversations(chats, d / "chat.jsonl", records=records, turns=turns)
+    pack([jsonl], d / "packed", tokenizer=tokenizer, max_length=256, format="openai",
+         template="default")  # fmt: skip
+    return d / "packed"
+
+
 def tiny_training(
     d: Path, tokenizer, chats: Path, records: int, turns: int, config: str = ""
 ) -> dict:
@@ -100,12 +112,10 @@ def tiny_training(
     ``turns`` turns packed into 256-token packs (template ``default``), a tiny Llama, and
     ``run.yaml`` training it on them, with ``config`` (YAML lines) after model, data and
     max_length. Returns the paths: config, model, packed, jsonl, dir, and the tokenizer."""
-    from pyfast_tune.data import pack
-    from pyfast_tune.trainer.tiny import make_tiny_llama, trimmed_conversations
+    from pyfast_tune.trainer.tiny import make_tiny_llama
 
-    jsonl = trimmed_conversations(chats, d / "chat.jsonl", records=records, turns=turns)
-    pack([jsonl], d / "packed", tokenizer=tokenizer, max_length=256, format="openai",
-         template="default")  # fmt: skip
+    packed_chats(d, tokenizer, chats, records, turns)
+    jsonl = d / "chat.jsonl"
     model = make_tiny_llama(d / "tiny", tokenizer, seed=0, init_std=0.1)
     run_yaml = d / "run.yaml"
     run_yaml.write_text(f"model: {model}\ndata: {d / 'packed'}\nmax_length: 256\n{config}")

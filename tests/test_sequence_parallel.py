@@ -36,7 +36,7 @@ from pyfast_tune.trainer.sequence_parallel import (
     shard_row,
     ulysses_attention,
 )
-from tests.conftest import sgd_deepspeed_json, train_metrics, train_process
+from tests.conftest import packed_chats, sgd_deepspeed_json, train_metrics, train_process
 
 
 def _pack(lengths, seed=0):
@@ -261,14 +261,7 @@ def test_ulysses_attention_equals_attention_over_the_whole_row(heads, kv_heads, 
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory, tiny_tokenizer, generated_chats):
-    from pyfast_tune.data import pack
-    from pyfast_tune.trainer.tiny import trimmed_conversations
-
-    d = tmp_path_factory.mktemp("sp_data")
-    jsonl = trimmed_conversations(generated_chats, d / "chat.jsonl", records=150, turns=4)
-    pack([jsonl], d / "packed", tokenizer=tiny_tokenizer, max_length=256, format="openai",
-         template="default")  # fmt: skip
-    return d / "packed"
+    return packed_chats(tmp_path_factory.mktemp("sp_data"), tiny_tokenizer, generated_chats, 150)
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,15 @@ import torch.nn.functional as F
 from pyfast_tune import patch
 from pyfast_tune.trainer.batches import IGNORE, collate, global_normalizer
 from pyfast_tune.trainer.step import batch_loss, model_inputs
+from tests.conftest import packed_chats
 
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory, tiny_tokenizer, generated_chats):
-    from pyfast_tune.data import PackedDataset, pack
-    from pyfast_tune.trainer.tiny import trimmed_conversations
+    from pyfast_tune.data import PackedDataset
 
-    tok, src = tiny_tokenizer, generated_chats
-    d = tmp_path_factory.mktemp("packed")
-    jsonl = trimmed_conversations(src, d / "chat.jsonl", records=40, turns=4)
-    pack([jsonl], d / "packed", tokenizer=tok, max_length=256, format="openai", template="default")
-    return PackedDataset(d / "packed"), tok
+    d = packed_chats(tmp_path_factory.mktemp("packed"), tiny_tokenizer, generated_chats, 40)
+    return PackedDataset(d), tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
