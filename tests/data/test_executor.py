@@ -250,8 +250,9 @@ def test_ray_data_error_is_reported_once_not_retried(ray_cluster, bad_chats, tin
                     address=ray_cluster.address, retries=3, _before=_attempts(marks))  # fmt: skip
     assert (e.value.path, e.value.line) == (str(bad_chats[1]), 8)
     assert "record 7" in str(e.value)
-    tries = sorted(m.name.split("-")[0] for m in marks.iterdir())
-    assert tries == ["0", "1"]  # the bad shard (1) ran once
+    tries = [m.name.split("-")[0] for m in marks.iterdir()]
+    # The bad shard (1) ran once; shard 0 may have been cancelled before it started.
+    assert tries.count("1") == 1 and tries.count("0") <= 1, tries
     assert not (tmp_path / "out").exists()
 
 
