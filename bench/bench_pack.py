@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "data"))
 
 from _corpus import BenchData, bench_data  # noqa: E402
 from xtuner_ref import RefTokenizer, reference_samples  # noqa: E402

@@ -21,7 +21,7 @@ Labels stay unshifted, as every HF causal LM expects (its loss predicts ``labels
 token ``t``); the collator sets ``-100`` at each sample's first token, so no token is trained
 to predict the next sample's first token. ``model(**batch).loss`` is then the mean over the
 row's trained tokens, the same number as running each sample alone through the unpatched
-model (``tests/test_hf_trainer.py`` checks it).
+model (``tests/train/test_hf_trainer.py`` checks it).
 
 Items carry only ``input_ids``, ``labels`` and ``position_ids`` — arguments of every causal
 LM's ``forward`` — so Trainer's ``remove_unused_columns`` (on by default) keeps them all; the

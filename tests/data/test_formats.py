@@ -1,5 +1,5 @@
 """XTuner 0.2.0's instruction formats against an independent Python statement of its map_fns,
-template_map_fn and encode_fn (tests/xtuner_ref.py), on hand-made records that reach every
+template_map_fn and encode_fn (tests/data/xtuner_ref.py), on hand-made records that reach every
 branch, under every prompt template; plus auto detection, column remapping, the Python map_fn
 slow path, LLaVA's image side table, and the shared data turned into alpaca/ShareGPT records."""
 

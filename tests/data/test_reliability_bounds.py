@@ -17,7 +17,7 @@ import pytest
 from pyfast_tune import pack
 from pyfast_tune.data import PackConfigError, PackedDataset, PackError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _many_files(root: Path, n: int) -> None:

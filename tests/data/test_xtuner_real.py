@@ -1,13 +1,13 @@
 """Cross-check against XTuner's own code: its map_fns, template_map_fn, PROMPT_TEMPLATE and
 encode_fn (from ``xtuner==0.2.0``) run on generated and hand-made records, and our packed
-samples must equal them token for token; the Python oracle (tests/xtuner_ref.py) must agree
+samples must equal them token for token; the Python oracle (tests/data/xtuner_ref.py) must agree
 with them too. XTuner is not a dependency: the test skips unless its package can be found,
 on sys.path or in the site-packages named by ``XTUNER_SITE``, e.g.::
 
     python3 -m venv /tmp/xt && /tmp/xt/bin/pip install --no-deps xtuner==0.2.0 mmengine \\
         addict yapf termcolor platformdirs
     XTUNER_SITE=/tmp/xt/lib/python3.11/site-packages .venv/bin/python -m pytest \\
-        tests/test_xtuner_real.py
+        tests/data/test_xtuner_real.py
 
 Only the data modules are loaded, file by file, so XTuner's heavy package __init__ files
 (model code, a pinned transformers) are never run; mmengine is needed for ConfigDict."""

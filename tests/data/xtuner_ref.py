@@ -7,7 +7,7 @@ f-strings / str.format / str.strip / json and the ``tokenizers`` package, nothin
 pyfast_tune. Where XTuner would raise, these raise too (KeyError, TypeError,
 NotImplementedError), so a test can tell "XTuner fails on this record" from a result.
 
-tests/test_xtuner_real.py checks this module against the installed XTuner when it is
+tests/data/test_xtuner_real.py checks this module against the installed XTuner when it is
 importable."""
 
 from __future__ import annotations

@@ -485,7 +485,7 @@ def _compile_for_gpu(arch, act, adt, w4, r_block):
         env=env,
         capture_output=True,
         text=True,
-        cwd=str(Path(__file__).resolve().parents[1]),
+        cwd=str(Path(__file__).resolve().parents[2]),
         timeout=600,
     )
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]

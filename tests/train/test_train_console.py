@@ -19,7 +19,7 @@ from pyfast_tune.config import resolve_report_to
 from pyfast_tune.trainer.metrics import Console, MetricsLog, require_reporters
 from tests.conftest import tiny_training, train_process
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUN = {"config": {"lr": 0.001, "lora": {"r": 4}}, "data_fingerprint": "fp123", "packed_dir": "/p"}
 
 
