@@ -3,6 +3,7 @@
 
 use serde_json::{Map, Value};
 
+pub(crate) mod preference;
 pub(crate) mod turn;
 pub(crate) mod xtuner;
 
@@ -52,6 +53,9 @@ pub enum Format {
     Sql,
     /// LLaVA `{"image"?, "conversations": [{"from", "value"}]}`: text part, `<image>` placeholder.
     Llava,
+    /// Preference pairs: `prompt`?, `chosen`, `rejected` (TRL's forms, see
+    /// [`preference`]); each record becomes two adjacent samples packed as one unit.
+    Preference,
 }
 
 impl Format {
@@ -77,6 +81,7 @@ impl Format {
         "crime_kg_assitant",
         "sql",
         "llava",
+        "preference",
     ];
 
     /// Parse a `--format` value.
@@ -105,6 +110,7 @@ impl Format {
             }
             "sql" => Format::Sql,
             "llava" => Format::Llava,
+            "preference" | "dpo" => Format::Preference,
             _ => return None,
         })
     }
@@ -132,6 +138,7 @@ impl Format {
             Format::CrimeKgAssitant => "crime_kg_assitant",
             Format::Sql => "sql",
             Format::Llava => "llava",
+            Format::Preference => "preference",
         }
     }
 
@@ -142,7 +149,9 @@ impl Format {
         // Most specific key sets first; formats that share their columns with another
         // (medical = alpaca's, crime_kg_assitant = default's, oasst1 = pretrain's `text`)
         // are only chosen by name.
-        Some(if has(&["conversation"]) {
+        Some(if has(&["chosen", "rejected"]) {
+            Format::Preference
+        } else if has(&["conversation"]) {
             Format::Conversation
         } else if has(&["messages"]) {
             Format::OpenAi
@@ -209,6 +218,10 @@ impl Format {
             Format::CrimeKgAssitant => x::crime_kg_assitant(obj),
             Format::Sql => x::sql(obj),
             Format::Llava => x::llava(obj),
+            Format::Preference => Err(
+                "a preference record is two samples, not one conversation (encoded as a pair)"
+                    .into(),
+            ),
             Format::Pretrain => {
                 let text = req_str(obj, "text", "")?;
                 let mut t = Turn::new(String::new(), String::new(), py_strip(text).to_string());

@@ -2,11 +2,12 @@
 //! ([`binpack`] with the seeded [`rng`]), write and commit the packed directory ([`write`]),
 //! or save and merge the parts of a sharded run ([`shard`]); [`fingerprint`] names what
 //! determines the bytes and [`stats`] what a run reports; [`mix`] chooses the samples of
-//! sources mixed by ratio.
+//! sources mixed by ratio; [`pair`] fits a preference pair into one pack.
 
 pub(crate) mod binpack;
 pub(crate) mod fingerprint;
 pub(crate) mod mix;
+pub(crate) mod pair;
 pub(crate) mod rng;
 pub(crate) mod shard;
 pub(crate) mod stage;

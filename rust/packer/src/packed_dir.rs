@@ -2,4 +2,5 @@
 
 pub(crate) mod atomic;
 pub(crate) mod layout;
+pub(crate) mod pairs;
 pub(crate) mod verify;

@@ -21,7 +21,9 @@
 //! Part directory: `stage_ids.tmp` (`<u4`), `stage_mask.tmp` (`u1`), `part_samples.bin`
 //! (`<u4` length, `<u4` global file index, `<u8` record; 16 bytes per sample) and
 //! `part.json` (shard, counts, statistics, the files it read and their entries, the run's
-//! header).
+//! header, and for preference pairs `pair_starts`: the part-local index of each pair's chosen
+//! sample, its rejected sample being the next). A record is one unit of a shard, so a pair
+//! is never split between parts.
 
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -30,7 +32,9 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::pack::stage::{Part, StagedSample, STAGE_IDS, STAGE_MASK};
+use crate::pack::stage::{
+    Part, StagedSample, ROLE_CHOSEN, ROLE_NONE, ROLE_REJECTED, STAGE_IDS, STAGE_MASK,
+};
 use crate::pack::stats::{PackStats, Progress};
 use crate::pack::write::{finish, Header};
 use crate::packed_dir::atomic::{HashedWriter, StagingDir};
@@ -67,7 +71,7 @@ pub(crate) fn save(
     let mut stats = part.stats;
     stats.samples = part.samples.len() as u64;
     stats.tokens = part.tokens;
-    let doc = json!({
+    let mut doc = json!({
         "kind": KIND,
         "shard": i,
         "num_shards": n,
@@ -82,6 +86,13 @@ pub(crate) fn save(
         "file_table": part.file_table,
         "images": part.images,
     });
+    let pair_starts: Vec<usize> = (part.samples.iter().enumerate())
+        .filter(|(_, s)| s.role == ROLE_CHOSEN)
+        .map(|(k, _)| k)
+        .collect();
+    if !pair_starts.is_empty() {
+        doc["pair_starts"] = json!(pair_starts);
+    }
     let p = staging.dir.join(PART_JSON);
     let mut f = std::fs::File::create(&p).map_err(|e| Error::io(&p, e))?;
     f.write_all(doc.to_string().as_bytes())
@@ -145,6 +156,7 @@ fn load(dir: &Path) -> Result<Loaded> {
             len,
             file,
             record,
+            role: ROLE_NONE,
         });
         offset += len as u64;
     }
@@ -163,6 +175,16 @@ fn load(dir: &Path) -> Result<Loaded> {
                     width * offset
                 ),
             ));
+        }
+    }
+    for v in doc["pair_starts"].as_array().map_or(&[][..], Vec::as_slice) {
+        let k = v.as_u64().map(|k| k as usize);
+        match k.filter(|&k| k + 1 < samples.len()) {
+            Some(k) => {
+                samples[k].role = ROLE_CHOSEN;
+                samples[k + 1].role = ROLE_REJECTED;
+            }
+            None => return Err(corrupt(&p, format!("bad pair start {v}"))),
         }
     }
     let stats: PackStats = serde_json::from_value(doc["stats"].clone())

@@ -9,10 +9,12 @@ use serde_json::{json, Value};
 
 use crate::config::PackConfig;
 use crate::error::{Error, Result};
+use crate::format::preference::pair_records;
 use crate::format::xtuner::{llava_image, Columns};
 use crate::format::Format;
 use crate::input::InputFile;
 use crate::pack::fingerprint::{file_entry, pretok_entry};
+use crate::pack::pair::{fit_pair, PairFit};
 use crate::pack::stats::{PackStats, Progress};
 use crate::packed_dir::atomic::HashedWriter;
 use crate::source::pretokenized::{self, is_pretokenized, PretokFile};
@@ -51,9 +53,24 @@ enum RecordFault {
     Shape(String),
 }
 
-/// What one record became: (sample, tokens before truncation, image path) or None when the
-/// format maps it to no conversation.
-type Encodedrecord = Option<(Encoded, u64, Option<String>)>;
+/// What one record became: None when the format maps it to no conversation.
+type Encodedrecord = Option<RecordOut>;
+
+/// A record's samples.
+enum RecordOut {
+    /// One sample: (sample, tokens before truncation, image path).
+    Sample(Encoded, u64, Option<String>),
+    /// A preference pair: chosen and rejected, each encoded whole (not yet fitted).
+    Pair(Encoded, Encoded),
+}
+
+/// Role of a staged sample: SFT samples have none; a pair's two samples are staged adjacent,
+/// chosen first.
+pub(crate) const ROLE_NONE: u8 = 0;
+/// The chosen side of a pair.
+pub(crate) const ROLE_CHOSEN: u8 = 1;
+/// The rejected side of a pair (always right after its chosen sample).
+pub(crate) const ROLE_REJECTED: u8 = 2;
 
 /// Everything the encoders share.
 pub(crate) struct Run<'a> {
@@ -142,12 +159,24 @@ impl Run<'_> {
         value: Value,
         format: Format,
     ) -> std::result::Result<Encodedrecord, RecordFault> {
+        if format == Format::Preference {
+            return self.encode_pair(&value).map(Some);
+        }
+        self.encode_sample(value, format, self.cfg.max_length)
+    }
+
+    /// One SFT sample, truncated to `max_length`.
+    fn encode_sample(
+        &self,
+        value: Value,
+        format: Format,
+        max_length: usize,
+    ) -> std::result::Result<Encodedrecord, RecordFault> {
         let image = if format == Format::Llava {
             llava_image(&value).map_err(RecordFault::Shape)?
         } else {
             None
         };
-        let max_length = self.cfg.max_length;
         // Pretraining text is never wrapped in a prompt template (XTuner's pretrain configs
         // set template_map_fn=None), so one --template serves a mixed directory.
         let templating = if format == Format::Pretrain {
@@ -190,7 +219,25 @@ impl Run<'_> {
             }
         };
         let raw_len = enc.ids.len() as u64 + enc.truncated;
-        Ok(Some((enc, raw_len, image)))
+        Ok(Some(RecordOut::Sample(enc, raw_len, image)))
+    }
+
+    /// Encode both sides of a preference record whole, each as an `openai` conversation
+    /// (prompt untrained, completion trained) with the run's template; the fit to
+    /// `max_length` is the stager's.
+    fn encode_pair(&self, value: &Value) -> std::result::Result<RecordOut, RecordFault> {
+        let obj = value.as_object().ok_or_else(|| {
+            RecordFault::Shape("a preference record must be a JSON object".into())
+        })?;
+        let sides = pair_records(obj).map_err(RecordFault::Shape)?;
+        let side = |record: &Value| -> std::result::Result<Encoded, RecordFault> {
+            let out = match self.encode_sample(record.clone(), Format::OpenAi, usize::MAX)? {
+                Some(RecordOut::Sample(enc, _, _)) => enc,
+                _ => Encoded::default(),
+            };
+            Ok(out)
+        };
+        Ok(RecordOut::Pair(side(&sides.chosen)?, side(&sides.rejected)?))
     }
 }
 
@@ -207,6 +254,8 @@ pub(crate) struct StagedSample {
     pub file: u32,
     /// Record index in the source file.
     pub record: u64,
+    /// [`ROLE_NONE`], [`ROLE_CHOSEN`] or [`ROLE_REJECTED`].
+    pub role: u8,
 }
 
 /// The encoded samples of a range of input files, staged in `dir`.
@@ -277,6 +326,7 @@ impl Stager {
             len: enc.ids.len() as u32,
             file: file as u32,
             record,
+            role: ROLE_NONE,
         });
         self.part.tokens += enc.ids.len() as u64;
         Ok(())
@@ -304,6 +354,45 @@ impl Stager {
         }
         stats.loss_tokens += trained;
         self.stage(&enc, file, record, image)
+    }
+
+    /// Fit a pair into `max_length`, count what was cut or dropped, and stage its two
+    /// samples adjacent (chosen, then rejected).
+    fn take_pair(
+        &mut self,
+        chosen: Encoded,
+        rejected: Encoded,
+        max_length: usize,
+        file: usize,
+        record: u64,
+    ) -> Result<()> {
+        let fit = fit_pair(chosen, rejected, max_length);
+        let stats = &mut self.part.stats;
+        let (PairFit::Keep(c, r) | PairFit::Drop(c, r)) = &fit;
+        if c.truncated + r.truncated > 0 {
+            stats.truncated_pairs += 1;
+        }
+        for e in [c, r] {
+            if e.truncated > 0 {
+                stats.truncated_samples += 1;
+                stats.truncated_tokens += e.truncated;
+            }
+        }
+        let PairFit::Keep(c, r) = fit else {
+            stats.dropped_pairs += 1;
+            stats.dropped_samples += 2;
+            stats.dropped_tokens += (c.ids.len() + r.ids.len()) as u64;
+            return Ok(());
+        };
+        stats.pairs += 1;
+        stats.loss_tokens += (c.trained() + r.trained()) as u64;
+        for (e, role) in [(&c, ROLE_CHOSEN), (&r, ROLE_REJECTED)] {
+            self.stage(e, file, record, None)?;
+            if let Some(s) = self.part.samples.last_mut() {
+                s.role = role;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -522,7 +611,12 @@ fn encode_json_file(
         });
         for (rec, res) in batch.iter().zip(results) {
             match res {
-                Ok(Some((enc, raw_len, image))) => st.take(enc, raw_len, fi, rec.index, image)?,
+                Ok(Some(RecordOut::Sample(enc, raw_len, image))) => {
+                    st.take(enc, raw_len, fi, rec.index, image)?
+                }
+                Ok(Some(RecordOut::Pair(c, r))) => {
+                    st.take_pair(c, r, cfg.max_length, fi, rec.index)?
+                }
                 Ok(None) => st.part.stats.dropped_samples += 1,
                 Err(fault) => {
                     st.part.stats.skipped_records += 1;

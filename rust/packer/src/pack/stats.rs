@@ -49,6 +49,16 @@ pub struct PackStats {
     pub write_seconds: f64,
     /// Fingerprint of the output.
     pub fingerprint: String,
+    /// Preference pairs written (each is two samples: chosen, rejected); 0 without pairs.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pairs: u64,
+    /// Pairs cut to fit `max_length` (their cut samples count in `truncated_samples`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub truncated_pairs: u64,
+    /// Pairs dropped: prompts too long to leave a trained token on each side, or a side that
+    /// trains nothing; each also counts 2 in `dropped_samples`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped_pairs: u64,
     /// Per-source figures of a mix (empty without one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mix: Vec<crate::pack::mix::MixSourceStats>,
@@ -63,4 +73,10 @@ pub struct Progress<'a> {
     pub done: u64,
     /// Units in all.
     pub total: u64,
+}
+
+/// Pair counts are absent from the statistics of packs without pairs, so those keep their
+/// meta.json byte for byte.
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

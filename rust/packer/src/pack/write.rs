@@ -14,7 +14,10 @@ use crate::error::{Error, Result};
 use crate::pack::binpack::plan_packs;
 use crate::pack::fingerprint::hash_value;
 use crate::pack::mix::{self, MixRule, MixSourceStats};
-use crate::pack::stage::{Part, StagedSample, MAX_SKIP_EXAMPLES, STAGE_IDS, STAGE_MASK};
+use crate::pack::stage::{
+    Part, StagedSample, MAX_SKIP_EXAMPLES, ROLE_CHOSEN, ROLE_NONE, ROLE_REJECTED, STAGE_IDS,
+    STAGE_MASK,
+};
 use crate::pack::stats::{PackStats, Progress};
 use crate::packed_dir::atomic::{HashedWriter, StagingDir};
 use crate::packed_dir::layout;
@@ -69,6 +72,9 @@ pub(crate) fn finish(
         stats.dropped_tokens += p.dropped_tokens;
         stats.skipped_records += p.skipped_records;
         stats.skipped_files += p.skipped_files;
+        stats.pairs += p.pairs;
+        stats.truncated_pairs += p.truncated_pairs;
+        stats.dropped_pairs += p.dropped_pairs;
         for m in &p.skipped_examples {
             if stats.skipped_examples.len() < MAX_SKIP_EXAMPLES {
                 stats.skipped_examples.push(m.clone());
@@ -85,6 +91,14 @@ pub(crate) fn finish(
         });
     }
 
+    let pairs = pair_starts(&staged, &file_table)?;
+    if pairs.is_some() && !header.mix.is_empty() {
+        return Err(Error::Config(
+            "a mix (weight / max_samples) of preference pairs is not supported yet: pack the \
+             pairs without a mix"
+                .into(),
+        ));
+    }
     let mixed = (!header.mix.is_empty()).then(|| apply_mix(header, &mut staged, &mut images));
     if staged.is_empty() {
         return Err(Error::NoTrainableSamples {
@@ -99,8 +113,11 @@ pub(crate) fn finish(
     };
 
     let lengths: Vec<u32> = staged.iter().map(|s| s.len).collect();
-    let packs =
-        plan_packs(&lengths, header.max_length as u32, header.seed).map_err(Error::Internal)?;
+    let packs = match &pairs {
+        None => plan_packs(&lengths, header.max_length as u32, header.seed),
+        Some(starts) => plan_pair_packs(&lengths, starts, header.max_length as u32, header.seed),
+    }
+    .map_err(Error::Internal)?;
     let part_dirs: Vec<&Path> = parts.iter().map(|p| p.dir.as_path()).collect();
     let mut loss_of = mixed.as_ref().map(|_| vec![0u32; staged.len()]);
     let mut outputs = write_packed(
@@ -122,6 +139,18 @@ pub(crate) fn finish(
                 std::fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
             }
         }
+    }
+    if let Some(starts) = &pairs {
+        let mut w = HashedWriter::create(staging.dir.join(layout::PAIRS))?;
+        for (id, &k) in starts.iter().enumerate() {
+            w.write_i64s(&[id as i64, 0, id as i64, 1])?;
+            debug_assert_eq!(staged[k as usize + 1].role, ROLE_REJECTED);
+        }
+        let (size, hash) = w.finish()?;
+        outputs.insert(
+            layout::PAIRS.to_string(),
+            json!({"size": size, "blake3": hash}),
+        );
     }
     if !images.is_empty() {
         let p = staging.dir.join(layout::IMAGES);
@@ -181,6 +210,64 @@ pub(crate) fn finish(
     stats.seconds = start.elapsed().as_secs_f64();
     stats.tokens_per_second = tokens as f64 / stats.seconds.max(1e-9);
     Ok(stats)
+}
+
+/// The staged index of each pair's chosen sample (its rejected sample is the next), or None
+/// when the run has no pairs. Pair and SFT records in one run are refused: a trainer reads a
+/// directory as one or the other.
+fn pair_starts(staged: &[StagedSample], file_table: &[Value]) -> Result<Option<Vec<u32>>> {
+    let Some(first) = staged.iter().position(|s| s.role != ROLE_NONE) else {
+        return Ok(None);
+    };
+    if let Some(s) = staged.iter().find(|s| s.role == ROLE_NONE) {
+        let name = |f: u32| file_table.get(f as usize).map_or("?".into(), |v| v["name"].to_string());
+        return Err(Error::Config(format!(
+            "preference pairs (from {}) and single samples (from {}, record {}) in one run: pack \
+             them into separate directories",
+            name(staged[first].file),
+            name(s.file),
+            s.record
+        )));
+    }
+    let mut starts = Vec::with_capacity(staged.len() / 2);
+    for (k, pair) in staged.chunks(2).enumerate() {
+        match pair {
+            [c, r] if c.role == ROLE_CHOSEN && r.role == ROLE_REJECTED => {
+                starts.push(2 * k as u32)
+            }
+            _ => {
+                return Err(Error::Internal(format!(
+                    "staged sample {} is not the chosen side of a pair",
+                    2 * k
+                )))
+            }
+        }
+    }
+    Ok(Some(starts))
+}
+
+/// Plan packs with a pair as the unit: best-fit decreasing on each pair's total length (as
+/// [`plan_packs`] does for samples, seeded alike), then each pair expanded to its chosen and
+/// rejected samples, adjacent and in that order.
+fn plan_pair_packs(
+    lengths: &[u32],
+    starts: &[u32],
+    capacity: u32,
+    seed: u64,
+) -> std::result::Result<Vec<Vec<u32>>, String> {
+    let pair_len: Vec<u32> = starts
+        .iter()
+        .map(|&k| lengths[k as usize] + lengths[k as usize + 1])
+        .collect();
+    let packs = plan_packs(&pair_len, capacity, seed)?;
+    Ok(packs
+        .into_iter()
+        .map(|p| {
+            p.into_iter()
+                .flat_map(|i| [starts[i as usize], starts[i as usize] + 1])
+                .collect()
+        })
+        .collect())
 }
 
 /// Statistics as stored in meta.json: without wall-clock figures, so the directory's bytes

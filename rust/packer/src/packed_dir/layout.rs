@@ -18,7 +18,10 @@ pub const META: &str = "meta.json";
 /// LLaVA side table (only when some sample has an image): `{"image_token_id", "samples":
 /// [[sample, image path], ...]}`.
 pub const IMAGES: &str = "images.json";
-/// The binary files, in the order they are written.
+/// Preference pairs only (absent otherwise): per sample in sample order, `<i8` (N, 2) rows
+/// (pair id, role: 0 chosen, 1 rejected); listed in meta.json `outputs` when written.
+pub const PAIRS: &str = "pairs.bin";
+/// The binary files every packed directory has, in the order they are written.
 pub const BINARY_FILES: &[&str] = &[INPUT_IDS, LOSS_MASK, SAMPLES, PACKS, PACK_SAMPLES];
 /// Each binary file's element type (NumPy notation) and row width (1 = a flat array).
 pub const BINARY_LAYOUT: &[(&str, &str, usize)] = &[
@@ -28,3 +31,6 @@ pub const BINARY_LAYOUT: &[(&str, &str, usize)] = &[
     (PACKS, "<i8", 2),
     (PACK_SAMPLES, "<i8", 1),
 ];
+/// Files only some directories have (listed in meta.json `outputs` when written): element
+/// type and row width, as in [`BINARY_LAYOUT`].
+pub const OPTIONAL_LAYOUT: &[(&str, &str, usize)] = &[(PAIRS, "<i8", 2)];

@@ -107,7 +107,9 @@ pub fn verify(dir: &Path) -> Result<Value> {
         num("max_length")?,
     );
     let mut data = std::collections::HashMap::new();
-    for name in layout::BINARY_FILES {
+    let has_pairs = meta["outputs"].get(layout::PAIRS).is_some();
+    let optional = has_pairs.then_some(layout::PAIRS);
+    for name in layout::BINARY_FILES.iter().chain(optional.as_ref()) {
         let p = dir.join(name);
         let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
         let listed = &meta["outputs"][*name];
@@ -247,9 +249,21 @@ pub fn verify(dir: &Path) -> Result<Value> {
             format!("sample {s} is in no pack"),
         ));
     }
-    Ok(json!({
-        "ok": true, "files": layout::BINARY_FILES.len() + 1, "tokens": n_tok, "samples": n_samp,
+    let n_pairs = match data.get(layout::PAIRS) {
+        Some(bytes) => Some(crate::packed_dir::pairs::check_pairs(
+            &p_of(layout::PAIRS),
+            &i64s(bytes),
+            &samples,
+        )?),
+        None => None,
+    };
+    let mut out = json!({
+        "ok": true, "files": layout::BINARY_FILES.len() + 1 + n_pairs.is_some() as usize, "tokens": n_tok, "samples": n_samp,
         "packs": n_pack, "max_pack_tokens": max_pack,
         "split_samples": split.count,
-    }))
+    });
+    if let Some(n) = n_pairs {
+        out["pairs"] = json!(n);
+    }
+    Ok(out)
 }
