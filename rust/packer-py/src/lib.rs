@@ -345,7 +345,8 @@ fn engine_facts(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
             )
         })
         .collect();
-    let optional: serde_json::Map<String, serde_json::Value> = (packer::facts::OPTIONAL_LAYOUT.iter())
+    let optional: serde_json::Map<String, serde_json::Value> = packer::facts::OPTIONAL_LAYOUT
+        .iter()
         .map(|(n, d, w)| (n.to_string(), serde_json::json!({"dtype": d, "width": w})))
         .collect();
     let facts = serde_json::json!({

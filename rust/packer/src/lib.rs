@@ -39,8 +39,8 @@ pub mod facts {
     pub use crate::format::Format;
     pub use crate::input::DATA_EXTENSIONS;
     pub use crate::packed_dir::layout::{
-        BINARY_FILES, BINARY_LAYOUT, FORMAT_VERSION, IMAGES, INPUT_IDS, LOSS_MASK, META, PACKS,
-        OPTIONAL_LAYOUT, PACK_SAMPLES, PAIRS, SAMPLES,
+        BINARY_FILES, BINARY_LAYOUT, FORMAT_VERSION, IMAGES, INPUT_IDS, LOSS_MASK, META,
+        OPTIONAL_LAYOUT, PACKS, PACK_SAMPLES, PAIRS, SAMPLES,
     };
     pub use crate::template::encode::IMAGE_TOKEN_ID;
     pub use crate::template::{by_name as template_by_name, Template, TEMPLATES};

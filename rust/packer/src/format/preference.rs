@@ -180,8 +180,10 @@ mod tests {
 
     #[test]
     fn standard_strings_with_system() {
-        let p = pair_records(&obj(json!({"system": "S", "prompt": "q", "chosen": "a", "rejected": "b"})))
-            .unwrap();
+        let p = pair_records(&obj(
+            json!({"system": "S", "prompt": "q", "chosen": "a", "rejected": "b"}),
+        ))
+        .unwrap();
         assert_eq!(
             p.chosen,
             json!({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q"},
@@ -197,20 +199,27 @@ mod tests {
             "rejected": [turn("user", "q"), turn("assistant", "a"), turn("user", "q2"), turn("assistant", "no")]})))
         .unwrap();
         let m = p.rejected["messages"].as_array().unwrap();
-        assert_eq!((m.len(), &m[1]["loss"], &m[3]["content"]), (4, &json!(false), &json!("no")));
+        assert_eq!(
+            (m.len(), &m[1]["loss"], &m[3]["content"]),
+            (4, &json!(false), &json!("no"))
+        );
         // strings: TRL's rule gives the space before the parting word to the completions
         let p = pair_records(&obj(json!({
             "chosen": "\n\nHuman: hi\n\nAssistant: hello there",
             "rejected": "\n\nHuman: hi\n\nAssistant: go away"})))
         .unwrap();
-        assert_eq!(p.chosen["messages"][0]["content"], "\n\nHuman: hi\n\nAssistant:");
+        assert_eq!(
+            p.chosen["messages"][0]["content"],
+            "\n\nHuman: hi\n\nAssistant:"
+        );
         assert_eq!(p.chosen["messages"][1]["content"], " hello there");
         assert_eq!(p.rejected["messages"][1]["content"], " go away");
     }
 
     #[test]
     fn bad_shapes_name_the_field() {
-        let e = pair_records(&obj(json!({"prompt": "q", "chosen": 3, "rejected": "b"}))).unwrap_err();
+        let e =
+            pair_records(&obj(json!({"prompt": "q", "chosen": 3, "rejected": "b"}))).unwrap_err();
         assert!(e.contains("\"chosen\"") && e.contains("a number"), "{e}");
         let e = pair_records(&obj(json!({"prompt": "q", "chosen": "a"}))).unwrap_err();
         assert!(e.contains("missing \"rejected\""), "{e}");

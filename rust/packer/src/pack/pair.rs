@@ -80,16 +80,28 @@ mod tests {
 
     #[test]
     fn a_pair_that_fits_is_untouched() {
-        assert_eq!(lens(&fit_pair(enc(3, 4), enc(3, 5), 15)), (7, 8, 0, 0, true));
+        assert_eq!(
+            lens(&fit_pair(enc(3, 4), enc(3, 5), 15)),
+            (7, 8, 0, 0, true)
+        );
     }
 
     #[test]
     fn the_longer_completion_is_cut_first_and_prompts_stay_whole() {
         // budget 20 - 6 = 14: chosen keeps its 4, rejected 10 of 30
-        assert_eq!(lens(&fit_pair(enc(3, 4), enc(3, 30), 20)), (7, 13, 0, 20, true));
-        assert_eq!(lens(&fit_pair(enc(3, 30), enc(3, 4), 20)), (13, 7, 20, 0, true));
+        assert_eq!(
+            lens(&fit_pair(enc(3, 4), enc(3, 30), 20)),
+            (7, 13, 0, 20, true)
+        );
+        assert_eq!(
+            lens(&fit_pair(enc(3, 30), enc(3, 4), 20)),
+            (13, 7, 20, 0, true)
+        );
         // both long: budget 15 split 8 / 7
-        assert_eq!(lens(&fit_pair(enc(3, 30), enc(3, 40), 21)), (11, 10, 22, 33, true));
+        assert_eq!(
+            lens(&fit_pair(enc(3, 30), enc(3, 40), 21)),
+            (11, 10, 22, 33, true)
+        );
         if let PairFit::Keep(c, _) = fit_pair(enc(3, 30), enc(3, 40), 21) {
             assert_eq!(&c.mask[..3], &[0, 0, 0]);
         }
@@ -98,11 +110,20 @@ mod tests {
     #[test]
     fn prompts_too_long_or_nothing_trained_drop_the_pair() {
         // two prompts of 5 leave 1 token for two completions
-        assert_eq!(lens(&fit_pair(enc(5, 4), enc(5, 4), 11)), (9, 9, 0, 0, false));
+        assert_eq!(
+            lens(&fit_pair(enc(5, 4), enc(5, 4), 11)),
+            (9, 9, 0, 0, false)
+        );
         // exactly one token each: kept
-        assert_eq!(lens(&fit_pair(enc(5, 4), enc(5, 4), 12)), (6, 6, 3, 3, true));
+        assert_eq!(
+            lens(&fit_pair(enc(5, 4), enc(5, 4), 12)),
+            (6, 6, 3, 3, true)
+        );
         // a side with no trained token at all
-        assert!(matches!(fit_pair(enc(3, 0), enc(3, 2), 100), PairFit::Drop(..)));
+        assert!(matches!(
+            fit_pair(enc(3, 0), enc(3, 2), 100),
+            PairFit::Drop(..)
+        ));
     }
 
     #[test]

@@ -237,7 +237,10 @@ impl Run<'_> {
             };
             Ok(out)
         };
-        Ok(RecordOut::Pair(side(&sides.chosen)?, side(&sides.rejected)?))
+        Ok(RecordOut::Pair(
+            side(&sides.chosen)?,
+            side(&sides.rejected)?,
+        ))
     }
 }
 

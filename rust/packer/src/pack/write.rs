@@ -220,7 +220,11 @@ fn pair_starts(staged: &[StagedSample], file_table: &[Value]) -> Result<Option<V
         return Ok(None);
     };
     if let Some(s) = staged.iter().find(|s| s.role == ROLE_NONE) {
-        let name = |f: u32| file_table.get(f as usize).map_or("?".into(), |v| v["name"].to_string());
+        let name = |f: u32| {
+            file_table
+                .get(f as usize)
+                .map_or("?".into(), |v| v["name"].to_string())
+        };
         return Err(Error::Config(format!(
             "preference pairs (from {}) and single samples (from {}, record {}) in one run: pack \
              them into separate directories",
@@ -232,9 +236,7 @@ fn pair_starts(staged: &[StagedSample], file_table: &[Value]) -> Result<Option<V
     let mut starts = Vec::with_capacity(staged.len() / 2);
     for (k, pair) in staged.chunks(2).enumerate() {
         match pair {
-            [c, r] if c.role == ROLE_CHOSEN && r.role == ROLE_REJECTED => {
-                starts.push(2 * k as u32)
-            }
+            [c, r] if c.role == ROLE_CHOSEN && r.role == ROLE_REJECTED => starts.push(2 * k as u32),
             _ => {
                 return Err(Error::Internal(format!(
                     "staged sample {} is not the chosen side of a pair",

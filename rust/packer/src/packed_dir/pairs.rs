@@ -28,13 +28,17 @@ pub(crate) fn check_pairs(path: &Path, pairs: &[i64], samples: &[i64]) -> Result
         let (id, role) = (pairs[2 * s], pairs[2 * s + 1]);
         let slot = usize::try_from(id).ok().filter(|&i| i < n_pairs);
         let Some(i) = slot else {
-            return Err(corrupt(format!("sample {s}: pair id {id} outside 0..{n_pairs}")));
+            return Err(corrupt(format!(
+                "sample {s}: pair id {id} outside 0..{n_pairs}"
+            )));
         };
         match role {
             0 if chosen[i].is_none() => chosen[i] = Some(s),
             1 if !rejected[i] => {
                 let Some(c) = chosen[i] else {
-                    return Err(corrupt(format!("pair {i}: rejected sample {s} before its chosen")));
+                    return Err(corrupt(format!(
+                        "pair {i}: rejected sample {s} before its chosen"
+                    )));
                 };
                 let (cr, rr) = (&samples[5 * c..5 * c + 5], &samples[5 * s..5 * s + 5]);
                 if cr[2] != rr[2] || cr[0] + cr[1] != rr[0] {
