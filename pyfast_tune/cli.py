@@ -269,6 +269,7 @@ _FORMAT_EXAMPLES = {
     "sql": '{"context": "CREATE TABLE t (a INT)", "question": "Count rows", "answer": "SELECT ..."}',
     "llava": '{"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\\nWhat?"}, '
     '{"from": "gpt", "value": "A cat."}]} (<image> -> id -200; images.json)',
+    "preference": '{"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"} (TRL forms; pairs.bin)',
     ".bin": 'pre-tokenized InternEVO: X.bin lines {"tokens": [1, -2, ...]} + X.bin.meta '
     "(np.save N×2 offset, count); --file-type .bin",
 }

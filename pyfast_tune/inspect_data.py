@@ -122,8 +122,19 @@ def trained_spans(labels: np.ndarray) -> list[tuple[int, int, bool]]:
 def render_sample(
     ds: PackedDataset, j: int, tokenizer: str | os.PathLike | None = None, color: bool = False
 ) -> str:
-    """Sample ``j`` decoded (special tokens kept), trained spans between ⟦ ⟧ (or green)."""
+    """Sample ``j`` decoded (special tokens kept), trained spans between ⟦ ⟧ (or green). In a
+    preference pack, both sides of ``j``'s pair: chosen, then rejected, each marked."""
     tok = _tokenizer(ds, tokenizer)
+    s = ds.sample(j)
+    if "pair" not in s:
+        return _render_one(ds, tok, j, color)
+    # The partner comes from pairs.bin, never from the sample index's parity.
+    members = np.flatnonzero(np.asarray(ds.pairs[:, 0]) == s["pair"])
+    by_role = sorted(members.tolist(), key=lambda k: int(ds.pairs[k, 1]))
+    return f"pair {s['pair']}:\n" + "\n".join(_render_one(ds, tok, k, color) for k in by_role)
+
+
+def _render_one(ds: PackedDataset, tok: Any, j: int, color: bool) -> str:
     s = ds.sample(j)
     ids, labels = s["input_ids"], s["labels"]
     parts = []
@@ -142,8 +153,9 @@ def render_sample(
             text = f"{_GREEN}{text}{_RESET}" if color else f"{TRAINED_OPEN}{text}{TRAINED_CLOSE}"
         parts.append(text)
     file, record = s["source"]
+    role = f"{s['role']} " if "role" in s else ""
     head = (
-        f"sample {j} ({file} record {record}): {len(ids)} tokens, "
+        f"{role}sample {j} ({file} record {record}): {len(ids)} tokens, "
         f"{int(np.count_nonzero(labels != -100))} trained"
     )
     return head + "\n" + "".join(parts)

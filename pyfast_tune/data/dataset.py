@@ -14,6 +14,7 @@ from pyfast_tune import _packer
 from pyfast_tune.data.catalog import tokenizer_hash
 from pyfast_tune.data.errors import CorruptDataError, FingerprintMismatch
 from pyfast_tune.data.facts import (
+    _FACTS,
     BINARY_LAYOUT,
     FORMAT_VERSION,
     IGNORE_INDEX,
@@ -120,14 +121,33 @@ class PackedDataset:
         self.packs = self._map("packs.bin", shapes)
         self.pack_samples = self._map("pack_samples.bin", shapes)
         self.files = [f["name"] for f in self.meta["files"]]
+        # Preference packs: (pair id, role: 0 chosen, 1 rejected) per sample; None otherwise.
+        self.pairs: np.ndarray | None = None
+        if "pairs.bin" in self.meta.get("outputs", {}):
+            self.pairs = self._map_optional("pairs.bin")
         images = self.path / "images.json"
         self.images: dict[int, str] = {}
         if images.is_file():
             # LLaVA: sample -> image path; <image> positions hold IMAGE_TOKEN_INDEX (-200).
             self.images = {int(j): p for j, p in json.loads(images.read_text())["samples"]}
 
-    def _map(self, name: str, shapes: dict[str, tuple[int, ...]]) -> np.ndarray:
-        dtype, shape = BINARY_LAYOUT[name][0], shapes[name]
+    def _map_optional(self, name: str) -> np.ndarray:
+        spec = _FACTS["optional_files"][name]
+        dtype, width = spec["dtype"], spec["width"]
+        f = self.path / name
+        size = np.dtype(dtype).itemsize * width * self.num_samples
+        actual = f.stat().st_size if f.is_file() else None
+        if actual != size or self.meta["outputs"][name].get("size") != size:
+            raise CorruptDataError(
+                f"{f}: {actual} bytes, expected {size} (one row per sample): missing, "
+                "truncated or foreign file"
+            )
+        return self._map(name, {name: (self.num_samples, width)}, dtype)
+
+    def _map(
+        self, name: str, shapes: dict[str, tuple[int, ...]], dtype: str | None = None
+    ) -> np.ndarray:
+        dtype, shape = dtype or BINARY_LAYOUT[name][0], shapes[name]
         if 0 in shape:
             return np.zeros(shape, dtype=dtype)
         return np.memmap(self.path / name, dtype=dtype, mode="r", shape=shape)
@@ -194,7 +214,8 @@ class PackedDataset:
         return packed_row(ids, labels, self.samples[self.pack_samples[s0:s1], 1])
 
     def sample(self, j: int) -> dict[str, Any]:
-        """Sample ``j`` (input order): input_ids, labels, source=(file name, record index)."""
+        """Sample ``j`` (input order): input_ids, labels, source=(file name, record index);
+        in a preference pack also ``pair`` (pair id) and ``role`` ("chosen"/"rejected")."""
         j = self._index(j, self.num_samples, "sample")
         start, length, _pack, file, record = (int(x) for x in self.samples[j])
         ids = self._ids(start, start + length)
@@ -202,6 +223,9 @@ class PackedDataset:
         out = {"input_ids": ids, "labels": labels, "source": (self.files[file], record)}
         if self.images:
             out["image"] = self.images.get(j)
+        if self.pairs is not None:
+            pair, role = (int(x) for x in self.pairs[j])
+            out["pair"], out["role"] = pair, ("chosen", "rejected")[role]
         return out
 
     def _ids(self, a: int, b: int) -> np.ndarray:

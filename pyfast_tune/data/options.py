@@ -41,6 +41,12 @@ class PackStats:
     # Per source of a mix: name, weight, max_samples, available_samples, distinct_samples,
     # samples, tokens, loss_tokens, token_share (empty without a mix).
     mix: list[dict] = dataclasses.field(default_factory=list)
+    # Preference packs only: pairs written, pairs cut to fit, pairs dropped (each pair is two
+    # samples; a dropped pair counts 2 in dropped_samples). records = pairs + dropped_pairs
+    # + skipped_records there.
+    pairs: int = 0
+    truncated_pairs: int = 0
+    dropped_pairs: int = 0
 
     def summary(self) -> str:
         """One line: samples, tokens, packs, fill, truncated, dropped, skipped, time, rate."""
