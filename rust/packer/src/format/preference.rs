@@ -83,7 +83,7 @@ fn side(prompt: &[Value], completion: Vec<Value>) -> Value {
     let mut out = Vec::with_capacity(prompt.len() + completion.len());
     for m in prompt {
         let mut m = m.clone();
-        if let Some(o) = m.as_object_mut() {
+        if let Some(o) = m.as_object_mut().filter(|o| o["role"] == "assistant") {
             o.insert("loss".into(), Value::Bool(false));
         }
         out.push(m);

@@ -56,7 +56,7 @@ pub(crate) fn check_pairs(path: &Path, pairs: &[i64], samples: &[i64]) -> Result
             }
         }
     }
-    if n % 2 != 0 || rejected.iter().any(|&r| !r) {
+    if !n.is_multiple_of(2) || rejected.iter().any(|&r| !r) {
         return Err(corrupt("a pair lacks its rejected sample".into()));
     }
     Ok(n_pairs as u64)
