@@ -8,7 +8,7 @@ mod pack_common;
 use std::path::{Path, PathBuf};
 
 use pack_common::{bytes_of, no_progress, write_tokenizer, WORDS};
-use packer::{Error, PackConfig};
+use packer::{Error, MixSource, PackConfig};
 use serde_json::json;
 
 const MAX: usize = 48;
@@ -32,7 +32,11 @@ fn write_pairs(dir: &Path, n: u64) -> PathBuf {
     let mut text = String::new();
     for i in 0..n {
         let p = if i % 11 == 5 { 30 } else { 1 + i % 9 };
-        let (c, r) = if i % 7 == 3 { (40, 25) } else { (1 + i % 6, 1 + (i * 5) % 13) };
+        let (c, r) = if i % 7 == 3 {
+            (40, 25)
+        } else {
+            (1 + i % 6, 1 + (i * 5) % 13)
+        };
         let rec = json!({"prompt": words(p, &mut x), "chosen": words(c, &mut x),
                          "rejected": words(r, &mut x)});
         text.push_str(&rec.to_string());
@@ -96,7 +100,10 @@ fn pairs_are_adjacent_in_one_pack_and_counted() {
     let mask = std::fs::read(one.join("loss_mask.bin")).unwrap();
     assert_eq!(pairs.len() as u64, 2 * stats.samples);
     for k in 0..stats.pairs as usize {
-        let (c, r) = (&samples[10 * k..10 * k + 5], &samples[10 * k + 5..10 * k + 10]);
+        let (c, r) = (
+            &samples[10 * k..10 * k + 5],
+            &samples[10 * k + 5..10 * k + 10],
+        );
         assert_eq!(&pairs[4 * k..4 * k + 4], &[k as i64, 0, k as i64, 1]);
         assert_eq!(c[2], r[2], "pair {k} split across packs");
         assert_eq!(c[0] + c[1], r[0], "pair {k}: rejected right after chosen");
@@ -151,9 +158,11 @@ fn pairs_and_single_samples_in_one_run_are_refused() {
         "{\"conversation\": [{\"input\": \"red\", \"output\": \"cat\"}]}\n",
     )
     .unwrap();
-    let err = packer::pack(&config(&data, &tok, tmp.path().join("out")), &no_progress)
-        .unwrap_err();
-    assert!(matches!(err, Error::Config(ref m) if m.contains("sft.jsonl")), "{err}");
+    let err = packer::pack(&config(&data, &tok, tmp.path().join("out")), &no_progress).unwrap_err();
+    assert!(
+        matches!(err, Error::Config(ref m) if m.contains("sft.jsonl")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -161,12 +170,62 @@ fn sft_packs_have_no_pair_file() {
     let tmp = tempfile::tempdir().unwrap();
     let tok = write_tokenizer(tmp.path());
     let data = tmp.path().join("sft.jsonl");
-    std::fs::write(&data, "{\"conversation\": [{\"input\": \"red\", \"output\": \"cat\"}]}\n")
-        .unwrap();
+    std::fs::write(
+        &data,
+        "{\"conversation\": [{\"input\": \"red\", \"output\": \"cat\"}]}\n",
+    )
+    .unwrap();
     let out = tmp.path().join("out");
     let stats = packer::pack(&config(&data, &tok, out.clone()), &no_progress).unwrap();
     assert_eq!(stats.pairs, 0);
     assert!(!out.join("pairs.bin").exists());
     let meta = std::fs::read_to_string(out.join("meta.json")).unwrap();
     assert!(!meta.contains("pairs"), "{meta}");
+}
+
+#[test]
+fn a_mix_of_pairs_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = write_tokenizer(tmp.path());
+    let data = write_pairs(tmp.path(), 10);
+    let cfg = PackConfig {
+        inputs: vec![],
+        mix: vec![MixSource {
+            name: "pairs".into(),
+            inputs: vec![data.to_string_lossy().into_owned()],
+            format: None,
+            columns: None,
+            weight: 2.0,
+            max_samples: None,
+        }],
+        ..config(&data, &tok, tmp.path().join("out"))
+    };
+    let err = packer::pack(&cfg, &no_progress).unwrap_err();
+    assert!(
+        matches!(err, Error::Config(ref m) if m.contains("mix")),
+        "{err}"
+    );
+}
+
+#[test]
+fn verify_refuses_pairs_out_of_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = write_tokenizer(tmp.path());
+    let data = write_pairs(tmp.path(), 20);
+    let out = tmp.path().join("out");
+    packer::pack(&config(&data, &tok, out.clone()), &no_progress).unwrap();
+    // Swap the roles of pair 0 and refresh meta.json's size and hash: only the pair check
+    // can catch it.
+    let p = out.join("pairs.bin");
+    let mut rows = i64s(&p);
+    rows.swap(1, 3);
+    let bytes: Vec<u8> = rows.iter().flat_map(|x| x.to_le_bytes()).collect();
+    std::fs::write(&p, &bytes).unwrap();
+    let mp = out.join("meta.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mp).unwrap()).unwrap();
+    meta["outputs"]["pairs.bin"]["blake3"] = json!(blake3::hash(&bytes).to_hex().to_string());
+    std::fs::write(&mp, meta.to_string()).unwrap();
+    let err = packer::verify(&out).unwrap_err();
+    assert!(err.to_string().contains("pairs.bin"), "{err}");
 }
