@@ -159,8 +159,9 @@ def test_long_pairs_are_cut_or_dropped_and_counted(tmp_path, tiny_tokenizer):
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     max_length = 2 * len(tok.encode(long)) // 3
-    st = pack(data, tmp_path / "o", tokenizer=tiny_tokenizer, max_length=max_length,
-              template="qwen_chat")
+    st = pack(
+        data, tmp_path / "o", tokenizer=tiny_tokenizer, max_length=max_length, template="qwen_chat"
+    )
     assert (st.records, st.pairs, st.truncated_pairs, st.dropped_pairs) == (3, 2, 1, 1)
     assert (st.samples, st.truncated_samples, st.dropped_samples) == (4, 1, 2)
     ds = PackedDataset(tmp_path / "o")
