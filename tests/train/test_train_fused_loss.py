@@ -85,14 +85,23 @@ def test_fused_training_equals_logits_training(
     runs = {}
     for fused in (True, False):
         model = _model(tiny_tokenizer, tmp_path / f"m{fused}", tie, method)
+        start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         with caplog.at_level(logging.INFO, logger=loss_head.__name__):
             runs[fused] = (_train(model, ds, fused), model)
     assert "the LM head computes the loss" in caplog.text and "instead" not in caplog.text
     np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=2e-6)
     assert runs[True][0][-1] < runs[True][0][0]  # it trains
+    # The two runs' updates agree to rounding: measured against the size of each tensor's
+    # update (both start from the same weights), not against the weights, since a weight near
+    # zero may move by lr x a gradient whose last bits the two summation orders set apart
+    # (seen: 1.7e-6 on a k_proj entry, 2e-5 of that tensor's largest update).
     params = dict(runs[False][1].named_parameters())
-    for name, p in runs[True][1].named_parameters():
-        torch.testing.assert_close(p, params[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name, w0 in start.items():
+        fused_w, plain_w = dict(runs[True][1].named_parameters())[name], params[name]
+        step = (plain_w - w0).abs().max().item()
+        assert step > 0, f"{name} did not train"
+        diff = (fused_w - plain_w).abs().max().item()
+        assert diff <= 1e-3 * step, f"{name}: updates differ by {diff:.2e} (largest {step:.2e})"
 
 
 def test_qlora_fused_training_equals_logits_training(packed, tiny_tokenizer, tmp_path, caplog):
