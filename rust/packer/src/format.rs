@@ -7,6 +7,7 @@ pub(crate) mod preference;
 pub(crate) mod turn;
 pub(crate) mod xtuner;
 
+use crate::format::turn::kind;
 pub use crate::format::turn::{py_strip, Turn};
 use crate::format::xtuner as x;
 
@@ -229,17 +230,6 @@ impl Format {
                 Ok(vec![t])
             }
         }
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

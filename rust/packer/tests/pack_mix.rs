@@ -6,7 +6,7 @@ mod pack_common;
 
 use std::path::{Path, PathBuf};
 
-use pack_common::{bytes_of, no_progress, write_tokenizer, WORDS};
+use pack_common::{assert_threads_and_shards_agree, no_progress, write_tokenizer, WORDS};
 use packer::{MixSource, PackConfig};
 use serde_json::{json, Value};
 
@@ -172,31 +172,7 @@ fn mix_counts_are_exact_and_bytes_do_not_depend_on_threads_or_shards() {
     assert_eq!(chat_copies.iter().filter(|&&c| c == 3).count(), 100);
     assert!(chat_copies.iter().all(|&c| c == 2 || c == 3));
 
-    let two = PackConfig {
-        threads: Some(2),
-        out_dir: tmp.path().join("two"),
-        ..cfg.clone()
-    };
-    packer::pack(&two, &no_progress).unwrap();
-    assert_eq!(bytes_of(one), bytes_of(&two.out_dir));
-
-    for n in [2, 3] {
-        let parts: Vec<PathBuf> = (0..n)
-            .map(|i| {
-                let p = tmp.path().join(format!("shard{n}_{i}"));
-                let c = PackConfig {
-                    shard: Some((i, n)),
-                    out_dir: p.clone(),
-                    ..cfg.clone()
-                };
-                packer::pack(&c, &no_progress).unwrap();
-                p
-            })
-            .collect();
-        let merged = tmp.path().join(format!("merged{n}"));
-        packer::merge(&parts, &merged, &no_progress).unwrap();
-        assert_eq!(bytes_of(one), bytes_of(&merged), "{n} shards");
-    }
+    assert_threads_and_shards_agree(&cfg, &[2, 3], tmp.path());
 
     let heavier = PackConfig {
         out_dir: tmp.path().join("heavier"),

@@ -6,7 +6,7 @@ mod pack_common;
 
 use std::path::{Path, PathBuf};
 
-use pack_common::{bytes_of, no_progress, write_tokenizer, WORDS};
+use pack_common::{assert_threads_and_shards_agree, no_progress, write_tokenizer, WORDS};
 use packer::{Error, PackConfig};
 use serde_json::json;
 
@@ -70,28 +70,7 @@ fn pack_verifies_and_is_independent_of_threads_and_shards() {
     assert_eq!(report["split_samples"], json!(0), "{report}");
     assert_eq!(stats.fingerprint, packer::fingerprint(&cfg).unwrap());
 
-    let two = tmp.path().join("two");
-    let cfg2 = PackConfig {
-        threads: Some(2),
-        ..config(&data, &tok, two.clone())
-    };
-    packer::pack(&cfg2, &no_progress).unwrap();
-    assert_eq!(bytes_of(&one), bytes_of(&two));
-
-    let parts: Vec<PathBuf> = (0..2)
-        .map(|i| {
-            let p = tmp.path().join(format!("shard{i}"));
-            let cfg = PackConfig {
-                shard: Some((i, 2)),
-                ..config(&data, &tok, p.clone())
-            };
-            packer::pack(&cfg, &no_progress).unwrap();
-            p
-        })
-        .collect();
-    let merged = tmp.path().join("merged");
-    packer::merge(&parts, &merged, &no_progress).unwrap();
-    assert_eq!(bytes_of(&one), bytes_of(&merged));
+    assert_threads_and_shards_agree(&cfg, &[2], tmp.path());
 }
 
 #[test]

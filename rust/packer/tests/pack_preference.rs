@@ -7,7 +7,7 @@ mod pack_common;
 
 use std::path::{Path, PathBuf};
 
-use pack_common::{bytes_of, no_progress, write_tokenizer, WORDS};
+use pack_common::{assert_threads_and_shards_agree, no_progress, write_tokenizer, WORDS};
 use packer::{Error, MixSource, PackConfig};
 use serde_json::json;
 
@@ -124,28 +124,7 @@ fn pairs_are_adjacent_in_one_pack_and_counted() {
     let end = (c[0] + c[1] - 1) as usize;
     assert_eq!((ids[end], mask[end]), (0, 1));
 
-    let two = tmp.path().join("two");
-    let cfg2 = PackConfig {
-        threads: Some(2),
-        ..config(&data, &tok, two.clone())
-    };
-    packer::pack(&cfg2, &no_progress).unwrap();
-    assert_eq!(bytes_of(&one), bytes_of(&two));
-
-    let parts: Vec<PathBuf> = (0..3)
-        .map(|i| {
-            let p = tmp.path().join(format!("shard{i}"));
-            let cfg = PackConfig {
-                shard: Some((i, 3)),
-                ..config(&data, &tok, p.clone())
-            };
-            packer::pack(&cfg, &no_progress).unwrap();
-            p
-        })
-        .collect();
-    let merged = tmp.path().join("merged");
-    packer::merge(&parts, &merged, &no_progress).unwrap();
-    assert_eq!(bytes_of(&one), bytes_of(&merged));
+    assert_threads_and_shards_agree(&cfg, &[3], tmp.path());
 }
 
 #[test]

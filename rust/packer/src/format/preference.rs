@@ -14,9 +14,11 @@
 //!   common characters, less a trailing space as TRL's `extract_prompt` does).
 //!
 //! Column maps (`--columns prompt=question,system=system`) are applied before this mapping.
-//! A leaf: imports nothing of the crate, so `format` and the stage both use it.
+//! Imports only the leaf `format::turn`, so `format` and the stage both use it.
 
 use serde_json::{json, Map, Value};
+
+use crate::format::turn::kind;
 
 /// The two sides of one preference pair, each as an `openai` record `{"messages": [...]}`.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,17 +27,6 @@ pub struct PairRecords {
     pub chosen: Value,
     /// Prompt + rejected completion.
     pub rejected: Value,
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// A side as a message list: a string is one message of `role`; a list is checked to hold

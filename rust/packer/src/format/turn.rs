@@ -1,6 +1,21 @@
 //! A conversation turn, the unit every dataset format maps to and every template encodes,
 //! and Python's whitespace rules the mappings follow. Its own module so that the format
-//! mappings (`format`, `format_xtuner`) both build on it without depending on each other.
+//! mappings (`format`, `format::xtuner`, `format::preference`) all build on it without
+//! depending on each other.
+
+use serde_json::Value;
+
+/// How a JSON value is named in "expected ..., got ..." messages.
+pub(crate) fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
 
 /// One turn of XTuner's `conversation` format after mapping (before the template).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -11,7 +11,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::format::turn::{py_strip, Turn};
+use crate::format::turn::{kind, py_strip, Turn};
 
 /// XTuner `SYSTEM_TEMPLATE` entries used by the map_fns (`xtuner/utils/templates.py`).
 pub mod system {
@@ -32,17 +32,6 @@ pub mod system {
 
 /// XTuner's `DEFAULT_IMAGE_TOKEN`.
 pub const IMAGE_TOKEN: &str = "<image>";
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
 
 fn get<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<&'a Value, String> {
     obj.get(key).ok_or_else(|| {

@@ -1,9 +1,11 @@
 //! What the end-to-end pack tests share: a word-level tokenizer written to disk, the words it
 //! knows, a progress callback that never stops a run, and a directory's files as bytes.
 
+#![allow(dead_code)] // each test crate includes this module and uses part of it
+
 use std::path::{Path, PathBuf};
 
-use packer::Progress;
+use packer::{PackConfig, Progress};
 use serde_json::json;
 
 /// The tokenizer's words (ids 2..), after `</s>` (0, the EOS) and `[UNK]` (1).
@@ -53,4 +55,33 @@ pub fn bytes_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
             (n, b)
         })
         .collect()
+}
+
+/// `cfg` (already packed into `cfg.out_dir`) packed again on 2 threads and as `n` shards
+/// joined by `merge` for each `n` of `shards`: every result has the same bytes.
+pub fn assert_threads_and_shards_agree(cfg: &PackConfig, shards: &[usize], tmp: &Path) {
+    let one = &cfg.out_dir;
+    let two = PackConfig {
+        threads: Some(2),
+        out_dir: tmp.join("two"),
+        ..cfg.clone()
+    };
+    packer::pack(&two, &no_progress).unwrap();
+    assert_eq!(bytes_of(one), bytes_of(&two.out_dir), "2 threads");
+    for &n in shards {
+        let parts: Vec<PathBuf> = (0..n)
+            .map(|i| {
+                let c = PackConfig {
+                    shard: Some((i, n)),
+                    out_dir: tmp.join(format!("shard{n}_{i}")),
+                    ..cfg.clone()
+                };
+                packer::pack(&c, &no_progress).unwrap();
+                c.out_dir
+            })
+            .collect();
+        let merged = tmp.join(format!("merged{n}"));
+        packer::merge(&parts, &merged, &no_progress).unwrap();
+        assert_eq!(bytes_of(one), bytes_of(&merged), "{n} shards");
+    }
 }
