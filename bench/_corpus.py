@@ -41,6 +41,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyfast_tune.demo import SPECIAL_TOKENS, write_chatml_config
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PYFAST_TUNE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 REAL_TOKENIZERS = ["qwen3", "smollm2", "mistral-v3", "deepseek-v3"]
@@ -55,12 +57,6 @@ GENERATED_TOKENIZER = "generated-bpe49k"
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
-    " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
 
@@ -161,17 +157,7 @@ def train_tokenizer(texts: list[str], out: Path, vocab_size: int) -> Path:
     tok.train_from_iterator(texts, trainer=trainer)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "model_max_length": 32768,
-        "chat_template": CHAT_TEMPLATE,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return out
+    return write_chatml_config(out, model_max_length=32768)
 
 
 def _write_jsonl(records: list[dict], path: Path) -> None:

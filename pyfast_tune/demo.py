@@ -109,14 +109,22 @@ def make_tokenizer(records: list[dict], out_dir: str | Path, vocab_size: int = 1
     )
     tok.train_from_iterator(list(_texts(records)), trainer=trainer)
     tok.save(str(out / "tokenizer.json"))
+    return write_chatml_config(out, model_max_length=4096)
+
+
+def write_chatml_config(
+    out: Path, model_max_length: int, chat_template: str = CHAT_TEMPLATE
+) -> Path:
+    """tokenizer_config.json of a trained ChatML tokenizer in ``out``: EOS ``<|im_end|>``, no
+    BOS, ``chat_template``. Returns ``out``."""
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
         "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>",
         "unk_token": None,
-        "model_max_length": 4096,
-        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": model_max_length,
+        "chat_template": chat_template,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return out

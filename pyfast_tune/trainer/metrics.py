@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from pyfast_tune.config import REPORTERS, resolve_report_to  # noqa: F401 - re-exported
+from pyfast_tune.kernels.guard.environment import cpu_name
 
 
 class FlopCounter:
@@ -92,18 +93,6 @@ def _peak_cache_path(key: dict) -> Path:
     return base / "mfu" / f"peak-{digest}.json"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "Model", "Hardware")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def measure_matmul_flops(dtype: torch.dtype, device: str = "cpu", size: int = 1024,
                          trials: int = 7, trial_seconds: float = 0.25,
                          warmup_seconds: float = 0.5, clock=time.perf_counter) -> float:  # fmt: skip
@@ -146,7 +135,7 @@ def peak_flops_per_device(configured_tflops: float | None, dtype: str = "float32
             kind = "TF32" if dtype == "float32" else "bf16/fp16"
             return tflops * 1e12, f"{kind} dense datasheet peak of {name}"
     device = "cuda" if cuda else "cpu"
-    key = {"device": torch.cuda.get_device_name() if cuda else _cpu_name(),
+    key = {"device": torch.cuda.get_device_name() if cuda else cpu_name(),
            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": dtype,
            "format": PEAK_CACHE_FORMAT}  # fmt: skip
     what = f"{dtype} matmul throughput of this {'GPU' if cuda else 'CPU process'}"
