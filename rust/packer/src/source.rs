@@ -1,9 +1,9 @@
 //! Streaming record reader: JSONL and JSON arrays (plain, `.gz`, `.zst`), Parquet, Arrow IPC
 //! and CSV/TSV are read in bounded batches, so an input larger than memory never sits in
 //! memory whole; the raw bytes are hashed as they go by (the fingerprint needs each input's
-//! BLAKE3). A JSON array (first non-blank byte `[`) is read element by element
-//! ([`ArrayElements`]), with the memory of JSONL: one batch of records plus the decoder's
-//! buffers. Columnar and CSV rows become the JSON text of the record their JSON source would
+//! BLAKE3). Each format has its reader in a module below ([`json`]: JSONL, and a JSON array
+//! — first non-blank byte `[` — element by element, with the memory of JSONL: one batch of
+//! records plus the decoder's buffers). Columnar and CSV rows become the JSON text of the record their JSON source would
 //! hold ([`crate::source::row_json`]), so everything after this stage sees one kind of record.
 //!
 //! A sharded run reads part of a file ([`RecordStream::restrict`]): the lines of an
@@ -12,24 +12,24 @@
 //! the whole file.
 
 use std::cell::RefCell;
-use std::cmp::Ordering;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use crate::error::{Error, Result};
-use crate::input::ArrayElements;
 use crate::source::csv as source_csv;
 use crate::source::ipc as source_ipc;
+use crate::source::json::JsonRecords;
 use crate::source::parquet as source_parquet;
 use crate::source::raw::{open_decoded, HashState, HashingReader};
-use crate::source::record::{OwnedRecord, RowSource, Unreadable, BATCH_BYTES};
+use crate::source::record::{OwnedRecord, RowSource};
 use crate::source::span::Span;
 
 pub(crate) mod columnar;
 pub(crate) mod csv;
 pub(crate) mod ipc;
+pub(crate) mod json;
 pub(crate) mod parquet;
 pub(crate) mod pretokenized;
 pub(crate) mod raw;
@@ -38,8 +38,7 @@ pub(crate) mod row_json;
 pub(crate) mod span;
 
 enum Mode {
-    Lines(Box<dyn BufRead>),
-    Array(ArrayElements<Box<dyn BufRead>>),
+    Json(JsonRecords),
     Rows(Box<dyn RowSource>),
     Done,
 }
@@ -87,12 +86,6 @@ pub struct RecordStream {
     path: PathBuf,
     state: Rc<RefCell<HashState>>,
     mode: Mode,
-    line: u64,
-    index: u64,
-    first: bool,
-    /// Byte offset (in the decompressed stream) of the next line.
-    pos: u64,
-    span: Span,
     splittable: bool,
 }
 
@@ -127,11 +120,6 @@ impl RecordStream {
                 path: path.to_path_buf(),
                 state,
                 mode: Mode::Rows(rows),
-                line: 0,
-                index: 0,
-                first: true,
-                pos: 0,
-                span: Span::ALL,
                 splittable: !compressed,
             });
         }
@@ -142,20 +130,15 @@ impl RecordStream {
         let buf = reader.fill_buf().map_err(|e| Error::io(path, e))?;
         let buf = buf.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(buf);
         let is_array = buf.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
-        let mode = if is_array {
-            Mode::Array(ArrayElements::new(Box::new(reader)))
+        let records = if is_array {
+            JsonRecords::array(path.to_path_buf(), Box::new(reader))
         } else {
-            Mode::Lines(Box::new(reader))
+            JsonRecords::lines(path.to_path_buf(), Box::new(reader))
         };
         Ok(RecordStream {
             path: path.to_path_buf(),
             state,
-            mode,
-            line: 0,
-            index: 0,
-            first: true,
-            pos: 0,
-            span: Span::ALL,
+            mode: Mode::Json(records),
             splittable: !is_array && !compressed,
         })
     }
@@ -169,9 +152,10 @@ impl RecordStream {
     /// Read only the records whose bytes `span` places in its shard (a splittable file).
     pub fn restrict(&mut self, span: Span) {
         debug_assert!(self.splittable);
-        self.span = span;
-        if let Mode::Rows(rows) = &mut self.mode {
-            rows.restrict(span);
+        match &mut self.mode {
+            Mode::Rows(rows) => rows.restrict(span),
+            Mode::Json(records) => records.restrict(span),
+            Mode::Done => {}
         }
     }
 
@@ -183,85 +167,15 @@ impl RecordStream {
         }
     }
 
-    /// The next batch of at most `max_records` records (about [`BATCH_BYTES`] of text);
+    /// The next batch of at most `max_records` records (about
+    /// [`BATCH_BYTES`](crate::source::record::BATCH_BYTES) of text);
     /// an empty batch means the end of the file.
     pub fn next_batch(&mut self, max_records: usize) -> Result<Vec<OwnedRecord>> {
         let mut out = Vec::new();
         match &mut self.mode {
             Mode::Done => {}
             Mode::Rows(rows) => out = rows.next_batch(max_records)?,
-            Mode::Array(elements) => {
-                let mut bytes = 0usize;
-                while out.len() < max_records && bytes < BATCH_BYTES {
-                    let Some(el) = elements
-                        .next_element()
-                        .map_err(|e| Error::io(&self.path, e))?
-                    else {
-                        break;
-                    };
-                    bytes += el.text.as_ref().map_or(0, Vec::len);
-                    let text = el.text.map_err(Unreadable::Json).and_then(|t| {
-                        String::from_utf8(t).map_err(|e| {
-                            let at = e.utf8_error().valid_up_to();
-                            Unreadable::Json(format!("invalid UTF-8 at byte {at} of the element"))
-                        })
-                    });
-                    out.push(OwnedRecord {
-                        index: el.index,
-                        line: el.line,
-                        text,
-                        value: None,
-                    });
-                }
-            }
-            Mode::Lines(reader) => {
-                let mut bytes = 0usize;
-                let mut buf = Vec::new();
-                while out.len() < max_records && bytes < BATCH_BYTES {
-                    buf.clear();
-                    let n = reader
-                        .read_until(b'\n', &mut buf)
-                        .map_err(|e| Error::io(&self.path, e))?;
-                    if n == 0 {
-                        break;
-                    }
-                    let start = self.pos;
-                    self.pos += n as u64;
-                    self.line += 1;
-                    let place = self.span.place(start, self.pos);
-                    if place == Ordering::Greater {
-                        break;
-                    }
-                    let mut line: &[u8] = &buf;
-                    if line.last() == Some(&b'\n') {
-                        line = &line[..line.len() - 1];
-                    }
-                    if self.first {
-                        self.first = false;
-                        line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
-                    }
-                    if line.iter().all(|b| b.is_ascii_whitespace()) {
-                        continue;
-                    }
-                    if place == Ordering::Less {
-                        // Before this shard's bytes: counted, so indices and lines stay the
-                        // whole file's.
-                        self.index += 1;
-                        continue;
-                    }
-                    bytes += line.len();
-                    let text = std::str::from_utf8(line).map(str::to_string).map_err(|e| {
-                        Unreadable::Json(format!("invalid UTF-8 at column {}", e.valid_up_to() + 1))
-                    });
-                    out.push(OwnedRecord {
-                        index: self.index,
-                        line: self.line,
-                        text,
-                        value: None,
-                    });
-                    self.index += 1;
-                }
-            }
+            Mode::Json(records) => out = records.next_batch(max_records)?,
         }
         if out.is_empty() {
             self.mode = Mode::Done;
@@ -293,6 +207,7 @@ impl RecordStream {
 mod tests {
     use super::*;
     use crate::input::split_records;
+    use crate::source::record::Unreadable;
     use std::io::Write;
 
     fn collect(path: &Path, per_batch: usize) -> (Vec<OwnedRecord>, u64, blake3::Hash) {

@@ -1,0 +1,143 @@
+//! JSON records: JSONL (one record per line) or a JSON array read element by element
+//! ([`ArrayElements`]), from a decoded byte stream (plain, `.gz`, `.zst`), in batches of about
+//! [`BATCH_BYTES`] of text. The reader the other formats have in their own modules; the
+//! dispatcher ([`crate::source::RecordStream`]) picks it by the file's name and first byte.
+//!
+//! A shard reads only the lines whose bytes its [`Span`] places in it (JSONL is split by
+//! line; a JSON array is read whole by one shard); lines before the span are counted, so
+//! record indices and line numbers stay those of the whole file.
+
+use std::cmp::Ordering;
+use std::io::BufRead;
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+use crate::input::ArrayElements;
+use crate::source::record::{OwnedRecord, Unreadable, BATCH_BYTES};
+use crate::source::span::Span;
+
+enum Body {
+    Lines(Box<dyn BufRead>),
+    Array(ArrayElements<Box<dyn BufRead>>),
+}
+
+/// The records of one JSON or JSONL file.
+pub(crate) struct JsonRecords {
+    path: PathBuf,
+    body: Body,
+    line: u64,
+    index: u64,
+    first: bool,
+    /// Byte offset (in the decompressed stream) of the next line.
+    pos: u64,
+    span: Span,
+}
+
+impl JsonRecords {
+    /// One record per line of `reader`.
+    pub(crate) fn lines(path: PathBuf, reader: Box<dyn BufRead>) -> Self {
+        Self::new(path, Body::Lines(reader))
+    }
+
+    /// The elements of the JSON array `reader` holds.
+    pub(crate) fn array(path: PathBuf, reader: Box<dyn BufRead>) -> Self {
+        Self::new(path, Body::Array(ArrayElements::new(reader)))
+    }
+
+    fn new(path: PathBuf, body: Body) -> Self {
+        JsonRecords {
+            path,
+            body,
+            line: 0,
+            index: 0,
+            first: true,
+            pos: 0,
+            span: Span::ALL,
+        }
+    }
+
+    /// Read only the lines whose bytes `span` places in its shard (JSONL only).
+    pub(crate) fn restrict(&mut self, span: Span) {
+        self.span = span;
+    }
+
+    /// The next batch of at most `max_records` records; empty at the end of the file.
+    pub(crate) fn next_batch(&mut self, max_records: usize) -> Result<Vec<OwnedRecord>> {
+        let mut out = Vec::new();
+        match &mut self.body {
+            Body::Array(elements) => {
+                let mut bytes = 0usize;
+                while out.len() < max_records && bytes < BATCH_BYTES {
+                    let Some(el) = elements
+                        .next_element()
+                        .map_err(|e| Error::io(&self.path, e))?
+                    else {
+                        break;
+                    };
+                    bytes += el.text.as_ref().map_or(0, Vec::len);
+                    let text = el.text.map_err(Unreadable::Json).and_then(|t| {
+                        String::from_utf8(t).map_err(|e| {
+                            let at = e.utf8_error().valid_up_to();
+                            Unreadable::Json(format!("invalid UTF-8 at byte {at} of the element"))
+                        })
+                    });
+                    out.push(OwnedRecord {
+                        index: el.index,
+                        line: el.line,
+                        text,
+                        value: None,
+                    });
+                }
+            }
+            Body::Lines(reader) => {
+                let mut bytes = 0usize;
+                let mut buf = Vec::new();
+                while out.len() < max_records && bytes < BATCH_BYTES {
+                    buf.clear();
+                    let n = reader
+                        .read_until(b'\n', &mut buf)
+                        .map_err(|e| Error::io(&self.path, e))?;
+                    if n == 0 {
+                        break;
+                    }
+                    let start = self.pos;
+                    self.pos += n as u64;
+                    self.line += 1;
+                    let place = self.span.place(start, self.pos);
+                    if place == Ordering::Greater {
+                        break;
+                    }
+                    let mut line: &[u8] = &buf;
+                    if line.last() == Some(&b'\n') {
+                        line = &line[..line.len() - 1];
+                    }
+                    if self.first {
+                        self.first = false;
+                        line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
+                    }
+                    if line.iter().all(|b| b.is_ascii_whitespace()) {
+                        continue;
+                    }
+                    if place == Ordering::Less {
+                        // Before this shard's bytes: counted, so indices and lines stay the
+                        // whole file's.
+                        self.index += 1;
+                        continue;
+                    }
+                    bytes += line.len();
+                    let text = std::str::from_utf8(line).map(str::to_string).map_err(|e| {
+                        Unreadable::Json(format!("invalid UTF-8 at column {}", e.valid_up_to() + 1))
+                    });
+                    out.push(OwnedRecord {
+                        index: self.index,
+                        line: self.line,
+                        text,
+                        value: None,
+                    });
+                    self.index += 1;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
