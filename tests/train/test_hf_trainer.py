@@ -218,9 +218,21 @@ def test_sft_trainer(packed_dir, tiny_path, tmp_path):
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
+def _skip_without_cpu_bf16_sdpa():
+    """torch's CPU bf16 SDPA fails on an AVX-512 machine run with ATEN_CPU_CAPABILITY=default
+    ("pack_vnni2 is only supported when avx512 is supported", torch 2.15, sequences of 64+):
+    a limitation of torch in that mode, not of the code under test."""
+    q = torch.zeros(2, 64, 16, dtype=torch.bfloat16)
+    try:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    except RuntimeError as e:
+        pytest.skip(f"torch's CPU bf16 scaled_dot_product_attention fails here: {e}")
+
+
 def test_patched_attention_under_autocast(packed_dir, tiny_path):
     """Trainer's bf16 on fp32 weights: q/k leave rotary in fp32, v is bf16; our attention must
     run in the autocast dtype as stock SDPA does, and give about the fp32 loss."""
+    _skip_without_cpu_bf16_sdpa()
     ds = PackedTorchDataset(packed_dir)
     model = patch.apply(_load(tiny_path), lora=False, attention_backend="ref")
     batch = PackedCollator()([ds[0], ds[1]])
