@@ -70,7 +70,7 @@ GPU_PEAK_TFLOPS = (
     ("A6000", 155.0, 77.4),
     ("V100", 125.0, 125.0),  # fp16 only (no bf16): its tensor cores
 )
-PEAK_CACHE_FORMAT = 1
+PEAK_CACHE_FORMAT = 2  # 2: the load the figure was measured under is kept with it
 
 
 def gpu_peak_tflops(name: str, dtype: str = "bfloat16") -> float | None:
@@ -149,17 +149,31 @@ def peak_flops_per_device(configured_tflops: float | None, dtype: str = "float32
         return measure_matmul_flops(getattr(torch, dtype), device), f"measured {what}"
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        cached, load = 0.0, _load_average()
         try:
             data = json.loads(path.read_text())
             if data.get("key") == key:
-                return float(data["flops"]), f"{what}, measured before (cached in {path})"
+                cached = float(data["flops"])
+                # A figure measured while the machine was busier than now is too low (load
+                # only ever slows a measurement down): measure again and keep the larger, so
+                # the cached peak only rises towards the machine's own and then stays put.
+                if float(data.get("load", 0.0)) - load < 1.0:
+                    return cached, f"{what}, measured before (cached in {path})"
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        flops = measure_matmul_flops(getattr(torch, dtype), device)
+        flops = max(cached, measure_matmul_flops(getattr(torch, dtype), device))
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "flops": flops}, indent=1))
+        tmp.write_text(json.dumps({"key": key, "flops": flops, "load": load}, indent=1))
         os.replace(tmp, path)
     return flops, f"measured {what} (cached in {path})"
+
+
+def _load_average() -> float:
+    """The 1-minute load average (0 where the system has none)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
 
 
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}

@@ -54,6 +54,7 @@ def test_measurement_is_the_best_trial_after_the_warmup():
 def test_peak_is_measured_once_per_machine_and_read_back(monkeypatch, tmp_path):
     monkeypatch.setenv("PYFAST_TUNE_CACHE", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(metrics, "_load_average", lambda: 1.0)
     measured = []
 
     def fake_measure(dtype, device="cpu", **kw):
@@ -81,6 +82,28 @@ def test_peak_is_measured_once_per_machine_and_read_back(monkeypatch, tmp_path):
     for f in (tmp_path / "mfu").glob("peak-*.json"):
         f.write_text("{")
     assert metrics.peak_flops_per_device(None, "float32")[0] == 4e11
+
+
+def test_a_peak_measured_under_load_is_measured_again_when_quieter(monkeypatch, tmp_path):
+    """Seen: a peak cached while the machine had load 10 made a later quiet run report MFU 1.9
+    (190%). A figure from a busier machine is measured again and the larger one kept."""
+    monkeypatch.setenv("PYFAST_TUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    figures = iter([1e11, 5e11, 3e11])
+    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda *a, **k: next(figures))
+    load = {"now": 8.0}
+    monkeypatch.setattr(metrics, "_load_average", lambda: load["now"])
+    assert metrics.peak_flops_per_device(None, "float32")[0] == 1e11  # measured under load 8
+    load["now"] = 7.5  # about as busy: read back, not measured
+    assert metrics.peak_flops_per_device(None, "float32")[0] == 1e11
+    load["now"] = 0.5  # quieter: measured again, the larger kept
+    flops, source = metrics.peak_flops_per_device(None, "float32")
+    assert flops == 5e11 and "measured" in source
+    assert metrics.peak_flops_per_device(None, "float32")[0] == 5e11  # now read back
+    load["now"] = 9.0  # busier again: never measured down
+    assert metrics.peak_flops_per_device(None, "float32")[0] == 5e11
+    files = list((tmp_path / "mfu").glob("peak-*.json"))
+    assert json.loads(files[0].read_text())["flops"] == 5e11
 
 
 def test_unknown_gpu_is_measured_not_zero(monkeypatch, tmp_path):
