@@ -41,7 +41,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyfast_tune.demo import SPECIAL_TOKENS, write_chatml_config
+from pyfast_tune.demo import train_chatml_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PYFAST_TUNE_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -138,26 +138,15 @@ def generated(cache: Path = CACHE) -> Path:
 def train_tokenizer(texts: list[str], out: Path, vocab_size: int) -> Path:
     """A Llama-3-shaped byte-level BPE trained on ``texts``: ``tokenizer.json`` and a
     ``tokenizer_config.json`` with ChatML special tokens (eos ``<|im_end|>``, no BOS)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, pre_tokenizers
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
+    pre = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    return write_chatml_config(out, model_max_length=32768)
+    return train_chatml_bpe(texts, out, vocab_size, pre, model_max_length=32768)
 
 
 def _write_jsonl(records: list[dict], path: Path) -> None:

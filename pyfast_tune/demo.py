@@ -94,12 +94,21 @@ def _texts(records: Iterable[dict]) -> Iterable[str]:
 def make_tokenizer(records: list[dict], out_dir: str | Path, vocab_size: int = 1024) -> Path:
     """Train a byte-level BPE tokenizer on the records' text (deterministic) and write
     ``tokenizer.json`` + ``tokenizer_config.json`` (ChatML special tokens, eos ``<|im_end|>``)."""
+    from tokenizers import pre_tokenizers
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return train_chatml_bpe(list(_texts(records)), Path(out_dir), vocab_size, pre, 4096)
+
+
+def train_chatml_bpe(texts: list[str], out: Path, vocab_size: int, pre_tokenizer,
+                     model_max_length: int) -> Path:  # fmt: skip
+    """A byte-level BPE behind ``pre_tokenizer`` trained on ``texts`` (deterministic), with
+    the ChatML special tokens, written to ``out`` with its tokenizer_config.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -107,9 +116,9 @@ def make_tokenizer(records: list[dict], out_dir: str | Path, vocab_size: int = 1
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(list(_texts(records)), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     tok.save(str(out / "tokenizer.json"))
-    return write_chatml_config(out, model_max_length=4096)
+    return write_chatml_config(out, model_max_length=model_max_length)
 
 
 def write_chatml_config(
