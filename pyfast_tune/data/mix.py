@@ -15,6 +15,7 @@ from typing import Any
 from pyfast_tune import hub
 from pyfast_tune.data.errors import PackConfigError
 from pyfast_tune.data.facts import _FACTS
+from pyfast_tune.data.options import _columns as columns_spec
 
 SOURCE_KEYS = (
     "path",
@@ -41,11 +42,9 @@ def is_mix(inputs: Any) -> bool:
 def _columns(columns: Any, where: str) -> str | None:
     if columns is None:
         return None
-    if isinstance(columns, Mapping):
-        return ",".join(f"{k}={v}" for k, v in columns.items())
-    if isinstance(columns, str):
-        return columns
-    raise PackConfigError(f"{where}: columns must be a mapping or 'field=column,...' text")
+    if not isinstance(columns, (Mapping, str)):
+        raise PackConfigError(f"{where}: columns must be a mapping or 'field=column,...' text")
+    return columns_spec(columns)
 
 
 def _number(value: Any, kind: type, where: str, key: str):

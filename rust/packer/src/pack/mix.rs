@@ -82,6 +82,15 @@ fn smallest(members: &[usize], keys: &[u64], count: usize) -> Vec<bool> {
     keep
 }
 
+/// The source of each file of the run (rules list their files in the global file order).
+pub(crate) fn source_of_files(rules: &[MixRule]) -> Vec<u32> {
+    rules
+        .iter()
+        .enumerate()
+        .flat_map(|(si, r)| std::iter::repeat_n(si as u32, r.files.len()))
+        .collect()
+}
+
 /// How many times each sample appears in the output (0 = not selected), by its global file
 /// index and record index; `file_of[s]`/`record_of[s]` for every staged sample in input order.
 /// Returns the copies per sample and, per source, (available, distinct, in-output) counts.
@@ -91,17 +100,14 @@ pub(crate) fn select(
     file_of: &[u32],
     record_of: &[u64],
 ) -> (Vec<u32>, Vec<(u64, u64, u64)>) {
-    let mut source_of_file = Vec::new();
-    let mut file_keys = Vec::new();
-    for (si, r) in rules.iter().enumerate() {
-        for f in &r.files {
-            source_of_file.push(si);
-            file_keys.push(file_key(seed, &r.name, f));
-        }
-    }
+    let source_of_file = source_of_files(rules);
+    let file_keys: Vec<u64> = rules
+        .iter()
+        .flat_map(|r| r.files.iter().map(|f| file_key(seed, &r.name, f)))
+        .collect();
     let mut members: Vec<Vec<usize>> = vec![Vec::new(); rules.len()];
     for (s, &f) in file_of.iter().enumerate() {
-        members[source_of_file[f as usize]].push(s);
+        members[source_of_file[f as usize] as usize].push(s);
     }
     let subset_keys: Vec<u64> = (0..file_of.len())
         .map(|s| key(file_keys[file_of[s] as usize], record_of[s], 1))

@@ -410,10 +410,7 @@ fn apply_mix(
     let file_of: Vec<u32> = staged.iter().map(|s| s.file).collect();
     let record_of: Vec<u64> = staged.iter().map(|s| s.record).collect();
     let (copies, counts) = mix::select(&header.mix, header.seed, &file_of, &record_of);
-    let mut source_of_file = Vec::new();
-    for (si, r) in header.mix.iter().enumerate() {
-        source_of_file.extend(std::iter::repeat_n(si as u32, r.files.len()));
-    }
+    let source_of_file = mix::source_of_files(&header.mix);
     let image_of: std::collections::HashMap<u64, Value> = images
         .drain(..)
         .filter_map(|v| Some((v[0].as_u64()?, v[1].clone())))
