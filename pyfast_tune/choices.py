@@ -42,3 +42,10 @@ DTYPE_NAMES = {
 
 # bitsandbytes' 4-bit data types.
 QUANT_TYPES = ("nf4", "fp4")
+
+# Training objectives: next-token SFT, or a preference objective on packed pairs
+# (pyfast_tune.trainer.objectives); `reward` trains a scalar head.
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "reward")
+PREFERENCE_OBJECTIVES = OBJECTIVES[1:]
+# `preference.loss_type` of `objective: dpo`, as TRL's DPOTrainer names them.
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sppo_hard", "nca_pair")

@@ -23,7 +23,14 @@ import yaml
 
 # Fixed choices live in a torch-free leaf: loading a config imports neither torch nor
 # transformers. QUANT_TYPES stays importable from here.
-from pyfast_tune.choices import ATTENTION_CHOICES, ATTENTION_NAMES, DTYPE_NAMES, QUANT_TYPES
+from pyfast_tune.choices import (
+    ATTENTION_CHOICES,
+    ATTENTION_NAMES,
+    DPO_LOSS_TYPES,
+    DTYPE_NAMES,
+    OBJECTIVES,
+    QUANT_TYPES,
+)
 
 
 class ConfigError(ValueError):
@@ -111,6 +118,22 @@ class EvalConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """Settings of the preference objectives (``objective: dpo | orpo | simpo | reward``);
+    see docs/workflow-preference.md. Names and defaults as TRL's configs."""
+
+    beta: float = 0.1  # DPO's beta, ORPO's lambda, SimPO's beta
+    loss_type: str = "sigmoid"  # dpo: sigmoid | ipo | hinge | robust | sppo_hard | nca_pair
+    label_smoothing: float = 0.0  # dpo sigmoid/robust (cDPO), simpo
+    gamma: float = 0.5  # SimPO's target reward margin (TRL's simpo_gamma)
+    # dpo: policy (the starting weights: LoRA/QLoRA = adapters disabled, computed each step;
+    # full = computed once before the first step) | precompute (the starting weights, computed
+    # once before training, never in memory after) | a model path or Hub id (precomputed)
+    reference: str = "policy"
+    center_rewards_coefficient: float | None = None  # reward: c * (r_c + r_r)^2, as TRL's
+
+
+@dataclass
 class TrainConfig:
     """All training settings. See pyfast_tune/configs/*.yaml for commented examples."""
 
@@ -176,6 +199,9 @@ class TrainConfig:
     peak_tflops: float | None = None  # per device, for MFU; default: a guess from the device
     stop_after_steps: int | None = None  # end the run early after this step (tests, budgets)
     eval: EvalConfig = field(default_factory=EvalConfig)  # evaluation during training
+    # sft (next-token loss) | dpo | orpo | simpo | reward (preference packs: --format preference)
+    objective: str = "sft"
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
 
 def _dataclass_from_dict(cls, values: dict, where: str = ""):
@@ -230,6 +256,7 @@ _NESTED = {
     (TrainConfig, "quant"): QuantConfig,
     (TrainConfig, "data"): DataConfig,
     (TrainConfig, "eval"): EvalConfig,
+    (TrainConfig, "preference"): PreferenceConfig,
 }
 
 
@@ -343,6 +370,40 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("set max_steps or epochs >= 1")
     _check_eval(cfg.eval)
     _check_model_setup(cfg)
+    _check_objective(cfg)
+
+
+def _check_objective(cfg: TrainConfig) -> None:
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}; got {cfg.objective!r}")
+    p = cfg.preference
+    for key in ("beta", "label_smoothing", "gamma"):
+        value = getattr(p, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"preference.{key} must be a number, got {value!r}")
+    if p.beta <= 0:
+        raise ConfigError(f"preference.beta must be > 0, got {p.beta}")
+    if p.loss_type not in DPO_LOSS_TYPES:
+        raise ConfigError(
+            f"preference.loss_type must be one of {', '.join(DPO_LOSS_TYPES)}; got {p.loss_type!r}"
+        )
+    if cfg.objective == "dpo" and p.label_smoothing and p.loss_type not in ("sigmoid", "robust"):
+        raise ConfigError(
+            f"preference.label_smoothing applies to loss_type sigmoid or robust, not {p.loss_type}"
+        )
+    if not 0 <= p.label_smoothing < 0.5:
+        raise ConfigError(
+            f"preference.label_smoothing must be in [0, 0.5), got {p.label_smoothing}"
+        )
+    if not isinstance(p.reference, str) or not p.reference:
+        raise ConfigError(
+            f"preference.reference must be policy, precompute or a model path; got {p.reference!r}"
+        )
+    c = p.center_rewards_coefficient
+    if c is not None and (not isinstance(c, (int, float)) or isinstance(c, bool) or c < 0):
+        raise ConfigError(f"preference.center_rewards_coefficient must be >= 0, got {c!r}")
+    if cfg.objective == "reward" and cfg.sequence_parallel_size > 1:
+        raise ConfigError("objective reward does not support sequence_parallel_size > 1 yet")
 
 
 def _check_model_setup(cfg: TrainConfig) -> None:

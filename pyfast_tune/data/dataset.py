@@ -43,7 +43,9 @@ class PackedDataset:
 
     ``ds[i]`` is pack ``i``: ``input_ids`` (int64), ``labels`` (int64, -100 = no loss, not
     shifted), ``position_ids`` (int64, restarting at 0 per sample), ``cu_seqlens`` (int32,
-    ``[0, ..., len]``) and ``max_seqlen`` (int). ``ds.sample(j)`` is sample ``j`` in input order
+    ``[0, ..., len]``) and ``max_seqlen`` (int); a preference pack's also ``sample_ids``
+    (int64, (n,): each segment's sample id) and ``pairs`` (int64, (n, 2): its pair id and role,
+    0 chosen, 1 rejected). ``ds.sample(j)`` is sample ``j`` in input order
     with its ``source=(file, record)``.
 
     Pass what you expect (``tokenizer``, ``max_length``, ``template``, ``format``, ``seed``) and
@@ -211,7 +213,13 @@ class PackedDataset:
         t1, s1 = self.packs[i + 1]
         ids = self._ids(t0, t1)
         labels = np.where(self.loss_mask[t0:t1] != 0, ids, IGNORE_INDEX)
-        return packed_row(ids, labels, self.samples[self.pack_samples[s0:s1], 1])
+        row = packed_row(ids, labels, self.samples[self.pack_samples[s0:s1], 1])
+        if self.pairs is not None:
+            # Preference packs: which sample each segment is, and its (pair id, role).
+            sample_ids = np.asarray(self.pack_samples[s0:s1], dtype=np.int64)
+            row["sample_ids"] = sample_ids
+            row["pairs"] = np.asarray(self.pairs[sample_ids], dtype=np.int64)
+        return row
 
     def sample(self, j: int) -> dict[str, Any]:
         """Sample ``j`` (input order): input_ids, labels, source=(file name, record index);

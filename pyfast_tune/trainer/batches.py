@@ -147,6 +147,9 @@ class PackedBatch:
     # untrained tokens padding a sequence-parallel row to a multiple of the group size (they
     # belong to no sample; see pyfast_tune.trainer.sequence_parallel)
     num_padding: int = 0
+    # preference rows: each sample's id in the packed directory, and its (pair id, role)
+    sample_ids: np.ndarray | None = None  # (n,) int64
+    pairs: np.ndarray | None = None  # (n, 2) int64
 
 
 def collate(packs: list[dict], reduction: str, normalizer: int) -> PackedBatch:
@@ -177,7 +180,11 @@ def collate(packs: list[dict], reduction: str, normalizer: int) -> PackedBatch:
     lengths = np.concatenate(lens)
     cu_all = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     targets = np.concatenate(tgt)
+    paired = {}
+    if all("pairs" in p for p in packs):
+        paired = {k: np.concatenate([p[k] for p in packs]) for k in ("sample_ids", "pairs")}
     return PackedBatch(
+        **paired,
         input_ids=np.concatenate(ids),
         position_ids=np.concatenate(pos),
         targets=targets,

@@ -111,6 +111,17 @@ def held_out_samples(dataset, fraction: float, seed: int) -> np.ndarray:
         )
     samples = np.asarray(dataset.samples)
     keys = sample_keys(source_names(dataset.files), samples[:, 3], samples[:, 4], seed)
+    pairs = getattr(dataset, "pairs", None)
+    if pairs is not None:
+        # Preference packs: whole pairs are held out (both samples of a pair share its record,
+        # so its key; the fraction counts pairs).
+        pairs = np.asarray(pairs)
+        chosen = np.nonzero(pairs[:, 1] == 0)[0]
+        take = chosen[np.argsort(keys[chosen], kind="stable")[: max(1, count // 2)]]
+        held = np.isin(pairs[:, 0], pairs[take, 0])
+        if held.all():
+            raise ConfigError(f"eval.split {fraction} holds out every pair")
+        return np.nonzero(held)[0]
     return np.sort(np.argsort(keys, kind="stable")[:count])
 
 
@@ -157,7 +168,11 @@ class TrainingPacks:
         keep = ~self.held[self.dataset.pack_sample_ids(k)]
         cu = np.asarray(pack["cu_seqlens"], dtype=np.int64)
         tokens = np.concatenate([np.arange(a, b) for a, b in zip(cu[:-1][keep], cu[1:][keep])])
-        return packed_row(pack["input_ids"][tokens], pack["labels"][tokens], np.diff(cu)[keep])
+        row = packed_row(pack["input_ids"][tokens], pack["labels"][tokens], np.diff(cu)[keep])
+        for key in ("sample_ids", "pairs"):  # preference packs
+            if key in pack:
+                row[key] = pack[key][keep]
+        return row
 
     @property
     def pack_lengths(self) -> np.ndarray:
@@ -176,9 +191,13 @@ class SamplePacks:
         self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
         lengths = np.asarray(dataset.samples[:, 1], dtype=np.int64)[self.sample_ids]
         self.rows: list[tuple[int, int]] = []  # [start, end) into sample_ids
+        pairs = getattr(dataset, "pairs", None)
+        # A row never separates the two samples of a pair (preference data).
+        pair_of = np.asarray(pairs)[self.sample_ids, 0] if pairs is not None else None
         start, used = 0, 0
         for j, n in enumerate(lengths):
-            if j > start and used + n > max_length:
+            same_pair = pair_of is not None and j > 0 and pair_of[j] == pair_of[j - 1]
+            if j > start and used + n > max_length and not same_pair:
                 self.rows.append((start, j))
                 start, used = j, 0
             used += int(n)
@@ -191,11 +210,15 @@ class SamplePacks:
     def __getitem__(self, i: int) -> dict:
         a, b = self.rows[i]
         samples = [self.dataset.sample(int(j)) for j in self.sample_ids[a:b]]
-        return packed_row(
+        row = packed_row(
             np.concatenate([s["input_ids"] for s in samples]),
             np.concatenate([s["labels"] for s in samples]),
             np.array([len(s["input_ids"]) for s in samples], dtype=np.int64),
         )
+        if getattr(self.dataset, "pairs", None) is not None:
+            row["sample_ids"] = self.sample_ids[a:b].copy()
+            row["pairs"] = np.asarray(self.dataset.pairs[self.sample_ids[a:b]], dtype=np.int64)
+        return row
 
 
 def split_data(cfg, dataset, cache_dir: Path | None = None):
@@ -329,7 +352,8 @@ class Evaluator:
 
     def __init__(self, cfg, eval_set, engine, *, template: str, tokenizer: str, rank: int,
                  world: int, zero_stage: int, device, metrics=None, write=print,
-                 loss_of=None, sequence=None, is_first: bool | None = None):  # fmt: skip
+                 loss_of=None, sequence=None, is_first: bool | None = None,
+                 reference=None):  # fmt: skip
         self.cfg = cfg
         self.ev = cfg.eval
         self.eval_set = eval_set
@@ -350,8 +374,13 @@ class Evaluator:
                                   sequence_parallel=sequence)  # fmt: skip
 
         self.loss_of = loss_of
+        self.reference = reference  # objective dpo: the run's reference log-probabilities
         self.normalizer = 0
-        if eval_set is not None:
+        if eval_set is not None and cfg.objective != "sft":
+            from pyfast_tune.trainer.preference import require_pairs
+
+            require_pairs(eval_set, cfg.objective)
+        elif eval_set is not None:
             if len(eval_set) == 0:
                 raise ConfigError("the eval set holds no packs")
             self.normalizer = global_normalizer(eval_set, range(len(eval_set)), cfg.loss_reduction)
@@ -396,7 +425,10 @@ class Evaluator:
         t0 = time.perf_counter()
         record: dict = {"step": step}
         try:
-            if self.eval_set is not None:
+            if self.eval_set is not None and self.cfg.objective != "sft":
+                record.update(self._preference_figures(module))
+                record["loss_seconds"] = time.perf_counter() - t0
+            elif self.eval_set is not None:
                 totals = eval_loss(self.loss_of, self.eval_set, self.normalizer, self.rank,
                                    self.world, self.cfg.micro_batch_size,
                                    self.cfg.loss_reduction, self.sequence)  # fmt: skip
@@ -414,6 +446,16 @@ class Evaluator:
         if self.is_first:
             self._report(record)
         return record
+
+    def _preference_figures(self, module) -> dict:
+        """The preference loss (mean over pairs) and TRL's metrics on the eval pairs."""
+        from pyfast_tune.trainer.preference import eval_figures, metric_means
+
+        figures = eval_figures(self.engine, self.eval_set, self.cfg, self.device, self.reference,
+                               self.rank, self.world, self.cfg.micro_batch_size,
+                               self.sequence)  # fmt: skip
+        return {"loss": figures[0], "pairs": int(figures[1]),
+                **metric_means(figures[1:], self.cfg.objective)}  # fmt: skip
 
     def answer(self, module) -> list[dict]:
         """Greedy answers to ``eval.prompts``: [{"prompt", "answer"}] in prompt order.

@@ -67,11 +67,14 @@ class FusedLossHead:
         self.head = head
 
     @contextlib.contextmanager
-    def computing_loss(self, targets: torch.Tensor, weights: torch.Tensor):
+    def computing_loss(self, targets: torch.Tensor, weights: torch.Tensor | None,
+                       reduction: str = "sum"):  # fmt: skip
         """While inside, ``head(hidden)`` returns ``Σ_t weights[t] * CE(hidden[t] Wᵀ + b, targets[t])``.
 
         targets: (T,) int64 (-100 = none), weights: (T,) float; hidden: (..., T, H) with one
-        row (training's packed batches are one row).
+        row (training's packed batches are one row). ``reduction="none"`` (weights None): the
+        (T,) per-token cross-entropies instead, 0 where the target is -100 — the negated
+        log-probabilities the preference objectives sum per sequence.
         """
         head = self.head
         had_own = "forward" in head.__dict__
@@ -87,7 +90,7 @@ class FusedLossHead:
             w = head.weight
             return linear_cross_entropy(
                 h.to(w.dtype), w, targets, head.bias, weights=weights, ignore_index=IGNORE,
-                reduction="sum",
+                reduction=reduction,
             )  # fmt: skip
 
         head.forward = forward

@@ -426,13 +426,17 @@ def step_fields(record: dict) -> dict[str, str]:
     """The console's per-step fields of a metrics record (formatted strings)."""
     tokens = record.get("tokens") or 0
     mfu = record.get("mfu")
-    return {
+    fields = {
         "loss": f"{record['loss']:.4f}",
         "lr": f"{record['lr']:.2e}",
         "tok/s": f"{record['tokens_per_s']:.0f}",
         "trained": f"{record['trained_tokens'] / tokens:.0%}" if tokens else "n/a",
         "MFU": f"{mfu:.1%}" if mfu is not None else "n/a",
     }
+    if "rewards/accuracies" in record:  # preference objectives (TRL's names)
+        fields["acc"] = f"{record['rewards/accuracies']:.2f}"
+        fields["margin"] = f"{record['rewards/margins']:.3f}"
+    return fields
 
 
 class Console:

@@ -52,7 +52,7 @@ def build_model(cfg, dtype_name: str, local_rank: int = 0, zero_stage: int = 0) 
     LoRA wraps it and recorded as ``model.pyfast_tune_setup`` (checkpoints save it; convert,
     merge and chat apply the same set-up to the base model).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from pyfast_tune.trainer.model_setup import apply_to_config, model_setup, setup_vocab
 
@@ -67,7 +67,17 @@ def build_model(cfg, dtype_name: str, local_rank: int = 0, zero_stage: int = 0) 
         kwargs["device_map"] = {"": device}
     config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=bool(cfg.trust_remote_code))
     apply_to_config(config, setup)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, config=config, **kwargs)
+    reward = getattr(cfg, "objective", "sft") == "reward"
+    if reward:
+        # A reward model: the causal LM's body with a new scalar head (`score`) on top, read
+        # at the last token of each sequence (pyfast_tune.trainer.preference.reward_scores).
+        config.num_labels = 1
+        if config.pad_token_id is None:  # batched scoring needs one; any id, it is masked
+            config.pad_token_id = getattr(config, "eos_token_id", None) or 0
+            if isinstance(config.pad_token_id, list):
+                config.pad_token_id = config.pad_token_id[0]
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    model = auto.from_pretrained(cfg.model, config=config, **kwargs)
     model.config.use_cache = False
     setup_vocab(model, setup)
 
@@ -97,7 +107,8 @@ def build_model(cfg, dtype_name: str, local_rank: int = 0, zero_stage: int = 0) 
         # Frozen embeddings give activations without grad; checkpointed blocks need one.
         model.enable_input_require_grads()
     setup["modules_to_save"] = modules_to_save(cfg.lora.modules_to_save, model, setup)
-    model = get_peft_model(model, lora_config(cfg.lora, setup["modules_to_save"]))
+    task = "SEQ_CLS" if reward else "CAUSAL_LM"  # SEQ_CLS trains and saves the `score` head
+    model = get_peft_model(model, lora_config(cfg.lora, setup["modules_to_save"], task))
     if cfg.method == "qlora":
         # prepare_model_for_kbit_training upcasts norms to fp32; keep trainable weights in dtype.
         for p in model.parameters():
@@ -127,7 +138,7 @@ def modules_to_save(configured, model: torch.nn.Module, setup: dict) -> list[str
     return [n for n in (inp, None if tied else out) if n]
 
 
-def lora_config(lora, modules: list[str] | None):
+def lora_config(lora, modules: list[str] | None, task_type: str = "CAUSAL_LM"):
     """peft's LoraConfig of a run (``lora``: the run's LoraConfig dataclass or its dict)."""
     import dataclasses
 
@@ -145,7 +156,7 @@ def lora_config(lora, modules: list[str] | None):
         lora_dropout=get("dropout", 0.05),
         target_modules=get("target_modules", "all-linear"),
         modules_to_save=list(modules) if modules else None,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         **extra,
     )
 

@@ -71,6 +71,7 @@ class Run:
     peak_flops: float | None  # per device, for MFU
     trainer_state: dict  # recorded with every checkpoint
     saved: list[Path] = field(default_factory=list)
+    reference: Any = None  # objective dpo: pyfast_tune.trainer.preference.Reference
 
 
 def _setup_data(cfg, output_dir: Path) -> Data:
@@ -84,6 +85,10 @@ def _setup_data(cfg, output_dir: Path) -> Data:
     if cfg.data.verify:
         verify_packed_dir(packed_dir, cache_dir)
     dataset = PackedDataset(packed_dir)
+    if cfg.objective != "sft":
+        from pyfast_tune.trainer.preference import require_pairs
+
+        require_pairs(dataset, cfg.objective)
     # What checkpoints, convert, merge and chat record is the template the data was packed
     # with, never a config default.
     cfg.data.template = packed_template(cfg.data.template, dataset.meta, packed_dir)
@@ -111,6 +116,15 @@ def setup(cfg) -> Run:
 
     resume_from = resolve_resume(cfg.resume, output_dir)
     trained = build_engine(cfg, proc, grad_accum, total_steps, resume_from)
+    # DPO's reference: before resume, so a precomputed table is of the starting weights.
+    from pyfast_tune.trainer.preference import build_reference
+
+    cache_dir = Path(cfg.data.cache_dir or output_dir.parent / ".pyfast_cache")
+    reference = build_reference(cfg, trained, data.dataset, cache_dir, proc)
+    eval_reference = reference
+    if reference is not None and reference.table is not None and cfg.eval.data is not None:
+        # eval.data is another packed directory: its samples get their own table.
+        eval_reference = build_reference(cfg, trained, data.eval_set, cache_dir, proc)
     start_step = 0
     if resume_from is not None:
         geometry = (f"micro {cfg.micro_batch_size} x accum {grad_accum} x {data_world} "
@@ -135,9 +149,10 @@ def setup(cfg) -> Run:
                           tokenizer=data.tokenizer, rank=topo.data_rank, world=topo.data_world,
                           sequence=topo.sequence, is_first=proc.is_first,
                           zero_stage=trained.zero_stage, device=proc.device, metrics=metrics,
-                          write=console.write)  # fmt: skip
+                          write=console.write, reference=eval_reference)  # fmt: skip
     return Run(cfg, proc, data, order, global_batch, total_steps, trained, resume_from,
-               start_step, metrics, console, evaluator, peak, trainer_state)  # fmt: skip
+               start_step, metrics, console, evaluator, peak, trainer_state,
+               reference=reference)  # fmt: skip
 
 
 def train(run: Run) -> dict:
@@ -152,11 +167,12 @@ def train(run: Run) -> dict:
     step = run.start_step
     for step in range(run.start_step, run.total_steps):
         t0 = time.perf_counter()
-        normalizer = global_normalizer(dataset, run.order.global_batch(step), cfg.loss_reduction)
+        normalizer = _normalizer(cfg, dataset, run.order.global_batch(step))
         scheduler = run.trained.lr_scheduler
         lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.lr
         totals = optimizer_step(engine, dataset, run.order, step, run.proc.topo, normalizer,
-                                run.trained.flops, cfg, run.proc.device)  # fmt: skip
+                                run.trained.flops, cfg, run.proc.device,
+                                reference=run.reference)  # fmt: skip
         dist.all_reduce(totals)
         now = time.perf_counter()
         losses.append(float(totals[0]))
@@ -182,10 +198,19 @@ def train(run: Run) -> dict:
     return {"losses": losses, "start_step": run.start_step, "steps": step + 1 - run.start_step}
 
 
+def _normalizer(cfg, dataset, pack_ids):
+    """The global batch's loss denominator: trained tokens or samples (sft), pairs (preference)."""
+    if cfg.objective != "sft":
+        from pyfast_tune.trainer.preference import global_pairs
+
+        return global_pairs(dataset, pack_ids)
+    return global_normalizer(dataset, pack_ids, cfg.loss_reduction)
+
+
 def _log_step(run: Run, step: int, totals: list[float], lr: float, seconds: float,
               elapsed: float) -> dict:  # fmt: skip
     """Rank 0: the step's record (global figures), to metrics.jsonl and the console."""
-    loss, tokens, trained, step_flops, padding = totals
+    loss, tokens, trained, step_flops, padding = totals[:5]
     grad_norm = run.trained.engine.get_global_grad_norm()
     peak = run.peak_flops
     record = {
@@ -203,6 +228,11 @@ def _log_step(run: Run, step: int, totals: list[float], lr: float, seconds: floa
         "mfu": step_flops / seconds / (peak * run.proc.world) if peak else None,
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
     }
+    if run.cfg.objective != "sft":  # TRL's names: rewards/chosen, logps/rejected, ...
+        from pyfast_tune.trainer.preference import metric_means
+
+        record["pairs"] = int(totals[5])
+        record.update(metric_means(totals[5:], run.cfg.objective))
     if (step + 1) % run.cfg.log_steps == 0 or step + 1 == run.total_steps:
         run.metrics.log(record)
     run.console.step(record)

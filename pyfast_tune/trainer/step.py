@@ -75,28 +75,42 @@ def batch_loss(
     return loss
 
 
-def optimizer_step(engine, dataset, order, step, topo, normalizer, flops, cfg, device):
+def optimizer_step(engine, dataset, order, step, topo, normalizer, flops, cfg, device,
+                   reference=None):  # fmt: skip
     """This rank's micro batches of optimizer step ``step``, forward/backward/step each.
 
     Returns float64 [loss share, tokens, trained tokens, model FLOPs, padding tokens] of this
     rank; their sum over ranks is the step's global figures (the loss share sums to the
     global-batch loss). With sequence parallelism (``topo.sequence``) the rank trains on its
-    shard of each row (``pyfast_tune.trainer.sequence_parallel``).
+    shard of each row (``pyfast_tune.trainer.sequence_parallel``). A preference objective
+    (``cfg.objective`` other than sft; ``normalizer`` is then a ``PairNormalizer`` and
+    ``reference`` the DPO reference) appends the pairs and the sums of its metrics
+    (``pyfast_tune.trainer.preference.row_loss``).
     """
+    from pyfast_tune.trainer import preference
+
     sp = topo.sequence
+    paired = cfg.objective != "sft"
     micro_batches = order.micro_batches(step, topo.data_rank, topo.data_world, cfg.micro_batch_size)
-    totals = torch.zeros(5, dtype=torch.float64)
+    totals = torch.zeros(5 + (preference.NUM_FIGURES if paired else 0), dtype=torch.float64)
     for accum_index, pack_ids in enumerate(micro_batches):
         row = accum_index * topo.data_world + topo.data_rank  # the row's index in the global batch
         # Dropout masks depend on (seed, step, row) only: identical under any world size
         # (a shard of a sequence-parallel row draws its own: its rank is in the seed too).
         key = [cfg.seed, step, row] + ([sp.rank] if sp is not None else [])
         torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
-        batch = collate([dataset[int(i)] for i in pack_ids], cfg.loss_reduction, normalizer)
+        batch = collate([dataset[int(i)] for i in pack_ids], cfg.loss_reduction,
+                        1 if paired else normalizer)  # fmt: skip
         if sp is not None:
             batch = shard_row(batch, sp.size, sp.rank)
         calls = sp.attention_calls if sp is not None else 0
-        loss = batch_loss(engine, batch, device, fused=cfg.fused_loss, sequence_parallel=sp)
+        figures = None
+        if paired:
+            loss, reported, figures = preference.row_loss(engine, batch, device, cfg, normalizer,
+                                                          reference, sp)  # fmt: skip
+        else:
+            loss = batch_loss(engine, batch, device, fused=cfg.fused_loss, sequence_parallel=sp)
+            reported = loss.detach()
         if sp is not None:
             sp.require_attention_since(calls)
         # DeepSpeed divides by grad_accum and averages gradients over all ranks (the shards of
@@ -104,9 +118,9 @@ def optimizer_step(engine, dataset, order, step, topo, normalizer, flops, cfg, d
         # loss (the sum of all rows' and shards' shares).
         engine.backward(loss * (len(micro_batches) * topo.world))
         engine.step()
-        totals += torch.tensor(
+        row = torch.tensor(
             [
-                float(loss.detach()),
+                float(reported),
                 batch.num_tokens,
                 batch.num_trained,
                 flops.step_flops(batch.sample_lengths),
@@ -114,4 +128,5 @@ def optimizer_step(engine, dataset, order, step, topo, normalizer, flops, cfg, d
             ],
             dtype=torch.float64,
         )
+        totals += row if figures is None else torch.cat([row, figures])
     return totals

@@ -68,3 +68,28 @@ def trimmed_conversations(src: str | Path, dst: str | Path, records: int, turns:
             rec["messages"] = rec["messages"][:turns]
             fout.write(json.dumps(rec) + "\n")
     return out
+
+
+def preference_pairs(src: str | Path, dst: str | Path, records: int, max_words: int = 24,
+                     seed: int = 0) -> Path:  # fmt: skip
+    """TRL conversational preference pairs made from the OpenAI-style chats of ``src``: the
+    first user turn as the prompt, its answer (cut to ``max_words`` words) as ``chosen`` and
+    another chat's answer as ``rejected`` — pairs a tiny model can learn to tell apart."""
+    import random
+
+    chats = []
+    with open(src) as fin:
+        for _, line in zip(range(records), fin):
+            msgs = json.loads(line)["messages"]
+            cut = " ".join(msgs[1]["content"].split()[:max_words])
+            chats.append((msgs[0], cut))
+    rng = random.Random(seed)
+    out = Path(dst)
+    with open(out, "w") as fout:
+        for i, (question, answer) in enumerate(chats):
+            j = rng.randrange(len(chats) - 1)
+            other = chats[j + (j >= i)][1]
+            rec = {"prompt": [question], "chosen": [{"role": "assistant", "content": answer}],
+                   "rejected": [{"role": "assistant", "content": other}]}  # fmt: skip
+            fout.write(json.dumps(rec) + "\n")
+    return out
