@@ -131,7 +131,8 @@ class PackedDataset:
         self.images: dict[int, str] = {}
         if images.is_file():
             # LLaVA: sample -> image path; <image> positions hold IMAGE_TOKEN_INDEX (-200).
-            self.images = {int(j): p for j, p in json.loads(images.read_text())["samples"]}
+            # Entries are [sample, path, position of its <image> in the sample].
+            self.images = {int(e[0]): e[1] for e in json.loads(images.read_text())["samples"]}
 
     def _map_optional(self, name: str) -> np.ndarray:
         spec = _FACTS["optional_files"][name]

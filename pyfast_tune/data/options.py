@@ -124,7 +124,7 @@ def _engine_options(sources: list[dict], mix: list[dict], **fields: Any) -> dict
     ``"field=column"`` text, the shard as a list) plus the ``sources`` the Hub inputs resolved
     to and the ``mix`` the source mappings became (data/mix.py), which are no flags. Shared by
     ``pack`` and ``fingerprint`` so both hash alike."""
-    for key in ("out_dir", "tokenizer", "data_order"):
+    for key in ("out_dir", "tokenizer", "data_order", "image_folder"):
         if fields.get(key) is not None:
             fields[key] = os.fspath(fields[key])
     for key in ("max_length", "seed", "min_length"):

@@ -45,6 +45,9 @@ def pack(
     address: str | None = None,
     retries: int = 3,
     work_dir: str | os.PathLike | None = None,
+    image_tokens: int = 0,
+    pack_length: int = 0,
+    image_folder: str | os.PathLike | None = None,
 ) -> PackStats:
     """Read, template, tokenize and pack ``inputs`` into ``out_dir`` (written atomically).
 
@@ -87,6 +90,11 @@ def pack(
       retried up to ``retries`` times; a rerun skips complete parts. ``address``: the Ray
       cluster (``"auto"``: the running one). None of these reach the fingerprint
       (docs/workflow-large-dataset.md).
+    image_tokens: LLaVA (``format="llava"``): the tokens one image becomes in training; packs
+      are planned with each ``<image>`` counted at that size, within ``pack_length`` (default
+      ``max_length + image_tokens - 1``; ``max_length`` stays XTuner's text truncation length),
+      and every image must exist under ``image_folder`` (default: the data file's folder) —
+      else a record error, or a counted skip with ``skip_bad`` (docs/workflow-llava.md).
     The output bytes depend only on the inputs and settings, never on ``threads``,
     ``tokenizer_backend`` or the executor.
 
@@ -105,6 +113,7 @@ def pack(
             data_order=data_order, columns=columns, min_length=min_length,
             file_type=file_type, rebuild_meta=rebuild_meta, shard=shard, map_fn=map_fn,
             tokenizer_backend=tokenizer_backend, split=split, subset=subset,
+            image_tokens=image_tokens, pack_length=pack_length, image_folder=image_folder,
         )  # fmt: skip
         return run_sharded(
             engine, out_dir, executor or "local", shards, address, retries, work_dir, progress
@@ -130,6 +139,9 @@ def pack(
         rebuild_meta=rebuild_meta,
         shard=shard,
         tokenizer_backend=tokenizer_backend,
+        image_tokens=image_tokens,
+        pack_length=pack_length,
+        image_folder=image_folder,
     )
     if map_fn is not None:
         return _pack_mapped(map_fn, options, progress)

@@ -204,8 +204,9 @@ def test_llava_image_table(tmp_path, tiny_tokenizer):
     ds = PackedDataset(tmp_path / "p")
     assert ds.meta["files"][0]["format"] == "llava"
     table = json.loads((tmp_path / "p" / "images.json").read_text())
-    assert table == {"image_token_id": 0xFFFFFF38, "samples": [[0, "coco/1.jpg"]]}
     s0, s1 = ds.sample(0), ds.sample(1)
+    position = int(np.flatnonzero(s0["input_ids"] == -200)[0])  # recorded beside the path
+    assert table == {"image_token_id": 0xFFFFFF38, "samples": [[0, "coco/1.jpg", position]]}
     assert s0["image"] == "coco/1.jpg" and s1["image"] is None
     assert (s0["input_ids"] == -200).sum() == 1 and (s1["input_ids"] == -200).sum() == 0
     assert s0["labels"][s0["input_ids"] == -200].tolist() == [IGNORE]

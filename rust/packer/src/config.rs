@@ -60,6 +60,17 @@ pub struct PackConfig {
     pub rebuild_meta: bool,
     /// `(i, n)`: encode only part `i` of `n` and save it for `merge-packs`.
     pub shard: Option<(usize, usize)>,
+    /// LLaVA: patch embeddings one image becomes at training time (0 = images are not
+    /// expanded). Packing then counts each image's `<image>` token as this many tokens, and
+    /// checks that every image file exists.
+    pub image_tokens: usize,
+    /// LLaVA with `image_tokens`: pack capacity after image expansion (0 = `max_length +
+    /// image_tokens - 1`, so no sample ever overflows). `max_length` keeps XTuner's meaning:
+    /// the text truncation length.
+    pub pack_length: usize,
+    /// LLaVA: folder the records' image paths are relative to (XTuner's `image_folder`;
+    /// default: the folder of the data file holding the record).
+    pub image_folder: Option<PathBuf>,
     /// Where inputs came from when a front end resolved them to local files (a Hugging Face
     /// Hub dataset read from its cache): recorded in meta.json and the fingerprint. Never a
     /// user option, so it is left out of the defaults (and so of every front end's flags).
@@ -173,6 +184,9 @@ impl Default for PackConfig {
             file_type: None,
             rebuild_meta: false,
             shard: None,
+            image_tokens: 0,
+            pack_length: 0,
+            image_folder: None,
             sources: Vec::new(),
             mix: Vec::new(),
         }
@@ -316,6 +330,26 @@ pub const FIELDS: &[FieldDoc] = &[
         choices: &[],
         help: "encode part I of N (0-based) into --out; join the parts with merge-packs",
     },
+    FieldDoc {
+        name: "image_tokens",
+        kind: "int",
+        choices: &[],
+        help: "LLaVA: tokens one image becomes in training ((H/p)*(W/p) patches, e.g. 576 for \
+               CLIP-L/14 at 336 px); packing counts images at this size and checks image files",
+    },
+    FieldDoc {
+        name: "pack_length",
+        kind: "int",
+        choices: &[],
+        help: "LLaVA with --image-tokens: pack capacity after image expansion (default: \
+               max_length + image_tokens - 1; max_length stays the text truncation length)",
+    },
+    FieldDoc {
+        name: "image_folder",
+        kind: "path",
+        choices: &[],
+        help: "LLaVA: folder image paths are relative to (default: the data file's folder)",
+    },
 ];
 
 impl PackConfig {
@@ -363,6 +397,7 @@ pub fn parse_names(cfg: &PackConfig) -> Result<(Format, Option<&'static Template
         )));
     }
     Columns::parse(&cfg.columns).map_err(Error::Config)?;
+    check_images(cfg)?;
     check_mix(cfg)?;
     if let Some((i, n)) = cfg.shard {
         if n == 0 || i >= n {
@@ -372,6 +407,44 @@ pub fn parse_names(cfg: &PackConfig) -> Result<(Format, Option<&'static Template
         }
     }
     Ok((format, template))
+}
+
+/// `pack_length` only means something with `image_tokens`, and must hold any sample.
+fn check_images(cfg: &PackConfig) -> Result<()> {
+    if cfg.pack_length > 0 && cfg.image_tokens == 0 {
+        return Err(Error::Config(
+            "pack_length is the capacity after image expansion: set image_tokens too".into(),
+        ));
+    }
+    if cfg.pack_length > u32::MAX as usize {
+        return Err(Error::Config(format!(
+            "pack_length must be at most {}",
+            u32::MAX
+        )));
+    }
+    if cfg.pack_length > 0 && cfg.pack_length < cfg.max_length + cfg.image_tokens - 1 {
+        return Err(Error::Config(format!(
+            "pack_length {} cannot hold a sample of max_length {} text tokens with one image \
+             of {} tokens: use at least {} (or lower max_length, as XTuner's LLaVA configs do)",
+            cfg.pack_length,
+            cfg.max_length,
+            cfg.image_tokens,
+            cfg.max_length + cfg.image_tokens - 1
+        )));
+    }
+    Ok(())
+}
+
+impl PackConfig {
+    /// Pack capacity in training tokens: `pack_length`, or with `image_tokens` the room for
+    /// a `max_length` sample with its image expanded, else `max_length`.
+    pub fn capacity(&self) -> usize {
+        match (self.image_tokens, self.pack_length) {
+            (0, _) => self.max_length,
+            (n, 0) => self.max_length + n - 1,
+            (_, c) => c,
+        }
+    }
 }
 
 /// A mix replaces `inputs`; each source's format and columns must parse and its names be

@@ -85,6 +85,8 @@ pub fn pack(cfg: &PackConfig, progress: &dyn Fn(Progress<'_>) -> bool) -> Result
     let header = Header {
         fingerprint_base: fp_base,
         max_length: cfg.max_length,
+        image_tokens: cfg.image_tokens,
+        pack_length: cfg.capacity(),
         format: cfg.format.clone(),
         template: cfg.template.clone(),
         seed: cfg.seed,

@@ -38,6 +38,13 @@ pub(crate) fn fingerprint_inputs(cfg: &PackConfig, tokenizer_hash: &str, files: 
     if cfg.min_length > 0 {
         o.insert("min_length".into(), json!(cfg.min_length));
     }
+    if cfg.image_tokens > 0 {
+        o.insert("image_tokens".into(), json!(cfg.image_tokens));
+        o.insert("pack_length".into(), json!(cfg.capacity()));
+    }
+    if let Some(folder) = &cfg.image_folder {
+        o.insert("image_folder".into(), json!(folder.to_string_lossy()));
+    }
     if !cfg.sources.is_empty() {
         o.insert("sources".into(), json!(cfg.sources));
     }

@@ -615,7 +615,16 @@ fn encode_json_file(
         for (rec, res) in batch.iter().zip(results) {
             match res {
                 Ok(Some(RecordOut::Sample(enc, raw_len, image))) => {
-                    st.take(enc, raw_len, fi, rec.index, image)?
+                    match crate::pack::image::check_sample(cfg, &file.path, &enc.ids, image) {
+                        Ok(image) => st.take(enc, raw_len, fi, rec.index, image)?,
+                        Err(msg) => {
+                            st.part.stats.skipped_records += 1;
+                            let fault = RecordFault::Shape(msg);
+                            let err =
+                                record_error(&file.path, rec.line, rec.index, fault, fmt.name());
+                            skip(cfg, &mut st.part.stats, err)?;
+                        }
+                    }
                 }
                 Ok(Some(RecordOut::Pair(c, r))) => {
                     st.take_pair(c, r, cfg.max_length, fi, rec.index)?

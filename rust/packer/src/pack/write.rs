@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::pack::binpack::plan_packs;
 use crate::pack::fingerprint::hash_value;
+use crate::pack::image;
 use crate::pack::mix::{self, MixRule, MixSourceStats};
 use crate::pack::stage::{
     Part, StagedSample, MAX_SKIP_EXAMPLES, ROLE_CHOSEN, ROLE_NONE, ROLE_REJECTED, STAGE_IDS,
@@ -28,6 +29,12 @@ pub(crate) struct Header {
     /// [`crate::pack::fingerprint::fingerprint_inputs`] without `inputs`.
     pub fingerprint_base: Value,
     pub max_length: usize,
+    /// LLaVA: tokens one image becomes in training (0: images not expanded).
+    #[serde(default)]
+    pub image_tokens: usize,
+    /// Pack capacity in training tokens (0 in a header saved before it existed: max_length).
+    #[serde(default)]
+    pub pack_length: usize,
     pub format: String,
     pub template: String,
     pub seed: u64,
@@ -113,12 +120,22 @@ pub(crate) fn finish(
     };
 
     let lengths: Vec<u32> = staged.iter().map(|s| s.len).collect();
+    // Planned at their training length: each image counts as the patch tokens it becomes.
+    let image_ids: Vec<u64> = images.iter().filter_map(|v| v[0].as_u64()).collect();
+    let capacity = header.pack_length.max(header.max_length);
+    let planned = image::expanded_lengths(&staged, &image_ids, header.image_tokens);
     let packs = match &pairs {
-        None => plan_packs(&lengths, header.max_length as u32, header.seed),
+        None => plan_packs(&planned, capacity as u32, header.seed),
         Some(starts) => plan_pair_packs(&lengths, starts, header.max_length as u32, header.seed),
     }
     .map_err(Error::Internal)?;
     let part_dirs: Vec<&Path> = parts.iter().map(|p| p.dir.as_path()).collect();
+    let image_positions = image::positions(&part_dirs, &staged, &image_ids)?;
+    for (v, pos) in images.iter_mut().zip(&image_positions) {
+        if let Some(a) = v.as_array_mut() {
+            a.push(json!(pos));
+        }
+    }
     let mut loss_of = mixed.as_ref().map(|_| vec![0u32; staged.len()]);
     let mut outputs = write_packed(
         &staging.dir,
@@ -154,9 +171,12 @@ pub(crate) fn finish(
     }
     if !images.is_empty() {
         let p = staging.dir.join(layout::IMAGES);
-        let text =
-            json!({"image_token_id": crate::template::encode::IMAGE_TOKEN_ID, "samples": images})
-                .to_string();
+        let mut table =
+            json!({"image_token_id": crate::template::encode::IMAGE_TOKEN_ID, "samples": images});
+        if header.image_tokens > 0 {
+            table["image_tokens"] = json!(header.image_tokens);
+        }
+        let text = table.to_string();
         std::fs::write(&p, &text).map_err(|e| Error::io(&p, e))?;
         outputs.insert(
             layout::IMAGES.to_string(),
@@ -171,7 +191,8 @@ pub(crate) fn finish(
     // change that did would show here (and make `verify` refuse the directory).
     stats.split_samples =
         crate::packed_dir::verify::samples_in_several_packs(&packs, lengths.len());
-    stats.fill = tokens as f64 / (packs.len() as f64 * header.max_length as f64);
+    let planned_tokens: u64 = planned.iter().map(|&l| l as u64).sum();
+    stats.fill = planned_tokens as f64 / (packs.len() as f64 * capacity as f64);
     let mut fp_inputs = header.fingerprint_base.clone();
     fp_inputs["inputs"] = Value::Array(file_entries);
     stats.fingerprint = hash_value(&fp_inputs);
@@ -193,6 +214,11 @@ pub(crate) fn finish(
         "num_tokens": stats.tokens,
         "outputs": outputs,
     });
+    if header.image_tokens > 0 {
+        meta["image_tokens"] = json!(header.image_tokens);
+        meta["pack_length"] = json!(capacity);
+        meta["num_training_tokens"] = json!(planned_tokens);
+    }
     if !header.mix.is_empty() {
         meta["mix"] = serde_json::to_value(&stats.mix).unwrap_or(Value::Null);
     }

@@ -104,7 +104,11 @@ pub fn verify(dir: &Path) -> Result<Value> {
         num("num_tokens")?,
         num("num_samples")?,
         num("num_packs")?,
-        num("max_length")?,
+        // LLaVA packs hold up to pack_length training tokens (images expanded), so their
+        // text is bounded by it too.
+        meta.get("pack_length")
+            .and_then(Value::as_u64)
+            .map_or_else(|| num("max_length"), Ok)?,
     );
     let mut data = std::collections::HashMap::new();
     let has_pairs = meta["outputs"].get(layout::PAIRS).is_some();
