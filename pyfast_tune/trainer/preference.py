@@ -178,9 +178,27 @@ def sequence_logps(model, batch: PackedBatch, device, fused: bool, sequence_para
     return per_token, sums, counts
 
 
+def score_positions(input_ids: np.ndarray, cu_seqlens: np.ndarray, n: int,
+                    pad_token_id: int | None) -> np.ndarray:  # fmt: skip
+    """Where each of the first ``n`` segments is scored: its last token whose id is not
+    ``pad_token_id`` — transformers' ``*ForSequenceClassification`` rule, so an exported
+    model scores a conversation at the position training did (the segment's last token when
+    it is not the pad id; with pad = EOS, the token before a final EOS, as TRL's reward
+    models)."""
+    ids = np.asarray(input_ids)
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    out = cu[1 : n + 1] - 1
+    if pad_token_id is None:
+        return out
+    for k in range(n):
+        real = np.nonzero(ids[cu[k] : cu[k + 1]] != pad_token_id)[0]
+        out[k] = cu[k] + (real[-1] if len(real) else cu[k + 1] - cu[k] - 1)
+    return out
+
+
 def reward_scores(model, inputs: dict, batch: PackedBatch) -> torch.Tensor:
-    """(n,) scalar scores at the last token of each segment (a sequence-classification
-    model's ``score`` head, read by a forward hook so every wrapper's forward runs)."""
+    """(n,) scalar scores of each segment (``score_positions``) from a sequence-classification
+    model's ``score`` head, read by a forward hook so every wrapper's forward runs."""
     hf = hf_model(model)
     head = getattr(hf, "score", None)
     if head is None:
@@ -195,7 +213,8 @@ def reward_scores(model, inputs: dict, batch: PackedBatch) -> torch.Tensor:
     if len(seen) != 1:
         raise RuntimeError(f"the model called its score head {len(seen)} times in one forward")
     out = seen[0].reshape(-1, seen[0].shape[-1])  # (T, 1)
-    last = torch.from_numpy(np.asarray(batch.cu_seqlens[1 : len(batch.pairs) + 1]) - 1)
+    pad = getattr(hf.config, "pad_token_id", None)
+    last = torch.from_numpy(score_positions(batch.input_ids, batch.cu_seqlens, len(batch.pairs), pad))
     return out[last.to(out.device), 0].float()
 
 
