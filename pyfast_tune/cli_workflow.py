@@ -6,6 +6,7 @@ chat. ``cli.py`` appends :data:`REGISTRARS` to its own; heavy imports happen ins
     pyfast-tune convert runs/lora adapter/
     pyfast-tune merge models/base adapter/ merged/
     pyfast-tune chat merged/ --prompt "Hello"
+    pyfast-tune score reward_model/ chats.jsonl
 """
 
 from __future__ import annotations
@@ -235,4 +236,32 @@ def _cmd_chat(args) -> int:
         return chat_main(args)
 
 
-REGISTRARS: list[Callable] = [_add_inspect, _add_train, _add_convert, _add_merge, _add_chat]
+def _add_score(sub) -> None:
+    p = sub.add_parser(
+        "score",
+        help="score conversations with a reward model (objective: reward), packed",
+        description="Each conversation is templated as training encoded the pairs (the template "
+        "recorded by convert/merge), packed whole into rows and scored at its last non-pad "
+        "token. One JSON line per conversation: {file, record, score}, in input order.",
+        epilog="examples:\n  pyfast-tune score reward_model/ chats.jsonl > scores.jsonl\n"
+        "  pyfast-tune score merged_rm/ data/*.jsonl --template qwen_chat --max-length 8192",
+        formatter_class=_RAW,
+    )
+    p.add_argument("model", metavar="MODEL", help="a reward model folder (convert or merge)")
+    p.add_argument("inputs", nargs="+", metavar="FILE", help="JSON/JSONL with `messages`")
+    p.add_argument("--template", default=None, help="default: the one the model recorded")
+    p.add_argument("--max-length", type=int, default=4096, help="tokens per packed row")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cmd_score)
+
+
+def _cmd_score(args) -> int:
+    from pyfast_tune.quiet import quiet_dependencies
+    from pyfast_tune.score import score_main
+
+    with quiet_dependencies():
+        return score_main(args)
+
+
+REGISTRARS: list[Callable] = [_add_inspect, _add_train, _add_convert, _add_merge, _add_chat,
+                              _add_score]  # fmt: skip

@@ -347,8 +347,12 @@ def convert(
     tmp = _fresh_dir(out)
     try:
         with torch.no_grad():
+            from pyfast_tune.vision.export import empty_llava, finish_folder, is_llava_run
+
+            llava = is_llava_run(cfg)
             if method == "full":
-                model = _empty_model(cfg["model"], torch_dtype, trust, setup)
+                model = (empty_llava(cfg, torch_dtype) if llava
+                         else _empty_model(cfg["model"], torch_dtype, trust, setup))  # fmt: skip
                 _assign(model, weights, torch_dtype)
                 model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
                 _write_generation_config(model, cfg["model"], tmp, tok_src)
@@ -361,6 +365,8 @@ def convert(
                 kind = "adapter"
         copied = copy_tokenizer_files(tok_src, tmp)
         _add_missing_tokens(tmp, setup)
+        if llava and kind == "model":  # <image> token and processors (pyfast_tune.vision)
+            finish_folder(tmp, cfg)
         _write_run_file(tmp, cfg, ckpt, setup)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -396,10 +402,16 @@ def _adapter_model(cfg: dict, trust: bool, setup: dict | None = None):
 
     from pyfast_tune.trainer.model import lora_config
 
-    base = _empty_model(cfg["model"], None, trust, setup)
+    from pyfast_tune.vision.export import empty_llava, is_llava_run
+
+    llava = is_llava_run(cfg)
+    base = empty_llava(cfg, None) if llava else _empty_model(cfg["model"], None, trust, setup)
     base.config.name_or_path = str(cfg["model"])
     modules = (setup or {}).get("modules_to_save", (cfg.get("lora") or {}).get("modules_to_save"))
-    model = get_peft_model(base, lora_config(cfg.get("lora") or {}, modules))
+    lcfg = lora_config(cfg.get("lora") or {}, modules)
+    if llava:  # the LLM's layers the run adapted, by full name (pyfast_tune.vision.model)
+        lcfg.target_modules = (setup or {})["llava"]["lora_targets"]
+    model = get_peft_model(base, lcfg)
     model.peft_config["default"].base_model_name_or_path = str(cfg["model"])
     return model
 
@@ -478,6 +490,10 @@ def merge(
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         copied = copy_tokenizer_files(tok_src, tmp)
         _write_generation_config(model, base, tmp, tok_src)
+        from pyfast_tune.vision.export import finish_folder, is_llava_run
+
+        if is_llava_run({"model": str(base)}):  # the base's image processors beside it
+            finish_folder(tmp, {"model": str(base)})
         run = adapter_path / RUN_FILE
         if run.is_file():
             info = json.loads(run.read_text())

@@ -495,7 +495,11 @@ class Evaluator:
 
     def _report(self, record: dict) -> None:
         lines = [f"eval step {record['step']}:"]
-        if "loss" in record:
+        if "pairs" in record:  # a preference objective: TRL's accuracy and margin too
+            lines[0] += (f" loss {record['loss']:.4f} over {record['pairs']} pairs, accuracy "
+                         f"{record['rewards/accuracies']:.3f}, margin "
+                         f"{record['rewards/margins']:.4f}")  # fmt: skip
+        elif "loss" in record:
             lines[0] += (f" loss {record['loss']:.4f} over {record['trained_tokens']} trained "
                          f"tokens of {record['samples']} samples")  # fmt: skip
         for qa in record.get("answers", []):
