@@ -179,6 +179,7 @@ def generate(
     repetition_penalty: float = 1.0,
     seed: int = 0,
     on_text: Callable[[str], None] | None = None,
+    first_inputs: dict | None = None,
 ) -> tuple[str, list[int]]:
     """Decode from ``model`` with a KV cache; returns (answer text, generated ids).
 
@@ -189,7 +190,8 @@ def generate(
     ``top_k`` most likely tokens (0 = all) and to the smallest set whose probability reaches
     ``top_p``. Stops at a ``stop_ids`` token (not included) or at the first stop word (cut
     off), or after ``max_new_tokens``. ``on_text`` receives the answer piece by piece as it
-    becomes final.
+    becomes final. ``first_inputs``: more inputs of the first forward (a LLaVA image's
+    ``pixel_values``).
     """
     import torch
 
@@ -201,7 +203,8 @@ def generate(
     cache_key = _cache_argument(model)
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            out = model(input_ids=inputs, use_cache=True, **{cache_key: past})
+            extra = (first_inputs or {}) if past is None else {}
+            out = model(input_ids=inputs, use_cache=True, **{cache_key: past}, **extra)
             past = getattr(out, cache_key)
             logits = out.logits[0, -1].float().cpu()
             if repetition_penalty != 1.0 and len(seen):
@@ -365,9 +368,11 @@ class ChatSession:
         trust_remote_code: bool = False,
         bits: int | None = None,
         stop_words: Sequence[str] = (),
+        image: str | Path | None = None,
     ) -> None:
         quantization_config(bits, None)  # a --bits that cannot work fails before any loading
         model_dir = Path(model_dir)
+        self.model_dir, self.image = model_dir, None
         adapter = Path(adapter) if adapter else None
         tok_dir = Path(tokenizer) if tokenizer else None
         if tok_dir is None:
@@ -390,12 +395,31 @@ class ChatSession:
             if i is not None:
                 self.stop_ids.add(i)
         self.history: list[tuple[str, str]] = []
+        if image is not None:
+            self.set_image(image)
+
+    def set_image(self, image: str | Path) -> None:
+        """Chat about ``image`` (a LLaVA model): the next message opens with it."""
+        from pyfast_tune.vision.chat import ImagePrompt
+
+        self.image = ImagePrompt(self.model, self.model_dir, image)
+        self.history.clear()
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
 
-    def ask(self, message: str, on_text=None, **gen_kwargs) -> str:
+    def ask(self, message: str, on_text=None, image: str | Path | None = None,
+            **gen_kwargs) -> str:  # fmt: skip
+        if image is not None:
+            self.set_image(image)
+        first = {}
+        if self.image is not None:  # its token opens the first message; pixels every prompt
+            if not self.history:
+                message = self.image.message(message)
+            first = {"pixel_values": self.image.pixel_values}
         ids = self.format.prompt_ids(self.history, message)
+        if self.image is not None:
+            ids = self.image.expand(ids)
         answer, _ = generate(
             self.model,
             ids,
@@ -403,6 +427,7 @@ class ChatSession:
             stop_ids=self.stop_ids,
             stop_words=self.stop_words,
             on_text=on_text,
+            first_inputs=first,
             **gen_kwargs,
         )
         self.history.append((message, answer))
@@ -426,6 +451,7 @@ def chat_main(args) -> int:
         trust_remote_code=args.trust_remote_code,
         bits=getattr(args, "bits", None),
         stop_words=getattr(args, "stop_words", None) or (),
+        image=getattr(args, "image", None),
     )
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
            "top_p": args.top_p, "top_k": getattr(args, "top_k", 0),

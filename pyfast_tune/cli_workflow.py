@@ -196,7 +196,8 @@ def _add_chat(sub) -> None:
         "goes. Default template: the one recorded by convert/merge, else hf.",
         epilog="examples:\n  pyfast-tune chat merged/\n"
         "  pyfast-tune chat models/base --adapter adapter/ --template qwen_chat --system 'Be brief.'\n"
-        "  pyfast-tune chat merged/ --prompt 'What is 2+2?' --temperature 0 --max-new-tokens 32",
+        "  pyfast-tune chat merged/ --prompt 'What is 2+2?' --temperature 0 --max-new-tokens 32\n"
+        "  pyfast-tune chat llava/ --image cat.png --prompt 'What colour is the cat?'",
         formatter_class=_RAW,
     )
     p.add_argument("model", metavar="MODEL")
@@ -219,6 +220,8 @@ def _add_chat(sub) -> None:
                    help="more stop words, added to the template's")  # fmt: skip
     p.add_argument("--bits", type=int, choices=[4, 8], default=None,
                    help="load the model quantized by bitsandbytes (needs CUDA)")  # fmt: skip
+    p.add_argument("--image", default=None, metavar="PATH",
+                   help="a LLaVA model: chat about this image (docs/workflow-llava.md)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument(
         "--tokenizer", default=None, help="tokenizer dir (default: adapter's or model's)"

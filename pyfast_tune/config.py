@@ -202,6 +202,13 @@ class TrainConfig:
     # sft (next-token loss) | dpo | orpo | simpo | reward (preference packs: --format preference)
     objective: str = "sft"
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    # LLaVA (docs/workflow-llava.md): `model` a LlavaForConditionalGeneration folder, or a
+    # vision tower and an LLM joined by a new projector (XTuner's stage-1 layout); `freeze`
+    # lists parts kept as they are (vision_tower, projector, llm; default [vision_tower]).
+    vision_tower: str | None = None
+    llm: str | None = None
+    freeze: list[str] | None = None
+    visual_select_layer: int = -2  # the tower layer whose features (CLS dropped) are projected
 
 
 def _dataclass_from_dict(cls, values: dict, where: str = ""):
@@ -325,6 +332,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def validate(cfg: TrainConfig) -> None:
     """Reject inconsistent settings with a message naming the key."""
+    if cfg.vision_tower and not (cfg.llm or cfg.model):
+        raise ConfigError("vision_tower needs `llm` (the language model it is joined to)")
+    if cfg.vision_tower and not cfg.model:
+        cfg.model = cfg.llm  # the LLM's config, tokenizer and name serve where a model's do
     if not cfg.model:
         raise ConfigError("config key `model` (a local model directory or Hub id) is required")
     if cfg.method not in ("full", "lora", "qlora"):

@@ -198,6 +198,11 @@ def register() -> None:
 def _set_attn(model: torch.nn.Module, name: str) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(base, "set_attn_implementation"):
+        if "vision_config" in getattr(base.config, "sub_configs", {}):
+            # A vision-language model: only its language model packs; the vision encoder
+            # attends bidirectionally over each image with its own implementation.
+            base.set_attn_implementation({"": name, "text_config": name})
+            return
         base.set_attn_implementation(name)
     else:  # pragma: no cover - very old transformers
         base.config._attn_implementation = name

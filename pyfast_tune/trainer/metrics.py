@@ -30,12 +30,16 @@ class FlopCounter:
 
     def __init__(self, model: torch.nn.Module):
         self.linear_flops_per_token = 0
-        for module in model.modules():
+        for name, module in model.named_modules():
+            # per-token FLOPs: a vision tower and projector run per image, not per token
+            if "vision_tower" in name or "multi_modal_projector" in name:
+                continue
             if isinstance(module, torch.nn.Linear):
                 mac = module.in_features * module.out_features
                 trained = module.weight.requires_grad
                 self.linear_flops_per_token += 2 * mac * (3 if trained else 2)
         cfg = model.config
+        cfg = getattr(cfg, "text_config", None) or cfg  # a vision-language model's LLM
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         self.attn_width = heads * head_dim

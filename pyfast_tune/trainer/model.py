@@ -55,6 +55,10 @@ def build_model(cfg, dtype_name: str, local_rank: int = 0, zero_stage: int = 0) 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from pyfast_tune.trainer.model_setup import apply_to_config, model_setup, setup_vocab
+    from pyfast_tune.vision.model import build_llava, is_llava
+
+    if is_llava(cfg):  # a vision tower, projector and LLM: pyfast_tune.vision
+        return build_llava(cfg, dtype_name, local_rank, zero_stage)
 
     setup = model_setup(cfg)
     dtype = DTYPES[dtype_name]

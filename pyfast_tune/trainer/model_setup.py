@@ -263,11 +263,14 @@ def load_base(model_dir, setup: dict | None, **kwargs):
     the base an adapter of that run goes on, or what ``merge`` merges it into."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from pyfast_tune.vision.model import llava_class_for
+
+    auto = llava_class_for(model_dir) or AutoModelForCausalLM  # LLaVA: its own class
     if not setup:
-        return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        return auto.from_pretrained(model_dir, **kwargs)
     trust = bool(kwargs.get("trust_remote_code"))
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
     apply_to_config(config, setup)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, **kwargs)
+    model = auto.from_pretrained(model_dir, config=config, **kwargs)
     setup_vocab(model, setup)
     return model

@@ -81,6 +81,9 @@ def _setup_data(cfg, output_dir: Path) -> Data:
     # evaluation prompts and the checkpoints' copies all read that one folder.
     tokenizer = resolve_tokenizer(cfg.tokenizer or cfg.data.tokenizer or cfg.model)
     tokenizer = prepare_tokenizer(cfg, tokenizer, cache_dir)  # + new_special_tokens, if any
+    from pyfast_tune.vision.run import llava_run
+
+    llava = llava_run(cfg)  # LLaVA: packing counts images at their training size
     packed_dir = prepare_packed_dir(cfg.data, cfg.max_length, tokenizer, cache_dir)
     if cfg.data.verify:
         verify_packed_dir(packed_dir, cache_dir)
@@ -94,6 +97,8 @@ def _setup_data(cfg, output_dir: Path) -> Data:
     cfg.data.template = packed_template(cfg.data.template, dataset.meta, packed_dir)
     # eval.split takes its samples out of the training packs; eval.data is opened (verified).
     dataset, eval_set = split_data(cfg, dataset, cache_dir)
+    if llava is not None:  # packs at training length (image tokens expanded) with their images
+        dataset = llava.wrap(dataset)
     # The training part's fingerprint: with eval.split it names the held-out samples too.
     return Data(tokenizer, packed_dir, dataset, eval_set, dataset.meta.get("fingerprint"))
 

@@ -22,6 +22,8 @@ def model_inputs(batch: PackedBatch, device: torch.device | str, sequence_parall
     """
     cu = torch.from_numpy(batch.cu_seqlens).to(device)
     extra = {} if sequence_parallel is None else {"sequence_parallel": sequence_parallel}
+    if hasattr(batch, "extra_inputs"):  # a LLaVA batch's images (pyfast_tune.vision.data)
+        extra.update(batch.extra_inputs(device))
     return {
         **extra,
         "input_ids": torch.from_numpy(batch.input_ids).to(device).unsqueeze(0),  # (1, T)
@@ -99,8 +101,10 @@ def optimizer_step(engine, dataset, order, step, topo, normalizer, flops, cfg, d
         # (a shard of a sequence-parallel row draws its own: its rank is in the seed too).
         key = [cfg.seed, step, row] + ([sp.rank] if sp is not None else [])
         torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
-        batch = collate([dataset[int(i)] for i in pack_ids], cfg.loss_reduction,
-                        1 if paired else normalizer)  # fmt: skip
+        # a dataset may bring its own collate (LLaVA: the images beside the row)
+        batch = getattr(dataset, "collate", collate)(
+            [dataset[int(i)] for i in pack_ids], cfg.loss_reduction, 1 if paired else normalizer
+        )
         if sp is not None:
             batch = shard_row(batch, sp.size, sp.rank)
         calls = sp.attention_calls if sp is not None else 0
