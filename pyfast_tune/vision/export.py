@@ -75,7 +75,9 @@ def finish_folder(folder: str | Path, cfg: dict) -> None:
                 tcfg["extra_special_tokens"] = [*extra, IMAGE_TOKEN]
             tcfg_path.write_text(json.dumps(tcfg, indent=2) + "\n")
     if image_id >= config.text_config.vocab_size or config.image_token_id != image_id:
-        model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=config.text_config.dtype)
+        model = LlavaForConditionalGeneration.from_pretrained(
+            folder, dtype=config.text_config.dtype
+        )
         grow_vocab(model, image_id + 1)
         model.config.image_token_id = image_id
         model.save_pretrained(folder, safe_serialization=True)

@@ -42,7 +42,9 @@ def is_llava(cfg) -> bool:
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=bool(cfg.trust_remote_code))
+        config = AutoConfig.from_pretrained(
+            cfg.model, trust_remote_code=bool(cfg.trust_remote_code)
+        )
     except (OSError, ValueError):
         return False
     return getattr(config, "model_type", None) == "llava"
@@ -58,7 +60,9 @@ def part_of(name: str) -> str | None:
     return None
 
 
-def llava_config(vision_config, text_config, select_layer: int = -2, image_token_id: int | None = None):
+def llava_config(
+    vision_config, text_config, select_layer: int = -2, image_token_id: int | None = None
+):
     """A LlavaConfig joining a vision tower's and an LLM's configs, with XTuner's projector
     (GELU, biases) and feature choice (``select_layer``, CLS dropped)."""
     from transformers import LlavaConfig
@@ -83,8 +87,12 @@ def assemble(vision_tower: str, llm: str, dtype: torch.dtype, select_layer: int 
              seed: int = 0, quantization_config=None, device_map=None):  # fmt: skip
     """LlavaForConditionalGeneration from a vision tower folder (CLIP, or a model with a
     ``vision_config``) and a causal LM folder; the projector is new (seeded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
-    from transformers import LlavaForConditionalGeneration
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        CLIPVisionModel,
+        LlavaForConditionalGeneration,
+    )
 
     tower_cfg = AutoConfig.from_pretrained(vision_tower)
     tower_cfg = getattr(tower_cfg, "vision_config", tower_cfg)
@@ -198,9 +206,13 @@ def install_image_hook(model: torch.nn.Module) -> None:
         seq = embeds.shape[1]
         keep = starts + n_tokens <= seq  # a probe on the row's first tokens keeps what fits
         if len(starts) and bool(keep.any()):
-            rows = (starts[keep][:, None] + torch.arange(n_tokens, device=starts.device)).reshape(-1)
+            rows = (starts[keep][:, None] + torch.arange(n_tokens, device=starts.device)).reshape(
+                -1
+            )
             embeds = embeds.clone()
-            embeds[0, rows] = feats[: len(starts)][keep].reshape(-1, feats.shape[-1]).to(embeds.dtype)
+            embeds[0, rows] = (
+                feats[: len(starts)][keep].reshape(-1, feats.shape[-1]).to(embeds.dtype)
+            )
         # Every parameter of the tower and projector takes part in every forward (a blank
         # image when the batch has none), so ZeRO-3 ranks gather the same weights in step.
         embeds = embeds + 0.0 * feats.sum().to(embeds.dtype)
@@ -267,7 +279,9 @@ def build_llava(cfg, dtype_name: str, local_rank: int = 0, zero_stage: int = 0) 
     if cfg.method != "full":
         setup["modules_to_save"] = save
     model.pyfast_tune_setup = setup
-    trainable = sorted({part_of(n) for n, p in model.named_parameters() if p.requires_grad} - {None})
+    trainable = sorted(
+        {part_of(n) for n, p in model.named_parameters() if p.requires_grad} - {None}
+    )
     log.info("LLaVA: training %s (frozen: %s)", trainable or "nothing", freeze)
     if not trainable:
         raise ConfigError("freeze leaves nothing to train")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import train_metrics, train_process
+from tests.conftest import train_metrics
 
 IMAGE_TOKENS = 4  # (28 / 14) ** 2, CLS dropped
 
@@ -101,7 +101,9 @@ def test_packing_counts_images_at_training_length(parts, tmp_path):
     assert expanded == ds.meta["num_training_tokens"]
     assert parts["stats"].fill == pytest.approx(expanded / (len(ds) * 128))
     for j, (path, pos) in table.items():
-        assert ds.sample(j)["input_ids"][pos] == -200 and path.endswith(f"images/{path.split('/')[-1]}")
+        assert ds.sample(j)["input_ids"][pos] == -200 and path.endswith(
+            f"images/{path.split('/')[-1]}"
+        )
     ds.verify()
     # a missing image names its record; --skip-bad counts it
     records = json.loads(parts["data"].read_text())
@@ -129,7 +131,10 @@ def test_packed_loss_equals_llava_on_each_sample_alone(parts):
         mixed += any(images) and not all(images)
         expected = sum(_reference_loss(model, ds, proc, s, im) for s, im in zip(samples, images))
         for fused in (True, False):
-            assert _pack_loss(ours, packs, i, fused) == pytest.approx(expected, rel=1e-5), (i, fused)
+            assert _pack_loss(ours, packs, i, fused) == pytest.approx(expected, rel=1e-5), (
+                i,
+                fused,
+            )
     assert mixed >= 2  # packs mixing image and text-only samples were compared
 
 
@@ -137,7 +142,11 @@ def test_swapping_two_images_of_a_pack_changes_the_loss(parts):
     model, packs, _ = _model_and_packs(parts)
     ours = _patched(model)
     ds = packs.dataset
-    i = next(i for i in range(len(packs)) if sum(int(s) in packs.table for s in ds.pack_sample_ids(i)) >= 2)
+    i = next(
+        i
+        for i in range(len(packs))
+        if sum(int(s) in packs.table for s in ds.pack_sample_ids(i)) >= 2
+    )
     a, b = [int(s) for s in ds.pack_sample_ids(i) if int(s) in packs.table][:2]
     before = _pack_loss(ours, packs, i)
     (pa, qa), (pb, qb) = packs.table[a], packs.table[b]
@@ -233,3 +242,35 @@ def test_two_processes_zero2_equal_one_with_the_llm_trained(parts, tmp_path):
     two = train_metrics(cfg, tmp_path / "two", 2, "--deepspeed", "zero2")
     for a, b in zip(one, two, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
+
+
+@pytest.mark.slow
+def test_stage2_lora_converts_and_merges(parts, stage1, tmp_path):
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    from pyfast_tune import pack
+    from pyfast_tune.export import convert, merge
+    from pyfast_tune.vision.model import part_of
+
+    stage1_model = tmp_path / "stage1"
+    convert(stage1[1], stage1_model)
+    # stage 2 packs with the exported tokenizer (<image> added): the text ids are unchanged
+    pack([parts["data"]], tmp_path / "packed", tokenizer=stage1_model, max_length=64,
+         format="llava", template="vicuna", image_tokens=IMAGE_TOKENS, pack_length=128)  # fmt: skip
+    cfg = tmp_path / "stage2.yaml"
+    cfg.write_text(f"model: {stage1_model}\nmethod: lora\ndata: {tmp_path / 'packed'}\n"
+                   "max_length: 64\nmax_steps: 2\nlr: 1.0e-2\nattention: ref\n"
+                   "progress_bar: false\ntensorboard: false\n")  # fmt: skip
+    train_metrics(cfg, tmp_path / "run", 1)
+    assert convert(tmp_path / "run", tmp_path / "adapter")["kind"] == "adapter"
+    merge(stage1_model, tmp_path / "adapter", tmp_path / "merged")
+    base = LlavaForConditionalGeneration.from_pretrained(stage1_model).state_dict()
+    merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged").state_dict()
+    peft = PeftModel.from_pretrained(
+        LlavaForConditionalGeneration.from_pretrained(stage1_model), tmp_path / "adapter"
+    ).merge_and_unload()
+    for name, t in peft.state_dict().items():
+        torch.testing.assert_close(merged[name], t)
+    changed = {part_of(n) for n in base if not torch.equal(base[n], merged[n])}
+    assert changed == {"llm", "projector"}, changed  # LoRA on the LLM, the projector in full
