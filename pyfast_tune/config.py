@@ -386,7 +386,9 @@ def validate(cfg: TrainConfig) -> None:
 
 def _check_objective(cfg: TrainConfig) -> None:
     if cfg.objective not in OBJECTIVES:
-        raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}; got {cfg.objective!r}")
+        raise ConfigError(
+            f"objective must be one of {', '.join(OBJECTIVES)}; got {cfg.objective!r}"
+        )
     p = cfg.preference
     for key in ("beta", "label_smoothing", "gamma"):
         value = getattr(p, key)

@@ -230,12 +230,13 @@ def run_setup(path: str | Path | None) -> dict | None:
 
 
 def _empty_model(model_dir: str | Path, dtype: torch.dtype | None, trust_remote_code: bool,
-                 setup: dict | None = None):  # fmt: skip
+                 setup: dict | None = None, reward: bool = False):  # fmt: skip
     """The architecture of ``model_dir`` with its parameters on the meta device (no memory),
-    with the run's set-up (rope in the config, the grown vocabulary).
+    with the run's set-up (rope in the config, the grown vocabulary); ``reward``: its
+    sequence-classification form (a reward run's scalar head).
     Buffers are real: non-persistent ones (rotary ``inv_freq``) are in no checkpoint."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from pyfast_tune.trainer.model_setup import apply_to_config
 
@@ -244,8 +245,14 @@ def _empty_model(model_dir: str | Path, dtype: torch.dtype | None, trust_remote_
         apply_to_config(config, setup)
         if setup.get("tokens"):
             config.vocab_size = max(config.vocab_size, setup["tokens"])
+    auto = AutoModelForCausalLM
+    if reward:
+        from pyfast_tune.trainer.model import reward_head_config
+
+        reward_head_config(config)
+        auto = AutoModelForSequenceClassification
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(
+        return auto.from_config(
             config, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
         )
 
@@ -297,6 +304,7 @@ def run_template(ckpt: Path) -> str | None:
 def _write_run_file(out: Path, cfg: dict, ckpt: Path, setup: dict | None = None) -> None:
     template = run_template(ckpt)
     info = {"template": template, "base_model": cfg.get("model"), "method": cfg.get("method"),
+            "objective": cfg.get("objective", "sft"),
             "checkpoint": str(ckpt) if ckpt else None}  # fmt: skip
     if setup and cfg.get("method") != "full":  # a full model's config and weights hold it
         info["model_setup"] = setup
@@ -343,6 +351,7 @@ def convert(
     torch_dtype = parse_dtype(dtype)
     trust = bool(cfg.get("trust_remote_code"))
     method = cfg.get("method", "full")
+    reward = cfg.get("objective") == "reward"
     tok_src = _tokenizer_source(ckpt, cfg)
     tmp = _fresh_dir(out)
     try:
@@ -352,10 +361,11 @@ def convert(
             llava = is_llava_run(cfg)
             if method == "full":
                 model = (empty_llava(cfg, torch_dtype) if llava
-                         else _empty_model(cfg["model"], torch_dtype, trust, setup))  # fmt: skip
+                         else _empty_model(cfg["model"], torch_dtype, trust, setup, reward))  # fmt: skip
                 _assign(model, weights, torch_dtype)
                 model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
-                _write_generation_config(model, cfg["model"], tmp, tok_src)
+                if not reward:
+                    _write_generation_config(model, cfg["model"], tmp, tok_src)
                 kind = "model"
             else:
                 model = _adapter_model(cfg, trust, setup)
@@ -401,14 +411,17 @@ def _adapter_model(cfg: dict, trust: bool, setup: dict | None = None):
     from peft import get_peft_model
 
     from pyfast_tune.trainer.model import lora_config
-
     from pyfast_tune.vision.export import empty_llava, is_llava_run
 
+    reward = cfg.get("objective") == "reward"
     llava = is_llava_run(cfg)
-    base = empty_llava(cfg, None) if llava else _empty_model(cfg["model"], None, trust, setup)
+    base = (
+        empty_llava(cfg, None) if llava else _empty_model(cfg["model"], None, trust, setup, reward)
+    )
     base.config.name_or_path = str(cfg["model"])
     modules = (setup or {}).get("modules_to_save", (cfg.get("lora") or {}).get("modules_to_save"))
-    lcfg = lora_config(cfg.get("lora") or {}, modules)
+    task = "SEQ_CLS" if reward else "CAUSAL_LM"
+    lcfg = lora_config(cfg.get("lora") or {}, modules, task)
     if llava:  # the LLM's layers the run adapted, by full name (pyfast_tune.vision.model)
         lcfg.target_modules = (setup or {})["llava"]["lora_targets"]
     model = get_peft_model(base, lcfg)
@@ -480,7 +493,9 @@ def merge(
         target = DTYPES.get(target, torch.float32)
     # The run's rope settings and grown vocabulary go on the base first; the merged config
     # and weights then hold them, so plain from_pretrained loads the result.
-    model = load_base(base, run_setup(adapter_path), dtype=torch.float32,
+    run = adapter_path / RUN_FILE
+    reward = run.is_file() and json.loads(run.read_text()).get("objective") == "reward"
+    model = load_base(base, run_setup(adapter_path), reward=reward, dtype=torch.float32,
                       trust_remote_code=trust_remote_code)  # fmt: skip
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model = model.to(target)
@@ -489,12 +504,12 @@ def merge(
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         copied = copy_tokenizer_files(tok_src, tmp)
-        _write_generation_config(model, base, tmp, tok_src)
+        if not reward:
+            _write_generation_config(model, base, tmp, tok_src)
         from pyfast_tune.vision.export import finish_folder, is_llava_run
 
         if is_llava_run({"model": str(base)}):  # the base's image processors beside it
             finish_folder(tmp, {"model": str(base)})
-        run = adapter_path / RUN_FILE
         if run.is_file():
             info = json.loads(run.read_text())
             info.update(method="merged", adapter=str(adapter_path), base_model=str(base))

@@ -91,7 +91,9 @@ def score_file(model_dir: str | Path, inputs: list[str], template: str | None = 
     if template is None:
         template = json.loads(run.read_text()).get("template") if run.is_file() else None
     if template is None:
-        raise ValueError(f"{model_dir} records no template (not from convert/merge): pass --template")
+        raise ValueError(
+            f"{model_dir} records no template (not from convert/merge): pass --template"
+        )
     model = load_reward_model(model_dir)
     with tempfile.TemporaryDirectory(prefix="pyfast-score-") as tmp:
         packed = Path(tmp) / "packed"

@@ -73,13 +73,7 @@ def build_model(cfg, dtype_name: str, local_rank: int = 0, zero_stage: int = 0) 
     apply_to_config(config, setup)
     reward = getattr(cfg, "objective", "sft") == "reward"
     if reward:
-        # A reward model: the causal LM's body with a new scalar head (`score`) on top, read
-        # at the last token of each sequence (pyfast_tune.trainer.preference.reward_scores).
-        config.num_labels = 1
-        if config.pad_token_id is None:  # batched scoring needs one; any id, it is masked
-            config.pad_token_id = getattr(config, "eos_token_id", None) or 0
-            if isinstance(config.pad_token_id, list):
-                config.pad_token_id = config.pad_token_id[0]
+        reward_head_config(config)
     auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
     model = auto.from_pretrained(cfg.model, config=config, **kwargs)
     model.config.use_cache = False
@@ -120,6 +114,18 @@ def build_model(cfg, dtype_name: str, local_rank: int = 0, zero_stage: int = 0) 
                 p.data = p.data.to(dtype)
     model.pyfast_tune_setup = setup
     return model
+
+
+def reward_head_config(config) -> None:
+    """A reward model's config: the causal LM's body with a new scalar head (``score``,
+    ``num_labels`` 1), read at each sequence's last token that is not the pad id
+    (``pyfast_tune.trainer.preference.score_positions``; transformers' rule, so the exported
+    ``*ForSequenceClassification`` scores where training did). Without a pad id the EOS id is
+    used, as TRL's reward models do when the tokenizer has no pad token."""
+    config.num_labels = 1
+    if getattr(config, "pad_token_id", None) is None:
+        eos = getattr(config, "eos_token_id", None)
+        config.pad_token_id = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
 
 
 def _embedding_names(model: torch.nn.Module) -> tuple[str | None, str | None, bool]:

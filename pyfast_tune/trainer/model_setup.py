@@ -258,19 +258,27 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def load_base(model_dir, setup: dict | None, **kwargs):
+def load_base(model_dir, setup: dict | None, reward: bool = False, **kwargs):
     """``from_pretrained(model_dir)`` with a run's set-up applied (config, then vocabulary):
-    the base an adapter of that run goes on, or what ``merge`` merges it into."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    the base an adapter of that run goes on, or what ``merge`` merges it into. ``reward``:
+    the sequence-classification model of a reward run (``objective: reward``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from pyfast_tune.vision.model import llava_class_for
 
-    auto = llava_class_for(model_dir) or AutoModelForCausalLM  # LLaVA: its own class
-    if not setup:
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    auto = llava_class_for(model_dir) or auto  # a LLaVA folder: LlavaForConditionalGeneration
+    if not setup and not reward:
         return auto.from_pretrained(model_dir, **kwargs)
     trust = bool(kwargs.get("trust_remote_code"))
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
-    apply_to_config(config, setup)
+    apply_to_config(config, setup or {})
+    if reward:
+        from pyfast_tune.trainer.model import reward_head_config
+
+        reward_head_config(config)
     model = auto.from_pretrained(model_dir, config=config, **kwargs)
+    if not setup:
+        return model
     setup_vocab(model, setup)
     return model

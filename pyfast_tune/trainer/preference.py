@@ -107,7 +107,9 @@ def pair_layout(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"a preference row holds {len(order)} samples: a pair is split")
     grouped = order.reshape(-1, 2)
     ids, roles = pairs[grouped, 0], pairs[grouped, 1]
-    if not (np.all(ids[:, 0] == ids[:, 1]) and np.all(roles[:, 0] == 0) and np.all(roles[:, 1] == 1)):
+    if not (
+        np.all(ids[:, 0] == ids[:, 1]) and np.all(roles[:, 0] == 0) and np.all(roles[:, 1] == 1)
+    ):
         raise ValueError("a preference row does not hold each pair's chosen and rejected sample")
     return grouped[:, 0], grouped[:, 1]
 
@@ -214,7 +216,9 @@ def reward_scores(model, inputs: dict, batch: PackedBatch) -> torch.Tensor:
         raise RuntimeError(f"the model called its score head {len(seen)} times in one forward")
     out = seen[0].reshape(-1, seen[0].shape[-1])  # (T, 1)
     pad = getattr(hf.config, "pad_token_id", None)
-    last = torch.from_numpy(score_positions(batch.input_ids, batch.cu_seqlens, len(batch.pairs), pad))
+    last = torch.from_numpy(
+        score_positions(batch.input_ids, batch.cu_seqlens, len(batch.pairs), pad)
+    )
     return out[last.to(out.device), 0].float()
 
 
@@ -373,7 +377,11 @@ def reference_key(cfg, packed_fingerprint: str | None, dtype: str, source: str) 
     from pyfast_tune.trainer.model_setup import model_setup
 
     model = cfg.model if source in ("policy", "precompute") else source
-    quant = (cfg.method, cfg.quant.quant_type, cfg.quant.double_quant) if cfg.method == "qlora" else None
+    quant = (
+        (cfg.method, cfg.quant.quant_type, cfg.quant.double_quant)
+        if cfg.method == "qlora"
+        else None
+    )
     ident = {
         "format": 1,
         "model": _files_signature(model),

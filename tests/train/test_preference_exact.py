@@ -124,7 +124,9 @@ def _assert_same(loss, expected, grads, expected_grads):
 
 
 def _cfg(objective, **pref):
-    return SimpleNamespace(objective=objective, preference=PreferenceConfig(**pref), fused_loss=True)
+    return SimpleNamespace(
+        objective=objective, preference=PreferenceConfig(**pref), fused_loss=True
+    )
 
 
 def _dpo_trainer(policy, ref_model, tok, tmp, **args):
