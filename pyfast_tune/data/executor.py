@@ -1,8 +1,12 @@
 """Run the N shards of one ``pack`` on local processes or a Ray cluster, then merge them.
 
 The plan: shard i of N is encoded by ``pack(..., shard=(i, N))`` into ``work_dir/part-i-of-N``
-and ``merge_packs`` joins the N parts into the output, byte-identical to one machine's
-``pack`` (rust/packer/src/pack/shard.rs says why). The executor only decides *where* each
+and the N parts are merged into the output, byte-identical to one machine's ``pack``
+(rust/packer/src/pack/shard.rs says why). The merge runs in three steps
+(rust/packer/src/pack/shard/ranged.rs): one plan from the samples' lengths (bytes per sample,
+in this process), then the tokens copied by the executor's workers into disjoint ranges of
+the final files (each returns its blocks' BLAKE3 chaining values), then ``meta.json``
+written last and the directory committed, so no process copies every token. The executor only decides *where* each
 shard runs; the options that decide the bytes pass through unchanged (mixes included), and
 the executor's own options (executor, shards, address, retries, work_dir) never reach the
 engine, so they never reach the fingerprint.
@@ -17,6 +21,7 @@ to be dead: the scheduler starts a new attempt of a shard only after the previou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -27,10 +32,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pyfast_tune import _packer
 from pyfast_tune.data import errors
 from pyfast_tune.data.errors import PackConfigError, PackError
 from pyfast_tune.data.options import PackStats
-from pyfast_tune.data.packing import fingerprint, merge_packs, pack
+from pyfast_tune.data.packing import fingerprint, pack
 
 EXECUTORS = ("local", "ray")
 PLAN = "plan.json"
@@ -133,6 +139,74 @@ def pack_shard(
     return "done", int(doc["tokens"])
 
 
+def write_range(staging: str, index: int) -> tuple[list[str], list[str]]:
+    """Copy range ``index`` of a staged merge into place (the body of a local or Ray task);
+    its blocks' hashes. Idempotent: a retry writes the same bytes to the same place."""
+    out = _packer.merge_write_range(staging, index)
+    return out["ids"], out["mask"]
+
+
+def merge_ranged(
+    parts: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    ranges: int,
+    write_all: Callable[[str, int], list[tuple[list[str], list[str]]]],
+    block_tokens: int | None = None,
+) -> tuple[PackStats, dict[str, float]]:
+    """Merge ``parts`` into ``out_dir`` in ranges: plan here, then
+    ``write_all(staging, k)`` runs :func:`write_range` for ranges ``0..k`` wherever it
+    likes and returns their results in order, then the manifest is written and the
+    directory committed. A run with a mix, pairs or images is merged serially by the plan
+    step. Returns the statistics and the seconds of each step (plan, write, finish)."""
+    t0 = time.monotonic()
+    planned = _packer.merge_plan([os.fspath(p) for p in parts], os.fspath(out_dir), ranges,
+                                 block_tokens)  # fmt: skip
+    t1 = time.monotonic()
+    if "stats" in planned:
+        return PackStats(**planned["stats"]), {"plan": t1 - t0, "write": 0.0, "finish": 0.0}
+    staging = planned["staging"]
+    try:
+        hashes = write_all(staging, planned["ranges"])
+        t2 = time.monotonic()
+        stats = _packer.merge_finish(staging, [(list(i), list(m)) for i, m in hashes])
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    t3 = time.monotonic()
+    return PackStats(**stats), {"plan": t1 - t0, "write": t2 - t1, "finish": t3 - t2}
+
+
+def _write_local(workers: int) -> Callable[[str, int], list[tuple[list[str], list[str]]]]:
+    def write_all(staging: str, k: int) -> list[tuple[list[str], list[str]]]:
+        if k == 1 or workers == 1:
+            return [write_range(staging, i) for i in range(k)]
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(min(k, workers), mp_context=get_context("spawn")) as pool:
+            return list(pool.map(write_range, [staging] * k, range(k)))
+
+    return write_all
+
+
+def _write_ray(retries: int) -> Callable[[str, int], list[tuple[list[str], list[str]]]]:
+    def write_all(staging: str, k: int) -> list[tuple[list[str], list[str]]]:
+        import ray
+
+        task = ray.remote(num_cpus=1, max_retries=retries, scheduling_strategy="SPREAD")(
+            write_range
+        )
+        refs = [task.remote(staging, i) for i in range(k)]
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayError as e:
+            for ref in refs:
+                ray.cancel(ref, force=True)
+            raise PackError(f"merge: writing a range of {staging} failed: {e}") from e
+
+    return write_all
+
+
 class _Progress:
     """One bar over all shards: shards done, tokens/s of the encoded parts, ETA."""
 
@@ -217,15 +291,40 @@ def run_ray(
     pending: Sequence[int],
     bar: _Progress,
     retries: int = 3,
-    address: str | None = None,
     _before: Callable[[int], Any] | None = None,
 ) -> None:
     """Encode the ``pending`` shards as Ray Core tasks, one CPU each. ``max_retries`` reruns
     a task lost with its worker or node (on another node); ``retry_exceptions=False`` and the
     returned data errors (:func:`pack_shard`) mean a bad record is reported once, never
-    retried. ``address``: ``ray.init``'s (``"auto"``: the running cluster); when Ray is
-    already initialised that connection is used. The work dir must be reachable at the same
+    retried. Runs inside :func:`_ray_session`. The work dir must be reachable at the same
     path from every node (a shared file system)."""
+    import ray
+
+    # SPREAD: shards go to different nodes first (each shard's engine uses its node's
+    # cores), instead of queueing behind one another where the driver runs.
+    task = ray.remote(
+        num_cpus=1, max_retries=retries, retry_exceptions=False, scheduling_strategy="SPREAD"
+    )(pack_shard)
+    refs = {task.remote(options, plan, i, _before): i for i in pending}
+    try:
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            i = refs.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except ray.exceptions.RayError as e:  # lost more than `retries` times, or a bug
+                raise PackError(f"shard {i}/{plan.shards} failed: {e}") from e
+            _finish(result, bar)
+    except BaseException:
+        for ref in refs:  # the run has failed: stop the other shards
+            ray.cancel(ref, force=True)
+        raise
+
+
+@contextlib.contextmanager
+def _ray_session(address: str | None):
+    """Ray for the run: the connection already made, or one to ``address`` (``"auto"``: the
+    running cluster; None: a local one), closed at the end."""
     try:
         import ray
     except ImportError:
@@ -234,25 +333,7 @@ def run_ray(
     if started:
         ray.init(address=address, log_to_driver=False, include_dashboard=False)
     try:
-        # SPREAD: shards go to different nodes first (each shard's engine uses its node's
-        # cores), instead of queueing behind one another where the driver runs.
-        task = ray.remote(
-            num_cpus=1, max_retries=retries, retry_exceptions=False, scheduling_strategy="SPREAD"
-        )(pack_shard)
-        refs = {task.remote(options, plan, i, _before): i for i in pending}
-        try:
-            while refs:
-                ready, _ = ray.wait(list(refs), num_returns=1)
-                i = refs.pop(ready[0])
-                try:
-                    result = ray.get(ready[0])
-                except ray.exceptions.RayError as e:  # lost more than `retries` times, or a bug
-                    raise PackError(f"shard {i}/{plan.shards} failed: {e}") from e
-                _finish(result, bar)
-        except BaseException:
-            for ref in refs:  # the run has failed: stop the other shards
-                ray.cancel(ref, force=True)
-            raise
+        yield
     finally:
         if started:
             ray.shutdown()
@@ -268,6 +349,7 @@ def run_sharded(
     work_dir: str | os.PathLike | None = None,
     progress: bool = False,
     _before: Callable[[int], Any] | None = None,
+    _block_tokens: int | None = None,
 ) -> PackStats:
     """``pack(**options, out_dir=out_dir)`` as ``shards`` parts run by ``executor`` (local
     processes or Ray tasks), merged into ``out_dir``. Parts go to ``work_dir`` (default
@@ -296,18 +378,27 @@ def run_sharded(
     start = time.monotonic()
     pending = plan.pending()
     bar = _Progress(shards, shards - len(pending), progress)
-    try:
-        if executor == "local":
-            run_local(options, plan, pending, bar, retries, _before=_before)
-        else:
-            run_ray(options, plan, pending, bar, retries, address, _before)
-    finally:
-        bar.close()
-    stats = merge_packs(plan.parts(), out_dir, progress=progress)
+    workers = max(1, min(shards, os.cpu_count() or 1))
+    with _ray_session(address) if executor == "ray" else contextlib.nullcontext():
+        try:
+            if executor == "local":
+                run_local(options, plan, pending, bar, retries, _before=_before)
+            else:
+                run_ray(options, plan, pending, bar, retries, _before)
+        finally:
+            bar.close()
+        encoded = time.monotonic()
+        write_all = _write_local(workers) if executor == "local" else _write_ray(retries)
+        stats, _ = merge_ranged(plan.parts(), out_dir, shards, write_all, _block_tokens)
     if own_dir:
         shutil.rmtree(plan.work_dir, ignore_errors=True)
-    # The merge's own figures time the merge alone; the caller ran the whole plan.
-    seconds = time.monotonic() - start
+    # The merge's own figures time the merge alone; the caller ran the whole plan: encode =
+    # the shards (as the slowest of them), write = the merge.
+    end = time.monotonic()
     return dataclasses.replace(
-        stats, seconds=seconds, tokens_per_second=stats.tokens / max(seconds, 1e-9)
+        stats,
+        seconds=end - start,
+        tokens_per_second=stats.tokens / max(end - start, 1e-9),
+        encode_seconds=encoded - start,
+        write_seconds=end - encoded,
     )

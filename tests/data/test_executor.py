@@ -16,7 +16,7 @@ import pytest
 
 from pyfast_tune.cli import main
 from pyfast_tune.data import DataFormatError, PackConfigError, fingerprint, pack
-from pyfast_tune.data.executor import ShardPlan, run_sharded
+from pyfast_tune.data.executor import ShardPlan, merge_ranged, run_sharded, write_range
 
 FILES = ["input_ids.bin", "loss_mask.bin", "meta.json", "pack_samples.bin", "packs.bin",
          "samples.bin"]  # fmt: skip
@@ -99,6 +99,58 @@ def test_resume_redoes_only_unfinished_parts(chats, tiny_tokenizer, one_pack, tm
         "part-0-of-3", "part-1-of-3", "part-2-of-3", "plan.json"]  # fmt: skip
     assert_same_bytes(one_pack[0], tmp_path / "second")
     assert stats.fingerprint == one_pack[1].fingerprint
+
+
+@pytest.fixture(scope="module")
+def parts3(chats, tiny_tokenizer, tmp_path_factory):
+    """The three parts of one run, encoded once."""
+    d = tmp_path_factory.mktemp("parts3")
+    for i in range(3):
+        pack(chats, d / f"part{i}", shard=(i, 3), **_opts(tiny_tokenizer))
+    return [d / f"part{i}" for i in range(3)]
+
+
+@pytest.mark.parametrize("ranges", [1, 2, 5])
+def test_merge_in_ranges_equals_one_pack(parts3, one_pack, tmp_path, ranges):
+    """Blocks of 1,024 tokens: every range many blocks, samples cut by block and range
+    edges; ranges written in reverse order (any order gives the same bytes and hashes)."""
+    out = tmp_path / "packed"
+    seen = []
+
+    def write_all(staging, k):
+        assert k == ranges
+        # Until the manifest, the output does not exist and the staging dir has no meta.json.
+        assert not out.exists() and not (Path(staging) / "meta.json").exists()
+        hashes = {i: write_range(staging, i) for i in reversed(range(k))}
+        seen.append(k)
+        return [hashes[i] for i in range(k)]
+
+    stats, seconds = merge_ranged(parts3, out, ranges, write_all, block_tokens=1024)
+    assert seen == [ranges] and set(seconds) == {"plan", "write", "finish"}
+    assert_same_bytes(one_pack[0], out)
+    assert (stats.samples, stats.packs, stats.fingerprint) == (
+        one_pack[1].samples, one_pack[1].packs, one_pack[1].fingerprint)  # fmt: skip
+    assert not [p for p in tmp_path.iterdir() if p.name != "packed"]  # no staging left
+
+
+def test_a_failed_range_leaves_no_output(parts3, tmp_path):
+    out = tmp_path / "packed"
+
+    def write_all(staging, k):
+        write_range(staging, 0)
+        raise OSError("node lost")
+
+    with pytest.raises(OSError, match="node lost"):
+        merge_ranged(parts3, out, 2, write_all, block_tokens=1024)
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its staging dir
+
+
+def test_local_executor_merges_in_parallel_ranges(chats, tiny_tokenizer, one_pack, tmp_path):
+    out = tmp_path / "packed"
+    opts = {"inputs": chats, **_opts(tiny_tokenizer)}
+    stats = run_sharded(opts, out, "local", 2, _block_tokens=1024)
+    assert_same_bytes(one_pack[0], out)
+    assert stats.write_seconds > 0 and stats.encode_seconds > 0
 
 
 def test_a_work_dir_of_another_run_is_refused(chats, tiny_tokenizer, tmp_path):

@@ -229,6 +229,69 @@ fn merge_packs<'py>(
     stats_dict(py, &stats)
 }
 
+/// Plan the merge of `parts` into `out_dir` from the samples' lengths and stage everything
+/// but the tokens (`packer::plan_ranged`). Returns `{"stats": {...}}` when the run was
+/// merged serially here (a mix, pairs or images), else `{"staging": dir, "ranges": k,
+/// "tokens": t}`: run `merge_write_range(staging, i)` for every i < k (any process, in any
+/// order), then `merge_finish(staging, [their results in order])`.
+#[pyfunction]
+#[pyo3(signature = (parts, out_dir, ranges, block_tokens=None, progress=None))]
+fn merge_plan<'py>(
+    py: Python<'py>,
+    parts: Vec<String>,
+    out_dir: String,
+    ranges: usize,
+    block_tokens: Option<u64>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let parts: Vec<PathBuf> = parts.into_iter().map(PathBuf::from).collect();
+    let out = PathBuf::from(out_dir);
+    let block = block_tokens.unwrap_or(packer::DEFAULT_BLOCK_TOKENS);
+    let planned = run_with_progress(py, progress, |report| {
+        packer::plan_ranged(&parts, &out, block, ranges, report)
+    })?;
+    let value = match planned {
+        packer::Planned::Done(stats) => serde_json::json!({ "stats": stats }),
+        packer::Planned::Ranged {
+            staging,
+            ranges,
+            tokens,
+        } => serde_json::json!({"staging": staging, "ranges": ranges, "tokens": tokens}),
+    };
+    convert::to_py(py, &value)
+}
+
+/// Copy range `index` of the merge staged in `staging` into place; returns the hashes of
+/// its blocks (`{"ids": [hex], "mask": [hex]}`) for `merge_finish`.
+#[pyfunction]
+fn merge_write_range<'py>(
+    py: Python<'py>,
+    staging: String,
+    index: usize,
+) -> PyResult<Bound<'py, PyAny>> {
+    let dir = PathBuf::from(staging);
+    let hashes = run_with_progress(py, None, |_| packer::write_range(&dir, index))?;
+    let value = serde_json::to_value(&hashes).map_err(|e| PackError::new_err(e.to_string()))?;
+    convert::to_py(py, &value)
+}
+
+/// Fold the ranges' hashes into the token files' hashes, write meta.json and commit the
+/// merged directory; returns the statistics as a dict of `PackStats` fields.
+#[pyfunction]
+fn merge_finish<'py>(
+    py: Python<'py>,
+    staging: String,
+    hashes: Vec<(Vec<String>, Vec<String>)>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let dir = PathBuf::from(staging);
+    let hashes: Vec<packer::RangeHashes> = hashes
+        .into_iter()
+        .map(|(ids, mask)| packer::RangeHashes { ids, mask })
+        .collect();
+    let stats = run_with_progress(py, None, |_| packer::finish_ranged(&dir, &hashes))?;
+    stats_dict(py, &stats)
+}
+
 /// Data files under `root` (recursive, sorted by relative path bytes) whose names end with
 /// `file_type`, as relative paths: the lines of a data-order file.
 #[pyfunction]
@@ -508,6 +571,9 @@ fn _packer(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(resolve_inputs, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(merge_packs, m)?)?;
+    m.add_function(wrap_pyfunction!(merge_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(merge_write_range, m)?)?;
+    m.add_function(wrap_pyfunction!(merge_finish, m)?)?;
     m.add_function(wrap_pyfunction!(data_order, m)?)?;
     m.add_function(wrap_pyfunction!(render_chats, m)?)?;
     m.add_function(wrap_pyfunction!(read_pretok, m)?)?;

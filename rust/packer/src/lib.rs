@@ -27,6 +27,9 @@ pub use error::{Error, Result};
 pub use pack::fingerprint::fingerprint;
 pub use pack::mix::MixSourceStats;
 pub use pack::shard::merge;
+pub use pack::shard::ranged::{
+    finish_ranged, plan as plan_ranged, write_range, Planned, RangeHashes, DEFAULT_BLOCK_TOKENS,
+};
 pub use pack::stats::{PackStats, Progress};
 pub use packed_dir::verify::verify;
 pub use pipeline::pack;

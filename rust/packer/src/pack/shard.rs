@@ -39,6 +39,8 @@ use crate::pack::stats::{PackStats, Progress};
 use crate::pack::write::{finish, Header};
 use crate::packed_dir::atomic::{HashedWriter, StagingDir};
 
+pub mod ranged;
+
 const PART_JSON: &str = "part.json";
 const PART_SAMPLES: &str = "part_samples.bin";
 const KIND: &str = "pyfast-tune pack part";
@@ -116,7 +118,8 @@ struct Loaded {
     part: Part,
 }
 
-fn load(dir: &Path) -> Result<Loaded> {
+/// A part's `part.json`, checked to be one, and its sample count.
+fn load_doc(dir: &Path) -> Result<(Value, u64)> {
     let p = dir.join(PART_JSON);
     let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
     let doc: Value =
@@ -130,6 +133,17 @@ fn load(dir: &Path) -> Result<Loaded> {
     let n = doc["samples"]
         .as_u64()
         .ok_or_else(|| corrupt(&p, "no sample count"))?;
+    Ok((doc, n))
+}
+
+/// Stream a part's `n` samples (length, file, record) to `each`, checking the content hash
+/// and that the staged token files hold exactly their tokens. Returns the token count.
+fn read_samples(
+    dir: &Path,
+    doc: &Value,
+    n: u64,
+    mut each: impl FnMut(u32, u32, u64),
+) -> Result<u64> {
     let sp = dir.join(PART_SAMPLES);
     let f = std::fs::File::open(&sp).map_err(|e| Error::io(&sp, e))?;
     let len = f.metadata().map_err(|e| Error::io(&sp, e))?.len();
@@ -141,7 +155,6 @@ fn load(dir: &Path) -> Result<Loaded> {
     }
     let mut r = BufReader::with_capacity(1 << 20, f);
     let mut h = blake3::Hasher::new();
-    let mut samples = Vec::with_capacity(n as usize);
     let mut offset = 0u64;
     let mut rec = [0u8; 16];
     for _ in 0..n {
@@ -150,14 +163,7 @@ fn load(dir: &Path) -> Result<Loaded> {
         let len = u32::from_le_bytes(rec[0..4].try_into().expect("4 bytes"));
         let file = u32::from_le_bytes(rec[4..8].try_into().expect("4 bytes"));
         let record = u64::from_le_bytes(rec[8..16].try_into().expect("8 bytes"));
-        samples.push(StagedSample {
-            part: 0,
-            offset,
-            len,
-            file,
-            record,
-            role: ROLE_NONE,
-        });
+        each(len, file, record);
         offset += len as u64;
     }
     if doc["part_samples_blake3"].as_str() != Some(h.finalize().to_hex().as_str()) {
@@ -177,16 +183,12 @@ fn load(dir: &Path) -> Result<Loaded> {
             ));
         }
     }
-    for v in doc["pair_starts"].as_array().map_or(&[][..], Vec::as_slice) {
-        let k = v.as_u64().map(|k| k as usize);
-        match k.filter(|&k| k + 1 < samples.len()) {
-            Some(k) => {
-                samples[k].role = ROLE_CHOSEN;
-                samples[k + 1].role = ROLE_REJECTED;
-            }
-            None => return Err(corrupt(&p, format!("bad pair start {v}"))),
-        }
-    }
+    Ok(offset)
+}
+
+/// A part as [`finish`] takes it, without its samples (`samples` empty, `tokens` set).
+fn part_of(dir: &Path, doc: &Value) -> Result<Part> {
+    let p = dir.join(PART_JSON);
     let stats: PackStats = serde_json::from_value(doc["stats"].clone())
         .map_err(|e| corrupt(&p, format!("bad stats: {e}")))?;
     let list = |k: &str| doc[k].as_array().cloned().unwrap_or_default();
@@ -204,19 +206,69 @@ fn load(dir: &Path) -> Result<Loaded> {
     if file_entries.len() != files.len() || file_table.len() != files.len() {
         return Err(corrupt(&p, "file entries do not match the files read"));
     }
-    Ok(Loaded {
-        part: Part {
-            dir: dir.to_path_buf(),
-            samples,
-            tokens,
-            stats,
-            file_entries,
-            file_table,
-            images,
-            files,
-        },
-        doc,
+    Ok(Part {
+        dir: dir.to_path_buf(),
+        samples: Vec::new(),
+        tokens: doc["tokens"].as_u64().unwrap_or(0),
+        stats,
+        file_entries,
+        file_table,
+        images,
+        files,
     })
+}
+
+fn load(dir: &Path) -> Result<Loaded> {
+    let (doc, n) = load_doc(dir)?;
+    let mut samples = Vec::with_capacity(n as usize);
+    let mut offset = 0u64;
+    read_samples(dir, &doc, n, |len, file, record| {
+        samples.push(StagedSample {
+            part: 0,
+            offset,
+            len,
+            file,
+            record,
+            role: ROLE_NONE,
+        });
+        offset += len as u64;
+    })?;
+    for v in doc["pair_starts"].as_array().map_or(&[][..], Vec::as_slice) {
+        let k = v.as_u64().map(|k| k as usize);
+        match k.filter(|&k| k + 1 < samples.len()) {
+            Some(k) => {
+                samples[k].role = ROLE_CHOSEN;
+                samples[k + 1].role = ROLE_REJECTED;
+            }
+            None => return Err(corrupt(&dir.join(PART_JSON), format!("bad pair start {v}"))),
+        }
+    }
+    let mut part = part_of(dir, &doc)?;
+    part.samples = samples;
+    Ok(Loaded { part, doc })
+}
+
+/// Check that `docs` (sorted by shard) are the N parts of one run; returns its header and
+/// its number of input files.
+fn check_parts(docs: &[&Value]) -> Result<(Header, usize)> {
+    let first = docs[0];
+    let n = first["num_shards"].as_u64().unwrap_or(0) as usize;
+    let same = |k: &str| docs.iter().all(|d| d[k] == first[k]);
+    if !same("header") || !same("files") || !same("num_shards") {
+        return Err(Error::ShardMismatch(
+            "the parts come from different runs (inputs, tokenizer or options differ)".into(),
+        ));
+    }
+    let got: Vec<u64> = docs.iter().filter_map(|d| d["shard"].as_u64()).collect();
+    if got != (0..n as u64).collect::<Vec<_>>() {
+        return Err(Error::ShardMismatch(format!(
+            "need shards 0..{n} exactly once, got {got:?}"
+        )));
+    }
+    let nfiles = first["files"].as_array().map_or(0, Vec::len);
+    let header: Header = serde_json::from_value(first["header"].clone())
+        .map_err(|e| Error::ShardMismatch(format!("bad part header: {e}")))?;
+    Ok((header, nfiles))
 }
 
 /// Join the parts written by `pack --shard I/N` (any order, all N of one run) into the packed
@@ -234,26 +286,7 @@ pub fn merge(
     }
     let mut loaded = parts.iter().map(|d| load(d)).collect::<Result<Vec<_>>>()?;
     loaded.sort_by_key(|l| l.doc["shard"].as_u64());
-    let first = &loaded[0].doc;
-    let n = first["num_shards"].as_u64().unwrap_or(0) as usize;
-    let same = |k: &str| loaded.iter().all(|l| l.doc[k] == first[k]);
-    if !same("header") || !same("files") || !same("num_shards") {
-        return Err(Error::ShardMismatch(
-            "the parts come from different runs (inputs, tokenizer or options differ)".into(),
-        ));
-    }
-    let got: Vec<u64> = loaded
-        .iter()
-        .filter_map(|l| l.doc["shard"].as_u64())
-        .collect();
-    if got != (0..n as u64).collect::<Vec<_>>() {
-        return Err(Error::ShardMismatch(format!(
-            "need shards 0..{n} exactly once, got {got:?}"
-        )));
-    }
-    let nfiles = first["files"].as_array().map_or(0, Vec::len);
-    let header: Header = serde_json::from_value(first["header"].clone())
-        .map_err(|e| Error::ShardMismatch(format!("bad part header: {e}")))?;
+    let (header, nfiles) = check_parts(&loaded.iter().map(|l| &l.doc).collect::<Vec<_>>())?;
     let mut parts: Vec<Part> = loaded.into_iter().map(|l| l.part).collect();
     join_file_entries(&mut parts, nfiles)?;
     let staging = StagingDir::new(out_dir)?;

@@ -300,7 +300,7 @@ fn plan_pair_packs(
 
 /// Statistics as stored in meta.json: without wall-clock figures, so the directory's bytes
 /// are a function of the inputs and settings only.
-fn stats_for_meta(stats: &PackStats) -> Value {
+pub(crate) fn stats_for_meta(stats: &PackStats) -> Value {
     let mut v = serde_json::to_value(stats).unwrap_or(Value::Null);
     if let Some(o) = v.as_object_mut() {
         for k in [

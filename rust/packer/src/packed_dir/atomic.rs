@@ -153,6 +153,22 @@ impl StagingDir {
         })
     }
 
+    /// Leave the directory for other processes to fill (a merge in ranges): not removed on
+    /// drop; [`StagingDir::adopt`] takes it up again to commit it.
+    pub fn keep(mut self) -> PathBuf {
+        self.committed = true;
+        self.dir.clone()
+    }
+
+    /// The staging directory `dir` of `dest` made by [`StagingDir::new`] and kept.
+    pub fn adopt(dir: PathBuf, dest: PathBuf) -> Self {
+        StagingDir {
+            dir,
+            dest,
+            committed: false,
+        }
+    }
+
     /// Move the finished directory into place. An existing destination is replaced only if it
     /// is a packed directory (has `meta.json`) or empty; anything else is refused.
     ///

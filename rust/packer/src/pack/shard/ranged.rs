@@ -1,0 +1,565 @@
+//! The merge that scales: a plan from sample lengths alone, then the tokens copied by many
+//! workers into disjoint byte ranges of the final files, then a manifest written last.
+//!
+//! [`plan`] (one process, memory per *sample*, never per token) reads every part's
+//! `part_samples.bin`, plans the packs exactly as [`finish`](crate::pack::write::finish)
+//! does, writes the per-sample and per-pack files (`samples.bin`, `packs.bin`,
+//! `pack_samples.bin`) into the output's staging directory, gives `input_ids.bin` and
+//! `loss_mask.bin` their final sizes, and splits the tokens into ranges of whole blocks.
+//! [`write_range`] (any process that sees the staging directory; ranges in any order, at
+//! once) copies one range's tokens from the parts' staged files into place with positioned
+//! writes and returns its blocks' BLAKE3 chaining values ([`treehash`]). [`finish_ranged`]
+//! folds those into the two files' hashes, writes `meta.json` and commits the directory: the
+//! same bytes as the serial merge, with no process copying every token.
+//!
+//! Plan memory: 4 bytes of length per sample, the plan (4 per sample), and each sample's
+//! pack and offset in it (8 per sample): about 16 bytes per sample plus 48 per pack.
+//! Runs with a mix, preference pairs or images take the serial merge (their choices and
+//! side tables are planned from records, not lengths).
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{check_parts, join_file_entries, load_doc, merge, part_of, read_samples};
+use crate::error::{Error, Result};
+use crate::pack::binpack::plan_packs;
+use crate::pack::fingerprint::hash_value;
+use crate::pack::stage::{MAX_SKIP_EXAMPLES, STAGE_IDS, STAGE_MASK};
+use crate::pack::stats::{PackStats, Progress};
+use crate::packed_dir::atomic::{HashedWriter, StagingDir};
+use crate::packed_dir::layout;
+use crate::packed_dir::treehash::{self, ChainingValue};
+
+/// Folder of the plan inside the staging directory (removed before the commit).
+const PLAN_DIR: &str = ".merge";
+const PLAN_JSON: &str = "plan.json";
+/// Per output sample in pack order: destination token, source token (parts laid end to
+/// end), length: `<u8 <u8 <u4 <u4(0)`.
+const COPY: &str = "copy.bin";
+const COPY_ROW: u64 = 24;
+/// Default block: 4 Mi tokens (16 MiB of ids, 4 MiB of mask per block).
+pub const DEFAULT_BLOCK_TOKENS: u64 = 1 << 22;
+
+/// What [`plan`] leaves for the writers and [`finish_ranged`] (`.merge/plan.json`).
+#[derive(Debug, Serialize, Deserialize)]
+struct Plan {
+    dest: PathBuf,
+    tokens: u64,
+    block_tokens: u64,
+    /// Token ranges `[start, end)`, whole blocks each (the last may end short).
+    ranges: Vec<(u64, u64)>,
+    parts: Vec<PathBuf>,
+    /// Where each part's tokens start with the parts laid end to end (and the total).
+    part_bases: Vec<u64>,
+    /// meta.json but for the hashes of the two token files.
+    meta: Value,
+    stats: PackStats,
+}
+
+/// What [`plan`] did.
+#[derive(Debug)]
+pub enum Planned {
+    /// The run has a mix, pairs or images: the serial merge wrote the directory.
+    Done(PackStats),
+    /// Staged: run [`write_range`] for `0..ranges` of `staging`, then [`finish_ranged`].
+    Ranged {
+        /// The output's staging directory.
+        staging: PathBuf,
+        /// Number of ranges.
+        ranges: usize,
+        /// Tokens of the run.
+        tokens: u64,
+    },
+}
+
+/// The hashes of one range's blocks (hex): chaining values, or for a directory whose token
+/// files are one block each, the files' own hashes.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RangeHashes {
+    /// `input_ids.bin`'s blocks.
+    pub ids: Vec<String>,
+    /// `loss_mask.bin`'s blocks.
+    pub mask: Vec<String>,
+}
+
+fn plan_path(staging: &Path) -> PathBuf {
+    staging.join(PLAN_DIR).join(PLAN_JSON)
+}
+
+fn load_plan(staging: &Path) -> Result<Plan> {
+    let p = plan_path(staging);
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Corrupt {
+        path: p,
+        msg: format!("not a merge plan: {e}"),
+    })
+}
+
+/// Plan the merge of `parts` into `out_dir` and stage everything but the tokens; the
+/// tokens are cut into at most `max_ranges` ranges of blocks of `block_tokens` (a power of
+/// two >= 1024). Runs that cannot be planned from lengths alone are merged serially here.
+pub fn plan(
+    parts: &[PathBuf],
+    out_dir: &Path,
+    block_tokens: u64,
+    max_ranges: usize,
+    progress: &dyn Fn(Progress<'_>) -> bool,
+) -> Result<Planned> {
+    let start = Instant::now();
+    if !treehash::valid_block(block_tokens) {
+        return Err(Error::Config(format!(
+            "block_tokens must be a power of two >= 1024, got {block_tokens}"
+        )));
+    }
+    if parts.is_empty() {
+        return Err(Error::NoInputs(
+            "merge-packs: no part directories given".into(),
+        ));
+    }
+    let mut docs = Vec::with_capacity(parts.len());
+    for d in parts {
+        let (doc, n) = load_doc(d)?;
+        docs.push((d.clone(), doc, n));
+    }
+    docs.sort_by_key(|(_, doc, _)| doc["shard"].as_u64());
+    let (header, nfiles) = check_parts(&docs.iter().map(|(_, d, _)| d).collect::<Vec<_>>())?;
+    let h = &docs[0].1["header"];
+    let needs_records = !header.mix.is_empty()
+        || h["image_tokens"].as_u64().unwrap_or(0) > 0
+        || h["pack_length"].as_u64().unwrap_or(0) > header.max_length as u64
+        || docs.iter().any(|(_, d, _)| {
+            d.get("pair_starts").is_some() || d["images"].as_array().is_some_and(|a| !a.is_empty())
+        });
+    if needs_records {
+        return merge(parts, out_dir, progress).map(Planned::Done);
+    }
+
+    let mut ps = Vec::with_capacity(docs.len());
+    for (dir, doc, _) in &docs {
+        ps.push(part_of(dir, doc)?);
+    }
+    join_file_entries(&mut ps, nfiles)?;
+    let mut stats = PackStats::default();
+    let mut file_entries = Vec::new();
+    let mut file_table = Vec::new();
+    for part in &ps {
+        add_part_stats(&mut stats, &part.stats);
+        file_entries.extend(part.file_entries.iter().cloned());
+        file_table.extend(part.file_table.iter().cloned());
+    }
+
+    // Lengths, in input order: the parts laid end to end.
+    let total: u64 = docs.iter().map(|(_, _, n)| n).sum();
+    let mut lengths: Vec<u32> = Vec::with_capacity(total as usize);
+    let mut part_bases = vec![0u64];
+    for (dir, doc, n) in &docs {
+        let tokens = read_samples(dir, doc, *n, |len, _, _| lengths.push(len))?;
+        part_bases.push(part_bases.last().copied().unwrap_or(0) + tokens);
+    }
+    if lengths.is_empty() {
+        return Err(Error::NoTrainableSamples {
+            records: stats.records,
+            dropped: stats.dropped_samples,
+            skipped: stats.skipped_records,
+        });
+    }
+    let tokens = *part_bases.last().unwrap_or(&0);
+    let packs =
+        plan_packs(&lengths, header.max_length as u32, header.seed).map_err(Error::Internal)?;
+
+    let staging = StagingDir::new(out_dir)?;
+    let dir = staging.dir.clone();
+    std::fs::create_dir(dir.join(PLAN_DIR)).map_err(|e| Error::io(&dir, e))?;
+    // Where each sample's tokens start with the parts laid end to end: a prefix sum kept
+    // every 64 samples (8 bytes per 64), the rest summed from the lengths.
+    let checkpoints: Vec<u64> = lengths
+        .chunks(64)
+        .scan(0u64, |acc, c| {
+            let at = *acc;
+            *acc += c.iter().map(|&l| l as u64).sum::<u64>();
+            Some(at)
+        })
+        .collect();
+    let source_of =
+        |s: usize| checkpoints[s / 64] + lengths[s & !63..s].iter().map(|&l| l as u64).sum::<u64>();
+    let mut pack_of = vec![u32::MAX; lengths.len()];
+    let mut within = vec![0u32; lengths.len()];
+    let mut pack_starts = Vec::with_capacity(packs.len());
+    let mut w_packs = HashedWriter::create(dir.join(layout::PACKS))?;
+    let mut w_order = HashedWriter::create(dir.join(layout::PACK_SAMPLES))?;
+    let copy_path = dir.join(PLAN_DIR).join(COPY);
+    let mut w_copy = BufWriter::with_capacity(
+        1 << 20,
+        File::create(&copy_path).map_err(|e| Error::io(&copy_path, e))?,
+    );
+    let (mut tok_pos, mut sample_pos) = (0u64, 0u64);
+    let mut split = 0u64;
+    for (p, members) in packs.iter().enumerate() {
+        w_packs.write_i64s(&[tok_pos as i64, sample_pos as i64])?;
+        pack_starts.push(tok_pos);
+        let mut off = 0u32;
+        for &s in members {
+            let s = s as usize;
+            let len = lengths[s];
+            match pack_of[s] {
+                u32::MAX => pack_of[s] = p as u32,
+                q if q != p as u32 => split += 1,
+                _ => {}
+            }
+            within[s] = off;
+            w_order.write_i64s(&[s as i64])?;
+            let mut row = [0u8; COPY_ROW as usize];
+            row[0..8].copy_from_slice(&(tok_pos + off as u64).to_le_bytes());
+            row[8..16].copy_from_slice(&source_of(s).to_le_bytes());
+            row[16..20].copy_from_slice(&len.to_le_bytes());
+            w_copy
+                .write_all(&row)
+                .map_err(|e| Error::io(&copy_path, e))?;
+            off += len;
+            sample_pos += 1;
+        }
+        tok_pos += off as u64;
+    }
+    w_packs.write_i64s(&[tok_pos as i64, sample_pos as i64])?;
+    let npacks = packs.len();
+    drop(packs);
+    w_copy
+        .into_inner()
+        .map_err(|e| Error::io(&copy_path, e.into_error()))?
+        .sync_all()
+        .map_err(|e| Error::io(&copy_path, e))?;
+
+    // samples.bin in sample order: file and record streamed from the parts again.
+    let mut w_samples = HashedWriter::create(dir.join(layout::SAMPLES))?;
+    let mut s = 0usize;
+    let mut failed = None;
+    for (pdir, doc, n) in &docs {
+        read_samples(pdir, doc, *n, |len, file, record| {
+            let pk = pack_of[s] as usize;
+            let row = [
+                (pack_starts[pk] + within[s] as u64) as i64,
+                len as i64,
+                pk as i64,
+                file as i64,
+                record as i64,
+            ];
+            if let Err(e) = w_samples.write_i64s(&row) {
+                failed.get_or_insert(e);
+            }
+            s += 1;
+        })?;
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let mut outputs = serde_json::Map::new();
+    for (name, w) in [
+        (layout::PACKS, w_packs),
+        (layout::PACK_SAMPLES, w_order),
+        (layout::SAMPLES, w_samples),
+    ] {
+        let (size, hash) = w.finish()?;
+        outputs.insert(name.to_string(), json!({"size": size, "blake3": hash}));
+    }
+    for (name, width) in [(layout::INPUT_IDS, 4u64), (layout::LOSS_MASK, 1)] {
+        let p = dir.join(name);
+        File::create(&p)
+            .and_then(|f| f.set_len(width * tokens))
+            .map_err(|e| Error::io(&p, e))?;
+    }
+
+    stats.samples = lengths.len() as u64;
+    stats.tokens = tokens;
+    stats.packs = npacks as u64;
+    stats.split_samples = split;
+    stats.fill = tokens as f64 / (npacks as f64 * header.max_length as f64);
+    let mut fp_inputs = header.fingerprint_base.clone();
+    fp_inputs["inputs"] = Value::Array(file_entries);
+    stats.fingerprint = hash_value(&fp_inputs);
+    let mut meta = json!({
+        "format_version": layout::FORMAT_VERSION,
+        "tool": "pyfast-tune",
+        "tool_version": env!("CARGO_PKG_VERSION"),
+        "fingerprint": stats.fingerprint,
+        "fingerprint_inputs": fp_inputs,
+        "max_length": header.max_length,
+        "format": header.format,
+        "template": header.template,
+        "seed": header.seed,
+        "tokenizer": header.tokenizer,
+        "files": file_table,
+        "stats": crate::pack::write::stats_for_meta(&stats),
+        "num_samples": stats.samples,
+        "num_packs": stats.packs,
+        "num_tokens": stats.tokens,
+        "outputs": outputs,
+    });
+    if let Some(sources) = fp_inputs.get("sources") {
+        meta["sources"] = sources.clone();
+    }
+    let nblocks = tokens.div_ceil(block_tokens);
+    let r = (max_ranges.max(1) as u64).min(nblocks);
+    let ranges = (0..r)
+        .map(|k| {
+            let b0 = nblocks * k / r;
+            let b1 = nblocks * (k + 1) / r;
+            (b0 * block_tokens, (b1 * block_tokens).min(tokens))
+        })
+        .collect::<Vec<_>>();
+    stats.write_seconds = start.elapsed().as_secs_f64();
+    let plan = Plan {
+        dest: out_dir.to_path_buf(),
+        tokens,
+        block_tokens,
+        ranges,
+        parts: docs.iter().map(|(d, _, _)| d.clone()).collect(),
+        part_bases,
+        meta,
+        stats,
+    };
+    let p = plan_path(&dir);
+    let text = serde_json::to_string(&plan).map_err(|e| Error::Internal(e.to_string()))?;
+    std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+    Ok(Planned::Ranged {
+        staging: staging.keep(),
+        ranges: r as usize,
+        tokens,
+    })
+}
+
+/// Sum a part's counts into the run's, as [`finish`](crate::pack::write::finish) does.
+fn add_part_stats(stats: &mut PackStats, p: &PackStats) {
+    stats.records += p.records;
+    stats.loss_tokens += p.loss_tokens;
+    stats.truncated_samples += p.truncated_samples;
+    stats.truncated_tokens += p.truncated_tokens;
+    stats.dropped_samples += p.dropped_samples;
+    stats.dropped_tokens += p.dropped_tokens;
+    stats.skipped_records += p.skipped_records;
+    stats.skipped_files += p.skipped_files;
+    stats.pairs += p.pairs;
+    stats.truncated_pairs += p.truncated_pairs;
+    stats.dropped_pairs += p.dropped_pairs;
+    for m in &p.skipped_examples {
+        if stats.skipped_examples.len() < MAX_SKIP_EXAMPLES {
+            stats.skipped_examples.push(m.clone());
+        }
+    }
+}
+
+/// The copy rows from the one whose sample holds token `t` on, read sequentially.
+fn copy_rows_from(path: &Path, t: u64) -> Result<impl Iterator<Item = Result<(u64, u64, u32)>>> {
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let n = f.metadata().map_err(|e| Error::io(path, e))?.len() / COPY_ROW;
+    let dst_at = |k: u64| -> Result<u64> {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, k * COPY_ROW)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(u64::from_le_bytes(b))
+    };
+    // The last row whose destination is <= t.
+    let (mut lo, mut hi) = (0u64, n);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if dst_at(mid)? <= t {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let mut r = BufReader::with_capacity(1 << 20, f.try_clone().map_err(|e| Error::io(path, e))?);
+    r.seek(SeekFrom::Start(lo * COPY_ROW))
+        .map_err(|e| Error::io(path, e))?;
+    let path = path.to_path_buf();
+    let mut left = n - lo;
+    Ok(std::iter::from_fn(move || {
+        if left == 0 {
+            return None;
+        }
+        left -= 1;
+        let mut row = [0u8; COPY_ROW as usize];
+        Some(
+            r.read_exact(&mut row)
+                .map_err(|e| Error::io(&path, e))
+                .map(|_| {
+                    (
+                        u64::from_le_bytes(row[0..8].try_into().expect("8 bytes")),
+                        u64::from_le_bytes(row[8..16].try_into().expect("8 bytes")),
+                        u32::from_le_bytes(row[16..20].try_into().expect("4 bytes")),
+                    )
+                }),
+        )
+    }))
+}
+
+/// Copy range `k` of the plan staged in `staging` into place; returns its blocks' hashes.
+/// Memory: one block of ids and mask.
+pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
+    let plan = load_plan(staging)?;
+    let &(t0, t1) = plan.ranges.get(k).ok_or_else(|| {
+        Error::Config(format!(
+            "range {k} of a plan of {} ranges",
+            plan.ranges.len()
+        ))
+    })?;
+    let single = plan.tokens <= plan.block_tokens;
+    let open_out = |name: &str| {
+        let p = staging.join(name);
+        OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map(|f| (f, p.clone()))
+            .map_err(|e| Error::io(&p, e))
+    };
+    let (out_ids, ids_path) = open_out(layout::INPUT_IDS)?;
+    let (out_mask, mask_path) = open_out(layout::LOSS_MASK)?;
+    let mut sources: Vec<Option<(File, File)>> = (0..plan.parts.len()).map(|_| None).collect();
+    let mut rows = copy_rows_from(&staging.join(PLAN_DIR).join(COPY), t0)?.peekable();
+    let mut out = RangeHashes::default();
+    let (mut ids, mut mask) = (Vec::new(), Vec::new());
+    let mut b0 = t0;
+    while b0 < t1 {
+        let b1 = (b0 + plan.block_tokens).min(t1);
+        ids.clear();
+        mask.clear();
+        ids.resize(4 * (b1 - b0) as usize, 0);
+        mask.resize((b1 - b0) as usize, 0);
+        while let Some(row) = rows.peek() {
+            let &(dst, src, len) = row.as_ref().map_err(|e| Error::Internal(e.to_string()))?;
+            let (lo, hi) = (dst.max(b0), (dst + len as u64).min(b1));
+            if lo >= b1 {
+                break;
+            }
+            if lo < hi {
+                let p = plan.part_bases.partition_point(|&b| b <= src) - 1;
+                let dir = &plan.parts[p];
+                if sources[p].is_none() {
+                    let open =
+                        |n: &str| File::open(dir.join(n)).map_err(|e| Error::io(dir.join(n), e));
+                    sources[p] = Some((open(STAGE_IDS)?, open(STAGE_MASK)?));
+                }
+                let (f_ids, f_mask) = sources[p].as_ref().expect("opened above");
+                let at = src - plan.part_bases[p] + (lo - dst);
+                let (a, b) = ((lo - b0) as usize, (hi - b0) as usize);
+                f_ids
+                    .read_exact_at(&mut ids[4 * a..4 * b], 4 * at)
+                    .map_err(|e| Error::io(dir.join(STAGE_IDS), e))?;
+                f_mask
+                    .read_exact_at(&mut mask[a..b], at)
+                    .map_err(|e| Error::io(dir.join(STAGE_MASK), e))?;
+            }
+            if dst + len as u64 > b1 {
+                break; // the sample goes on in the next block
+            }
+            rows.next();
+        }
+        out_ids
+            .write_all_at(&ids, 4 * b0)
+            .map_err(|e| Error::io(&ids_path, e))?;
+        out_mask
+            .write_all_at(&mask, b0)
+            .map_err(|e| Error::io(&mask_path, e))?;
+        if single {
+            out.ids.push(blake3::hash(&ids).to_hex().to_string());
+            out.mask.push(blake3::hash(&mask).to_hex().to_string());
+        } else {
+            out.ids.push(hex(&treehash::block_cv(4 * b0, &ids)));
+            out.mask.push(hex(&treehash::block_cv(b0, &mask)));
+        }
+        b0 = b1;
+    }
+    for (f, p) in [(&out_ids, &ids_path), (&out_mask, &mask_path)] {
+        f.sync_data().map_err(|e| Error::io(p, e))?;
+    }
+    Ok(out)
+}
+
+fn hex(cv: &ChainingValue) -> String {
+    cv.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<ChainingValue> {
+    let mut cv = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (k, byte) in cv.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(2 * k..2 * k + 2)?, 16).ok()?;
+    }
+    Some(cv)
+}
+
+/// Fold the ranges' hashes (`hashes[k]` from [`write_range`] of range k) into the token
+/// files' hashes, write `meta.json` last and commit the staged directory to its destination.
+pub fn finish_ranged(staging: &Path, hashes: &[RangeHashes]) -> Result<PackStats> {
+    let start = Instant::now();
+    let plan = load_plan(staging)?;
+    if hashes.len() != plan.ranges.len() {
+        return Err(Error::Config(format!(
+            "{} range results for a plan of {} ranges",
+            hashes.len(),
+            plan.ranges.len()
+        )));
+    }
+    let nblocks = plan.tokens.div_ceil(plan.block_tokens) as usize;
+    let root = |pick: &dyn Fn(&RangeHashes) -> &Vec<String>| -> Result<String> {
+        let all: Vec<&String> = hashes.iter().flat_map(|h| pick(h).iter()).collect();
+        let bad = || {
+            Error::Internal(format!(
+                "range hashes: {} blocks, expected {nblocks}",
+                all.len()
+            ))
+        };
+        if all.len() != nblocks {
+            return Err(bad());
+        }
+        if nblocks == 1 {
+            return Ok(all[0].clone());
+        }
+        let cvs = all
+            .iter()
+            .map(|s| unhex(s))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(bad)?;
+        Ok(treehash::root(&cvs).ok_or_else(bad)?.to_hex().to_string())
+    };
+    let ids_hash = root(&|h| &h.ids)?;
+    let mask_hash = root(&|h| &h.mask)?;
+    let mut meta = plan.meta;
+    let staged = meta["outputs"].as_object().cloned().unwrap_or_default();
+    let mut outputs = serde_json::Map::new();
+    outputs.insert(
+        layout::INPUT_IDS.into(),
+        json!({"size": 4 * plan.tokens, "blake3": ids_hash}),
+    );
+    outputs.insert(
+        layout::LOSS_MASK.into(),
+        json!({"size": plan.tokens, "blake3": mask_hash}),
+    );
+    for name in layout::BINARY_FILES {
+        if let Some(v) = staged.get(*name) {
+            outputs.insert(name.to_string(), v.clone());
+        }
+    }
+    meta["outputs"] = Value::Object(outputs);
+    let plan_dir = staging.join(PLAN_DIR);
+    std::fs::remove_dir_all(&plan_dir).map_err(|e| Error::io(&plan_dir, e))?;
+    let meta_path = staging.join(layout::META);
+    let mut f = File::create(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
+    let text = serde_json::to_string_pretty(&meta).map_err(|e| Error::Internal(e.to_string()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(&meta_path, e))?;
+    StagingDir::adopt(staging.to_path_buf(), plan.dest.clone()).commit()?;
+    let mut stats = plan.stats;
+    stats.write_seconds += start.elapsed().as_secs_f64();
+    stats.seconds = stats.write_seconds;
+    stats.tokens_per_second = stats.tokens as f64 / stats.seconds.max(1e-9);
+    Ok(stats)
+}
