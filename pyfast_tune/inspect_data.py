@@ -80,7 +80,10 @@ def summarize(ds: PackedDataset, bins: int = 50) -> dict[str, Any]:
         "tokens": ds.num_tokens,
         "loss_tokens": loss_tokens,
         "loss_fraction": loss_tokens / ds.num_tokens if ds.num_tokens else 0.0,
-        "fill": ds.num_tokens / (ds.num_packs * max_length) if ds.num_packs else 0.0,
+        # LLaVA packed with --image-tokens: at training length, against the packs' capacity
+        "fill": (int(ds.meta.get("num_training_tokens") or ds.num_tokens)
+                 / (ds.num_packs * int(ds.meta.get("pack_length") or max_length))
+                 if ds.num_packs else 0.0),  # fmt: skip
         "records": stats.get("records"),
         "truncated_samples": stats.get("truncated_samples"),
         "truncated_tokens": stats.get("truncated_tokens"),
@@ -93,7 +96,19 @@ def summarize(ds: PackedDataset, bins: int = 50) -> dict[str, Any]:
         "samples_per_pack": float(ds.num_samples / ds.num_packs) if ds.num_packs else 0.0,
         "histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
         "mix": ds.meta.get("mix", []),
+        "images": _images(ds),
     }
+
+
+def _images(ds: PackedDataset) -> dict[str, Any] | None:
+    """LLaVA: how many samples have an image, the tokens each becomes in training, the packs'
+    capacity after that expansion and the fill at training length (None without images)."""
+    if not ds.images:
+        return None
+    return {"samples": len(ds.images), "image_tokens": ds.meta.get("image_tokens"),
+            "pack_length": ds.meta.get("pack_length"),
+            "training_fill": ds.meta.get("stats", {}).get("fill")
+            if ds.meta.get("image_tokens") else None}  # fmt: skip
 
 
 def _tokenizer(ds: PackedDataset, tokenizer: str | os.PathLike | None):
@@ -158,6 +173,9 @@ def _render_one(ds: PackedDataset, tok: Any, j: int, color: bool) -> str:
         f"{role}sample {j} ({file} record {record}): {len(ids)} tokens, "
         f"{int(np.count_nonzero(labels != -100))} trained"
     )
+    if s.get("image") is not None:  # LLaVA: where the image's patch tokens go
+        at = np.flatnonzero(ids == IMAGE_TOKEN_INDEX).tolist()
+        head += f"; image {s['image']} at token {at[0] if len(at) == 1 else at}"
     return head + "\n" + "".join(parts)
 
 
@@ -225,6 +243,12 @@ def format_report(report: dict[str, Any]) -> str:
             f"pack length:   min {pl['min']} median {pl['median']:.0f} mean {pl['mean']:.1f} "
             f"max {pl['max']}"
         )
+    im = r.get("images")
+    if im:
+        size = (f"{im['image_tokens']} tokens each in training, packs of <= "
+                f"{im['pack_length']} training tokens, training fill {im['training_fill']:.2%}"
+                if im["image_tokens"] else "not expanded in packing (pack --image-tokens N)")  # fmt: skip
+        lines.append(f"images: {im['samples']} samples with an image, {size}")
     if r.get("mix"):
         lines.append("sources (mix):")
         for m in r["mix"]:

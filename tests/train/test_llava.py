@@ -105,6 +105,14 @@ def test_packing_counts_images_at_training_length(parts, tmp_path):
             f"images/{path.split('/')[-1]}"
         )
     ds.verify()
+    # inspect shows where images sit
+    from pyfast_tune.inspect_data import format_report, render_sample, summarize
+
+    j = next(iter(table))
+    assert f"image {table[j][0]} at token {table[j][1]}" in render_sample(ds, j)
+    assert f"images: 24 samples with an image, {IMAGE_TOKENS} tokens each" in format_report(
+        summarize(ds)
+    )
     # a missing image names its record; --skip-bad counts it
     records = json.loads(parts["data"].read_text())
     with_image = next(k for k, r in enumerate(records) if "image" in r)
