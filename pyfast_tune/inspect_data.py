@@ -81,9 +81,12 @@ def summarize(ds: PackedDataset, bins: int = 50) -> dict[str, Any]:
         "loss_tokens": loss_tokens,
         "loss_fraction": loss_tokens / ds.num_tokens if ds.num_tokens else 0.0,
         # LLaVA packed with --image-tokens: at training length, against the packs' capacity
-        "fill": (int(ds.meta.get("num_training_tokens") or ds.num_tokens)
-                 / (ds.num_packs * int(ds.meta.get("pack_length") or max_length))
-                 if ds.num_packs else 0.0),  # fmt: skip
+        "fill": (
+            int(ds.meta.get("num_training_tokens") or ds.num_tokens)
+            / (ds.num_packs * int(ds.meta.get("pack_length") or max_length))
+            if ds.num_packs
+            else 0.0
+        ),  # fmt: skip
         "records": stats.get("records"),
         "truncated_samples": stats.get("truncated_samples"),
         "truncated_tokens": stats.get("truncated_tokens"),
