@@ -205,6 +205,9 @@ def fingerprint(
     tokenizer_backend: str = "auto",
     split: str | None = None,
     subset: str | None = None,
+    image_tokens: int = 0,
+    pack_length: int = 0,
+    image_folder: str | os.PathLike | None = None,
 ) -> str:
     """The fingerprint ``pack`` would write for these arguments, without packing (it hashes
     every input; Hub inputs and tokenizer ids are resolved as ``pack`` resolves them). Key a
@@ -229,6 +232,9 @@ def fingerprint(
         min_length=min_length,
         file_type=file_type,
         tokenizer_backend=tokenizer_backend,
+        image_tokens=image_tokens,
+        pack_length=pack_length,
+        image_folder=image_folder,
     )
     return _packer.fingerprint(options)
 
