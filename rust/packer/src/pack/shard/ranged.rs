@@ -50,6 +50,7 @@ pub const DEFAULT_BLOCK_TOKENS: u64 = 1 << 22;
 #[derive(Debug, Serialize, Deserialize)]
 struct Plan {
     dest: PathBuf,
+    max_length: u64,
     tokens: u64,
     block_tokens: u64,
     /// Token ranges `[start, end)`, whole blocks each (the last may end short).
@@ -315,6 +316,7 @@ pub fn plan(
     stats.write_seconds = start.elapsed().as_secs_f64();
     let plan = Plan {
         dest: out_dir.to_path_buf(),
+        max_length: header.max_length as u64,
         tokens,
         block_tokens,
         ranges,
@@ -532,6 +534,11 @@ pub fn finish_ranged(staging: &Path, hashes: &[RangeHashes]) -> Result<PackStats
     let ids_hash = root(&|h| &h.ids)?;
     let mask_hash = root(&|h| &h.mask)?;
     let mut meta = plan.meta;
+    let mut stats = plan.stats;
+    // Floats do not survive plan.json exactly (serde_json parses them to the nearest value
+    // only with its float_roundtrip feature): the fill is computed again from integers.
+    stats.fill = stats.tokens as f64 / (stats.packs as f64 * plan.max_length as f64);
+    meta["stats"]["fill"] = json!(stats.fill);
     let staged = meta["outputs"].as_object().cloned().unwrap_or_default();
     let mut outputs = serde_json::Map::new();
     outputs.insert(
@@ -557,7 +564,6 @@ pub fn finish_ranged(staging: &Path, hashes: &[RangeHashes]) -> Result<PackStats
         .and_then(|_| f.sync_all())
         .map_err(|e| Error::io(&meta_path, e))?;
     StagingDir::adopt(staging.to_path_buf(), plan.dest.clone()).commit()?;
-    let mut stats = plan.stats;
     stats.write_seconds += start.elapsed().as_secs_f64();
     stats.seconds = stats.write_seconds;
     stats.tokens_per_second = stats.tokens as f64 / stats.seconds.max(1e-9);
