@@ -262,14 +262,24 @@ class adapters_disabled:
 
 class eval_mode:
     """Dropout off while inside (the reference is a deterministic function of its weights, as
-    TRL's reference model in eval mode); each module's mode restored after."""
+    TRL's reference model in eval mode); each module's mode restored after.
+
+    Only the modules that drop (``nn.Dropout`` and attention layers with an
+    ``attention_dropout``) switch: a whole-model ``eval()`` is a state change for some layers
+    (bitsandbytes' 4-bit linear on CPU repacks its weights for an inference kernel on its first
+    eval-mode forward), which would make a gradient-checkpointed recompute of the policy's
+    forward differ from the forward it recomputes."""
 
     def __init__(self, model):
         self.model = model
 
     def __enter__(self):
-        self.modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
+        drops = [m for m in self.model.modules()
+                 if isinstance(m, torch.nn.modules.dropout._DropoutNd)
+                 or hasattr(m, "attention_dropout")]  # fmt: skip
+        self.modes = {m: m.training for m in drops}
+        for m in drops:
+            m.training = False
 
     def __exit__(self, *exc):
         for m, training in self.modes.items():
@@ -311,10 +321,14 @@ def row_loss(model, batch: PackedBatch, device, cfg, norm: PairNormalizer,
         losses = reward_losses(scores[c], scores[r], None, pref.center_rewards_coefficient)
         metrics = pair_metrics("reward", pref.beta, None, scores=(scores[c], scores[r]))
     else:
+        # The reference first: nothing runs between the policy's forward and its backward
+        # (a gradient-checkpointed recompute must see the state its forward saw).
+        ref_sums = None
+        if objective == "dpo":
+            ref_sums = reference.logps(model, batch, device, cfg.fused_loss, sp, inputs)
         per_token, sums, counts = sequence_logps(model, batch, device, cfg.fused_loss, sp, inputs)
         pol = SequenceLogps(sums[c], sums[r], counts[c], counts[r])
         if objective == "dpo":
-            ref_sums = reference.logps(model, batch, device, cfg.fused_loss, sp, inputs)
             ref = SequenceLogps(ref_sums[c], ref_sums[r], counts[c], counts[r])
             losses = dpo_losses(pol, ref, pref.beta, pref.loss_type, pref.label_smoothing)
         elif objective == "orpo":

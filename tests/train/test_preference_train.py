@@ -158,3 +158,45 @@ def test_objective_needs_a_preference_pack(pref, tiny_tokenizer, generated_chats
     proc = train_process(pref["config"], tmp_path / "run", 1, "--data", str(sft), check=False)
     assert proc.returncode != 0
     assert "holds no pairs (pack the data with --format preference)" in proc.stdout + proc.stderr
+
+
+def test_dpo_qlora_starts_at_log2(pref, tmp_path):
+    """QLoRA: the 4-bit base with its adapters disabled is the reference."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes")
+    metrics = train_metrics(pref["config"], tmp_path / "run", 1, "--method", "qlora",
+                            "--max_steps", "2", "--lr", "1e-2")  # fmt: skip
+    assert metrics[0]["loss"] == pytest.approx(0.6931471805599453, rel=1e-5)
+    assert metrics[1]["loss"] != metrics[0]["loss"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--objective", "kto"], "objective must be one of sft, dpo, orpo, simpo, reward"),
+        (["--preference.loss_type", "exo"], "preference.loss_type must be one of sigmoid"),
+        (["--preference.beta", "0"], "preference.beta must be > 0"),
+        (["--preference.label_smoothing", "0.5"], r"label_smoothing must be in \[0, 0.5\)"),
+        (["--preference.loss_type", "hinge", "--preference.label_smoothing", "0.1"],
+         "label_smoothing applies to loss_type sigmoid or robust"),
+    ],
+)  # fmt: skip
+def test_preference_config_is_checked(override, message):
+    from pyfast_tune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["--model", "m", "--data", "p", "--objective", "dpo", *override])
+
+
+def test_pair_layout_uses_roles_not_parity():
+    import numpy as np
+
+    from pyfast_tune.trainer.preference import pair_layout
+
+    # rejected before chosen, pairs interleaved: parity would pair the wrong segments
+    pairs = np.array([[7, 1], [3, 0], [7, 0], [3, 1]])
+    chosen, rejected = pair_layout(pairs)
+    assert chosen.tolist() == [1, 2] and rejected.tolist() == [3, 0]
+    with pytest.raises(ValueError, match="a pair is split"):
+        pair_layout(pairs[:3])
+    with pytest.raises(ValueError, match="chosen and rejected"):
+        pair_layout(np.array([[1, 0], [1, 0]]))
