@@ -95,3 +95,63 @@ pub(crate) fn positions(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pack::binpack::plan_packs;
+
+    fn staged(lens: &[u32]) -> Vec<StagedSample> {
+        lens.iter()
+            .map(|&len| StagedSample {
+                part: 0,
+                offset: 0,
+                len,
+                file: 0,
+                record: 0,
+                role: 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn images_count_at_training_length_in_the_plan() {
+        // Text lengths alone fit two samples a pack; with 8-token images they do not.
+        let s = staged(&[5, 5, 5, 5]);
+        let planned = expanded_lengths(&s, &[0, 2], 8);
+        assert_eq!(planned, vec![12, 5, 12, 5]);
+        for p in plan_packs(&planned, 17, 0).unwrap() {
+            let total: u32 = p.iter().map(|&i| planned[i as usize]).sum();
+            assert!(total <= 17, "{p:?}");
+        }
+        assert_eq!(expanded_lengths(&s, &[0, 2], 0), vec![5, 5, 5, 5]);
+    }
+
+    #[test]
+    fn image_checks_name_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data.json");
+        std::fs::write(dir.path().join("a.png"), b"\x89PNG").unwrap();
+        std::fs::write(dir.path().join("empty.png"), b"").unwrap();
+        let cfg = PackConfig {
+            image_tokens: 4,
+            ..PackConfig::default()
+        };
+        let with = [1, IMAGE_TOKEN_ID, 2];
+        let ok = check_sample(&cfg, &data, &with, Some("a.png".into())).unwrap();
+        assert_eq!(ok, Some(dir.path().join("a.png").to_string_lossy().into()));
+        let e = check_sample(&cfg, &data, &with, Some("no.png".into())).unwrap_err();
+        assert!(e.contains("no.png"), "{e}");
+        let e = check_sample(&cfg, &data, &with, Some("empty.png".into())).unwrap_err();
+        assert!(e.contains("empty file"), "{e}");
+        let e = check_sample(&cfg, &data, &[1, 2], Some("a.png".into())).unwrap_err();
+        assert!(e.contains("found 0"), "{e}");
+        let e = check_sample(&cfg, &data, &with, None).unwrap_err();
+        assert!(e.contains("no \"image\""), "{e}");
+        assert_eq!(check_sample(&cfg, &data, &[1, 2], None).unwrap(), None);
+        // without image_tokens: the path as given, unchecked
+        let off = PackConfig::default();
+        let raw = check_sample(&off, &data, &[1, 2], Some("no.png".into())).unwrap();
+        assert_eq!(raw.as_deref(), Some("no.png"));
+    }
+}
