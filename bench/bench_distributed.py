@@ -123,7 +123,11 @@ class RssSampler:
 
     def workers(self) -> list[int]:
         return sorted(
-            (rss for rss, name in self.peak.values() if "default_worker" in name or "ray::" in name),
+            (
+                rss
+                for rss, name in self.peak.values()
+                if "default_worker" in name or "ray::" in name
+            ),
             reverse=True,
         )
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from pyfast_tune import _packer
+from pyfast_tune.data import storage
 from pyfast_tune.data.catalog import tokenizer_hash
 from pyfast_tune.data.errors import CorruptDataError, FingerprintMismatch
 from pyfast_tune.data.facts import (
@@ -66,6 +67,8 @@ class PackedDataset:
         format: str | None = None,
         seed: int | None = None,
     ) -> None:
+        if storage.is_remote(path):  # s3://, gs://, az://: read through a local copy
+            path = storage.local_packed(path)
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         try:

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pyfast_tune import _packer, hub
+from pyfast_tune.data import storage
 from pyfast_tune.data.errors import PackConfigError
 from pyfast_tune.data.facts import _FACTS
 
@@ -151,11 +152,15 @@ def _run_pack(options: dict[str, Any], progress: bool) -> PackStats:
 
 
 def _resolve_sources(inputs, split, subset, data_order) -> tuple[list[str], list[dict]]:
-    """Local paths of ``inputs`` (``hf://`` ones resolved through huggingface_hub, in place)
+    """Local paths of ``inputs`` (``hf://`` ones resolved through huggingface_hub, in place;
+    object-storage URLs copied into the cache, ``storage.fetch``)
     and, for those, where they came from (``PackConfig.sources``)."""
     paths: list[str] = []
     sources: list[dict] = []
     for inp in _inputs(inputs):
+        if storage.is_remote(inp):  # s3://, gs://, az://: a cached local copy
+            paths.append(storage.fetch(inp))
+            continue
         if not hub.is_hub_url(inp):
             paths.append(inp)
             continue

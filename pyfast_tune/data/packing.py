@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 
 from pyfast_tune import _packer, hub
+from pyfast_tune.data import storage
 from pyfast_tune.data.errors import PackConfigError
 from pyfast_tune.data.mapped import _pack_mapped
 from pyfast_tune.data.mix import is_mix, mix_sources
@@ -95,6 +96,9 @@ def pack(
       ``max_length + image_tokens - 1``; ``max_length`` stays XTuner's text truncation length),
       and every image must exist under ``image_folder`` (default: the data file's folder) —
       else a record error, or a counted skip with ``skip_bad`` (docs/workflow-llava.md).
+    Inputs and ``out_dir`` may be object-storage URLs (``s3://``, ``gs://``, ``az://``;
+    ``pyfast_tune.data.storage``): inputs are copied into a local cache, the output is packed
+    locally and uploaded with ``meta.json`` last.
     The output bytes depend only on the inputs and settings, never on ``threads``,
     ``tokenizer_backend`` or the executor.
 
@@ -102,6 +106,9 @@ def pack(
     ...      template="qwen_chat").fill > 0.99                              # doctest: +SKIP
     True
     """
+    if storage.is_remote(out_dir):  # packed here, then uploaded with meta.json last
+        args = dict(locals())
+        return storage.write_remote(out_dir, lambda local: pack(**{**args, "out_dir": local}))
     if executor is None and shards is None and (address, retries, work_dir) != (None, 3, None):
         raise PackConfigError("address, retries and work_dir go with executor= or shards=N")
     if executor is not None or shards is not None:

@@ -24,6 +24,13 @@ log = logging.getLogger(__name__)
 def prepare_packed_dir(data_cfg, max_length: int, tokenizer: str | None, cache_dir: Path) -> Path:
     """The packed directory to train on: ``data_cfg.path``, or the cache entry of its inputs."""
     if data_cfg.path is not None:
+        from pyfast_tune.data import storage
+
+        if storage.is_remote(data_cfg.path):  # s3://, gs://, az://: one local copy per node
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            with open(cache_dir / "remote.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                return storage.local_packed(data_cfg.path)
         return Path(data_cfg.path)
     from pyfast_tune.data import fingerprint, pack
 

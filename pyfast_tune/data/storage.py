@@ -1,0 +1,190 @@
+"""Object storage: ``s3://``, ``gs://`` and ``az://`` inputs, outputs and packed directories.
+
+Through fsspec (s3fs, gcsfs, adlfs), as ``hf://`` goes through huggingface_hub, and not the
+``object_store`` crate in the Rust core: the engine keeps one way of reading (local files:
+positioned reads, mmap, the same code as every other input), no cloud SDK or TLS stack enters
+the wheel, and each store's client reads its standard credentials and settings itself —
+``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``/``AWS_PROFILE``/
+``AWS_ENDPOINT_URL``/``AWS_DEFAULT_REGION`` (s3fs via botocore), ``GOOGLE_APPLICATION_CREDENTIALS``
+(gcsfs), ``AZURE_STORAGE_CONNECTION_STRING`` or ``AZURE_STORAGE_ACCOUNT_NAME`` +
+``AZURE_STORAGE_KEY`` (adlfs); fsspec's own ``FSSPEC_S3_*`` variables work too.
+
+- Inputs (an object or a prefix) are copied once per run into a local cache keyed by the
+  listing (names, sizes, ETags), ``$PYFAST_TUNE_CACHE/objects`` (default
+  ``~/.cache/pyfast_tune/objects``); a prefix keeps its relative layout, so file names — and
+  the bytes — are those of the same files packed from a local folder. The shards of a run
+  read their byte ranges of that copy; the copy itself is whole.
+- An output URL: the directory is packed locally (atomically, as always), then uploaded with
+  ``meta.json`` last, after removing the old ``meta.json`` first: a reader never sees a
+  manifest that does not describe the files beside it.
+- Reading (``PackedDataset``, training): a packed directory URL is copied into the cache
+  (``objects/packed/<url hash>``) when its ``meta.json`` differs from the cached one, files
+  first and ``meta.json`` last, then memory-mapped from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pyfast_tune.data.errors import CorruptDataError, PackConfigError
+
+# scheme -> the fsspec package that implements it
+SCHEMES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
+           "abfs": "adlfs", "abfss": "adlfs"}  # fmt: skip
+META = "meta.json"
+
+
+def is_remote(path: Any) -> bool:
+    """Is ``path`` an object-storage URL (``s3://``, ``gs://``, ``az://``, ...)?"""
+    if not isinstance(path, str) or "://" not in path:
+        return False
+    return path.split("://", 1)[0].lower() in SCHEMES
+
+
+def cache_root() -> Path:
+    """Where copies of remote objects live: ``$PYFAST_TUNE_CACHE/objects``."""
+    base = os.environ.get("PYFAST_TUNE_CACHE") or os.path.join("~", ".cache", "pyfast_tune")
+    return Path(base).expanduser() / "objects"
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path without the scheme) for ``url``; a missing client is an error
+    naming the package to install."""
+    scheme = url.split("://", 1)[0].lower()
+    try:
+        import fsspec
+
+        return fsspec.core.url_to_fs(url)
+    except ImportError:
+        pkg = SCHEMES.get(scheme, "fsspec")
+        raise PackConfigError(f"{url}: {scheme}:// needs {pkg}: pip install {pkg}") from None
+
+
+def _version(info: dict) -> str:
+    """What changes when an object is rewritten: its ETag (S3, Azure), else md5/generation
+    (GCS) or modification time."""
+    for k in ("ETag", "etag", "md5Hash", "generation", "LastModified", "mtime", "last_modified"):
+        if info.get(k) is not None:
+            return f"{k}={info[k]}"
+    return ""
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
+
+
+def fetch(url: str) -> str:
+    """A local copy of the object or prefix ``url`` (fetched once; later calls with the same
+    listing get the cached copy): a file path for an object, a folder for a prefix."""
+    fs, path = filesystem(url)
+    path = path.rstrip("/")
+    if fs.isfile(path):
+        listing = {path: fs.info(path)}
+        root = path.rsplit("/", 1)[0]
+        single = True
+    else:
+        listing = fs.find(path, detail=True)
+        root = path
+        single = False
+    if not listing:
+        raise FileNotFoundError(f"{url}: no such object or prefix")
+    rel = {p: p[len(root) :].lstrip("/") for p in listing}
+    key = _key(url, sorted((rel[p], i.get("size"), _version(i)) for p, i in listing.items()))
+    name = path.rsplit("/", 1)[-1] or "data"
+    done = cache_root() / key
+    local = done / name if not single else done / rel[path]
+    if done.is_dir():
+        return os.fspath(local)
+    done.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=done.parent))
+    try:
+        for p, info in sorted(listing.items()):
+            dest = tmp / rel[p] if single else tmp / name / rel[p]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(p, os.fspath(dest))
+            if info.get("size") is not None and dest.stat().st_size != info["size"]:
+                raise OSError(f"{url}: {p} changed while it was copied")
+        try:
+            os.replace(tmp, done)
+        except OSError:  # another process finished first: its copy is the same objects
+            if not done.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return os.fspath(local)
+
+
+def upload_dir(local: str | os.PathLike, url: str) -> None:
+    """Upload the packed (or part) directory ``local`` to ``url``: the old ``meta.json``
+    removed first, every other file, then ``meta.json`` last."""
+    fs, path = filesystem(url)
+    path = path.rstrip("/")
+    local = Path(local)
+    if fs.exists(f"{path}/{META}"):
+        fs.rm_file(f"{path}/{META}")
+    for f in sorted(local.iterdir()):
+        if f.name != META and f.is_file():
+            fs.put_file(os.fspath(f), f"{path}/{f.name}")
+    fs.put_file(os.fspath(local / META), f"{path}/{META}")
+
+
+def write_remote(url: str, write: Callable[[str], Any]) -> Any:
+    """``write(local_dir)`` into a fresh local folder, then :func:`upload_dir` it to ``url``;
+    what ``write`` returned. The local folder goes either way."""
+    filesystem(url)  # a missing client fails before any work
+    base = cache_root() / "out"
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="pack-", dir=base))
+    try:
+        result = write(os.fspath(tmp / "packed"))
+        upload_dir(tmp / "packed", url)
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def local_packed(url: str) -> Path:
+    """A local copy of the packed directory at ``url``, refreshed when its ``meta.json``
+    changed; files first, ``meta.json`` last, so the copy is whole or absent."""
+    fs, path = filesystem(url)
+    path = path.rstrip("/")
+    try:
+        meta_bytes = fs.cat_file(f"{path}/{META}")
+    except FileNotFoundError:
+        raise CorruptDataError(
+            f"{url}/{META}: missing: {url} is not a packed directory, or one still being "
+            "uploaded (its meta.json is written last)"
+        ) from None
+    try:
+        outputs = json.loads(meta_bytes)["outputs"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptDataError(f"{url}/{META}: unreadable meta.json: {e}") from None
+    dest = cache_root() / "packed" / _key(url)
+    if (dest / META).is_file() and (dest / META).read_bytes() == meta_bytes:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        for name, out in outputs.items():
+            fs.get_file(f"{path}/{name}", os.fspath(tmp / name))
+            if (tmp / name).stat().st_size != out.get("size"):
+                raise CorruptDataError(
+                    f"{url}/{name}: {(tmp / name).stat().st_size} bytes, meta.json says "
+                    f"{out.get('size')} (replaced while it was read? read it again)"
+                )
+        if fs.cat_file(f"{path}/{META}") != meta_bytes:
+            raise CorruptDataError(f"{url}: replaced while it was read; read it again")
+        (tmp / META).write_bytes(meta_bytes)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

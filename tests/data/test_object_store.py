@@ -1,0 +1,127 @@
+"""Object storage: an S3 input and output on a local moto server pack to the bytes of local
+files (one pack and the sharded executor), the output's manifest is uploaded last, and
+``PackedDataset`` reads a packed directory from S3 through the local cache."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pyfast_tune.data import CorruptDataError, PackedDataset, pack, storage
+
+pytest.importorskip("s3fs", reason="S3 tests need s3fs and moto[server] (the dev extra)")
+moto_server = pytest.importorskip("moto.server", reason="S3 tests need moto[server]")
+
+BUCKET = "bucket"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on loopback, credentials and endpoint in the standard variables,
+    and the object cache in a temporary folder."""
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "PYFAST_TUNE_CACHE": str(tmp_path_factory.mktemp("cache")),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.mkdir(BUCKET)
+    yield fs
+    server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def chats_dir(tmp_path_factory):
+    from pyfast_tune.demo import synth_conversations, write_jsonl
+
+    d = tmp_path_factory.mktemp("s3_data") / "data"
+    d.mkdir()
+    write_jsonl(synth_conversations(120, seed=5), d / "a.jsonl")
+    (d / "sub").mkdir()
+    write_jsonl(synth_conversations(60, seed=6), d / "sub" / "b.jsonl")
+    return d
+
+
+def _opts(tok):
+    return dict(tokenizer=tok, max_length=256, format="openai", template="default", seed=1)
+
+
+def _remote_bytes(fs, prefix: str) -> dict[str, bytes]:
+    return {p.rsplit("/", 1)[1]: fs.cat_file(p) for p in fs.find(prefix)}
+
+
+def _local_bytes(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in d.iterdir()}
+
+
+def test_s3_input_and_output_equal_local_files(s3, chats_dir, tiny_tokenizer, tmp_path):
+    s3.put(str(chats_dir), f"{BUCKET}/data", recursive=True)
+    local = pack(str(chats_dir), tmp_path / "local", **_opts(tiny_tokenizer))
+    remote = pack(f"s3://{BUCKET}/data", f"s3://{BUCKET}/packed", **_opts(tiny_tokenizer))
+    assert remote.fingerprint == local.fingerprint
+    assert _remote_bytes(s3, f"{BUCKET}/packed") == _local_bytes(tmp_path / "local")
+    # Sharded: the executor's shards read the cached copy, the merge is uploaded.
+    pack(f"s3://{BUCKET}/data", f"s3://{BUCKET}/sharded", shards=2, **_opts(tiny_tokenizer))
+    assert _remote_bytes(s3, f"{BUCKET}/sharded") == _local_bytes(tmp_path / "local")
+    assert not list((Path(os.environ["PYFAST_TUNE_CACHE"]) / "objects" / "out").iterdir())
+
+    # Read back through the local cache: the same samples as the local directory.
+    ds, ref = PackedDataset(f"s3://{BUCKET}/packed"), PackedDataset(tmp_path / "local")
+    assert len(ds) == len(ref) and ds.meta == ref.meta
+    np.testing.assert_array_equal(ds[len(ds) - 1]["input_ids"], ref[len(ref) - 1]["input_ids"])
+    assert PackedDataset(f"s3://{BUCKET}/packed").path == ds.path  # cached: not copied again
+
+
+def test_manifest_is_uploaded_last(s3, tmp_path, monkeypatch):
+    d = tmp_path / "out"
+    d.mkdir()
+    for name in ("input_ids.bin", "meta.json", "samples.bin"):
+        (d / name).write_bytes(name.encode())
+    s3.pipe(f"{BUCKET}/m/meta.json", b"old")
+    order = []
+    fs = storage.filesystem(f"s3://{BUCKET}/m")[0]  # the instance upload_dir will use
+    put = fs.put_file
+
+    def spy(lpath, rpath, **kw):
+        # When a data file goes up, no manifest (old or new) is there to describe it.
+        order.append((rpath.rsplit("/", 1)[1], fs.exists(f"{BUCKET}/m/meta.json")))
+        return put(lpath, rpath, **kw)
+
+    monkeypatch.setattr(fs, "put_file", spy)
+    storage.upload_dir(d, f"s3://{BUCKET}/m")
+    assert order == [("input_ids.bin", False), ("samples.bin", False), ("meta.json", False)]
+    assert s3.cat_file(f"{BUCKET}/m/meta.json") == b"meta.json"
+
+
+def test_a_directory_without_manifest_is_refused(s3):
+    s3.pipe(f"{BUCKET}/half/input_ids.bin", b"\0" * 8)
+    with pytest.raises(CorruptDataError, match="meta.json: missing.*written last"):
+        PackedDataset(f"s3://{BUCKET}/half")
+    with pytest.raises(FileNotFoundError, match="no such object"):
+        storage.fetch(f"s3://{BUCKET}/nothing-here")
