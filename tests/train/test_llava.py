@@ -170,6 +170,31 @@ def test_vision_tower_keeps_its_own_attention(parts):
     assert not ours.config.vision_config._attn_implementation.startswith("pyfast_varlen")
 
 
+def test_tower_runs_on_every_batch_without_grads_when_frozen(parts):
+    from pyfast_tune.trainer.step import batch_loss
+    from pyfast_tune.vision.model import freeze_parts
+
+    model, packs, _ = _model_and_packs(parts)
+    freeze_parts(model, ["vision_tower"])
+    ours = _patched(model)
+    calls = []
+    ours.model.vision_tower.register_forward_hook(
+        lambda m, a, out: calls.append(out.last_hidden_state.requires_grad)
+    )
+    from pyfast_tune.data.dataset import packed_row
+
+    j = next(j for j in range(packs.dataset.num_samples) if j not in packs.table)
+    s = packs.dataset.sample(j)  # a row of one text-only sample
+    row = packed_row(s["input_ids"], s["labels"], np.array([len(s["input_ids"])]))
+    row.update(images=[], image_starts=np.zeros(0, dtype=np.int64))
+    batch_loss(ours, packs.collate([row], "token", 1), "cpu", fused=False).backward()
+    # a blank image keeps every rank's tower and projector in the step (ZeRO-3 gathers)
+    assert calls == [False]
+    grad = ours.model.multi_modal_projector.linear_1.weight.grad
+    assert grad is not None and not grad.any()
+    assert all(p.grad is None for p in ours.model.vision_tower.parameters())
+
+
 def test_lora_adapts_the_llm_only_unless_the_tower_is_named(parts, tmp_path):
     from pyfast_tune.config import load_config
     from pyfast_tune.vision.model import build_llava, part_of
