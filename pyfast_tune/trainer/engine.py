@@ -88,6 +88,7 @@ def build_engine(cfg, proc: Process, grad_accum: int, total_steps: int,
     """DeepSpeed config -> model -> schedule -> ``deepspeed.initialize``."""
     dtype = resolve_dtype(cfg.dtype)
     hidden = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    hidden = getattr(hidden, "text_config", None) or hidden  # a vision-language model's LLM
     check_sequence_parallel_model(hidden, cfg.sequence_parallel_size)
     ds_cfg = deepspeed_config(
         cfg.deepspeed,

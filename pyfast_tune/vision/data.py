@@ -67,6 +67,13 @@ class ImagePacks:
         self.processor = processor
         self.table = read_image_table(dataset.path)
         packed_with = dataset.meta.get("image_tokens")
+        if self.table and not packed_with:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "%s was packed without --image-tokens: packs were planned by text length, "
+                "so with %d tokens per image some rows exceed the pack capacity, and image "
+                "paths were not checked", dataset.path, self.image_tokens)  # fmt: skip
         if packed_with and int(packed_with) != self.image_tokens:
             raise ValueError(
                 f"{dataset.path} was packed with --image-tokens {packed_with}, but the model "

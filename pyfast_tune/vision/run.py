@@ -40,6 +40,12 @@ def llava_run(cfg) -> LlavaRun | None:
         return None
     if cfg.sequence_parallel_size > 1:
         raise ConfigError("LLaVA training does not support sequence_parallel_size > 1 yet")
+    if cfg.vision_tower and cfg.method != "full":
+        raise ConfigError(
+            "LoRA/QLoRA on vision_tower + llm: an adapter needs a LLaVA base folder. Train stage 1 "
+            "(method: full, freeze: [vision_tower, llm]), `pyfast-tune convert` it, then train "
+            "stage 2 with model: <that folder> (docs/workflow-llava.md)"
+        )
     if cfg.eval.data or cfg.eval.split or cfg.eval.prompts:
         raise ConfigError("evaluation during LLaVA training is not supported yet: unset eval")
     vision = vision_config_of(cfg)

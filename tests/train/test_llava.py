@@ -205,6 +205,12 @@ def test_lora_adapts_the_llm_only_unless_the_tower_is_named(parts, tmp_path):
     lora = {part_of(n) for n, p in model.named_parameters() if "lora_" in n}
     trained = {part_of(n) for n, p in model.named_parameters() if p.requires_grad}
     assert lora == {"llm"} and trained == {"llm", "projector"}
+    # a run would have no LLaVA base for its adapter: stage 2 trains on the stage-1 folder
+    from pyfast_tune.config import ConfigError
+    from pyfast_tune.vision.run import llava_run
+
+    with pytest.raises(ConfigError, match="stage 1"):
+        llava_run(load_config(None, args))
     named = load_config(None, [*args, "--lora.target_modules", "[q_proj,vision_tower]"])
     model = build_llava(named, "float32")
     lora = {n for n, p in model.named_parameters() if "lora_" in n}
