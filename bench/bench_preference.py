@@ -8,11 +8,12 @@ do. They are packed once (``pack --format preference``, template ``default``) an
 exactly those token ids (prompt = the tokens before the first trained one, completions the
 rest), so both sides train on the same tokens.
 
-Model: a randomly initialised Llama of SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads,
+Both sides train on every pair once (after one untimed warm-up step), so pairs/s compares the
+same work. Model: a randomly initialised Llama of SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads,
 3 KV heads, MLP 1536, tied embeddings; ``--shape tiny`` for a smoke run), fp32, LoRA r 16 on
 every linear layer, AdamW, the reference = the adapters disabled (TRL's own choice for a peft
 model without ``ref_model``), beta 0.1, sigmoid loss. Each side runs in its own process (peak
-RSS is that process's), takes one untimed warm-up step, then ``--steps`` timed steps:
+RSS is that process's):
 
 - ``ours``: one pack per step (whole pairs, ``--pack-length`` tokens at most), varlen
   attention, the fused LoRA op, per-token log-probabilities from the fused linear
@@ -24,7 +25,7 @@ Printed: pairs/s, tokens/s (real tokens), peak RSS, the share of TRL's batch pos
 are padding, and the ratio ours/TRL (target: >= 2x). ::
 
     python bench/bench_preference.py                    # SmolLM2-135M shape, ~10 min on 2 cores
-    python bench/bench_preference.py --shape tiny --steps 4
+    python bench/bench_preference.py --shape tiny --pairs 48
     pytest bench/bench_preference.py -s
 """
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import subprocess
 import sys
@@ -99,8 +99,9 @@ def run_ours(info: dict, args) -> dict:
     cfg = SimpleNamespace(objective="dpo", preference=PreferenceConfig(beta=0.1), fused_loss=True)
     ds = PackedDataset(info["packed"])
     times, pairs, tokens, losses = [], 0, 0, []
-    for step in range(args.steps + 1):
-        ids = [step % len(ds)]
+    # One untimed warm-up step on pack 0, then every pack once: each pair exactly once.
+    for step, pack_id in enumerate([0, *range(len(ds))]):
+        ids = [pack_id]
         batch = collate([ds[i] for i in ids], "token", 1)
         t0 = time.perf_counter()
         loss, _, figures = row_loss(
@@ -146,9 +147,11 @@ def run_trl(info: dict, args) -> dict:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     rows = _trl_rows(info["packed"])
-    steps = args.steps + 1
-    need = steps * args.batch
-    rows = (rows * math.ceil(need / len(rows)))[:need]
+    # Every pair once (the last batch topped up from the first pairs), plus one untimed
+    # warm-up batch: one epoch of max_steps batches in the sampler's shuffled order.
+    rows = rows + rows[: (-len(rows)) % args.batch]
+    rows = rows + rows[: args.batch]
+    steps = len(rows) // args.batch
     config = DPOConfig(output_dir=str(Path(info["packed"]).parent / "trl"), report_to=[],
                        use_cpu=True, bf16=False, gradient_checkpointing=False, beta=0.1,
                        per_device_train_batch_size=args.batch, max_steps=steps,
@@ -225,18 +228,17 @@ def compare(args) -> dict:
 
 
 def _pass_through(args) -> list[str]:
-    return ["--steps", str(args.steps), "--batch", str(args.batch), "--lora-r", str(args.lora_r),
-            "--threads", str(args.threads)]  # fmt: skip
+    return ["--batch", str(args.batch), "--lora-r", str(args.lora_r), "--threads",
+            str(args.threads)]  # fmt: skip
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
-    p.add_argument("--pairs", type=int, default=96, help="pairs to make and pack")
+    p.add_argument("--pairs", type=int, default=64, help="pairs to make, pack and train on")
     p.add_argument("--max-words", type=int, default=120, help="words per completion at most")
     p.add_argument("--pack-length", type=int, default=1024)
     p.add_argument("--batch", type=int, default=4, help="TRL's pairs per step")
-    p.add_argument("--steps", type=int, default=6, help="timed steps per side")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -246,7 +248,7 @@ def parse(argv=None):
 
 def test_bench_preference():
     """pytest entry: the tiny shape (the SmolLM2-135M shape is the script's default)."""
-    out = compare(parse(["--shape", "tiny", "--steps", "4", "--pairs", "48"]))
+    out = compare(parse(["--shape", "tiny", "--pairs", "48"]))
     assert out["ours"]["pairs"] > 0 and out["trl"]["pairs"] > 0
 
 

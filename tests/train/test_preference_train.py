@@ -60,8 +60,8 @@ def test_dpo_lora_logs_trl_metrics_and_learns(pref, tmp_path):
     assert evals and TRL_METRICS <= set(evals[-1]) and evals[-1]["pairs"] >= 2
 
 
-def _dpo_against_reference(pref, out, nproc, *args):
-    ds = sgd_deepspeed_json(out.parent, "zero2" if "zero3" not in args else "zero3")
+def _dpo_against_reference(pref, out, nproc, *args, preset="zero2"):
+    ds = sgd_deepspeed_json(out.parent, preset)  # plain SGD: weights comparable across runs
     return train_metrics(pref["config"], out, nproc, "--method", "full", "--max_steps", "3",
                          "--lr", "0.5", "--preference.reference", str(pref["reference"]),
                          "--preference.loss_type", "sigmoid", "--deepspeed", str(ds),
@@ -92,8 +92,7 @@ def test_dpo_two_processes_zero2_equal_one(pref, one_process, tmp_path):
 
 @pytest.mark.slow
 def test_dpo_two_processes_zero3_equal_one(pref, one_process, tmp_path):
-    _same_losses(_dpo_against_reference(pref, tmp_path / "run", 2, "--deepspeed", "zero3"),
-                 one_process)  # fmt: skip
+    _same_losses(_dpo_against_reference(pref, tmp_path / "run", 2, preset="zero3"), one_process)
 
 
 def test_dpo_sequence_parallel_two_equals_one(pref, one_process, tmp_path):
