@@ -258,7 +258,11 @@ def build_llava(cfg, dtype_name: str, local_rank: int = 0, zero_stage: int = 0) 
     model.config.use_cache = False
     model.config.text_config.use_cache = False
     if cfg.gradient_checkpointing:
-        model.model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
+        lm = model.model.language_model  # the tower runs once per image: not checkpointed
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers 5's name
+            lm.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable({"use_reentrant": False})
     if cfg.method == "full":
         freeze_parts(model, freeze)
     else:
