@@ -142,10 +142,11 @@ opts = json.loads({opts!r})
 ray.init(num_cpus={workers}, log_to_driver=False, include_dashboard=False)
 with RssSampler() as s:
     t = time.perf_counter()
-    stats = run_sharded(opts, {out!r}, "ray", {shards}, work_dir={work!r})
+    steps = {{}}
+    stats = run_sharded(opts, {out!r}, "ray", {shards}, work_dir={work!r}, _merge_seconds=steps)
     dt = time.perf_counter() - t
 ray.shutdown()
-print(json.dumps({{"wall": dt, "stats": stats.__dict__, "workers": s.workers()}}))
+print(json.dumps({{"wall": dt, "stats": stats.__dict__, "workers": s.workers(), "steps": steps}}))
 """
 
 PLAN_CHILD = r"""
@@ -154,11 +155,14 @@ def hwm():
     with open("/proc/self/status") as f:
         return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:"))
 from pyfast_tune import _packer
+import time
 before = hwm()
+t = time.perf_counter()
 r = _packer.merge_plan({parts!r}, {out!r}, 1)
+dt = time.perf_counter() - t
 after = hwm()
 shutil.rmtree(r["staging"])
-print(json.dumps({{"before": before, "after": after}}))
+print(json.dumps({{"before": before, "after": after, "seconds": dt}}))
 """
 
 
@@ -207,8 +211,9 @@ def main(gb: float, shards: int = 4, keep: bool = False) -> dict:
             assert _digest(tmp / f"ray{w}") == ref, f"ray {w} workers: bytes differ"
             rows.append((f"Ray, {w} worker{'s' * (w > 1)}, {shards} shards", r["wall"],
                          st["write_seconds"], r["workers"]))  # fmt: skip
+            steps = ", ".join(f"{k} {v:.1f} s" for k, v in r["steps"].items())
             print(f"ray {w}: {r['wall']:.1f} s (shards {st['encode_seconds']:.1f} s, merge "
-                  f"{st['write_seconds']:.1f} s); worker peak RSS "
+                  f"{st['write_seconds']:.1f} s: {steps}); worker peak RSS "
                   f"{[round(x / MiB) for x in r['workers']]} MiB")  # fmt: skip
             shutil.rmtree(tmp / f"ray{w}")
             shutil.rmtree(tmp / f"work{w}")
@@ -243,7 +248,7 @@ def main(gb: float, shards: int = 4, keep: bool = False) -> dict:
         for name, wall, merge, rss in rows:
             print(f"{name:<34} {wall:8.1f} {merge:8.1f} {100 * merge / wall:7.1f}%  "
                   f"{', '.join(str(round(x / MiB)) for x in rss)}")  # fmt: skip
-        print(f"plan step: {(m['after'] - m['before']) / MiB:.1f} MiB over its start "
+        print(f"plan step: {m['seconds']:.1f} s, {(m['after'] - m['before']) / MiB:.1f} MiB over its start "
               f"({m['before'] / MiB:.0f} MiB) for {one['samples']:,} samples = "
               f"{per_sample:.1f} B/sample (target <= 32); all outputs byte-identical; load "
               f"{os.getloadavg()[0]:.1f}")  # fmt: skip

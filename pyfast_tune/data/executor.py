@@ -350,6 +350,7 @@ def run_sharded(
     progress: bool = False,
     _before: Callable[[int], Any] | None = None,
     _block_tokens: int | None = None,
+    _merge_seconds: dict[str, float] | None = None,
 ) -> PackStats:
     """``pack(**options, out_dir=out_dir)`` as ``shards`` parts run by ``executor`` (local
     processes or Ray tasks), merged into ``out_dir``. Parts go to ``work_dir`` (default
@@ -389,7 +390,9 @@ def run_sharded(
             bar.close()
         encoded = time.monotonic()
         write_all = _write_local(workers) if executor == "local" else _write_ray(retries)
-        stats, _ = merge_ranged(plan.parts(), out_dir, shards, write_all, _block_tokens)
+        stats, steps = merge_ranged(plan.parts(), out_dir, shards, write_all, _block_tokens)
+        if _merge_seconds is not None:  # the bench's breakdown of the merge
+            _merge_seconds.update(steps)
     if own_dir:
         shutil.rmtree(plan.work_dir, ignore_errors=True)
     # The merge's own figures time the merge alone; the caller ran the whole plan: encode =

@@ -133,6 +133,24 @@ def test_merge_in_ranges_equals_one_pack(parts3, one_pack, tmp_path, ranges):
     assert not [p for p in tmp_path.iterdir() if p.name != "packed"]  # no staging left
 
 
+def test_each_input_byte_is_hashed_by_one_shard(parts3, chats):
+    """A file split between shards is hashed in blocks, each by the shard whose share holds
+    its first byte; the merge folds them (the merged fingerprint equals one pack's: above)."""
+    owned = {}
+    for part in parts3:
+        doc = json.loads((part / "part.json").read_text())
+        for (f, _), entry, row in zip(doc["read"], doc["file_entries"], doc["file_table"]):
+            blocks = row.get("blake3_blocks")
+            if blocks is not None:
+                assert entry["blake3"] is None  # left to the merge
+                owned.setdefault(f, []).extend(
+                    range(blocks["first"], blocks["first"] + len(blocks["cvs"]))
+                )
+    sizes = [c.stat().st_size for c in chats]
+    block = [max(1024, 1 << max(0, (s // 256 - 1).bit_length())) for s in sizes]
+    assert owned == {f: list(range(-(-sizes[f] // block[f]))) for f in range(len(chats))}
+
+
 def test_a_failed_range_leaves_no_output(parts3, tmp_path):
     out = tmp_path / "packed"
 

@@ -183,6 +183,20 @@ impl RecordStream {
         Ok(out)
     }
 
+    /// Stop hashing the raw bytes read from now on: a shard's file is hashed in blocks
+    /// ([`crate::packed_dir::treehash::hash_share`]), each by one shard. Then
+    /// [`RecordStream::size`] ends the stream, not [`RecordStream::finish`].
+    pub fn skip_hashing(&mut self) {
+        self.state.borrow_mut().counting_only = true;
+    }
+
+    /// The raw size of the file (the end of a stream whose hashing was skipped).
+    pub fn size(self) -> Result<u64> {
+        drop(self.mode);
+        let m = std::fs::metadata(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        Ok(m.len())
+    }
+
     /// Finish: hash any raw bytes the decoder left unread; returns (raw size, BLAKE3).
     pub fn finish(self) -> Result<(u64, blake3::Hash)> {
         drop(self.mode);

@@ -38,6 +38,7 @@ use crate::pack::stage::{
 use crate::pack::stats::{PackStats, Progress};
 use crate::pack::write::{finish, Header};
 use crate::packed_dir::atomic::{HashedWriter, StagingDir};
+use crate::packed_dir::treehash::{self, BLAKE3_BLOCKS};
 
 pub mod ranged;
 
@@ -153,7 +154,7 @@ fn read_samples(
             format!("{len} bytes, expected {} for {n} samples", 16 * n),
         ));
     }
-    let mut r = BufReader::with_capacity(1 << 20, f);
+    let mut r = BufReader::with_capacity(1 << 18, f);
     let mut h = blake3::Hasher::new();
     let mut offset = 0u64;
     let mut rec = [0u8; 16];
@@ -295,20 +296,34 @@ pub fn merge(
 
 /// One entry per input file, in order, as a single run lists them: a file several shards
 /// read has one entry (equal in every part: the whole file's size and hash) whose record
-/// count is the sum of theirs. The joined entries go to the first part ([`finish`] lists
-/// the parts' entries in order).
+/// count is the sum of theirs. A file split between shards was hashed in blocks, each by
+/// the shard whose share holds its first byte (`BLAKE3_BLOCKS` in the parts' rows, the
+/// entry's hash null): its hash is folded here from all of them. The joined entries go to
+/// the first part ([`finish`] lists the parts' entries in order).
 fn join_file_entries(parts: &mut [Part], nfiles: usize) -> Result<()> {
     let mut joined: Vec<(usize, bool, Value, Value)> = Vec::new();
+    let mut blocks: Vec<Vec<(u64, Vec<String>)>> = Vec::new();
     for (k, part) in parts.iter_mut().enumerate() {
         let entries = std::mem::take(&mut part.file_entries);
         let table = std::mem::take(&mut part.file_table);
         for ((&(f, head), entry), mut row) in part.files.iter().zip(entries).zip(table) {
+            let hashed = row
+                .as_object_mut()
+                .and_then(|o| o.shift_remove(BLAKE3_BLOCKS))
+                .map(|b| {
+                    let cvs = b["cvs"].as_array().map_or(&[][..], Vec::as_slice);
+                    let cvs = cvs.iter().filter_map(|v| v.as_str().map(String::from));
+                    (b["first"].as_u64().unwrap_or(u64::MAX), cvs.collect())
+                });
             match joined.last_mut() {
                 Some(last) if last.0 == f => {
-                    if last.2 != entry {
+                    if !same_file(&last.2, &entry) {
                         return Err(Error::ShardMismatch(format!(
                             "shard {k} read file {f} with another size or hash than the shard before"
                         )));
+                    }
+                    if last.2["blake3"].is_null() {
+                        last.2["blake3"] = entry["blake3"].clone();
                     }
                     if head && last.1 {
                         return Err(Error::ShardMismatch(format!(
@@ -329,8 +344,25 @@ fn join_file_entries(parts: &mut [Part], nfiles: usize) -> Result<()> {
                         last.0
                     )))
                 }
-                _ => joined.push((f, head, entry, row)),
+                _ => {
+                    joined.push((f, head, entry, row));
+                    blocks.push(Vec::new());
+                }
             }
+            if let (Some(b), Some(list)) = (hashed, blocks.last_mut()) {
+                list.push(b);
+            }
+        }
+    }
+    for ((f, _, entry, _), list) in joined.iter_mut().zip(blocks) {
+        if entry["blake3"].is_null() {
+            let size = entry["size"].as_u64().unwrap_or(0);
+            let hash = fold_blocks(size, list).ok_or_else(|| {
+                Error::ShardMismatch(format!(
+                    "file {f}: the parts hashed some of its blocks, not all of them once"
+                ))
+            })?;
+            entry["blake3"] = json!(hash.to_hex().to_string());
         }
     }
     let covered: Vec<usize> = joined.iter().map(|j| j.0).collect();
@@ -353,4 +385,35 @@ fn join_file_entries(parts: &mut [Part], nfiles: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Two parts' entries of one file agree: equal, but for a hash one of them left to the
+/// merge (null).
+fn same_file(a: &Value, b: &Value) -> bool {
+    let (ha, hb) = (&a["blake3"], &b["blake3"]);
+    if !(ha.is_null() || hb.is_null() || ha == hb) {
+        return false;
+    }
+    let mut b = b.clone();
+    b["blake3"] = ha.clone();
+    *a == b
+}
+
+/// The hash of a file of `size` bytes from its blocks' chaining values, given per shard as
+/// (first block, values); None unless they are every block exactly once, in order.
+fn fold_blocks(size: u64, mut list: Vec<(u64, Vec<String>)>) -> Option<blake3::Hash> {
+    list.sort_by_key(|b| b.0);
+    let mut cvs = Vec::new();
+    for (first, part) in list {
+        if first != cvs.len() as u64 {
+            return None;
+        }
+        for h in part {
+            cvs.push(treehash::from_hex(&h)?);
+        }
+    }
+    if cvs.len() as u64 != size.div_ceil(treehash::input_block(size)) {
+        return None;
+    }
+    treehash::root(&cvs)
 }

@@ -17,6 +17,7 @@ use crate::pack::fingerprint::{file_entry, pretok_entry};
 use crate::pack::pair::{fit_pair, PairFit};
 use crate::pack::stats::{PackStats, Progress};
 use crate::packed_dir::atomic::HashedWriter;
+use crate::packed_dir::treehash::{self, hash_share, Share, BLAKE3_BLOCKS};
 use crate::source::pretokenized::{self, is_pretokenized, PretokFile};
 use crate::source::raw::hash_file;
 use crate::source::record::{OwnedRecord, Unreadable};
@@ -586,14 +587,19 @@ fn encode_json_file(
         probe(sv, file, || stream.next_batch(CHUNK), Some(&mut read_ahead))?
     } else {
         let mut from_start = RecordStream::open(&file.path)?;
+        from_start.skip_hashing();
         probe(sv, file, || from_start.next_batch(64), None)?
     };
     let fmt = match probed {
         Ok(f) => f,
         Err(e) => return file_fault(cfg, file, fi, head, st, e),
     };
-    if stream.splittable() && span != Span::ALL {
+    // A shard reads part of the file and hashes only the blocks of its share (treehash):
+    // every byte of the file is hashed once in the run, and the merge folds the blocks.
+    let in_blocks = stream.splittable() && span != Span::ALL;
+    if in_blocks {
         stream.restrict(span);
+        stream.skip_hashing();
     }
     let mut read_ahead = read_ahead.into_iter();
     let mut records = 0u64;
@@ -641,14 +647,35 @@ fn encode_json_file(
             return Err(Error::Interrupted);
         }
     }
-    let (size, hash) = stream.finish()?;
-    if head || records > 0 {
-        st.part
-            .file_entries
-            .push(file_entry(&file.name, size, &hash));
-        st.part.file_table.push(
-            json!({"name": file.name, "size": size, "records": records, "format": fmt.name()}),
-        );
+    let (size, hash, share) = if in_blocks {
+        let size = stream.size()?;
+        let share = hash_share(&file.path, size, |off| span.place(off, off).is_eq())?;
+        (size, None, Some(share))
+    } else {
+        let (size, hash) = stream.finish()?;
+        (size, Some(hash), None)
+    };
+    let owns_blocks = match &share {
+        Some(Share::Whole(_)) => true,
+        Some(Share::Blocks { cvs, .. }) => !cvs.is_empty(),
+        None => false,
+    };
+    if head || records > 0 || owns_blocks {
+        let mut row =
+            json!({"name": file.name, "size": size, "records": records, "format": fmt.name()});
+        let entry = match (&hash, &share) {
+            (Some(h), _) | (None, Some(Share::Whole(h))) => file_entry(&file.name, size, h),
+            // Folded from every shard's blocks by the merge (shard::join_file_entries).
+            _ => json!({"name": file.name, "size": size, "blake3": Value::Null}),
+        };
+        if let Some(Share::Blocks { first, cvs }) = &share {
+            if !cvs.is_empty() {
+                let cvs: Vec<String> = cvs.iter().map(treehash::to_hex).collect();
+                row[BLAKE3_BLOCKS] = json!({"first": first, "cvs": cvs});
+            }
+        }
+        st.part.file_entries.push(entry);
+        st.part.file_table.push(row);
         st.part.files.push((fi, head));
     }
     st.part.stats.records += records;

@@ -19,10 +19,15 @@ pub struct HashedWriter {
 impl HashedWriter {
     /// Create (truncate) `path`.
     pub fn create(path: PathBuf) -> Result<Self> {
+        Self::with_capacity(path, 1 << 20)
+    }
+
+    /// Create (truncate) `path`, buffering `capacity` bytes.
+    pub fn with_capacity(path: PathBuf, capacity: usize) -> Result<Self> {
         let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
         Ok(HashedWriter {
             path,
-            out: BufWriter::with_capacity(1 << 20, f),
+            out: BufWriter::with_capacity(capacity, f),
             hasher: blake3::Hasher::new(),
             size: 0,
         })

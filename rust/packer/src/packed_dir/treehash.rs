@@ -9,8 +9,17 @@
 //! ([`block_cv`]), and [`root`] folds the list in order into the hash `blake3::hash` would
 //! give the whole file.
 
+use std::os::unix::fs::FileExt as _;
+use std::path::Path;
+
 pub use blake3::hazmat::ChainingValue;
 use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, HasherExt, Mode};
+
+use crate::error::{Error, Result};
+
+/// The key of a part's file-table row that carries the blocks a shard hashed
+/// (`{"first": index, "cvs": [hex, ...]}`); the merge folds them and removes it.
+pub const BLAKE3_BLOCKS: &str = "blake3_blocks";
 
 /// Bytes of a BLAKE3 chunk: the smallest block.
 pub const CHUNK: u64 = 1024;
@@ -58,6 +67,75 @@ pub fn root(cvs: &[ChainingValue]) -> Option<blake3::Hash> {
     ))
 }
 
+/// The block size an input file of `size` bytes is hashed in by the shards of a run: about
+/// 256 blocks, 1 KiB to 16 MiB each (a function of the size alone: every shard agrees).
+pub fn input_block(size: u64) -> u64 {
+    (size / 256).next_power_of_two().clamp(CHUNK, 16 << 20)
+}
+
+/// What one shard hashed of an input file: the blocks whose first byte falls in its share.
+#[derive(Debug)]
+pub enum Share {
+    /// A file of one block, hashed whole by the shard that owns it.
+    Whole(blake3::Hash),
+    /// Blocks `first..first + cvs.len()` (none: the shard owns no block of the file).
+    Blocks {
+        /// Index of the first block.
+        first: u64,
+        /// Their chaining values, in order.
+        cvs: Vec<ChainingValue>,
+    },
+}
+
+/// Hash the blocks of the file at `path` (`size` bytes, [`input_block`] each) whose first
+/// byte `owns` says are this shard's; the blocks of a file are owned by the shards in order,
+/// so one shard's are consecutive. Reads those bytes only.
+pub fn hash_share(path: &Path, size: u64, owns: impl Fn(u64) -> bool) -> Result<Share> {
+    let block = input_block(size);
+    let n = size.div_ceil(block);
+    let mine: Vec<u64> = (0..n).filter(|&j| owns(j * block)).collect();
+    let f = || std::fs::File::open(path).map_err(|e| Error::io(path, e));
+    if n <= 1 {
+        if mine.is_empty() {
+            return Ok(Share::Blocks {
+                first: 0,
+                cvs: Vec::new(),
+            });
+        }
+        return crate::source::raw::hash_file(path).map(|(_, h)| Share::Whole(h));
+    }
+    let file = f()?;
+    let mut buf = vec![0u8; block as usize];
+    let mut cvs = Vec::with_capacity(mine.len());
+    for &j in &mine {
+        let len = (size - j * block).min(block) as usize;
+        file.read_exact_at(&mut buf[..len], j * block)
+            .map_err(|e| Error::io(path, e))?;
+        cvs.push(block_cv(j * block, &buf[..len]));
+    }
+    Ok(Share::Blocks {
+        first: mine.first().copied().unwrap_or(0),
+        cvs,
+    })
+}
+
+/// Hex of a chaining value, as it travels in JSON.
+pub fn to_hex(cv: &ChainingValue) -> String {
+    cv.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A chaining value from its hex.
+pub fn from_hex(s: &str) -> Option<ChainingValue> {
+    let mut cv = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (k, byte) in cv.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(2 * k..2 * k + 2)?, 16).ok()?;
+    }
+    Some(cv)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +164,24 @@ mod tests {
             }
         }
         assert!(valid_block(4096) && !valid_block(512) && !valid_block(3072));
+        // Three shards' shares of a file on disk fold to its hash.
+        let dir = std::env::temp_dir().join(format!("treehash-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("f");
+        std::fs::write(&p, &data[..69_001]).unwrap();
+        let size = 69_001u64;
+        let mut all = Vec::new();
+        for i in 0..3u64 {
+            match hash_share(&p, size, |off| off * 3 / size == i).unwrap() {
+                Share::Blocks { first, cvs } => {
+                    assert!(cvs.is_empty() || first == all.len() as u64);
+                    all.extend(cvs);
+                }
+                Share::Whole(_) => panic!("a file of many blocks"),
+            }
+        }
+        assert_eq!(root(&all), Some(blake3::hash(&data[..69_001])));
+        std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(left_blocks(2), 1);
         assert_eq!(left_blocks(5), 4);
         assert_eq!(left_blocks(8), 4);

@@ -12,8 +12,9 @@
 //! folds those into the two files' hashes, writes `meta.json` and commits the directory: the
 //! same bytes as the serial merge, with no process copying every token.
 //!
-//! Plan memory: 4 bytes of length per sample, the plan (4 per sample), and each sample's
-//! pack and offset in it (8 per sample): about 16 bytes per sample plus 48 per pack.
+//! Plan memory: 4 bytes of length per sample, and at the peak, while best-fit decreasing
+//! runs, its order (4 per sample) and the packs (4 per sample and ~56 per pack); then the
+//! flat plan (4 per sample) and each sample's pack and offset in it (8 per sample).
 //! Runs with a mix, preference pairs or images take the serial merge (their choices and
 //! side tables are planned from records, not lengths).
 
@@ -34,7 +35,7 @@ use crate::pack::stage::{MAX_SKIP_EXAMPLES, STAGE_IDS, STAGE_MASK};
 use crate::pack::stats::{PackStats, Progress};
 use crate::packed_dir::atomic::{HashedWriter, StagingDir};
 use crate::packed_dir::layout;
-use crate::packed_dir::treehash::{self, ChainingValue};
+use crate::packed_dir::treehash;
 
 /// Folder of the plan inside the staging directory (removed before the commit).
 const PLAN_DIR: &str = ".merge";
@@ -43,6 +44,8 @@ const PLAN_JSON: &str = "plan.json";
 /// end), length: `<u8 <u8 <u4 <u4(0)`.
 const COPY: &str = "copy.bin";
 const COPY_ROW: u64 = 24;
+/// Write buffers of the plan step (its fixed memory).
+const BUF: usize = 1 << 18;
 /// Default block: 4 Mi tokens (16 MiB of ids, 4 MiB of mask per block).
 pub const DEFAULT_BLOCK_TOKENS: u64 = 1 << 22;
 
@@ -173,6 +176,15 @@ pub fn plan(
     let tokens = *part_bases.last().unwrap_or(&0);
     let packs =
         plan_packs(&lengths, header.max_length as u32, header.seed).map_err(Error::Internal)?;
+    // One flat list (4 bytes per sample), each pack's own vector freed as it is copied.
+    let npacks = packs.len();
+    let mut flat: Vec<u32> = Vec::with_capacity(lengths.len());
+    let mut bounds: Vec<u64> = Vec::with_capacity(npacks + 1);
+    bounds.push(0);
+    for p in packs {
+        flat.extend_from_slice(&p);
+        bounds.push(flat.len() as u64);
+    }
 
     let staging = StagingDir::new(out_dir)?;
     let dir = staging.dir.clone();
@@ -191,17 +203,18 @@ pub fn plan(
         |s: usize| checkpoints[s / 64] + lengths[s & !63..s].iter().map(|&l| l as u64).sum::<u64>();
     let mut pack_of = vec![u32::MAX; lengths.len()];
     let mut within = vec![0u32; lengths.len()];
-    let mut pack_starts = Vec::with_capacity(packs.len());
-    let mut w_packs = HashedWriter::create(dir.join(layout::PACKS))?;
-    let mut w_order = HashedWriter::create(dir.join(layout::PACK_SAMPLES))?;
+    let mut pack_starts = Vec::with_capacity(npacks);
+    let mut w_packs = HashedWriter::with_capacity(dir.join(layout::PACKS), BUF)?;
+    let mut w_order = HashedWriter::with_capacity(dir.join(layout::PACK_SAMPLES), BUF)?;
     let copy_path = dir.join(PLAN_DIR).join(COPY);
     let mut w_copy = BufWriter::with_capacity(
-        1 << 20,
+        BUF,
         File::create(&copy_path).map_err(|e| Error::io(&copy_path, e))?,
     );
     let (mut tok_pos, mut sample_pos) = (0u64, 0u64);
     let mut split = 0u64;
-    for (p, members) in packs.iter().enumerate() {
+    for (p, span) in bounds.windows(2).enumerate() {
+        let members = &flat[span[0] as usize..span[1] as usize];
         w_packs.write_i64s(&[tok_pos as i64, sample_pos as i64])?;
         pack_starts.push(tok_pos);
         let mut off = 0u32;
@@ -228,8 +241,7 @@ pub fn plan(
         tok_pos += off as u64;
     }
     w_packs.write_i64s(&[tok_pos as i64, sample_pos as i64])?;
-    let npacks = packs.len();
-    drop(packs);
+    drop((flat, bounds));
     w_copy
         .into_inner()
         .map_err(|e| Error::io(&copy_path, e.into_error()))?
@@ -237,7 +249,7 @@ pub fn plan(
         .map_err(|e| Error::io(&copy_path, e))?;
 
     // samples.bin in sample order: file and record streamed from the parts again.
-    let mut w_samples = HashedWriter::create(dir.join(layout::SAMPLES))?;
+    let mut w_samples = HashedWriter::with_capacity(dir.join(layout::SAMPLES), BUF)?;
     let mut s = 0usize;
     let mut failed = None;
     for (pdir, doc, n) in &docs {
@@ -471,8 +483,10 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
             out.ids.push(blake3::hash(&ids).to_hex().to_string());
             out.mask.push(blake3::hash(&mask).to_hex().to_string());
         } else {
-            out.ids.push(hex(&treehash::block_cv(4 * b0, &ids)));
-            out.mask.push(hex(&treehash::block_cv(b0, &mask)));
+            out.ids
+                .push(treehash::to_hex(&treehash::block_cv(4 * b0, &ids)));
+            out.mask
+                .push(treehash::to_hex(&treehash::block_cv(b0, &mask)));
         }
         b0 = b1;
     }
@@ -480,21 +494,6 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
         f.sync_data().map_err(|e| Error::io(p, e))?;
     }
     Ok(out)
-}
-
-fn hex(cv: &ChainingValue) -> String {
-    cv.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<ChainingValue> {
-    let mut cv = [0u8; 32];
-    if s.len() != 64 {
-        return None;
-    }
-    for (k, byte) in cv.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(s.get(2 * k..2 * k + 2)?, 16).ok()?;
-    }
-    Some(cv)
 }
 
 /// Fold the ranges' hashes (`hashes[k]` from [`write_range`] of range k) into the token
@@ -526,7 +525,7 @@ pub fn finish_ranged(staging: &Path, hashes: &[RangeHashes]) -> Result<PackStats
         }
         let cvs = all
             .iter()
-            .map(|s| unhex(s))
+            .map(|s| treehash::from_hex(s))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(bad)?;
         Ok(treehash::root(&cvs).ok_or_else(bad)?.to_hex().to_string())
