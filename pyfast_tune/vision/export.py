@@ -81,6 +81,8 @@ def finish_folder(folder: str | Path, cfg: dict) -> None:
         grow_vocab(model, image_id + 1)
         model.config.image_token_id = image_id
         model.save_pretrained(folder, safe_serialization=True)
+    if {"vision_tower", "llm"} <= set(cfg.get("freeze") or []):
+        save_projector(folder)
     vision = config.vision_config
     processor = ImageProcessor.for_model(processor_source(cfg), vision).processor
     processor.save_pretrained(folder)
@@ -111,3 +113,24 @@ def grow_vocab(model, size: int) -> None:
         model.get_input_embeddings().weight[old:] = mean_in
         if head is not None and not tied:
             model.get_output_embeddings().weight[old:] = mean_out
+
+
+PROJECTOR_FILE = "projector.safetensors"
+
+
+def save_projector(folder: str | Path) -> Path:
+    """Stage 1's result alone, as XTuner saves it beside the model: the projector's weights
+    (``linear_1``/``linear_2`` weight and bias) in ``folder/projector.safetensors``."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    weights = {}
+    for f in sorted(folder.glob("model*.safetensors")):
+        for k, v in load_file(f).items():
+            if "multi_modal_projector." in k:
+                weights[k.split("multi_modal_projector.", 1)[1]] = v.contiguous()
+    if not weights:
+        raise ValueError(f"{folder}: no multi_modal_projector weights to save")
+    out = folder / PROJECTOR_FILE
+    save_file(weights, out, metadata={"format": "pt"})
+    return out

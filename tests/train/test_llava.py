@@ -253,6 +253,11 @@ def test_stage1_trains_the_projector_only_then_exports(parts, stage1, tmp_path):
     out = convert(run, tmp_path / "llava")
     assert out["kind"] == "model"
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava")
+    from safetensors.torch import load_file  # stage 1's projector alone, as XTuner saves it
+
+    projector = load_file(tmp_path / "llava" / "projector.safetensors")
+    for k, t in model.model.multi_modal_projector.state_dict().items():
+        assert torch.equal(projector[k], t), k
     for name, t in after.items():
         assert torch.equal(model.state_dict()[name][: t.shape[0]], t), name
     processor = AutoProcessor.from_pretrained(tmp_path / "llava")
