@@ -46,7 +46,7 @@ class PackedDataset:
     shifted), ``position_ids`` (int64, restarting at 0 per sample), ``cu_seqlens`` (int32,
     ``[0, ..., len]``) and ``max_seqlen`` (int); a preference pack's also ``sample_ids``
     (int64, (n,): each segment's sample id) and ``pairs`` (int64, (n, 2): its pair id and role,
-    0 chosen, 1 rejected). ``ds.sample(j)`` is sample ``j`` in input order
+    0 chosen, 1 rejected), and with margins ``margins`` (float32, (n,): its pair's). ``ds.sample(j)`` is sample ``j`` in input order
     with its ``source=(file, record)``.
 
     Pass what you expect (``tokenizer``, ``max_length``, ``template``, ``format``, ``seed``) and
@@ -130,6 +130,10 @@ class PackedDataset:
         self.pairs: np.ndarray | None = None
         if "pairs.bin" in self.meta.get("outputs", {}):
             self.pairs = self._map_optional("pairs.bin")
+        # Pairs with a `margin` (reward models): each sample's pair's margin, 0 where none.
+        self.margins: np.ndarray | None = None
+        if "margins.bin" in self.meta.get("outputs", {}):
+            self.margins = self._map_optional("margins.bin")[:, 0]
         images = self.path / "images.json"
         self.images: dict[int, str] = {}
         if images.is_file():
@@ -223,6 +227,8 @@ class PackedDataset:
             sample_ids = np.asarray(self.pack_samples[s0:s1], dtype=np.int64)
             row["sample_ids"] = sample_ids
             row["pairs"] = np.asarray(self.pairs[sample_ids], dtype=np.int64)
+            if self.margins is not None:
+                row["margins"] = np.asarray(self.margins[sample_ids], dtype=np.float32)
         return row
 
     def sample(self, j: int) -> dict[str, Any]:

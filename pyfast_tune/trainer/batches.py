@@ -150,6 +150,7 @@ class PackedBatch:
     # preference rows: each sample's id in the packed directory, and its (pair id, role)
     sample_ids: np.ndarray | None = None  # (n,) int64
     pairs: np.ndarray | None = None  # (n, 2) int64
+    margins: np.ndarray | None = None  # (n,) float32, each sample's pair's margin (reward)
 
 
 def collate(packs: list[dict], reduction: str, normalizer: int) -> PackedBatch:
@@ -182,7 +183,10 @@ def collate(packs: list[dict], reduction: str, normalizer: int) -> PackedBatch:
     targets = np.concatenate(tgt)
     paired = {}
     if all("pairs" in p for p in packs):
-        paired = {k: np.concatenate([p[k] for p in packs]) for k in ("sample_ids", "pairs")}
+        keys = ("sample_ids", "pairs") + (
+            ("margins",) if all("margins" in p for p in packs) else ()
+        )
+        paired = {k: np.concatenate([p[k] for p in packs]) for k in keys}
     return PackedBatch(
         **paired,
         input_ids=np.concatenate(ids),

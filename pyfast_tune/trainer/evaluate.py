@@ -169,7 +169,7 @@ class TrainingPacks:
         cu = np.asarray(pack["cu_seqlens"], dtype=np.int64)
         tokens = np.concatenate([np.arange(a, b) for a, b in zip(cu[:-1][keep], cu[1:][keep])])
         row = packed_row(pack["input_ids"][tokens], pack["labels"][tokens], np.diff(cu)[keep])
-        for key in ("sample_ids", "pairs"):  # preference packs
+        for key in ("sample_ids", "pairs", "margins"):  # preference packs
             if key in pack:
                 row[key] = pack[key][keep]
         return row
@@ -218,6 +218,9 @@ class SamplePacks:
         if getattr(self.dataset, "pairs", None) is not None:
             row["sample_ids"] = self.sample_ids[a:b].copy()
             row["pairs"] = np.asarray(self.dataset.pairs[self.sample_ids[a:b]], dtype=np.int64)
+            if getattr(self.dataset, "margins", None) is not None:
+                row["margins"] = np.asarray(self.dataset.margins[self.sample_ids[a:b]],
+                                            dtype=np.float32)  # fmt: skip
         return row
 
 

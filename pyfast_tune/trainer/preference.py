@@ -318,7 +318,10 @@ def row_loss(model, batch: PackedBatch, device, cfg, norm: PairNormalizer,
     ref = None
     if objective == "reward":
         scores = reward_scores(model, inputs, batch)
-        losses = reward_losses(scores[c], scores[r], None, pref.center_rewards_coefficient)
+        margin = None
+        if batch.margins is not None:  # the pairs' `margin` column, as TRL's RewardTrainer
+            margin = torch.from_numpy(batch.margins[chosen]).to(scores.device, scores.dtype)
+        losses = reward_losses(scores[c], scores[r], margin, pref.center_rewards_coefficient)
         metrics = pair_metrics("reward", pref.beta, None, scores=(scores[c], scores[r]))
     else:
         # The reference first: nothing runs between the policy's forward and its backward

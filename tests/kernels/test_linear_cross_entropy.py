@@ -156,6 +156,28 @@ def test_frozen_weight_computes_no_weight_gradient_and_no_grad_mode_none():
     assert not loss.requires_grad
 
 
+def _frozen_head_none(fn, dtype, h, W, tgt, w, **kw):
+    """reduction "none" with only hidden (and the token weights) trainable, per-token grads:
+    a LoRA run's head under a preference loss (the op computes hidden's rows eagerly)."""
+    hh = h.to(dtype).requires_grad_()
+    ww = w.to(torch.float32 if dtype != torch.float64 else w.dtype).requires_grad_()
+    loss = fn(hh, W.to(dtype), tgt, weights=ww, reduction="none", **kw)
+    g = torch.linspace(-1, 2, loss.shape[0], dtype=loss.dtype)
+    return [loss.detach(), *torch.autograd.grad(loss, [hh, ww], g)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_frozen_head_reduction_none_gradient_rows(monkeypatch, backend, dtype):
+    monkeypatch.setattr(_lce_triton, "MAX_BLOCK_V", 16)
+    h, W, _, tgt, w, _ = _inputs(dtype, weights=True, ignore=True, t=41, seed=11)
+    ours = _frozen_head_none(linear_cross_entropy, dtype, h, W, tgt, w, backend=backend,
+                             chunk_bytes=VOCAB_BLOCKS * (1 if dtype == torch.float32 else 2))  # fmt: skip
+    plain = _frozen_head_none(linear_cross_entropy_ref, dtype, h, W, tgt, w)
+    ref = _frozen_head_none(linear_cross_entropy_ref, torch.float64, h, W, tgt, w)
+    _check(ours, plain, ref, f"{backend} {dtype} none, frozen head")
+
+
 def test_retained_graph_second_backward_fails_instead_of_rescaling():
     h, W, _, tgt, _, _ = _inputs(torch.float32)
     h = h.float().requires_grad_()
@@ -179,8 +201,9 @@ def test_opcheck():
     torch.compile), a mutation AOT autograd's partitioner refuses."""
     h, W, b, tgt, w, _ = _inputs(torch.float32, bias=True, weights=True, ignore=True, t=13)
     h, W, b, w = (x.float().requires_grad_() for x in (h, W, b, w))
-    for reduction in ("mean", "none"):
-        args = (h, W, tgt, b, w, -100, reduction, 0.0, True, True, True, 4096, "torch")
+    for reduction, flags in (("mean", (True,) * 3), ("none", (True,) * 3),
+                             ("none", (True, False, False))):  # fmt: skip
+        args = (h, W, tgt, b, w, -100, reduction, 0.0, *flags, 4096, "torch")
         torch.library.opcheck(
             torch.ops.pyfast_tune.linear_cross_entropy.default,
             args,

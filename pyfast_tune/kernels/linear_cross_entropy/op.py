@@ -404,7 +404,11 @@ def _lce_op(
     acc = _acc_dtype(hidden.dtype)
     ignored, scale = _token_scales(targets, weights, ignore_index, reduction, acc)
     eager = reduction != "none"
-    need = (grad_hidden and eager, grad_weight and eager, grad_bias and eager)
+    # "none" with only hidden's gradient wanted (a frozen head: LoRA): each token's gradient
+    # row depends on that token alone, so it is computed here and scaled per token in the
+    # backward, which then recomputes nothing.
+    rows = _rows_only(reduction, grad_hidden, grad_weight, grad_bias, bias)
+    need = (grad_hidden and (eager or rows), grad_weight and eager, grad_bias and eager)
     ce, gh, gw, gb = _chunked(
         hidden, weight, bias, targets, ignored, scale, softcap, need, chunk_bytes, _ROWS[backend]
     )
@@ -415,15 +419,23 @@ def _lce_op(
     return loss, ce, *(x if x is not None else hidden.new_empty(0) for x in (gh, gw, gb))
 
 
+def _rows_only(reduction: str, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
+               bias) -> bool:  # fmt: skip
+    """Reduction "none" where hidden's gradient is the only one wanted: computed eagerly."""
+    has_bias_grad = grad_bias and bias is not None
+    return reduction == "none" and grad_hidden and not grad_weight and not has_bias_grad
+
+
 @_lce_op.register_fake
 def _(hidden, weight, targets, bias, weights, ignore_index, reduction, softcap, gh, gw, gb, cb, be):
     acc = _acc_dtype(hidden.dtype)
     T = hidden.shape[0]
     eager = reduction != "none"
+    rows = _rows_only(reduction, gh, gw, gb, bias)
     return (
         hidden.new_empty((T,) if reduction == "none" else (), dtype=acc),
         hidden.new_empty(T, dtype=acc),
-        torch.empty_like(hidden) if gh and eager else hidden.new_empty(0),
+        torch.empty_like(hidden) if gh and (eager or rows) else hidden.new_empty(0),
         torch.empty_like(weight) if gw and eager else hidden.new_empty(0),
         torch.empty_like(bias) if gb and eager and bias is not None else hidden.new_empty(0),
     )
@@ -470,7 +482,10 @@ def _setup_context(ctx, inputs, output):
     flags, chunk_bytes, backend = inputs[8:11], inputs[11], inputs[12]
     _, ce, gh, gw, gb = output
     ctx.mark_non_differentiable(ce, gh, gw, gb)
-    if reduction == "none":
+    ctx.rows = _rows_only(reduction, *flags, bias)
+    if ctx.rows:  # hidden's per-token gradient rows, computed in the forward
+        ctx.save_for_backward(gh, ce)
+    elif reduction == "none":
         ctx.save_for_backward(hidden, weight, targets, bias, weights, ce)
     else:
         ctx.save_for_backward(gh, gw, gb, targets, ce)
@@ -481,7 +496,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_unused):
     ignore_index, reduction, softcap, flags, chunk_bytes, backend = ctx.args
     needs = ctx.needs_input_grad
-    if reduction == "none":
+    if ctx.rows:
+        rows, ce = ctx.saved_tensors
+        g = grad_loss.to(ce.dtype)
+        gh, gw, gb = (rows.to(g.dtype) * g[:, None]).to(rows.dtype), None, None
+        g_weights = ce * g if needs[4] else None
+    elif reduction == "none":
         hidden, weight, targets, bias, weights, ce = ctx.saved_tensors
         grad_loss = grad_loss.contiguous()
         gh, gw, gb = torch.ops.pyfast_tune.linear_cross_entropy_backward(
