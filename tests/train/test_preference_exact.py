@@ -282,6 +282,56 @@ def test_reward_equals_trl(pairs_setup, tmp_path):
     assert figures[3] / figures[0] == pytest.approx(trainer._metrics["train"]["accuracy"][-1])
 
 
+def test_reward_with_margins_equals_trl(pairs_setup, tmp_path):
+    """A `margin` column: packed per sample (margins.bin), subtracted as RewardTrainer does."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    s = pairs_setup
+    rows = [json.loads(x) for x in (s.dir / "pairs.jsonl").read_text().splitlines()]
+    for i, r in enumerate(rows):
+        if i % 3:  # a pair without a margin has margin 0
+            r["margin"] = 0.25 * i - 1.5
+    src = tmp_path / "margins.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pack([src], tmp_path / "packed", tokenizer=s.tok, max_length=96, format="preference",
+         template="default")  # fmt: skip
+    ds = PackedDataset(tmp_path / "packed")
+    assert ds.verify()["ok"]
+    records = np.asarray(ds.samples)[:, 4]
+    expect = np.array([rows[k].get("margin", 0.0) for k in records], dtype=np.float32)
+    np.testing.assert_array_equal(ds.margins, expect)
+    batch = collate([ds[i] for i in range(PACKS)], "token", 1)
+    assert batch.margins is not None and (batch.margins != 0).any()
+    model = _load(s.policy, seq_cls=True)
+    ours = _ours(model)
+    loss, _, _ = row_loss(ours, batch, "cpu", _cfg("reward"), global_pairs(ds, range(PACKS)), None)
+    loss.backward()
+    tokenizer = AutoTokenizer.from_pretrained(s.tok)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(1)
+    args = RewardConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False,
+                        gradient_checkpointing=False)  # fmt: skip
+    data = Dataset.from_list([{"chosen": "a b", "rejected": "a c"}])
+    trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.model.train()
+    inputs = _padded(batch, seq_cls=True)
+    inputs["margin"] = torch.from_numpy(batch.margins[pair_layout(batch.pairs)[0]])
+    expected = trainer.compute_loss(trainer.model, inputs)
+    expected.backward()
+    _assert_same(loss, expected, _grads(ours), _grads(trainer.model))
+
+
+def test_a_margin_that_is_not_a_number_names_the_record(tmp_path, tiny_tokenizer):
+    from pyfast_tune.data import PackError
+
+    src = tmp_path / "bad.jsonl"
+    src.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}))
+    with pytest.raises(PackError, match=r'bad.jsonl.*"margin": expected a number, got a string'):
+        pack([src], tmp_path / "out", tokenizer=tiny_tokenizer, max_length=64,
+             format="preference")  # fmt: skip
+
+
 def test_score_positions_follow_transformers_rule():
     ids = np.array([5, 6, 7, 2, 8, 9, 2, 2])
     cu = np.array([0, 4, 8])

@@ -27,6 +27,8 @@ pub struct PairRecords {
     pub chosen: Value,
     /// Prompt + rejected completion.
     pub rejected: Value,
+    /// The record's `margin` (how much better chosen is; reward models), if any.
+    pub margin: Option<f32>,
 }
 
 /// A side as a message list: a string is one message of `role`; a list is checked to hold
@@ -139,9 +141,18 @@ pub fn pair_records(obj: &Map<String, Value>) -> Result<PairRecords, String> {
             ));
         }
     }
+    let margin = match obj.get("margin") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_f64().map(|x| x as f32) {
+            Some(m) if m.is_finite() => Some(m),
+            _ => return Err(format!("\"margin\": {n} is not a finite 32-bit float")),
+        },
+        Some(v) => return Err(format!("\"margin\": expected a number, got {}", kind(v))),
+    };
     Ok(PairRecords {
         chosen: side(&prompt, c),
         rejected: side(&prompt, r),
+        margin,
     })
 }
 
@@ -205,6 +216,22 @@ mod tests {
         );
         assert_eq!(p.chosen["messages"][1]["content"], " hello there");
         assert_eq!(p.rejected["messages"][1]["content"], " go away");
+    }
+
+    #[test]
+    fn a_margin_is_a_finite_number() {
+        let base = json!({"prompt": "q", "chosen": "a", "rejected": "b"});
+        assert_eq!(pair_records(&obj(base.clone())).unwrap().margin, None);
+        let mut m = base.clone();
+        m["margin"] = json!(1.5);
+        assert_eq!(pair_records(&obj(m.clone())).unwrap().margin, Some(1.5));
+        m["margin"] = json!("1.5");
+        let e = pair_records(&obj(m.clone())).unwrap_err();
+        assert!(e.contains("\"margin\": expected a number"), "{e}");
+        m["margin"] = json!(1e300);
+        assert!(pair_records(&obj(m))
+            .unwrap_err()
+            .contains("not a finite 32-bit float"));
     }
 
     #[test]

@@ -88,6 +88,7 @@ pub(crate) fn save(
         "file_entries": part.file_entries,
         "file_table": part.file_table,
         "images": part.images,
+        "margins": part.margins,
     });
     let pair_starts: Vec<usize> = (part.samples.iter().enumerate())
         .filter(|(_, s)| s.role == ROLE_CHOSEN)
@@ -197,6 +198,10 @@ fn part_of(dir: &Path, doc: &Value) -> Result<Part> {
         .iter()
         .filter_map(|v| Some((v[0].as_u64()?, v[1].as_str()?.to_string())))
         .collect();
+    let margins = list("margins")
+        .iter()
+        .filter_map(|v| Some((v[0].as_u64()?, v[1].as_f64()? as f32)))
+        .collect();
     let files: Vec<(usize, bool)> = list("read")
         .iter()
         .map(|v| Some((v[0].as_u64()? as usize, v[1].as_bool()?)))
@@ -215,6 +220,7 @@ fn part_of(dir: &Path, doc: &Value) -> Result<Part> {
         file_entries,
         file_table,
         images,
+        margins,
         files,
     })
 }

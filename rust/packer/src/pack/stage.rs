@@ -62,7 +62,7 @@ enum RecordOut {
     /// One sample: (sample, tokens before truncation, image path).
     Sample(Encoded, u64, Option<String>),
     /// A preference pair: chosen and rejected, each encoded whole (not yet fitted).
-    Pair(Encoded, Encoded),
+    Pair(Encoded, Encoded, Option<f32>),
 }
 
 /// Role of a staged sample: SFT samples have none; a pair's two samples are staged adjacent,
@@ -241,6 +241,7 @@ impl Run<'_> {
         Ok(RecordOut::Pair(
             side(&sides.chosen)?,
             side(&sides.rejected)?,
+            sides.margin,
         ))
     }
 }
@@ -273,6 +274,8 @@ pub(crate) struct Part {
     pub file_table: Vec<Value>,
     /// (part-local sample index, image path) of LLaVA samples.
     pub images: Vec<(u64, String)>,
+    /// (part-local index of the chosen sample, margin) of pairs with a `margin`.
+    pub margins: Vec<(u64, f32)>,
     /// The files read (global index, and whether this part is the file's head, see
     /// [`crate::pack::shard`]), one per entry of `file_entries` and `file_table`.
     pub files: Vec<(usize, bool)>,
@@ -366,6 +369,7 @@ impl Stager {
         &mut self,
         chosen: Encoded,
         rejected: Encoded,
+        margin: Option<f32>,
         max_length: usize,
         file: usize,
         record: u64,
@@ -390,6 +394,9 @@ impl Stager {
         };
         stats.pairs += 1;
         stats.loss_tokens += (c.trained() + r.trained()) as u64;
+        if let Some(m) = margin {
+            self.part.margins.push((self.part.samples.len() as u64, m));
+        }
         for (e, role) in [(&c, ROLE_CHOSEN), (&r, ROLE_REJECTED)] {
             self.stage(e, file, record, None)?;
             if let Some(s) = self.part.samples.last_mut() {
@@ -448,6 +455,7 @@ pub(crate) fn encode_part(
             file_entries: Vec::new(),
             file_table: Vec::new(),
             images: Vec::new(),
+            margins: Vec::new(),
             files: Vec::new(),
         },
     };
@@ -632,8 +640,8 @@ fn encode_json_file(
                         }
                     }
                 }
-                Ok(Some(RecordOut::Pair(c, r))) => {
-                    st.take_pair(c, r, cfg.max_length, fi, rec.index)?
+                Ok(Some(RecordOut::Pair(c, r, margin))) => {
+                    st.take_pair(c, r, margin, cfg.max_length, fi, rec.index)?
                 }
                 Ok(None) => st.part.stats.dropped_samples += 1,
                 Err(fault) => {

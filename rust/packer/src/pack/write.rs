@@ -59,12 +59,14 @@ pub(crate) fn finish(
     let mut file_entries = Vec::new();
     let mut file_table = Vec::new();
     let mut images: Vec<Value> = Vec::new();
+    let mut margins: Vec<(u64, f32)> = Vec::new();
     let mut tokens = 0u64;
     for (pi, part) in parts.iter_mut().enumerate() {
         let base = staged.len() as u64;
         for (k, img) in part.images.drain(..) {
             images.push(json!([base + k, img]));
         }
+        margins.extend(part.margins.drain(..).map(|(k, m)| (base + k, m)));
         staged.extend(part.samples.iter().map(|s| StagedSample {
             part: pi as u32,
             ..*s
@@ -168,6 +170,22 @@ pub(crate) fn finish(
             layout::PAIRS.to_string(),
             json!({"size": size, "blake3": hash}),
         );
+        if !margins.is_empty() {
+            // Both samples of a pair hold its margin (0 for a pair without one).
+            let mut per_sample = vec![0f32; staged.len()];
+            for &(k, m) in &margins {
+                per_sample[k as usize] = m;
+                per_sample[k as usize + 1] = m;
+            }
+            let bytes: Vec<u8> = per_sample.iter().flat_map(|m| m.to_le_bytes()).collect();
+            let mut w = HashedWriter::create(staging.dir.join(layout::MARGINS))?;
+            w.write(&bytes)?;
+            let (size, hash) = w.finish()?;
+            outputs.insert(
+                layout::MARGINS.to_string(),
+                json!({"size": size, "blake3": hash}),
+            );
+        }
     }
     if !images.is_empty() {
         let p = staging.dir.join(layout::IMAGES);

@@ -21,6 +21,9 @@ pub const IMAGES: &str = "images.json";
 /// Preference pairs only (absent otherwise): per sample in sample order, `<i8` (N, 2) rows
 /// (pair id, role: 0 chosen, 1 rejected); listed in meta.json `outputs` when written.
 pub const PAIRS: &str = "pairs.bin";
+/// Preference pairs with a `margin` only: per sample in sample order, `<f4`, its pair's margin
+/// (0 for a pair without one); listed in meta.json `outputs` when written.
+pub const MARGINS: &str = "margins.bin";
 /// The binary files every packed directory has, in the order they are written.
 pub const BINARY_FILES: &[&str] = &[INPUT_IDS, LOSS_MASK, SAMPLES, PACKS, PACK_SAMPLES];
 /// Each binary file's element type (NumPy notation) and row width (1 = a flat array).
@@ -33,4 +36,4 @@ pub const BINARY_LAYOUT: &[(&str, &str, usize)] = &[
 ];
 /// Files only some directories have (listed in meta.json `outputs` when written): element
 /// type and row width, as in [`BINARY_LAYOUT`].
-pub const OPTIONAL_LAYOUT: &[(&str, &str, usize)] = &[(PAIRS, "<i8", 2)];
+pub const OPTIONAL_LAYOUT: &[(&str, &str, usize)] = &[(PAIRS, "<i8", 2), (MARGINS, "<f4", 1)];

@@ -111,9 +111,11 @@ pub fn verify(dir: &Path) -> Result<Value> {
             .map_or_else(|| num("max_length"), Ok)?,
     );
     let mut data = std::collections::HashMap::new();
-    let has_pairs = meta["outputs"].get(layout::PAIRS).is_some();
-    let optional = has_pairs.then_some(layout::PAIRS);
-    for name in layout::BINARY_FILES.iter().chain(optional.as_ref()) {
+    let optional: Vec<&str> = (layout::OPTIONAL_LAYOUT.iter())
+        .map(|(name, _, _)| *name)
+        .filter(|name| meta["outputs"].get(*name).is_some())
+        .collect();
+    for name in layout::BINARY_FILES.iter().chain(optional.iter()) {
         let p = dir.join(name);
         let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
         let listed = &meta["outputs"][*name];
