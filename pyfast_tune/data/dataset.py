@@ -46,8 +46,8 @@ class PackedDataset:
     shifted), ``position_ids`` (int64, restarting at 0 per sample), ``cu_seqlens`` (int32,
     ``[0, ..., len]``) and ``max_seqlen`` (int); a preference pack's also ``sample_ids``
     (int64, (n,): each segment's sample id) and ``pairs`` (int64, (n, 2): its pair id and role,
-    0 chosen, 1 rejected), and with margins ``margins`` (float32, (n,): its pair's). ``ds.sample(j)`` is sample ``j`` in input order
-    with its ``source=(file, record)``.
+    0 chosen, 1 rejected), and with margins ``margins`` (float32, (n,): its pair's).
+    ``ds.sample(j)`` is sample ``j`` in input order with its ``source=(file, record)``.
 
     Pass what you expect (``tokenizer``, ``max_length``, ``template``, ``format``, ``seed``) and
     a directory built otherwise raises :class:`FingerprintMismatch`. Opening checks sizes
