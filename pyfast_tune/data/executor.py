@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
+import hashlib
 import inspect
 import json
 import os
@@ -86,11 +88,11 @@ class ShardPlan:
 
     def prepare(self, key: str, replace_stale: bool = False) -> None:
         """Create the work dir, or check that the parts in it belong to this run: ``key`` is
-        the run's fingerprint, and parts of another run must never be merged into this one.
+        the run's key (run_key), and parts of another run must never be merged into this one.
         Parts of another run are an error, or with ``replace_stale`` (the default work dir,
         ours alone) removed."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        plan = {"fingerprint": key, "num_shards": self.shards}
+        plan = {"key": key, "num_shards": self.shards}
         path = self.work_dir / PLAN
         if path.is_file():
             try:
@@ -137,6 +139,39 @@ def pack_shard(
             return "error", (type(e).__name__, str(e), where)
     doc = json.loads((plan.part(i) / "part.json").read_text())
     return "done", int(doc["tokens"])
+
+
+def run_key(options: dict[str, Any]) -> str:
+    """What keys a work dir: the options, and each local input file's path, size and
+    modification time (remote and Hub inputs by their spelling; their cached copies are
+    keyed by version). A file changed between the shards of a resumed run is refused by the
+    merge (its parts disagree on size or modification time)."""
+    listing = []
+    for inp in options.get("inputs") or []:
+        spec = inp.get("path") if isinstance(inp, dict) else inp
+        specs = spec if isinstance(spec, (list, tuple)) else [spec]
+        for p in specs:
+            if not isinstance(p, (str, os.PathLike)) or "://" in os.fspath(p):
+                continue
+            root = Path(p)
+            if root.is_dir():
+                files = sorted(root.rglob("*"))
+            elif any(c in os.fspath(p) for c in "*?["):
+                files = sorted(Path(f) for f in glob.glob(os.fspath(p), recursive=True))
+            else:
+                files = [root]
+            for f in files:
+                try:
+                    st = f.stat()
+                except OSError:
+                    continue
+                if f.is_file():
+                    listing.append([os.fspath(f), st.st_size, st.st_mtime_ns])
+    # The options that decide the bytes (fingerprint's), defaults filled in, however spelled.
+    decide = inspect.signature(fingerprint).parameters
+    spelled = {k: options.get(k, p.default) for k, p in decide.items()}
+    text = json.dumps([spelled, listing], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_range(staging: str, index: int) -> tuple[list[str], list[str]]:
@@ -373,9 +408,9 @@ def run_sharded(
     own_dir = work_dir is None
     plan = ShardPlan(Path(f"{os.fspath(out_dir).rstrip('/')}.parts") if own_dir else work_dir,
                      shards)  # fmt: skip
-    # The run's fingerprint keys the work dir, so a resume never merges a stale part.
-    keyed = inspect.signature(fingerprint).parameters
-    plan.prepare(fingerprint(**{k: v for k, v in options.items() if k in keyed}), own_dir)
+    # The run's options and input listing key the work dir, so a resume never merges a stale
+    # part; not the inputs' bytes: the shards hash those, once (each its share).
+    plan.prepare(run_key(options), own_dir)
     start = time.monotonic()
     pending = plan.pending()
     bar = _Progress(shards, shards - len(pending), progress)

@@ -151,6 +151,23 @@ def test_each_input_byte_is_hashed_by_one_shard(parts3, chats):
     assert owned == {f: list(range(-(-sizes[f] // block[f]))) for f in range(len(chats))}
 
 
+def test_a_file_changed_between_shards_is_refused(chats, tiny_tokenizer, tmp_path):
+    import shutil
+
+    from pyfast_tune.data import ShardMismatchError, merge_packs
+
+    data = tmp_path / "a.jsonl"
+    shutil.copy(chats[0], data)
+    pack(data, tmp_path / "p0", shard=(0, 2), **_opts(tiny_tokenizer))
+    raw = bytearray(data.read_bytes())  # a new version, same size: one letter changed
+    at = raw.index(b'"content": "') + len(b'"content": "')
+    raw[at] = ord("Q") if raw[at] != ord("Q") else ord("R")
+    data.write_bytes(bytes(raw))
+    pack(data, tmp_path / "p1", shard=(1, 2), **_opts(tiny_tokenizer))
+    with pytest.raises(ShardMismatchError, match="changed between the shards"):
+        merge_packs([tmp_path / "p0", tmp_path / "p1"], tmp_path / "out")
+
+
 def test_a_failed_range_leaves_no_output(parts3, tmp_path):
     out = tmp_path / "packed"
 

@@ -38,7 +38,7 @@ use crate::pack::stage::{
 use crate::pack::stats::{PackStats, Progress};
 use crate::pack::write::{finish, Header};
 use crate::packed_dir::atomic::{HashedWriter, StagingDir};
-use crate::packed_dir::treehash::{self, BLAKE3_BLOCKS};
+use crate::packed_dir::treehash::{self, BLAKE3_BLOCKS, SHARE_PROBE};
 
 pub mod ranged;
 
@@ -309,6 +309,7 @@ pub fn merge(
 fn join_file_entries(parts: &mut [Part], nfiles: usize) -> Result<()> {
     let mut joined: Vec<(usize, bool, Value, Value)> = Vec::new();
     let mut blocks: Vec<Vec<(u64, Vec<String>)>> = Vec::new();
+    let mut probes: Vec<Option<Value>> = Vec::new();
     for (k, part) in parts.iter_mut().enumerate() {
         let entries = std::mem::take(&mut part.file_entries);
         let table = std::mem::take(&mut part.file_table);
@@ -321,8 +322,22 @@ fn join_file_entries(parts: &mut [Part], nfiles: usize) -> Result<()> {
                     let cvs = cvs.iter().filter_map(|v| v.as_str().map(String::from));
                     (b["first"].as_u64().unwrap_or(u64::MAX), cvs.collect())
                 });
+            let probe = row
+                .as_object_mut()
+                .and_then(|o| o.shift_remove(SHARE_PROBE));
             match joined.last_mut() {
                 Some(last) if last.0 == f => {
+                    let seen = probes.last_mut().expect("one per joined file");
+                    match (seen.as_ref(), &probe) {
+                        (Some(a), Some(b)) if a != b => {
+                            return Err(Error::ShardMismatch(format!(
+                                "file {f} changed between the shards that read it (the BLAKE3 \
+                                 of its ends: {a} vs {b}): encode the shards again"
+                            )))
+                        }
+                        (None, Some(_)) => *seen = probe.clone(),
+                        _ => {}
+                    }
                     if !same_file(&last.2, &entry) {
                         return Err(Error::ShardMismatch(format!(
                             "shard {k} read file {f} with another size or hash than the shard before"
@@ -353,6 +368,7 @@ fn join_file_entries(parts: &mut [Part], nfiles: usize) -> Result<()> {
                 _ => {
                     joined.push((f, head, entry, row));
                     blocks.push(Vec::new());
+                    probes.push(probe);
                 }
             }
             if let (Some(b), Some(list)) = (hashed, blocks.last_mut()) {

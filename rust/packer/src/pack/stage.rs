@@ -17,7 +17,7 @@ use crate::pack::fingerprint::{file_entry, pretok_entry};
 use crate::pack::pair::{fit_pair, PairFit};
 use crate::pack::stats::{PackStats, Progress};
 use crate::packed_dir::atomic::HashedWriter;
-use crate::packed_dir::treehash::{self, hash_share, Share, BLAKE3_BLOCKS};
+use crate::packed_dir::treehash::{self, hash_share, Share, BLAKE3_BLOCKS, SHARE_PROBE};
 use crate::source::pretokenized::{self, is_pretokenized, PretokFile};
 use crate::source::raw::hash_file;
 use crate::source::record::{OwnedRecord, Unreadable};
@@ -676,6 +676,9 @@ fn encode_json_file(
             // Folded from every shard's blocks by the merge (shard::join_file_entries).
             _ => json!({"name": file.name, "size": size, "blake3": Value::Null}),
         };
+        if in_blocks {
+            row[SHARE_PROBE] = json!(treehash::probe(&file.path, size)?);
+        }
         if let Some(Share::Blocks { first, cvs }) = &share {
             if !cvs.is_empty() {
                 let cvs: Vec<String> = cvs.iter().map(treehash::to_hex).collect();

@@ -21,6 +21,10 @@ use crate::error::{Error, Result};
 /// (`{"first": index, "cvs": [hex, ...]}`); the merge folds them and removes it.
 pub const BLAKE3_BLOCKS: &str = "blake3_blocks";
 
+/// The key of a part's file-table row that carries [`probe`] of a file a shard hashed part
+/// of: parts that saw different versions of the file (its ends differ) are refused.
+pub const SHARE_PROBE: &str = "ends_blake3";
+
 /// Bytes of a BLAKE3 chunk: the smallest block.
 pub const CHUNK: u64 = 1024;
 
@@ -117,6 +121,21 @@ pub fn hash_share(path: &Path, size: u64, owns: impl Fn(u64) -> bool) -> Result<
         first: mine.first().copied().unwrap_or(0),
         cvs,
     })
+}
+
+/// BLAKE3 (hex) of the first and last 64 KiB of a file of `size` bytes: what every shard
+/// reading part of it can check cheaply against the others.
+pub fn probe(path: &Path, size: u64) -> Result<String> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let n = size.min(1 << 16);
+    let mut buf = vec![0u8; n as usize];
+    let mut h = blake3::Hasher::new();
+    for at in [0, size - n] {
+        f.read_exact_at(&mut buf, at)
+            .map_err(|e| Error::io(path, e))?;
+        h.update(&buf);
+    }
+    Ok(h.finalize().to_hex().to_string())
 }
 
 /// Hex of a chaining value, as it travels in JSON.
