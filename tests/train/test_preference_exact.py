@@ -337,3 +337,39 @@ def test_score_positions_follow_transformers_rule():
     cu = np.array([0, 4, 8])
     assert score_positions(ids, cu, 2, None).tolist() == [3, 7]
     assert score_positions(ids, cu, 2, 2).tolist() == [2, 5]  # the last token that is not pad
+
+
+def test_qwen_token_zero_counts_in_the_log_probs(tmp_path):
+    """Qwen3's id 0 is "!": in a completion it is trained, and DPO's sequence log-prob sums
+    it like any other token (XTuner's packed DPO treats label 0 as "ignore")."""
+    from pyfast_tune.trainer.preference import sequence_logps
+    from pyfast_tune.trainer.tiny import make_tiny_llama
+    from tests.conftest import shared_path
+
+    tok = shared_path("tokenizers", "qwen3")
+    rows = [{"prompt": [{"role": "user", "content": f"Say it {i} times"}],
+             "chosen": [{"role": "assistant", "content": "Yes!" * (i + 1)}],
+             "rejected": [{"role": "assistant", "content": "no"}]} for i in range(3)]  # fmt: skip
+    src = tmp_path / "bang.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pack([src], tmp_path / "packed", tokenizer=str(tok), max_length=256, format="preference",
+         template="qwen_chat")  # fmt: skip
+    ds = PackedDataset(tmp_path / "packed")
+    batch = collate([ds[i] for i in range(len(ds))], "token", 1)
+    bang = batch.targets == 0
+    assert bang.sum() >= 6, "no trained id 0"
+    model = _load(make_tiny_llama(tmp_path / "m", tok, hidden_size=32, layers=1, heads=2,
+                                  kv_heads=1, intermediate_size=64))  # fmt: skip
+    ours = _ours(model)
+    with torch.no_grad():
+        per_token, sums, _ = sequence_logps(ours, batch, "cpu", fused=True)
+        logits = ours(input_ids=torch.from_numpy(batch.input_ids)[None],
+                      position_ids=torch.from_numpy(batch.position_ids)[None]).logits[0]  # fmt: skip
+    logp = torch.log_softmax(logits.float(), -1)
+    t = torch.from_numpy(batch.targets)
+    manual = torch.where(t != -100, logp.gather(1, t.clamp(min=0)[:, None])[:, 0], 0.0)
+    torch.testing.assert_close(per_token, manual, rtol=1e-5, atol=1e-5)
+    assert (per_token[torch.from_numpy(bang)] < 0).all()  # counted, not masked
+    seg = np.repeat(np.arange(len(batch.sample_lengths)), batch.sample_lengths)
+    expect = torch.zeros(len(batch.sample_lengths)).index_add(0, torch.from_numpy(seg), manual)
+    torch.testing.assert_close(sums, expect, rtol=1e-5, atol=1e-4)
