@@ -91,6 +91,14 @@ def test_s3_input_and_output_equal_local_files(s3, chats_dir, tiny_tokenizer, tm
     assert _remote_bytes(s3, f"{BUCKET}/sharded") == _local_bytes(tmp_path / "local")
     assert not list((Path(os.environ["PYFAST_TUNE_CACHE"]) / "objects" / "out").iterdir())
 
+    # The CLI passes URLs through.
+    from pyfast_tune.cli import main
+
+    assert main(["pack", f"s3://{BUCKET}/data", "--out", f"s3://{BUCKET}/cli", "--tokenizer",
+                 str(tiny_tokenizer), "--max-length", "256", "--format", "openai", "--seed", "1",
+                 "--quiet"]) == 0  # fmt: skip
+    assert _remote_bytes(s3, f"{BUCKET}/cli") == _local_bytes(tmp_path / "local")
+
     # Read back through the local cache: the same samples as the local directory.
     ds, ref = PackedDataset(f"s3://{BUCKET}/packed"), PackedDataset(tmp_path / "local")
     assert len(ds) == len(ref) and ds.meta == ref.meta
