@@ -246,7 +246,11 @@ def build_llava(cfg, dtype_name: str, local_rank: int = 0, zero_stage: int = 0) 
     if cfg.method == "qlora":
         quant = _quantization_config(cfg, dtype, float_storage=zero_stage == 3)
         # 4-bit LLM only: the tower, projector and head stay in dtype (XTuner's llm-only QLoRA)
-        quant.llm_int8_skip_modules = ["vision_tower", "multi_modal_projector", "lm_head"]
+        # Names for both matching rules: older transformers test a substring, 5.x matches
+        # from the start of the module's full name or as a suffix (so "vision_tower" alone
+        # misses "model.vision_tower.…" and the tower and projector were quantised).
+        parts = ("vision_tower", "multi_modal_projector")
+        quant.llm_int8_skip_modules = [*parts, *(rf".*\.{p}" for p in parts), "lm_head"]
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         device_map = {"": device}
     if cfg.vision_tower:

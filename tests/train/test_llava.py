@@ -318,3 +318,27 @@ def test_stage2_lora_converts_and_merges(parts, stage1, tmp_path):
         torch.testing.assert_close(merged[name], t)
     changed = {part_of(n) for n in base if not torch.equal(base[n], merged[n])}
     assert changed == {"llm", "projector"}, changed  # LoRA on the LLM, the projector in full
+
+
+def test_stage2_qlora_trains_the_4bit_llm_and_converts(parts, stage1, tmp_path):
+    """QLoRA on a LLaVA model: the LLM in 4 bits (tower, projector and head in the training
+    dtype), LoRA on the LLM, the projector trained in full; converts to an adapter."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes")
+    from pyfast_tune import pack
+    from pyfast_tune.export import convert
+
+    stage1_model = tmp_path / "stage1"
+    convert(stage1[1], stage1_model)
+    pack([parts["data"]], tmp_path / "packed", tokenizer=stage1_model, max_length=64,
+         format="llava", template="vicuna", image_tokens=IMAGE_TOKENS, pack_length=128)  # fmt: skip
+    cfg = tmp_path / "qlora.yaml"
+    cfg.write_text(f"model: {stage1_model}\nmethod: qlora\ndata: {tmp_path / 'packed'}\n"
+                   "max_length: 64\nmax_steps: 3\nlr: 1.0e-2\nattention: ref\n"
+                   "progress_bar: false\ntensorboard: false\n")  # fmt: skip
+    metrics = train_metrics(cfg, tmp_path / "run", 1)
+    losses = [m["loss"] for m in metrics]
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses) and losses[-1] != losses[0]
+    assert convert(tmp_path / "run", tmp_path / "adapter")["kind"] == "adapter"
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["multi_modal_projector"]
+    assert all("vision_tower" not in t for t in config["target_modules"])
