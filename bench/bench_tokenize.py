@@ -34,6 +34,10 @@ The other encoders' figures are pure encoding of texts already in memory; ours (
 ``later``) also read, parse and template the JSONL. Best of ``--repeat`` runs (first passes:
 each run is a fresh process); the machine and its load are printed with the figures.
 ``--records N`` (or BENCH_RECORDS) takes the first N records of each corpus, for a quick run.
+``--chat FILE --tokenizer-dir DIR [--template NAME]`` runs one chat corpus (openai
+``messages`` records) with one tokenizer instead, e.g. ShareGPT with Llama 3's tokenizer.
+Each process's CPU seconds (user + sys, from the kernel's accounting of the child) are
+printed beside its wall time: on a shared machine they are the steadier figure.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -87,14 +92,17 @@ def pack_process(
     ]  # fmt: skip
     with tempfile.TemporaryDirectory() as d:
         cmd[cmd.index("OUT")] = f"{d}/p"
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         wall = time.perf_counter() - t
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         digest = hashlib.sha256()
         for f in sorted(Path(f"{d}/p").iterdir()):
             digest.update(f.name.encode() + f.read_bytes())
     stats = json.JSONDecoder().raw_decode(out[out.index("{") :])[0]
     stats["wall"] = wall
+    stats["cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     stats["start"] = max(wall - stats["seconds"], 0.0)
     stats["encoded"] = stats["tokens"] + stats["truncated_tokens"] + stats["dropped_tokens"]
     stats["digest"] = digest.hexdigest()
@@ -162,10 +170,12 @@ def run(
     tokenizers: list[str] | None = None,
     records: int | None = None,
     data: BenchData | None = None,
+    cases: list[tuple[str, str, int]] | None = None,
 ) -> list[dict]:
     from tokenizers import Tokenizer
 
     data = data or bench_data()
+    cases = cases or CASES
     unknown = sorted(set(tokenizers or []) - set(data.tokenizers))
     if unknown:
         raise SystemExit(f"unknown tokenizer(s) {unknown}: this data has {list(data.tokenizers)}")
@@ -184,7 +194,7 @@ def run(
             t0 = time.perf_counter()
             enc = build(tok_dir)
             others.append((name, enc, batch, time.perf_counter() - t0))
-        for kind, template, max_length in CASES:
+        for kind, template, max_length in cases:
             path = corpus_file(data, kind, records, tmp)
             texts = texts_of(path)
             row = {"tokenizer": tok_name, "data": path.name, "threads": threads, "notes": []}
@@ -201,6 +211,7 @@ def run(
                 encode=proc["encode_seconds"],
                 write=proc["write_seconds"],
                 whole=n / proc["wall"],
+                cpu=proc["cpu"],
                 ours_first=n / proc["encode_seconds"] / threads,
                 pack_hf=n / hf_proc["wall"],
                 pack_fast=n / proc["wall"],
@@ -243,7 +254,8 @@ def print_row(r: dict) -> None:
     print(
         f"{r['tokenizer']:8s} {r['data']:14s} {r['tokens'] / M:.2f} M tokens | process: start "
         f"{r['start']:.3f} s, load {r['load']:.3f} s, encode {r['encode']:.3f} s, write "
-        f"{r['write']:.3f} s; whole {r['whole'] / M:5.2f} M tok/s on {r['threads']} threads",
+        f"{r['write']:.3f} s; whole {r['whole'] / M:5.2f} M tok/s on {r['threads']} threads, "
+        f"{r['cpu']:.3f} CPU s",
         flush=True,
     )
     line = (
@@ -308,5 +320,19 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokenizers", nargs="+", help="names among the data's (default: all)")
     ap.add_argument("--records", type=int, help="first N records of each corpus (default: all)")
+    ap.add_argument("--chat", type=Path, help="one chat corpus (openai messages JSONL) instead")
+    ap.add_argument("--tokenizer-dir", type=Path, help="with --chat: the tokenizer to use")
+    ap.add_argument("--template", default="llama3_chat", help="with --chat (default llama3_chat)")
     args = ap.parse_args()
-    run(args.repeat, args.threads, args.tokenizers, args.records)
+    data = None
+    if args.chat:
+        if not args.tokenizer_dir:
+            ap.error("--chat needs --tokenizer-dir")
+        name = args.tokenizer_dir.name
+        data = BenchData(
+            chat=args.chat, docs=args.chat, tokenizer=args.tokenizer_dir,
+            tokenizers={name: args.tokenizer_dir}, real=True,
+            label=f"data: {args.chat} with tokenizer {args.tokenizer_dir}",
+        )  # fmt: skip
+    cases = [("chat", args.template, 4096)] if args.chat else None
+    run(args.repeat, args.threads, args.tokenizers, args.records, data, cases)

@@ -288,24 +288,32 @@ def test_two_processes_zero2_equal_one_with_the_llm_trained(parts, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
 
 
-@pytest.mark.slow
-def test_stage2_lora_converts_and_merges(parts, stage1, tmp_path):
-    from peft import PeftModel
-    from transformers import LlavaForConditionalGeneration
-
+def _stage2(parts, stage1, tmp_path, method: str, steps: int):
+    """Stage 2 on the converted stage-1 folder: (that folder, a run config of ``method``)."""
     from pyfast_tune import pack
-    from pyfast_tune.export import convert, merge
-    from pyfast_tune.vision.model import part_of
+    from pyfast_tune.export import convert
 
     stage1_model = tmp_path / "stage1"
     convert(stage1[1], stage1_model)
     # stage 2 packs with the exported tokenizer (<image> added): the text ids are unchanged
     pack([parts["data"]], tmp_path / "packed", tokenizer=stage1_model, max_length=64,
          format="llava", template="vicuna", image_tokens=IMAGE_TOKENS, pack_length=128)  # fmt: skip
-    cfg = tmp_path / "stage2.yaml"
-    cfg.write_text(f"model: {stage1_model}\nmethod: lora\ndata: {tmp_path / 'packed'}\n"
-                   "max_length: 64\nmax_steps: 2\nlr: 1.0e-2\nattention: ref\n"
+    cfg = tmp_path / f"{method}.yaml"
+    cfg.write_text(f"model: {stage1_model}\nmethod: {method}\ndata: {tmp_path / 'packed'}\n"
+                   f"max_length: 64\nmax_steps: {steps}\nlr: 1.0e-2\nattention: ref\n"
                    "progress_bar: false\ntensorboard: false\n")  # fmt: skip
+    return stage1_model, cfg
+
+
+@pytest.mark.slow
+def test_stage2_lora_converts_and_merges(parts, stage1, tmp_path):
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    from pyfast_tune.export import convert, merge
+    from pyfast_tune.vision.model import part_of
+
+    stage1_model, cfg = _stage2(parts, stage1, tmp_path, "lora", steps=2)
     train_metrics(cfg, tmp_path / "run", 1)
     assert convert(tmp_path / "run", tmp_path / "adapter")["kind"] == "adapter"
     merge(stage1_model, tmp_path / "adapter", tmp_path / "merged")
@@ -324,17 +332,9 @@ def test_stage2_qlora_trains_the_4bit_llm_and_converts(parts, stage1, tmp_path):
     """QLoRA on a LLaVA model: the LLM in 4 bits (tower, projector and head in the training
     dtype), LoRA on the LLM, the projector trained in full; converts to an adapter."""
     pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes")
-    from pyfast_tune import pack
     from pyfast_tune.export import convert
 
-    stage1_model = tmp_path / "stage1"
-    convert(stage1[1], stage1_model)
-    pack([parts["data"]], tmp_path / "packed", tokenizer=stage1_model, max_length=64,
-         format="llava", template="vicuna", image_tokens=IMAGE_TOKENS, pack_length=128)  # fmt: skip
-    cfg = tmp_path / "qlora.yaml"
-    cfg.write_text(f"model: {stage1_model}\nmethod: qlora\ndata: {tmp_path / 'packed'}\n"
-                   "max_length: 64\nmax_steps: 3\nlr: 1.0e-2\nattention: ref\n"
-                   "progress_bar: false\ntensorboard: false\n")  # fmt: skip
+    _, cfg = _stage2(parts, stage1, tmp_path, "qlora", steps=3)
     metrics = train_metrics(cfg, tmp_path / "run", 1)
     losses = [m["loss"] for m in metrics]
     assert len(losses) == 3 and all(0 < x < 20 for x in losses) and losses[-1] != losses[0]

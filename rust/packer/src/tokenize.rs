@@ -8,8 +8,10 @@
 //! template's offsets).
 
 pub(crate) mod bpe;
+pub(crate) mod compiled;
 pub(crate) mod fastbpe;
 pub(crate) mod normalize;
+pub(crate) mod piece_table;
 pub(crate) mod pretokenize;
 pub(crate) mod split;
 
@@ -168,15 +170,13 @@ impl TextTokenizer {
             _ => Value::Null,
         };
         // The fast path reads tokenizer.json itself; Hugging Face's tokenizer is built now only
-        // when it encodes (the `tokenizers` error, if any, comes first as it always did).
-        // Hashing 11 MB takes a few ms: beside the parse, on the other core.
-        let (hash, fast) = rayon::join(
-            || hash_parts(&parts),
-            || match backend {
-                TokenizerBackend::Hf => Err("--tokenizer-backend hf".to_string()),
-                _ => FastBpe::from_json(&bytes),
-            },
-        );
+        // when it encodes (the `tokenizers` error, if any, comes first as it always did). The
+        // hash (a few ms for 11 MB) also names the fast path's compiled form in the cache.
+        let hash = hash_parts(&parts);
+        let fast = match backend {
+            TokenizerBackend::Hf => Err("--tokenizer-backend hf".to_string()),
+            _ => FastBpe::from_json_cached(&bytes, &hash),
+        };
         let (fast, fast_refused) = match fast {
             Ok(f) => (Some(f), None),
             Err(why) => (None, Some(why)),

@@ -219,3 +219,48 @@ fn pair_cached(qwen2: bool) -> &'static (tempfile::TempDir, TextTokenizer, TextT
         [OnceLock::new(), OnceLock::new()];
     PAIRS[qwen2 as usize].get_or_init(|| pair(qwen2))
 }
+
+/// The compiled form cached on disk gives the same ids as the JSON read whole: written on the
+/// first load, read back on the second, and a damaged file is rebuilt, not trusted.
+#[test]
+fn compiled_cache_gives_the_same_ids() {
+    use packer::internals::tokenize::FastBpe;
+    let (dir, hf, _) = pair_cached(true);
+    let json = std::fs::read(dir.path().join("tokenizer.json")).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let file = cache.path().join("sub").join("t.bpe");
+    let texts = corpus(300, 5);
+    let ids = |fast: &FastBpe| -> Vec<Vec<u32>> {
+        texts
+            .iter()
+            .map(|t| {
+                let mut out = Vec::new();
+                fast.encode_into(t, &mut out).unwrap();
+                out
+            })
+            .collect()
+    };
+    let want: Vec<Vec<u32>> = texts.iter().map(|t| hf.encode(t).unwrap()).collect();
+    let built = FastBpe::from_json_cache_file(&json, &file).unwrap();
+    assert!(file.is_file(), "the compiled form was not written");
+    assert_eq!(ids(&built), want);
+    let written = std::fs::read(&file).unwrap();
+    let read_back = FastBpe::from_json_cache_file(&json, &file).unwrap();
+    assert_eq!(ids(&read_back), want);
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        written,
+        "a good cache was rewritten"
+    );
+    let mut damaged = written.clone();
+    let mid = damaged.len() / 2;
+    damaged[mid] ^= 1;
+    std::fs::write(&file, &damaged).unwrap();
+    let rebuilt = FastBpe::from_json_cache_file(&json, &file).unwrap();
+    assert_eq!(ids(&rebuilt), want);
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        written,
+        "a damaged cache was not rebuilt"
+    );
+}

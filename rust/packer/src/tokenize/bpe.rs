@@ -126,6 +126,34 @@ impl Vocab {
     fn len(&self) -> usize {
         self.table.len()
     }
+
+    /// Every (token, id).
+    fn iter(&self) -> impl Iterator<Item = (&str, u32)> + '_ {
+        self.table.iter().map(|e| (Self::key(&self.arena, e), e.2))
+    }
+
+    /// The arena and every (offset, length, id) in it: what [`Vocab::from_parts`] takes.
+    pub(super) fn parts(&self) -> (&str, impl Iterator<Item = (u32, u32, u32)> + '_) {
+        (&self.arena, self.table.iter().copied())
+    }
+
+    /// A vocabulary from [`Vocab::parts`]; `None` if an entry is not a whole-char range of the
+    /// arena or a token is given twice.
+    pub(super) fn from_parts(
+        arena: String,
+        entries: impl ExactSizeIterator<Item = (u32, u32, u32)>,
+    ) -> Option<Vocab> {
+        let mut table = HashTable::with_capacity(entries.len());
+        for (off, len, id) in entries {
+            let token = arena.get(off as usize..off.checked_add(len)? as usize)?;
+            let h = Self::hash(token);
+            if table.find(h, |e| Self::key(&arena, e) == token).is_some() {
+                return None;
+            }
+            table.insert_unique(h, (off, len, id), |e| Self::hash(Self::key(&arena, e)));
+        }
+        Some(Vocab { arena, table })
+    }
 }
 
 impl<'de> Deserialize<'de> for Vocab {
@@ -202,7 +230,7 @@ fn pair_key(a: u32, b: u32) -> u64 {
 /// pair listed twice keeps its later rank; every token and concatenation must be in the
 /// vocabulary; "a b" strings and [a, b] pairs cannot be mixed.
 #[derive(Default)]
-struct MergeMap {
+pub(super) struct MergeMap {
     map: FxHashMap<u64, (u32, u32)>,
     rank: u32,
     lines: bool,
@@ -214,6 +242,19 @@ struct MergeMap {
 }
 
 impl MergeMap {
+    /// A merge map from (pair key, (rank, merged id)) entries, as [`BpeModel::tables`] gives
+    /// them.
+    pub(super) fn from_entries(
+        map: FxHashMap<u64, (u32, u32)>,
+        joins_across_metaspace: bool,
+    ) -> Self {
+        MergeMap {
+            map,
+            joins_across_metaspace,
+            ..MergeMap::default()
+        }
+    }
+
     fn add(&mut self, vocab: &Vocab, item: &MergeItem) -> Result<(), String> {
         let (a, b) = match item {
             MergeItem::Pair(a, b) => {
@@ -318,48 +359,73 @@ pub(super) struct ModelJson<'a> {
 
 impl<'de: 'a, 'a> Deserialize<'de> for ModelJson<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = ModelJson<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a tokenizer model")
+        d.deserialize_map(ModelVisitor(false, PhantomData))
+    }
+}
+
+/// The `model` object without its `vocab` and `merges` (skipped unread), for a model whose
+/// tables come from the compiled cache ([`ModelJson::with_tables`]).
+#[derive(Default)]
+pub(super) struct ModelHead<'a>(pub ModelJson<'a>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for ModelHead<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(ModelVisitor(true, PhantomData))
+            .map(ModelHead)
+    }
+}
+
+impl ModelJson<'_> {
+    /// This model with its vocabulary and merges given (from the compiled cache).
+    pub(super) fn with_tables(mut self, vocab: Vocab, merges: MergeMap) -> Self {
+        self.vocab = Some(vocab);
+        self.merges = Some(Merges::Resolved(merges));
+        self
+    }
+}
+
+/// Reads a `model` object; `.0`: skip `vocab` and `merges`.
+struct ModelVisitor<'a>(bool, PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for ModelVisitor<'a> {
+    type Value = ModelJson<'a>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a tokenizer model")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut m = ModelJson::default();
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<Str<'de>>()? {
+            let key = key.0;
+            if !seen.insert(key.clone()) {
+                return Err(de::Error::custom(format!("model key {key:?} given twice")));
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut m = ModelJson::default();
-                let mut seen = std::collections::HashSet::new();
-                while let Some(key) = map.next_key::<Str<'de>>()? {
-                    let key = key.0;
-                    if !seen.insert(key.clone()) {
-                        return Err(de::Error::custom(format!("model key {key:?} given twice")));
-                    }
-                    match &*key {
-                        "type" => m.kind = map.next_value()?,
-                        "dropout" => m.dropout = map.next_value()?,
-                        "unk_token" => m.unk_token = map.next_value()?,
-                        "continuing_subword_prefix" => {
-                            m.continuing_subword_prefix = map.next_value()?
-                        }
-                        "end_of_word_suffix" => m.end_of_word_suffix = map.next_value()?,
-                        "fuse_unk" => m.fuse_unk = map.next_value()?,
-                        "byte_fallback" => m.byte_fallback = map.next_value()?,
-                        "ignore_merges" => m.ignore_merges = map.next_value()?,
-                        "vocab" => m.vocab = Some(map.next_value()?),
-                        "merges" => {
-                            let seed = MergesSeed {
-                                vocab: m.vocab.as_ref(),
-                                _p: PhantomData,
-                            };
-                            m.merges = Some(map.next_value_seed(seed)?);
-                        }
-                        _ => {
-                            map.next_value::<IgnoredAny>()?;
-                        }
-                    }
+            match &*key {
+                "type" => m.kind = map.next_value()?,
+                "dropout" => m.dropout = map.next_value()?,
+                "unk_token" => m.unk_token = map.next_value()?,
+                "continuing_subword_prefix" => m.continuing_subword_prefix = map.next_value()?,
+                "end_of_word_suffix" => m.end_of_word_suffix = map.next_value()?,
+                "fuse_unk" => m.fuse_unk = map.next_value()?,
+                "byte_fallback" => m.byte_fallback = map.next_value()?,
+                "ignore_merges" => m.ignore_merges = map.next_value()?,
+                "vocab" | "merges" if self.0 => {
+                    map.next_value::<IgnoredAny>()?;
                 }
-                Ok(m)
+                "vocab" => m.vocab = Some(map.next_value()?),
+                "merges" => {
+                    let seed = MergesSeed {
+                        vocab: m.vocab.as_ref(),
+                        _p: PhantomData,
+                    };
+                    m.merges = Some(map.next_value_seed(seed)?);
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
             }
         }
-        d.deserialize_map(V(PhantomData))
+        Ok(m)
     }
 }
 
@@ -410,6 +476,8 @@ pub struct BpeModel {
     /// (`▁` is known). This keeps the long words of a `Metaspace { split: false }` (or absent)
     /// pre-tokenizer memoisable and their merges short.
     boundary: Option<char>,
+    /// Some merge joins a part not ending in `▁` to one starting with it (kept for the cache).
+    joins_across_metaspace: bool,
 }
 
 /// Reusable buffers for [`BpeModel::tokenize_into`].
@@ -505,6 +573,7 @@ impl BpeModel {
             unk,
             fuse_unk: m.fuse_unk == Some(true),
             boundary: None,
+            joins_across_metaspace: merges.joins_across_metaspace,
         };
         let mut buf = [0u8; 4];
         for b in 0..256usize {
@@ -547,6 +616,12 @@ impl BpeModel {
         Unit::Unknown
     }
 
+    /// The vocabulary, the merges ((left id, right id) key → (rank, merged id)) and whether a
+    /// merge joins across `▁`: what the compiled cache keeps ([`MergeMap::from_entries`]).
+    pub(super) fn tables(&self) -> (&Vocab, &FxHashMap<u64, (u32, u32)>, bool) {
+        (&self.vocab, &self.merges, self.joins_across_metaspace)
+    }
+
     /// What the pieces are spelled in.
     pub fn alphabet(&self) -> Alphabet {
         self.alphabet
@@ -576,6 +651,43 @@ impl BpeModel {
             }
             None
         })
+    }
+
+    /// Call `f(piece, id)` for every piece of at most `max_len` bytes (raw bytes for a
+    /// byte-level alphabet) that [`BpeModel::tokenize_into`] encodes as the one vocabulary token
+    /// it spells: what a lookup of the whole piece may answer before any merge is tried. A token
+    /// that Hugging Face's merges would not rebuild from its own bytes is left out.
+    pub(super) fn one_token_pieces(&self, max_len: usize, mut f: impl FnMut(&[u8], u32)) {
+        let mut byte_of = [u16::MAX; 0x144];
+        for (b, &c) in self.byte_char.iter().enumerate() {
+            byte_of[c as usize] = b as u16;
+        }
+        let (mut raw, mut scratch, mut out) = (Vec::new(), Scratch::default(), Vec::new());
+        for (token, id) in self.vocab.iter() {
+            raw.clear();
+            match self.alphabet {
+                Alphabet::Chars => raw.extend_from_slice(token.as_bytes()),
+                Alphabet::ByteLevel => {
+                    for c in token.chars() {
+                        match byte_of.get(c as usize) {
+                            Some(&b) if b != u16::MAX => raw.push(b as u8),
+                            _ => break,
+                        }
+                    }
+                    if raw.len() != token.chars().count() {
+                        continue;
+                    }
+                }
+            }
+            if raw.is_empty() || raw.len() > max_len {
+                continue;
+            }
+            out.clear();
+            self.tokenize_into(&raw, &mut scratch, &mut out);
+            if out == [id] {
+                f(&raw, id);
+            }
+        }
     }
 
     /// Id of a vocabulary token.

@@ -40,8 +40,10 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use super::bpe::{Alphabet, BpeModel, ModelJson, Scratch};
+use super::bpe::{Alphabet, BpeModel, ModelHead, ModelJson, Scratch};
+use super::compiled;
 use super::normalize::Normalizer;
+use super::piece_table::{hash, key_in, key_of, PieceTable};
 use super::pretokenize::{CharSet, PreScratch, PreTokenizer};
 use super::split::Splitter;
 
@@ -49,11 +51,15 @@ use super::split::Splitter;
 const MEMO_MAX_PIECE: usize = 128;
 /// Memo entries per thread before it stops growing (bounds memory to tens of MB per thread).
 const MEMO_CAP: usize = 1 << 18;
+/// Pieces scanned ahead of their lookups (see [`Run::pre_tokenize`]).
+const BATCH: usize = 16;
+/// Log2 of the slots of [`Memo::front`]: 8192 × 32 bytes, a quarter of a 1 MB L2 cache.
+const FRONT_BITS: u32 = 13;
 
 /// The sections of `tokenizer.json` that `tokenizers` reads (unknown keys are ignored by both).
 /// A key given twice fails here (`tokenizers` would keep the last): the fast path is refused.
 #[derive(Deserialize)]
-struct TokenizerJson<'a> {
+struct TokenizerJson<'a, M> {
     #[serde(default, borrow)]
     version: Option<&'a RawValue>,
     #[serde(default)]
@@ -70,8 +76,24 @@ struct TokenizerJson<'a> {
     post_processor: Option<&'a RawValue>,
     #[serde(default, borrow)]
     decoder: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    model: Option<ModelJson<'a>>,
+    #[serde(default)]
+    model: Option<M>,
+}
+
+impl<'a, M> TokenizerJson<'a, M> {
+    fn with_model<N>(self, model: Option<N>) -> TokenizerJson<'a, N> {
+        TokenizerJson {
+            version: self.version,
+            truncation: self.truncation,
+            padding: self.padding,
+            added_tokens: self.added_tokens,
+            normalizer: self.normalizer,
+            pre_tokenizer: self.pre_tokenizer,
+            post_processor: self.post_processor,
+            decoder: self.decoder,
+            model,
+        }
+    }
 }
 
 /// [`TokenizerJson`] with the model unread, to say why the file did not read.
@@ -146,25 +168,34 @@ pub struct FastBpe {
     added_ids: FxHashMap<String, u32>,
     /// The BPE model: vocabulary, merges, encoder of one piece.
     model: BpeModel,
+    /// Pieces of up to 15 bytes that encode as the one token they spell (most pieces of real
+    /// text), looked up before the memo: shared by every thread and complete from the start,
+    /// so a cold encoder misses only on pieces that need several tokens.
+    direct: PieceTable<u32>,
     /// Identifies this instance in the per-thread memo.
     memo_owner: u64,
 }
 
 /// Ids of one memoised piece, up to three inline (most pieces), so that a hit reads no
 /// other memory; longer ones as a range of [`Memo::spill`].
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct Ids {
     n: u32,
     ids: [u32; 3],
 }
 
-/// Per-thread memo of piece bytes → ids for the [`FastBpe`] named by `owner`. Pieces of up
-/// to 15 bytes (nearly all) are keyed inline, bytes and length packed in a `u128`, so a hit
-/// costs one multiply-hash and one integer compare instead of a `memcmp`.
+/// Per-thread memo of piece bytes → ids for the [`FastBpe`] named by `owner`, for the pieces
+/// [`FastBpe::direct`] does not hold. Pieces of up to 15 bytes (nearly all) are keyed inline,
+/// bytes and length packed in a `u128`, so a hit costs one multiply-hash and one integer
+/// compare instead of a `memcmp`.
 #[derive(Default)]
 struct Memo {
     owner: u64,
-    short: FxHashMap<u128, Ids>,
+    /// The ids of the pieces seen last, direct-mapped by key hash: the frequent pieces of a
+    /// text (a few thousand cover most of it) are answered from cache-resident memory; the
+    /// shared table of one-token pieces spans megabytes, where each probe would wait on RAM.
+    front: Vec<(u128, Ids)>,
+    short: PieceTable<Ids>,
     long: FxHashMap<Box<[u8]>, Ids>,
     /// Ids of the memoised pieces of more than three tokens.
     spill: Vec<u32>,
@@ -178,17 +209,6 @@ impl Memo {
     fn len(&self) -> usize {
         self.short.len() + self.long.len()
     }
-}
-
-#[inline]
-fn short_key(p: &[u8]) -> Option<u128> {
-    if p.len() > 15 {
-        return None;
-    }
-    let mut b = [0u8; 16];
-    b[..p.len()].copy_from_slice(p);
-    b[15] = p.len() as u8;
-    Some(u128::from_le_bytes(b))
 }
 
 thread_local! {
@@ -235,8 +255,33 @@ impl FastBpe {
     /// Build the fast path from the bytes of a `tokenizer.json`, or say why it would not give
     /// the ids the `tokenizers` crate gives (or why that crate might not load it).
     pub fn from_json(json: &[u8]) -> Result<FastBpe, String> {
+        Self::from_json_in(json, None)
+    }
+
+    /// [`FastBpe::from_json`] through the compiled cache ([`super::compiled`]) of the file whose
+    /// hash is `hash`: its tables read back when cached, else built and cached.
+    pub fn from_json_cached(json: &[u8], hash: &str) -> Result<FastBpe, String> {
+        Self::from_json_in(json, compiled::path_for(hash))
+    }
+
+    /// [`FastBpe::from_json_cached`] with the cache file named.
+    pub fn from_json_cache_file(json: &[u8], file: &std::path::Path) -> Result<FastBpe, String> {
+        Self::from_json_in(json, Some(file.to_path_buf()))
+    }
+
+    fn from_json_in(json: &[u8], cache: Option<std::path::PathBuf>) -> Result<FastBpe, String> {
+        if let Some(c) = cache.as_deref().and_then(compiled::read) {
+            // The file parsed whole when the cache was written (same bytes, same hash).
+            if let Ok(mut spec) = serde_json::from_slice::<TokenizerJson<ModelHead>>(json) {
+                let model = spec
+                    .model
+                    .take()
+                    .map(|h| h.0.with_tables(c.vocab, c.merges));
+                return Self::assemble(spec.with_model(model), Some(c.direct), None);
+            }
+        }
         // One pass over the file, the model included; only on failure a second one, for why.
-        let spec: TokenizerJson = serde_json::from_slice(json).map_err(|e| {
+        let spec: TokenizerJson<ModelJson> = serde_json::from_slice(json).map_err(|e| {
             match serde_json::from_slice::<ModelUnread>(json).map(|u| u.model) {
                 Ok(Some(model)) => match BpeModel::from_json(model.get(), Alphabet::Chars) {
                     Err(why) => why,
@@ -245,6 +290,16 @@ impl FastBpe {
                 _ => format!("unreadable tokenizer.json: {e}"),
             }
         })?;
+        Self::assemble(spec, None, cache)
+    }
+
+    /// The checks and tables after the JSON is read; `direct` when the cache had it, else it
+    /// is built (and the compiled form written to `cache`).
+    fn assemble(
+        spec: TokenizerJson<ModelJson>,
+        direct: Option<PieceTable<u32>>,
+        cache: Option<std::path::PathBuf>,
+    ) -> Result<FastBpe, String> {
         if let Some(v) = spec.version {
             if v.get() != "\"1.0\"" {
                 return Err(format!("tokenizer.json version {}", v.get()));
@@ -307,7 +362,23 @@ impl FastBpe {
                 raw.push((t.content, rule));
             }
         }
+        let direct = direct.unwrap_or_else(|| {
+            let mut pairs = Vec::with_capacity(model.vocab_size());
+            model.one_token_pieces(15, |p, id| {
+                pairs.push((key_of(p).expect("1 to 15 bytes"), id))
+            });
+            if let Some(path) = &cache {
+                let (vocab, merges, joins) = model.tables();
+                compiled::write(path, vocab, merges, joins, &pairs);
+            }
+            let mut direct = PieceTable::with_capacity(pairs.len());
+            for (k, id) in pairs {
+                direct.insert(k, id);
+            }
+            direct
+        });
         Ok(FastBpe {
+            direct,
             scanner: pre.single_scanner(),
             normalizer,
             pre,
@@ -349,6 +420,8 @@ impl FastBpe {
             if memo.owner != self.memo_owner {
                 *memo = Memo {
                     owner: self.memo_owner,
+                    front: vec![(0, Ids::default()); 1 << FRONT_BITS],
+                    short: PieceTable::with_capacity(1 << 14),
                     ..Memo::default()
                 };
             }
@@ -449,6 +522,24 @@ impl Run<'_> {
     fn pre_tokenize(&mut self, s: &str, first: bool) -> Result<(), String> {
         let fast = self.fast;
         if let Some(scanner) = fast.scanner {
+            if fast.model.boundary().is_none() {
+                // Fused: each piece's key straight from the text, then the tables, a batch of
+                // pieces at a time (see `Run::batch`).
+                let text = s.as_bytes();
+                let mut batch = [(0usize, 0usize, None); BATCH];
+                let mut n = 0;
+                for p in scanner.pieces(s) {
+                    let i = p.as_ptr() as usize - text.as_ptr() as usize;
+                    batch[n] = (i, i + p.len(), key_in(text, i, i + p.len()));
+                    n += 1;
+                    if n == BATCH {
+                        self.batch(text, &batch);
+                        n = 0;
+                    }
+                }
+                self.batch(text, &batch[..n]);
+                return Ok(());
+            }
             for p in scanner.pieces(s) {
                 self.piece(p.as_bytes())?;
             }
@@ -494,16 +585,62 @@ impl Run<'_> {
         }
     }
 
+    #[inline]
     fn word(&mut self, p: &[u8]) {
-        let key = short_key(p);
-        let hit = match key {
-            Some(k) => self.memo.short.get(&k),
-            None => self.memo.long.get(p),
-        };
-        if let Some(&ids) = hit {
+        self.word_key(p, key_of(p));
+    }
+
+    /// The ids of the pieces `text[i..j]` of `batch` (with their keys), in order. The pieces
+    /// that [`Memo::front`] does not hold have their shared-table slot prefetched first, so
+    /// that the batch's cache misses overlap instead of each stalling in turn.
+    #[inline]
+    fn batch(&mut self, text: &[u8], batch: &[(usize, usize, Option<u128>)]) {
+        for &(_, _, key) in batch {
+            if let Some(k) = key {
+                if self.memo.front[(hash(k) >> (64 - FRONT_BITS)) as usize].0 != k {
+                    self.fast.direct.prefetch(k);
+                }
+            }
+        }
+        for &(i, j, key) in batch {
+            self.word_key(&text[i..j], key);
+        }
+    }
+
+    /// The ids of word `p`, whose key ([`key_of`]) is `key`.
+    #[inline]
+    fn word_key(&mut self, p: &[u8], key: Option<u128>) {
+        if let Some(k) = key {
+            let slot = (hash(k) >> (64 - FRONT_BITS)) as usize;
+            let (front_key, ids) = self.memo.front[slot];
+            if front_key == k {
+                Self::emit(self.out, &self.memo.spill, ids);
+                return;
+            }
+            let ids = if let Some(id) = self.fast.direct.get(k) {
+                Ids {
+                    n: 1,
+                    ids: [id, 0, 0],
+                }
+            } else if let Some(ids) = self.memo.short.get(k) {
+                ids
+            } else {
+                self.miss(p, key);
+                return;
+            };
+            self.memo.front[slot] = (k, ids);
+            Self::emit(self.out, &self.memo.spill, ids);
+            return;
+        } else if let Some(&ids) = self.memo.long.get(p) {
             Self::emit(self.out, &self.memo.spill, ids);
             return;
         }
+        self.miss(p, key);
+    }
+
+    /// A word in neither table: merged, then memoised while the memo has room.
+    #[inline(never)]
+    fn miss(&mut self, p: &[u8], key: Option<u128>) {
         let start = self.out.len();
         self.fast
             .model

@@ -110,25 +110,48 @@ struct Scan<'a> {
 
 impl Scan<'_> {
     /// The char at byte `i` (a char boundary), its byte length and class; None at the end.
-    #[inline]
+    #[inline(always)]
     fn at(&self, i: usize) -> Option<(char, usize, u8)> {
         let b = *self.s.as_bytes().get(i)?;
         if b < 0x80 {
             return Some((b as char, 1, self.cls[b as usize]));
         }
-        // `i` is a char boundary: pieces and runs only ever advance by whole chars.
-        let c = self.s[i..].chars().next()?;
-        Some((c, c.len_utf8(), self.cls[c as usize]))
+        // `i` is a char boundary (pieces and runs only ever advance by whole chars) of valid
+        // UTF-8: the lead byte gives the length, and the continuation bytes are there.
+        debug_assert!(self.s.is_char_boundary(i));
+        let s = self.s.as_bytes();
+        let tail = |k: usize| u32::from(s[i + k] & 0x3F);
+        let (v, n) = if b < 0xE0 {
+            (u32::from(b & 0x1F) << 6 | tail(1), 2)
+        } else if b < 0xF0 {
+            (u32::from(b & 0x0F) << 12 | tail(1) << 6 | tail(2), 3)
+        } else {
+            (
+                u32::from(b & 0x07) << 18 | tail(1) << 12 | tail(2) << 6 | tail(3),
+                4,
+            )
+        };
+        let c = char::from_u32(v)?;
+        Some((c, n, self.cls[v as usize]))
     }
 
     /// End of the run of chars starting at `i` whose class satisfies `keep`.
-    #[inline]
+    #[inline(always)]
     fn run(&self, mut i: usize, keep: impl Fn(u8) -> bool) -> usize {
-        while let Some((_, n, k)) = self.at(i) {
-            if !keep(k) {
-                break;
+        let s = self.s.as_bytes();
+        // ASCII a byte at a time (most text), other chars decoded.
+        while let Some(&b) = s.get(i) {
+            if b < 0x80 {
+                if !keep(self.cls[b as usize]) {
+                    break;
+                }
+                i += 1;
+                continue;
             }
-            i += n;
+            match self.at(i) {
+                Some((_, n, k)) if keep(k) => i += n,
+                _ => break,
+            }
         }
         i
     }
@@ -262,7 +285,23 @@ impl Scan<'_> {
     }
 
     /// End of the match of [`QWEN2_PATTERN`] / [`LLAMA3_PATTERN`] at `i`.
+    #[inline]
     fn cl100k(&self, i: usize, max_digits: usize) -> usize {
+        // The commonest pieces first, as the alternation below would match them: an ASCII
+        // letter starts `\p{L}+`; a space before one is the optional `[^\r\n\p{L}\p{N}]`.
+        let b = self.s.as_bytes();
+        match (b.get(i), b.get(i + 1)) {
+            (Some(c), _) if c.is_ascii_alphabetic() => return self.run(i + 1, |k| k & LETTER != 0),
+            (Some(b' '), Some(c)) if c.is_ascii_alphabetic() => {
+                return self.run(i + 2, |k| k & LETTER != 0)
+            }
+            _ => {}
+        }
+        self.cl100k_general(i, max_digits)
+    }
+
+    /// [`Scan::cl100k`] for any start.
+    fn cl100k_general(&self, i: usize, max_digits: usize) -> usize {
         let Some((c, n, k)) = self.at(i) else {
             return i;
         };

@@ -1,0 +1,194 @@
+//! Open-addressing tables keyed by short pieces (up to 15 bytes packed with their length in a
+//! `u128`): the shared table of pieces that are one vocabulary token, and the per-thread memo.
+//!
+//! A probe hashes the key with two multiplies and reads one 32-byte slot per step of a linear
+//! probe (key and value side by side, half the slots empty at most), so a hit costs one cache
+//! line; `hashbrown`'s SIMD groups and `FxHash` of a `u128` cost more for this key shape. The key
+//! of a piece inside a longer text is one unaligned 16-byte load and a mask ([`key_in`]).
+
+/// The key of a piece of at most 15 bytes: its bytes little-endian, zero-padded, with the
+/// length in the last byte (never 0 for a non-empty piece).
+#[inline]
+pub(super) fn key_of(p: &[u8]) -> Option<u128> {
+    if p.is_empty() || p.len() > 15 {
+        return None;
+    }
+    let mut b = [0u8; 16];
+    b[..p.len()].copy_from_slice(p);
+    b[15] = p.len() as u8;
+    Some(u128::from_le_bytes(b))
+}
+
+/// [`key_of`] for `text[i..j]`, reading the 16 bytes at `i` at once when the text has them.
+#[inline]
+pub(super) fn key_in(text: &[u8], i: usize, j: usize) -> Option<u128> {
+    let n = j - i;
+    if n == 0 || n > 15 {
+        return None;
+    }
+    match text.get(i..i + 16) {
+        Some(w) => {
+            let w = u128::from_le_bytes(w.try_into().expect("16 bytes"));
+            let mask = (1u128 << (8 * n)) - 1;
+            Some((w & mask) | ((n as u128) << 120))
+        }
+        None => key_of(&text[i..j]),
+    }
+}
+
+/// Ask the CPU to bring the cache line of `x` in (a hint: no effect on what the program does).
+#[inline(always)]
+pub(super) fn prefetch<T>(x: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing into the program and cannot fault; `x` is a live reference.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>((x as *const T).cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
+/// `vec![fill; n]`, on 2 MB pages where the kernel grants them (Linux transparent huge pages in
+/// `madvise` mode). A table of megabytes probed at random misses the TLB on nearly every probe
+/// with 4 kB pages, and under virtualisation each miss is a two-level page walk: it cost more
+/// than the cache miss itself (seen as stalls on the prefetches of the lookups).
+pub(crate) fn huge_vec<T: Clone>(n: usize, fill: T) -> Vec<T> {
+    const HUGE: usize = 2 << 20;
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    let bytes = n * std::mem::size_of::<T>();
+    #[cfg(target_os = "linux")]
+    if bytes >= HUGE {
+        let start = (v.as_ptr() as usize).next_multiple_of(HUGE);
+        let end = (v.as_ptr() as usize + bytes) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: [start, end) lies inside `v`'s allocation, not yet written (so its pages
+            // can be faulted in as huge ones); MADV_HUGEPAGE changes only how the kernel backs
+            // them, never their contents or validity. A refusal is harmless.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    v.resize(n, fill);
+    v
+}
+
+/// The hash of a key (its high bits index the tables).
+#[inline]
+pub(super) fn hash(k: u128) -> u64 {
+    let (lo, hi) = (k as u64, (k >> 64) as u64);
+    (lo.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ hi).wrapping_mul(0xD6E8_FEB8_6659_FD93)
+}
+
+/// A map from piece keys to `V`, growing to keep at most half its slots full.
+#[derive(Clone)]
+pub(super) struct PieceTable<V: Copy + Default> {
+    slots: Vec<(u128, V)>,
+    shift: u32,
+    len: usize,
+}
+
+impl<V: Copy + Default> Default for PieceTable<V> {
+    fn default() -> Self {
+        Self::with_capacity(0)
+    }
+}
+
+impl<V: Copy + Default> PieceTable<V> {
+    /// A table holding `n` keys without growing.
+    pub(super) fn with_capacity(n: usize) -> Self {
+        let slots = (2 * n).next_power_of_two().max(16);
+        PieceTable {
+            slots: huge_vec(slots, (0, V::default())),
+            shift: 64 - slots.trailing_zeros(),
+            len: 0,
+        }
+    }
+
+    /// Number of keys.
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline]
+    pub(super) fn get(&self, k: u128) -> Option<V> {
+        let mask = self.slots.len() - 1;
+        let mut i = (hash(k) >> self.shift) as usize;
+        loop {
+            let (key, v) = self.slots[i];
+            if key == k {
+                return Some(v);
+            }
+            if key == 0 {
+                return None;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Prefetch the first slot a lookup of `k` reads ([`prefetch`]).
+    #[inline]
+    pub(super) fn prefetch(&self, k: u128) {
+        prefetch(&self.slots[(hash(k) >> self.shift) as usize]);
+    }
+
+    /// Insert or replace the value of `k` (a key from [`key_of`], never 0).
+    pub(super) fn insert(&mut self, k: u128, v: V) {
+        debug_assert!(k != 0);
+        if 2 * (self.len + 1) > self.slots.len() {
+            let old = std::mem::replace(self, Self::with_capacity(self.slots.len()));
+            for &(key, val) in old.slots.iter().filter(|s| s.0 != 0) {
+                self.insert(key, val);
+            }
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = (hash(k) >> self.shift) as usize;
+        loop {
+            let slot = &mut self.slots[i];
+            if slot.0 == k {
+                slot.1 = v;
+                return;
+            }
+            if slot.0 == 0 {
+                *slot = (k, v);
+                self.len += 1;
+                return;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_in_text_equal_keys_of_pieces() {
+        let text = b"hello, world: a longer text than sixteen bytes";
+        for i in 0..text.len() {
+            for j in i..=text.len() {
+                assert_eq!(key_in(text, i, j), key_of(&text[i..j]), "{i}..{j}");
+            }
+        }
+        assert_eq!(key_of(b""), None);
+        assert_eq!(key_of(&[0u8; 16]), None);
+        // A piece of NUL bytes still has a non-zero key (its length).
+        assert_ne!(key_of(&[0u8; 3]), Some(0));
+        assert_ne!(key_of(b"ab"), key_of(b"ab\0"));
+    }
+
+    #[test]
+    fn table_grows_and_replaces() {
+        let mut t = PieceTable::<u32>::default();
+        for n in 0..5000u32 {
+            t.insert(key_of(n.to_string().as_bytes()).unwrap(), n);
+        }
+        t.insert(key_of(b"17").unwrap(), 99);
+        assert_eq!(t.len(), 5000);
+        assert_eq!(t.get(key_of(b"17").unwrap()), Some(99));
+        assert_eq!(t.get(key_of(b"4999").unwrap()), Some(4999));
+        assert_eq!(t.get(key_of(b"5000").unwrap()), None);
+    }
+}
