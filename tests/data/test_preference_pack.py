@@ -216,3 +216,11 @@ def test_margins_survive_shards_and_merge(tmp_path, tiny_tokenizer):
     expect = [(r % 2) * r / 4 for r in samples[:, 4]]
     assert ds.margins.tolist() == pytest.approx(expect)
     assert ds.verify()["ok"]
+
+
+def test_a_column_map_names_the_margin(tmp_path, tiny_tokenizer):
+    src = tmp_path / "scored.jsonl"
+    src.write_text(json.dumps({"question": "q", "chosen": "a", "rejected": "b", "score": 0.5}))
+    pack([src], tmp_path / "out", tokenizer=tiny_tokenizer, max_length=64, format="preference",
+         columns={"prompt": "question", "margin": "score"})  # fmt: skip
+    assert PackedDataset(tmp_path / "out").margins.tolist() == [0.5, 0.5]
