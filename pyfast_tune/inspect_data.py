@@ -149,7 +149,9 @@ def render_sample(
     # The partner comes from pairs.bin, never from the sample index's parity.
     members = np.flatnonzero(np.asarray(ds.pairs[:, 0]) == s["pair"])
     by_role = sorted(members.tolist(), key=lambda k: int(ds.pairs[k, 1]))
-    return f"pair {s['pair']}:\n" + "\n".join(_render_one(ds, tok, k, color) for k in by_role)
+    margin = "" if ds.margins is None else f" (margin {float(ds.margins[j]):g})"
+    head = f"pair {s['pair']}{margin}:\n"
+    return head + "\n".join(_render_one(ds, tok, k, color) for k in by_role)
 
 
 def _render_one(ds: PackedDataset, tok: Any, j: int, color: bool) -> str:

@@ -223,4 +223,6 @@ def test_a_column_map_names_the_margin(tmp_path, tiny_tokenizer):
     src.write_text(json.dumps({"question": "q", "chosen": "a", "rejected": "b", "score": 0.5}))
     pack([src], tmp_path / "out", tokenizer=tiny_tokenizer, max_length=64, format="preference",
          columns={"prompt": "question", "margin": "score"})  # fmt: skip
-    assert PackedDataset(tmp_path / "out").margins.tolist() == [0.5, 0.5]
+    ds = PackedDataset(tmp_path / "out")
+    assert ds.margins.tolist() == [0.5, 0.5]
+    assert render_sample(ds, 1).startswith("pair 0 (margin 0.5):")  # inspect shows it
