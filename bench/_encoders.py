@@ -98,6 +98,8 @@ def build_gigatoken(tok_dir: Path):
 
 
 def _gigatoken_batch(enc, texts: list[str], threads: int) -> list[list[int]]:
+    if not hasattr(enc, "encode_batch"):  # 0.10's HFCompat: transformers' __call__ only
+        return _ids(enc(texts, add_special_tokens=False)["input_ids"])
     try:
         return _ids(enc.encode_batch(texts, add_special_tokens=False))
     except TypeError:  # a compatibility layer without the keyword: no special tokens either way

@@ -70,7 +70,10 @@ M = 1e6
 
 def texts_of(path: Path) -> list[str]:
     out = []
-    for line in path.read_text().splitlines():
+    # Lines end at "\n" only: str.splitlines() would also cut at U+2028 inside JSON strings.
+    for line in path.read_text().split("\n"):
+        if not line.strip():
+            continue
         rec = json.loads(line)
         if "messages" in rec:
             out.extend(m["content"] for m in rec["messages"])
