@@ -66,6 +66,91 @@ pub fn plan_packs(lengths: &[u32], capacity: u32, seed: u64) -> Result<Vec<Vec<u
     Ok(packs)
 }
 
+/// [`plan_packs`] in a flat form, for plans of billions of samples: the samples of every
+/// pack in training order, one after another, and where each pack starts in that list (one
+/// more entry than packs). The same plan, in 4 bytes per sample (plus the planner's order
+/// and each sample's pack while it runs, 8 more) instead of a vector per pack.
+pub fn plan_packs_flat(
+    lengths: &[u32],
+    capacity: u32,
+    seed: u64,
+) -> Result<(Vec<u32>, Vec<u64>), String> {
+    if capacity == 0 {
+        return Err("capacity (max_length) must be positive".into());
+    }
+    if let Some((i, &l)) = lengths
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l == 0 || l > capacity)
+    {
+        return Err(format!("sample {i} has length {l}, outside 1..={capacity}"));
+    }
+    let mut order: Vec<u32> = (0..lengths.len() as u32).collect();
+    SplitMix64::new(seed, STREAM_TIES).shuffle(&mut order);
+    order.sort_by_key(|&i| std::cmp::Reverse(lengths[i as usize]));
+
+    // Best-fit decreasing as plan_packs, recording each sample's pack.
+    let mut pack_of = vec![0u32; lengths.len()];
+    let mut npacks = 0u32;
+    let mut by_room: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for &s in &order {
+        let len = lengths[s as usize];
+        let best = by_room
+            .range_mut(len..)
+            .next()
+            .map(|(&room, ids)| (room, ids.pop().unwrap()));
+        let (pack, room) = match best {
+            Some((room, pack)) => {
+                if by_room.get(&room).is_some_and(Vec::is_empty) {
+                    by_room.remove(&room);
+                }
+                (pack, room)
+            }
+            None => {
+                npacks += 1;
+                (npacks - 1, capacity)
+            }
+        };
+        pack_of[s as usize] = pack;
+        let left = room - len;
+        if left > 0 {
+            by_room.entry(left).or_default().push(pack);
+        }
+    }
+    // Members of each pack in the order they were placed (plan_packs pushes them so): a
+    // counting sort of `order` by pack, which keeps that order within a pack.
+    let mut start = vec![0u64; npacks as usize + 1];
+    for &p in &pack_of {
+        start[p as usize + 1] += 1;
+    }
+    for k in 0..npacks as usize {
+        start[k + 1] += start[k];
+    }
+    let mut placed = vec![0u32; lengths.len()];
+    let mut next = start.clone();
+    for &s in &order {
+        let p = pack_of[s as usize] as usize;
+        placed[next[p] as usize] = s;
+        next[p] += 1;
+    }
+    drop((order, pack_of, next));
+    // The packs' shuffle (the same permutation as on a vector of packs: it depends on the
+    // length only), then each pack's own shuffle in the new order, from the same streams.
+    let mut packs: Vec<u32> = (0..npacks).collect();
+    SplitMix64::new(seed, STREAM_PACKS).shuffle(&mut packs);
+    let mut rng = SplitMix64::new(seed, STREAM_WITHIN);
+    let mut flat = Vec::with_capacity(lengths.len());
+    let mut bounds = Vec::with_capacity(npacks as usize + 1);
+    bounds.push(0u64);
+    for &p in &packs {
+        let from = flat.len();
+        flat.extend_from_slice(&placed[start[p as usize] as usize..start[p as usize + 1] as usize]);
+        rng.shuffle(&mut flat[from..]);
+        bounds.push(flat.len() as u64);
+    }
+    Ok((flat, bounds))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +182,14 @@ mod tests {
             let packs = plan_packs(&lengths, cap, seed).unwrap();
             check(&lengths, cap, &packs);
             prop_assert_eq!(&packs, &plan_packs(&lengths, cap, seed).unwrap());
+        }
+
+        #[test]
+        fn flat_plan_is_the_same_plan(lengths in prop::collection::vec(1u32..=300, 0..400), cap in 300u32..1000, seed: u64) {
+            let packs = plan_packs(&lengths, cap, seed).unwrap();
+            let (flat, bounds) = plan_packs_flat(&lengths, cap, seed).unwrap();
+            let again: Vec<Vec<u32>> = bounds.windows(2).map(|w| flat[w[0] as usize..w[1] as usize].to_vec()).collect();
+            prop_assert_eq!(packs, again);
         }
 
         #[test]

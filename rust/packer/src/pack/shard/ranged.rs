@@ -12,9 +12,9 @@
 //! folds those into the two files' hashes, writes `meta.json` and commits the directory: the
 //! same bytes as the serial merge, with no process copying every token.
 //!
-//! Plan memory: 4 bytes of length per sample, and at the peak, while best-fit decreasing
-//! runs, its order (4 per sample) and the packs (4 per sample and ~56 per pack); then the
-//! flat plan (4 per sample) and each sample's pack and offset in it (8 per sample).
+//! Plan memory: 4 bytes of length per sample, and at the peak 12 more while best-fit
+//! decreasing runs (its order, each sample's pack, the packs' members: [`plan_packs_flat`])
+//! plus 16 per pack; then the flat plan and each sample's pack and offset in it (12).
 //! Runs with a mix, preference pairs or images take the serial merge (their choices and
 //! side tables are planned from records, not lengths).
 
@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 
 use super::{check_parts, join_file_entries, load_doc, merge, part_of, read_samples};
 use crate::error::{Error, Result};
-use crate::pack::binpack::plan_packs;
+use crate::pack::binpack::plan_packs_flat;
 use crate::pack::fingerprint::hash_value;
 use crate::pack::stage::{MAX_SKIP_EXAMPLES, STAGE_IDS, STAGE_MASK};
 use crate::pack::stats::{PackStats, Progress};
@@ -174,17 +174,9 @@ pub fn plan(
         });
     }
     let tokens = *part_bases.last().unwrap_or(&0);
-    let packs =
-        plan_packs(&lengths, header.max_length as u32, header.seed).map_err(Error::Internal)?;
-    // One flat list (4 bytes per sample), each pack's own vector freed as it is copied.
-    let npacks = packs.len();
-    let mut flat: Vec<u32> = Vec::with_capacity(lengths.len());
-    let mut bounds: Vec<u64> = Vec::with_capacity(npacks + 1);
-    bounds.push(0);
-    for p in packs {
-        flat.extend_from_slice(&p);
-        bounds.push(flat.len() as u64);
-    }
+    let (flat, bounds) = plan_packs_flat(&lengths, header.max_length as u32, header.seed)
+        .map_err(Error::Internal)?;
+    let npacks = bounds.len() - 1;
 
     let staging = StagingDir::new(out_dir)?;
     let dir = staging.dir.clone();
