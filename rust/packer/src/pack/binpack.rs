@@ -123,8 +123,10 @@ pub fn plan_packs_flat(
     for &p in &pack_of {
         start[p as usize + 1] += 1;
     }
-    for k in 0..npacks as usize {
-        start[k + 1] += start[k];
+    let mut sum = 0;
+    for x in start.iter_mut() {
+        sum += *x;
+        *x = sum;
     }
     let mut placed = vec![0u32; lengths.len()];
     let mut next = start.clone();
