@@ -34,7 +34,9 @@ use std::hash::BuildHasher;
 use std::marker::PhantomData;
 
 use hashbrown::HashTable;
-use rustc_hash::{FxBuildHasher, FxHashMap};
+use rustc_hash::FxBuildHasher;
+
+use super::piece_table::PairTable;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
@@ -231,7 +233,7 @@ fn pair_key(a: u32, b: u32) -> u64 {
 /// vocabulary; "a b" strings and [a, b] pairs cannot be mixed.
 #[derive(Default)]
 pub(super) struct MergeMap {
-    map: FxHashMap<u64, (u32, u32)>,
+    map: PairTable,
     rank: u32,
     lines: bool,
     pairs: bool,
@@ -244,10 +246,7 @@ pub(super) struct MergeMap {
 impl MergeMap {
     /// A merge map from (pair key, (rank, merged id)) entries, as [`BpeModel::tables`] gives
     /// them.
-    pub(super) fn from_entries(
-        map: FxHashMap<u64, (u32, u32)>,
-        joins_across_metaspace: bool,
-    ) -> Self {
+    pub(super) fn from_entries(map: PairTable, joins_across_metaspace: bool) -> Self {
         MergeMap {
             map,
             joins_across_metaspace,
@@ -289,6 +288,9 @@ impl MergeMap {
         self.joined.push_str(b);
         let key = pair_key(id(a)?, id(b)?);
         let new = id(&self.joined)?;
+        if key == u64::MAX {
+            return Err("merge of two tokens with id 4294967295".into());
+        }
         self.map.insert(key, (self.rank, new));
         self.rank += 1;
         Ok(())
@@ -322,8 +324,10 @@ impl<'de: 'a, 'a> Visitor<'de> for MergesSeed<'_, 'a> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         match self.vocab {
             Some(vocab) => {
-                let mut m = MergeMap::default();
-                m.map.reserve(1 << 16);
+                let mut m = MergeMap {
+                    map: PairTable::with_capacity(1 << 16),
+                    ..MergeMap::default()
+                };
                 while let Some(item) = seq.next_element::<MergeItem<'a>>()? {
                     m.add(vocab, &item).map_err(de::Error::custom)?;
                 }
@@ -458,7 +462,7 @@ pub struct BpeModel {
     /// Token → id (the whole vocabulary, for `token_to_id` and `ignore_merges`).
     vocab: Vocab,
     /// (left id, right id) → (rank, merged id).
-    merges: FxHashMap<u64, (u32, u32)>,
+    merges: PairTable,
     alphabet: Alphabet,
     /// [`Alphabet::ByteLevel`]: each byte's unit. [`Alphabet::Chars`]: each ASCII char's.
     byte_unit: [Unit; 256],
@@ -564,7 +568,7 @@ impl BpeModel {
         });
         let mut model = BpeModel {
             vocab,
-            merges: FxHashMap::default(),
+            merges: PairTable::default(),
             alphabet,
             byte_unit: [Unit::Unknown; 256],
             fallback,
@@ -618,7 +622,7 @@ impl BpeModel {
 
     /// The vocabulary, the merges ((left id, right id) key → (rank, merged id)) and whether a
     /// merge joins across `▁`: what the compiled cache keeps ([`MergeMap::from_entries`]).
-    pub(super) fn tables(&self) -> (&Vocab, &FxHashMap<u64, (u32, u32)>, bool) {
+    pub(super) fn tables(&self) -> (&Vocab, &PairTable, bool) {
         (&self.vocab, &self.merges, self.joins_across_metaspace)
     }
 
@@ -809,7 +813,7 @@ impl BpeModel {
         prev.extend((0..n as u32).map(|i| i.wrapping_sub(1)));
         next.extend((1..=n as u32).map(|i| if i as usize == n { NONE } else { i }));
         for i in 0..n - 1 {
-            if let Some(&(rank, new)) = self.merges.get(&pair_key(ids[i], ids[i + 1])) {
+            if let Some((rank, new)) = self.merges.get(pair_key(ids[i], ids[i + 1])) {
                 heap.push(Reverse((rank, i as u32, new)));
             }
         }
@@ -819,8 +823,8 @@ impl BpeModel {
                 continue;
             }
             let r = next[p] as usize;
-            match self.merges.get(&pair_key(ids[p], ids[r])) {
-                Some(&(_, id)) if id == new => {}
+            match self.merges.get(pair_key(ids[p], ids[r])) {
+                Some((_, id)) if id == new => {}
                 _ => continue,
             }
             ids[p] = new;
@@ -831,13 +835,13 @@ impl BpeModel {
             }
             if prev[p] != NONE {
                 let q = prev[p] as usize;
-                if let Some(&(rank, id)) = self.merges.get(&pair_key(ids[q], ids[p])) {
+                if let Some((rank, id)) = self.merges.get(pair_key(ids[q], ids[p])) {
                     heap.push(Reverse((rank, q as u32, id)));
                 }
             }
             if next[p] != NONE {
                 let s = next[p] as usize;
-                if let Some(&(rank, id)) = self.merges.get(&pair_key(ids[p], ids[s])) {
+                if let Some((rank, id)) = self.merges.get(pair_key(ids[p], ids[s])) {
                     heap.push(Reverse((rank, pos, id)));
                 }
             }

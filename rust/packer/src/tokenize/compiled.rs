@@ -12,13 +12,11 @@
 
 use std::path::PathBuf;
 
-use rustc_hash::FxHashMap;
-
 use super::bpe::{MergeMap, Vocab};
-use super::piece_table::PieceTable;
+use super::piece_table::{PairTable, PieceTable};
 
 /// Bumped whenever the layout, or what a table holds, changes.
-const MAGIC: &[u8; 8] = b"PFTBPE01";
+const MAGIC: &[u8; 8] = b"PFTBPE02";
 
 /// What the cache holds for one `tokenizer.json`.
 pub(super) struct Compiled {
@@ -64,9 +62,12 @@ pub(super) fn read(path: &std::path::Path) -> Option<Compiled> {
     )?;
     let joins = r.u32()? != 0;
     let n = r.u32()? as usize;
-    let mut map = FxHashMap::with_capacity_and_hasher(n, Default::default());
+    let mut map = PairTable::with_capacity(n);
     for e in r.take(n.checked_mul(16)?)?.chunks_exact(16) {
         let key = u64::from_le_bytes(e[..8].try_into().ok()?);
+        if key == u64::MAX {
+            return None;
+        }
         map.insert(key, (le32(&e[8..12]), le32(&e[12..])));
     }
     let n = r.u32()? as usize;
@@ -89,7 +90,7 @@ pub(super) fn read(path: &std::path::Path) -> Option<Compiled> {
 pub(super) fn write(
     path: &std::path::Path,
     vocab: &Vocab,
-    merges: &FxHashMap<u64, (u32, u32)>,
+    merges: &PairTable,
     joins_across_metaspace: bool,
     direct: &[(u128, u32)],
 ) {
@@ -107,7 +108,7 @@ pub(super) fn write(
     }
     out.extend_from_slice(&u32::from(joins_across_metaspace).to_le_bytes());
     out.extend_from_slice(&(merges.len() as u32).to_le_bytes());
-    for (&key, &(rank, id)) in merges {
+    for (key, (rank, id)) in merges.iter() {
         out.extend_from_slice(&key.to_le_bytes());
         out.extend_from_slice(&rank.to_le_bytes());
         out.extend_from_slice(&id.to_le_bytes());

@@ -160,6 +160,98 @@ impl<V: Copy + Default> PieceTable<V> {
     }
 }
 
+/// A map from a pair of token ids (`left << 32 | right`) to (merge rank, merged id): the BPE
+/// merges, probed for every adjacent pair of a piece being merged. One 16-byte slot holds key
+/// and value (four to a cache line), on huge pages, at most three quarters full.
+#[derive(Clone)]
+pub(crate) struct PairTable {
+    slots: Vec<(u64, u32, u32)>,
+    shift: u32,
+    len: usize,
+}
+
+/// The key no pair has: ids are below `u32::MAX`.
+const NO_PAIR: u64 = u64::MAX;
+
+impl Default for PairTable {
+    fn default() -> Self {
+        Self::with_capacity(0)
+    }
+}
+
+impl PairTable {
+    /// A table holding `n` pairs without growing.
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        let slots = (n * 4 / 3 + 1).next_power_of_two().max(16);
+        PairTable {
+            slots: huge_vec(slots, (NO_PAIR, 0, 0)),
+            shift: 64 - slots.trailing_zeros(),
+            len: 0,
+        }
+    }
+
+    /// Number of pairs.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline]
+    fn slot(&self, k: u64) -> usize {
+        (k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize
+    }
+
+    /// (rank, merged id) of pair `k`.
+    #[inline]
+    pub(crate) fn get(&self, k: u64) -> Option<(u32, u32)> {
+        let mask = self.slots.len() - 1;
+        let mut i = self.slot(k);
+        loop {
+            let (key, rank, id) = self.slots[i];
+            if key == k {
+                return Some((rank, id));
+            }
+            if key == NO_PAIR {
+                return None;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Insert or replace (a pair listed twice keeps its later rank, as `tokenizers` does).
+    pub(crate) fn insert(&mut self, k: u64, v: (u32, u32)) {
+        assert!(k != NO_PAIR, "token ids are below u32::MAX");
+        if 4 * (self.len + 1) > 3 * self.slots.len() {
+            let old = std::mem::replace(self, Self::with_capacity(2 * self.len + 2));
+            for &(key, rank, id) in old.slots.iter().filter(|s| s.0 != NO_PAIR) {
+                self.insert(key, (rank, id));
+            }
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.slot(k);
+        loop {
+            let slot = &mut self.slots[i];
+            if slot.0 == k {
+                (slot.1, slot.2) = v;
+                return;
+            }
+            if slot.0 == NO_PAIR {
+                *slot = (k, v.0, v.1);
+                self.len += 1;
+                return;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Every (pair, (rank, merged id)), in slot order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, (u32, u32))> + '_ {
+        self.slots
+            .iter()
+            .filter(|s| s.0 != NO_PAIR)
+            .map(|&(k, rank, id)| (k, (rank, id)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +269,21 @@ mod tests {
         // A piece of NUL bytes still has a non-zero key (its length).
         assert_ne!(key_of(&[0u8; 3]), Some(0));
         assert_ne!(key_of(b"ab"), key_of(b"ab\0"));
+    }
+
+    #[test]
+    fn pair_table_grows_and_replaces() {
+        let mut t = PairTable::default();
+        for n in 0..5000u64 {
+            t.insert(n << 32 | (n * 7), (n as u32, 1));
+        }
+        t.insert(3 << 32 | 21, (9, 9));
+        assert_eq!(t.len(), 5000);
+        assert_eq!(t.get(3 << 32 | 21), Some((9, 9)));
+        assert_eq!(t.get(0), Some((0, 1)));
+        assert_eq!(t.get(4999 << 32 | (4999 * 7)), Some((4999, 1)));
+        assert_eq!(t.get(1), None);
+        assert_eq!(t.iter().count(), 5000);
     }
 
     #[test]
