@@ -24,6 +24,7 @@ use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use blake3::hazmat::HasherExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -44,6 +45,8 @@ const PLAN_JSON: &str = "plan.json";
 /// end), length: `<u8 <u8 <u4 <u4(0)`.
 const COPY: &str = "copy.bin";
 const COPY_ROW: u64 = 24;
+/// Tokens copied, written and hashed at a time by a range writer.
+const CHUNK_TOKENS: u64 = 1 << 16;
 /// Write buffers of the plan step (its fixed memory).
 const BUF: usize = 1 << 18;
 /// Default block: 4 Mi tokens (16 MiB of ids, 4 MiB of mask per block).
@@ -429,56 +432,69 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
     let mut rows = copy_rows_from(&staging.join(PLAN_DIR).join(COPY), t0)?.peekable();
     let mut out = RangeHashes::default();
     let (mut ids, mut mask) = (Vec::new(), Vec::new());
+    // Each block is filled, written and hashed a chunk at a time, so the bytes are still in
+    // cache when they are hashed (a whole 16 MiB block went through memory three times).
     let mut b0 = t0;
     while b0 < t1 {
         let b1 = (b0 + plan.block_tokens).min(t1);
-        ids.clear();
-        mask.clear();
-        ids.resize(4 * (b1 - b0) as usize, 0);
-        mask.resize((b1 - b0) as usize, 0);
-        while let Some(row) = rows.peek() {
-            let &(dst, src, len) = row.as_ref().map_err(|e| Error::Internal(e.to_string()))?;
-            let (lo, hi) = (dst.max(b0), (dst + len as u64).min(b1));
-            if lo >= b1 {
-                break;
-            }
-            if lo < hi {
-                let p = plan.part_bases.partition_point(|&b| b <= src) - 1;
-                let dir = &plan.parts[p];
-                if sources[p].is_none() {
-                    let open =
-                        |n: &str| File::open(dir.join(n)).map_err(|e| Error::io(dir.join(n), e));
-                    sources[p] = Some((open(STAGE_IDS)?, open(STAGE_MASK)?));
-                }
-                let (f_ids, f_mask) = sources[p].as_ref().expect("opened above");
-                let at = src - plan.part_bases[p] + (lo - dst);
-                let (a, b) = ((lo - b0) as usize, (hi - b0) as usize);
-                f_ids
-                    .read_exact_at(&mut ids[4 * a..4 * b], 4 * at)
-                    .map_err(|e| Error::io(dir.join(STAGE_IDS), e))?;
-                f_mask
-                    .read_exact_at(&mut mask[a..b], at)
-                    .map_err(|e| Error::io(dir.join(STAGE_MASK), e))?;
-            }
-            if dst + len as u64 > b1 {
-                break; // the sample goes on in the next block
-            }
-            rows.next();
+        let (mut h_ids, mut h_mask) = (blake3::Hasher::new(), blake3::Hasher::new());
+        if !single {
+            h_ids.set_input_offset(4 * b0);
+            h_mask.set_input_offset(b0);
         }
-        out_ids
-            .write_all_at(&ids, 4 * b0)
-            .map_err(|e| Error::io(&ids_path, e))?;
-        out_mask
-            .write_all_at(&mask, b0)
-            .map_err(|e| Error::io(&mask_path, e))?;
+        let mut c0 = b0;
+        while c0 < b1 {
+            let c1 = (c0 + CHUNK_TOKENS).min(b1);
+            ids.clear();
+            mask.clear();
+            ids.resize(4 * (c1 - c0) as usize, 0);
+            mask.resize((c1 - c0) as usize, 0);
+            while let Some(row) = rows.peek() {
+                let &(dst, src, len) = row.as_ref().map_err(|e| Error::Internal(e.to_string()))?;
+                let (lo, hi) = (dst.max(c0), (dst + len as u64).min(c1));
+                if lo >= c1 {
+                    break;
+                }
+                if lo < hi {
+                    let p = plan.part_bases.partition_point(|&b| b <= src) - 1;
+                    let dir = &plan.parts[p];
+                    if sources[p].is_none() {
+                        let open = |n: &str| {
+                            File::open(dir.join(n)).map_err(|e| Error::io(dir.join(n), e))
+                        };
+                        sources[p] = Some((open(STAGE_IDS)?, open(STAGE_MASK)?));
+                    }
+                    let (f_ids, f_mask) = sources[p].as_ref().expect("opened above");
+                    let at = src - plan.part_bases[p] + (lo - dst);
+                    let (a, b) = ((lo - c0) as usize, (hi - c0) as usize);
+                    f_ids
+                        .read_exact_at(&mut ids[4 * a..4 * b], 4 * at)
+                        .map_err(|e| Error::io(dir.join(STAGE_IDS), e))?;
+                    f_mask
+                        .read_exact_at(&mut mask[a..b], at)
+                        .map_err(|e| Error::io(dir.join(STAGE_MASK), e))?;
+                }
+                if dst + len as u64 > c1 {
+                    break; // the sample goes on in the next chunk
+                }
+                rows.next();
+            }
+            out_ids
+                .write_all_at(&ids, 4 * c0)
+                .map_err(|e| Error::io(&ids_path, e))?;
+            out_mask
+                .write_all_at(&mask, c0)
+                .map_err(|e| Error::io(&mask_path, e))?;
+            h_ids.update(&ids);
+            h_mask.update(&mask);
+            c0 = c1;
+        }
         if single {
-            out.ids.push(blake3::hash(&ids).to_hex().to_string());
-            out.mask.push(blake3::hash(&mask).to_hex().to_string());
+            out.ids.push(h_ids.finalize().to_hex().to_string());
+            out.mask.push(h_mask.finalize().to_hex().to_string());
         } else {
-            out.ids
-                .push(treehash::to_hex(&treehash::block_cv(4 * b0, &ids)));
-            out.mask
-                .push(treehash::to_hex(&treehash::block_cv(b0, &mask)));
+            out.ids.push(treehash::to_hex(&h_ids.finalize_non_root()));
+            out.mask.push(treehash::to_hex(&h_mask.finalize_non_root()));
         }
         b0 = b1;
     }
