@@ -7,6 +7,7 @@
 pub(crate) mod binpack;
 pub(crate) mod fingerprint;
 pub(crate) mod image;
+pub(crate) mod image_check;
 pub(crate) mod mix;
 pub(crate) mod pair;
 pub(crate) mod rng;

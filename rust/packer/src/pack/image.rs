@@ -1,60 +1,14 @@
 //! LLaVA images in packing: each `<image>` token ([`IMAGE_TOKEN_ID`]) becomes `image_tokens`
 //! patch embeddings at training time, so a sample's length in a pack is its text length plus
-//! `image_tokens - 1` per image. With `image_tokens` set, every image must exist and be
-//! readable when packing (a bad one is a record error, skippable with `--skip-bad`).
+//! `image_tokens - 1` per image ([`expanded_lengths`]), and each image's position is read
+//! from the staged ids ([`positions`]). The per-record checks are in [`super::image_check`].
 
-use std::io::Read as _;
 use std::os::unix::fs::FileExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::config::PackConfig;
 use crate::error::{Error, Result};
 use crate::pack::stage::{StagedSample, STAGE_IDS};
 use crate::template::encode::IMAGE_TOKEN_ID;
-
-/// Where a record's image path points: under `image_folder` when given (XTuner's
-/// `os.path.join(image_folder, image)`), else beside the data file holding the record.
-pub(crate) fn resolve(cfg: &PackConfig, data_file: &Path, image: &str) -> PathBuf {
-    match &cfg.image_folder {
-        Some(folder) => folder.join(image),
-        None => data_file.parent().unwrap_or(Path::new("")).join(image),
-    }
-}
-
-/// With `image_tokens`: the image path to record for a sample (resolved), after checking
-/// that the sample's `<image>` tokens match its image and that the file can be read.
-/// Without it, the record's path as given, unchecked (text-only LLaVA packing, as before).
-pub(crate) fn check_sample(
-    cfg: &PackConfig,
-    data_file: &Path,
-    ids: &[u32],
-    image: Option<String>,
-) -> std::result::Result<Option<String>, String> {
-    if cfg.image_tokens == 0 && cfg.image_folder.is_none() {
-        return Ok(image);
-    }
-    let count = ids.iter().filter(|&&t| t == IMAGE_TOKEN_ID).count();
-    let Some(image) = image else {
-        if count > 0 {
-            return Err("the text has <image> but the record has no \"image\"".into());
-        }
-        return Ok(None);
-    };
-    if count != 1 {
-        return Err(format!(
-            "image {image:?}: expected one <image> in the kept text, found {count} (a \
-             record's image goes where its <image> is; truncation may have cut it)"
-        ));
-    }
-    let path = resolve(cfg, data_file, &image);
-    let mut head = [0u8; 1];
-    let read = std::fs::File::open(&path).and_then(|mut f| f.read(&mut head));
-    match read {
-        Ok(0) => Err(format!("image {}: empty file", path.display())),
-        Ok(_) => Ok(Some(path.to_string_lossy().into_owned())),
-        Err(e) => Err(format!("image {}: {e}", path.display())),
-    }
-}
 
 /// Each staged sample's length in training tokens: text length plus `image_tokens - 1` per
 /// image (`images` lists staged indices with an image; one `<image>` each, as checked).
@@ -125,33 +79,5 @@ mod tests {
             assert!(total <= 17, "{p:?}");
         }
         assert_eq!(expanded_lengths(&s, &[0, 2], 0), vec![5, 5, 5, 5]);
-    }
-
-    #[test]
-    fn image_checks_name_the_problem() {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data.json");
-        std::fs::write(dir.path().join("a.png"), b"\x89PNG").unwrap();
-        std::fs::write(dir.path().join("empty.png"), b"").unwrap();
-        let cfg = PackConfig {
-            image_tokens: 4,
-            ..PackConfig::default()
-        };
-        let with = [1, IMAGE_TOKEN_ID, 2];
-        let ok = check_sample(&cfg, &data, &with, Some("a.png".into())).unwrap();
-        assert_eq!(ok, Some(dir.path().join("a.png").to_string_lossy().into()));
-        let e = check_sample(&cfg, &data, &with, Some("no.png".into())).unwrap_err();
-        assert!(e.contains("no.png"), "{e}");
-        let e = check_sample(&cfg, &data, &with, Some("empty.png".into())).unwrap_err();
-        assert!(e.contains("empty file"), "{e}");
-        let e = check_sample(&cfg, &data, &[1, 2], Some("a.png".into())).unwrap_err();
-        assert!(e.contains("found 0"), "{e}");
-        let e = check_sample(&cfg, &data, &with, None).unwrap_err();
-        assert!(e.contains("no \"image\""), "{e}");
-        assert_eq!(check_sample(&cfg, &data, &[1, 2], None).unwrap(), None);
-        // without image_tokens: the path as given, unchecked
-        let off = PackConfig::default();
-        let raw = check_sample(&off, &data, &[1, 2], Some("no.png".into())).unwrap();
-        assert_eq!(raw.as_deref(), Some("no.png"));
     }
 }

@@ -629,7 +629,7 @@ fn encode_json_file(
         for (rec, res) in batch.iter().zip(results) {
             match res {
                 Ok(Some(RecordOut::Sample(enc, raw_len, image))) => {
-                    match crate::pack::image::check_sample(cfg, &file.path, &enc.ids, image) {
+                    match crate::pack::image_check::check_sample(cfg, &file.path, &enc.ids, image) {
                         Ok(image) => st.take(enc, raw_len, fi, rec.index, image)?,
                         Err(msg) => {
                             st.part.stats.skipped_records += 1;
