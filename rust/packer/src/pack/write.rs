@@ -211,27 +211,7 @@ pub(crate) fn finish(
         crate::packed_dir::verify::samples_in_several_packs(&packs, lengths.len());
     let planned_tokens: u64 = planned.iter().map(|&l| l as u64).sum();
     stats.fill = planned_tokens as f64 / (packs.len() as f64 * capacity as f64);
-    let mut fp_inputs = header.fingerprint_base.clone();
-    fp_inputs["inputs"] = Value::Array(file_entries);
-    stats.fingerprint = hash_value(&fp_inputs);
-    let mut meta = json!({
-        "format_version": layout::FORMAT_VERSION,
-        "tool": "pyfast-tune",
-        "tool_version": env!("CARGO_PKG_VERSION"),
-        "fingerprint": stats.fingerprint,
-        "fingerprint_inputs": fp_inputs,
-        "max_length": header.max_length,
-        "format": header.format,
-        "template": header.template,
-        "seed": header.seed,
-        "tokenizer": header.tokenizer,
-        "files": file_table,
-        "stats": stats_for_meta(&stats),
-        "num_samples": stats.samples,
-        "num_packs": stats.packs,
-        "num_tokens": stats.tokens,
-        "outputs": outputs,
-    });
+    let mut meta = meta_json(header, &mut stats, file_entries, file_table, outputs);
     if header.image_tokens > 0 {
         meta["image_tokens"] = json!(header.image_tokens);
         meta["pack_length"] = json!(capacity);
@@ -239,9 +219,6 @@ pub(crate) fn finish(
     }
     if !header.mix.is_empty() {
         meta["mix"] = serde_json::to_value(&stats.mix).unwrap_or(Value::Null);
-    }
-    if let Some(sources) = fp_inputs.get("sources") {
-        meta["sources"] = sources.clone();
     }
     let meta_path = staging.dir.join(layout::META);
     let mut f = std::fs::File::create(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
@@ -314,6 +291,43 @@ fn plan_pair_packs(
                 .collect()
         })
         .collect())
+}
+
+/// meta.json of a finished directory (both writers': one `pack`, and the ranged merge): the
+/// fingerprint of `file_entries` (set in `stats` too), the run's settings, the statistics
+/// without wall-clock figures and the outputs' sizes and hashes.
+pub(crate) fn meta_json(
+    header: &Header,
+    stats: &mut PackStats,
+    file_entries: Vec<Value>,
+    file_table: Vec<Value>,
+    outputs: serde_json::Map<String, Value>,
+) -> Value {
+    let mut fp_inputs = header.fingerprint_base.clone();
+    fp_inputs["inputs"] = Value::Array(file_entries);
+    stats.fingerprint = hash_value(&fp_inputs);
+    let mut meta = json!({
+        "format_version": layout::FORMAT_VERSION,
+        "tool": "pyfast-tune",
+        "tool_version": env!("CARGO_PKG_VERSION"),
+        "fingerprint": stats.fingerprint,
+        "fingerprint_inputs": fp_inputs,
+        "max_length": header.max_length,
+        "format": header.format,
+        "template": header.template,
+        "seed": header.seed,
+        "tokenizer": header.tokenizer,
+        "files": file_table,
+        "stats": stats_for_meta(stats),
+        "num_samples": stats.samples,
+        "num_packs": stats.packs,
+        "num_tokens": stats.tokens,
+        "outputs": outputs,
+    });
+    if let Some(sources) = meta["fingerprint_inputs"].get("sources").cloned() {
+        meta["sources"] = sources;
+    }
+    meta
 }
 
 /// Statistics as stored in meta.json: without wall-clock figures, so the directory's bytes

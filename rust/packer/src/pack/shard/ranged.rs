@@ -31,7 +31,6 @@ use serde_json::{json, Value};
 use super::{check_parts, join_file_entries, load_doc, merge, part_of, read_samples};
 use crate::error::{Error, Result};
 use crate::pack::binpack::plan_packs_flat;
-use crate::pack::fingerprint::hash_value;
 use crate::pack::stage::{MAX_SKIP_EXAMPLES, STAGE_IDS, STAGE_MASK};
 use crate::pack::stats::{PackStats, Progress};
 use crate::packed_dir::atomic::{HashedWriter, StagingDir};
@@ -287,30 +286,8 @@ pub fn plan(
     stats.packs = npacks as u64;
     stats.split_samples = split;
     stats.fill = tokens as f64 / (npacks as f64 * header.max_length as f64);
-    let mut fp_inputs = header.fingerprint_base.clone();
-    fp_inputs["inputs"] = Value::Array(file_entries);
-    stats.fingerprint = hash_value(&fp_inputs);
-    let mut meta = json!({
-        "format_version": layout::FORMAT_VERSION,
-        "tool": "pyfast-tune",
-        "tool_version": env!("CARGO_PKG_VERSION"),
-        "fingerprint": stats.fingerprint,
-        "fingerprint_inputs": fp_inputs,
-        "max_length": header.max_length,
-        "format": header.format,
-        "template": header.template,
-        "seed": header.seed,
-        "tokenizer": header.tokenizer,
-        "files": file_table,
-        "stats": crate::pack::write::stats_for_meta(&stats),
-        "num_samples": stats.samples,
-        "num_packs": stats.packs,
-        "num_tokens": stats.tokens,
-        "outputs": outputs,
-    });
-    if let Some(sources) = fp_inputs.get("sources") {
-        meta["sources"] = sources.clone();
-    }
+    let meta =
+        crate::pack::write::meta_json(&header, &mut stats, file_entries, file_table, outputs);
     let nblocks = tokens.div_ceil(block_tokens);
     let r = (max_ranges.max(1) as u64).min(nblocks);
     let ranges = (0..r)
