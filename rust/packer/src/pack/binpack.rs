@@ -13,68 +13,15 @@ const STREAM_TIES: u64 = 1;
 const STREAM_PACKS: u64 = 2;
 const STREAM_WITHIN: u64 = 3;
 
-/// Assign every sample (by index into `lengths`) to exactly one pack of at most `capacity`
-/// tokens. Returns the packs in training order, each listing its samples in token order.
-/// Fails (never panics) when a sample is empty or longer than `capacity`.
-pub fn plan_packs(lengths: &[u32], capacity: u32, seed: u64) -> Result<Vec<Vec<u32>>, String> {
-    if capacity == 0 {
-        return Err("capacity (max_length) must be positive".into());
-    }
-    if let Some((i, &l)) = lengths
-        .iter()
-        .enumerate()
-        .find(|(_, &l)| l == 0 || l > capacity)
-    {
-        return Err(format!("sample {i} has length {l}, outside 1..={capacity}"));
-    }
-    let mut order: Vec<u32> = (0..lengths.len() as u32).collect();
-    SplitMix64::new(seed, STREAM_TIES).shuffle(&mut order);
-    order.sort_by_key(|&i| std::cmp::Reverse(lengths[i as usize]));
-
-    let mut packs: Vec<Vec<u32>> = Vec::new();
-    // remaining capacity -> packs with exactly that much room (full packs are not tracked)
-    let mut by_room: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-    for &s in &order {
-        let len = lengths[s as usize];
-        let best = by_room
-            .range_mut(len..)
-            .next()
-            .map(|(&room, ids)| (room, ids.pop().unwrap()));
-        let (pack, room) = match best {
-            Some((room, pack)) => {
-                if by_room.get(&room).is_some_and(Vec::is_empty) {
-                    by_room.remove(&room);
-                }
-                (pack, room)
-            }
-            None => {
-                packs.push(Vec::new());
-                ((packs.len() - 1) as u32, capacity)
-            }
-        };
-        packs[pack as usize].push(s);
-        let left = room - len;
-        if left > 0 {
-            by_room.entry(left).or_default().push(pack);
-        }
-    }
-    SplitMix64::new(seed, STREAM_PACKS).shuffle(&mut packs);
-    let mut rng = SplitMix64::new(seed, STREAM_WITHIN);
-    for p in &mut packs {
-        rng.shuffle(p);
-    }
-    Ok(packs)
-}
-
-/// [`plan_packs`] in a flat form, for plans of billions of samples: the samples of every
-/// pack in training order, one after another, and where each pack starts in that list (one
-/// more entry than packs). The same plan, in 4 bytes per sample (plus the planner's order
-/// and each sample's pack while it runs, 8 more) instead of a vector per pack.
-pub fn plan_packs_flat(
+/// Best-fit decreasing over `lengths`: (the placement order, each sample's pack, the number of
+/// packs). Samples are placed longest first, equal lengths in a seeded shuffled order; each
+/// goes into the pack with the least room that still fits it, or a new one. Fails (never
+/// panics) when a sample is empty or longer than `capacity`.
+fn best_fit_decreasing(
     lengths: &[u32],
     capacity: u32,
     seed: u64,
-) -> Result<(Vec<u32>, Vec<u64>), String> {
+) -> Result<(Vec<u32>, Vec<u32>, u32), String> {
     if capacity == 0 {
         return Err("capacity (max_length) must be positive".into());
     }
@@ -89,9 +36,9 @@ pub fn plan_packs_flat(
     SplitMix64::new(seed, STREAM_TIES).shuffle(&mut order);
     order.sort_by_key(|&i| std::cmp::Reverse(lengths[i as usize]));
 
-    // Best-fit decreasing as plan_packs, recording each sample's pack.
     let mut pack_of = vec![0u32; lengths.len()];
     let mut npacks = 0u32;
+    // remaining capacity -> packs with exactly that much room (full packs are not tracked)
     let mut by_room: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
     for &s in &order {
         let len = lengths[s as usize];
@@ -117,6 +64,37 @@ pub fn plan_packs_flat(
             by_room.entry(left).or_default().push(pack);
         }
     }
+    Ok((order, pack_of, npacks))
+}
+
+/// Assign every sample (by index into `lengths`) to exactly one pack of at most `capacity`
+/// tokens. Returns the packs in training order, each listing its samples in token order.
+/// Fails (never panics) when a sample is empty or longer than `capacity`.
+pub fn plan_packs(lengths: &[u32], capacity: u32, seed: u64) -> Result<Vec<Vec<u32>>, String> {
+    let (order, pack_of, npacks) = best_fit_decreasing(lengths, capacity, seed)?;
+    // Each pack's members in the order they were placed.
+    let mut packs: Vec<Vec<u32>> = vec![Vec::new(); npacks as usize];
+    for &s in &order {
+        packs[pack_of[s as usize] as usize].push(s);
+    }
+    SplitMix64::new(seed, STREAM_PACKS).shuffle(&mut packs);
+    let mut rng = SplitMix64::new(seed, STREAM_WITHIN);
+    for p in &mut packs {
+        rng.shuffle(p);
+    }
+    Ok(packs)
+}
+
+/// [`plan_packs`] in a flat form, for plans of billions of samples: the samples of every
+/// pack in training order, one after another, and where each pack starts in that list (one
+/// more entry than packs). The same plan, in 4 bytes per sample (plus the planner's order
+/// and each sample's pack while it runs, 8 more) instead of a vector per pack.
+pub fn plan_packs_flat(
+    lengths: &[u32],
+    capacity: u32,
+    seed: u64,
+) -> Result<(Vec<u32>, Vec<u64>), String> {
+    let (order, pack_of, npacks) = best_fit_decreasing(lengths, capacity, seed)?;
     // Members of each pack in the order they were placed (plan_packs pushes them so): a
     // counting sort of `order` by pack, which keeps that order within a pack.
     let mut start = vec![0u64; npacks as usize + 1];
