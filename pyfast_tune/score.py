@@ -45,35 +45,22 @@ def load_reward_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
     return model
 
 
-def score_packed(model, packed_dir: str | Path, rows_of: int = 1) -> dict[int, float]:
-    """Every sample's score in a packed directory: {sample id: score}."""
+def score_packed(model, packed_dir: str | Path) -> dict[int, float]:
+    """Every sample's score in a packed directory: {sample id: score}, one forward per pack
+    (training's ``reward_scores``: the ``score`` head at each sample's last non-pad token)."""
     from pyfast_tune.data import PackedDataset
-    from pyfast_tune.trainer.preference import score_positions
+    from pyfast_tune.trainer.batches import collate
+    from pyfast_tune.trainer.preference import reward_scores
+    from pyfast_tune.trainer.step import model_inputs
 
     ds = PackedDataset(packed_dir)
     device = next(model.parameters()).device
-    head = model.score
-    pad = getattr(model.config, "pad_token_id", None)
     out: dict[int, float] = {}
     with torch.no_grad():
         for i in range(len(ds)):
-            row = ds[i]
-            cu = np.asarray(row["cu_seqlens"], dtype=np.int64)
-            n = len(cu) - 1
-            seen = []
-            hook = head.register_forward_hook(lambda mod, args, o, seen=seen: seen.append(o))
-            cu_t = torch.from_numpy(cu.astype(np.int32)).to(device)
-            try:
-                model(input_ids=torch.from_numpy(row["input_ids"]).to(device)[None],
-                      position_ids=torch.from_numpy(row["position_ids"]).to(device)[None],
-                      cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_t, max_length_q=row["max_seqlen"],
-                      max_length_k=row["max_seqlen"], use_cache=False)  # fmt: skip
-            finally:
-                hook.remove()
-            scores = seen[0].reshape(-1, seen[0].shape[-1])[:, 0].float().cpu().numpy()
-            where = score_positions(row["input_ids"], cu, n, pad)
-            for sample, pos in zip(ds.pack_sample_ids(i), where):
-                out[int(sample)] = float(scores[pos])
+            batch = collate([ds[i]], "token", 1)
+            scores = reward_scores(model, model_inputs(batch, device), batch).cpu().tolist()
+            out.update(zip((int(j) for j in ds.pack_sample_ids(i)), scores))
     return out
 
 

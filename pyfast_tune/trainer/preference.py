@@ -26,6 +26,7 @@ reference's and the data's fingerprints.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -39,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from pyfast_tune.config import ConfigError
-from pyfast_tune.trainer.batches import IGNORE, PackedBatch, collate
+from pyfast_tune.trainer.batches import IGNORE, PackedBatch, collate, pack_trained_counts
 from pyfast_tune.trainer.loss_head import fused_loss_head, hf_model
 from pyfast_tune.trainer.objectives import (
     METRICS,
@@ -68,8 +69,6 @@ class PairNormalizer:
 
 def pair_counts(pack: dict) -> tuple[int, int]:
     """(pairs, trained tokens of the chosen completions) of one pack."""
-    from pyfast_tune.trainer.batches import pack_trained_counts
-
     roles = np.asarray(pack["pairs"])[:, 1]
     trained = pack_trained_counts(pack)
     return int((roles == 0).sum()), int(trained[roles == 0].sum())
@@ -199,8 +198,9 @@ def score_positions(input_ids: np.ndarray, cu_seqlens: np.ndarray, n: int,
 
 
 def reward_scores(model, inputs: dict, batch: PackedBatch) -> torch.Tensor:
-    """(n,) scalar scores of each segment (``score_positions``) from a sequence-classification
-    model's ``score`` head, read by a forward hook so every wrapper's forward runs."""
+    """(n,) scalar scores of each segment of an unsharded row (``score_positions``) from a
+    sequence-classification model's ``score`` head, read by a forward hook so every
+    wrapper's forward runs."""
     hf = hf_model(model)
     head = getattr(hf, "score", None)
     if head is None:
@@ -216,9 +216,8 @@ def reward_scores(model, inputs: dict, batch: PackedBatch) -> torch.Tensor:
         raise RuntimeError(f"the model called its score head {len(seen)} times in one forward")
     out = seen[0].reshape(-1, seen[0].shape[-1])  # (T, 1)
     pad = getattr(hf.config, "pad_token_id", None)
-    last = torch.from_numpy(
-        score_positions(batch.input_ids, batch.cu_seqlens, len(batch.pairs), pad)
-    )
+    n = len(batch.sample_lengths)
+    last = torch.from_numpy(score_positions(batch.input_ids, batch.cu_seqlens, n, pad))
     return out[last.to(out.device), 0].float()
 
 
@@ -461,7 +460,7 @@ def build_reference(cfg, trained, dataset, cache_dir: Path, proc) -> Reference |
              else source)  # fmt: skip
     if source in ("policy", "precompute"):
         model = trained.engine
-        ctx = adapters_disabled(model) if lora else _nothing()
+        ctx = adapters_disabled(model) if lora else contextlib.nullcontext()
         with ctx:
             table = compute_table(model, base, proc.device, cfg, proc.topo)
     else:
@@ -473,14 +472,6 @@ def build_reference(cfg, trained, dataset, cache_dir: Path, proc) -> Reference |
         np.save(tmp, table)
         os.replace(tmp, path)
     return Reference(table)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _load_reference(cfg, source: str, trained, proc):

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pyfast_tune.trainer import preference
 from pyfast_tune.trainer.batches import IGNORE, PackedBatch, collate
 from pyfast_tune.trainer.loss_head import fused_loss_head
 from pyfast_tune.trainer.sequence_parallel import shard_row
@@ -89,8 +90,6 @@ def optimizer_step(engine, dataset, order, step, topo, normalizer, flops, cfg, d
     ``reference`` the DPO reference) appends the pairs and the sums of its metrics
     (``pyfast_tune.trainer.preference.row_loss``).
     """
-    from pyfast_tune.trainer import preference
-
     sp = topo.sequence
     paired = cfg.objective != "sft"
     micro_batches = order.micro_batches(step, topo.data_rank, topo.data_world, cfg.micro_batch_size)

@@ -72,23 +72,7 @@ pub(crate) fn finish(
             ..*s
         }));
         tokens += part.tokens;
-        let p = &part.stats;
-        stats.records += p.records;
-        stats.loss_tokens += p.loss_tokens;
-        stats.truncated_samples += p.truncated_samples;
-        stats.truncated_tokens += p.truncated_tokens;
-        stats.dropped_samples += p.dropped_samples;
-        stats.dropped_tokens += p.dropped_tokens;
-        stats.skipped_records += p.skipped_records;
-        stats.skipped_files += p.skipped_files;
-        stats.pairs += p.pairs;
-        stats.truncated_pairs += p.truncated_pairs;
-        stats.dropped_pairs += p.dropped_pairs;
-        for m in &p.skipped_examples {
-            if stats.skipped_examples.len() < MAX_SKIP_EXAMPLES {
-                stats.skipped_examples.push(m.clone());
-            }
-        }
+        add_part_stats(&mut stats, &part.stats);
         file_entries.extend(part.file_entries.iter().cloned());
         file_table.extend(part.file_table.iter().cloned());
     }
@@ -520,4 +504,24 @@ fn mix_stats(
         m.token_share = m.tokens as f64 / tokens.max(1) as f64;
     }
     out
+}
+
+/// Sum a part's counts into the run's (one pack's writer and the ranged merge).
+pub(crate) fn add_part_stats(stats: &mut PackStats, p: &PackStats) {
+    stats.records += p.records;
+    stats.loss_tokens += p.loss_tokens;
+    stats.truncated_samples += p.truncated_samples;
+    stats.truncated_tokens += p.truncated_tokens;
+    stats.dropped_samples += p.dropped_samples;
+    stats.dropped_tokens += p.dropped_tokens;
+    stats.skipped_records += p.skipped_records;
+    stats.skipped_files += p.skipped_files;
+    stats.pairs += p.pairs;
+    stats.truncated_pairs += p.truncated_pairs;
+    stats.dropped_pairs += p.dropped_pairs;
+    for m in &p.skipped_examples {
+        if stats.skipped_examples.len() < MAX_SKIP_EXAMPLES {
+            stats.skipped_examples.push(m.clone());
+        }
+    }
 }

@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use super::{check_parts, join_file_entries, load_doc, merge, part_of, read_samples};
 use crate::error::{Error, Result};
 use crate::pack::binpack::plan_packs_flat;
-use crate::pack::stage::{MAX_SKIP_EXAMPLES, STAGE_IDS, STAGE_MASK};
+use crate::pack::stage::{STAGE_IDS, STAGE_MASK};
 use crate::pack::stats::{PackStats, Progress};
 use crate::packed_dir::atomic::{HashedWriter, StagingDir};
 use crate::packed_dir::layout;
@@ -155,7 +155,7 @@ pub fn plan(
     let mut file_entries = Vec::new();
     let mut file_table = Vec::new();
     for part in &ps {
-        add_part_stats(&mut stats, &part.stats);
+        crate::pack::write::add_part_stats(&mut stats, &part.stats);
         file_entries.extend(part.file_entries.iter().cloned());
         file_table.extend(part.file_table.iter().cloned());
     }
@@ -317,26 +317,6 @@ pub fn plan(
         ranges: r as usize,
         tokens,
     })
-}
-
-/// Sum a part's counts into the run's, as [`finish`](crate::pack::write::finish) does.
-fn add_part_stats(stats: &mut PackStats, p: &PackStats) {
-    stats.records += p.records;
-    stats.loss_tokens += p.loss_tokens;
-    stats.truncated_samples += p.truncated_samples;
-    stats.truncated_tokens += p.truncated_tokens;
-    stats.dropped_samples += p.dropped_samples;
-    stats.dropped_tokens += p.dropped_tokens;
-    stats.skipped_records += p.skipped_records;
-    stats.skipped_files += p.skipped_files;
-    stats.pairs += p.pairs;
-    stats.truncated_pairs += p.truncated_pairs;
-    stats.dropped_pairs += p.dropped_pairs;
-    for m in &p.skipped_examples {
-        if stats.skipped_examples.len() < MAX_SKIP_EXAMPLES {
-            stats.skipped_examples.push(m.clone());
-        }
-    }
 }
 
 /// The copy rows from the one whose sample holds token `t` on, read sequentially.
