@@ -5,8 +5,6 @@
 //! short samples to fill the gaps of long ones) it reaches > 99.5 % fill. Equal lengths are
 //! broken by a seeded shuffle so that which equal-length samples share a pack is random too.
 
-use std::collections::BTreeMap;
-
 use crate::pack::rng::SplitMix64;
 
 const STREAM_TIES: u64 = 1;
@@ -15,8 +13,14 @@ const STREAM_WITHIN: u64 = 3;
 
 /// Best-fit decreasing over `lengths`: (the placement order, each sample's pack, the number of
 /// packs). Samples are placed longest first, equal lengths in a seeded shuffled order; each
-/// goes into the pack with the least room that still fits it, or a new one. Fails (never
-/// panics) when a sample is empty or longer than `capacity`.
+/// goes into the pack with the least room that still fits it, or a new one (among packs with
+/// the same room, the one that got it last). Fails (never panics) when a sample is empty or
+/// longer than `capacity`.
+///
+/// Linear in the samples: a counting sort by length (stable, so ties keep the shuffled
+/// order), and the packs with room kept in one LIFO list per amount of room, found through a
+/// two-level bitset of the amounts that have a pack. Memory: the order and each sample's
+/// pack (8 bytes per sample), a link per pack, and a few words per unit of capacity.
 fn best_fit_decreasing(
     lengths: &[u32],
     capacity: u32,
@@ -32,39 +36,133 @@ fn best_fit_decreasing(
     {
         return Err(format!("sample {i} has length {l}, outside 1..={capacity}"));
     }
-    let mut order: Vec<u32> = (0..lengths.len() as u32).collect();
-    SplitMix64::new(seed, STREAM_TIES).shuffle(&mut order);
-    order.sort_by_key(|&i| std::cmp::Reverse(lengths[i as usize]));
+    let order = longest_first(lengths, capacity, seed);
 
     let mut pack_of = vec![0u32; lengths.len()];
-    let mut npacks = 0u32;
-    // remaining capacity -> packs with exactly that much room (full packs are not tracked)
-    let mut by_room: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    let mut rooms = Rooms::new(capacity);
     for &s in &order {
         let len = lengths[s as usize];
-        let best = by_room
-            .range_mut(len..)
-            .next()
-            .map(|(&room, ids)| (room, ids.pop().unwrap()));
-        let (pack, room) = match best {
-            Some((room, pack)) => {
-                if by_room.get(&room).is_some_and(Vec::is_empty) {
-                    by_room.remove(&room);
-                }
-                (pack, room)
-            }
-            None => {
-                npacks += 1;
-                (npacks - 1, capacity)
-            }
+        let (pack, room) = match rooms.take_at_least(len) {
+            Some(found) => found,
+            None => (rooms.new_pack(), capacity),
         };
         pack_of[s as usize] = pack;
-        let left = room - len;
-        if left > 0 {
-            by_room.entry(left).or_default().push(pack);
+        rooms.put(pack, room - len);
+    }
+    Ok((order, pack_of, rooms.packs()))
+}
+
+/// Sample indices longest first, equal lengths in a seeded shuffled order: the shuffle, then
+/// a stable counting sort by length (lengths are in `1..=capacity`).
+fn longest_first(lengths: &[u32], capacity: u32, seed: u64) -> Vec<u32> {
+    let mut shuffled: Vec<u32> = (0..lengths.len() as u32).collect();
+    SplitMix64::new(seed, STREAM_TIES).shuffle(&mut shuffled);
+    // next[k]: where the next sample of length capacity - k goes (longest = k 0 first)
+    let mut next = vec![0usize; capacity as usize + 1];
+    for &l in lengths {
+        next[(capacity - l) as usize] += 1;
+    }
+    let mut sum = 0;
+    for x in next.iter_mut() {
+        let c = *x;
+        *x = sum;
+        sum += c;
+    }
+    let mut order = vec![0u32; lengths.len()];
+    for &s in &shuffled {
+        let k = (capacity - lengths[s as usize]) as usize;
+        order[next[k]] = s;
+        next[k] += 1;
+    }
+    order
+}
+
+const NONE: u32 = u32::MAX;
+
+/// The packs that still have room, by how much: a LIFO list per amount of room (linked
+/// through the packs), and a bitset of the amounts whose list is not empty (`low`, one bit
+/// per amount; `high`, one bit per word of `low`) to find the least amount >= a length.
+struct Rooms {
+    head: Vec<u32>,
+    below: Vec<u32>,
+    low: Vec<u64>,
+    high: Vec<u64>,
+}
+
+impl Rooms {
+    fn new(capacity: u32) -> Rooms {
+        let amounts = capacity as usize + 1;
+        let words = amounts.div_ceil(64);
+        Rooms {
+            head: vec![NONE; amounts],
+            below: Vec::new(),
+            low: vec![0; words],
+            high: vec![0; words.div_ceil(64)],
         }
     }
-    Ok((order, pack_of, npacks))
+
+    fn packs(&self) -> u32 {
+        self.below.len() as u32
+    }
+
+    fn new_pack(&mut self) -> u32 {
+        self.below.push(NONE);
+        self.below.len() as u32 - 1
+    }
+
+    /// Put `pack` with `room` left on top of that amount's list (a full pack is not kept).
+    fn put(&mut self, pack: u32, room: u32) {
+        if room == 0 {
+            return;
+        }
+        let r = room as usize;
+        self.below[pack as usize] = self.head[r];
+        self.head[r] = pack;
+        self.low[r / 64] |= 1 << (r % 64);
+        self.high[r / 4096] |= 1 << ((r / 64) % 64);
+    }
+
+    /// The pack on top of the list of the least amount of room >= `len`, taken off it, with
+    /// that amount; None when no pack has that much room.
+    fn take_at_least(&mut self, len: u32) -> Option<(u32, u32)> {
+        let r = self.least_at_least(len as usize)?;
+        let pack = self.head[r];
+        self.head[r] = self.below[pack as usize];
+        if self.head[r] == NONE {
+            self.low[r / 64] &= !(1 << (r % 64));
+            if self.low[r / 64] == 0 {
+                self.high[r / 4096] &= !(1 << ((r / 64) % 64));
+            }
+        }
+        Some((pack, r as u32))
+    }
+
+    fn least_at_least(&self, from: usize) -> Option<usize> {
+        let w = from / 64;
+        if w >= self.low.len() {
+            return None;
+        }
+        let here = self.low[w] & (!0u64 << (from % 64));
+        if here != 0 {
+            return Some(w * 64 + here.trailing_zeros() as usize);
+        }
+        // the next non-empty word of `low` after w, through `high`
+        let next = w + 1;
+        let mut h = next / 64;
+        if h >= self.high.len() {
+            return None;
+        }
+        let mut bits = self.high[h] & (!0u64 << (next % 64));
+        while bits == 0 {
+            h += 1;
+            if h >= self.high.len() {
+                return None;
+            }
+            bits = self.high[h];
+        }
+        let word = h * 64 + bits.trailing_zeros() as usize;
+        Some(word * 64 + self.low[word].trailing_zeros() as usize)
+    }
 }
 
 /// Assign every sample (by index into `lengths`) to exactly one pack of at most `capacity`
@@ -156,7 +254,57 @@ mod tests {
         );
     }
 
+    /// The comparison-sort, ordered-map form of best-fit decreasing that `best_fit_decreasing`
+    /// replaced: the plans must stay the same bytes.
+    fn reference_bfd(lengths: &[u32], capacity: u32, seed: u64) -> (Vec<u32>, Vec<u32>, u32) {
+        use std::collections::BTreeMap;
+        let mut order: Vec<u32> = (0..lengths.len() as u32).collect();
+        SplitMix64::new(seed, STREAM_TIES).shuffle(&mut order);
+        order.sort_by_key(|&i| std::cmp::Reverse(lengths[i as usize]));
+        let mut pack_of = vec![0u32; lengths.len()];
+        let mut npacks = 0u32;
+        let mut by_room: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for &s in &order {
+            let len = lengths[s as usize];
+            let best = by_room
+                .range_mut(len..)
+                .next()
+                .map(|(&room, ids)| (room, ids.pop().unwrap()));
+            let (pack, room) = match best {
+                Some((room, pack)) => {
+                    if by_room.get(&room).is_some_and(Vec::is_empty) {
+                        by_room.remove(&room);
+                    }
+                    (pack, room)
+                }
+                None => {
+                    npacks += 1;
+                    (npacks - 1, capacity)
+                }
+            };
+            pack_of[s as usize] = pack;
+            if room > len {
+                by_room.entry(room - len).or_default().push(pack);
+            }
+        }
+        (order, pack_of, npacks)
+    }
+
     proptest! {
+        #[test]
+        fn same_plan_as_the_ordered_map_form(
+            lengths in prop::collection::vec(1u32..=9000, 0..300),
+            cap in 9000u32..20000,
+            short in prop::collection::vec(1u32..=40, 0..300),
+            seed: u64,
+        ) {
+            // long and short samples, capacities over 4096 (several words of the high bitset)
+            let mut all = lengths.clone();
+            all.extend(&short);
+            prop_assert_eq!(best_fit_decreasing(&all, cap, seed).unwrap(), reference_bfd(&all, cap, seed));
+            prop_assert_eq!(best_fit_decreasing(&short, 64, seed).unwrap(), reference_bfd(&short, 64, seed));
+        }
+
         #[test]
         fn invariants(lengths in prop::collection::vec(1u32..=300, 0..400), cap in 300u32..1000, seed: u64) {
             let packs = plan_packs(&lengths, cap, seed).unwrap();
@@ -188,6 +336,33 @@ mod tests {
         check(&lengths, 1024, &a);
         let fill = lengths.iter().map(|&l| l as f64).sum::<f64>() / (a.len() as f64 * 1024.0);
         assert!(fill > 0.99, "fill {fill}");
+    }
+
+    /// `cargo test --release -p packer plan_speed -- --ignored --nocapture`: seconds per
+    /// million samples of the plan, this form and the ordered-map form it replaced.
+    #[test]
+    #[ignore]
+    fn plan_speed() {
+        let n = 10_000_000usize;
+        let mut rng = SplitMix64::new(7, 9);
+        // chat-like lengths: mostly short, a long tail up to the capacity
+        let lengths: Vec<u32> = (0..n)
+            .map(|_| {
+                let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                (1.0 + 4095.0 * u.powi(4)) as u32
+            })
+            .collect();
+        type Plan = fn(&[u32], u32, u64) -> (Vec<u32>, Vec<u32>, u32);
+        let linear: Plan = |l, c, s| best_fit_decreasing(l, c, s).unwrap();
+        for (name, plan) in [("linear", linear), ("ordered map", reference_bfd as Plan)] {
+            let t = std::time::Instant::now();
+            let (_, _, packs) = plan(&lengths, 4096, 0);
+            let s = t.elapsed().as_secs_f64();
+            println!(
+                "{name}: {n} samples -> {packs} packs in {s:.2} s = {:.3} us per sample",
+                s * 1e6 / n as f64
+            );
+        }
     }
 
     #[test]
