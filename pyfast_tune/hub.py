@@ -30,7 +30,9 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-HF_PREFIX = "hf://"
+from pyfast_tune.data.errors import HubError  # noqa: F401 (hub.HubError)
+from pyfast_tune.locations import HF_PREFIX, is_hub_url  # noqa: F401 (hub.is_hub_url)
+
 DEFAULT_SPLIT = "train"
 
 # What a tokenizer needs (the engine reads tokenizer.json and tokenizer_config.json; chat's
@@ -66,11 +68,6 @@ _NOT_DATA = frozenset(("README.md", "config.json", "dataset_info.json", "dataset
 _COMPRESSION = (".gz", ".zst")
 
 
-class HubError(FileNotFoundError):
-    """A Hub repository, revision, subset, split or file that cannot be had: absent from the
-    Hub, or (offline) absent from the cache. The message names the id."""
-
-
 @dataclasses.dataclass(frozen=True)
 class HubDataset:
     """An ``hf://`` input resolved to local files in the Hugging Face cache."""
@@ -87,10 +84,6 @@ class HubDataset:
         """The record ``pack`` writes into meta.json and the fingerprint (``sources``)."""
         return {"repo_id": self.repo_id, "repo_type": "dataset", "revision": self.revision,
                 "split": self.split, "subset": self.subset, "files": list(self.files)}  # fmt: skip
-
-
-def is_hub_url(spec: str | os.PathLike) -> bool:
-    return isinstance(spec, str) and spec.startswith(HF_PREFIX)
 
 
 def parse_hub_url(url: str) -> tuple[str, str | None, str]:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from pyfast_tune import _packer, hub
+from pyfast_tune import _packer
 
 PackError = _packer.PackError
 DataFormatError = _packer.DataFormatError
@@ -14,8 +14,11 @@ NoTrainableSamplesError = _packer.NoTrainableSamplesError
 ShardMismatchError = _packer.ShardMismatchError
 OutputExistsError = _packer.OutputExistsError
 OutsideDataRootError = _packer.OutsideDataRootError
-# A Hub input (hf://datasets/...) or tokenizer id that cannot be had (offline: not cached).
-HubError = hub.HubError
+
+
+class HubError(FileNotFoundError):
+    """A Hub repository, revision, subset, split or file that cannot be had: absent from the
+    Hub, or (offline) absent from the cache. The message names the id."""
 
 
 class FingerprintMismatch(PackError):

@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pyfast_tune import hub
 from pyfast_tune.data.errors import PackConfigError
 from pyfast_tune.data.facts import _FACTS
 from pyfast_tune.data.options import _columns as columns_spec
+from pyfast_tune.locations import is_hub_url
 
 SOURCE_KEYS = (
     "path",
@@ -84,7 +84,7 @@ def mix_sources(
             )
         local: list[str] = []
         for p in map(os.fspath, paths):
-            if not hub.is_hub_url(p):
+            if not is_hub_url(p):
                 if src.get("split") is not None or src.get("subset") is not None:
                     raise PackConfigError(
                         f"{where}: split and subset choose the files of hf://datasets/... "
@@ -92,6 +92,8 @@ def mix_sources(
                     )
                 local.append(p)
                 continue
+            from pyfast_tune import hub
+
             ds = hub.resolve_dataset(
                 p,
                 split=src.get("split", split),
@@ -144,7 +146,7 @@ def load_mix_file(path: str | os.PathLike) -> list[Any]:
 def _relative_to(base: Path, entry: Any) -> Any:
     def fix(p: Any) -> Any:
         p = os.fspath(p)
-        if hub.is_hub_url(p) or os.path.isabs(p):
+        if is_hub_url(p) or os.path.isabs(p):
             return p
         return os.fspath(base / p)
 

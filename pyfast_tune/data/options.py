@@ -8,10 +8,10 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pyfast_tune import _packer, hub
-from pyfast_tune.data import storage
+from pyfast_tune import _packer
 from pyfast_tune.data.errors import PackConfigError
 from pyfast_tune.data.facts import _FACTS
+from pyfast_tune.locations import is_hub_url, is_remote
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,12 +158,16 @@ def _resolve_sources(inputs, split, subset, data_order) -> tuple[list[str], list
     paths: list[str] = []
     sources: list[dict] = []
     for inp in _inputs(inputs):
-        if storage.is_remote(inp):  # s3://, gs://, az://: a cached local copy
+        if is_remote(inp):  # s3://, gs://, az://: a cached local copy
+            from pyfast_tune.data import storage
+
             paths.append(storage.fetch(inp))
             continue
-        if not hub.is_hub_url(inp):
+        if not is_hub_url(inp):
             paths.append(inp)
             continue
+        from pyfast_tune import hub
+
         ds = hub.resolve_dataset(
             inp, split=split, subset=subset, extensions=_FACTS["data_extensions"]
         )

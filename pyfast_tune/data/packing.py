@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 
-from pyfast_tune import _packer, hub
-from pyfast_tune.data import storage
+from pyfast_tune import _packer
 from pyfast_tune.data.errors import PackConfigError
 from pyfast_tune.data.mapped import _pack_mapped
 from pyfast_tune.data.mix import is_mix, mix_sources
@@ -18,6 +17,7 @@ from pyfast_tune.data.options import (
     _run_pack,
     _tqdm_progress,
 )
+from pyfast_tune.locations import is_remote, tokenizer_path
 
 
 def pack(
@@ -106,8 +106,10 @@ def pack(
     ...      template="qwen_chat").fill > 0.99                              # doctest: +SKIP
     True
     """
-    if storage.is_remote(out_dir):  # packed here, then uploaded with meta.json last
-        args = dict(locals())
+    if is_remote(out_dir):  # packed here, then uploaded with meta.json last
+        args = dict(locals())  # pack's arguments, before anything else is local
+        from pyfast_tune.data import storage
+
         return storage.write_remote(out_dir, lambda local: pack(**{**args, "out_dir": local}))
     if executor is None and shards is None and (address, retries, work_dir) != (None, 3, None):
         raise PackConfigError("address, retries and work_dir go with executor= or shards=N")
@@ -132,7 +134,7 @@ def pack(
         mix,
         inputs=inputs,
         out_dir=out_dir,
-        tokenizer=hub.resolve_tokenizer(tokenizer),
+        tokenizer=tokenizer_path(tokenizer),
         max_length=max_length,
         format=format,
         template=template,
@@ -228,7 +230,7 @@ def fingerprint(
         sources,
         mix,
         inputs=inputs,
-        tokenizer=hub.resolve_tokenizer(tokenizer),
+        tokenizer=tokenizer_path(tokenizer),
         max_length=max_length,
         format=format,
         template=template,

@@ -34,18 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from pyfast_tune.data.errors import CorruptDataError, PackConfigError
+from pyfast_tune.locations import SCHEMES, is_remote  # noqa: F401 (storage.is_remote)
 
-# scheme -> the fsspec package that implements it
-SCHEMES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
-           "abfs": "adlfs", "abfss": "adlfs"}  # fmt: skip
 META = "meta.json"
-
-
-def is_remote(path: Any) -> bool:
-    """Is ``path`` an object-storage URL (``s3://``, ``gs://``, ``az://``, ...)?"""
-    if not isinstance(path, str) or "://" not in path:
-        return False
-    return path.split("://", 1)[0].lower() in SCHEMES
 
 
 def cache_root() -> Path:

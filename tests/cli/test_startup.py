@@ -14,8 +14,12 @@ import pytest
 
 # Not needed to pack a local JSONL file with a local tokenizer. huggingface_hub is for hf://
 # inputs and Hub tokenizer ids, tqdm for the progress bar (a terminal only), yaml for --mix
-# files, pyarrow for Parquet/Arrow inputs, numpy for reading a packed directory back.
+# files, pyarrow for Parquet/Arrow inputs, numpy for reading a packed directory back; our own
+# pyfast_tune.hub (hf:// and Hub ids) and pyfast_tune.data.storage (s3://, gs://, az://) are
+# for the URLs they handle (pyfast_tune.locations tells a URL from a path without them).
 HEAVY = (
+    "pyfast_tune.hub",
+    "pyfast_tune.data.storage",
     "torch",
     "transformers",
     "numpy",

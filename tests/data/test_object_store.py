@@ -86,9 +86,23 @@ def test_s3_input_and_output_equal_local_files(s3, chats_dir, tiny_tokenizer, tm
     remote = pack(f"s3://{BUCKET}/data", f"s3://{BUCKET}/packed", **_opts(tiny_tokenizer))
     assert remote.fingerprint == local.fingerprint
     assert _remote_bytes(s3, f"{BUCKET}/packed") == _local_bytes(tmp_path / "local")
+
+    # Read back through the local cache: the same samples as the local directory.
+    ds, ref = PackedDataset(f"s3://{BUCKET}/packed"), PackedDataset(tmp_path / "local")
+    assert len(ds) == len(ref) and ds.meta == ref.meta
+    np.testing.assert_array_equal(ds[len(ds) - 1]["input_ids"], ref[len(ref) - 1]["input_ids"])
+    assert PackedDataset(f"s3://{BUCKET}/packed").path == ds.path  # cached: not copied again
+
+
+@pytest.mark.slow  # slow: the executor's processes; the default run has the one-process pack
+def test_s3_sharded_and_cli_runs_equal_local_files(s3, chats_dir, tiny_tokenizer, tmp_path):
+    if not s3.exists(f"{BUCKET}/data"):
+        s3.put(str(chats_dir), f"{BUCKET}/data", recursive=True)
+    local = tmp_path / "local"
+    pack(str(chats_dir), local, **_opts(tiny_tokenizer))
     # Sharded: the executor's shards read the cached copy, the merge is uploaded.
     pack(f"s3://{BUCKET}/data", f"s3://{BUCKET}/sharded", shards=2, **_opts(tiny_tokenizer))
-    assert _remote_bytes(s3, f"{BUCKET}/sharded") == _local_bytes(tmp_path / "local")
+    assert _remote_bytes(s3, f"{BUCKET}/sharded") == _local_bytes(local)
     assert not list((Path(os.environ["PYFAST_TUNE_CACHE"]) / "objects" / "out").iterdir())
 
     # The CLI passes URLs through.
@@ -97,13 +111,7 @@ def test_s3_input_and_output_equal_local_files(s3, chats_dir, tiny_tokenizer, tm
     assert main(["pack", f"s3://{BUCKET}/data", "--out", f"s3://{BUCKET}/cli", "--tokenizer",
                  str(tiny_tokenizer), "--max-length", "256", "--format", "openai", "--seed", "1",
                  "--quiet"]) == 0  # fmt: skip
-    assert _remote_bytes(s3, f"{BUCKET}/cli") == _local_bytes(tmp_path / "local")
-
-    # Read back through the local cache: the same samples as the local directory.
-    ds, ref = PackedDataset(f"s3://{BUCKET}/packed"), PackedDataset(tmp_path / "local")
-    assert len(ds) == len(ref) and ds.meta == ref.meta
-    np.testing.assert_array_equal(ds[len(ds) - 1]["input_ids"], ref[len(ref) - 1]["input_ids"])
-    assert PackedDataset(f"s3://{BUCKET}/packed").path == ds.path  # cached: not copied again
+    assert _remote_bytes(s3, f"{BUCKET}/cli") == _local_bytes(local)
 
 
 def test_manifest_is_uploaded_last(s3, tmp_path, monkeypatch):

@@ -488,6 +488,7 @@ def _assert_same_evals(got: list[dict], want: list[dict]) -> None:
         assert b["answers"] == a["answers"]
 
 
+@pytest.mark.slow  # the default run checks the eval loss on any number of ranks in-process
 def test_zero3_two_processes_give_the_eval_of_one(zero3_one_process, tmp_path):
     """ZeRO-3 partitions the parameters: the eval loss (rows dealt over 2 ranks, the one past
     the end running a zero-weight filler) and the greedy answers (every rank decoding in

@@ -95,6 +95,7 @@ def test_dpo_two_processes_zero3_equal_one(pref, one_process, tmp_path):
     _same_losses(_dpo_against_reference(pref, tmp_path / "run", 2, preset="zero3"), one_process)
 
 
+@pytest.mark.slow  # the default run has DPO on 2 processes (ZeRO-2) and SP on SFT
 def test_dpo_sequence_parallel_two_equals_one(pref, one_process, tmp_path):
     _same_losses(_dpo_against_reference(pref, tmp_path / "run", 2, "--sequence_parallel_size",
                                         "2"), one_process)  # fmt: skip

@@ -409,7 +409,8 @@ def runs(packed, gqa_models, tmp_path_factory):
     "preset,method,kv_heads",
     [
         ("zero2", "lora", 2),
-        ("zero3", "full", 1),
+        # slow: the default run keeps zero2-lora; ZeRO-3 full is the same path partitioned
+        pytest.param("zero3", "full", 1, marks=pytest.mark.slow),
         pytest.param("zero3", "lora", 2, marks=pytest.mark.slow),
         pytest.param("zero2", "full", 1, marks=pytest.mark.slow),
     ],
@@ -432,7 +433,11 @@ def test_two_ranks_train_like_one(runs, preset, method, kv_heads):
     assert state["global_batch"] == 2 and state["world_size"] == 2
 
 
-@pytest.mark.parametrize("saved_by,resumed_by", [(2, 1), (1, 2)])
+@pytest.mark.parametrize(
+    "saved_by,resumed_by",
+    # slow: one direction in the default run (into sequence parallelism), both in -m slow
+    [pytest.param(2, 1, marks=pytest.mark.slow), (1, 2)],
+)
 def test_resume_into_and_out_of_sequence_parallelism(runs, tmp_path, saved_by, resumed_by):
     """A checkpoint of step 2 saved with sequence_parallel_size ``saved_by`` continues with
     ``resumed_by`` (as many processes) to the losses and gradient norms of the uninterrupted
