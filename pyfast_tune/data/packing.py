@@ -4,10 +4,11 @@ what a run would read or record (``fingerprint``, ``data_order``)."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 
 from pyfast_tune import _packer
-from pyfast_tune.data.errors import PackConfigError
+from pyfast_tune.data.errors import PackConfigError, PackError
 from pyfast_tune.data.mapped import _pack_mapped
 from pyfast_tune.data.mix import is_mix, mix_sources
 from pyfast_tune.data.options import (
@@ -152,9 +153,15 @@ def pack(
         pack_length=pack_length,
         image_folder=image_folder,
     )
-    if map_fn is not None:
-        return _pack_mapped(map_fn, options, progress)
-    return _run_pack(options, progress)
+    try:
+        if map_fn is not None:
+            return _pack_mapped(map_fn, options, progress)
+        return _run_pack(options, progress)
+    except PackError as e:
+        storage = sys.modules.get("pyfast_tune.data.storage")  # loaded when a URL was fetched
+        if storage is not None:
+            storage.name_urls(e)
+        raise
 
 
 def _inputs_and_mix(inputs, template, split, subset, data_order, map_fn=None):

@@ -37,6 +37,9 @@ from pyfast_tune.data.errors import CorruptDataError, PackConfigError
 from pyfast_tune.locations import SCHEMES, is_remote  # noqa: F401 (storage.is_remote)
 
 META = "meta.json"
+# local copy (file or folder) -> the URL it is a copy of, for every fetch of this process:
+# errors in the data name the URL, not the cache (``name_urls``)
+_COPIES: dict[str, str] = {}
 
 
 def cache_root() -> Path:
@@ -91,6 +94,7 @@ def fetch(url: str) -> str:
     name = path.rsplit("/", 1)[-1] or "data"
     done = cache_root() / key
     local = done / name if not single else done / rel[path]
+    _COPIES[os.fspath(local)] = url.rstrip("/")
     if done.is_dir():
         return os.fspath(local)
     done.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +114,17 @@ def fetch(url: str) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return os.fspath(local)
+
+
+def name_urls(error: BaseException) -> None:
+    """Rewrite ``error`` (a data error raised on a fetched copy) to name the object's URL
+    where it names the copy in the cache: its message and its ``path``."""
+    path = getattr(error, "path", None)
+    for local, url in _COPIES.items():
+        if error.args and isinstance(error.args[0], str) and local in error.args[0]:
+            error.args = (error.args[0].replace(local, url), *error.args[1:])
+        if isinstance(path, str) and (path == local or path.startswith(local + os.sep)):
+            error.path = url + path[len(local) :].replace(os.sep, "/")
 
 
 def upload_dir(local: str | os.PathLike, url: str) -> None:

@@ -4,6 +4,7 @@ files (one pack and the sharded executor), the output's manifest is uploaded las
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -141,3 +142,16 @@ def test_a_directory_without_manifest_is_refused(s3):
         PackedDataset(f"s3://{BUCKET}/half")
     with pytest.raises(FileNotFoundError, match="no such object"):
         storage.fetch(f"s3://{BUCKET}/nothing-here")
+
+
+def test_a_bad_record_in_an_object_names_its_url(s3, tiny_tokenizer, tmp_path):
+    from pyfast_tune import DataFormatError
+
+    good = json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                    {"role": "assistant", "content": "Hello"}]})  # fmt: skip
+    s3.pipe(f"{BUCKET}/bad/x/chats.jsonl", (good + "\n" + "{not json\n").encode())
+    with pytest.raises(DataFormatError) as e:
+        pack(f"s3://{BUCKET}/bad", tmp_path / "out", **_opts(tiny_tokenizer))
+    assert f"s3://{BUCKET}/bad/x/chats.jsonl" in str(e.value), str(e.value)
+    assert e.value.path == f"s3://{BUCKET}/bad/x/chats.jsonl" and e.value.line == 2
+    assert str(storage.cache_root()) not in str(e.value)
