@@ -41,7 +41,7 @@ def pack(pythonpath: str | None, data: Path, tok: Path, template: str, threads: 
         env["PYTHONPATH"] = pythonpath
     with tempfile.TemporaryDirectory() as d:
         cmd = [
-            sys.executable, "-c", "import sys; from pyfast_tune.cli import main; sys.exit(main())",
+            sys.executable, "-P", "-c", "import sys; from pyfast_tune.cli import main; sys.exit(main())",
             "pack", str(data), "--out", f"{d}/p", "--tokenizer", str(tok), "--template", template,
             "--max-length", "4096", "--threads", str(threads), "--tokenizer-backend", "fast",
             "--json", "--quiet",
@@ -83,6 +83,13 @@ def main() -> None:
         print(bd.label)
         data, tok, template = bd.chat, bd.tokenizer, args.template or "qwen_chat"
     builds = dict(b.split("=", 1) for b in args.build) or {"this checkout": ""}
+    for name, path in builds.items():  # `-P`: the current directory does not shadow PYTHONPATH
+        env = dict(os.environ, **({"PYTHONPATH": path} if path else {}))
+        so = subprocess.run(
+            [sys.executable, "-P", "-c", "import pyfast_tune._packer as p; print(p.__file__)"],
+            check=True, capture_output=True, text=True, env=env,
+        ).stdout.strip()  # fmt: skip
+        print(f"{name}: {so}")
     with tempfile.TemporaryDirectory() as d:
         head = Path(d) / f"head{data.suffix}"
         with data.open() as src, head.open("w") as dst:

@@ -482,7 +482,16 @@ pub struct BpeModel {
     boundary: Option<char>,
     /// Some merge joins a part not ending in `▁` to one starting with it (kept for the cache).
     joins_across_metaspace: bool,
+    /// Words of up to [`SCAN_MAX`] symbols may be merged by [`BpeModel::merge_scan`]: no two
+    /// tokens share an id and the unknown token (if any) is not empty. Then the merged id of
+    /// the pair at a position differs every time that pair changes (its text only grows), so
+    /// the heap's stale entries never pass its check, and merging the lowest-ranked,
+    /// leftmost adjacent pair each time is exactly what the heap does.
+    scan_merges: bool,
 }
+
+/// Longest word (in symbols) merged by [`BpeModel::merge_scan`]; longer ones use the heap.
+const SCAN_MAX: usize = 32;
 
 /// Reusable buffers for [`BpeModel::tokenize_into`].
 #[derive(Default)]
@@ -578,7 +587,12 @@ impl BpeModel {
             fuse_unk: m.fuse_unk == Some(true),
             boundary: None,
             joins_across_metaspace: merges.joins_across_metaspace,
+            scan_merges: false,
         };
+        model.scan_merges = model.ids_distinct()
+            && model
+                .unk
+                .is_none_or(|_| m.unk_token.as_ref().is_some_and(|t| !t.is_empty()));
         let mut buf = [0u8; 4];
         for b in 0..256usize {
             let c = match alphabet {
@@ -601,6 +615,24 @@ impl BpeModel {
         }
         model.merges = merges.map;
         Ok(model)
+    }
+
+    /// Whether no two vocabulary tokens share an id.
+    fn ids_distinct(&self) -> bool {
+        let n = self.vocab.len();
+        let mut seen = vec![0u64; n.div_ceil(64) + 1];
+        for (_, id) in self.vocab.iter() {
+            let id = id as usize;
+            if id / 64 >= seen.len() {
+                seen.resize(id / 64 + 1, 0);
+            }
+            let (w, b) = (id / 64, 1u64 << (id % 64));
+            if seen[w] & b != 0 {
+                return false;
+            }
+            seen[w] |= b;
+        }
+        true
     }
 
     /// The unit of one character (its UTF-8 text), as `merge_word` looks it up.
@@ -801,14 +833,17 @@ impl BpeModel {
             ..
         } = scratch;
         ids.clear();
+        self.symbols(piece, ids);
+        let n = ids.len();
+        match n {
+            0 => return,
+            1 => return out.push(ids[0]),
+            _ if n <= SCAN_MAX && self.scan_merges => return self.merge_scan(ids, out),
+            _ => {}
+        }
         prev.clear();
         next.clear();
         heap.clear();
-        self.symbols(piece, ids);
-        let n = ids.len();
-        if n == 0 {
-            return;
-        }
         assert!(n < GONE as usize, "piece of {n} symbols");
         prev.extend((0..n as u32).map(|i| i.wrapping_sub(1)));
         next.extend((1..=n as u32).map(|i| if i as usize == n { NONE } else { i }));
@@ -854,6 +889,62 @@ impl BpeModel {
                 j => i = j as usize,
             }
         }
+    }
+}
+
+impl BpeModel {
+    /// [`BpeModel::merge_into`] for a word of 2 to [`SCAN_MAX`] symbols `init`, when
+    /// [`BpeModel::scan_merges`] holds: on the stack, no heap, no stale entries. The ranks of
+    /// the adjacent pairs are kept in order; each step merges the lowest, leftmost among
+    /// equals (equal ranks are the same pair), and looks up the (at most two) new pairs.
+    fn merge_scan(&self, init: &[u32], out: &mut Vec<u32>) {
+        let n = init.len();
+        debug_assert!((2..=SCAN_MAX).contains(&n));
+        let mut ids = [0u32; SCAN_MAX];
+        // rank[i], new[i]: the merge of (ids[i], ids[i + 1]); u32::MAX: none.
+        let mut rank = [u32::MAX; SCAN_MAX];
+        let mut new = [0u32; SCAN_MAX];
+        ids[..n].copy_from_slice(init);
+        for i in 0..n - 1 {
+            self.merges.prefetch(pair_key(ids[i], ids[i + 1]));
+        }
+        for i in 0..n - 1 {
+            if let Some((r, id)) = self.merges.get(pair_key(ids[i], ids[i + 1])) {
+                (rank[i], new[i]) = (r, id);
+            }
+        }
+        let mut m = n;
+        while m > 1 {
+            let mut k = 0;
+            let mut best = rank[0];
+            for (i, &r) in rank[..m - 1].iter().enumerate().skip(1) {
+                if r < best {
+                    (best, k) = (r, i);
+                }
+            }
+            if best == u32::MAX {
+                break;
+            }
+            ids[k] = new[k];
+            ids.copy_within(k + 2..m, k + 1);
+            rank.copy_within(k + 1..m - 1, k);
+            new.copy_within(k + 1..m - 1, k);
+            m -= 1;
+            rank[m - 1] = u32::MAX;
+            let left = (k > 0).then(|| pair_key(ids[k - 1], ids[k]));
+            let right = (k + 1 < m).then(|| pair_key(ids[k], ids[k + 1]));
+            if let (Some(a), Some(b)) = (left, right) {
+                self.merges.prefetch(a);
+                self.merges.prefetch(b);
+            }
+            if let Some(key) = left {
+                (rank[k - 1], new[k - 1]) = self.merges.get(key).unwrap_or((u32::MAX, 0));
+            }
+            if let Some(key) = right {
+                (rank[k], new[k]) = self.merges.get(key).unwrap_or((u32::MAX, 0));
+            }
+        }
+        out.extend_from_slice(&ids[..m]);
     }
 }
 

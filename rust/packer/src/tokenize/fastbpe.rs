@@ -195,6 +195,8 @@ struct Memo {
     /// text (a few thousand cover most of it) are answered from cache-resident memory; the
     /// shared table of one-token pieces spans megabytes, where each probe would wait on RAM.
     front: Vec<(u128, Ids)>,
+    /// 64 − log2 of the slots of `front`.
+    front_shift: u32,
     short: PieceTable<Ids>,
     long: FxHashMap<Box<[u8]>, Ids>,
     /// Ids of the memoised pieces of more than three tokens.
@@ -421,6 +423,7 @@ impl FastBpe {
                 *memo = Memo {
                     owner: self.memo_owner,
                     front: vec![(0, Ids::default()); 1 << FRONT_BITS],
+                    front_shift: 64 - FRONT_BITS,
                     short: PieceTable::with_capacity(1 << 14),
                     ..Memo::default()
                 };
@@ -433,6 +436,15 @@ impl FastBpe {
             run.split_added(self.raw_added.as_ref(), text, true, Run::segment)
         })
     }
+}
+
+/// A piece found by the scanner: `text[i..j]`, its key ([`key_in`]; 0 for none) and its hash.
+#[derive(Clone, Copy, Default)]
+struct Scanned {
+    i: usize,
+    j: usize,
+    key: u128,
+    hash: u64,
 }
 
 /// One `encode_into` call: the steps of the module doc, each a method.
@@ -526,19 +538,22 @@ impl Run<'_> {
                 // Fused: each piece's key straight from the text, then the tables, a batch of
                 // pieces at a time (see `Run::batch`).
                 let text = s.as_bytes();
-                let mut batch = [(0usize, 0usize, None); BATCH];
-                let mut n = 0;
-                for p in scanner.pieces(s) {
-                    let i = p.as_ptr() as usize - text.as_ptr() as usize;
-                    batch[n] = (i, i + p.len(), key_in(text, i, i + p.len()));
-                    n += 1;
-                    if n == BATCH {
-                        self.batch(text, &batch);
-                        n = 0;
+                let mut pieces = scanner.pieces(s);
+                let mut batch = [Scanned::default(); BATCH];
+                loop {
+                    let mut n = 0;
+                    while n < BATCH {
+                        let Some((i, j)) = pieces.next_range() else {
+                            break;
+                        };
+                        batch[n] = self.scanned(text, i, j);
+                        n += 1;
+                    }
+                    self.batch(text, &batch[..n]);
+                    if n < BATCH {
+                        return Ok(());
                     }
                 }
-                self.batch(text, &batch[..n]);
-                return Ok(());
             }
             for p in scanner.pieces(s) {
                 self.piece(p.as_bytes())?;
@@ -590,52 +605,78 @@ impl Run<'_> {
         self.word_key(p, key_of(p));
     }
 
-    /// The ids of the pieces `text[i..j]` of `batch` (with their keys), in order. The pieces
-    /// that [`Memo::front`] does not hold have their shared-table slot prefetched first, so
-    /// that the batch's cache misses overlap instead of each stalling in turn.
-    #[inline]
-    fn batch(&mut self, text: &[u8], batch: &[(usize, usize, Option<u128>)]) {
-        for &(_, _, key) in batch {
-            if let Some(k) = key {
-                if self.memo.front[(hash(k) >> (64 - FRONT_BITS)) as usize].0 != k {
-                    self.fast.direct.prefetch(k);
-                }
-            }
+    /// Piece `text[i..j]` as scanned: its key and hash, and, when [`Memo::front`] does not
+    /// hold it, the slots of the tables its lookup will read prefetched, so that the lookups
+    /// of a batch wait on no cache miss started earlier during the scan of the batch.
+    #[inline(always)]
+    fn scanned(&self, text: &[u8], i: usize, j: usize) -> Scanned {
+        let Some(k) = key_in(text, i, j) else {
+            return Scanned {
+                i,
+                j,
+                key: 0,
+                hash: 0,
+            };
+        };
+        let h = hash(k);
+        if self.memo.front[(h >> self.memo.front_shift) as usize].0 != k {
+            self.fast.direct.prefetch_hash(h);
+            self.memo.short.prefetch_hash(h);
         }
-        for &(i, j, key) in batch {
-            self.word_key(&text[i..j], key);
+        Scanned {
+            i,
+            j,
+            key: k,
+            hash: h,
+        }
+    }
+
+    /// The ids of the scanned pieces of `batch`, in order.
+    #[inline]
+    fn batch(&mut self, text: &[u8], batch: &[Scanned]) {
+        for p in batch {
+            if p.key != 0 {
+                self.word_hashed(&text[p.i..p.j], p.key, p.hash);
+            } else {
+                self.word_key(&text[p.i..p.j], None);
+            }
         }
     }
 
     /// The ids of word `p`, whose key ([`key_of`]) is `key`.
     #[inline]
     fn word_key(&mut self, p: &[u8], key: Option<u128>) {
-        if let Some(k) = key {
-            let slot = (hash(k) >> (64 - FRONT_BITS)) as usize;
-            let (front_key, ids) = self.memo.front[slot];
-            if front_key == k {
-                Self::emit(self.out, &self.memo.spill, ids);
-                return;
-            }
-            let ids = if let Some(id) = self.fast.direct.get(k) {
-                Ids {
-                    n: 1,
-                    ids: [id, 0, 0],
-                }
-            } else if let Some(ids) = self.memo.short.get(k) {
-                ids
-            } else {
-                self.miss(p, key);
-                return;
-            };
-            self.memo.front[slot] = (k, ids);
-            Self::emit(self.out, &self.memo.spill, ids);
-            return;
-        } else if let Some(&ids) = self.memo.long.get(p) {
+        match key {
+            Some(k) => self.word_hashed(p, k, hash(k)),
+            None => match self.memo.long.get(p) {
+                Some(&ids) => Self::emit(self.out, &self.memo.spill, ids),
+                None => self.miss(p, key),
+            },
+        }
+    }
+
+    /// The ids of word `p` of key `k` (never 0) and hash `h`.
+    #[inline(always)]
+    fn word_hashed(&mut self, p: &[u8], k: u128, h: u64) {
+        let slot = (h >> self.memo.front_shift) as usize;
+        let (front_key, ids) = self.memo.front[slot];
+        if front_key == k {
             Self::emit(self.out, &self.memo.spill, ids);
             return;
         }
-        self.miss(p, key);
+        let ids = if let Some(id) = self.fast.direct.get_hashed(k, h) {
+            Ids {
+                n: 1,
+                ids: [id, 0, 0],
+            }
+        } else if let Some(ids) = self.memo.short.get_hashed(k, h) {
+            ids
+        } else {
+            self.miss(p, Some(k));
+            return;
+        };
+        self.memo.front[slot] = (k, ids);
+        Self::emit(self.out, &self.memo.spill, ids);
     }
 
     /// A word in neither table: merged, then memoised while the memo has room.

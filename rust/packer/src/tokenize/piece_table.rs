@@ -112,9 +112,16 @@ impl<V: Copy + Default> PieceTable<V> {
     }
 
     #[inline]
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(super) fn get(&self, k: u128) -> Option<V> {
+        self.get_hashed(k, hash(k))
+    }
+
+    /// [`PieceTable::get`] of `k` whose [`hash`] is `h`.
+    #[inline]
+    pub(super) fn get_hashed(&self, k: u128, h: u64) -> Option<V> {
         let mask = self.slots.len() - 1;
-        let mut i = (hash(k) >> self.shift) as usize;
+        let mut i = (h >> self.shift) as usize;
         loop {
             let (key, v) = self.slots[i];
             if key == k {
@@ -127,10 +134,10 @@ impl<V: Copy + Default> PieceTable<V> {
         }
     }
 
-    /// Prefetch the first slot a lookup of `k` reads ([`prefetch`]).
+    /// Prefetch the first slot a lookup of a key of hash `h` reads ([`prefetch`]).
     #[inline]
-    pub(super) fn prefetch(&self, k: u128) {
-        prefetch(&self.slots[(hash(k) >> self.shift) as usize]);
+    pub(super) fn prefetch_hash(&self, h: u64) {
+        prefetch(&self.slots[(h >> self.shift) as usize]);
     }
 
     /// Insert or replace the value of `k` (a key from [`key_of`], never 0).
@@ -215,6 +222,12 @@ impl PairTable {
             }
             i = (i + 1) & mask;
         }
+    }
+
+    /// Prefetch the first slot a lookup of `k` reads ([`prefetch`]).
+    #[inline]
+    pub(crate) fn prefetch(&self, k: u64) {
+        prefetch(&self.slots[self.slot(k)]);
     }
 
     /// Insert or replace (a pair listed twice keeps its later rank, as `tokenizers` does).

@@ -156,6 +156,32 @@ impl Scan<'_> {
         i
     }
 
+    /// End of the run of `\p{L}` chars starting at `i`: ASCII letters eight bytes at a time
+    /// (a mask of the letter bytes of a word, its first non-letter found by counting zeros:
+    /// no branch per byte), other chars decoded.
+    #[inline(always)]
+    fn letters(&self, mut i: usize) -> usize {
+        let s = self.s.as_bytes();
+        loop {
+            let Some(w) = s.get(i..i + 8) else {
+                return self.run(i, |k| k & LETTER != 0);
+            };
+            let x = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+            let n = (ascii_letters(x) ^ HIGH).trailing_zeros() as usize / 8;
+            i += n;
+            if n == 8 {
+                continue;
+            }
+            if s[i] < 0x80 {
+                return i;
+            }
+            match self.at(i) {
+                Some((_, n, k)) if k & LETTER != 0 => i += n,
+                _ => return i,
+            }
+        }
+    }
+
     /// End of a run of `\r`/`\n` starting at `i`.
     #[inline]
     fn newlines(&self, mut i: usize) -> usize {
@@ -184,6 +210,23 @@ impl Scan<'_> {
             last
         }
     }
+}
+
+/// The high bit of each byte of a `u64`.
+const HIGH: u64 = 0x8080_8080_8080_8080;
+
+/// The high bit of each byte of `x` (eight bytes of text, little-endian) that is an ASCII
+/// letter, the other bits clear. Each byte is taken without its high bit and lowercased by
+/// setting 0x20; adding 0x1F then sets its high bit when it is at least `a`, adding 0x05 when
+/// it is past `z` (no carry crosses a byte: each is at most 0x7F + 0x1F); bytes of 0x80 and up
+/// (not ASCII) are cleared at the end.
+#[inline(always)]
+fn ascii_letters(x: u64) -> u64 {
+    const LOW7: u64 = 0x7F7F_7F7F_7F7F_7F7F;
+    let y = (x & LOW7) | 0x2020_2020_2020_2020;
+    let ge_a = y + 0x1F1F_1F1F_1F1F_1F1F;
+    let gt_z = y + 0x0505_0505_0505_0505;
+    ge_a & !gt_z & !x & HIGH
 }
 
 impl Splitter {
@@ -233,11 +276,10 @@ pub struct Pieces<'a> {
     pos: usize,
 }
 
-impl<'a> Iterator for Pieces<'a> {
-    type Item = &'a str;
-
-    #[inline]
-    fn next(&mut self) -> Option<&'a str> {
+impl Pieces<'_> {
+    /// The byte range of the next piece (char boundaries of the text).
+    #[inline(always)]
+    pub fn next_range(&mut self) -> Option<(usize, usize)> {
         let i = self.pos;
         if i >= self.scan.s.len() {
             return None;
@@ -249,6 +291,16 @@ impl<'a> Iterator for Pieces<'a> {
         };
         debug_assert!(j > i, "every position starts a match");
         self.pos = j;
+        Some((i, j))
+    }
+}
+
+impl<'a> Iterator for Pieces<'a> {
+    type Item = &'a str;
+
+    #[inline]
+    fn next(&mut self) -> Option<&'a str> {
+        let (i, j) = self.next_range()?;
         Some(&self.scan.s[i..j])
     }
 }
@@ -291,10 +343,8 @@ impl Scan<'_> {
         // letter starts `\p{L}+`; a space before one is the optional `[^\r\n\p{L}\p{N}]`.
         let b = self.s.as_bytes();
         match (b.get(i), b.get(i + 1)) {
-            (Some(c), _) if c.is_ascii_alphabetic() => return self.run(i + 1, |k| k & LETTER != 0),
-            (Some(b' '), Some(c)) if c.is_ascii_alphabetic() => {
-                return self.run(i + 2, |k| k & LETTER != 0)
-            }
+            (Some(c), _) if c.is_ascii_alphabetic() => return self.letters(i + 1),
+            (Some(b' '), Some(c)) if c.is_ascii_alphabetic() => return self.letters(i + 2),
             _ => {}
         }
         self.cl100k_general(i, max_digits)
@@ -324,12 +374,12 @@ impl Scan<'_> {
         }
         // [^\r\n\p{L}\p{N}]?\p{L}+
         if k & LETTER != 0 {
-            return self.run(i, |k| k & LETTER != 0);
+            return self.letters(i);
         }
         if k & NUMBER == 0 && c != '\r' && c != '\n' {
             if let Some((_, _, k2)) = self.at(i + n) {
                 if k2 & LETTER != 0 {
-                    return self.run(i + n, |k| k & LETTER != 0);
+                    return self.letters(i + n);
                 }
             }
         }
