@@ -343,7 +343,7 @@ mod tests {
     #[test]
     #[ignore]
     fn plan_speed() {
-        let n = 10_000_000usize;
+        let n: usize = std::env::var("PLAN_SAMPLES").map_or(10_000_000, |v| v.parse().unwrap());
         let mut rng = SplitMix64::new(7, 9);
         // chat-like lengths: mostly short, a long tail up to the capacity
         let lengths: Vec<u32> = (0..n)

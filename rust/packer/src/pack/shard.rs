@@ -25,7 +25,7 @@
 //! sample, its rejected sample being the next). A record is one unit of a shard, so a pair
 //! is never split between parts.
 
-use std::io::{BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -155,18 +155,26 @@ fn read_samples(
             format!("{len} bytes, expected {} for {n} samples", 16 * n),
         ));
     }
-    let mut r = BufReader::with_capacity(1 << 18, f);
+    // Read and hashed 4,096 rows at a time: BLAKE3 hashes a 64 KiB update with SIMD, a
+    // 16-byte one on its own.
+    let mut r = f;
     let mut h = blake3::Hasher::new();
     let mut offset = 0u64;
-    let mut rec = [0u8; 16];
-    for _ in 0..n {
-        r.read_exact(&mut rec).map_err(|e| Error::io(&sp, e))?;
-        h.update(&rec);
-        let len = u32::from_le_bytes(rec[0..4].try_into().expect("4 bytes"));
-        let file = u32::from_le_bytes(rec[4..8].try_into().expect("4 bytes"));
-        let record = u64::from_le_bytes(rec[8..16].try_into().expect("8 bytes"));
-        each(len, file, record);
-        offset += len as u64;
+    let mut block = vec![0u8; 16 << 12];
+    let mut left = n;
+    while left > 0 {
+        let rows = left.min(1 << 12) as usize;
+        let bytes = &mut block[..16 * rows];
+        r.read_exact(bytes).map_err(|e| Error::io(&sp, e))?;
+        h.update(bytes);
+        for rec in bytes.chunks_exact(16) {
+            let len = u32::from_le_bytes(rec[0..4].try_into().expect("4 bytes"));
+            let file = u32::from_le_bytes(rec[4..8].try_into().expect("4 bytes"));
+            let record = u64::from_le_bytes(rec[8..16].try_into().expect("8 bytes"));
+            each(len, file, record);
+            offset += len as u64;
+        }
+        left -= rows as u64;
     }
     if doc["part_samples_blake3"].as_str() != Some(h.finalize().to_hex().as_str()) {
         return Err(corrupt(&sp, "content hash differs from part.json"));

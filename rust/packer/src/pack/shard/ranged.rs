@@ -184,9 +184,10 @@ pub fn plan(
     let dir = staging.dir.clone();
     std::fs::create_dir(dir.join(PLAN_DIR)).map_err(|e| Error::io(&dir, e))?;
     // Where each sample's tokens start with the parts laid end to end: a prefix sum kept
-    // every 64 samples (8 bytes per 64), the rest summed from the lengths.
+    // every 16 samples (half a byte per sample), the rest summed from the lengths (within
+    // one cache line of them).
     let checkpoints: Vec<u64> = lengths
-        .chunks(64)
+        .chunks(16)
         .scan(0u64, |acc, c| {
             let at = *acc;
             *acc += c.iter().map(|&l| l as u64).sum::<u64>();
@@ -194,7 +195,7 @@ pub fn plan(
         })
         .collect();
     let source_of =
-        |s: usize| checkpoints[s / 64] + lengths[s & !63..s].iter().map(|&l| l as u64).sum::<u64>();
+        |s: usize| checkpoints[s / 16] + lengths[s & !15..s].iter().map(|&l| l as u64).sum::<u64>();
     let mut pack_of = vec![u32::MAX; lengths.len()];
     let mut within = vec![0u32; lengths.len()];
     let mut pack_starts = Vec::with_capacity(npacks);
