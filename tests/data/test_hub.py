@@ -531,6 +531,7 @@ def test_hub_parquet_packs_the_bytes_of_the_local_jsonl(
     assert (src["revision"], src["files"]) == (commit, sorted(shards))
 
 
+@pytest.mark.slow  # a whole merge and chat; the default run resolves Hub ids in-process above
 def test_chat_and_merge_take_a_hub_model_id(hf_cache, tiny_tokenizer, tmp_path):
     """A base model named by its Hub id: transformers loads it from the cache, and our own
     steps that need its tokenizer files (chat's prompts, merge's copy) find them there."""

@@ -2,10 +2,11 @@
 
 - DPO with LoRA: the first step's loss is exactly log 2 (a new adapter is the reference), TRL's
   metrics reach metrics.jsonl and the eval records, the pairs learn (accuracy and margin up).
-- One process equals two (ZeRO-2, ZeRO-3) and sequence parallel 2 equals 1, for DPO against
-  another model (its log-probabilities precomputed and cached), step by step.
+- One process equals two (ZeRO-2; ZeRO-3 and sequence parallel 2 = 1 in -m slow), for DPO
+  against another model (its log-probabilities precomputed and cached), step by step.
 - A reward model trains, converts to a folder AutoModelForSequenceClassification loads, and
   ``pyfast-tune score`` (packed) gives the scores of transformers' own padded forward.
+- Slow (-m slow) also: QLoRA DPO starts at log 2 (the 4-bit base is the reference).
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ def test_objective_needs_a_preference_pack(pref, tiny_tokenizer, generated_chats
     assert "holds no pairs (pack the data with --format preference)" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # the default run checks log 2 at the first step with LoRA, the same reference
 def test_dpo_qlora_starts_at_log2(pref, tmp_path):
     """QLoRA: the 4-bit base with its adapters disabled is the reference."""
     pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes")
