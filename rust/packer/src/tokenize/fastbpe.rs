@@ -43,7 +43,7 @@ use serde_json::Value;
 use super::bpe::{Alphabet, BpeModel, ModelHead, ModelJson, Scratch};
 use super::compiled;
 use super::normalize::Normalizer;
-use super::piece_table::{hash, key_in, key_of, PieceTable};
+use super::piece_table::{hash, key_in, key_of, prefetch, PieceTable};
 use super::pretokenize::{CharSet, PreScratch, PreTokenizer};
 use super::split::Splitter;
 
@@ -535,24 +535,32 @@ impl Run<'_> {
         let fast = self.fast;
         if let Some(scanner) = fast.scanner {
             if fast.model.boundary().is_none() {
-                // Fused: each piece's key straight from the text, then the tables, a batch of
-                // pieces at a time (see `Run::batch`).
+                // Fused and pipelined: each piece's key straight from the text; a batch is
+                // scanned (its front slots prefetched), then its front misses have their
+                // table slots prefetched, then the previous batch is looked up and emitted:
+                // each lookup's cache misses were started a whole batch of scanning earlier.
                 let text = s.as_bytes();
                 let mut pieces = scanner.pieces(s);
-                let mut batch = [Scanned::default(); BATCH];
+                let mut bufs = [[Scanned::default(); BATCH]; 2];
+                let (mut cur, mut prev_n) = (0, 0);
                 loop {
                     let mut n = 0;
                     while n < BATCH {
                         let Some((i, j)) = pieces.next_range() else {
                             break;
                         };
-                        batch[n] = self.scanned(text, i, j);
+                        bufs[cur][n] = self.scanned(text, i, j);
                         n += 1;
                     }
-                    self.batch(text, &batch[..n]);
+                    for p in &bufs[cur][..n] {
+                        self.probe_ahead(p);
+                    }
+                    self.batch(text, &bufs[1 - cur][..prev_n]);
                     if n < BATCH {
+                        self.batch(text, &bufs[cur][..n]);
                         return Ok(());
                     }
+                    (cur, prev_n) = (1 - cur, n);
                 }
             }
             for p in scanner.pieces(s) {
@@ -605,9 +613,7 @@ impl Run<'_> {
         self.word_key(p, key_of(p));
     }
 
-    /// Piece `text[i..j]` as scanned: its key and hash, and, when [`Memo::front`] does not
-    /// hold it, the slots of the tables its lookup will read prefetched, so that the lookups
-    /// of a batch wait on no cache miss started earlier during the scan of the batch.
+    /// Piece `text[i..j]` as scanned: its key and hash, its [`Memo::front`] slot prefetched.
     #[inline(always)]
     fn scanned(&self, text: &[u8], i: usize, j: usize) -> Scanned {
         let Some(k) = key_in(text, i, j) else {
@@ -619,15 +625,22 @@ impl Run<'_> {
             };
         };
         let h = hash(k);
-        if self.memo.front[(h >> self.memo.front_shift) as usize].0 != k {
-            self.fast.direct.prefetch_hash(h);
-            self.memo.short.prefetch_hash(h);
-        }
+        prefetch(&self.memo.front[(h >> self.memo.front_shift) as usize]);
         Scanned {
             i,
             j,
             key: k,
             hash: h,
+        }
+    }
+
+    /// When [`Memo::front`] does not hold scanned piece `p`, prefetch the slots of the tables
+    /// its lookup will read.
+    #[inline(always)]
+    fn probe_ahead(&self, p: &Scanned) {
+        if p.key != 0 && self.memo.front[(p.hash >> self.memo.front_shift) as usize].0 != p.key {
+            self.fast.direct.prefetch_hash(p.hash);
+            self.memo.short.prefetch_hash(p.hash);
         }
     }
 
