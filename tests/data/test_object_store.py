@@ -155,3 +155,46 @@ def test_a_bad_record_in_an_object_names_its_url(s3, tiny_tokenizer, tmp_path):
     assert f"s3://{BUCKET}/bad/x/chats.jsonl" in str(e.value), str(e.value)
     assert e.value.path == f"s3://{BUCKET}/bad/x/chats.jsonl" and e.value.line == 2
     assert str(storage.cache_root()) not in str(e.value)
+
+
+@pytest.fixture(params=["gs", "az"])
+def other_store(request, monkeypatch, tmp_path):
+    """``gs://`` or ``az://`` served by an in-memory fsspec filesystem registered under that
+    scheme: our URL handling (fetch, upload with the manifest last, reading back) on a store
+    that is not S3. gcsfs/adlfs themselves and the real services are not exercised here
+    (neither has a local server on PyPI)."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    scheme = request.param
+
+    class Store(MemoryFileSystem):
+        protocol = (scheme,)
+        store: dict = {}
+        pseudo_dirs = [""]
+        cachable = False
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            path = str(path).removeprefix(f"{scheme}://").strip("/")
+            return "/" + path if path else ""
+
+    fsspec.register_implementation(scheme, Store, clobber=True)
+    monkeypatch.setenv("PYFAST_TUNE_CACHE", str(tmp_path / "cache"))
+    yield scheme, Store()
+    from fsspec.registry import _registry
+
+    _registry.pop(scheme, None)  # the scheme falls back to its real package again
+
+
+def test_gs_and_az_urls_pack_and_read_back_like_local_files(other_store, chats_dir,
+                                                           tiny_tokenizer, tmp_path):  # fmt: skip
+    scheme, fs = other_store
+    fs.put(str(chats_dir), "/bucket/data", recursive=True)
+    local = pack(str(chats_dir), tmp_path / "local", **_opts(tiny_tokenizer))
+    remote = pack(f"{scheme}://bucket/data", f"{scheme}://bucket/packed", **_opts(tiny_tokenizer))
+    assert remote.fingerprint == local.fingerprint
+    got = {p.rsplit("/", 1)[1]: fs.cat_file(p) for p in fs.find("/bucket/packed")}
+    assert got == _local_bytes(tmp_path / "local")
+    ds = PackedDataset(f"{scheme}://bucket/packed")
+    assert ds.meta == PackedDataset(tmp_path / "local").meta
