@@ -897,51 +897,54 @@ impl BpeModel {
     /// [`BpeModel::scan_merges`] holds: on the stack, no heap, no stale entries. The ranks of
     /// the adjacent pairs are kept in order; each step merges the lowest, leftmost among
     /// equals (equal ranks are the same pair), and looks up the (at most two) new pairs.
+    #[inline]
     fn merge_scan(&self, init: &[u32], out: &mut Vec<u32>) {
         let n = init.len();
         debug_assert!((2..=SCAN_MAX).contains(&n));
         let mut ids = [0u32; SCAN_MAX];
-        // rank[i], new[i]: the merge of (ids[i], ids[i + 1]); u32::MAX: none.
-        let mut rank = [u32::MAX; SCAN_MAX];
-        let mut new = [0u32; SCAN_MAX];
+        // merge[i]: rank << 32 | merged id of (ids[i], ids[i + 1]); u64::MAX: none. The lowest
+        // value is the lowest rank (equal ranks are the same pair, so equal values).
+        let mut merge = [u64::MAX; SCAN_MAX];
+        let merge_of = |a: u32, b: u32| {
+            self.merges
+                .get(pair_key(a, b))
+                .map_or(u64::MAX, |(rank, id)| u64::from(rank) << 32 | u64::from(id))
+        };
         ids[..n].copy_from_slice(init);
         for i in 0..n - 1 {
             self.merges.prefetch(pair_key(ids[i], ids[i + 1]));
         }
         for i in 0..n - 1 {
-            if let Some((r, id)) = self.merges.get(pair_key(ids[i], ids[i + 1])) {
-                (rank[i], new[i]) = (r, id);
-            }
+            merge[i] = merge_of(ids[i], ids[i + 1]);
         }
         let mut m = n;
         while m > 1 {
             let mut k = 0;
-            let mut best = rank[0];
-            for (i, &r) in rank[..m - 1].iter().enumerate().skip(1) {
+            let mut best = merge[0];
+            for (i, &r) in merge[..m - 1].iter().enumerate().skip(1) {
                 if r < best {
                     (best, k) = (r, i);
                 }
             }
-            if best == u32::MAX {
+            if best == u64::MAX {
                 break;
             }
-            ids[k] = new[k];
+            ids[k] = best as u32;
             ids.copy_within(k + 2..m, k + 1);
-            rank.copy_within(k + 1..m - 1, k);
-            new.copy_within(k + 1..m - 1, k);
+            merge.copy_within(k + 1..m - 1, k);
             m -= 1;
-            rank[m - 1] = u32::MAX;
+            merge[m - 1] = u64::MAX;
             let left = (k > 0).then(|| pair_key(ids[k - 1], ids[k]));
             let right = (k + 1 < m).then(|| pair_key(ids[k], ids[k + 1]));
             if let (Some(a), Some(b)) = (left, right) {
                 self.merges.prefetch(a);
                 self.merges.prefetch(b);
             }
-            if let Some(key) = left {
-                (rank[k - 1], new[k - 1]) = self.merges.get(key).unwrap_or((u32::MAX, 0));
+            if k > 0 {
+                merge[k - 1] = merge_of(ids[k - 1], ids[k]);
             }
-            if let Some(key) = right {
-                (rank[k], new[k]) = self.merges.get(key).unwrap_or((u32::MAX, 0));
+            if k + 1 < m {
+                merge[k] = merge_of(ids[k], ids[k + 1]);
             }
         }
         out.extend_from_slice(&ids[..m]);

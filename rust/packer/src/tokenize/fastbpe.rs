@@ -53,8 +53,9 @@ const MEMO_MAX_PIECE: usize = 128;
 const MEMO_CAP: usize = 1 << 18;
 /// Pieces scanned ahead of their lookups (see [`Run::pre_tokenize`]).
 const BATCH: usize = 16;
-/// Log2 of the slots of [`Memo::front`]: 8192 × 32 bytes, a quarter of a 1 MB L2 cache.
-const FRONT_BITS: u32 = 13;
+/// Log2 of the slots of [`Memo::front`]: 16,384 × 32 bytes, a quarter of a 2 MB L2 cache
+/// (8,192 measured ~7% slower on all 121 MB of ShareGPT, 32,768 no faster).
+const FRONT_BITS: u32 = 14;
 
 /// The sections of `tokenizer.json` that `tokenizers` reads (unknown keys are ignored by both).
 /// A key given twice fails here (`tokenizers` would keep the last): the fast path is refused.

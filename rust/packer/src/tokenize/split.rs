@@ -342,9 +342,56 @@ impl Scan<'_> {
         // The commonest pieces first, as the alternation below would match them: an ASCII
         // letter starts `\p{L}+`; a space before one is the optional `[^\r\n\p{L}\p{N}]`.
         let b = self.s.as_bytes();
-        match (b.get(i), b.get(i + 1)) {
-            (Some(c), _) if c.is_ascii_alphabetic() => return self.letters(i + 1),
-            (Some(b' '), Some(c)) if c.is_ascii_alphabetic() => return self.letters(i + 2),
+        let Some(&c) = b.get(i) else {
+            return i;
+        };
+        if c.is_ascii_alphabetic() {
+            return self.letters(i + 1);
+        }
+        let next = b.get(i + 1).copied().unwrap_or(0);
+        match c {
+            // ` word`; ` ?[^\s\p{L}\p{N}]+[\r\n]*` for ` (`, ` "`... (a space before ASCII
+            // punctuation: no letter follows the space, so the optional char is no use).
+            b' ' if next.is_ascii_alphabetic() => return self.letters(i + 2),
+            b' ' if next.is_ascii_punctuation() => {
+                return self.newlines(self.run(i + 1, |k| k & (LETTER | NUMBER | SPACE) == 0))
+            }
+            // ASCII punctuation but `'` (the contractions): before a letter it is the
+            // optional char of `[^\r\n\p{L}\p{N}]?\p{L}+`; before another ASCII char the
+            // run of `[^\s\p{L}\p{N}]+[\r\n]*`. Before a non-ASCII char: the general case.
+            _ if c.is_ascii_punctuation() && c != b'\'' && next < 0x80 => {
+                if next.is_ascii_alphabetic() {
+                    return self.letters(i + 2);
+                }
+                return self.newlines(self.run(i + 1, |k| k & (LETTER | NUMBER | SPACE) == 0));
+            }
+            // `\p{N}{1,max}` over ASCII digits, while no non-ASCII char (maybe a digit) comes.
+            b'0'..=b'9' => {
+                let mut j = i + 1;
+                while j - i < max_digits && b.get(j).is_some_and(u8::is_ascii_digit) {
+                    j += 1;
+                }
+                if j - i == max_digits || b.get(j).is_none_or(|&x| x < 0x80) {
+                    return j;
+                }
+            }
+            // `\s*[\r\n]+` from a newline: the whitespace run up to its last `\r` or `\n`,
+            // while the run is ASCII.
+            b'\n' | b'\r' => {
+                let (mut j, mut end) = (i + 1, i + 1);
+                while let Some(&x) = b.get(j) {
+                    if x >= 0x80 || self.cls[x as usize] & SPACE == 0 {
+                        break;
+                    }
+                    j += 1;
+                    if x == b'\n' || x == b'\r' {
+                        end = j;
+                    }
+                }
+                if b.get(j).is_none_or(|&x| x < 0x80) {
+                    return end;
+                }
+            }
             _ => {}
         }
         self.cl100k_general(i, max_digits)
@@ -482,5 +529,75 @@ impl Scan<'_> {
         }
         // \s+(?!\S)|\s+
         Some(self.spaces(i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+    use tokenizers::{
+        OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, SplitDelimiterBehavior,
+    };
+
+    /// The pieces Oniguruma (through `tokenizers`' `Split`, as the tokenizers run it) cuts.
+    fn onig(pattern: &str, s: &str) -> Vec<String> {
+        let split = Split::new(
+            SplitPattern::Regex(pattern.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .unwrap();
+        let mut pre = PreTokenizedString::from(s);
+        split.pre_tokenize(&mut pre).unwrap();
+        pre.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(p, _, _)| p.to_string())
+            .collect()
+    }
+
+    /// Text around the scanners' ASCII shortcuts: letters, digits (ASCII and not) in runs
+    /// longer than three, punctuation before letters and digits, newlines among spaces
+    /// (ASCII and not), contractions.
+    fn text() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            "[a-zA-Z]{1,10}",
+            "[0-9]{1,7}",
+            "[0-9]{1,3}[\u{660}-\u{669}\u{b2}\u{bc}\u{ff10}]{1,2}",
+            "[ \t\r\n\u{b}\u{c}]{1,6}",
+            "[\r\n][ \t]{0,3}[\u{a0}\u{3000}\u{2028}\u{85}]",
+            "[!-/:-@\\[-`{-~]{1,3}",
+            " [!-/:-@\\[-`{-~]{1,3}[a-z]?",
+            "[!-/:-@\\[-`{-~][a-zA-Z\u{e9}\u{4e00}\u{300}]{1,4}",
+            "'(s|t|re|ve|m|ll|d|S|T|RE|Ve|M|LL|D|\u{17f}|x)",
+            "[\u{e9}\u{df}\u{4e00}-\u{4e05}\u{300}\u{1f600}]{1,3}",
+            "[\u{1}-\u{1f}\u{7f}]{1,2}",
+            any::<char>().prop_map(|c| c.to_string()),
+        ];
+        proptest::collection::vec(piece, 0..24).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn scanners_cut_as_oniguruma(s in text()) {
+            for pattern in [LLAMA3_PATTERN, QWEN2_PATTERN, GPT2_PATTERN] {
+                let splitter = Splitter::from_pattern(pattern).unwrap();
+                let ours: Vec<String> = splitter.pieces(&s).map(str::to_string).collect();
+                prop_assert_eq!(ours, onig(pattern, &s), "{} on {:?}", pattern, s);
+            }
+        }
+    }
+
+    #[test]
+    fn ascii_letter_mask() {
+        for b in 0..=255u8 {
+            let x = u64::from_le_bytes([b'a', b, b'a', b'a', b'a', b'a', b'a', b'a']);
+            let want = b.is_ascii_alphabetic();
+            assert_eq!(ascii_letters(x) & 0x8000 != 0, want, "byte {b:#x}");
+            assert_eq!(ascii_letters(x) & !0x8000, HIGH & !0x8000, "byte {b:#x}");
+        }
     }
 }
