@@ -490,8 +490,9 @@ pub struct BpeModel {
     scan_merges: bool,
 }
 
-/// Longest word (in symbols) merged by [`BpeModel::merge_scan`]; longer ones use the heap.
-const SCAN_MAX: usize = 32;
+/// Longest word (in symbols) merged by [`BpeModel::merge_scan`] (a quadratic scan, still
+/// cheaper than the heap at this size); longer ones use the heap.
+const SCAN_MAX: usize = 64;
 
 /// Reusable buffers for [`BpeModel::tokenize_into`].
 #[derive(Default)]
@@ -917,6 +918,23 @@ impl BpeModel {
         for i in 0..n - 1 {
             merge[i] = merge_of(ids[i], ids[i + 1]);
         }
+        // Each merge looks up the pairs its token makes with its neighbours, a chain of
+        // dependent cache misses; the pairs that each possible merge would make are
+        // prefetched one merge ahead (a hint only), so that most lookups find them cached.
+        let ahead = |ids: &[u32], merge: &[u64], m: usize, i: usize| {
+            if merge[i] != u64::MAX {
+                let new = merge[i] as u32;
+                if i > 0 {
+                    self.merges.prefetch(pair_key(ids[i - 1], new));
+                }
+                if i + 2 < m {
+                    self.merges.prefetch(pair_key(new, ids[i + 2]));
+                }
+            }
+        };
+        for i in 0..n - 1 {
+            ahead(&ids, &merge, n, i);
+        }
         let mut m = n;
         while m > 1 {
             let mut k = 0;
@@ -942,9 +960,11 @@ impl BpeModel {
             }
             if k > 0 {
                 merge[k - 1] = merge_of(ids[k - 1], ids[k]);
+                ahead(&ids, &merge, m, k - 1);
             }
             if k + 1 < m {
                 merge[k] = merge_of(ids[k], ids[k + 1]);
+                ahead(&ids, &merge, m, k);
             }
         }
         out.extend_from_slice(&ids[..m]);
