@@ -167,11 +167,11 @@ def lora_targets(model: torch.nn.Module, configured) -> list[str]:
     return out
 
 
-def _image_features(hf, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(n, 3, H, W) -> (n, N, D_text): tower (its own attention, no packing kwargs), selected
-    layer without CLS, projector; without gradients through a frozen tower."""
-    inner = hf.model
-    config = hf.config
+def _image_features(inner, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(n, 3, H, W) -> (n, N, D_text) by the LlavaModel ``inner``'s own tower (its own
+    attention, no packing kwargs), selected layer without CLS, and projector; without
+    gradients through a frozen tower."""
+    config = inner.config
     tower = inner.vision_tower
     frozen = not any(p.requires_grad for p in tower.parameters())
     with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
@@ -201,7 +201,8 @@ def install_image_hook(model: torch.nn.Module) -> None:
         kwargs["input_ids"] = None
         embed = module.get_input_embeddings()
         embeds = embed(input_ids.clamp(min=0))  # (1, T, D); image rows replaced below
-        feats = _image_features(hf, pixel_values)  # (n, N, D)
+        # the hooked module's own parts: a deepcopy of the model runs its copies
+        feats = _image_features(module, pixel_values)  # (n, N, D)
         n_tokens = feats.shape[1]
         seq = embeds.shape[1]
         keep = starts + n_tokens <= seq  # a probe on the row's first tokens keeps what fits

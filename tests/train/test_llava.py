@@ -163,6 +163,18 @@ def test_swapping_two_images_of_a_pack_changes_the_loss(parts):
     assert abs(after - before) > 1e-4 * abs(before), (before, after)
 
 
+def test_a_copy_of_a_hooked_model_runs_its_own_tower_and_projector(parts):
+    model, packs, _ = _model_and_packs(parts)
+    ours = _patched(model)
+    i = next(i for i in range(len(packs)) if packs[i]["images"])
+    before = _pack_loss(ours, packs, i)
+    twin = copy.deepcopy(ours)
+    with torch.no_grad():
+        twin.model.multi_modal_projector.linear_2.weight.zero_()
+    assert _pack_loss(twin, packs, i) != pytest.approx(before, rel=1e-4)  # the copy's own
+    assert _pack_loss(ours, packs, i) == before  # the original untouched
+
+
 def test_vision_tower_keeps_its_own_attention(parts):
     model, _, _ = _model_and_packs(parts)
     ours = _patched(model)
