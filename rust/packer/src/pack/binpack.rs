@@ -57,24 +57,38 @@ fn best_fit_decreasing(
 fn longest_first(lengths: &[u32], capacity: u32, seed: u64) -> Vec<u32> {
     let mut shuffled: Vec<u32> = (0..lengths.len() as u32).collect();
     SplitMix64::new(seed, STREAM_TIES).shuffle(&mut shuffled);
-    // next[k]: where the next sample of length capacity - k goes (longest = k 0 first)
-    let mut next = vec![0usize; capacity as usize + 1];
-    for &l in lengths {
-        next[(capacity - l) as usize] += 1;
+    // key capacity - length: the longest first
+    let counts = lengths.iter().map(|&l| (capacity - l) as usize);
+    counting_sort(&shuffled, counts, capacity as usize + 1, |s| {
+        (capacity - lengths[s as usize]) as usize
+    })
+    .0
+}
+
+/// `items` stably ordered by `key(item)` (in `0..buckets`), and where each key's run starts
+/// (`buckets + 1` offsets). `keys` yields every item's key once, in any order (for counting:
+/// a sequential pass where `key` would read at random).
+fn counting_sort(
+    items: &[u32],
+    keys: impl Iterator<Item = usize>,
+    buckets: usize,
+    key: impl Fn(u32) -> usize,
+) -> (Vec<u32>, Vec<u64>) {
+    let mut start = vec![0u64; buckets + 1];
+    for k in keys {
+        start[k + 1] += 1;
     }
-    let mut sum = 0;
-    for x in next.iter_mut() {
-        let c = *x;
-        *x = sum;
-        sum += c;
+    for b in 0..buckets {
+        start[b + 1] += start[b];
     }
-    let mut order = vec![0u32; lengths.len()];
-    for &s in &shuffled {
-        let k = (capacity - lengths[s as usize]) as usize;
-        order[next[k]] = s;
+    let mut next = start.clone();
+    let mut sorted = vec![0u32; items.len()];
+    for &item in items {
+        let k = key(item);
+        sorted[next[k] as usize] = item;
         next[k] += 1;
     }
-    order
+    (sorted, start)
 }
 
 const NONE: u32 = u32::MAX;
@@ -195,23 +209,13 @@ pub fn plan_packs_flat(
     let (order, pack_of, npacks) = best_fit_decreasing(lengths, capacity, seed)?;
     // Members of each pack in the order they were placed (plan_packs pushes them so): a
     // counting sort of `order` by pack, which keeps that order within a pack.
-    let mut start = vec![0u64; npacks as usize + 1];
-    for &p in &pack_of {
-        start[p as usize + 1] += 1;
-    }
-    let mut sum = 0;
-    for x in start.iter_mut() {
-        sum += *x;
-        *x = sum;
-    }
-    let mut placed = vec![0u32; lengths.len()];
-    let mut next = start.clone();
-    for &s in &order {
-        let p = pack_of[s as usize] as usize;
-        placed[next[p] as usize] = s;
-        next[p] += 1;
-    }
-    drop((order, pack_of, next));
+    let (placed, start) = counting_sort(
+        &order,
+        pack_of.iter().map(|&p| p as usize),
+        npacks as usize,
+        |s| pack_of[s as usize] as usize,
+    );
+    drop((order, pack_of));
     // The packs' shuffle (the same permutation as on a vector of packs: it depends on the
     // length only), then each pack's own shuffle in the new order, from the same streams.
     let mut packs: Vec<u32> = (0..npacks).collect();

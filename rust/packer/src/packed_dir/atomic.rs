@@ -72,19 +72,9 @@ impl HashedWriter {
 
     /// Append little-endian i64 values.
     pub fn write_i64s(&mut self, vals: &[i64]) -> Result<()> {
-        if self.buf.len() + 8 * vals.len() > self.buf.capacity() {
-            self.flush_buf()?;
-        }
-        if 8 * vals.len() > self.buf.capacity() {
-            for v in vals {
-                self.write(&v.to_le_bytes())?;
-            }
-            return Ok(());
-        }
         for v in vals {
-            self.buf.extend_from_slice(&v.to_le_bytes());
+            self.write(&v.to_le_bytes())?;
         }
-        self.size += 8 * vals.len() as u64;
         Ok(())
     }
 

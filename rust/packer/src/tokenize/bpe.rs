@@ -35,10 +35,10 @@ use std::marker::PhantomData;
 
 use hashbrown::HashTable;
 use rustc_hash::FxBuildHasher;
-
-use super::piece_table::PairTable;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+
+use super::piece_table::{PairTable, NO_PAIR};
 
 /// GPT-2's `bytes_to_unicode`: printable bytes map to themselves, the rest to U+0100 onwards.
 pub fn bytes_to_chars() -> [char; 256] {
@@ -288,7 +288,7 @@ impl MergeMap {
         self.joined.push_str(b);
         let key = pair_key(id(a)?, id(b)?);
         let new = id(&self.joined)?;
-        if key == u64::MAX {
+        if key == NO_PAIR {
             return Err("merge of two tokens with id 4294967295".into());
         }
         self.map.insert(key, (self.rank, new));

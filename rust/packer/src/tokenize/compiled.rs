@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 
 use super::bpe::{MergeMap, Vocab};
-use super::piece_table::{PairTable, PieceTable};
+use super::piece_table::{PairTable, PieceTable, NO_PAIR};
 
 /// Bumped whenever the layout, or what a table holds, changes.
 const MAGIC: &[u8; 8] = b"PFTBPE02";
@@ -65,7 +65,7 @@ pub(super) fn read(path: &std::path::Path) -> Option<Compiled> {
     let mut map = PairTable::with_capacity(n);
     for e in r.take(n.checked_mul(16)?)?.chunks_exact(16) {
         let key = u64::from_le_bytes(e[..8].try_into().ok()?);
-        if key == u64::MAX {
+        if key == NO_PAIR {
             return None;
         }
         map.insert(key, (le32(&e[8..12]), le32(&e[12..])));

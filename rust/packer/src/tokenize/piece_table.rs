@@ -111,8 +111,7 @@ impl<V: Copy + Default> PieceTable<V> {
         self.len
     }
 
-    #[inline]
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg(test)]
     pub(super) fn get(&self, k: u128) -> Option<V> {
         self.get_hashed(k, hash(k))
     }
@@ -177,8 +176,9 @@ pub(crate) struct PairTable {
     len: usize,
 }
 
-/// The key no pair has: ids are below `u32::MAX`.
-const NO_PAIR: u64 = u64::MAX;
+/// The key no pair has (the table's empty slot): a pair of two ids `u32::MAX`, which callers
+/// refuse before [`PairTable::insert`].
+pub(crate) const NO_PAIR: u64 = u64::MAX;
 
 impl Default for PairTable {
     fn default() -> Self {
