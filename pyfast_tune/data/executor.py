@@ -43,6 +43,8 @@ from pyfast_tune.data.packing import fingerprint, pack
 EXECUTORS = ("local", "ray")
 PLAN = "plan.json"
 PART_KIND = "pyfast-tune pack part"  # meta.json "kind" of a committed part (shard.rs KIND)
+# Its layout (shard.rs PART_FORMAT): a part of another format is redone, never merged.
+PART_FORMAT = 2
 RAY_EXTRA = "pip install 'pyfast-tune[ray]'"
 
 
@@ -69,6 +71,7 @@ class ShardPlan:
             return False
         return (
             meta.get("kind") == PART_KIND
+            and meta.get("format") == PART_FORMAT
             and meta.get("shard") == i
             and meta.get("num_shards") == self.shards
             and (self.part(i) / "part.json").is_file()

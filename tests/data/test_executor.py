@@ -88,7 +88,7 @@ def test_resume_redoes_only_unfinished_parts(chats, tiny_tokenizer, one_pack, tm
     dead = [work / ".part-1-of-3.tmp-otherhost-77-1", work / ".part-1-of-3.tmp-here-4194305-2"]
     for d in dead:
         d.mkdir()
-        (d / "stage_ids.tmp").write_bytes(b"\0" * 100)
+        (d / "stage_tokens.tmp").write_bytes(b"\0" * 100)
     before = {i: os.stat(plan.part(i) / "part.json").st_mtime_ns for i in (0, 2)}
     assert plan.pending() == [1]
     stats = pack(chats, tmp_path / "second", executor="local", shards=3, work_dir=work,
@@ -98,6 +98,15 @@ def test_resume_redoes_only_unfinished_parts(chats, tiny_tokenizer, one_pack, tm
     assert sorted(p.name for p in work.iterdir()) == [
         "part-0-of-3", "part-1-of-3", "part-2-of-3", "plan.json"]  # fmt: skip
     assert_same_bytes(one_pack[0], tmp_path / "second")
+    # A part left by a version that staged in another layout (no "format"): redone, not merged.
+    meta = json.loads((plan.part(2) / "meta.json").read_text())
+    del meta["format"]
+    (plan.part(2) / "meta.json").write_text(json.dumps(meta))
+    assert plan.pending() == [2]
+    pack(chats, tmp_path / "third", executor="local", shards=3, work_dir=work,
+         **_opts(tiny_tokenizer))  # fmt: skip
+    assert plan.pending() == [] and os.stat(plan.part(0) / "part.json").st_mtime_ns == before[0]
+    assert_same_bytes(one_pack[0], tmp_path / "third")
     assert stats.fingerprint == one_pack[1].fingerprint
 
 

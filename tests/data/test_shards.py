@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import zstandard
 
 from pyfast_tune.cli import main as cli
-from pyfast_tune.data import PackConfigError, PackedDataset, merge_packs, pack
+from pyfast_tune.data import CorruptDataError, PackConfigError, PackedDataset, merge_packs, pack
 from pyfast_tune.demo import synth_conversations
 
 FILES = (
@@ -125,6 +126,13 @@ def test_merge_refuses_incomplete_or_mixed_parts(tmp_path, tiny_tokenizer):
         merge_packs([tmp_path / "p0", tmp_path / "s1"], tmp_path / "m")
     with pytest.raises(PackConfigError, match="I/N"):
         pack(data, tmp_path / "bad", shard=(2, 2), **kw)
+    # a part of the layout before format 2 (ids and mask staged in two files)
+    shutil.copytree(tmp_path / "p1", tmp_path / "old1")
+    doc = json.loads((tmp_path / "old1" / "part.json").read_text())
+    del doc["format"]
+    (tmp_path / "old1" / "part.json").write_text(json.dumps(doc))
+    with pytest.raises(CorruptDataError, match=r"part of format 1 .*pack this shard again"):
+        merge_packs([tmp_path / "p0", tmp_path / "old1"], tmp_path / "m")
     assert not (tmp_path / "m").exists()
 
 

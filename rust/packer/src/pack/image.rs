@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::pack::stage::{StagedSample, STAGE_IDS};
+use crate::pack::stage::{StagedSample, STAGED_TOKEN_BYTES, STAGE_TOKENS};
 use crate::template::encode::IMAGE_TOKEN_ID;
 
 /// Each staged sample's length in training tokens: text length plus `image_tokens - 1` per
@@ -26,7 +26,7 @@ pub(crate) fn expanded_lengths(
     lengths
 }
 
-/// The offset of each image's `<image>` token inside its sample, read from the staged ids
+/// The offset of each image's `<image>` token inside its sample, read from the staged tokens
 /// (`images`: staged indices; `part_dirs`: the parts' staging folders).
 pub(crate) fn positions(
     part_dirs: &[&Path],
@@ -37,10 +37,10 @@ pub(crate) fn positions(
     let mut buf = Vec::new();
     for &j in images {
         let s = &staged[j as usize];
-        let p = part_dirs[s.part as usize].join(STAGE_IDS);
+        let p = part_dirs[s.part as usize].join(STAGE_TOKENS);
         let f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
         buf.resize(s.len as usize * 4, 0);
-        f.read_exact_at(&mut buf, s.offset * 4)
+        f.read_exact_at(&mut buf, s.offset * STAGED_TOKEN_BYTES)
             .map_err(|e| Error::io(&p, e))?;
         let pos = buf
             .chunks_exact(4)

@@ -18,8 +18,9 @@
 //! file as a whole (an empty file, a format that cannot be detected, a file that cannot be
 //! opened), so such a fault is counted once.
 //!
-//! Part directory: `stage_ids.tmp` (`<u4`), `stage_mask.tmp` (`u1`), `part_samples.bin`
-//! (`<u4` length, `<u4` global file index, `<u8` record; 16 bytes per sample) and
+//! Part directory: `stage_tokens.tmp` (each sample's `<u4` ids, then its `u1` mask),
+//! `part_samples.bin` (`<u4` length, `<u4` global file index, `<u8` record; 16 bytes per
+//! sample) and
 //! `part.json` (shard, counts, statistics, the files it read and their entries, the run's
 //! header, and for preference pairs `pair_starts`: the part-local index of each pair's chosen
 //! sample, its rejected sample being the next). A record is one unit of a shard, so a pair
@@ -33,7 +34,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::pack::stage::{
-    Part, StagedSample, ROLE_CHOSEN, ROLE_NONE, ROLE_REJECTED, STAGE_IDS, STAGE_MASK,
+    Part, StagedSample, ROLE_CHOSEN, ROLE_NONE, ROLE_REJECTED, STAGED_TOKEN_BYTES, STAGE_TOKENS,
 };
 use crate::pack::stats::{PackStats, Progress};
 use crate::pack::write::{finish, Header};
@@ -45,6 +46,9 @@ pub mod ranged;
 const PART_JSON: &str = "part.json";
 const PART_SAMPLES: &str = "part_samples.bin";
 const KIND: &str = "pyfast-tune pack part";
+/// Layout of a part's files (`part.json` "format"): 2 since the staged ids and mask are one
+/// file ([`STAGE_TOKENS`]); parts without it staged them in two files.
+const PART_FORMAT: u64 = 2;
 
 fn corrupt(path: &Path, msg: impl Into<String>) -> Error {
     Error::Corrupt {
@@ -76,6 +80,7 @@ pub(crate) fn save(
     stats.tokens = part.tokens;
     let mut doc = json!({
         "kind": KIND,
+        "format": PART_FORMAT,
         "shard": i,
         "num_shards": n,
         "files": all_files,
@@ -106,7 +111,7 @@ pub(crate) fn save(
     let m = staging.dir.join(crate::packed_dir::layout::META);
     std::fs::write(
         &m,
-        json!({"kind": KIND, "shard": i, "num_shards": n}).to_string(),
+        json!({"kind": KIND, "format": PART_FORMAT, "shard": i, "num_shards": n}).to_string(),
     )
     .map_err(|e| Error::io(&m, e))?;
     staging.commit()?;
@@ -130,6 +135,16 @@ fn load_doc(dir: &Path) -> Result<(Value, u64)> {
         return Err(corrupt(
             &p,
             "not a part written by `pyfast-tune pack --shard`",
+        ));
+    }
+    if doc["format"].as_u64() != Some(PART_FORMAT) {
+        return Err(corrupt(
+            &p,
+            format!(
+                "a part of format {} (this pyfast-tune reads format {PART_FORMAT}): written by \
+                 another version; pack this shard again",
+                doc.get("format").map_or("1".to_string(), |v| v.to_string())
+            ),
         ));
     }
     let n = doc["samples"]
@@ -180,18 +195,16 @@ fn read_samples(
         return Err(corrupt(&sp, "content hash differs from part.json"));
     }
     let tokens = doc["tokens"].as_u64().unwrap_or(u64::MAX);
-    for (name, width) in [(STAGE_IDS, 4), (STAGE_MASK, 1)] {
-        let f = dir.join(name);
-        let size = std::fs::metadata(&f).map_err(|e| Error::io(&f, e))?.len();
-        if tokens != offset || size != width * offset {
-            return Err(corrupt(
-                &f,
-                format!(
-                    "{size} bytes, expected {} ({offset} tokens)",
-                    width * offset
-                ),
-            ));
-        }
+    let f = dir.join(STAGE_TOKENS);
+    let size = std::fs::metadata(&f).map_err(|e| Error::io(&f, e))?.len();
+    if tokens != offset || size != STAGED_TOKEN_BYTES * offset {
+        return Err(corrupt(
+            &f,
+            format!(
+                "{size} bytes, expected {} ({offset} tokens)",
+                STAGED_TOKEN_BYTES * offset
+            ),
+        ));
     }
     Ok(offset)
 }

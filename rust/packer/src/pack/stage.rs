@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use crate::config::PackConfig;
 use crate::error::{Error, Result};
+use crate::format::openai;
 use crate::format::preference::pair_records;
 use crate::format::xtuner::{llava_image, Columns};
 use crate::format::Format;
@@ -24,7 +25,7 @@ use crate::source::record::{OwnedRecord, Unreadable};
 use crate::source::span::Span;
 use crate::source::RecordStream;
 use crate::template::chat::{self, ChatTemplate};
-use crate::template::encode::{encode_turns_opts, Encoded};
+use crate::template::encode::{encode_turns_opts, Encoded, TurnText};
 use crate::template::Template;
 use crate::tokenize::TextTokenizer;
 
@@ -33,10 +34,13 @@ use crate::tokenize::TextTokenizer;
 const CHUNK: usize = 4096;
 /// How many skipped-record messages are kept for the report.
 pub(crate) const MAX_SKIP_EXAMPLES: usize = 10;
-/// Staged token ids of a part (`<u4`, input order).
-pub(crate) const STAGE_IDS: &str = "stage_ids.tmp";
-/// Staged loss mask of a part (`u1`, input order).
-pub(crate) const STAGE_MASK: &str = "stage_mask.tmp";
+/// Staged tokens of a part, samples in input order, each as its ids (`<u4`) followed by its
+/// loss mask (`u1`): five bytes per token, and a sample at token `o` starts at byte `5 o`.
+/// One file, so a writer copying a sample into the packed files reads it with one
+/// positioned read (the ids and mask of a sample lie together on the same pages).
+pub(crate) const STAGE_TOKENS: &str = "stage_tokens.tmp";
+/// Bytes per staged token ([`STAGE_TOKENS`]).
+pub(crate) const STAGED_TOKEN_BYTES: u64 = 5;
 
 /// How turns become text: XTuner prompt template, the tokenizer's chat template, or none.
 pub enum Templating {
@@ -154,7 +158,73 @@ impl SourceView {
     }
 }
 
+thread_local! {
+    /// A turn's templated input and output text, reused from record to record.
+    static TURN_TEXT: std::cell::RefCell<(String, String)> = Default::default();
+}
+
 impl Run<'_> {
+    /// An `openai` record read from its text without a `Value` tree ([`openai::turns`]) and
+    /// encoded with its template rendered into reused buffers. `None` when this path does not
+    /// apply (another format, `--columns`, `--template hf`, a row value) or declines the record
+    /// (an unusual shape, any error): the `Value` path then gives the same sample and owns
+    /// every error message.
+    fn encode_openai_text(
+        &self,
+        sv: &SourceView,
+        rec: &OwnedRecord,
+        format: Format,
+    ) -> Option<Encodedrecord> {
+        if format != Format::OpenAi || !sv.columns.is_empty() || rec.value.is_some() {
+            return None;
+        }
+        let template = match &self.templating {
+            Templating::None => None,
+            Templating::Xtuner(t) => Some(*t),
+            Templating::Hf(_) => return None,
+        };
+        let turns = openai::turns(rec.text.as_ref().ok()?)?;
+        if turns.is_empty() {
+            return Some(None);
+        }
+        TURN_TEXT.with(|cell| {
+            let (input, output) = &mut *cell.borrow_mut();
+            let mut enc = Encoded::default();
+            let mut needs_bos = true;
+            for (i, t) in turns.iter().enumerate() {
+                // What `Template::apply` makes of the turn (system text is dropped without a
+                // template, as `encode_turns` never reads it).
+                let text = match template {
+                    Some(tpl) => {
+                        input.clear();
+                        tpl.render_input(i, &t.system, &t.input, input).ok()?;
+                        output.clear();
+                        output.push_str(&t.output);
+                        output.push_str(tpl.suffix);
+                        TurnText {
+                            input,
+                            output,
+                            output_with_loss: t.output_with_loss,
+                            need_eos_token: !tpl.suffix_as_eos,
+                            sep: tpl.sep,
+                        }
+                    }
+                    None => TurnText {
+                        input: &t.input,
+                        output: &t.output,
+                        output_with_loss: t.output_with_loss,
+                        need_eos_token: true,
+                        sep: "",
+                    },
+                };
+                needs_bos = enc.push_turn(&self.tok, &text, needs_bos, false).ok()?;
+            }
+            enc.truncate(self.cfg.max_length);
+            let raw_len = enc.ids.len() as u64 + enc.truncated;
+            Some(Some(RecordOut::Sample(enc, raw_len, None)))
+        })
+    }
+
     fn encode_record(
         &self,
         value: Value,
@@ -265,7 +335,7 @@ pub(crate) struct StagedSample {
 
 /// The encoded samples of a range of input files, staged in `dir`.
 pub(crate) struct Part {
-    /// Directory holding [`STAGE_IDS`] and [`STAGE_MASK`].
+    /// Directory holding [`STAGE_TOKENS`].
     pub dir: PathBuf,
     pub samples: Vec<StagedSample>,
     pub tokens: u64,
@@ -305,8 +375,7 @@ fn record_error(
 
 /// Appends samples of one part to its staging files.
 struct Stager {
-    ids: HashedWriter,
-    mask: HashedWriter,
+    tokens: HashedWriter,
     buf: Vec<u8>,
     part: Part,
 }
@@ -320,14 +389,16 @@ impl Stager {
         image: Option<String>,
     ) -> Result<()> {
         // Little-endian `<u4`, four bytes per id (a loop the compiler vectorises; a
-        // `flat_map` extend went a byte at a time).
+        // `flat_map` extend went a byte at a time), then the mask.
+        let n = enc.ids.len();
         self.buf.clear();
-        self.buf.resize(4 * enc.ids.len(), 0);
-        for (b, x) in self.buf.chunks_exact_mut(4).zip(&enc.ids) {
+        self.buf.resize(STAGED_TOKEN_BYTES as usize * n, 0);
+        let (ids, mask) = self.buf.split_at_mut(4 * n);
+        for (b, x) in ids.chunks_exact_mut(4).zip(&enc.ids) {
             b.copy_from_slice(&x.to_le_bytes());
         }
-        self.ids.write(&self.buf)?;
-        self.mask.write(&enc.mask)?;
+        mask.copy_from_slice(&enc.mask);
+        self.tokens.write(&self.buf)?;
         if let Some(img) = image {
             self.part.images.push((self.part.samples.len() as u64, img));
         }
@@ -448,8 +519,7 @@ pub(crate) fn encode_part(
         (total as u128 * (i as u128 + 1) / n as u128) as u64,
     );
     let mut st = Stager {
-        ids: HashedWriter::create(dir.join(STAGE_IDS))?,
-        mask: HashedWriter::create(dir.join(STAGE_MASK))?,
+        tokens: HashedWriter::create(dir.join(STAGE_TOKENS))?,
         buf: Vec::new(),
         part: Part {
             dir: dir.to_path_buf(),
@@ -484,8 +554,7 @@ pub(crate) fn encode_part(
             encode_json_file(run, file, fi, span, sizes[fi], &mut st, &report)?;
         }
     }
-    st.ids.finish()?;
-    st.mask.finish()?;
+    st.tokens.finish()?;
     Ok(st.part)
 }
 
@@ -627,7 +696,10 @@ fn encode_json_file(
         let results: Vec<_> = run.pool.install(|| {
             batch
                 .par_iter_mut()
-                .map(|r| run.encode_record(sv.record_value(r)?, fmt))
+                .map(|r| match run.encode_openai_text(sv, r, fmt) {
+                    Some(out) => Ok(out),
+                    None => run.encode_record(sv.record_value(r)?, fmt),
+                })
                 .collect()
         });
         for (rec, res) in batch.iter().zip(results) {

@@ -16,8 +16,8 @@ use crate::pack::fingerprint::hash_value;
 use crate::pack::image;
 use crate::pack::mix::{self, MixRule, MixSourceStats};
 use crate::pack::stage::{
-    Part, StagedSample, MAX_SKIP_EXAMPLES, ROLE_CHOSEN, ROLE_NONE, ROLE_REJECTED, STAGE_IDS,
-    STAGE_MASK,
+    Part, StagedSample, MAX_SKIP_EXAMPLES, ROLE_CHOSEN, ROLE_NONE, ROLE_REJECTED,
+    STAGED_TOKEN_BYTES, STAGE_TOKENS,
 };
 use crate::pack::stats::{PackStats, Progress};
 use crate::packed_dir::atomic::{HashedWriter, StagingDir};
@@ -136,11 +136,9 @@ pub(crate) fn finish(
         stats.mix = mix_stats(header, &staged, source_of, counts, loss_of, tokens);
     }
     for p in &parts {
-        for name in [STAGE_IDS, STAGE_MASK] {
-            let f = p.dir.join(name);
-            if f.starts_with(&staging.dir) {
-                std::fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
-            }
+        let f = p.dir.join(STAGE_TOKENS);
+        if f.starts_with(&staging.dir) {
+            std::fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
         }
     }
     if let Some(starts) = &pairs {
@@ -348,15 +346,9 @@ fn write_packed(
     mut loss_of: Option<&mut [u32]>,
     progress: &dyn Fn(Progress<'_>) -> bool,
 ) -> Result<serde_json::Map<String, Value>> {
-    let sources: Vec<(std::fs::File, std::fs::File, PathBuf)> = part_dirs
+    let sources: Vec<(std::fs::File, PathBuf)> = part_dirs
         .iter()
-        .map(|d| {
-            Ok((
-                open(&d.join(STAGE_IDS))?,
-                open(&d.join(STAGE_MASK))?,
-                d.join(STAGE_IDS),
-            ))
-        })
+        .map(|d| Ok((open(&d.join(STAGE_TOKENS))?, d.join(STAGE_TOKENS))))
         .collect::<Result<_>>()?;
     let mut w_ids = HashedWriter::create(dir.join(layout::INPUT_IDS))?;
     let mut w_mask = HashedWriter::create(dir.join(layout::LOSS_MASK))?;
@@ -365,21 +357,19 @@ fn write_packed(
     let mut new_start = vec![0i64; staged.len()];
     let mut pack_of = vec![0i64; staged.len()];
     let (mut tok_pos, mut sample_pos) = (0i64, 0i64);
-    let (mut ids_buf, mut mask_buf) = (Vec::new(), Vec::new());
+    let mut buf = Vec::new();
     for (p, members) in packs.iter().enumerate() {
         w_packs.write_i64s(&[tok_pos, sample_pos])?;
         for &s in members {
             let s = s as usize;
             let st = &staged[s];
-            let (ids_f, mask_f, ids_path) = &sources[st.part as usize];
-            ids_buf.resize(st.len as usize * 4, 0);
-            mask_buf.resize(st.len as usize, 0);
-            ids_f
-                .read_exact_at(&mut ids_buf, st.offset * 4)
-                .and_then(|_| mask_f.read_exact_at(&mut mask_buf, st.offset))
-                .map_err(|e| Error::io(ids_path, e))?;
-            w_ids.write(&ids_buf)?;
-            w_mask.write(&mask_buf)?;
+            let (f, path) = &sources[st.part as usize];
+            buf.resize(st.len as usize * STAGED_TOKEN_BYTES as usize, 0);
+            f.read_exact_at(&mut buf, st.offset * STAGED_TOKEN_BYTES)
+                .map_err(|e| Error::io(path, e))?;
+            let (ids_buf, mask_buf) = buf.split_at(4 * st.len as usize);
+            w_ids.write(ids_buf)?;
+            w_mask.write(mask_buf)?;
             if let Some(loss) = loss_of.as_deref_mut() {
                 loss[s] = mask_buf.iter().filter(|&&m| m != 0).count() as u32;
             }

@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use super::{check_parts, join_file_entries, load_doc, merge, part_of, read_samples};
 use crate::error::{Error, Result};
 use crate::pack::binpack::plan_packs_flat;
-use crate::pack::stage::{STAGE_IDS, STAGE_MASK};
+use crate::pack::stage::{STAGED_TOKEN_BYTES, STAGE_TOKENS};
 use crate::pack::stats::{PackStats, Progress};
 use crate::packed_dir::atomic::{HashedWriter, StagingDir};
 use crate::packed_dir::layout;
@@ -386,7 +386,7 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
     };
     let (out_ids, ids_path) = open_out(layout::INPUT_IDS)?;
     let (out_mask, mask_path) = open_out(layout::LOSS_MASK)?;
-    let mut sources: Vec<Option<(File, File)>> = (0..plan.parts.len()).map(|_| None).collect();
+    let mut sources: Vec<Option<File>> = (0..plan.parts.len()).map(|_| None).collect();
     let mut rows = copy_rows_from(&staging.join(PLAN_DIR).join(COPY), t0)?.peekable();
     let mut out = RangeHashes::default();
     let (mut ids, mut mask) = (Vec::new(), Vec::new());
@@ -403,10 +403,12 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
         let mut c0 = b0;
         while c0 < b1 {
             let c1 = (c0 + CHUNK_TOKENS).min(b1);
+            let n = (c1 - c0) as usize;
             ids.clear();
             mask.clear();
-            ids.resize(4 * (c1 - c0) as usize, 0);
-            mask.resize((c1 - c0) as usize, 0);
+            // Room for a whole sample's mask after its ids (read together, below).
+            ids.resize(4 * n + plan.max_length as usize, 0);
+            mask.resize(n, 0);
             while let Some(row) = rows.peek() {
                 let &(dst, src, len) = row.as_ref().map_err(|e| Error::Internal(e.to_string()))?;
                 let (lo, hi) = (dst.max(c0), (dst + len as u64).min(c1));
@@ -415,35 +417,40 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
                 }
                 if lo < hi {
                     let p = plan.part_bases.partition_point(|&b| b <= src) - 1;
-                    let dir = &plan.parts[p];
+                    let path = plan.parts[p].join(STAGE_TOKENS);
                     if sources[p].is_none() {
-                        let open = |n: &str| {
-                            File::open(dir.join(n)).map_err(|e| Error::io(dir.join(n), e))
-                        };
-                        sources[p] = Some((open(STAGE_IDS)?, open(STAGE_MASK)?));
+                        sources[p] = Some(File::open(&path).map_err(|e| Error::io(&path, e))?);
                     }
-                    let (f_ids, f_mask) = sources[p].as_ref().expect("opened above");
-                    let at = src - plan.part_bases[p] + (lo - dst);
+                    let f = sources[p].as_ref().expect("opened above");
+                    // The sample's ids, then its mask, from byte `at` of the part's file.
+                    let at = STAGED_TOKEN_BYTES * (src - plan.part_bases[p]);
                     let (a, b) = ((lo - c0) as usize, (hi - c0) as usize);
-                    f_ids
-                        .read_exact_at(&mut ids[4 * a..4 * b], 4 * at)
-                        .map_err(|e| Error::io(dir.join(STAGE_IDS), e))?;
-                    f_mask
-                        .read_exact_at(&mut mask[a..b], at)
-                        .map_err(|e| Error::io(dir.join(STAGE_MASK), e))?;
+                    let (k, len) = (lo - dst, len as u64);
+                    let end = 4 * a + (STAGED_TOKEN_BYTES * len) as usize;
+                    if hi - lo == len && end <= ids.len() {
+                        // Whole: one read into place, the mask then moved out of the ids.
+                        f.read_exact_at(&mut ids[4 * a..end], at)
+                            .map_err(|e| Error::io(&path, e))?;
+                        mask[a..b].copy_from_slice(&ids[4 * b..end]);
+                    } else {
+                        f.read_exact_at(&mut ids[4 * a..4 * b], at + 4 * k)
+                            .and_then(|_| f.read_exact_at(&mut mask[a..b], at + 4 * len + k))
+                            .map_err(|e| Error::io(&path, e))?;
+                    }
                 }
                 if dst + len as u64 > c1 {
                     break; // the sample goes on in the next chunk
                 }
                 rows.next();
             }
+            let ids = &ids[..4 * n];
             out_ids
-                .write_all_at(&ids, 4 * c0)
+                .write_all_at(ids, 4 * c0)
                 .map_err(|e| Error::io(&ids_path, e))?;
             out_mask
                 .write_all_at(&mask, c0)
                 .map_err(|e| Error::io(&mask_path, e))?;
-            h_ids.update(&ids);
+            h_ids.update(ids);
             h_mask.update(&mask);
             c0 = c1;
         }
