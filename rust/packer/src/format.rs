@@ -3,6 +3,7 @@
 
 use serde_json::{Map, Value};
 
+pub(crate) mod openai;
 pub(crate) mod preference;
 pub(crate) mod turn;
 pub(crate) mod xtuner;

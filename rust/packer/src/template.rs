@@ -145,6 +145,12 @@ pub fn by_name(name: &str) -> Option<&'static Template> {
 pub fn py_format(fmt: &str, fields: &[(&str, &str)]) -> String {
     let mut out =
         String::with_capacity(fmt.len() + fields.iter().map(|f| f.1.len()).sum::<usize>());
+    py_format_into(&mut out, fmt, fields);
+    out
+}
+
+/// [`py_format`] appended to `out`.
+pub fn py_format_into(out: &mut String, fmt: &str, fields: &[(&str, &str)]) {
     let mut rest = fmt;
     while let Some(i) = rest.find(['{', '}']) {
         out.push_str(&rest[..i]);
@@ -166,7 +172,6 @@ pub fn py_format(fmt: &str, fields: &[(&str, &str)]) -> String {
         rest = &tail[1..];
     }
     out.push_str(rest);
-    out
 }
 
 impl Template {
@@ -176,21 +181,8 @@ impl Template {
     /// without `SYSTEM` is an error, as `template.SYSTEM` fails in XTuner.
     pub fn apply(&self, turns: &mut [Turn]) -> Result<(), String> {
         for (i, turn) in turns.iter_mut().enumerate() {
-            let round = (i + 1).to_string();
-            let mut input = py_format(
-                self.instruction,
-                &[("input", &turn.input), ("round", &round)],
-            );
-            if !turn.system.is_empty() {
-                let Some(system) = self.system else {
-                    return Err(format!(
-                        "turn {i} has a system text but template {:?} has no SYSTEM (XTuner's \
-                         template_map_fn fails on it too): choose another template",
-                        self.name
-                    ));
-                };
-                input = py_format(system, &[("system", &turn.system)]) + &input;
-            }
+            let mut input = String::new();
+            self.render_input(i, &turn.system, &turn.input, &mut input)?;
             turn.input = input;
             if !self.suffix.is_empty() {
                 turn.output.push_str(self.suffix);
@@ -200,6 +192,46 @@ impl Template {
         }
         Ok(())
     }
+
+    /// The input text of turn `i` (0-based) as [`Template::apply`] makes it, appended to
+    /// `out`: SYSTEM with `system` (when not empty), then INSTRUCTION with `input` and the
+    /// round.
+    pub fn render_input(
+        &self,
+        i: usize,
+        system: &str,
+        input: &str,
+        out: &mut String,
+    ) -> Result<(), String> {
+        if !system.is_empty() {
+            let Some(tpl) = self.system else {
+                return Err(format!(
+                    "turn {i} has a system text but template {:?} has no SYSTEM (XTuner's \
+                     template_map_fn fails on it too): choose another template",
+                    self.name
+                ));
+            };
+            py_format_into(out, tpl, &[("system", system)]);
+        }
+        let mut digits = [0u8; 20];
+        let round = decimal(i + 1, &mut digits);
+        py_format_into(out, self.instruction, &[("input", input), ("round", round)]);
+        Ok(())
+    }
+}
+
+/// `n` in decimal, written into `buf` (`n.to_string()` without the allocation).
+fn decimal(mut n: usize, buf: &mut [u8; 20]) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).unwrap_or("")
 }
 
 #[cfg(test)]

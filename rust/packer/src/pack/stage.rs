@@ -183,13 +183,21 @@ impl Run<'_> {
             Templating::Xtuner(t) => Some(*t),
             Templating::Hf(_) => return None,
         };
-        let turns = openai::turns(rec.text.as_ref().ok()?)?;
+        let text = rec.text.as_ref().ok()?;
+        let turns = openai::turns(text)?;
         if turns.is_empty() {
             return Some(None);
         }
         TURN_TEXT.with(|cell| {
             let (input, output) = &mut *cell.borrow_mut();
-            let mut enc = Encoded::default();
+            // Room for the tokens from the start (JSON text holds over 4 bytes a token in
+            // the corpora we measure), not grown token by token.
+            let room = text.len() / 4 + 64;
+            let mut enc = Encoded {
+                ids: Vec::with_capacity(room),
+                mask: Vec::with_capacity(room),
+                truncated: 0,
+            };
             let mut needs_bos = true;
             for (i, t) in turns.iter().enumerate() {
                 // What `Template::apply` makes of the turn (system text is dropped without a

@@ -91,8 +91,11 @@ impl JsonRecords {
             }
             Body::Lines(reader) => {
                 let mut bytes = 0usize;
-                let mut buf = Vec::new();
+                // A line is read straight into the buffer its record keeps (one copy); a
+                // line that makes no record leaves its buffer to the next.
+                let mut spare = Vec::new();
                 while out.len() < max_records && bytes < BATCH_BYTES {
+                    let mut buf = std::mem::take(&mut spare);
                     buf.clear();
                     let n = reader
                         .read_until(b'\n', &mut buf)
@@ -107,26 +110,30 @@ impl JsonRecords {
                     if place == Ordering::Greater {
                         break;
                     }
-                    let mut line: &[u8] = &buf;
-                    if line.last() == Some(&b'\n') {
-                        line = &line[..line.len() - 1];
+                    if buf.last() == Some(&b'\n') {
+                        buf.pop();
                     }
                     if self.first {
                         self.first = false;
-                        line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
+                        if buf.starts_with(b"\xEF\xBB\xBF") {
+                            buf.drain(..3);
+                        }
                     }
-                    if line.iter().all(|b| b.is_ascii_whitespace()) {
+                    if buf.iter().all(|b| b.is_ascii_whitespace()) {
+                        spare = buf;
                         continue;
                     }
                     if place == Ordering::Less {
                         // Before this shard's bytes: counted, so indices and lines stay the
                         // whole file's.
                         self.index += 1;
+                        spare = buf;
                         continue;
                     }
-                    bytes += line.len();
-                    let text = std::str::from_utf8(line).map(str::to_string).map_err(|e| {
-                        Unreadable::Json(format!("invalid UTF-8 at column {}", e.valid_up_to() + 1))
+                    bytes += buf.len();
+                    let text = String::from_utf8(buf).map_err(|e| {
+                        let at = e.utf8_error().valid_up_to();
+                        Unreadable::Json(format!("invalid UTF-8 at column {}", at + 1))
                     });
                     out.push(OwnedRecord {
                         index: self.index,

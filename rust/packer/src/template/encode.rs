@@ -81,41 +81,82 @@ pub fn encode_turns_opts(
     let mut enc = Encoded::default();
     let mut needs_bos = true;
     for turn in turns {
+        let text = TurnText {
+            input: &turn.input,
+            output: &turn.output,
+            output_with_loss: turn.output_with_loss,
+            need_eos_token: turn.need_eos_token,
+            sep: &turn.sep,
+        };
+        needs_bos = enc.push_turn(tok, &text, needs_bos, with_image_token)?;
+    }
+    enc.truncate(max_length);
+    Ok(enc)
+}
+
+/// The texts and flags of one templated turn, borrowed (see [`Turn`]).
+pub struct TurnText<'s> {
+    /// User text, template applied (no loss).
+    pub input: &'s str,
+    /// Assistant text, template suffix included.
+    pub output: &'s str,
+    /// Whether the output (and its EOS) is trained.
+    pub output_with_loss: bool,
+    /// Whether an EOS token follows the output.
+    pub need_eos_token: bool,
+    /// Text after the turn, untrained.
+    pub sep: &'s str,
+}
+
+impl Encoded {
+    /// Append one turn as `encode_fn` does (BOS first when `needs_bos`); returns whether the
+    /// next turn needs a BOS (this one ended with EOS).
+    pub fn push_turn(
+        &mut self,
+        tok: &TextTokenizer,
+        turn: &TurnText<'_>,
+        needs_bos: bool,
+        with_image_token: bool,
+    ) -> Result<bool, String> {
         if needs_bos {
-            enc.push(&tok.bos, false);
+            self.push(&tok.bos, false);
         }
         match turn.input.split_once("<image>") {
             Some((a, b)) if with_image_token => {
                 if b.contains("<image>") {
                     return Err("more than one <image> in one turn's input".into());
                 }
-                enc.push_text(tok, a, false)?;
-                enc.push(&[IMAGE_TOKEN_ID], false);
-                enc.push_text(tok, b, false)?;
+                self.push_text(tok, a, false)?;
+                self.push(&[IMAGE_TOKEN_ID], false);
+                self.push_text(tok, b, false)?;
             }
-            _ => enc.push_text(tok, &turn.input, false)?,
+            _ => self.push_text(tok, turn.input, false)?,
         }
-        enc.push_text(tok, &turn.output, turn.output_with_loss)?;
-        if turn.need_eos_token {
+        self.push_text(tok, turn.output, turn.output_with_loss)?;
+        let next_needs_bos = if turn.need_eos_token {
             if tok.eos.is_empty() {
                 return Err(
                     "the template needs an EOS token but the tokenizer has none (eos_token in tokenizer_config.json)"
                         .into(),
                 );
             }
-            enc.push(&tok.eos, turn.output_with_loss);
-            needs_bos = true;
+            self.push(&tok.eos, turn.output_with_loss);
+            true
         } else {
-            needs_bos = false;
-        }
+            false
+        };
         if !turn.sep.is_empty() {
-            enc.push_text(tok, &turn.sep, false)?;
+            self.push_text(tok, turn.sep, false)?;
+        }
+        Ok(next_needs_bos)
+    }
+
+    /// Cut to `max_length` tokens, counting what was cut.
+    pub fn truncate(&mut self, max_length: usize) {
+        if self.ids.len() > max_length {
+            self.truncated = (self.ids.len() - max_length) as u64;
+            self.ids.truncate(max_length);
+            self.mask.truncate(max_length);
         }
     }
-    if enc.ids.len() > max_length {
-        enc.truncated = (enc.ids.len() - max_length) as u64;
-        enc.ids.truncate(max_length);
-        enc.mask.truncate(max_length);
-    }
-    Ok(enc)
 }
