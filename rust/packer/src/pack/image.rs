@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::pack::stage::{StagedSample, STAGED_TOKEN_BYTES, STAGE_TOKENS};
+use crate::pack::stage::{StagedSample, STAGE_TOKENS};
 use crate::template::encode::IMAGE_TOKEN_ID;
 
 /// Each staged sample's length in training tokens: text length plus `image_tokens - 1` per
@@ -40,7 +40,7 @@ pub(crate) fn positions(
         let p = part_dirs[s.part as usize].join(STAGE_TOKENS);
         let f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
         buf.resize(s.len as usize * 4, 0);
-        f.read_exact_at(&mut buf, s.offset * STAGED_TOKEN_BYTES)
+        f.read_exact_at(&mut buf, s.offset)
             .map_err(|e| Error::io(&p, e))?;
         let pos = buf
             .chunks_exact(4)

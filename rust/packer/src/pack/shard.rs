@@ -18,7 +18,7 @@
 //! file as a whole (an empty file, a format that cannot be detected, a file that cannot be
 //! opened), so such a fault is counted once.
 //!
-//! Part directory: `stage_tokens.tmp` (each sample's `<u4` ids, then its `u1` mask),
+//! Part directory: `stage_tokens.tmp` (each sample's `<u4` ids, then its mask's bits),
 //! `part_samples.bin` (`<u4` length, `<u4` global file index, `<u8` record; 16 bytes per
 //! sample) and
 //! `part.json` (shard, counts, statistics, the files it read and their entries, the run's
@@ -34,7 +34,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::pack::stage::{
-    Part, StagedSample, ROLE_CHOSEN, ROLE_NONE, ROLE_REJECTED, STAGED_TOKEN_BYTES, STAGE_TOKENS,
+    staged_bytes, Part, StagedSample, ROLE_CHOSEN, ROLE_NONE, ROLE_REJECTED, STAGE_TOKENS,
 };
 use crate::pack::stats::{PackStats, Progress};
 use crate::pack::write::{finish, Header};
@@ -46,8 +46,9 @@ pub mod ranged;
 const PART_JSON: &str = "part.json";
 const PART_SAMPLES: &str = "part_samples.bin";
 const KIND: &str = "pyfast-tune pack part";
-/// Layout of a part's files (`part.json` "format"): 2 since the staged ids and mask are one
-/// file ([`STAGE_TOKENS`]); parts without it staged them in two files.
+/// Layout of a part's files (`part.json` "format"): 2 since each sample's ids and mask bits
+/// are staged together ([`STAGE_TOKENS`]); parts without it staged ids and mask bytes in two
+/// files.
 const PART_FORMAT: u64 = 2;
 
 fn corrupt(path: &Path, msg: impl Into<String>) -> Error {
@@ -154,13 +155,14 @@ fn load_doc(dir: &Path) -> Result<(Value, u64)> {
 }
 
 /// Stream a part's `n` samples (length, file, record) to `each`, checking the content hash
-/// and that the staged token files hold exactly their tokens. Returns the token count.
+/// and that the staged token file holds exactly their tokens. Returns the token count and
+/// the staged file's size.
 fn read_samples(
     dir: &Path,
     doc: &Value,
     n: u64,
     mut each: impl FnMut(u32, u32, u64),
-) -> Result<u64> {
+) -> Result<(u64, u64)> {
     let sp = dir.join(PART_SAMPLES);
     let f = std::fs::File::open(&sp).map_err(|e| Error::io(&sp, e))?;
     let len = f.metadata().map_err(|e| Error::io(&sp, e))?.len();
@@ -174,7 +176,7 @@ fn read_samples(
     // 16-byte one on its own.
     let mut r = f;
     let mut h = blake3::Hasher::new();
-    let mut offset = 0u64;
+    let (mut offset, mut staged) = (0u64, 0u64);
     let mut block = vec![0u8; 16 << 12];
     let mut left = n;
     while left > 0 {
@@ -188,6 +190,7 @@ fn read_samples(
             let record = u64::from_le_bytes(rec[8..16].try_into().expect("8 bytes"));
             each(len, file, record);
             offset += len as u64;
+            staged += staged_bytes(len);
         }
         left -= rows as u64;
     }
@@ -197,16 +200,13 @@ fn read_samples(
     let tokens = doc["tokens"].as_u64().unwrap_or(u64::MAX);
     let f = dir.join(STAGE_TOKENS);
     let size = std::fs::metadata(&f).map_err(|e| Error::io(&f, e))?.len();
-    if tokens != offset || size != STAGED_TOKEN_BYTES * offset {
+    if tokens != offset || size != staged {
         return Err(corrupt(
             &f,
-            format!(
-                "{size} bytes, expected {} ({offset} tokens)",
-                STAGED_TOKEN_BYTES * offset
-            ),
+            format!("{size} bytes, expected {staged} ({offset} tokens)"),
         ));
     }
-    Ok(offset)
+    Ok((offset, staged))
 }
 
 /// A part as [`finish`] takes it, without its samples (`samples` empty, `tokens` set).
@@ -259,7 +259,7 @@ fn load(dir: &Path) -> Result<Loaded> {
             record,
             role: ROLE_NONE,
         });
-        offset += len as u64;
+        offset += staged_bytes(len);
     })?;
     for v in doc["pair_starts"].as_array().map_or(&[][..], Vec::as_slice) {
         let k = v.as_u64().map(|k| k as usize);

@@ -35,12 +35,67 @@ const CHUNK: usize = 4096;
 /// How many skipped-record messages are kept for the report.
 pub(crate) const MAX_SKIP_EXAMPLES: usize = 10;
 /// Staged tokens of a part, samples in input order, each as its ids (`<u4`) followed by its
-/// loss mask (`u1`): five bytes per token, and a sample at token `o` starts at byte `5 o`.
-/// One file, so a writer copying a sample into the packed files reads it with one
-/// positioned read (the ids and mask of a sample lie together on the same pages).
+/// loss mask as bits ([`pack_mask_bits`]): [`staged_bytes`] per sample, about 4.13 per
+/// token. A writer copying a sample into the packed files reads it with one positioned read
+/// (its ids and mask lie together), and reads an eighth of the mask's bytes.
 pub(crate) const STAGE_TOKENS: &str = "stage_tokens.tmp";
-/// Bytes per staged token ([`STAGE_TOKENS`]).
-pub(crate) const STAGED_TOKEN_BYTES: u64 = 5;
+
+/// Bytes of a staged sample of `len` tokens: its ids, then one bit per token.
+pub(crate) fn staged_bytes(len: u32) -> u64 {
+    4 * len as u64 + (len as u64).div_ceil(8)
+}
+
+/// The loss mask `mask` (0s and 1s) as bits into `bits` (`len.div_ceil(8)` bytes): token `j`
+/// at bit `j % 8` of byte `j / 8`. False when a value is neither 0 nor 1.
+pub(crate) fn pack_mask_bits(mask: &[u8], bits: &mut [u8]) -> bool {
+    let mut any = 0u8;
+    for (b, m) in bits.iter_mut().zip(mask.chunks(8)) {
+        *b = m
+            .iter()
+            .enumerate()
+            .fold(0u8, |acc, (j, &x)| acc | (x & 1) << j);
+        any |= m.iter().fold(0u8, |acc, &x| acc | x);
+    }
+    any <= 1
+}
+
+/// One byte (0 or 1) per bit of a bitmap byte, little-endian in a `u64`.
+const UNPACK: [u64; 256] = {
+    let mut t = [0u64; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut j = 0;
+        while j < 8 {
+            t[b] |= (((b >> j) & 1) as u64) << (8 * j);
+            j += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// The mask of tokens `from..from + out.len()` from its bits ([`pack_mask_bits`]).
+pub(crate) fn unpack_mask_bits(bits: &[u8], from: usize, out: &mut [u8]) {
+    if from % 8 == 0 {
+        let bits = &bits[from / 8..];
+        let whole = out.len() / 8;
+        let mut chunks = out.chunks_exact_mut(8);
+        for (o, &b) in (&mut chunks).zip(bits) {
+            o.copy_from_slice(&UNPACK[b as usize].to_le_bytes());
+        }
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
+            let b = bits[whole];
+            let n = rest.len();
+            rest.copy_from_slice(&UNPACK[b as usize].to_le_bytes()[..n]);
+        }
+    } else {
+        for (i, o) in out.iter_mut().enumerate() {
+            let j = from + i;
+            *o = (bits[j / 8] >> (j % 8)) & 1;
+        }
+    }
+}
 
 /// How turns become text: XTuner prompt template, the tokenizer's chat template, or none.
 pub enum Templating {
@@ -329,7 +384,7 @@ impl Run<'_> {
 pub(crate) struct StagedSample {
     /// Which part's staging files hold the tokens.
     pub part: u32,
-    /// Token offset in that part's staging files.
+    /// Byte offset in that part's [`STAGE_TOKENS`] file.
     pub offset: u64,
     /// Tokens.
     pub len: u32,
@@ -384,6 +439,8 @@ fn record_error(
 /// Appends samples of one part to its staging files.
 struct Stager {
     tokens: HashedWriter,
+    /// Bytes written to `tokens`.
+    staged: u64,
     buf: Vec<u8>,
     part: Part,
 }
@@ -400,25 +457,31 @@ impl Stager {
         // `flat_map` extend went a byte at a time), then the mask.
         let n = enc.ids.len();
         self.buf.clear();
-        self.buf.resize(STAGED_TOKEN_BYTES as usize * n, 0);
-        let (ids, mask) = self.buf.split_at_mut(4 * n);
+        self.buf.resize(staged_bytes(n as u32) as usize, 0);
+        let (ids, bits) = self.buf.split_at_mut(4 * n);
         for (b, x) in ids.chunks_exact_mut(4).zip(&enc.ids) {
             b.copy_from_slice(&x.to_le_bytes());
         }
-        mask.copy_from_slice(&enc.mask);
+        if enc.mask.len() != n || !pack_mask_bits(&enc.mask, bits) {
+            return Err(Error::Internal(format!(
+                "a sample of {n} ids has a loss mask of {} values, not 0/1 each",
+                enc.mask.len()
+            )));
+        }
         self.tokens.write(&self.buf)?;
         if let Some(img) = image {
             self.part.images.push((self.part.samples.len() as u64, img));
         }
         self.part.samples.push(StagedSample {
             part: 0,
-            offset: self.part.tokens,
+            offset: self.staged,
             len: enc.ids.len() as u32,
             file: file as u32,
             record,
             role: ROLE_NONE,
         });
         self.part.tokens += enc.ids.len() as u64;
+        self.staged += self.buf.len() as u64;
         Ok(())
     }
 
@@ -528,6 +591,7 @@ pub(crate) fn encode_part(
     );
     let mut st = Stager {
         tokens: HashedWriter::create(dir.join(STAGE_TOKENS))?,
+        staged: 0,
         buf: Vec::new(),
         part: Part {
             dir: dir.to_path_buf(),
@@ -876,4 +940,42 @@ fn encode_pretok_file(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_bits_give_back_every_slice_of_the_mask() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        for len in 0..70usize {
+            let mask: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    (seed >> 40) as u8 & 1
+                })
+                .collect();
+            let mut bits = vec![0u8; len.div_ceil(8)];
+            assert!(pack_mask_bits(&mask, &mut bits));
+            assert_eq!(staged_bytes(len as u32), (4 * len + bits.len()) as u64);
+            for from in 0..=len {
+                for to in from..=len {
+                    let mut out = vec![7u8; to - from];
+                    unpack_mask_bits(&bits, from, &mut out);
+                    assert_eq!(out, &mask[from..to], "len {len}, {from}..{to}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_mask_value_other_than_0_or_1_is_refused() {
+        let mut bits = [0u8; 2];
+        assert!(!pack_mask_bits(&[0, 1, 2, 0, 0, 0, 0, 0, 1], &mut bits));
+        assert!(pack_mask_bits(&[0, 1, 1, 0, 0, 0, 0, 0, 1], &mut bits));
+        assert_eq!(bits, [0b0000_0110, 0b1]);
+    }
 }

@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use super::{check_parts, join_file_entries, load_doc, merge, part_of, read_samples};
 use crate::error::{Error, Result};
 use crate::pack::binpack::plan_packs_flat;
-use crate::pack::stage::{STAGED_TOKEN_BYTES, STAGE_TOKENS};
+use crate::pack::stage::{staged_bytes, unpack_mask_bits, STAGE_TOKENS};
 use crate::pack::stats::{PackStats, Progress};
 use crate::packed_dir::atomic::{HashedWriter, StagingDir};
 use crate::packed_dir::layout;
@@ -40,8 +40,8 @@ use crate::packed_dir::treehash;
 /// Folder of the plan inside the staging directory (removed before the commit).
 const PLAN_DIR: &str = ".merge";
 const PLAN_JSON: &str = "plan.json";
-/// Per output sample in pack order: destination token, source token (parts laid end to
-/// end), length: `<u8 <u8 <u4 <u4(0)`.
+/// Per output sample in pack order: destination token, source byte (the parts' staged
+/// files laid end to end), length: `<u8 <u8 <u4 <u4(0)`.
 const COPY: &str = "copy.bin";
 const COPY_ROW: u64 = 24;
 /// Tokens copied, written and hashed at a time by a range writer.
@@ -61,7 +61,7 @@ struct Plan {
     /// Token ranges `[start, end)`, whole blocks each (the last may end short).
     ranges: Vec<(u64, u64)>,
     parts: Vec<PathBuf>,
-    /// Where each part's tokens start with the parts laid end to end (and the total).
+    /// Where each part's staged file starts with the parts laid end to end (and the total).
     part_bases: Vec<u64>,
     /// meta.json but for the hashes of the two token files.
     meta: Value,
@@ -163,10 +163,11 @@ pub fn plan(
     // Lengths, in input order: the parts laid end to end.
     let total: u64 = docs.iter().map(|(_, _, n)| n).sum();
     let mut lengths: Vec<u32> = Vec::with_capacity(total as usize);
-    let mut part_bases = vec![0u64];
+    let (mut part_bases, mut tokens) = (vec![0u64], 0u64);
     for (dir, doc, n) in &docs {
-        let tokens = read_samples(dir, doc, *n, |len, _, _| lengths.push(len))?;
-        part_bases.push(part_bases.last().copied().unwrap_or(0) + tokens);
+        let (t, staged) = read_samples(dir, doc, *n, |len, _, _| lengths.push(len))?;
+        part_bases.push(part_bases.last().copied().unwrap_or(0) + staged);
+        tokens += t;
     }
     if lengths.is_empty() {
         return Err(Error::NoTrainableSamples {
@@ -175,7 +176,6 @@ pub fn plan(
             skipped: stats.skipped_records,
         });
     }
-    let tokens = *part_bases.last().unwrap_or(&0);
     let (flat, bounds) = plan_packs_flat(&lengths, header.max_length as u32, header.seed)
         .map_err(Error::Internal)?;
     let npacks = bounds.len() - 1;
@@ -183,19 +183,24 @@ pub fn plan(
     let staging = StagingDir::new(out_dir)?;
     let dir = staging.dir.clone();
     std::fs::create_dir(dir.join(PLAN_DIR)).map_err(|e| Error::io(&dir, e))?;
-    // Where each sample's tokens start with the parts laid end to end: a prefix sum kept
-    // every 16 samples (half a byte per sample), the rest summed from the lengths (within
-    // one cache line of them).
+    // Where each sample's staged bytes start with the parts laid end to end: a prefix sum
+    // kept every 16 samples (half a byte per sample), the rest summed from the lengths
+    // (within one cache line of them).
     let checkpoints: Vec<u64> = lengths
         .chunks(16)
         .scan(0u64, |acc, c| {
             let at = *acc;
-            *acc += c.iter().map(|&l| l as u64).sum::<u64>();
+            *acc += c.iter().map(|&l| staged_bytes(l)).sum::<u64>();
             Some(at)
         })
         .collect();
-    let source_of =
-        |s: usize| checkpoints[s / 16] + lengths[s & !15..s].iter().map(|&l| l as u64).sum::<u64>();
+    let source_of = |s: usize| {
+        checkpoints[s / 16]
+            + lengths[s & !15..s]
+                .iter()
+                .map(|&l| staged_bytes(l))
+                .sum::<u64>()
+    };
     let mut pack_of = vec![u32::MAX; lengths.len()];
     let mut within = vec![0u32; lengths.len()];
     let mut pack_starts = Vec::with_capacity(npacks);
@@ -389,7 +394,7 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
     let mut sources: Vec<Option<File>> = (0..plan.parts.len()).map(|_| None).collect();
     let mut rows = copy_rows_from(&staging.join(PLAN_DIR).join(COPY), t0)?.peekable();
     let mut out = RangeHashes::default();
-    let (mut ids, mut mask) = (Vec::new(), Vec::new());
+    let (mut ids, mut mask, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
     // Each block is filled, written and hashed a chunk at a time, so the bytes are still in
     // cache when they are hashed (a whole 16 MiB block went through memory three times).
     let mut b0 = t0;
@@ -406,8 +411,7 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
             let n = (c1 - c0) as usize;
             ids.clear();
             mask.clear();
-            // Room for a whole sample's mask after its ids (read together, below).
-            ids.resize(4 * n + plan.max_length as usize, 0);
+            ids.resize(4 * n, 0);
             mask.resize(n, 0);
             while let Some(row) = rows.peek() {
                 let &(dst, src, len) = row.as_ref().map_err(|e| Error::Internal(e.to_string()))?;
@@ -422,20 +426,25 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
                         sources[p] = Some(File::open(&path).map_err(|e| Error::io(&path, e))?);
                     }
                     let f = sources[p].as_ref().expect("opened above");
-                    // The sample's ids, then its mask, from byte `at` of the part's file.
-                    let at = STAGED_TOKEN_BYTES * (src - plan.part_bases[p]);
+                    // The sample's ids, then its mask's bits, from byte `at` of the part's file.
+                    let at = src - plan.part_bases[p];
                     let (a, b) = ((lo - c0) as usize, (hi - c0) as usize);
-                    let (k, len) = (lo - dst, len as u64);
-                    let end = 4 * a + (STAGED_TOKEN_BYTES * len) as usize;
-                    if hi - lo == len && end <= ids.len() {
-                        // Whole: one read into place, the mask then moved out of the ids.
-                        f.read_exact_at(&mut ids[4 * a..end], at)
+                    let k = lo - dst;
+                    let bits = (len as u64).div_ceil(8) as usize;
+                    if hi - lo == len as u64 {
+                        // Whole: one read, then the ids and the mask into place.
+                        scratch.resize(staged_bytes(len) as usize, 0);
+                        f.read_exact_at(&mut scratch, at)
                             .map_err(|e| Error::io(&path, e))?;
-                        mask[a..b].copy_from_slice(&ids[4 * b..end]);
+                        let (i, m) = scratch.split_at(4 * (b - a));
+                        ids[4 * a..4 * b].copy_from_slice(i);
+                        unpack_mask_bits(m, 0, &mut mask[a..b]);
                     } else {
+                        scratch.resize(bits, 0);
                         f.read_exact_at(&mut ids[4 * a..4 * b], at + 4 * k)
-                            .and_then(|_| f.read_exact_at(&mut mask[a..b], at + 4 * len + k))
+                            .and_then(|_| f.read_exact_at(&mut scratch, at + 4 * len as u64))
                             .map_err(|e| Error::io(&path, e))?;
+                        unpack_mask_bits(&scratch, k as usize, &mut mask[a..b]);
                     }
                 }
                 if dst + len as u64 > c1 {
@@ -443,14 +452,13 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
                 }
                 rows.next();
             }
-            let ids = &ids[..4 * n];
             out_ids
-                .write_all_at(ids, 4 * c0)
+                .write_all_at(&ids, 4 * c0)
                 .map_err(|e| Error::io(&ids_path, e))?;
             out_mask
                 .write_all_at(&mask, c0)
                 .map_err(|e| Error::io(&mask_path, e))?;
-            h_ids.update(ids);
+            h_ids.update(&ids);
             h_mask.update(&mask);
             c0 = c1;
         }
