@@ -1,21 +1,17 @@
 //! The `openai` format read straight from a record's JSON text, without a
-//! `serde_json::Value` tree: strings without escapes are borrowed from the text, the rest
-//! are decoded once. Only the common shape is read here (an object whose `messages` are
-//! objects with string `role`s and string `content`s where the mapping reads them, no
-//! `tools`); any other record gives `None` and goes through the `Value` mapping
-//! ([`crate::format::Format::to_turns`]), which owns every message and error. Where this
-//! reader answers, its turns are those of that mapping (same rules: `openai_map_fn`'s).
-//!
-//! Fields the mapping never reads are still parsed as `Value`s, so a record is refused
-//! here exactly where `serde_json::from_str::<Value>` would refuse it (numbers out of range,
-//! nesting depth); a repeated key gives `None` (the `Value` map keeps the last one).
+//! `serde_json::Value` tree: one pass over the text, strings without escapes borrowed from
+//! it, the rest decoded once. Only the common shape is read here: an object with
+//! `messages` (an array of objects with a string `role` and `content`, an optional `loss`)
+//! and perhaps `tools: null`, every other key holding a string, `true`, `false` or `null`.
+//! Any other record gives `None` and goes through the `Value` mapping
+//! ([`crate::format::Format::to_turns`]), which owns every message and error; so does a
+//! record this reader finds any fault in (JSON `serde_json` would refuse, a repeated key,
+//! which the `Value` map resolves by keeping the last). Where this reader answers, its turns
+//! are those of that mapping (same rules: `openai_map_fn`'s), and the text is JSON that
+//! `serde_json` reads to the same values: strings hold no raw control character, escapes are
+//! JSON's, `\u` surrogates come in pairs, nothing but whitespace follows the object.
 
 use std::borrow::Cow;
-use std::fmt;
-
-use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde::Deserialize;
-use serde_json::Value;
 
 /// One turn of an `openai` record, borrowing from the record's text where it can.
 #[derive(Debug, PartialEq, Eq)]
@@ -33,11 +29,8 @@ pub(crate) struct BorrowedTurn<'a> {
 /// The turns of the `openai` record `text`, or `None` when this reader leaves the record to
 /// the `Value` mapping (see the module doc). An empty list: no assistant answer (dropped).
 pub(crate) fn turns(text: &str) -> Option<Vec<BorrowedTurn<'_>>> {
-    // A struct visitor would also take a JSON array; the `Value` mapping refuses one.
-    if !text.trim_start().starts_with('{') {
-        return None;
-    }
-    let record: Record<'_> = serde_json::from_str(text).ok()?;
+    let mut p = Scanner { text, at: 0 };
+    let record = p.record()?;
     if !matches!(record.tools, Field::Absent | Field::Null) {
         return None;
     }
@@ -59,7 +52,7 @@ fn map_messages(msgs: Vec<Message<'_>>) -> Option<Vec<BorrowedTurn<'_>>> {
                 system = match m.content {
                     Field::Absent | Field::Null => Cow::Borrowed(""),
                     Field::Str(s) => s,
-                    _ => return None,
+                    Field::Bool(_) => return None,
                 }
             }
             "user" => {
@@ -89,20 +82,20 @@ fn map_messages(msgs: Vec<Message<'_>>) -> Option<Vec<BorrowedTurn<'_>>> {
     Some(out)
 }
 
-/// A record: `messages`, `tools`, and any other keys (parsed, unused).
+/// A record: `messages` and `tools`.
 struct Record<'a> {
     messages: Vec<Message<'a>>,
     tools: Field<'a>,
 }
 
-/// A message: `role`, `content`, `loss`, and any other keys (parsed, unused).
+/// A message: `role`, `content`, `loss`.
 struct Message<'a> {
     role: Cow<'a, str>,
     content: Field<'a>,
     loss: Field<'a>,
 }
 
-/// A JSON value as far as the mapping looks at it.
+/// A JSON value this reader takes: a string, a literal, or no value at all.
 #[derive(Debug, Default)]
 enum Field<'a> {
     /// The key is not in the object.
@@ -111,8 +104,6 @@ enum Field<'a> {
     Null,
     Bool(bool),
     Str(Cow<'a, str>),
-    /// A number, array or object.
-    Other,
 }
 
 impl Field<'_> {
@@ -122,120 +113,237 @@ impl Field<'_> {
             Field::Absent => true,
             Field::Bool(b) => *b,
             Field::Str(s) => s.to_lowercase() == "true",
-            Field::Null | Field::Other => false,
+            Field::Null => false,
         }
     }
 }
 
-/// Set a field once; a repeated key fails the parse (see the module doc).
-fn set_once<T, E: de::Error>(slot: &mut Option<T>, value: T, key: &str) -> Result<(), E> {
-    if slot.replace(value).is_some() {
-        return Err(E::custom(format_args!("repeated key {key:?}")));
+/// Set a field once: a repeated key is left to the `Value` mapping.
+fn set_once<'a>(slot: &mut Field<'a>, value: Field<'a>) -> Option<()> {
+    if !matches!(slot, Field::Absent) {
+        return None;
     }
-    Ok(())
+    *slot = value;
+    Some(())
 }
 
-impl<'de: 'a, 'a> Deserialize<'de> for Record<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Record<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an openai record")
+/// A cursor over the record's text; every method returns `None` on anything it does not take.
+struct Scanner<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Scanner<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.text.as_bytes().get(self.at).copied()
+    }
+
+    /// Skip JSON whitespace (space, tab, line feed, carriage return).
+    fn blank(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.at += 1;
+        }
+    }
+
+    /// Whitespace, then `c`.
+    fn eat(&mut self, c: u8) -> Option<()> {
+        self.blank();
+        (self.peek()? == c).then(|| self.at += 1)
+    }
+
+    /// Whitespace, then `c` if it is there.
+    fn eat_if(&mut self, c: u8) -> bool {
+        self.blank();
+        let hit = self.peek() == Some(c);
+        self.at += hit as usize;
+        hit
+    }
+
+    /// `{ "key": value, ... }`, calling `entry` for each key with the cursor at its value.
+    fn object(
+        &mut self,
+        mut entry: impl FnMut(&mut Self, Cow<'a, str>) -> Option<()>,
+    ) -> Option<()> {
+        self.eat(b'{')?;
+        if self.eat_if(b'}') {
+            return Some(());
+        }
+        loop {
+            self.eat(b'"')?;
+            let key = self.string()?;
+            self.eat(b':')?;
+            entry(self, key)?;
+            if self.eat_if(b'}') {
+                return Some(());
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Record<'a>, A::Error> {
-                let (mut messages, mut tools) = (None, None);
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    match &*key {
-                        "messages" => set_once(&mut messages, map.next_value()?, "messages")?,
-                        "tools" => set_once(&mut tools, map.next_value()?, "tools")?,
-                        _ => drop(map.next_value::<Value>()?),
-                    }
+            self.eat(b',')?;
+        }
+    }
+
+    /// The whole text: one record object, nothing but whitespace after it.
+    fn record(&mut self) -> Option<Record<'a>> {
+        let (mut messages, mut tools) = (None, Field::Absent);
+        self.object(|p, key| match &*key {
+            "messages" if messages.is_none() => {
+                messages = Some(p.messages()?);
+                Some(())
+            }
+            "tools" => set_once(&mut tools, p.field()?),
+            "messages" => None,
+            _ => p.field().map(drop),
+        })?;
+        self.blank();
+        if self.at != self.text.len() {
+            return None;
+        }
+        Some(Record {
+            messages: messages?,
+            tools,
+        })
+    }
+
+    /// `[ message, ... ]`.
+    fn messages(&mut self) -> Option<Vec<Message<'a>>> {
+        self.eat(b'[')?;
+        let mut out = Vec::new();
+        if self.eat_if(b']') {
+            return Some(out);
+        }
+        loop {
+            out.push(self.message()?);
+            if self.eat_if(b']') {
+                return Some(out);
+            }
+            self.eat(b',')?;
+        }
+    }
+
+    fn message(&mut self) -> Option<Message<'a>> {
+        let (mut role, mut content, mut loss) = (Field::Absent, Field::Absent, Field::Absent);
+        self.object(|p, key| match &*key {
+            "role" => set_once(&mut role, p.field()?),
+            "content" => set_once(&mut content, p.field()?),
+            "loss" => set_once(&mut loss, p.field()?),
+            _ => p.field().map(drop),
+        })?;
+        let Field::Str(role) = role else {
+            return None;
+        };
+        Some(Message {
+            role,
+            content,
+            loss,
+        })
+    }
+
+    /// A string, `true`, `false` or `null`.
+    fn field(&mut self) -> Option<Field<'a>> {
+        self.blank();
+        let rest = &self.text.as_bytes()[self.at..];
+        for (word, value) in [
+            (&b"null"[..], Field::Null),
+            (b"true", Field::Bool(true)),
+            (b"false", Field::Bool(false)),
+        ] {
+            if rest.starts_with(word) {
+                self.at += word.len();
+                return Some(value);
+            }
+        }
+        self.eat(b'"')?;
+        self.string().map(Field::Str)
+    }
+
+    /// The rest of a string whose opening quote was read: borrowed up to the first escape,
+    /// then decoded into an owned copy.
+    fn string(&mut self) -> Option<Cow<'a, str>> {
+        let start = self.at;
+        let end = self.plain_run();
+        self.at = end;
+        if self.peek()? == b'"' {
+            self.at += 1;
+            return Some(Cow::Borrowed(&self.text[start..end]));
+        }
+        let mut out = String::with_capacity(end - start + 128);
+        out.push_str(&self.text[start..end]);
+        loop {
+            match self.peek()? {
+                b'"' => {
+                    self.at += 1;
+                    return Some(Cow::Owned(out));
                 }
-                Ok(Record {
-                    messages: messages.ok_or_else(|| de::Error::missing_field("messages"))?,
-                    tools: tools.unwrap_or_default(),
-                })
-            }
-        }
-        d.deserialize_map(V(std::marker::PhantomData))
-    }
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Message<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Message<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an openai message")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Message<'a>, A::Error> {
-                let (mut role, mut content, mut loss) = (None, None, None);
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    match &*key {
-                        "role" => set_once(&mut role, map.next_value::<Field>()?, "role")?,
-                        "content" => set_once(&mut content, map.next_value()?, "content")?,
-                        "loss" => set_once(&mut loss, map.next_value()?, "loss")?,
-                        _ => drop(map.next_value::<Value>()?),
-                    }
+                b'\\' => {
+                    self.at += 1;
+                    self.escape(&mut out)?;
                 }
-                let Some(Field::Str(role)) = role else {
-                    return Err(de::Error::custom("role is not a string"));
-                };
-                Ok(Message {
-                    role,
-                    content: content.unwrap_or_default(),
-                    loss: loss.unwrap_or_default(),
-                })
+                _ => return None, // a control character
             }
+            let from = self.at;
+            self.at = self.plain_run();
+            out.push_str(&self.text[from..self.at]);
         }
-        d.deserialize_map(V(std::marker::PhantomData))
     }
-}
 
-impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Field<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON value")
-            }
-            fn visit_unit<E>(self) -> Result<Field<'a>, E> {
-                Ok(Field::Null)
-            }
-            fn visit_bool<E>(self, b: bool) -> Result<Field<'a>, E> {
-                Ok(Field::Bool(b))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Field<'a>, E> {
-                Ok(Field::Other)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Field<'a>, E> {
-                Ok(Field::Other)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Field<'a>, E> {
-                Ok(Field::Other)
-            }
-            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Field<'a>, E> {
-                Ok(Field::Str(Cow::Borrowed(s)))
-            }
-            fn visit_str<E>(self, s: &str) -> Result<Field<'a>, E> {
-                Ok(Field::Str(Cow::Owned(s.to_string())))
-            }
-            fn visit_string<E>(self, s: String) -> Result<Field<'a>, E> {
-                Ok(Field::Str(Cow::Owned(s)))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Field<'a>, A::Error> {
-                while seq.next_element::<Value>()?.is_some() {}
-                Ok(Field::Other)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Field<'a>, A::Error> {
-                while map.next_entry::<String, Value>()?.is_some() {}
-                Ok(Field::Other)
-            }
+    /// Where the run of string bytes from the cursor ends: at the first `"`, `\` or control
+    /// character (or the end of the text).
+    fn plain_run(&self) -> usize {
+        let bytes = &self.text.as_bytes()[self.at..];
+        let stop = memchr::memchr2(b'"', b'\\', bytes).unwrap_or(bytes.len());
+        // Control characters are rare: one vectorised pass proves there are none.
+        let run = &bytes[..stop];
+        if run.iter().fold(false, |any, &b| any | (b < 0x20)) {
+            return self.at + run.iter().position(|&b| b < 0x20).unwrap_or(stop);
         }
-        d.deserialize_any(V(std::marker::PhantomData))
+        self.at + stop
+    }
+
+    /// One escape after its backslash, decoded onto `out`.
+    fn escape(&mut self, out: &mut String) -> Option<()> {
+        let c = self.peek()?;
+        self.at += 1;
+        let ch = match c {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let hi = self.hex4()?;
+                match hi {
+                    0xD800..=0xDBFF => {
+                        // A leading surrogate: only a trailing one may follow.
+                        if !self.text.as_bytes()[self.at..].starts_with(b"\\u") {
+                            return None;
+                        }
+                        self.at += 2;
+                        let lo = self.hex4()?;
+                        if !(0xDC00..=0xDFFF).contains(&lo) {
+                            return None;
+                        }
+                        char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))?
+                    }
+                    0xDC00..=0xDFFF => return None,
+                    _ => char::from_u32(hi)?,
+                }
+            }
+            _ => return None,
+        };
+        out.push(ch);
+        Some(())
+    }
+
+    /// Four hex digits of a `\u` escape.
+    fn hex4(&mut self) -> Option<u32> {
+        let digits = self.text.as_bytes().get(self.at..self.at + 4)?;
+        let mut v = 0u32;
+        for &d in digits {
+            v = v * 16 + (d as char).to_digit(16)?;
+        }
+        self.at += 4;
+        Some(v)
     }
 }
 
@@ -243,8 +351,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
 mod tests {
     use super::*;
     use crate::format::Format;
+    use serde_json::Value;
 
     /// This reader's turns, or `None`, next to the `Value` mapping's.
+    #[allow(clippy::type_complexity)]
     fn both(
         text: &str,
     ) -> (
@@ -280,15 +390,16 @@ mod tests {
     fn common_records_read_as_the_value_mapping_reads_them() {
         for text in [
             r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo\n\u00e9"}]}"#,
-            r#" {"id": 3, "messages": [{"role": "assistant", "content": 7}, {"role": "system", "content": null},
-                {"role": "user", "content": "a"}, {"role": "user", "content": "b\"c"},
-                {"role": "assistant", "content": "A1", "loss": "FALSE", "extra": [1, {"x": null}]},
-                {"role": "system", "content": "S"}, {"role": "user", "content": "q"},
-                {"role": "assistant", "content": "A2", "loss": null}, {"role": "user", "content": "dangling"}],
-                "tools": null}"#,
+            "\t{\"id\": \"x\", \"messages\":[{\"role\":\"assistant\",\"content\":true},{\"role\":\"system\",\"content\":null},\r\n\
+                {\"role\":\"user\",\"content\":\"a\"}, {\"role\": \"user\", \"content\": \"b\\\"c\\\\d\\/\"},\n\
+                {\"role\":\"assistant\",\"content\":\"A1\",\"loss\":\"FALSE\",\"extra\":null},\
+                {\"role\":\"system\",\"content\":\"S\"},{\"role\":\"user\",\"content\":\"q\\ud83d\\ude00\\u0000\"},\
+                {\"role\":\"assistant\",\"content\":\"A2\",\"loss\":null},{\"role\":\"user\",\"content\":\"dangling\"}],\
+                \"tools\": null, \"flag\": false} \n",
             r#"{"messages": [{"content": "q", "role": "user"}, {"role": "assistant", "content": "a", "loss": "True"},
-                {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b", "loss": 1}]}"#,
+                {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b", "loss": false}]}"#,
             r#"{"messages": [{"role": "system"}, {"role": "user", "content": ""}, {"role": "assistant", "content": ""}]}"#,
+            r#"{"m\u0065ssages": [{"r\u006fle": "user", "content": "k"}, {"role": "assistant", "content": "v"}]}"#,
             r#"{"messages": []}"#,
             r#"{"messages": [{"role": "user", "content": "only a question"}]}"#,
         ] {
@@ -304,20 +415,37 @@ mod tests {
             r#"{"messages": [["user", "hi"]]}"#,
             r#"{"messages": "x"}"#,
             r#"{"text": "x"}"#,
+            r#"{}"#,
             // shapes the mapping refuses (it owns the message)
             r#"{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "a"}]}"#,
             r#"{"messages": [{"role": "tool", "content": "x"}]}"#,
             r#"{"messages": [{"role": 1, "content": "x"}]}"#,
-            r#"{"messages": [{"role": "system", "content": 5}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}"#,
+            r#"{"messages": [{"role": "system", "content": true}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}"#,
             // tools go through the template path that refuses or renders them
             r#"{"messages": [], "tools": []}"#,
-            // a repeated key: the Value map keeps the last one
+            r#"{"messages": [], "tools": "[]"}"#,
+            // values this reader does not take: numbers, arrays, objects
+            r#"{"id": 3, "messages": []}"#,
+            r#"{"messages": [{"role": "user", "content": "q", "loss": 1}, {"role": "assistant", "content": "a"}]}"#,
+            r#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}]}"#,
+            // repeated keys: the Value map keeps the last one
             r#"{"messages": [{"role": "user", "content": "a", "content": "b"}, {"role": "assistant", "content": "c"}]}"#,
-            // what from_str::<Value> refuses: an out-of-range number in an unread field,
-            // trailing text, invalid escapes
-            r#"{"messages": [], "n": 1e999}"#,
+            r#"{"messages": [], "messages": []}"#,
+            r#"{"messages": [], "tools": null, "tools": null}"#,
+            // what from_str::<Value> refuses: trailing text, bad escapes, raw control
+            // characters, lone or broken surrogates, unterminated or malformed text
             r#"{"messages": []} x"#,
+            r#"{"messages": [],}"#,
+            r#"{"messages": [{"role": "user", "content": "a"},]}"#,
+            r#"{"messages": [{"role": "user", "content": "\x"}]}"#,
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"a\tb\"}]}",
             r#"{"messages": [{"role": "user", "content": "\ud800"}]}"#,
+            r#"{"messages": [{"role": "user", "content": "\ud800\u0041"}]}"#,
+            r#"{"messages": [{"role": "user", "content": "\udc00"}]}"#,
+            r#"{"messages": [{"role": "user", "content": "\u12g4"}]}"#,
+            r#"{"messages": [{"role": "user", "content": "abc"#,
+            r#"{"messages": [{"role": "user", "content": nul}]}"#,
+            r#"{"messages": [{"role": "user" "content": "a"}]}"#,
         ] {
             assert!(both(text).0.is_none(), "the fast reader answered {text}");
         }
@@ -329,5 +457,78 @@ mod tests {
             .unwrap();
         assert!(matches!(t[0].input, Cow::Borrowed("q")));
         assert!(matches!(t[0].output, Cow::Owned(_)));
+    }
+
+    /// Strings of quotes, backslashes, control characters, escapes of every kind (valid or
+    /// not), multi-byte text and surrogate pairs: this reader decodes each as `serde_json`
+    /// does, or declines where `serde_json` refuses.
+    #[test]
+    fn strings_decode_as_serde_json_decodes_them() {
+        const PIECES: &[&str] = &[
+            "a",
+            "é",
+            "语",
+            "😀",
+            " ",
+            "\"",
+            "\\",
+            "/",
+            "\u{7f}",
+            "\\n",
+            "\\t",
+            "\\\"",
+            "\\\\",
+            "\\/",
+            "\\b",
+            "\\f",
+            "\\r",
+            "\\u0041",
+            "\\u00E9",
+            "\\u8bed",
+            "\\ud83d\\ude00",
+            "\\uD83D\\uDE00",
+            "\\u0000",
+            "\\u001f",
+            "\n",
+            "\u{1}",
+            "\\ud83d",
+            "\\ude00",
+            "\\x",
+            "\\u12",
+            "\\",
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (mut same, mut declined) = (0, 0);
+        for _ in 0..20_000 {
+            let len = next() % 12;
+            let body: String = (0..len)
+                .map(|_| PIECES[(next() % PIECES.len() as u64) as usize])
+                .collect();
+            let text = format!(
+                r#"{{"messages": [{{"role": "user", "content": "{body}"}}, {{"role": "assistant", "content": "x"}}]}}"#
+            );
+            let want = serde_json::from_str::<Value>(&text)
+                .ok()
+                .map(|v| v["messages"][0]["content"].as_str().unwrap().to_string());
+            match (turns(&text), want) {
+                (Some(t), Some(w)) => {
+                    assert_eq!(t[0].input, w, "{text}");
+                    same += 1;
+                }
+                (None, None) => declined += 1,
+                (got, want) => panic!("{text}: fast {got:?}, serde_json {want:?}"),
+            }
+        }
+        // Both kinds of case were met.
+        assert!(
+            same > 1000 && declined > 1000,
+            "{same} decoded, {declined} refused"
+        );
     }
 }
