@@ -264,7 +264,8 @@ impl<'a> Scanner<'a> {
             self.at += 1;
             return Some(Cow::Borrowed(&self.text[start..end]));
         }
-        let mut out = String::with_capacity(end - start + 128);
+        // Sized once: the decoded text is no longer than its JSON.
+        let mut out = String::with_capacity(end - start + self.raw_len());
         out.push_str(&self.text[start..end]);
         loop {
             match self.peek()? {
@@ -295,6 +296,22 @@ impl<'a> Scanner<'a> {
             return self.at + run.iter().position(|&b| b < 0x20).unwrap_or(stop);
         }
         self.at + stop
+    }
+
+    /// Bytes from the cursor to the string's closing quote (the first `"` after an even run
+    /// of backslashes), or to the end of the text.
+    fn raw_len(&self) -> usize {
+        let bytes = &self.text.as_bytes()[self.at..];
+        let mut from = 0;
+        while let Some(q) = memchr::memchr(b'"', &bytes[from..]) {
+            let q = from + q;
+            let slashes = bytes[..q].iter().rev().take_while(|&&c| c == b'\\').count();
+            if slashes % 2 == 0 {
+                return q;
+            }
+            from = q + 1;
+        }
+        bytes.len()
     }
 
     /// One escape after its backslash, decoded onto `out`.

@@ -121,8 +121,12 @@ impl Encoded {
         if needs_bos {
             self.push(&tok.bos, false);
         }
-        match turn.input.split_once("<image>") {
-            Some((a, b)) if with_image_token => {
+        // Only LLaVA inputs are searched for `<image>`.
+        match with_image_token
+            .then(|| turn.input.split_once("<image>"))
+            .flatten()
+        {
+            Some((a, b)) => {
                 if b.contains("<image>") {
                     return Err("more than one <image> in one turn's input".into());
                 }
