@@ -151,9 +151,11 @@ def _run_pack(options: dict[str, Any], progress: bool) -> PackStats:
     return PackStats(**stats)
 
 
-def _resolve_sources(inputs, split, subset, data_order) -> tuple[list[str], list[dict]]:
+def _resolve_sources(
+    inputs, split, subset, data_order, lazy: bool = False
+) -> tuple[list[str], list[dict]]:
     """Local paths of ``inputs`` (``hf://`` ones resolved through huggingface_hub, in place;
-    object-storage URLs copied into the cache, ``storage.fetch``)
+    object-storage URLs copied into the cache, ``storage.fetch``; ``lazy``: as placeholders)
     and, for those, where they came from (``PackConfig.sources``)."""
     paths: list[str] = []
     sources: list[dict] = []
@@ -161,7 +163,7 @@ def _resolve_sources(inputs, split, subset, data_order) -> tuple[list[str], list
         if is_remote(inp):  # s3://, gs://, az://: a cached local copy
             from pyfast_tune.data import storage
 
-            paths.append(storage.fetch(inp))
+            paths.append(storage.fetch(inp, lazy=lazy))
             continue
         if not is_hub_url(inp):
             paths.append(inp)

@@ -14,6 +14,7 @@ from pyfast_tune.data.mix import is_mix, mix_sources
 from pyfast_tune.data.options import (
     PackStats,
     _engine_options,
+    _inputs,
     _resolve_sources,
     _run_pack,
     _tqdm_progress,
@@ -128,8 +129,13 @@ def pack(
         return run_sharded(
             engine, out_dir, executor or "local", shards, address, retries, work_dir, progress
         )
-    # Hub inputs and tokenizer ids become local files before anything is written.
-    inputs, mix, sources = _inputs_and_mix(inputs, template, split, subset, data_order, map_fn)
+    # Hub inputs and tokenizer ids become local files before anything is written; a shard
+    # lays out object-storage inputs as placeholders and fetches only the objects it reads.
+    lazy = shard is not None and map_fn is None and not is_mix(inputs)
+    remote = lazy and any(is_remote(i) for i in _inputs(inputs))
+    inputs, mix, sources = _inputs_and_mix(
+        inputs, template, split, subset, data_order, map_fn, lazy=remote
+    )
     options = _engine_options(
         sources,
         mix,
@@ -154,6 +160,8 @@ def pack(
         image_folder=image_folder,
     )
     try:
+        if remote:
+            _fetch_shard_objects(options, shard)
         if map_fn is not None:
             return _pack_mapped(map_fn, options, progress)
         return _run_pack(options, progress)
@@ -164,11 +172,24 @@ def pack(
         raise
 
 
-def _inputs_and_mix(inputs, template, split, subset, data_order, map_fn=None):
+def _fetch_shard_objects(options: dict, shard: tuple[int, int]) -> None:
+    """Download the object-storage inputs that shard ``shard`` reads (``storage.fetch`` laid
+    them out as placeholders): with ``whole_files``, each object of at most one share of the
+    bytes is read by one shard alone."""
+    from pyfast_tune.data import storage
+
+    options["whole_files"] = True
+    files = [p for p, _ in _packer.resolve_inputs(options)]
+    reads = _packer.shard_files_read([os.path.getsize(p) for p in files], *shard, True)
+    storage.materialize(p for p, r in zip(files, reads, strict=True) if r)
+
+
+def _inputs_and_mix(inputs, template, split, subset, data_order, map_fn=None, lazy=False):
     """(local inputs, engine mix, Hub sources): plain inputs, or — when an input is a source
-    mapping — every input as a source of a mix (docs/workflow-mixing.md)."""
+    mapping — every input as a source of a mix (docs/workflow-mixing.md). ``lazy``: object
+    storage inputs as placeholders (``storage.fetch``)."""
     if not is_mix(inputs):
-        paths, sources = _resolve_sources(inputs, split, subset, data_order)
+        paths, sources = _resolve_sources(inputs, split, subset, data_order, lazy)
         return paths, [], sources
     if data_order is not None or map_fn is not None:
         raise PackConfigError(

@@ -12,8 +12,14 @@ the wheel, and each store's client reads its standard credentials and settings i
 - Inputs (an object or a prefix) are copied once per run into a local cache keyed by the
   listing (names, sizes, ETags), ``$PYFAST_TUNE_CACHE/objects`` (default
   ``~/.cache/pyfast_tune/objects``); a prefix keeps its relative layout, so file names — and
-  the bytes — are those of the same files packed from a local folder. The shards of a run
-  read their byte ranges of that copy; the copy itself is whole.
+  the bytes — are those of the same files packed from a local folder.
+- A shard (``pack(..., shard=(i, n))``, each task of ``executor=``) fetches only the objects
+  it reads: ``fetch(url, lazy=True)`` lays out the prefix with an empty (sparse) placeholder
+  of each object's size, the engine's ``whole_files`` makes every object of at most one
+  share of the bytes one unit read by one shard, and ``materialize`` downloads the objects
+  that shard reads (``_packer.shard_files_read``) into ``objects/blobs`` (one copy per
+  object and version, hard-linked into place). A larger object is split by line as on local
+  disk, so every shard that reads part of it downloads it whole.
 - An output URL: the directory is packed locally (atomically, as always), then uploaded with
   ``meta.json`` last, after removing the old ``meta.json`` first: a reader never sees a
   manifest that does not describe the files beside it.
@@ -40,6 +46,8 @@ META = "meta.json"
 # local copy (file or folder) -> the URL it is a copy of, for every fetch of this process:
 # errors in the data name the URL, not the cache (``name_urls``)
 _COPIES: dict[str, str] = {}
+# placeholder laid out by a lazy fetch -> (filesystem, object path, its listing info)
+_LAZY: dict[str, tuple[Any, str, dict]] = {}
 
 
 def cache_root() -> Path:
@@ -74,9 +82,10 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 
-def fetch(url: str) -> str:
+def fetch(url: str, lazy: bool = False) -> str:
     """A local copy of the object or prefix ``url`` (fetched once; later calls with the same
-    listing get the cached copy): a file path for an object, a folder for a prefix."""
+    listing get the cached copy): a file path for an object, a folder for a prefix. ``lazy``:
+    placeholders of the objects' sizes in a view folder of their own, for ``materialize``."""
     fs, path = filesystem(url)
     path = path.rstrip("/")
     if fs.isfile(path):
@@ -92,9 +101,15 @@ def fetch(url: str) -> str:
     rel = {p: p[len(root) :].lstrip("/") for p in listing}
     key = _key(url, sorted((rel[p], i.get("size"), _version(i)) for p, i in listing.items()))
     name = path.rsplit("/", 1)[-1] or "data"
-    done = cache_root() / key
+    done = cache_root() / ("views" if lazy else "") / key
     local = done / name if not single else done / rel[path]
     _COPIES[os.fspath(local)] = url.rstrip("/")
+    if lazy:
+        for p, info in sorted(listing.items()):
+            dest = done / rel[p] if single else done / name / rel[p]
+            _placeholder(dest, int(info.get("size") or 0))
+            _LAZY[os.fspath(dest)] = (fs, p, info)
+        return os.fspath(local)
     if done.is_dir():
         return os.fspath(local)
     done.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +129,53 @@ def fetch(url: str) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return os.fspath(local)
+
+
+def _placeholder(dest: Path, size: int) -> None:
+    """An empty (sparse) file of ``size`` bytes at ``dest`` unless a file is there (a
+    placeholder or the object itself, put there by another shard on this machine)."""
+    if dest.exists():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # hidden while it is written: the engine's directory walk skips hidden entries
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.truncate(size)
+    try:
+        os.link(tmp, dest)  # fails when another process was first: its file stays
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
+def materialize(paths) -> int:
+    """Download the objects behind these placeholders of lazy fetches (other paths are left
+    alone) into ``objects/blobs`` and hard-link them into place; how many were downloaded."""
+    blobs = cache_root() / "blobs"
+    fetched = 0
+    for local in paths:
+        entry = _LAZY.get(os.fspath(local))
+        if entry is None:
+            continue
+        fs, remote, info = entry
+        blob = blobs / _key(fs.unstrip_protocol(remote), info.get("size"), _version(info))
+        if not blob.is_file():
+            blobs.mkdir(parents=True, exist_ok=True)
+            tmp = blobs / f".{blob.name}.tmp-{os.getpid()}"
+            try:
+                fs.get_file(remote, os.fspath(tmp))
+                if info.get("size") is not None and tmp.stat().st_size != info["size"]:
+                    raise OSError(f"{fs.unstrip_protocol(remote)} changed while it was copied")
+                os.replace(tmp, blob)
+            finally:
+                tmp.unlink(missing_ok=True)
+            fetched += 1
+        if not os.path.samefile(blob, local):
+            link = Path(local).parent / f".{Path(local).name}.link-{os.getpid()}"
+            os.link(blob, link)
+            os.replace(link, local)  # atomic: readers see the placeholder or the object
+    return fetched
 
 
 def name_urls(error: BaseException) -> None:

@@ -115,6 +115,32 @@ def test_s3_sharded_and_cli_runs_equal_local_files(s3, chats_dir, tiny_tokenizer
     assert _remote_bytes(s3, f"{BUCKET}/cli") == _local_bytes(local)
 
 
+def test_shards_download_only_the_objects_they_read(s3, tiny_tokenizer, tmp_path, monkeypatch):
+    from pyfast_tune.data import merge_packs
+    from pyfast_tune.demo import synth_conversations, write_jsonl
+
+    d = tmp_path / "many"
+    d.mkdir()
+    for k in range(6):  # objects smaller than a share: one unit each, read by one shard
+        write_jsonl(synth_conversations(20, seed=10 + k), d / f"s{k}.jsonl")
+    write_jsonl(synth_conversations(150, seed=20), d / "zbig.jsonl")  # over a share: split
+    s3.put(str(d), f"{BUCKET}/many", recursive=True)
+    pack(str(d), tmp_path / "local", **_opts(tiny_tokenizer))
+    fetched = []
+    for i in range(3):  # each shard on a machine of its own: its own cache
+        monkeypatch.setenv("PYFAST_TUNE_CACHE", str(tmp_path / f"cache{i}"))
+        pack(f"s3://{BUCKET}/many", tmp_path / f"p{i}", shard=(i, 3), **_opts(tiny_tokenizer))
+        views = tmp_path / f"cache{i}" / "objects" / "views"
+        # a downloaded object is linked from objects/blobs; a placeholder is not
+        fetched.append({p.name for p in views.rglob("*.jsonl") if p.stat().st_nlink == 2})
+    merge_packs([tmp_path / f"p{i}" for i in range(3)], tmp_path / "merged")
+    assert _local_bytes(tmp_path / "merged") == _local_bytes(tmp_path / "local")
+    small = {f"s{k}.jsonl" for k in range(6)}
+    assert sorted(len(f & small) for f in fetched) != [0, 0, 6]  # spread over the shards
+    assert sum(len(f & small) for f in fetched) == 6 and set().union(*fetched) >= small
+    assert sum("zbig.jsonl" in f for f in fetched) >= 2  # split: each shard reading part of it
+
+
 def test_manifest_is_uploaded_last(s3, tmp_path, monkeypatch):
     d = tmp_path / "out"
     d.mkdir()

@@ -429,6 +429,13 @@ fn format_names() -> Vec<&'static str> {
     packer::facts::Format::NAMES.to_vec()
 }
 
+/// Which of the input files (their sizes, in input order) shard `index` of `shards` reads;
+/// `whole`: with `whole_files` set in the options.
+#[pyfunction]
+fn shard_files_read(sizes: Vec<u64>, index: usize, shards: usize, whole: bool) -> Vec<bool> {
+    packer::files::shard_files_read(&sizes, index, shards, whole)
+}
+
 /// The ordered list of input files `pack` would read for these options (`inputs`,
 /// `data_order`, `file_type`), as (path, name) pairs.
 #[pyfunction]
@@ -569,6 +576,7 @@ fn _packer(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(format_names, m)?)?;
     m.add_function(wrap_pyfunction!(engine_facts, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_inputs, m)?)?;
+    m.add_function(wrap_pyfunction!(shard_files_read, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(merge_packs, m)?)?;
     m.add_function(wrap_pyfunction!(merge_plan, m)?)?;

@@ -81,6 +81,14 @@ pub struct PackConfig {
     /// the input list, so it is left out of the defaults (and so of every front end's flags).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mix: Vec<MixSource>,
+    /// Sharded runs: every input file of at most one shard's share of the bytes is one unit,
+    /// read whole by the shard its midpoint falls in, so a shard needs only its own files
+    /// (larger files are still split by line, row group or batch). Front ends set it for
+    /// shards of object-storage inputs and fetch only the files a shard reads
+    /// ([`crate::source::span::files_read`]). Another split of the same units, so never a
+    /// change of bytes: not in the fingerprint, and left out of the defaults (no flag).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub whole_files: bool,
 }
 
 /// One resolved remote source: the repository, the commit its files were read at, the split
@@ -189,6 +197,7 @@ impl Default for PackConfig {
             image_folder: None,
             sources: Vec::new(),
             mix: Vec::new(),
+            whole_files: false,
         }
     }
 }

@@ -50,13 +50,14 @@ pub mod facts {
     pub use crate::tokenize::NO_BOS_CLASSES;
 }
 
-/// Steps of the pipeline a front end runs on their own: which files a run reads, a
-/// tokenizer's hash, a pre-tokenized file read whole, the atomic swap of two directories.
+/// Steps of the pipeline a front end runs on their own: which files a run (or a shard)
+/// reads, a tokenizer's hash, a pre-tokenized file read whole, the atomic swap of two directories.
 pub mod files {
     pub use crate::config::resolve;
     pub use crate::input::{walk_dir, InputFile};
     pub use crate::packed_dir::atomic::exchange;
     pub use crate::source::pretokenized::read_all as read_pretokenized;
+    pub use crate::source::span::files_read as shard_files_read;
     pub use crate::tokenize::hash_files as tokenizer_hash;
 }
 

@@ -76,7 +76,7 @@ const UNPACK: [u64; 256] = {
 
 /// The mask of tokens `from..from + out.len()` from its bits ([`pack_mask_bits`]).
 pub(crate) fn unpack_mask_bits(bits: &[u8], from: usize, out: &mut [u8]) {
-    if from % 8 == 0 {
+    if from.is_multiple_of(8) {
         let bits = &bits[from / 8..];
         let whole = out.len() / 8;
         let mut chunks = out.chunks_exact_mut(8);
@@ -607,9 +607,10 @@ pub(crate) fn encode_part(
     };
     for (fi, file) in files.iter().enumerate() {
         let span = span_of(fi);
-        if !span.may_touch(sizes[fi]) {
+        if !span.reads(sizes[fi], run.cfg.whole_files) {
             continue;
         }
+        let whole = run.cfg.whole_files && span.whole_unit(sizes[fi]);
         let from = bases[fi].clamp(lo, hi);
         let report = |done: u64| {
             progress(Progress {
@@ -623,7 +624,7 @@ pub(crate) fn encode_part(
                 encode_pretok_file(run, file, fi, &mut st, &report)?;
             }
         } else {
-            encode_json_file(run, file, fi, span, sizes[fi], &mut st, &report)?;
+            encode_json_file(run, file, fi, span, sizes[fi], whole, &mut st, &report)?;
         }
     }
     st.tokens.finish()?;
@@ -701,12 +702,14 @@ fn file_fault(
     skip(cfg, &mut st.part.stats, err)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn encode_json_file(
     run: &Run<'_>,
     file: &InputFile,
     fi: usize,
     span: Span,
     size: u64,
+    whole: bool,
     st: &mut Stager,
     report: &dyn Fn(u64) -> bool,
 ) -> Result<()> {
@@ -725,7 +728,9 @@ fn encode_json_file(
         }
         Err(e) => return Err(e),
     };
-    let head = if stream.splittable() {
+    // A file that is one unit ([`Span::whole_unit`]) is read like one that cannot be split.
+    let splittable = stream.splittable() && !whole;
+    let head = if splittable {
         span.is_head()
     } else {
         if !whole_head {
@@ -749,7 +754,7 @@ fn encode_json_file(
     };
     // A shard reads part of the file and hashes only the blocks of its share (treehash):
     // every byte of the file is hashed once in the run, and the merge folds the blocks.
-    let in_blocks = stream.splittable() && span != Span::ALL;
+    let in_blocks = splittable && span != Span::ALL;
     if in_blocks {
         stream.restrict(span);
         stream.skip_hashing();

@@ -49,6 +49,38 @@ impl Span {
     pub fn may_touch(&self, size: u64) -> bool {
         self.place(0, 0) != Ordering::Greater && self.place(size, size) != Ordering::Less
     }
+
+    /// With whole files ([`crate::config::PackConfig::whole_files`]): whether a file of
+    /// `size` bytes is one unit, read whole by the shard its midpoint falls in — a file of
+    /// at most one shard's share of the bytes. Larger files are still split by unit.
+    pub fn whole_unit(&self, size: u64) -> bool {
+        self.n > 1 && size as u128 * self.n as u128 <= self.total as u128
+    }
+
+    /// Whether this shard reads any byte of a file of `size` bytes (`whole`: files that are
+    /// one unit are read by their owner alone).
+    pub fn reads(&self, size: u64, whole: bool) -> bool {
+        if whole && self.whole_unit(size) {
+            self.place(0, size).is_eq()
+        } else {
+            self.may_touch(size)
+        }
+    }
+}
+
+/// For shard `i` of `n` over files of these sizes (in input order): which files it reads
+/// ([`Span::reads`]); what a front end must fetch for it.
+pub fn files_read(sizes: &[u64], i: usize, n: usize, whole: bool) -> Vec<bool> {
+    let total: u64 = sizes.iter().sum();
+    let mut base = 0u64;
+    sizes
+        .iter()
+        .map(|&size| {
+            let span = Span::new(base, total, i, n);
+            base += size;
+            span.reads(size, whole)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -103,5 +135,26 @@ mod tests {
             .collect();
         assert_eq!(counts, [250, 250, 250, 250]);
         assert_eq!(Span::ALL.place(5, 9), Ordering::Equal);
+    }
+
+    #[test]
+    fn whole_files_are_read_by_one_shard_and_large_ones_split_as_before() {
+        let sizes = [10u64, 10, 100, 5, 30, 0];
+        for n in 1..6 {
+            let reads: Vec<Vec<bool>> = (0..n).map(|i| files_read(&sizes, i, n, true)).collect();
+            let split: Vec<Vec<bool>> = (0..n).map(|i| files_read(&sizes, i, n, false)).collect();
+            for (f, &size) in sizes.iter().enumerate() {
+                let readers = reads.iter().filter(|r| r[f]).count();
+                if n > 1 && size * n as u64 <= sizes.iter().sum::<u64>() {
+                    assert_eq!(readers, 1, "file {f} of {n} shards");
+                    // its owner is among the shards that would read part of it
+                    let owner = reads.iter().position(|r| r[f]).expect("one reader");
+                    assert!(split[owner][f]);
+                } else {
+                    let touching: Vec<bool> = split.iter().map(|r| r[f]).collect();
+                    assert_eq!(reads.iter().map(|r| r[f]).collect::<Vec<_>>(), touching);
+                }
+            }
+        }
     }
 }
