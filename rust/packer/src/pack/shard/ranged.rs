@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::pack::binpack::plan_packs_flat;
 use crate::pack::stage::{staged_bytes, unpack_mask_bits, STAGE_TOKENS};
 use crate::pack::stats::{PackStats, Progress};
-use crate::packed_dir::atomic::{HashedWriter, StagingDir};
+use crate::packed_dir::atomic::{start_writeback, HashedWriter, StagingDir};
 use crate::packed_dir::layout;
 use crate::packed_dir::treehash;
 
@@ -469,6 +469,9 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
             out.ids.push(treehash::to_hex(&h_ids.finalize_non_root()));
             out.mask.push(treehash::to_hex(&h_mask.finalize_non_root()));
         }
+        // The block is written: its pages go to disk while the next one is filled.
+        start_writeback(&out_ids, 4 * b0, 4 * (b1 - b0));
+        start_writeback(&out_mask, b0, b1 - b0);
         b0 = b1;
     }
     for (f, p) in [(&out_ids, &ids_path), (&out_mask, &mask_path)] {
