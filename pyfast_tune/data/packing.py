@@ -130,8 +130,9 @@ def pack(
             engine, out_dir, executor or "local", shards, address, retries, work_dir, progress
         )
     # Hub inputs and tokenizer ids become local files before anything is written; a shard
-    # lays out object-storage inputs as placeholders and fetches only the objects it reads.
-    lazy = shard is not None and map_fn is None and not is_mix(inputs)
+    # lays out object-storage inputs as placeholders and fetches only the objects it reads
+    # (not for LLaVA, whose records name images beside them).
+    lazy = shard is not None and map_fn is None and not is_mix(inputs) and not image_tokens
     remote = lazy and any(is_remote(i) for i in _inputs(inputs))
     inputs, mix, sources = _inputs_and_mix(
         inputs, template, split, subset, data_order, map_fn, lazy=remote
@@ -181,7 +182,8 @@ def _fetch_shard_objects(options: dict, shard: tuple[int, int]) -> None:
     options["whole_files"] = True
     files = [p for p, _ in _packer.resolve_inputs(options)]
     reads = _packer.shard_files_read([os.path.getsize(p) for p in files], *shard, True)
-    storage.materialize(p for p, r in zip(files, reads, strict=True) if r)
+    # a pre-tokenized X.bin is read with its X.bin.meta
+    storage.materialize(x for p, r in zip(files, reads, strict=True) if r for x in (p, p + ".meta"))
 
 
 def _inputs_and_mix(inputs, template, split, subset, data_order, map_fn=None, lazy=False):

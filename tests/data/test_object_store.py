@@ -141,6 +141,25 @@ def test_shards_download_only_the_objects_they_read(s3, tiny_tokenizer, tmp_path
     assert sum("zbig.jsonl" in f for f in fetched) >= 2  # split: each shard reading part of it
 
 
+def test_pretokenized_shards_fetch_each_bin_with_its_meta(s3, tiny_tokenizer, tmp_path,
+                                                          monkeypatch):  # fmt: skip
+    from test_pretok import gen_rows, write_bin
+
+    from pyfast_tune.data import merge_packs
+
+    d = tmp_path / "bins"
+    for k in range(4):
+        write_bin(d / f"x{k}.bin", gen_rows(30, seed=k))
+    s3.put(str(d), f"{BUCKET}/bins", recursive=True)
+    kw = dict(tokenizer=tiny_tokenizer, max_length=256, file_type=".bin")
+    pack(str(d), tmp_path / "local", **kw)
+    for i in range(2):
+        monkeypatch.setenv("PYFAST_TUNE_CACHE", str(tmp_path / f"cache{i}"))
+        pack(f"s3://{BUCKET}/bins", tmp_path / f"p{i}", shard=(i, 2), **kw)
+    merge_packs([tmp_path / "p0", tmp_path / "p1"], tmp_path / "merged")
+    assert _local_bytes(tmp_path / "merged") == _local_bytes(tmp_path / "local")
+
+
 def test_manifest_is_uploaded_last(s3, tmp_path, monkeypatch):
     d = tmp_path / "out"
     d.mkdir()
