@@ -391,7 +391,7 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
     };
     let (out_ids, ids_path) = open_out(layout::INPUT_IDS)?;
     let (out_mask, mask_path) = open_out(layout::LOSS_MASK)?;
-    let mut sources: Vec<Option<File>> = (0..plan.parts.len()).map(|_| None).collect();
+    let mut sources: Vec<Option<(File, PathBuf)>> = (0..plan.parts.len()).map(|_| None).collect();
     let mut rows = copy_rows_from(&staging.join(PLAN_DIR).join(COPY), t0)?.peekable();
     let mut out = RangeHashes::default();
     let (mut ids, mut mask, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
@@ -421,11 +421,12 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
                 }
                 if lo < hi {
                     let p = plan.part_bases.partition_point(|&b| b <= src) - 1;
-                    let path = plan.parts[p].join(STAGE_TOKENS);
                     if sources[p].is_none() {
-                        sources[p] = Some(File::open(&path).map_err(|e| Error::io(&path, e))?);
+                        let path = plan.parts[p].join(STAGE_TOKENS);
+                        let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+                        sources[p] = Some((f, path));
                     }
-                    let f = sources[p].as_ref().expect("opened above");
+                    let (f, path) = sources[p].as_ref().expect("opened above");
                     // The sample's ids, then its mask's bits, from byte `at` of the part's file.
                     let at = src - plan.part_bases[p];
                     let (a, b) = ((lo - c0) as usize, (hi - c0) as usize);
@@ -435,7 +436,7 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
                         // Whole: one read, then the ids and the mask into place.
                         scratch.resize(staged_bytes(len) as usize, 0);
                         f.read_exact_at(&mut scratch, at)
-                            .map_err(|e| Error::io(&path, e))?;
+                            .map_err(|e| Error::io(path, e))?;
                         let (i, m) = scratch.split_at(4 * (b - a));
                         ids[4 * a..4 * b].copy_from_slice(i);
                         unpack_mask_bits(m, 0, &mut mask[a..b]);
@@ -443,7 +444,7 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
                         scratch.resize(bits, 0);
                         f.read_exact_at(&mut ids[4 * a..4 * b], at + 4 * k)
                             .and_then(|_| f.read_exact_at(&mut scratch, at + 4 * len as u64))
-                            .map_err(|e| Error::io(&path, e))?;
+                            .map_err(|e| Error::io(path, e))?;
                         unpack_mask_bits(&scratch, k as usize, &mut mask[a..b]);
                     }
                 }
