@@ -1,8 +1,9 @@
 //! The `openai` format read straight from a record's JSON text, without a
 //! `serde_json::Value` tree: one pass over the text, strings without escapes borrowed from
-//! it, the rest decoded once. Only the common shape is read here: an object with
-//! `messages` (an array of objects with a string `role` and `content`, an optional `loss`)
-//! and perhaps `tools: null`, every other key holding a string, `true`, `false` or `null`.
+//! it, the rest decoded once into an arena the caller reuses. Only the common shape is read
+//! here: an object with `messages` (an array of objects with a string `role` and `content`,
+//! an optional `loss`) and perhaps `tools: null`, every other key holding a string, `true`,
+//! `false` or `null`.
 //! Any other record gives `None` and goes through the `Value` mapping
 //! ([`crate::format::Format::to_turns`]), which owns every message and error; so does a
 //! record this reader finds any fault in (JSON `serde_json` would refuse, a repeated key,
@@ -11,46 +12,80 @@
 //! `serde_json` reads to the same values: strings hold no raw control character, escapes are
 //! JSON's, `\u` surrogates come in pairs, nothing but whitespace follows the object.
 
-use std::borrow::Cow;
+use std::ops::Range;
 
-/// One turn of an `openai` record, borrowing from the record's text where it can.
+/// A string of the record: a slice of its text where it has no escape, else decoded into the
+/// record's arena (one buffer reused from record to record: no allocation per string).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Text<'a> {
+    /// Borrowed from the record's text.
+    Raw(&'a str),
+    /// Bytes of the arena.
+    Decoded(Range<usize>),
+    /// Consecutive user messages joined (rare).
+    Joined(String),
+}
+
+impl Default for Text<'_> {
+    fn default() -> Self {
+        Text::Raw("")
+    }
+}
+
+impl<'a> Text<'a> {
+    /// The string, given the arena [`turns`] decoded into.
+    pub(crate) fn get<'s>(&'s self, arena: &'s str) -> &'s str
+    where
+        'a: 's,
+    {
+        match self {
+            Text::Raw(s) => s,
+            Text::Decoded(r) => &arena[r.clone()],
+            Text::Joined(s) => s,
+        }
+    }
+}
+
+/// One turn of an `openai` record (its strings resolved with [`Text::get`]).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct BorrowedTurn<'a> {
     /// System text ("" = none).
-    pub system: Cow<'a, str>,
+    pub system: Text<'a>,
     /// User text (consecutive user messages joined).
-    pub input: Cow<'a, str>,
+    pub input: Text<'a>,
     /// Assistant text.
-    pub output: Cow<'a, str>,
+    pub output: Text<'a>,
     /// Whether the output is trained (the message's `loss`).
     pub output_with_loss: bool,
 }
 
 /// The turns of the `openai` record `text`, or `None` when this reader leaves the record to
 /// the `Value` mapping (see the module doc). An empty list: no assistant answer (dropped).
-pub(crate) fn turns(text: &str) -> Option<Vec<BorrowedTurn<'_>>> {
-    let mut p = Scanner { text, at: 0 };
+/// Strings with escapes are decoded into `arena` (cleared first).
+pub(crate) fn turns<'a>(text: &'a str, arena: &mut String) -> Option<Vec<BorrowedTurn<'a>>> {
+    arena.clear();
+    let mut p = Scanner { text, at: 0, arena };
     let record = p.record()?;
     if !matches!(record.tools, Field::Absent | Field::Null) {
         return None;
     }
-    map_messages(record.messages)
+    map_messages(record.messages, arena)
 }
 
 /// `openai_map_fn` on parsed messages, as the `Value` mapping applies it.
-fn map_messages(msgs: Vec<Message<'_>>) -> Option<Vec<BorrowedTurn<'_>>> {
+fn map_messages<'a>(msgs: Vec<Message<'a>>, arena: &str) -> Option<Vec<BorrowedTurn<'a>>> {
     let start = msgs
         .iter()
-        .position(|m| m.role != "assistant")
+        .position(|m| m.role.get(arena) != "assistant")
         .unwrap_or(msgs.len());
-    let mut system = Cow::Borrowed("");
-    let mut input: Cow<'_, str> = Cow::Borrowed("");
+    let mut system = Text::default();
+    let mut input = Text::default();
     let mut out = Vec::new();
     for m in msgs.into_iter().skip(start) {
-        match &*m.role {
+        match m.role.get(arena) {
             "system" => {
                 system = match m.content {
-                    Field::Absent | Field::Null => Cow::Borrowed(""),
+                    Field::Absent | Field::Null => Text::default(),
                     Field::Str(s) => s,
                     Field::Bool(_) => return None,
                 }
@@ -59,11 +94,11 @@ fn map_messages(msgs: Vec<Message<'_>>) -> Option<Vec<BorrowedTurn<'_>>> {
                 let Field::Str(s) = m.content else {
                     return None;
                 };
-                if input.is_empty() {
-                    input = s;
+                input = if input.get(arena).is_empty() {
+                    s
                 } else {
-                    input.to_mut().push_str(&s);
-                }
+                    Text::Joined([input.get(arena), s.get(arena)].concat())
+                };
             }
             "assistant" => {
                 let Field::Str(output) = m.content else {
@@ -73,7 +108,7 @@ fn map_messages(msgs: Vec<Message<'_>>) -> Option<Vec<BorrowedTurn<'_>>> {
                     system: std::mem::take(&mut system),
                     input: std::mem::take(&mut input),
                     output,
-                    output_with_loss: m.loss.openai_loss(),
+                    output_with_loss: m.loss.openai_loss(arena),
                 });
             }
             _ => return None,
@@ -90,7 +125,7 @@ struct Record<'a> {
 
 /// A message: `role`, `content`, `loss`.
 struct Message<'a> {
-    role: Cow<'a, str>,
+    role: Text<'a>,
     content: Field<'a>,
     loss: Field<'a>,
 }
@@ -103,19 +138,30 @@ enum Field<'a> {
     Absent,
     Null,
     Bool(bool),
-    Str(Cow<'a, str>),
+    Str(Text<'a>),
 }
 
 impl Field<'_> {
     /// `openai_map_fn`'s loss rule: `str(msg.get("loss", "True")).lower() == "true"`.
-    fn openai_loss(&self) -> bool {
+    fn openai_loss(&self, arena: &str) -> bool {
         match self {
             Field::Absent => true,
             Field::Bool(b) => *b,
-            Field::Str(s) => s.to_lowercase() == "true",
+            Field::Str(s) => s.get(arena).to_lowercase() == "true",
             Field::Null => false,
         }
     }
+}
+
+/// The keys this reader looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Key {
+    Messages,
+    Tools,
+    Role,
+    Content,
+    Loss,
+    Other,
 }
 
 /// Set a field once: a repeated key is left to the `Value` mapping.
@@ -128,12 +174,13 @@ fn set_once<'a>(slot: &mut Field<'a>, value: Field<'a>) -> Option<()> {
 }
 
 /// A cursor over the record's text; every method returns `None` on anything it does not take.
-struct Scanner<'a> {
+struct Scanner<'a, 'b> {
     text: &'a str,
     at: usize,
+    arena: &'b mut String,
 }
 
-impl<'a> Scanner<'a> {
+impl<'a> Scanner<'a, '_> {
     fn peek(&self) -> Option<u8> {
         self.text.as_bytes().get(self.at).copied()
     }
@@ -160,17 +207,14 @@ impl<'a> Scanner<'a> {
     }
 
     /// `{ "key": value, ... }`, calling `entry` for each key with the cursor at its value.
-    fn object(
-        &mut self,
-        mut entry: impl FnMut(&mut Self, Cow<'a, str>) -> Option<()>,
-    ) -> Option<()> {
+    fn object(&mut self, mut entry: impl FnMut(&mut Self, Key) -> Option<()>) -> Option<()> {
         self.eat(b'{')?;
         if self.eat_if(b'}') {
             return Some(());
         }
         loop {
             self.eat(b'"')?;
-            let key = self.string()?;
+            let key = self.key()?;
             self.eat(b':')?;
             entry(self, key)?;
             if self.eat_if(b'}') {
@@ -183,13 +227,13 @@ impl<'a> Scanner<'a> {
     /// The whole text: one record object, nothing but whitespace after it.
     fn record(&mut self) -> Option<Record<'a>> {
         let (mut messages, mut tools) = (None, Field::Absent);
-        self.object(|p, key| match &*key {
-            "messages" if messages.is_none() => {
+        self.object(|p, key| match key {
+            Key::Messages if messages.is_none() => {
                 messages = Some(p.messages()?);
                 Some(())
             }
-            "tools" => set_once(&mut tools, p.field()?),
-            "messages" => None,
+            Key::Tools => set_once(&mut tools, p.field()?),
+            Key::Messages => None,
             _ => p.field().map(drop),
         })?;
         self.blank();
@@ -220,10 +264,10 @@ impl<'a> Scanner<'a> {
 
     fn message(&mut self) -> Option<Message<'a>> {
         let (mut role, mut content, mut loss) = (Field::Absent, Field::Absent, Field::Absent);
-        self.object(|p, key| match &*key {
-            "role" => set_once(&mut role, p.field()?),
-            "content" => set_once(&mut content, p.field()?),
-            "loss" => set_once(&mut loss, p.field()?),
+        self.object(|p, key| match key {
+            Key::Role => set_once(&mut role, p.field()?),
+            Key::Content => set_once(&mut content, p.field()?),
+            Key::Loss => set_once(&mut loss, p.field()?),
             _ => p.field().map(drop),
         })?;
         let Field::Str(role) = role else {
@@ -254,34 +298,50 @@ impl<'a> Scanner<'a> {
         self.string().map(Field::Str)
     }
 
-    /// The rest of a string whose opening quote was read: borrowed up to the first escape,
-    /// then decoded into an owned copy.
-    fn string(&mut self) -> Option<Cow<'a, str>> {
+    /// A key after its opening quote, as the keys this reader looks at (a decoded key leaves
+    /// nothing in the arena).
+    fn key(&mut self) -> Option<Key> {
+        let mark = self.arena.len();
+        let key = self.string()?;
+        let key = match key.get(self.arena) {
+            "messages" => Key::Messages,
+            "tools" => Key::Tools,
+            "role" => Key::Role,
+            "content" => Key::Content,
+            "loss" => Key::Loss,
+            _ => Key::Other,
+        };
+        self.arena.truncate(mark);
+        Some(key)
+    }
+
+    /// The rest of a string whose opening quote was read: borrowed where it has no escape,
+    /// else decoded onto the arena.
+    fn string(&mut self) -> Option<Text<'a>> {
         let start = self.at;
         let end = self.plain_run();
         self.at = end;
         if self.peek()? == b'"' {
             self.at += 1;
-            return Some(Cow::Borrowed(&self.text[start..end]));
+            return Some(Text::Raw(&self.text[start..end]));
         }
-        // Sized once: the decoded text is no longer than its JSON.
-        let mut out = String::with_capacity(end - start + self.raw_len());
-        out.push_str(&self.text[start..end]);
+        let from = self.arena.len();
+        self.arena.push_str(&self.text[start..end]);
         loop {
             match self.peek()? {
                 b'"' => {
                     self.at += 1;
-                    return Some(Cow::Owned(out));
+                    return Some(Text::Decoded(from..self.arena.len()));
                 }
                 b'\\' => {
                     self.at += 1;
-                    self.escape(&mut out)?;
+                    self.escape()?;
                 }
                 _ => return None, // a control character
             }
-            let from = self.at;
+            let run = self.at;
             self.at = self.plain_run();
-            out.push_str(&self.text[from..self.at]);
+            self.arena.push_str(&self.text[run..self.at]);
         }
     }
 
@@ -291,24 +351,8 @@ impl<'a> Scanner<'a> {
         self.at + first_special(&self.text.as_bytes()[self.at..])
     }
 
-    /// Bytes from the cursor to the string's closing quote (the first `"` after an even run
-    /// of backslashes), or to the end of the text.
-    fn raw_len(&self) -> usize {
-        let bytes = &self.text.as_bytes()[self.at..];
-        let mut from = 0;
-        while let Some(q) = memchr::memchr(b'"', &bytes[from..]) {
-            let q = from + q;
-            let slashes = bytes[..q].iter().rev().take_while(|&&c| c == b'\\').count();
-            if slashes % 2 == 0 {
-                return q;
-            }
-            from = q + 1;
-        }
-        bytes.len()
-    }
-
-    /// One escape after its backslash, decoded onto `out`.
-    fn escape(&mut self, out: &mut String) -> Option<()> {
+    /// One escape after its backslash, decoded onto the arena.
+    fn escape(&mut self) -> Option<()> {
         let c = self.peek()?;
         self.at += 1;
         let ch = match c {
@@ -341,7 +385,7 @@ impl<'a> Scanner<'a> {
             }
             _ => return None,
         };
-        out.push(ch);
+        self.arena.push(ch);
         Some(())
     }
 
@@ -410,18 +454,31 @@ mod tests {
     use crate::format::Format;
     use serde_json::Value;
 
-    /// This reader's turns, or `None`, next to the `Value` mapping's.
+    /// This reader's turns (strings resolved), or `None`, next to the `Value` mapping's.
     #[allow(clippy::type_complexity)]
     fn both(
         text: &str,
     ) -> (
-        Option<Vec<BorrowedTurn<'_>>>,
+        Option<Vec<(String, String, String, bool)>>,
         Result<Vec<crate::format::Turn>, String>,
     ) {
         let slow = serde_json::from_str::<Value>(text)
             .map_err(|e| e.to_string())
             .and_then(|v| Format::OpenAi.to_turns(&v));
-        (turns(text), slow)
+        let mut arena = String::from("left over from the last record");
+        let fast = turns(text, &mut arena).map(|ts| {
+            ts.iter()
+                .map(|t| {
+                    (
+                        t.system.get(&arena).to_string(),
+                        t.input.get(&arena).to_string(),
+                        t.output.get(&arena).to_string(),
+                        t.output_with_loss,
+                    )
+                })
+                .collect()
+        });
+        (fast, slow)
     }
 
     /// Where this reader answers, the `Value` mapping gives the same turns.
@@ -434,7 +491,7 @@ mod tests {
         assert_eq!(fast.len(), slow.len(), "{text}");
         for (f, s) in fast.iter().zip(&slow) {
             assert_eq!(
-                (&*f.system, &*f.input, &*f.output, f.output_with_loss),
+                (&*f.0, &*f.1, &*f.2, f.3),
                 (&*s.system, &*s.input, &*s.output, s.output_with_loss),
                 "{text}"
             );
@@ -540,11 +597,14 @@ mod tests {
     }
 
     #[test]
-    fn unescaped_text_is_borrowed() {
-        let t = turns(r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\nb"}]}"#)
-            .unwrap();
-        assert!(matches!(t[0].input, Cow::Borrowed("q")));
-        assert!(matches!(t[0].output, Cow::Owned(_)));
+    fn unescaped_text_is_borrowed_and_escaped_text_decoded_into_the_arena() {
+        let mut arena = String::new();
+        let text = r#"{"messages": [{"role": "user", "content": "q"}, {"r\u006fle": "assistant", "content": "a\nb"}]}"#;
+        let t = turns(text, &mut arena).unwrap();
+        assert_eq!(t[0].input, Text::Raw("q"));
+        // The decoded key left nothing behind: the arena holds the output alone.
+        assert_eq!(t[0].output, Text::Decoded(0..3));
+        assert_eq!(arena, "a\nb");
     }
 
     /// Strings of quotes, backslashes, control characters, escapes of every kind (valid or
@@ -604,9 +664,9 @@ mod tests {
             let want = serde_json::from_str::<Value>(&text)
                 .ok()
                 .map(|v| v["messages"][0]["content"].as_str().unwrap().to_string());
-            match (turns(&text), want) {
+            match (both(&text).0, want) {
                 (Some(t), Some(w)) => {
-                    assert_eq!(t[0].input, w, "{text}");
+                    assert_eq!(t[0].1, w, "{text}");
                     same += 1;
                 }
                 (None, None) => declined += 1,

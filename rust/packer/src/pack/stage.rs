@@ -214,8 +214,9 @@ impl SourceView {
 }
 
 thread_local! {
-    /// A turn's templated input and output text, reused from record to record.
-    static TURN_TEXT: std::cell::RefCell<(String, String)> = Default::default();
+    /// A turn's templated input and output text, and the arena of a record's decoded
+    /// strings ([`openai::turns`]), reused from record to record.
+    static TURN_TEXT: std::cell::RefCell<(String, String, String)> = Default::default();
 }
 
 impl Run<'_> {
@@ -239,12 +240,13 @@ impl Run<'_> {
             Templating::Hf(_) => return None,
         };
         let text = rec.text.as_ref().ok()?;
-        let turns = openai::turns(text)?;
-        if turns.is_empty() {
-            return Some(None);
-        }
         TURN_TEXT.with(|cell| {
-            let (input, output) = &mut *cell.borrow_mut();
+            let (input, output, arena) = &mut *cell.borrow_mut();
+            let turns = openai::turns(text, arena)?;
+            if turns.is_empty() {
+                return Some(None);
+            }
+            let arena: &str = arena;
             // Room for the tokens from the start (JSON text holds over 4 bytes a token in
             // the corpora we measure), not grown token by token.
             let room = text.len() / 4 + 64;
@@ -260,9 +262,10 @@ impl Run<'_> {
                 let text = match template {
                     Some(tpl) => {
                         input.clear();
-                        tpl.render_input(i, &t.system, &t.input, input).ok()?;
+                        tpl.render_input(i, t.system.get(arena), t.input.get(arena), input)
+                            .ok()?;
                         output.clear();
-                        output.push_str(&t.output);
+                        output.push_str(t.output.get(arena));
                         output.push_str(tpl.suffix);
                         TurnText {
                             input,
@@ -273,8 +276,8 @@ impl Run<'_> {
                         }
                     }
                     None => TurnText {
-                        input: &t.input,
-                        output: &t.output,
+                        input: t.input.get(arena),
+                        output: t.output.get(arena),
                         output_with_loss: t.output_with_loss,
                         need_eos_token: true,
                         sep: "",
