@@ -5,7 +5,9 @@ development and CI machines, so Triton kernels run (slowly) in the interpreter o
 """
 
 import os
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -150,6 +152,16 @@ def train_process(config: Path, out: Path, nproc: int = 1, *args: str, check: bo
 
     cmd = launch_command(config, nproc=nproc, extra_args=["--output_dir", str(out), *args])
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if nproc == 1:
+        # One process needs no launcher (torchrun's agent costs ~2 s a run; the 2-process
+        # runs keep it): the rank's variables are set here, whatever the test process's
+        # environment holds, with a fresh port.
+        cmd = [sys.executable, "-m", "pyfast_tune.train", *cmd[cmd.index("--config") :]]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
