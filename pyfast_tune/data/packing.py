@@ -112,7 +112,18 @@ def pack(
         args = dict(locals())  # pack's arguments, before anything else is local
         from pyfast_tune.data import storage
 
-        return storage.write_remote(out_dir, lambda local: pack(**{**args, "out_dir": local}))
+        # Ray's merge tasks write the output's ranges on any node: it is staged in the work
+        # dir, which every node sees, not in this machine's cache.
+        if executor == "ray" and work_dir is None:
+            raise PackConfigError(
+                f"the Ray executor with the output {out_dir} needs work_dir (--work-dir) on a "
+                "file system every node sees: the merge's tasks write the output there before "
+                "it is uploaded"
+            )
+        base = work_dir if executor == "ray" else None
+        return storage.write_remote(
+            out_dir, lambda local: pack(**{**args, "out_dir": local}), base=base
+        )
     if executor is None and shards is None and (address, retries, work_dir) != (None, 3, None):
         raise PackConfigError("address, retries and work_dir go with executor= or shards=N")
     if executor is not None or shards is not None:

@@ -203,11 +203,12 @@ def upload_dir(local: str | os.PathLike, url: str) -> None:
     fs.put_file(os.fspath(local / META), f"{path}/{META}")
 
 
-def write_remote(url: str, write: Callable[[str], Any]) -> Any:
-    """``write(local_dir)`` into a fresh local folder, then :func:`upload_dir` it to ``url``;
-    what ``write`` returned. The local folder goes either way."""
+def write_remote(url: str, write: Callable[[str], Any], base=None) -> Any:
+    """``write(local_dir)`` into a fresh local folder (under ``base``, default the cache's
+    ``out``), then :func:`upload_dir` it to ``url``; what ``write`` returned. The local folder
+    goes either way."""
     filesystem(url)  # a missing client fails before any work
-    base = cache_root() / "out"
+    base = Path(base) if base is not None else cache_root() / "out"
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="pack-", dir=base))
     try:

@@ -249,6 +249,13 @@ def test_a_missing_ray_names_the_extra(chats, tiny_tokenizer, tmp_path, monkeypa
         pack(chats, tmp_path / "x", executor="ray", shards=2, **_opts(tiny_tokenizer))
 
 
+def test_ray_with_an_object_storage_output_needs_a_shared_work_dir(chats, tiny_tokenizer):
+    # the merge's range tasks write the output wherever they run: never into one machine's
+    # local cache (before anything is read or connected)
+    with pytest.raises(PackConfigError, match=r"s3://b/packed needs work_dir .*every node"):
+        pack(chats, "s3://b/packed", executor="ray", shards=2, **_opts(tiny_tokenizer))
+
+
 def _cli(chats, tok, *args):
     return ["pack", *map(str, chats), "--tokenizer", str(tok), "--max-length", "256",
             "--format", "openai", "--seed", "3", "--quiet", *args]  # fmt: skip

@@ -160,6 +160,34 @@ def test_pretokenized_shards_fetch_each_bin_with_its_meta(s3, tiny_tokenizer, tm
     assert _local_bytes(tmp_path / "merged") == _local_bytes(tmp_path / "local")
 
 
+@pytest.mark.slow  # slow: a Ray cluster of 2 nodes (~30 s)
+def test_ray_stages_an_s3_output_in_the_work_dir(s3, chats_dir, tiny_tokenizer, tmp_path,
+                                                 monkeypatch):  # fmt: skip
+    pytest.importorskip(
+        "ray", reason="the Ray executor's tests need Ray: pip install 'pyfast-tune[ray]'"
+    )
+    from test_executor import _start_cluster
+
+    uploaded = []
+    upload = storage.upload_dir
+    monkeypatch.setattr(storage, "upload_dir", lambda d, url: (uploaded.append(d), upload(d, url)))
+    if not s3.exists(f"{BUCKET}/data"):
+        s3.put(str(chats_dir), f"{BUCKET}/data", recursive=True)
+    local = tmp_path / "local"
+    pack(str(chats_dir), local, **_opts(tiny_tokenizer))
+    cluster, _ = _start_cluster(head_cpus=1, workers=1)  # started with the S3 variables set
+    try:
+        work = tmp_path / "work"
+        pack(f"s3://{BUCKET}/data", f"s3://{BUCKET}/ray", executor="ray", shards=2,
+             address=cluster.address, work_dir=work, **_opts(tiny_tokenizer))  # fmt: skip
+    finally:
+        cluster.shutdown()
+    assert _remote_bytes(s3, f"{BUCKET}/ray") == _local_bytes(local)
+    # the output was staged beside the parts (every node sees it), and is gone after the upload
+    assert len(uploaded) == 1 and Path(uploaded[0]).is_relative_to(work)
+    assert sorted(p.name for p in work.iterdir()) == ["part-0-of-2", "part-1-of-2", "plan.json"]
+
+
 def test_manifest_is_uploaded_last(s3, tmp_path, monkeypatch):
     d = tmp_path / "out"
     d.mkdir()
