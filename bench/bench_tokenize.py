@@ -14,7 +14,9 @@ the qwen_chat template, max_length 4096; docs: pretraining text, max_length 3276
 
 - ``process``: the whole CLI run as a subprocess, ``--tokenizer-backend fast``, split into its
   phases: ``start`` (interpreter, imports, argument parsing: the wall time the engine does not
-  report), ``load`` (tokenizer, template, input listing), ``encode`` (read, JSON, template,
+  report; run with the package's bytecode caches, as after ``pip install``: a
+  ``PYTHONDONTWRITEBYTECODE`` in the environment is not passed on, else every start compiles
+  every module again), ``load`` (tokenizer, template, input listing), ``encode`` (read, JSON, template,
   tokenize, stage: what scales with the data) and ``write`` (plan, write, hash, commit);
   tokens = every token encoded (written + truncated + dropped). ``whole`` is tokens over the
   process's wall time;
@@ -95,9 +97,10 @@ def pack_process(
     ]  # fmt: skip
     with tempfile.TemporaryDirectory() as d:
         cmd[cmd.index("OUT")] = f"{d}/p"
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         wall = time.perf_counter() - t
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         digest = hashlib.sha256()

@@ -9,13 +9,10 @@ pyfast-tune doctor --json
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
-from collections.abc import Callable
-
-from pyfast_tune.cli_workflow import REGISTRARS as _workflow_registrars
-from pyfast_tune.doctor import add_parser as _add_doctor
 
 EPILOG_PACK = """examples:
   pyfast-tune pack data/ --out packed/ --tokenizer tok/ --max-length 4096 --template qwen_chat
@@ -37,6 +34,31 @@ EPILOG_PACK = """examples:
 """
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter with the terminal width read as ``shutil.get_terminal_size`` does
+    (``COLUMNS``, else the terminal, else 80) but without importing shutil: argparse builds
+    a formatter for every ``add_argument``, and shutil (with bz2, lzma, fnmatch) would be one
+    of the largest imports of a `pack` run."""
+
+    def __init__(self, prog: str, **kwargs) -> None:
+        if kwargs.get("width") is None:
+            kwargs["width"] = _terminal_columns() - 2
+        super().__init__(prog, **kwargs)
+
+
+def _terminal_columns() -> int:
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
 # How the CLI spells a few fields of the engine's pack options; every other field is the flag
 # ``--name-with-dashes``, typed, defaulted and documented from the engine's table.
 _PACK_FLAG = {"out_dir": "--out"}
@@ -54,7 +76,7 @@ def _add_pack(sub) -> None:
         "output bytes depend only on the inputs and options, never on --threads. The options "
         "are the engine's pack options (PackConfig), one flag per field.",
         epilog=EPILOG_PACK,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     for field in pack_fields():
         _add_pack_field(p, field)
@@ -193,7 +215,7 @@ def _add_verify(sub) -> None:
         "verify",
         help="recompute hashes and packing invariants of a packed directory",
         epilog="example:\n  pyfast-tune verify packed/",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("packed_dir")
     p.set_defaults(func=_cmd_verify)
@@ -216,14 +238,14 @@ def _add_lists(sub) -> None:
         "templates",
         help="list prompt templates",
         epilog="example:\n  pyfast-tune templates",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.set_defaults(func=_cmd_templates)
     p = sub.add_parser(
         "formats",
         help="list dataset formats",
         epilog="example:\n  pyfast-tune formats",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.set_defaults(func=_cmd_formats)
 
@@ -294,7 +316,7 @@ def _add_order(sub) -> None:
         epilog="examples:\n  pyfast-tune order data/ --out data_order.txt --file-type .bin\n"
         "  pyfast-tune pack data/ --data-order data_order.txt --file-type .bin --out packed/ "
         "--tokenizer tok/",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("data_dir")
     p.add_argument("--out", required=True, help="the data-order file to write")
@@ -324,7 +346,7 @@ def _add_merge(sub) -> None:
         "(any order) into one packed directory, byte-identical to a single-machine `pack`.",
         epilog="example:\n  for i in 0 1 2; do pyfast-tune pack data/ --shard $i/3 --out part$i "
         "--tokenizer tok/; done\n  pyfast-tune merge-packs part0 part1 part2 --out packed/",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("parts", nargs="+", metavar="PART")
     p.add_argument("--out", required=True)
@@ -340,28 +362,45 @@ def _cmd_merge(args) -> int:
     return 0
 
 
-REGISTRARS: list[Callable] = [_add_pack, _add_verify, _add_lists, _add_order, _add_merge]
-# inspect, train, convert, merge, chat live in cli_workflow.py.
-REGISTRARS += _workflow_registrars
-REGISTRARS.append(_add_doctor)  # doctor.py: kernel checks on this machine
+# Each command and the function that registers it (module, name), in the order of the help.
+# A command line naming one command builds that command's parser alone: `pyfast-tune pack`
+# imports neither the training commands (cli_workflow.py) nor doctor.py, nor builds their
+# parsers, since start-up is paid before every pack reads its first record.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pack": (__name__, "_add_pack"),
+    "verify": (__name__, "_add_verify"),
+    "templates": (__name__, "_add_lists"),
+    "formats": (__name__, "_add_lists"),
+    "order": (__name__, "_add_order"),
+    "merge-packs": (__name__, "_add_merge"),
+    # inspect, train, convert, merge, chat, score live in cli_workflow.py.
+    **{
+        c: ("pyfast_tune.cli_workflow", f"_add_{c}")
+        for c in ("inspect", "train", "convert", "merge", "chat", "score")
+    },  # fmt: skip
+    "doctor": ("pyfast_tune.doctor", "add_parser"),  # kernel checks on this machine
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser: every command, or only ``command``'s (a name of :data:`COMMANDS`)."""
     parser = argparse.ArgumentParser(
         prog="pyfast-tune",
         description="Fast, exact, reproducible fine-tuning of Hugging Face causal LMs.",
         epilog="examples:\n  pyfast-tune pack data/ --out packed/ --tokenizer tok/\n"
         "  pyfast-tune verify packed/",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in REGISTRARS:
-        register(sub)
+    wanted = [command] if command in COMMANDS else list(COMMANDS)
+    for where in dict.fromkeys(COMMANDS[c] for c in wanted):  # once each, in order
+        getattr(importlib.import_module(where[0]), where[1])(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     from pyfast_tune.data import PackError
 
     try:

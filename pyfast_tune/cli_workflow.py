@@ -1,5 +1,6 @@
 """The workflow subcommands of ``pyfast-tune`` after packing: inspect, train, convert, merge,
-chat. ``cli.py`` appends :data:`REGISTRARS` to its own; heavy imports happen inside commands.
+chat, score. ``cli.py`` registers each ``_add_<command>`` (its ``COMMANDS`` table) only when the
+command line needs it; heavy imports happen inside commands.
 
     pyfast-tune inspect packed/ --plot lengths.png
     pyfast-tune train run.yaml --nproc 2 --deepspeed zero2 --max_steps 100
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 
 _RAW = argparse.RawDescriptionHelpFormatter
 
@@ -264,7 +264,3 @@ def _cmd_score(args) -> int:
 
     with quiet_dependencies():
         return score_main(args)
-
-
-REGISTRARS: list[Callable] = [_add_inspect, _add_train, _add_convert, _add_merge, _add_chat,
-                              _add_score]  # fmt: skip

@@ -9,7 +9,10 @@ files asks these questions and never loads ``pyfast_tune.hub`` or
 from __future__ import annotations
 
 import os
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any
 
 HF_PREFIX = "hf://"
 # object-storage scheme -> the fsspec package that implements it

@@ -22,7 +22,6 @@ to be dead: the scheduler starts a new attempt of a shard only after the previou
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import glob
 import hashlib
 import inspect
@@ -436,8 +435,7 @@ def run_sharded(
     # The merge's own figures time the merge alone; the caller ran the whole plan: encode =
     # the shards (as the slowest of them), write = the merge.
     end = time.monotonic()
-    return dataclasses.replace(
-        stats,
+    return stats.replace(
         seconds=end - start,
         tokens_per_second=stats.tokens / max(end - start, 1e-9),
         encode_seconds=encoded - start,

@@ -4,12 +4,14 @@ directory that mirrors the inputs' names, then packed by the engine."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any
 
 from pyfast_tune import _packer
 from pyfast_tune.data.errors import PackConfigError
 from pyfast_tune.data.options import PackStats, _run_pack
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _read_columnar(path: str):
@@ -57,7 +59,8 @@ def _read_records(path: str):
         with open(path, "rb") as f:
             raw = zstandard.ZstdDecompressor().stream_reader(f).read()
     else:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read()
     text = raw.decode("utf-8-sig")
     stem = path.removesuffix(".gz").removesuffix(".zst")
     if stem.endswith((".csv", ".tsv")):
@@ -77,6 +80,7 @@ def _read_records(path: str):
 
 def _pack_mapped(map_fn, options: dict[str, Any], progress: bool) -> PackStats:
     import tempfile
+    from pathlib import Path
 
     if options["columns"]:
         raise PackConfigError("map_fn and columns are exclusive: remap inside map_fn")

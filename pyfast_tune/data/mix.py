@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
 
 from pyfast_tune.data.errors import PackConfigError
 from pyfast_tune.data.facts import _FACTS
 from pyfast_tune.data.options import _columns as columns_spec
 from pyfast_tune.locations import is_hub_url
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any
 
 SOURCE_KEYS = (
     "path",
@@ -119,6 +121,8 @@ def mix_sources(
 def load_mix_file(path: str | os.PathLike) -> list[Any]:
     """The sources of a mix file: YAML or JSON, a list of sources or ``{"sources": [...]}``.
     Relative local paths are taken relative to the file's folder."""
+    from pathlib import Path
+
     path = Path(path)
     try:
         text = path.read_text()
@@ -143,12 +147,12 @@ def load_mix_file(path: str | os.PathLike) -> list[Any]:
     return [_relative_to(path.parent, entry) for entry in doc]
 
 
-def _relative_to(base: Path, entry: Any) -> Any:
+def _relative_to(base: os.PathLike, entry: Any) -> Any:
     def fix(p: Any) -> Any:
         p = os.fspath(p)
         if is_hub_url(p) or os.path.isabs(p):
             return p
-        return os.fspath(base / p)
+        return os.path.join(os.fspath(base), p)
 
     if isinstance(entry, Mapping):
         entry = dict(entry)

@@ -3,21 +3,52 @@ arguments turned into it, and the run that returns :class:`PackStats`."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from pyfast_tune import _packer
 from pyfast_tune.data.errors import PackConfigError
 from pyfast_tune.data.facts import _FACTS
 from pyfast_tune.locations import is_hub_url, is_remote
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any
 
-@dataclasses.dataclass(frozen=True)
+
+# PackStats' fields that the engine may leave out, with their defaults (a list: a new one each).
+_OPTIONAL_STATS: dict[str, object] = {
+    "load_seconds": 0.0,  # tokenizer + template loading
+    "encode_seconds": 0.0,  # read, parse, template, tokenize, stage
+    "write_seconds": 0.0,  # plan packs, write, hash, commit
+    # Per source of a mix: name, weight, max_samples, available_samples, distinct_samples,
+    # samples, tokens, loss_tokens, token_share (empty without a mix).
+    "mix": list,
+    # Preference packs only: pairs written, pairs cut to fit, pairs dropped (each pair is two
+    # samples; a dropped pair counts 2 in dropped_samples). records = pairs + dropped_pairs
+    # + skipped_records there.
+    "pairs": 0,
+    "truncated_pairs": 0,
+    "dropped_pairs": 0,
+}
+
+
 class PackStats:
     """What ``pack`` did. ``tokens + truncated_tokens + dropped_tokens`` is every token the
-    encoder produced; ``records = samples + dropped_samples + skipped_records``."""
+    encoder produced; ``records = samples + dropped_samples + skipped_records``.
+
+    A frozen record of :attr:`FIELDS` (all required but those of :attr:`OPTIONAL`), compared
+    and printed by value; ``replace(**changes)`` makes a changed copy. Written out rather than
+    a frozen dataclass: ``dataclasses`` imports ``inspect``, the largest import of a `pack`
+    run, whose start-up is paid before the first record is read."""
+
+    FIELDS: tuple[str, ...] = (
+        "records", "samples", "tokens", "loss_tokens", "packs", "fill", "split_samples",
+        "truncated_samples", "truncated_tokens", "dropped_samples", "dropped_tokens",
+        "skipped_records", "skipped_files", "skipped_examples", "seconds",
+        "tokens_per_second", "fingerprint", *_OPTIONAL_STATS,
+    )  # fmt: skip
+    OPTIONAL: frozenset[str] = frozenset(_OPTIONAL_STATS)
 
     records: int
     samples: int
@@ -36,18 +67,46 @@ class PackStats:
     seconds: float
     tokens_per_second: float
     fingerprint: str
-    load_seconds: float = 0.0  # tokenizer + template loading
-    encode_seconds: float = 0.0  # read, parse, template, tokenize, stage
-    write_seconds: float = 0.0  # plan packs, write, hash, commit
-    # Per source of a mix: name, weight, max_samples, available_samples, distinct_samples,
-    # samples, tokens, loss_tokens, token_share (empty without a mix).
-    mix: list[dict] = dataclasses.field(default_factory=list)
-    # Preference packs only: pairs written, pairs cut to fit, pairs dropped (each pair is two
-    # samples; a dropped pair counts 2 in dropped_samples). records = pairs + dropped_pairs
-    # + skipped_records there.
-    pairs: int = 0
-    truncated_pairs: int = 0
-    dropped_pairs: int = 0
+    load_seconds: float
+    encode_seconds: float
+    write_seconds: float
+    mix: list[dict]
+    pairs: int
+    truncated_pairs: int
+    dropped_pairs: int
+
+    def __init__(self, **fields: object) -> None:
+        missing = [f for f in self.FIELDS if f not in fields and f not in self.OPTIONAL]
+        unknown = sorted(set(fields) - set(self.FIELDS))
+        if missing or unknown:
+            raise TypeError(f"PackStats: missing fields {missing}, unknown fields {unknown}")
+        for name in self.FIELDS:
+            if name in fields:
+                value = fields[name]
+            else:
+                value = _OPTIONAL_STATS[name]
+                value = value() if callable(value) else value
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"PackStats is frozen: cannot set {name!r} (use replace)")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"PackStats is frozen: cannot delete {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not PackStats:
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    __hash__ = None  # mutable lists inside: unhashable, as the frozen dataclass was
+
+    def __repr__(self) -> str:
+        return f"PackStats({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"
+
+    def replace(self, **changes: object) -> PackStats:
+        """A copy with ``changes`` (field names of :attr:`FIELDS`)."""
+        return PackStats(**{**self.__dict__, **changes})
 
     def summary(self) -> str:
         """One line: samples, tokens, packs, fill, truncated, dropped, skipped, time, rate."""

@@ -30,17 +30,31 @@ HEAVY = (
     "pandas",
     "jinja2",
     "tokenizers",
+    # the standard library's larger modules, none of which packing uses: dataclasses brings
+    # inspect/ast/dis, shutil brings bz2/lzma (argparse imports it for the terminal width
+    # unless given one), pathlib urllib; the training commands' and doctor's parsers
+    "dataclasses",
+    "inspect",
+    "shutil",
+    "pathlib",
+    "typing",
+    "pyfast_tune.cli_workflow",
+    "pyfast_tune.doctor",
 )
 
-# Runs the CLI's own main() in this interpreter, then reports which HEAVY modules it loaded.
+# Runs the CLI's own main() in this interpreter, then reports which HEAVY modules it loaded
+# (not those the interpreter had already loaded before: a site hook may import typing).
 PROBE = """
-import json, sys
+import sys
+already = set(sys.modules)
+import json
 from pyfast_tune import cli
 try:
     rc = cli.main(sys.argv[2:])
 except SystemExit as e:  # --help exits
     rc = e.code
-print(json.dumps({"rc": rc, "loaded": sorted(m for m in json.loads(sys.argv[1]) if m in sys.modules)}))
+print(json.dumps({"rc": rc, "loaded": sorted(m for m in json.loads(sys.argv[1])
+                                             if m in sys.modules and m not in already)}))
 """
 
 

@@ -107,8 +107,6 @@ def test_engine_facts_describe_what_pack_writes(tmp_path, tiny_tokenizer):
 def test_the_binding_takes_and_returns_python_objects(tmp_path, tiny_tokenizer):
     """Options cross as a dict (paths and tuples as they are), statistics and the verify report
     come back as dicts: no JSON text on either side."""
-    import dataclasses
-
     from pyfast_tune.data import PackedDataset, PackStats
 
     data = write(tmp_path / "d.jsonl", [CHAT] * 5)
@@ -117,11 +115,24 @@ def test_the_binding_takes_and_returns_python_objects(tmp_path, tiny_tokenizer):
     assert isinstance(stats, dict) and stats["samples"] == 5
     # Every field the engine sends is a PackStats field, and every field PackStats cannot
     # default (all but the optional ones, such as a mix's per-source figures) is sent.
-    fields = dataclasses.fields(PackStats)
-    missing = dataclasses.MISSING
-    required = {f.name for f in fields if f.default is missing and f.default_factory is missing}
-    assert required <= set(stats) <= {f.name for f in fields}
+    required = set(PackStats.FIELDS) - PackStats.OPTIONAL
+    assert required <= set(stats) <= set(PackStats.FIELDS)
     assert {"load_seconds", "encode_seconds", "write_seconds"} <= set(stats)
+    # a frozen record: compared by value, changed only by copy, every field required or
+    # defaulted (a new list each), nothing unknown
+    record = PackStats(**stats)
+    assert record == PackStats(**stats) and record.replace(samples=6) != record
+    assert record.replace(samples=6).samples == 6 and record.samples == 5
+    with pytest.raises(AttributeError, match="frozen"):
+        record.samples = 6
+    with pytest.raises(TypeError, match=r"missing fields \['records'\]"):
+        PackStats(**{k: v for k, v in stats.items() if k != "records"})
+    with pytest.raises(TypeError, match=r"unknown fields \['sample'\]"):
+        PackStats(**stats, sample=1)
+    bare = {k: v for k, v in stats.items() if k not in PackStats.OPTIONAL}
+    a, b = PackStats(**bare), PackStats(**bare)
+    assert a.mix == [] and a.mix is not b.mix and a.pairs == 0
+    assert list(vars(record)) == list(PackStats.FIELDS)  # the CLI's --json prints vars()
     assert isinstance(stats["fill"], float) and isinstance(stats["packs"], int)
     report = PackedDataset(tmp_path / "p").verify()
     assert report["ok"] is True and report["samples"] == 5 and report["split_samples"] == 0
