@@ -1,7 +1,9 @@
 //! The compiled form of a BPE model, cached on disk under the BLAKE3 of its `tokenizer.json`:
 //! the vocabulary, the merges resolved to ids and the table of one-token pieces, so that a
 //! later load reads them back instead of resolving 280k merges through string lookups (Llama 3:
-//! ~0.1 s) and re-checking every vocabulary token against the merges (~0.13 s).
+//! ~0.1 s) and re-checking every vocabulary token against the merges (~0.13 s); and the file
+//! itself without the model's `vocab` and `merges` (its "head": normalizer, pre-tokenizer,
+//! added tokens, the model's other keys), so that a load never parses the whole JSON again.
 //!
 //! The file is `$PYFAST_TUNE_CACHE/tokenizers/<hash>.bpe` (else `$XDG_CACHE_HOME` or
 //! `~/.cache`, then `pyfast_tune/tokenizers`), written atomically (a temporary file renamed)
@@ -10,19 +12,93 @@
 //! that: the model built from it passes the same checks as one read from the JSON, and
 //! `PYFAST_TUNE_TOKENIZER_CACHE=0` turns the cache off.
 
+use std::fmt;
+use std::marker::PhantomData;
 use std::path::PathBuf;
+
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
 
 use super::bpe::{MergeMap, Vocab};
 use super::piece_table::{PairTable, PieceTable, NO_PAIR};
 
 /// Bumped whenever the layout, or what a table holds, changes.
-const MAGIC: &[u8; 8] = b"PFTBPE02";
+const MAGIC: &[u8; 8] = b"PFTBPE03";
 
 /// What the cache holds for one `tokenizer.json`.
 pub(super) struct Compiled {
     pub vocab: Vocab,
     pub merges: MergeMap,
     pub direct: PieceTable<u32>,
+    /// `tokenizer.json` without the model's `vocab` and `merges` ([`head_of`]).
+    pub head: Vec<u8>,
+}
+
+/// `json` (a whole `tokenizer.json`) without its model's `vocab` and `merges`, as JSON text;
+/// `None` if it is not an object with an object `model`. Keys keep their order and every
+/// other value its exact text.
+pub(super) fn head_of(json: &[u8]) -> Option<Vec<u8>> {
+    let top: Entries = serde_json::from_slice(json).ok()?;
+    let mut out = Vec::with_capacity(4096);
+    let mut found = false;
+    write_object(&mut out, &top.0, |out, k, v| {
+        if k != "model" {
+            out.extend_from_slice(v.get().as_bytes());
+            return Some(());
+        }
+        found = true;
+        let model: Entries = serde_json::from_str(v.get()).ok()?;
+        let kept: Vec<_> = (model.0.into_iter())
+            .filter(|(k, _)| !matches!(k.as_str(), "vocab" | "merges"))
+            .collect();
+        write_object(out, &kept, |out, _, v| {
+            out.extend_from_slice(v.get().as_bytes());
+            Some(())
+        })
+    })?;
+    found.then_some(out)
+}
+
+/// `{"key":value,...}` with each value written by `value`.
+fn write_object(
+    out: &mut Vec<u8>,
+    entries: &[(String, &RawValue)],
+    mut value: impl FnMut(&mut Vec<u8>, &str, &RawValue) -> Option<()>,
+) -> Option<()> {
+    out.push(b'{');
+    for (i, (k, v)) in entries.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, k).ok()?;
+        out.push(b':');
+        value(out, k, v)?;
+    }
+    out.push(b'}');
+    Some(())
+}
+
+/// A JSON object's entries in order, each value's text borrowed unparsed.
+struct Entries<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Entries<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Object<'a>(PhantomData<&'a ()>);
+        impl<'de> Visitor<'de> for Object<'de> {
+            type Value = Entries<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry::<String, &'de RawValue>()? {
+                    out.push(entry);
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(Object(PhantomData))
+    }
 }
 
 /// The cache file for the `tokenizer.json` whose BLAKE3 (hex) is `hash`; `None` when the cache
@@ -43,12 +119,24 @@ pub(super) fn path_for(hash: &str) -> Option<PathBuf> {
 }
 
 /// The tables written by [`write`], or `None` if the file is absent or not one we wrote.
+/// The checksum is verified on a second thread while the tables are built (each length is
+/// checked against the bytes left before anything is allocated, so a damaged file cannot
+/// ask for more memory than its own size); a mismatch discards them.
 pub(super) fn read(path: &std::path::Path) -> Option<Compiled> {
     let bytes = std::fs::read(path).ok()?;
     let (body, sum) = bytes.split_at_checked(bytes.len().checked_sub(32)?)?;
-    if blake3::hash(body).as_bytes() != sum {
-        return None;
-    }
+    let (intact, tables) = std::thread::scope(|s| {
+        let check = s.spawn(|| blake3::hash(body).as_bytes() == sum);
+        let tables = parse(body);
+        let intact = check
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (intact, tables)
+    });
+    tables.filter(|_| intact)
+}
+
+fn parse(body: &[u8]) -> Option<Compiled> {
     let mut r = Reader(body.strip_prefix(MAGIC)?);
     let n = r.u32()? as usize;
     let arena = String::from_utf8(r.take(n)?.to_vec()).ok()?;
@@ -62,8 +150,9 @@ pub(super) fn read(path: &std::path::Path) -> Option<Compiled> {
     )?;
     let joins = r.u32()? != 0;
     let n = r.u32()? as usize;
+    let rows = r.take(n.checked_mul(16)?)?;
     let mut map = PairTable::with_capacity(n);
-    for e in r.take(n.checked_mul(16)?)?.chunks_exact(16) {
+    for e in rows.chunks_exact(16) {
         let key = u64::from_le_bytes(e[..8].try_into().ok()?);
         if key == NO_PAIR {
             return None;
@@ -71,18 +160,22 @@ pub(super) fn read(path: &std::path::Path) -> Option<Compiled> {
         map.insert(key, (le32(&e[8..12]), le32(&e[12..])));
     }
     let n = r.u32()? as usize;
+    let rows = r.take(n.checked_mul(20)?)?;
     let mut direct = PieceTable::with_capacity(n);
-    for e in r.take(n.checked_mul(20)?)?.chunks_exact(20) {
+    for e in rows.chunks_exact(20) {
         let key = u128::from_le_bytes(e[..16].try_into().ok()?);
         if key == 0 {
             return None;
         }
         direct.insert(key, le32(&e[16..]));
     }
+    let n = r.u32()? as usize;
+    let head = r.take(n)?.to_vec();
     r.0.is_empty().then_some(Compiled {
         vocab,
         merges: MergeMap::from_entries(map, joins),
         direct,
+        head,
     })
 }
 
@@ -93,9 +186,12 @@ pub(super) fn write(
     merges: &PairTable,
     joins_across_metaspace: bool,
     direct: &[(u128, u32)],
+    head: &[u8],
 ) {
     let (arena, entries) = vocab.parts();
-    let mut out = Vec::with_capacity(arena.len() + 16 * merges.len() + 20 * direct.len() + 64);
+    let mut out = Vec::with_capacity(
+        2 * arena.len() + 16 * merges.len() + 20 * direct.len() + head.len() + 64,
+    );
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(arena.len() as u32).to_le_bytes());
     out.extend_from_slice(arena.as_bytes());
@@ -118,6 +214,8 @@ pub(super) fn write(
         out.extend_from_slice(&key.to_le_bytes());
         out.extend_from_slice(&id.to_le_bytes());
     }
+    out.extend_from_slice(&(head.len() as u32).to_le_bytes());
+    out.extend_from_slice(head);
     let sum = blake3::hash(&out);
     out.extend_from_slice(sum.as_bytes());
     let Some(dir) = path.parent() else { return };
@@ -152,5 +250,28 @@ impl<'a> Reader<'a> {
 
     fn u32(&mut self) -> Option<u32> {
         self.take(4).map(le32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::head_of;
+
+    #[test]
+    fn the_head_is_the_file_without_the_models_tables() {
+        let json = br#"{"version":"1.0","added_tokens":[{"id":0,"content":"<s>"}],
+            "normalizer":null,"model":{"type":"BPE","dropout":null,"vocab":{"a":0,"b":1},
+            "unk_token":"\u00e9\"","merges":["a b"],"byte_fallback":false},"decoder":{"x":[1,2]}}"#;
+        let head = head_of(json).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&head).unwrap(),
+            r#"{"version":"1.0","added_tokens":[{"id":0,"content":"<s>"}],"normalizer":null,"model":{"type":"BPE","dropout":null,"unk_token":"\u00e9\"","byte_fallback":false},"decoder":{"x":[1,2]}}"#
+        );
+        // keys that need escaping are written back escaped
+        let head = head_of(br#"{"a\"b":1,"model":{}}"#).unwrap();
+        assert_eq!(head, br#"{"a\"b":1,"model":{}}"#);
+        for bad in [&br#"[1]"#[..], br#"{"model":[]}"#, br#"{"normalizer":null}"#, b"{"] {
+            assert!(head_of(bad).is_none(), "{:?}", std::str::from_utf8(bad));
+        }
     }
 }

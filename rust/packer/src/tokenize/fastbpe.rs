@@ -273,13 +273,10 @@ impl FastBpe {
     }
 
     /// [`FastBpe::from_json_cached`] with the key made here by `hash` (of the tokenizer's
-    /// files), returned beside the result. The key and the cache read that needs it run on a
-    /// second thread while this one parses the JSON outside the model, which needs neither:
-    /// the two are most of a load (Llama 3: 9 MB of JSON, 9.6 MB of tables), so the tokenizer
-    /// is ready in about the time of the longer one.
+    /// files), returned beside the result.
     pub fn from_json_hashed(
         json: &[u8],
-        hash: impl FnOnce() -> String + Send,
+        hash: impl FnOnce() -> String,
     ) -> (String, Result<FastBpe, String>) {
         Self::from_json_hashed_in(json, hash, compiled::path_for)
     }
@@ -287,49 +284,37 @@ impl FastBpe {
     /// [`FastBpe::from_json_hashed`] with the cache file of a key named by `cache_file`.
     pub fn from_json_hashed_in(
         json: &[u8],
-        hash: impl FnOnce() -> String + Send,
-        cache_file: impl FnOnce(&str) -> Option<std::path::PathBuf> + Send,
+        hash: impl FnOnce() -> String,
+        cache_file: impl FnOnce(&str) -> Option<std::path::PathBuf>,
     ) -> (String, Result<FastBpe, String>) {
-        let ((key, file, cached), head) = std::thread::scope(|s| {
-            let side = s.spawn(|| {
-                let key = hash();
-                let file = cache_file(&key);
-                let cached = file.as_deref().and_then(compiled::read);
-                (key, file, cached)
-            });
-            let head = serde_json::from_slice::<TokenizerJson<ModelHead>>(json);
-            let side = side
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (side, head)
-        });
-        let fast = match (cached, head) {
-            (Some(c), Ok(spec)) => Self::from_compiled(spec, c),
-            _ => Self::from_json_read(json, file),
-        };
+        let key = hash();
+        let fast = Self::from_json_in(json, cache_file(&key));
         (key, fast)
     }
 
     fn from_json_in(json: &[u8], cache: Option<std::path::PathBuf>) -> Result<FastBpe, String> {
         if let Some(c) = cache.as_deref().and_then(compiled::read) {
-            if let Ok(spec) = serde_json::from_slice::<TokenizerJson<ModelHead>>(json) {
-                return Self::from_compiled(spec, c);
+            if let Some(fast) = Self::from_compiled(c) {
+                return fast;
             }
         }
         Self::from_json_read(json, cache)
     }
 
-    /// The model from the cached tables, the rest from the JSON (which parsed whole when the
-    /// cache was written: same bytes, same hash).
-    fn from_compiled(
-        mut spec: TokenizerJson<'_, ModelHead>,
-        c: compiled::Compiled,
-    ) -> Result<FastBpe, String> {
-        let model = spec
-            .model
-            .take()
-            .map(|h| h.0.with_tables(c.vocab, c.merges));
-        Self::assemble(spec.with_model(model), Some(c.direct), None)
+    /// Everything from the compiled form: the tables, and the rest of the model and file from
+    /// its copy of the JSON without the model's `vocab` and `merges` (a few kB: a hit never
+    /// parses the whole file, 9 MB for Llama 3, ~18% of a load that did). `None` if that copy
+    /// does not parse (it parsed when it was written: same bytes, same hash).
+    fn from_compiled(c: compiled::Compiled) -> Option<Result<FastBpe, String>> {
+        let compiled::Compiled {
+            vocab,
+            merges,
+            direct,
+            head,
+        } = c;
+        let mut spec = serde_json::from_slice::<TokenizerJson<ModelHead>>(&head).ok()?;
+        let model = spec.model.take().map(|h| h.0.with_tables(vocab, merges));
+        Some(Self::assemble(spec.with_model(model), Some(direct), None))
     }
 
     /// Everything from the JSON; the compiled form written to `cache`.
@@ -344,15 +329,17 @@ impl FastBpe {
                 _ => format!("unreadable tokenizer.json: {e}"),
             }
         })?;
+        // The compiled form keeps the file without the model's tables (parsed on a hit).
+        let cache = cache.and_then(|path| Some((path, compiled::head_of(json)?)));
         Self::assemble(spec, None, cache)
     }
 
     /// The checks and tables after the JSON is read; `direct` when the cache had it, else it
-    /// is built (and the compiled form written to `cache`).
+    /// is built (and the compiled form written to `cache`'s file with its head).
     fn assemble(
         spec: TokenizerJson<ModelJson>,
         direct: Option<PieceTable<u32>>,
-        cache: Option<std::path::PathBuf>,
+        cache: Option<(std::path::PathBuf, Vec<u8>)>,
     ) -> Result<FastBpe, String> {
         if let Some(v) = spec.version {
             if v.get() != "\"1.0\"" {
@@ -421,9 +408,9 @@ impl FastBpe {
             model.one_token_pieces(15, |p, id| {
                 pairs.push((key_of(p).expect("1 to 15 bytes"), id))
             });
-            if let Some(path) = &cache {
+            if let Some((path, head)) = &cache {
                 let (vocab, merges, joins) = model.tables();
-                compiled::write(path, vocab, merges, joins, &pairs);
+                compiled::write(path, vocab, merges, joins, &pairs, head);
             }
             let mut direct = PieceTable::with_capacity(pairs.len());
             for (k, id) in pairs {
