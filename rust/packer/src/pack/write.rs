@@ -409,11 +409,8 @@ fn write_packed(
         layout::PACK_SAMPLES,
         layout::SAMPLES,
     ];
-    for (name, w) in names
-        .into_iter()
-        .zip([w_ids, w_mask, w_packs, w_order, w_samples])
-    {
-        let (size, hash) = w.finish()?;
+    let done = HashedWriter::finish_all(vec![w_ids, w_mask, w_packs, w_order, w_samples])?;
+    for (name, (size, hash)) in names.into_iter().zip(done) {
         outputs.insert(name.to_string(), json!({"size": size, "blake3": hash}));
     }
     // meta.json lists outputs in BINARY_FILES order, as before.

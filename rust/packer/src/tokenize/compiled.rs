@@ -5,7 +5,7 @@
 //! itself without the model's `vocab` and `merges` (its "head": normalizer, pre-tokenizer,
 //! added tokens, the model's other keys), so that a load never parses the whole JSON again.
 //!
-//! The file is `$PYFAST_TUNE_CACHE/tokenizers/<hash>.bpe` (else `$XDG_CACHE_HOME` or
+//! The file is `$PYFAST_TUNE_CACHE/tokenizers/<hash>.<format>.bpe` (else `$XDG_CACHE_HOME` or
 //! `~/.cache`, then `pyfast_tune/tokenizers`), written atomically (a temporary file renamed)
 //! and ended by the BLAKE3 of its contents: a file that is short, altered or of another format
 //! version reads as absent and is rebuilt from the JSON. Nothing in it is trusted beyond
@@ -115,7 +115,10 @@ pub(super) fn path_for(hash: &str) -> Option<PathBuf> {
             .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".cache")))?
             .join("pyfast_tune"),
     };
-    Some(root.join("tokenizers").join(format!("{hash}.bpe")))
+    // The format in the name: two versions of the engine on one machine each keep their own
+    // file instead of rebuilding the other's on every load.
+    let version = std::str::from_utf8(MAGIC).unwrap_or("PFTBPE");
+    Some(root.join("tokenizers").join(format!("{hash}.{version}.bpe")))
 }
 
 /// The tables written by [`write`], or `None` if the file is absent or not one we wrote.
