@@ -32,7 +32,8 @@ pub use pack::shard::ranged::{
 };
 pub use pack::stats::{PackStats, Progress};
 pub use packed_dir::verify::verify;
-pub use pipeline::pack;
+pub use pipeline::{pack, pack_fetching};
+pub use source::fetch::Fetch;
 pub use tokenize::TokenizerBackend;
 
 /// Facts of the engine that front ends bind instead of copying: the packed directory's
@@ -58,6 +59,7 @@ pub mod files {
     pub use crate::packed_dir::atomic::exchange;
     pub use crate::source::pretokenized::read_all as read_pretokenized;
     pub use crate::source::span::files_read as shard_files_read;
+    pub use crate::source::{shard_reads, ShardRead};
     pub use crate::tokenize::hash_files as tokenizer_hash;
 }
 

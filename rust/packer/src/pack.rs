@@ -9,6 +9,7 @@ pub(crate) mod fingerprint;
 pub(crate) mod image;
 pub(crate) mod image_check;
 pub(crate) mod mix;
+pub(crate) mod numbering;
 pub(crate) mod pair;
 pub(crate) mod rng;
 pub(crate) mod shard;

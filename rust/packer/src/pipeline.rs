@@ -19,6 +19,7 @@ use crate::pack::mix::MixRule;
 use crate::pack::stage::{encode_part, Run, SourceView, Templating};
 use crate::pack::write::{finish, Header};
 use crate::packed_dir::atomic::StagingDir;
+use crate::source::fetch::Fetch;
 use crate::template::chat::ChatTemplate;
 use crate::tokenize::TextTokenizer;
 
@@ -40,6 +41,16 @@ fn thread_count(cfg: &PackConfig) -> usize {
 /// part). `progress` is called from the calling thread between batches; returning `false`
 /// aborts with [`Error::Interrupted`] and leaves no output.
 pub fn pack(cfg: &PackConfig, progress: &dyn Fn(Progress<'_>) -> bool) -> Result<PackStats> {
+    pack_fetching(cfg, progress, None)
+}
+
+/// [`pack`] with every byte range of an input asked of `fetch` before it is read: a front
+/// end whose inputs are placeholders of objects in object storage downloads just those.
+pub fn pack_fetching(
+    cfg: &PackConfig,
+    progress: &dyn Fn(Progress<'_>) -> bool,
+    fetch: Option<Fetch>,
+) -> Result<PackStats> {
     let start = Instant::now();
     let (format, template) = parse_names(cfg)?;
     let (files, file_source) = resolve_sources(cfg)?;
@@ -60,6 +71,7 @@ pub fn pack(cfg: &PackConfig, progress: &dyn Fn(Progress<'_>) -> bool) -> Result
         templating,
         tok,
         pool,
+        fetch,
     };
     let sizes: Vec<u64> = files
         .iter()

@@ -7,9 +7,11 @@
 //! hold ([`crate::source::row_json`]), so everything after this stage sees one kind of record.
 //!
 //! A sharded run reads part of a file ([`RecordStream::restrict`]): the lines of an
-//! uncompressed JSONL or CSV file, the row groups of a Parquet file, the record batches of an
-//! Arrow file whose bytes fall in its [`Span`]. Record indices and line numbers stay those of
-//! the whole file.
+//! uncompressed JSONL file that begin in its share, read from there on (records and lines
+//! numbered from the part's first line: [`json`]); the rows of a CSV file, the row groups of
+//! a Parquet file, the record batches of an Arrow file whose bytes its [`Span`] places in it
+//! (their indices and line numbers those of the whole file). Every byte read of an input is
+//! first asked of the run's [`Fetch`] hook, if it has one ([`fetch`]).
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -19,8 +21,10 @@ use std::rc::Rc;
 
 use crate::error::{Error, Result};
 use crate::source::csv as source_csv;
+use crate::source::fetch::{ensure, Fetch};
 use crate::source::ipc as source_ipc;
 use crate::source::json::JsonRecords;
+use crate::source::lines::{first_is_bracket, first_line_from, PEEK};
 use crate::source::parquet as source_parquet;
 use crate::source::raw::{open_decoded, HashState, HashingReader};
 use crate::source::record::{OwnedRecord, RowSource};
@@ -28,8 +32,10 @@ use crate::source::span::Span;
 
 pub(crate) mod columnar;
 pub(crate) mod csv;
+pub mod fetch;
 pub(crate) mod ipc;
 pub(crate) mod json;
+pub(crate) mod lines;
 pub(crate) mod parquet;
 pub(crate) mod pretokenized;
 pub(crate) mod raw;
@@ -87,12 +93,24 @@ pub struct RecordStream {
     state: Rc<RefCell<HashState>>,
     mode: Mode,
     splittable: bool,
+    fetch: Option<Fetch>,
+    /// Uncompressed JSONL.
+    by_line: bool,
+    /// JSONL: lines read (blank ones included), and where the first of them begins.
+    lines: u64,
+    first_line: u64,
 }
 
 impl RecordStream {
     /// Open `path`: by its name a Parquet, Arrow IPC or CSV/TSV file, else JSON, where the
     /// first non-blank byte tells a JSON array from JSONL.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, None, u64::MAX)
+    }
+
+    /// [`RecordStream::open`] with every read asked of `fetch` first; reads past byte
+    /// `bulk_end` go in small steps (a stream read only as far as its first records).
+    pub fn open_with(path: &Path, fetch: Option<Fetch>, bulk_end: u64) -> Result<Self> {
         let state = Rc::new(RefCell::new(HashState::default()));
         let compressed = is_compressed(path);
         let rows: Option<Box<dyn RowSource>> = match kind_of(path) {
@@ -103,7 +121,10 @@ impl RecordStream {
             Kind::Arrow if !compressed => Some(Box::new(source_ipc::IpcRows::open(path)?)),
             Kind::Csv(delimiter) => Some(Box::new(source_csv::CsvRows::open(
                 path,
-                open_decoded(path, HashingReader::open(path, &state)?)?,
+                open_decoded(
+                    path,
+                    HashingReader::open_at(path, &state, fetch.clone(), 0, bulk_end)?,
+                )?,
                 delimiter,
             )?)),
             Kind::Parquet | Kind::Arrow => {
@@ -121,15 +142,25 @@ impl RecordStream {
                 state,
                 mode: Mode::Rows(rows),
                 splittable: !compressed,
+                fetch,
+                by_line: false,
+                lines: 0,
+                first_line: 0,
             });
         }
-        let raw = HashingReader::open(path, &state)?;
-        let mut reader = BufReader::with_capacity(1 << 20, open_decoded(path, raw)?);
-        // Look without consuming: is the first non-blank byte (after a BOM) of the first
-        // buffer a '['? (A file opening with over a megabyte of blanks is read as JSONL.)
-        let buf = reader.fill_buf().map_err(|e| Error::io(path, e))?;
-        let buf = buf.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(buf);
-        let is_array = buf.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+        let raw = HashingReader::open_at(path, &state, fetch.clone(), 0, bulk_end)?;
+        let mut reader = BufReader::with_capacity(PEEK, open_decoded(path, raw)?);
+        // Is the first non-blank byte (after a BOM) of the first megabyte a '['? (A file
+        // opening with over a megabyte of blanks is read as JSONL.) Looked at without
+        // consuming; a plain file read through `fetch` is looked at in small reads, as far
+        // as its first non-blank byte.
+        let is_array = if fetch.is_some() && !compressed {
+            first_is_bracket(path, fetch.as_ref())?
+        } else {
+            let buf = reader.fill_buf().map_err(|e| Error::io(path, e))?;
+            let buf = buf.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(buf);
+            buf.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[')
+        };
         let records = if is_array {
             JsonRecords::array(path.to_path_buf(), Box::new(reader))
         } else {
@@ -140,7 +171,30 @@ impl RecordStream {
             state,
             mode: Mode::Json(records),
             splittable: !is_array && !compressed,
+            fetch,
+            by_line: !is_array && !compressed,
+            lines: 0,
+            first_line: 0,
         })
+    }
+
+    /// Whether this is a JSONL file a shard reads from its share on ([`Self::restrict`]),
+    /// numbering its records from there.
+    pub fn split_by_line(&self) -> bool {
+        self.by_line
+    }
+
+    /// JSONL: lines read so far (blank ones included).
+    pub fn lines_read(&self) -> u64 {
+        match &self.mode {
+            Mode::Json(records) => records.lines_read(),
+            _ => self.lines,
+        }
+    }
+
+    /// JSONL: the byte where the first line read begins (0 unless restricted).
+    pub fn first_line(&self) -> u64 {
+        self.first_line
     }
 
     /// Whether a shard can read part of this file: uncompressed JSONL, CSV, Parquet and
@@ -149,14 +203,30 @@ impl RecordStream {
         self.splittable
     }
 
-    /// Read only the records whose bytes `span` places in its shard (a splittable file).
-    pub fn restrict(&mut self, span: Span) {
+    /// Read only the records `span` places in its shard (a splittable file of `size`
+    /// bytes, nothing read yet). JSONL: the lines that begin in its share
+    /// ([`Span::lines`]), read from the first of them on; nothing before it but one byte.
+    pub fn restrict(&mut self, span: Span, size: u64) -> Result<()> {
         debug_assert!(self.splittable);
         match &mut self.mode {
             Mode::Rows(rows) => rows.restrict(span),
-            Mode::Json(records) => records.restrict(span),
+            Mode::Json(_) => {
+                let (lo, hi) = span.lines(size);
+                let fetch = self.fetch.clone();
+                let start = first_line_from(&self.path, fetch.as_ref(), lo, hi)?;
+                let raw = HashingReader::open_at(&self.path, &self.state, fetch, start, hi)?;
+                let reader = BufReader::with_capacity(PEEK, raw);
+                self.mode = Mode::Json(JsonRecords::lines_between(
+                    self.path.clone(),
+                    Box::new(reader),
+                    start,
+                    hi,
+                ));
+                self.first_line = start;
+            }
             Mode::Done => {}
         }
+        Ok(())
     }
 
     /// Raw (compressed) bytes read so far.
@@ -175,7 +245,10 @@ impl RecordStream {
         match &mut self.mode {
             Mode::Done => {}
             Mode::Rows(rows) => out = rows.next_batch(max_records)?,
-            Mode::Json(records) => out = records.next_batch(max_records)?,
+            Mode::Json(records) => {
+                out = records.next_batch(max_records)?;
+                self.lines = records.lines_read();
+            }
         }
         if out.is_empty() {
             self.mode = Mode::Done;
@@ -201,6 +274,8 @@ impl RecordStream {
     pub fn finish(self) -> Result<(u64, blake3::Hash)> {
         drop(self.mode);
         let mut st = self.state.borrow_mut();
+        let size = std::fs::metadata(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        ensure(self.fetch.as_ref(), &self.path, st.bytes, size.len())?;
         let mut f = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
         f.seek(SeekFrom::Start(st.bytes))
             .map_err(|e| Error::io(&self.path, e))?;
@@ -215,6 +290,51 @@ impl RecordStream {
         }
         Ok((st.bytes, st.hasher.finalize()))
     }
+}
+
+/// How shard `i` of `n` reads an input file ([`shard_reads`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShardRead {
+    /// Not at all.
+    No,
+    /// Whole (or by row group, batch or CSV row from the file's start): a front end
+    /// fetches the whole file.
+    Whole,
+    /// Its own lines of an uncompressed JSONL file, and the few bytes around them
+    /// ([`Span::lines`]); every range is asked of the run's [`Fetch`] before it is read.
+    Part,
+}
+
+/// How shard `i` of `n` reads each input file (`paths` in input order, their `sizes`;
+/// `whole`: with [`crate::PackConfig::whole_files`]): what a front end of object storage
+/// downloads before the shard runs ([`ShardRead::Whole`]) or on demand
+/// ([`ShardRead::Part`]). A file named as JSON may hold an array: read whole by one shard,
+/// through the same demands.
+pub fn shard_reads(
+    paths: &[PathBuf],
+    sizes: &[u64],
+    i: usize,
+    n: usize,
+    whole: bool,
+) -> Vec<ShardRead> {
+    let read = span::files_read(sizes, i, n, whole);
+    let total: u64 = sizes.iter().sum();
+    paths
+        .iter()
+        .zip(sizes)
+        .zip(read)
+        .map(|((p, &size), read)| {
+            let unit = whole && Span::new(0, total, i, n).whole_unit(size);
+            let by_line = kind_of(p) == Kind::Json
+                && !is_compressed(p)
+                && !crate::source::pretokenized::is_pretokenized(p);
+            match (read, by_line && !unit && n > 1) {
+                (false, _) => ShardRead::No,
+                (true, true) => ShardRead::Part,
+                (true, false) => ShardRead::Whole,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -331,9 +451,10 @@ mod tests {
 
     fn collect_span(path: &Path, span: Option<Span>) -> Vec<(u64, serde_json::Value)> {
         let mut s = RecordStream::open(path).unwrap();
+        let size = std::fs::metadata(path).unwrap().len();
         if let Some(span) = span {
             assert!(s.splittable(), "{path:?}");
-            s.restrict(span);
+            s.restrict(span, size).unwrap();
         }
         let mut out = Vec::new();
         loop {
@@ -348,6 +469,10 @@ mod tests {
                 };
                 out.push((r.index, v));
             }
+        }
+        if span.is_some() && s.split_by_line() {
+            // Read from its first line on: hashed in blocks by the caller (treehash).
+            return out;
         }
         let (size, h) = s.finish().unwrap();
         let raw = std::fs::read(path).unwrap();
@@ -419,10 +544,113 @@ mod tests {
                     // The file sits after 100 bytes of other inputs, before 50 more.
                     let part = collect_span(&p, Some(Span::new(100, size + 150, i, n)));
                     assert!(n > 3 || !part.is_empty(), "{name} {i}/{n}");
-                    joined.extend(part);
+                    // JSONL parts number their records from their first line.
+                    let base = if name == "r.jsonl" {
+                        joined.len() as u64
+                    } else {
+                        0
+                    };
+                    joined.extend(part.into_iter().map(|(k, v)| (k + base, v)));
                 }
                 assert_eq!(joined, want, "{name} /{n}");
             }
+        }
+    }
+
+    /// The records of shard `i` of `n` of a whole-inputs JSONL file, read through a hook
+    /// that records each range asked for; and the part's (lines, first line).
+    fn jsonl_part(
+        path: &Path,
+        i: usize,
+        n: usize,
+    ) -> (Vec<OwnedRecord>, u64, u64, Vec<(u64, u64)>) {
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = asked.clone();
+        let fetch: Fetch = std::sync::Arc::new(move |_: &Path, a: u64, b: u64| {
+            log.lock().unwrap().push((a, b));
+            Ok(())
+        });
+        let size = std::fs::metadata(path).unwrap().len();
+        let mut s = RecordStream::open_with(path, Some(fetch), u64::MAX).unwrap();
+        assert!(s.split_by_line());
+        s.restrict(Span::new(0, size, i, n), size).unwrap();
+        s.skip_hashing();
+        let mut out = Vec::new();
+        loop {
+            let b = s.next_batch(7).unwrap();
+            if b.is_empty() {
+                break;
+            }
+            out.extend(b);
+        }
+        let (lines, first) = (s.lines_read(), s.first_line());
+        let asked = asked.lock().unwrap().clone();
+        (out, lines, first, asked)
+    }
+
+    #[test]
+    fn jsonl_shards_read_their_lines_and_ask_for_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.jsonl");
+        let mut text = String::from("\u{feff}");
+        for k in 0..3000 {
+            match k % 11 {
+                3 => text.push_str("   \n"),
+                7 => text.push_str(&format!("{{\"text\": \"{}\"}}\r\n", "y".repeat(k % 300))),
+                _ => text.push_str(&format!("{{\"text\": \"r{k}\"}}\n")),
+            }
+        }
+        text.push_str("{\"text\": \"last, no newline\"}");
+        std::fs::write(&p, &text).unwrap();
+        let whole = collect(&p, 50).0;
+        let size = text.len() as u64;
+        for n in [1, 2, 3, 7] {
+            let (mut lines, mut records) = (0u64, 0u64);
+            for i in 0..n {
+                let (part, part_lines, first, asked) = jsonl_part(&p, i, n);
+                // Numbered from the part's first line: the lines and records before it are
+                // what the error path counts.
+                assert_eq!(
+                    lines::count_lines(&p, None, first).unwrap(),
+                    (lines, records),
+                    "{i}/{n}"
+                );
+                for r in &part {
+                    let w = &whole[(r.index + records) as usize];
+                    assert_eq!((r.line + lines, &r.text), (w.line, &w.text), "{i}/{n}");
+                }
+                lines += part_lines;
+                records += part.len() as u64;
+                // Asked: the peek (a step from the start), one byte before the share,
+                // the share, and the steps that finish its last line.
+                let (lo, hi) = Span::new(0, size, i, n).lines(size);
+                let end = text[hi as usize..]
+                    .find('\n')
+                    .map_or(size, |k| hi + k as u64 + 1);
+                for &(a, b) in &asked {
+                    let peek = b <= fetch::STEP;
+                    let near = a + 1 >= lo && a <= end && b <= end + fetch::STEP;
+                    assert!(
+                        peek || near,
+                        "{i}/{n}: asked {a}..{b}, share {lo}..{hi}, end {end}"
+                    );
+                }
+                // Bytes never asked for are never read: junk there changes nothing.
+                let junk = d.path().join("junk.jsonl");
+                let mut bytes = vec![b'{'; size as usize];
+                for &(a, b) in &asked {
+                    let (a, b) = (a.min(size) as usize, b.min(size) as usize);
+                    bytes[a..b].copy_from_slice(&text.as_bytes()[a..b]);
+                }
+                std::fs::write(&junk, &bytes).unwrap();
+                let again = jsonl_part(&junk, i, n).0;
+                let key = |r: &OwnedRecord| (r.index, r.line, r.text.clone());
+                assert_eq!(
+                    again.iter().map(key).collect::<Vec<_>>(),
+                    part.iter().map(key).collect::<Vec<_>>()
+                );
+            }
+            assert_eq!(records, whole.len() as u64, "/{n}");
         }
     }
 }

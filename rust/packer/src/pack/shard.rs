@@ -3,16 +3,18 @@
 //!
 //! Why the bytes are identical to one machine: packing is global (best-fit decreasing over
 //! every sample's length, then seeded shuffles), so shards must not pack. The ordered input
-//! files are laid end to end as one byte range and shard I takes the I-th N-th of it: every
-//! unit of work (a line of an uncompressed JSONL or CSV file, a Parquet row group, an Arrow
-//! record batch, or a whole file where a file cannot be split: compressed, a JSON array,
-//! pre-tokenized) belongs to the shard in whose share its midpoint falls ([`Span`]). So
-//! one large file is split as evenly as many small ones. Each shard stages its samples
-//! exactly as a single run would (record indices and lines counted from the file's start)
-//! and saves per-sample (length, file, record) plus its staged tokens. The merge
+//! files are laid end to end as one byte range and shard I takes the I-th N-th of it: a
+//! line of an uncompressed JSONL file belongs to the shard whose share holds its first byte,
+//! every other unit of work (a CSV row, a Parquet row group, an Arrow record batch, or a
+//! whole file where a file cannot be split: compressed, a JSON array, pre-tokenized) to the
+//! shard in whose share its midpoint falls ([`Span`]). So one large file is split as evenly
+//! as many small ones. Each shard stages its samples exactly as a single run would and
+//! saves per-sample (length, file, record) plus its staged tokens. The merge
 //! concatenates the parts in shard order — which is input order — and joins the entries of a
 //! file that several shards read, so the sample list, the lengths, the packing plan, the
-//! token bytes and meta.json are all the same.
+//! token bytes and meta.json are all the same. A shard of a JSONL file reads it from the
+//! first line that begins in its share and numbers its records from there; the merge adds
+//! the counts of the parts before ([`crate::pack::numbering`]).
 //!
 //! The shard holding a file's first byte is its *head*: it alone reports what concerns the
 //! file as a whole (an empty file, a format that cannot be detected, a file that cannot be
@@ -33,6 +35,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
+use crate::pack::numbering::{self, Site};
 use crate::pack::stage::{
     staged_bytes, Part, StagedSample, ROLE_CHOSEN, ROLE_NONE, ROLE_REJECTED, STAGE_TOKENS,
 };
@@ -50,6 +53,8 @@ const KIND: &str = "pyfast-tune pack part";
 /// are staged together ([`STAGE_TOKENS`]); parts without it staged ids and mask bytes in two
 /// files.
 const PART_FORMAT: u64 = 2;
+/// Key of `part.json`: the skipped examples that name a record by its part-local numbers.
+const SITES: &str = "example_sites";
 
 fn corrupt(path: &Path, msg: impl Into<String>) -> Error {
     Error::Corrupt {
@@ -102,6 +107,9 @@ pub(crate) fn save(
         .collect();
     if !pair_starts.is_empty() {
         doc["pair_starts"] = json!(pair_starts);
+    }
+    if !part.sites.is_empty() {
+        doc[SITES] = json!(part.sites);
     }
     let p = staging.dir.join(PART_JSON);
     let mut f = std::fs::File::create(&p).map_err(|e| Error::io(&p, e))?;
@@ -233,6 +241,8 @@ fn part_of(dir: &Path, doc: &Value) -> Result<Part> {
     if file_entries.len() != files.len() || file_table.len() != files.len() {
         return Err(corrupt(&p, "file entries do not match the files read"));
     }
+    let sites: Vec<Site> = serde_json::from_value(doc.get(SITES).cloned().unwrap_or(json!([])))
+        .map_err(|e| corrupt(&p, format!("bad {SITES}: {e}")))?;
     Ok(Part {
         dir: dir.to_path_buf(),
         samples: Vec::new(),
@@ -243,6 +253,7 @@ fn part_of(dir: &Path, doc: &Value) -> Result<Part> {
         images,
         margins,
         files,
+        sites,
     })
 }
 
@@ -314,8 +325,16 @@ pub fn merge(
     }
     let mut loaded = parts.iter().map(|d| load(d)).collect::<Result<Vec<_>>>()?;
     loaded.sort_by_key(|l| l.doc["shard"].as_u64());
-    let (header, nfiles) = check_parts(&loaded.iter().map(|l| &l.doc).collect::<Vec<_>>())?;
+    let docs: Vec<&Value> = loaded.iter().map(|l| &l.doc).collect();
+    let (header, nfiles) = check_parts(&docs)?;
+    let bases = numbering::bases(&docs);
     let mut parts: Vec<Part> = loaded.into_iter().map(|l| l.part).collect();
+    for (part, base) in parts.iter_mut().zip(&bases) {
+        for s in &mut part.samples {
+            s.record += base.get(&(s.file as u64)).map_or(0, |b| b.1);
+        }
+        numbering::name_examples(&mut part.stats, &part.sites, base);
+    }
     join_file_entries(&mut parts, nfiles)?;
     let staging = StagingDir::new(out_dir)?;
     finish(&header, parts, staging, start, progress)
@@ -346,6 +365,8 @@ fn join_file_entries(parts: &mut [Part], nfiles: usize) -> Result<()> {
             let probe = row
                 .as_object_mut()
                 .and_then(|o| o.shift_remove(SHARE_PROBE));
+            row.as_object_mut()
+                .map(|o| o.shift_remove(numbering::LINES));
             match joined.last_mut() {
                 Some(last) if last.0 == f => {
                     let seen = probes.last_mut().expect("one per joined file");

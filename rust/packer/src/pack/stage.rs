@@ -15,10 +15,12 @@ use crate::format::xtuner::{llava_image, Columns};
 use crate::format::Format;
 use crate::input::InputFile;
 use crate::pack::fingerprint::{file_entry, pretok_entry};
+use crate::pack::numbering::{self, skip, RecordFault, Site};
 use crate::pack::pair::{fit_pair, PairFit};
 use crate::pack::stats::{PackStats, Progress};
 use crate::packed_dir::atomic::HashedWriter;
 use crate::packed_dir::treehash::{self, hash_share, Share, BLAKE3_BLOCKS, SHARE_PROBE};
+use crate::source::fetch::{ensure, Fetch};
 use crate::source::pretokenized::{self, is_pretokenized, PretokFile};
 use crate::source::raw::hash_file;
 use crate::source::record::{OwnedRecord, Unreadable};
@@ -32,8 +34,7 @@ use crate::tokenize::TextTokenizer;
 /// Records encoded per parallel batch: large enough to amortise scheduling, small enough
 /// to bound memory and report progress often.
 const CHUNK: usize = 4096;
-/// How many skipped-record messages are kept for the report.
-pub(crate) const MAX_SKIP_EXAMPLES: usize = 10;
+pub(crate) use crate::pack::numbering::MAX_SKIP_EXAMPLES;
 /// Staged tokens of a part, samples in input order, each as its ids (`<u4`) followed by its
 /// loss mask as bits ([`pack_mask_bits`]): [`staged_bytes`] per sample, about 4.13 per
 /// token. A writer copying a sample into the packed files reads it with one positioned read
@@ -107,12 +108,6 @@ pub enum Templating {
     Hf(Box<ChatTemplate>),
 }
 
-/// Why one record produced no sample.
-enum RecordFault {
-    Json(String),
-    Shape(String),
-}
-
 /// What one record became: None when the format maps it to no conversation.
 type Encodedrecord = Option<RecordOut>;
 
@@ -142,6 +137,8 @@ pub(crate) struct Run<'a> {
     pub(crate) templating: Templating,
     pub(crate) tok: TextTokenizer,
     pub(crate) pool: rayon::ThreadPool,
+    /// Asked for every byte range of an input before it is read ([`Fetch`]).
+    pub(crate) fetch: Option<Fetch>,
 }
 
 impl Run<'_> {
@@ -415,28 +412,9 @@ pub(crate) struct Part {
     /// The files read (global index, and whether this part is the file's head, see
     /// [`crate::pack::shard`]), one per entry of `file_entries` and `file_table`.
     pub files: Vec<(usize, bool)>,
-}
-
-fn record_error(
-    path: &Path,
-    rec_line: u64,
-    rec_index: u64,
-    fault: RecordFault,
-    fmt: &str,
-) -> Error {
-    match fault {
-        RecordFault::Json(msg) => Error::Json {
-            path: path.to_path_buf(),
-            line: rec_line,
-            msg: format!("record {rec_index}: {msg}"),
-        },
-        RecordFault::Shape(msg) => Error::Record {
-            path: path.to_path_buf(),
-            line: rec_line,
-            record: rec_index,
-            msg: format!("{msg} (format {fmt})"),
-        },
-    }
+    /// Skipped examples that name a record by its part-local line and index
+    /// ([`crate::pack::numbering`]): the merge names it in the whole file.
+    pub sites: Vec<Site>,
 }
 
 /// Appends samples of one part to its staging files.
@@ -556,16 +534,6 @@ impl Stager {
     }
 }
 
-fn skip(cfg: &PackConfig, stats: &mut PackStats, err: Error) -> Result<()> {
-    if !cfg.skip_bad {
-        return Err(err);
-    }
-    if stats.skipped_examples.len() < MAX_SKIP_EXAMPLES {
-        stats.skipped_examples.push(err.to_string());
-    }
-    Ok(())
-}
-
 /// Encode the inputs (all of them, or shard `i` of `n`) into staging files in `dir`.
 pub(crate) fn encode_part(
     run: &Run<'_>,
@@ -612,6 +580,7 @@ pub(crate) fn encode_part(
             images: Vec::new(),
             margins: Vec::new(),
             files: Vec::new(),
+            sites: Vec::new(),
         },
     };
     for (fi, file) in files.iter().enumerate() {
@@ -689,16 +658,18 @@ fn probe(
 /// reports it; another shard skips it silently (or fails, as every shard of the run does
 /// without `skip_bad`).
 fn file_fault(
-    cfg: &PackConfig,
+    run: &Run<'_>,
     file: &InputFile,
     fi: usize,
     head: bool,
     st: &mut Stager,
     err: Error,
 ) -> Result<()> {
+    let cfg = run.cfg;
     if !head {
         return if cfg.skip_bad { Ok(()) } else { Err(err) };
     }
+    ensure(run.fetch.as_ref(), &file.path, 0, u64::MAX)?;
     let (size, hash) = hash_file(&file.path)?;
     st.part
         .file_entries
@@ -725,7 +696,7 @@ fn encode_json_file(
     let cfg = run.cfg;
     let sv = run.view(fi);
     let whole_head = span.place(0, size).is_eq();
-    let mut stream = match RecordStream::open(&file.path) {
+    let mut stream = match RecordStream::open_with(&file.path, run.fetch.clone(), u64::MAX) {
         Ok(s) => s,
         Err(
             e @ (Error::EmptyFile { .. }
@@ -733,7 +704,7 @@ fn encode_json_file(
             | Error::Record { .. }
             | Error::Source { .. }),
         ) => {
-            return file_fault(cfg, file, fi, whole_head, st, e);
+            return file_fault(run, file, fi, whole_head, st, e);
         }
         Err(e) => return Err(e),
     };
@@ -748,26 +719,44 @@ fn encode_json_file(
         true
     };
     // A single run probes the stream it reads (a Parquet dictionary page is decoded once);
-    // a shard, whose stream may start past the file's first record, opens the file again.
+    // a shard, whose stream may start past the file's first record, opens the file again
+    // and reads a few records at a time, in small steps (only as far as the first record
+    // that decides: bytes fetched from object storage).
     let mut read_ahead = Vec::new();
     let probed = if span == Span::ALL {
         probe(sv, file, || stream.next_batch(CHUNK), Some(&mut read_ahead))?
     } else {
-        let mut from_start = RecordStream::open(&file.path)?;
+        let mut from_start = RecordStream::open_with(&file.path, run.fetch.clone(), 0)?;
         from_start.skip_hashing();
-        probe(sv, file, || from_start.next_batch(64), None)?
+        probe(sv, file, || from_start.next_batch(4), None)?
     };
     let fmt = match probed {
         Ok(f) => f,
-        Err(e) => return file_fault(cfg, file, fi, head, st, e),
+        Err(e) => return file_fault(run, file, fi, head, st, e),
     };
     // A shard reads part of the file and hashes only the blocks of its share (treehash):
     // every byte of the file is hashed once in the run, and the merge folds the blocks.
     let in_blocks = splittable && span != Span::ALL;
     if in_blocks {
-        stream.restrict(span);
+        stream.restrict(span, size)?;
         stream.skip_hashing();
     }
+    // Records numbered from a line past the file's start ([`numbering`]).
+    let local = (in_blocks && stream.split_by_line()).then(|| stream.first_line());
+    let bad = |part: &mut Part, rec: &OwnedRecord, fault| {
+        let at = (fi, rec.line, rec.index, local);
+        let (stats, sites) = (&mut part.stats, &mut part.sites);
+        numbering::bad_record(
+            cfg,
+            run.fetch.as_ref(),
+            &file.path,
+            at,
+            fault,
+            fmt,
+            stats,
+            sites,
+        )
+    };
     let mut read_ahead = read_ahead.into_iter();
     let mut records = 0u64;
     loop {
@@ -793,33 +782,25 @@ fn encode_json_file(
                 Ok(Some(RecordOut::Sample(enc, raw_len, image))) => {
                     match crate::pack::image_check::check_sample(cfg, &file.path, &enc.ids, image) {
                         Ok(image) => st.take(enc, raw_len, fi, rec.index, image)?,
-                        Err(msg) => {
-                            st.part.stats.skipped_records += 1;
-                            let fault = RecordFault::Shape(msg);
-                            let err =
-                                record_error(&file.path, rec.line, rec.index, fault, fmt.name());
-                            skip(cfg, &mut st.part.stats, err)?;
-                        }
+                        Err(msg) => bad(&mut st.part, rec, RecordFault::Shape(msg))?,
                     }
                 }
                 Ok(Some(RecordOut::Pair(c, r, margin))) => {
                     st.take_pair(c, r, margin, cfg.max_length, fi, rec.index)?
                 }
                 Ok(None) => st.part.stats.dropped_samples += 1,
-                Err(fault) => {
-                    st.part.stats.skipped_records += 1;
-                    let err = record_error(&file.path, rec.line, rec.index, fault, fmt.name());
-                    skip(cfg, &mut st.part.stats, err)?;
-                }
+                Err(fault) => bad(&mut st.part, rec, fault)?,
             }
         }
         if !report(stream.raw_bytes()) {
             return Err(Error::Interrupted);
         }
     }
+    let lines = stream.lines_read();
     let (size, hash, share) = if in_blocks {
         let size = stream.size()?;
-        let share = hash_share(&file.path, size, |off| span.place(off, off).is_eq())?;
+        let owns = |off| span.place(off, off).is_eq();
+        let share = hash_share(&file.path, size, owns, run.fetch.as_ref())?;
         (size, None, Some(share))
     } else {
         let (size, hash) = stream.finish()?;
@@ -830,7 +811,7 @@ fn encode_json_file(
         Some(Share::Blocks { cvs, .. }) => !cvs.is_empty(),
         None => false,
     };
-    if head || records > 0 || owns_blocks {
+    if head || records > 0 || owns_blocks || (local.is_some() && lines > 0) {
         let mut row =
             json!({"name": file.name, "size": size, "records": records, "format": fmt.name()});
         let entry = match (&hash, &share) {
@@ -839,7 +820,10 @@ fn encode_json_file(
             _ => json!({"name": file.name, "size": size, "blake3": Value::Null}),
         };
         if in_blocks {
-            row[SHARE_PROBE] = json!(treehash::probe(&file.path, size)?);
+            row[SHARE_PROBE] = json!(treehash::probe(&file.path, size, run.fetch.as_ref())?);
+        }
+        if local.is_some() {
+            row[numbering::LINES] = json!(lines);
         }
         if let Some(Share::Blocks { first, cvs }) = &share {
             if !cvs.is_empty() {

@@ -16,6 +16,7 @@ pub use blake3::hazmat::ChainingValue;
 use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, HasherExt, Mode};
 
 use crate::error::{Error, Result};
+use crate::source::fetch::{ensure, Fetch};
 
 /// The key of a part's file-table row that carries the blocks a shard hashed
 /// (`{"first": index, "cvs": [hex, ...]}`); the merge folds them and removes it.
@@ -93,8 +94,14 @@ pub enum Share {
 
 /// Hash the blocks of the file at `path` (`size` bytes, [`input_block`] each) whose first
 /// byte `owns` says are this shard's; the blocks of a file are owned by the shards in order,
-/// so one shard's are consecutive. Reads those bytes only.
-pub fn hash_share(path: &Path, size: u64, owns: impl Fn(u64) -> bool) -> Result<Share> {
+/// so one shard's are consecutive. Reads those bytes only, each block asked of `fetch`
+/// first.
+pub fn hash_share(
+    path: &Path,
+    size: u64,
+    owns: impl Fn(u64) -> bool,
+    fetch: Option<&Fetch>,
+) -> Result<Share> {
     let block = input_block(size);
     let n = size.div_ceil(block);
     let mine: Vec<u64> = (0..n).filter(|&j| owns(j * block)).collect();
@@ -106,6 +113,7 @@ pub fn hash_share(path: &Path, size: u64, owns: impl Fn(u64) -> bool) -> Result<
                 cvs: Vec::new(),
             });
         }
+        ensure(fetch, path, 0, size)?;
         return crate::source::raw::hash_file(path).map(|(_, h)| Share::Whole(h));
     }
     let file = f()?;
@@ -113,6 +121,7 @@ pub fn hash_share(path: &Path, size: u64, owns: impl Fn(u64) -> bool) -> Result<
     let mut cvs = Vec::with_capacity(mine.len());
     for &j in &mine {
         let len = (size - j * block).min(block) as usize;
+        ensure(fetch, path, j * block, j * block + len as u64)?;
         file.read_exact_at(&mut buf[..len], j * block)
             .map_err(|e| Error::io(path, e))?;
         cvs.push(block_cv(j * block, &buf[..len]));
@@ -124,13 +133,14 @@ pub fn hash_share(path: &Path, size: u64, owns: impl Fn(u64) -> bool) -> Result<
 }
 
 /// BLAKE3 (hex) of the first and last 64 KiB of a file of `size` bytes: what every shard
-/// reading part of it can check cheaply against the others.
-pub fn probe(path: &Path, size: u64) -> Result<String> {
+/// reading part of it can check cheaply against the others (asked of `fetch` first).
+pub fn probe(path: &Path, size: u64, fetch: Option<&Fetch>) -> Result<String> {
     let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let n = size.min(1 << 16);
     let mut buf = vec![0u8; n as usize];
     let mut h = blake3::Hasher::new();
     for at in [0, size - n] {
+        ensure(fetch, path, at, at + n)?;
         f.read_exact_at(&mut buf, at)
             .map_err(|e| Error::io(path, e))?;
         h.update(&buf);
@@ -191,7 +201,7 @@ mod tests {
         let size = 69_001u64;
         let mut all = Vec::new();
         for i in 0..3u64 {
-            match hash_share(&p, size, |off| off * 3 / size == i).unwrap() {
+            match hash_share(&p, size, |off| off * 3 / size == i, None).unwrap() {
                 Share::Blocks { first, cvs } => {
                     assert!(cvs.is_empty() || first == all.len() as u64);
                     all.extend(cvs);

@@ -3,18 +3,17 @@
 //! [`BATCH_BYTES`] of text. The reader the other formats have in their own modules; the
 //! dispatcher ([`crate::source::RecordStream`]) picks it by the file's name and first byte.
 //!
-//! A shard reads only the lines whose bytes its [`Span`] places in it (JSONL is split by
-//! line; a JSON array is read whole by one shard); lines before the span are counted, so
-//! record indices and line numbers stay those of the whole file.
+//! A shard reads only the lines that begin in its share ([`crate::source::span::Span::lines`];
+//! a JSON array is read whole by one shard): its reader starts at its first line, and its
+//! records and lines are numbered from there (the merge, which sees every part's counts,
+//! makes them the whole file's).
 
-use std::cmp::Ordering;
 use std::io::BufRead;
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 use crate::input::ArrayElements;
 use crate::source::record::{OwnedRecord, Unreadable, BATCH_BYTES};
-use crate::source::span::Span;
 
 enum Body {
     Lines(Box<dyn BufRead>),
@@ -30,7 +29,8 @@ pub(crate) struct JsonRecords {
     first: bool,
     /// Byte offset (in the decompressed stream) of the next line.
     pos: u64,
-    span: Span,
+    /// No line beginning at or after this offset is read.
+    end: u64,
 }
 
 impl JsonRecords {
@@ -44,6 +44,19 @@ impl JsonRecords {
         Self::new(path, Body::Array(ArrayElements::new(reader)))
     }
 
+    /// The lines of `reader`, positioned at byte `pos` of the file where a line begins,
+    /// that begin before `end`; numbered from 0 (records) and 1 (lines).
+    pub(crate) fn lines_between(
+        path: PathBuf,
+        reader: Box<dyn BufRead>,
+        pos: u64,
+        end: u64,
+    ) -> Self {
+        let mut r = Self::new(path, Body::Lines(reader));
+        (r.first, r.pos, r.end) = (pos == 0, pos, end);
+        r
+    }
+
     fn new(path: PathBuf, body: Body) -> Self {
         JsonRecords {
             path,
@@ -52,13 +65,13 @@ impl JsonRecords {
             index: 0,
             first: true,
             pos: 0,
-            span: Span::ALL,
+            end: u64::MAX,
         }
     }
 
-    /// Read only the lines whose bytes `span` places in its shard (JSONL only).
-    pub(crate) fn restrict(&mut self, span: Span) {
-        self.span = span;
+    /// Lines read so far, blank ones included.
+    pub(crate) fn lines_read(&self) -> u64 {
+        self.line
     }
 
     /// The next batch of at most `max_records` records; empty at the end of the file.
@@ -94,7 +107,7 @@ impl JsonRecords {
                 // A line is read straight into the buffer its record keeps (one copy); a
                 // line that makes no record leaves its buffer to the next.
                 let mut spare = Vec::new();
-                while out.len() < max_records && bytes < BATCH_BYTES {
+                while out.len() < max_records && bytes < BATCH_BYTES && self.pos < self.end {
                     let mut buf = std::mem::take(&mut spare);
                     buf.clear();
                     let n = reader
@@ -103,13 +116,8 @@ impl JsonRecords {
                     if n == 0 {
                         break;
                     }
-                    let start = self.pos;
                     self.pos += n as u64;
                     self.line += 1;
-                    let place = self.span.place(start, self.pos);
-                    if place == Ordering::Greater {
-                        break;
-                    }
                     if buf.last() == Some(&b'\n') {
                         buf.pop();
                     }
@@ -120,13 +128,6 @@ impl JsonRecords {
                         }
                     }
                     if buf.iter().all(|b| b.is_ascii_whitespace()) {
-                        spare = buf;
-                        continue;
-                    }
-                    if place == Ordering::Less {
-                        // Before this shard's bytes: counted, so indices and lines stay the
-                        // whole file's.
-                        self.index += 1;
                         spare = buf;
                         continue;
                     }

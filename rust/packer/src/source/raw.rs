@@ -8,6 +8,7 @@ use std::path::Path;
 use std::rc::Rc;
 
 use crate::error::{Error, Result};
+use crate::source::fetch::{Fetch, FetchingFile};
 
 #[derive(Default)]
 pub(crate) struct HashState {
@@ -19,7 +20,7 @@ pub(crate) struct HashState {
 
 /// Reads a file and hashes every byte that passes.
 pub(crate) struct HashingReader {
-    file: File,
+    file: FetchingFile,
     state: Rc<RefCell<HashState>>,
 }
 
@@ -47,10 +48,24 @@ pub(crate) fn open_decoded(path: &Path, raw: HashingReader) -> Result<Box<dyn Re
 }
 
 impl HashingReader {
-    /// Open `path`, hashing into `state`.
-    pub(crate) fn open(path: &Path, state: &Rc<RefCell<HashState>>) -> Result<Self> {
+    /// Open `path` at byte `pos` (counted in `state` as read), every read asked of `fetch`
+    /// first: in whole buffers before `bulk_end`, in small steps after it.
+    pub(crate) fn open_at(
+        path: &Path,
+        state: &Rc<RefCell<HashState>>,
+        fetch: Option<Fetch>,
+        pos: u64,
+        bulk_end: u64,
+    ) -> Result<Self> {
+        state.borrow_mut().bytes = pos;
         Ok(HashingReader {
-            file: File::open(path).map_err(|e| Error::io(path, e))?,
+            file: FetchingFile {
+                file: File::open(path).map_err(|e| Error::io(path, e))?,
+                path: path.to_path_buf(),
+                fetch,
+                pos,
+                bulk_end,
+            },
             state: state.clone(),
         })
     }

@@ -1,5 +1,17 @@
 //! Which part of each input file a sharded run reads: the leaf type every reader shares, so
 //! the readers need not import the code that saves and merges part directories.
+//!
+//! Two rules place a unit in a shard. A line of a JSONL file belongs to the shard whose
+//! share holds its first byte ([`Span::lines`]), as Hadoop splits text: a shard starts at
+//! the first line that begins in its share (one byte before the share tells whether a line
+//! begins at its first byte) and finishes the line that crosses its end, so it never reads
+//! the bytes before its share — the file's prefix is not fetched from object storage, nor
+//! scanned on disk. Every other unit (a Parquet row group, an Arrow record batch, a CSV row,
+//! a file read whole) belongs to the shard its midpoint falls in ([`Span::place`]): CSV may
+//! quote a newline, so a row cannot be found from an arbitrary byte, and its shards read the
+//! file from its start. (Lines were placed by midpoint too; a shard then had to read from
+//! the file's start to find the start of each line, and every shard touching a large object
+//! downloaded all of it.)
 
 use std::cmp::Ordering;
 
@@ -38,6 +50,27 @@ impl Span {
         let mid2 = 2 * self.base as u128 + start as u128 + end as u128;
         let shard = (mid2 * self.n as u128 / (2 * self.total as u128)).min(self.n as u128 - 1);
         (shard as usize).cmp(&self.i)
+    }
+
+    /// The bytes `lo..hi` of a file of `size` bytes in which the lines this shard reads
+    /// begin: the file's part of its share (a line belongs to the shard holding its first
+    /// byte).
+    pub fn lines(&self, size: u64) -> (u64, u64) {
+        if self.n <= 1 || self.total == 0 {
+            return if self.i == 0 { (0, size) } else { (0, 0) };
+        }
+        // Byte g of the inputs is in share floor(g * n / total): share i starts at
+        // ceil(i * total / n).
+        let at = |i: usize| {
+            let g = (i as u128 * self.total as u128).div_ceil(self.n as u128) as u64;
+            g.saturating_sub(self.base).min(size)
+        };
+        let hi = if self.i + 1 >= self.n {
+            size
+        } else {
+            at(self.i + 1)
+        };
+        (at(self.i).min(hi), hi)
     }
 
     /// Whether this shard holds the file's first byte: it reports faults of the whole file.
@@ -135,6 +168,38 @@ mod tests {
             .collect();
         assert_eq!(counts, [250, 250, 250, 250]);
         assert_eq!(Span::ALL.place(5, 9), Ordering::Equal);
+    }
+
+    #[test]
+    fn lines_belong_to_the_shard_holding_their_first_byte() {
+        for (base, size, total) in [
+            (0u64, 1000u64, 1000u64),
+            (100, 7, 150),
+            (3, 50, 97),
+            (0, 5, 5),
+        ] {
+            for n in 1..7 {
+                let mut next = 0;
+                for i in 0..n {
+                    let span = Span::new(base, total, i, n);
+                    let (lo, hi) = span.lines(size);
+                    assert_eq!(
+                        lo, next,
+                        "shares are contiguous: {base} {size} {total} /{n}"
+                    );
+                    next = hi;
+                    for b in 0..size {
+                        assert_eq!(
+                            (lo..hi).contains(&b),
+                            span.place(b, b).is_eq(),
+                            "byte {b}: {base} {size} {total} {i}/{n}"
+                        );
+                    }
+                }
+                assert_eq!(next, size);
+            }
+        }
+        assert_eq!(Span::ALL.lines(9), (0, 9));
     }
 
     #[test]

@@ -135,6 +135,7 @@ pub fn plan(
     }
     docs.sort_by_key(|(_, doc, _)| doc["shard"].as_u64());
     let (header, nfiles) = check_parts(&docs.iter().map(|(_, d, _)| d).collect::<Vec<_>>())?;
+    let bases = crate::pack::numbering::bases(&docs.iter().map(|(_, d, _)| d).collect::<Vec<_>>());
     let h = &docs[0].1["header"];
     let needs_records = !header.mix.is_empty()
         || h["image_tokens"].as_u64().unwrap_or(0) > 0
@@ -147,8 +148,10 @@ pub fn plan(
     }
 
     let mut ps = Vec::with_capacity(docs.len());
-    for (dir, doc, _) in &docs {
-        ps.push(part_of(dir, doc)?);
+    for ((dir, doc, _), base) in docs.iter().zip(&bases) {
+        let mut part = part_of(dir, doc)?;
+        crate::pack::numbering::name_examples(&mut part.stats, &part.sites, base);
+        ps.push(part);
     }
     join_file_entries(&mut ps, nfiles)?;
     let mut stats = PackStats::default();
@@ -252,8 +255,9 @@ pub fn plan(
     let mut w_samples = HashedWriter::with_capacity(dir.join(layout::SAMPLES), BUF)?;
     let mut s = 0usize;
     let mut failed = None;
-    for (pdir, doc, n) in &docs {
+    for ((pdir, doc, n), base) in docs.iter().zip(&bases) {
         read_samples(pdir, doc, *n, |len, file, record| {
+            let record = record + base.get(&(file as u64)).map_or(0, |b| b.1);
             let pk = pack_of[s] as usize;
             let row = [
                 (pack_starts[pk] + within[s] as u64) as i64,
