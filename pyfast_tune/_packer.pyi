@@ -3,7 +3,7 @@ Only ``pyfast_tune.data`` imports it; everyone else goes through that module."""
 
 from collections.abc import Callable, Mapping
 from os import PathLike
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 __version__: str
 
@@ -69,12 +69,18 @@ class VerifyReport(TypedDict):
 
 # pack/merge_packs return the fields of ``pyfast_tune.data.PackStats`` (built from it with
 # ``PackStats(**stats)``, which refuses a missing or unknown field).
-def pack(options: Mapping[str, OptionValue], progress: Progress = None) -> dict[str, Any]: ...
+def pack(
+    options: Mapping[str, OptionValue],
+    progress: Progress = None,
+    fetch: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]: ...
 def pack_defaults() -> dict[str, Any]: ...
 def pack_fields() -> list[FieldDoc]: ...
 def fingerprint(options: Mapping[str, OptionValue]) -> str: ...
 def resolve_inputs(options: Mapping[str, OptionValue]) -> list[tuple[str, str]]: ...
-def shard_files_read(sizes: list[int], index: int, shards: int, whole: bool) -> list[bool]: ...
+def shard_reads(
+    paths: list[str], sizes: list[int], index: int, shards: int, whole: bool
+) -> list[Literal["", "whole", "part"]]: ...
 def merge_packs(parts: list[str], out_dir: str, progress: Progress = None) -> dict[str, Any]: ...
 def merge_plan(
     parts: list[str],

@@ -201,10 +201,10 @@ def _engine_options(sources: list[dict], mix: list[dict], **fields: Any) -> dict
     return options
 
 
-def _run_pack(options: dict[str, Any], progress: bool) -> PackStats:
+def _run_pack(options: dict[str, Any], progress: bool, fetch=None) -> PackStats:
     report, close = _tqdm_progress() if progress else (None, lambda: None)
     try:
-        stats = _packer.pack(options, report)
+        stats = _packer.pack(options, report, fetch)
     finally:
         close()
     return PackStats(**stats)

@@ -172,11 +172,10 @@ def pack(
         image_folder=image_folder,
     )
     try:
-        if remote:
-            _fetch_shard_objects(options, shard)
+        fetch = _fetch_shard_objects(options, shard) if remote else None
         if map_fn is not None:
             return _pack_mapped(map_fn, options, progress)
-        return _run_pack(options, progress)
+        return _run_pack(options, progress, fetch)
     except PackError as e:
         storage = sys.modules.get("pyfast_tune.data.storage")  # loaded when a URL was fetched
         if storage is not None:
@@ -184,17 +183,21 @@ def pack(
         raise
 
 
-def _fetch_shard_objects(options: dict, shard: tuple[int, int]) -> None:
-    """Download the object-storage inputs that shard ``shard`` reads (``storage.fetch`` laid
-    them out as placeholders): with ``whole_files``, each object of at most one share of the
-    bytes is read by one shard alone."""
+def _fetch_shard_objects(options: dict, shard: tuple[int, int]):
+    """Download the object-storage inputs that shard ``shard`` reads whole (``storage.fetch``
+    laid them out as placeholders): with ``whole_files``, each object of at most one share of
+    the bytes is read by one shard alone. The engine's ``fetch`` hook for the objects it
+    reads part of (a large JSONL object: the lines of this shard's share), or None."""
     from pyfast_tune.data import storage
 
     options["whole_files"] = True
     files = [p for p, _ in _packer.resolve_inputs(options)]
-    reads = _packer.shard_files_read([os.path.getsize(p) for p in files], *shard, True)
+    sizes = [os.path.getsize(p) for p in files]
+    reads = _packer.shard_reads(files, sizes, *shard, True)
     # a pre-tokenized X.bin is read with its X.bin.meta
-    storage.materialize(x for p, r in zip(files, reads, strict=True) if r for x in (p, p + ".meta"))
+    whole = (x for p, r in zip(files, reads, strict=True) if r == "whole" for x in (p, p + ".meta"))
+    storage.materialize(whole)
+    return storage.fetch_range if "part" in reads else None
 
 
 def _inputs_and_mix(inputs, template, split, subset, data_order, map_fn=None, lazy=False):

@@ -13,13 +13,24 @@ the wheel, and each store's client reads its standard credentials and settings i
   listing (names, sizes, ETags), ``$PYFAST_TUNE_CACHE/objects`` (default
   ``~/.cache/pyfast_tune/objects``); a prefix keeps its relative layout, so file names — and
   the bytes — are those of the same files packed from a local folder.
-- A shard (``pack(..., shard=(i, n))``, each task of ``executor=``) fetches only the objects
+- A shard (``pack(..., shard=(i, n))``, each task of ``executor=``) fetches only the bytes
   it reads: ``fetch(url, lazy=True)`` lays out the prefix with an empty (sparse) placeholder
   of each object's size, the engine's ``whole_files`` makes every object of at most one
-  share of the bytes one unit read by one shard, and ``materialize`` downloads the objects
-  that shard reads (``_packer.shard_files_read``) into ``objects/blobs`` (one copy per
-  object and version, hard-linked into place). A larger object is split by line as on local
-  disk, so every shard that reads part of it downloads it whole.
+  share of the bytes one unit read by one shard, and ``_packer.shard_reads`` says how the
+  shard reads each object. ``materialize`` downloads those it reads whole (units, and
+  objects that cannot be split at an arbitrary byte: compressed, CSV/TSV — a quoted field
+  may hold a newline —, Parquet, Arrow, pre-tokenized ``.bin`` with its ``.meta``) into
+  ``objects/blobs`` (one copy per object and version, hard-linked into place). A larger
+  JSONL object is split by line: the shard reads the lines that begin in its share, and the
+  engine asks ``fetch_range`` for every byte range before it reads it, which downloads what
+  this process lacks with ranged GETs into the placeholder — the share, the line that
+  crosses its end (asked for in 64 KiB steps), the object's first bytes (its kind and
+  format) and its first and last 64 KiB (a check that all shards saw one version), about
+  its share of the bytes in all. Only a bad record that stops a shard asks for the bytes
+  before its share (to name the record's line in the whole object). The engine asks, rather
+  than the front end computing ranges in advance, because only the engine knows where the
+  line crossing the share's end stops and how far the format probe reads — and a read it
+  did not announce would see the placeholder's zeros.
 - An output URL: the directory is packed locally (atomically, as always), then uploaded with
   ``meta.json`` last, after removing the old ``meta.json`` first: a reader never sees a
   manifest that does not describe the files beside it.
@@ -48,6 +59,10 @@ META = "meta.json"
 _COPIES: dict[str, str] = {}
 # placeholder laid out by a lazy fetch -> (filesystem, object path, its listing info)
 _LAZY: dict[str, tuple[Any, str, dict]] = {}
+# placeholder -> the byte ranges of it this process downloaded (sorted, disjoint)
+_HAVE: dict[str, list[tuple[int, int]]] = {}
+# bytes per ranged GET
+RANGE_BYTES = 16 << 20
 
 
 def cache_root() -> Path:
@@ -108,7 +123,8 @@ def fetch(url: str, lazy: bool = False) -> str:
         for p, info in sorted(listing.items()):
             dest = done / rel[p] if single else done / name / rel[p]
             _placeholder(dest, int(info.get("size") or 0))
-            _LAZY[os.fspath(dest)] = (fs, p, info)
+            # by the path as laid out and as resolved: the engine names it either way
+            _LAZY[os.fspath(dest)] = _LAZY[os.path.realpath(dest)] = (fs, p, info)
         return os.fspath(local)
     if done.is_dir():
         return os.fspath(local)
@@ -149,6 +165,75 @@ def _placeholder(dest: Path, size: int) -> None:
         tmp.unlink()
 
 
+def _blob(fs, remote: str, info: dict) -> Path:
+    """Where the whole copy of an object lives: one per object and version."""
+    key = _key(fs.unstrip_protocol(remote), info.get("size"), _version(info))
+    return cache_root() / "blobs" / key
+
+
+def fetch_range(path: str, start: int, end: int) -> None:
+    """The engine's ``fetch`` hook (``_packer.pack(..., fetch=)``): download bytes
+    ``start..end`` (clipped to the object's size) of the object behind the placeholder
+    ``path`` into it, unless this process has them or the whole object is in place; any
+    other path (a local file) is left alone."""
+    entry = _LAZY.get(path) or _LAZY.get(os.path.realpath(path))
+    if entry is None:
+        return
+    fs, remote, info = entry
+    size = int(info.get("size") or 0)
+    end = min(end, size)
+    have = _HAVE.setdefault(path, [])
+    missing = _missing(have, start, end)
+    if not missing:
+        return
+    blob = _blob(fs, remote, info)
+    if blob.is_file() and os.path.samefile(blob, path):  # materialized whole
+        have[:] = [(0, size)]
+        return
+    url = fs.unstrip_protocol(remote)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for lo, hi in missing:
+            for at in range(lo, hi, RANGE_BYTES):
+                stop = min(at + RANGE_BYTES, hi)
+                data = fs.cat_file(remote, start=at, end=stop)
+                if len(data) != stop - at:
+                    raise OSError(
+                        f"{url}: {len(data)} bytes at {at}, expected {stop - at}: the object "
+                        "changed while it was read"
+                    )
+                os.pwrite(fd, data, at)
+    finally:
+        os.close(fd)
+    have[:] = _union(have + missing)
+
+
+def _missing(have: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of ``start..end`` that the sorted, disjoint ranges ``have`` leave out."""
+    out = []
+    for lo, hi in have:
+        if hi <= start:
+            continue
+        if lo >= end:
+            break
+        if lo > start:
+            out.append((start, lo))
+        start = max(start, hi)
+    if start < end:
+        out.append((start, end))
+    return out
+
+
+def _union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
 def materialize(paths) -> int:
     """Download the objects behind these placeholders of lazy fetches (other paths are left
     alone) into ``objects/blobs`` and hard-link them into place; how many were downloaded."""
@@ -159,7 +244,7 @@ def materialize(paths) -> int:
         if entry is None:
             continue
         fs, remote, info = entry
-        blob = blobs / _key(fs.unstrip_protocol(remote), info.get("size"), _version(info))
+        blob = _blob(fs, remote, info)
         if not blob.is_file():
             blobs.mkdir(parents=True, exist_ok=True)
             tmp = blobs / f".{blob.name}.tmp-{os.getpid()}"

@@ -188,15 +188,31 @@ fn run_with_progress<T: Send>(
 /// Pack per `options` (a mapping of `PackConfig` fields; absent ones default); returns the
 /// statistics as a dict of `PackStats` fields. `progress(stage, done, total)` is called now and then
 /// with the GIL held. `shard: [i, n]` encodes part i of n into `out_dir` for `merge_packs`.
+/// `fetch(path, start, end)`, if given, is called (GIL held) before bytes `start..end` of
+/// an input are read (`end` may pass the file's end); an exception it raises stops the run.
 #[pyfunction]
-#[pyo3(signature = (options, progress=None))]
+#[pyo3(signature = (options, progress=None, fetch=None))]
 fn pack<'py>(
     py: Python<'py>,
     options: &Bound<'_, PyAny>,
     progress: Option<Py<PyAny>>,
+    fetch: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let cfg = self::options(options)?;
-    let stats = run_with_progress(py, progress, |report| packer::pack(&cfg, report))?;
+    let fetch = fetch.map(|cb| -> packer::Fetch {
+        std::sync::Arc::new(move |path: &std::path::Path, start: u64, end: u64| {
+            Python::attach(|py| {
+                let p = path.to_string_lossy().into_owned();
+                cb.call1(py, (p, start, end)).map(|_| ()).map_err(|e| {
+                    let msg = format!("fetching bytes {start}..{end}: {e}");
+                    Error::io(path, std::io::Error::other(msg))
+                })
+            })
+        })
+    });
+    let stats = run_with_progress(py, progress, |report| {
+        packer::pack_fetching(&cfg, report, fetch)
+    })?;
     stats_dict(py, &stats)
 }
 
@@ -429,11 +445,27 @@ fn format_names() -> Vec<&'static str> {
     packer::facts::Format::NAMES.to_vec()
 }
 
-/// Which of the input files (their sizes, in input order) shard `index` of `shards` reads;
-/// `whole`: with `whole_files` set in the options.
+/// How shard `index` of `shards` reads each input file (paths and sizes in input order):
+/// "" not at all, "whole" (fetch it whole first), "part" (its own lines of a JSONL file:
+/// the ranges are asked of `pack`'s `fetch` as they are read). `whole`: with `whole_files`
+/// set in the options.
 #[pyfunction]
-fn shard_files_read(sizes: Vec<u64>, index: usize, shards: usize, whole: bool) -> Vec<bool> {
-    packer::files::shard_files_read(&sizes, index, shards, whole)
+fn shard_reads(
+    paths: Vec<String>,
+    sizes: Vec<u64>,
+    index: usize,
+    shards: usize,
+    whole: bool,
+) -> Vec<&'static str> {
+    let paths: Vec<PathBuf> = paths.into_iter().map(PathBuf::from).collect();
+    packer::files::shard_reads(&paths, &sizes, index, shards, whole)
+        .into_iter()
+        .map(|r| match r {
+            packer::files::ShardRead::No => "",
+            packer::files::ShardRead::Whole => "whole",
+            packer::files::ShardRead::Part => "part",
+        })
+        .collect()
 }
 
 /// The ordered list of input files `pack` would read for these options (`inputs`,
@@ -576,7 +608,7 @@ fn _packer(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(format_names, m)?)?;
     m.add_function(wrap_pyfunction!(engine_facts, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_inputs, m)?)?;
-    m.add_function(wrap_pyfunction!(shard_files_read, m)?)?;
+    m.add_function(wrap_pyfunction!(shard_reads, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(merge_packs, m)?)?;
     m.add_function(wrap_pyfunction!(merge_plan, m)?)?;

@@ -58,7 +58,6 @@ pub mod files {
     pub use crate::input::{walk_dir, InputFile};
     pub use crate::packed_dir::atomic::exchange;
     pub use crate::source::pretokenized::read_all as read_pretokenized;
-    pub use crate::source::span::files_read as shard_files_read;
     pub use crate::source::{shard_reads, ShardRead};
     pub use crate::tokenize::hash_files as tokenizer_hash;
 }
