@@ -45,7 +45,7 @@ use super::compiled;
 use super::normalize::Normalizer;
 use super::piece_table::{hash, key_in, key_of, prefetch, PieceTable};
 use super::pretokenize::{CharSet, PreScratch, PreTokenizer};
-use super::split::Splitter;
+use super::split::{Cl100kRanges, PieceRanges, Splitter};
 
 /// Pieces longer than this (bytes) are not memoised (long runs of spaces or punctuation).
 const MEMO_MAX_PIECE: usize = 128;
@@ -476,14 +476,19 @@ impl FastBpe {
     }
 }
 
-/// A piece found by the scanner: `text[i..j]`, its key ([`key_in`]; 0 for none) and its hash.
+/// A piece found by the scanner: `text[i..j]`, its key ([`key_in`]; 0 for none), its hash, and
+/// its ids when [`Memo::front`] held them at [`Run::probe`] (else `ids.n` is [`UNRESOLVED`]).
 #[derive(Clone, Copy, Default)]
 struct Scanned {
     i: usize,
     j: usize,
     key: u128,
     hash: u64,
+    ids: Ids,
 }
+
+/// [`Scanned::ids`] not yet known.
+const UNRESOLVED: u32 = u32::MAX;
 
 /// One `encode_into` call: the steps of the module doc, each a method.
 struct Run<'a> {
@@ -573,33 +578,12 @@ impl Run<'_> {
         let fast = self.fast;
         if let Some(scanner) = fast.scanner {
             if fast.model.boundary().is_none() {
-                // Fused and pipelined: each piece's key straight from the text; a batch is
-                // scanned (its front slots prefetched), then its front misses have their
-                // table slots prefetched, then the previous batch is looked up and emitted:
-                // each lookup's cache misses were started a whole batch of scanning earlier.
-                let text = s.as_bytes();
-                let mut pieces = scanner.pieces(s);
-                let mut bufs = [[Scanned::default(); BATCH]; 2];
-                let (mut cur, mut prev_n) = (0, 0);
-                loop {
-                    let mut n = 0;
-                    while n < BATCH {
-                        let Some((i, j)) = pieces.next_range() else {
-                            break;
-                        };
-                        bufs[cur][n] = self.scanned(text, i, j);
-                        n += 1;
-                    }
-                    for p in &bufs[cur][..n] {
-                        self.probe_ahead(p);
-                    }
-                    self.batch(text, &bufs[1 - cur][..prev_n]);
-                    if n < BATCH {
-                        self.batch(text, &bufs[cur][..n]);
-                        return Ok(());
-                    }
-                    (cur, prev_n) = (1 - cur, n);
+                match scanner {
+                    Splitter::Cl100k { max_digits: 3 } => self.fused(s, Cl100kRanges::<3>::new(s)),
+                    Splitter::Cl100k { max_digits: 1 } => self.fused(s, Cl100kRanges::<1>::new(s)),
+                    _ => self.fused(s, scanner.pieces(s)),
                 }
+                return Ok(());
             }
             for p in scanner.pieces(s) {
                 self.piece(p.as_bytes())?;
@@ -612,6 +596,36 @@ impl Run<'_> {
             .run(s, first, &mut pre, |p| self.piece(p.as_bytes()));
         self.memo.pre = pre;
         r
+    }
+
+    /// Steps 4 and 5 fused and pipelined for a covering scanner without word cuts: each piece's
+    /// key straight from the text; a batch is scanned (its front slots prefetched), then probed
+    /// in the front (its misses have their table slots prefetched), then the previous batch is
+    /// emitted (the front's hits as they are, the rest looked up): each lookup's cache misses
+    /// were started a whole batch of scanning earlier.
+    fn fused(&mut self, s: &str, mut pieces: impl PieceRanges) {
+        let text = s.as_bytes();
+        let mut bufs = [[Scanned::default(); BATCH]; 2];
+        let (mut cur, mut prev_n) = (0, 0);
+        loop {
+            let mut n = 0;
+            while n < BATCH {
+                let Some((i, j)) = pieces.next_range() else {
+                    break;
+                };
+                bufs[cur][n] = self.scanned(text, i, j);
+                n += 1;
+            }
+            for p in &mut bufs[cur][..n] {
+                self.probe(p);
+            }
+            self.batch(text, &bufs[1 - cur][..prev_n]);
+            if n < BATCH {
+                self.batch(text, &bufs[cur][..n]);
+                return;
+            }
+            (cur, prev_n) = (1 - cur, n);
+        }
     }
 
     /// Step 5: a piece's ids, memoised per thread; a long word cut where merges cannot cross.
@@ -654,12 +668,17 @@ impl Run<'_> {
     /// Piece `text[i..j]` as scanned: its key and hash, its [`Memo::front`] slot prefetched.
     #[inline(always)]
     fn scanned(&self, text: &[u8], i: usize, j: usize) -> Scanned {
+        let unresolved = Ids {
+            n: UNRESOLVED,
+            ids: [0; 3],
+        };
         let Some(k) = key_in(text, i, j) else {
             return Scanned {
                 i,
                 j,
                 key: 0,
                 hash: 0,
+                ids: unresolved,
             };
         };
         let h = hash(k);
@@ -669,25 +688,35 @@ impl Run<'_> {
             j,
             key: k,
             hash: h,
+            ids: unresolved,
         }
     }
 
-    /// When [`Memo::front`] does not hold scanned piece `p`, prefetch the slots of the tables
-    /// its lookup will read.
+    /// Scanned piece `p`'s ids from [`Memo::front`] when it holds them; otherwise prefetch the
+    /// slots of the tables its lookup will read. (Ids found here stay right until emitted: a
+    /// piece's ids never change, and the spill they may point into only grows.)
     #[inline(always)]
-    fn probe_ahead(&self, p: &Scanned) {
-        if p.key != 0 && self.memo.front[(p.hash >> FRONT_SHIFT) as usize].0 != p.key {
+    fn probe(&self, p: &mut Scanned) {
+        if p.key == 0 {
+            return;
+        }
+        let (key, ids) = self.memo.front[(p.hash >> FRONT_SHIFT) as usize];
+        if key == p.key {
+            p.ids = ids;
+        } else {
             self.fast.direct.prefetch_hash(p.hash);
             self.memo.short.prefetch_hash(p.hash);
         }
     }
 
-    /// The ids of the scanned pieces of `batch`, in order.
+    /// The ids of the scanned and probed pieces of `batch`, in order.
     #[inline]
     fn batch(&mut self, text: &[u8], batch: &[Scanned]) {
         for p in batch {
-            if p.key != 0 {
-                self.word_hashed(&text[p.i..p.j], p.key, p.hash);
+            if p.ids.n != UNRESOLVED {
+                Self::emit(self.out, &self.memo.spill, p.ids);
+            } else if p.key != 0 {
+                self.word_tables(&text[p.i..p.j], p.key, p.hash);
             } else {
                 self.word_key(&text[p.i..p.j], None);
             }
@@ -709,12 +738,19 @@ impl Run<'_> {
     /// The ids of word `p` of key `k` (never 0) and hash `h`.
     #[inline(always)]
     fn word_hashed(&mut self, p: &[u8], k: u128, h: u64) {
-        let slot = (h >> FRONT_SHIFT) as usize;
-        let (front_key, ids) = self.memo.front[slot];
+        let (front_key, ids) = self.memo.front[(h >> FRONT_SHIFT) as usize];
         if front_key == k {
             Self::emit(self.out, &self.memo.spill, ids);
             return;
         }
+        self.word_tables(p, k, h);
+    }
+
+    /// [`Run::word_hashed`] past [`Memo::front`]: the shared table of one-token pieces, then
+    /// the memo, then the merges; the front remembers what the tables gave.
+    #[inline(always)]
+    fn word_tables(&mut self, p: &[u8], k: u128, h: u64) {
+        let slot = (h >> FRONT_SHIFT) as usize;
         let ids = if let Some(id) = self.fast.direct.get_hashed(k, h) {
             Ids {
                 n: 1,

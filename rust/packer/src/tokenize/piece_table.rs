@@ -19,18 +19,30 @@ pub(super) fn key_of(p: &[u8]) -> Option<u128> {
     Some(u128::from_le_bytes(b))
 }
 
+/// The low `n` bytes of a `u128` set, for `n` in 0..16: a table, since a shift of a `u128` by a
+/// variable amount compiles to branches (it may cross the two 64-bit halves).
+const KEY_MASKS: [u128; 16] = {
+    let mut t = [0u128; 16];
+    let mut n = 1;
+    while n < 16 {
+        t[n] = (1u128 << (8 * n)) - 1;
+        n += 1;
+    }
+    t
+};
+
 /// [`key_of`] for `text[i..j]`, reading the 16 bytes at `i` at once when the text has them.
 #[inline]
 pub(super) fn key_in(text: &[u8], i: usize, j: usize) -> Option<u128> {
     let n = j - i;
-    if n == 0 || n > 15 {
+    // `n` in 1..=15 (0 wraps around).
+    if n.wrapping_sub(1) >= 15 {
         return None;
     }
     match text.get(i..i + 16) {
         Some(w) => {
             let w = u128::from_le_bytes(w.try_into().expect("16 bytes"));
-            let mask = (1u128 << (8 * n)) - 1;
-            Some((w & mask) | ((n as u128) << 120))
+            Some((w & KEY_MASKS[n & 15]) | ((n as u128) << 120))
         }
         None => key_of(&text[i..j]),
     }
