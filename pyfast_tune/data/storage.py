@@ -23,7 +23,8 @@ the wheel, and each store's client reads its standard credentials and settings i
   ``objects/blobs`` (one copy per object and version, hard-linked into place). A larger
   JSONL object is split by line: the shard reads the lines that begin in its share, and the
   engine asks ``fetch_range`` for every byte range before it reads it, which downloads what
-  this process lacks with ranged GETs into the placeholder — the share, the line that
+  this process lacks with ranged GETs into the placeholder (16 MiB each, 8 at a time) — the
+  share (asked for at once, before it is read), the line that
   crosses its end (asked for in 64 KiB steps), the object's first bytes (its kind and
   format) and its first and last 64 KiB (a check that all shards saw one version), about
   its share of the bytes in all. Only a bad record that stops a shard asks for the bytes
@@ -61,8 +62,9 @@ _COPIES: dict[str, str] = {}
 _LAZY: dict[str, tuple[Any, str, dict]] = {}
 # placeholder -> the byte ranges of it this process downloaded (sorted, disjoint)
 _HAVE: dict[str, list[tuple[int, int]]] = {}
-# bytes per ranged GET
+# bytes per ranged GET, and GETs in flight at once (their bytes are held in memory)
 RANGE_BYTES = 16 << 20
+RANGE_BATCH = 8
 
 
 def cache_root() -> Path:
@@ -191,12 +193,21 @@ def fetch_range(path: str, start: int, end: int) -> None:
         have[:] = [(0, size)]
         return
     url = fs.unstrip_protocol(remote)
+    pieces = [
+        (a, min(a + RANGE_BYTES, hi)) for lo, hi in missing for a in range(lo, hi, RANGE_BYTES)
+    ]
     fd = os.open(path, os.O_WRONLY)
     try:
-        for lo, hi in missing:
-            for at in range(lo, hi, RANGE_BYTES):
-                stop = min(at + RANGE_BYTES, hi)
-                data = fs.cat_file(remote, start=at, end=stop)
+        for k in range(0, len(pieces), RANGE_BATCH):
+            batch = pieces[k : k + RANGE_BATCH]
+            if len(batch) == 1:  # one GET: no event loop round trip
+                datas = [fs.cat_file(remote, start=batch[0][0], end=batch[0][1])]
+            else:
+                starts, stops = [a for a, _ in batch], [b for _, b in batch]
+                datas = fs.cat_ranges([remote] * len(batch), starts, stops)
+            for (at, stop), data in zip(batch, datas, strict=True):
+                if isinstance(data, BaseException):
+                    raise data
                 if len(data) != stop - at:
                     raise OSError(
                         f"{url}: {len(data)} bytes at {at}, expected {stop - at}: the object "

@@ -33,18 +33,25 @@ def big(s3, tmp_path_factory):  # noqa: F811 (the fixture imported above)
 def gets(s3, monkeypatch):  # noqa: F811
     """Every ranged or whole read of an object: (object path, bytes returned)."""
     seen = []
-    cat_file, get_file = s3.cat_file, s3.get_file  # fsspec's sync methods: on the instance
+    # fsspec's sync methods: on the instance
+    cat_file, cat_ranges, get_file = s3.cat_file, s3.cat_ranges, s3.get_file
 
     def counting_cat(path, start=None, end=None, **kw):
         data = cat_file(path, start=start, end=end, **kw)
         seen.append((path, len(data)))
         return data
 
+    def counting_ranges(paths, starts, ends, **kw):
+        datas = cat_ranges(paths, starts, ends, **kw)
+        seen.extend((p, len(d)) for p, d in zip(paths, datas, strict=True))
+        return datas
+
     def counting_get(rpath, lpath, **kw):
         get_file(rpath, lpath, **kw)
         seen.append((rpath, os.path.getsize(lpath)))
 
     monkeypatch.setattr(s3, "cat_file", counting_cat)
+    monkeypatch.setattr(s3, "cat_ranges", counting_ranges)
     monkeypatch.setattr(s3, "get_file", counting_get)
     assert storage.filesystem(f"s3://{BUCKET}/ranges-big")[0] is s3  # the instance storage uses
     return seen
@@ -66,6 +73,7 @@ def test_shards_of_a_large_object_fetch_about_their_share(big, tiny_tokenizer, t
                                                           monkeypatch, gets):  # fmt: skip
     d, _ = big
     size = (d / "chats.jsonl").stat().st_size
+    monkeypatch.setattr(storage, "RANGE_BYTES", 256 << 10)  # a share in concurrent GETs
     pack(str(d), tmp_path / "local", **_opts(tiny_tokenizer))
     fetched = _shards(
         f"s3://{BUCKET}/ranges-big", tmp_path, monkeypatch, gets, **_opts(tiny_tokenizer)

@@ -214,6 +214,9 @@ impl RecordStream {
                 let (lo, hi) = span.lines(size);
                 let fetch = self.fetch.clone();
                 let start = first_line_from(&self.path, fetch.as_ref(), lo, hi)?;
+                // The share asked for at once (a front end downloads it in large, concurrent
+                // requests), the end of its last line then in steps as it is read.
+                ensure(fetch.as_ref(), &self.path, start, hi)?;
                 let raw = HashingReader::open_at(&self.path, &self.state, fetch, start, hi)?;
                 let reader = BufReader::with_capacity(PEEK, raw);
                 self.mode = Mode::Json(JsonRecords::lines_between(
