@@ -49,10 +49,13 @@ pub mod ranged;
 const PART_JSON: &str = "part.json";
 const PART_SAMPLES: &str = "part_samples.bin";
 const KIND: &str = "pyfast-tune pack part";
-/// Layout of a part's files (`part.json` "format"): 2 since each sample's ids and mask bits
-/// are staged together ([`STAGE_TOKENS`]); parts without it staged ids and mask bytes in two
+/// Layout of a part's files (`part.json` "format"): 3 since a part of a JSONL file split
+/// by line numbers its records from its first line (its file-table row then carries
+/// [`numbering::LINES`]; a format-2 part numbered them from the file's start, and merged
+/// with format-3 parts would be numbered twice); 2 since each sample's ids and mask bits are
+/// staged together ([`STAGE_TOKENS`]); parts without it staged ids and mask bytes in two
 /// files.
-const PART_FORMAT: u64 = 2;
+const PART_FORMAT: u64 = 3;
 /// Key of `part.json`: the skipped examples that name a record by its part-local numbers.
 const SITES: &str = "example_sites";
 
