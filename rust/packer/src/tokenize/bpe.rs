@@ -466,6 +466,9 @@ pub struct BpeModel {
     alphabet: Alphabet,
     /// [`Alphabet::ByteLevel`]: each byte's unit. [`Alphabet::Chars`]: each ASCII char's.
     byte_unit: [Unit; 256],
+    /// [`Alphabet::ByteLevel`] with every byte's unit a token: each byte's id (the symbols of a
+    /// piece are then its bytes' ids, one each, without [`BpeModel::symbols`]' other cases).
+    byte_ids: Option<[u32; 256]>,
     /// Id of each `<0xAB>` token when `byte_fallback` is on ([`NONE`] when absent).
     fallback: Option<[u32; 256]>,
     /// GPT-2's byte → printable char map.
@@ -581,6 +584,7 @@ impl BpeModel {
             merges: PairTable::default(),
             alphabet,
             byte_unit: [Unit::Unknown; 256],
+            byte_ids: None,
             fallback,
             byte_char: bytes_to_chars(),
             ignore_merges: m.ignore_merges.unwrap_or(false),
@@ -607,6 +611,17 @@ impl BpeModel {
             && model.byte_unit.iter().all(|u| !matches!(u, Unit::Known(_)))
         {
             return Err("the vocabulary has no byte-level character: not byte-level BPE".into());
+        }
+        if alphabet == Alphabet::ByteLevel {
+            let mut ids = [0u32; 256];
+            let all_known = ids.iter_mut().zip(&model.byte_unit).all(|(id, u)| match u {
+                Unit::Known(k) => {
+                    *id = *k;
+                    true
+                }
+                _ => false,
+            });
+            model.byte_ids = all_known.then_some(ids);
         }
         if alphabet == Alphabet::Chars
             && !merges.joins_across_metaspace
@@ -742,6 +757,10 @@ impl BpeModel {
     /// As in `merge_word`, a pending unknown token is written only before the next known
     /// character or at the end, so byte-fallback symbols can come before it.
     fn symbols(&self, piece: &[u8], ids: &mut Vec<u32>) {
+        if let Some(byte_ids) = &self.byte_ids {
+            ids.extend(piece.iter().map(|&b| byte_ids[b as usize]));
+            return;
+        }
         let mut pending = false;
         let mut add = |u: Unit, ids: &mut Vec<u32>| match u {
             Unit::Known(id) => {
