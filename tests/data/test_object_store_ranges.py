@@ -155,3 +155,28 @@ def test_a_shard_reads_no_byte_it_did_not_ask_for(big, tiny_tokenizer, tmp_path,
         assert docs[0][key] == docs[1][key], key
     assert storage._HAVE[placeholder] == have  # nothing more was asked for
     assert Path(placeholder).read_bytes() != (d / "chats.jsonl").read_bytes()
+
+
+def test_a_large_json_array_is_fetched_whole_by_the_shard_that_reads_it(
+    s3,  # noqa: F811
+    big,
+    tiny_tokenizer,
+    tmp_path,
+    monkeypatch,
+    gets,
+):
+    _, lines = big
+    d = tmp_path / "array"
+    d.mkdir()
+    (d / "chats.json").write_text("[\n" + ",\n".join(lines) + "\n]\n")
+    size = (d / "chats.json").stat().st_size
+    s3.put(str(d), f"{BUCKET}/ranges-array", recursive=True)
+    pack(str(d), tmp_path / "local", **_opts(tiny_tokenizer))
+    fetched = _shards(
+        f"s3://{BUCKET}/ranges-array", tmp_path, monkeypatch, gets, **_opts(tiny_tokenizer)
+    )
+    merge_packs([tmp_path / f"p{i}" for i in range(N)], tmp_path / "merged")
+    assert _local_bytes(tmp_path / "merged") == _local_bytes(tmp_path / "local")
+    # An array cannot be split: the shard holding its midpoint reads it all; the others
+    # look at its first bytes only (is it an array?).
+    assert sorted(fetched)[-1] == size and sorted(fetched)[:-1] == [65536, 65536], fetched

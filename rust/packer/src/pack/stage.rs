@@ -716,6 +716,8 @@ fn encode_json_file(
         if !whole_head {
             return Ok(());
         }
+        // Read whole: asked for at once, not buffer by buffer.
+        ensure(run.fetch.as_ref(), &file.path, 0, size)?;
         true
     };
     // A single run probes the stream it reads (a Parquet dictionary page is decoded once);
