@@ -118,7 +118,10 @@ pub(super) fn path_for(hash: &str) -> Option<PathBuf> {
     // The format in the name: two versions of the engine on one machine each keep their own
     // file instead of rebuilding the other's on every load.
     let version = std::str::from_utf8(MAGIC).unwrap_or("PFTBPE");
-    Some(root.join("tokenizers").join(format!("{hash}.{version}.bpe")))
+    Some(
+        root.join("tokenizers")
+            .join(format!("{hash}.{version}.bpe")),
+    )
 }
 
 /// The tables written by [`write`], or `None` if the file is absent or not one we wrote.
@@ -273,7 +276,12 @@ mod tests {
         // keys that need escaping are written back escaped
         let head = head_of(br#"{"a\"b":1,"model":{}}"#).unwrap();
         assert_eq!(head, br#"{"a\"b":1,"model":{}}"#);
-        for bad in [&br#"[1]"#[..], br#"{"model":[]}"#, br#"{"normalizer":null}"#, b"{"] {
+        for bad in [
+            &br#"[1]"#[..],
+            br#"{"model":[]}"#,
+            br#"{"normalizer":null}"#,
+            b"{",
+        ] {
             assert!(head_of(bad).is_none(), "{:?}", std::str::from_utf8(bad));
         }
     }
