@@ -480,8 +480,8 @@ impl FastBpe {
 /// its ids when [`Memo::front`] held them at [`Run::probe`] (else `ids.n` is [`UNRESOLVED`]).
 #[derive(Clone, Copy, Default)]
 struct Scanned {
-    i: usize,
-    j: usize,
+    i: u32,
+    j: u32,
     key: u128,
     hash: u64,
     ids: Ids,
@@ -577,7 +577,8 @@ impl Run<'_> {
     fn pre_tokenize(&mut self, s: &str, first: bool) -> Result<(), String> {
         let fast = self.fast;
         if let Some(scanner) = fast.scanner {
-            if fast.model.boundary().is_none() {
+            // Texts of up to 4 GiB: a scanned piece's offsets are kept as `u32`s.
+            if fast.model.boundary().is_none() && u32::try_from(s.len()).is_ok() {
                 match scanner {
                     Splitter::Cl100k { max_digits: 3 } => self.fused(s, Cl100kRanges::<3>::new(s)),
                     Splitter::Cl100k { max_digits: 1 } => self.fused(s, Cl100kRanges::<1>::new(s)),
@@ -665,7 +666,8 @@ impl Run<'_> {
         self.word_key(p, key_of(p));
     }
 
-    /// Piece `text[i..j]` as scanned: its key and hash, its [`Memo::front`] slot prefetched.
+    /// Piece `text[i..j]` (`text` of at most `u32::MAX` bytes) as scanned: its key and hash, its
+    /// [`Memo::front`] slot prefetched.
     #[inline(always)]
     fn scanned(&self, text: &[u8], i: usize, j: usize) -> Scanned {
         let unresolved = Ids {
@@ -674,8 +676,8 @@ impl Run<'_> {
         };
         let Some(k) = key_in(text, i, j) else {
             return Scanned {
-                i,
-                j,
+                i: i as u32,
+                j: j as u32,
                 key: 0,
                 hash: 0,
                 ids: unresolved,
@@ -684,8 +686,8 @@ impl Run<'_> {
         let h = hash(k);
         prefetch(&self.memo.front[(h >> FRONT_SHIFT) as usize]);
         Scanned {
-            i,
-            j,
+            i: i as u32,
+            j: j as u32,
             key: k,
             hash: h,
             ids: unresolved,
@@ -716,9 +718,9 @@ impl Run<'_> {
             if p.ids.n != UNRESOLVED {
                 Self::emit(self.out, &self.memo.spill, p.ids);
             } else if p.key != 0 {
-                self.word_tables(&text[p.i..p.j], p.key, p.hash);
+                self.word_tables(&text[p.i as usize..p.j as usize], p.key, p.hash);
             } else {
-                self.word_key(&text[p.i..p.j], None);
+                self.word_key(&text[p.i as usize..p.j as usize], None);
             }
         }
     }
