@@ -35,8 +35,10 @@ M = 1e6
 
 
 def pack(pythonpath: str | None, data: Path, tok: Path, template: str, threads: int) -> dict:
-    """One whole ``pyfast-tune pack`` process: CPU and wall seconds, statistics, digest."""
-    env = dict(os.environ)
+    """One whole ``pyfast-tune pack`` process: CPU and wall seconds, statistics, digest. Run
+    with bytecode caches as after ``pip install``: a ``PYTHONDONTWRITEBYTECODE`` in this
+    environment is not passed on (every start would compile every module again)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     with tempfile.TemporaryDirectory() as d:
