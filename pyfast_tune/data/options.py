@@ -42,13 +42,8 @@ class PackStats:
     a frozen dataclass: ``dataclasses`` imports ``inspect``, the largest import of a `pack`
     run, whose start-up is paid before the first record is read."""
 
-    FIELDS: tuple[str, ...] = (
-        "records", "samples", "tokens", "loss_tokens", "packs", "fill", "split_samples",
-        "truncated_samples", "truncated_tokens", "dropped_samples", "dropped_tokens",
-        "skipped_records", "skipped_files", "skipped_examples", "seconds",
-        "tokens_per_second", "fingerprint", *_OPTIONAL_STATS,
-    )  # fmt: skip
-    OPTIONAL: frozenset[str] = frozenset(_OPTIONAL_STATS)
+    FIELDS: tuple[str, ...]  # every field below, in order (set after the class)
+    OPTIONAL: frozenset[str]  # those the engine may leave out
 
     records: int
     samples: int
@@ -118,6 +113,11 @@ class PackStats:
             f"skipped {self.skipped_records} records/{self.skipped_files} files, "
             f"{self.seconds:.2f} s, {self.tokens_per_second / 1e6:.2f} M tokens/s"
         )
+
+
+# The annotated fields in their order (the CLI's --json prints them so), and those optional.
+PackStats.FIELDS = tuple(k for k in PackStats.__annotations__ if k not in {"FIELDS", "OPTIONAL"})
+PackStats.OPTIONAL = frozenset(_OPTIONAL_STATS)
 
 
 def _inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:

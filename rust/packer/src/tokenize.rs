@@ -172,9 +172,10 @@ impl TextTokenizer {
         // The fast path reads tokenizer.json itself; Hugging Face's tokenizer is built now only
         // when it encodes (the `tokenizers` error, if any, comes first as it always did). The
         // hash (a few ms for 11 MB) also names the fast path's compiled form in the cache.
-        let (hash, fast) = match backend {
-            TokenizerBackend::Hf => (hash_parts(&parts), Err("--tokenizer-backend hf".into())),
-            _ => FastBpe::from_json_hashed(&bytes, || hash_parts(&parts)),
+        let hash = hash_parts(&parts);
+        let fast = match backend {
+            TokenizerBackend::Hf => Err("--tokenizer-backend hf".to_string()),
+            _ => FastBpe::from_json_cached(&bytes, &hash),
         };
         let (fast, fast_refused) = match fast {
             Ok(f) => (Some(f), None),

@@ -272,26 +272,6 @@ impl FastBpe {
         Self::from_json_in(json, Some(file.to_path_buf()))
     }
 
-    /// [`FastBpe::from_json_cached`] with the key made here by `hash` (of the tokenizer's
-    /// files), returned beside the result.
-    pub fn from_json_hashed(
-        json: &[u8],
-        hash: impl FnOnce() -> String,
-    ) -> (String, Result<FastBpe, String>) {
-        Self::from_json_hashed_in(json, hash, compiled::path_for)
-    }
-
-    /// [`FastBpe::from_json_hashed`] with the cache file of a key named by `cache_file`.
-    pub fn from_json_hashed_in(
-        json: &[u8],
-        hash: impl FnOnce() -> String,
-        cache_file: impl FnOnce(&str) -> Option<std::path::PathBuf>,
-    ) -> (String, Result<FastBpe, String>) {
-        let key = hash();
-        let fast = Self::from_json_in(json, cache_file(&key));
-        (key, fast)
-    }
-
     fn from_json_in(json: &[u8], cache: Option<std::path::PathBuf>) -> Result<FastBpe, String> {
         if let Some(c) = cache.as_deref().and_then(compiled::read) {
             if let Some(fast) = Self::from_compiled(c) {
