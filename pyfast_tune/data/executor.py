@@ -43,7 +43,7 @@ EXECUTORS = ("local", "ray")
 PLAN = "plan.json"
 PART_KIND = "pyfast-tune pack part"  # meta.json "kind" of a committed part (shard.rs KIND)
 # Its layout (shard.rs PART_FORMAT): a part of another format is redone, never merged.
-PART_FORMAT = 3
+PART_FORMAT = 4
 RAY_EXTRA = "pip install 'pyfast-tune[ray]'"
 
 

@@ -333,9 +333,22 @@ def test_ray_cluster_packs_4_shards_like_one_pack(ray_cluster, chats, tiny_token
     marks = tmp_path / "marks"
     marks.mkdir()
     out = tmp_path / "packed"
+    record = _attempts(marks)
+
+    def meet(i: int) -> None:
+        # Ray hands a finished task's worker the next queued one, so shards of a few ms
+        # (these) may all run on the first node leased: each attempt waits (up to 30 s) until
+        # a second node has started one, which only a cluster that never spreads fails.
+        record(i)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if len({m.name.split("-")[1] for m in marks.iterdir()}) >= 2:
+                return
+            time.sleep(0.02)
+
     # Not connected yet: run_ray connects to the address, runs, and disconnects.
     stats = run_sharded({"inputs": chats, **_opts(tiny_tokenizer)}, out, "ray", 4,
-                        address=ray_cluster.address, _before=_attempts(marks))  # fmt: skip
+                        address=ray_cluster.address, _before=meet)  # fmt: skip
     assert_same_bytes(one_pack[0], out)
     assert stats.fingerprint == one_pack[1].fingerprint
     seen = [m.name.split("-") for m in marks.iterdir()]

@@ -13,7 +13,7 @@ import pytest
 from xtuner_ref import RefTokenizer, reference_samples
 
 from pyfast_tune.cli import main as cli
-from pyfast_tune.data import CorruptDataError, PackedDataset, data_order, pack
+from pyfast_tune.data import CorruptDataError, PackedDataset, data_order, merge_packs, pack
 
 IGNORE = -100
 
@@ -214,3 +214,45 @@ def test_order_is_truly_sorted_and_data_order_packs_those_files(tmp_path, tiny_t
     with pytest.raises(Exception, match="not a relative path inside the data root"):
         pack(d, tmp_path / "q", tokenizer=tiny_tokenizer, data_order=tmp_path / "bad.txt")
     assert os.path.exists(tmp_path / "p")
+
+
+def test_narrow_and_wide_ids_through_shards_and_both_merges(tmp_path, tiny_tokenizer):
+    """A sample whose ids all fit 16 bits is staged as `<u2`, any other as `<u4` (part
+    format 4): rows of both kinds (ids up to 200,000, and 65,535 / 65,536 at the edge) in
+    three files, long enough that samples cross the ranged merge's blocks and chunks, give
+    XTuner's ids in one pack, and the same bytes through three shards and either merge."""
+    from pyfast_tune.data.executor import merge_ranged, write_range
+
+    rng = np.random.default_rng(11)
+    d = tmp_path / "evo"
+    files = []
+    for f in range(3):
+        rows = []
+        for _ in range(160):
+            k = int(rng.integers(1, 700))
+            top = 60_000 if rng.random() < 0.5 else 200_000
+            rows.append([int(x) for x in rng.integers(1, top, size=k)])
+        rows.append([65_535] * 5)  # narrow
+        rows.append([3, 65_536, 4])  # wide
+        files.append(write_bin(d / f"{f}.bin", rows))
+    kw = dict(tokenizer=tiny_tokenizer, max_length=512, file_type=".bin", template="none", seed=3)
+    one = pack(d, tmp_path / "one", **kw)
+    ds = PackedDataset(tmp_path / "one")
+    check_against_xtuner(ds, files, 0, 512)
+    assert one.tokens > 2 * (1 << 16)  # more than two of the ranged merge's 64 Ki-token chunks
+    parts = [tmp_path / f"part{i}" for i in range(3)]
+    for i, p in enumerate(parts):
+        pack(d, p, shard=(i, 3), **kw)
+    names = sorted(x.name for x in (tmp_path / "one").iterdir())
+
+    def same(other: Path) -> None:
+        assert sorted(x.name for x in other.iterdir()) == names
+        for n in names:
+            assert (tmp_path / "one" / n).read_bytes() == (other / n).read_bytes(), n
+
+    merge_packs(parts, tmp_path / "serial")
+    same(tmp_path / "serial")
+    merge_ranged(parts, tmp_path / "ranged", 3,
+                 lambda staging, k: [write_range(staging, i) for i in range(k)],
+                 block_tokens=1024)  # fmt: skip
+    same(tmp_path / "ranged")

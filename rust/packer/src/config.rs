@@ -398,10 +398,11 @@ pub fn parse_names(cfg: &PackConfig) -> Result<(Format, Option<&'static Template
             ))
         })?),
     };
-    if cfg.max_length == 0 || cfg.max_length > u32::MAX as usize {
+    // Below 2^31: a staged sample's length keeps a flag in its top bit (pack::shard).
+    if cfg.max_length == 0 || cfg.max_length > i32::MAX as usize {
         return Err(Error::Config(format!(
             "max_length must be in 1..={}, got {}",
-            u32::MAX,
+            i32::MAX,
             cfg.max_length
         )));
     }

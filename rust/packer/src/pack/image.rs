@@ -39,12 +39,16 @@ pub(crate) fn positions(
         let s = &staged[j as usize];
         let p = part_dirs[s.part as usize].join(STAGE_TOKENS);
         let f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
-        buf.resize(s.len as usize * 4, 0);
-        f.read_exact_at(&mut buf, s.offset)
-            .map_err(|e| Error::io(&p, e))?;
-        let pos = buf
-            .chunks_exact(4)
-            .position(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) == IMAGE_TOKEN_ID);
+        // A narrow sample (ids below 65,536) cannot hold the image token.
+        let pos = if s.narrow {
+            None
+        } else {
+            buf.resize(s.len as usize * 4, 0);
+            f.read_exact_at(&mut buf, s.offset)
+                .map_err(|e| Error::io(&p, e))?;
+            buf.chunks_exact(4)
+                .position(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) == IMAGE_TOKEN_ID)
+        };
         out.push(pos.map_or(-1, |p| p as i64));
     }
     Ok(out)
@@ -64,6 +68,7 @@ mod tests {
                 file: 0,
                 record: 0,
                 role: 0,
+                narrow: false,
             })
             .collect()
     }

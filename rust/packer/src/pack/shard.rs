@@ -20,9 +20,9 @@
 //! file as a whole (an empty file, a format that cannot be detected, a file that cannot be
 //! opened), so such a fault is counted once.
 //!
-//! Part directory: `stage_tokens.tmp` (each sample's `<u4` ids, then its mask's bits),
-//! `part_samples.bin` (`<u4` length, `<u4` global file index, `<u8` record; 16 bytes per
-//! sample) and
+//! Part directory: `stage_tokens.tmp` (each sample's ids, `<u2` when all are below 65,536
+//! else `<u4`, then its mask's bits), `part_samples.bin` (`<u4` length with bit 31 set for a
+//! `<u2` sample, `<u4` global file index, `<u8` record; 16 bytes per sample) and
 //! `part.json` (shard, counts, statistics, the files it read and their entries, the run's
 //! header, and for preference pairs `pair_starts`: the part-local index of each pair's chosen
 //! sample, its rejected sample being the next). A record is one unit of a shard, so a pair
@@ -49,13 +49,16 @@ pub mod ranged;
 const PART_JSON: &str = "part.json";
 const PART_SAMPLES: &str = "part_samples.bin";
 const KIND: &str = "pyfast-tune pack part";
-/// Layout of a part's files (`part.json` "format"): 3 since a part of a JSONL file split
+/// Layout of a part's files (`part.json` "format"): 4 since a sample whose ids are all below
+/// 65,536 is staged with `<u2` ids ([`NARROW_BIT`]); 3 since a part of a JSONL file split
 /// by line numbers its records from its first line (its file-table row then carries
 /// [`numbering::LINES`]; a format-2 part numbered them from the file's start, and merged
 /// with format-3 parts would be numbered twice); 2 since each sample's ids and mask bits are
 /// staged together ([`STAGE_TOKENS`]); parts without it staged ids and mask bytes in two
 /// files.
-const PART_FORMAT: u64 = 3;
+const PART_FORMAT: u64 = 4;
+/// Set in a `part_samples.bin` length when the sample's ids are staged as `<u2`.
+const NARROW_BIT: u32 = 1 << 31;
 /// Key of `part.json`: the skipped examples that name a record by its part-local numbers.
 const SITES: &str = "example_sites";
 
@@ -79,7 +82,11 @@ pub(crate) fn save(
 ) -> Result<PackStats> {
     let mut w = HashedWriter::create(staging.dir.join(PART_SAMPLES))?;
     for s in &part.samples {
-        w.write(&s.len.to_le_bytes())?;
+        if s.len & NARROW_BIT != 0 {
+            return Err(Error::Internal(format!("a sample of {} tokens", s.len)));
+        }
+        let len = s.len | if s.narrow { NARROW_BIT } else { 0 };
+        w.write(&len.to_le_bytes())?;
         w.write(&s.file.to_le_bytes())?;
         w.write(&s.record.to_le_bytes())?;
     }
@@ -172,7 +179,7 @@ fn read_samples(
     dir: &Path,
     doc: &Value,
     n: u64,
-    mut each: impl FnMut(u32, u32, u64),
+    mut each: impl FnMut(u32, bool, u32, u64),
 ) -> Result<(u64, u64)> {
     let sp = dir.join(PART_SAMPLES);
     let f = std::fs::File::open(&sp).map_err(|e| Error::io(&sp, e))?;
@@ -197,11 +204,12 @@ fn read_samples(
         h.update(bytes);
         for rec in bytes.chunks_exact(16) {
             let len = u32::from_le_bytes(rec[0..4].try_into().expect("4 bytes"));
+            let (len, narrow) = (len & !NARROW_BIT, len & NARROW_BIT != 0);
             let file = u32::from_le_bytes(rec[4..8].try_into().expect("4 bytes"));
             let record = u64::from_le_bytes(rec[8..16].try_into().expect("8 bytes"));
-            each(len, file, record);
+            each(len, narrow, file, record);
             offset += len as u64;
-            staged += staged_bytes(len);
+            staged += staged_bytes(len, narrow);
         }
         left -= rows as u64;
     }
@@ -264,7 +272,7 @@ fn load(dir: &Path) -> Result<Loaded> {
     let (doc, n) = load_doc(dir)?;
     let mut samples = Vec::with_capacity(n as usize);
     let mut offset = 0u64;
-    read_samples(dir, &doc, n, |len, file, record| {
+    read_samples(dir, &doc, n, |len, narrow, file, record| {
         samples.push(StagedSample {
             part: 0,
             offset,
@@ -272,8 +280,9 @@ fn load(dir: &Path) -> Result<Loaded> {
             file,
             record,
             role: ROLE_NONE,
+            narrow,
         });
-        offset += staged_bytes(len);
+        offset += staged_bytes(len, narrow);
     })?;
     for v in doc["pair_starts"].as_array().map_or(&[][..], Vec::as_slice) {
         let k = v.as_u64().map(|k| k as usize);

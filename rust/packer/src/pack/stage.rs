@@ -35,15 +35,38 @@ use crate::tokenize::TextTokenizer;
 /// to bound memory and report progress often.
 const CHUNK: usize = 4096;
 pub(crate) use crate::pack::numbering::MAX_SKIP_EXAMPLES;
-/// Staged tokens of a part, samples in input order, each as its ids (`<u4`) followed by its
-/// loss mask as bits ([`pack_mask_bits`]): [`staged_bytes`] per sample, about 4.13 per
-/// token. A writer copying a sample into the packed files reads it with one positioned read
-/// (its ids and mask lie together), and reads an eighth of the mask's bytes.
+/// Staged tokens of a part, samples in input order, each as its ids followed by its loss
+/// mask as bits ([`pack_mask_bits`]): [`staged_bytes`] per sample. A sample whose ids are all
+/// below 65,536 (every sample of a 32-64 k vocabulary) keeps them as `<u2` (*narrow*, about
+/// 2.13 bytes per token), any other as `<u4` (about 4.13). A writer copying a sample into the
+/// packed files reads it with one positioned read (its ids and mask lie together), and reads
+/// an eighth of the mask's bytes and, for a narrow sample, half of the ids' bytes.
 pub(crate) const STAGE_TOKENS: &str = "stage_tokens.tmp";
 
+/// Bytes per staged id: 2 for a narrow sample, else 4.
+pub(crate) fn id_bytes(narrow: bool) -> usize {
+    if narrow {
+        2
+    } else {
+        4
+    }
+}
+
 /// Bytes of a staged sample of `len` tokens: its ids, then one bit per token.
-pub(crate) fn staged_bytes(len: u32) -> u64 {
-    4 * len as u64 + (len as u64).div_ceil(8)
+pub(crate) fn staged_bytes(len: u32, narrow: bool) -> u64 {
+    id_bytes(narrow) as u64 * len as u64 + (len as u64).div_ceil(8)
+}
+
+/// Staged ids (`<u2` when `narrow`, else `<u4`) as the packed files' `<u4` into `out`
+/// (`4 * n` bytes for `n` ids).
+pub(crate) fn widen_ids(staged: &[u8], narrow: bool, out: &mut [u8]) {
+    if narrow {
+        for (o, i) in out.chunks_exact_mut(4).zip(staged.chunks_exact(2)) {
+            o.copy_from_slice(&[i[0], i[1], 0, 0]);
+        }
+    } else {
+        out.copy_from_slice(staged);
+    }
 }
 
 /// The loss mask `mask` (0s and 1s) as bits into `bits` (`len.div_ceil(8)` bytes): token `j`
@@ -394,6 +417,8 @@ pub(crate) struct StagedSample {
     pub record: u64,
     /// [`ROLE_NONE`], [`ROLE_CHOSEN`] or [`ROLE_REJECTED`].
     pub role: u8,
+    /// Ids staged as `<u2` ([`STAGE_TOKENS`]).
+    pub narrow: bool,
 }
 
 /// The encoded samples of a range of input files, staged in `dir`.
@@ -434,14 +459,21 @@ impl Stager {
         record: u64,
         image: Option<String>,
     ) -> Result<()> {
-        // Little-endian `<u4`, four bytes per id (a loop the compiler vectorises; a
-        // `flat_map` extend went a byte at a time), then the mask.
+        // Little-endian `<u2` or `<u4` per id (loops the compiler vectorises; a `flat_map`
+        // extend went a byte at a time), then the mask.
         let n = enc.ids.len();
+        let narrow = enc.ids.iter().fold(0u32, |m, &x| m | x) < 1 << 16;
         self.buf.clear();
-        self.buf.resize(staged_bytes(n as u32) as usize, 0);
-        let (ids, bits) = self.buf.split_at_mut(4 * n);
-        for (b, x) in ids.chunks_exact_mut(4).zip(&enc.ids) {
-            b.copy_from_slice(&x.to_le_bytes());
+        self.buf.resize(staged_bytes(n as u32, narrow) as usize, 0);
+        let (ids, bits) = self.buf.split_at_mut(id_bytes(narrow) * n);
+        if narrow {
+            for (b, &x) in ids.chunks_exact_mut(2).zip(&enc.ids) {
+                b.copy_from_slice(&(x as u16).to_le_bytes());
+            }
+        } else {
+            for (b, x) in ids.chunks_exact_mut(4).zip(&enc.ids) {
+                b.copy_from_slice(&x.to_le_bytes());
+            }
         }
         if enc.mask.len() != n || !pack_mask_bits(&enc.mask, bits) {
             return Err(Error::Internal(format!(
@@ -460,6 +492,7 @@ impl Stager {
             file: file as u32,
             record,
             role: ROLE_NONE,
+            narrow,
         });
         self.part.tokens += enc.ids.len() as u64;
         self.staged += self.buf.len() as u64;
@@ -960,7 +993,14 @@ mod tests {
                 .collect();
             let mut bits = vec![0u8; len.div_ceil(8)];
             assert!(pack_mask_bits(&mask, &mut bits));
-            assert_eq!(staged_bytes(len as u32), (4 * len + bits.len()) as u64);
+            assert_eq!(
+                staged_bytes(len as u32, false),
+                (4 * len + bits.len()) as u64
+            );
+            assert_eq!(
+                staged_bytes(len as u32, true),
+                (2 * len + bits.len()) as u64
+            );
             for from in 0..=len {
                 for to in from..=len {
                     let mut out = vec![7u8; to - from];
@@ -969,6 +1009,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn narrow_ids_widen_to_the_packed_files_bytes() {
+        let ids: [u32; 4] = [0, 1, 0x1234, 0xffff];
+        let staged: Vec<u8> = ids.iter().flat_map(|&x| (x as u16).to_le_bytes()).collect();
+        let mut out = vec![9u8; 16];
+        widen_ids(&staged, true, &mut out);
+        let want: Vec<u8> = ids.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(out, want);
+        let mut same = vec![0u8; 16];
+        widen_ids(&want, false, &mut same);
+        assert_eq!(same, want);
     }
 
     #[test]

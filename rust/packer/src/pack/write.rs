@@ -16,8 +16,8 @@ use crate::pack::fingerprint::hash_value;
 use crate::pack::image;
 use crate::pack::mix::{self, MixRule, MixSourceStats};
 use crate::pack::stage::{
-    staged_bytes, unpack_mask_bits, Part, StagedSample, MAX_SKIP_EXAMPLES, ROLE_CHOSEN, ROLE_NONE,
-    ROLE_REJECTED, STAGE_TOKENS,
+    id_bytes, staged_bytes, unpack_mask_bits, widen_ids, Part, StagedSample, MAX_SKIP_EXAMPLES,
+    ROLE_CHOSEN, ROLE_NONE, ROLE_REJECTED, STAGE_TOKENS,
 };
 use crate::pack::stats::{PackStats, Progress};
 use crate::packed_dir::atomic::{HashedWriter, StagingDir};
@@ -357,20 +357,26 @@ fn write_packed(
     let mut new_start = vec![0i64; staged.len()];
     let mut pack_of = vec![0i64; staged.len()];
     let (mut tok_pos, mut sample_pos) = (0i64, 0i64);
-    let (mut buf, mut mask_buf) = (Vec::new(), Vec::new());
+    let (mut buf, mut mask_buf, mut wide_buf) = (Vec::new(), Vec::new(), Vec::new());
     for (p, members) in packs.iter().enumerate() {
         w_packs.write_i64s(&[tok_pos, sample_pos])?;
         for &s in members {
             let s = s as usize;
             let st = &staged[s];
             let (f, path) = &sources[st.part as usize];
-            buf.resize(staged_bytes(st.len) as usize, 0);
+            buf.resize(staged_bytes(st.len, st.narrow) as usize, 0);
             f.read_exact_at(&mut buf, st.offset)
                 .map_err(|e| Error::io(path, e))?;
-            let (ids_buf, bits) = buf.split_at(4 * st.len as usize);
+            let (ids_buf, bits) = buf.split_at(id_bytes(st.narrow) * st.len as usize);
             mask_buf.resize(st.len as usize, 0);
             unpack_mask_bits(bits, 0, &mut mask_buf);
-            w_ids.write(ids_buf)?;
+            if st.narrow {
+                wide_buf.resize(4 * st.len as usize, 0);
+                widen_ids(ids_buf, true, &mut wide_buf);
+                w_ids.write(&wide_buf)?;
+            } else {
+                w_ids.write(ids_buf)?;
+            }
             w_mask.write(&mask_buf)?;
             if let Some(loss) = loss_of.as_deref_mut() {
                 loss[s] = mask_buf.iter().filter(|&&m| m != 0).count() as u32;

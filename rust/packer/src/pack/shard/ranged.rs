@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use super::{check_parts, join_file_entries, load_doc, merge, part_of, read_samples};
 use crate::error::{Error, Result};
 use crate::pack::binpack::plan_packs_flat;
-use crate::pack::stage::{staged_bytes, unpack_mask_bits, STAGE_TOKENS};
+use crate::pack::stage::{id_bytes, staged_bytes, unpack_mask_bits, widen_ids, STAGE_TOKENS};
 use crate::pack::stats::{PackStats, Progress};
 use crate::packed_dir::atomic::{start_writeback, HashedWriter, StagingDir};
 use crate::packed_dir::layout;
@@ -41,7 +41,8 @@ use crate::packed_dir::treehash;
 const PLAN_DIR: &str = ".merge";
 const PLAN_JSON: &str = "plan.json";
 /// Per output sample in pack order: destination token, source byte (the parts' staged
-/// files laid end to end), length: `<u8 <u8 <u4 <u4(0)`.
+/// files laid end to end), length, 1 when the ids are staged as `<u2` else 0:
+/// `<u8 <u8 <u4 <u4`.
 const COPY: &str = "copy.bin";
 const COPY_ROW: u64 = 24;
 /// Tokens copied, written and hashed at a time by a range writer.
@@ -166,9 +167,16 @@ pub fn plan(
     // Lengths, in input order: the parts laid end to end.
     let total: u64 = docs.iter().map(|(_, _, n)| n).sum();
     let mut lengths: Vec<u32> = Vec::with_capacity(total as usize);
+    // Which samples are staged narrow (`<u2` ids), one bit each.
+    let mut narrow = vec![0u64; (total as usize).div_ceil(64)];
     let (mut part_bases, mut tokens) = (vec![0u64], 0u64);
     for (dir, doc, n) in &docs {
-        let (t, staged) = read_samples(dir, doc, *n, |len, _, _| lengths.push(len))?;
+        let (t, staged) = read_samples(dir, doc, *n, |len, nr, _, _| {
+            if let Some(w) = narrow.get_mut(lengths.len() / 64) {
+                *w |= (nr as u64) << (lengths.len() % 64);
+            }
+            lengths.push(len)
+        })?;
         part_bases.push(part_bases.last().copied().unwrap_or(0) + staged);
         tokens += t;
     }
@@ -189,21 +197,17 @@ pub fn plan(
     // Where each sample's staged bytes start with the parts laid end to end: a prefix sum
     // kept every 16 samples (half a byte per sample), the rest summed from the lengths
     // (within one cache line of them).
-    let checkpoints: Vec<u64> = lengths
-        .chunks(16)
+    let is_narrow = |s: usize| narrow[s / 64] >> (s % 64) & 1 != 0;
+    let staged_of = |s: usize| staged_bytes(lengths[s], is_narrow(s));
+    let checkpoints: Vec<u64> = (0..lengths.len())
+        .step_by(16)
         .scan(0u64, |acc, c| {
             let at = *acc;
-            *acc += c.iter().map(|&l| staged_bytes(l)).sum::<u64>();
+            *acc += (c..(c + 16).min(lengths.len())).map(staged_of).sum::<u64>();
             Some(at)
         })
         .collect();
-    let source_of = |s: usize| {
-        checkpoints[s / 16]
-            + lengths[s & !15..s]
-                .iter()
-                .map(|&l| staged_bytes(l))
-                .sum::<u64>()
-    };
+    let source_of = |s: usize| checkpoints[s / 16] + (s & !15..s).map(staged_of).sum::<u64>();
     let mut pack_of = vec![u32::MAX; lengths.len()];
     let mut within = vec![0u32; lengths.len()];
     let mut pack_starts = Vec::with_capacity(npacks);
@@ -235,6 +239,7 @@ pub fn plan(
             row[0..8].copy_from_slice(&(tok_pos + off as u64).to_le_bytes());
             row[8..16].copy_from_slice(&source_of(s).to_le_bytes());
             row[16..20].copy_from_slice(&len.to_le_bytes());
+            row[20] = is_narrow(s) as u8;
             w_copy
                 .write_all(&row)
                 .map_err(|e| Error::io(&copy_path, e))?;
@@ -256,7 +261,7 @@ pub fn plan(
     let mut s = 0usize;
     let mut failed = None;
     for ((pdir, doc, n), base) in docs.iter().zip(&bases) {
-        read_samples(pdir, doc, *n, |len, file, record| {
+        read_samples(pdir, doc, *n, |len, _, file, record| {
             let record = record + base.get(&(file as u64)).map_or(0, |b| b.1);
             let pk = pack_of[s] as usize;
             let row = [
@@ -330,7 +335,10 @@ pub fn plan(
 }
 
 /// The copy rows from the one whose sample holds token `t` on, read sequentially.
-fn copy_rows_from(path: &Path, t: u64) -> Result<impl Iterator<Item = Result<(u64, u64, u32)>>> {
+fn copy_rows_from(
+    path: &Path,
+    t: u64,
+) -> Result<impl Iterator<Item = Result<(u64, u64, u32, bool)>>> {
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
     let n = f.metadata().map_err(|e| Error::io(path, e))?.len() / COPY_ROW;
     let dst_at = |k: u64| -> Result<u64> {
@@ -368,6 +376,7 @@ fn copy_rows_from(path: &Path, t: u64) -> Result<impl Iterator<Item = Result<(u6
                         u64::from_le_bytes(row[0..8].try_into().expect("8 bytes")),
                         u64::from_le_bytes(row[8..16].try_into().expect("8 bytes")),
                         u32::from_le_bytes(row[16..20].try_into().expect("4 bytes")),
+                        row[20] != 0,
                     )
                 }),
         )
@@ -418,7 +427,8 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
             ids.resize(4 * n, 0);
             mask.resize(n, 0);
             while let Some(row) = rows.peek() {
-                let &(dst, src, len) = row.as_ref().map_err(|e| Error::Internal(e.to_string()))?;
+                let &(dst, src, len, narrow) =
+                    row.as_ref().map_err(|e| Error::Internal(e.to_string()))?;
                 let (lo, hi) = (dst.max(c0), (dst + len as u64).min(c1));
                 if lo >= c1 {
                     break;
@@ -435,21 +445,26 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
                     let at = src - plan.part_bases[p];
                     let (a, b) = ((lo - c0) as usize, (hi - c0) as usize);
                     let k = lo - dst;
-                    let bits = (len as u64).div_ceil(8) as usize;
+                    let w = id_bytes(narrow);
                     if hi - lo == len as u64 {
                         // Whole: one read, then the ids and the mask into place.
-                        scratch.resize(staged_bytes(len) as usize, 0);
+                        scratch.resize(staged_bytes(len, narrow) as usize, 0);
                         f.read_exact_at(&mut scratch, at)
                             .map_err(|e| Error::io(path, e))?;
-                        let (i, m) = scratch.split_at(4 * (b - a));
-                        ids[4 * a..4 * b].copy_from_slice(i);
+                        let (i, m) = scratch.split_at(w * (b - a));
+                        widen_ids(i, narrow, &mut ids[4 * a..4 * b]);
                         unpack_mask_bits(m, 0, &mut mask[a..b]);
                     } else {
-                        scratch.resize(bits, 0);
-                        f.read_exact_at(&mut ids[4 * a..4 * b], at + 4 * k)
-                            .and_then(|_| f.read_exact_at(&mut scratch, at + 4 * len as u64))
+                        // Part of it: its ids in this chunk, then all its mask's bits.
+                        let n_ids = w * (b - a);
+                        let bits = (len as u64).div_ceil(8) as usize;
+                        scratch.resize(n_ids + bits, 0);
+                        let (i, m) = scratch.split_at_mut(n_ids);
+                        f.read_exact_at(i, at + w as u64 * k)
+                            .and_then(|_| f.read_exact_at(m, at + w as u64 * len as u64))
                             .map_err(|e| Error::io(path, e))?;
-                        unpack_mask_bits(&scratch, k as usize, &mut mask[a..b]);
+                        widen_ids(i, narrow, &mut ids[4 * a..4 * b]);
+                        unpack_mask_bits(m, k as usize, &mut mask[a..b]);
                     }
                 }
                 if dst + len as u64 > c1 {
