@@ -13,6 +13,7 @@ pub(crate) mod fastbpe;
 pub(crate) mod normalize;
 pub(crate) mod piece_table;
 pub(crate) mod pretokenize;
+pub(crate) mod shared_memo;
 pub(crate) mod split;
 
 use std::path::{Path, PathBuf};

@@ -45,12 +45,13 @@ use super::compiled;
 use super::normalize::Normalizer;
 use super::piece_table::{hash, key_in, key_of, prefetch, PieceTable};
 use super::pretokenize::{CharSet, PreScratch, PreTokenizer};
+use super::shared_memo::{Ids, SharedMemo, Table, View};
 use super::split::{Cl100kRanges, PieceRanges, Splitter};
 
 /// Pieces longer than this (bytes) are not memoised (long runs of spaces or punctuation).
 const MEMO_MAX_PIECE: usize = 128;
-/// Memo entries per thread before it stops growing (bounds memory to tens of MB per thread).
-const MEMO_CAP: usize = 1 << 18;
+/// Pieces of more than 15 bytes memoised per thread before that memo stops growing.
+const LONG_CAP: usize = 1 << 16;
 /// Pieces scanned ahead of their lookups (see [`Run::pre_tokenize`]).
 const BATCH: usize = 16;
 /// Log2 of the slots of [`Memo::front`]: 16,384 × 32 bytes, a quarter of a 2 MB L2 cache
@@ -175,43 +176,33 @@ pub struct FastBpe {
     /// text), looked up before the memo: shared by every thread and complete from the start,
     /// so a cold encoder misses only on pieces that need several tokens.
     direct: PieceTable<u32>,
+    /// The pieces of up to 15 bytes that need several tokens, as merged so far by any thread.
+    shared: SharedMemo,
     /// Identifies this instance in the per-thread memo.
     memo_owner: u64,
 }
 
-/// Ids of one memoised piece, up to three inline (most pieces), so that a hit reads no
-/// other memory; longer ones as a range of [`Memo::spill`].
-#[derive(Clone, Copy, Default)]
-struct Ids {
-    n: u32,
-    ids: [u32; 3],
-}
-
-/// Per-thread memo of piece bytes → ids for the [`FastBpe`] named by `owner`, for the pieces
-/// [`FastBpe::direct`] does not hold. Pieces of up to 15 bytes (nearly all) are keyed inline,
-/// bytes and length packed in a `u128`, so a hit costs one multiply-hash and one integer
-/// compare instead of a `memcmp`.
+/// Per-thread state of an encoder for the [`FastBpe`] named by `owner`. Pieces of up to 15
+/// bytes (nearly all) are keyed inline, bytes and length packed in a `u128` ([`key_of`]), so
+/// a hit costs one multiply-hash and one integer compare instead of a `memcmp`.
 #[derive(Default)]
 struct Memo {
     owner: u64,
     /// The ids of the pieces seen last, direct-mapped by key hash: the frequent pieces of a
     /// text (a few thousand cover most of it) are answered from cache-resident memory; the
-    /// shared table of one-token pieces spans megabytes, where each probe would wait on RAM.
+    /// shared tables span megabytes, where each probe would wait on RAM. Entries of more
+    /// than three ids point into [`FastBpe::shared`]'s arena.
     front: Vec<(u128, Ids)>,
-    short: PieceTable<Ids>,
+    /// Which table of [`FastBpe::shared`] this thread reads.
+    shared: View,
+    /// Pieces of more than 15 bytes, memoised per thread (few: runs of spaces or digits).
     long: FxHashMap<Box<[u8]>, Ids>,
-    /// Ids of the memoised pieces of more than three tokens.
+    /// Ids of the pieces of `long` of more than three tokens.
     spill: Vec<u32>,
     /// Buffers of the BPE merges on a miss.
     scratch: Scratch,
     /// Buffers of the pre-tokenizer steps.
     pre: PreScratch,
-}
-
-impl Memo {
-    fn len(&self) -> usize {
-        self.short.len() + self.long.len()
-    }
 }
 
 thread_local! {
@@ -407,6 +398,7 @@ impl FastBpe {
             normalized_added: AddedSet::build(normalized)?,
             added_ids,
             model,
+            shared: SharedMemo::default(),
             memo_owner: next_owner(),
         })
     }
@@ -442,12 +434,13 @@ impl FastBpe {
                 *memo = Memo {
                     owner: self.memo_owner,
                     front: vec![(0, Ids::default()); 1 << FRONT_BITS],
-                    short: PieceTable::with_capacity(1 << 14),
                     ..Memo::default()
                 };
             }
+            let table = self.shared.table(&mut memo.shared);
             let mut run = Run {
                 fast: self,
+                table: &table,
                 memo: &mut memo,
                 out,
             };
@@ -473,6 +466,8 @@ const UNRESOLVED: u32 = u32::MAX;
 /// One `encode_into` call: the steps of the module doc, each a method.
 struct Run<'a> {
     fast: &'a FastBpe,
+    /// The table of [`FastBpe::shared`] read during this call.
+    table: &'a Table,
     memo: &'a mut Memo,
     out: &'a mut Vec<u32>,
 }
@@ -628,16 +623,14 @@ impl Run<'_> {
         Ok(())
     }
 
-    #[inline]
-    fn emit(out: &mut Vec<u32>, spill: &[u32], ids: Ids) {
+    /// Append `ids`, of a piece of up to 15 bytes.
+    #[inline(always)]
+    fn emit(&mut self, ids: Ids) {
         match ids.n {
             0 => {}
-            1 => out.push(ids.ids[0]),
-            n @ 2..=3 => out.extend_from_slice(&ids.ids[..n as usize]),
-            n => {
-                let at = ids.ids[0] as usize;
-                out.extend_from_slice(&spill[at..at + n as usize]);
-            }
+            1 => self.out.push(ids.ids[0]),
+            n @ 2..=3 => self.out.extend_from_slice(&ids.ids[..n as usize]),
+            n => self.fast.shared.extend(self.out, ids.ids[0], n),
         }
     }
 
@@ -687,7 +680,7 @@ impl Run<'_> {
             p.ids = ids;
         } else {
             self.fast.direct.prefetch_hash(p.hash);
-            self.memo.short.prefetch_hash(p.hash);
+            self.table.prefetch_hash(p.hash);
         }
     }
 
@@ -696,7 +689,7 @@ impl Run<'_> {
     fn batch(&mut self, text: &[u8], batch: &[Scanned]) {
         for p in batch {
             if p.ids.n != UNRESOLVED {
-                Self::emit(self.out, &self.memo.spill, p.ids);
+                self.emit(p.ids);
             } else if p.key != 0 {
                 self.word_tables(&text[p.i as usize..p.j as usize], p.key, p.hash);
             } else {
@@ -711,8 +704,11 @@ impl Run<'_> {
         match key {
             Some(k) => self.word_hashed(p, k, hash(k)),
             None => match self.memo.long.get(p) {
-                Some(&ids) => Self::emit(self.out, &self.memo.spill, ids),
-                None => self.miss(p, key),
+                Some(&Ids { n, ids }) if n <= 3 => self.out.extend_from_slice(&ids[..n as usize]),
+                Some(&Ids { n, ids: [at, ..] }) => self
+                    .out
+                    .extend_from_slice(&self.memo.spill[at as usize..(at + n) as usize]),
+                None => self.miss(p, None),
             },
         }
     }
@@ -722,7 +718,7 @@ impl Run<'_> {
     fn word_hashed(&mut self, p: &[u8], k: u128, h: u64) {
         let (front_key, ids) = self.memo.front[(h >> FRONT_SHIFT) as usize];
         if front_key == k {
-            Self::emit(self.out, &self.memo.spill, ids);
+            self.emit(ids);
             return;
         }
         self.word_tables(p, k, h);
@@ -738,43 +734,41 @@ impl Run<'_> {
                 n: 1,
                 ids: [id, 0, 0],
             }
-        } else if let Some(ids) = self.memo.short.get_hashed(k, h) {
+        } else if let Some(ids) = self.table.get_hashed(k, h) {
             ids
         } else {
-            self.miss(p, Some(k));
+            self.miss(p, Some((k, h)));
             return;
         };
         self.memo.front[slot] = (k, ids);
-        Self::emit(self.out, &self.memo.spill, ids);
+        self.emit(ids);
     }
 
-    /// A word in neither table: merged, then memoised while the memo has room.
+    /// A word in no table: merged, then memoised (shared when it has a key and hash, else
+    /// per thread) while the memo has room.
     #[inline(never)]
-    fn miss(&mut self, p: &[u8], key: Option<u128>) {
+    fn miss(&mut self, p: &[u8], key: Option<(u128, u64)>) {
         let start = self.out.len();
         self.fast
             .model
             .tokenize_into(p, &mut self.memo.scratch, self.out);
-        if self.memo.len() < MEMO_CAP && (key.is_some() || p.len() <= MEMO_MAX_PIECE) {
-            let got = &self.out[start..];
-            let mut ids = Ids {
-                n: got.len() as u32,
-                ids: [0; 3],
-            };
-            if got.len() <= 3 {
-                ids.ids[..got.len()].copy_from_slice(got);
-            } else {
-                ids.ids[0] = self.memo.spill.len() as u32;
-                self.memo.spill.extend_from_slice(got);
-            }
-            match key {
-                Some(k) => {
-                    self.memo.short.insert(k, ids);
+        let got = &self.out[start..];
+        match key {
+            Some((k, h)) => self.fast.shared.insert(self.table, k, h, got),
+            None if p.len() <= MEMO_MAX_PIECE && self.memo.long.len() < LONG_CAP => {
+                let mut ids = Ids {
+                    n: got.len() as u32,
+                    ids: [0; 3],
+                };
+                if got.len() <= 3 {
+                    ids.ids[..got.len()].copy_from_slice(got);
+                } else {
+                    ids.ids[0] = self.memo.spill.len() as u32;
+                    self.memo.spill.extend_from_slice(got);
                 }
-                None => {
-                    self.memo.long.insert(p.into(), ids);
-                }
+                self.memo.long.insert(p.into(), ids);
             }
+            None => {}
         }
     }
 }

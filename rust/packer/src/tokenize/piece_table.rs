@@ -66,6 +66,11 @@ pub(super) fn prefetch<T>(x: &T) {
 /// with 4 kB pages, and under virtualisation each miss is a two-level page walk: it cost more
 /// than the cache miss itself (seen as stalls on the prefetches of the lookups).
 pub(crate) fn huge_vec<T: Clone>(n: usize, fill: T) -> Vec<T> {
+    huge_vec_with(n, || fill.clone())
+}
+
+/// [`huge_vec`] of values made by `f` (for types that are not `Clone`, such as atomics).
+pub(crate) fn huge_vec_with<T>(n: usize, f: impl FnMut() -> T) -> Vec<T> {
     const HUGE: usize = 2 << 20;
     let mut v: Vec<T> = Vec::with_capacity(n);
     let bytes = n * std::mem::size_of::<T>();
@@ -82,7 +87,7 @@ pub(crate) fn huge_vec<T: Clone>(n: usize, fill: T) -> Vec<T> {
             }
         }
     }
-    v.resize(n, fill);
+    v.resize_with(n, f);
     v
 }
 
@@ -119,6 +124,7 @@ impl<V: Copy + Default> PieceTable<V> {
     }
 
     /// Number of keys.
+    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.len
     }
