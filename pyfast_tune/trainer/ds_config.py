@@ -60,11 +60,23 @@ def deepspeed_config(
     dtype: str,
     hidden_size: int,
     sequence_parallel_size: int = 1,
+    gloo: bool = False,
 ) -> dict:
     """The DeepSpeed config dict for this run, every ``"auto"`` resolved.
 
     ``world_size`` is the data-parallel size (processes / ``sequence_parallel_size``): the
     batch sizes count packs, and the ranks of a sequence-parallel group share theirs.
+
+    ``gloo``: the process group is gloo (training on the CPU). ZeRO-3 then gathers several
+    parameters one at a time (``stage3_allgather_sequential``, unless the file sets it):
+    DeepSpeed's coalesced gather launches one asynchronous all-gather per parameter and waits
+    for the last only, which on NCCL's one stream means all of them, but gloo runs its work
+    on several threads, so an earlier gather could still be writing when the caller used the
+    buffer. ``from_pretrained`` under ``zero.Init`` gathers a module's weight and bias that
+    way, loads them on rank 0 and re-partitions: a late gather overwrote loaded values with
+    the uninitialised partitions, so a 2-process run trained on garbage in some CLIP layers
+    (a first loss of 6.41668, or nan, instead of 6.48236; modules with one parameter, as
+    Llama's, take the sequential path already).
     """
     raw = load_deepspeed_json(name_or_path)
     train_batch = micro_batch_size * grad_accum * world_size
@@ -99,6 +111,8 @@ def deepspeed_config(
         # DeepSpeed's batch-size check then divides the processes by it (the ranks of a group
         # share their packs); ZeRO still shards and reduces over all ranks, as for Ulysses.
         ds["sequence_parallel_size"] = sequence_parallel_size
+    if gloo and zero_stage(ds) == 3:
+        ds["zero_optimization"].setdefault("stage3_allgather_sequential", True)
     if "optimizer" in ds and "zero_optimization" in ds:
         # Our optimizers are DeepSpeed's own (CPU Adam on offload); allow torch's elsewhere.
         ds.setdefault("zero_allow_untested_optimizer", True)

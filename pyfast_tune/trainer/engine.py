@@ -103,6 +103,7 @@ def build_engine(cfg, proc: Process, grad_accum: int, total_steps: int,
         max_grad_norm=cfg.max_grad_norm,
         dtype=dtype,
         hidden_size=getattr(hidden, "hidden_size", 1024),
+        gloo=proc.device.type == "cpu",
     )
     stage = zero_stage(ds_cfg)
     torch.manual_seed(cfg.seed)  # the LoRA initialisation

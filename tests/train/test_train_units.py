@@ -106,6 +106,20 @@ def test_user_json_passes_through(tmp_path):
         deepspeed_config(str(path), **GEOMETRY)
 
 
+def test_zero3_on_gloo_gathers_one_parameter_at_a_time(tmp_path):
+    """DeepSpeed's coalesced ZeRO-3 gather waits for its last all-gather only, which gloo
+    does not order (see deepspeed_config): on the CPU every ZeRO-3 run gathers sequentially,
+    a user's explicit choice stays, and GPU runs (NCCL) and other stages are left alone."""
+    key = "stage3_allgather_sequential"
+    for preset in ("zero3", "zero3_offload"):
+        assert deepspeed_config(preset, **GEOMETRY, gloo=True)["zero_optimization"][key] is True
+        assert key not in deepspeed_config(preset, **GEOMETRY)["zero_optimization"]
+    assert key not in deepspeed_config("zero2", **GEOMETRY, gloo=True)["zero_optimization"]
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, key: False}}))
+    assert deepspeed_config(str(path), **GEOMETRY, gloo=True)["zero_optimization"][key] is False
+
+
 # ---------------------------------------------------------------- order and rank split
 
 
