@@ -422,10 +422,11 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
         while c0 < b1 {
             let c1 = (c0 + CHUNK_TOKENS).min(b1);
             let n = (c1 - c0) as usize;
-            ids.clear();
-            mask.clear();
+            // Not cleared: the chunk's samples cover each of its tokens once (counted in
+            // `filled`), so what the last chunk left is overwritten.
             ids.resize(4 * n, 0);
             mask.resize(n, 0);
+            let mut filled = 0usize;
             while let Some(row) = rows.peek() {
                 let &(dst, src, len, narrow) =
                     row.as_ref().map_err(|e| Error::Internal(e.to_string()))?;
@@ -434,6 +435,7 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
                     break;
                 }
                 if lo < hi {
+                    filled += (hi - lo) as usize;
                     let p = plan.part_bases.partition_point(|&b| b <= src) - 1;
                     if sources[p].is_none() {
                         let path = plan.parts[p].join(STAGE_TOKENS);
@@ -471,6 +473,11 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
                     break; // the sample goes on in the next chunk
                 }
                 rows.next();
+            }
+            if filled != n {
+                return Err(Error::Internal(format!(
+                    "merge plan: tokens {c0}..{c1} hold {filled} samples' tokens, not {n}"
+                )));
             }
             out_ids
                 .write_all_at(&ids, 4 * c0)
