@@ -4,6 +4,11 @@
 //! is cached as `pack` caches it (a second run loads from it).
 //!
 //!     cargo run --release -p packer --example encode_speed -- tokenizer.json data.jsonl [passes]
+//!         [threads]
+//!
+//! With `threads` > 1, each pass hands chunks of 64 texts to the threads in turn (as the pack
+//! pipeline's batches go to its workers) and divides the tokens by the threads' CPU seconds
+//! summed: per core, so a memo that threads share shows as a higher figure.
 
 /// CPU seconds of this thread (the machine may be shared: wall time would count others' work).
 fn cpu() -> f64 {
@@ -38,12 +43,16 @@ fn texts(path: &str) -> Vec<String> {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let passes: usize = args.get(3).map_or(3, |p| p.parse().expect("passes"));
+    let threads: usize = args.get(4).map_or(1, |p| p.parse().expect("threads"));
     let texts = texts(&args[2]);
     let json = std::fs::read(&args[1]).expect("read tokenizer.json");
     let t = cpu();
     let hash = blake3::hash(&json).to_hex().to_string();
     let fast = FastBpe::from_json_cached(&json, &hash).expect("fast path");
     println!("load {:.1} ms CPU", (cpu() - t) * 1e3);
+    if threads > 1 {
+        return threaded(&fast, &texts, passes, threads);
+    }
     let mut out = Vec::new();
     let mut check = 0u64;
     for pass in 0..passes {
@@ -66,4 +75,57 @@ fn main() {
         );
     }
     println!("ids checksum {check:016x}");
+}
+
+/// One thread's pass: tokens, CPU seconds, and a checksum of the ids of each chunk it encoded.
+type ThreadPass = (usize, f64, Vec<(usize, u64)>);
+
+/// [`main`]'s passes on `threads` threads: chunk `c` of 64 texts on thread `c % threads`.
+fn threaded(fast: &FastBpe, texts: &[String], passes: usize, threads: usize) {
+    let chunks: Vec<&[String]> = texts.chunks(64).collect();
+    let mut check = 0u64;
+    for pass in 0..passes {
+        let per_thread: Vec<ThreadPass> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let chunks = &chunks;
+                    s.spawn(move || {
+                        let start = cpu();
+                        let (mut n, mut sums, mut out) = (0, Vec::new(), Vec::new());
+                        for c in (t..chunks.len()).step_by(threads) {
+                            let mut h = 0u64;
+                            for text in chunks[c] {
+                                out.clear();
+                                fast.encode_into(text, &mut out).expect("encode");
+                                n += out.len();
+                                h = out
+                                    .iter()
+                                    .fold(h, |h, &id| h.wrapping_mul(31).wrapping_add(id as u64));
+                            }
+                            sums.push((c, h));
+                        }
+                        (n, cpu() - start, sums)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("thread"))
+                .collect()
+        });
+        let n: usize = per_thread.iter().map(|p| p.0).sum();
+        let dt: f64 = per_thread.iter().map(|p| p.1).sum();
+        if pass == 0 {
+            let mut sums: Vec<(usize, u64)> = per_thread.into_iter().flat_map(|p| p.2).collect();
+            sums.sort_unstable();
+            check = sums
+                .iter()
+                .fold(0, |a, &(_, h)| a.wrapping_mul(1_000_003) ^ h);
+        }
+        println!(
+            "pass {pass}: {n} tokens on {threads} threads, {:.2} M tok/s per CPU second",
+            n as f64 / dt / 1e6
+        );
+    }
+    println!("ids checksum (per chunk) {check:016x}");
 }

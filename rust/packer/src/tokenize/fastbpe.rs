@@ -48,8 +48,10 @@ use super::pretokenize::{CharSet, PreScratch, PreTokenizer};
 use super::shared_memo::{Ids, SharedMemo, Table, View};
 use super::split::{Cl100kRanges, PieceRanges, Splitter};
 
-/// Pieces longer than this (bytes) are not memoised (long runs of spaces or punctuation).
-const MEMO_MAX_PIECE: usize = 128;
+/// Bytes of pieces of more than 15 bytes (and of their ids) memoised per thread before that
+/// memo stops growing. Such pieces are few, but a few are long (ShareGPT has separator runs
+/// of 40 kB, each repeated): one merged again costs ~150 ns per byte, one memoised a hash.
+const LONG_BYTES: usize = 8 << 20;
 /// Pieces of more than 15 bytes memoised per thread before that memo stops growing.
 const LONG_CAP: usize = 1 << 16;
 /// Pieces scanned ahead of their lookups (see [`Run::pre_tokenize`]).
@@ -199,6 +201,8 @@ struct Memo {
     long: FxHashMap<Box<[u8]>, Ids>,
     /// Ids of the pieces of `long` of more than three tokens.
     spill: Vec<u32>,
+    /// Bytes of the pieces of `long` and of `spill`.
+    long_bytes: usize,
     /// Buffers of the BPE merges on a miss.
     scratch: Scratch,
     /// Buffers of the pre-tokenizer steps.
@@ -437,14 +441,16 @@ impl FastBpe {
                     ..Memo::default()
                 };
             }
-            let table = self.shared.table(&mut memo.shared);
+            let table = self.shared.take_table(&mut memo.shared);
             let mut run = Run {
                 fast: self,
                 table: &table,
                 memo: &mut memo,
                 out,
             };
-            run.split_added(self.raw_added.as_ref(), text, true, Run::segment)
+            let r = run.split_added(self.raw_added.as_ref(), text, true, Run::segment);
+            SharedMemo::put_table(&mut memo.shared, table);
+            r
         })
     }
 }
@@ -754,8 +760,11 @@ impl Run<'_> {
             .tokenize_into(p, &mut self.memo.scratch, self.out);
         let got = &self.out[start..];
         match key {
-            Some((k, h)) => self.fast.shared.insert(self.table, k, h, got),
-            None if p.len() <= MEMO_MAX_PIECE && self.memo.long.len() < LONG_CAP => {
+            Some((k, h)) => (self.fast.shared).insert(&mut self.memo.shared, self.table, k, h, got),
+            None if self.memo.long_bytes + p.len() + 4 * got.len() <= LONG_BYTES
+                && self.memo.long.len() < LONG_CAP =>
+            {
+                self.memo.long_bytes += p.len() + 4 * got.len();
                 let mut ids = Ids {
                     n: got.len() as u32,
                     ids: [0; 3],

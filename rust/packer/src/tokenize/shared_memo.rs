@@ -30,6 +30,8 @@ const FIRST_BITS: u32 = 15;
 const MAX_BITS: u32 = 19;
 /// Arena length in ids.
 const ARENA: usize = 1 << 21;
+/// Entries a thread adds before it counts them in the table's `len` ([`View::uncounted`]).
+const COUNT_BATCH: usize = 32;
 /// Slots probed by an insert before it gives up.
 const MAX_PROBE: usize = 64;
 /// Set in a slot's tag once its entry is complete. Keys' high words have their length
@@ -191,7 +193,6 @@ impl Table {
                     s.v0.store(v0, Ordering::Relaxed);
                     s.v1.store(v1, Ordering::Relaxed);
                     s.tag.store(hi | READY, Ordering::Release);
-                    self.len.fetch_add(1, Ordering::Relaxed);
                     return true;
                 }
                 Err(tag) => tag,
@@ -204,7 +205,8 @@ impl Table {
         false
     }
 
-    /// Whether the table takes no more entries (half full).
+    /// Whether the table takes no more entries (half full, give or take the entries threads
+    /// have not counted yet).
     fn full(&self) -> bool {
         2 * self.len.load(Ordering::Relaxed) >= self.slots.len()
     }
@@ -226,6 +228,10 @@ pub(super) struct SharedMemo {
 pub(super) struct View {
     table: Option<Arc<Table>>,
     generation: u64,
+    /// Entries this thread has added to `table` and not yet counted in its `len`: counted
+    /// [`COUNT_BATCH`] at a time, so that threads adding entries do not pass the cache line
+    /// of `len` to and fro on each (the count only decides when the table grows).
+    uncounted: usize,
 }
 
 impl Default for SharedMemo {
@@ -246,25 +252,31 @@ fn split(k: u128) -> (u64, u64) {
 }
 
 impl SharedMemo {
-    /// The current table, through `view` (a thread's own, which keeps it): one atomic load
-    /// when it has not changed since the view's last call.
-    pub(super) fn table(&self, view: &mut View) -> Arc<Table> {
+    /// The current table, taken out of `view` (a thread's own) for the thread to read until
+    /// it gives it back with [`SharedMemo::put_table`]: one atomic load when the table has
+    /// not changed since (no reference count is touched: threads share no written line).
+    pub(super) fn take_table(&self, view: &mut View) -> Arc<Table> {
         let generation = self.generation.load(Ordering::Acquire);
-        match &view.table {
-            Some(t) if view.generation == generation => t.clone(),
+        match view.table.take() {
+            Some(t) if view.generation == generation => t,
             _ => {
                 let t = self.table.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 // The generation read before the lock: a later change is seen next time.
-                (view.table, view.generation) = (Some(t.clone()), generation);
+                (view.generation, view.uncounted) = (generation, 0);
                 t
             }
         }
     }
 
-    /// Memoise `ids` (a piece's whole encoding) under key `k` of hash `h` in `table` (the
-    /// caller's view), unless the memo is full, holds `k` already, or another thread is
+    /// Give back the table [`SharedMemo::take_table`] took out of `view`.
+    pub(super) fn put_table(view: &mut View, table: Arc<Table>) {
+        view.table = Some(table);
+    }
+
+    /// Memoise `ids` (a piece's whole encoding) under key `k` of hash `h` in `table` (the one
+    /// taken out of `view`), unless the memo is full, holds `k` already, or another thread is
     /// writing where `k` would go. A full table is replaced by one twice its size.
-    pub(super) fn insert(&self, table: &Table, k: u128, h: u64, ids: &[u32]) {
+    pub(super) fn insert(&self, view: &mut View, table: &Table, k: u128, h: u64, ids: &[u32]) {
         if table.full() {
             self.grow(table);
             return;
@@ -286,13 +298,15 @@ impl SharedMemo {
             v.ids[0] = at as u32;
         }
         let (lo, hi) = split(k);
-        table.insert(
-            lo,
-            hi,
-            h,
-            u64::from(v.n) | u64::from(v.ids[0]) << 32,
-            u64::from(v.ids[1]) | u64::from(v.ids[2]) << 32,
-        );
+        let v0 = u64::from(v.n) | u64::from(v.ids[0]) << 32;
+        let v1 = u64::from(v.ids[1]) | u64::from(v.ids[2]) << 32;
+        if table.insert(lo, hi, h, v0, v1) {
+            view.uncounted += 1;
+            if view.uncounted == COUNT_BATCH {
+                table.len.fetch_add(COUNT_BATCH, Ordering::Relaxed);
+                view.uncounted = 0;
+            }
+        }
     }
 
     /// Replace the full table `old`, if still current and not the largest, by a copy of it
@@ -316,7 +330,9 @@ impl SharedMemo {
                 let (hi, lo) = (tag & !READY, s.lo.load(Ordering::Relaxed));
                 let h = hash(u128::from(lo) | u128::from(hi) << 64);
                 let (v0, v1) = (s.v0.load(Ordering::Relaxed), s.v1.load(Ordering::Relaxed));
-                new.insert(lo, hi, h, v0, v1);
+                if new.insert(lo, hi, h, v0, v1) {
+                    new.len.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         *current = Arc::new(new);
@@ -349,10 +365,13 @@ mod tests {
     use super::super::piece_table::key_of;
     use super::*;
 
-    /// `piece`'s ids as a thread with `view` reads them.
+    /// `piece`'s ids as a thread with `view` reads them (at the start of a text).
     fn get(m: &SharedMemo, view: &mut View, piece: &[u8]) -> Option<Vec<u32>> {
         let k = key_of(piece).unwrap();
-        let ids = m.table(view).get_hashed(k, hash(k))?;
+        let t = m.take_table(view);
+        let got = t.get_hashed(k, hash(k));
+        SharedMemo::put_table(view, t);
+        let ids = got?;
         let mut out = Vec::new();
         if ids.n <= 3 {
             out.extend_from_slice(&ids.ids[..ids.n as usize]);
@@ -368,7 +387,9 @@ mod tests {
         let k = key_of(piece).unwrap();
         for _ in 0..2 {
             if get(m, view, piece).is_none() {
-                m.insert(&m.table(view), k, hash(k), ids);
+                let t = m.take_table(view);
+                m.insert(view, &t, k, hash(k), ids);
+                SharedMemo::put_table(view, t);
             }
         }
     }
@@ -383,15 +404,16 @@ mod tests {
         for n in 0..40_000u32 {
             put(&m, &mut view, n.to_string().as_bytes(), &ids_of(n));
         }
-        // Two doublings, entries copied (those of more than three ids point into the arena).
-        let t = m.table(&mut view);
-        assert_eq!(
-            (t.bits, t.len.load(Ordering::Relaxed)),
-            (FIRST_BITS + 2, 40_000)
-        );
+        // Two doublings, entries copied (those of more than three ids point into the arena);
+        // the last COUNT_BATCH or fewer not counted yet.
+        let t = m.take_table(&mut view);
+        let len = t.len.load(Ordering::Relaxed);
+        assert_eq!(t.bits, FIRST_BITS + 2);
+        assert!((40_000 - COUNT_BATCH..=40_000).contains(&len), "{len}");
         // A second insert of a key keeps the first entry (the same ids, for a real piece).
         let k = key_of(b"17").unwrap();
-        m.insert(&t, k, hash(k), &[1, 2]);
+        m.insert(&mut view, &t, k, hash(k), &[1, 2]);
+        SharedMemo::put_table(&mut view, t);
         for n in [0u32, 1, 6, 17, 4999, 39_999] {
             assert_eq!(
                 get(&m, &mut view, n.to_string().as_bytes()),
@@ -422,7 +444,7 @@ mod tests {
         });
         // No key twice; an insert gives up only when it meets another being written, or
         // while the table is copied.
-        let t = m.table(&mut View::default());
+        let t = m.take_table(&mut View::default());
         let len = t.len.load(Ordering::Relaxed);
         assert!((45_000..=50_000).contains(&len), "{len}");
         let mut view = View::default();
