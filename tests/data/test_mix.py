@@ -96,6 +96,17 @@ def test_counts_are_exact_and_bytes_do_not_depend_on_threads_or_shards(
         pack(mix_of(chats, qa, docs), parts[-1], shard=(i, 3), **kw)
     merge_packs(parts, tmp_path / "merged")
     assert files_of(tmp_path / "one") == files_of(tmp_path / "merged")
+    # The merge that scales plans a mix from the parts' sample rows (file, record, trained
+    # tokens) alone: copies of one staged sample read its tokens again; the per-source
+    # statistics come out the same without a token read.
+    from pyfast_tune.data.executor import merge_ranged, write_range
+
+    ranged, steps = merge_ranged(parts, tmp_path / "ranged", 3,
+                                 lambda st, k: [write_range(st, i) for i in range(k)],
+                                 block_tokens=1024)  # fmt: skip
+    assert steps["write"] > 0  # planned from lengths, not merged serially
+    assert files_of(tmp_path / "one") == files_of(tmp_path / "ranged")
+    assert (ranged.mix, ranged.loss_tokens, ranged.samples) == (one.mix, one.loss_tokens, 570)
 
     heavier = mix_of(chats, qa, docs)
     heavier[1]["max_samples"] = 61

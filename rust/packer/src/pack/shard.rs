@@ -22,7 +22,8 @@
 //!
 //! Part directory: `stage_tokens.tmp` (each sample's ids, `<u2` when all are below 65,536
 //! else `<u4`, then its mask's bits), `part_samples.bin` (`<u4` length with bit 31 set for a
-//! `<u2` sample, `<u4` global file index, `<u8` record; 16 bytes per sample) and
+//! `<u2` sample, `<u4` trained tokens, `<u4` global file index, `<u8` record; 20 bytes per
+//! sample) and
 //! `part.json` (shard, counts, statistics, the files it read and their entries, the run's
 //! header, and for preference pairs `pair_starts`: the part-local index of each pair's chosen
 //! sample, its rejected sample being the next). A record is one unit of a shard, so a pair
@@ -50,7 +51,8 @@ const PART_JSON: &str = "part.json";
 const PART_SAMPLES: &str = "part_samples.bin";
 const KIND: &str = "pyfast-tune pack part";
 /// Layout of a part's files (`part.json` "format"): 4 since a sample whose ids are all below
-/// 65,536 is staged with `<u2` ids ([`NARROW_BIT`]); 3 since a part of a JSONL file split
+/// 65,536 is staged with `<u2` ids ([`NARROW_BIT`]) and each sample's row holds its trained
+/// tokens (a mix's statistics are counted from them); 3 since a part of a JSONL file split
 /// by line numbers its records from its first line (its file-table row then carries
 /// [`numbering::LINES`]; a format-2 part numbered them from the file's start, and merged
 /// with format-3 parts would be numbered twice); 2 since each sample's ids and mask bits are
@@ -81,12 +83,16 @@ pub(crate) fn save(
     start: Instant,
 ) -> Result<PackStats> {
     let mut w = HashedWriter::create(staging.dir.join(PART_SAMPLES))?;
-    for s in &part.samples {
+    if part.loss.len() != part.samples.len() {
+        return Err(Error::Internal("a loss count per staged sample".into()));
+    }
+    for (s, loss) in part.samples.iter().zip(&part.loss) {
         if s.len & NARROW_BIT != 0 {
             return Err(Error::Internal(format!("a sample of {} tokens", s.len)));
         }
         let len = s.len | if s.narrow { NARROW_BIT } else { 0 };
         w.write(&len.to_le_bytes())?;
+        w.write(&loss.to_le_bytes())?;
         w.write(&s.file.to_le_bytes())?;
         w.write(&s.record.to_le_bytes())?;
     }
@@ -172,44 +178,70 @@ fn load_doc(dir: &Path) -> Result<(Value, u64)> {
     Ok((doc, n))
 }
 
-/// Stream a part's `n` samples (length, file, record) to `each`, checking the content hash
-/// and that the staged token file holds exactly their tokens. Returns the token count and
-/// the staged file's size.
+/// One sample of a part (a row of `part_samples.bin`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SampleRow {
+    pub len: u32,
+    /// Ids staged as `<u2`.
+    pub narrow: bool,
+    /// Trained tokens.
+    pub loss: u32,
+    /// Global file index.
+    pub file: u32,
+    /// Record in the file, part-local for a JSONL file split by line.
+    pub record: u64,
+}
+
+/// Bytes of a `part_samples.bin` row.
+const ROW: usize = 20;
+
+/// Stream a part's `n` samples to `each`, checking the content hash and that the staged
+/// token file holds exactly their tokens. Returns the token count and the staged file's size.
 fn read_samples(
     dir: &Path,
     doc: &Value,
     n: u64,
-    mut each: impl FnMut(u32, bool, u32, u64),
+    mut each: impl FnMut(SampleRow),
 ) -> Result<(u64, u64)> {
     let sp = dir.join(PART_SAMPLES);
     let f = std::fs::File::open(&sp).map_err(|e| Error::io(&sp, e))?;
     let len = f.metadata().map_err(|e| Error::io(&sp, e))?.len();
-    if len != 16 * n {
+    if len != ROW as u64 * n {
         return Err(corrupt(
             &sp,
-            format!("{len} bytes, expected {} for {n} samples", 16 * n),
+            format!("{len} bytes, expected {} for {n} samples", ROW as u64 * n),
         ));
     }
-    // Read and hashed 4,096 rows at a time: BLAKE3 hashes a 64 KiB update with SIMD, a
-    // 16-byte one on its own.
+    // Read and hashed 4,096 rows at a time: BLAKE3 hashes a large update with SIMD, a
+    // 20-byte one on its own.
     let mut r = f;
     let mut h = blake3::Hasher::new();
     let (mut offset, mut staged) = (0u64, 0u64);
-    let mut block = vec![0u8; 16 << 12];
+    let mut block = vec![0u8; ROW << 12];
     let mut left = n;
     while left > 0 {
         let rows = left.min(1 << 12) as usize;
-        let bytes = &mut block[..16 * rows];
+        let bytes = &mut block[..ROW * rows];
         r.read_exact(bytes).map_err(|e| Error::io(&sp, e))?;
         h.update(bytes);
-        for rec in bytes.chunks_exact(16) {
-            let len = u32::from_le_bytes(rec[0..4].try_into().expect("4 bytes"));
-            let (len, narrow) = (len & !NARROW_BIT, len & NARROW_BIT != 0);
-            let file = u32::from_le_bytes(rec[4..8].try_into().expect("4 bytes"));
-            let record = u64::from_le_bytes(rec[8..16].try_into().expect("8 bytes"));
-            each(len, narrow, file, record);
-            offset += len as u64;
-            staged += staged_bytes(len, narrow);
+        for rec in bytes.chunks_exact(ROW) {
+            let u4 = |at: usize| u32::from_le_bytes(rec[at..at + 4].try_into().expect("4 bytes"));
+            let row = SampleRow {
+                len: u4(0) & !NARROW_BIT,
+                narrow: u4(0) & NARROW_BIT != 0,
+                loss: u4(4),
+                file: u4(8),
+                record: u64::from_le_bytes(rec[12..20].try_into().expect("8 bytes")),
+            };
+            if row.loss > row.len {
+                return Err(corrupt(
+                    &sp,
+                    format!("{} trained of {} tokens", row.loss, row.len),
+                ));
+            }
+            each(row);
+            offset += row.len as u64;
+            staged += staged_bytes(row.len, row.narrow);
         }
         left -= rows as u64;
     }
@@ -261,6 +293,7 @@ fn part_of(dir: &Path, doc: &Value) -> Result<Part> {
         stats,
         file_entries,
         file_table,
+        loss: Vec::new(),
         images,
         margins,
         files,
@@ -272,17 +305,17 @@ fn load(dir: &Path) -> Result<Loaded> {
     let (doc, n) = load_doc(dir)?;
     let mut samples = Vec::with_capacity(n as usize);
     let mut offset = 0u64;
-    read_samples(dir, &doc, n, |len, narrow, file, record| {
+    read_samples(dir, &doc, n, |r| {
         samples.push(StagedSample {
             part: 0,
             offset,
-            len,
-            file,
-            record,
+            len: r.len,
+            file: r.file,
+            record: r.record,
             role: ROLE_NONE,
-            narrow,
+            narrow: r.narrow,
         });
-        offset += staged_bytes(len, narrow);
+        offset += staged_bytes(r.len, r.narrow);
     })?;
     for v in doc["pair_starts"].as_array().map_or(&[][..], Vec::as_slice) {
         let k = v.as_u64().map(|k| k as usize);

@@ -442,6 +442,9 @@ pub(crate) struct Part {
     pub stats: PackStats,
     pub file_entries: Vec<Value>,
     pub file_table: Vec<Value>,
+    /// Trained tokens of each staged sample (its mask's 1s), for a shard's part: a merge
+    /// counts a mix's loss tokens per source from them without reading any token.
+    pub loss: Vec<u32>,
     /// (part-local sample index, image path) of LLaVA samples.
     pub images: Vec<(u64, String)>,
     /// (part-local index of the chosen sample, margin) of pairs with a `margin`.
@@ -507,6 +510,7 @@ impl Stager {
             narrow,
         });
         self.part.tokens += enc.ids.len() as u64;
+        self.part.loss.push(enc.trained() as u32);
         self.staged += self.buf.len() as u64;
         Ok(())
     }
@@ -622,6 +626,7 @@ pub(crate) fn encode_part(
             stats: PackStats::default(),
             file_entries: Vec::new(),
             file_table: Vec::new(),
+            loss: Vec::new(),
             images: Vec::new(),
             margins: Vec::new(),
             files: Vec::new(),

@@ -133,7 +133,9 @@ pub(crate) fn finish(
     )?;
     if let (Some((source_of, counts)), Some(loss_of)) = (&mixed, &loss_of) {
         stats.loss_tokens = loss_of.iter().map(|&x| x as u64).sum();
-        stats.mix = mix_stats(header, &staged, source_of, counts, loss_of, tokens);
+        let rows =
+            (staged.iter().zip(source_of).zip(loss_of)).map(|((s, &src), &l)| (s.len, src, l));
+        stats.mix = mix_stats(&header.mix, counts, rows, tokens);
     }
     for p in &parts {
         let f = p.dir.join(STAGE_TOKENS);
@@ -467,17 +469,15 @@ fn apply_mix(
     (source_of, counts)
 }
 
-/// Per-source figures of a mixed pack.
-fn mix_stats(
-    header: &Header,
-    staged: &[StagedSample],
-    source_of: &[u32],
+/// Per-source figures of a mixed pack: `rules` and `counts` as [`mix::select`] took and
+/// gave them, `samples` (tokens, source, loss tokens) of each output sample.
+pub(crate) fn mix_stats(
+    rules: &[MixRule],
     counts: &[(u64, u64, u64)],
-    loss_of: &[u32],
+    samples: impl Iterator<Item = (u32, u32, u32)>,
     tokens: u64,
 ) -> Vec<MixSourceStats> {
-    let mut out: Vec<MixSourceStats> = header
-        .mix
+    let mut out: Vec<MixSourceStats> = rules
         .iter()
         .zip(counts)
         .map(|(r, &(available, distinct, samples))| MixSourceStats {
@@ -490,9 +490,9 @@ fn mix_stats(
             ..MixSourceStats::default()
         })
         .collect();
-    for ((s, &src), &loss) in staged.iter().zip(source_of).zip(loss_of) {
+    for (len, src, loss) in samples {
         let m = &mut out[src as usize];
-        m.tokens += s.len as u64;
+        m.tokens += len as u64;
         m.loss_tokens += loss as u64;
     }
     for m in &mut out {

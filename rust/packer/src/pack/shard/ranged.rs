@@ -15,8 +15,11 @@
 //! Plan memory: 4 bytes of length per sample, and at the peak 12 more while best-fit
 //! decreasing runs (its order, each sample's pack, the packs' members: [`plan_packs_flat`])
 //! plus 16 per pack; then the flat plan and each sample's pack and offset in it (12).
-//! Runs with a mix, preference pairs or images take the serial merge (their choices and
-//! side tables are planned from records, not lengths).
+//! A mix is planned here too: its choices need each staged sample's file and record, and
+//! its per-source statistics the sample's trained tokens (both in `part_samples.bin`), 16
+//! more bytes per staged sample, and 8 per output sample (its staged sample and length).
+//! Runs with preference pairs or images take the serial merge (their side tables are
+//! planned from records: pairs, image positions read from the tokens).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -138,8 +141,7 @@ pub fn plan(
     let (header, nfiles) = check_parts(&docs.iter().map(|(_, d, _)| d).collect::<Vec<_>>())?;
     let bases = crate::pack::numbering::bases(&docs.iter().map(|(_, d, _)| d).collect::<Vec<_>>());
     let h = &docs[0].1["header"];
-    let needs_records = !header.mix.is_empty()
-        || h["image_tokens"].as_u64().unwrap_or(0) > 0
+    let needs_records = h["image_tokens"].as_u64().unwrap_or(0) > 0
         || h["pack_length"].as_u64().unwrap_or(0) > header.max_length as u64
         || docs.iter().any(|(_, d, _)| {
             d.get("pair_starts").is_some() || d["images"].as_array().is_some_and(|a| !a.is_empty())
@@ -170,25 +172,61 @@ pub fn plan(
     // Which samples are staged narrow (`<u2` ids), one bit each.
     let mut narrow = vec![0u64; (total as usize).div_ceil(64)];
     let (mut part_bases, mut tokens) = (vec![0u64], 0u64);
-    for (dir, doc, n) in &docs {
-        let (t, staged) = read_samples(dir, doc, *n, |len, nr, _, _| {
+    // A mix chooses by each sample's file and record (numbered in the whole file) and
+    // counts its loss tokens per source: kept for a mix only.
+    let mixed = !header.mix.is_empty();
+    let (mut file_of, mut record_of, mut loss_of) = (Vec::new(), Vec::new(), Vec::new());
+    for ((dir, doc, n), base) in docs.iter().zip(&bases) {
+        let (t, staged) = read_samples(dir, doc, *n, |r| {
             if let Some(w) = narrow.get_mut(lengths.len() / 64) {
-                *w |= (nr as u64) << (lengths.len() % 64);
+                *w |= (r.narrow as u64) << (lengths.len() % 64);
             }
-            lengths.push(len)
+            lengths.push(r.len);
+            if mixed {
+                file_of.push(r.file);
+                record_of.push(r.record + base.get(&(r.file as u64)).map_or(0, |b| b.1));
+                loss_of.push(r.loss);
+            }
         })?;
         part_bases.push(part_bases.last().copied().unwrap_or(0) + staged);
         tokens += t;
     }
-    if lengths.is_empty() {
+    // With a mix the output's samples are copies of the staged ones (none, one or several
+    // each, in input order): `copies[i]` of staged sample i; `orig[e]` is output sample e's.
+    let mut copies = Vec::new();
+    let mut orig: Vec<u32> = Vec::new();
+    let mut out_lengths: Vec<u32> = Vec::new();
+    if mixed {
+        let (c, counts) = crate::pack::mix::select(&header.mix, header.seed, &file_of, &record_of);
+        let source_of_file = crate::pack::mix::source_of_files(&header.mix);
+        for (i, &k) in c.iter().enumerate() {
+            for _ in 0..k {
+                orig.push(i as u32);
+                out_lengths.push(lengths[i]);
+            }
+        }
+        tokens = out_lengths.iter().map(|&l| l as u64).sum();
+        stats.loss_tokens = orig.iter().map(|&i| loss_of[i as usize] as u64).sum();
+        let rows = orig.iter().map(|&i| {
+            let i = i as usize;
+            (lengths[i], source_of_file[file_of[i] as usize], loss_of[i])
+        });
+        stats.mix = crate::pack::write::mix_stats(&header.mix, &counts, rows, tokens);
+        copies = c;
+        drop((file_of, record_of, loss_of));
+    }
+    // Output sample `e` -> its staged sample.
+    let input_of = |e: usize| if mixed { orig[e] as usize } else { e };
+    let planned: &[u32] = if mixed { &out_lengths } else { &lengths };
+    if planned.is_empty() {
         return Err(Error::NoTrainableSamples {
             records: stats.records,
             dropped: stats.dropped_samples,
             skipped: stats.skipped_records,
         });
     }
-    let (flat, bounds) = plan_packs_flat(&lengths, header.max_length as u32, header.seed)
-        .map_err(Error::Internal)?;
+    let (flat, bounds) =
+        plan_packs_flat(planned, header.max_length as u32, header.seed).map_err(Error::Internal)?;
     let npacks = bounds.len() - 1;
 
     let staging = StagingDir::new(out_dir)?;
@@ -208,8 +246,8 @@ pub fn plan(
         })
         .collect();
     let source_of = |s: usize| checkpoints[s / 16] + (s & !15..s).map(staged_of).sum::<u64>();
-    let mut pack_of = vec![u32::MAX; lengths.len()];
-    let mut within = vec![0u32; lengths.len()];
+    let mut pack_of = vec![u32::MAX; planned.len()];
+    let mut within = vec![0u32; planned.len()];
     let mut pack_starts = Vec::with_capacity(npacks);
     let mut w_packs = HashedWriter::with_capacity(dir.join(layout::PACKS), BUF)?;
     let mut w_order = HashedWriter::with_capacity(dir.join(layout::PACK_SAMPLES), BUF)?;
@@ -227,7 +265,7 @@ pub fn plan(
         let mut off = 0u32;
         for &s in members {
             let s = s as usize;
-            let len = lengths[s];
+            let (len, o) = (planned[s], input_of(s));
             match pack_of[s] {
                 u32::MAX => pack_of[s] = p as u32,
                 q if q != p as u32 => split += 1,
@@ -237,9 +275,9 @@ pub fn plan(
             w_order.write_i64s(&[s as i64])?;
             let mut row = [0u8; COPY_ROW as usize];
             row[0..8].copy_from_slice(&(tok_pos + off as u64).to_le_bytes());
-            row[8..16].copy_from_slice(&source_of(s).to_le_bytes());
+            row[8..16].copy_from_slice(&source_of(o).to_le_bytes());
             row[16..20].copy_from_slice(&len.to_le_bytes());
-            row[20] = is_narrow(s) as u8;
+            row[20] = is_narrow(o) as u8;
             w_copy
                 .write_all(&row)
                 .map_err(|e| Error::io(&copy_path, e))?;
@@ -256,25 +294,29 @@ pub fn plan(
         .sync_all()
         .map_err(|e| Error::io(&copy_path, e))?;
 
-    // samples.bin in sample order: file and record streamed from the parts again.
+    // samples.bin in output order (a staged sample's copies in a row): file and record
+    // streamed from the parts again.
     let mut w_samples = HashedWriter::with_capacity(dir.join(layout::SAMPLES), BUF)?;
-    let mut s = 0usize;
+    let (mut i, mut s) = (0usize, 0usize);
     let mut failed = None;
     for ((pdir, doc, n), base) in docs.iter().zip(&bases) {
-        read_samples(pdir, doc, *n, |len, _, file, record| {
-            let record = record + base.get(&(file as u64)).map_or(0, |b| b.1);
-            let pk = pack_of[s] as usize;
-            let row = [
-                (pack_starts[pk] + within[s] as u64) as i64,
-                len as i64,
-                pk as i64,
-                file as i64,
-                record as i64,
-            ];
-            if let Err(e) = w_samples.write_i64s(&row) {
-                failed.get_or_insert(e);
+        read_samples(pdir, doc, *n, |r| {
+            let record = r.record + base.get(&(r.file as u64)).map_or(0, |b| b.1);
+            for _ in 0..if mixed { copies[i] } else { 1 } {
+                let pk = pack_of[s] as usize;
+                let row = [
+                    (pack_starts[pk] + within[s] as u64) as i64,
+                    r.len as i64,
+                    pk as i64,
+                    r.file as i64,
+                    record as i64,
+                ];
+                if let Err(e) = w_samples.write_i64s(&row) {
+                    failed.get_or_insert(e);
+                }
+                s += 1;
             }
-            s += 1;
+            i += 1;
         })?;
     }
     if let Some(e) = failed {
@@ -296,13 +338,16 @@ pub fn plan(
             .map_err(|e| Error::io(&p, e))?;
     }
 
-    stats.samples = lengths.len() as u64;
+    stats.samples = planned.len() as u64;
     stats.tokens = tokens;
     stats.packs = npacks as u64;
     stats.split_samples = split;
     stats.fill = tokens as f64 / (npacks as f64 * header.max_length as f64);
-    let meta =
+    let mut meta =
         crate::pack::write::meta_json(&header, &mut stats, file_entries, file_table, outputs);
+    if mixed {
+        meta["mix"] = serde_json::to_value(&stats.mix).unwrap_or(Value::Null);
+    }
     let nblocks = tokens.div_ceil(block_tokens);
     let r = (max_ranges.max(1) as u64).min(nblocks);
     let ranges = (0..r)
