@@ -211,6 +211,17 @@ def test_margins_survive_shards_and_merge(tmp_path, tiny_tokenizer):
     merge_packs([tmp_path / "part0", tmp_path / "part1"], tmp_path / "merged")
     for name in ("margins.bin", "pairs.bin", "samples.bin", "meta.json"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "merged" / name).read_bytes()
+    # The merge that scales plans pairs from lengths too (a pair is the unit of a pack).
+    from pyfast_tune.data.executor import merge_ranged, write_range
+
+    _, steps = merge_ranged([tmp_path / "part0", tmp_path / "part1"], tmp_path / "ranged", 2,
+                            lambda st, k: [write_range(st, i) for i in range(k)],
+                            block_tokens=1024)  # fmt: skip
+    assert steps["write"] > 0  # not merged serially
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "ranged").iterdir())
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "ranged" / name).read_bytes()
     ds = PackedDataset(tmp_path / "merged")
     samples = np.asarray(ds.samples)
     expect = [(r % 2) * r / 4 for r in samples[:, 4]]

@@ -256,7 +256,7 @@ fn pair_starts(staged: &[StagedSample], file_table: &[Value]) -> Result<Option<V
 /// Plan packs with a pair as the unit: best-fit decreasing on each pair's total length (as
 /// [`plan_packs`] does for samples, seeded alike), then each pair expanded to its chosen and
 /// rejected samples, adjacent and in that order.
-fn plan_pair_packs(
+pub(crate) fn plan_pair_packs(
     lengths: &[u32],
     starts: &[u32],
     capacity: u32,

@@ -18,8 +18,9 @@
 //! A mix is planned here too: its choices need each staged sample's file and record, and
 //! its per-source statistics the sample's trained tokens (both in `part_samples.bin`), 16
 //! more bytes per staged sample, and 8 per output sample (its staged sample and length).
-//! Runs with preference pairs or images take the serial merge (their side tables are
-//! planned from records: pairs, image positions read from the tokens).
+//! Preference pairs are planned with the pair as the unit, as one pack plans them, and
+//! `pairs.bin` / `margins.bin` written here. Runs with LLaVA images take the serial merge
+//! (their plan counts each image at its expanded size and reads its position from the tokens).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -141,11 +142,22 @@ pub fn plan(
     let (header, nfiles) = check_parts(&docs.iter().map(|(_, d, _)| d).collect::<Vec<_>>())?;
     let bases = crate::pack::numbering::bases(&docs.iter().map(|(_, d, _)| d).collect::<Vec<_>>());
     let h = &docs[0].1["header"];
+    // Preference pairs: each part's samples are all pairs (chosen, rejected, ...) or the
+    // run is refused by the serial merge, which says why (pairs beside single samples, a mix
+    // of pairs).
+    let pairs = docs.iter().any(|(_, d, _)| d.get("pair_starts").is_some());
+    let all_paired = docs.iter().all(|(_, d, n)| {
+        let starts = d["pair_starts"].as_array().map_or(&[][..], Vec::as_slice);
+        n % 2 == 0
+            && starts.len() as u64 == n / 2
+            && (starts.iter().enumerate()).all(|(k, v)| v.as_u64() == Some(2 * k as u64))
+    });
     let needs_records = h["image_tokens"].as_u64().unwrap_or(0) > 0
         || h["pack_length"].as_u64().unwrap_or(0) > header.max_length as u64
-        || docs.iter().any(|(_, d, _)| {
-            d.get("pair_starts").is_some() || d["images"].as_array().is_some_and(|a| !a.is_empty())
-        });
+        || (pairs && (!all_paired || !header.mix.is_empty()))
+        || docs
+            .iter()
+            .any(|(_, d, _)| d["images"].as_array().is_some_and(|a| !a.is_empty()));
     if needs_records {
         return merge(parts, out_dir, progress).map(Planned::Done);
     }
@@ -225,8 +237,26 @@ pub fn plan(
             skipped: stats.skipped_records,
         });
     }
-    let (flat, bounds) =
-        plan_packs_flat(planned, header.max_length as u32, header.seed).map_err(Error::Internal)?;
+    let (flat, bounds) = if pairs {
+        // A pair is the unit (its two samples adjacent in one pack), as one pack plans it.
+        let starts: Vec<u32> = (0..planned.len() as u32).step_by(2).collect();
+        let packs = crate::pack::write::plan_pair_packs(
+            planned,
+            &starts,
+            header.max_length as u32,
+            header.seed,
+        )
+        .map_err(Error::Internal)?;
+        let bounds = std::iter::once(0)
+            .chain(packs.iter().scan(0u64, |at, p| {
+                *at += p.len() as u64;
+                Some(*at)
+            }))
+            .collect::<Vec<u64>>();
+        (packs.concat(), bounds)
+    } else {
+        plan_packs_flat(planned, header.max_length as u32, header.seed).map_err(Error::Internal)?
+    };
     let npacks = bounds.len() - 1;
 
     let staging = StagingDir::new(out_dir)?;
@@ -330,6 +360,45 @@ pub fn plan(
     ] {
         let (size, hash) = w.finish()?;
         outputs.insert(name.to_string(), json!({"size": size, "blake3": hash}));
+    }
+    if pairs {
+        let n = planned.len() as u64;
+        let mut w = HashedWriter::with_capacity(dir.join(layout::PAIRS), BUF)?;
+        for id in 0..n as i64 / 2 {
+            w.write_i64s(&[id, 0, id, 1])?;
+        }
+        let (size, hash) = w.finish()?;
+        outputs.insert(layout::PAIRS.into(), json!({"size": size, "blake3": hash}));
+        // Both samples of a pair hold its margin (0 for a pair without one).
+        let mut margins = Vec::new();
+        let mut first = 0u64; // the part's first sample in the whole run
+        for ((_, _, n), part) in docs.iter().zip(&ps) {
+            for &(k, m) in &part.margins {
+                if k + 1 >= *n {
+                    return Err(Error::Corrupt {
+                        path: part.dir.join(super::PART_JSON),
+                        msg: format!("a margin for sample {k} of {n}"),
+                    });
+                }
+                margins.push((first + k, m));
+            }
+            first += n;
+        }
+        if !margins.is_empty() {
+            let mut per_sample = vec![0f32; n as usize];
+            for (k, m) in margins {
+                per_sample[k as usize] = m;
+                per_sample[k as usize + 1] = m;
+            }
+            let bytes: Vec<u8> = per_sample.iter().flat_map(|m| m.to_le_bytes()).collect();
+            let mut w = HashedWriter::with_capacity(dir.join(layout::MARGINS), BUF)?;
+            w.write(&bytes)?;
+            let (size, hash) = w.finish()?;
+            outputs.insert(
+                layout::MARGINS.into(),
+                json!({"size": size, "blake3": hash}),
+            );
+        }
     }
     for (name, width) in [(layout::INPUT_IDS, 4u64), (layout::LOSS_MASK, 1)] {
         let p = dir.join(name);
@@ -604,7 +673,8 @@ pub fn finish_ranged(staging: &Path, hashes: &[RangeHashes]) -> Result<PackStats
         layout::LOSS_MASK.into(),
         json!({"size": plan.tokens, "blake3": mask_hash}),
     );
-    for name in layout::BINARY_FILES {
+    let optional = layout::OPTIONAL_LAYOUT.iter().map(|(name, _, _)| name);
+    for name in layout::BINARY_FILES.iter().chain(optional) {
         if let Some(v) = staged.get(*name) {
             outputs.insert(name.to_string(), v.clone());
         }
