@@ -177,3 +177,37 @@ def test_map_fn_packs_in_shards_too(tmp_path, tiny_tokenizer):
     assert 0 < parts[0].samples < one.samples and parts[0].samples + parts[1].samples == one.samples
     merge_packs([tmp_path / "p0", tmp_path / "p1"], tmp_path / "merged")
     same_bytes(tmp_path / "one", tmp_path / "merged")
+
+
+@pytest.mark.parametrize("image_tokens", [0, 4])
+def test_llava_shards_merge_to_one_pack_in_ranges_too(tmp_path, tiny_tokenizer, image_tokens):
+    """LLaVA records (images and text-only) in three files: three shards give one pack's
+    bytes through the serial merge and through the merge in ranges, which plans each image
+    at its training size (`image_tokens`, packs of `pack_length`) from the positions the
+    parts recorded, without reading a token."""
+    from pyfast_tune.data.executor import merge_ranged, write_range
+    from pyfast_tune.vision.tiny import make_llava_records
+
+    data = tmp_path / "data"
+    for k in range(3):
+        make_llava_records(data / f"s{k}", 14, text_only=5, seed=k)
+    kw = dict(tokenizer=tiny_tokenizer, max_length=64, format="llava", template="vicuna", seed=5)
+    if image_tokens:
+        kw.update(image_tokens=image_tokens, pack_length=128)
+    one = pack([data], tmp_path / "one", **kw)
+    assert one.samples == 57
+    parts = [tmp_path / f"part{i}" for i in range(3)]
+    for i, p in enumerate(parts):
+        pack([data], p, shard=(i, 3), **kw)
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert "images.json" in names
+    merge_packs(parts, tmp_path / "serial")
+    _, steps = merge_ranged(parts, tmp_path / "ranged", 3,
+                            lambda st, k: [write_range(st, i) for i in range(k)],
+                            block_tokens=1024)  # fmt: skip
+    assert steps["write"] > 0  # planned from lengths, not merged serially
+    for other in ("serial", "ranged"):
+        assert sorted(p.name for p in (tmp_path / other).iterdir()) == names
+        for name in names:
+            a, b = (tmp_path / "one" / name).read_bytes(), (tmp_path / other / name).read_bytes()
+            assert a == b, (other, name)

@@ -268,8 +268,9 @@ fn part_of(dir: &Path, doc: &Value) -> Result<Part> {
     let list = |k: &str| doc[k].as_array().cloned().unwrap_or_default();
     let images = list("images")
         .iter()
-        .filter_map(|v| Some((v[0].as_u64()?, v[1].as_str()?.to_string())))
-        .collect();
+        .map(|v| Some((v[0].as_u64()?, v[1].as_str()?.to_string(), v[2].as_i64()?)))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| corrupt(&p, "bad list of images"))?;
     let margins = list("margins")
         .iter()
         .filter_map(|v| Some((v[0].as_u64()?, v[1].as_f64()? as f32)))

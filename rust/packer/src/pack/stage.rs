@@ -27,7 +27,7 @@ use crate::source::record::{OwnedRecord, Unreadable};
 use crate::source::span::Span;
 use crate::source::RecordStream;
 use crate::template::chat::{self, ChatTemplate};
-use crate::template::encode::{encode_turns_opts, Encoded, TurnText};
+use crate::template::encode::{encode_turns_opts, Encoded, TurnText, IMAGE_TOKEN_ID};
 use crate::template::Template;
 use crate::tokenize::TextTokenizer;
 
@@ -445,8 +445,9 @@ pub(crate) struct Part {
     /// Trained tokens of each staged sample (its mask's 1s), for a shard's part: a merge
     /// counts a mix's loss tokens per source from them without reading any token.
     pub loss: Vec<u32>,
-    /// (part-local sample index, image path) of LLaVA samples.
-    pub images: Vec<(u64, String)>,
+    /// (part-local sample index, image path, offset of its `<image>` token in the sample,
+    /// -1 if none) of LLaVA samples.
+    pub images: Vec<(u64, String, i64)>,
     /// (part-local index of the chosen sample, margin) of pairs with a `margin`.
     pub margins: Vec<(u64, f32)>,
     /// The files read (global index, and whether this part is the file's head, see
@@ -498,7 +499,11 @@ impl Stager {
         }
         self.tokens.write(&self.buf)?;
         if let Some(img) = image {
-            self.part.images.push((self.part.samples.len() as u64, img));
+            let at = enc.ids.iter().position(|&x| x == IMAGE_TOKEN_ID);
+            let at = at.map_or(-1, |p| p as i64);
+            self.part
+                .images
+                .push((self.part.samples.len() as u64, img, at));
         }
         self.part.samples.push(StagedSample {
             part: 0,

@@ -63,7 +63,9 @@ pub(crate) fn finish(
     let mut tokens = 0u64;
     for (pi, part) in parts.iter_mut().enumerate() {
         let base = staged.len() as u64;
-        for (k, img) in part.images.drain(..) {
+        // (the positions the parts recorded are read again from the tokens below, after a
+        // mix has chosen its copies)
+        for (k, img, _) in part.images.drain(..) {
             images.push(json!([base + k, img]));
         }
         margins.extend(part.margins.drain(..).map(|(k, m)| (base + k, m)));

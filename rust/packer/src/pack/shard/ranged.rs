@@ -19,8 +19,9 @@
 //! its per-source statistics the sample's trained tokens (both in `part_samples.bin`), 16
 //! more bytes per staged sample, and 8 per output sample (its staged sample and length).
 //! Preference pairs are planned with the pair as the unit, as one pack plans them, and
-//! `pairs.bin` / `margins.bin` written here. Runs with LLaVA images take the serial merge
-//! (their plan counts each image at its expanded size and reads its position from the tokens).
+//! `pairs.bin` / `margins.bin` written here; LLaVA images at their training size, from the
+//! `<image>` positions the parts recorded (`images.json` written here). Only a mix of pairs
+//! or of LLaVA samples takes the serial merge.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -141,7 +142,6 @@ pub fn plan(
     docs.sort_by_key(|(_, doc, _)| doc["shard"].as_u64());
     let (header, nfiles) = check_parts(&docs.iter().map(|(_, d, _)| d).collect::<Vec<_>>())?;
     let bases = crate::pack::numbering::bases(&docs.iter().map(|(_, d, _)| d).collect::<Vec<_>>());
-    let h = &docs[0].1["header"];
     // Preference pairs: each part's samples are all pairs (chosen, rejected, ...) or the
     // run is refused by the serial merge, which says why (pairs beside single samples, a mix
     // of pairs).
@@ -152,12 +152,12 @@ pub fn plan(
             && starts.len() as u64 == n / 2
             && (starts.iter().enumerate()).all(|(k, v)| v.as_u64() == Some(2 * k as u64))
     });
-    let needs_records = h["image_tokens"].as_u64().unwrap_or(0) > 0
-        || h["pack_length"].as_u64().unwrap_or(0) > header.max_length as u64
-        || (pairs && (!all_paired || !header.mix.is_empty()))
-        || docs
-            .iter()
-            .any(|(_, d, _)| d["images"].as_array().is_some_and(|a| !a.is_empty()));
+    // A mix's copies of LLaVA samples renumber their images: merged serially.
+    let has_images = docs
+        .iter()
+        .any(|(_, d, _)| d["images"].as_array().is_some_and(|a| !a.is_empty()));
+    let needs_records = (pairs && (!all_paired || !header.mix.is_empty()))
+        || (has_images && !header.mix.is_empty());
     if needs_records {
         return merge(parts, out_dir, progress).map(Planned::Done);
     }
@@ -230,6 +230,34 @@ pub fn plan(
     // Output sample `e` -> its staged sample.
     let input_of = |e: usize| if mixed { orig[e] as usize } else { e };
     let planned: &[u32] = if mixed { &out_lengths } else { &lengths };
+    // LLaVA: (sample, path, position of its `<image>` token) in the whole run, as the parts
+    // recorded them; the plan counts each image at its training size (`image_tokens - 1`
+    // more), in packs of `pack_length`.
+    let mut images: Vec<(u64, String, i64)> = Vec::new();
+    let mut first = 0u64;
+    for ((_, _, n), part) in docs.iter().zip(&ps) {
+        images.extend(
+            part.images
+                .iter()
+                .map(|(k, p, at)| (first + k, p.clone(), *at)),
+        );
+        first += n;
+    }
+    let capacity = header.pack_length.max(header.max_length) as u32;
+    let expanded: Vec<u32>;
+    let plan_len: &[u32] = if header.image_tokens > 0 && !images.is_empty() {
+        let mut e = planned.to_vec();
+        for (j, _, _) in &images {
+            let l = e.get_mut(*j as usize).ok_or_else(|| {
+                Error::Internal(format!("image of sample {j} of {}", planned.len()))
+            })?;
+            *l += header.image_tokens as u32 - 1;
+        }
+        expanded = e;
+        &expanded
+    } else {
+        planned
+    };
     if planned.is_empty() {
         return Err(Error::NoTrainableSamples {
             records: stats.records,
@@ -255,7 +283,7 @@ pub fn plan(
             .collect::<Vec<u64>>();
         (packs.concat(), bounds)
     } else {
-        plan_packs_flat(planned, header.max_length as u32, header.seed).map_err(Error::Internal)?
+        plan_packs_flat(plan_len, capacity, header.seed).map_err(Error::Internal)?
     };
     let npacks = bounds.len() - 1;
 
@@ -361,6 +389,21 @@ pub fn plan(
         let (size, hash) = w.finish()?;
         outputs.insert(name.to_string(), json!({"size": size, "blake3": hash}));
     }
+    let mut images_output = None;
+    if !images.is_empty() {
+        // As one pack writes it (pack::write::finish).
+        let samples: Vec<Value> = images.iter().map(|(j, p, at)| json!([j, p, at])).collect();
+        let mut table = json!({"image_token_id": crate::template::encode::IMAGE_TOKEN_ID,
+                               "samples": samples});
+        if header.image_tokens > 0 {
+            table["image_tokens"] = json!(header.image_tokens);
+        }
+        let text = table.to_string();
+        let p = dir.join(layout::IMAGES);
+        std::fs::write(&p, &text).map_err(|e| Error::io(&p, e))?;
+        let hash = blake3::hash(text.as_bytes()).to_hex().to_string();
+        images_output = Some(json!({"size": text.len(), "blake3": hash}));
+    }
     if pairs {
         let n = planned.len() as u64;
         let mut w = HashedWriter::with_capacity(dir.join(layout::PAIRS), BUF)?;
@@ -400,6 +443,9 @@ pub fn plan(
             );
         }
     }
+    if let Some(v) = images_output {
+        outputs.insert(layout::IMAGES.into(), v);
+    }
     for (name, width) in [(layout::INPUT_IDS, 4u64), (layout::LOSS_MASK, 1)] {
         let p = dir.join(name);
         File::create(&p)
@@ -411,9 +457,15 @@ pub fn plan(
     stats.tokens = tokens;
     stats.packs = npacks as u64;
     stats.split_samples = split;
-    stats.fill = tokens as f64 / (npacks as f64 * header.max_length as f64);
+    let planned_tokens: u64 = plan_len.iter().map(|&l| l as u64).sum();
+    stats.fill = planned_tokens as f64 / (npacks as f64 * capacity as f64);
     let mut meta =
         crate::pack::write::meta_json(&header, &mut stats, file_entries, file_table, outputs);
+    if header.image_tokens > 0 {
+        meta["image_tokens"] = json!(header.image_tokens);
+        meta["pack_length"] = json!(capacity);
+        meta["num_training_tokens"] = json!(planned_tokens);
+    }
     if mixed {
         meta["mix"] = serde_json::to_value(&stats.mix).unwrap_or(Value::Null);
     }
@@ -657,12 +709,10 @@ pub fn finish_ranged(staging: &Path, hashes: &[RangeHashes]) -> Result<PackStats
     };
     let ids_hash = root(&|h| &h.ids)?;
     let mask_hash = root(&|h| &h.mask)?;
+    // plan.json keeps meta.json's floats exactly: serde_json parses them to the nearest
+    // value (its float_roundtrip feature).
     let mut meta = plan.meta;
     let mut stats = plan.stats;
-    // Floats do not survive plan.json exactly (serde_json parses them to the nearest value
-    // only with its float_roundtrip feature): the fill is computed again from integers.
-    stats.fill = stats.tokens as f64 / (stats.packs as f64 * plan.max_length as f64);
-    meta["stats"]["fill"] = json!(stats.fill);
     let staged = meta["outputs"].as_object().cloned().unwrap_or_default();
     let mut outputs = serde_json::Map::new();
     outputs.insert(
@@ -674,7 +724,7 @@ pub fn finish_ranged(staging: &Path, hashes: &[RangeHashes]) -> Result<PackStats
         json!({"size": plan.tokens, "blake3": mask_hash}),
     );
     let optional = layout::OPTIONAL_LAYOUT.iter().map(|(name, _, _)| name);
-    for name in layout::BINARY_FILES.iter().chain(optional) {
+    for name in (layout::BINARY_FILES.iter().chain(optional)).chain([&layout::IMAGES]) {
         if let Some(v) = staged.get(*name) {
             outputs.insert(name.to_string(), v.clone());
         }
