@@ -7,8 +7,9 @@ LlavaForConditionalGeneration on each sample alone (fp32, rel 1e-5) for packs mi
 and text-only samples, fused and unfused; swapping two images of a pack changes it; the tower
 keeps its own attention; LoRA lands on the LLM only; stage 1 under DeepSpeed leaves every
 non-projector weight bitwise unchanged, converts to a folder LlavaForConditionalGeneration and
-LlavaProcessor load, and chat answers about an image. Slow (-m slow): 2 processes under ZeRO-2
-and ZeRO-3 train to the losses of 1, and stage 2 LoRA -> convert -> merge.
+LlavaProcessor load, and chat answers about an image; 2 processes under ZeRO-3 train to the
+losses of 1. Slow (-m slow): the same under ZeRO-2 with the LLM trained, and stage 2 LoRA ->
+convert -> merge.
 """
 
 import copy
