@@ -157,35 +157,13 @@ pub(crate) fn finish(
             json!({"size": size, "blake3": hash}),
         );
         if !margins.is_empty() {
-            // Both samples of a pair hold its margin (0 for a pair without one).
-            let mut per_sample = vec![0f32; staged.len()];
-            for &(k, m) in &margins {
-                per_sample[k as usize] = m;
-                per_sample[k as usize + 1] = m;
-            }
-            let bytes: Vec<u8> = per_sample.iter().flat_map(|m| m.to_le_bytes()).collect();
-            let mut w = HashedWriter::create(staging.dir.join(layout::MARGINS))?;
-            w.write(&bytes)?;
-            let (size, hash) = w.finish()?;
-            outputs.insert(
-                layout::MARGINS.to_string(),
-                json!({"size": size, "blake3": hash}),
-            );
+            let entry = write_margins(&staging.dir, staged.len(), &margins)?;
+            outputs.insert(layout::MARGINS.to_string(), entry);
         }
     }
     if !images.is_empty() {
-        let p = staging.dir.join(layout::IMAGES);
-        let mut table =
-            json!({"image_token_id": crate::template::encode::IMAGE_TOKEN_ID, "samples": images});
-        if header.image_tokens > 0 {
-            table["image_tokens"] = json!(header.image_tokens);
-        }
-        let text = table.to_string();
-        std::fs::write(&p, &text).map_err(|e| Error::io(&p, e))?;
-        outputs.insert(
-            layout::IMAGES.to_string(),
-            json!({"size": text.len(), "blake3": blake3::hash(text.as_bytes()).to_hex().to_string()}),
-        );
+        let entry = write_image_table(&staging.dir, header.image_tokens, images)?;
+        outputs.insert(layout::IMAGES.to_string(), entry);
     }
 
     stats.samples = staged.len() as u64;
@@ -217,6 +195,41 @@ pub(crate) fn finish(
     stats.seconds = start.elapsed().as_secs_f64();
     stats.tokens_per_second = tokens as f64 / stats.seconds.max(1e-9);
     Ok(stats)
+}
+
+/// `margins.bin` of `samples` samples in `dir`: both samples of a pair hold its margin
+/// (`margins`: the chosen sample's index and the margin; 0 for a pair without one). Returns
+/// its `outputs` entry (size and BLAKE3).
+pub(crate) fn write_margins(dir: &Path, samples: usize, margins: &[(u64, f32)]) -> Result<Value> {
+    let mut per_sample = vec![0f32; samples];
+    for &(k, m) in margins {
+        per_sample[k as usize] = m;
+        per_sample[k as usize + 1] = m;
+    }
+    let bytes: Vec<u8> = per_sample.iter().flat_map(|m| m.to_le_bytes()).collect();
+    let mut w = HashedWriter::create(dir.join(layout::MARGINS))?;
+    w.write(&bytes)?;
+    let (size, hash) = w.finish()?;
+    Ok(json!({"size": size, "blake3": hash}))
+}
+
+/// `images.json` in `dir` (`samples`: `[sample, path, position]` each); returns its
+/// `outputs` entry.
+pub(crate) fn write_image_table(
+    dir: &Path,
+    image_tokens: usize,
+    samples: Vec<Value>,
+) -> Result<Value> {
+    let mut table =
+        json!({"image_token_id": crate::template::encode::IMAGE_TOKEN_ID, "samples": samples});
+    if image_tokens > 0 {
+        table["image_tokens"] = json!(image_tokens);
+    }
+    let text = table.to_string();
+    let p = dir.join(layout::IMAGES);
+    std::fs::write(&p, &text).map_err(|e| Error::io(&p, e))?;
+    let hash = blake3::hash(text.as_bytes()).to_hex().to_string();
+    Ok(json!({"size": text.len(), "blake3": hash}))
 }
 
 /// The staged index of each pair's chosen sample (its rejected sample is the next), or None

@@ -38,6 +38,7 @@ use crate::error::{Error, Result};
 use crate::pack::binpack::plan_packs_flat;
 use crate::pack::stage::{id_bytes, staged_bytes, unpack_mask_bits, widen_ids, STAGE_TOKENS};
 use crate::pack::stats::{PackStats, Progress};
+use crate::pack::write::{write_image_table, write_margins};
 use crate::packed_dir::atomic::{start_writeback, HashedWriter, StagingDir};
 use crate::packed_dir::layout;
 use crate::packed_dir::treehash;
@@ -391,18 +392,8 @@ pub fn plan(
     }
     let mut images_output = None;
     if !images.is_empty() {
-        // As one pack writes it (pack::write::finish).
         let samples: Vec<Value> = images.iter().map(|(j, p, at)| json!([j, p, at])).collect();
-        let mut table = json!({"image_token_id": crate::template::encode::IMAGE_TOKEN_ID,
-                               "samples": samples});
-        if header.image_tokens > 0 {
-            table["image_tokens"] = json!(header.image_tokens);
-        }
-        let text = table.to_string();
-        let p = dir.join(layout::IMAGES);
-        std::fs::write(&p, &text).map_err(|e| Error::io(&p, e))?;
-        let hash = blake3::hash(text.as_bytes()).to_hex().to_string();
-        images_output = Some(json!({"size": text.len(), "blake3": hash}));
+        images_output = Some(write_image_table(&dir, header.image_tokens, samples)?);
     }
     if pairs {
         let n = planned.len() as u64;
@@ -412,7 +403,6 @@ pub fn plan(
         }
         let (size, hash) = w.finish()?;
         outputs.insert(layout::PAIRS.into(), json!({"size": size, "blake3": hash}));
-        // Both samples of a pair hold its margin (0 for a pair without one).
         let mut margins = Vec::new();
         let mut first = 0u64; // the part's first sample in the whole run
         for ((_, _, n), part) in docs.iter().zip(&ps) {
@@ -428,19 +418,8 @@ pub fn plan(
             first += n;
         }
         if !margins.is_empty() {
-            let mut per_sample = vec![0f32; n as usize];
-            for (k, m) in margins {
-                per_sample[k as usize] = m;
-                per_sample[k as usize + 1] = m;
-            }
-            let bytes: Vec<u8> = per_sample.iter().flat_map(|m| m.to_le_bytes()).collect();
-            let mut w = HashedWriter::with_capacity(dir.join(layout::MARGINS), BUF)?;
-            w.write(&bytes)?;
-            let (size, hash) = w.finish()?;
-            outputs.insert(
-                layout::MARGINS.into(),
-                json!({"size": size, "blake3": hash}),
-            );
+            let entry = write_margins(&dir, n as usize, &margins)?;
+            outputs.insert(layout::MARGINS.into(), entry);
         }
     }
     if let Some(v) = images_output {
