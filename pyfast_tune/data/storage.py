@@ -26,7 +26,9 @@ the wheel, and each store's client reads its standard credentials and settings i
   this process lacks with ranged GETs into the placeholder (16 MiB each, 8 at a time) — the
   share (asked for at once, before it is read), the line that
   crosses its end (asked for in 64 KiB steps), the object's first bytes (its kind and
-  format) and its first and last 64 KiB (a check that all shards saw one version), about
+  format) and its first and last 64 KiB (a check that all shards saw one version; after each
+  download the object's version — ETag, generation — is asked again and must still be the
+  listed one, so no part mixes two versions), about
   its share of the bytes in all. Only a bad record that stops a shard asks for the bytes
   before its share (to name the record's line in the whole object). The engine asks, rather
   than the front end computing ranges in advance, because only the engine knows where the
@@ -216,7 +218,26 @@ def fetch_range(path: str, start: int, end: int) -> None:
                 os.pwrite(fd, data, at)
     finally:
         os.close(fd)
+    _check_version(fs, remote, info, url)
     have[:] = _union(have + missing)
+
+
+def _check_version(fs, remote: str, info: dict, url: str) -> None:
+    """Refuse bytes of an object rewritten since it was listed: asked again after each
+    download (not from the file system's listing cache), the object's version (ETag,
+    generation, ...) must still be the listed one. A shard reads an object in several ranged
+    GETs, and parts merge the ranges of several shards: without this, a rewrite of the same
+    size between two GETs would give a part of two versions."""
+    want = _version(info)
+    if not want:
+        return
+    fs.invalidate_cache(remote)
+    now = _version(fs.info(remote))
+    if now != want:
+        raise OSError(
+            f"{url}: the object changed while it was read ({want} when listed, {now} now): "
+            "pack it again once it stays the same"
+        )
 
 
 def _missing(have: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:

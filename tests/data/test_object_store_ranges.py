@@ -180,3 +180,34 @@ def test_a_large_json_array_is_fetched_whole_by_the_shard_that_reads_it(
     # An array cannot be split: the shard holding its midpoint reads it all; the others
     # look at its first bytes only (is it an array?).
     assert sorted(fetched)[-1] == size and sorted(fetched)[:-1] == [65536, 65536], fetched
+
+
+def test_an_object_rewritten_while_a_shard_reads_it_is_refused(s3, big, tiny_tokenizer,  # noqa: F811
+                                                                tmp_path, monkeypatch):  # fmt: skip
+    """The object is rewritten (same size, other bytes: the sizes agree) after the shard
+    listed it and before its ranged GETs: the shard names the URL and writes no part, instead
+    of a part mixing two versions. Without the version check it packed the new bytes."""
+    d, _ = big
+    url = f"s3://{BUCKET}/ranges-big"
+    key = f"{BUCKET}/ranges-big/chats.jsonl"
+    original = (d / "chats.jsonl").read_bytes()
+    changed = original.replace(b"e", b"a")
+    assert len(changed) == len(original) and changed != original
+    real, rewritten = storage.fetch_range, []
+
+    def rewrite_then_fetch(path, start, end):
+        if not rewritten:
+            s3.pipe_file(key, changed)
+            rewritten.append(True)
+        return real(path, start, end)
+
+    monkeypatch.setattr(storage, "fetch_range", rewrite_then_fetch)
+    monkeypatch.setenv("PYFAST_TUNE_CACHE", str(tmp_path / "cache"))
+    try:
+        with pytest.raises(Exception, match="changed while it was read") as e:
+            pack(url, tmp_path / "part", shard=(1, N), **_opts(tiny_tokenizer))
+        assert url in str(e.value)
+        assert rewritten and not (tmp_path / "part").exists()
+    finally:
+        s3.pipe_file(key, original)
+        s3.invalidate_cache()
