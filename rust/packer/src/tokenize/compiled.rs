@@ -11,6 +11,10 @@
 //! version reads as absent and is rebuilt from the JSON. Nothing in it is trusted beyond
 //! that: the model built from it passes the same checks as one read from the JSON, and
 //! `PYFAST_TUNE_TOKENIZER_CACHE=0` turns the cache off.
+//!
+//! The folder is bounded: a hit marks its file used (its modification time), and each new
+//! file written removes the least recently used ones beyond [`MAX_FILES`] files or
+//! [`MAX_BYTES`] bytes, and temporary files of writers dead for an hour ([`prune`]).
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -24,6 +28,10 @@ use super::piece_table::{PairTable, PieceTable, NO_PAIR};
 
 /// Bumped whenever the layout, or what a table holds, changes.
 const MAGIC: &[u8; 8] = b"PFTBPE03";
+/// Compiled tokenizers kept at most (a large vocabulary's file is 10-20 MB).
+const MAX_FILES: usize = 32;
+/// Bytes of compiled tokenizers kept at most.
+const MAX_BYTES: u64 = 512 << 20;
 
 /// What the cache holds for one `tokenizer.json`.
 pub(super) struct Compiled {
@@ -130,6 +138,11 @@ pub(super) fn path_for(hash: &str) -> Option<PathBuf> {
 /// ask for more memory than its own size); a mismatch discards them.
 pub(super) fn read(path: &std::path::Path) -> Option<Compiled> {
     let bytes = std::fs::read(path).ok()?;
+    // Used now: the last file [`prune`] would remove. (Best effort: a read-only cache works.)
+    let _ = std::fs::File::options()
+        .append(true)
+        .open(path)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
     let (body, sum) = bytes.split_at_checked(bytes.len().checked_sub(32)?)?;
     let (intact, tables) = std::thread::scope(|s| {
         let check = s.spawn(|| blake3::hash(body).as_bytes() == sum);
@@ -231,6 +244,43 @@ pub(super) fn write(
         && std::fs::rename(&tmp, path).is_ok();
     if !ok {
         let _ = std::fs::remove_file(&tmp);
+        return;
+    }
+    prune(dir, MAX_FILES, MAX_BYTES);
+}
+
+/// Keep the compiled files of `dir` within `max_files` files and `max_bytes` bytes, removing
+/// the least recently used (oldest modification time) first, and remove temporary files of
+/// writers that stopped an hour ago or more. Best effort: another process may be pruning or
+/// reading too (a file removed under a reader reads as absent and is rebuilt).
+pub(super) fn prune(dir: &std::path::Path, max_files: usize, max_bytes: u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let now = std::time::SystemTime::now();
+    let mut kept = Vec::new();
+    for e in entries.flatten() {
+        let (Ok(meta), name) = (e.metadata(), e.file_name()) else {
+            continue;
+        };
+        let name = name.to_string_lossy();
+        let modified = meta.modified().unwrap_or(now);
+        if name.starts_with('.') && name.ends_with(".tmp") {
+            let age = now.duration_since(modified).unwrap_or_default();
+            if age.as_secs() >= 3600 {
+                let _ = std::fs::remove_file(e.path());
+            }
+        } else if name.ends_with(".bpe") && meta.is_file() {
+            kept.push((modified, meta.len(), e.path()));
+        }
+    }
+    kept.sort_by_key(|k| std::cmp::Reverse(k.0)); // most recently used first
+    let mut bytes = 0u64;
+    for (k, (_, len, path)) in kept.iter().enumerate() {
+        bytes += len;
+        if k >= max_files || (k > 0 && bytes > max_bytes) {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -261,7 +311,42 @@ impl<'a> Reader<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::head_of;
+    use super::{head_of, prune};
+
+    #[test]
+    fn the_cache_folder_keeps_the_most_recently_used_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now();
+        let at = |mins: u64| now - std::time::Duration::from_secs(60 * mins);
+        let file = |name: &str, len: usize, mins: u64| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, vec![0u8; len]).unwrap();
+            let f = std::fs::File::options().append(true).open(&p).unwrap();
+            f.set_modified(at(mins)).unwrap();
+            p
+        };
+        // ten files of 100 bytes, used 0..9 minutes ago; a stale and a fresh temporary file;
+        // a file of another kind is not ours to remove
+        let files: Vec<_> = (0..10)
+            .map(|k| file(&format!("{k}.PFTBPE03.bpe"), 100, k))
+            .collect();
+        let stale = file(".1.2.tmp", 10, 120);
+        let fresh = file(".1.3.tmp", 10, 1);
+        let other = file("notes.txt", 10, 500);
+        prune(dir.path(), 6, 1 << 20);
+        let exists: Vec<bool> = files.iter().map(|p| p.exists()).collect();
+        assert_eq!(
+            exists,
+            [true, true, true, true, true, true, false, false, false, false]
+        );
+        assert!(!stale.exists() && fresh.exists() && other.exists());
+        // by bytes: 250 keep the two most recent (the most recent one always stays)
+        prune(dir.path(), 6, 250);
+        let exists: Vec<bool> = files.iter().map(|p| p.exists()).collect();
+        assert_eq!(exists[..3], [true, true, false]);
+        prune(dir.path(), 6, 10);
+        assert!(files[0].exists() && !files[1].exists());
+    }
 
     #[test]
     fn the_head_is_the_file_without_the_models_tables() {
