@@ -1,13 +1,11 @@
 //! LLaVA images in packing: each `<image>` token ([`IMAGE_TOKEN_ID`]) becomes `image_tokens`
 //! patch embeddings at training time, so a sample's length in a pack is its text length plus
-//! `image_tokens - 1` per image ([`expanded_lengths`]), and each image's position is read
-//! from the staged ids ([`positions`]). The per-record checks are in [`super::image_check`].
+//! `image_tokens - 1` per image ([`expanded_lengths`]); each image's position in its sample
+//! is found while staging ([`crate::pack::stage::Part::images`]). The per-record checks are in
+//! [`super::image_check`].
 
-use std::os::unix::fs::FileExt as _;
-use std::path::Path;
-
-use crate::error::{Error, Result};
-use crate::pack::stage::{StagedSample, STAGE_TOKENS};
+use crate::pack::stage::StagedSample;
+#[cfg(doc)]
 use crate::template::encode::IMAGE_TOKEN_ID;
 
 /// Each staged sample's length in training tokens: text length plus `image_tokens - 1` per
@@ -24,34 +22,6 @@ pub(crate) fn expanded_lengths(
         }
     }
     lengths
-}
-
-/// The offset of each image's `<image>` token inside its sample, read from the staged tokens
-/// (`images`: staged indices; `part_dirs`: the parts' staging folders).
-pub(crate) fn positions(
-    part_dirs: &[&Path],
-    staged: &[StagedSample],
-    images: &[u64],
-) -> Result<Vec<i64>> {
-    let mut out = Vec::with_capacity(images.len());
-    let mut buf = Vec::new();
-    for &j in images {
-        let s = &staged[j as usize];
-        let p = part_dirs[s.part as usize].join(STAGE_TOKENS);
-        let f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
-        // A narrow sample (ids below 65,536) cannot hold the image token.
-        let pos = if s.narrow {
-            None
-        } else {
-            buf.resize(s.len as usize * 4, 0);
-            f.read_exact_at(&mut buf, s.offset)
-                .map_err(|e| Error::io(&p, e))?;
-            buf.chunks_exact(4)
-                .position(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) == IMAGE_TOKEN_ID)
-        };
-        out.push(pos.map_or(-1, |p| p as i64));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -468,9 +468,11 @@ struct Stager {
 }
 
 impl Stager {
+    /// Stage one sample of `trained` trained tokens (its mask's 1s, counted by the caller).
     fn stage(
         &mut self,
         enc: &Encoded,
+        trained: u32,
         file: usize,
         record: u64,
         image: Option<String>,
@@ -515,7 +517,7 @@ impl Stager {
             narrow,
         });
         self.part.tokens += enc.ids.len() as u64;
-        self.part.loss.push(enc.trained() as u32);
+        self.part.loss.push(trained);
         self.staged += self.buf.len() as u64;
         Ok(())
     }
@@ -541,7 +543,7 @@ impl Stager {
             return Ok(());
         }
         stats.loss_tokens += trained;
-        self.stage(&enc, file, record, image)
+        self.stage(&enc, trained as u32, file, record, image)
     }
 
     /// Fit a pair into `max_length`, count what was cut or dropped, and stage its two
@@ -574,12 +576,16 @@ impl Stager {
             return Ok(());
         };
         stats.pairs += 1;
-        stats.loss_tokens += (c.trained() + r.trained()) as u64;
+        let trained = [c.trained() as u32, r.trained() as u32];
+        stats.loss_tokens += trained.iter().map(|&t| t as u64).sum::<u64>();
         if let Some(m) = margin {
             self.part.margins.push((self.part.samples.len() as u64, m));
         }
-        for (e, role) in [(&c, ROLE_CHOSEN), (&r, ROLE_REJECTED)] {
-            self.stage(e, file, record, None)?;
+        for ((e, role), t) in [(&c, ROLE_CHOSEN), (&r, ROLE_REJECTED)]
+            .into_iter()
+            .zip(trained)
+        {
+            self.stage(e, t, file, record, None)?;
             if let Some(s) = self.part.samples.last_mut() {
                 s.role = role;
             }

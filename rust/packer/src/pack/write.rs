@@ -63,10 +63,8 @@ pub(crate) fn finish(
     let mut tokens = 0u64;
     for (pi, part) in parts.iter_mut().enumerate() {
         let base = staged.len() as u64;
-        // (the positions the parts recorded are read again from the tokens below, after a
-        // mix has chosen its copies)
-        for (k, img, _) in part.images.drain(..) {
-            images.push(json!([base + k, img]));
+        for (k, img, at) in part.images.drain(..) {
+            images.push(json!([base + k, img, at]));
         }
         margins.extend(part.margins.drain(..).map(|(k, m)| (base + k, m)));
         staged.extend(part.samples.iter().map(|s| StagedSample {
@@ -118,12 +116,6 @@ pub(crate) fn finish(
     }
     .map_err(Error::Internal)?;
     let part_dirs: Vec<&Path> = parts.iter().map(|p| p.dir.as_path()).collect();
-    let image_positions = image::positions(&part_dirs, &staged, &image_ids)?;
-    for (v, pos) in images.iter_mut().zip(&image_positions) {
-        if let Some(a) = v.as_array_mut() {
-            a.push(json!(pos));
-        }
-    }
     let mut loss_of = mixed.as_ref().map(|_| vec![0u32; staged.len()]);
     let mut outputs = write_packed(
         &staging.dir,
@@ -465,16 +457,17 @@ fn apply_mix(
     let record_of: Vec<u64> = staged.iter().map(|s| s.record).collect();
     let (copies, counts) = mix::select(&header.mix, header.seed, &file_of, &record_of);
     let source_of_file = mix::source_of_files(&header.mix);
+    // sample -> [path, position]
     let image_of: std::collections::HashMap<u64, Value> = images
         .drain(..)
-        .filter_map(|v| Some((v[0].as_u64()?, v[1].clone())))
+        .filter_map(|v| Some((v[0].as_u64()?, json!([v[1], v[2]]))))
         .collect();
     let mut out = Vec::with_capacity(copies.iter().map(|&c| c as usize).sum());
     let mut source_of = Vec::with_capacity(out.capacity());
     for (i, (s, &c)) in staged.iter().zip(&copies).enumerate() {
         for _ in 0..c {
             if let Some(img) = image_of.get(&(i as u64)) {
-                images.push(json!([out.len() as u64, img]));
+                images.push(json!([out.len() as u64, img[0], img[1]]));
             }
             out.push(*s);
             source_of.push(source_of_file[s.file as usize]);

@@ -765,14 +765,8 @@ impl Run<'_> {
                 && self.memo.long.len() < LONG_CAP =>
             {
                 self.memo.long_bytes += p.len() + 4 * got.len();
-                let mut ids = Ids {
-                    n: got.len() as u32,
-                    ids: [0; 3],
-                };
-                if got.len() <= 3 {
-                    ids.ids[..got.len()].copy_from_slice(got);
-                } else {
-                    ids.ids[0] = self.memo.spill.len() as u32;
+                let ids = Ids::of(got, self.memo.spill.len() as u32);
+                if got.len() > 3 {
                     self.memo.spill.extend_from_slice(got);
                 }
                 self.memo.long.insert(p.into(), ids);

@@ -46,6 +46,23 @@ pub(super) struct Ids {
     pub ids: [u32; 3],
 }
 
+impl Ids {
+    /// The entry for `ids`: inline when three or fewer, else `spilled_at` (where the caller
+    /// keeps them) in the first.
+    pub fn of(ids: &[u32], spilled_at: u32) -> Ids {
+        let mut v = Ids {
+            n: ids.len() as u32,
+            ids: [0; 3],
+        };
+        if ids.len() <= 3 {
+            v.ids[..ids.len()].copy_from_slice(ids);
+        } else {
+            v.ids[0] = spilled_at;
+        }
+        v
+    }
+}
+
 /// One slot: `tag` is the key's high word (0: empty; without [`READY`]: being written),
 /// `lo` the key's low word, `v0`/`v1` the packed [`Ids`].
 #[derive(Default)]
@@ -281,22 +298,18 @@ impl SharedMemo {
             self.grow(table);
             return;
         }
-        let mut v = Ids {
-            n: ids.len() as u32,
-            ids: [0; 3],
-        };
-        if ids.len() <= 3 {
-            v.ids[..ids.len()].copy_from_slice(ids);
-        } else {
-            let Some(at) = self.reserve(ids.len()) else {
+        let mut at = 0;
+        if ids.len() > 3 {
+            let Some(got) = self.reserve(ids.len()) else {
                 return;
             };
-            for (a, &id) in self.arena[at..at + ids.len()].iter().zip(ids) {
+            for (a, &id) in self.arena[got..got + ids.len()].iter().zip(ids) {
                 // Not yet published: no reader looks here before the release in `insert`.
                 a.store(id, Ordering::Relaxed);
             }
-            v.ids[0] = at as u32;
+            at = got;
         }
+        let v = Ids::of(ids, at as u32);
         let (lo, hi) = split(k);
         let v0 = u64::from(v.n) | u64::from(v.ids[0]) << 32;
         let v1 = u64::from(v.ids[1]) | u64::from(v.ids[2]) << 32;
