@@ -621,13 +621,9 @@ pub(crate) fn encode_part(
         (total as u128 * (i as u128 + 1) / n as u128) as u64,
     );
     let mut st = Stager {
-        // A shard's part is read by another process (the merge), maybe after this one is
-        // gone: it must reach the disk. A single run reads its staged tokens back and deletes
-        // them before it commits, so they need never be written back.
-        tokens: match shard {
-            Some(_) => HashedWriter::create(dir.join(STAGE_TOKENS))?,
-            None => HashedWriter::scratch(dir.join(STAGE_TOKENS))?,
-        },
+        // A shard's part is read by another process (the merge): durable. A single run reads
+        // its staged tokens back and deletes them before it commits: scratch.
+        tokens: HashedWriter::staged(dir.join(STAGE_TOKENS), shard.is_some())?,
         staged: 0,
         buf: Vec::new(),
         part: Part {

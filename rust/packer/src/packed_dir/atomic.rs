@@ -17,13 +17,14 @@ pub struct HashedWriter {
     path: PathBuf,
     out: File,
     buf: Vec<u8>,
-    hasher: blake3::Hasher,
+    /// None: a file nobody checks by its hash ([`HashedWriter::staged`]).
+    hasher: Option<blake3::Hasher>,
     size: u64,
     /// Bytes written to the file (the rest of `size` is in `buf`).
     on_file: u64,
     /// Bytes whose writeback was started ([`start_writeback`]).
     flushed: u64,
-    /// Whether the file must reach the disk ([`HashedWriter::scratch`]: no).
+    /// Whether the file must reach the disk ([`HashedWriter::staged`] scratch files: no).
     durable: bool,
 }
 
@@ -65,7 +66,7 @@ impl HashedWriter {
             path,
             out: f,
             buf: Vec::with_capacity(capacity.max(1 << 12)),
-            hasher: blake3::Hasher::new(),
+            hasher: Some(blake3::Hasher::new()),
             size: 0,
             on_file: 0,
             flushed: 0,
@@ -73,12 +74,17 @@ impl HashedWriter {
         })
     }
 
-    /// A writer of a scratch file, read back and deleted by this process before anything is
-    /// committed (a single run's staged tokens): no writeback is started and
-    /// [`HashedWriter::finish`] does not fsync, so its bytes need never reach the disk.
-    pub fn scratch(path: PathBuf) -> Result<Self> {
+    /// A writer of staged tokens: not hashed (nothing checks staged tokens by a hash: their
+    /// lengths and offsets are recorded beside them, and the packed files are hashed as they
+    /// are written; [`HashedWriter::finish`] gives an empty hash). `durable`: a shard's part,
+    /// read by another process, maybe after this one is gone, must reach the disk. Otherwise a
+    /// scratch file, read back and deleted by this process before anything is committed (a
+    /// single run's): no writeback is started and `finish` does not fsync, so its bytes need
+    /// never be written to the disk.
+    pub fn staged(path: PathBuf, durable: bool) -> Result<Self> {
         let mut w = Self::create(path)?;
-        w.durable = false;
+        w.durable = durable;
+        w.hasher = None;
         Ok(w)
     }
 
@@ -97,7 +103,9 @@ impl HashedWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        self.hasher.update(&self.buf);
+        if let Some(h) = &mut self.hasher {
+            h.update(&self.buf);
+        }
         self.out
             .write_all(&self.buf)
             .map_err(|e| Error::io(&self.path, e))?;
@@ -113,7 +121,9 @@ impl HashedWriter {
             self.flush_buf()?;
             if bytes.len() >= self.buf.capacity() {
                 // large: hashed and written straight from the caller's slice
-                self.hasher.update(bytes);
+                if let Some(h) = &mut self.hasher {
+                    h.update(bytes);
+                }
                 self.out
                     .write_all(bytes)
                     .map_err(|e| Error::io(&self.path, e))?;
@@ -133,7 +143,7 @@ impl HashedWriter {
         Ok(())
     }
 
-    /// Flush and fsync (not a [`HashedWriter::scratch`] file); returns (size, hex BLAKE3).
+    /// Flush and fsync (not a scratch file); returns (size, hex BLAKE3).
     pub fn finish(self) -> Result<(u64, String)> {
         let mut done = Self::finish_all(vec![self])?;
         Ok(done.pop().expect("one writer"))
@@ -160,7 +170,10 @@ impl HashedWriter {
         })?;
         Ok(writers
             .into_iter()
-            .map(|w| (w.size, w.hasher.finalize().to_hex().to_string()))
+            .map(|w| {
+                let hash = w.hasher.map(|h| h.finalize().to_hex().to_string());
+                (w.size, hash.unwrap_or_default())
+            })
             .collect())
     }
 
