@@ -179,6 +179,47 @@ def test_map_fn_packs_in_shards_too(tmp_path, tiny_tokenizer):
     same_bytes(tmp_path / "one", tmp_path / "merged")
 
 
+def test_a_mix_of_llava_sources_merges_in_ranges_to_one_pack(tmp_path, tiny_tokenizer):
+    """Two LLaVA sources mixed by weight (one drawn 2.5 times, one halved): each copy of a
+    sample keeps its image. Three shards give one pack's bytes through the serial merge and
+    through the merge in ranges, which plans the mix (and each copy's image at its training
+    size) from the parts' rows, without handing the run to the serial merge."""
+    import numpy as np
+
+    from pyfast_tune.data.executor import merge_ranged, write_range
+    from pyfast_tune.vision.tiny import make_llava_records
+
+    a = make_llava_records(tmp_path / "a", 16, text_only=4, seed=1)
+    b = make_llava_records(tmp_path / "b", 12, text_only=6, seed=2)
+    mix = [{"path": str(a), "name": "a", "weight": 2.5},
+           {"path": str(b), "name": "b", "weight": 0.5}]  # fmt: skip
+    kw = dict(tokenizer=tiny_tokenizer, max_length=64, format="llava", template="vicuna",
+              seed=3, image_tokens=4, pack_length=128)  # fmt: skip
+    one = pack(mix, tmp_path / "one", **kw)
+    assert one.samples == 20 * 2 + 10 + 9  # a: 20 twice, 10 of them three times; b: 9 of 18
+    ds = PackedDataset(tmp_path / "one")
+    # Every copy of an image sample carries its image: as many images as image samples.
+    images = json.loads((tmp_path / "one" / "images.json").read_text())
+    with_image = [j for j in range(ds.num_samples) if -200 in np.asarray(ds.sample(j)["input_ids"])]
+    assert sorted(row[0] for row in images["samples"] if row[2] >= 0) == with_image
+    assert len(with_image) >= 16 * 2  # a's 16 image samples at least twice each
+    parts = [tmp_path / f"part{i}" for i in range(3)]
+    for i, p in enumerate(parts):
+        pack(mix, p, shard=(i, 3), **kw)
+    merge_packs(parts, tmp_path / "serial")
+    ranged, steps = merge_ranged(parts, tmp_path / "ranged", 3,
+                                 lambda st, k: [write_range(st, i) for i in range(k)],
+                                 block_tokens=1024)  # fmt: skip
+    assert steps["write"] > 0  # planned from lengths, not merged serially
+    assert (ranged.samples, ranged.mix) == (one.samples, one.mix)
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    for other in ("serial", "ranged"):
+        assert sorted(p.name for p in (tmp_path / other).iterdir()) == names
+        for name in names:
+            a_, b_ = (tmp_path / "one" / name).read_bytes(), (tmp_path / other / name).read_bytes()
+            assert a_ == b_, (other, name)
+
+
 @pytest.mark.parametrize("image_tokens", [0, 4])
 def test_llava_shards_merge_to_one_pack_in_ranges_too(tmp_path, tiny_tokenizer, image_tokens):
     """LLaVA records (images and text-only) in three files: three shards give one pack's

@@ -20,8 +20,9 @@
 //! more bytes per staged sample, and 8 per output sample (its staged sample and length).
 //! Preference pairs are planned with the pair as the unit, as one pack plans them, and
 //! `pairs.bin` / `margins.bin` written here; LLaVA images at their training size, from the
-//! `<image>` positions the parts recorded (`images.json` written here). Only a mix of pairs
-//! or of LLaVA samples takes the serial merge.
+//! `<image>` positions the parts recorded (`images.json` written here), a mix's copies of a
+//! LLaVA sample each with its image, as one pack's mix gives them. Only runs the serial merge
+//! refuses (pairs beside single samples, a mix of pairs) are handed to it, for its error.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -153,13 +154,7 @@ pub fn plan(
             && starts.len() as u64 == n / 2
             && (starts.iter().enumerate()).all(|(k, v)| v.as_u64() == Some(2 * k as u64))
     });
-    // A mix's copies of LLaVA samples renumber their images: merged serially.
-    let has_images = docs
-        .iter()
-        .any(|(_, d, _)| d["images"].as_array().is_some_and(|a| !a.is_empty()));
-    let needs_records = (pairs && (!all_paired || !header.mix.is_empty()))
-        || (has_images && !header.mix.is_empty());
-    if needs_records {
+    if pairs && (!all_paired || !header.mix.is_empty()) {
         return merge(parts, out_dir, progress).map(Planned::Done);
     }
 
@@ -243,6 +238,17 @@ pub fn plan(
                 .map(|(k, p, at)| (first + k, p.clone(), *at)),
         );
         first += n;
+    }
+    if mixed && !images.is_empty() {
+        // Each copy of a LLaVA sample carries its image (one pack's `apply_mix`).
+        let image_of: std::collections::HashMap<u64, (String, i64)> =
+            images.drain(..).map(|(j, p, at)| (j, (p, at))).collect();
+        images = (orig.iter().enumerate())
+            .filter_map(|(e, &i)| {
+                let (p, at) = image_of.get(&u64::from(i))?;
+                Some((e as u64, p.clone(), *at))
+            })
+            .collect();
     }
     let capacity = header.pack_length.max(header.max_length) as u32;
     let expanded: Vec<u32>;
