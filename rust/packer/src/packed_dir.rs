@@ -2,6 +2,7 @@
 //! the hash of a file written in pieces.
 
 pub(crate) mod atomic;
+pub(crate) mod direct;
 pub(crate) mod layout;
 pub(crate) mod pairs;
 pub(crate) mod treehash;

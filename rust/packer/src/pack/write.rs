@@ -359,8 +359,8 @@ fn write_packed(
         .iter()
         .map(|d| Ok((open(&d.join(STAGE_TOKENS))?, d.join(STAGE_TOKENS))))
         .collect::<Result<_>>()?;
-    let mut w_ids = HashedWriter::create(dir.join(layout::INPUT_IDS))?;
-    let mut w_mask = HashedWriter::create(dir.join(layout::LOSS_MASK))?;
+    let mut w_ids = HashedWriter::create_direct(dir.join(layout::INPUT_IDS))?;
+    let mut w_mask = HashedWriter::create_direct(dir.join(layout::LOSS_MASK))?;
     let mut w_packs = HashedWriter::create(dir.join(layout::PACKS))?;
     let mut w_order = HashedWriter::create(dir.join(layout::PACK_SAMPLES))?;
     let mut new_start = vec![0i64; staged.len()];

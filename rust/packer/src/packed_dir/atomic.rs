@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::packed_dir::direct::DirectWrites;
 use crate::packed_dir::layout::META;
 
 /// A file being written with its BLAKE3 and size tracked as bytes go out.
@@ -26,7 +27,14 @@ pub struct HashedWriter {
     flushed: u64,
     /// Whether the file must reach the disk ([`HashedWriter::staged`] scratch files: no).
     durable: bool,
+    /// [`HashedWriter::create_direct`]: whole buffers written at their offsets, page cache
+    /// bypassed.
+    direct: Option<DirectWrites>,
 }
+
+/// Bytes a [`HashedWriter::create`]d writer buffers (a multiple of the direct writes'
+/// alignment).
+const BUF_BYTES: usize = 1 << 20;
 
 /// Bytes written between two [`start_writeback`] calls of a writer.
 pub(crate) const WRITEBACK_BYTES: u64 = 8 << 20;
@@ -56,7 +64,7 @@ pub(crate) fn start_writeback(f: &File, offset: u64, len: u64) {
 impl HashedWriter {
     /// Create (truncate) `path`.
     pub fn create(path: PathBuf) -> Result<Self> {
-        Self::with_capacity(path, 1 << 20)
+        Self::with_capacity(path, BUF_BYTES)
     }
 
     /// Create (truncate) `path`, buffering `capacity` bytes.
@@ -71,7 +79,17 @@ impl HashedWriter {
             on_file: 0,
             flushed: 0,
             durable: true,
+            direct: None,
         })
+    }
+
+    /// [`HashedWriter::create`] for a large file another process reads later (the token
+    /// files): written through [`DirectWrites`], bypassing the page cache where the
+    /// filesystem allows, one full buffer at a time.
+    pub fn create_direct(path: PathBuf) -> Result<Self> {
+        let mut w = Self::create(path)?;
+        w.direct = Some(DirectWrites::open(&w.path));
+        Ok(w)
     }
 
     /// A writer of staged tokens: not hashed (nothing checks staged tokens by a hash: their
@@ -106,17 +124,31 @@ impl HashedWriter {
         if let Some(h) = &mut self.hasher {
             h.update(&self.buf);
         }
-        self.out
-            .write_all(&self.buf)
-            .map_err(|e| Error::io(&self.path, e))?;
+        match &mut self.direct {
+            Some(d) => d.write_all_at(&self.out, &self.buf, self.on_file),
+            None => self.out.write_all(&self.buf),
+        }
+        .map_err(|e| Error::io(&self.path, e))?;
         self.written(self.buf.len());
         self.buf.clear();
         Ok(())
     }
 
     /// Append bytes.
-    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+    pub fn write(&mut self, mut bytes: &[u8]) -> Result<()> {
         self.size += bytes.len() as u64;
+        if self.direct.is_some() {
+            // Whole buffers only, so that each write but the last is aligned.
+            while !bytes.is_empty() {
+                let n = (BUF_BYTES - self.buf.len()).min(bytes.len());
+                self.buf.extend_from_slice(&bytes[..n]);
+                bytes = &bytes[n..];
+                if self.buf.len() == BUF_BYTES {
+                    self.flush_buf()?;
+                }
+            }
+            return Ok(());
+        }
         if self.buf.len() + bytes.len() > self.buf.capacity() {
             self.flush_buf()?;
             if bytes.len() >= self.buf.capacity() {
@@ -156,13 +188,19 @@ impl HashedWriter {
         let mut writers = writers;
         for w in &mut writers {
             w.flush_buf()?;
+            if let Some(d) = &mut w.direct {
+                d.finish().map_err(|e| Error::io(&w.path, e))?;
+            }
         }
-        let durable: Vec<&HashedWriter> = writers.iter().filter(|w| w.durable).collect();
+        let durable: Vec<(&File, &Path)> = (writers.iter().filter(|w| w.durable))
+            .map(|w| (&w.out, w.path.as_path()))
+            .collect();
+        let sync = |(f, p): (&File, &Path)| f.sync_all().map_err(|e| Error::io(p, e));
         std::thread::scope(|s| {
             let syncs: Vec<_> = (durable.iter().skip(1))
-                .map(|w| s.spawn(move || w.sync()))
+                .map(|&w| s.spawn(move || sync(w)))
                 .collect();
-            let first = durable.first().map_or(Ok(()), |w| w.sync());
+            let first = durable.first().map_or(Ok(()), |&w| sync(w));
             syncs.into_iter().fold(first, |r, h| {
                 let other = h.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
                 r.and(other)
@@ -175,10 +213,6 @@ impl HashedWriter {
                 (w.size, hash.unwrap_or_default())
             })
             .collect())
-    }
-
-    fn sync(&self) -> Result<()> {
-        self.out.sync_all().map_err(|e| Error::io(&self.path, e))
     }
 }
 

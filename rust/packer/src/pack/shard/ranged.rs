@@ -41,6 +41,7 @@ use crate::pack::stage::{id_bytes, staged_bytes, unpack_mask_bits, widen_ids, ST
 use crate::pack::stats::{PackStats, Progress};
 use crate::pack::write::{write_image_table, write_margins};
 use crate::packed_dir::atomic::{start_writeback, HashedWriter, StagingDir};
+use crate::packed_dir::direct::DirectWrites;
 use crate::packed_dir::layout;
 use crate::packed_dir::treehash;
 
@@ -434,7 +435,7 @@ pub fn plan(
     for (name, width) in [(layout::INPUT_IDS, 4u64), (layout::LOSS_MASK, 1)] {
         let p = dir.join(name);
         File::create(&p)
-            .and_then(|f| f.set_len(width * tokens))
+            .and_then(|f| allocate(&f, width * tokens))
             .map_err(|e| Error::io(&p, e))?;
     }
 
@@ -534,6 +535,27 @@ fn copy_rows_from(
     }))
 }
 
+/// Give `f` its final size `len` with its blocks allocated where the filesystem can
+/// (`fallocate`): the range writers' direct writes then overwrite allocated blocks, which ext4
+/// lets several processes do at once (a direct write into a hole takes the file's lock
+/// exclusively: two workers' writes went one after the other), and a full disk fails here,
+/// not halfway through the copy. Elsewhere a sparse file of that size.
+fn allocate(f: &File, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    if len > 0 {
+        // SAFETY: a plain syscall on an open descriptor; it reads no memory of ours.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as libc::off_t) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            return Err(e);
+        }
+    }
+    f.set_len(len)
+}
+
 /// Copy range `k` of the plan staged in `staging` into place; returns its blocks' hashes.
 /// Memory: one block of ids and mask.
 pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
@@ -555,6 +577,11 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
     };
     let (out_ids, ids_path) = open_out(layout::INPUT_IDS)?;
     let (out_mask, mask_path) = open_out(layout::LOSS_MASK)?;
+    // The tokens bypass the page cache where the filesystem allows ([`DirectWrites`]).
+    let (mut direct_ids, mut direct_mask) = (
+        DirectWrites::open(&ids_path),
+        DirectWrites::open(&mask_path),
+    );
     let mut sources: Vec<Option<(File, PathBuf)>> = (0..plan.parts.len()).map(|_| None).collect();
     let mut rows = copy_rows_from(&staging.join(PLAN_DIR).join(COPY), t0)?.peekable();
     let mut out = RangeHashes::default();
@@ -630,11 +657,11 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
                     "merge plan: tokens {c0}..{c1} hold {filled} samples' tokens, not {n}"
                 )));
             }
-            out_ids
-                .write_all_at(&ids, 4 * c0)
+            direct_ids
+                .write_all_at(&out_ids, &ids, 4 * c0)
                 .map_err(|e| Error::io(&ids_path, e))?;
-            out_mask
-                .write_all_at(&mask, c0)
+            direct_mask
+                .write_all_at(&out_mask, &mask, c0)
                 .map_err(|e| Error::io(&mask_path, e))?;
             h_ids.update(&ids);
             h_mask.update(&mask);
@@ -651,6 +678,9 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
         start_writeback(&out_ids, 4 * b0, 4 * (b1 - b0));
         start_writeback(&out_mask, b0, b1 - b0);
         b0 = b1;
+    }
+    for (d, p) in [(&mut direct_ids, &ids_path), (&mut direct_mask, &mask_path)] {
+        d.finish().map_err(|e| Error::io(p, e))?;
     }
     for (f, p) in [(&out_ids, &ids_path), (&out_mask, &mask_path)] {
         f.sync_data().map_err(|e| Error::io(p, e))?;
