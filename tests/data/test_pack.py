@@ -215,6 +215,20 @@ def test_threads_give_byte_identical_output(tmp_path, tiny_tokenizer):
     }
 
 
+def test_direct_writes_give_the_bytes_of_page_cache_writes(tmp_path, tiny_tokenizer, monkeypatch):
+    """The token files are written with O_DIRECT where the filesystem allows (aligned 1 MiB
+    buffers, the unaligned tail through the page cache); PYFAST_TUNE_DIRECT_IO=0 writes them
+    all through the page cache. Same bytes either way, on files of several buffers."""
+    data = write_jsonl(tmp_path / "d.jsonl", synth_conversations(6000, seed=2))
+    kw = dict(tokenizer=tiny_tokenizer, max_length=512, template="qwen_chat", seed=3)
+    pack(data, tmp_path / "direct", **kw)
+    monkeypatch.setenv("PYFAST_TUNE_DIRECT_IO", "0")
+    pack(data, tmp_path / "plain", **kw)
+    assert (tmp_path / "direct" / "input_ids.bin").stat().st_size > 2 << 20
+    assert (tmp_path / "direct" / "input_ids.bin").stat().st_size % 4096 != 0  # a tail too
+    assert dir_bytes(tmp_path / "direct") == dir_bytes(tmp_path / "plain")
+
+
 def test_seed_changes_order_only(tmp_path, tiny_tokenizer):
     data = write_jsonl(tmp_path / "d.jsonl", synth_conversations(500, seed=2))
     a = pack(data, tmp_path / "a", tokenizer=tiny_tokenizer, max_length=512, seed=0)
