@@ -189,7 +189,8 @@ fn gone() -> std::io::Error {
 }
 
 /// The writer thread: each job's bytes at its offset through `direct`, or through `plain`
-/// from the first write the filesystem refuses (`EINVAL`: alignment or support) on; each
+/// from the first write the filesystem refuses (`EINVAL`: alignment; `EOPNOTSUPP`: support)
+/// on; each
 /// buffer sent back when written. Stops at the first other error, sending it back.
 fn write_jobs(
     direct: &File,
@@ -205,7 +206,8 @@ fn write_jobs(
         } else {
             direct.write_all_at(bytes, pos)
         };
-        if matches!(&r, Err(e) if e.raw_os_error() == Some(libc::EINVAL)) {
+        let refusal = [libc::EINVAL, libc::EOPNOTSUPP, libc::ENOTSUP];
+        if matches!(&r, Err(e) if e.raw_os_error().is_some_and(|c| refusal.contains(&c))) {
             refused = true;
             r = plain.write_all_at(bytes, pos);
         }
