@@ -194,7 +194,8 @@ def merge_ranged(
     ``write_all(staging, k)`` runs :func:`write_range` for ranges ``0..k`` wherever it
     likes and returns their results in order, then the manifest is written and the
     directory committed. A run the serial merge refuses (pairs beside single samples, a
-    mix of pairs) is handed to it by the plan step, for its error. Returns the statistics and the seconds of each step (plan, write, finish)."""
+    mix of pairs) is handed to it by the plan step, for its error. Returns the statistics
+    and the seconds of each step (plan, write, finish)."""
     t0 = time.monotonic()
     planned = _packer.merge_plan([os.fspath(p) for p in parts], os.fspath(out_dir), ranges,
                                  block_tokens)  # fmt: skip

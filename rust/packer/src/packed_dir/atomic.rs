@@ -33,8 +33,9 @@ pub struct HashedWriter {
 }
 
 /// Bytes a [`HashedWriter::create`]d writer buffers (a multiple of the direct writes'
-/// alignment).
+/// alignment, so that each of a direct writer's full buffers is written aligned).
 const BUF_BYTES: usize = 1 << 20;
+const _: () = assert!((BUF_BYTES as u64).is_multiple_of(crate::packed_dir::direct::ALIGN));
 
 /// Bytes written between two [`start_writeback`] calls of a writer.
 pub(crate) const WRITEBACK_BYTES: u64 = 8 << 20;

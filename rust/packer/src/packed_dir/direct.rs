@@ -62,6 +62,27 @@ impl Drop for Aligned {
     }
 }
 
+/// Give `f` its final size `len` with its blocks allocated where the filesystem can
+/// (`fallocate`): direct writes from several processes then overwrite allocated blocks, which
+/// ext4 lets them do at once (a direct write into a hole takes the file's lock exclusively:
+/// two range workers' writes went one after the other), and a full disk fails here, not
+/// halfway through the copy. Elsewhere a sparse file of that size.
+pub(crate) fn allocate(f: &File, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    if len > 0 {
+        // SAFETY: a plain syscall on an open descriptor; it reads no memory of ours.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as libc::off_t) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            return Err(e);
+        }
+    }
+    f.set_len(len)
+}
+
 /// Buffers in flight per file: one being filled while the others are written.
 const BUFFERS: usize = 3;
 
@@ -188,10 +209,13 @@ fn gone() -> std::io::Error {
     std::io::Error::other("the direct-write thread stopped")
 }
 
+/// Errors of a direct write that mean the filesystem refuses it (`EINVAL`: alignment;
+/// `EOPNOTSUPP`/`ENOTSUP`: support), not that the bytes could not be written.
+const REFUSED: [i32; 3] = [libc::EINVAL, libc::EOPNOTSUPP, libc::ENOTSUP];
+
 /// The writer thread: each job's bytes at its offset through `direct`, or through `plain`
-/// from the first write the filesystem refuses (`EINVAL`: alignment; `EOPNOTSUPP`: support)
-/// on; each
-/// buffer sent back when written. Stops at the first other error, sending it back.
+/// from the first write the filesystem refuses ([`REFUSED`]) on; each buffer sent back when
+/// written. Stops at the first other error, sending it back.
 fn write_jobs(
     direct: &File,
     plain: &File,
@@ -206,8 +230,7 @@ fn write_jobs(
         } else {
             direct.write_all_at(bytes, pos)
         };
-        let refusal = [libc::EINVAL, libc::EOPNOTSUPP, libc::ENOTSUP];
-        if matches!(&r, Err(e) if e.raw_os_error().is_some_and(|c| refusal.contains(&c))) {
+        if matches!(&r, Err(e) if e.raw_os_error().is_some_and(|c| REFUSED.contains(&c))) {
             refused = true;
             r = plain.write_all_at(bytes, pos);
         }

@@ -41,7 +41,7 @@ use crate::pack::stage::{id_bytes, staged_bytes, unpack_mask_bits, widen_ids, ST
 use crate::pack::stats::{PackStats, Progress};
 use crate::pack::write::{write_image_table, write_margins};
 use crate::packed_dir::atomic::{start_writeback, HashedWriter, StagingDir};
-use crate::packed_dir::direct::DirectWrites;
+use crate::packed_dir::direct::{allocate, DirectWrites};
 use crate::packed_dir::layout;
 use crate::packed_dir::treehash;
 
@@ -533,27 +533,6 @@ fn copy_rows_from(
                 }),
         )
     }))
-}
-
-/// Give `f` its final size `len` with its blocks allocated where the filesystem can
-/// (`fallocate`): the range writers' direct writes then overwrite allocated blocks, which ext4
-/// lets several processes do at once (a direct write into a hole takes the file's lock
-/// exclusively: two workers' writes went one after the other), and a full disk fails here,
-/// not halfway through the copy. Elsewhere a sparse file of that size.
-fn allocate(f: &File, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    if len > 0 {
-        // SAFETY: a plain syscall on an open descriptor; it reads no memory of ours.
-        let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as libc::off_t) };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENOSPC) {
-            return Err(e);
-        }
-    }
-    f.set_len(len)
 }
 
 /// Copy range `k` of the plan staged in `staging` into place; returns its blocks' hashes.
