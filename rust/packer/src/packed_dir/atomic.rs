@@ -6,8 +6,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::packed_dir::direct::DirectWrites;
+use crate::packed_dir::direct::{Buffer, DirectWrites, BUFFER_BYTES};
 use crate::packed_dir::layout::META;
+use crate::packed_dir::treehash::{BlockHasher, Share};
 
 /// A file being written with its BLAKE3 and size tracked as bytes go out.
 ///
@@ -28,14 +29,16 @@ pub struct HashedWriter {
     /// Whether the file must reach the disk ([`HashedWriter::staged`] scratch files: no).
     durable: bool,
     /// [`HashedWriter::create_direct`]: whole buffers written at their offsets, page cache
-    /// bypassed.
-    direct: Option<DirectWrites>,
+    /// bypassed; the bytes gather in the direct writer's buffer (and its length), not `buf`.
+    direct: Option<(DirectWrites, Option<(Buffer, usize)>)>,
+    /// The direct writer's hash of the file, once finished.
+    hash: Option<blake3::Hash>,
 }
 
-/// Bytes a [`HashedWriter::create`]d writer buffers (a multiple of the direct writes'
-/// alignment, so that each of a direct writer's full buffers is written aligned).
+/// Bytes a [`HashedWriter::create`]d writer buffers.
 const BUF_BYTES: usize = 1 << 20;
-const _: () = assert!((BUF_BYTES as u64).is_multiple_of(crate::packed_dir::direct::ALIGN));
+// A direct writer's full buffers are written aligned.
+const _: () = assert!((BUFFER_BYTES as u64).is_multiple_of(crate::packed_dir::direct::ALIGN));
 
 /// Bytes written between two [`start_writeback`] calls of a writer.
 pub(crate) const WRITEBACK_BYTES: u64 = 8 << 20;
@@ -81,15 +84,17 @@ impl HashedWriter {
             flushed: 0,
             durable: true,
             direct: None,
+            hash: None,
         })
     }
 
     /// [`HashedWriter::create`] for a large file another process reads later (the token
     /// files): written through [`DirectWrites`], bypassing the page cache where the
-    /// filesystem allows, one full buffer at a time.
+    /// filesystem allows, one full buffer at a time, hashed by the direct writer's thread.
     pub fn create_direct(path: PathBuf) -> Result<Self> {
-        let mut w = Self::create(path)?;
-        w.direct = Some(DirectWrites::open(&w.path));
+        let mut w = Self::with_capacity(path, 0)?;
+        w.direct = Some((DirectWrites::open(&w.path, BlockHasher::whole()), None));
+        w.hasher = None; // the direct writer hashes
         Ok(w)
     }
 
@@ -119,17 +124,24 @@ impl HashedWriter {
 
     /// Hash and write out the buffered bytes.
     fn flush_buf(&mut self) -> Result<()> {
+        if let Some((d, block)) = &mut self.direct {
+            let Some((buf, n)) = block.take() else {
+                return Ok(());
+            };
+            d.write_buffer(&self.out, buf, n, self.on_file)
+                .map_err(|e| Error::io(&self.path, e))?;
+            self.written(n);
+            return Ok(());
+        }
         if self.buf.is_empty() {
             return Ok(());
         }
         if let Some(h) = &mut self.hasher {
             h.update(&self.buf);
         }
-        match &mut self.direct {
-            Some(d) => d.write_all_at(&self.out, &self.buf, self.on_file),
-            None => self.out.write_all(&self.buf),
-        }
-        .map_err(|e| Error::io(&self.path, e))?;
+        self.out
+            .write_all(&self.buf)
+            .map_err(|e| Error::io(&self.path, e))?;
         self.written(self.buf.len());
         self.buf.clear();
         Ok(())
@@ -139,12 +151,21 @@ impl HashedWriter {
     pub fn write(&mut self, mut bytes: &[u8]) -> Result<()> {
         self.size += bytes.len() as u64;
         if self.direct.is_some() {
-            // Whole buffers only, so that each write but the last is aligned.
+            // Straight into the direct writer's buffers, written whole (so each write but the
+            // last is aligned).
             while !bytes.is_empty() {
-                let n = (BUF_BYTES - self.buf.len()).min(bytes.len());
-                self.buf.extend_from_slice(&bytes[..n]);
+                let Some((d, block)) = &mut self.direct else {
+                    unreachable!("checked above");
+                };
+                let (buf, len) = match block {
+                    Some(b) => b,
+                    None => block.insert((d.buffer().map_err(|e| Error::io(&self.path, e))?, 0)),
+                };
+                let n = (BUFFER_BYTES - *len).min(bytes.len());
+                buf[*len..*len + n].copy_from_slice(&bytes[..n]);
+                *len += n;
                 bytes = &bytes[n..];
-                if self.buf.len() == BUF_BYTES {
+                if *len == BUFFER_BYTES {
                     self.flush_buf()?;
                 }
             }
@@ -189,8 +210,13 @@ impl HashedWriter {
         let mut writers = writers;
         for w in &mut writers {
             w.flush_buf()?;
-            if let Some(d) = &mut w.direct {
-                d.finish().map_err(|e| Error::io(&w.path, e))?;
+            if let Some((d, _)) = &mut w.direct {
+                w.hash = match d.finish().map_err(|e| Error::io(&w.path, e))? {
+                    Share::Whole(h) => Some(h),
+                    Share::Blocks { .. } => {
+                        return Err(Error::Internal("a whole file's hash came as blocks".into()))
+                    }
+                };
             }
         }
         let durable: Vec<(&File, &Path)> = (writers.iter().filter(|w| w.durable))
@@ -210,7 +236,8 @@ impl HashedWriter {
         Ok(writers
             .into_iter()
             .map(|w| {
-                let hash = w.hasher.map(|h| h.finalize().to_hex().to_string());
+                let hash = (w.hash.or_else(|| w.hasher.map(|h| h.finalize())))
+                    .map(|h| h.to_hex().to_string());
                 (w.size, hash.unwrap_or_default())
             })
             .collect())

@@ -148,6 +148,83 @@ pub fn probe(path: &Path, size: u64, fetch: Option<&Fetch>) -> Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
+/// Hashes bytes given in file order into what [`hash_share`] gives: the hash of the file when
+/// it is one block, else the chaining values of the blocks the bytes cover (the first byte a
+/// block boundary; only the file's last block may end short). A writer of a file's bytes
+/// hashes them as they go out, in pieces of any length.
+#[derive(Clone)]
+pub struct BlockHasher {
+    /// Bytes of a block (`u64::MAX`: the file is one block).
+    block: u64,
+    /// The file's offset of the next byte.
+    pos: u64,
+    /// The first block's index.
+    first: u64,
+    cur: blake3::Hasher,
+    /// Whether `cur` has bytes.
+    open: bool,
+    cvs: Vec<ChainingValue>,
+}
+
+impl BlockHasher {
+    /// The hash of a whole file, from its first byte.
+    pub fn whole() -> Self {
+        Self::blocks(u64::MAX, 0)
+    }
+
+    /// Blocks of `block` bytes (a [`valid_block`], or `u64::MAX` for a file of one block)
+    /// from `start`, a multiple of `block`.
+    pub fn blocks(block: u64, start: u64) -> Self {
+        debug_assert!(block == u64::MAX || (valid_block(block) && start.is_multiple_of(block)));
+        let mut cur = blake3::Hasher::new();
+        if block != u64::MAX {
+            cur.set_input_offset(start);
+        }
+        BlockHasher {
+            block,
+            pos: start,
+            first: if block == u64::MAX { 0 } else { start / block },
+            cur,
+            open: false,
+            cvs: Vec::new(),
+        }
+    }
+
+    /// The next bytes of the file.
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let room = self.block - self.pos % self.block;
+            let n = (room.min(bytes.len() as u64)) as usize;
+            self.cur.update(&bytes[..n]);
+            self.open = true;
+            self.pos += n as u64;
+            bytes = &bytes[n..];
+            if self.pos.is_multiple_of(self.block) {
+                let mut next = blake3::Hasher::new();
+                next.set_input_offset(self.pos);
+                self.cvs
+                    .push(std::mem::replace(&mut self.cur, next).finalize_non_root());
+                self.open = false;
+            }
+        }
+    }
+
+    /// What was hashed: [`Share::Whole`] for a file of one block, else its blocks'
+    /// chaining values.
+    pub fn finish(mut self) -> Share {
+        if self.block == u64::MAX {
+            return Share::Whole(self.cur.finalize());
+        }
+        if self.open {
+            self.cvs.push(self.cur.finalize_non_root());
+        }
+        Share::Blocks {
+            first: self.first,
+            cvs: self.cvs,
+        }
+    }
+}
+
 /// Hex of a chaining value, as it travels in JSON.
 pub fn to_hex(cv: &ChainingValue) -> String {
     cv.iter().map(|b| format!("{b:02x}")).collect()
@@ -211,6 +288,36 @@ mod tests {
         }
         assert_eq!(root(&all), Some(blake3::hash(&data[..69_001])));
         std::fs::remove_dir_all(&dir).unwrap();
+        // Bytes hashed as a writer gives them, in pieces across blocks, fold to the same.
+        for (block, len) in [
+            (1024u64, 70_000usize),
+            (4096, 16_384),
+            (4096, 20_000),
+            (16384, 60_000),
+        ] {
+            let mut all = Vec::new();
+            for (lo, hi) in [(0, 3 * block as usize), (3 * block as usize, len)] {
+                let mut h = BlockHasher::blocks(block, lo as u64);
+                for piece in data[lo..hi].chunks(777) {
+                    h.update(piece);
+                }
+                match h.finish() {
+                    Share::Blocks { first, cvs } => {
+                        assert_eq!(first, all.len() as u64);
+                        all.extend(cvs);
+                    }
+                    Share::Whole(_) => panic!("blocks asked"),
+                }
+            }
+            assert_eq!(
+                root(&all),
+                Some(blake3::hash(&data[..len])),
+                "{block} {len}"
+            );
+        }
+        let mut h = BlockHasher::whole();
+        data[..5000].chunks(999).for_each(|p| h.update(p));
+        assert!(matches!(h.finish(), Share::Whole(x) if x == blake3::hash(&data[..5000])));
         assert_eq!(left_blocks(2), 1);
         assert_eq!(left_blocks(5), 4);
         assert_eq!(left_blocks(8), 4);

@@ -30,7 +30,6 @@ use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use blake3::hazmat::HasherExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -41,9 +40,9 @@ use crate::pack::stage::{id_bytes, staged_bytes, unpack_mask_bits, widen_ids, ST
 use crate::pack::stats::{PackStats, Progress};
 use crate::pack::write::{write_image_table, write_margins};
 use crate::packed_dir::atomic::{start_writeback, HashedWriter, StagingDir};
-use crate::packed_dir::direct::{allocate, DirectWrites};
+use crate::packed_dir::direct::{allocate, Buffer, DirectWrites, BUFFER_BYTES};
 use crate::packed_dir::layout;
-use crate::packed_dir::treehash;
+use crate::packed_dir::treehash::{self, BlockHasher, Share};
 
 /// Folder of the plan inside the staging directory (removed before the commit).
 const PLAN_DIR: &str = ".merge";
@@ -53,8 +52,9 @@ const PLAN_JSON: &str = "plan.json";
 /// `<u8 <u8 <u4 <u4`.
 const COPY: &str = "copy.bin";
 const COPY_ROW: u64 = 24;
-/// Tokens copied, written and hashed at a time by a range writer.
-const CHUNK_TOKENS: u64 = 1 << 16;
+/// Tokens copied, written and hashed at a time by a range writer: their ids fill one of the
+/// direct writer's buffers (the mask's buffer takes four chunks).
+const CHUNK_TOKENS: u64 = (BUFFER_BYTES / 4) as u64;
 /// Write buffers of the plan step (its fixed memory).
 const BUF: usize = 1 << 18;
 /// Default block: 4 Mi tokens (16 MiB of ids, 4 MiB of mask per block).
@@ -535,6 +535,20 @@ fn copy_rows_from(
     }))
 }
 
+/// Open a part's staged tokens for a range's reads, without access-time updates where that is
+/// allowed (`O_NOATIME`: the file's owner or root; anyone else opens it plainly): each of the
+/// many positioned reads would otherwise check the inode's access time (~2% of a range
+/// writer's CPU in perf).
+fn open_staged(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOATIME)
+        .open(path)
+        .or_else(|_| File::open(path))
+        .map_err(|e| Error::io(path, e))
+}
+
 /// Copy range `k` of the plan staged in `staging` into place; returns its blocks' hashes.
 /// Memory: one block of ids and mask.
 pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
@@ -556,33 +570,47 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
     };
     let (out_ids, ids_path) = open_out(layout::INPUT_IDS)?;
     let (out_mask, mask_path) = open_out(layout::LOSS_MASK)?;
-    // The tokens bypass the page cache where the filesystem allows ([`DirectWrites`]).
+    // The tokens bypass the page cache where the filesystem allows ([`DirectWrites`]); the
+    // direct writers hash the blocks (on their threads, which wait on the device anyway).
+    let blocks = |width: u64| {
+        let block = if single {
+            u64::MAX
+        } else {
+            width * plan.block_tokens
+        };
+        BlockHasher::blocks(block, if single { 0 } else { width * t0 })
+    };
     let (mut direct_ids, mut direct_mask) = (
-        DirectWrites::open(&ids_path),
-        DirectWrites::open(&mask_path),
+        DirectWrites::open(&ids_path, blocks(4)),
+        DirectWrites::open(&mask_path, blocks(1)),
     );
     let mut sources: Vec<Option<(File, PathBuf)>> = (0..plan.parts.len()).map(|_| None).collect();
     let mut rows = copy_rows_from(&staging.join(PLAN_DIR).join(COPY), t0)?.peekable();
     let mut out = RangeHashes::default();
-    let (mut ids, mut mask, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
-    // Each block is filled, written and hashed a chunk at a time, so the bytes are still in
-    // cache when they are hashed (a whole 16 MiB block went through memory three times).
+    let mut scratch = Vec::new();
+    // Each block is filled and written a chunk at a time, straight into the direct writers'
+    // buffers (the bytes go to the device with no further copy, hashed on the way); the
+    // mask's buffer holds a run of chunks, written at the block's end or when full. Buffers are not cleared: the chunk's samples cover each of
+    // its tokens once (counted in `filled`), so what was there is overwritten.
     let mut b0 = t0;
     while b0 < t1 {
         let b1 = (b0 + plan.block_tokens).min(t1);
-        let (mut h_ids, mut h_mask) = (blake3::Hasher::new(), blake3::Hasher::new());
-        if !single {
-            h_ids.set_input_offset(4 * b0);
-            h_mask.set_input_offset(b0);
-        }
+        // The mask's buffer and the token its first byte is.
+        let mut mask_buf: Option<(Buffer, u64)> = None;
         let mut c0 = b0;
         while c0 < b1 {
             let c1 = (c0 + CHUNK_TOKENS).min(b1);
             let n = (c1 - c0) as usize;
-            // Not cleared: the chunk's samples cover each of its tokens once (counted in
-            // `filled`), so what the last chunk left is overwritten.
-            ids.resize(4 * n, 0);
-            mask.resize(n, 0);
+            let mut ids = direct_ids.buffer().map_err(|e| Error::io(&ids_path, e))?;
+            let (mask_all, m0) = match &mut mask_buf {
+                Some((m, m0)) => (m, *m0),
+                None => {
+                    let m = direct_mask.buffer().map_err(|e| Error::io(&mask_path, e))?;
+                    let (m, _) = mask_buf.insert((m, c0));
+                    (m, c0)
+                }
+            };
+            let mask = &mut mask_all[(c0 - m0) as usize..(c1 - m0) as usize];
             let mut filled = 0usize;
             while let Some(row) = rows.peek() {
                 let &(dst, src, len, narrow) =
@@ -596,8 +624,7 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
                     let p = plan.part_bases.partition_point(|&b| b <= src) - 1;
                     if sources[p].is_none() {
                         let path = plan.parts[p].join(STAGE_TOKENS);
-                        let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
-                        sources[p] = Some((f, path));
+                        sources[p] = Some((open_staged(&path)?, path));
                     }
                     let (f, path) = sources[p].as_ref().expect("opened above");
                     // The sample's ids, then its mask's bits, from byte `at` of the part's file.
@@ -637,29 +664,29 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
                 )));
             }
             direct_ids
-                .write_all_at(&out_ids, &ids, 4 * c0)
+                .write_buffer(&out_ids, ids, 4 * n, 4 * c0)
                 .map_err(|e| Error::io(&ids_path, e))?;
-            direct_mask
-                .write_all_at(&out_mask, &mask, c0)
-                .map_err(|e| Error::io(&mask_path, e))?;
-            h_ids.update(&ids);
-            h_mask.update(&mask);
+            if c1 == b1 || (c1 - m0) as usize == BUFFER_BYTES {
+                let (m, m0) = mask_buf.take().expect("filled above");
+                direct_mask
+                    .write_buffer(&out_mask, m, (c1 - m0) as usize, m0)
+                    .map_err(|e| Error::io(&mask_path, e))?;
+            }
             c0 = c1;
-        }
-        if single {
-            out.ids.push(h_ids.finalize().to_hex().to_string());
-            out.mask.push(h_mask.finalize().to_hex().to_string());
-        } else {
-            out.ids.push(treehash::to_hex(&h_ids.finalize_non_root()));
-            out.mask.push(treehash::to_hex(&h_mask.finalize_non_root()));
         }
         // The block is written: its pages go to disk while the next one is filled.
         start_writeback(&out_ids, 4 * b0, 4 * (b1 - b0));
         start_writeback(&out_mask, b0, b1 - b0);
         b0 = b1;
     }
-    for (d, p) in [(&mut direct_ids, &ids_path), (&mut direct_mask, &mask_path)] {
-        d.finish().map_err(|e| Error::io(p, e))?;
+    for (d, p, hex) in [
+        (&mut direct_ids, &ids_path, &mut out.ids),
+        (&mut direct_mask, &mask_path, &mut out.mask),
+    ] {
+        *hex = match d.finish().map_err(|e| Error::io(p, e))? {
+            Share::Whole(h) => vec![h.to_hex().to_string()],
+            Share::Blocks { cvs, .. } => cvs.iter().map(treehash::to_hex).collect(),
+        };
     }
     for (f, p) in [(&out_ids, &ids_path), (&out_mask, &mask_path)] {
         f.sync_data().map_err(|e| Error::io(p, e))?;
