@@ -344,6 +344,15 @@ fn open(path: &Path) -> Result<std::fs::File> {
     std::fs::File::open(path).map_err(|e| Error::io(path, e))
 }
 
+/// The 1 bits among the first `len` bits of `bits` (a staged loss mask: the trained tokens).
+fn ones(bits: &[u8], len: usize) -> u32 {
+    let whole: u32 = bits[..len / 8].iter().map(|b| b.count_ones()).sum();
+    let rest = bits
+        .get(len / 8)
+        .map_or(0, |b| (b & ((1u16 << (len % 8)) - 1) as u8).count_ones());
+    whole + rest
+}
+
 /// Write the packed files; returns `outputs` for meta.json (size and BLAKE3 per file).
 /// Staged tokens are read with positioned reads, not mapped, so resident memory stays
 /// bounded however large the staging files are.
@@ -366,7 +375,7 @@ fn write_packed(
     let mut new_start = vec![0i64; staged.len()];
     let mut pack_of = vec![0i64; staged.len()];
     let (mut tok_pos, mut sample_pos) = (0i64, 0i64);
-    let (mut buf, mut mask_buf, mut wide_buf) = (Vec::new(), Vec::new(), Vec::new());
+    let mut buf = Vec::new();
     for (p, members) in packs.iter().enumerate() {
         w_packs.write_i64s(&[tok_pos, sample_pos])?;
         for &s in members {
@@ -376,19 +385,16 @@ fn write_packed(
             buf.resize(staged_bytes(st.len, st.narrow) as usize, 0);
             f.read_exact_at(&mut buf, st.offset)
                 .map_err(|e| Error::io(path, e))?;
-            let (ids_buf, bits) = buf.split_at(id_bytes(st.narrow) * st.len as usize);
-            mask_buf.resize(st.len as usize, 0);
-            unpack_mask_bits(bits, 0, &mut mask_buf);
-            if st.narrow {
-                wide_buf.resize(4 * st.len as usize, 0);
-                widen_ids(ids_buf, true, &mut wide_buf);
-                w_ids.write(&wide_buf)?;
-            } else {
-                w_ids.write(ids_buf)?;
-            }
-            w_mask.write(&mask_buf)?;
+            let width = id_bytes(st.narrow);
+            let (ids, bits) = buf.split_at(width * st.len as usize);
+            // Widened and unpacked straight into the writers' buffers.
+            w_ids.fill(4 * st.len as usize, |at, dst| {
+                let from = at / 4 * width;
+                widen_ids(&ids[from..from + dst.len() / 4 * width], st.narrow, dst);
+            })?;
+            w_mask.fill(st.len as usize, |at, dst| unpack_mask_bits(bits, at, dst))?;
             if let Some(loss) = loss_of.as_deref_mut() {
-                loss[s] = mask_buf.iter().filter(|&&m| m != 0).count() as u32;
+                loss[s] = ones(bits, st.len as usize);
             }
             w_order.write_i64s(&[s as i64])?;
             new_start[s] = tok_pos;

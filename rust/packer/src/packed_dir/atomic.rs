@@ -148,29 +148,14 @@ impl HashedWriter {
     }
 
     /// Append bytes.
-    pub fn write(&mut self, mut bytes: &[u8]) -> Result<()> {
-        self.size += bytes.len() as u64;
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
         if self.direct.is_some() {
-            // Straight into the direct writer's buffers, written whole (so each write but the
-            // last is aligned).
-            while !bytes.is_empty() {
-                let Some((d, block)) = &mut self.direct else {
-                    unreachable!("checked above");
-                };
-                let (buf, len) = match block {
-                    Some(b) => b,
-                    None => block.insert((d.buffer().map_err(|e| Error::io(&self.path, e))?, 0)),
-                };
-                let n = (BUFFER_BYTES - *len).min(bytes.len());
-                buf[*len..*len + n].copy_from_slice(&bytes[..n]);
-                *len += n;
-                bytes = &bytes[n..];
-                if *len == BUFFER_BYTES {
-                    self.flush_buf()?;
-                }
-            }
-            return Ok(());
+            // Straight into the direct writer's buffers.
+            return self.fill(bytes.len(), |at, dst| {
+                dst.copy_from_slice(&bytes[at..at + dst.len()]);
+            });
         }
+        self.size += bytes.len() as u64;
         if self.buf.len() + bytes.len() > self.buf.capacity() {
             self.flush_buf()?;
             if bytes.len() >= self.buf.capacity() {
@@ -186,6 +171,41 @@ impl HashedWriter {
             }
         }
         self.buf.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Append `n` bytes that `fill` writes in place: `fill(at, dst)` gives bytes `at..at +
+    /// dst.len()` of them, called for consecutive pieces (the free room of each buffer; for a
+    /// direct writer a multiple of 4 bytes whenever everything written before was), so
+    /// bytes computed from others (ids widened, a mask unpacked) are not copied once more.
+    pub fn fill(&mut self, n: usize, mut fill: impl FnMut(usize, &mut [u8])) -> Result<()> {
+        self.size += n as u64;
+        if self.direct.is_none() {
+            let start = self.buf.len();
+            self.buf.resize(start + n, 0);
+            fill(0, &mut self.buf[start..]);
+            if self.buf.len() >= self.buf.capacity() {
+                self.flush_buf()?;
+            }
+            return Ok(());
+        }
+        let mut at = 0;
+        while at < n {
+            let Some((d, block)) = &mut self.direct else {
+                unreachable!("checked above");
+            };
+            let (buf, len) = match block {
+                Some(b) => b,
+                None => block.insert((d.buffer().map_err(|e| Error::io(&self.path, e))?, 0)),
+            };
+            let k = (BUFFER_BYTES - *len).min(n - at);
+            fill(at, &mut buf[*len..*len + k]);
+            *len += k;
+            at += k;
+            if *len == BUFFER_BYTES {
+                self.flush_buf()?;
+            }
+        }
         Ok(())
     }
 
