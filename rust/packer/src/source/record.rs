@@ -6,7 +6,7 @@ use crate::input::RawRecord;
 use crate::source::span::Span;
 
 /// Bytes of record text per batch: bounds memory, amortises the parallel encode.
-pub const BATCH_BYTES: usize = 8 << 20;
+pub const BATCH_BYTES: usize = 1 << 20;
 
 /// Why a record has no JSON text.
 #[derive(Clone, Debug, PartialEq, Eq)]
