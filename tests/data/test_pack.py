@@ -215,18 +215,29 @@ def test_threads_give_byte_identical_output(tmp_path, tiny_tokenizer):
     }
 
 
-def test_direct_writes_give_the_bytes_of_page_cache_writes(tmp_path, tiny_tokenizer, monkeypatch):
-    """The token files are written with O_DIRECT where the filesystem allows (aligned 1 MiB
-    buffers, the unaligned tail through the page cache); PYFAST_TUNE_DIRECT_IO=0 writes them
-    all through the page cache. Same bytes either way, on files of several buffers."""
-    data = write_jsonl(tmp_path / "d.jsonl", synth_conversations(6000, seed=2))
+def test_token_files_of_many_blocks_by_threads_give_the_bytes_of_one(
+    tmp_path, tiny_tokenizer, monkeypatch
+):
+    """The token files are copied by one thread per range of whole 4 Mi-token blocks, written
+    with O_DIRECT where the filesystem allows (aligned 1 MiB buffers, the unaligned tail
+    through the page cache) and hashed in blocks folded into each file's BLAKE3; with
+    PYFAST_TUNE_DIRECT_IO=0 and one thread, one range through the page cache. Same bytes either
+    way, the hashes those of the files (verify), and a mix's trained tokens, counted per
+    sample where its range ends, those of the loss mask."""
+    data = write_jsonl(tmp_path / "d.jsonl", synth_conversations(24000, seed=2))
     kw = dict(tokenizer=tiny_tokenizer, max_length=512, template="qwen_chat", seed=3)
-    pack(data, tmp_path / "direct", **kw)
+    mix = [{"path": str(data), "name": "a", "weight": 1.5}]
+    two = pack(mix, tmp_path / "direct", threads=2, **kw)
     monkeypatch.setenv("PYFAST_TUNE_DIRECT_IO", "0")
-    pack(data, tmp_path / "plain", **kw)
-    assert (tmp_path / "direct" / "input_ids.bin").stat().st_size > 2 << 20
-    assert (tmp_path / "direct" / "input_ids.bin").stat().st_size % 4096 != 0  # a tail too
+    one = pack(mix, tmp_path / "plain", threads=1, **kw)
+    ids = tmp_path / "direct" / "input_ids.bin"
+    assert ids.stat().st_size > 4 * (4 << 20)  # more than one block: two ranges
+    assert ids.stat().st_size % 4096 != 0  # a tail too
     assert dir_bytes(tmp_path / "direct") == dir_bytes(tmp_path / "plain")
+    PackedDataset(tmp_path / "direct").verify()
+    mask = np.fromfile(tmp_path / "direct" / "loss_mask.bin", dtype=np.uint8)
+    assert two.loss_tokens == one.loss_tokens == int(np.count_nonzero(mask)) > 0
+    assert two.mix[0]["loss_tokens"] == two.loss_tokens
 
 
 def test_seed_changes_order_only(tmp_path, tiny_tokenizer):

@@ -27,7 +27,12 @@ pub use crate::config::{parse_names, resolve_sources, PackConfig};
 pub use crate::pack::stats::{PackStats, Progress};
 
 fn thread_count(cfg: &PackConfig) -> usize {
-    cfg.threads
+    threads_or_default(cfg.threads)
+}
+
+/// `threads`, else `PYFAST_TUNE_THREADS`, else the CPUs available.
+pub(crate) fn threads_or_default(threads: Option<usize>) -> usize {
+    threads
         .or_else(|| std::env::var("PYFAST_TUNE_THREADS").ok()?.parse().ok())
         .filter(|&n| n > 0)
         .unwrap_or_else(|| {
@@ -110,7 +115,8 @@ pub fn pack_fetching(
         let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
         return crate::pack::shard::save(&header, part, i, n, &names, staging, start).map(phases);
     }
-    finish(&header, vec![part], staging, start, progress).map(phases)
+    let threads = thread_count(cfg);
+    finish(&header, vec![part], staging, start, threads, progress).map(phases)
 }
 
 /// Format and columns per mix source (one view of the run's own without a mix).

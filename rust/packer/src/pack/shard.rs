@@ -383,7 +383,8 @@ pub fn merge(
     }
     join_file_entries(&mut parts, nfiles)?;
     let staging = StagingDir::new(out_dir)?;
-    finish(&header, parts, staging, start, progress)
+    let threads = crate::pipeline::threads_or_default(None);
+    finish(&header, parts, staging, start, threads, progress)
 }
 
 /// One entry per input file, in order, as a single run lists them: a file several shards

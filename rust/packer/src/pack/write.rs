@@ -3,8 +3,8 @@
 //! A single run and a merge of shards both end in [`finish`].
 
 use std::io::Write as _;
-use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -15,13 +15,15 @@ use crate::pack::binpack::plan_packs;
 use crate::pack::fingerprint::hash_value;
 use crate::pack::image;
 use crate::pack::mix::{self, MixRule, MixSourceStats};
+use crate::pack::shard::ranged::{copy_tokens, CopyRow, Dest, Staged, DEFAULT_BLOCK_TOKENS};
 use crate::pack::stage::{
-    id_bytes, staged_bytes, unpack_mask_bits, widen_ids, Part, StagedSample, MAX_SKIP_EXAMPLES,
-    ROLE_CHOSEN, ROLE_NONE, ROLE_REJECTED, STAGE_TOKENS,
+    Part, StagedSample, MAX_SKIP_EXAMPLES, ROLE_CHOSEN, ROLE_NONE, ROLE_REJECTED, STAGE_TOKENS,
 };
 use crate::pack::stats::{PackStats, Progress};
 use crate::packed_dir::atomic::{HashedWriter, StagingDir};
+use crate::packed_dir::direct::allocate;
 use crate::packed_dir::layout;
+use crate::packed_dir::treehash::{self, Share};
 
 /// What [`finish`] needs besides the parts: the run's identity.
 #[derive(Clone, Debug, serde::Deserialize, Serialize)]
@@ -52,6 +54,7 @@ pub(crate) fn finish(
     mut parts: Vec<Part>,
     staging: StagingDir,
     start: Instant,
+    threads: usize,
     progress: &dyn Fn(Progress<'_>) -> bool,
 ) -> Result<PackStats> {
     let mut stats = PackStats::default();
@@ -123,6 +126,7 @@ pub(crate) fn finish(
         &staged,
         &packs,
         loss_of.as_deref_mut(),
+        threads,
         progress,
     )?;
     if let (Some((source_of, counts)), Some(loss_of)) = (&mixed, &loss_of) {
@@ -340,78 +344,140 @@ pub(crate) fn stats_for_meta(stats: &PackStats) -> Value {
     v
 }
 
-fn open(path: &Path) -> Result<std::fs::File> {
-    std::fs::File::open(path).map_err(|e| Error::io(path, e))
-}
-
-/// The 1 bits among the first `len` bits of `bits` (a staged loss mask: the trained tokens).
-fn ones(bits: &[u8], len: usize) -> u32 {
-    let whole: u32 = bits[..len / 8].iter().map(|b| b.count_ones()).sum();
-    let rest = bits
-        .get(len / 8)
-        .map_or(0, |b| (b & ((1u16 << (len % 8)) - 1) as u8).count_ones());
-    whole + rest
-}
-
 /// Write the packed files; returns `outputs` for meta.json (size and BLAKE3 per file).
-/// Staged tokens are read with positioned reads, not mapped, so resident memory stays
-/// bounded however large the staging files are.
+/// The tokens are copied by `threads` threads, each a range of whole blocks of the output
+/// ([`copy_tokens`], as the merge in ranges writes them), reading the staged tokens with
+/// positioned reads (not mapped: resident memory stays bounded however large they are); the
+/// blocks' hashes fold into each file's ([`treehash`]).
 fn write_packed(
     dir: &Path,
     part_dirs: &[&Path],
     staged: &[StagedSample],
     packs: &[Vec<u32>],
     mut loss_of: Option<&mut [u32]>,
+    threads: usize,
     progress: &dyn Fn(Progress<'_>) -> bool,
 ) -> Result<serde_json::Map<String, Value>> {
-    let sources: Vec<(std::fs::File, PathBuf)> = part_dirs
-        .iter()
-        .map(|d| Ok((open(&d.join(STAGE_TOKENS))?, d.join(STAGE_TOKENS))))
-        .collect::<Result<_>>()?;
-    let mut w_ids = HashedWriter::create_direct(dir.join(layout::INPUT_IDS))?;
-    let mut w_mask = HashedWriter::create_direct(dir.join(layout::LOSS_MASK))?;
+    let files: Vec<PathBuf> = part_dirs.iter().map(|d| d.join(STAGE_TOKENS)).collect();
+    let mut bases = vec![0u64];
+    for f in &files {
+        let len = std::fs::metadata(f).map_err(|e| Error::io(f, e))?.len();
+        bases.push(bases.last().copied().unwrap_or(0) + len);
+    }
+    bases.pop();
     let mut w_packs = HashedWriter::create(dir.join(layout::PACKS))?;
     let mut w_order = HashedWriter::create(dir.join(layout::PACK_SAMPLES))?;
     let mut new_start = vec![0i64; staged.len()];
     let mut pack_of = vec![0i64; staged.len()];
+    // Each output sample's copy, in output order, and the sample it is.
+    let mut rows: Vec<CopyRow> = Vec::with_capacity(staged.len());
+    let mut order: Vec<u32> = Vec::with_capacity(staged.len());
+    let mut pack_starts: Vec<u64> = Vec::with_capacity(packs.len());
     let (mut tok_pos, mut sample_pos) = (0i64, 0i64);
-    let mut buf = Vec::new();
     for (p, members) in packs.iter().enumerate() {
         w_packs.write_i64s(&[tok_pos, sample_pos])?;
+        pack_starts.push(tok_pos as u64);
         for &s in members {
-            let s = s as usize;
-            let st = &staged[s];
-            let (f, path) = &sources[st.part as usize];
-            buf.resize(staged_bytes(st.len, st.narrow) as usize, 0);
-            f.read_exact_at(&mut buf, st.offset)
-                .map_err(|e| Error::io(path, e))?;
-            let width = id_bytes(st.narrow);
-            let (ids, bits) = buf.split_at(width * st.len as usize);
-            // Widened and unpacked straight into the writers' buffers.
-            w_ids.fill(4 * st.len as usize, |at, dst| {
-                let from = at / 4 * width;
-                widen_ids(&ids[from..from + dst.len() / 4 * width], st.narrow, dst);
-            })?;
-            w_mask.fill(st.len as usize, |at, dst| unpack_mask_bits(bits, at, dst))?;
-            if let Some(loss) = loss_of.as_deref_mut() {
-                loss[s] = ones(bits, st.len as usize);
-            }
+            let st = &staged[s as usize];
+            let src = bases[st.part as usize] + st.offset;
+            rows.push((tok_pos as u64, src, st.len, st.narrow));
+            order.push(s);
             w_order.write_i64s(&[s as i64])?;
-            new_start[s] = tok_pos;
-            pack_of[s] = p as i64;
+            new_start[s as usize] = tok_pos;
+            pack_of[s as usize] = p as i64;
             tok_pos += st.len as i64;
             sample_pos += 1;
         }
-        let report = Progress {
-            stage: "write",
-            done: p as u64,
-            total: packs.len() as u64,
-        };
-        if p % 4096 == 0 && !progress(report) {
-            return Err(Error::Interrupted);
-        }
     }
     w_packs.write_i64s(&[tok_pos, sample_pos])?;
+    let tokens = tok_pos as u64;
+    let to = Dest {
+        ids: dir.join(layout::INPUT_IDS),
+        mask: dir.join(layout::LOSS_MASK),
+        block_tokens: DEFAULT_BLOCK_TOKENS,
+        single: tokens <= DEFAULT_BLOCK_TOKENS,
+    };
+    for (p, len) in [(&to.ids, 4 * tokens), (&to.mask, tokens)] {
+        let f = std::fs::File::create(p).map_err(|e| Error::io(p, e))?;
+        allocate(&f, len).map_err(|e| Error::io(p, e))?;
+    }
+    // Ranges of whole blocks, one per thread.
+    let blocks = tokens.div_ceil(to.block_tokens).max(1);
+    let k = (threads as u64).clamp(1, blocks);
+    let ranges: Vec<(u64, u64)> = (0..k)
+        .map(|r| {
+            let at = |r: u64| (blocks * r / k * to.block_tokens).min(tokens);
+            (at(r), at(r + 1))
+        })
+        .collect();
+    let from = Staged {
+        files: &files,
+        bases: &bases,
+    };
+    let (done, stop) = (AtomicU64::new(0), AtomicBool::new(false));
+    let tick = |n: u64| {
+        done.fetch_add(n, Ordering::Relaxed);
+        !stop.load(Ordering::Relaxed)
+    };
+    let count_loss = loss_of.is_some();
+    let copied = std::thread::scope(|scope| {
+        let handles: Vec<_> = (ranges.iter())
+            .map(|&(t0, t1)| {
+                let (rows, from, to, tick) = (&rows, &from, &to, &tick);
+                scope.spawn(move || {
+                    let first = rows.partition_point(|r| r.0 + r.2 as u64 <= t0);
+                    let mut losses: Vec<(u64, u32)> = Vec::new();
+                    let mut note = |dst: u64, n: u32| losses.push((dst, n));
+                    let loss: Option<&mut dyn FnMut(u64, u32)> =
+                        count_loss.then_some(&mut note as &mut dyn FnMut(u64, u32));
+                    let it = rows[first..].iter().map(|&r| Ok(r));
+                    copy_tokens(it, from, to, (t0, t1), loss, tick).map(|h| (h, losses))
+                })
+            })
+            .collect();
+        // Progress from this thread (the caller's) while the copies run.
+        while !handles.iter().all(|h| h.is_finished()) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let at = done.load(Ordering::Relaxed);
+            let report = Progress {
+                stage: "write",
+                done: pack_starts.partition_point(|&t| t < at) as u64,
+                total: packs.len() as u64,
+            };
+            if !progress(report) {
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
+        (handles.into_iter())
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let (mut ids_cvs, mut mask_cvs) = (Vec::new(), Vec::new());
+    let (mut ids_hash, mut mask_hash) = (None, None);
+    for ((ids, mask), losses) in copied {
+        for (share, cvs, whole) in [
+            (ids, &mut ids_cvs, &mut ids_hash),
+            (mask, &mut mask_cvs, &mut mask_hash),
+        ] {
+            match share {
+                Share::Whole(h) => *whole = Some(h),
+                Share::Blocks { cvs: c, .. } => cvs.extend(c),
+            }
+        }
+        if let Some(loss) = loss_of.as_deref_mut() {
+            for (dst, n) in losses {
+                loss[order[rows.partition_point(|r| r.0 < dst)] as usize] = n;
+            }
+        }
+    }
+    let folded = |whole: Option<blake3::Hash>, cvs: &[treehash::ChainingValue]| {
+        whole
+            .or_else(|| treehash::root(cvs))
+            .ok_or_else(|| Error::Internal("the token files' blocks gave no hash".into()))
+    };
+    let ids_hash = folded(ids_hash, &ids_cvs)?;
+    let mask_hash = folded(mask_hash, &mask_cvs)?;
+    drop((rows, order, pack_starts));
     let mut w_samples = HashedWriter::create(dir.join(layout::SAMPLES))?;
     for (s, st) in staged.iter().enumerate() {
         w_samples.write_i64s(&[
@@ -423,14 +489,16 @@ fn write_packed(
         ])?;
     }
     let mut outputs = serde_json::Map::new();
-    let names = [
-        layout::INPUT_IDS,
-        layout::LOSS_MASK,
-        layout::PACKS,
-        layout::PACK_SAMPLES,
-        layout::SAMPLES,
-    ];
-    let done = HashedWriter::finish_all(vec![w_ids, w_mask, w_packs, w_order, w_samples])?;
+    outputs.insert(
+        layout::INPUT_IDS.to_string(),
+        json!({"size": 4 * tokens, "blake3": ids_hash.to_hex().to_string()}),
+    );
+    outputs.insert(
+        layout::LOSS_MASK.to_string(),
+        json!({"size": tokens, "blake3": mask_hash.to_hex().to_string()}),
+    );
+    let names = [layout::PACKS, layout::PACK_SAMPLES, layout::SAMPLES];
+    let done = HashedWriter::finish_all(vec![w_packs, w_order, w_samples])?;
     for (name, (size, hash)) in names.into_iter().zip(done) {
         outputs.insert(name.to_string(), json!({"size": size, "blake3": hash}));
     }

@@ -6,9 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::packed_dir::direct::{Buffer, DirectWrites, BUFFER_BYTES};
 use crate::packed_dir::layout::META;
-use crate::packed_dir::treehash::{BlockHasher, Share};
 
 /// A file being written with its BLAKE3 and size tracked as bytes go out.
 ///
@@ -28,17 +26,10 @@ pub struct HashedWriter {
     flushed: u64,
     /// Whether the file must reach the disk ([`HashedWriter::staged`] scratch files: no).
     durable: bool,
-    /// [`HashedWriter::create_direct`]: whole buffers written at their offsets, page cache
-    /// bypassed; the bytes gather in the direct writer's buffer (and its length), not `buf`.
-    direct: Option<(DirectWrites, Option<(Buffer, usize)>)>,
-    /// The direct writer's hash of the file, once finished.
-    hash: Option<blake3::Hash>,
 }
 
 /// Bytes a [`HashedWriter::create`]d writer buffers.
 const BUF_BYTES: usize = 1 << 20;
-// A direct writer's full buffers are written aligned.
-const _: () = assert!((BUFFER_BYTES as u64).is_multiple_of(crate::packed_dir::direct::ALIGN));
 
 /// Bytes written between two [`start_writeback`] calls of a writer.
 pub(crate) const WRITEBACK_BYTES: u64 = 8 << 20;
@@ -83,19 +74,7 @@ impl HashedWriter {
             on_file: 0,
             flushed: 0,
             durable: true,
-            direct: None,
-            hash: None,
         })
-    }
-
-    /// [`HashedWriter::create`] for a large file another process reads later (the token
-    /// files): written through [`DirectWrites`], bypassing the page cache where the
-    /// filesystem allows, one full buffer at a time, hashed by the direct writer's thread.
-    pub fn create_direct(path: PathBuf) -> Result<Self> {
-        let mut w = Self::with_capacity(path, 0)?;
-        w.direct = Some((DirectWrites::open(&w.path, BlockHasher::whole()), None));
-        w.hasher = None; // the direct writer hashes
-        Ok(w)
     }
 
     /// A writer of staged tokens: not hashed (nothing checks staged tokens by a hash: their
@@ -124,15 +103,6 @@ impl HashedWriter {
 
     /// Hash and write out the buffered bytes.
     fn flush_buf(&mut self) -> Result<()> {
-        if let Some((d, block)) = &mut self.direct {
-            let Some((buf, n)) = block.take() else {
-                return Ok(());
-            };
-            d.write_buffer(&self.out, buf, n, self.on_file)
-                .map_err(|e| Error::io(&self.path, e))?;
-            self.written(n);
-            return Ok(());
-        }
         if self.buf.is_empty() {
             return Ok(());
         }
@@ -149,12 +119,6 @@ impl HashedWriter {
 
     /// Append bytes.
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        if self.direct.is_some() {
-            // Straight into the direct writer's buffers.
-            return self.fill(bytes.len(), |at, dst| {
-                dst.copy_from_slice(&bytes[at..at + dst.len()]);
-            });
-        }
         self.size += bytes.len() as u64;
         if self.buf.len() + bytes.len() > self.buf.capacity() {
             self.flush_buf()?;
@@ -171,41 +135,6 @@ impl HashedWriter {
             }
         }
         self.buf.extend_from_slice(bytes);
-        Ok(())
-    }
-
-    /// Append `n` bytes that `fill` writes in place: `fill(at, dst)` gives bytes `at..at +
-    /// dst.len()` of them, called for consecutive pieces (the free room of each buffer; for a
-    /// direct writer a multiple of 4 bytes whenever everything written before was), so
-    /// bytes computed from others (ids widened, a mask unpacked) are not copied once more.
-    pub fn fill(&mut self, n: usize, mut fill: impl FnMut(usize, &mut [u8])) -> Result<()> {
-        self.size += n as u64;
-        if self.direct.is_none() {
-            let start = self.buf.len();
-            self.buf.resize(start + n, 0);
-            fill(0, &mut self.buf[start..]);
-            if self.buf.len() >= self.buf.capacity() {
-                self.flush_buf()?;
-            }
-            return Ok(());
-        }
-        let mut at = 0;
-        while at < n {
-            let Some((d, block)) = &mut self.direct else {
-                unreachable!("checked above");
-            };
-            let (buf, len) = match block {
-                Some(b) => b,
-                None => block.insert((d.buffer().map_err(|e| Error::io(&self.path, e))?, 0)),
-            };
-            let k = (BUFFER_BYTES - *len).min(n - at);
-            fill(at, &mut buf[*len..*len + k]);
-            *len += k;
-            at += k;
-            if *len == BUFFER_BYTES {
-                self.flush_buf()?;
-            }
-        }
         Ok(())
     }
 
@@ -230,14 +159,6 @@ impl HashedWriter {
         let mut writers = writers;
         for w in &mut writers {
             w.flush_buf()?;
-            if let Some((d, _)) = &mut w.direct {
-                w.hash = match d.finish().map_err(|e| Error::io(&w.path, e))? {
-                    Share::Whole(h) => Some(h),
-                    Share::Blocks { .. } => {
-                        return Err(Error::Internal("a whole file's hash came as blocks".into()))
-                    }
-                };
-            }
         }
         let durable: Vec<(&File, &Path)> = (writers.iter().filter(|w| w.durable))
             .map(|w| (&w.out, w.path.as_path()))
@@ -256,8 +177,7 @@ impl HashedWriter {
         Ok(writers
             .into_iter()
             .map(|w| {
-                let hash = (w.hash.or_else(|| w.hasher.map(|h| h.finalize())))
-                    .map(|h| h.to_hex().to_string());
+                let hash = w.hasher.map(|h| h.finalize().to_hex().to_string());
                 (w.size, hash.unwrap_or_default())
             })
             .collect())

@@ -550,7 +550,7 @@ fn open_staged(path: &Path) -> Result<File> {
 }
 
 /// Copy range `k` of the plan staged in `staging` into place; returns its blocks' hashes.
-/// Memory: one block of ids and mask.
+/// Memory: a few MiB of buffers.
 pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
     let plan = load_plan(staging)?;
     let &(t0, t1) = plan.ranges.get(k).ok_or_else(|| {
@@ -559,53 +559,102 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
             plan.ranges.len()
         ))
     })?;
-    let single = plan.tokens <= plan.block_tokens;
-    let open_out = |name: &str| {
-        let p = staging.join(name);
+    let files: Vec<PathBuf> = plan.parts.iter().map(|p| p.join(STAGE_TOKENS)).collect();
+    let from = Staged {
+        files: &files,
+        bases: &plan.part_bases,
+    };
+    let to = Dest {
+        ids: staging.join(layout::INPUT_IDS),
+        mask: staging.join(layout::LOSS_MASK),
+        block_tokens: plan.block_tokens,
+        single: plan.tokens <= plan.block_tokens,
+    };
+    let rows = copy_rows_from(&staging.join(PLAN_DIR).join(COPY), t0)?;
+    let (ids, mask) = copy_tokens(rows, &from, &to, (t0, t1), None, &|_| true)?;
+    let hex = |share: Share| match share {
+        Share::Whole(h) => vec![h.to_hex().to_string()],
+        Share::Blocks { cvs, .. } => cvs.iter().map(treehash::to_hex).collect(),
+    };
+    Ok(RangeHashes {
+        ids: hex(ids),
+        mask: hex(mask),
+    })
+}
+
+/// One output sample's tokens to copy: destination token, source byte (in the staged token
+/// files laid end to end: [`Staged`]), length, 1 when the ids are staged as `<u2`.
+pub(crate) type CopyRow = (u64, u64, u32, bool);
+
+/// The staged token files a copy reads, and where each starts with them laid end to end.
+pub(crate) struct Staged<'a> {
+    pub files: &'a [PathBuf],
+    pub bases: &'a [u64],
+}
+
+/// The token files a copy writes (both of their final sizes) and how they are hashed: in
+/// blocks of `block_tokens` tokens, or whole when the output is one block (`single`).
+pub(crate) struct Dest {
+    pub ids: PathBuf,
+    pub mask: PathBuf,
+    pub block_tokens: u64,
+    pub single: bool,
+}
+
+/// Copy tokens `t0..t1` of the output (`t0` a multiple of the block; `t1` one too, or the
+/// end) from the staged parts into the token files, given `rows` in output order from the
+/// one holding token `t0` on; make them durable and return the hashes of the range's blocks
+/// of `input_ids.bin` and `loss_mask.bin` (the files' own when `single`). `loss(dst, n)` is
+/// told the trained tokens `n` of each sample that ends in the range (by its destination);
+/// `tick(tokens)` after each chunk written, a `false` from it stops the copy
+/// ([`Error::Interrupted`]). Any number of copies of disjoint ranges may run at once.
+pub(crate) fn copy_tokens(
+    rows: impl Iterator<Item = Result<CopyRow>>,
+    from: &Staged<'_>,
+    to: &Dest,
+    (t0, t1): (u64, u64),
+    mut loss: Option<&mut dyn FnMut(u64, u32)>,
+    tick: &(dyn Fn(u64) -> bool + Sync),
+) -> Result<(Share, Share)> {
+    let open_out = |p: &PathBuf| {
         OpenOptions::new()
             .write(true)
-            .open(&p)
-            .map(|f| (f, p.clone()))
-            .map_err(|e| Error::io(&p, e))
+            .open(p)
+            .map_err(|e| Error::io(p, e))
     };
-    let (out_ids, ids_path) = open_out(layout::INPUT_IDS)?;
-    let (out_mask, mask_path) = open_out(layout::LOSS_MASK)?;
+    let (out_ids, out_mask) = (open_out(&to.ids)?, open_out(&to.mask)?);
     // The tokens bypass the page cache where the filesystem allows ([`DirectWrites`]); the
     // direct writers hash the blocks (on their threads, which wait on the device anyway).
-    let blocks = |width: u64| {
-        let block = if single {
-            u64::MAX
-        } else {
-            width * plan.block_tokens
-        };
-        BlockHasher::blocks(block, if single { 0 } else { width * t0 })
+    let blocks = |width: u64| match to.single {
+        true => BlockHasher::whole(),
+        false => BlockHasher::blocks(width * to.block_tokens, width * t0),
     };
     let (mut direct_ids, mut direct_mask) = (
-        DirectWrites::open(&ids_path, blocks(4)),
-        DirectWrites::open(&mask_path, blocks(1)),
+        DirectWrites::open(&to.ids, blocks(4)),
+        DirectWrites::open(&to.mask, blocks(1)),
     );
-    let mut sources: Vec<Option<(File, PathBuf)>> = (0..plan.parts.len()).map(|_| None).collect();
-    let mut rows = copy_rows_from(&staging.join(PLAN_DIR).join(COPY), t0)?.peekable();
-    let mut out = RangeHashes::default();
+    let mut sources: Vec<Option<File>> = (0..from.files.len()).map(|_| None).collect();
+    let mut rows = rows.peekable();
     let mut scratch = Vec::new();
     // Each block is filled and written a chunk at a time, straight into the direct writers'
     // buffers (the bytes go to the device with no further copy, hashed on the way); the
-    // mask's buffer holds a run of chunks, written at the block's end or when full. Buffers are not cleared: the chunk's samples cover each of
-    // its tokens once (counted in `filled`), so what was there is overwritten.
+    // mask's buffer holds a run of chunks, written at the block's end or when full. Buffers
+    // are not cleared: the chunk's samples cover each of its tokens once (counted in
+    // `filled`), so what was there is overwritten.
     let mut b0 = t0;
     while b0 < t1 {
-        let b1 = (b0 + plan.block_tokens).min(t1);
+        let b1 = (b0 + to.block_tokens).min(t1);
         // The mask's buffer and the token its first byte is.
         let mut mask_buf: Option<(Buffer, u64)> = None;
         let mut c0 = b0;
         while c0 < b1 {
             let c1 = (c0 + CHUNK_TOKENS).min(b1);
             let n = (c1 - c0) as usize;
-            let mut ids = direct_ids.buffer().map_err(|e| Error::io(&ids_path, e))?;
+            let mut ids = direct_ids.buffer().map_err(|e| Error::io(&to.ids, e))?;
             let (mask_all, m0) = match &mut mask_buf {
                 Some((m, m0)) => (m, *m0),
                 None => {
-                    let m = direct_mask.buffer().map_err(|e| Error::io(&mask_path, e))?;
+                    let m = direct_mask.buffer().map_err(|e| Error::io(&to.mask, e))?;
                     let (m, _) = mask_buf.insert((m, c0));
                     (m, c0)
                 }
@@ -621,18 +670,18 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
                 }
                 if lo < hi {
                     filled += (hi - lo) as usize;
-                    let p = plan.part_bases.partition_point(|&b| b <= src) - 1;
-                    if sources[p].is_none() {
-                        let path = plan.parts[p].join(STAGE_TOKENS);
-                        sources[p] = Some((open_staged(&path)?, path));
-                    }
-                    let (f, path) = sources[p].as_ref().expect("opened above");
+                    let p = from.bases.partition_point(|&b| b <= src) - 1;
+                    let path = &from.files[p];
+                    let f = match &mut sources[p] {
+                        Some(f) => f,
+                        slot => slot.insert(open_staged(path)?),
+                    };
                     // The sample's ids, then its mask's bits, from byte `at` of the part's file.
-                    let at = src - plan.part_bases[p];
+                    let at = src - from.bases[p];
                     let (a, b) = ((lo - c0) as usize, (hi - c0) as usize);
                     let k = lo - dst;
                     let w = id_bytes(narrow);
-                    if hi - lo == len as u64 {
+                    let bits = if hi - lo == len as u64 {
                         // Whole: one read, then the ids and the mask into place.
                         scratch.resize(staged_bytes(len, narrow) as usize, 0);
                         f.read_exact_at(&mut scratch, at)
@@ -640,6 +689,7 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
                         let (i, m) = scratch.split_at(w * (b - a));
                         widen_ids(i, narrow, &mut ids[4 * a..4 * b]);
                         unpack_mask_bits(m, 0, &mut mask[a..b]);
+                        m
                     } else {
                         // Part of it: its ids in this chunk, then all its mask's bits.
                         let n_ids = w * (b - a);
@@ -651,6 +701,10 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
                             .map_err(|e| Error::io(path, e))?;
                         widen_ids(i, narrow, &mut ids[4 * a..4 * b]);
                         unpack_mask_bits(m, k as usize, &mut mask[a..b]);
+                        m
+                    };
+                    if let Some(loss) = loss.as_deref_mut().filter(|_| hi == dst + len as u64) {
+                        loss(dst, ones(bits, len as usize));
                     }
                 }
                 if dst + len as u64 > c1 {
@@ -665,12 +719,15 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
             }
             direct_ids
                 .write_buffer(&out_ids, ids, 4 * n, 4 * c0)
-                .map_err(|e| Error::io(&ids_path, e))?;
+                .map_err(|e| Error::io(&to.ids, e))?;
             if c1 == b1 || (c1 - m0) as usize == BUFFER_BYTES {
                 let (m, m0) = mask_buf.take().expect("filled above");
                 direct_mask
                     .write_buffer(&out_mask, m, (c1 - m0) as usize, m0)
-                    .map_err(|e| Error::io(&mask_path, e))?;
+                    .map_err(|e| Error::io(&to.mask, e))?;
+            }
+            if !tick(n as u64) {
+                return Err(Error::Interrupted);
             }
             c0 = c1;
         }
@@ -679,19 +736,22 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
         start_writeback(&out_mask, b0, b1 - b0);
         b0 = b1;
     }
-    for (d, p, hex) in [
-        (&mut direct_ids, &ids_path, &mut out.ids),
-        (&mut direct_mask, &mask_path, &mut out.mask),
-    ] {
-        *hex = match d.finish().map_err(|e| Error::io(p, e))? {
-            Share::Whole(h) => vec![h.to_hex().to_string()],
-            Share::Blocks { cvs, .. } => cvs.iter().map(treehash::to_hex).collect(),
-        };
-    }
-    for (f, p) in [(&out_ids, &ids_path), (&out_mask, &mask_path)] {
+    let ids = direct_ids.finish().map_err(|e| Error::io(&to.ids, e))?;
+    let mask = direct_mask.finish().map_err(|e| Error::io(&to.mask, e))?;
+    for (f, p) in [(&out_ids, &to.ids), (&out_mask, &to.mask)] {
         f.sync_data().map_err(|e| Error::io(p, e))?;
     }
-    Ok(out)
+    Ok((ids, mask))
+}
+
+/// The 1 bits among the first `len` bits of `bits` (a staged loss mask: trained tokens).
+pub(crate) fn ones(bits: &[u8], len: usize) -> u32 {
+    let whole: u32 = bits[..len / 8].iter().map(|b| b.count_ones()).sum();
+    let tail = bits.get(len / 8).map_or(0, |&b| {
+        let keep = ((1u16 << (len % 8)) - 1) as u8;
+        (b & keep).count_ones()
+    });
+    whole + tail
 }
 
 /// Fold the ranges' hashes (`hashes[k]` from [`write_range`] of range k) into the token
