@@ -577,6 +577,18 @@ fn backend_from_name<'de, D: Deserializer<'de>>(
     })
 }
 
+/// `threads`, else `PYFAST_TUNE_THREADS`, else the CPUs available.
+pub(crate) fn threads_or_default(threads: Option<usize>) -> usize {
+    threads
+        .or_else(|| std::env::var("PYFAST_TUNE_THREADS").ok()?.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,7 @@
 //! sources mixed by ratio; [`pair`] fits a preference pair into one pack.
 
 pub(crate) mod binpack;
+pub(crate) mod copy;
 pub(crate) mod fingerprint;
 pub(crate) mod image;
 pub(crate) mod image_check;

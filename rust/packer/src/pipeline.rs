@@ -27,19 +27,7 @@ pub use crate::config::{parse_names, resolve_sources, PackConfig};
 pub use crate::pack::stats::{PackStats, Progress};
 
 fn thread_count(cfg: &PackConfig) -> usize {
-    threads_or_default(cfg.threads)
-}
-
-/// `threads`, else `PYFAST_TUNE_THREADS`, else the CPUs available.
-pub(crate) fn threads_or_default(threads: Option<usize>) -> usize {
-    threads
-        .or_else(|| std::env::var("PYFAST_TUNE_THREADS").ok()?.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
+    crate::config::threads_or_default(cfg.threads)
 }
 
 /// Run the whole pipeline and commit the packed directory (or, with `cfg.shard`, the shard's

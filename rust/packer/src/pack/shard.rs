@@ -383,7 +383,7 @@ pub fn merge(
     }
     join_file_entries(&mut parts, nfiles)?;
     let staging = StagingDir::new(out_dir)?;
-    let threads = crate::pipeline::threads_or_default(None);
+    let threads = crate::config::threads_or_default(None);
     finish(&header, parts, staging, start, threads, progress)
 }
 

@@ -12,10 +12,10 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::pack::binpack::plan_packs;
+use crate::pack::copy::{copy_tokens, CopyRow, Dest, Staged, DEFAULT_BLOCK_TOKENS};
 use crate::pack::fingerprint::hash_value;
 use crate::pack::image;
 use crate::pack::mix::{self, MixRule, MixSourceStats};
-use crate::pack::shard::ranged::{copy_tokens, CopyRow, Dest, Staged, DEFAULT_BLOCK_TOKENS};
 use crate::pack::stage::{
     Part, StagedSample, MAX_SKIP_EXAMPLES, ROLE_CHOSEN, ROLE_NONE, ROLE_REJECTED, STAGE_TOKENS,
 };
