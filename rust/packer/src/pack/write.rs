@@ -421,9 +421,11 @@ fn write_packed(
     };
     let count_loss = loss_of.is_some();
     let copied = std::thread::scope(|scope| {
+        let (finished, wait) = std::sync::mpsc::channel::<()>();
         let handles: Vec<_> = (ranges.iter())
             .map(|&(t0, t1)| {
                 let (rows, from, to, tick) = (&rows, &from, &to, &tick);
+                let finished = finished.clone();
                 scope.spawn(move || {
                     let first = rows.partition_point(|r| r.0 + r.2 as u64 <= t0);
                     let mut losses: Vec<(u64, u32)> = Vec::new();
@@ -431,13 +433,22 @@ fn write_packed(
                     let loss: Option<&mut dyn FnMut(u64, u32)> =
                         count_loss.then_some(&mut note as &mut dyn FnMut(u64, u32));
                     let it = rows[first..].iter().map(|&r| Ok(r));
-                    copy_tokens(it, from, to, (t0, t1), loss, tick).map(|h| (h, losses))
+                    let r = copy_tokens(it, from, to, (t0, t1), loss, tick).map(|h| (h, losses));
+                    let _ = finished.send(());
+                    r
                 })
             })
             .collect();
-        // Progress from this thread (the caller's) while the copies run.
-        while !handles.iter().all(|h| h.is_finished()) {
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        drop(finished);
+        // Progress from this thread (the caller's) while the copies run; a copy that panics
+        // drops its sender, which ends the wait too.
+        let mut left = handles.len();
+        while left > 0 {
+            match wait.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok(()) => left -= 1,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
             let at = done.load(Ordering::Relaxed);
             let report = Progress {
                 stage: "write",
