@@ -19,6 +19,7 @@ pub const DEFAULT_BLOCK_TOKENS: u64 = 1 << 22;
 /// Tokens copied, written and hashed at a time by a range writer: their ids fill one of the
 /// direct writer's buffers (the mask's buffer takes four chunks).
 const CHUNK_TOKENS: u64 = (BUFFER_BYTES / 4) as u64;
+
 /// Open a part's staged tokens for a range's reads, without access-time updates where that is
 /// allowed (`O_NOATIME`: the file's owner or root; anyone else opens it plainly): each of the
 /// many positioned reads would otherwise check the inode's access time (~2% of a range
@@ -34,7 +35,7 @@ fn open_staged(path: &Path) -> Result<File> {
 }
 
 /// One output sample's tokens to copy: destination token, source byte (in the staged token
-/// files laid end to end: [`Staged`]), length, 1 when the ids are staged as `<u2`.
+/// files laid end to end: [`Staged`]), length, whether the ids are staged as `<u2`.
 pub(crate) type CopyRow = (u64, u64, u32, bool);
 
 /// The staged token files a copy reads, and where each starts with them laid end to end.
