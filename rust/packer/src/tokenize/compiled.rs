@@ -137,7 +137,15 @@ pub(super) fn path_for(hash: &str) -> Option<PathBuf> {
 /// checked against the bytes left before anything is allocated, so a damaged file cannot
 /// ask for more memory than its own size); a mismatch discards them.
 pub(super) fn read(path: &std::path::Path) -> Option<Compiled> {
-    let bytes = std::fs::read(path).ok()?;
+    // Mapped, not read: the parse copies what it keeps, and mapping the file's cached pages
+    // touches no fresh memory (reading ~9 MB into a buffer did: ~2,300 page faults, ~6 ms of
+    // a ~30 ms load on a VM whose fresh pages fault in the hypervisor).
+    let file = std::fs::File::open(path).ok()?;
+    // SAFETY: cache files are written whole under a temporary name and renamed into place,
+    // never changed afterwards (pruning unlinks them, which leaves a mapping intact); a file
+    // damaged all the same fails the checksum below.
+    let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+    let bytes: &[u8] = &map;
     // Used now: the last file [`prune`] would remove. (Best effort: a read-only cache works.)
     let _ = std::fs::File::options()
         .append(true)
