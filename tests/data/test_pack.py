@@ -222,8 +222,8 @@ def test_token_files_of_many_blocks_by_threads_give_the_bytes_of_one(
     with O_DIRECT where the filesystem allows (aligned 1 MiB buffers, the unaligned tail
     through the page cache) and hashed in blocks folded into each file's BLAKE3; with
     PYFAST_TUNE_DIRECT_IO=0 and one thread, one range through the page cache. Same bytes either
-    way, the hashes those of the files (verify), and a mix's trained tokens, counted per
-    sample where its range ends, those of the loss mask."""
+    way, the hashes those of the files (verify), and a mix's trained tokens (each copy's as
+    its part counted them when staging) those of the loss mask."""
     data = write_jsonl(tmp_path / "d.jsonl", synth_conversations(24000, seed=2))
     kw = dict(tokenizer=tiny_tokenizer, max_length=512, template="qwen_chat", seed=3)
     mix = [{"path": str(data), "name": "a", "weight": 1.5}]

@@ -26,10 +26,6 @@ use crate::tokenize::TextTokenizer;
 pub use crate::config::{parse_names, resolve_sources, PackConfig};
 pub use crate::pack::stats::{PackStats, Progress};
 
-fn thread_count(cfg: &PackConfig) -> usize {
-    crate::config::threads_or_default(cfg.threads)
-}
-
 /// Run the whole pipeline and commit the packed directory (or, with `cfg.shard`, the shard's
 /// part). `progress` is called from the calling thread between batches; returning `false`
 /// aborts with [`Error::Interrupted`] and leaves no output.
@@ -53,8 +49,9 @@ pub fn pack_fetching(
         (_, Some(t)) => Templating::Xtuner(t),
         _ => Templating::None,
     };
+    let threads = crate::config::threads_or_default(cfg.threads);
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(thread_count(cfg))
+        .num_threads(threads)
         .build()
         .map_err(|e| Error::Internal(format!("cannot start worker threads: {e}")))?;
     let run = Run {
@@ -103,7 +100,6 @@ pub fn pack_fetching(
         let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
         return crate::pack::shard::save(&header, part, i, n, &names, staging, start).map(phases);
     }
-    let threads = thread_count(cfg);
     finish(&header, vec![part], staging, start, threads, progress).map(phases)
 }
 

@@ -56,16 +56,14 @@ pub(crate) struct Dest {
 /// Copy tokens `t0..t1` of the output (`t0` a multiple of the block; `t1` one too, or the
 /// end) from the staged parts into the token files, given `rows` in output order from the
 /// one holding token `t0` on; make them durable and return the hashes of the range's blocks
-/// of `input_ids.bin` and `loss_mask.bin` (the files' own when `single`). `loss(dst, n)` is
-/// told the trained tokens `n` of each sample that ends in the range (by its destination);
-/// `tick(tokens)` after each chunk written, a `false` from it stops the copy
+/// of `input_ids.bin` and `loss_mask.bin` (the files' own when `single`). `tick(tokens)`
+/// after each chunk written, a `false` from it stops the copy
 /// ([`Error::Interrupted`]). Any number of copies of disjoint ranges may run at once.
 pub(crate) fn copy_tokens(
     rows: impl Iterator<Item = Result<CopyRow>>,
     from: &Staged<'_>,
     to: &Dest,
     (t0, t1): (u64, u64),
-    mut loss: Option<&mut dyn FnMut(u64, u32)>,
     tick: &(dyn Fn(u64) -> bool + Sync),
 ) -> Result<(Share, Share)> {
     let open_out = |p: &PathBuf| {
@@ -133,7 +131,7 @@ pub(crate) fn copy_tokens(
                     let (a, b) = ((lo - c0) as usize, (hi - c0) as usize);
                     let k = lo - dst;
                     let w = id_bytes(narrow);
-                    let bits = if hi - lo == len as u64 {
+                    if hi - lo == len as u64 {
                         // Whole: one read, then the ids and the mask into place.
                         scratch.resize(staged_bytes(len, narrow) as usize, 0);
                         f.read_exact_at(&mut scratch, at)
@@ -141,7 +139,6 @@ pub(crate) fn copy_tokens(
                         let (i, m) = scratch.split_at(w * (b - a));
                         widen_ids(i, narrow, &mut ids[4 * a..4 * b]);
                         unpack_mask_bits(m, 0, &mut mask[a..b]);
-                        m
                     } else {
                         // Part of it: its ids in this chunk, then all its mask's bits.
                         let n_ids = w * (b - a);
@@ -153,10 +150,6 @@ pub(crate) fn copy_tokens(
                             .map_err(|e| Error::io(path, e))?;
                         widen_ids(i, narrow, &mut ids[4 * a..4 * b]);
                         unpack_mask_bits(m, k as usize, &mut mask[a..b]);
-                        m
-                    };
-                    if let Some(loss) = loss.as_deref_mut().filter(|_| hi == dst + len as u64) {
-                        loss(dst, ones(bits, len as usize));
                     }
                 }
                 if dst + len as u64 > c1 {
@@ -194,14 +187,4 @@ pub(crate) fn copy_tokens(
         f.sync_data().map_err(|e| Error::io(p, e))?;
     }
     Ok((ids, mask))
-}
-
-/// The 1 bits among the first `len` bits of `bits` (a staged loss mask: trained tokens).
-pub(crate) fn ones(bits: &[u8], len: usize) -> u32 {
-    let whole: u32 = bits[..len / 8].iter().map(|b| b.count_ones()).sum();
-    let tail = bits.get(len / 8).map_or(0, |&b| {
-        let keep = ((1u16 << (len % 8)) - 1) as u8;
-        (b & keep).count_ones()
-    });
-    whole + tail
 }

@@ -305,8 +305,10 @@ fn part_of(dir: &Path, doc: &Value) -> Result<Part> {
 fn load(dir: &Path) -> Result<Loaded> {
     let (doc, n) = load_doc(dir)?;
     let mut samples = Vec::with_capacity(n as usize);
+    let mut loss = Vec::with_capacity(n as usize);
     let mut offset = 0u64;
     read_samples(dir, &doc, n, |r| {
+        loss.push(r.loss);
         samples.push(StagedSample {
             part: 0,
             offset,
@@ -330,6 +332,7 @@ fn load(dir: &Path) -> Result<Loaded> {
     }
     let mut part = part_of(dir, &doc)?;
     part.samples = samples;
+    part.loss = loss;
     Ok(Loaded { part, doc })
 }
 

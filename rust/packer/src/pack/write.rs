@@ -63,6 +63,8 @@ pub(crate) fn finish(
     let mut file_table = Vec::new();
     let mut images: Vec<Value> = Vec::new();
     let mut margins: Vec<(u64, f32)> = Vec::new();
+    // Each staged sample's trained tokens, as its part counted them when staging it.
+    let mut loss: Vec<u32> = Vec::new();
     let mut tokens = 0u64;
     for (pi, part) in parts.iter_mut().enumerate() {
         let base = staged.len() as u64;
@@ -74,6 +76,7 @@ pub(crate) fn finish(
             part: pi as u32,
             ..*s
         }));
+        loss.extend(&part.loss);
         tokens += part.tokens;
         add_part_stats(&mut stats, &part.stats);
         file_entries.extend(part.file_entries.iter().cloned());
@@ -95,7 +98,11 @@ pub(crate) fn finish(
                 .into(),
         ));
     }
-    let mixed = (!header.mix.is_empty()).then(|| apply_mix(header, &mut staged, &mut images));
+    if loss.len() != staged.len() {
+        return Err(Error::Internal("a loss count per staged sample".into()));
+    }
+    let mixed =
+        (!header.mix.is_empty()).then(|| apply_mix(header, &mut staged, &mut loss, &mut images));
     if staged.is_empty() {
         return Err(Error::NoTrainableSamples {
             records: stats.records,
@@ -119,20 +126,10 @@ pub(crate) fn finish(
     }
     .map_err(Error::Internal)?;
     let part_dirs: Vec<&Path> = parts.iter().map(|p| p.dir.as_path()).collect();
-    let mut loss_of = mixed.as_ref().map(|_| vec![0u32; staged.len()]);
-    let mut outputs = write_packed(
-        &staging.dir,
-        &part_dirs,
-        &staged,
-        &packs,
-        loss_of.as_deref_mut(),
-        threads,
-        progress,
-    )?;
-    if let (Some((source_of, counts)), Some(loss_of)) = (&mixed, &loss_of) {
-        stats.loss_tokens = loss_of.iter().map(|&x| x as u64).sum();
-        let rows =
-            (staged.iter().zip(source_of).zip(loss_of)).map(|((s, &src), &l)| (s.len, src, l));
+    let mut outputs = write_packed(&staging.dir, &part_dirs, &staged, &packs, threads, progress)?;
+    if let Some((source_of, counts)) = &mixed {
+        stats.loss_tokens = loss.iter().map(|&x| x as u64).sum();
+        let rows = (staged.iter().zip(source_of).zip(&loss)).map(|((s, &src), &l)| (s.len, src, l));
         stats.mix = mix_stats(&header.mix, counts, rows, tokens);
     }
     for p in &parts {
@@ -354,7 +351,6 @@ fn write_packed(
     part_dirs: &[&Path],
     staged: &[StagedSample],
     packs: &[Vec<u32>],
-    mut loss_of: Option<&mut [u32]>,
     threads: usize,
     progress: &dyn Fn(Progress<'_>) -> bool,
 ) -> Result<serde_json::Map<String, Value>> {
@@ -369,19 +365,15 @@ fn write_packed(
     let mut w_order = HashedWriter::create(dir.join(layout::PACK_SAMPLES))?;
     let mut new_start = vec![0i64; staged.len()];
     let mut pack_of = vec![0i64; staged.len()];
-    // Each output sample's copy, in output order, and the sample it is.
+    // Each output sample's copy, in output order.
     let mut rows: Vec<CopyRow> = Vec::with_capacity(staged.len());
-    let mut order: Vec<u32> = Vec::with_capacity(staged.len());
-    let mut pack_starts: Vec<u64> = Vec::with_capacity(packs.len());
     let (mut tok_pos, mut sample_pos) = (0i64, 0i64);
     for (p, members) in packs.iter().enumerate() {
         w_packs.write_i64s(&[tok_pos, sample_pos])?;
-        pack_starts.push(tok_pos as u64);
         for &s in members {
             let st = &staged[s as usize];
             let src = bases[st.part as usize] + st.offset;
             rows.push((tok_pos as u64, src, st.len, st.narrow));
-            order.push(s);
             w_order.write_i64s(&[s as i64])?;
             new_start[s as usize] = tok_pos;
             pack_of[s as usize] = p as i64;
@@ -419,7 +411,6 @@ fn write_packed(
         done.fetch_add(n, Ordering::Relaxed);
         !stop.load(Ordering::Relaxed)
     };
-    let count_loss = loss_of.is_some();
     let copied = std::thread::scope(|scope| {
         let (finished, wait) = std::sync::mpsc::channel::<()>();
         let handles: Vec<_> = (ranges.iter())
@@ -428,12 +419,8 @@ fn write_packed(
                 let finished = finished.clone();
                 scope.spawn(move || {
                     let first = rows.partition_point(|r| r.0 + r.2 as u64 <= t0);
-                    let mut losses: Vec<(u64, u32)> = Vec::new();
-                    let mut note = |dst: u64, n: u32| losses.push((dst, n));
-                    let loss: Option<&mut dyn FnMut(u64, u32)> =
-                        count_loss.then_some(&mut note as &mut dyn FnMut(u64, u32));
                     let it = rows[first..].iter().map(|&r| Ok(r));
-                    let r = copy_tokens(it, from, to, (t0, t1), loss, tick).map(|h| (h, losses));
+                    let r = copy_tokens(it, from, to, (t0, t1), tick);
                     let _ = finished.send(());
                     r
                 })
@@ -449,10 +436,11 @@ fn write_packed(
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             }
-            let at = done.load(Ordering::Relaxed);
+            // Packs done, estimated from the tokens copied.
+            let at = u128::from(done.load(Ordering::Relaxed));
             let report = Progress {
                 stage: "write",
-                done: pack_starts.partition_point(|&t| t < at) as u64,
+                done: (at * packs.len() as u128 / u128::from(tokens.max(1))) as u64,
                 total: packs.len() as u64,
             };
             if !progress(report) {
@@ -465,7 +453,7 @@ fn write_packed(
     })?;
     let (mut ids_cvs, mut mask_cvs) = (Vec::new(), Vec::new());
     let (mut ids_hash, mut mask_hash) = (None, None);
-    for ((ids, mask), losses) in copied {
+    for (ids, mask) in copied {
         for (share, cvs, whole) in [
             (ids, &mut ids_cvs, &mut ids_hash),
             (mask, &mut mask_cvs, &mut mask_hash),
@@ -473,11 +461,6 @@ fn write_packed(
             match share {
                 Share::Whole(h) => *whole = Some(h),
                 Share::Blocks { cvs: c, .. } => cvs.extend(c),
-            }
-        }
-        if let Some(loss) = loss_of.as_deref_mut() {
-            for (dst, n) in losses {
-                loss[order[rows.partition_point(|r| r.0 < dst)] as usize] = n;
             }
         }
     }
@@ -488,7 +471,7 @@ fn write_packed(
     };
     let ids_hash = folded(ids_hash, &ids_cvs)?;
     let mask_hash = folded(mask_hash, &mask_cvs)?;
-    drop((rows, order, pack_starts));
+    drop(rows);
     let mut w_samples = HashedWriter::create(dir.join(layout::SAMPLES))?;
     for (s, st) in staged.iter().enumerate() {
         w_samples.write_i64s(&[
@@ -536,6 +519,7 @@ fn write_packed(
 fn apply_mix(
     header: &Header,
     staged: &mut Vec<StagedSample>,
+    loss: &mut Vec<u32>,
     images: &mut Vec<Value>,
 ) -> (Vec<u32>, Vec<(u64, u64, u64)>) {
     let file_of: Vec<u32> = staged.iter().map(|s| s.file).collect();
@@ -548,6 +532,7 @@ fn apply_mix(
         .filter_map(|v| Some((v[0].as_u64()?, json!([v[1], v[2]]))))
         .collect();
     let mut out = Vec::with_capacity(copies.iter().map(|&c| c as usize).sum());
+    let mut out_loss = Vec::with_capacity(out.capacity());
     let mut source_of = Vec::with_capacity(out.capacity());
     for (i, (s, &c)) in staged.iter().zip(&copies).enumerate() {
         for _ in 0..c {
@@ -555,10 +540,12 @@ fn apply_mix(
                 images.push(json!([out.len() as u64, img[0], img[1]]));
             }
             out.push(*s);
+            out_loss.push(loss[i]);
             source_of.push(source_of_file[s.file as usize]);
         }
     }
     *staged = out;
+    *loss = out_loss;
     (source_of, counts)
 }
 

@@ -28,9 +28,6 @@ pub struct HashedWriter {
     durable: bool,
 }
 
-/// Bytes a [`HashedWriter::create`]d writer buffers.
-const BUF_BYTES: usize = 1 << 20;
-
 /// Bytes written between two [`start_writeback`] calls of a writer.
 pub(crate) const WRITEBACK_BYTES: u64 = 8 << 20;
 
@@ -59,7 +56,7 @@ pub(crate) fn start_writeback(f: &File, offset: u64, len: u64) {
 impl HashedWriter {
     /// Create (truncate) `path`.
     pub fn create(path: PathBuf) -> Result<Self> {
-        Self::with_capacity(path, BUF_BYTES)
+        Self::with_capacity(path, 1 << 20)
     }
 
     /// Create (truncate) `path`, buffering `capacity` bytes.
@@ -160,15 +157,12 @@ impl HashedWriter {
         for w in &mut writers {
             w.flush_buf()?;
         }
-        let durable: Vec<(&File, &Path)> = (writers.iter().filter(|w| w.durable))
-            .map(|w| (&w.out, w.path.as_path()))
-            .collect();
-        let sync = |(f, p): (&File, &Path)| f.sync_all().map_err(|e| Error::io(p, e));
+        let durable: Vec<&HashedWriter> = writers.iter().filter(|w| w.durable).collect();
         std::thread::scope(|s| {
             let syncs: Vec<_> = (durable.iter().skip(1))
-                .map(|&w| s.spawn(move || sync(w)))
+                .map(|w| s.spawn(move || w.sync()))
                 .collect();
-            let first = durable.first().map_or(Ok(()), |&w| sync(w));
+            let first = durable.first().map_or(Ok(()), |w| w.sync());
             syncs.into_iter().fold(first, |r, h| {
                 let other = h.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
                 r.and(other)
@@ -181,6 +175,10 @@ impl HashedWriter {
                 (w.size, hash.unwrap_or_default())
             })
             .collect())
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.out.sync_all().map_err(|e| Error::io(&self.path, e))
     }
 }
 

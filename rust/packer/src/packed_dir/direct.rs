@@ -204,12 +204,6 @@ impl DirectWrites {
         }
     }
 
-    /// Whether writes go through `O_DIRECT`.
-    #[cfg(test)]
-    pub(crate) fn is_direct(&self) -> bool {
-        self.writer.is_some()
-    }
-
     /// An empty buffer of [`BUFFER_BYTES`] to fill and give to [`DirectWrites::write_buffer`]:
     /// aligned when writes are direct, so its bytes go to the device with no further copy.
     /// Waits for a buffer in flight when all are (the first error of the writer thread).
@@ -443,7 +437,6 @@ mod tests {
             plain: None,
             hasher: Some(BlockHasher::whole()),
         };
-        assert!(!w.is_direct());
         write_through(&mut w, &f, &[1u8; 10_000], 4096);
         // The caller's thread hashed it.
         let hashed = w.finish().expect("finish");

@@ -551,7 +551,7 @@ pub fn write_range(staging: &Path, k: usize) -> Result<RangeHashes> {
         single: plan.tokens <= plan.block_tokens,
     };
     let rows = copy_rows_from(&staging.join(PLAN_DIR).join(COPY), t0)?;
-    let (ids, mask) = copy_tokens(rows, &from, &to, (t0, t1), None, &|_| true)?;
+    let (ids, mask) = copy_tokens(rows, &from, &to, (t0, t1), &|_| true)?;
     let hex = |share: Share| match share {
         Share::Whole(h) => vec![h.to_hex().to_string()],
         Share::Blocks { cvs, .. } => cvs.iter().map(treehash::to_hex).collect(),
