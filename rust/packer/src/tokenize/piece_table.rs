@@ -61,34 +61,117 @@ pub(super) fn prefetch<T>(x: &T) {
     let _ = x;
 }
 
-/// `vec![fill; n]`, on 2 MB pages where the kernel grants them (Linux transparent huge pages in
-/// `madvise` mode). A table of megabytes probed at random misses the TLB on nearly every probe
-/// with 4 kB pages, and under virtualisation each miss is a two-level page walk: it cost more
-/// than the cache miss itself (seen as stalls on the prefetches of the lookups).
-pub(crate) fn huge_vec<T: Clone>(n: usize, fill: T) -> Vec<T> {
-    huge_vec_with(n, || fill.clone())
+/// The size of a transparent huge page.
+const HUGE: usize = 2 << 20;
+
+/// A fixed-length slice of a table of megabytes, on 2 MB pages where the kernel grants them
+/// (Linux transparent huge pages in `madvise` mode). Such a table probed at random misses the
+/// TLB on nearly every probe with 4 kB pages, and under virtualisation each miss is a
+/// two-level page walk that cost more than the cache miss itself. The allocation is aligned to
+/// 2 MB so that all of it can be huge pages (a `Vec` of the allocator's large blocks starts
+/// 16 bytes past a page: of a 4 MB table only one 2 MB page could be huge).
+pub(crate) struct HugeSlice<T> {
+    ptr: std::ptr::NonNull<T>,
+    len: usize,
 }
 
-/// [`huge_vec`] of values made by `f` (for types that are not `Clone`, such as atomics).
-pub(crate) fn huge_vec_with<T>(n: usize, f: impl FnMut() -> T) -> Vec<T> {
-    const HUGE: usize = 2 << 20;
-    let mut v: Vec<T> = Vec::with_capacity(n);
-    let bytes = n * std::mem::size_of::<T>();
-    #[cfg(target_os = "linux")]
-    if bytes >= HUGE {
-        let start = (v.as_ptr() as usize).next_multiple_of(HUGE);
-        let end = (v.as_ptr() as usize + bytes) / HUGE * HUGE;
-        if end > start {
-            // SAFETY: [start, end) lies inside `v`'s allocation, not yet written (so its pages
-            // can be faulted in as huge ones); MADV_HUGEPAGE changes only how the kernel backs
-            // them, never their contents or validity. A refusal is harmless.
+// SAFETY: a `HugeSlice` owns its values as a `Box<[T]>` would.
+unsafe impl<T: Send> Send for HugeSlice<T> {}
+// SAFETY: shared access gives only `&[T]`.
+unsafe impl<T: Sync> Sync for HugeSlice<T> {}
+
+impl<T> HugeSlice<T> {
+    fn layout(len: usize) -> std::alloc::Layout {
+        let bytes = std::mem::size_of::<T>()
+            .checked_mul(len)
+            .expect("table size");
+        let align = if bytes >= HUGE {
+            HUGE
+        } else {
+            std::mem::align_of::<T>()
+        };
+        std::alloc::Layout::from_size_align(bytes, align).expect("table layout")
+    }
+
+    /// `n` values made by `f`, in order.
+    pub(crate) fn with(n: usize, mut f: impl FnMut() -> T) -> Self {
+        let layout = Self::layout(n);
+        if layout.size() == 0 {
+            for _ in 0..n {
+                std::mem::forget(f());
+            }
+            return HugeSlice {
+                ptr: std::ptr::NonNull::dangling(),
+                len: n,
+            };
+        }
+        // SAFETY: a layout of non-zero size.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let ptr = std::ptr::NonNull::new(raw.cast::<T>())
+            .unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        #[cfg(target_os = "linux")]
+        if layout.size() >= HUGE {
+            // SAFETY: the whole 2 MB pages of the allocation just made, not yet written (so
+            // they can be faulted in as huge ones); MADV_HUGEPAGE changes only how the kernel
+            // backs them, never their contents or validity. A refusal is harmless.
             unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+                libc::madvise(raw.cast(), layout.size() / HUGE * HUGE, libc::MADV_HUGEPAGE);
+            }
+        }
+        for i in 0..n {
+            // SAFETY: `i < n` values fit the allocation; each written once, in order. Should
+            // `f` panic, the values written so far leak and the memory with them (no drop of
+            // uninitialised values).
+            unsafe { ptr.as_ptr().add(i).write(f()) };
+        }
+        HugeSlice { ptr, len: n }
+    }
+}
+
+impl<T: Clone> HugeSlice<T> {
+    /// `n` copies of `fill`.
+    pub(crate) fn filled(n: usize, fill: T) -> Self {
+        Self::with(n, || fill.clone())
+    }
+}
+
+impl<T: Clone> Clone for HugeSlice<T> {
+    fn clone(&self) -> Self {
+        let mut it = self.iter();
+        Self::with(self.len, || it.next().expect("same length").clone())
+    }
+}
+
+impl<T> std::ops::Deref for HugeSlice<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: `len` values written by `with`, owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T> std::ops::DerefMut for HugeSlice<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as `deref`, borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T> Drop for HugeSlice<T> {
+    fn drop(&mut self) {
+        let layout = Self::layout(self.len);
+        // SAFETY: the `len` values written by `with`, dropped once, then the allocation made
+        // there with this layout (none for a zero-size one).
+        unsafe {
+            std::ptr::drop_in_place(std::ptr::slice_from_raw_parts_mut(
+                self.ptr.as_ptr(),
+                self.len,
+            ));
+            if layout.size() != 0 {
+                std::alloc::dealloc(self.ptr.as_ptr().cast(), layout);
             }
         }
     }
-    v.resize_with(n, f);
-    v
 }
 
 /// The hash of a key (its high bits index the tables).
@@ -101,7 +184,7 @@ pub(super) fn hash(k: u128) -> u64 {
 /// A map from piece keys to `V`, growing to keep at most half its slots full.
 #[derive(Clone)]
 pub(super) struct PieceTable<V: Copy + Default> {
-    slots: Vec<(u128, V)>,
+    slots: HugeSlice<(u128, V)>,
     shift: u32,
     len: usize,
 }
@@ -117,7 +200,7 @@ impl<V: Copy + Default> PieceTable<V> {
     pub(super) fn with_capacity(n: usize) -> Self {
         let slots = (2 * n).next_power_of_two().max(16);
         PieceTable {
-            slots: huge_vec(slots, (0, V::default())),
+            slots: HugeSlice::filled(slots, (0, V::default())),
             shift: 64 - slots.trailing_zeros(),
             len: 0,
         }
@@ -189,7 +272,7 @@ impl<V: Copy + Default> PieceTable<V> {
 /// and value (four to a cache line), on huge pages, at most three quarters full.
 #[derive(Clone)]
 pub(crate) struct PairTable {
-    slots: Vec<(u64, u32, u32)>,
+    slots: HugeSlice<(u64, u32, u32)>,
     shift: u32,
     len: usize,
 }
@@ -209,7 +292,7 @@ impl PairTable {
     pub(crate) fn with_capacity(n: usize) -> Self {
         let slots = (n * 4 / 3 + 1).next_power_of_two().max(16);
         PairTable {
-            slots: huge_vec(slots, (NO_PAIR, 0, 0)),
+            slots: HugeSlice::filled(slots, (NO_PAIR, 0, 0)),
             shift: 64 - slots.trailing_zeros(),
             len: 0,
         }
@@ -300,6 +383,31 @@ mod tests {
         // A piece of NUL bytes still has a non-zero key (its length).
         assert_ne!(key_of(&[0u8; 3]), Some(0));
         assert_ne!(key_of(b"ab"), key_of(b"ab\0"));
+    }
+
+    #[test]
+    fn huge_slices_are_aligned_filled_cloned_and_dropped() {
+        let t = HugeSlice::filled(HUGE / 8 + 3, 7u64);
+        assert_eq!(t.as_ptr() as usize % HUGE, 0, "a table of 2 MB or more starts a page");
+        assert!(t.len() == HUGE / 8 + 3 && t.iter().all(|&v| v == 7));
+        let mut c = t.clone();
+        c[5] = 9;
+        assert_eq!((t[5], c[5], c.len()), (7, 9, t.len()));
+        let small = HugeSlice::filled(3, 1u32);
+        assert_eq!(&small[..], &[1, 1, 1]);
+        assert!(HugeSlice::filled(0, 1u128).is_empty());
+        // Values that need dropping are dropped once each, clones included.
+        let counted = std::rc::Rc::new(());
+        let mut n = 0;
+        let d = HugeSlice::with(5, || {
+            n += 1;
+            (n, std::rc::Rc::clone(&counted))
+        });
+        assert_eq!(d.iter().map(|v| v.0).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+        let e = d.clone();
+        assert_eq!(std::rc::Rc::strong_count(&counted), 11);
+        drop((d, e));
+        assert_eq!(std::rc::Rc::strong_count(&counted), 1);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::alloc::Layout;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::piece_table::{hash, huge_vec_with, prefetch};
+use super::piece_table::{hash, prefetch, HugeSlice};
 
 /// Log2 of the first table's slots.
 const FIRST_BITS: u32 = 15;
@@ -144,7 +144,7 @@ impl<T> Drop for ZeroedPages<T> {
 
 /// One table of the memo: `2^bits` slots.
 pub(super) struct Table {
-    slots: Vec<Slot>,
+    slots: HugeSlice<Slot>,
     bits: u32,
     len: AtomicUsize,
 }
@@ -152,7 +152,7 @@ pub(super) struct Table {
 impl Table {
     fn new(bits: u32) -> Table {
         Table {
-            slots: huge_vec_with(1 << bits, Slot::default),
+            slots: HugeSlice::with(1 << bits, Slot::default),
             bits,
             len: AtomicUsize::new(0),
         }
