@@ -829,6 +829,13 @@ impl BpeModel {
                 return;
             }
         }
+        self.merge_unlisted(piece, scratch, out);
+    }
+
+    /// [`BpeModel::tokenize_into`] of a non-empty `piece` that is not a vocabulary token (for
+    /// [`BpeModel::ignore_merges`], which looks the piece up first: callers that know it is
+    /// absent, from a table of the one-token pieces, skip that lookup).
+    pub(super) fn merge_unlisted(&self, piece: &[u8], scratch: &mut Scratch, out: &mut Vec<u32>) {
         if let Some(c) = self.boundary {
             let mut buf = [0u8; 4];
             let mark = c.encode_utf8(&mut buf).as_bytes();

@@ -755,9 +755,15 @@ impl Run<'_> {
     #[inline(never)]
     fn miss(&mut self, p: &[u8], key: Option<(u128, u64)>) {
         let start = self.out.len();
-        self.fast
-            .model
-            .tokenize_into(p, &mut self.memo.scratch, self.out);
+        let model = &self.fast.model;
+        if key.is_some() {
+            // A piece of up to 15 bytes in no table: not a vocabulary token, or
+            // [`FastBpe::direct`] would hold it (with `ignore_merges`, every such token is
+            // its own encoding).
+            model.merge_unlisted(p, &mut self.memo.scratch, self.out);
+        } else {
+            model.tokenize_into(p, &mut self.memo.scratch, self.out);
+        }
         let got = &self.out[start..];
         match key {
             Some((k, h)) => (self.fast.shared).insert(&mut self.memo.shared, self.table, k, h, got),
