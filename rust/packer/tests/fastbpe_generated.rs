@@ -195,6 +195,56 @@ fn identical_ids_on_generated_text_qwen2_layout() {
     assert!(n > 100_000, "only {n} tokens compared");
 }
 
+/// (hf, fast) for a copy of tokenizer `dir` changed by `edit`.
+fn variant(
+    dir: &Path,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> (tempfile::TempDir, TextTokenizer, TextTokenizer) {
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).unwrap()).unwrap();
+    edit(&mut spec);
+    let out = tempfile::tempdir().unwrap();
+    std::fs::write(
+        out.path().join("tokenizer.json"),
+        serde_json::to_vec(&spec).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(
+        dir.join("tokenizer_config.json"),
+        out.path().join("tokenizer_config.json"),
+    )
+    .unwrap();
+    let hf = TextTokenizer::load_with(out.path(), TokenizerBackend::Hf).unwrap();
+    let fast = TextTokenizer::load_with(out.path(), TokenizerBackend::Fast).unwrap();
+    assert_eq!(fast.backend(), TokenizerBackend::Fast);
+    (out, hf, fast)
+}
+
+/// With `ignore_merges`, a piece that is a vocabulary token is that token whatever the merges
+/// would make of it; the fast path answers those from its table of one-token pieces and merges
+/// the others without looking them up again. The merges are listed in reverse, so that many
+/// tokens are not what their own merges give: the flag must change the ids of some texts.
+#[test]
+fn identical_ids_with_ignore_merges() {
+    let (dir, _, _) = pair_cached(true);
+    let reverse = |s: &mut serde_json::Value| {
+        s["model"]["merges"].as_array_mut().unwrap().reverse();
+    };
+    let (_d1, merged_hf, merged_fast) = variant(dir.path(), reverse);
+    let (_d2, hf, fast) = variant(dir.path(), |s| {
+        reverse(s);
+        s["model"]["ignore_merges"] = true.into();
+    });
+    let texts = corpus(2000, 31);
+    assert!(assert_same(&hf, &fast, &texts) > 50_000);
+    assert_same(&merged_hf, &merged_fast, &texts);
+    let differ = texts
+        .iter()
+        .filter(|t| hf.encode(t).unwrap() != merged_hf.encode(t).unwrap())
+        .count();
+    assert!(differ > 100, "ignore_merges changed the ids of {differ} texts only");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
