@@ -242,7 +242,10 @@ fn identical_ids_with_ignore_merges() {
         .iter()
         .filter(|t| hf.encode(t).unwrap() != merged_hf.encode(t).unwrap())
         .count();
-    assert!(differ > 100, "ignore_merges changed the ids of {differ} texts only");
+    assert!(
+        differ > 100,
+        "ignore_merges changed the ids of {differ} texts only"
+    );
 }
 
 proptest! {

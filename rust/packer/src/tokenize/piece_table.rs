@@ -388,7 +388,11 @@ mod tests {
     #[test]
     fn huge_slices_are_aligned_filled_cloned_and_dropped() {
         let t = HugeSlice::filled(HUGE / 8 + 3, 7u64);
-        assert_eq!(t.as_ptr() as usize % HUGE, 0, "a table of 2 MB or more starts a page");
+        assert_eq!(
+            t.as_ptr() as usize % HUGE,
+            0,
+            "a table of 2 MB or more starts a page"
+        );
         assert!(t.len() == HUGE / 8 + 3 && t.iter().all(|&v| v == 7));
         let mut c = t.clone();
         c[5] = 9;
