@@ -211,3 +211,58 @@ def test_an_object_rewritten_while_a_shard_reads_it_is_refused(s3, big, tiny_tok
     finally:
         s3.pipe_file(key, original)
         s3.invalidate_cache()
+
+
+def test_shards_of_a_parquet_object_fetch_its_footer_and_their_row_groups(
+    s3,  # noqa: F811
+    big,
+    tiny_tokenizer,
+    tmp_path,
+    monkeypatch,
+    gets,
+):
+    """A Parquet object of 30 row groups: each shard reads the footer, its own row groups and
+    the first rows (the format), not the whole object, and no byte it did not ask for; the
+    merged parts are the bytes of one local pack. Before, each shard downloaded all of it."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    _, lines = big
+    d = tmp_path / "pq"
+    d.mkdir()
+    table = pa.Table.from_pylist([json.loads(x) for x in lines])
+    # Uncompressed (2.1 MB), so that a share outweighs the fixed reads.
+    pq.write_table(table, d / "chats.parquet", row_group_size=100, compression="none")
+    assert pq.ParquetFile(d / "chats.parquet").num_row_groups == 30
+    size = (d / "chats.parquet").stat().st_size
+    s3.put(str(d), f"{BUCKET}/ranges-parquet", recursive=True)
+    url = f"s3://{BUCKET}/ranges-parquet"
+    pack(str(d), tmp_path / "local", **_opts(tiny_tokenizer))
+    fetched = _shards(url, tmp_path, monkeypatch, gets, **_opts(tiny_tokenizer))
+    merge_packs([tmp_path / f"p{i}" for i in range(N)], tmp_path / "merged")
+    assert _local_bytes(tmp_path / "merged") == _local_bytes(tmp_path / "local")
+    # A share, plus at most: a row group past it (groups are placed whole), the first row
+    # group (the format probe), the object's first and last 64 KiB (the version check; the
+    # footer lies in the last), a hash block (16 KiB here) and the footer.
+    group = size / 30
+    share = size / N
+    footer = 32 << 10
+    assert all(f <= share + 2 * group + 2 * 65536 + 16384 + footer for f in fetched), (
+        size,
+        fetched,
+    )
+    assert sum(fetched) < 1.3 * size, (size, fetched)
+
+    # Bytes never asked for, overwritten with junk, change nothing the shard writes.
+    monkeypatch.setenv("PYFAST_TUNE_CACHE", str(tmp_path / "cache1"))
+    (placeholder,) = [p for p in storage._HAVE if p.endswith("chats.parquet") and
+                      p.startswith(str(tmp_path / "cache1"))]  # fmt: skip
+    have = storage._HAVE[placeholder]
+    with open(placeholder, "r+b") as f:
+        for lo, hi in storage._missing(have, 0, size):
+            f.seek(lo)
+            f.write(b"\x01" * (hi - lo))
+    pack(url, tmp_path / "again", shard=(1, N), **_opts(tiny_tokenizer))
+    first, again = _local_bytes(tmp_path / "p1"), _local_bytes(tmp_path / "again")
+    for name in ("part_samples.bin", "stage_tokens.tmp"):
+        assert first[name] == again[name], name
+    assert storage._HAVE[placeholder] == have  # nothing more was asked for

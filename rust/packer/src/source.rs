@@ -115,9 +115,10 @@ impl RecordStream {
         let compressed = is_compressed(path);
         let rows: Option<Box<dyn RowSource>> = match kind_of(path) {
             Kind::Json => None,
-            Kind::Parquet if !compressed => {
-                Some(Box::new(source_parquet::ParquetRows::open(path)?))
-            }
+            Kind::Parquet if !compressed => Some(Box::new(source_parquet::ParquetRows::open(
+                path,
+                fetch.clone(),
+            )?)),
             Kind::Arrow if !compressed => Some(Box::new(source_ipc::IpcRows::open(path)?)),
             Kind::Csv(delimiter) => Some(Box::new(source_csv::CsvRows::open(
                 path,
@@ -300,11 +301,13 @@ impl RecordStream {
 pub enum ShardRead {
     /// Not at all.
     No,
-    /// Whole (or by row group, batch or CSV row from the file's start): a front end
-    /// fetches the whole file.
+    /// Whole (or by batch or CSV row from the file's start): a front end fetches the whole
+    /// file.
     Whole,
-    /// Its own lines of an uncompressed JSONL file, and the few bytes around them
-    /// ([`Span::lines`]); every range is asked of the run's [`Fetch`] before it is read.
+    /// Its own lines of an uncompressed JSONL file and the few bytes around them
+    /// ([`Span::lines`]), or the footer and its own row groups of a Parquet file (and the
+    /// first rows, for the format); every range is asked of the run's [`Fetch`] before it
+    /// is read.
     Part,
 }
 
@@ -328,10 +331,15 @@ pub fn shard_reads(
         .zip(read)
         .map(|((p, &size), read)| {
             let unit = whole && Span::new(0, total, i, n).whole_unit(size);
-            let by_line = kind_of(p) == Kind::Json
-                && !is_compressed(p)
-                && !crate::source::pretokenized::is_pretokenized(p);
-            match (read, by_line && !unit && n > 1) {
+            // Read in ranges: an uncompressed JSONL file by line, a Parquet file by row group
+            // (after its footer).
+            let ranged = !is_compressed(p)
+                && match kind_of(p) {
+                    Kind::Json => !crate::source::pretokenized::is_pretokenized(p),
+                    Kind::Parquet => true,
+                    _ => false,
+                };
+            match (read, ranged && !unit && n > 1) {
                 (false, _) => ShardRead::No,
                 (true, true) => ShardRead::Part,
                 (true, false) => ShardRead::Whole,

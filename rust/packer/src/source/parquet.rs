@@ -2,7 +2,9 @@
 //! thread of their own, ahead of the encoder ([`Ahead`]: memory is those batches plus the
 //! pages being read, whatever the file's size), so decompressing and decoding overlap
 //! tokenization; the encoder's threads build each row's record ([`crate::source::row_json`]). A shard
-//! reads the row groups whose bytes its span holds.
+//! reads the row groups whose bytes its span holds, and with a [`Fetch`] hook (an object in
+//! storage laid out as a placeholder) asks for the bytes it reads first: the footer, then its
+//! row groups, each at once, so a shard downloads about its share of the object.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -13,6 +15,7 @@ use parquet::arrow::arrow_reader::{
 
 use crate::error::{Error, Result};
 use crate::source::columnar::{check_schema, convert_batch, source_error, Ahead};
+use crate::source::fetch::{ensure, Fetch, FetchingFile};
 use crate::source::record::{OwnedRecord, RowSource};
 use crate::source::span::Span;
 
@@ -21,9 +24,74 @@ const DECODE_ROWS: usize = 1024;
 /// Bytes (uncompressed) decoded per record batch, about: small batches let the encoder start
 /// early and keep it fed.
 pub(crate) const DECODE_BYTES: u64 = 1 << 20;
+/// A Parquet file read through a [`Fetch`] hook: every byte range asked for before it is read.
+/// Page headers are read through a small buffer (one demand per header, not per byte).
+struct Fetched {
+    file: File,
+    path: PathBuf,
+    fetch: Option<Fetch>,
+    len: u64,
+}
+
+/// Bytes a page header is read through ([`Fetched`]): headers are tens of bytes.
+const HEADER_BUF: usize = 4 << 10;
+
+impl Fetched {
+    fn open(path: &Path, fetch: Option<Fetch>) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        Ok(Fetched {
+            file,
+            path: path.to_path_buf(),
+            fetch,
+            len,
+        })
+    }
+}
+
+impl parquet::file::reader::Length for Fetched {
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+impl parquet::file::reader::ChunkReader for Fetched {
+    type T = std::io::BufReader<FetchingFile>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        let file = FetchingFile {
+            file: self.file.try_clone()?,
+            path: self.path.clone(),
+            fetch: self.fetch.clone(),
+            pos: start,
+            bulk_end: start,
+        };
+        Ok(std::io::BufReader::with_capacity(HEADER_BUF, file))
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<bytes::Bytes> {
+        let mut buf = vec![0u8; length];
+        let n = crate::source::fetch::read_at(
+            &self.file,
+            self.fetch.as_ref(),
+            &self.path,
+            &mut buf,
+            start,
+        )
+        .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
+        if n < length {
+            return Err(parquet::errors::ParquetError::EOF(format!(
+                "{length} bytes at {start}: the file ends after {n}"
+            )));
+        }
+        Ok(buf.into())
+    }
+}
+
 /// The rows of one Parquet file.
 pub(crate) struct ParquetRows {
     path: PathBuf,
+    fetch: Option<Fetch>,
     meta: ArrowReaderMetadata,
     span: Span,
     ahead: Option<Ahead>,
@@ -52,14 +120,16 @@ fn group_range(meta: &parquet::file::metadata::RowGroupMetaData) -> (u64, u64) {
 }
 
 impl ParquetRows {
-    /// Read the footer of `path` and check that every column can be a JSON value.
-    pub(crate) fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    /// Read the footer of `path` (every read asked of `fetch` first) and check that every
+    /// column can be a JSON value.
+    pub(crate) fn open(path: &Path, fetch: Option<Fetch>) -> Result<Self> {
+        let file = Fetched::open(path, fetch.clone())?;
         let meta = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
             .map_err(|e| source_error(path, format!("not a readable Parquet file: {e}")))?;
         check_schema(path, meta.schema().clone())?;
         Ok(ParquetRows {
             path: path.to_path_buf(),
+            fetch,
             meta,
             span: Span::ALL,
             ahead: None,
@@ -112,7 +182,15 @@ impl ParquetRows {
             self.done = true;
             return Ok(());
         }
-        let file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        // A shard's row groups are asked for at once, each whole (a front end downloads
+        // them in large, concurrent requests), then read page by page from what is there; a
+        // reader of the whole file (the format probe: a few rows) asks page by page.
+        if self.span != Span::ALL {
+            for &(lo, hi, _) in &self.groups {
+                ensure(self.fetch.as_ref(), &self.path, lo, hi)?;
+            }
+        }
+        let file = Fetched::open(&self.path, self.fetch.clone())?;
         let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.meta.clone())
             .with_row_groups(chosen)
             .with_batch_size(batch_rows.min(rows_per(bytes, rows_chosen)))
