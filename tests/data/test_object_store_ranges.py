@@ -69,17 +69,24 @@ def _shards(url, tmp_path, monkeypatch, gets, **kw):
     return fetched
 
 
+def _merged_like_local(d, url, tmp_path, monkeypatch, gets, tok):
+    """Pack the local folder ``d`` and the N shards of its copy at ``url``; assert the merged
+    parts are the local pack's bytes; the bytes each shard downloaded."""
+    pack(str(d), tmp_path / "local", **_opts(tok))
+    fetched = _shards(url, tmp_path, monkeypatch, gets, **_opts(tok))
+    merge_packs([tmp_path / f"p{i}" for i in range(N)], tmp_path / "merged")
+    assert _local_bytes(tmp_path / "merged") == _local_bytes(tmp_path / "local")
+    return fetched
+
+
 def test_shards_of_a_large_object_fetch_about_their_share(big, tiny_tokenizer, tmp_path,
                                                           monkeypatch, gets):  # fmt: skip
     d, _ = big
     size = (d / "chats.jsonl").stat().st_size
     monkeypatch.setattr(storage, "RANGE_BYTES", 256 << 10)  # a share in concurrent GETs
-    pack(str(d), tmp_path / "local", **_opts(tiny_tokenizer))
-    fetched = _shards(
-        f"s3://{BUCKET}/ranges-big", tmp_path, monkeypatch, gets, **_opts(tiny_tokenizer)
+    fetched = _merged_like_local(
+        d, f"s3://{BUCKET}/ranges-big", tmp_path, monkeypatch, gets, tiny_tokenizer
     )
-    merge_packs([tmp_path / f"p{i}" for i in range(N)], tmp_path / "merged")
-    assert _local_bytes(tmp_path / "merged") == _local_bytes(tmp_path / "local")
     # A share, plus at most: the object's first 64 KiB (its kind and format, and half of
     # the check that all shards read one version), its last 64 KiB, a 64 KiB step past the
     # share's end to finish its last line, and a hash block (16 KiB here). Before, every
@@ -171,12 +178,9 @@ def test_a_large_json_array_is_fetched_whole_by_the_shard_that_reads_it(
     (d / "chats.json").write_text("[\n" + ",\n".join(lines) + "\n]\n")
     size = (d / "chats.json").stat().st_size
     s3.put(str(d), f"{BUCKET}/ranges-array", recursive=True)
-    pack(str(d), tmp_path / "local", **_opts(tiny_tokenizer))
-    fetched = _shards(
-        f"s3://{BUCKET}/ranges-array", tmp_path, monkeypatch, gets, **_opts(tiny_tokenizer)
+    fetched = _merged_like_local(
+        d, f"s3://{BUCKET}/ranges-array", tmp_path, monkeypatch, gets, tiny_tokenizer
     )
-    merge_packs([tmp_path / f"p{i}" for i in range(N)], tmp_path / "merged")
-    assert _local_bytes(tmp_path / "merged") == _local_bytes(tmp_path / "local")
     # An array cannot be split: the shard holding its midpoint reads it all; the others
     # look at its first bytes only (is it an array?).
     assert sorted(fetched)[-1] == size and sorted(fetched)[:-1] == [65536, 65536], fetched
@@ -213,14 +217,8 @@ def test_an_object_rewritten_while_a_shard_reads_it_is_refused(s3, big, tiny_tok
         s3.invalidate_cache()
 
 
-def test_shards_of_a_parquet_object_fetch_its_footer_and_their_row_groups(
-    s3,  # noqa: F811
-    big,
-    tiny_tokenizer,
-    tmp_path,
-    monkeypatch,
-    gets,
-):
+def test_shards_of_a_parquet_object_fetch_its_footer_and_their_row_groups(s3, big, tiny_tokenizer,  # noqa: F811
+                                                                          tmp_path, monkeypatch, gets):  # fmt: skip
     """A Parquet object of 30 row groups: each shard reads the footer, its own row groups and
     the first rows (the format), not the whole object, and no byte it did not ask for; the
     merged parts are the bytes of one local pack. Before, each shard downloaded all of it."""
@@ -236,10 +234,7 @@ def test_shards_of_a_parquet_object_fetch_its_footer_and_their_row_groups(
     size = (d / "chats.parquet").stat().st_size
     s3.put(str(d), f"{BUCKET}/ranges-parquet", recursive=True)
     url = f"s3://{BUCKET}/ranges-parquet"
-    pack(str(d), tmp_path / "local", **_opts(tiny_tokenizer))
-    fetched = _shards(url, tmp_path, monkeypatch, gets, **_opts(tiny_tokenizer))
-    merge_packs([tmp_path / f"p{i}" for i in range(N)], tmp_path / "merged")
-    assert _local_bytes(tmp_path / "merged") == _local_bytes(tmp_path / "local")
+    fetched = _merged_like_local(d, url, tmp_path, monkeypatch, gets, tiny_tokenizer)
     # A share, plus at most: a row group past it (groups are placed whole), the first row
     # group (the format probe), the object's first and last 64 KiB (the version check; the
     # footer lies in the last), a hash block (16 KiB here) and the footer.
