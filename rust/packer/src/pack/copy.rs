@@ -20,6 +20,25 @@ pub const DEFAULT_BLOCK_TOKENS: u64 = 1 << 22;
 /// direct writer's buffers (the mask's buffer takes four chunks).
 const CHUNK_TOKENS: u64 = (BUFFER_BYTES / 4) as u64;
 
+/// The output's tokens `0..tokens`, in `nblocks` blocks of `block_tokens`, cut into at most
+/// `max_ranges` ranges of whole blocks (the last may end short), as even as blocks allow:
+/// the ranges [`copy_tokens`] runs at once.
+pub(crate) fn block_ranges(
+    tokens: u64,
+    nblocks: u64,
+    block_tokens: u64,
+    max_ranges: usize,
+) -> Vec<(u64, u64)> {
+    let r = (max_ranges.max(1) as u64).min(nblocks);
+    (0..r)
+        .map(|k| {
+            let b0 = nblocks * k / r;
+            let b1 = nblocks * (k + 1) / r;
+            (b0 * block_tokens, (b1 * block_tokens).min(tokens))
+        })
+        .collect()
+}
+
 /// Open a part's staged tokens for a range's reads, without access-time updates where that is
 /// allowed (`O_NOATIME`: the file's owner or root; anyone else opens it plainly): each of the
 /// many positioned reads would otherwise check the inode's access time (~2% of a range

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::pack::binpack::plan_packs;
-use crate::pack::copy::{copy_tokens, CopyRow, Dest, Staged, DEFAULT_BLOCK_TOKENS};
+use crate::pack::copy::{block_ranges, copy_tokens, CopyRow, Dest, Staged, DEFAULT_BLOCK_TOKENS};
 use crate::pack::fingerprint::hash_value;
 use crate::pack::image;
 use crate::pack::mix::{self, MixRule, MixSourceStats};
@@ -393,15 +393,9 @@ fn write_packed(
         let f = std::fs::File::create(p).map_err(|e| Error::io(p, e))?;
         allocate(&f, len).map_err(|e| Error::io(p, e))?;
     }
-    // Ranges of whole blocks, one per thread.
+    // Ranges of whole blocks, one per thread (one, empty, for no tokens).
     let blocks = tokens.div_ceil(to.block_tokens).max(1);
-    let k = (threads as u64).clamp(1, blocks);
-    let ranges: Vec<(u64, u64)> = (0..k)
-        .map(|r| {
-            let at = |r: u64| (blocks * r / k * to.block_tokens).min(tokens);
-            (at(r), at(r + 1))
-        })
-        .collect();
+    let ranges = block_ranges(tokens, blocks, to.block_tokens, threads);
     let from = Staged {
         files: &files,
         bases: &bases,

@@ -36,7 +36,7 @@ use serde_json::{json, Value};
 use super::{check_parts, join_file_entries, load_doc, merge, part_of, read_samples};
 use crate::error::{Error, Result};
 use crate::pack::binpack::plan_packs_flat;
-use crate::pack::copy::{copy_tokens, CopyRow, Dest, Staged};
+use crate::pack::copy::{block_ranges, copy_tokens, CopyRow, Dest, Staged};
 use crate::pack::stage::{staged_bytes, STAGE_TOKENS};
 use crate::pack::stats::{PackStats, Progress};
 use crate::pack::write::{write_image_table, write_margins};
@@ -453,14 +453,8 @@ pub fn plan(
         meta["mix"] = serde_json::to_value(&stats.mix).unwrap_or(Value::Null);
     }
     let nblocks = tokens.div_ceil(block_tokens);
-    let r = (max_ranges.max(1) as u64).min(nblocks);
-    let ranges = (0..r)
-        .map(|k| {
-            let b0 = nblocks * k / r;
-            let b1 = nblocks * (k + 1) / r;
-            (b0 * block_tokens, (b1 * block_tokens).min(tokens))
-        })
-        .collect::<Vec<_>>();
+    let ranges = block_ranges(tokens, nblocks, block_tokens, max_ranges);
+    let r = ranges.len();
     stats.write_seconds = start.elapsed().as_secs_f64();
     let plan = Plan {
         dest: out_dir.to_path_buf(),
@@ -478,7 +472,7 @@ pub fn plan(
     std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
     Ok(Planned::Ranged {
         staging: staging.keep(),
-        ranges: r as usize,
+        ranges: r,
         tokens,
     })
 }
